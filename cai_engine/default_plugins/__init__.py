@@ -1,0 +1,1 @@
+"""Built-in implementations, registered through the same hooks as third-party plugins."""

@@ -1,0 +1,18 @@
+"""The built-in prompt sets (``cai_engine/data/prompts``), selected as ``builtin:<name>``."""
+
+from __future__ import annotations
+
+import json
+
+from cai_engine.hookspecs import hookimpl
+from cai_engine.prompts import PromptSet
+from cai_engine.resources import data_dir
+
+
+@hookimpl
+def cai_register_prompt_sets(register):
+    folder = data_dir("prompts")
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8")) if (folder / "index.json").exists() else {}
+    for name, meta in sorted(index.items()):
+        register(PromptSet(name=name, path=folder / meta["file"], description=meta.get("description", ""),
+                           heldout=bool(meta.get("heldout", False)), tags=list(meta.get("tags", []))))

@@ -1,0 +1,230 @@
+"""Prompt sets: registered collections of conversations, and loaders for users' own files.
+
+A prompt source is ``builtin:<name>`` / ``<plugin>:<name>`` (a registered set) or a path: JSONL, CSV, plain text
+(one prompt per line), or a Hugging Face ``datasets`` folder (``save_to_disk``) or data file (parquet, arrow).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .constitutions import read_text
+from .errors import CaiError, ConstitutionError
+from .models import Message
+
+DEFAULT_FIELDS = ("messages", "conversation", "prompt", "question", "instruction", "text")
+
+
+class PromptError(CaiError):
+    """A prompt source cannot be read as asked."""
+
+
+class PromptItem(BaseModel):
+    """One prompt: a conversation ending with a user turn."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Stable id; records of a run are keyed by it.")
+    conversation: list[Message] = Field(min_length=1)
+    category: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.conversation[-1].content
+
+
+@dataclass
+class PromptSet:
+    """A named prompt collection a plugin registers through ``cai_register_prompt_sets``.
+
+    Give either ``path`` (any format :func:`load_prompt_file` reads) or ``loader`` (a callable returning items).
+    ``heldout=True`` marks evaluation-only sets; training commands never use them by default.
+    """
+
+    name: str
+    description: str = ""
+    path: Path | None = None
+    loader: Callable[[], Iterable[PromptItem]] | None = None
+    field: str | None = None
+    heldout: bool = False
+    tags: list[str] = dataclass_field(default_factory=list)
+
+    def items(self) -> list[PromptItem]:
+        if self.loader is not None:
+            return list(self.loader())
+        if self.path is None:
+            raise PromptError(f"prompt set {self.name!r} has neither a path nor a loader")
+        return load_prompt_file(self.path, field=self.field)
+
+
+def stable_id(conversation: list[Message]) -> str:
+    blob = json.dumps([m.model_dump() for m in conversation], sort_keys=True, ensure_ascii=False)
+    return "p-" + hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def _to_item(value: Any, record: dict[str, Any], where: str, field_name: str) -> PromptItem:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptError(f"{where}: field {field_name!r} is empty")
+        conversation = [Message(role="user", content=value.strip())]
+    elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        try:
+            conversation = [Message.model_validate({"role": m.get("role"), "content": m.get("content")}) for m in value]
+        except ValidationError as exc:
+            raise PromptError(f"{where}: field {field_name!r} is not a list of {{role, content}} messages: "
+                              f"{exc.errors()[0]['msg']}") from None
+        if conversation[-1].role == "assistant":
+            conversation = conversation[:-1]  # a finished exchange: prompt with everything before the reply
+        if not conversation or conversation[-1].role != "user":
+            raise PromptError(f"{where}: the conversation must end with a user turn")
+    else:
+        raise PromptError(f"{where}: field {field_name!r} must be a string or a list of messages, "
+                          f"not {type(value).__name__}")
+    raw_id = record.get("id")
+    tags = record.get("tags") or []
+    return PromptItem(
+        id=str(raw_id) if raw_id not in (None, "") else stable_id(conversation),
+        conversation=conversation,
+        category=record.get("category") if isinstance(record.get("category"), str) else None,
+        tags=[str(t) for t in tags] if isinstance(tags, list) else [str(tags)],
+    )
+
+
+def _pick_field(record: dict[str, Any], field_name: str | None, where: str) -> str:
+    if field_name is not None:
+        if field_name not in record:
+            raise PromptError(f"{where}: no field {field_name!r}; fields here: {', '.join(map(str, record)) or '(none)'}"
+                              "; pass --field with one of them")
+        return field_name
+    for candidate in DEFAULT_FIELDS:
+        if candidate in record:
+            return candidate
+    raise PromptError(f"{where}: none of the usual prompt fields ({', '.join(DEFAULT_FIELDS)}); fields here: "
+                      f"{', '.join(map(str, record)) or '(none)'}; pass --field to choose one")
+
+
+def _from_records(records: Iterable[tuple[str, dict[str, Any]]], field_name: str | None) -> list[PromptItem]:
+    items: list[PromptItem] = []
+    seen: set[str] = set()
+    for where, record in records:
+        name = _pick_field(record, field_name, where)
+        item = _to_item(record[name], record, where, name)
+        if item.id in seen:
+            continue  # the same prompt twice (or a repeated id) would make duplicate records
+        seen.add(item.id)
+        items.append(item)
+    return items
+
+
+def load_prompt_file(path: str | Path, *, field: str | None = None) -> list[PromptItem]:
+    """Read prompts from a file or a ``datasets`` folder; errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise PromptError(f"{path}: no such file or folder")
+    if path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
+        items = _load_hf(path, field)
+    else:
+        try:
+            text = read_text(path)
+        except ConstitutionError as exc:
+            raise PromptError(str(exc)) from None
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".ndjson"):
+            items = _from_records(_jsonl(text, path), field)
+        elif suffix == ".json":
+            items = _from_records(_json(text, path), field)
+        elif suffix == ".csv":
+            items = _from_records(_csv(text, path), field)
+        else:
+            items = [
+                _to_item(line, {}, f"{path}:{n}", "line")
+                for n, line in enumerate(text.splitlines(), start=1) if line.strip()
+            ]
+            items = list({item.id: item for item in items}.values())
+    if not items:
+        raise PromptError(f"{path}: contains no prompts")
+    return items
+
+
+def _jsonl(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise PromptError(f"{path}:{n}: each line must be a JSON object, not {type(record).__name__}")
+        yield f"{path}:{n}", record
+
+
+def _json(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise PromptError(f"{path}: a .json prompt file must hold a list of objects (or use .jsonl)")
+    for index, record in enumerate(data):
+        if isinstance(record, str):
+            record = {"prompt": record}
+        if not isinstance(record, dict):
+            raise PromptError(f"{path}: item [{index}] must be an object or a string")
+        yield f"{path}[{index}]", record
+
+
+def _csv(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames:
+        raise PromptError(f"{path}: the CSV file has no header row")
+    for n, row in enumerate(reader, start=2):
+        yield f"{path}:{n}", dict(row)
+
+
+def _load_hf(path: Path, field_name: str | None) -> list[PromptItem]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        raise PromptError("reading Hugging Face datasets needs the 'datasets' package") from None
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for unreadable folders
+        raise PromptError(f"{path}: not a readable datasets folder or file ({type(exc).__name__}: {exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    return _from_records(((f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)), field_name)
+
+
+def load_prompts(source: str | Path, registry: Any = None, *, field: str | None = None,
+                 limit: int | None = None) -> list[PromptItem]:
+    """Resolve ``builtin:name`` / ``plugin:name`` through the registry, anything else as a path."""
+    text = str(source)
+    path = Path(text)
+    if ":" in text and not path.exists() and not (len(text) > 1 and text[1] == ":"):
+        if registry is None:
+            from .plugins import Registry
+
+            registry = Registry()
+        prompt_set = registry.prompt_set(text)
+        if field:
+            prompt_set = PromptSet(**{**prompt_set.__dict__, "field": field})
+        items = prompt_set.items()
+    else:
+        items = load_prompt_file(path, field=field)
+    return items[:limit] if limit else items

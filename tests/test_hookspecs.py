@@ -1,0 +1,182 @@
+"""Meta-tests: every hook is documented, named by convention, listed in the README, and tested."""
+
+from __future__ import annotations
+
+import inspect
+import random
+from pathlib import Path
+
+import pytest
+
+from cai_engine import hookimpl, hookspecs, make_plugin_manager
+from cai_engine.models import Phase
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("cai_") and callable(fn))
+
+
+def test_the_hooks_the_design_names_exist():
+    expected = {f"cai_register_{k}" for k in ("backends", "samplers", "critics", "revisers", "judges", "trainers",
+                                               "constitutions", "prompt_sets", "commands")}
+    expected |= {"cai_select_principles", "cai_on_record"}
+    assert expected == set(HOOKS)
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_is_documented(name):
+    doc = inspect.getdoc(getattr(hookspecs, name))
+    assert doc and len(doc) > 60 and "versionadded" in doc
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_is_in_the_readme(name):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    signature = f"{name}({', '.join(inspect.signature(getattr(hookspecs, name)).parameters)})"
+    assert signature in readme, f"README's hook list lacks {signature}"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_has_a_test(name):
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py"))
+    assert f"def test_hook_{name}" in sources
+
+
+def test_hook_cai_register_commands(cli_runner, monkeypatch):
+    import click
+
+    from cai_engine import cli as cli_module
+
+    class Plugin:
+        @hookimpl
+        def cai_register_commands(self, cli):
+            @cli.command("hello")
+            def hello():
+                """Say hello."""
+                click.echo("hello from a plugin")
+
+    pm = make_plugin_manager(autoload=False, plugins=[Plugin()])
+    cli_module.state().__dict__["pm"] = pm
+    try:
+        result = cli_runner.invoke(cli_module.cli, ["hello"])
+        assert result.exit_code == 0, result.output
+        assert "hello from a plugin" in result.output
+    finally:
+        cli_module.cli.commands.pop("hello", None)
+
+
+def test_hook_cai_select_principles(cai_registry):
+    harmless = cai_registry.constitution("harmless")
+    candidates = harmless.for_phase(Phase.sl)
+
+    class AlwaysLast:
+        @hookimpl
+        def cai_select_principles(self, constitution, candidates, item, phase, round, rng):
+            return [candidates[-1]]
+
+    hook = make_plugin_manager(autoload=False, plugins=[AlwaysLast()]).hook.cai_select_principles
+    chosen = hook(constitution=harmless, candidates=candidates, item={}, phase=Phase.sl, round=0,
+                  rng=random.Random(0))
+    assert chosen == [candidates[-1]]
+
+
+def test_builtin_selection_is_weighted_uniform_with_replacement(cai_pm, cai_registry):
+    """CAI-SPEC G0: the draw is uniform with replacement (chi-squared over many draws)."""
+    harmless = cai_registry.constitution("harmless")
+    candidates = harmless.for_phase(Phase.sl)
+    rng = random.Random(1234)
+    counts = {p.id: 0 for p in candidates}
+    draws = 8000
+    repeats = 0
+    for i in range(draws // 4):
+        chosen = [cai_pm.hook.cai_select_principles(constitution=harmless, candidates=candidates, item={},
+                                                    phase=Phase.sl, round=r, rng=rng)[0].id for r in range(4)]
+        repeats += len(set(chosen)) < 4
+        for pid in chosen:
+            counts[pid] += 1
+    expected = draws / len(candidates)
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 37.7  # p = 0.001 critical value for 15 degrees of freedom
+    assert repeats > 0  # with replacement: some items reuse a principle within their rounds
+
+
+def test_hook_cai_on_record(cai_runtime):
+    seen = []
+
+    class Audit:
+        @hookimpl
+        def cai_on_record(self, record, kind):
+            seen.append((kind, record["id"]))
+
+    cai_runtime.pm.register(Audit())
+    cai_runtime.emit({"id": "x1"}, "guard")
+    assert seen == [("guard", "x1")]
+
+
+def _one_registration(hook, kind):
+    from cai_engine import Registry
+
+    registered = []
+
+    class Plugin:
+        pass
+
+    def impl(register):
+        registered.append(register)
+
+    setattr(Plugin, hook, staticmethod(hookimpl(impl)))
+    Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
+    assert len(registered) == 1 and callable(registered[0])
+
+
+def test_hook_cai_register_backends():
+    _one_registration("cai_register_backends", "backend")
+
+
+def test_hook_cai_register_samplers():
+    _one_registration("cai_register_samplers", "sampler")
+
+
+def test_hook_cai_register_critics():
+    _one_registration("cai_register_critics", "critic")
+
+
+def test_hook_cai_register_revisers():
+    _one_registration("cai_register_revisers", "reviser")
+
+
+def test_hook_cai_register_judges():
+    _one_registration("cai_register_judges", "judge")
+
+
+def test_hook_cai_register_trainers():
+    _one_registration("cai_register_trainers", "trainer")
+
+
+def test_hook_cai_register_constitutions(tmp_path):
+    from cai_engine import Registry
+
+    path = tmp_path / "mine.yaml"
+    path.write_text('name: mine\nversion: "3"\nextends: harmless\n', encoding="utf-8")
+
+    class Plugin:
+        @hookimpl
+        def cai_register_constitutions(self, register):
+            register(path)
+
+    registry = Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
+    assert registry.constitution("mine").version == "3"
+
+
+def test_hook_cai_register_prompt_sets(tmp_path):
+    from cai_engine import PromptSet, Registry, load_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("first prompt\nsecond prompt\n", encoding="utf-8")
+
+    class Plugin:
+        @hookimpl
+        def cai_register_prompt_sets(self, register):
+            register(PromptSet(name="mine", path=path))
+
+    registry = Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
+    assert [i.text for i in load_prompts("builtin:mine", registry)] == ["first prompt", "second prompt"]
