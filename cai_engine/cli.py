@@ -236,22 +236,332 @@ def constitutions_schema(output: Path | None) -> None:
         click.echo(text, nl=False)
 
 
+# -- runs ---------------------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    """A YAML/JSON config file as a mapping (safe loader; errors name the file and line)."""
+    if path is None:
+        return {}
+    from .constitutions import parse_document, read_text
+    from .errors import ConfigError, ConstitutionError
+
+    try:
+        data = parse_document(read_text(path), str(path), json_only=path.suffix.lower() == ".json")
+    except ConstitutionError as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of settings")
+    return data
+
+
+def merge_flags(base: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    """Flags given on the command line override the config file; unset flags (None) leave it alone."""
+    return {**base, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
+    from .errors import ConfigError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {render_validation_error(exc)}") from None
+
+
+@cli.command("sl")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML/JSON file with any of the settings below; flags override it.")
+@click.option("--constitution", help="Constitution name or file. [default: harmless]")
+@click.option("--prompts", help="builtin:<set>, <plugin>:<set>, or a .jsonl/.csv/.txt file or datasets folder. "
+                                "[default: builtin:red-team]")
+@click.option("--field", help="Field holding the prompt in a JSONL/CSV/datasets source.")
+@click.option("--limit", type=int, help="Use only the first N prompts.")
+@click.option("--rounds", type=int, help="Critique/revision rounds per prompt. [default: 4]")
+@click.option("--critique/--no-critique", default=None, help="Critique before revising (default) or revise directly.")
+@click.option("--stop-early/--no-stop-early", default=None, help="Stop once the critic finds nothing to revise.")
+@click.option("--seed", type=int, help="Seed for principle draws and sampling. [default: 0]")
+@click.option("--batch-size", type=int, help="Items per batched model call. [default: 8]")
+@click.option("--model", help="Model for every role: smollm2, a folder, a .gguf file or http://host:port/v1#name.")
+@click.option("--helpful-prompts", help="Prompts answered without critique for the helpfulness mix "
+                                        "('none' to skip). [default: builtin:helpful]")
+@click.option("--helpful-limit", type=int, help="How many helpfulness prompts. [default: as many as red-team]")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Run directory; rerunning with the same settings resumes it.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sl_command(config_path, out, quiet, helpful_prompts, **flags):
+    """Phase 1 (SL-CAI): sample, then critique and revise for several rounds; write records to --out.
+
+    Each round draws one principle at random (with replacement, seeded) from the constitution's sl principles.
+    Records are JSONL with full provenance; a killed run resumes where it stopped. Export the result with
+    `cai export sft RUN --out DATASET`.
+    """
+    from .sl import SLConfig, run_sl
+
+    data = merge_flags(load_config_file(config_path), **flags)
+    if helpful_prompts is not None:  # "none" must survive the merge, which ignores unset (None) flags
+        data["helpful_prompts"] = None if helpful_prompts.lower() == "none" else helpful_prompts
+    config = validate_config(SLConfig, data, str(config_path or "options"))
+    summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
+    _print_sl_summary(summary)
+
+
+def _runtime():
+    from .runtime import Runtime
+
+    return Runtime(state().registry)
+
+
+def _print_sl_summary(summary: dict[str, Any]) -> None:
+    click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
+    click.echo(f"written this time: {summary['written']} (already done: {summary['skipped_done']}, "
+               f"{summary['seconds']} s)")
+    click.echo(f"red-team items: {summary['red_team_items']}, revised: {summary['items_revised']}, accepted "
+               f"revisions: {summary['accepted_revisions']}, helpfulness samples: {summary['helpful_items']}, "
+               f"errors: {summary['error_items']}")
+    used = ", ".join(f"{k}x{v}" for k, v in summary["principles_used"].items())
+    click.echo(f"principles drawn: {used or '(none)'}")
+    example = summary.get("example")
+    if example:
+        click.echo("\nexample\n  prompt: " + _clip(example["prompt"]))
+        click.echo("  before: " + _clip(example["before"]))
+        click.echo("  after:  " + _clip(example["after"]))
+
+
+def _clip(text: str, width: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.group("export", cls=CaiGroup)
+def export_group() -> None:
+    """Turn run directories into datasets in the formats TRL reads."""
+
+
+@export_group.command("sft")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
+@click.option("--train-on", type=click.Choice(["all_rounds", "last_round"]), default="all_rounds", show_default=True,
+              help="Every accepted revision, or only each prompt's final one.")
+@click.option("--helpful-ratio", type=float, default=0.27, show_default=True,
+              help="Share of helpfulness samples in the mix.")
+@click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed):
+    """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
+    from .sl import ExportOptions, export_sft
+
+    options = validate_config(ExportOptions, {"train_on": train_on, "helpful_ratio": helpful_ratio,
+                                              "heldout": heldout, "seed": seed}, "options")
+    summary = export_sft(run, out, options)
+    click.echo(f"wrote {out}: {summary['train']} train / {summary['test']} test examples "
+               f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
+               f"{summary['duplicates_dropped']} duplicates dropped)")
+
+
+@cli.command("train")
+@click.argument("trainer")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Dataset folder from `cai export`.")
+@click.option("--model", help="Base model: smollm2, a model folder or a .gguf file.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Where the checkpoint goes.")
+@click.option("--lora/--no-lora", default=None, help="Train LoRA adapters and merge them (sft).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A TRL setting, e.g. --set max_steps=20 --set learning_rate=1e-4 (repeatable).")
+def train_command(trainer, config_path, dataset, model, out, lora, settings):
+    """Train with a registered trainer (`sft`, ...) and write a safetensors checkpoint.
+
+    TRL settings go straight to TRL's own config class; see its documentation for the full list.
+    """
+    import yaml
+
+    from .errors import ConfigError
+
+    data = load_config_file(config_path)
+    dataset = dataset or data.pop("dataset", None)
+    out = out or data.pop("out", None)
+    if not dataset or not out:
+        raise ConfigError("give --dataset and --out (or `dataset:` and `out:` in --config)")
+    options = merge_flags(data, model=model, lora=lora)
+    trl = dict(options.get("trl") or {})
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        trl[key.strip()] = yaml.safe_load(value)
+    if trl:
+        options["trl"] = trl
+    component = _runtime().component("trainer", trainer, options)
+    summary = component.train(dataset, out)
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.get("metrics", {}).items()}
+    click.echo(f"checkpoint: {summary['checkpoint']} ({summary['steps']} steps, {summary['seconds']} s)")
+    click.echo(f"metrics: {json.dumps(metrics)}")
+
+
 @cli.command("demo")
-@click.option("--constitution", default="harmless", show_default=True, help="Constitution name or file.")
-def demo_command(constitution: str) -> None:
-    """The main job: validate the shipped constitutions and summarise the default one."""
-    from .constitutions import lint
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/demo"), show_default=True,
+              help="Run directory (resumable).")
+@click.option("--limit", type=int, default=4, show_default=True, help="Red-team prompts to process.")
+@click.option("--model", default="smollm2", show_default=True, help="Model for every role.")
+def demo_command(out: Path, limit: int, model: str) -> None:
+    """The main job: a small SL-CAI pass on the embedded default model, exported as an SFT dataset.
+
+    Validates the shipped constitutions, runs 2 critique/revision rounds on a few built-in red-team prompts, writes
+    the records to --out, exports train/test JSONL in TRL's conversational format, and prints a summary.
+    """
+    from .sl import SLConfig, export_sft, run_sl
 
     registry = state().registry
     for name in registry.constitution_names():
-        resolved = registry.constitution(name)
-        warnings = [i for i in lint(resolved) if i.level == "warning"]
-        click.echo(f"ok   {resolved.ref:<26} {len(resolved.principles):>2} principles, {len(warnings)} warning(s)")
-    chosen = registry.constitution(constitution)
-    click.echo(f"\n{chosen.ref} ({chosen.stance.value}) {chosen.content_hash()}")
-    for principle in chosen.principles:
-        phases = ",".join(p.value for p in principle.phases)
-        click.echo(f"  {principle.id:<12} a={principle.authority:<3} [{phases}] {principle.title or ''}")
+        registry.constitution(name)
+    click.echo(f"constitutions ok: {', '.join(registry.constitution_names())}")
+    config = SLConfig(constitution="harmless", prompts="builtin:red-team", limit=limit, rounds=2, model=model,
+                      helpful_limit=limit, batch_size=limit,
+                      sampler={"name": "model", "options": {"max_new_tokens": 96}},
+                      critic={"name": "model", "options": {"max_new_tokens": 64}},
+                      reviser={"name": "model", "options": {"max_new_tokens": 128}})
+    summary = run_sl(config, out / "sl", runtime=_runtime())
+    _print_sl_summary(summary)
+    exported = export_sft(out / "sl", out / "sft-dataset")
+    click.echo(f"\nSFT dataset: {out / 'sft-dataset'} ({exported['train']} train / {exported['test']} test; "
+               f"{exported['revisions']} revisions + {exported['helpful']} helpfulness samples)")
+    click.echo(f"next: cai train sft --dataset {out / 'sft-dataset'} --out {out / 'sft-model'} --set max_steps=20")
+
+
+# -- policy and guard -----------------------------------------------------------------------------------------------
+
+
+@cli.group("policy", cls=CaiGroup)
+def policy_group() -> None:
+    """Validate and show deployment policies (constitutions + overrides + guard settings)."""
+
+
+@policy_group.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def policy_validate(paths: tuple[Path, ...]) -> None:
+    """Validate policy files: schema, constitutions, overrides, component options (no model is loaded)."""
+    from .engine import Engine
+
+    failed = 0
+    for path in paths:
+        try:
+            engine = Engine.from_policy(path, runtime=_runtime())
+            engine.close()
+        except CaiError as exc:
+            failed += 1
+            click.echo(f"FAIL {exc}", err=True)
+            continue
+        click.echo(f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
+                   f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)")
+    if failed:
+        raise click.ClickException(f"{failed} of {len(paths)} policy file(s) failed validation")
+
+
+@policy_group.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+def policy_show(path: Path, fmt: str) -> None:
+    """The fully resolved policy: settings plus the effective constitution after extends and overrides."""
+    import yaml
+
+    from .engine import Engine
+
+    engine = Engine.from_policy(path, runtime=_runtime())
+    engine.close()
+    data = engine.policy.model_dump(mode="json", by_alias=True, exclude={"schema_", "add", "override", "disable",
+                                                                         "disable_tags"})
+    data["effective_constitution"] = {
+        "content_hash": engine.constitution.content_hash(), "stance": engine.constitution.stance.value,
+        "principles": [p.model_dump(mode="json", exclude_defaults=True) for p in engine.constitution.principles]}
+    if fmt == "json":
+        echo_json(data)
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110), nl=False)
+
+
+@policy_group.command("schema")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+def policy_schema(output: Path | None) -> None:
+    """Print the policy JSON Schema (generated from the pydantic model)."""
+    from .policy import policy_json_schema
+
+    text = json.dumps(policy_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if output:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def read_guard_input(path: Path) -> list[tuple[str, list[dict[str, str]], str]]:
+    """JSONL: {"messages": [..., {"role": "assistant", ...}]} or {"conversation": [...], "response": "..."}."""
+    from .constitutions import read_text
+    from .errors import ConfigError, ConstitutionError
+
+    try:
+        text = read_text(path)
+    except ConstitutionError as exc:
+        raise ConfigError(str(exc)) from None
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: invalid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object")
+        if "response" in row:
+            conversation, response = row.get("conversation") or row.get("messages") or row.get("prompt"), row["response"]
+        elif isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "assistant":
+            conversation, response = row["messages"][:-1], row["messages"][-1].get("content", "")
+        else:
+            raise ConfigError(f"{path}:{number}: needs 'messages' ending with an assistant turn, or 'conversation' "
+                              "(or 'prompt') and 'response'")
+        if not conversation or not isinstance(response, str):
+            raise ConfigError(f"{path}:{number}: empty conversation or a response that is not text")
+        items.append((str(row.get("id", number)), conversation, response))
+    if not items:
+        raise ConfigError(f"{path}: contains no conversations")
+    return items
+
+
+@cli.command("guard")
+@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="JSONL, one conversation per line (messages ending with the assistant's response).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Results as JSONL (default: stdout).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Conversations guarded together.")
+def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int) -> None:
+    """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each."""
+    from tqdm.auto import tqdm
+
+    from .engine import Engine
+
+    engine = Engine.from_policy(policy_path, runtime=_runtime())
+    items = read_guard_input(input_path)
+    handle = open(out, "w", encoding="utf-8") if out else None
+    counts: dict[str, int] = {}
+    try:
+        with tqdm(total=len(items), unit="item", disable=handle is None) as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                for (item_id, _, _), result in zip(chunk, engine.guard_batch([(c, r) for _, c, r in chunk])):
+                    data = result.model_dump(mode="json")
+                    line = json.dumps({"id": item_id, "audit_id": data.pop("id"), **data}, ensure_ascii=False)
+                    if handle:
+                        handle.write(line + "\n")
+                    else:
+                        click.echo(line)
+                    counts[result.action] = counts.get(result.action, 0) + 1
+                bar.update(len(chunk))
+    finally:
+        if handle:
+            handle.close()
+        engine.close()
+    click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

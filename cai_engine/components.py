@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .models import Message
 
 if TYPE_CHECKING:
     from .records import (
@@ -134,6 +136,33 @@ class Trainer(Component):
         """Train and return a summary (checkpoint path, metrics)."""
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render with the model's chat layout, plus text the assistant's turn starts with.
+
+    ``assistant_prefix`` lets a component put words in the model's mouth ("The answer is: (") so the next token
+    is the one it wants to read.
+    """
+
+    messages: Sequence[Message]
+    assistant_prefix: str = ""
+
+
+# What backends accept: raw text (sent as is), a conversation, or a ChatPrompt.
+Prompt = Union[str, Sequence["Message"], ChatPrompt]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the first occurrence of any stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for marker in stop:
+        if marker:
+            found = text.find(marker)
+            if found != -1:
+                cut = min(cut, found)
+    return text[:cut]
+
+
 class GenerationSettings(BaseModel):
     """Sampling settings every backend understands."""
 
@@ -174,12 +203,17 @@ class Backend(ABC):
         return False
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str], settings: GenerationSettings) -> list[str]:
-        """Continue each raw-text prompt; return the new text only, cut at the first stop string."""
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[str]:
+        """Continue each prompt; return only the new text, cut at the first stop string."""
 
     @abstractmethod
-    def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        """For each prompt, the summed log-probability of each candidate continuation."""
+    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+                              ) -> list[list[float | None]]:
+        """For each prompt, the summed log-probability of each candidate continuation.
+
+        None marks a continuation the backend could not score (e.g. not among a server's top log-probs); callers
+        abstain rather than guess.
+        """
 
     def format_chat(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
         """Render a conversation as the prompt text this model expects (chat template or transcript)."""

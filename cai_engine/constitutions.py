@@ -311,7 +311,7 @@ def lint(constitution: Constitution) -> list[LintIssue]:
         issues.append(LintIssue("error", "principles", "the constitution has no principles"))
     for index, p in enumerate(constitution.principles):
         where = f"principles[{index}] ({p.id})"
-        needs_requests = p.applies_to(Phase.sl) or (p.applies_to(Phase.runtime) and not p.rules)
+        needs_requests = p.applies_to(Phase.sl) or (p.applies_to(Phase.runtime) and not (p.rules or p.checks))
         for field in ("critique_request", "revision_request"):
             value = getattr(p, field)
             if value is not None and not value.strip():

@@ -62,6 +62,10 @@ class ModelError(CaiError):
     """A model could not be loaded or run (missing path, corrupt file, prompt too long, server down)."""
 
 
+class PromptTooLongError(ModelError):
+    """A prompt does not fit the model's context; runs skip that item and record why."""
+
+
 class BackendUnavailableError(ModelError):
     """A backend cannot do what was asked (for example a server that returns no log-probs)."""
 

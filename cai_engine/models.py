@@ -155,6 +155,11 @@ class Principle(_Strict):
         default_factory=list, description="Few-shot labelled pairs for judges."
     )
     rules: list[Rule] = Field(default_factory=list, description="Deterministic checks that enforce this principle.")
+    checks: list[str] = Field(
+        default_factory=list,
+        description="Registry names of deterministic critics (usually from the plugin shipping this constitution) "
+                    "that check this principle without a model; a reviser registered under the same name repairs it.",
+    )
 
     def applies_to(self, phase: Phase | str) -> bool:
         return Phase(phase) in self.phases

@@ -21,8 +21,12 @@ ENTRY_POINT_GROUP = "cai_engine"
 # Built-ins go through the same hooks as third-party plugins. Each can be blocked by its module name in
 # CAI_BLOCKED_PLUGINS; blocking one leaves the engine without that kind of built-in, which is the user's call.
 DEFAULT_PLUGINS = (
+    "cai_engine.default_plugins.backends",
+    "cai_engine.default_plugins.samplers",
     "cai_engine.default_plugins.critics",
     "cai_engine.default_plugins.revisers",
+    "cai_engine.default_plugins.judges",
+    "cai_engine.default_plugins.trainers",
     "cai_engine.default_plugins.constitutions",
     "cai_engine.default_plugins.prompt_sets",
     "cai_engine.default_plugins.selection",

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .models import Message, Principle
+from .models import ComparisonExample, CritiqueExample, Message, Principle
 
 Conversation = list[Message]
 
@@ -31,6 +31,8 @@ class CritiqueTask(_Record):
     conversation: Conversation
     response: str
     principle: Principle
+    examples: list[CritiqueExample] = Field(
+        default_factory=list, description="Shared few-shot examples (after the principle's own).")
 
 
 class RevisionTask(_Record):
@@ -40,6 +42,7 @@ class RevisionTask(_Record):
     response: str
     principle: Principle
     critique: str | None = None
+    examples: list[CritiqueExample] = Field(default_factory=list)
 
 
 class ComparisonTask(_Record):
@@ -49,6 +52,7 @@ class ComparisonTask(_Record):
     response_a: str
     response_b: str
     principles: list[Principle] = Field(min_length=1)
+    examples: list[ComparisonExample] = Field(default_factory=list)
 
 
 class ScoringTask(_Record):
@@ -90,6 +94,7 @@ class Revision(_Record):
     reason: str | None = Field(None, description="Why a revision was rejected.")
     raw: str | None = Field(None, description="The model's output before clean-up.")
     reviser: str
+    details: dict[str, Any] | None = Field(None, description="Extra provenance, e.g. an ensemble's candidates and votes.")
 
 
 class OrderResult(_Record):

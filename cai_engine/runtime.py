@@ -29,10 +29,10 @@ def parse_model_ref(ref: ModelRef) -> tuple[str, dict[str, Any]]:
         options = dict(ref)
         if "model" not in options:
             raise ConfigError(f"model reference {ref!r} needs a 'model' key")
-        backend = options.pop("backend", None) or parse_model_ref(str(options["model"]))[0]
-        if backend == "openai" and "#" in str(options["model"]) and "base_url" not in options:
-            url, _, name = str(options["model"]).partition("#")
-            options.update(base_url=url, model=name or "default")
+        inferred, parsed = parse_model_ref(str(options["model"]))
+        backend = options.pop("backend", None) or inferred
+        if backend == "openai" and "base_url" not in options and inferred == "openai":
+            options.update(parsed)  # the URL in `model` gives base_url and the model name
         return backend, options
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"a model reference must be a non-empty string or a mapping, not {ref!r}")

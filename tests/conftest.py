@@ -10,3 +10,35 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["cai_engine.testing"]
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A folder holding a tiny random Llama with a chat template; backends load it like any model folder."""
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory):
+    """The same tiny model without a chat template (transcript layout)."""
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain") / "model", chat_template=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_model_cache(request, tmp_path, monkeypatch):
+    # GGUF conversions in tests go to a throwaway cache. Tests of the real default model (marked `model`) use the
+    # user's cache, so its one-time conversion (~30 s) is paid once per machine rather than once per test.
+    if request.node.get_closest_marker("model") is None:
+        monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))

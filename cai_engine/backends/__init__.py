@@ -1,0 +1,1 @@
+"""Backend implementations (registered by cai_engine.default_plugins.backends)."""

@@ -1,0 +1,407 @@
+"""The embedding API: ``Engine.from_policy(...)`` and the runtime guard.
+
+    engine = Engine.from_policy("policy.yaml")
+    result = engine.guard(conversation, response)        # or await engine.aguard(...), engine.guard_batch(...)
+    result.response, result.compliant, result.violations
+
+Components and models load lazily, once. Every guard decision is emitted as an audit record through the
+``cai_on_record`` hook (kind ``guard``), and appended to the policy's JSONL audit file when it names one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .hookspecs import hookimpl
+from .models import Constitution, Phase, Principle
+from .policy import Policy, load_policy, resolve_policy
+from .records import (
+    ComparisonTask,
+    Critique,
+    CritiqueTask,
+    Judgement,
+    Revision,
+    RevisionTask,
+    Violation,
+    as_conversation,
+)
+from .rules import check_principle
+from .runs import now
+from .runtime import Runtime
+
+
+class GuardRound(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    round: int
+    violations: list[Violation]
+    revisions: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class GuardResult(BaseModel):
+    """What the guard decided about one response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The audit id of this decision.")
+    response: str = Field(description="The response to send: original, revised, or a refusal.")
+    original: str
+    compliant: bool = Field(description="True when the returned response violates nothing that was checked.")
+    action: Literal["none", "revised", "refused", "flagged"]
+    violations: list[Violation] = Field(description="Violations of the returned response (the original's when "
+                                                    "flagged or refused).")
+    rounds: list[GuardRound]
+    timings_ms: dict[str, float]
+    policy: dict[str, str]
+
+
+class JsonlAuditSink:
+    """The default audit sink: appends every record of the given kinds to a JSONL file (thread-safe)."""
+
+    def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard",)) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.kinds = set(kinds)
+        self._lock = threading.Lock()
+
+    @hookimpl
+    def cai_on_record(self, record, kind):
+        if kind not in self.kinds:
+            return
+        line = json.dumps({"kind": kind, **record}, ensure_ascii=False, default=str) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+
+
+def _sha(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Engine:
+    """A policy bound to a runtime: critique, revise, compare and guard, single or batched, sync or async."""
+
+    def __init__(self, policy: Policy, *, runtime: Runtime | None = None, base_dir: Path | None = None) -> None:
+        self.policy = policy
+        self.runtime = runtime or Runtime()
+        self.constitution: Constitution = resolve_policy(policy, self.runtime.registry, base_dir)
+        self.runtime_principles = self.constitution.for_phase(Phase.runtime)
+        # Validate every component's options now, before any model loads (models load on first use).
+        if policy.guard.model_critics or policy.guard.action == "revise":
+            self._critic_ref = policy.role(policy.critic, threshold=policy.guard.threshold) \
+                if policy.critic.name == "model" else policy.critic
+            self._critic_ref.build("critic", self.runtime)
+            policy.role(policy.reviser).build("reviser", self.runtime)
+        policy.role(policy.judge).build("judge", self.runtime)
+        self._checks: dict[str, Any] = {}
+        self._repairers: dict[str, Any] = {}
+        for principle in self.runtime_principles:  # unknown plugin critics fail now, not mid-request
+            for name in principle.checks:
+                self._check_critic(name)
+        self.audit_sink = None
+        if policy.audit.path:
+            path = Path(policy.audit.path)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            self.audit_sink = JsonlAuditSink(path)
+            self.runtime.pm.register(self.audit_sink)
+        self.policy_info = {"name": policy.name, "version": policy.version,
+                            "constitution_hash": self.constitution.content_hash()}
+
+    @classmethod
+    def from_policy(cls, source: str | Path | dict[str, Any], *, runtime: Runtime | None = None) -> Engine:
+        """Load a policy file (YAML/JSON) or mapping and build an engine for it."""
+        policy, base_dir = load_policy(source)
+        return cls(policy, runtime=runtime, base_dir=base_dir)
+
+    # -- components, built once ------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def rule_critic(self):
+        return self.runtime.component("critic", "rules")
+
+    @functools.cached_property
+    def rule_reviser(self):
+        return self.runtime.component("reviser", "rules")
+
+    @functools.cached_property
+    def critic(self):
+        return self._critic_ref.build("critic", self.runtime)
+
+    @functools.cached_property
+    def reviser(self):
+        return self.policy.role(self.policy.reviser).build("reviser", self.runtime)
+
+    @functools.cached_property
+    def judge(self):
+        return self.policy.role(self.policy.judge).build("judge", self.runtime)
+
+    def close(self) -> None:
+        if self.audit_sink is not None:
+            self.runtime.pm.unregister(self.audit_sink)
+            self.audit_sink = None
+
+    # -- building blocks -------------------------------------------------------------------------------------
+
+    def _principles(self, ids: Sequence[str] | None) -> list[Principle]:
+        if ids is None:
+            return self.runtime_principles
+        return [self.constitution.principle(pid) for pid in ids]
+
+    def critique(self, conversation, response: str, principles: Sequence[str] | None = None) -> list[Critique]:
+        """Rule and model critiques of one response against the policy's principles (all runtime ones by default)."""
+        return self.critique_batch([(conversation, response)], principles)[0]
+
+    def critique_batch(self, items, principles: Sequence[str] | None = None) -> list[list[Critique]]:
+        chosen = self._principles(principles)
+        out: list[list[Critique]] = []
+        tasks = []
+        for conversation, response in items:
+            conv = as_conversation(conversation)
+            out.append([c for c in self.rule_critic.critique(
+                [CritiqueTask(conversation=conv, response=response, principle=p) for p in chosen if p.rules])])
+            tasks += [(len(out) - 1, CritiqueTask(conversation=conv, response=response, principle=p,
+                                                  examples=self.constitution.examples))
+                      for p in chosen if p.critique_request]
+        if tasks and self.policy.guard.model_critics:
+            for (index, _), critique in zip(tasks, self.critic.critique([t for _, t in tasks])):
+                out[index].append(critique)
+        return out
+
+    def revise(self, conversation, response: str, principle: str, critique: str | None = None) -> Revision:
+        """One revision of ``response`` for ``principle`` (rule repair when the rules can fix it, else the model)."""
+        conv = as_conversation(conversation)
+        p = self.constitution.principle(principle)
+        task = RevisionTask(conversation=conv, response=response, principle=p, critique=critique,
+                            examples=self.constitution.examples)
+        return self.revise_batch([task])[0]
+
+    def revise_batch(self, tasks: Sequence[RevisionTask]) -> list[Revision]:
+        return self.reviser.revise(list(tasks))
+
+    def compare(self, conversation, response_a: str, response_b: str,
+                principles: Sequence[str] | None = None) -> Judgement:
+        """Which response follows the principles better (both orders, averaged); defaults to every rl principle."""
+        chosen = [self.constitution.principle(p) for p in principles] if principles else \
+            self.constitution.for_phase(Phase.rl)
+        task = ComparisonTask(conversation=as_conversation(conversation), response_a=response_a,
+                              response_b=response_b, principles=chosen,
+                              examples=self.constitution.comparison_examples)
+        return self.judge.compare([task])[0]
+
+    # -- the guard -------------------------------------------------------------------------------------------
+
+    def guard(self, conversation, response: str) -> GuardResult:
+        """Check ``response`` against the policy and act on violations (revise, refuse or flag)."""
+        return self.guard_batch([(conversation, response)])[0]
+
+    async def aguard(self, conversation, response: str) -> GuardResult:
+        """The guard for async web services: runs in a worker thread so the event loop stays free."""
+        return await asyncio.to_thread(self.guard, conversation, response)
+
+    async def aguard_batch(self, items) -> list[GuardResult]:
+        return await asyncio.to_thread(self.guard_batch, items)
+
+    def guard_batch(self, items) -> list[GuardResult]:
+        """Guard many (conversation, response) pairs; model work is batched across them."""
+        settings = self.policy.guard
+        began = time.perf_counter()
+        states = []
+        for conversation, response in items:
+            states.append({"conversation": as_conversation(conversation), "original": response,
+                           "current": response, "rounds": [], "rules_ms": 0.0, "model_ms": 0.0,
+                           "rng": random.Random(f"{settings.seed}:{_sha(response)}"), "done": False,
+                           "violations": [], "first_violations": None})
+        for round_index in range(settings.max_rounds + 1):
+            live = [s for s in states if not s["done"]]
+            if not live:
+                break
+            self._check(live, round_index)
+            for state in live:
+                if state["first_violations"] is None:
+                    state["first_violations"] = state["violations"]
+                if not state["violations"] or settings.action != "revise" or round_index == settings.max_rounds:
+                    state["done"] = True
+            to_fix = [s for s in live if not s["done"]]
+            if to_fix:
+                self._revise(to_fix)
+        results = [self._finish(state, began) for state in states]
+        return results
+
+    def _check(self, states, round_index: int) -> None:
+        settings = self.policy.guard
+        model_tasks = []
+        for state in states:
+            began = time.perf_counter()
+            violations: list[Violation] = []
+            critiques: dict[str, Critique] = {}
+            for principle in self.runtime_principles:  # rule critics first: cheap, deterministic
+                if principle.rules:
+                    violations += check_principle(principle, state["conversation"], state["current"])
+                for name in principle.checks:  # deterministic critics a plugin ships for its principles
+                    task = CritiqueTask(conversation=state["conversation"], response=state["current"],
+                                        principle=principle)
+                    critique = self._check_critic(name).critique([task])[0]
+                    if critique.violations:
+                        violations += critique.violations
+                    elif critique.needs_revision:
+                        violations.append(Violation(principle_id=principle.id, evidence=critique.text,
+                                                    message=principle.title or principle.id, critic=name))
+            state["rules_ms"] += (time.perf_counter() - began) * 1000
+            if settings.model_critics:
+                candidates = [p for p in self.runtime_principles if p.critique_request]
+                if settings.model_principles != "all" and candidates:
+                    k = min(int(settings.model_principles), len(candidates))
+                    candidates = state["rng"].sample(candidates, k) if k < len(candidates) else candidates
+                model_tasks += [(state, CritiqueTask(conversation=state["conversation"], response=state["current"],
+                                                     principle=p, examples=self.constitution.examples))
+                                for p in candidates]
+            state["violations"], state["critiques"] = violations, critiques
+            state["rounds"].append(GuardRound(round=round_index, violations=[]))
+        if model_tasks:
+            began = time.perf_counter()
+            results = self.critic.critique([t for _, t in model_tasks])
+            elapsed = (time.perf_counter() - began) * 1000 / max(len(states), 1)
+            for state in states:
+                state["model_ms"] += elapsed
+            for (state, task), critique in zip(model_tasks, results):
+                if critique.needs_revision:
+                    state["violations"].append(Violation(principle_id=task.principle.id, evidence=critique.text,
+                                                         message=task.principle.title or task.principle.id,
+                                                         critic=critique.critic))
+                    state["critiques"][task.principle.id] = critique
+        for state in states:
+            state["rounds"][-1].violations = list(state["violations"])
+
+    def _check_critic(self, name: str):
+        if name not in self._checks:
+            self._checks[name] = self.runtime.component("critic", name)
+        return self._checks[name]
+
+    def _repairer(self, critic_name: str):
+        """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them)."""
+        if critic_name == "rules":
+            return self.rule_reviser
+        if critic_name in self.runtime.registry.names("reviser") and critic_name != self.policy.critic.name:
+            if critic_name not in self._repairers:
+                self._repairers[critic_name] = self.runtime.component("reviser", critic_name)
+            return self._repairers[critic_name]
+        return None
+
+    def _revise(self, states) -> None:
+        """Revise each violated principle, highest authority first; the next round re-checks everything.
+
+        Violations found by deterministic critics are repaired by their revisers (milliseconds, no refusal); the
+        rest, and any a deterministic reviser declines, go to the model reviser in one batch.
+        """
+        by_id = {p.id: p for p in self.runtime_principles}
+        pending = {id(s): sorted({v.principle_id for v in s["violations"]}, key=lambda pid: -by_id[pid].authority)
+                   for s in states}
+        while any(pending.values()):
+            model_tasks = []
+            began = time.perf_counter()
+            for state in states:
+                if not pending[id(state)]:
+                    continue
+                pid = pending[id(state)].pop(0)
+                principle = by_id[pid]
+                found_by = []
+                for v in state["violations"]:
+                    if v.principle_id == pid and v.critic not in found_by:
+                        found_by.append(v.critic)
+                critique = state["critiques"].get(pid)
+                repairers = [self._repairer(name) for name in found_by]
+                needs_model = critique is not None or any(r is None for r in repairers)
+                for repairer in [r for r in repairers if r is not None]:
+                    task = RevisionTask(conversation=state["conversation"], response=state["current"],
+                                        principle=principle, examples=self.constitution.examples)
+                    revision = repairer.revise([task])[0]
+                    self._apply(state, task, revision)
+                    needs_model = needs_model or not revision.accepted
+                if needs_model:
+                    model_tasks.append((state, RevisionTask(
+                        conversation=state["conversation"], response=state["current"], principle=principle,
+                        critique=critique.text if critique else _rule_critique(state, pid),
+                        examples=self.constitution.examples)))
+            rules_elapsed = (time.perf_counter() - began) * 1000
+            began = time.perf_counter()
+            if model_tasks:
+                for (state, task), revision in zip(model_tasks, self.reviser.revise([t for _, t in model_tasks])):
+                    self._apply(state, task, revision)
+            model_elapsed = (time.perf_counter() - began) * 1000
+            for state in states:
+                state["rules_ms"] += rules_elapsed / len(states)
+                state["model_ms"] += model_elapsed / len(states)
+
+    @staticmethod
+    def _apply(state, task: RevisionTask, revision: Revision) -> None:
+        state["rounds"][-1].revisions.append({"principle_id": task.principle.id, "reviser": revision.reviser,
+                                              "accepted": revision.accepted, "reason": revision.reason})
+        if revision.accepted:
+            state["current"] = revision.text
+
+    def _finish(self, state, began: float) -> GuardResult:
+        settings = self.policy.guard
+        violations = state["violations"]
+        if not state["first_violations"]:
+            action, response, compliant = "none", state["original"], True
+        elif settings.action == "flag":
+            action, response, compliant = "flagged", state["original"], False
+        elif settings.action == "refuse" or (violations and settings.on_failure == "refuse"):
+            action, response, compliant = "refused", self._refusal(violations or state["first_violations"]), False
+        elif violations:
+            action, response, compliant = "flagged", state["current"], False
+        else:
+            action, response, compliant = "revised", state["current"], True
+        if action in ("refused",):
+            violations = violations or state["first_violations"]
+        result = GuardResult(
+            id=str(uuid.uuid4()), response=response, original=state["original"], compliant=compliant,
+            action=action, violations=violations, rounds=state["rounds"],
+            timings_ms={"rules": round(state["rules_ms"], 3), "model": round(state["model_ms"], 3),
+                        "total": round((time.perf_counter() - began) * 1000, 3)},
+            policy=self.policy_info)
+        self.runtime.emit(self._audit_record(state, result), "guard")
+        return result
+
+    def _refusal(self, violations: list[Violation]) -> str:
+        titles = []
+        for v in violations:
+            principle = self.constitution.principle(v.principle_id)
+            title = principle.title or principle.id
+            if title not in titles:
+                titles.append(title)
+        return self.policy.guard.refusal.format(principles="; ".join(titles))
+
+    def _audit_record(self, state, result: GuardResult) -> dict[str, Any]:
+        text = self.policy.audit.include_text
+        conversation = [m.model_dump() for m in state["conversation"]]
+        return {
+            "id": result.id, "time": now(), "policy": self.policy_info,
+            "action": result.action, "compliant": result.compliant,
+            "principle_ids": sorted({v.principle_id for r in result.rounds for v in r.violations}),
+            "violations": [v.model_dump() for v in result.violations],
+            "rounds": [r.model_dump() for r in result.rounds],
+            "conversation": conversation if text else _sha(json.dumps(conversation, sort_keys=True)),
+            "original": result.original if text else _sha(result.original),
+            "response": result.response if text else _sha(result.response),
+            "timings_ms": result.timings_ms,
+        }
+
+
+def _rule_critique(state, principle_id: str) -> str | None:
+    messages = [v.message for v in state["violations"] if v.principle_id == principle_id and v.critic != "model"]
+    return "; ".join(messages) or None
+

@@ -1,0 +1,169 @@
+"""Policy-compliance configuration: which constitutions a deployment applies, with local overrides, and how the
+runtime guard acts on a violation. A pydantic model, the source of ``schemas/policy.schema.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .config import ComponentRef
+from .constitutions import RawConstitution, json_path, lint, parse_document, read_text, resolve
+from .errors import ConfigError, ConstitutionError
+from .models import NAME_PATTERN, Constitution, Phase, Principle, Stance
+from .runtime import DEFAULT_MODEL, ModelRef
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PrincipleOverride(_Strict):
+    """Per-deployment changes to one inherited principle."""
+
+    weight: float | None = Field(None, gt=0, description="New weight.")
+    authority: int | None = Field(None, ge=0, le=100, description="New authority (precedence).")
+    phases: list[Phase] | None = Field(None, min_length=1, description="New phases.")
+
+
+class GuardSettings(_Strict):
+    action: Literal["revise", "refuse", "flag"] = Field(
+        "revise", description="On a violation: revise until compliant, refuse with an explanation, or only flag.")
+    max_rounds: int = Field(2, ge=0, le=10, description="Critique/revision rounds before giving up.")
+    on_failure: Literal["refuse", "return"] = Field(
+        "refuse", description="If still not compliant after max_rounds: refuse, or return the best revision flagged.")
+    model_critics: bool = Field(True, description="Also critique with the model (rule critics always run first).")
+    model_principles: Literal["all"] | int = Field(
+        "all", description="Which runtime principles the model critiques each round: 'all', or N drawn by weight.")
+    threshold: float = Field(0.5, gt=0, lt=1, description="P(needs revision) above which the model critic flags.")
+    refusal: str = Field(
+        "I can't help with that as asked, because it would conflict with: {principles}. I'm happy to help with a "
+        "safer version of the request.",
+        description="Refusal text; {principles} becomes the titles of the violated principles.")
+    seed: int = Field(0, description="Seeds principle draws when model_principles is a number.")
+
+
+class AuditSettings(_Strict):
+    path: str | None = Field(None, description="JSONL file every guard decision is appended to (relative paths are "
+                                               "relative to the policy file). None: no file, events still fire.")
+    include_text: bool = Field(True, description="Write the conversation and responses; off keeps only hashes.")
+
+
+class Policy(_Strict):
+    """One deployment's policy."""
+
+    schema_: str | None = Field(None, alias="$schema", description="Path or URL of the JSON Schema, for editors.")
+    name: str = Field(pattern=NAME_PATTERN, description="The policy's name, written to audit records.")
+    version: str = Field("1", min_length=1, description="Bump on every change; audit records carry it.")
+    description: str = ""
+    constitutions: list[str] = Field(min_length=1, description="Constitutions to combine (names or paths), in order; "
+                                                               "a later one overrides an earlier principle by id.")
+    stance: Stance | None = Field(None, description="Override the combined constitution's stance.")
+    disable: list[str] = Field(default_factory=list, description="Principle ids to switch off.")
+    disable_tags: list[str] = Field(default_factory=list, description="Switch off every principle with these tags.")
+    add: list[Principle] = Field(default_factory=list, description="Principles added inline for this deployment.")
+    override: dict[str, PrincipleOverride] = Field(default_factory=dict,
+                                                   description="Changes to inherited principles, by id.")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
+    critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    judge: ComponentRef = Field(default_factory=lambda: ComponentRef(name="logprob"))
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+
+    @field_validator("critic", "reviser", "judge", mode="before")
+    @classmethod
+    def _ref(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def role(self, ref: ComponentRef, **defaults: Any) -> ComponentRef:
+        options = dict(ref.options)
+        if ref.name in ("model", "logprob", "cot", "pointwise"):
+            options.setdefault("model", self.model)
+            for key, value in defaults.items():
+                options.setdefault(key, value)
+        return ComponentRef(name=ref.name, options=options)
+
+
+def policy_json_schema() -> dict[str, Any]:
+    schema = Policy.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://cai-engine.dev/schemas/policy.schema.json"
+    schema["title"] = "cai-engine policy"
+    return schema
+
+
+def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy, Path | None]:
+    """Parse and validate a policy file or mapping; errors name the file, the JSON path and the line."""
+    if isinstance(source, dict):
+        data, label, base, lines = source, "<policy>", None, None
+    else:
+        path = Path(source)
+        try:
+            text = read_text(path)
+        except ConstitutionError as exc:
+            raise ConfigError(str(exc)) from None
+        if not text.strip():
+            raise ConfigError(f"{path}: the policy file is empty")
+        try:
+            data = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
+        except ConstitutionError as exc:
+            raise ConfigError(str(exc)) from None
+        from .constitutions import _line_map
+
+        label, base, lines = str(path), path.parent, _line_map(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: a policy must be a mapping")
+    try:
+        return Policy.model_validate(data), base
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(error["loc"])
+        where = json_path(loc)
+        if lines:
+            probe = loc
+            while probe and probe not in lines:
+                probe = probe[:-1]
+            if probe in lines:
+                where += f" (line {lines[probe]})"
+        message = "unknown key; check its spelling against schemas/policy.schema.json" \
+            if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{label}: {where}: {message}") from None
+
+
+def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) -> Constitution:
+    """The policy's effective constitution: combined, overridden, disabled and linted."""
+    label = f"policy {policy.name!r}"
+    data = {"name": policy.name, "version": policy.version, "extends": list(policy.constitutions),
+            "principles": [p.model_dump(by_alias=True, exclude_defaults=False) for p in policy.add]}
+    raw = RawConstitution(data=data, source=label, base_dir=base_dir)
+    try:
+        combined = resolve(raw, registry.raw_constitution)
+    except ConstitutionError as exc:
+        raise ConfigError(str(exc)) from None
+    known = {p.id for p in combined.principles}
+    for field, ids in (("disable", policy.disable), ("override", list(policy.override))):
+        for pid in ids:
+            if pid not in known:
+                raise ConfigError(f"{label}: {field} names principle {pid!r}, which none of its constitutions defines; "
+                                  f"known ids: {', '.join(sorted(known))}")
+    principles = []
+    for principle in combined.principles:
+        if principle.id in policy.disable or set(principle.tags) & set(policy.disable_tags):
+            continue
+        change = policy.override.get(principle.id)
+        if change:
+            principle = principle.model_copy(update=change.model_dump(exclude_none=True))
+        principles.append(principle)
+    if not principles:
+        raise ConfigError(f"{label}: every principle is disabled")
+    resolved = combined.model_copy(update={"principles": principles, "stance": policy.stance or combined.stance,
+                                           "description": policy.description or combined.description})
+    resolved = Constitution.model_validate(resolved.model_dump(by_alias=True))
+    errors = [i for i in lint(resolved) if i.level == "error"]
+    if errors:
+        raise ConfigError(f"{label}: {errors[0].where}: {errors[0].message}")
+    return resolved

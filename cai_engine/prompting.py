@@ -1,0 +1,181 @@
+"""Prompt layouts: the paper's Human:/Assistant: transcript and the labelled critique/revision blocks.
+
+Small models follow short, consistent layouts best (CAI-SPEC §2.1): every few-shot example uses exactly the layout
+of the real task, and generation stops at the next label.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from .models import Message
+
+ROLE_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+TURN_MARKERS = ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nUser:", "<|im_end|>", "<|im_start|>")
+
+
+def transcript(conversation: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+    """``\\n\\nHuman: ...\\n\\nAssistant: ...`` as in the paper; ends with ``Assistant:`` to prompt a reply."""
+    parts = [f"\n\n{ROLE_LABELS[m.role]}: {m.content.strip()}" for m in conversation]
+    if add_generation_prompt:
+        parts.append("\n\nAssistant:")
+    return "".join(parts)
+
+
+def quoted_conversation(conversation: Sequence[Message]) -> str:
+    """A conversation quoted inside another prompt, with H:/A: labels so it cannot collide with the outer turns."""
+    labels = {"user": "H", "assistant": "A", "system": "S"}
+    return "\n\n".join(f"{labels[m.role]}: {m.content.strip()}" for m in conversation)
+
+
+# -- critique and revision -----------------------------------------------------------------------------------------
+
+CRITIQUE_INTRO = "Here is a conversation between a person (H) and an AI assistant (A)."
+CRITIQUE_SUFFIX = "Answer in two or three sentences."
+REVISION_SUFFIX = "Write only the revised reply, with no introduction."
+VERDICT_QUESTION = "Based on that critique, does the assistant's reply need to be changed? Answer Yes or No."
+CRITIQUE_STOPS = ("\n\nRevisionRequest", "\n\nRevision Request", "\n\nCritiqueRequest", "\n\nCritique Request",
+                  "\n\nHuman:", "\n\nH:", "\n\nRevision:")
+REVISION_STOPS = ("\n\nCritiqueRequest", "\n\nCritique Request", "\n\nRevisionRequest", "\n\nRevision Request",
+                  "\n\nHuman:", "\n\nH:", "\n\nCritique:")
+
+
+def _exchange(conversation: Sequence[Message], response: str) -> str:
+    return quoted_conversation([*conversation, Message(role="assistant", content=response)])
+
+
+def critique_messages(conversation: Sequence[Message], response: str, critique_request: str) -> list[Message]:
+    return [Message(role="user", content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+                                         f"{critique_request.strip()} {CRITIQUE_SUFFIX}")]
+
+
+def chat_critique(examples: Sequence[Any], conversation: Sequence[Message], response: str,
+                  critique_request: str) -> list[Message]:
+    """Chat layout: each few-shot example is an earlier user/assistant exchange in exactly the task's layout."""
+    messages: list[Message] = []
+    for example in examples:
+        messages += critique_messages(example.conversation, example.response, critique_request)
+        messages.append(Message(role="assistant", content=example.critique.strip()))
+    return messages + critique_messages(conversation, response, critique_request)
+
+
+def chat_revision(examples: Sequence[Any], conversation: Sequence[Message], response: str,
+                  critique_request: str, critique: str | None, revision_request: str) -> list[Message]:
+    messages: list[Message] = []
+    for example in examples:
+        messages += _chat_revision_turns(example.conversation, example.response, critique_request,
+                                         example.critique if critique is not None else None, revision_request)
+        messages.append(Message(role="assistant", content=example.revision.strip()))
+    return messages + _chat_revision_turns(conversation, response, critique_request, critique, revision_request)
+
+
+def _chat_revision_turns(conversation, response, critique_request, critique, revision_request) -> list[Message]:
+    if critique is None:  # direct revision: no critique step (CAI-SPEC §2.5)
+        return [Message(role="user", content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+                                             f"{revision_request.strip()} {REVISION_SUFFIX}")]
+    return [*critique_messages(conversation, response, critique_request),
+            Message(role="assistant", content=critique.strip()),
+            Message(role="user", content=f"{revision_request.strip()} {REVISION_SUFFIX}")]
+
+
+def transcript_block(conversation: Sequence[Message], response: str, critique_request: str,
+                     critique: str | None = None, revision_request: str | None = None,
+                     revision: str | None = None, *, labels: tuple[str, str] = ("CritiqueRequest", "RevisionRequest"),
+                     ) -> str:
+    """The paper's layout; stops wherever the next field would be sampled (a field left as None)."""
+    text = transcript(conversation, add_generation_prompt=False) + f"\n\nAssistant: {response.strip()}"
+    if critique_request is not None and (critique is not None or revision_request is None):
+        text += f"\n\n{labels[0]}: {critique_request.strip()}\n\nCritique:"
+        if critique is None:
+            return text
+        text += f" {critique.strip()}"
+    if revision_request is None:
+        return text
+    text += f"\n\n{labels[1]}: {revision_request.strip()}\n\nRevision:"
+    if revision is not None:
+        text += f" {revision.strip()}"
+    return text
+
+
+PREAMBLE = re.compile(
+    r"^\s*(?:(?:sure|certainly|okay|ok|of course|absolutely)[,!.]?\s*)?"
+    r"(?:here(?:'s| is)\s+(?:the|a|my|an)?\s*(?:revised|rewritten|improved|updated|new)?\s*"
+    r"(?:version|response|reply|answer|revision)[^:\n]*:|(?:revised|rewritten|improved)\s+(?:response|reply|answer|version)\s*:"
+    r"|revision\s*:|response\s*:|a\s*:|assistant\s*:)\s*",
+    re.IGNORECASE,
+)
+NO_CHANGE = re.compile(r"^\s*(?:no (?:revision|change)s? (?:is |are )?(?:needed|necessary|required))[.!]?\s*$",
+                       re.IGNORECASE)
+LEAK_MARKERS = ("\nHuman:", "\nH:", "\nUser:", "\nCritique:", "\nCritiqueRequest", "\nRevisionRequest",
+                "\nCritique Request", "\nRevision Request", "<|im_end|>", "<|im_start|>", "<|endoftext|>")
+
+
+def clean_revision(raw: str, original: str, critique: str | None) -> tuple[str | None, str | None]:
+    """Strip role leakage and preambles from a model's revision.
+
+    :return: (text, None) for a usable revision, or (None, reason) when it must be rejected.
+    """
+    text = raw
+    for marker in LEAK_MARKERS:
+        found = text.find(marker)
+        if found != -1:
+            text = text[:found]
+    previous = None
+    while previous != text:  # "Sure! Here is the revised response: Revision: ..."
+        previous = text
+        text = PREAMBLE.sub("", text, count=1)
+    text = text.strip().strip('"').strip("“”").strip()
+    if NO_CHANGE.match(text):
+        return original, None
+    if not text:
+        return None, "empty revision"
+    if critique:
+        a, b = _norm(text), _norm(critique)
+        if a == b or (len(b) > 20 and difflib.SequenceMatcher(None, a, b).ratio() > 0.85):
+            return None, "the revision copies the critique"
+    if len(text) < 2:
+        return None, "revision too short"
+    return text, None
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+# -- judging -------------------------------------------------------------------------------------------------------
+
+JUDGE_INTRO = "Consider the following conversation between a person (H) and an assistant (A):"
+ANSWER_PREFIX = "The answer is: ("
+OPTION_LETTERS = ("A", "B")
+
+
+def comparison_body(conversation: Sequence[Message], first: str, second: str, question: str) -> str:
+    return (f"{JUDGE_INTRO}\n\n{quoted_conversation(conversation)}\n\n{question.strip()}\nOptions:\n"
+            f"(A) [[[{first.strip()}]]]\n(B) [[[{second.strip()}]]]")
+
+
+def chat_comparison(examples: Sequence[tuple[Sequence[Message], str, str, str, str]], conversation, first, second,
+                    question, *, instruction: str = "Answer with the letter of the better reply."
+                    ) -> list[Message]:
+    """examples: (conversation, first, second, question, correct letter)."""
+    messages: list[Message] = []
+    for conv, a, b, q, letter in examples:
+        messages.append(Message(role="user", content=comparison_body(conv, a, b, q) + "\n" + instruction))
+        messages.append(Message(role="assistant", content=f"{ANSWER_PREFIX}{letter})"))
+    messages.append(Message(role="user", content=comparison_body(conversation, first, second, question) + "\n"
+                            + instruction))
+    return messages
+
+
+def transcript_comparison(examples, conversation, first, second, question) -> str:
+    blocks = [f"{comparison_body(conv, a, b, q)}\n\n{ANSWER_PREFIX}{letter})" for conv, a, b, q, letter in examples]
+    blocks.append(f"{comparison_body(conversation, first, second, question)}\n\n{ANSWER_PREFIX}")
+    return "\n\n".join(blocks)
+
+
+SCORE_INSTRUCTION = ("How well does the assistant's last reply follow this principle: {principle} "
+                     "Rate it from 1 (not at all) to 10 (perfectly).")
+SCORE_PREFIX = "Score: "

