@@ -18,6 +18,7 @@ from .components import (
     Sampler,
     Trainer,
 )
+from .checks import caveat_check, sentences
 from .constitutions import lint, load_constitution
 from .errors import (
     BackendUnavailableError,
@@ -62,6 +63,6 @@ __all__ = [
     "DuplicateComponentError", "GenerationSettings", "Judge", "Judgement", "Message", "ModelError", "Options",
     "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
     "RevisionTask", "Rule", "RunError", "Runtime", "Sampler", "Score", "ScoringTask", "Stance", "Trainer",
-    "UnknownComponentError", "Violation", "__version__", "hookimpl", "lint", "load_constitution",
-    "load_prompts", "make_plugin_manager",
+    "UnknownComponentError", "Violation", "__version__", "caveat_check", "hookimpl", "lint", "load_constitution",
+    "load_prompts", "make_plugin_manager", "sentences",
 ]

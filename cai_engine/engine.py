@@ -337,10 +337,11 @@ class Engine:
                         examples=self.constitution.examples)))
             rules_elapsed = (time.perf_counter() - began) * 1000
             began = time.perf_counter()
+            model_elapsed = 0.0
             if model_tasks:
                 for (state, task), revision in zip(model_tasks, self.reviser.revise([t for _, t in model_tasks])):
                     self._apply(state, task, revision)
-            model_elapsed = (time.perf_counter() - began) * 1000
+                model_elapsed = (time.perf_counter() - began) * 1000
             for state in states:
                 state["rules_ms"] += rules_elapsed / len(states)
                 state["model_ms"] += model_elapsed / len(states)

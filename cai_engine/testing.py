@@ -5,7 +5,9 @@ Fixtures:
 - ``cai_pm``: a plugin manager with entry-point autoloading off (only built-ins), so tests see no installed plugins;
 - ``cai_registry``: the registry built from it;
 - ``cai_runtime``: a runtime over that registry;
-- ``cli_runner``: click's ``CliRunner`` with the CLI's cached plugin state reset around each test.
+- ``cli_runner``: click's ``CliRunner`` with the CLI's cached plugin state reset around each test;
+- ``tiny_model`` / ``tiny_plain_model``: a folder with a tiny random Llama and a byte-level tokenizer, built
+  in-process (no network), with and without a chat template; any backend loads it like a real model folder.
 
 Fakes that need no model: :class:`ScriptedSampler`, :class:`ScriptedCritic`, :class:`ScriptedReviser` and
 :class:`ScriptedJudge` return what a test enqueued, in order, so pipeline tests stay torch-free.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,3 +148,49 @@ def cli_runner():
     reset_state()
     yield CliRunner()
     reset_state()
+
+
+# -- a tiny model built in-process --------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tiny_model(folder: Path, *, chat_template: bool = True, context: int = 4096, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        additional_special_tokens=SPECIALS[3:])
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with a chat template (4,096-token context)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory):
+    """The same tiny model without a chat template (transcript layout)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain") / "model", chat_template=False)

@@ -11,29 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["cai_engine.testing"]
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A folder holding a tiny random Llama with a chat template; backends load it like any model folder."""
-    from tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny_plain_model(tmp_path_factory):
-    """The same tiny model without a chat template (transcript layout)."""
-    from tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain") / "model", chat_template=False)
 
 
 @pytest.fixture(autouse=True)

@@ -123,7 +123,7 @@ def test_logprobs_match_an_unbatched_reference(backend):
 
 
 def test_prompt_longer_than_context_is_a_clear_error(cai_runtime, tmp_path):
-    from tiny import build_tiny_model
+    from cai_engine.testing import build_tiny_model
 
     backend = cai_runtime.backend(str(build_tiny_model(tmp_path / "short", context=512)))
     with pytest.raises(ModelError, match=r"prompt 1 is \d+ tokens.*context of 512 tokens"):

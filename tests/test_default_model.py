@@ -66,3 +66,24 @@ def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):
             probs = [math.exp(v) for v in order.logprobs.values()]
             assert math.isclose(sum(p / sum(probs) for p in probs), 1.0)
         assert 0 < judgement.p_a < 1
+
+
+def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
+    """Phase 1 end to end on SmolLM2: a tiny SL-CAI run, export, a few SFT steps, and the checkpoint generates."""
+    from cai_engine import GenerationSettings
+    from cai_engine.sl import export_sft, run_sl
+
+    summary = run_sl({"limit": 2, "rounds": 1, "helpful_limit": 2,
+                      "sampler": {"name": "model", "options": {"max_new_tokens": 32}},
+                      "critic": {"name": "model", "options": {"max_new_tokens": 24}},
+                      "reviser": {"name": "model", "options": {"max_new_tokens": 32}}},
+                     tmp_path / "sl", runtime=runtime, progress=False)
+    assert summary["red_team_items"] == 2 and summary["helpful_items"] == 2
+    exported = export_sft(tmp_path / "sl", tmp_path / "ds", {"heldout": 0.0})
+    assert exported["train"] >= 2
+    trainer = runtime.component("trainer", "sft", {"trl": {"max_steps": 2, "per_device_train_batch_size": 2,
+                                                           "learning_rate": 1e-5, "max_length": 256}})
+    result = trainer.train(tmp_path / "ds", tmp_path / "model")
+    assert result["steps"] == 2 and result["base_model"].startswith("smollm2")
+    trained = runtime.backend(str(tmp_path / "model"))
+    assert trained.generate([[Message(role="user", content="Say hello.")]], GenerationSettings(max_new_tokens=8))[0]

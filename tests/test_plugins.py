@@ -78,7 +78,7 @@ def test_plugins_can_be_blocked_by_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "fake, cai_engine.default_plugins.revisers")
     registry = Registry(make_plugin_manager())
     assert "fake.shout" not in registry.names("critic")
-    assert registry.names("reviser") == []
+    assert not {"rules", "model", "ensemble"} & set(registry.names("reviser"))
 
 
 def test_import_error_in_plugin_surfaces_with_its_name(tmp_path, monkeypatch):

@@ -1,0 +1,36 @@
+"""cai-legal: the legal constitution, its deterministic checks and a legal prompt set for cai-engine."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from cai_engine import PromptSet, hookimpl
+
+from .checks import CounselCritic, CounselReviser, JurisdictionCritic, JurisdictionReviser
+
+__version__ = "0.1.0"
+
+_DATA = files("cai_legal")
+
+
+@hookimpl
+def cai_register_constitutions(register):
+    register(_DATA / "constitutions" / "legal.yaml")
+
+
+@hookimpl
+def cai_register_critics(register):
+    register(JurisdictionCritic)
+    register(CounselCritic)
+
+
+@hookimpl
+def cai_register_revisers(register):
+    register(JurisdictionReviser)
+    register(CounselReviser)
+
+
+@hookimpl
+def cai_register_prompt_sets(register):
+    register(PromptSet(name="legal", path=_DATA / "prompts" / "legal.jsonl",
+                       description="Legal questions, ordinary and adversarial (cai-legal).", tags=["legal"]))

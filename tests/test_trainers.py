@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_engine import ConfigError, GenerationSettings, RunError
+from cai_engine.cli import cli
+
+pytestmark = pytest.mark.slow
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+     "prompt_id": f"p{i}", "source": "revision"}
+    for i in range(8)
+]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]), encoding="utf-8")
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[6:]), encoding="utf-8")
+    return folder
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+# learning_rate=0.1 because the tiny model's gradients are tiny and a few steps must visibly move every parameter
+FAST = {"max_steps": 3, "learning_rate": 0.1, "per_device_train_batch_size": 2, "logging_steps": 1}
+
+
+def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, dataset, tmp_path):
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": FAST})
+    summary = trainer.train(dataset, tmp_path / "out")
+    assert summary["steps"] == 3
+    assert any("loss" in entry for entry in summary["log_history"])
+    assert "eval_loss" in summary["metrics"]
+    before, after = weights(tiny_model), weights(tmp_path / "out")
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if (before[name] == after[name]).all()]
+    assert unchanged == []
+    assert not list((tmp_path / "out").glob("*.bin"))
+    backend = cai_runtime.backend(str(tmp_path / "out"))
+    assert backend.generate(["Question 1?"], GenerationSettings(max_new_tokens=4))[0] is not None
+
+
+def test_lora_is_merged_into_a_plain_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "lora": True, "lora_r": 2,
+                                                       "trl": FAST})
+    trainer.train(dataset, tmp_path / "lora")
+    after = weights(tmp_path / "lora")
+    assert not any("lora" in name for name in after)
+    before = weights(tiny_model)
+    assert any(not (before[n] == after[n]).all() for n in before if "proj" in n)
+    cai_runtime.backend(str(tmp_path / "lora"))
+
+
+def test_bad_trl_setting_fails_before_loading(cai_runtime, tiny_model, dataset, tmp_path):
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"max_stepz": 3}})
+    with pytest.raises(ConfigError, match="invalid TRL setting for trainer 'sft'.*max_stepz"):
+        trainer.train(dataset, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_bad_datasets(cai_runtime, tiny_model, tmp_path):
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": FAST})
+    with pytest.raises(RunError, match="no such dataset"):
+        trainer.train(tmp_path / "missing", tmp_path / "out")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "train.jsonl").write_text(json.dumps({"text": "hello"}) + "\n", encoding="utf-8")
+    with pytest.raises(RunError, match="expected a 'messages' column"):
+        trainer.train(wrong, tmp_path / "out")
+
+
+def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
+    result = cli_runner.invoke(cli, ["train", "ppo", "--dataset", str(dataset), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "unknown trainer 'ppo'; known trainers: sft" in result.output
+    result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--model", str(tiny_model),
+                                     "--out", str(tmp_path / "cli"), "--set", "max_steps=2",
+                                     "--set", "learning_rate=0.1", "--set", "per_device_train_batch_size=2"])
+    assert result.exit_code == 0, result.output
+    assert "2 steps" in result.output and (tmp_path / "cli" / "cai_training.json").exists()
+    result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--out", str(tmp_path / "y"),
+                                     "--set", "oops"])
+    assert result.exit_code == 1 and "--set expects KEY=VALUE" in result.output
