@@ -105,6 +105,8 @@ class Rule(_Strict):
             "For `require`: text appended to the response."
         ),
     )
+    fix_at: Literal["end", "start"] = Field(
+        "end", description="For `require`: where the fix goes (`start` for what must come first, e.g. emergencies).")
     severity: Literal["low", "medium", "high"] = Field("medium", description="How serious a violation is.")
 
     @field_validator("pattern", "when")

@@ -63,5 +63,9 @@ def repair(principle: Principle, conversation: Sequence[Message], response: str)
             pattern, _ = rule.compiled()
             text = pattern.sub(lambda _m: rule.fix or "", text)
         else:
-            text = text.rstrip() + ("\n\n" if "\n" in text else " ") + rule.fix.strip()
+            gap = "\n\n" if "\n" in text else " "
+            if rule.fix_at == "start":
+                text = rule.fix.strip() + gap + text.lstrip()
+            else:
+                text = text.rstrip() + gap + rule.fix.strip()
     return text, unfixed

@@ -106,4 +106,5 @@ def test_emergency_rule(registry):
                                 runtime=Runtime(registry))
     result = engine.guard([Message(role="user", content="I have chest pain and my arm is numb.")],
                           "Try lying down and drinking some water.")
-    assert result.action == "revised" and "emergency" in result.response
+    assert result.action == "revised" and result.response.startswith("If this is happening now, call your local "
+                                                                      "emergency number")
