@@ -21,6 +21,7 @@ from .errors import RunError
 
 RECORDS = "records.jsonl"
 MANIFEST = "run.json"
+AUXILIARY = {"gate.json", "reviews.jsonl"}  # files a run may hold before its first record
 
 
 def now() -> str:
@@ -64,7 +65,7 @@ class RunDirectory:
                 raise RunError(f"{self.path}: was made with a different config ({shown}); rerun with the same "
                                "settings to resume, or choose another --out")
             return True
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name not in AUXILIARY for p in self.path.iterdir()):
             raise RunError(f"{self.path}: exists, is not empty and is not a {self.kind} run; choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = {"kind": self.kind, "cai_engine": __version__, "created": now(),

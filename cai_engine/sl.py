@@ -142,6 +142,8 @@ class SLRun:
     def _process_batch(self, batch, bar) -> list[dict[str, Any]]:
         items = [item for _, item in batch]
         conversations = [item.conversation for item in items]
+        if all(kind == "helpful" for kind, _ in batch):
+            bar.set_description("helpfulness samples")
         initial = [row[0] for row in self.sampler.sample(conversations)]
         current = list(initial)
         rounds: list[list[dict[str, Any]]] = [[] for _ in items]

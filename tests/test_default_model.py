@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -87,3 +88,34 @@ def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
     assert result["steps"] == 2 and result["base_model"].startswith("smollm2")
     trained = runtime.backend(str(tmp_path / "model"))
     assert trained.generate([[Message(role="user", content="Say hello.")]], GenerationSettings(max_new_tokens=8))[0]
+
+
+def test_phase_two_on_the_default_model(runtime, tmp_path):
+    """Labels with both orders and soft labels; a preference model with held-out accuracy; DPO and GRPO steps."""
+    from cai_engine import GenerationSettings
+    from cai_engine.rl import export_preferences, run_labels
+
+    summary = run_labels({"limit": 3, "batch_size": 3,
+                          "sampler": {"name": "model", "options": {"max_new_tokens": 24, "temperature": 1.0}}},
+                         tmp_path / "rl", runtime=runtime, progress=False)
+    assert summary["pairs"] == 3
+    records = [json.loads(line) for line in (tmp_path / "rl" / "records.jsonl").read_text().splitlines()]
+    for record in records:
+        judgement = record["judgement"]
+        if not judgement["abstained"]:
+            assert [o["order"] for o in judgement["orders"]] == ["ab", "ba"]
+            assert 0 < record["label"] < 1
+    export_preferences(tmp_path / "rl", tmp_path / "prefs", {"heldout": 0.34})
+    fast = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256}
+    reward = runtime.component("trainer", "reward", {"force": True, "trl": fast}).train(tmp_path / "prefs",
+                                                                                      tmp_path / "rm")
+    assert reward["steps"] == 2 and "heldout_pairwise_accuracy" in reward
+    dpo = runtime.component("trainer", "dpo", {"force": True, "trl": fast}).train(tmp_path / "prefs", tmp_path / "dpo")
+    assert dpo["steps"] == 2
+    grpo = runtime.component("trainer", "grpo", {"reward": str(tmp_path / "rm"), "limit": 2, "trl": {
+        "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 16}})
+    assert grpo.train("builtin:red-team", tmp_path / "grpo")["steps"] == 1
+    for folder in ("dpo", "grpo"):
+        out = runtime.backend(str(tmp_path / folder)).generate([[Message(role="user", content="Hi")]],
+                                                                GenerationSettings(max_new_tokens=6))
+        assert isinstance(out[0], str)

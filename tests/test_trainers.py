@@ -81,7 +81,7 @@ def test_bad_datasets(cai_runtime, tiny_model, tmp_path):
 
 def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
     result = cli_runner.invoke(cli, ["train", "ppo", "--dataset", str(dataset), "--out", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "unknown trainer 'ppo'; known trainers: sft" in result.output
+    assert result.exit_code == 1 and "unknown trainer 'ppo'; known trainers: dpo, grpo, reward, sft" in result.output
     result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--model", str(tiny_model),
                                      "--out", str(tmp_path / "cli"), "--set", "max_steps=2",
                                      "--set", "learning_rate=0.1", "--set", "per_device_train_batch_size=2"])

@@ -129,6 +129,314 @@ class SFT(Trainer):
         return summary
 
 
+# -- phase 2 ------------------------------------------------------------------------------------------------------
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
+                     max_same_position: float = 1.0) -> dict[str, Any] | None:
+    """Refuse AI labels from a judge below ``min_accuracy`` on labelled pairs, or whose two orders prefer the same
+    position more often than ``max_same_position`` (CAI-SPEC gate G1), unless forced."""
+    export_file = Path(dataset) / "export.json"
+    export = json.loads(export_file.read_text(encoding="utf-8")) if export_file.exists() else {}
+    ai = export.get("sources", {}).get("ai", 0)
+    gate = export.get("judge_gate")
+    if not ai or force:
+        return gate
+    if gate is None:
+        raise ConfigError(f"{dataset}: {ai} pairs are labelled by an AI judge whose accuracy was never measured; run "
+                          "`cai rl gate RUN` before `cai export preferences`, or pass --force")
+    accuracy = gate.get("accuracy")
+    if accuracy is None or accuracy < min_accuracy:
+        shown = "no usable judgements" if accuracy is None else f"{accuracy:.0%} accuracy"
+        raise ConfigError(
+            f"{dataset}: the judge that labelled these pairs scored {shown} on {gate.get('pairs')} labelled pairs "
+            f"(same-position rate {gate.get('same_position_rate')}), below the required {min_accuracy:.0%}; its "
+            "labels would teach noise. Use a stronger judge (judge_model), the cot judge, the 'revision' recipe, "
+            "lower min_judge_accuracy, or pass --force")
+    same = gate.get("same_position_rate")
+    if same is not None and same > max_same_position:
+        raise ConfigError(
+            f"{dataset}: the judge that labelled these pairs prefers the same position in both orders on {same:.0%} "
+            f"of labelled pairs (accuracy {accuracy:.0%}), above the allowed {max_same_position:.0%}; its labels are "
+            "mostly position bias. Use a stronger judge (judge_model), the cot judge, the 'revision' recipe, raise "
+            "max_same_position_rate, or pass --force")
+    return gate
+
+
+def preference_data(dataset: str | Path):
+    data = load_dataset_folder(dataset)
+    missing = [c for c in PREFERENCE_COLUMNS if c not in data["train"].column_names]
+    if missing:
+        raise RunError(f"{dataset}: missing column(s) {', '.join(missing)}; export preference data with "
+                       "`cai export preferences RUN --out DIR`")
+    return data
+
+
+def _trl_config(cls, name: str, defaults: dict[str, Any], overrides: dict[str, Any], output_dir: Path):
+    settings = {**defaults, **overrides, "output_dir": str(output_dir / "trainer")}
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid TRL setting for trainer {name!r}: {exc}") from None
+
+
+def _soft_reward_trainer():
+    """TRL's RewardTrainer with the soft-target Bradley-Terry loss of CAI-SPEC §4.
+
+    ``-(p log sigma(r_c - r_r) + (1 - p) log sigma(r_r - r_c))`` with ``p`` the probability that ``chosen`` is
+    better; with ``p = 1`` it is exactly TRL's own loss.
+    """
+    import torch
+    from torch import nn
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            if "chosen_probability" in examples[0]:
+                batch["chosen_probability"] = torch.tensor([float(e["chosen_probability"]) for e in examples])
+            return batch
+
+    class SoftRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            soft = inputs.pop("chosen_probability", None)
+            if soft is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            inputs["use_cache"] = False
+            outputs = model(**inputs)
+            chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            delta = chosen - rejected
+            soft = soft.to(delta.dtype)
+            loss = -(soft * nn.functional.logsigmoid(delta) + (1 - soft) * nn.functional.logsigmoid(-delta)).mean()
+            with torch.no_grad():
+                self._metrics[mode]["accuracy"].append((delta > 0).float().mean().item())
+                self._metrics[mode]["margin"].append(delta.mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftRewardTrainer, SoftCollator
+
+
+REWARD_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-5, "logging_steps": 5,
+    "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
+    "remove_unused_columns": False,
+}
+
+
+class RewardModel(Trainer):
+    """A preference model (sequence classifier with one output) trained on soft or hard preference labels."""
+
+    name = "reward"
+
+    class Options(Options):
+        model: str = Field("smollm2", description="Base model: 'smollm2', a model folder or a .gguf file.")
+        soft_labels: bool = Field(True, description="Use `chosen_probability` as a soft target (else hard labels).")
+        min_judge_accuracy: float = Field(0.6, ge=0, le=1, description="Refuse AI labels from a weaker judge.")
+        max_same_position_rate: float = Field(0.25, ge=0, le=1, description="Refuse AI labels from a judge whose "
+                                                                            "orders agree on a position this often.")
+        force: bool = Field(False, description="Train even if the judge gate fails (not recommended).")
+        trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.RewardConfig.")
+
+    def train(self, dataset, output_dir):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from trl import RewardConfig
+
+        from cai_engine.backends.hf_local import resolve_model_folder
+
+        output_dir = Path(output_dir)
+        config = _trl_config(RewardConfig, self.name, REWARD_DEFAULTS, self.options.trl, output_dir)
+        data = preference_data(dataset)
+        gate = check_judge_gate(dataset, self.options.min_judge_accuracy, self.options.force,
+                                self.options.max_same_position_rate)
+        folder, model_id = resolve_model_folder(self.options.model)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32,
+                                                                   local_files_only=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        columns = list(PREFERENCE_COLUMNS) + (["chosen_probability"] if self.options.soft_labels and
+                                              "chosen_probability" in data["train"].column_names else [])
+        train = data["train"].select_columns(columns)
+        test = data["test"].select_columns(columns) if "test" in data and len(data["test"]) else None
+        trainer_cls, collator_cls = _soft_reward_trainer()
+        trainer = trainer_cls(model=model, args=config, train_dataset=train, eval_dataset=test,
+                              processing_class=tokenizer,
+                              data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+        began = time.perf_counter()
+        metrics = dict(trainer.train().metrics)
+        if test is not None:
+            metrics.update(trainer.evaluate())
+        summary = {"trainer": self.name, "base_model": model_id, "dataset": str(dataset), "soft_labels":
+                   "chosen_probability" in columns, "train_examples": len(train),
+                   "test_examples": len(test) if test is not None else 0, "steps": trainer.state.global_step,
+                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics,
+                   "heldout_pairwise_accuracy": metrics.get("eval_accuracy"), "judge_gate": gate,
+                   "log_history": trainer.state.log_history}
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary)
+        summary["checkpoint"] = str(output_dir)
+        return summary
+
+
+DPO_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1, "per_device_train_batch_size": 2, "learning_rate": 5e-6, "beta": 0.1, "logging_steps": 5,
+    "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
+}
+
+
+class DPO(Trainer):
+    """Direct preference optimisation on chosen/rejected pairs (filtered by label confidence) with trl.DPOTrainer."""
+
+    name = "dpo"
+
+    class Options(Options):
+        model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
+        min_confidence: float = Field(0.0, ge=0, lt=0.5,
+                                      description="Keep pairs whose chosen_probability is at least 0.5 + this.")
+        min_judge_accuracy: float = Field(0.6, ge=0, le=1)
+        max_same_position_rate: float = Field(0.25, ge=0, le=1)
+        force: bool = Field(False)
+        trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.DPOConfig "
+                                                                      "(e.g. label_smoothing for noisy labels).")
+
+    def train(self, dataset, output_dir):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import DPOConfig, DPOTrainer
+
+        from cai_engine.backends.hf_local import resolve_model_folder
+
+        output_dir = Path(output_dir)
+        config = _trl_config(DPOConfig, self.name, DPO_DEFAULTS, self.options.trl, output_dir)
+        data = preference_data(dataset)
+        gate = check_judge_gate(dataset, self.options.min_judge_accuracy, self.options.force,
+                                self.options.max_same_position_rate)
+        threshold = 0.5 + self.options.min_confidence
+        keep = lambda row: row.get("chosen_probability", 1.0) >= threshold  # noqa: E731
+        train = data["train"].filter(keep).select_columns(list(PREFERENCE_COLUMNS))
+        if len(train) == 0:
+            raise RunError(f"{dataset}: no pairs left with chosen_probability >= {threshold}")
+        test = data["test"].filter(keep).select_columns(list(PREFERENCE_COLUMNS)) \
+            if "test" in data and len(data["test"]) else None
+        folder, model_id = resolve_model_folder(self.options.model)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=train,
+                             eval_dataset=test if test is not None and len(test) else None, processing_class=tokenizer)
+        began = time.perf_counter()
+        metrics = dict(trainer.train().metrics)
+        summary = {"trainer": self.name, "base_model": model_id, "dataset": str(dataset), "train_examples": len(train),
+                   "dropped_low_confidence": len(data["train"]) - len(train), "steps": trainer.state.global_step,
+                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics, "judge_gate": gate,
+                   "log_history": trainer.state.log_history}
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary)
+        summary["checkpoint"] = str(output_dir)
+        return summary
+
+
+GRPO_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1, "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 64,
+    "learning_rate": 1e-6, "beta": 0.04, "logging_steps": 5, "save_strategy": "no", "report_to": "none",
+    "use_cpu": True, "seed": 0, "temperature": 0.9,
+}
+
+
+class JudgeReward:
+    """A TRL reward function from a cai-engine judge's pointwise 1-10 score (d-RLAIF), rescaled to [-1, 1].
+
+    TRL calls it with the batch's prompts and completions; each completion is scored against ``principles`` (the
+    constitution's rl principles by default, averaged).
+    """
+
+    def __init__(self, judge, principles) -> None:
+        from cai_engine.records import ScoringTask
+
+        self.judge, self.principles, self._task = judge, list(principles), ScoringTask
+        self.__name__ = f"judge_{judge.name}"
+
+    def __call__(self, prompts, completions, **kwargs):
+        from cai_engine.models import Message
+
+        tasks = []
+        for prompt, completion in zip(prompts, completions):
+            conversation = [Message.model_validate(m) for m in prompt] if isinstance(prompt, list) else \
+                [Message(role="user", content=str(prompt))]
+            text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
+            tasks.append(self._task(conversation=conversation, response=text or " ", principles=self.principles))
+        return [score.reward if score.reward is not None else 0.0 for score in self.judge.score(tasks)]
+
+
+class GRPO(Trainer):
+    """Online RL with trl.GRPOTrainer: the policy samples, a reward model or the judge scores, with a KL penalty
+    (``beta``) to the starting policy."""
+
+    name = "grpo"
+
+    class Options(Options):
+        model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
+        reward: str = Field("judge", description="'judge' (the pointwise judge, d-RLAIF) or a reward-model folder "
+                                                 "trained with `cai train reward`.")
+        judge: dict[str, Any] = Field(default_factory=lambda: {"name": "pointwise"},
+                                      description="The judge for reward 'judge': {name, options}.")
+        constitution: str = Field("harmless", description="Whose rl principles the judge scores against.")
+        limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+        prompts: str | None = Field(None, description="Prompt source when used in a pipeline (else the dataset "
+                                                      "argument).")
+        trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.GRPOConfig "
+                                                                      "(beta is the KL coefficient).")
+
+    def train(self, dataset, output_dir):
+        import datasets as hf_datasets
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import GRPOConfig, GRPOTrainer
+
+        from cai_engine.backends.hf_local import resolve_model_folder
+        from cai_engine.config import ComponentRef
+        from cai_engine.prompts import load_prompts
+
+        output_dir = Path(output_dir)
+        config = _trl_config(GRPOConfig, self.name, GRPO_DEFAULTS, self.options.trl, output_dir)
+        items = load_prompts(str(dataset), self.runtime.registry, limit=self.options.limit)
+        train = hf_datasets.Dataset.from_list([{"prompt": [m.model_dump() for m in item.conversation]}
+                                               for item in items])
+        if self.options.reward == "judge":
+            constitution = self.runtime.registry.constitution(self.options.constitution)
+            judge = ComponentRef.model_validate(self.options.judge).build("judge", self.runtime)
+            reward_funcs: Any = JudgeReward(judge, constitution.for_phase("rl"))
+        else:
+            folder = Path(self.options.reward)
+            if not (folder / "config.json").exists():
+                raise RunError(f"{folder}: not a reward model folder; train one with `cai train reward`")
+            reward_funcs = str(folder)
+        folder, model_id = resolve_model_folder(self.options.model)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train,
+                              processing_class=tokenizer)
+        began = time.perf_counter()
+        metrics = dict(trainer.train().metrics)
+        summary = {"trainer": self.name, "base_model": model_id, "prompts": str(dataset), "train_prompts": len(train),
+                   "reward": self.options.reward, "steps": trainer.state.global_step,
+                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics,
+                   "kl_beta": config.beta, "log_history": trainer.state.log_history}
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary)
+        summary["checkpoint"] = str(output_dir)
+        return summary
+
+
 @hookimpl
 def cai_register_trainers(register):
     register(SFT)
+    register(RewardModel)
+    register(DPO)
+    register(GRPO)

@@ -1,0 +1,118 @@
+"""The whole pipeline from one config: phase 1 -> SFT -> phase 2 labels -> judge gate -> preference model -> RL.
+
+Every stage writes into ``out``; rerunning resumes runs and skips stages whose outputs exist, so a killed pipeline
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .rl import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
+from .runtime import DEFAULT_MODEL, ModelRef, Runtime
+from .sl import ExportOptions, SLConfig, export_sft, run_sl
+
+STAGES = ("sl", "sft", "rl", "reward", "policy")
+
+
+class TrainerStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trainer: str = Field(description="A registered trainer name.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The trainer's options (e.g. trl: {...}).")
+
+
+class PipelineConfig(BaseModel):
+    """One file for both phases. Sections take the same settings as `cai sl`, `cai rl label` and `cai train`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("runs/pipeline", description="Folder for every stage's outputs.")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The base model (and the default for every role).")
+    constitution: str = Field("harmless", description="Constitution for both phases.")
+    stages: list[Literal["sl", "sft", "rl", "reward", "policy"]] = Field(
+        default_factory=lambda: list(STAGES), description="Which stages to run, in pipeline order.")
+    sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
+    sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")
+    sft: dict[str, Any] = Field(default_factory=dict, description="Options of the `sft` trainer.")
+    rl: dict[str, Any] = Field(default_factory=dict, description="Labelling settings (as `cai rl label`); the "
+                                                                 "policy defaults to the SFT checkpoint.")
+    gate: bool = Field(True, description="Measure the judge before exporting its labels.")
+    preference_export: dict[str, Any] = Field(default_factory=dict)
+    reward: dict[str, Any] = Field(default_factory=dict, description="Options of the `reward` trainer.")
+    policy: TrainerStage = Field(default_factory=lambda: TrainerStage(trainer="grpo"),
+                                 description="The RL (or DPO) stage; grpo uses the reward model when it exists.")
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "cai_training.json").exists()
+
+
+def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | None = None,
+                 progress: bool = True, echo=print) -> dict[str, Any]:
+    config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+    runtime = runtime or Runtime()
+    out = Path(config.out)
+    # Validate every section before any model loads.
+    sl_config = SLConfig.model_validate({"constitution": config.constitution, "model": config.model, **config.sl})
+    sft_dir, sft_options = out / "sft-model", {"model": config.model, **config.sft}
+    runtime.component("trainer", "sft", sft_options)
+    policy_model = str(sft_dir) if "sft" in config.stages or _done(sft_dir) else config.model
+    rl_config = RLConfig.model_validate({"constitution": config.constitution, "model": policy_model,
+                                         "judge_model": config.model, "sl_run": str(out / "sl"), **config.rl})
+    reward_dir, reward_options = out / "reward-model", {"model": config.model, **config.reward}
+    runtime.component("trainer", "reward", reward_options)
+    policy_options = {"model": policy_model, **config.policy.options}
+    if config.policy.trainer == "grpo":
+        policy_options.setdefault("constitution", config.constitution)
+        policy_options.setdefault("judge", {"name": "pointwise", "options": {"model": config.model}})
+        if "reward" in config.stages or _done(reward_dir):
+            policy_options.setdefault("reward", str(reward_dir))
+    runtime.component("trainer", config.policy.trainer, policy_options)
+    summary: dict[str, Any] = {"out": str(out)}
+
+    if "sl" in config.stages:
+        echo("== phase 1: SL-CAI")
+        summary["sl"] = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
+        summary["sft_dataset"] = export_sft(out / "sl", out / "sft-dataset",
+                                            ExportOptions.model_validate(config.sft_export))
+    if "sft" in config.stages:
+        echo("== supervised fine-tuning")
+        if _done(sft_dir):
+            echo(f"   {sft_dir} exists; skipped")
+        else:
+            summary["sft"] = runtime.component("trainer", "sft", sft_options).train(out / "sft-dataset", sft_dir)
+    if "rl" in config.stages:
+        echo("== phase 2: preference labels")
+        if config.gate and not (out / "rl" / "gate.json").exists():
+            summary["gate"] = run_gate(out / "rl", rl_config.judge_ref(), constitution=config.constitution,
+                                       runtime=runtime, seed=rl_config.seed)
+            echo(f"   judge gate: accuracy {summary['gate']['accuracy']}, position consistency "
+                 f"{summary['gate']['position_consistency']}")
+        summary["rl"] = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
+        summary["preference_dataset"] = export_preferences(
+            out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export))
+    if "reward" in config.stages:
+        echo("== preference model")
+        if _done(reward_dir):
+            echo(f"   {reward_dir} exists; skipped")
+        else:
+            summary["reward"] = runtime.component("trainer", "reward", reward_options).train(
+                out / "preference-dataset", reward_dir)
+    if "policy" in config.stages:
+        policy_dir = out / f"{config.policy.trainer}-model"
+        echo(f"== policy optimisation ({config.policy.trainer})")
+        if _done(policy_dir):
+            echo(f"   {policy_dir} exists; skipped")
+        else:
+            data = out / "preference-dataset" if config.policy.trainer != "grpo" else \
+                config.policy.options.get("prompts", sl_config.prompts)
+            trainer = runtime.component("trainer", config.policy.trainer, policy_options)
+            summary["policy"] = trainer.train(data, policy_dir)
+    (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline-summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cai_engine.cli import cli
+from cai_engine.pipeline import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+
+def small(tiny_model, out):
+    opts = {"max_new_tokens": 8}
+    return {
+        "out": str(out), "model": str(tiny_model),
+        "sl": {"limit": 3, "rounds": 1, "helpful_limit": 2, "sampler": {"name": "model", "options": opts},
+               "critic": {"name": "model", "options": opts}, "reviser": {"name": "model", "options": opts}},
+        "sft": {"trl": {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 0.1}},
+        "rl": {"limit": 3, "sampler": {"name": "model", "options": {**opts, "temperature": 1.0}}},
+        "preference_export": {"heldout": 0.0},
+        "reward": {"force": True, "trl": {"max_steps": 1, "per_device_train_batch_size": 2}},
+        "policy": {"trainer": "grpo", "options": {"limit": 2, "trl": {
+            "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 6}}},
+    }
+
+
+def test_whole_pipeline_runs_and_resumes(cai_runtime, tiny_model, tmp_path):
+    out = tmp_path / "pipe"
+    lines = []
+    summary = run_pipeline(small(tiny_model, out), runtime=cai_runtime, progress=False, echo=lines.append)
+    for folder in ("sl", "sft-dataset", "sft-model", "rl", "preference-dataset", "reward-model", "grpo-model"):
+        assert (out / folder).exists(), folder
+    assert summary["gate"]["pairs"] >= 30
+    assert json.loads((out / "rl" / "run.json").read_text())["config"]["model"] == str(out / "sft-model")
+    assert summary["policy"]["reward"] == str(out / "reward-model")
+    again = []
+    second = run_pipeline(small(tiny_model, out), runtime=cai_runtime, progress=False, echo=again.append)
+    assert sum("exists; skipped" in line for line in again) == 3
+    assert second["sl"]["written"] == 0 and second["rl"]["written"] == 0
+
+
+def test_pipeline_config_is_validated_before_anything_runs(cai_runtime, tiny_model, tmp_path):
+    bad = small(tiny_model, tmp_path / "bad")
+    bad["sft"] = {"trl": {}, "lorra": True}
+    with pytest.raises(Exception, match="lorra"):
+        run_pipeline(bad, runtime=cai_runtime, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="stages"):
+        PipelineConfig.model_validate({"stages": ["sl", "ppo"]})
+
+
+def test_cli_run(cli_runner, tiny_model, tmp_path):
+    config = small(tiny_model, tmp_path / "cli")
+    config["stages"] = ["sl", "sft"]
+    path = tmp_path / "pipe.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = cli_runner.invoke(cli, ["run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "== phase 1: SL-CAI" in result.output and "sft: " in result.output
+    assert (tmp_path / "cli" / "pipeline-summary.json").exists()

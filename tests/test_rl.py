@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_engine import ConfigError, RunError, UnknownComponentError
+from cai_engine.cli import cli
+from cai_engine.rl import (
+    RLConfig,
+    export_preferences,
+    export_review,
+    import_human,
+    load_labelled_pairs,
+    merge_review,
+    run_gate,
+    run_labels,
+)
+from cai_engine.runs import RunDirectory
+from cai_engine.sl import run_sl
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(model, **extra):
+    return {"name": "model", "options": {"model": str(model), "max_new_tokens": 8, **extra}}
+
+
+def label_config(tiny_model, **overrides):
+    base = {"prompts": "builtin:red-team", "limit": 4, "model": str(tiny_model), "batch_size": 2,
+            "sampler": {"name": "model", "options": {"max_new_tokens": 8, "temperature": 1.0}}}
+    return RLConfig.model_validate({**base, **overrides})
+
+
+def test_judged_pairs_record_both_orders_and_soft_labels(cai_runtime, tiny_model, tmp_path):
+    summary = run_labels(label_config(tiny_model, principles_per_label=2), tmp_path / "rl", runtime=cai_runtime,
+                         progress=False)
+    assert summary["pairs"] == 4
+    records = list(RunDirectory(tmp_path / "rl", "rl").records())
+    rl_ids = {p.id for p in cai_runtime.registry.constitution("harmless").for_phase("rl")}
+    for record in records:
+        assert len(record["principle_ids"]) == 2 and set(record["principle_ids"]) <= rl_ids
+        judgement = record["judgement"]
+        if judgement["abstained"]:
+            assert record["label"] is None and judgement["reason"]
+            continue
+        assert [o["order"] for o in judgement["orders"]] == ["ab", "ba"] * 2
+        assert 0 < record["label"] < 1 and record["label"] == judgement["p_a"]
+        assert record["provenance"]["judge"]["name"] == "logprob"
+    again = run_labels(label_config(tiny_model, principles_per_label=2, limit=5), tmp_path / "rl",
+                       runtime=cai_runtime, progress=False)
+    assert again["written"] == 1 and again["pairs"] == 5
+
+
+def test_revision_recipe_from_phase_one(cai_runtime, tiny_model, tmp_path):
+    run_sl({"limit": 3, "rounds": 1, "model": str(tiny_model), "helpful_prompts": None,
+            "sampler": tiny(tiny_model), "critic": tiny(tiny_model), "reviser": tiny(tiny_model)},
+           tmp_path / "sl", runtime=cai_runtime, progress=False)
+    revised = [r for r in RunDirectory(tmp_path / "sl", "sl").records() if r["revised"]]
+    summary = run_labels(label_config(tiny_model, recipe="revision", sl_run=str(tmp_path / "sl")), tmp_path / "rl",
+                         runtime=cai_runtime, progress=False)
+    assert summary["pairs"] == len(revised) and summary["by_source"] == {"revision": len(revised)}
+    for record in RunDirectory(tmp_path / "rl", "rl").records():
+        assert record["label"] == 1.0 and record["source"] == "revision"
+    with pytest.raises(ValueError, match="needs sl_run"):  # pydantic; the CLI renders it as one line
+        label_config(tiny_model, recipe="revision")
+
+
+def test_gate_measures_accuracy_and_position(cai_runtime, tiny_model, tmp_path):
+    pairs = load_labelled_pairs("builtin:judge-pairs")
+    assert len(pairs) >= 30
+    result = run_gate(tmp_path / "rl", {"name": "logprob", "options": {"model": str(tiny_model)}},
+                      runtime=cai_runtime)
+    assert result["pairs"] == len(pairs) and result["scored"] + result["abstained"] == len(pairs)
+    assert 0 <= result["accuracy"] <= 1 and 0 <= result["position_consistency"] <= 1
+    assert json.loads((tmp_path / "rl" / "gate.json").read_text())["accuracy"] == result["accuracy"]
+
+
+def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
+    """A judge that always prefers the first position scores 50% minus ties: the gate catches position bias."""
+    from cai_engine.testing import ScriptedPlugin
+
+    cai_runtime.pm.register(ScriptedPlugin())
+    from cai_engine.plugins import Registry
+    from cai_engine.runtime import Runtime
+
+    runtime = Runtime(Registry(cai_runtime.pm))
+    pairs = load_labelled_pairs("builtin:judge-pairs")
+    judge = runtime.component("judge", "scripted")
+    judge.enqueue(*([0.9] * len(pairs)))  # always "A"
+    from cai_engine.rl import measure_judge
+
+    result = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
+    truth_a = sum(1 for c in judge.calls if c.response_a in {p.better for p in pairs})
+    assert result["accuracy"] == round(truth_a / len(pairs), 4)
+    assert 0.2 < result["accuracy"] < 0.8  # positions were randomised
+
+
+def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path):
+    run = tmp_path / "rl"
+    run_labels(label_config(tiny_model), run, runtime=cai_runtime, progress=False)
+    review = tmp_path / "review.jsonl"
+    assert export_review(run, review, count=3)["exported"] == 3
+    rows = [json.loads(line) for line in review.read_text().splitlines()]
+    rows[0]["human_choice"] = "b"
+    rows[1]["human_choice"] = 0.8
+    review.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert merge_review(run, review) == {"merged": 2, "skipped_unreviewed": 1}
+    human = tmp_path / "human.jsonl"
+    human.write_text(
+        json.dumps({"prompt": "Is the sky blue?", "chosen": "Yes, because of Rayleigh scattering.", "rejected": "No."})
+        + "\n" + json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
+                             "rejected": "\n\nHuman: Hi\n\nAssistant: What."}) + "\n", encoding="utf-8")
+    summary = export_preferences(run, tmp_path / "ds", {"human": [str(human)], "heldout": 0.0})
+    assert summary["sources"].get("human") == 2 and summary["sources"].get("human-review") == 2
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    hh = next(r for r in rows if r["source"] == "human" and r["prompt"][0]["content"] == "Hi")
+    assert hh["chosen"] == [{"role": "assistant", "content": "Hello! How can I help?"}]
+    for row in rows:
+        assert 0.5 <= row["chosen_probability"] <= 1
+        assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"prompt": "x", "chosen": "a"}\n', "needs 'chosen' and 'rejected'"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": 1.5}\n', r"label must be a number in \[0, 1\]"),
+    ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": "yes"}\n', "label must be a number"),
+    ("not json\n", "invalid JSON"),
+    ("", "contains no preference pairs"),
+])
+def test_bad_human_files(tmp_path, content, message):
+    path = tmp_path / "h.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        import_human(path)
+
+
+def test_abstentions_are_excluded_not_labelled(tmp_path):
+    run = RunDirectory(tmp_path / "rl", "rl")
+    run.open({"x": 1})
+    run.append([{"key": "pair:1", "source": "ai", "conversation": [{"role": "user", "content": "q"}],
+                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": None,
+                 "judgement": {"abstained": True, "reason": "no log-probs", "p_a": None}},
+                {"key": "pair:2", "source": "ai", "conversation": [{"role": "user", "content": "q2"}],
+                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": 0.3,
+                 "judgement": {"abstained": False, "p_a": 0.3, "position_consistent": True}}])
+    summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {"heldout": 0.0})
+    assert summary["abstained_excluded"] == 1 and summary["train"] == 1
+    row = json.loads((tmp_path / "ds" / "train.jsonl").read_text())
+    assert row["chosen"][0]["content"] == "b" and row["chosen_probability"] == pytest.approx(0.7)
+    with pytest.raises(RunError, match="no labelled pairs"):
+        export_preferences(tmp_path / "rl", tmp_path / "ds3", {"heldout": 0.0, "min_confidence": 0.3})
+
+
+def preference_dataset(tmp_path, *, gate_accuracy, ai=True, soft=0.8, same_position=0.1):
+    folder = tmp_path / "prefs"
+    folder.mkdir(exist_ok=True)
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}],
+             "chosen": [{"role": "assistant", "content": f"A good answer {i}."}],
+             "rejected": [{"role": "assistant", "content": "no"}], "chosen_probability": soft,
+             "source": "ai" if ai else "human", "prompt_id": f"p{i}", "principle_ids": []} for i in range(8)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]), encoding="utf-8")
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:]), encoding="utf-8")
+    gate = None if gate_accuracy is None else {"accuracy": gate_accuracy, "pairs": 30,
+                                               "same_position_rate": same_position}
+    (folder / "export.json").write_text(json.dumps({"sources": {"ai" if ai else "human": 8}, "judge_gate": gate}),
+                                        encoding="utf-8")
+    return folder
+
+
+FAST = {"max_steps": 2, "learning_rate": 0.1, "per_device_train_batch_size": 2, "logging_steps": 1,
+        "max_length": 128}
+
+
+@pytest.mark.parametrize("trainer", ["reward", "dpo"])
+def test_the_gate_refuses_weak_judges_unless_forced(cai_runtime, tiny_model, tmp_path, trainer):
+    weak = preference_dataset(tmp_path, gate_accuracy=0.45)
+    component = cai_runtime.component("trainer", trainer, {"model": str(tiny_model), "trl": FAST})
+    with pytest.raises(ConfigError, match=r"scored 45% accuracy on 30 labelled pairs.*--force"):
+        component.train(weak, tmp_path / "out")
+    biased = preference_dataset(tmp_path, gate_accuracy=0.7, same_position=0.47)
+    with pytest.raises(ConfigError, match="same position in both orders on 47%.*above the allowed 25%"):
+        component.train(biased, tmp_path / "out")
+    unmeasured = preference_dataset(tmp_path, gate_accuracy=None)
+    with pytest.raises(ConfigError, match="never measured"):
+        component.train(unmeasured, tmp_path / "out")
+    forced = cai_runtime.component("trainer", trainer, {"model": str(tiny_model), "trl": FAST, "force": True})
+    summary = forced.train(weak, tmp_path / "out")
+    assert summary["steps"] == 2 and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_reward_model_soft_labels_and_heldout_accuracy(cai_runtime, tiny_model, tmp_path):
+    data = preference_dataset(tmp_path, gate_accuracy=None, ai=False, soft=0.9)
+    trainer = cai_runtime.component("trainer", "reward", {"model": str(tiny_model), "trl": FAST})
+    summary = trainer.train(data, tmp_path / "rm")
+    assert summary["soft_labels"] and summary["heldout_pairwise_accuracy"] is not None
+    assert any("loss" in entry for entry in summary["log_history"])
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
+    assert model.config.num_labels == 1
+
+
+def test_soft_loss_reduces_to_trl_loss_with_hard_labels():
+    import torch
+    from torch import nn
+
+    from cai_engine.default_plugins.trainers import _soft_reward_trainer
+
+    trainer_cls, _ = _soft_reward_trainer()
+    delta = torch.tensor([0.3, -1.2, 2.0])
+    for p in (1.0, 0.7):
+        soft = torch.full_like(delta, p)
+        ours = -(soft * nn.functional.logsigmoid(delta) + (1 - soft) * nn.functional.logsigmoid(-delta)).mean()
+        if p == 1.0:
+            assert torch.isclose(ours, -nn.functional.logsigmoid(delta).mean())
+        else:
+            assert ours > -nn.functional.logsigmoid(delta).mean() - 10  # finite, defined
+    assert trainer_cls.__name__ == "SoftRewardTrainer"
+
+
+def test_dpo_and_grpo_produce_checkpoints(cai_runtime, tiny_model, tmp_path):
+    from cai_engine import GenerationSettings
+
+    data = preference_dataset(tmp_path, gate_accuracy=0.8)
+    dpo = cai_runtime.component("trainer", "dpo", {"model": str(tiny_model), "trl": FAST, "min_confidence": 0.1})
+    assert dpo.train(data, tmp_path / "dpo")["steps"] == 2
+    grpo = cai_runtime.component("trainer", "grpo", {
+        "model": str(tiny_model), "limit": 4,
+        "judge": {"name": "pointwise", "options": {"model": str(tiny_model)}},
+        "trl": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 8,
+                "logging_steps": 1}})
+    summary = grpo.train("builtin:red-team", tmp_path / "grpo")
+    assert summary["steps"] == 1 and summary["kl_beta"] > 0
+    rewards = [e for e in summary["log_history"] if any(k.startswith("reward") for k in e)]
+    assert rewards
+    for folder in ("dpo", "grpo"):
+        backend = cai_runtime.backend(str(tmp_path / folder))
+        assert backend.generate(["Hello"], GenerationSettings(max_new_tokens=3))[0] is not None
+
+
+def test_bad_preference_inputs(cai_runtime, tiny_model, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n", encoding="utf-8")
+    reward = cai_runtime.component("trainer", "reward", {"model": str(tiny_model), "trl": FAST})
+    with pytest.raises(RunError, match="missing column.*rejected"):
+        reward.train(folder, tmp_path / "out")
+    with pytest.raises(UnknownComponentError, match="unknown trainer 'ppo'"):
+        cai_runtime.component("trainer", "ppo")
+
+
+def test_cli_label_gate_and_export(cli_runner, tiny_model, tmp_path):
+    out = tmp_path / "rl"
+    result = cli_runner.invoke(cli, ["rl", "label", "--limit", "2", "--model", str(tiny_model), "--quiet",
+                                     "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "judge gate: accuracy" in result.output and "pairs: 2" in result.output
+    result = cli_runner.invoke(cli, ["export", "preferences", str(out), "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 0, result.output and "judge gate: accuracy" in result.output
