@@ -591,6 +591,52 @@ def demo_command(out: str, model: str) -> None:
         click.echo(_gate_line(summary["gate"]))
 
 
+@cli.command("eval")
+@click.option("--models", required=True, help="Comma-separated models; the first is the baseline. 'base' means "
+                                              "the embedded default. Folders, .gguf files and endpoints work too.")
+@click.option("--names", help="Comma-separated labels for the models.")
+@click.option("--prompts", "harmful", default="builtin:heldout", show_default=True,
+              help="Held-out red-team prompts.")
+@click.option("--benign", default="builtin:benign-scary", show_default=True,
+              help="Benign prompts that sound dangerous (over-refusal).")
+@click.option("--helpful", default="builtin:heldout-helpful", show_default=True, help="Ordinary requests.")
+@click.option("--limit", type=int, help="At most N prompts from each set.")
+@click.option("--judge-model", default="smollm2", show_default=True, help="Model for the judge and the critic.")
+@click.option("--sl-run", help="A phase-1 run directory: harmlessness by revision round.")
+@click.option("--policies", help="Comma-separated policy files to compare on the first model.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--no-principles", is_flag=True, help="Skip per-principle violation rates (the slowest part).")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for results.json, report.html and the cached responses (rerun to resume).")
+def eval_command(models, names, harmful, benign, helpful, limit, judge_model, sl_run, policies, max_new_tokens,
+                 no_principles, out):
+    """Is the model harmless without becoming evasive? Harm, over-refusal, evasiveness, win rates, judge quality.
+
+    Writes results.json and a self-contained report.html (charts embedded) to --out.
+    """
+    from .evaluation import EvalConfig, evaluate
+
+    refs = ["smollm2" if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
+    labels = [n.strip() for n in names.split(",")] if names else \
+        [m.strip() if m.strip() == "base" else Path(m.strip()).name or m.strip() for m in models.split(",")]
+    config = validate_config(EvalConfig, {
+        "models": refs, "names": labels, "harmful": harmful, "benign": benign, "helpful": helpful, "limit": limit,
+        "judge_model": judge_model, "sl_run": sl_run, "max_new_tokens": max_new_tokens,
+        "principle_rates": not no_principles,
+        "policies": [p.strip() for p in policies.split(",")] if policies else []}, "options")
+    results = evaluate(config, out, runtime=_runtime())
+    for name, entry in results["models"].items():
+        line = (f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
+                f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
+                f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}")
+        if "vs_baseline" in entry:
+            line += (f", harmlessness win {entry['vs_baseline']['harmlessness']['soft_win_rate']}, helpfulness win "
+                     f"{entry['vs_baseline']['helpfulness']['soft_win_rate']} (length-controlled "
+                     f"{entry['vs_baseline']['helpfulness']['length_controlled_win_rate']})")
+        click.echo(line)
+    click.echo(f"report: {Path(out) / 'report.html'}")
+
+
 # -- policy and guard -----------------------------------------------------------------------------------------------
 
 

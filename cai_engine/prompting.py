@@ -52,6 +52,12 @@ def critique_messages(conversation: Sequence[Message], response: str, critique_r
                                          f"{critique_request.strip()} {CRITIQUE_SUFFIX}")]
 
 
+def verdict_question(conversation: Sequence[Message], response: str, critique_request: str) -> str:
+    """The critique request asked as a Yes/No question, for reading a verdict without a written critique."""
+    return (f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n{critique_request.strip()} "
+            "Answer Yes or No.")
+
+
 def chat_critique(examples: Sequence[Any], conversation: Sequence[Message], response: str,
                   critique_request: str) -> list[Message]:
     """Chat layout: each few-shot example is an earlier user/assistant exchange in exactly the task's layout."""

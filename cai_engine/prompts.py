@@ -211,6 +211,17 @@ def _load_hf(path: Path, field_name: str | None) -> list[PromptItem]:
     return _from_records(((f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)), field_name)
 
 
+def is_heldout(source: str | Path, registry: Any) -> bool:
+    """Whether ``source`` names a registered evaluation-only prompt set."""
+    text = str(source)
+    if ":" not in text or Path(text).exists():
+        return False
+    try:
+        return bool(registry.prompt_set(text).heldout)
+    except KeyError:
+        return False
+
+
 def load_prompts(source: str | Path, registry: Any = None, *, field: str | None = None,
                  limit: int | None = None) -> list[PromptItem]:
     """Resolve ``builtin:name`` / ``plugin:name`` through the registry, anything else as a path."""

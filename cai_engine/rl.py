@@ -21,7 +21,7 @@ from .config import ComponentRef
 from .constitutions import read_text
 from .errors import ConfigError, ConstitutionError, RunError
 from .models import Constitution, Message, Phase
-from .prompts import PromptItem, load_prompt_file, load_prompts
+from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts
 from .records import ComparisonTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -47,6 +47,7 @@ class RLConfig(BaseModel):
                                 description="The feedback model; its own `model` option may differ from the policy.")
     judge_model: ModelRef | None = Field(None, description="Shortcut for judge.options.model.")
     principles_per_label: int = Field(1, ge=1, le=16, description="Principles per comparison (>1: an ensemble).")
+    allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
     seed: int = Field(0)
     batch_size: int = Field(8, ge=1, le=256)
 
@@ -111,6 +112,10 @@ class LabelRun:
         self.judge = config.judge_ref().build("judge", self.runtime)
         self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
         self.dir = RunDirectory(out, "rl")
+        if config.recipe == "judged" and not config.allow_heldout and is_heldout(config.prompts,
+                                                                                   self.runtime.registry):
+            raise ConfigError(f"{config.prompts} is an evaluation-only (held-out) prompt set; labelling it for "
+                              "training would contaminate evaluation. Choose another set, or set allow_heldout: true")
         if config.recipe == "judged":
             self.items = [("pair", item) for item in load_prompts(config.prompts, self.runtime.registry,
                                                                    field=config.field, limit=config.limit)]

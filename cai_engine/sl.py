@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
 from .models import Constitution, Message, Phase
-from .prompts import PromptItem, load_prompts
+from .prompts import PromptItem, is_heldout, load_prompts
 from .records import CritiqueTask, RevisionTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -35,6 +35,7 @@ class SLConfig(BaseModel):
     rounds: int = Field(4, ge=1, le=16, description="Critique/revision rounds per prompt (the paper used 4).")
     critique: bool = Field(True, description="False: revise directly, without a critique (CAI-SPEC §2.5).")
     stop_early: bool = Field(False, description="Stop an item's rounds once the critic says nothing needs revising.")
+    allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
     seed: int = Field(0, description="Seeds principle draws and sampling.")
     batch_size: int = Field(8, ge=1, le=256, description="Items processed together (one batched model call each).")
     model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
@@ -85,6 +86,10 @@ class SLRun:
         self.sampler = config.role(config.sampler).build("sampler", self.runtime)
         self.critic = config.role(config.critic).build("critic", self.runtime) if config.critique else None
         self.reviser = config.role(config.reviser).build("reviser", self.runtime)
+        for source in (config.prompts, config.helpful_prompts):
+            if source and not config.allow_heldout and is_heldout(source, registry):
+                raise ConfigError(f"{source} is an evaluation-only (held-out) prompt set; training on it would "
+                                  "contaminate evaluation. Choose another set, or set allow_heldout: true")
         self.items = load_prompts(config.prompts, registry, field=config.field, limit=config.limit)
         self.helpful: list[PromptItem] = []
         if config.helpful_prompts:

@@ -387,6 +387,7 @@ class GRPO(Trainer):
                                       description="The judge for reward 'judge': {name, options}.")
         constitution: str = Field("harmless", description="Whose rl principles the judge scores against.")
         limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+        allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training prompts.")
         prompts: str | None = Field(None, description="Prompt source when used in a pipeline (else the dataset "
                                                       "argument).")
         trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.GRPOConfig "
@@ -404,6 +405,11 @@ class GRPO(Trainer):
 
         output_dir = Path(output_dir)
         config = _trl_config(GRPOConfig, self.name, GRPO_DEFAULTS, self.options.trl, output_dir)
+        from cai_engine.prompts import is_heldout
+
+        if not self.options.allow_heldout and is_heldout(str(dataset), self.runtime.registry):
+            raise ConfigError(f"{dataset} is an evaluation-only (held-out) prompt set; training on it would "
+                              "contaminate evaluation. Choose another set, or set allow_heldout: true")
         items = load_prompts(str(dataset), self.runtime.registry, limit=self.options.limit)
         train = hf_datasets.Dataset.from_list([{"prompt": [m.model_dump() for m in item.conversation]}
                                                for item in items])
