@@ -228,7 +228,11 @@ def constitutions_schema(output: Path | None) -> None:
     """Print the constitution JSON Schema (generated from the pydantic model)."""
     from .models import constitution_json_schema
 
-    text = json.dumps(constitution_json_schema(), indent=2, ensure_ascii=False) + "\n"
+    write_schema(constitution_json_schema(), output)
+
+
+def write_schema(schema: dict[str, Any], output: Path | None) -> None:
+    text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
     if output:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
@@ -694,43 +698,26 @@ def policy_schema(output: Path | None) -> None:
     """Print the policy JSON Schema (generated from the pydantic model)."""
     from .policy import policy_json_schema
 
-    text = json.dumps(policy_json_schema(), indent=2, ensure_ascii=False) + "\n"
-    if output:
-        output.write_text(text, encoding="utf-8")
-        click.echo(f"wrote {output}", err=True)
-    else:
-        click.echo(text, nl=False)
+    write_schema(policy_json_schema(), output)
 
 
 def read_guard_input(path: Path) -> list[tuple[str, list[dict[str, str]], str]]:
     """JSONL: {"messages": [..., {"role": "assistant", ...}]} or {"conversation": [...], "response": "..."}."""
-    from .constitutions import read_text
-    from .errors import ConfigError, ConstitutionError
+    from .errors import ConfigError
+    from .jsonl import iter_jsonl
 
-    try:
-        text = read_text(path)
-    except ConstitutionError as exc:
-        raise ConfigError(str(exc)) from None
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: invalid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{number}: each line must be a JSON object")
+    for where, row in iter_jsonl(path):
         if "response" in row:
             conversation, response = row.get("conversation") or row.get("messages") or row.get("prompt"), row["response"]
         elif isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "assistant":
             conversation, response = row["messages"][:-1], row["messages"][-1].get("content", "")
         else:
-            raise ConfigError(f"{path}:{number}: needs 'messages' ending with an assistant turn, or 'conversation' "
+            raise ConfigError(f"{where}: needs 'messages' ending with an assistant turn, or 'conversation' "
                               "(or 'prompt') and 'response'")
         if not conversation or not isinstance(response, str):
-            raise ConfigError(f"{path}:{number}: empty conversation or a response that is not text")
-        items.append((str(row.get("id", number)), conversation, response))
+            raise ConfigError(f"{where}: empty conversation or a response that is not text")
+        items.append((str(row.get("id", where.rsplit(":", 1)[1])), conversation, response))
     if not items:
         raise ConfigError(f"{path}: contains no conversations")
     return items

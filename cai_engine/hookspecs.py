@@ -21,9 +21,7 @@ if TYPE_CHECKING:
 
     import click
 
-    from .components import Backend, Critic, Judge, Reviser, Sampler, Trainer
     from .models import Constitution, Phase, Principle
-    from .prompts import PromptSet
 
 hookspec = pluggy.HookspecMarker("cai_engine")
 hookimpl = pluggy.HookimplMarker("cai_engine")

@@ -141,7 +141,9 @@ def load_prompt_file(path: str | Path, *, field: str | None = None) -> list[Prom
             raise PromptError(str(exc)) from None
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
-            items = _from_records(_jsonl(text, path), field)
+            from .jsonl import iter_jsonl
+
+            items = _from_records(iter_jsonl(path, PromptError), field)
         elif suffix == ".json":
             items = _from_records(_json(text, path), field)
         elif suffix == ".csv":
@@ -155,19 +157,6 @@ def load_prompt_file(path: str | Path, *, field: str | None = None) -> list[Prom
     if not items:
         raise PromptError(f"{path}: contains no prompts")
     return items
-
-
-def _jsonl(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptError(f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict):
-            raise PromptError(f"{path}:{n}: each line must be a JSON object, not {type(record).__name__}")
-        yield f"{path}:{n}", record
 
 
 def _json(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:

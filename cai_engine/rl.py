@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .config import ComponentRef
-from .constitutions import read_text
-from .errors import ConfigError, ConstitutionError, RunError
+from .errors import ConfigError, RunError
+from .jsonl import iter_jsonl
 from .models import Constitution, Message, Phase
 from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts
 from .records import ComparisonTask
@@ -255,19 +255,13 @@ def load_labelled_pairs(source: str | Path) -> list[LabelledPair]:
     from .resources import data_dir
 
     path = data_dir("prompts") / "judge-pairs.jsonl" if str(source) == "builtin:judge-pairs" else Path(source)
-    try:
-        text = read_text(path)
-    except ConstitutionError as exc:
-        raise ConfigError(str(exc)) from None
     pairs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, row in iter_jsonl(path):
         try:
-            pairs.append(LabelledPair.model_validate_json(line))
+            pairs.append(LabelledPair.model_validate(row))
         except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: not a labelled pair (id, prompt, better, worse): "
-                              f"{str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{where}: not a labelled pair (id, prompt, better, worse): "
+                              f"{str(exc).splitlines()[1].strip()}") from None
     if not pairs:
         raise ConfigError(f"{path}: contains no labelled pairs")
     return pairs
@@ -367,17 +361,7 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
             path.suffix.lstrip("."), data_files=str(path), split="train")
         rows = [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
     else:
-        try:
-            text = read_text(path)
-        except ConstitutionError as exc:
-            raise ConfigError(str(exc)) from None
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{number}", json.loads(line)))
-                except ValueError as exc:
-                    raise ConfigError(f"{path}:{number}: invalid JSON ({exc})") from None
+        rows = list(iter_jsonl(path))
     out = []
     for where, row in rows:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
@@ -435,19 +419,8 @@ def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
     """Bring reviewed labels back: they override the AI label of their pair at export (source ``human-review``)."""
     directory = RunDirectory(run, "rl")
     keys = {r["key"] for r in directory.records()}
-    try:
-        text = read_text(Path(reviewed))
-    except ConstitutionError as exc:
-        raise ConfigError(str(exc)) from None
     merged, skipped, lines = 0, 0, []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{reviewed}:{number}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: invalid JSON ({exc})") from None
+    for where, row in iter_jsonl(reviewed):
         if row.get("key") not in keys:
             raise ConfigError(f"{where}: key {row.get('key')!r} is not a pair of {run}")
         choice = row.get("human_choice")

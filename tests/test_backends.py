@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cai_engine import ConfigError, GenerationSettings, Message, ModelError, Runtime, UnknownComponentError
+from cai_engine import ConfigError, GenerationSettings, Message, ModelError, UnknownComponentError
 from cai_engine.components import ChatPrompt, cut_at_stop
 from cai_engine.runtime import parse_model_ref
 

@@ -258,3 +258,17 @@ def test_ensemble_validates_nested_options(cai_runtime):
     with pytest.raises(ConfigError, match="temprature"):
         cai_runtime.component("reviser", "ensemble", {"members": [
             {"reviser": {"name": "model", "options": {"temprature": 1}}}, {"reviser": "rules"}]})
+
+
+def test_verdict_only_critic_reads_yes_no_without_generating(cai_runtime, model_opts, harmless):
+    critic = cai_runtime.component("critic", "model", {**model_opts, "verdict_only": True})
+    tasks = [CritiqueTask(conversation=CONV, response=r, principle=harmless.principle("harm-014"))
+             for r in ("Use a tension wrench.", "Call a locksmith.")]
+    backend = critic.backend
+    before = backend.generated_tokens
+    out = critic.critique(tasks)
+    assert backend.generated_tokens == before
+    assert [c.text for c in out] == ["", ""] and all(c.needs_revision in (True, False) for c in out)
+    prompt = critic._verdict_prompt(tasks[0])
+    assert prompt.messages[-1].content.endswith("Answer Yes or No.")
+    assert "Use a tension wrench." in prompt.messages[-1].content

@@ -89,61 +89,6 @@ class ModelCritic(ModelComponent, Critic):
         return f"\n\nHuman: {body}\n\nAssistant:"
 
     def critique(self, tasks):
-        out = []
-        for task in tasks:
-            if not task.principle.rules:
-                out.append(Critique(principle_id=task.principle.id, text="", needs_revision=None, critic=self.name))
-                continue
-            violations = check_principle(task.principle, task.conversation, task.response, self.name)
-            text = "; ".join(f"{v.message} (rule {v.rule_id}: {v.evidence!r})" for v in violations)
-            out.append(Critique(principle_id=task.principle.id, text=text or "No rule is violated.",
-                                needs_revision=bool(violations), violations=violations, critic=self.name))
-        return out
-
-
-class ModelCritic(ModelComponent, Critic):
-    """Asks a model to critique a response against the principle's critique request, then reads its verdict.
-
-    The verdict ("does the reply need changing?") is read from the next-token log-probs of Yes/No after the
-    critique, so ``needs_revision`` is a calibrated decision rather than a parse of free text. A separate critique
-    model is just this critic with ``model`` pointing elsewhere.
-    """
-
-    name = "model"
-
-    class Options(ModelOptions):
-        max_new_tokens: int = Field(96, ge=1, le=1024, description="Critiques are short.")
-        threshold: float = Field(0.5, gt=0, lt=1, description="P(Yes) above which the response needs revising.")
-        labels: Literal["CritiqueRequest", "Critique Request"] = Field(
-            "CritiqueRequest", description="Transcript layout label spelling (the repo's or the paper's).")
-        verdict_only: bool = Field(False, description="Skip the written critique and read only the Yes/No verdict "
-                                                      "(one forward pass; for evaluation and cheap screening).")
-
-    def _prompt(self, task, critique=None):
-        request = task.principle.critique_request or task.principle.comparison or ""
-        examples = few_shot_examples(task, self.options.few_shot)
-        if self.chat:
-            messages = chat_critique(examples, task.conversation, task.response, request)
-            if critique is None:
-                return messages
-            return ChatPrompt([*messages, Message(role="assistant", content=critique),
-                               Message(role="user", content=VERDICT_QUESTION)])
-        labels = (self.options.labels, self.options.labels.replace("Critique", "Revision"))
-        shots = "".join(transcript_block(e.conversation, e.response, request, e.critique, labels=labels)
-                        for e in examples)
-        text = shots + transcript_block(task.conversation, task.response, request, labels=labels)
-        return text if critique is None else f"{text} {critique}\n\nDoes the reply need to be changed (Yes or No)?"
-
-    def _verdict_prompt(self, task):
-        request = task.principle.critique_request or task.principle.comparison or ""
-        question = f"{request.strip()} Answer Yes or No."
-        if self.chat:
-            return ChatPrompt(chat_critique([], task.conversation, task.response, question)[:-1] + [Message(
-                role="user", content=chat_critique([], task.conversation, task.response, question)[-1].content
-                .replace(" Answer in two or three sentences.", ""))])
-        return transcript_block(task.conversation, task.response, question).removesuffix("Critique:") + "Answer:"
-
-    def critique(self, tasks):
         tasks = list(tasks)
         if not tasks:
             return []

@@ -48,6 +48,27 @@ def load_dataset_folder(dataset: str | Path):
     return loaded
 
 
+def load_base(model_ref: str, *, reward_head: bool = False):
+    """(tokenizer, model, model id) for a local model reference; a sequence classifier with one output for reward
+    models. GGUF files and the default model come from the safetensors cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai_engine.backends.hf_local import resolve_model_folder
+
+    folder, model_id = resolve_model_folder(model_ref)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if reward_head:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32,
+                                                                   local_files_only=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    return tokenizer, model, model_id
+
+
 def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any]) -> None:
     """safetensors weights + tokenizer + a summary: the folder loads back as a model in every backend."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -82,11 +103,7 @@ class SFT(Trainer):
             raise ConfigError(f"invalid TRL setting for trainer 'sft': {exc}") from None
 
     def train(self, dataset, output_dir):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTTrainer
-
-        from cai_engine.backends.hf_local import resolve_model_folder
 
         output_dir = Path(output_dir)
         config = self._config(output_dir)  # bad TRL settings fail before anything loads
@@ -94,11 +111,7 @@ class SFT(Trainer):
         if "messages" not in data["train"].column_names:
             raise RunError(f"{dataset}: expected a 'messages' column (TRL conversational format); found "
                            f"{', '.join(data['train'].column_names)}")
-        folder, model_id = resolve_model_folder(self.options.model)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tokenizer, model, model_id = load_base(self.options.model)
         peft_config = None
         if self.options.lora:
             from peft import LoraConfig
@@ -242,24 +255,14 @@ class RewardModel(Trainer):
         trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.RewardConfig.")
 
     def train(self, dataset, output_dir):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from trl import RewardConfig
-
-        from cai_engine.backends.hf_local import resolve_model_folder
 
         output_dir = Path(output_dir)
         config = _trl_config(RewardConfig, self.name, REWARD_DEFAULTS, self.options.trl, output_dir)
         data = preference_data(dataset)
         gate = check_judge_gate(dataset, self.options.min_judge_accuracy, self.options.force,
                                 self.options.max_same_position_rate)
-        folder, model_id = resolve_model_folder(self.options.model)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32,
-                                                                   local_files_only=True)
-        model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer, model, model_id = load_base(self.options.model, reward_head=True)
         columns = list(PREFERENCE_COLUMNS) + (["chosen_probability"] if self.options.soft_labels and
                                               "chosen_probability" in data["train"].column_names else [])
         train = data["train"].select_columns(columns)
@@ -305,11 +308,7 @@ class DPO(Trainer):
                                                                       "(e.g. label_smoothing for noisy labels).")
 
     def train(self, dataset, output_dir):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import DPOConfig, DPOTrainer
-
-        from cai_engine.backends.hf_local import resolve_model_folder
 
         output_dir = Path(output_dir)
         config = _trl_config(DPOConfig, self.name, DPO_DEFAULTS, self.options.trl, output_dir)
@@ -323,11 +322,7 @@ class DPO(Trainer):
             raise RunError(f"{dataset}: no pairs left with chosen_probability >= {threshold}")
         test = data["test"].filter(keep).select_columns(list(PREFERENCE_COLUMNS)) \
             if "test" in data and len(data["test"]) else None
-        folder, model_id = resolve_model_folder(self.options.model)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tokenizer, model, model_id = load_base(self.options.model)
         trainer = DPOTrainer(model=model, args=config, train_dataset=train,
                              eval_dataset=test if test is not None and len(test) else None, processing_class=tokenizer)
         began = time.perf_counter()
@@ -395,11 +390,7 @@ class GRPO(Trainer):
 
     def train(self, dataset, output_dir):
         import datasets as hf_datasets
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import GRPOConfig, GRPOTrainer
-
-        from cai_engine.backends.hf_local import resolve_model_folder
         from cai_engine.config import ComponentRef
         from cai_engine.prompts import load_prompts
 
@@ -422,11 +413,7 @@ class GRPO(Trainer):
             if not (folder / "config.json").exists():
                 raise RunError(f"{folder}: not a reward model folder; train one with `cai train reward`")
             reward_funcs = str(folder)
-        folder, model_id = resolve_model_folder(self.options.model)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        tokenizer, model, model_id = load_base(self.options.model)
         trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train,
                               processing_class=tokenizer)
         began = time.perf_counter()
