@@ -482,6 +482,18 @@ def rl_review_merge(run, reviewed):
     click.echo(f"merged {result['merged']} reviewed label(s); {result['skipped_unreviewed']} left unreviewed")
 
 
+def parse_setting(text: str) -> Any:
+    """A --set value: numbers first (YAML 1.1 would read 2e-5 as text), then YAML (true, [a, b], null, ...)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
 @cli.command("train")
 @click.argument("trainer")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -516,7 +528,7 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        trl[key.strip()] = yaml.safe_load(value)
+        trl[key.strip()] = parse_setting(value)
     if trl:
         options["trl"] = trl
     component = _runtime().component("trainer", trainer, options)

@@ -90,3 +90,15 @@ def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
     result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--out", str(tmp_path / "y"),
                                      "--set", "oops"])
     assert result.exit_code == 1 and "--set expects KEY=VALUE" in result.output
+
+
+def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, dataset, tmp_path):
+    from cai_engine.cli import parse_setting
+
+    assert parse_setting("2e-5") == 2e-5 and parse_setting("3") == 3 and parse_setting("true") is True
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {
+        **FAST, "learning_rate": "1e-1", "max_steps": "2"}})  # what yaml.safe_load gives for `learning_rate: 1e-1`
+    assert trainer.train(dataset, tmp_path / "out")["steps"] == 2
+    bad = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"learning_rate": "fast"}})
+    with pytest.raises(ConfigError, match="learning_rate must be a number, got 'fast'"):
+        bad.train(dataset, tmp_path / "out2")

@@ -96,11 +96,7 @@ class SFT(Trainer):
     def _config(self, output_dir: Path):
         from trl import SFTConfig
 
-        settings = {**SFT_DEFAULTS, **self.options.trl, "output_dir": str(output_dir / "trainer")}
-        try:
-            return SFTConfig(**settings)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid TRL setting for trainer 'sft': {exc}") from None
+        return _trl_config(SFTConfig, self.name, SFT_DEFAULTS, self.options.trl, output_dir)
 
     def train(self, dataset, output_dir):
         from trl import SFTTrainer
@@ -187,8 +183,26 @@ def preference_data(dataset: str | Path):
     return data
 
 
+def _coerce_numbers(cls, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``2e-5`` as a string; turn such values into numbers where the TRL field is numeric."""
+    import dataclasses
+
+    numeric = {f.name: type(f.default) for f in dataclasses.fields(cls)
+               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
+    out = dict(settings)
+    for key, value in settings.items():
+        if key in numeric and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"invalid TRL setting for trainer {name!r}: {key} must be a number, got "
+                                  f"{value!r}") from None
+            out[key] = int(number) if numeric[key] is int and number.is_integer() else number
+    return out
+
+
 def _trl_config(cls, name: str, defaults: dict[str, Any], overrides: dict[str, Any], output_dir: Path):
-    settings = {**defaults, **overrides, "output_dir": str(output_dir / "trainer")}
+    settings = _coerce_numbers(cls, name, {**defaults, **overrides, "output_dir": str(output_dir / "trainer")})
     try:
         return cls(**settings)
     except (TypeError, ValueError) as exc:
