@@ -285,7 +285,8 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
         truth.append(better_first)
     judgements = judge.compare(tasks)
     scored = [(j, t) for j, t in zip(judgements, truth) if j.p_a is not None]
-    correct = sum((j.p_a > 0.5) == t for j, t in scored)
+    # a tie (p = 0.5) is half right, whichever reply was better: no tie-break may favour a position
+    correct = sum(0.5 if j.p_a == 0.5 else float((j.p_a > 0.5) == t) for j, t in scored)
     consistent = sum(bool(j.position_consistent) for j, _ in scored)
     # calibration: expected calibration error over 5 bins of the confidence in the chosen answer
     bins: dict[int, list[tuple[float, bool]]] = {}

@@ -94,6 +94,8 @@ def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
     truth_a = sum(1 for c in judge.calls if c.response_a in {p.better for p in pairs})
     assert result["accuracy"] == round(truth_a / len(pairs), 4)
     assert 0.2 < result["accuracy"] < 0.8  # positions were randomised
+    judge.enqueue(*([0.5] * len(pairs)))  # a judge that always ties is at chance, whatever the positions
+    assert measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)["accuracy"] == 0.5
 
 
 def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path):
