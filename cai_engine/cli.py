@@ -513,7 +513,6 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
 
     TRL settings go straight to TRL's own config class; see its documentation for the full list.
     """
-    import yaml
 
     from .errors import ConfigError
 

@@ -186,12 +186,17 @@ class Backend(ABC):
         model: str = Field(description="What to load: a name, a folder, a file or a URL (the backend says which).")
 
     def __init__(self, options: Options | dict[str, Any]) -> None:
-        if not isinstance(options, self.Options):
-            try:
-                options = self.Options.model_validate(options)
-            except ValidationError as exc:
-                raise ConfigError(render_validation_error("backend", self.name, exc)) from None
-        self.options = options
+        self.options = self.validate_options(options)
+
+    @classmethod
+    def validate_options(cls, options: Options | dict[str, Any]) -> Any:
+        """Validate raw options without loading anything; raises ConfigError naming each bad field."""
+        if isinstance(options, cls.Options):
+            return options
+        try:
+            return cls.Options.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError(render_validation_error("backend", cls.name, exc)) from None
 
     @property
     def model_id(self) -> str:

@@ -68,11 +68,7 @@ class Runtime:
         """Validate a model reference without loading anything."""
         name, options = parse_model_ref(ref)
         cls = self.registry.backend(name)
-        if isinstance(options, cls.Options):  # pragma: no cover - defensive
-            return cls, options
-        probe = cls.__new__(cls)
-        Backend.__init__(probe, options)  # validates options the same way the constructor will
-        return cls, probe.options
+        return cls, cls.validate_options(options)
 
     def backend(self, ref: ModelRef) -> Backend:
         """The loaded backend for ``ref``; every role naming the same model shares one instance."""
@@ -82,6 +78,11 @@ class Runtime:
             if key not in self._backends:
                 self._backends[key] = cls(options)
             return self._backends[key]
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far by every loaded backend (for progress bars and throughput)."""
+        return sum(getattr(b, "generated_tokens", 0) for b in self._backends.values())
 
     def component(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Component:
         """Build a component by kind and registry name; options are validated before anything loads."""

@@ -132,8 +132,7 @@ class SLRun:
         return stats
 
     def _tokens_per_second(self, began: float) -> float:
-        tokens = sum(getattr(b, "generated_tokens", 0) for b in self.runtime._backends.values())
-        return tokens / max(time.perf_counter() - began, 1e-9)
+        return self.runtime.generated_tokens / max(time.perf_counter() - began, 1e-9)
 
     def _process(self, batch: list[tuple[str, PromptItem]], bar) -> list[dict[str, Any]]:
         try:
