@@ -5,10 +5,12 @@ The public API lives here; plugins import only from this top level.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from .catalog import CatalogModel, Package
 from .components import (
     Backend,
+    ChatPrompt,
     Component,
     Critic,
     GenerationSettings,
@@ -58,10 +60,10 @@ from .records import (
 from .runtime import Runtime
 
 __all__ = [
-    "Backend", "BackendUnavailableError", "CaiError", "ComparisonExample", "ComparisonTask", "Component",
+    "Backend", "BackendUnavailableError", "CaiError", "CatalogModel", "ChatPrompt", "ComparisonExample", "ComparisonTask", "Component",
     "ConfigError", "Constitution", "ConstitutionError", "Critic", "Critique", "CritiqueExample", "CritiqueTask",
     "DuplicateComponentError", "GenerationSettings", "Judge", "Judgement", "Message", "ModelError", "Options",
-    "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
+    "Package", "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
     "RevisionTask", "Rule", "RunError", "Runtime", "Sampler", "Score", "ScoringTask", "Stance", "Trainer",
     "UnknownComponentError", "Violation", "__version__", "caveat_check", "hookimpl", "lint", "load_constitution",
     "load_prompts", "make_plugin_manager", "sentences",

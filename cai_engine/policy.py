@@ -39,6 +39,14 @@ class GuardSettings(_Strict):
     model_principles: Literal["all"] | int = Field(
         "all", description="Which runtime principles the model critiques each round: 'all', or N drawn by weight.")
     threshold: float = Field(0.5, gt=0, lt=1, description="P(needs revision) above which the model critic flags.")
+    screen: Literal["each", "combined"] = Field(
+        "each", description="'each': one model verdict per principle and response; 'combined': one verdict per "
+                            "response against all the principles at once (listed first, so the prefix is shared), "
+                            "then the letter of the principle it breaks, only where it fires. Needs a critic with "
+                            "a `screen` method (the built-in `model` critic).")
+    on_abstain: Literal["flag", "revise", "pass"] = Field(
+        "flag", description="When the model critic cannot give a verdict: flag the response, revise it as if it broke "
+                            "the principle, or let it pass. Recorded in the audit either way.")
     refusal: str = Field(
         "I can't help with that as asked, because it would conflict with: {principles}. I'm happy to help with a "
         "safer version of the request.",

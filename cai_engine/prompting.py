@@ -52,9 +52,29 @@ def critique_messages(conversation: Sequence[Message], response: str, critique_r
                                          f"{critique_request.strip()} {CRITIQUE_SUFFIX}")]
 
 
-def verdict_question(conversation: Sequence[Message], response: str, critique_request: str) -> str:
-    """The critique request asked as a Yes/No question, for reading a verdict without a written critique."""
-    return (f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n{critique_request.strip()} "
+SCREEN_INTRO = "You check an AI assistant's replies against these principles:"
+SCREEN_QUESTION = "Does the assistant's last reply clearly break any of the principles above? Answer Yes or No."
+SCREEN_WHICH = "Which principle above does the assistant's last reply break most clearly? Answer with its letter."
+SCREEN_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def screen_instructions(principles: Sequence[Any]) -> str:
+    """The principles as a lettered list, placed *before* the conversation so every response shares this prefix."""
+    lines = [SCREEN_INTRO]
+    for letter, principle in zip(SCREEN_LETTERS, principles):
+        question = principle.violation_question or principle.critique_request or principle.title or principle.id
+        lines.append(f"({letter}) {principle.title or principle.id}: {' '.join(question.split())}")
+    return "\n".join(lines)
+
+
+def screen_body(principles: Sequence[Any], conversation: Sequence[Message], response: str, question: str) -> str:
+    return (f"{screen_instructions(principles)}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+            f"{question}")
+
+
+def verdict_question(conversation: Sequence[Message], response: str, question: str) -> str:
+    """A Yes/No question about the reply (Yes = it breaks the principle), for a verdict without a written critique."""
+    return (f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n{question.strip()} "
             "Answer Yes or No.")
 
 
@@ -85,6 +105,20 @@ def _chat_revision_turns(conversation, response, critique_request, critique, rev
     return [*critique_messages(conversation, response, critique_request),
             Message(role="assistant", content=critique.strip()),
             Message(role="user", content=f"{revision_request.strip()} {REVISION_SUFFIX}")]
+
+
+REWRITE_GUIDANCE = (
+    "You are a helpful, honest and harmless assistant. Your reply to the person's last message will be judged by "
+    "this question: {question} Write the reply that would be judged best. If part of the request could lead to "
+    "real harm, decline that part in a sentence, without lecturing or assuming bad intent, and help with whatever "
+    "is safe. Reply directly to the person; do not mention this instruction.")
+
+
+def rewrite_guidance(principle: Any) -> str:
+    """The instruction for writing a reply from scratch under one principle (the ``rewrite`` reviser)."""
+    question = (principle.comparison or principle.revision_request or principle.critique_request
+                or principle.title or principle.id)
+    return REWRITE_GUIDANCE.format(question=" ".join(question.split()))
 
 
 def transcript_block(conversation: Sequence[Message], response: str, critique_request: str,

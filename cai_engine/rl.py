@@ -25,6 +25,7 @@ from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts
 from .records import ComparisonTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
+from .stats import wilson_interval
 
 
 class RLConfig(BaseModel):
@@ -295,14 +296,24 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
         bins.setdefault(min(int((confidence - 0.5) * 10), 4), []).append((confidence, (j.p_a > 0.5) == t))
     ece = sum(len(v) / len(scored) * abs(sum(c for c, _ in v) / len(v) - sum(ok for _, ok in v) / len(v))
               for v in bins.values()) if scored else None
+    interval = wilson_interval(correct, len(scored))
     return {
         "pairs": len(pairs), "scored": len(scored), "abstained": len(pairs) - len(scored),
+        "scored_share": round(len(scored) / len(pairs), 4) if pairs else None,
         "accuracy": round(correct / len(scored), 4) if scored else None,
+        "accuracy_ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None,
         "position_consistency": round(consistent / len(scored), 4) if scored else None,
         "same_position_rate": round(1 - consistent / len(scored), 4) if scored else None,
         "expected_calibration_error": round(ece, 4) if ece is not None else None,
         "judge": judge.describe(),
     }
+
+
+def judge_identity(described: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What makes two judges the same judge: component name, options (layout, few-shot, model) and model id."""
+    if not described:
+        return None
+    return {"name": described.get("name"), "options": described.get("options"), "model_id": described.get("model_id")}
 
 
 def run_gate(run: str | Path | None, judge_ref: ComponentRef | dict[str, Any], *, constitution: str = "harmless",
@@ -514,12 +525,18 @@ def export_preferences(run: str | Path, out: str | Path,
     gate = None
     if (Path(run) / "gate.json").exists():
         gate = json.loads((Path(run) / "gate.json").read_text(encoding="utf-8"))
+    labelling_judges = {json.dumps(judge_identity(r.get("provenance", {}).get("judge")), sort_keys=True)
+                        for r in directory.records() if r.get("source") == "ai"}
+    gate_matches = None
+    if gate is not None and labelling_judges:
+        gate_matches = labelling_judges == {json.dumps(judge_identity(gate.get("judge")), sort_keys=True)}
     sources: dict[str, int] = {}
     for r in rows:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
     summary = {"format": "trl-conversational-preference", "source_run": str(run), "train": len(train),
                "test": len(test), "sources": sources, "abstained_excluded": abstained,
                "filtered_low_confidence": filtered, "options": options.model_dump(), "judge_gate": gate,
+               "judge_gate_matches": gate_matches,
                "constitution": manifest.get("provenance", {}).get("constitution")}
     (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

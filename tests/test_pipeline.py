@@ -60,3 +60,33 @@ def test_cli_run(cli_runner, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "== phase 1: SL-CAI" in result.output and "sft: " in result.output
     assert (tmp_path / "cli" / "pipeline-summary.json").exists()
+
+
+def test_the_feedback_model_serves_phase_one_phase_two_and_the_evaluation(cai_runtime, tiny_model, tiny_plain_model,
+                                                                         tmp_path):
+    out = tmp_path / "fb"
+    config = small(tiny_model, out)
+    config.update(feedback_model=str(tiny_plain_model), stages=["sl", "eval"],
+                  eval={"limit": 1, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
+                        "judge_pairs": None})
+    lines = []
+    summary = run_pipeline(config, runtime=cai_runtime, progress=False, echo=lines.append)
+    record = json.loads((out / "sl" / "records.jsonl").read_text().splitlines()[0])
+    assert record["provenance"]["models"]["sampler"] == str(tiny_model)
+    assert record["provenance"]["models"]["critic"] == str(tiny_plain_model)
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["judge"]["model"] == str(tiny_plain_model) and results["warnings"] == []
+    assert list(results["models"]) == ["base"]  # no SFT or policy checkpoint in this run
+    assert set(summary["stage_seconds"]) == {"sl", "eval"}
+    assert any(line.startswith("== evaluation (base; judge") for line in lines)
+
+
+def test_the_shipped_teacher_student_config_is_valid_and_never_forces_the_gate():
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "teacher-student.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = PipelineConfig.model_validate(data)
+    assert config.feedback_model == "qwen2.5-coder-1.5b" and config.model == "smollm2"
+    assert config.gate and "eval" in config.stages
+    assert "force" not in json.dumps(data)

@@ -92,9 +92,15 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
     if ref == DEFAULT_NAME:
         gguf = default_model_file()
         return _from_gguf(gguf), f"{DEFAULT_NAME} ({gguf.name})"
+    from ..catalog import registered_catalog
+
+    catalog = registered_catalog()
+    if ref in catalog:
+        gguf = catalog.path(ref)
+        return _from_gguf(gguf), f"{ref} ({gguf.name})"
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ModelError(f"model path {ref!r} does not exist; give a model folder, a .gguf file, "
+        raise ModelError(f"model path {ref!r} does not exist; give a model folder, a .gguf file, a catalogue name, "
                          "'smollm2', or an http(s):// endpoint")
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -1,8 +1,9 @@
-"""Built-in backends: local transformers models and OpenAI-compatible servers."""
+"""Built-in backends: local transformers models, llama.cpp for GGUF files, and OpenAI-compatible servers."""
 
 from __future__ import annotations
 
 from cai_engine.backends.hf_local import TransformersBackend
+from cai_engine.backends.llama_cpp import LlamaCppBackend
 from cai_engine.backends.openai_http import OpenAIBackend
 from cai_engine.hookspecs import hookimpl
 
@@ -10,4 +11,5 @@ from cai_engine.hookspecs import hookimpl
 @hookimpl
 def cai_register_backends(register):
     register(TransformersBackend)
+    register(LlamaCppBackend)
     register(OpenAIBackend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -82,11 +83,53 @@ class ModelCritic(ModelComponent, Critic):
         return text if critique is None else f"{text} {critique}\n\nDoes the reply need to be changed (Yes or No)?"
 
     def _verdict_prompt(self, task):
-        request = task.principle.critique_request or task.principle.comparison or ""
-        body = verdict_question(task.conversation, task.response, request)
+        principle = task.principle
+        question = principle.violation_question or principle.critique_request or principle.comparison or ""
+        body = verdict_question(task.conversation, task.response, question)
         if self.chat:
             return ChatPrompt([Message(role="user", content=body)])
         return f"\n\nHuman: {body}\n\nAssistant:"
+
+    def _ask(self, body: str, prefix: str = ""):
+        if self.chat:
+            return ChatPrompt([Message(role="user", content=body)], assistant_prefix=prefix)
+        return f"\n\nHuman: {body}\n\nAssistant:{' ' + prefix if prefix else ''}"
+
+    def screen(self, items, principles) -> list[dict]:
+        """One check of each (conversation, response) against several principles at once, for the runtime guard.
+
+        A Yes/No verdict on "does the reply break any of these?" (the lettered principles come first, so every
+        response shares that prefix), then, only where it fires, the letter of the principle it breaks most
+        clearly, read from log-probs. Returns per item ``{"p_yes", "principle_index", "letter_probs"}``; p_yes None
+        means the verdict could not be read (the caller decides what an abstention means).
+        """
+        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_QUESTION, SCREEN_WHICH, screen_body
+
+        items, principles = list(items), list(principles)
+        if len(principles) > len(SCREEN_LETTERS):
+            raise ValueError(f"a combined screen takes at most {len(SCREEN_LETTERS)} principles")
+        yes_no = ["Yes", "No"] if self.chat else [" Yes", " No"]
+        verdicts = self.backend.continuation_logprobs(
+            [self._ask(screen_body(principles, c, r, SCREEN_QUESTION)) for c, r in items], [yes_no] * len(items))
+        out = [{"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None}
+               for yes, no in verdicts]
+        fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > self.options.threshold]
+        if fired and len(principles) > 1:
+            letters = list(SCREEN_LETTERS[: len(principles)])
+            scored = self.backend.continuation_logprobs(
+                [self._ask(screen_body(principles, *items[i], SCREEN_WHICH), "(") for i in fired],
+                [letters] * len(fired))
+            for i, logps in zip(fired, scored):
+                usable = [(k, lp) for k, lp in enumerate(logps) if lp is not None and math.isfinite(lp)]
+                if usable:
+                    top = max(lp for _, lp in usable)
+                    total = sum(math.exp(lp - top) for _, lp in usable)
+                    out[i]["letter_probs"] = {letters[k]: round(math.exp(lp - top) / total, 4) for k, lp in usable}
+                    out[i]["principle_index"] = max(usable, key=lambda kv: kv[1])[0]
+        elif fired:
+            for i in fired:
+                out[i]["principle_index"] = 0
+        return out
 
     def critique(self, tasks):
         tasks = list(tasks)

@@ -11,7 +11,16 @@ from cai_engine.config import ComponentRef
 from cai_engine.default_plugins.critics import few_shot_examples
 from cai_engine.hookspecs import hookimpl
 from cai_engine.modeling import ModelComponent, ModelOptions
-from cai_engine.prompting import REVISION_STOPS, chat_revision, clean_revision, transcript_block
+from cai_engine.models import Message
+from cai_engine.prompting import (
+    REVISION_STOPS,
+    TURN_MARKERS,
+    chat_revision,
+    clean_revision,
+    rewrite_guidance,
+    transcript,
+    transcript_block,
+)
 from cai_engine.records import ComparisonTask, CritiqueTask, Revision, RevisionTask, ScoringTask
 from cai_engine.rules import repair
 
@@ -72,6 +81,47 @@ class ModelReviser(ModelComponent, Reviser):
         out = []
         for task, raw in zip(tasks, raws):
             text, reason = clean_revision(raw, task.response, task.critique)
+            out.append(Revision(principle_id=task.principle.id, text=text if text is not None else task.response,
+                                accepted=text is not None, reason=reason, raw=raw, reviser=self.name))
+        return out
+
+
+class RewriteReviser(ModelReviser):
+    """Writes, from scratch, the reply the assistant should have given under the principle.
+
+    The model sees the conversation and what the reply will be judged by (the principle's comparison question, or
+    its revision request), never the response being replaced, so a harmful draft cannot anchor it. With a capable
+    feedback model this gives cleaner phase-1 targets than editing a small policy's answer; it is CAI's
+    critique -> revision step with the critique and the draft removed (a form of context distillation).
+    """
+
+    name = "rewrite"
+
+    class Options(ModelOptions):
+        max_new_tokens: int = Field(256, ge=1, le=4096, description="Upper bound on the reply's tokens.")
+        few_shot: int = Field(0, ge=0, le=0, description="Unused: the reply is written from the principle alone.")
+
+    def _prompt(self, task: RevisionTask):
+        principle = task.principle
+        guidance = rewrite_guidance(principle)
+        conversation = list(task.conversation)
+        if self.chat:
+            if conversation and conversation[0].role == "system":
+                conversation[0] = Message(role="system", content=f"{conversation[0].content.strip()}\n\n{guidance}")
+            else:
+                conversation.insert(0, Message(role="system", content=guidance))
+            return conversation
+        return f"{guidance}{transcript(conversation)}"
+
+    def revise(self, tasks):
+        tasks = list(tasks)
+        if not tasks:
+            return []
+        stops = () if self.chat else TURN_MARKERS
+        raws = self.backend.generate([self._prompt(t) for t in tasks], self.settings(stop=stops))
+        out = []
+        for task, raw in zip(tasks, raws):
+            text, reason = clean_revision(raw, task.response, None)
             out.append(Revision(principle_id=task.principle.id, text=text if text is not None else task.response,
                                 accepted=text is not None, reason=reason, raw=raw, reviser=self.name))
         return out
@@ -187,4 +237,5 @@ def _argmax(scores: list[float], counts: list[int]) -> int | None:
 def cai_register_revisers(register):
     register(RuleReviser)
     register(ModelReviser)
+    register(RewriteReviser)
     register(EnsembleReviser)

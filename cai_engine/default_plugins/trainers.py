@@ -144,7 +144,7 @@ PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
-                     max_same_position: float = 1.0) -> dict[str, Any] | None:
+                     max_same_position: float = 1.0, min_scored_share: float = 0.8) -> dict[str, Any] | None:
     """Refuse AI labels from a judge below ``min_accuracy`` on labelled pairs, or whose two orders prefer the same
     position more often than ``max_same_position`` (CAI-SPEC gate G1), unless forced."""
     export_file = Path(dataset) / "export.json"
@@ -156,6 +156,15 @@ def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
     if gate is None:
         raise ConfigError(f"{dataset}: {ai} pairs are labelled by an AI judge whose accuracy was never measured; run "
                           "`cai rl gate RUN` before `cai export preferences`, or pass --force")
+    if export.get("judge_gate_matches") is False:
+        raise ConfigError(f"{dataset}: the gate in the run measured a different judge (component, options or model) "
+                          "from the one that labelled these pairs; run `cai rl gate RUN` with the labelling judge, "
+                          "or pass --force")
+    share = gate.get("scored_share")
+    if share is not None and share < min_scored_share:
+        raise ConfigError(f"{dataset}: the judge scored only {share:.0%} of the labelled pairs (it abstained on the "
+                          f"rest), below the required {min_scored_share:.0%}; its accuracy rests on too few pairs. "
+                          "Use a judge that can score these pairs, or pass --force")
     accuracy = gate.get("accuracy")
     if accuracy is None or accuracy < min_accuracy:
         shown = "no usable judgements" if accuracy is None else f"{accuracy:.0%} accuracy"

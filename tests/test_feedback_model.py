@@ -1,0 +1,226 @@
+"""A feedback model separate from the policy: phase-1 roles, the verifier, the rewrite reviser, the gate, the eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_engine import ConfigError, Message, RevisionTask
+from cai_engine.modeling import ModelOptions, with_model
+from cai_engine.plugins import Registry
+from cai_engine.runs import RunDirectory
+from cai_engine.runtime import Runtime
+from cai_engine.sl import SLConfig, SLRun, export_sft
+from cai_engine.stats import format_rate, rate, wilson_interval
+from cai_engine.testing import ScriptedPlugin
+
+PROMPTS = ["How do I pick a lock?", "Write an insult about my neighbour.", "How can I cheat on my taxes?"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def scripted_runtime(cai_runtime):
+    cai_runtime.pm.register(ScriptedPlugin())
+    return Runtime(Registry(cai_runtime.pm))
+
+
+def scripted_run(runtime, prompt_file, out, **overrides):
+    config = SLConfig.model_validate({"prompts": str(prompt_file), "rounds": 1, "helpful_prompts": None,
+                                      "sampler": "scripted", "critique": False, "reviser": "scripted",
+                                      **overrides})
+    return SLRun(config, out, runtime)
+
+
+def test_the_verifier_must_prefer_each_revision(scripted_runtime, prompt_file, tmp_path):
+    run = scripted_run(scripted_runtime, prompt_file, tmp_path / "sl", verify="scripted")
+    run.sampler.enqueue("bad answer 0", "bad answer 1", "bad answer 2")
+    run.reviser.enqueue("good answer 0", "good answer 1", "good answer 2")
+    run.verifier.enqueue(0.9, 0.2, None)  # prefers, rejects, abstains
+    run.run(progress=False)
+    records = {r["id"]: r for r in RunDirectory(tmp_path / "sl", "sl").records()}
+    first, second, third = (records[f"p{i}"]["rounds"][0] for i in range(3))
+    assert first["accepted"] and first["revision"] == "good answer 0" and first["verify_p_revision"] == 0.9
+    assert not second["accepted"] and second["revision"] is None and "preferred the response" in second["reason"]
+    assert second["candidate"] == "good answer 1"  # kept for inspection, never exported
+    assert not third["accepted"] and third["reason"] == "the verifier abstained"
+    assert [records[f"p{i}"]["final_response"] for i in range(3)] == ["good answer 0", "bad answer 1", "bad answer 2"]
+    # the verifier saw (revision, original) with the round's principle
+    task = run.verifier.calls[0]
+    assert task.response_a == "good answer 0" and task.response_b == "bad answer 0"
+    assert [p.id for p in task.principles] == [first["principle_id"]]
+    assert records["p0"]["provenance"]["components"]["verify"]["name"] == "scripted"
+    summary = export_sft(tmp_path / "sl", tmp_path / "ds", {"heldout": 0.0})
+    assert summary["revisions"] == 1
+
+
+def test_an_unchanged_response_is_not_a_revision(scripted_runtime, prompt_file, tmp_path):
+    run = scripted_run(scripted_runtime, prompt_file, tmp_path / "sl")
+    run.sampler.enqueue("Same text.", "first", "second")
+    run.reviser.enqueue("same   TEXT.", "first, revised", "second, revised")
+    run.run(progress=False)
+    records = {r["id"]: r for r in RunDirectory(tmp_path / "sl", "sl").records()}
+    entry = records["p0"]["rounds"][0]
+    assert entry["unchanged"] is True and entry["accepted"] is False and entry["revision"] is None
+    assert records["p0"]["revised"] is False and records["p1"]["revised"] is True
+    summary = export_sft(tmp_path / "sl", tmp_path / "ds", {"heldout": 0.0})
+    assert summary["revisions"] == 2
+
+
+def test_feedback_model_serves_every_role_but_the_sampler(cai_runtime, tiny_model, tiny_plain_model, prompt_file,
+                                                          tmp_path):
+    opts = {"max_new_tokens": 6}
+    config = SLConfig.model_validate({
+        "prompts": str(prompt_file), "limit": 2, "rounds": 1, "helpful_prompts": None, "model": str(tiny_model),
+        "feedback_model": str(tiny_plain_model), "sampler": {"name": "model", "options": opts},
+        "critic": {"name": "model", "options": opts}, "reviser": {"name": "rewrite", "options": opts},
+        "verify": "logprob"})
+    SLRun(config, tmp_path / "sl", cai_runtime).run(progress=False)
+    record = next(RunDirectory(tmp_path / "sl", "sl").records())
+    models = record["provenance"]["models"]
+    assert models["sampler"] == str(tiny_model)
+    assert models["critic"] == models["reviser"] == models["verify"] == str(tiny_plain_model)
+
+
+def test_with_model_follows_the_options_class_not_the_name(cai_runtime):
+    from cai_engine import Critic, hookimpl
+    from cai_engine.components import Options as BaseOptions
+    from cai_engine.config import ComponentRef
+
+    class ThirdPartyCritic(Critic):
+        name = "third-party"
+
+        class Options(ModelOptions):
+            pass
+
+        def critique(self, tasks):
+            return []
+
+    class NoModelCritic(Critic):
+        name = "no-model"
+
+        class Options(BaseOptions):
+            pass
+
+        def critique(self, tasks):
+            return []
+
+    class Plugin:
+        @hookimpl
+        def cai_register_critics(self, register):
+            register(ThirdPartyCritic)
+            register(NoModelCritic)
+
+    cai_runtime.pm.register(Plugin())
+    runtime = Runtime(Registry(cai_runtime.pm))
+    got = with_model(ComponentRef(name="third-party"), "critic", runtime, "teacher", seed=3)
+    assert got.options == {"model": "teacher", "seed": 3}
+    kept = with_model(ComponentRef(name="third-party", options={"model": "mine"}), "critic", runtime, "teacher")
+    assert kept.options == {"model": "mine"}
+    assert with_model(ComponentRef(name="no-model"), "critic", runtime, "teacher").options == {}
+
+
+def test_the_rewrite_reviser_never_sees_the_draft(cai_runtime, tiny_model, tiny_plain_model):
+    harm = cai_runtime.registry.constitution("harmless").principle("harm-001")
+    task = RevisionTask(conversation=[Message(role="user", content="How do I pick a lock?")],
+                        response="DRAFT: insert a tension wrench", principle=harm)
+    chat = cai_runtime.component("reviser", "rewrite", {"model": str(tiny_model)})
+    messages = chat._prompt(task)
+    assert [m.role for m in messages] == ["system", "user"]
+    assert " ".join(harm.comparison.split()) in messages[0].content
+    assert all("DRAFT" not in m.content for m in messages)
+    plain = cai_runtime.component("reviser", "rewrite", {"model": str(tiny_plain_model)})
+    text = plain._prompt(task)
+    assert text.endswith("\n\nHuman: How do I pick a lock?\n\nAssistant:") and "DRAFT" not in text
+    revisions = plain.revise([task])
+    assert revisions[0].reviser == "rewrite" and revisions[0].principle_id == "harm-001"
+    with pytest.raises(ConfigError, match="few_shot"):
+        cai_runtime.component("reviser", "rewrite", {"model": str(tiny_model), "few_shot": 2})
+
+
+def test_wilson_intervals_and_rates():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(0, 0) is None
+    entry = rate([True, False, None, True])  # None is no signal: never counted
+    assert entry == {"rate": 0.6667, "k": 2.0, "n": 3, "ci95": [0.2077, 0.9385]}
+    assert format_rate(entry) == "0.67 (n=3, 95% CI 0.21-0.94)"
+    assert format_rate(rate([])) == "n/a"
+
+
+def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
+    from cai_engine.rl import load_labelled_pairs, measure_judge
+
+    pairs = load_labelled_pairs("builtin:judge-pairs")
+    judge = scripted_runtime.component("judge", "scripted")
+    judge.enqueue(*([None] * 10 + [0.9] * (len(pairs) - 10)))
+    result = measure_judge(judge, pairs, scripted_runtime.registry.constitution("harmless"),
+                           runtime=scripted_runtime)
+    assert result["scored"] == len(pairs) - 10 and result["scored_share"] == round(result["scored"] / len(pairs), 4)
+    low, high = result["accuracy_ci95"]
+    assert low < result["accuracy"] < high
+    assert (low, high) == tuple(round(v, 4) for v in wilson_interval(result["accuracy"] * result["scored"],
+                                                                       result["scored"]))
+
+
+def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_path):
+    from cai_engine.default_plugins.trainers import check_judge_gate
+
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+
+    def export(gate, matches=True):
+        (folder / "export.json").write_text(json.dumps({"sources": {"ai": 8}, "judge_gate": gate,
+                                                        "judge_gate_matches": matches}), encoding="utf-8")
+
+    good = {"accuracy": 0.9, "pairs": 30, "scored_share": 0.9, "same_position_rate": 0.1}
+    export(good)
+    assert check_judge_gate(folder, 0.6, False, 0.25) == good
+    export({**good, "scored_share": 0.2})
+    with pytest.raises(ConfigError, match="scored only 20% of the labelled pairs"):
+        check_judge_gate(folder, 0.6, False, 0.25)
+    export(good, matches=False)
+    with pytest.raises(ConfigError, match="measured a different judge"):
+        check_judge_gate(folder, 0.6, False, 0.25)
+    assert check_judge_gate(folder, 0.6, True, 0.25) == good  # --force
+
+
+def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
+    from cai_engine.rl import export_preferences
+
+    run = RunDirectory(tmp_path / "rl", "rl")
+    run.open({"x": 1})
+    judge = {"name": "logprob", "options": {"model": "teacher", "few_shot": 0}, "model_id": "teacher (q.gguf)"}
+    run.append([{"key": "pair:1", "source": "ai", "conversation": [{"role": "user", "content": "q"}],
+                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": 0.9,
+                 "judgement": {"p_a": 0.9}, "provenance": {"judge": judge}}])
+    (tmp_path / "rl" / "gate.json").write_text(json.dumps({"accuracy": 1.0, "judge": judge}), encoding="utf-8")
+    assert export_preferences(tmp_path / "rl", tmp_path / "a", {"heldout": 0.0})["judge_gate_matches"] is True
+    other = {**judge, "options": {"model": "smollm2", "few_shot": 0}}
+    (tmp_path / "rl" / "gate.json").write_text(json.dumps({"accuracy": 1.0, "judge": other}), encoding="utf-8")
+    assert export_preferences(tmp_path / "rl", tmp_path / "b", {"heldout": 0.0})["judge_gate_matches"] is False
+
+
+@pytest.mark.slow
+def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runtime, tiny_model, tmp_path):
+    from cai_engine.evaluation import evaluate
+
+    results = evaluate({"models": [str(tiny_model)], "names": ["tiny"], "judge_model": str(tiny_model),
+                        "limit": 2, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
+                        "judge_pairs": None, "classify_all_refusals": True}, tmp_path / "eval", runtime=cai_runtime, progress=False)
+    assert any("judges its own answers" in w for w in results["warnings"])
+    judged = results["models"]["tiny"]["judged"]
+    for key in ("safe_rate", "refusal_rate_harmful", "over_refusal_benign", "refusal_rate_helpful"):
+        assert judged[key]["n"] == 2 and judged[key]["ci95"] is not None
+    assert judged["safe_rate"]["k"] == 2 - judged["harmful_rate"]["k"]
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert "judges its own answers" in report and "class='warn'" in report and "n=2" in report

