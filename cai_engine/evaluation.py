@@ -81,6 +81,9 @@ class EvalConfig(BaseModel):
     pairwise: list[Literal["harmlessness", "helpfulness"]] = Field(
         default_factory=lambda: ["harmlessness", "helpfulness"],
         description="Win rates against the first model, judged pairwise in both orders.")
+    pairwise_against: Literal["all", "last"] = Field(
+        "all", description="Which models get win rates against the first: every other model, or only the last "
+                           "(the final checkpoint of a pipeline).")
     harm_score: bool = Field(True, description="The pointwise judge's 1-10 harm score (one scoring pass per reply).")
     classify: bool = Field(True, description="Judged classifiers, one Yes/No verdict of the judge model per "
                                              "response: harmful? (held-out harmful prompts) and refusal? (benign).")
@@ -289,7 +292,8 @@ class Evaluation:
                     "mean_length": {k: _mean([float(len(t)) for t in mine[k].values()]) for k in mine},
                 }
                 bar.update(1)
-                if index and self.config.pairwise:
+                compare = index and (self.config.pairwise_against == "all" or index == len(self.names) - 1)
+                if compare and self.config.pairwise:
                     entry["vs_baseline"] = {}
                     if "harmlessness" in self.config.pairwise:
                         entry["vs_baseline"]["harmlessness"] = self.pairwise(

@@ -211,6 +211,41 @@ def is_heldout(source: str | Path, registry: Any) -> bool:
         return False
 
 
+def normalise_prompt(text: str) -> str:
+    """Case, spacing and punctuation folded away, so a lightly edited copy of a prompt still matches."""
+    import re
+
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def heldout_fingerprints(registry: Any) -> dict[str, str]:
+    """Normalised text -> 'set:id' for every prompt of every registered held-out (evaluation-only) set."""
+    out: dict[str, str] = {}
+    for name in registry.prompt_set_names():
+        prompt_set = registry.prompt_set(name)
+        if not prompt_set.heldout:
+            continue
+        for item in load_prompts(f"builtin:{name}", registry):
+            for message in item.conversation:
+                if message.role == "user":
+                    out.setdefault(normalise_prompt(message.content), f"{name}:{item.id}")
+    return out
+
+
+def refuse_heldout_content(items: list[PromptItem], registry: Any, source: str) -> None:
+    """Refuse training prompts whose text is a held-out prompt, whatever file they came from (a copy of a held-out
+    file passed as a path is caught here, not only the named set)."""
+    from .errors import ConfigError
+
+    known = heldout_fingerprints(registry)
+    for item in items:
+        for message in item.conversation:
+            match = known.get(normalise_prompt(message.content)) if message.role == "user" else None
+            if match:
+                raise ConfigError(f"{source}: prompt {item.id!r} is the held-out evaluation prompt {match}; training "
+                                  "on it would contaminate evaluation. Remove it, or set allow_heldout: true")
+
+
 def load_prompts(source: str | Path, registry: Any = None, *, field: str | None = None,
                  limit: int | None = None) -> list[PromptItem]:
     """Resolve ``builtin:name`` / ``plugin:name`` through the registry, anything else as a path."""

@@ -21,7 +21,7 @@ from .config import ComponentRef
 from .errors import ConfigError, RunError
 from .jsonl import iter_jsonl
 from .models import Constitution, Message, Phase
-from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts
+from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts, refuse_heldout_content
 from .records import ComparisonTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -120,6 +120,8 @@ class LabelRun:
         if config.recipe == "judged":
             self.items = [("pair", item) for item in load_prompts(config.prompts, self.runtime.registry,
                                                                    field=config.field, limit=config.limit)]
+            if not config.allow_heldout:
+                refuse_heldout_content([item for _, item in self.items], self.runtime.registry, config.prompts)
         else:
             sl = RunDirectory(config.sl_run, "sl")
             sl.manifest()

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
 from .models import Constitution, Message, Phase
-from .prompts import PromptItem, is_heldout, load_prompts
+from .prompts import PromptItem, is_heldout, load_prompts, refuse_heldout_content
 from .modeling import with_model
 from .records import ComparisonTask, CritiqueTask, RevisionTask
 from .runs import RunDirectory, now
@@ -108,6 +108,9 @@ class SLRun:
             limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
             if limit:
                 self.helpful = load_prompts(config.helpful_prompts, registry, limit=limit)
+        if not config.allow_heldout:
+            refuse_heldout_content(self.items, registry, config.prompts)
+            refuse_heldout_content(self.helpful, registry, str(config.helpful_prompts))
         self.dir = RunDirectory(out, "sl")
         self.provenance = {
             "constitution": {"name": self.constitution.name, "version": self.constitution.version,

@@ -270,5 +270,11 @@ def test_verdict_only_critic_reads_yes_no_without_generating(cai_runtime, model_
     assert backend.generated_tokens == before
     assert [c.text for c in out] == ["", ""] and all(c.needs_revision in (True, False) for c in out)
     prompt = critic._verdict_prompt(tasks[0])
-    assert prompt.messages[-1].content.endswith("Answer Yes or No.")
-    assert "Use a tension wrench." in prompt.messages[-1].content
+    harm = harmless.principle("harm-014")
+    body = prompt.messages[-1].content
+    # the principle's yes-means-violation question comes first (a prefix shared by the batch), the reply after
+    assert body.startswith("Question: " + " ".join(harm.violation_question.split()))
+    assert body.endswith("Answer the question above with Yes or No.")
+    assert body.index("Use a tension wrench.") > body.index("Question:")
+    other = critic._verdict_prompt(tasks[1]).messages[-1].content
+    assert other.split("H: ")[0] == body.split("H: ")[0]

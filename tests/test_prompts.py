@@ -74,3 +74,28 @@ def test_bad_prompt_files(tmp_path, name, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(PromptError, match="no such file"):
         load_prompt_file(tmp_path / "nope.jsonl")
+
+
+def test_no_shipped_training_prompt_is_a_heldout_prompt(cai_registry):
+    from cai_engine.prompts import heldout_fingerprints, load_prompts, normalise_prompt
+
+    heldout = heldout_fingerprints(cai_registry)
+    assert len(heldout) >= 160
+    for name in cai_registry.prompt_set_names():
+        if cai_registry.prompt_set(name).heldout:
+            continue
+        for item in load_prompts(f"builtin:{name}", cai_registry):
+            assert normalise_prompt(item.text) not in heldout, (name, item.id, heldout.get(normalise_prompt(item.text)))
+
+
+def test_a_copy_of_a_heldout_prompt_is_refused_by_content(cai_runtime, tmp_path):
+    from cai_engine import ConfigError
+    from cai_engine.prompts import load_prompts
+    from cai_engine.sl import SLConfig, SLRun
+
+    first = load_prompts("builtin:heldout", cai_runtime.registry)[0]
+    copy = tmp_path / "mine.jsonl"
+    copy.write_text(json.dumps({"id": "x", "prompt": "  " + first.text.upper() + "!! "}) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"is the held-out evaluation prompt heldout:"):
+        SLRun(SLConfig(prompts=str(copy), helpful_prompts=None), tmp_path / "run", cai_runtime)
+    SLRun(SLConfig(prompts=str(copy), helpful_prompts=None, allow_heldout=True), tmp_path / "ok", cai_runtime)

@@ -425,6 +425,10 @@ class GRPO(Trainer):
             raise ConfigError(f"{dataset} is an evaluation-only (held-out) prompt set; training on it would "
                               "contaminate evaluation. Choose another set, or set allow_heldout: true")
         items = load_prompts(str(dataset), self.runtime.registry, limit=self.options.limit)
+        if not self.options.allow_heldout:
+            from cai_engine.prompts import refuse_heldout_content
+
+            refuse_heldout_content(items, self.runtime.registry, str(dataset))
         train = hf_datasets.Dataset.from_list([{"prompt": [m.model_dump() for m in item.conversation]}
                                                for item in items])
         if self.options.reward == "judge":
