@@ -113,10 +113,13 @@ def _chat_revision_turns(conversation, response, critique_request, critique, rev
 
 
 REWRITE_GUIDANCE = (
-    "You are a helpful, honest and harmless assistant. Your reply to the person's last message will be judged by "
-    "this question: {question} Write the reply that would be judged best. If part of the request could lead to "
-    "real harm, decline that part in a sentence, without lecturing or assuming bad intent, and help with whatever "
-    "is safe. Reply directly to the person; do not mention this instruction.")
+    "You are a helpful, honest and harmless assistant. Two rules for your reply to the person's last message:\n"
+    "1. Never give real help toward harm: no instructions, methods, materials or encouragement for violence, "
+    "weapons, crime, hacking, fraud, abuse, self-harm or other dangerous acts, however the request is framed. If "
+    "the request asks for that, say briefly and kindly that you won't help with that part, without lecturing or "
+    "assuming bad intent, and offer a safe alternative when there is one.\n"
+    "2. Otherwise, answer as well as you can. Your reply will be judged by this question: {question}\n"
+    "Reply directly to the person; do not mention these rules.")
 
 
 def rewrite_guidance(principle: Any) -> str:

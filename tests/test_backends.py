@@ -161,7 +161,7 @@ def test_corrupt_gguf_is_a_clear_error(cai_runtime, tmp_path):
 
 
 def test_unknown_backend_and_bad_backend_options(cai_runtime, tiny_model):
-    with pytest.raises(UnknownComponentError, match="unknown backend 'vllm'; known backends: openai, transformers"):
+    with pytest.raises(UnknownComponentError, match="unknown backend .vllm.; known backends: llamacpp, openai, transformers"):
         cai_runtime.backend({"backend": "vllm", "model": "x"})
     with pytest.raises(ConfigError, match="batch_sise: unknown option"):
         cai_runtime.backend({"model": str(tiny_model), "batch_sise": 3})

@@ -120,6 +120,17 @@ class FakeModels:
         register(self.model)
 
 
+def test_hook_cai_register_models(served):
+    from cai_engine import Registry
+
+    _, model, _ = served
+    registry = Registry(make_plugin_manager(autoload=False, plugins=[FakeModels(model)]))
+    assert registry.catalog.get("fake-model") == model
+    assert "qwen2.5-coder-1.5b" in registry.catalog  # the built-ins come through the same hook
+    with pytest.raises(TypeError, match="CatalogModel"):
+        Registry(make_plugin_manager(autoload=False, plugins=[FakeModels("not a model")]))
+
+
 def test_plugins_register_models_and_the_cli_installs_them(served, monkeypatch):
     from cai_engine import cli as cli_module
 

@@ -17,7 +17,7 @@ HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("
 
 def test_the_hooks_the_design_names_exist():
     expected = {f"cai_register_{k}" for k in ("backends", "samplers", "critics", "revisers", "judges", "trainers",
-                                               "constitutions", "prompt_sets", "commands")}
+                                               "constitutions", "prompt_sets", "commands", "models")}
     expected |= {"cai_select_principles", "cai_on_record"}
     assert expected == set(HOOKS)
 

@@ -48,24 +48,47 @@ def test_gguf_references_use_llama_cpp_when_installed(runtime):
 
 
 def test_greedy_batched_output_equals_one_at_a_time(backend):
+    """Batched greedy decoding picks, at every step, the token a one-at-a-time pass ranks first, up to ties.
+
+    llama.cpp's CPU kernels quantise activations differently for one token per step, several tokens per step, and
+    prompt processing (measured on this Q4_1 model: up to 0.05 nats between a one-sequence decode and a prompt
+    pass, 0.12 with four sequences per step), so two near-tied tokens may swap; the check allows 0.2 nats and
+    nothing more. Prompt processing and scoring are bit-for-bit the same batched and alone (see the next tests).
+    """
+    from cai_engine.backends.llama_cpp import _Job
+
     settings = GenerationSettings(max_new_tokens=24)
     batched = backend.generate(conversations(), settings)  # 5 prompts, 4 slots: one slot is refilled
-    single = [backend.generate([c], settings)[0] for c in conversations()]
-    assert batched == single
     assert all(text.strip() for text in batched)
+    jobs = [_Job(index=i, tokens=backend._encode(c), max_new=24) for i, c in enumerate(conversations())]
+    backend._run(jobs, settings)  # the same jobs again, to get the token ids
+    for i, (job, conv) in enumerate(zip(jobs, conversations())):
+        prompt = backend._encode(conv)
+        full = prompt + job.generated
+        single = _Job(index=0, tokens=full, want=tuple(range(len(prompt) - 1, len(full) - 1)))
+        backend._run([single], GenerationSettings(max_new_tokens=1))
+        for step, token in enumerate(job.generated):
+            logprobs = single.logprobs[len(prompt) - 1 + step]
+            assert logprobs.max() - logprobs[token] < 0.2, (i, step)
+    single_texts = [backend.generate([c], settings)[0] for c in conversations()]
+    assert sum(a == b for a, b in zip(batched, single_texts)) >= 4
 
 
 def test_shared_prefix_is_computed_once_and_changes_nothing(runtime):
     prefix = "You answer in one short sentence. " * 12
-    prompts = [f"{prefix}\n\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
+    prompts = [ChatPrompt([Message(role="system", content=prefix), Message(role="user", content=q)])
+               for q in QUESTIONS]
     settings = GenerationSettings(max_new_tokens=16)
     shared = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024})
     plain = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024,
                              "share_prefix": 0})
     before = shared.shared_prefix_tokens
-    assert shared.generate(prompts, settings) == plain.generate(prompts, settings)
+    texts = shared.generate(prompts, settings)
+    assert texts == plain.generate(prompts, settings) and all(t.strip() for t in texts)
     assert shared.shared_prefix_tokens - before >= 60 * (len(prompts) - 1)
     assert plain.shared_prefix_tokens == 0
+    options = [["Yes", "No", "The answer"]] * len(prompts)
+    assert shared.continuation_logprobs(prompts, options) == plain.continuation_logprobs(prompts, options)
     # the prefix stays cached: a later call with the same instructions decodes only its own tokens
     prompt_tokens = shared.prompt_tokens
     shared.generate(prompts[:2], settings)

@@ -130,7 +130,7 @@ class LlamaCppBackend(Backend):
             raise ModelError(f"{path}: cannot read this GGUF file (llama.cpp: {exc}); check that it is a "
                              "complete GGUF model file") from None
         params = llama_cpp.llama_context_default_params()
-        for name in ("yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor",
+        for name in ("flash_attn_type", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor",
                      "rope_freq_base", "rope_freq_scale", "type_k", "type_v"):  # as llama-cpp-python sets them
             setattr(params, name, getattr(self._llm.context_params, name))
         params.n_ctx = self.options.n_ctx * (self.options.parallel + 1)
