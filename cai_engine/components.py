@@ -220,6 +220,15 @@ class Backend(ABC):
         abstain rather than guess.
         """
 
+    def chat_messages(self, conversation: Conversation) -> list[dict[str, str]]:
+        """The conversation as chat-template messages, with the backend's ``system_prompt`` option (when it has one
+        and is set) added to a conversation that has no system turn."""
+        messages = [m.model_dump() for m in conversation]
+        system = getattr(self.options, "system_prompt", None)
+        if system is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+
     def format_chat(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
         """Render a conversation as the prompt text this model expects (chat template or transcript)."""
         from .prompting import transcript

@@ -198,10 +198,7 @@ class TransformersBackend(Backend):
     def format_chat(self, conversation, *, add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             return super().format_chat(conversation, add_generation_prompt=add_generation_prompt)
-        messages = [m.model_dump() for m in conversation]
-        if self.options.system_prompt is not None and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.options.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+        return self.tokenizer.apply_chat_template(self.chat_messages(conversation), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
     def _encode(self, prompt: Prompt) -> list[int]:

@@ -187,11 +187,8 @@ class LlamaCppBackend(Backend):
     def format_chat(self, conversation, *, add_generation_prompt: bool = True) -> str:
         if self._template is None:
             return super().format_chat(conversation, add_generation_prompt=add_generation_prompt)
-        messages = [m.model_dump() for m in conversation]
-        if self.options.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
-            messages.insert(0, {"role": "system", "content": self.options.system_prompt})
         self._template.add_generation_prompt = add_generation_prompt
-        return self._template(messages=messages).prompt
+        return self._template(messages=self.chat_messages(conversation)).prompt
 
     def _tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
