@@ -112,6 +112,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
                                             ExportOptions.model_validate(config.sft_export))
         lap("sl")
     if "sft" in config.stages:
+        runtime.close()  # free the generation models (a 1.5B feedback model is GBs) before training
         echo("== supervised fine-tuning")
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
@@ -130,6 +131,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
             out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export))
         lap("rl")
     if "reward" in config.stages:
+        runtime.close()
         echo("== preference model")
         if _done(reward_dir):
             echo(f"   {reward_dir} exists; skipped")
@@ -138,6 +140,7 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
                 out / "preference-dataset", reward_dir)
         lap("reward")
     if "policy" in config.stages:
+        runtime.close()
         echo(f"== policy optimisation ({config.policy.trainer})")
         if _done(policy_dir):
             echo(f"   {policy_dir} exists; skipped")

@@ -113,6 +113,9 @@ class LlamaCppBackend(Backend):
         self.seconds = 0.0
         self._prefix: list[int] = []          # tokens held in the reserved prefix sequence
         self._load()
+        import atexit
+
+        atexit.register(self.close)  # free the context before the interpreter tears llama_cpp's module down
 
     # -- loading ---------------------------------------------------------------------------------------------
 

@@ -13,8 +13,11 @@ from cai_engine.components import Options, Trainer
 from cai_engine.errors import ConfigError, RunError
 from cai_engine.hookspecs import hookimpl
 
-# Sensible CPU defaults; anything in `trl:` overrides them and goes straight to TRL's own config class.
+# Sensible CPU defaults; anything in `trl:` overrides them and goes straight to TRL's own config class. TRL turns
+# bf16 on by default, and CPUs without bf16 units emulate it: measured here, one SFT step of SmolLM2-135M took 64 s
+# at batch 2 in bf16 and 26 s at batch 8 in fp32, so the CPU defaults keep fp32.
 SFT_DEFAULTS: dict[str, Any] = {
+    "bf16": False,
     "num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
     "learning_rate": 5e-5, "lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
     "report_to": "none", "max_length": 512, "assistant_only_loss": False, "use_cpu": True, "seed": 0,
@@ -78,6 +81,29 @@ def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any])
                                                   encoding="utf-8")
 
 
+def _cpu_loss(trainer_cls):
+    """``trainer_cls`` computing the plain language-model loss on CPU.
+
+    TRL's SFTTrainer computes its loss through a chunked, fused LM-head kernel written for GPUs; on a CPU its
+    fallback is ~20x slower than the model's own cross-entropy (measured here: 46 s for one step of 187 tokens of
+    SmolLM2-135M, against ~2 s). On CPU we use the model's loss on the collator's labels (the same token-level
+    cross-entropy) and keep TRL's path everywhere else.
+    """
+
+    class CPUFriendly(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.args.device.type != "cpu":
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            from transformers import Trainer as HFTrainer
+
+            return HFTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+
+    CPUFriendly.__name__ = CPUFriendly.__qualname__ = f"CPU{trainer_cls.__name__}"
+    return CPUFriendly
+
+
 class SFT(Trainer):
     """Supervised fine-tuning on a conversational (``messages``) dataset with ``trl.SFTTrainer``."""
 
@@ -118,8 +144,8 @@ class SFT(Trainer):
         keep = ["messages"]
         train = data["train"].select_columns(keep)
         test = data["test"].select_columns(keep) if "test" in data else None
-        trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=test,
-                             processing_class=tokenizer, peft_config=peft_config)
+        trainer = _cpu_loss(SFTTrainer)(model=model, args=config, train_dataset=train, eval_dataset=test,
+                                         processing_class=tokenizer, peft_config=peft_config)
         began = time.perf_counter()
         result = trainer.train()
         metrics = dict(result.metrics)
@@ -257,6 +283,7 @@ def _soft_reward_trainer():
 
 
 REWARD_DEFAULTS: dict[str, Any] = {
+    "bf16": False,
     "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-5, "logging_steps": 5,
     "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
     "remove_unused_columns": False,
@@ -310,6 +337,7 @@ class RewardModel(Trainer):
 
 
 DPO_DEFAULTS: dict[str, Any] = {
+    "bf16": False,
     "num_train_epochs": 1, "per_device_train_batch_size": 2, "learning_rate": 5e-6, "beta": 0.1, "logging_steps": 5,
     "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
 }
@@ -360,6 +388,7 @@ class DPO(Trainer):
 
 
 GRPO_DEFAULTS: dict[str, Any] = {
+    "bf16": False,
     "num_train_epochs": 1, "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 64,
     "learning_rate": 1e-6, "beta": 0.04, "logging_steps": 5, "save_strategy": "no", "report_to": "none",
     "use_cpu": True, "seed": 0, "temperature": 0.9,
