@@ -24,6 +24,25 @@ def installed(monkeypatch):
     monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
 
 
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_plugin_accepts_this_core_version(domain):
+    """Each plugin's pin on cai-engine must admit the core in this checkout, or a fresh install cannot resolve."""
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    import cai_engine
+
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "plugins" / f"cai-{domain}" / "pyproject.toml").read_text())
+    pins = [Requirement(d) for d in meta["project"]["dependencies"] if Requirement(d).name == "cai-engine"]
+    assert pins, f"cai-{domain} does not declare its dependency on cai-engine"
+    assert all(cai_engine.__version__ in pin.specifier for pin in pins), (
+        f"cai-{domain} requires {pins[0]}, but the core is {cai_engine.__version__}"
+    )
+
+
 def test_installed_plugins_are_listed(installed, cli_runner):
     rows = {r["name"]: r for r in json.loads(cli_runner.invoke(cli, ["plugins"]).output)}
     for domain in DOMAINS:
