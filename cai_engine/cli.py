@@ -64,7 +64,13 @@ class _State:
     def pm(self):
         from .plugins import make_plugin_manager
 
-        return make_plugin_manager()
+        pm = make_plugin_manager(skip_broken=True)
+        for name, error in pm.cai_broken.items():
+            click.echo(f"warning: plugin {name!r} is left out: {error}; fix or uninstall it, or set "
+                       f"CAI_BLOCKED_PLUGINS={name}", err=True)
+        for warning in pm.cai_warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return pm
 
     @functools.cached_property
     def registry(self):
@@ -325,7 +331,9 @@ def constitutions_schema(output: Path | None) -> None:
 def write_schema(schema: dict[str, Any], output: Path | None) -> None:
     text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
     if output:
-        output.write_text(text, encoding="utf-8")
+        from .outputs import write_atomic
+
+        write_atomic(output, text)
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
@@ -338,11 +346,11 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     """A YAML/JSON config file as a mapping (safe loader; errors name the file and line)."""
     if path is None:
         return {}
-    from .constitutions import parse_document, read_text
     from .errors import ConfigError, ConstitutionError
+    from .inputs import parse_document, read_text
 
     try:
-        data = parse_document(read_text(path), str(path), json_only=path.suffix.lower() == ".json")
+        data, _ = parse_document(read_text(path), str(path), json_only=path.suffix.lower() == ".json")
     except ConstitutionError as exc:
         raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
@@ -787,9 +795,18 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
         try:
             engine = Engine.from_policy(path, runtime=_runtime())
             engine.close()
+            problems = engine.model_problems()
         except CaiError as exc:
             failed += 1
             click.echo(f"FAIL {exc}", err=True)
+            continue
+        guard_roles = [(role, p) for role, p in problems if role != "judge"]
+        for role, problem in problems:
+            if role == "judge":
+                click.echo(f"warning: {path}: judge: {problem} (only compare() uses it)", err=True)
+        if guard_roles:
+            failed += 1
+            click.echo(f"FAIL {path}: {guard_roles[0][0]}: {guard_roles[0][1]}", err=True)
             continue
         click.echo(f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
                    f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)")
@@ -828,60 +845,28 @@ def policy_schema(output: Path | None) -> None:
     write_schema(policy_json_schema(), output)
 
 
-def read_guard_input(path: Path) -> list[tuple[str, list[dict[str, str]], str]]:
-    """JSONL: {"messages": [..., {"role": "assistant", ...}]} or {"conversation": [...], "response": "..."}."""
-    from .errors import ConfigError
-    from .jsonl import iter_jsonl
-
-    items = []
-    for where, row in iter_jsonl(path):
-        if "response" in row:
-            conversation, response = row.get("conversation") or row.get("messages") or row.get("prompt"), row["response"]
-        elif isinstance(row.get("messages"), list) and row["messages"] and row["messages"][-1].get("role") == "assistant":
-            conversation, response = row["messages"][:-1], row["messages"][-1].get("content", "")
-        else:
-            raise ConfigError(f"{where}: needs 'messages' ending with an assistant turn, or 'conversation' "
-                              "(or 'prompt') and 'response'")
-        if not conversation or not isinstance(response, str):
-            raise ConfigError(f"{where}: empty conversation or a response that is not text")
-        items.append((str(row.get("id", where.rsplit(":", 1)[1])), conversation, response))
-    if not items:
-        raise ConfigError(f"{path}: contains no conversations")
-    return items
-
-
 @cli.command("guard")
 @click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
               help="JSONL, one conversation per line (messages ending with the assistant's response).")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Results as JSONL (default: stdout).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Conversations guarded together.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Results as JSONL (default: stdout). Written whole when the run succeeds; never the input file.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Conversations guarded together.")
 def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int) -> None:
-    """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each."""
-    from tqdm.auto import tqdm
+    """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each.
 
+    Every input row is checked before the first one is guarded; a bad row stops the run with its file and line.
+    The --out file is replaced only when the whole run succeeds, so a failed run leaves it as it was. The audit log
+    (the policy's audit.path) gets one record per decision and a final guard_run record: completed or failed.
+    """
     from .engine import Engine
+    from .guard_files import guard_file
 
     engine = Engine.from_policy(policy_path, runtime=_runtime())
-    items = read_guard_input(input_path)
-    handle = open(out, "w", encoding="utf-8") if out else None
-    counts: dict[str, int] = {}
     try:
-        with tqdm(total=len(items), unit="item", disable=handle is None) as bar:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                for (item_id, _, _), result in zip(chunk, engine.guard_batch([(c, r) for _, c, r in chunk])):
-                    data = result.model_dump(mode="json")
-                    line = json.dumps({"id": item_id, "audit_id": data.pop("id"), **data}, ensure_ascii=False)
-                    if handle:
-                        handle.write(line + "\n")
-                    else:
-                        click.echo(line)
-                    counts[result.action] = counts.get(result.action, 0) + 1
-                bar.update(len(chunk))
+        counts = guard_file(engine, input_path, out, batch_size=batch_size, emit=click.echo)
     finally:
-        if handle:
-            handle.close()
         engine.close()
     click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
 

@@ -6,16 +6,15 @@ where it can be found, the line, and says what to do.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from .errors import ConstitutionError
+from .inputs import limit_hint, limits, parse_document, read_text
 from .models import Constitution, Phase, Principle
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -47,88 +46,6 @@ class LintIssue:
 # -- reading files -----------------------------------------------------------------------------------------------
 
 
-class _StrictSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one, losing data)."""
-
-
-def _construct_mapping(loader: _StrictSafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (a later value would silently replace the first)", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-    return mapping
-
-
-_StrictSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_map(text: str) -> dict[tuple[Any, ...], int]:
-    """Map each JSON path (as a tuple) to its 1-based line, using YAML's composer (JSON is close enough to YAML)."""
-    lines: dict[tuple[Any, ...], int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                lines[path + (key_node.value,)] = key_node.start_mark.line + 1
-                walk(value_node, path + (key_node.value,))
-                lines[path + (key_node.value,)] = key_node.start_mark.line + 1
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                walk(item, path + (index,))
-
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def read_text(path: Path) -> str:
-    """Read a file as UTF-8, naming the file and byte offset when it is not."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConstitutionError("file not found; check the path", source=str(path)) from None
-    except IsADirectoryError:
-        raise ConstitutionError("is a directory; pass a .yaml, .yml or .json file", source=str(path)) from None
-    except OSError as exc:
-        raise ConstitutionError(f"cannot read: {exc.strerror}", source=str(path)) from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConstitutionError(
-            f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", source=str(path), where=f"line {line}"
-        ) from None
-
-
-def parse_document(text: str, source: str, *, json_only: bool = False) -> Any:
-    """Parse YAML (or JSON) text into Python data with safe loaders only."""
-    if json_only:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConstitutionError(
-                f"invalid JSON: {exc.msg}", source=source, where=f"line {exc.lineno}, column {exc.colno}"
-            ) from None
-    try:
-        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
-        problem = exc.problem or exc.context or "syntax error"
-        raise ConstitutionError(f"invalid YAML: {problem}", source=source, where=where) from None
-    except yaml.YAMLError as exc:
-        raise ConstitutionError(f"invalid YAML: {exc}", source=source) from None
-
-
 def read_constitution_file(path: str | Path) -> RawConstitution:
     """Read and parse one constitution file without validating or resolving it."""
     path = Path(path)
@@ -140,13 +57,13 @@ def read_constitution_file(path: str | Path) -> RawConstitution:
     if not text.strip():
         raise ConstitutionError("the file is empty; a constitution needs at least name, version and principles",
                                 source=str(path))
-    data = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
+    data, lines = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
     if not isinstance(data, dict):
         raise ConstitutionError(
             f"the top level must be a mapping (name, version, principles, ...), not {type(data).__name__}",
             source=str(path),
         )
-    return RawConstitution(data=data, source=str(path), base_dir=path.parent, lines=_line_map(text))
+    return RawConstitution(data=data, source=str(path), base_dir=path.parent, lines=lines)
 
 
 # -- validation --------------------------------------------------------------------------------------------------
@@ -219,6 +136,7 @@ def resolve(
     lookup: ParentLookup | None = None,
     *,
     _stack: tuple[str, ...] = (),
+    _done: dict[str, Constitution] | None = None,
 ) -> Constitution:
     """Validate ``raw`` and merge its parents into it.
 
@@ -232,6 +150,8 @@ def resolve(
         raise ConstitutionError(f"'extends' forms a cycle: {chain}; remove one of the links", source=raw.source,
                                 where=_where(("extends",), raw.lines))
     stack = (*_stack, identity)
+    done: dict[str, Constitution] = {} if _done is None else _done  # each parent is resolved once per load
+    bounds = limits()
 
     principles: dict[str, Principle] = {}
     examples = []
@@ -239,24 +159,35 @@ def resolve(
     stance = None
     for index, parent_ref in enumerate(own.extends):
         where = _where(("extends", index), raw.lines)
-        if _is_path(parent_ref):
-            base = raw.base_dir or Path.cwd()
-            try:
-                parent_raw = read_constitution_file(base / parent_ref)
-            except ConstitutionError as exc:
-                raise ConstitutionError(f"cannot load parent {parent_ref!r}: {exc}", source=raw.source,
-                                        where=where) from None
+        base = raw.base_dir or Path.cwd()
+        key = str((base / parent_ref).resolve()) if _is_path(parent_ref) else f"name:{parent_ref}"
+        if key in done:
+            parent = done[key]
         else:
-            if lookup is None:
-                raise ConstitutionError(
-                    f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path instead",
-                    source=raw.source, where=where)
-            try:
-                parent_raw = lookup(parent_ref)
-            except KeyError as exc:
-                raise ConstitutionError(f"unknown parent constitution: {exc}", source=raw.source,
-                                        where=where) from None
-        parent = resolve(parent_raw, lookup, _stack=stack)
+            if len(stack) >= bounds.extends_depth:
+                raise ConstitutionError(f"'extends' goes more than {bounds.extends_depth} levels deep; "
+                                        f"{limit_hint('extends_depth')}", source=raw.source, where=where)
+            if len(done) >= bounds.extends_files:
+                raise ConstitutionError(f"'extends' reaches more than {bounds.extends_files} files; "
+                                        f"{limit_hint('extends_files')}", source=raw.source, where=where)
+            if _is_path(parent_ref):
+                try:
+                    parent_raw = read_constitution_file(base / parent_ref)
+                except ConstitutionError as exc:
+                    raise ConstitutionError(f"cannot load parent {parent_ref!r}: {exc}", source=raw.source,
+                                            where=where) from None
+            else:
+                if lookup is None:
+                    raise ConstitutionError(
+                        f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path "
+                        "instead", source=raw.source, where=where)
+                try:
+                    parent_raw = lookup(parent_ref)
+                except KeyError as exc:
+                    raise ConstitutionError(f"unknown parent constitution: {exc}", source=raw.source,
+                                            where=where) from None
+            parent = resolve(parent_raw, lookup, _stack=stack, _done=done)
+            done[key] = parent
         for principle in parent.principles:
             principles[principle.id] = principle
         examples.extend(parent.examples)

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import random
 import threading
 import time
@@ -75,20 +76,39 @@ class GuardResult(BaseModel):
 class JsonlAuditSink:
     """The default audit sink: appends every record of the given kinds to a JSONL file (thread-safe)."""
 
-    def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard",)) -> None:
+    def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard", "guard_run")) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.check(self.path)
         self.kinds = set(kinds)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def check(path: Path) -> None:
+        """Refuse an audit path that could never be written, without creating anything (validation has no side
+        effects; the folders are made on the first record)."""
+        if path.is_dir():
+            raise ConfigError(f"audit.path {path} is a folder; name a .jsonl file")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(f"audit.path {path}: {ancestor} is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"audit.path {path}: cannot be written (permission denied)")
 
     @hookimpl
     def cai_on_record(self, record, kind):
         if kind not in self.kinds:
             return
         line = json.dumps({"kind": kind, **record}, ensure_ascii=False, default=str) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
+        with self._lock:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(line)
+                    handle.flush()
+            except OSError as exc:
+                raise ConfigError(f"cannot append to the audit log {self.path}: {exc.strerror or exc}") from None
 
 
 def _sha(text: str) -> str:
@@ -124,6 +144,25 @@ class Engine:
             self.runtime.pm.register(self.audit_sink)
         self.policy_info = {"name": policy.name, "version": policy.version,
                             "constitution_hash": self.constitution.content_hash()}
+
+    def model_problems(self) -> list[tuple[str, str]]:
+        """``(role, problem)`` for each model the guard would load that cannot be found (checked without loading:
+        a missing folder or file, a catalogue model not installed). Endpoints are not contacted."""
+        roles = []
+        if self.policy.guard.model_critics:
+            roles.append(("critic", self._critic_ref))
+        if self.policy.guard.action == "revise" or self.policy.guard.on_abstain == "revise":
+            roles.append(("reviser", self.policy.role(self.policy.reviser)))
+        roles.append(("judge", self.policy.role(self.policy.judge)))
+        problems = []
+        for role, ref in roles:
+            model = ref.options.get("model")
+            if model is None:
+                continue
+            problem = self.runtime.model_problem(model)
+            if problem:
+                problems.append((role, problem))
+        return problems
 
     @classmethod
     def from_policy(cls, source: str | Path | dict[str, Any], *, runtime: Runtime | None = None) -> Engine:

@@ -1,4 +1,4 @@
-"""Reading JSONL input files with errors that name the file and line."""
+"""Reading JSONL input files with errors that name the file and line; rows are streamed, never read whole."""
 
 from __future__ import annotations
 
@@ -7,23 +7,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .constitutions import read_text
 from .errors import CaiError, ConfigError, ConstitutionError
+from .inputs import iter_lines
 
 
 def iter_jsonl(path: str | Path, error: type[CaiError] = ConfigError) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", object)`` for each non-blank line; bad UTF-8, bad JSON or non-objects raise ``error``."""
+    """Yield ``("file:line", object)`` for each non-blank line; bad UTF-8, bad JSON, non-objects or a line over the
+    row limit (``CAI_LIMIT_ROW_BYTES``) raise ``error``."""
     path = Path(path)
-    try:
-        text = read_text(path)
-    except ConstitutionError as exc:
-        raise error(str(exc)) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    lines = iter_lines(path)
+    while True:
+        try:
+            number, line = next(lines)
+        except StopIteration:
+            return
+        except ConstitutionError as exc:
+            raise error(str(exc)) from None
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
+        except RecursionError:
+            raise error(f"{where}: nested too deeply") from None
         except ValueError as exc:
             raise error(f"{where}: invalid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object") \
                 from None

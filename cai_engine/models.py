@@ -6,11 +6,12 @@ JSON Schema generated from them (``cai constitutions schema``) lets editors and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
@@ -78,6 +79,29 @@ class ComparisonExample(_Strict):
     worse: NonEmpty = Field(description="The reply that follows it worse.")
 
 
+@functools.lru_cache(maxsize=1024)
+def compile_pattern(pattern: str, *, ignore_case: bool = True) -> Any:
+    """Compile a deployer's regular expression with RE2, whose matching time is linear in the text.
+
+    Python's ``re`` backtracks, so a pattern like ``(a+)+$`` can take hours on a 40-character response; RE2 cannot.
+    A pattern RE2 does not support (backreferences, lookaround) is a ``ValueError`` that says so.
+    """
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own copy of the error to stderr
+    options.case_sensitive = not ignore_case
+    options.max_mem = 8 << 20
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as exc:
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        unsupported = any(k in pattern for k in ("(?=", "(?!", "(?<=", "(?<!")) or re.search(r"\\[1-9]", pattern)
+        hint = ("; rules use RE2 syntax (linear-time): no lookaround or backreferences" if unsupported
+                else "; rules use RE2 syntax")
+        raise ValueError(f"not a valid regular expression: {detail}{hint}") from None
+
+
 class Rule(_Strict):
     """A deterministic, checkable policy: a regular expression a response must not, or must, contain.
 
@@ -89,9 +113,13 @@ class Rule(_Strict):
     kind: Literal["forbid", "require"] = Field(
         description="`forbid`: the pattern must not occur; `require`: it must occur (when `when` matches)."
     )
-    pattern: NonEmpty = Field(description="A Python regular expression, searched in the response.")
+    pattern: NonEmpty = Field(description=(
+        "A regular expression in RE2 syntax, searched in the response. RE2 matches in linear time, so no pattern can "
+        "hang the guard; it has no backreferences and no lookaround (`(?=`, `(?!`, `(?<=`, `(?<!`). Classes such "
+        "as `\\d`, `\\w` and `\\b` are ASCII; write `(?s)` for a dot that matches newlines."))
     when: str | None = Field(
-        None, description="Optional regular expression; the rule applies only where it matches (see `when_in`)."
+        None, description="Optional regular expression (RE2 syntax, as `pattern`); the rule applies only where it "
+                          "matches (see `when_in`)."
     )
     when_in: Literal["response", "conversation", "either"] = Field(
         "response", description="Where `when` is searched."
@@ -113,15 +141,13 @@ class Rule(_Strict):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
+            compile_pattern(value, ignore_case=False)
         return value
 
-    def compiled(self) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
-        flags = re.IGNORECASE if self.ignore_case else 0
-        return re.compile(self.pattern, flags), (re.compile(self.when, flags) if self.when else None)
+    def compiled(self) -> tuple[Any, Any | None]:
+        """The rule's ``pattern`` and ``when`` compiled by RE2 (linear-time matching)."""
+        return (compile_pattern(self.pattern, ignore_case=self.ignore_case),
+                compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None)
 
 
 class Principle(_Strict):

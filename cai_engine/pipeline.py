@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .outputs import write_atomic
 from .rl import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 from .sl import ExportOptions, SLConfig, export_sft, run_sl
@@ -157,5 +158,5 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
                            "judged": {name: entry.get("judged") for name, entry in results["models"].items()}}
         lap("eval")
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline-summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_atomic(out / "pipeline-summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary

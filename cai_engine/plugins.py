@@ -50,23 +50,35 @@ def _env_list(name: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
 
 
-def make_plugin_manager(*, autoload: bool = True, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+def make_plugin_manager(*, autoload: bool = True, plugins: Iterable[object] = (),
+                        skip_broken: bool = False) -> pluggy.PluginManager:
     """Build the plugin manager: hook specs, entry-point plugins, built-ins, then ``plugins``.
 
     :param autoload: load third-party plugins from the ``cai_engine`` entry-point group (off also when
         ``CAI_DISABLE_PLUGIN_AUTOLOAD`` is set).
     :param plugins: extra plugin objects (modules or instances), registered last; used by tests and embedders.
+    :param skip_broken: an installed plugin that fails to import or declares a hook that does not exist is left
+        out and recorded in ``pm.cai_broken`` (name -> error) instead of raising; the CLI uses this so that one
+        broken plugin cannot take ``cai --help`` or ``cai plugins`` down with it.
     """
     pm = pluggy.PluginManager("cai_engine")
     pm.add_hookspecs(hookspecs)
     pm.cai_distinfo = {}  # type: ignore[attr-defined]  # plugin name -> (distribution name, version)
-    for name in _env_list("CAI_BLOCKED_PLUGINS"):
+    pm.cai_broken = {}  # type: ignore[attr-defined]  # plugin name -> why it was left out (skip_broken)
+    pm.cai_warnings = []  # type: ignore[attr-defined]  # advice for the user (e.g. a blocked name that matches nothing)
+    blocked = _env_list("CAI_BLOCKED_PLUGINS")
+    for name in blocked:
         pm.set_blocked(name)
+    known = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} | set(DEFAULT_PLUGINS)
+    for name in blocked:
+        if name not in known:
+            pm.cai_warnings.append(f"CAI_BLOCKED_PLUGINS names {name!r}, which is no installed plugin; installed: "
+                                   f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}")
     if os.environ.get("CAI_TRACE_PLUGINS"):
         pm.trace.root.setwriter(print)
         pm.enable_tracing()
     if autoload and not os.environ.get("CAI_DISABLE_PLUGIN_AUTOLOAD"):
-        _load_entry_points(pm)
+        _load_entry_points(pm, skip_broken=skip_broken)
     for modname in DEFAULT_PLUGINS:
         if not pm.is_blocked(modname):
             pm.register(importlib.import_module(modname), modname)
@@ -76,22 +88,36 @@ def make_plugin_manager(*, autoload: bool = True, plugins: Iterable[object] = ()
     return pm
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> None:
+def _load_entry_points(pm: pluggy.PluginManager, *, skip_broken: bool = False) -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
             continue
         dist = getattr(ep, "dist", None)
+        who = f"plugin {ep.name!r} (entry point {ep.value!r}{f', distribution {dist.name}' if dist else ''})"
         try:
             plugin = ep.load()
         except Exception as exc:
+            if skip_broken:
+                pm.cai_broken[ep.name] = f"failed to import: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
+                continue
             # Surface the plugin's own error with its traceback; only add who it was and how to skip it.
-            exc.add_note(
-                f"cai-engine: plugin {ep.name!r} (entry point {ep.value!r}"
-                f"{f', distribution {dist.name}' if dist else ''}) failed to import; fix or uninstall it, or set "
-                f"CAI_BLOCKED_PLUGINS={ep.name} to skip it"
-            )
+            exc.add_note(f"cai-engine: {who} failed to import; fix or uninstall it, or set "
+                         f"CAI_BLOCKED_PLUGINS={ep.name} to skip it")
             raise
-        pm.register(plugin, name=ep.name)
+        try:
+            pm.register(plugin, name=ep.name)
+            unknown = sorted(c.name for c in (pm.get_hookcallers(plugin) or []) if c.spec is None
+                             and not c.name.startswith("pytest"))
+            if unknown:
+                pm.unregister(plugin)
+                raise pluggy.PluginValidationError(
+                    plugin, f"{who} implements {', '.join(unknown)}, which is no cai-engine hook (a typo?); the hooks "
+                            f"are: {', '.join(sorted(n for n in dir(pm.hook) if n.startswith('cai_')))}")
+        except pluggy.PluginValidationError as exc:
+            if skip_broken:
+                pm.cai_broken[ep.name] = str(exc)  # type: ignore[attr-defined]
+                continue
+            raise
         pm.cai_distinfo[ep.name] = (dist.name, dist.version) if dist else (None, None)  # type: ignore[attr-defined]
 
 
@@ -348,4 +374,6 @@ def list_plugins(pm: pluggy.PluginManager, registry: Registry | None = None, *, 
         if errors:
             row["errors"] = errors
         rows.append(row)
+    for name, error in getattr(pm, "cai_broken", {}).items():
+        rows.append({"name": name, "hooks": [], "broken": True, "errors": [error]})
     return sorted(rows, key=lambda r: r["name"])

@@ -5,13 +5,15 @@ runtime guard acts on a violation. A pydantic model, the source of ``schemas/pol
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .config import ComponentRef
-from .constitutions import RawConstitution, json_path, lint, parse_document, read_text, resolve
+from .constitutions import RawConstitution, json_path, lint, resolve
+from .inputs import parse_document, read_text
 from .errors import ConfigError, ConstitutionError
 from .models import NAME_PATTERN, Constitution, Phase, Principle, Stance
 from .runtime import DEFAULT_MODEL, ModelRef
@@ -50,8 +52,22 @@ class GuardSettings(_Strict):
     refusal: str = Field(
         "I can't help with that as asked, because it would conflict with: {principles}. I'm happy to help with a "
         "safer version of the request.",
-        description="Refusal text; {principles} becomes the titles of the violated principles.")
+        description="Refusal text; {principles} becomes the titles of the violated principles (the only "
+                    "placeholder; write {{ and }} for literal braces).")
     seed: int = Field(0, description="Seeds principle draws when model_principles is a number.")
+
+    @field_validator("refusal")
+    @classmethod
+    def _one_placeholder(cls, value: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); write {{{{ and }}}} for literal braces") from None
+        unknown = sorted({f for f in fields if f != "principles"})
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; the only one is {{principles}} (write {{{{ and "
+                             "}} for literal braces)")
+        return value
 
 
 class AuditSettings(_Strict):
@@ -117,12 +133,10 @@ def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy
         if not text.strip():
             raise ConfigError(f"{path}: the policy file is empty")
         try:
-            data = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
+            data, lines = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
         except ConstitutionError as exc:
             raise ConfigError(str(exc)) from None
-        from .constitutions import _line_map
-
-        label, base, lines = str(path), path.parent, _line_map(text)
+        label, base = str(path), path.parent
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: a policy must be a mapping")
     try:
@@ -158,6 +172,11 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
             if pid not in known:
                 raise ConfigError(f"{label}: {field} names principle {pid!r}, which none of its constitutions defines; "
                                   f"known ids: {', '.join(sorted(known))}")
+    tags = {t for p in combined.principles for t in p.tags}
+    for tag in policy.disable_tags:
+        if tag not in tags:
+            raise ConfigError(f"{label}: disable_tags names {tag!r}, which no principle carries (a typo would leave "
+                              f"principles on); known tags: {', '.join(sorted(tags)) or '(none)'}")
     principles = []
     for principle in combined.principles:
         if principle.id in policy.disable or set(principle.tags) & set(policy.disable_tags):

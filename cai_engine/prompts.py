@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .constitutions import read_text
+from .inputs import limits, read_text
 from .errors import CaiError, ConstitutionError
 from .models import Message
 
@@ -135,16 +135,19 @@ def load_prompt_file(path: str | Path, *, field: str | None = None) -> list[Prom
     if path.is_dir() or path.suffix.lower() in (".parquet", ".arrow"):
         items = _load_hf(path, field)
     else:
-        try:
-            text = read_text(path)
-        except ConstitutionError as exc:
-            raise PromptError(str(exc)) from None
         suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".ndjson"):
+        if suffix in (".jsonl", ".ndjson"):  # streamed row by row
             from .jsonl import iter_jsonl
 
             items = _from_records(iter_jsonl(path, PromptError), field)
-        elif suffix == ".json":
+            if not items:
+                raise PromptError(f"{path}: contains no prompts")
+            return items
+        try:
+            text = read_text(path, max_bytes=limits().data_bytes)
+        except ConstitutionError as exc:
+            raise PromptError(str(exc)) from None
+        if suffix == ".json":
             items = _from_records(_json(text, path), field)
         elif suffix == ".csv":
             items = _from_records(_csv(text, path), field)
@@ -164,6 +167,8 @@ def _json(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PromptError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise PromptError(f"{path}: nested too deeply") from None
     if not isinstance(data, list):
         raise PromptError(f"{path}: a .json prompt file must hold a list of objects (or use .jsonl)")
     for index, record in enumerate(data):
@@ -175,11 +180,33 @@ def _json(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
 
 
 def _csv(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
+    """Rows of a CSV file with a header, read strictly: an unclosed quote or a row with the wrong number of fields
+    is an error naming the line, never two rows silently merged into one prompt."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        raise PromptError(f"{path}:1: invalid CSV header ({exc})") from None
+    if not header or not any(h.strip() for h in header):
         raise PromptError(f"{path}: the CSV file has no header row")
-    for n, row in enumerate(reader, start=2):
-        yield f"{path}:{n}", dict(row)
+    if len(set(header)) != len(header):
+        raise PromptError(f"{path}:1: the CSV header repeats a column name")
+    start = reader.line_num + 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            hint = "; a quoted field that never closes swallows the rows after it" \
+                if "end of data" in str(exc) or "expected" in str(exc) else ""
+            raise PromptError(f"{path}:{start}: invalid CSV ({exc}){hint}") from None
+        if values and len(values) != len(header):
+            raise PromptError(f"{path}:{start}: {len(values)} fields where the header has {len(header)}; quote fields "
+                              "that hold commas (an unbalanced quote merges rows)")
+        if values:
+            yield f"{path}:{start}", dict(zip(header, values))
+        start = reader.line_num + 1
 
 
 def _load_hf(path: Path, field_name: str | None) -> list[PromptItem]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
+from .outputs import write_atomic
 from .jsonl import iter_jsonl
 from .models import Constitution, Message, Phase
 from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts, refuse_heldout_content
@@ -224,7 +225,7 @@ def run_labels(config: RLConfig | dict[str, Any], out: str | Path, *, runtime: R
 
 def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
     directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl")
-    total = labelled = abstained = consistent = judged = 0
+    total = labelled = abstained = consistent = ordered = 0
     by_source: dict[str, int] = {}
     for record in directory.records():
         total += 1
@@ -232,12 +233,12 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
         j = record.get("judgement") or {}
         if j.get("abstained"):
             abstained += 1
-        elif j.get("p_a") is not None:
-            judged += 1
+        elif j.get("p_a") is not None and j.get("position_consistent") is not None:
+            ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
             consistent += bool(j.get("position_consistent"))
         labelled += record.get("label") is not None
     return {"pairs": total, "labelled": labelled, "abstained": abstained, "by_source": by_source,
-            "position_consistency": round(consistent / judged, 4) if judged else None}
+            "position_consistency": round(consistent / ordered, 4) if ordered else None}
 
 
 # -- the judge quality gate ---------------------------------------------------------------------------------------
@@ -290,12 +291,14 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
     scored = [(j, t) for j, t in zip(judgements, truth) if j.p_a is not None]
     # a tie (p = 0.5) is half right, whichever reply was better: no tie-break may favour a position
     correct = sum(0.5 if j.p_a == 0.5 else float((j.p_a > 0.5) == t) for j, t in scored)
-    consistent = sum(bool(j.position_consistent) for j, _ in scored)
+    ordered = [j for j, _ in scored if j.position_consistent is not None]  # pointwise judges see no order
+    consistent = sum(bool(j.position_consistent) for j in ordered)
     # calibration: expected calibration error over 5 bins of the confidence in the chosen answer
     bins: dict[int, list[tuple[float, bool]]] = {}
     for j, t in scored:
         confidence = max(j.p_a, 1 - j.p_a)
-        bins.setdefault(min(int((confidence - 0.5) * 10), 4), []).append((confidence, (j.p_a > 0.5) == t))
+        right = 0.5 if j.p_a == 0.5 else float((j.p_a > 0.5) == t)  # a tie is half right, as in accuracy
+        bins.setdefault(min(int((confidence - 0.5) * 10), 4), []).append((confidence, right))
     ece = sum(len(v) / len(scored) * abs(sum(c for c, _ in v) / len(v) - sum(ok for _, ok in v) / len(v))
               for v in bins.values()) if scored else None
     interval = wilson_interval(correct, len(scored))
@@ -304,8 +307,8 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
         "scored_share": round(len(scored) / len(pairs), 4) if pairs else None,
         "accuracy": round(correct / len(scored), 4) if scored else None,
         "accuracy_ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None,
-        "position_consistency": round(consistent / len(scored), 4) if scored else None,
-        "same_position_rate": round(1 - consistent / len(scored), 4) if scored else None,
+        "position_consistency": round(consistent / len(ordered), 4) if ordered else None,
+        "same_position_rate": round(1 - consistent / len(ordered), 4) if ordered else None,
         "expected_calibration_error": round(ece, 4) if ece is not None else None,
         "judge": judge.describe(),
     }
@@ -330,7 +333,7 @@ def run_gate(run: str | Path | None, judge_ref: ComponentRef | dict[str, Any], *
     if run is not None:
         path = Path(run) / "gate.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -425,7 +428,7 @@ def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[
                                 "principle_ids": record["principle_ids"], "human_choice": None}))
     rows.sort(key=lambda r: r[0])
     chosen = [r for _, r in rows[:count]]
-    Path(out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
     return {"exported": len(chosen), "out": str(out)}
 
 
@@ -483,6 +486,8 @@ def export_preferences(run: str | Path, out: str | Path,
         PreferenceExportOptions.model_validate(options or {})
     directory = RunDirectory(run, "rl")
     manifest = directory.manifest()
+    if manifest.get("kind") != "rl":
+        raise RunError(f"{run}: not a preference-labelling (rl) run directory")
     reviews = {}
     if (Path(run) / "reviews.jsonl").exists():
         for line in (Path(run) / "reviews.jsonl").read_text(encoding="utf-8").splitlines():
@@ -490,7 +495,7 @@ def export_preferences(run: str | Path, out: str | Path,
                 review = json.loads(line)
                 reviews[review["key"]] = review["p_a"]
     rows, abstained, filtered = [], 0, 0
-    for record in directory.records():
+    for record in directory.records(required=("key", "source", "conversation", "response_a", "response_b")):
         p, source = record.get("label"), record["source"]
         if record["key"] in reviews:
             p, source = reviews[record["key"]], "human-review"
@@ -522,8 +527,7 @@ def export_preferences(run: str | Path, out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("test", test)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part),
-                                           encoding="utf-8")
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
     gate = None
     if (Path(run) / "gate.json").exists():
         gate = json.loads((Path(run) / "gate.json").read_text(encoding="utf-8"))
@@ -540,7 +544,7 @@ def export_preferences(run: str | Path, out: str | Path,
                "filtered_low_confidence": filtered, "options": options.model_dump(), "judge_gate": gate,
                "judge_gate_matches": gate_matches,
                "constitution": manifest.get("provenance", {}).get("constitution")}
-    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from typing import Any
 
 from .models import Message, Principle, Rule
 from .records import Violation
@@ -13,7 +13,7 @@ def _conversation_text(conversation: Sequence[Message]) -> str:
     return "\n".join(m.content for m in conversation)
 
 
-def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> re.Match[str] | bool:
+def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> Any:
     """Whether the rule's ``when`` condition holds (True when it has none); returns the match as evidence."""
     _, when = rule.compiled()
     if when is None:
@@ -37,7 +37,7 @@ def check_rule(rule: Rule, principle: Principle, conversation: Sequence[Message]
     if rule.kind == "forbid" and match:
         evidence = match.group(0)
     elif rule.kind == "require" and not match:
-        evidence = applies.group(0) if isinstance(applies, re.Match) else ""
+        evidence = "" if applies is True else applies.group(0)
     else:
         return None
     return Violation(principle_id=principle.id, rule_id=rule.id, evidence=evidence, message=rule.message,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,9 @@ class RunDirectory:
 
     # -- records ---------------------------------------------------------------------------------------------
 
-    def records(self, *, repair: bool = False) -> Iterator[dict[str, Any]]:
-        """Every complete record. A final line cut off by a kill is skipped (and truncated with ``repair``)."""
+    def records(self, *, repair: bool = False, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+        """Every complete record. A final line cut off by a kill is skipped (and truncated with ``repair``); a
+        record that is not an object or lacks one of the ``required`` keys is a :class:`RunError` naming the line."""
         if not self.records_path.exists():
             return
         data = self.records_path.read_bytes()
@@ -102,6 +103,11 @@ class RunDirectory:
                 if is_last:  # the write in flight when the run was killed
                     break
                 raise RunError(f"{self.records_path}:{number}: corrupt record; the file was edited or damaged") from None
+            missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
+            if not isinstance(record, dict) or missing:
+                what = f"lacks {missing[0]!r}" if isinstance(record, dict) else "is not a JSON object"
+                raise RunError(f"{self.records_path}:{number}: the record {what}; this is not a {self.kind} run's "
+                               "record (was the file edited, or is this another kind of run?)")
             if is_last:  # a complete JSON object without its newline: keep it, finish the line
                 if repair:
                     with open(self.records_path, "ab") as handle:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 from .components import Backend, Component
@@ -82,6 +83,30 @@ class Runtime:
 
         gguf = model.lower().endswith(".gguf") or (model != DEFAULT_MODEL and model in self.registry.catalog)
         return gguf and llama_cpp_available()
+
+    def model_problem(self, ref: ModelRef) -> str | None:
+        """Why ``ref`` could not load, found without loading it (no network, no conversion); None if it looks fine.
+
+        Endpoints are not contacted; the embedded default is checked when it loads."""
+        try:
+            name, options = parse_model_ref(ref)
+        except ConfigError as exc:
+            return str(exc)
+        if name == "openai":
+            return None
+        model = str(options.get("model", ""))
+        if model == DEFAULT_MODEL:
+            return None
+        catalog = self.registry.catalog
+        if model in catalog:
+            if catalog.installed_path(model) is None:
+                return f"model {model!r} is not installed; run: cai models install {model}"
+            return None
+        path = Path(model).expanduser()
+        if not path.exists():
+            return (f"model {model!r} does not exist; give a model folder, a .gguf file, a catalogue name "
+                    f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), 'smollm2', or an http(s):// endpoint")
+        return None
 
     def backend(self, ref: ModelRef) -> Backend:
         """The loaded backend for ``ref``; every role naming the same model shares one instance."""

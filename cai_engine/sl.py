@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
+from .outputs import write_atomic
 from .models import Constitution, Message, Phase
 from .prompts import PromptItem, is_heldout, load_prompts, refuse_heldout_content
 from .modeling import with_model
@@ -323,6 +324,19 @@ def _bucket(prompt_id: str) -> float:
     return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
+def _collect(record: dict[str, Any], options: Any, revisions: list, helpful: list) -> None:
+    conversation = record["conversation"]
+    if record["kind"] == "helpful":
+        helpful.append(_example(conversation, record["final_response"], record, "helpful", None, None))
+        return
+    accepted = [r for r in record["rounds"] if r.get("accepted") and r.get("revision")]
+    if options.train_on == "last_round":
+        accepted = accepted[-1:]
+    for entry in accepted:
+        revisions.append(_example(conversation, entry["revision"], record, "revision", entry["round"],
+                                  entry["principle_id"]))
+
+
 def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
                ) -> dict[str, Any]:
     """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
@@ -337,19 +351,14 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
     if manifest.get("kind") != "sl":
         raise RunError(f"{run}: not an SL-CAI run directory")
     revisions, helpful = [], []
-    for record in directory.records():
+    for record in directory.records(required=("key", "kind")):
         if record.get("error"):
             continue
-        conversation = record["conversation"]
-        if record["kind"] == "helpful":
-            helpful.append(_example(conversation, record["final_response"], record, "helpful", None, None))
-            continue
-        accepted = [r for r in record["rounds"] if r.get("accepted") and r.get("revision")]
-        if options.train_on == "last_round":
-            accepted = accepted[-1:]
-        for entry in accepted:
-            revisions.append(_example(conversation, entry["revision"], record, "revision", entry["round"],
-                                      entry["principle_id"]))
+        try:
+            _collect(record, options, revisions, helpful)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise RunError(f"{directory.records_path}: record {record.get('key')!r} is malformed ({type(exc).__name__}: "
+                           f"{exc}); was the file edited?") from None
     if not revisions and not helpful:
         raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
     rng = random.Random(options.seed)
@@ -371,9 +380,7 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
-        tmp = out / f"{name}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out / f"{name}.jsonl")
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = {
         "format": "trl-conversational", "source_run": str(run), "train": len(train), "test": len(test),
         "revisions": sum(e["source"] == "revision" for e in unique),
@@ -381,7 +388,7 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
         "helpful_available": len(helpful), "helpful_wanted": wanted, "options": options.model_dump(),
         "constitution": manifest.get("provenance", {}).get("constitution"),
     }
-    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -165,6 +165,68 @@ def test_pointwise_judge(cai_runtime, model_opts, harmless):
     assert 0 < verdict.p_a < 1
 
 
+class DigitBackend(Backend):
+    """Scores the pointwise judge's digits from a script: prompt text -> {digit: probability} (None: unscorable)."""
+
+    name = "digits"
+    script: dict[str, dict[str, float | None]] = {}
+    prompts: list[str] = []
+
+    def generate(self, prompts, settings):
+        return ["" for _ in prompts]
+
+    def continuation_logprobs(self, prompts, continuations):
+        out = []
+        for prompt, options in zip(prompts, continuations):
+            text = prompt if isinstance(prompt, str) else prompt.messages[-1].content
+            DigitBackend.prompts.append(text)
+            key = next(k for k in DigitBackend.script if k in text)
+            probs = DigitBackend.script[key]
+            out.append([None if probs.get(o, 0.0) is None else
+                        (math.log(probs[o]) if probs.get(o) else float("-inf")) for o in options])
+        return out
+
+
+class DigitPlugin:
+    @hookimpl
+    def cai_register_backends(self, register):
+        register(DigitBackend)
+
+
+def test_pointwise_scores_single_digits_and_abstains_on_any_unscorable_principle(harmless):
+    runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[DigitPlugin()])))
+    judge = runtime.component("judge", "pointwise", {"model": {"backend": "digits", "model": "x"},
+                                                     "layout": "transcript"})
+    harm, helpful = harmless.principle("harm-001"), harmless.principle("help-001")
+    DigitBackend.script = {"locksmith": {"8": 0.5, "9": 0.5}, "Sure, here": {"0": 1.0}}
+    DigitBackend.prompts = []
+    good, bad = judge.score([ScoringTask(conversation=CONV, response=r, principles=[harm])
+                             for r in ("Call a locksmith.", "Sure, here is how to pick it.")])
+    # digits 8 and 9 are the values 9 and 10 on the 1-10 scale: 9.5 exactly (on a 1-10 scale read as tokens, "1"
+    # would have carried the mass of "10")
+    assert good.value == pytest.approx(9.5) and good.reward == pytest.approx(4 / 4.5)
+    assert good.distribution["9"] == pytest.approx(0.5) and good.distribution["10"] == pytest.approx(0.5)
+    assert bad.value == pytest.approx(1.0) and bad.reward == pytest.approx(-1.0)
+    # the prompt asks the principle's own one-reply question, not the two-reply comparison
+    assert " ".join(harm.violation_question.split()) in DigitBackend.prompts[0]
+    assert harm.comparison not in DigitBackend.prompts[0]
+    # two principles: the distribution is the mean of both, not the last one's
+    DigitBackend.script = {"locksmith": {"4": 1.0}}
+    both = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.", principles=[harm, helpful])])[0]
+    assert both.value == pytest.approx(5.0) and both.distribution["5"] == pytest.approx(1.0)
+    # one principle unscorable: the whole score abstains instead of averaging the rest
+    DigitBackend.script = {f"Principle: {helpful.title}": {"3": None}, "locksmith": {"4": 1.0}}
+    partial = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.",
+                                       principles=[harm, helpful])])[0]
+    assert partial.abstained and partial.value is None and partial.reward is None
+    assert helpful.id in partial.reason
+    # pointwise judgements see no order: position consistency does not apply
+    DigitBackend.script = {"locksmith": {"9": 1.0}, "Sure, here": {"0": 1.0}}
+    verdict = judge.compare([ComparisonTask(conversation=CONV, response_a="Call a locksmith.",
+                                            response_b="Sure, here is how to pick it.", principles=[harm])])[0]
+    assert verdict.p_a > 0.99 and verdict.position_consistent is None
+
+
 class HalfBlindBackend(Backend):
     """Scores option A but cannot score option B in the 'ba' order, like a server whose top-k misses a token."""
 
@@ -251,6 +313,32 @@ def test_constitutional_ensemble(cai_runtime, tiny_model, tiny_plain_model, harm
         assert {c["member"] for c in candidates} <= {0, 1, 2}
     else:
         assert revision.text == task.response
+
+
+def test_ensemble_vote_is_exact_with_scripted_members_and_judge(harmless):
+    """Three scripted members propose A, B, C; a scripted judge's pairwise verdicts make C the winner; a panel that
+    abstains on everything leaves the response unchanged and says why."""
+    from cai_engine.testing import ScriptedPlugin
+
+    runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[ScriptedPlugin()])))
+    ensemble = runtime.component("reviser", "ensemble", {
+        "members": [{"reviser": "scripted"}, {"reviser": "scripted"}, {"reviser": "scripted"}],
+        "judges": ["scripted"], "vote": "pairwise"})
+    for (_, reviser), text in zip(ensemble.members, ("A", "B", "C")):
+        reviser.enqueue(text)
+    judge = ensemble.judges[0]
+    judge.enqueue(0.2, 0.3, 0.4)  # pairs (A,B), (A,C), (B,C): B beats A, C beats A, C beats B
+    task = RevisionTask(conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"))
+    revision = ensemble.revise([task])[0]
+    assert revision.accepted and revision.text == "C" and revision.details["winner"] == 2
+    assert revision.details["mean_scores"] == pytest.approx([0.25, 0.6, 0.65])
+    assert [(v["a"], v["b"]) for v in revision.details["votes"]] == [(0, 1), (0, 2), (1, 2)]
+    for (_, reviser), text in zip(ensemble.members, ("A", "B", "C")):
+        reviser.enqueue(text)
+    judge.enqueue(None, None, None)
+    abstained = ensemble.revise([task])[0]
+    assert not abstained.accepted and abstained.text == task.response
+    assert abstained.details["abstentions"] == 3 and "abstained" in abstained.reason
 
 
 def test_ensemble_validates_nested_options(cai_runtime):

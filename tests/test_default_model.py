@@ -112,6 +112,8 @@ def test_phase_two_on_the_default_model(runtime, tmp_path):
         "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 16}})
     assert grpo.train("builtin:red-team", tmp_path / "grpo")["steps"] == 1
     for folder in ("dpo", "grpo"):
+        summary = json.loads((tmp_path / folder / "cai_training.json").read_text())
+        assert summary["checkpoint_check"]["max_abs_difference"] < 1e-3  # reproduces the trained model's log-probs
         out = runtime.backend(str(tmp_path / folder)).generate([[Message(role="user", content="Hi")]],
                                                                 GenerationSettings(max_new_tokens=6))
         assert isinstance(out[0], str)

@@ -111,8 +111,13 @@ def test_evaluate_writes_json_and_html_with_plots(cai_runtime, tiny_model, tiny_
     assert len(images) >= 3
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
     assert page.count("<table") >= 6 and "Policies compared" in page and "Harmlessness by revision round" in page
-    cached = (tmp_path / "eval" / "responses").glob("*.jsonl")
+    # the verdict comes first, every rate with its n and interval; no raw JSON in the header
+    assert page.index("<h2>Summary</h2>") < page.index("<h2>Refusals read by string markers")
+    assert "(n=4, 95% CI" in page and "{&quot;" not in page.split("<h2>")[0]
+    cached = list((tmp_path / "eval" / "responses").glob("*.jsonl"))
     assert sum(len(p.read_text().splitlines()) for p in cached) == 2 * (4 + 4 + 4)
+    # keyed by the generation settings too: a run with another max_new_tokens cannot reuse these answers
+    assert len(cached) == 2 and all(p.name.endswith("-greedy-6t-seed0.jsonl") for p in cached)
     again = evaluate(config, tmp_path / "eval", runtime=cai_runtime, progress=False)  # resumes from the cache
     assert again["models"]["other"]["harmful"]["scores"] == other["harmful"]["scores"]
 

@@ -206,7 +206,8 @@ def test_cli_policy_and_guard(cli_runner, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["action"]) for r in rows] == [("a", "revised"), ("b", "none")]
     assert all(len(r["audit_id"]) == 36 for r in rows)
-    assert len((tmp_path / "audit/decisions.jsonl").read_text().splitlines()) == 2
+    audit = [json.loads(line) for line in (tmp_path / "audit/decisions.jsonl").read_text().splitlines()]
+    assert [a["kind"] for a in audit] == ["guard", "guard", "guard_run"] and audit[-1]["status"] == "completed"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(bad)])

@@ -113,19 +113,32 @@ def test_hook_cai_on_record(cai_runtime):
 
 
 def _one_registration(hook, kind):
-    from cai_engine import Registry
+    """A plugin registers one new component of ``kind`` through ``hook``: the registry finds it by name, credits the
+    plugin, and a second registration of the same name is refused."""
+    from cai_engine import Backend, Critic, DuplicateComponentError, Judge, Registry, Reviser, Sampler, Trainer
 
-    registered = []
+    base = {"backend": Backend, "sampler": Sampler, "critic": Critic, "reviser": Reviser, "judge": Judge,
+            "trainer": Trainer}[kind]
+    component = type(f"Hooked{kind.title()}", (base,), {"name": f"hooked-{kind}", "__module__": __name__})
+    calls = []
 
     class Plugin:
         pass
 
     def impl(register):
-        registered.append(register)
+        calls.append(register)
+        register(component)
 
     setattr(Plugin, hook, staticmethod(hookimpl(impl)))
-    Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
-    assert len(registered) == 1 and callable(registered[0])
+    registry = Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
+    assert len(calls) == 1  # registration hooks run exactly once
+    assert registry.component(kind, f"hooked-{kind}") is component
+    assert f"hooked-{kind}" in registry.names(kind)
+    owners = [plugin for plugin, kinds in registry.contributions().items()
+              if f"hooked-{kind}" in kinds.get(f"{kind}s", [])]
+    assert len(owners) == 1 and owners[0] == registry.owner(kind, f"hooked-{kind}")
+    with pytest.raises(DuplicateComponentError, match=f"hooked-{kind}"):
+        Registry(make_plugin_manager(autoload=False, plugins=[Plugin(), Plugin()]))
 
 
 def test_hook_cai_register_backends():

@@ -186,5 +186,23 @@ def test_registries_are_independent_and_hooks_run_once():
             calls.append(1)
 
     pm = make_plugin_manager(autoload=False, plugins=[Counting()])
-    Registry(pm)
+    registry = Registry(pm)
     assert calls == [1]
+    registry.names("critic"), registry.component("critic", "rules")  # look-ups do not run the hooks again
+    assert calls == [1]
+
+    class Extra(Critic):
+        name = "only-in-the-second"
+
+        def critique(self, tasks):
+            return []
+
+    class Adds:
+        @hookimpl
+        def cai_register_critics(self, register):
+            register(Extra)
+
+    other = Registry(make_plugin_manager(autoload=False, plugins=[Counting(), Adds()]))
+    assert calls == [1, 1]  # the second registry ran its own hooks once
+    assert "only-in-the-second" in other.names("critic")
+    assert "only-in-the-second" not in registry.names("critic")  # and the first registry did not change

@@ -95,7 +95,12 @@ def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
     assert result["accuracy"] == round(truth_a / len(pairs), 4)
     assert 0.2 < result["accuracy"] < 0.8  # positions were randomised
     judge.enqueue(*([0.5] * len(pairs)))  # a judge that always ties is at chance, whatever the positions
-    assert measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)["accuracy"] == 0.5
+    tied = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
+    assert tied["accuracy"] == 0.5
+    # calibration scores a tie as half right, like accuracy: confidence 0.5 and half right is perfectly calibrated
+    assert tied["expected_calibration_error"] == 0.0
+    # this judge reports no order information: position consistency is unknown, not 0 and not 1
+    assert tied["position_consistency"] is None and tied["same_position_rate"] is None
 
 
 def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path):
@@ -204,21 +209,28 @@ def test_reward_model_soft_labels_and_heldout_accuracy(cai_runtime, tiny_model, 
 
 
 def test_soft_loss_reduces_to_trl_loss_with_hard_labels():
+    """The trainer's own compute_loss on fixed rewards: r_chosen - r_rejected = (0.3, -1.2, 2.0)."""
+    from types import SimpleNamespace
+
     import torch
-    from torch import nn
 
     from cai_engine.default_plugins.trainers import _soft_reward_trainer
 
     trainer_cls, _ = _soft_reward_trainer()
-    delta = torch.tensor([0.3, -1.2, 2.0])
+    chosen, rejected = torch.tensor([0.3, -1.2, 2.0]), torch.zeros(3)
+
+    def model(**inputs):  # a reward model whose scores are fixed: chosen rows first, then rejected (TRL's layout)
+        return SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))
+
+    fake = SimpleNamespace(model=SimpleNamespace(training=True), _metrics={"train": {"accuracy": [], "margin": []}})
+    losses = {}
     for p in (1.0, 0.7):
-        soft = torch.full_like(delta, p)
-        ours = -(soft * nn.functional.logsigmoid(delta) + (1 - soft) * nn.functional.logsigmoid(-delta)).mean()
-        if p == 1.0:
-            assert torch.isclose(ours, -nn.functional.logsigmoid(delta).mean())
-        else:
-            assert ours > -nn.functional.logsigmoid(delta).mean() - 10  # finite, defined
-    assert trainer_cls.__name__ == "SoftRewardTrainer"
+        inputs = {"input_ids": torch.zeros(6, 2, dtype=torch.long), "chosen_probability": torch.full((3,), p)}
+        losses[p] = trainer_cls.compute_loss(fake, model, inputs).item()
+    # hand values: mean of -(p log sigma(d) + (1 - p) log sigma(-d)) over d = 0.3, -1.2, 2.0
+    assert losses[1.0] == pytest.approx(0.714855, abs=1e-5)  # = TRL's -log sigma(d), the hard-label loss
+    assert losses[0.7] == pytest.approx(0.824855, abs=1e-5)
+    assert fake._metrics["train"]["accuracy"] == [pytest.approx(2 / 3)] * 2
 
 
 def test_dpo_and_grpo_produce_checkpoints(cai_runtime, tiny_model, tmp_path):
@@ -236,9 +248,16 @@ def test_dpo_and_grpo_produce_checkpoints(cai_runtime, tiny_model, tmp_path):
     assert summary["steps"] == 1 and summary["kl_beta"] > 0
     rewards = [e for e in summary["log_history"] if any(k.startswith("reward") for k in e)]
     assert rewards
+    from safetensors.torch import load_file
+
+    base = load_file(str(next(tiny_model.glob("*.safetensors"))))
     for folder in ("dpo", "grpo"):
-        backend = cai_runtime.backend(str(tmp_path / folder))
-        assert backend.generate(["Hello"], GenerationSettings(max_new_tokens=3))[0] is not None
+        check = json.loads((tmp_path / folder / "cai_training.json").read_text())["checkpoint_check"]
+        assert check["max_abs_difference"] < 1e-4  # the folder reproduces the trained model's log-probs
+        tuned = load_file(str(next((tmp_path / folder).glob("*.safetensors"))))
+        assert any(not (base[name] == tuned[name]).all() for name in base), f"{folder} did not change the weights"
+        assert isinstance(cai_runtime.backend(str(tmp_path / folder)).generate(
+            ["Hello"], GenerationSettings(max_new_tokens=3))[0], str)  # and it loads back through the runtime
 
 
 def test_bad_preference_inputs(cai_runtime, tiny_model, tmp_path):
@@ -259,4 +278,5 @@ def test_cli_label_gate_and_export(cli_runner, tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "judge gate: accuracy" in result.output and "pairs: 2" in result.output
     result = cli_runner.invoke(cli, ["export", "preferences", str(out), "--out", str(tmp_path / "ds")])
-    assert result.exit_code == 0, result.output and "judge gate: accuracy" in result.output
+    assert result.exit_code == 0, result.output
+    assert "judge gate: accuracy" in result.output

@@ -46,8 +46,14 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
     unchanged = [name for name in before if (before[name] == after[name]).all()]
     assert unchanged == []
     assert not list((tmp_path / "out").glob("*.bin"))
-    backend = cai_runtime.backend(str(tmp_path / "out"))
-    assert backend.generate(["Question 1?"], GenerationSettings(max_new_tokens=4))[0] is not None
+    # the saved folder reproduced the trained model's log-probs on a fixed sentence when it was written ...
+    check = json.loads((tmp_path / "out" / "cai_training.json").read_text())["checkpoint_check"]
+    assert check["max_abs_difference"] < 1e-4
+    # ... and it is a different model from the base: the same text scores differently through the runtime
+    text = check["text"]
+    base = cai_runtime.backend(str(tiny_model)).continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
+    tuned = cai_runtime.backend(str(tmp_path / "out")).continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
+    assert text and abs(tuned - base) > 1e-3
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
@@ -102,3 +108,25 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
     bad = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"learning_rate": "fast"}})
     with pytest.raises(ConfigError, match="learning_rate must be a number, got 'fast'"):
         bad.train(dataset, tmp_path / "out2")
+
+
+def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
+    """GRPO's judge reward: an abstaining judge gives None (TRL masks it out of the group baseline), never 0.0."""
+    from cai_engine.default_plugins.trainers import JudgeReward
+    from cai_engine.records import Score
+
+    class Judge:
+        name = "scripted"
+
+        def score(self, tasks):
+            return [Score(principle_ids=["p"], value=None, reward=None, abstained=True, judge="scripted")
+                    if "??" in t.response else Score(principle_ids=["p"], value=10.0, reward=1.0, judge="scripted")
+                    for t in tasks]
+
+    from cai_engine.models import Principle
+
+    reward = JudgeReward(Judge(), [Principle(id="p-001", violation_question="Is it rude?")])
+    prompts = [[{"role": "user", "content": "hi"}]] * 3
+    completions = [[{"role": "assistant", "content": c}] for c in ("Hello!", "??", "Hi there.")]
+    assert reward(prompts, completions) == [1.0, None, 1.0]
+    assert (reward.scored, reward.abstained) == (2, 1)

@@ -108,8 +108,9 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
         return _from_gguf(path), str(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{ref}: not a model folder (no config.json)")
-    if any(path.glob("*.bin")) and not any(path.glob("*.safetensors")):
-        raise ModelError(f"{ref}: only pickle (.bin) weights found; cai-engine loads safetensors only")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{ref}: no .safetensors weights found; cai-engine loads safetensors only (never pickle "
+                         "files such as .bin, .pt or .pkl)")
     return path, str(path)
 
 

@@ -33,6 +33,15 @@ def _question(principle) -> str:
     return principle.comparison or (principle.critique_request or principle.title or principle.id)
 
 
+def _pointwise_text(principle) -> str:
+    """How one reply is judged against a principle: its own yes/no question when it has one (Yes = it breaks the
+    principle), else its critique request; never the two-reply comparison question."""
+    title = principle.title or principle.id
+    if principle.violation_question:
+        return f"Principle: {title}. A reply breaks it if the answer to this is yes: {principle.violation_question}"
+    return f"Principle: {title}. {principle.critique_request or principle.comparison or ''}".strip()
+
+
 class LogprobJudge(ModelComponent, Judge):
     """Multiple choice: reads P(A) and P(B) from the next-token log-probs after "The answer is: (".
 
@@ -160,10 +169,13 @@ class CoTJudge(LogprobJudge):
 
 
 class PointwiseJudge(ModelComponent, Judge):
-    """Scores one response 1-10 per principle: the probability-weighted mean of the score tokens (d-RLAIF).
+    """Scores one response per principle: the probability-weighted mean of the score digits (d-RLAIF).
 
-    ``reward`` rescales the score to [-1, 1] as ``(s - 5.5) / 4.5``. ``compare`` scores both responses and turns
-    the difference into a preference, so this judge can also vote pairwise.
+    The model answers one digit, 0-9 (single tokens, so no option is a prefix of another); ``value`` reports it on
+    the familiar 1-10 scale (digit + 1) and ``reward`` rescales it to [-1, 1] as ``(value - 5.5) / 4.5``. Several
+    principles are averaged; if any of them cannot be scored the whole score abstains (a partial average would be a
+    different measurement presented as the same one). ``compare`` scores both responses and turns the difference into
+    a preference, so this judge can also vote pairwise.
     """
 
     name = "pointwise"
@@ -171,10 +183,10 @@ class PointwiseJudge(ModelComponent, Judge):
     class Options(ModelOptions):
         sharpness: float = Field(1.0, gt=0, description="Temperature of the score-difference preference in compare().")
 
-    SCORES = tuple(str(i) for i in range(1, 11))
+    SCORES = tuple(str(i) for i in range(10))
 
     def _prompt(self, conversation, response, principle):
-        instruction = SCORE_INSTRUCTION.format(principle=_question(principle))
+        instruction = SCORE_INSTRUCTION.format(principle=_pointwise_text(principle))
         body = (f"Consider the following conversation between a person (H) and an assistant (A):\n\n"
                 f"{quoted_conversation([*conversation, Message(role='assistant', content=response)])}\n\n{instruction}")
         if self.chat:
@@ -188,25 +200,31 @@ class PointwiseJudge(ModelComponent, Judge):
             [self._prompt(tasks[t].conversation, tasks[t].response, p) for t, p in slots],
             [list(self.SCORES)] * len(slots))
         values: list[list[float]] = [[] for _ in tasks]
-        dists: list[dict[str, float]] = [{} for _ in tasks]
+        dists: list[list[dict[int, float]]] = [[] for _ in tasks]
+        failed: list[list[str]] = [[] for _ in tasks]
         for (t, principle), logps in zip(slots, scored):
-            usable = [(int(s), lp) for s, lp in zip(self.SCORES, logps) if lp is not None and math.isfinite(lp)]
+            if any(lp is None or math.isnan(lp) for lp in logps):  # an option the backend could not score
+                failed[t].append(principle.id)
+                continue
+            usable = [(int(s) + 1, lp) for s, lp in zip(self.SCORES, logps) if math.isfinite(lp)]
             if not usable:
+                failed[t].append(principle.id)
                 continue
             top = max(lp for _, lp in usable)
             weights = [(s, math.exp(lp - top)) for s, lp in usable]
             total = sum(w for _, w in weights)
             values[t].append(sum(s * w for s, w in weights) / total)
-            dists[t] = {str(s): round(w / total, 6) for s, w in weights}
+            dists[t].append({s: w / total for s, w in weights})
         out = []
-        for task, vals, dist in zip(tasks, values, dists):
+        for task, vals, dist, bad in zip(tasks, values, dists, failed):
             ids = [p.id for p in task.principles]
-            if not vals:
+            if bad or not vals:
                 out.append(Score(principle_ids=ids, value=None, reward=None, abstained=True,
-                                 reason="no score token could be scored", judge=self.name))
+                                 reason=f"could not score principle(s) {', '.join(bad) or ids}", judge=self.name))
                 continue
             value = sum(vals) / len(vals)
-            out.append(Score(principle_ids=ids, value=value, reward=(value - 5.5) / 4.5, distribution=dist,
+            mean_dist = {str(s): round(sum(d.get(s, 0.0) for d in dist) / len(dist), 6) for s in range(1, 11)}
+            out.append(Score(principle_ids=ids, value=value, reward=(value - 5.5) / 4.5, distribution=mean_dist,
                              judge=self.name))
         return out
 
@@ -225,8 +243,8 @@ class PointwiseJudge(ModelComponent, Judge):
                                      reason="a response could not be scored", judge=self.name))
                 continue
             p_a = 1 / (1 + math.exp(-(a.value - b.value) / self.options.sharpness))
-            # pointwise scores see one response at a time, so there is no presentation order to be biased by
-            out.append(Judgement(principle_ids=ids, p_a=p_a, position_consistent=True, judge=self.name))
+            # pointwise scores see one response at a time: there is no order, so position consistency does not apply
+            out.append(Judgement(principle_ids=ids, p_a=p_a, position_consistent=None, judge=self.name))
         return out
 
 

@@ -65,20 +65,51 @@ def load_base(model_ref: str, *, reward_head: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     if reward_head:
         model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32,
-                                                                   local_files_only=True)
+                                                                   local_files_only=True, use_safetensors=True)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                                     use_safetensors=True)
     return tokenizer, model, model_id
 
 
+CHECK_TEXT = "A checkpoint is checked by reading this sentence back."
+
+
+def _probe_outputs(model, tokenizer):
+    import torch
+
+    ids = tokenizer(CHECK_TEXT, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        logits = model(**ids).logits.float().cpu()
+    return logits.log_softmax(-1) if logits.shape[-1] > 1 else logits
+
+
 def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any]) -> None:
-    """safetensors weights + tokenizer + a summary: the folder loads back as a model in every backend."""
+    """safetensors weights + tokenizer + a summary: the folder loads back as a model in every backend.
+
+    The saved folder is read back and must reproduce the trained model's outputs (log-probs, or rewards for a reward
+    model) on a fixed sentence; the largest difference is recorded as ``checkpoint_check`` and a mismatch is an
+    error rather than a silently different model."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    expected = _probe_outputs(model, tokenizer)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+    reloaded = type(model).from_pretrained(str(output_dir), dtype=model.dtype, use_safetensors=True,
+                                           local_files_only=True).to(model.device)
+    reloaded.eval()
+    difference = float((_probe_outputs(reloaded, tokenizer) - expected).abs().max())
+    del reloaded
+    if was_training:
+        model.train()
+    summary["checkpoint_check"] = {"text": CHECK_TEXT, "max_abs_difference": difference}
     (output_dir / "cai_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n",
                                                   encoding="utf-8")
+    if not difference <= 1e-3:
+        raise RunError(f"{output_dir}: the saved checkpoint does not reproduce the trained model (outputs differ by "
+                       f"{difference:.3g} on a fixed sentence); it was kept for inspection, but do not use it")
 
 
 def _cpu_loss(trainer_cls):
@@ -399,7 +430,9 @@ class JudgeReward:
     """A TRL reward function from a cai-engine judge's pointwise 1-10 score (d-RLAIF), rescaled to [-1, 1].
 
     TRL calls it with the batch's prompts and completions; each completion is scored against ``principles`` (the
-    constitution's rl principles by default, averaged).
+    constitution's rl principles by default, averaged). Where the judge abstains the reward is None, which TRL leaves
+    out of the group's baseline and gives no advantage (an abstention is no signal, not a reward of 0); ``scored``
+    and ``abstained`` count both.
     """
 
     def __init__(self, judge, principles) -> None:
@@ -407,6 +440,8 @@ class JudgeReward:
 
         self.judge, self.principles, self._task = judge, list(principles), ScoringTask
         self.__name__ = f"judge_{judge.name}"
+        self.scored = 0
+        self.abstained = 0
 
     def __call__(self, prompts, completions, **kwargs):
         from cai_engine.models import Message
@@ -417,7 +452,10 @@ class JudgeReward:
                 [Message(role="user", content=str(prompt))]
             text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
             tasks.append(self._task(conversation=conversation, response=text or " ", principles=self.principles))
-        return [score.reward if score.reward is not None else 0.0 for score in self.judge.score(tasks)]
+        rewards = [score.reward for score in self.judge.score(tasks)]
+        self.abstained += sum(r is None for r in rewards)
+        self.scored += sum(r is not None for r in rewards)
+        return rewards
 
 
 class GRPO(Trainer):
@@ -478,6 +516,8 @@ class GRPO(Trainer):
                    "reward": self.options.reward, "steps": trainer.state.global_step,
                    "seconds": round(time.perf_counter() - began, 1), "metrics": metrics,
                    "kl_beta": config.beta, "log_history": trainer.state.log_history}
+        if isinstance(reward_funcs, JudgeReward):
+            summary["judge_rewards"] = {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}
         save_checkpoint(trainer.model, tokenizer, output_dir, summary)
         summary["checkpoint"] = str(output_dir)
         return summary

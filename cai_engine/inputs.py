@@ -1,0 +1,320 @@
+"""The input layer: every file a user hands the engine is read here, within limits a deployer can raise.
+
+Policies and constitutions are written by many people and read by a process that may sit in front of production
+traffic, so reading one must never hang, exhaust memory or run code:
+
+- a file larger than ``CAI_LIMIT_DOCUMENT_BYTES`` (4 MB) is refused before it is read;
+- YAML is parsed once, with libyaml where it is installed and with safe loaders only; the parse stops at a nesting
+  depth of ``CAI_LIMIT_DEPTH`` (64), and a document whose aliases would expand to more than
+  ``CAI_LIMIT_VALUES`` (200,000) values (an "alias bomb") is refused before anything is built from it;
+- duplicate keys are refused in YAML and in JSON (both would silently keep the last value);
+- ``extends`` chains stop at ``CAI_LIMIT_EXTENDS_DEPTH`` (16) levels and ``CAI_LIMIT_EXTENDS_FILES`` (64) files;
+- JSONL rows (guard input, prompt files) are streamed, each at most ``CAI_LIMIT_ROW_BYTES`` (1 MB); other prompt
+  files (CSV, JSON, text) are read whole up to ``CAI_LIMIT_DATA_BYTES`` (256 MB).
+
+Each limit is an environment variable holding a positive integer; the error that a limit causes names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CaiError, ConstitutionError
+
+_LOADER_BASE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
+
+
+@dataclass(frozen=True)
+class Limits:
+    document_bytes: int = 4 * 1024 * 1024
+    depth: int = 64
+    values: int = 200_000
+    extends_depth: int = 16
+    extends_files: int = 64
+    row_bytes: int = 1024 * 1024
+    data_bytes: int = 256 * 1024 * 1024
+
+
+ENV = {"document_bytes": "CAI_LIMIT_DOCUMENT_BYTES", "depth": "CAI_LIMIT_DEPTH", "values": "CAI_LIMIT_VALUES",
+       "extends_depth": "CAI_LIMIT_EXTENDS_DEPTH", "extends_files": "CAI_LIMIT_EXTENDS_FILES",
+       "row_bytes": "CAI_LIMIT_ROW_BYTES", "data_bytes": "CAI_LIMIT_DATA_BYTES"}
+
+
+def limits() -> Limits:
+    """The limits in force: the defaults, each replaced by its environment variable when that is set."""
+    values: dict[str, int] = {}
+    for field, name in ENV.items():
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise CaiError(f"{name}={raw!r} is not a positive integer")
+        values[field] = value
+    return Limits(**values)
+
+
+def limit_hint(field: str) -> str:
+    return f"raise the limit with {ENV[field]} if the file is genuine"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB" if n >= 1024 * 1024 else f"{n:,} bytes"
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+
+def read_text(path: Path, *, max_bytes: int | None = None) -> str:
+    """Read a whole document as UTF-8 (at most ``max_bytes``, default the document limit), naming the file and byte
+    offset when it is not UTF-8."""
+    path = Path(path)
+    cap = limits().document_bytes if max_bytes is None else max_bytes
+    try:
+        size = path.stat().st_size
+        if path.is_dir():
+            raise IsADirectoryError
+        if size > cap:
+            raise ConstitutionError(f"the file is {_size(size)}, over the limit of {_size(cap)}; "
+                                    f"{limit_hint('document_bytes')}", source=str(path))
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConstitutionError("file not found; check the path", source=str(path)) from None
+    except IsADirectoryError:
+        raise ConstitutionError("is a directory; pass a .yaml, .yml or .json file", source=str(path)) from None
+    except OSError as exc:
+        raise ConstitutionError(f"cannot read: {exc.strerror}", source=str(path)) from None
+    if len(raw) > cap:  # grew while we looked
+        raise ConstitutionError(f"the file is over the limit of {_size(cap)}; {limit_hint('document_bytes')}",
+                                source=str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConstitutionError(
+            f"not UTF-8 text (byte {exc.start}); save the file as UTF-8", source=str(path), where=f"line {line}"
+        ) from None
+
+
+def iter_lines(path: Path, *, max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
+    """Stream ``(line number, text)`` from a UTF-8 file without reading it whole; a line over the row limit, bad
+    UTF-8 or an unreadable file is a :class:`ConstitutionError` naming the file and line."""
+    path = Path(path)
+    cap = limits().row_bytes if max_bytes is None else max_bytes
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise ConstitutionError("file not found; check the path", source=str(path)) from None
+    except IsADirectoryError:
+        raise ConstitutionError("is a directory; pass a file", source=str(path)) from None
+    except OSError as exc:
+        raise ConstitutionError(f"cannot read: {exc.strerror}", source=str(path)) from None
+    with handle:
+        number = 0
+        while True:
+            raw = handle.readline(cap + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > cap and not raw.endswith(b"\n"):
+                raise ConstitutionError(f"the line is longer than {_size(cap)}; {limit_hint('row_bytes')}",
+                                        source=str(path), where=f"line {number}")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConstitutionError(f"not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8",
+                                        source=str(path), where=f"line {number}") from None
+            yield number, text.rstrip("\r\n")
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------------
+
+
+class _StrictLoader(_LOADER_BASE):  # type: ignore[misc, valid-type]
+    """A safe loader that refuses duplicate mapping keys (PyYAML silently keeps the last one, losing data)."""
+
+
+def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = key in mapping
+        except TypeError:  # an unhashable key (a list or mapping used as a key)
+            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be text or a number",
+                                                    key_node.start_mark) from None
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (a later value would silently replace the first)",
+                key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+LineMap = dict[tuple[Any, ...], int]
+
+
+def _check_depth(text: str, source: str, cap: int) -> None:
+    """Scan YAML events (in C with libyaml) and stop at the first collection nested deeper than ``cap``."""
+    depth = 0
+    loader = _LOADER_BASE(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > cap:
+                    line = event.start_mark.line + 1 if event.start_mark else None
+                    raise ConstitutionError(f"nested deeper than {cap} levels; {limit_hint('depth')}",
+                                            source=source, where=f"line {line}" if line else None)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, source: str, lim: Limits) -> None:
+    """Refuse a node graph whose aliases expand past the value or depth limit, without expanding it."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in size:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                children += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        size[key] = 1 + sum(size.get(id(c), 1) for c in children)
+        depth[key] = 1 + max((depth.get(id(c), 1) for c in children), default=0)
+        if size[key] > lim.values:
+            line = node.start_mark.line + 1
+            raise ConstitutionError(
+                f"its aliases expand to more than {lim.values:,} values (an alias bomb?); {limit_hint('values')}",
+                source=source, where=f"line {line}")
+        if depth[key] > lim.depth + 1:
+            line = node.start_mark.line + 1
+            raise ConstitutionError(f"its aliases nest deeper than {lim.depth} levels; {limit_hint('depth')}",
+                                    source=source, where=f"line {line}")
+
+
+def _line_map(root: yaml.Node | None) -> LineMap:
+    """Map each JSON path (as a tuple) to its 1-based line; an alias is mapped where it is used, never expanded."""
+    lines: LineMap = {}
+    if root is None:
+        return lines
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        node, path = stack.pop()
+        lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                lines[path + (key_node.value,)] = key_node.start_mark.line + 1
+                stack.append((value_node, path + (key_node.value,)))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                stack.append((item, path + (index,)))
+    return lines
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} (a later value would silently replace the first)")
+        out[key] = value
+    return out
+
+
+def _json_depth(data: Any, source: str, cap: int) -> None:
+    stack = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > cap + 1:
+            raise ConstitutionError(f"nested deeper than {cap} levels; {limit_hint('depth')}", source=source)
+        if isinstance(value, dict):
+            stack.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, level + 1) for v in value)
+
+
+def parse_json(text: str, source: str) -> Any:
+    """Parse JSON text, refusing duplicate keys and nesting past the depth limit."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ConstitutionError(f"invalid JSON: {exc.msg}", source=source,
+                                where=f"line {exc.lineno}, column {exc.colno}") from None
+    except ValueError as exc:  # a duplicate key
+        raise ConstitutionError(f"invalid JSON: {exc}", source=source) from None
+    except RecursionError:
+        raise ConstitutionError(f"nested deeper than {limits().depth} levels; {limit_hint('depth')}",
+                                source=source) from None
+    _json_depth(data, source, limits().depth)
+    return data
+
+
+def parse_document(text: str, source: str, *, json_only: bool = False) -> tuple[Any, LineMap]:
+    """Parse a YAML (or, with ``json_only``, a strict JSON) document within the limits; returns the data and a map
+    from JSON paths to line numbers for error messages."""
+    if json_only:
+        data = parse_json(text, source)
+        # The line map comes from YAML's composer (JSON is YAML); JSON has no aliases, so this is linear.
+        try:
+            _check_depth(text, source, limits().depth)
+            loader = _LOADER_BASE(text)
+            try:
+                root = loader.get_single_node()
+            finally:
+                loader.dispose()
+        except yaml.YAMLError:
+            root = None
+        return data, _line_map(root)
+    lim = limits()
+    try:
+        _check_depth(text, source, lim.depth)
+        loader = _StrictLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return None, {}
+            _expanded_size(root, source, lim)
+            data = loader.construct_document(root)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        problem = exc.problem or exc.context or "syntax error"
+        if "nesting depth" in problem:
+            problem = f"nested too deeply ({problem}); the engine allows {lim.depth} levels"
+        raise ConstitutionError(f"invalid YAML: {problem}", source=source, where=where) from None
+    except yaml.YAMLError as exc:
+        raise ConstitutionError(f"invalid YAML: {str(exc).splitlines()[0]}", source=source) from None
+    except RecursionError:
+        raise ConstitutionError(f"nested too deeply; {limit_hint('depth')}", source=source) from None
+    return data, _line_map(root)
