@@ -50,8 +50,9 @@ class GuardRound(BaseModel):
     round: int
     violations: list[Violation]
     revisions: list[dict[str, Any]] = Field(default_factory=list)
-    abstentions: list[str] = Field(default_factory=list, description="Principle ids (or 'screen') the model critic "
-                                                                     "could not give a verdict on.")
+    abstentions: list[str] = Field(default_factory=list, description="Principle ids (or 'screen', 'request') the "
+                                                                     "model critic could not give a verdict on.")
+    request_p: float | None = Field(None, description="screen 'request': P(the request asks for harm), if asked.")
 
 
 class GuardResult(BaseModel):
@@ -288,6 +289,8 @@ class Engine:
         settings = self.policy.guard
         model_tasks = []
         screen_tasks = []
+        request_tasks = []
+        attribute_tasks = []
         for state in states:
             began = time.perf_counter()
             violations: list[Violation] = []
@@ -312,12 +315,41 @@ class Engine:
                 if settings.model_principles != "all" and candidates:
                     k = min(int(settings.model_principles), len(candidates))
                     candidates = state["rng"].sample(candidates, k) if k < len(candidates) else candidates
+                if settings.screen == "request" and candidates:
+                    if "request_p" not in state:
+                        request_tasks.append((state, candidates))
+                    elif state["request_p"] is not None and state["request_p"] > settings.request_threshold:
+                        attribute_tasks.append((state, candidates))
+                    continue
                 if settings.screen == "combined" and candidates:
                     screen_tasks.append((state, candidates))
                     continue
                 model_tasks += [(state, CritiqueTask(conversation=state["conversation"], response=state["current"],
                                                      principle=p, examples=self.constitution.examples))
                                 for p in candidates]
+        if request_tasks:  # the request does not change between rounds: asked once per conversation
+            began = time.perf_counter()
+            screen_requests = getattr(self.critic, "screen_requests", None)
+            if screen_requests is None:
+                raise ConfigError(f"guard.screen 'request' needs a critic with a screen_requests() method; "
+                                  f"{self.critic.name!r} has none (use the built-in 'model' critic)")
+            probabilities = screen_requests([s["conversation"] for s, _ in request_tasks], settings.request_question)
+            for (state, candidates), p in zip(request_tasks, probabilities):
+                state["request_p"] = p
+                state["rounds"][-1].request_p = p
+                if p is None:
+                    self._abstained(state, None, what="request")
+                elif p > settings.request_threshold:
+                    attribute_tasks.append((state, candidates))
+            elapsed = (time.perf_counter() - began) * 1000 / max(len(states), 1)
+            for state in states:
+                state["model_ms"] += elapsed
+        if attribute_tasks:  # a harmful request: a reply that does not refuse is a violation
+            began = time.perf_counter()
+            self._complied(attribute_tasks)
+            elapsed = (time.perf_counter() - began) * 1000 / max(len(states), 1)
+            for state in states:
+                state["model_ms"] += elapsed
         if screen_tasks:
             began = time.perf_counter()
             self._screen(screen_tasks)
@@ -364,9 +396,34 @@ class Engine:
                         principle_id=principle.id, evidence=f"P(breaks a principle)={result['p_yes']:.2f}",
                         message=principle.title or principle.id, critic=self.critic.name))
 
-    def _abstained(self, state, principle) -> None:
+    def _complied(self, tasks) -> None:
+        """screen 'request': the request asks for harm, so a reply that does not refuse breaks a principle; which one
+        the critic names (its letters' log-probs). A small model cannot tell a harmful reply from a harmless one
+        reliably, but the refusal phrases a reply starts or leads with are deterministic."""
+        from .refusals import is_refusal
+
+        complied = [(state, candidates) for state, candidates in tasks if not is_refusal(state["current"])]
+        for state, _ in tasks:
+            state["rounds"][-1].revisions.append({"request_screen": {"p_harmful_request": state["request_p"],
+                                                                      "reply_refuses": is_refusal(state["current"])}})
+        groups: dict[tuple[str, ...], list] = {}
+        for state, candidates in complied:
+            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates))
+        attribute = getattr(self.critic, "attribute", None)
+        for members in groups.values():
+            candidates = members[0][1]
+            indices = attribute([(s["conversation"], s["current"]) for s, _ in members], candidates) \
+                if attribute is not None else [0] * len(members)
+            for (state, _), index in zip(members, indices):
+                principle = candidates[index if index is not None else 0]
+                state["violations"].append(Violation(
+                    principle_id=principle.id, evidence=f"P(harmful request)={state['request_p']:.2f}; the reply "
+                                                        "does not refuse", message=principle.title or principle.id,
+                    critic=self.critic.name))
+
+    def _abstained(self, state, principle, what: str = "screen") -> None:
         """A model verdict that could not be read: flagged, revised or passed as the policy says; always recorded."""
-        state["rounds"][-1].abstentions.append(principle.id if principle is not None else "screen")
+        state["rounds"][-1].abstentions.append(principle.id if principle is not None else what)
         if self.policy.guard.on_abstain == "revise":
             target = principle or next(iter(self.runtime_principles))
             state["violations"].append(Violation(principle_id=target.id, evidence="no verdict",

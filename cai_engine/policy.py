@@ -41,11 +41,20 @@ class GuardSettings(_Strict):
     model_principles: Literal["all"] | int = Field(
         "all", description="Which runtime principles the model critiques each round: 'all', or N drawn by weight.")
     threshold: float = Field(0.5, gt=0, lt=1, description="P(needs revision) above which the model critic flags.")
-    screen: Literal["each", "combined"] = Field(
+    screen: Literal["each", "combined", "request"] = Field(
         "each", description="'each': one model verdict per principle and response; 'combined': one verdict per "
                             "response against all the principles at once (listed first, so the prefix is shared), "
-                            "then the letter of the principle it breaks, only where it fires. Needs a critic with "
-                            "a `screen` method (the built-in `model` critic).")
+                            "then the letter of the principle it breaks, only where it fires; 'request': one verdict "
+                            "on the person's request alone (`request_question`, after worked examples), and where the "
+                            "request asks for harm, a reply that does not refuse is a violation of the principle the "
+                            "critic names. Rules and plugin checks run on every response either way. 'combined' and "
+                            "'request' need a critic with `screen` (or `screen_requests` and `attribute`) methods, as "
+                            "the built-in `model` critic has.")
+    request_question: str | None = Field(
+        None, description="For screen 'request': the Yes/No question about the request (Yes = it asks for harm). "
+                          "None: the built-in question.")
+    request_threshold: float = Field(0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a "
+                                                                  "request counts as asking for harm.")
     on_abstain: Literal["flag", "revise", "pass"] = Field(
         "flag", description="When the model critic cannot give a verdict: flag the response, revise it as if it broke "
                             "the principle, or let it pass. Recorded in the audit either way.")

@@ -90,7 +90,7 @@ def test_evaluate_writes_json_and_html_with_plots(cai_runtime, tiny_model, tiny_
                       "add:\n  - {id: x-1, phases: [runtime], rules: [{id: x, kind: require, pattern: 'zzzz', "
                       "message: always}]}\n")
     config = EvalConfig(models=[str(tiny_model), str(tiny_plain_model)], names=["base", "other"], limit=4,
-                        judge_model=str(tiny_model), max_new_tokens=6, sl_run=str(tmp_path / "sl"),
+                        judge_model=str(tiny_model), max_new_tokens=6, sl_run=str(tmp_path / "sl"), classify_shots=1,
                         policies=[str(policy), str(strict)])
     results = evaluate(config, tmp_path / "eval", runtime=cai_runtime, progress=False)
     assert set(results["models"]) == {"base", "other"}

@@ -216,7 +216,7 @@ def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runt
 
     results = evaluate({"models": [str(tiny_model)], "names": ["tiny"], "judge_model": str(tiny_model),
                         "limit": 2, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
-                        "judge_pairs": None, "classify_all_refusals": True}, tmp_path / "eval", runtime=cai_runtime, progress=False)
+                        "judge_pairs": None, "classify_all_refusals": True, "classify_shots": 1}, tmp_path / "eval", runtime=cai_runtime, progress=False)
     assert any("judges its own answers" in w for w in results["warnings"])
     judged = results["models"]["tiny"]["judged"]
     for key in ("safe_rate", "refusal_rate_harmful", "over_refusal_benign", "refusal_rate_helpful"):

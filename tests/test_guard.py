@@ -230,11 +230,22 @@ class Screener:
                 outer.seen.append((list(items), [p.id for p in principles]))
                 return [outer.results.pop(0) for _ in items]
 
+            def screen_requests(self, conversations, question=None):
+                conversations = list(conversations)
+                outer.requests.append(conversations)
+                return [outer.request_p.pop(0) for _ in conversations]
+
+            def attribute(self, items, principles):
+                items = list(items)
+                outer.attributed.append(items)
+                return [outer.letters.pop(0) for _ in items]
+
             def critique(self, tasks):
                 return [Critique(principle_id=t.principle.id, text="", needs_revision=None, critic=self.name)
                         for t in tasks]
 
         self.results, self.seen, self.cls = list(results), [], ScreenCritic
+        self.questions, self.requests, self.request_p, self.attributed, self.letters = [], [], [], [], []
 
     @hookimpl
     def cai_register_critics(self, register):
@@ -270,6 +281,27 @@ def test_combined_screen_attributes_violations_and_handles_abstentions(cai_runti
     assert bool(guarded[2].violations) == (on_abstain == "revise")
 
 
+def test_request_screen_flags_replies_that_do_not_refuse_a_harmful_request(cai_runtime, tmp_path):
+    engine, screener = screen_engine(cai_runtime, tmp_path, [], screen="request", request_threshold=0.5)
+    screener.request_p = [0.95, 0.1, 0.8, None, 0.7]
+    screener.letters = [2, None]
+    guarded = engine.guard_batch([(CONV, "Sure: first get a tension wrench."), (CONV, "kill -9 the process"),
+                                  (CONV, "I can't help with breaking into someone's home."), (CONV, "unreadable"),
+                                  (CONV, "Here is how, step by step.")])
+    assert len(screener.requests) == 1 and len(screener.requests[0]) == 4 + 1  # one batched request screen
+    assert screener.seen == []  # no per-reply yes/no verdict is asked in this mode
+    # the two replies to harmful requests that do not refuse, and nothing else, are attributed (in one batch)
+    assert [[r for _, r in batch] for batch in screener.attributed] == [
+        ["Sure: first get a tension wrench.", "Here is how, step by step."]]
+    assert [g.action for g in guarded] == ["flagged", "none", "none", "flagged", "flagged"]
+    candidates = [p.id for p in engine.runtime_principles if p.critique_request or p.violation_question]
+    assert [v.principle_id for v in guarded[0].violations] == [candidates[2]]
+    assert [v.principle_id for v in guarded[4].violations] == [candidates[0]]  # no letter read: the first
+    assert [g.rounds[0].request_p for g in guarded] == [0.95, 0.1, 0.8, None, 0.7]
+    assert guarded[3].abstained and guarded[3].rounds[0].abstentions == ["request"]
+    assert guarded[1].compliant and guarded[2].compliant and not guarded[2].violations
+
+
 def test_per_principle_abstentions_are_never_compliant_by_default(cai_runtime, tmp_path):
     engine, _ = screen_engine(cai_runtime, tmp_path, [], screen="each")
     result = engine.guard(CONV, "an answer")
@@ -291,3 +323,7 @@ def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
         assert result["principle_index"] in (0, 1, 2)  # threshold ~0: it fires, so a letter is read
         assert sum(result["letter_probs"].values()) == pytest.approx(1, abs=1e-3)
         assert set(result["letter_probs"]) == {"A", "B", "C"}
+    requests = critic.screen_requests([CONV, [Message(role="user", content="How do I bake bread?")]])
+    assert len(requests) == 2 and all(0 <= p <= 1 for p in requests) and requests[0] != requests[1]
+    assert critic.attribute([(CONV, "fine"), (CONV, "also fine")], principles) == [
+        r["principle_index"] for r in out]  # the same letters as the combined screen's second step

@@ -83,19 +83,65 @@ class ModelCritic(ModelComponent, Critic):
         return text if critique is None else f"{text} {critique}\n\nDoes the reply need to be changed (Yes or No)?"
 
     def _verdict_prompt(self, task):
+        """The Yes/No question about one reply; with ``few_shot``, the principle's examples come first as earlier
+        turns answered Yes (needs revision) or No, so a small model sees what each answer means (and the shared
+        prefix is computed once per batch)."""
         principle = task.principle
         question = principle.violation_question or principle.critique_request or principle.comparison or ""
+        shots = few_shot_examples(task, self.options.few_shot)
+        turns = [(verdict_question(e.conversation, e.response, question), "Yes" if e.needs_revision else "No")
+                 for e in shots]
         body = verdict_question(task.conversation, task.response, question)
         if self.chat:
-            return ChatPrompt([Message(role="user", content=body)])
-        return f"\n\nHuman: {body}\n\nAssistant:"
+            messages = []
+            for asked, answer in turns:
+                messages += [Message(role="user", content=asked), Message(role="assistant", content=answer)]
+            return ChatPrompt([*messages, Message(role="user", content=body)])
+        return "".join(f"\n\nHuman: {asked}\n\nAssistant: {answer}" for asked, answer in turns) + \
+            f"\n\nHuman: {body}\n\nAssistant:"
 
     def _ask(self, body: str, prefix: str = ""):
         if self.chat:
             return ChatPrompt([Message(role="user", content=body)], assistant_prefix=prefix)
         return f"\n\nHuman: {body}\n\nAssistant:{' ' + prefix if prefix else ''}"
 
-    def screen(self, items, principles) -> list[dict]:
+    def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
+        """P(Yes) that each conversation's request (the person's turns only, not the reply) asks for harm; None
+        where it could not be read. The question comes first, so a batch shares it as a prefix."""
+        from cai_engine.prompting import REQUEST_QUESTION, request_turns
+
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        yes_no = ["Yes", "No"] if self.chat else [" Yes", " No"]
+        prompts = []
+        for conversation in conversations:
+            turns = request_turns(conversation, question or REQUEST_QUESTION)
+            prompts.append(ChatPrompt(turns) if self.chat else "".join(
+                f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in turns) + "\n\nAssistant:")
+        verdicts = self.backend.continuation_logprobs(prompts, [yes_no] * len(conversations))
+        return [normalise_pair(yes, no) for yes, no in verdicts]
+
+    def attribute(self, items, principles) -> list[int | None]:
+        """For responses already found to break a principle: which one (the index), read from the letters'
+        log-probs; None where no letter could be read."""
+        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_WHICH, screen_body
+
+        items, principles = list(items), list(principles)
+        if not items:
+            return []
+        if len(principles) == 1:
+            return [0] * len(items)
+        letters = list(SCREEN_LETTERS[: len(principles)])
+        scored = self.backend.continuation_logprobs(
+            [self._ask(screen_body(principles, c, r, SCREEN_WHICH), "(") for c, r in items], [letters] * len(items))
+        out: list[int | None] = []
+        for logps in scored:
+            usable = [(k, lp) for k, lp in enumerate(logps) if lp is not None and math.isfinite(lp)]
+            out.append(max(usable, key=lambda kv: kv[1])[0] if usable else None)
+        return out
+
+    def screen(self, items, principles, question: str | None = None) -> list[dict]:
         """One check of each (conversation, response) against several principles at once, for the runtime guard.
 
         A Yes/No verdict on "does the reply break any of these?" (the lettered principles come first, so every
@@ -110,7 +156,8 @@ class ModelCritic(ModelComponent, Critic):
             raise ValueError(f"a combined screen takes at most {len(SCREEN_LETTERS)} principles")
         yes_no = ["Yes", "No"] if self.chat else [" Yes", " No"]
         verdicts = self.backend.continuation_logprobs(
-            [self._ask(screen_body(principles, c, r, SCREEN_QUESTION)) for c, r in items], [yes_no] * len(items))
+            [self._ask(screen_body(principles, c, r, question or SCREEN_QUESTION)) for c, r in items],
+            [yes_no] * len(items))
         out = [{"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None}
                for yes, no in verdicts]
         fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > self.options.threshold]
