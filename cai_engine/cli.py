@@ -535,8 +535,8 @@ def _gate_line(result: dict[str, Any]) -> str:
 
 @rl_group.command("gate")
 @click.argument("run", required=False, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--judge", "judge_name", default="logprob", show_default=True)
-@click.option("--judge-model", default="smollm2", show_default=True)
+@click.option("--judge", "judge_name", help="The judge to measure. [default: RUN's labelling judge, else logprob]")
+@click.option("--judge-model", help="Its model. [default: RUN's judge model, else smollm2]")
 @click.option("--constitution", default="harmless", show_default=True)
 @click.option("--pairs", default="builtin:judge-pairs", show_default=True,
               help="Labelled pairs (JSONL: id, prompt, better, worse[, principle]).")
@@ -546,14 +546,28 @@ def _gate_line(result: dict[str, Any]) -> str:
 def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, judge_options):
     """Measure a judge on pairs with known answers: accuracy, position consistency, calibration.
 
-    With RUN, the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers.
+    With RUN, the judge that labelled the run is measured (unless --judge/--judge-model/--judge-option say
+    otherwise) and the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers;
+    they refuse a gate that measured another judge than the one that labelled the pairs.
     """
     from .config import ComponentRef
-    from .rl import run_gate
+    from .rl import RLConfig, run_gate
 
-    options = {**parse_settings(judge_options, "--judge-option"), "model": judge_model}
-    result = run_gate(run, ComponentRef(name=judge_name, options=options), constitution=constitution,
-                      pairs=pairs, runtime=_runtime(), seed=seed)
+    ref = None
+    if run is not None and (Path(run) / "run.json").exists():
+        manifest = json.loads((Path(run) / "run.json").read_text(encoding="utf-8"))
+        if manifest.get("kind") == "rl" and manifest.get("fingerprint"):
+            try:
+                ref = RLConfig.model_validate(manifest["fingerprint"]).judge_ref()
+            except ValidationError:
+                ref = None
+    if ref is None or judge_name or judge_model or judge_options:
+        base = ref.options if ref is not None and not (judge_name or judge_model) else {}
+        options = {**base, **parse_settings(judge_options, "--judge-option")}
+        options["model"] = judge_model or options.get("model") or "smollm2"
+        ref = ComponentRef(name=judge_name or (ref.name if ref is not None else "logprob"), options=options)
+    click.echo(f"measuring judge {ref.name} on {ref.options.get('model')}", err=True)
+    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=_runtime(), seed=seed)
     click.echo(_gate_line(result))
 
 

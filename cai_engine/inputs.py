@@ -75,6 +75,14 @@ def _size(n: int) -> str:
 # -- reading -------------------------------------------------------------------------------------------------------
 
 
+def _unreadable(path: Path, exc: OSError, wanted: str) -> ConstitutionError:
+    if isinstance(exc, FileNotFoundError):
+        return ConstitutionError("file not found; check the path", source=str(path))
+    if isinstance(exc, IsADirectoryError):
+        return ConstitutionError(f"is a directory; pass {wanted}", source=str(path))
+    return ConstitutionError(f"cannot read: {exc.strerror}", source=str(path))
+
+
 def read_text(path: Path, *, max_bytes: int | None = None) -> str:
     """Read a whole document as UTF-8 (at most ``max_bytes``, default the document limit), naming the file and byte
     offset when it is not UTF-8."""
@@ -88,12 +96,8 @@ def read_text(path: Path, *, max_bytes: int | None = None) -> str:
             raise ConstitutionError(f"the file is {_size(size)}, over the limit of {_size(cap)}; "
                                     f"{limit_hint('document_bytes')}", source=str(path))
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConstitutionError("file not found; check the path", source=str(path)) from None
-    except IsADirectoryError:
-        raise ConstitutionError("is a directory; pass a .yaml, .yml or .json file", source=str(path)) from None
     except OSError as exc:
-        raise ConstitutionError(f"cannot read: {exc.strerror}", source=str(path)) from None
+        raise _unreadable(path, exc, "a .yaml, .yml or .json file") from None
     if len(raw) > cap:  # grew while we looked
         raise ConstitutionError(f"the file is over the limit of {_size(cap)}; {limit_hint('document_bytes')}",
                                 source=str(path))
@@ -113,12 +117,8 @@ def iter_lines(path: Path, *, max_bytes: int | None = None) -> Iterator[tuple[in
     cap = limits().row_bytes if max_bytes is None else max_bytes
     try:
         handle = path.open("rb")
-    except FileNotFoundError:
-        raise ConstitutionError("file not found; check the path", source=str(path)) from None
-    except IsADirectoryError:
-        raise ConstitutionError("is a directory; pass a file", source=str(path)) from None
     except OSError as exc:
-        raise ConstitutionError(f"cannot read: {exc.strerror}", source=str(path)) from None
+        raise _unreadable(path, exc, "a file") from None
     with handle:
         number = 0
         while True:

@@ -53,6 +53,29 @@ def test_small_batches_give_the_same_results(cai_runtime, tiny_model, backend):
     assert small.generate(PROMPTS, settings) == backend.generate(PROMPTS, settings)
 
 
+def test_batches_group_similar_lengths_within_a_token_budget(cai_runtime, tiny_model):
+    from cai_engine.backends.hf_local import TransformersBackend
+
+    def chunks(**options):
+        backend = object.__new__(TransformersBackend)  # _chunks needs only the options, not a loaded model
+        backend.options = TransformersBackend.Options(model=str(tiny_model), **options)
+        return list(backend._chunks([5, 100, 6, 101, 7]))
+
+    assert chunks(batch_size=2, batch_tokens=210) == [[0, 2], [4, 1], [3]]
+    assert chunks(batch_size=2, batch_tokens=150) == [[0, 2], [4], [1], [3]]
+    assert chunks(batch_size=8, batch_tokens=10) == [[0], [2], [4], [1], [3]]  # one item always fits
+
+
+def test_a_token_budget_does_not_change_results(cai_runtime, tiny_model, backend):
+    tight = cai_runtime.backend({"model": str(tiny_model), "batch_tokens": 40})
+    prompts = ["The answer is: (", "Which is better? Short prompt", "x", "A much longer prompt " * 4]
+    assert tight.generate(prompts, GenerationSettings(max_new_tokens=6)) == \
+        backend.generate(prompts, GenerationSettings(max_new_tokens=6))
+    for a, b in zip(tight.continuation_logprobs(prompts, [["A", "Bcd"]] * 4),
+                    backend.continuation_logprobs(prompts, [["A", "Bcd"]] * 4)):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
 def test_max_new_tokens_is_respected(backend):
     before = backend.generated_tokens
     backend.generate(["a b c"], GenerationSettings(max_new_tokens=5))

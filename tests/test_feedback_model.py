@@ -222,5 +222,8 @@ def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runt
     for key in ("safe_rate", "refusal_rate_harmful", "over_refusal_benign", "refusal_rate_helpful"):
         assert judged[key]["n"] == 2 and judged[key]["ci95"] is not None
     assert judged["safe_rate"]["k"] == 2 - judged["harmful_rate"]["k"]
+    # the judge's evasiveness verdict is asked of exactly the answers it judged safe
+    evasive = judged["evasive_share_of_safe"]
+    assert (evasive["n"] == judged["safe_rate"]["k"]) if judged["safe_rate"]["k"] else evasive is None
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "judges its own answers" in report and "class='warn'" in report and "n=2" in report

@@ -280,3 +280,16 @@ def test_cli_label_gate_and_export(cli_runner, tiny_model, tmp_path):
     result = cli_runner.invoke(cli, ["export", "preferences", str(out), "--out", str(tmp_path / "ds")])
     assert result.exit_code == 0, result.output
     assert "judge gate: accuracy" in result.output
+
+
+def test_gate_on_a_run_measures_the_judge_that_labelled_it(cli_runner, tiny_model, tmp_path):
+    run = tmp_path / "rl"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"kind": "rl", "fingerprint": {
+        "judge": {"name": "logprob", "options": {"few_shot": 0}}, "judge_model": str(tiny_model),
+        "model": str(tiny_model)}}))
+    result = cli_runner.invoke(cli, ["rl", "gate", str(run)])
+    assert result.exit_code == 0, result.output
+    gate = json.loads((run / "gate.json").read_text())
+    assert gate["judge"]["name"] == "logprob"
+    assert gate["judge"]["options"]["model"] == str(tiny_model) and gate["judge"]["options"]["few_shot"] == 0

@@ -132,7 +132,9 @@ class TransformersBackend(Backend):
         dtype: Literal["float32", "bfloat16", "float16"] = Field(
             "float32", description="float32 is fastest on CPUs without bf16 units.")
         device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:1' or 'auto'.")
-        batch_size: int = Field(16, ge=1, description="Sequences per forward pass.")
+        batch_size: int = Field(16, ge=1, description="Sequences per forward pass (at most).")
+        batch_tokens: int = Field(16384, ge=1, description="Padded tokens per forward pass (at most): items are "
+                                                           "sorted by length and a batch of long prompts holds fewer.")
         chat_template: Literal["auto", "none"] = Field(
             "auto", description="'auto' uses the model's chat template when it has one; 'none' uses a "
                                 "Human:/Assistant: transcript.")
@@ -240,12 +242,10 @@ class TransformersBackend(Backend):
             return []
         encoded = [self._encode(p) for p in prompts]
         self._check_length(encoded, 1)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
         results: list[str] = [""] * len(encoded)
-        size = self.options.batch_size
         with self._lock, torch.inference_mode():
-            for start in range(0, len(order), size):
-                chunk = order[start:start + size]
+            for chunk in self._chunks([len(e) + settings.max_new_tokens for e in encoded]):
+                start = chunk[0]
                 seqs = [encoded[i] for i in chunk]
                 prefix_len, cache = self._shared_prefix(seqs)
                 input_ids, mask = self._batch([s[prefix_len:] for s in seqs])
@@ -299,18 +299,16 @@ class TransformersBackend(Backend):
         longest = max(len(ids) for conts in cont_ids for ids in conts)
         self._check_length(encoded, longest)
         out: list[list[float | None]] = [[] for _ in prompts]
-        size = self.options.batch_size
         with self._lock, torch.inference_mode():
             if longest == 1:  # every option is one token: one forward pass over the prompt reads them all
-                for start in range(0, len(encoded), size):
-                    rows = list(range(start, min(start + size, len(encoded))))
+                for rows in self._chunks([len(e) for e in encoded]):
                     last = self._forward([encoded[i] for i in rows], keep=1)[:, -1, :]
                     for r, i in enumerate(rows):
                         out[i] = [float(last[r, ids[0]]) for ids in cont_ids[i]]
                 return out
             pairs = [(i, j) for i, conts in enumerate(cont_ids) for j in range(len(conts))]
-            for start in range(0, len(pairs), size):
-                chunk = pairs[start:start + size]
+            for rows in self._chunks([len(encoded[i]) + len(cont_ids[i][j]) for i, j in pairs]):
+                chunk = [pairs[r] for r in rows]
                 seqs = [encoded[i] + cont_ids[i][j] for i, j in chunk]
                 k = max(len(cont_ids[i][j]) for i, j in chunk) + 1
                 logp = self._forward(seqs, keep=k)
@@ -320,6 +318,21 @@ class TransformersBackend(Backend):
                     total = sum(float(logp[r, k - c + t - 1, tok]) for t, tok in enumerate(ids))
                     out[i].append(total)
         return out
+
+    def _chunks(self, lengths: Sequence[int]):
+        """Indices into ``lengths`` in batches of similar length: sorted (so little padding), at most ``batch_size``
+        items and ``batch_tokens`` padded tokens each (one item always fits). Callers put results back by index."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        chunk: list[int] = []
+        for index in order:
+            widest = max([lengths[i] for i in chunk] + [lengths[index]])
+            if chunk and (len(chunk) == self.options.batch_size
+                          or widest * (len(chunk) + 1) > self.options.batch_tokens):
+                yield chunk
+                chunk = []
+            chunk.append(index)
+        if chunk:
+            yield chunk
 
     def _shared_prefix(self, seqs: list[list[int]], keep: int = 1):
         """(length, KV cache expanded to the batch) of the tokens every sequence starts with, or (0, None).
