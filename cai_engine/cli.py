@@ -885,6 +885,55 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
 
 
+@cli.command("serve")
+@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
+@click.option("--upstream", required=True, help="The model server's OpenAI base URL, e.g. http://127.0.0.1:8080/v1.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds to wait for the upstream; a slower answer is a 504.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Upstream requests in flight at once (more wait their turn).")
+@click.option("--check", is_flag=True, help="Validate the policy and reach the upstream, then exit.")
+def serve_command(policy_path: Path, upstream: str, host: str, port: int, timeout: float, max_concurrency: int,
+                  check: bool) -> None:
+    """An OpenAI-compatible guard in front of any OpenAI-compatible model server.
+
+    Serves /v1/chat/completions, /v1/models, /health and /metrics. Each answer from the upstream is guarded by the
+    policy and returned in the OpenAI shape with the verdict in the `cai_guard` field; with `input.check` in the
+    policy the user's message is checked first. A streaming request is streamed after the whole answer has been
+    guarded. Clients must send `Authorization: Bearer $CAI_SERVE_API_KEY` when that variable is set; the upstream
+    gets $CAI_UPSTREAM_API_KEY (or the client's header when no client key is configured). Needs the [serve] extra.
+    """
+    import asyncio
+
+    from .engine import Engine
+
+    engine = Engine.from_policy(policy_path, runtime=_runtime())
+    problems = [f"{role}: {problem}" for role, problem in engine.model_problems() if role != "judge"]
+    if problems:
+        raise click.ClickException(f"{policy_path}: {problems[0]}")
+    try:
+        from .serve import check_upstream, create_app
+        import uvicorn
+    except ImportError as exc:
+        raise click.ClickException(f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})") \
+            from None
+    if check:
+        problem = asyncio.run(check_upstream(upstream, timeout=min(timeout, 10.0)))
+        if problem:
+            raise click.ClickException(problem)
+        click.echo(f"ok   {policy_path}: {engine.policy.name}@{engine.policy.version}; upstream {upstream} answers")
+        return
+    click.echo(f"guarding {upstream} with {engine.policy.name}@{engine.policy.version} on http://{host}:{port}/v1",
+               err=True)
+    try:
+        uvicorn.run(create_app(engine, upstream, timeout=timeout, max_concurrency=max_concurrency), host=host,
+                    port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     cli(prog_name="cai")
 

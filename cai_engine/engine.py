@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
 from .hookspecs import hookimpl
-from .models import Constitution, Phase, Principle
+from .models import Constitution, Message, Phase, Principle
 from .policy import Policy, load_policy, resolve_policy
 from .records import (
     ComparisonTask,
@@ -77,7 +77,7 @@ class GuardResult(BaseModel):
 class JsonlAuditSink:
     """The default audit sink: appends every record of the given kinds to a JSONL file (thread-safe)."""
 
-    def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard", "guard_run")) -> None:
+    def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard", "guard_run", "serve")) -> None:
         self.path = Path(path)
         self.check(self.path)
         self.kinds = set(kinds)
@@ -247,6 +247,43 @@ class Engine:
         return self.judge.compare([task])[0]
 
     # -- the guard -------------------------------------------------------------------------------------------
+
+    def check_input(self, conversation) -> tuple[list[Violation], str | None]:
+        """The input rail: the runtime principles' rules and plugin checks applied to the last user message (the
+        earlier turns are its context). Returns the violations and, where every one of them can be repaired
+        deterministically, the redacted message (None when something cannot be)."""
+        conversation = as_conversation(conversation)
+        last = max((i for i, m in enumerate(conversation) if m.role == "user"), default=None)
+        if last is None:
+            return [], None
+        context, text = conversation[:last], conversation[last].content
+        violations: list[Violation] = []
+        for principle in self.runtime_principles:
+            if principle.rules:
+                violations += check_principle(principle, context, text)
+            for name in principle.checks:
+                critique = self._check_critic(name).critique([CritiqueTask(conversation=context or [
+                    Message(role="user", content="")], response=text, principle=principle)])[0]
+                if critique.violations:
+                    violations += critique.violations
+                elif critique.needs_revision:
+                    violations.append(Violation(principle_id=principle.id, evidence=critique.text,
+                                                message=principle.title or principle.id, critic=name))
+        if not violations:
+            return [], text
+        redacted = text
+        by_id = {p.id: p for p in self.runtime_principles}
+        for pid in sorted({v.principle_id for v in violations}, key=lambda p: -by_id[p].authority):
+            for critic in sorted({v.critic for v in violations if v.principle_id == pid}):
+                repairer = self._repairer(critic)
+                if repairer is None:
+                    return violations, None
+                revision = repairer.revise([RevisionTask(conversation=context or [Message(role="user", content="")],
+                                                         response=redacted, principle=by_id[pid])])[0]
+                if not revision.accepted:
+                    return violations, None
+                redacted = revision.text
+        return violations, redacted
 
     def guard(self, conversation, response: str) -> GuardResult:
         """Check ``response`` against the policy and act on violations (revise, refuse or flag)."""

@@ -79,6 +79,17 @@ class GuardSettings(_Strict):
         return value
 
 
+class InputSettings(_Strict):
+    """Checks on the person's message before it reaches the model (input rails)."""
+
+    check: bool = Field(False, description="Run the runtime principles' rules and plugin checks on the last user "
+                                           "message (deterministic only, milliseconds).")
+    action: Literal["refuse", "redact", "flag"] = Field(
+        "refuse", description="On a violation: answer with the refusal and never call the model; redact it with the "
+                              "rules' and checks' repairs and send the redacted message (refuse what cannot be "
+                              "repaired); or only flag it in the response and the audit.")
+
+
 class AuditSettings(_Strict):
     path: str | None = Field(None, description="JSONL file every guard decision is appended to (relative paths are "
                                                "relative to the policy file). None: no file, events still fire.")
@@ -105,6 +116,7 @@ class Policy(_Strict):
     reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     judge: ComponentRef = Field(default_factory=lambda: ComponentRef(name="logprob"))
     guard: GuardSettings = Field(default_factory=GuardSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("critic", "reviser", "judge", mode="before")

@@ -1,0 +1,220 @@
+"""`cai serve` against real servers on localhost: the llama.cpp OpenAI server as the upstream, the guard server on
+uvicorn, and the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from cai_engine.cli import cli
+from cai_engine.engine import Engine
+
+pytestmark = pytest.mark.server
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from test_openai_backend import LlamaServer, free_port  # noqa: E402
+
+QUESTION = [{"role": "user", "content": "Name a colour."}]
+
+
+class GuardServer:
+    """The guard app on uvicorn in a thread, on a free port."""
+
+    def __init__(self, policy: dict, upstream: str, **options) -> None:
+        import uvicorn
+
+        from cai_engine.serve import create_app
+
+        self.engine = Engine.from_policy(policy)
+        self.app = create_app(self.engine, upstream, **options)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> GuardServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("the guard server did not come up")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.close()
+
+
+def policy(**extra) -> dict:
+    data = {"name": "served", "constitutions": ["harmless"], "guard": {"model_critics": False, "action": "revise"}}
+    data.update(extra)
+    return data
+
+
+def rule(pid: str, pattern: str, **more) -> dict:
+    return {"id": pid, "title": f"rule {pid}", "phases": ["runtime"],
+            "rules": [{"id": f"{pid}-r", "kind": "forbid", "pattern": pattern, "message": f"matched {pid}", **more}]}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    srv = LlamaServer().start()
+    yield srv
+    srv.stop()
+
+
+def direct_answer(upstream: LlamaServer, messages) -> str:
+    reply = httpx.post(f"{upstream.url}/chat/completions", json={"messages": messages, "temperature": 0,
+                                                                  "max_tokens": 16}, timeout=60)
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def test_compliant_answers_pass_unchanged_and_streaming_matches(upstream, monkeypatch):
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="s3cret")
+        answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+        assert answer.choices[0].message.content == direct_answer(upstream, QUESTION)
+        verdict = answer.model_extra["cai_guard"]
+        assert verdict["action"] == "none" and verdict["compliant"] and len(verdict["audit_id"]) == 36
+        chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0,
+                                                     max_tokens=16, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == answer.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason is not None
+        assert client.models.list().data  # /v1/models is passed through
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=guard.url, api_key="wrong").chat.completions.create(
+                model="smollm2", messages=QUESTION, max_tokens=4)
+        metrics = httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+        assert 'cai_guard_actions_total{action="none"} 2' in metrics and 'status="unauthorised"} 1' in metrics
+
+
+def test_violating_answers_are_revised_or_refused(upstream, tmp_path):
+    every = rule("all-001", r"(?s)\w.*", fix="--")
+    with GuardServer(policy(add=[every]), upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused")
+        revised = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8)
+        content = revised.choices[0].message.content
+        assert content.endswith("--") and not any(c.isalnum() for c in content)
+        assert revised.model_extra["cai_guard"]["action"] == "revised"
+    no_fix = rule("all-002", "(?s).+")
+    audit = tmp_path / "audit.jsonl"
+    refusing = policy(add=[no_fix], guard={"model_critics": False, "action": "refuse"}, audit={"path": str(audit)})
+    with GuardServer(refusing, upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused")
+        refused = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8)
+        assert refused.choices[0].message.content.startswith("I can't help with that as asked")
+        assert refused.model_extra["cai_guard"]["principle_ids"] == ["all-002"]
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    served = [r for r in records if r["kind"] == "serve"]
+    assert [r["kind"] for r in records] == ["guard", "serve"] and served[0]["status"] == "ok"
+    assert served[0]["audit_id"] == records[0]["id"] and served[0]["upstream_ms"] > 0 and served[0]["guard_ms"] >= 0
+
+
+def test_input_rails_refuse_or_redact_before_the_upstream(upstream):
+    secret = rule("pw-001", r"\bhunter\d+", fix="[redacted]")
+    asked = [{"role": "user", "content": "My password is hunter2. Name a colour."}]
+    refusing = policy(add=[secret], input={"check": True, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused")
+        refused = client.chat.completions.create(model="smollm2", messages=asked, max_tokens=8)
+        verdict = refused.model_extra["cai_guard"]
+        assert verdict["action"] == "refused" and verdict["input"] == {"action": "refused", "principle_ids": ["pw-001"]}
+        assert 'cai_upstream_latency_ms_count 0' in httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+    redacting = policy(add=[secret], input={"check": True, "action": "redact"})
+    with GuardServer(redacting, upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused")
+        answer = client.chat.completions.create(model="smollm2", messages=asked, temperature=0, max_tokens=16)
+        assert answer.model_extra["cai_guard"]["input"]["action"] == "redacted"
+        redacted = [{"role": "user", "content": "My password is [redacted]. Name a colour."}]  # sent upstream
+        assert answer.choices[0].message.content == direct_answer(upstream, redacted)
+
+
+def test_a_dead_upstream_gives_502_and_the_server_recovers():
+    port = free_port()
+    upstream = LlamaServer(port=port).start()
+    try:
+        with GuardServer(policy(), upstream.url, timeout=30) as guard:
+            client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+            assert client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4).choices
+            upstream.stop()
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4)
+            assert info.value.status_code == 502 and "unreachable" in str(info.value)
+            assert httpx.get(f"http://127.0.0.1:{guard.port}/health").status_code == 200  # still up
+            upstream = LlamaServer(port=port).start()
+            assert client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4).choices
+    finally:
+        upstream.stop()
+
+
+def test_bad_requests_get_openai_errors(upstream):
+    with GuardServer(policy(), upstream.url) as guard:
+        base = f"http://127.0.0.1:{guard.port}/v1/chat/completions"
+        assert httpx.post(base, content=b"not json").status_code == 400
+        reply = httpx.post(base, json={"messages": [{"role": "robot", "content": "hi"}]})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+
+
+def test_serve_check_validates_policy_and_upstream(cli_runner, upstream, tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy()))
+    ok = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream", upstream.url, "--check"])
+    assert ok.exit_code == 0 and "upstream" in ok.output, ok.output
+    dead = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream",
+                                   f"http://127.0.0.1:{free_port()}/v1", "--check"])
+    assert dead.exit_code == 1 and "unreachable" in dead.output
+
+
+def test_load_with_an_instant_stub_upstream():
+    """500 requests at concurrency 32 against a rules-only policy and an upstream that answers at once: no errors.
+    The latency figures for the README come from bench/serve_load.py (speed is measured by benchmarks, not tests)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def completions(request):
+        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Blue."},
+                                          "finish_reason": "stop"}]})
+
+    stub = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(stub, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        with GuardServer(policy(add=[rule("never-002", "zzqqxx")]), f"http://127.0.0.1:{port}/v1") as guard:
+            async def run() -> list[int]:
+                limit = asyncio.Semaphore(32)
+                async with httpx.AsyncClient(timeout=30) as client:
+                    async def one(i: int) -> int:
+                        async with limit:
+                            reply = await client.post(f"{guard.url}/chat/completions",
+                                                      json={"model": "stub", "messages": QUESTION})
+                            return reply.status_code
+                    return await asyncio.gather(*(one(i) for i in range(500)))
+
+            codes = asyncio.run(run())
+            assert codes.count(200) == 500
+    finally:
+        server.should_exit = True
+        thread.join(10)
