@@ -771,9 +771,13 @@ def eval_command(models, names, harmful, benign, helpful, limit, judge_model, ju
         "policies": [p.strip() for p in policies.split(",")] if policies else []}, "options")
     from .stats import format_rate
 
+    from .evaluation import summary_lines
+
     results = evaluate(config, out, runtime=_runtime())
     for warning in results.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)
+    for line in summary_lines(results):
+        click.echo(line)
     for name, entry in results["models"].items():
         judged = entry.get("judged")
         if judged:

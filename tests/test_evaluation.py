@@ -129,3 +129,9 @@ def test_cli_eval(cli_runner, tiny_model, tmp_path):
                                      "--no-principles", "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     assert "b: harm score" in result.output and (tmp_path / "ev" / "report.html").exists()
+    assert "refusal on held-out harmful prompts (markers): a " in result.output and "(n=2, 95% CI" in result.output
+    quality = json.loads((tmp_path / "ev" / "results.json").read_text())["judge_quality"]
+    failed = quality["accuracy"] < 0.6 or (quality["same_position_rate"] or 0) > 0.25
+    assert ("fails its own gate" in result.output) == failed  # printed, not only rendered in the report
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert page.count("fails its own gate") == (1 if failed else 0)
