@@ -320,13 +320,31 @@ class Registry:
     # prompt sets
 
     def prompt_set(self, name: str):
-        key = name.split(":", 1)[1] if name.startswith("builtin:") else name
-        if key not in self._prompt_sets and ":" in key:  # plugin:name is accepted as well as the bare name
-            key = key.split(":", 1)[1]
-        try:
-            return self._prompt_sets[key].obj
-        except KeyError:
-            raise UnknownComponentError("prompt set", name, self._prompt_sets) from None
+        """A prompt set by name: ``red-team``, ``builtin:red-team`` (a built-in one) or ``medical:medical`` (the one the
+        plugin ``medical`` registered). A prefix is checked: ``medical:red-team`` is an error, not the built-in set."""
+        if name in self._prompt_sets:
+            return self._prompt_sets[name].obj
+        prefix, _, key = name.partition(":")
+        owned = self._prompt_sets.get(key) if key else None
+        if owned is None:
+            raise UnknownComponentError("prompt set", name, self._prompt_sets)
+        builtin = owned.plugin in DEFAULT_PLUGINS
+        if (prefix == "builtin") != builtin or (prefix != "builtin" and prefix not in self._aliases(owned.plugin)):
+            owner = "built-in" if builtin else f"plugin {owned.plugin!r}'s"
+            raise UnknownComponentError(
+                "prompt set", name, [f"{'builtin' if o.plugin in DEFAULT_PLUGINS else o.plugin}:{k}"
+                                     for k, o in self._prompt_sets.items()]) from ValueError(
+                f"{key!r} is {owner}, not {prefix!r}'s")
+        return owned.obj
+
+    def _aliases(self, plugin: str) -> set[str]:
+        """Names a user may write for a plugin: its registered name, its module's last part, either without a
+        ``cai_``/``cai-`` prefix, and its distribution's name."""
+        names = {plugin, plugin.rsplit(".", 1)[-1]}
+        dist = getattr(self.pm, "cai_distinfo", {}).get(plugin, (None, None))[0]
+        if dist:
+            names.add(dist)
+        return names | {n.removeprefix("cai_").removeprefix("cai-") for n in names}
 
     def prompt_set_names(self) -> list[str]:
         return sorted(self._prompt_sets)

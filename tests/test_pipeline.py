@@ -68,7 +68,7 @@ def test_the_feedback_model_serves_phase_one_phase_two_and_the_evaluation(cai_ru
     config = small(tiny_model, out)
     config.update(feedback_model=str(tiny_plain_model), stages=["sl", "eval"],
                   eval={"limit": 1, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
-                        "judge_pairs": None})
+                        "judge_pairs": None, "classify_shots": 1})  # the tiny model's tokenizer is character-level
     lines = []
     summary = run_pipeline(config, runtime=cai_runtime, progress=False, echo=lines.append)
     record = json.loads((out / "sl" / "records.jsonl").read_text().splitlines()[0])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,22 @@ def test_a_copy_of_a_heldout_prompt_is_refused_by_content(cai_runtime, tmp_path)
     with pytest.raises(ConfigError, match=r"is the held-out evaluation prompt heldout:"):
         SLRun(SLConfig(prompts=str(copy), helpful_prompts=None), tmp_path / "run", cai_runtime)
     SLRun(SLConfig(prompts=str(copy), helpful_prompts=None, allow_heldout=True), tmp_path / "ok", cai_runtime)
+
+
+def test_a_plugin_prefix_is_checked_not_ignored(cai_runtime):
+    from cai_engine import PromptSet, UnknownComponentError, hookimpl
+    from cai_engine.plugins import Registry, make_plugin_manager
+
+    class Clinic:
+        @hookimpl
+        def cai_register_prompt_sets(self, register):
+            register(PromptSet(name="clinic-set", path=Path(__file__)))
+
+    registry = Registry(make_plugin_manager(autoload=False, plugins=[Clinic()]))
+    owner = registry._prompt_sets["clinic-set"].plugin
+    assert registry.prompt_set(f"{owner}:clinic-set").name == "clinic-set"
+    assert registry.prompt_set("builtin:red-team").name == "red-team" and registry.prompt_set("red-team")
+    with pytest.raises(UnknownComponentError, match="medical:red-team"):
+        registry.prompt_set("medical:red-team")  # the built-in red-team set is not the medical plugin's
+    with pytest.raises(UnknownComponentError):
+        registry.prompt_set("builtin:clinic-set")  # nor is a plugin's set built in
