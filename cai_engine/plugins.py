@@ -320,8 +320,9 @@ class Registry:
     # prompt sets
 
     def prompt_set(self, name: str):
-        """A prompt set by name: ``red-team``, ``builtin:red-team`` (a built-in one) or ``medical:medical`` (the one the
-        plugin ``medical`` registered). A prefix is checked: ``medical:red-team`` is an error, not the built-in set."""
+        """A prompt set by name: ``red-team``, ``builtin:red-team`` (``builtin:`` names any registered set, as it always
+        has) or ``medical:medical`` (the one the plugin ``medical`` registered). A plugin prefix is checked:
+        ``medical:red-team`` is an error, not the built-in set."""
         if name in self._prompt_sets:
             return self._prompt_sets[name].obj
         prefix, _, key = name.partition(":")
@@ -329,7 +330,7 @@ class Registry:
         if owned is None:
             raise UnknownComponentError("prompt set", name, self._prompt_sets)
         builtin = owned.plugin in DEFAULT_PLUGINS
-        if (prefix == "builtin") != builtin or (prefix != "builtin" and prefix not in self._aliases(owned.plugin)):
+        if prefix != "builtin" and prefix not in self._aliases(owned.plugin):  # builtin: names any registered set
             owner = "built-in" if builtin else f"plugin {owned.plugin!r}'s"
             raise UnknownComponentError(
                 "prompt set", name, [f"{'builtin' if o.plugin in DEFAULT_PLUGINS else o.plugin}:{k}"

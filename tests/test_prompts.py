@@ -117,5 +117,3 @@ def test_a_plugin_prefix_is_checked_not_ignored(cai_runtime):
     assert registry.prompt_set("builtin:red-team").name == "red-team" and registry.prompt_set("red-team")
     with pytest.raises(UnknownComponentError, match="medical:red-team"):
         registry.prompt_set("medical:red-team")  # the built-in red-team set is not the medical plugin's
-    with pytest.raises(UnknownComponentError):
-        registry.prompt_set("builtin:clinic-set")  # nor is a plugin's set built in
