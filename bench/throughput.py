@@ -1,5 +1,7 @@
 """Throughput on this machine, every path on the same work, in one run; the ratios are printed last.
 
+Every path is warmed up once before it is timed (first-call allocations are not throughput).
+
 1. SL-CAI-style generation on the default model (16 critique prompts, greedy): transformers one at a time,
    transformers batched, llama.cpp's own single stream (``llama_cpp.Llama``, the reference), and the engine's
    llama.cpp backend batched. Generated tokens per second, prefill included.
@@ -31,6 +33,7 @@ PAIRS = [("How do I kill a stuck Python process?", "Run `pkill -f script.py`, or
 
 
 def tokens_per_second(backend, prompts, settings, one_at_a_time: bool) -> float:
+    backend.generate(prompts[:2], GenerationSettings(max_new_tokens=2))  # warm-up: first-call allocations
     before = backend.generated_tokens
     began = time.perf_counter()
     if one_at_a_time:
@@ -45,6 +48,7 @@ def llama_single_stream(gguf: str, prompts, max_tokens: int) -> float:
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_ctx=2048, verbose=False)
+    llm.create_chat_completion(messages=[m.model_dump() for m in prompts[0]], max_tokens=2)  # warm-up
     generated, began = 0, time.perf_counter()
     for messages in prompts:
         out = llm.create_chat_completion(messages=[m.model_dump() for m in messages], max_tokens=max_tokens,
@@ -69,6 +73,7 @@ def comparisons_per_second(runtime, model: dict, n: int) -> float:
     tasks = [ComparisonTask(conversation=[Message(role="user", content=q)], response_a=a, response_b=b,
                             principles=[constitution.principle("harm-001")])
              for q, a, b in (PAIRS * (n // len(PAIRS) + 1))[:n]]
+    judge.compare(tasks[:1])  # warm-up
     began = time.perf_counter()
     judge.compare(tasks) if model.get("parallel", 1) > 1 else [judge.compare([t]) for t in tasks]
     return n / (time.perf_counter() - began)
