@@ -125,20 +125,29 @@ class ModelCritic(ModelComponent, Critic):
     def attribute(self, items, principles) -> list[int | None]:
         """For responses already found to break a principle: which one (the index), read from the letters'
         log-probs; None where no letter could be read."""
+        return [index for index, _ in self._letters(list(items), list(principles))]
+
+    def _letters(self, items, principles) -> list[tuple[int | None, dict[str, float] | None]]:
+        """(index of the principle the reply breaks most clearly, probability of each letter) per item."""
         from cai_engine.prompting import SCREEN_LETTERS, SCREEN_WHICH, screen_body
 
-        items, principles = list(items), list(principles)
         if not items:
             return []
         if len(principles) == 1:
-            return [0] * len(items)
+            return [(0, None)] * len(items)
         letters = list(SCREEN_LETTERS[: len(principles)])
         scored = self.backend.continuation_logprobs(
             [self._ask(screen_body(principles, c, r, SCREEN_WHICH), "(") for c, r in items], [letters] * len(items))
-        out: list[int | None] = []
+        out: list[tuple[int | None, dict[str, float] | None]] = []
         for logps in scored:
             usable = [(k, lp) for k, lp in enumerate(logps) if lp is not None and math.isfinite(lp)]
-            out.append(max(usable, key=lambda kv: kv[1])[0] if usable else None)
+            if not usable:
+                out.append((None, None))
+                continue
+            top = max(lp for _, lp in usable)
+            total = sum(math.exp(lp - top) for _, lp in usable)
+            out.append((max(usable, key=lambda kv: kv[1])[0],
+                        {letters[k]: round(math.exp(lp - top) / total, 4) for k, lp in usable}))
         return out
 
     def screen(self, items, principles, question: str | None = None) -> list[dict]:
@@ -149,7 +158,7 @@ class ModelCritic(ModelComponent, Critic):
         clearly, read from log-probs. Returns per item ``{"p_yes", "principle_index", "letter_probs"}``; p_yes None
         means the verdict could not be read (the caller decides what an abstention means).
         """
-        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_QUESTION, SCREEN_WHICH, screen_body
+        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_QUESTION, screen_body
 
         items, principles = list(items), list(principles)
         if len(principles) > len(SCREEN_LETTERS):
@@ -161,21 +170,8 @@ class ModelCritic(ModelComponent, Critic):
         out = [{"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None}
                for yes, no in verdicts]
         fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > self.options.threshold]
-        if fired and len(principles) > 1:
-            letters = list(SCREEN_LETTERS[: len(principles)])
-            scored = self.backend.continuation_logprobs(
-                [self._ask(screen_body(principles, *items[i], SCREEN_WHICH), "(") for i in fired],
-                [letters] * len(fired))
-            for i, logps in zip(fired, scored):
-                usable = [(k, lp) for k, lp in enumerate(logps) if lp is not None and math.isfinite(lp)]
-                if usable:
-                    top = max(lp for _, lp in usable)
-                    total = sum(math.exp(lp - top) for _, lp in usable)
-                    out[i]["letter_probs"] = {letters[k]: round(math.exp(lp - top) / total, 4) for k, lp in usable}
-                    out[i]["principle_index"] = max(usable, key=lambda kv: kv[1])[0]
-        elif fired:
-            for i in fired:
-                out[i]["principle_index"] = 0
+        for i, (index, probs) in zip(fired, self._letters([items[i] for i in fired], principles)):
+            out[i]["principle_index"], out[i]["letter_probs"] = index, probs
         return out
 
     def critique(self, tasks):
