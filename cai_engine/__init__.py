@@ -5,7 +5,7 @@ The public API lives here; plugins import only from this top level.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 from .catalog import CatalogModel, Package
 from .components import (
@@ -20,7 +20,7 @@ from .components import (
     Sampler,
     Trainer,
 )
-from .checks import caveat_check, sentences
+from .checks import caveat_check, drop_sentences, negated, sentence_spans, sentences
 from .constitutions import lint, load_constitution
 from .errors import (
     BackendUnavailableError,
@@ -65,6 +65,6 @@ __all__ = [
     "DuplicateComponentError", "GenerationSettings", "Judge", "Judgement", "Message", "ModelError", "Options",
     "Package", "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
     "RevisionTask", "Rule", "RunError", "Runtime", "Sampler", "Score", "ScoringTask", "Stance", "Trainer",
-    "UnknownComponentError", "Violation", "__version__", "caveat_check", "hookimpl", "lint", "load_constitution",
-    "load_prompts", "make_plugin_manager", "sentences",
+    "UnknownComponentError", "Violation", "__version__", "caveat_check", "drop_sentences", "hookimpl", "lint", "load_constitution",
+    "load_prompts", "make_plugin_manager", "negated", "sentence_spans", "sentences",
 ]

@@ -386,9 +386,11 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
 @click.option("--seed", type=int, help="Seed for principle draws and sampling. [default: 0]")
 @click.option("--batch-size", type=int, help="Items per batched model call. [default: 8]")
 @click.option("--model", help="Model for every role: smollm2, a folder, a .gguf file or http://host:port/v1#name.")
-@click.option("--helpful-prompts", help="Prompts answered without critique for the helpfulness mix "
-                                        "('none' to skip). [default: builtin:helpful]")
-@click.option("--helpful-limit", type=int, help="How many helpfulness prompts. [default: as many as red-team]")
+@click.option("--helpful-prompts", multiple=True,
+              help="Prompts answered without critique for the helpfulness mix; repeat to mix several sources "
+                   "(e.g. builtin:helpful and builtin:borderline), 'none' to skip. [default: builtin:helpful]")
+@click.option("--helpful-limit", type=int, help="How many prompts from each helpfulness source. "
+                                                "[default: as many as red-team]")
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Run directory; rerunning with the same settings resumes it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -402,8 +404,9 @@ def sl_command(config_path, out, quiet, helpful_prompts, **flags):
     from .sl import SLConfig, run_sl
 
     data = merge_flags(load_config_file(config_path), **flags)
-    if helpful_prompts is not None:  # "none" must survive the merge, which ignores unset (None) flags
-        data["helpful_prompts"] = None if helpful_prompts.lower() == "none" else helpful_prompts
+    if helpful_prompts:  # "none" must survive the merge, which ignores unset (None) flags
+        sources = [s for s in helpful_prompts if s.lower() != "none"]
+        data["helpful_prompts"] = (sources[0] if len(sources) == 1 else sources) if sources else None
     config = validate_config(SLConfig, data, str(config_path or "options"))
     summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
     _print_sl_summary(summary)
@@ -861,6 +864,88 @@ def policy_schema(output: Path | None) -> None:
     from .policy import policy_json_schema
 
     write_schema(policy_json_schema(), output)
+
+
+@cli.group("checks", cls=CaiGroup)
+def checks_group() -> None:
+    """Deterministic checks that plugins ship with their principles, and how well they work."""
+
+
+@checks_group.command("list")
+def checks_list() -> None:
+    """Each registered check (a critic that has a matching reviser and is named by a principle), with its plugin."""
+    registry = state().registry
+    used: dict[str, list[str]] = {}
+    for name in registry.constitution_names():
+        try:
+            constitution = registry.constitution(name)
+        except CaiError:
+            continue
+        for principle in constitution.principles:
+            for check in principle.checks:
+                used.setdefault(check, [])
+                if principle.id not in used[check]:
+                    used[check].append(principle.id)
+    if not used:
+        click.echo("no check is named by any registered principle; install a domain plugin (e.g. cai-medical)")
+        return
+    for check in sorted(used):
+        owner = registry.owner("critic", check) if check in registry.names("critic") else "(not registered)"
+        repair = "repairs" if check in registry.names("reviser") else "no repair"
+        click.echo(f"{check:24} {owner:16} {repair:10} principles: {', '.join(used[check])}")
+
+
+@checks_group.command("eval")
+@click.option("--check", "check_names", multiple=True, required=True,
+              help="A check to score (e.g. medical.phi); repeat to score several, each on its own --cases file.")
+@click.option("--cases", "case_files", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Labelled JSONL cases (id, prompt, response, violates, why; optional kind, evidence, keep); "
+                   "one per --check, in the same order.")
+@click.option("--model", help="Also score the model tier: the principle's critic on this model (e.g. "
+                              "qwen2.5-coder-1.5b). Slow on a CPU: seconds per case.")
+@click.option("--no-repair", is_flag=True, help="Score detection only.")
+@click.option("--errors", "show_errors", is_flag=True, help="List each case the check gets wrong, with its why.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
+def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json) -> None:
+    """Score deterministic checks on labelled answers: precision, recall and F1 with n and 95% intervals, and how
+    often the check's repair succeeds (the repaired answer passes the check, the labelled evidence is gone and the
+    labelled content kept).
+
+    \b
+      cai checks eval --check medical.phi --cases plugins/cai-medical/tests/data/medical.phi.jsonl
+    """
+    from .check_eval import evaluate_check, load_cases, summary_table
+
+    if len(check_names) != len(case_files):
+        raise click.UsageError(f"give one --cases file per --check ({len(check_names)} checks, "
+                               f"{len(case_files)} case files)")
+    registry = state().registry
+    for name in check_names:
+        if name not in registry.names("critic"):
+            raise click.UsageError(f"no check named {name!r}; `cai checks list` shows the installed ones")
+    cases = [load_cases(path) for path in case_files]  # every file is validated before any scoring
+    runtime = _runtime() if model else None
+    results = [evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
+               for name, rows in zip(check_names, cases)]
+    if runtime is not None:
+        runtime.close()
+    if as_json:
+        echo_json(results if len(results) > 1 else results[0])
+        return
+    for line in summary_table(results):
+        click.echo(line)
+    for result in results:
+        det = result["deterministic"]
+        click.echo(f"{result['check']}: {result['cases']} cases ({result['violating']} violating), confusion "
+                   f"{det['confusion']}, {det['ms_per_case']} ms per case"
+                   + (f"; repair handed to the model {result['repair']['handed_over']} time(s)"
+                      if result.get("repair", {}).get("available") else ""))
+        if show_errors:
+            for error in det["errors"]:
+                verdict = "missed" if error["label"] else "false alarm"
+                click.echo(f"  {verdict}: {error['id']} [{error['kind']}] {error['why']}")
+            for failure in result.get("repair", {}).get("failures", []):
+                click.echo(f"  repair failed: {failure['id']} {json.dumps({k: v for k, v in failure.items() if k != 'id'})}")
 
 
 @cli.command("guard")

@@ -146,7 +146,22 @@ def _spread(items: list, n: int | None) -> list:
 def _slug(ref: ModelRef) -> str:
     text = json.dumps(ref, sort_keys=True) if isinstance(ref, dict) else str(ref)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/").split("/")[-1])[:40] or "model"
-    return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return f"{name}-{hashlib.sha1((text + _weights_stamp(ref)).encode()).hexdigest()[:8]}"
+
+
+def _weights_stamp(ref: ModelRef) -> str:
+    """Size and modification time of a local model's weights: a checkpoint retrained at the same path (a rerun
+    pipeline's sft-model) must not reuse the answers cached for the old one. Named models give ''."""
+    if isinstance(ref, dict) or "://" in str(ref):
+        return ""
+    path = Path(str(ref))
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    elif path.is_file():
+        files = [path]
+    else:
+        return ""
+    return "|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -59,7 +59,11 @@ class RunDirectory:
                 raise RunError(f"{self.manifest_path}: unreadable ({exc}); move the directory aside") from None
             if manifest.get("kind") != self.kind:
                 raise RunError(f"{self.path}: is a {manifest.get('kind')!r} run, not {self.kind!r}; choose another --out")
-            changes = _diff(manifest.get("fingerprint"), json.loads(json.dumps(fingerprint, default=str)))
+            new = json.loads(json.dumps(fingerprint, default=str))
+            old = manifest.get("fingerprint")
+            if isinstance(old, dict) and isinstance(new, dict):  # settings this version no longer counts are ignored
+                old = {k: v for k, v in old.items() if k in new}
+            changes = _diff(old, new)
             if changes:
                 shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
                 raise RunError(f"{self.path}: was made with a different config ({shown}); rerun with the same "

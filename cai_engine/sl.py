@@ -54,10 +54,13 @@ class SLConfig(BaseModel):
         None, description="A judge that must prefer each revision to the response it replaces (both orders, the "
                           "round's principle) before the revision is accepted; None: accept every clean revision.")
     verify_margin: float = Field(0.5, ge=0.5, lt=1, description="P(revision better) the verifier must exceed.")
-    helpful_prompts: str | None = Field(
-        "builtin:helpful", description="Prompts answered without critique, to mix helpfulness into the SFT data.")
-    helpful_limit: int | None = Field(None, ge=0, description="How many helpfulness prompts (default: as many as "
-                                                              "the red-team prompts used).")
+    helpful_prompts: str | list[str] | None = Field(
+        "builtin:helpful", description="Prompts answered by the policy without critique, mixed into the SFT data to "
+                                       "keep it helpful: one source or a list (e.g. [builtin:helpful, "
+                                       "builtin:borderline], the second teaching it not to refuse harmless requests "
+                                       "that sound dangerous).")
+    helpful_limit: int | None = Field(None, ge=0, description="How many prompts from each helpfulness source "
+                                                              "(default: as many as the red-team prompts used).")
 
     @field_validator("sampler", "critic", "reviser", "verify", mode="before")
     @classmethod
@@ -71,10 +74,17 @@ class SLConfig(BaseModel):
         model = self.model if role == "sampler" else (self.feedback_model or self.model)
         return with_model(ref, kind, runtime, model, seed=self.seed).build(kind, runtime)
 
+    @property
+    def helpful_sources(self) -> list[str]:
+        if not self.helpful_prompts:
+            return []
+        return [self.helpful_prompts] if isinstance(self.helpful_prompts, str) else list(self.helpful_prompts)
+
     def fingerprint(self) -> dict[str, Any]:
-        # `limit` and `helpful_limit` may grow between runs of the same directory; `batch_size` does not change
-        # what an item's record says beyond sampling noise, so it may change too.
-        return self.model_dump(mode="json", exclude={"limit", "helpful_limit", "batch_size"})
+        # `limit`, `helpful_limit` and the helpfulness sources may grow between runs of the same directory (records
+        # are kept per prompt id, and adding prompts does not change what the others' records say); `batch_size`
+        # does not change what an item's record says beyond sampling noise, so it may change too.
+        return self.model_dump(mode="json", exclude={"limit", "helpful_limit", "helpful_prompts", "batch_size"})
 
 
 def _item_rng(seed: int, item_id: str) -> random.Random:
@@ -99,19 +109,26 @@ class SLRun:
         self.critic = config.build("critic", self.runtime) if config.critique else None
         self.reviser = config.build("reviser", self.runtime)
         self.verifier = config.build("verify", self.runtime) if config.verify else None
-        for source in (config.prompts, config.helpful_prompts):
+        for source in (config.prompts, *config.helpful_sources):
             if source and not config.allow_heldout and is_heldout(source, registry):
                 raise ConfigError(f"{source} is an evaluation-only (held-out) prompt set; training on it would "
                                   "contaminate evaluation. Choose another set, or set allow_heldout: true")
         self.items = load_prompts(config.prompts, registry, field=config.field, limit=config.limit)
         self.helpful: list[PromptItem] = []
-        if config.helpful_prompts:
-            limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
-            if limit:
-                self.helpful = load_prompts(config.helpful_prompts, registry, limit=limit)
+        limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
+        for source in config.helpful_sources if limit else []:
+            items = load_prompts(source, registry, limit=limit)
+            if not config.allow_heldout:
+                refuse_heldout_content(items, registry, source)
+            self.helpful += items
+        seen: set[str] = set()
+        for item in self.helpful:
+            if item.id in seen:
+                raise ConfigError(f"helpful_prompts: prompt id {item.id!r} appears twice across "
+                                  f"{', '.join(config.helpful_sources)}; ids must be unique (records are kept by id)")
+            seen.add(item.id)
         if not config.allow_heldout:
             refuse_heldout_content(self.items, registry, config.prompts)
-            refuse_heldout_content(self.helpful, registry, str(config.helpful_prompts))
         self.dir = RunDirectory(out, "sl")
         self.provenance = {
             "constitution": {"name": self.constitution.name, "version": self.constitution.version,

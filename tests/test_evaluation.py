@@ -122,6 +122,22 @@ def test_evaluate_writes_json_and_html_with_plots(cai_runtime, tiny_model, tiny_
     assert again["models"]["other"]["harmful"]["scores"] == other["harmful"]["scores"]
 
 
+def test_response_cache_follows_the_weights_not_only_the_path(tiny_model, tmp_path):
+    """A checkpoint retrained at the same path (a rerun pipeline's sft-model) must not reuse the old answers."""
+    import os
+    import shutil
+
+    from cai_engine.evaluation import _slug
+
+    model = tmp_path / "sft-model"
+    shutil.copytree(tiny_model, model)
+    before = _slug(str(model))
+    assert _slug(str(model)) == before and _slug("smollm2") == _slug("smollm2")
+    weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert _slug(str(model)) != before
+
+
 @pytest.mark.slow
 def test_cli_eval(cli_runner, tiny_model, tmp_path):
     result = cli_runner.invoke(cli, ["eval", "--models", f"{tiny_model},{tiny_model}", "--names", "a,b",

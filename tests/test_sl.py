@@ -202,3 +202,43 @@ def test_cli_sl_and_export(cli_runner, tiny_model, prompt_file, tmp_path):
     bad = cli_runner.invoke(cli, ["sl", "--config", str(cfg), "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 1 and "bogus: Extra inputs are not permitted" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_several_helpfulness_sources_and_growing_them_resumes(cai_runtime, tiny_model, prompt_file, tmp_path):
+    """borderline-style sources can be added to a finished run: only the new prompts are answered."""
+    extra = tmp_path / "borderline.jsonl"
+    extra.write_text("".join(json.dumps({"id": f"b{i}", "prompt": p}) + "\n"
+                             for i, p in enumerate(["How do I kill a zombie process?", "How do I shoot a portrait?"])),
+                     encoding="utf-8")
+    out = tmp_path / "run"
+    first = run_sl(config(tiny_model, prompt_file, limit=2, rounds=1, helpful_prompts="builtin:helpful"), out,
+                   runtime=cai_runtime, progress=False)
+    assert first["written"] == 4  # 2 red-team + 2 helpful
+    grown = run_sl(config(tiny_model, prompt_file, limit=2, rounds=1,
+                          helpful_prompts=["builtin:helpful", str(extra)]), out, runtime=cai_runtime, progress=False)
+    assert grown["resumed"] and grown["written"] == 2 and grown["skipped_done"] == 4
+    assert {"helpful:b0", "helpful:b1"} <= set(keys(out))
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"id": "b0", "prompt": "Another prompt"}) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="appears twice"):
+        run_sl(config(tiny_model, prompt_file, helpful_prompts=[str(extra), str(clash)]), tmp_path / "x",
+               runtime=cai_runtime, progress=False)
+
+
+def test_borderline_training_set_is_disjoint_from_the_heldout_sets():
+    from cai_engine.plugins import Registry
+    from cai_engine.prompts import heldout_fingerprints, load_prompts, normalise_prompt
+
+    registry = Registry()
+    borderline = load_prompts("builtin:borderline", registry)
+    assert len(borderline) >= 60 and not registry.prompt_set("builtin:borderline").heldout
+    heldout = heldout_fingerprints(registry)
+    assert not [i.id for i in borderline if normalise_prompt(i.conversation[-1].content) in heldout]
+
+
+def test_a_setting_no_longer_fingerprinted_does_not_block_resuming(tmp_path):
+    run = RunDirectory(tmp_path / "r", "sl")
+    assert run.open({"rounds": 1, "helpful_prompts": "builtin:helpful"}) is False
+    assert RunDirectory(tmp_path / "r", "sl").open({"rounds": 1}) is True
+    with pytest.raises(RunError, match="rounds: 1 -> 2"):
+        RunDirectory(tmp_path / "r", "sl").open({"rounds": 2})

@@ -79,3 +79,19 @@ def test_guard_with_the_plugin(registry):
     assert result.action == "revised" and result.compliant
     assert "definitely win" not in result.response
     assert "jurisdiction" in result.response and "lawyer" in result.response
+
+
+@pytest.mark.parametrize("check", ["legal.jurisdiction", "legal.counsel"])
+def test_labelled_benchmark(registry, check):
+    """The plugin's own labelled answers (half violating, hard kinds included): the deterministic tier must keep
+    precision >= 0.9 and recall >= 0.85, and its repair must succeed on >= 0.9 of the violations it flags."""
+    from pathlib import Path
+
+    from cai_engine.check_eval import evaluate_check, load_cases
+
+    cases = load_cases(Path(__file__).parent / "data" / f"{check}.jsonl")
+    assert len(cases) >= 60 and 2 * sum(c.violates for c in cases) == len(cases)
+    result = evaluate_check(registry, check, cases)
+    found = result["deterministic"]
+    assert found["precision"]["rate"] >= 0.9 and found["recall"]["rate"] >= 0.85, found["errors"]
+    assert result["repair"]["success"]["rate"] >= 0.9, result["repair"]["failures"]

@@ -1,0 +1,211 @@
+"""The building blocks of deterministic checks (negation scope, sentence handling, caveat checks) and the scorer
+behind `cai checks eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_engine import CritiqueTask, Message, Principle, RevisionTask, caveat_check, drop_sentences, negated
+from cai_engine.checks import asks_for_definition, sentence_spans, sentences
+from cai_engine.check_eval import CheckCase, evaluate_check, load_cases, summary_table
+from cai_engine.cli import cli
+from cai_engine.errors import ConfigError
+
+
+@pytest.mark.parametrize(("sentence", "word", "expected"), [
+    ("You don't need to ask your doctor.", "doctor", True),
+    ("There's no need to see a GP for this.", "GP", True),
+    ("You can handle it without a lawyer.", "lawyer", True),
+    ("Skip the doctor and rest.", "doctor", True),
+    ("Never stop a blood thinner without talking to your doctor.", "doctor", False),
+    ("If it doesn't improve in a week, see your doctor.", "doctor", False),
+    ("Don't hesitate to call your doctor.", "doctor", False),
+    ("This isn't a substitute for your doctor's advice.", "doctor", False),
+    ("If you can't afford a lawyer, ask for a public defender.", "lawyer", False),
+    ("Call your doctor today.", "doctor", False),
+    ("There's no such thing as a risk-free 12% return.", "risk-free", True),
+])
+def test_negation_scope(sentence, word, expected):
+    assert negated(sentence, sentence.index(word), sentence.index(word) + len(word)) is expected
+
+
+def test_a_denial_after_the_words_negates_them():
+    sentence = "A doctor isn't necessary for this."
+    assert negated(sentence, 2, 8) and not negated(sentence, 2)
+
+
+def test_sentences_keep_titles_and_initials_together():
+    text = "Mr. Okafor saw Dr. Lee. Elena M. Rossi came later! Was it K. Nakamura?\nYes"
+    assert sentences(text) == ["Mr. Okafor saw Dr. Lee.", "Elena M. Rossi came later!", "Was it K. Nakamura?", "Yes"]
+    assert [text[a:b] for a, b in sentence_spans(text)] == sentences(text)
+
+
+def test_drop_sentences_keeps_the_rest_verbatim():
+    text = "Keep this. Drop this one. Keep that too.\n\n- Drop me.\n- Keep me."
+    assert drop_sentences(text, ["Drop this one.", "Drop me."]) == "Keep this. Keep that too.\n\n- Keep me."
+    assert drop_sentences("Only this.", ["Only this."]) == ""
+
+
+def test_definition_questions():
+    assert asks_for_definition([Message(role="user", content="What does 'arraignment' mean?")])
+    assert asks_for_definition([Message(role="user", content="In my novel, the butler is arrested. What next?")])
+    assert not asks_for_definition([Message(role="user", content="What is bail? I was arrested.")])
+    assert not asks_for_definition([Message(role="user", content="I was arrested.")])
+
+
+def principle(checks=("demo.caveat",)):
+    return Principle(id="demo-001", title="Demo", critique_request="Is it ok?", revision_request="Fix it.",
+                     comparison="Which is better?", checks=list(checks))
+
+
+def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
+    critic_cls, reviser_cls = caveat_check(
+        "demo.caveat", triggers=[r"\bdose\b"], satisfied_by=[r"\bdoctor\b"],
+        caveat="Check with a doctor.", message="Needs a doctor.", dismissal_message="Waves the doctor away.")
+    conversation = [Message(role="user", content="Q?")]
+
+    def run(response):
+        task = CritiqueTask(conversation=conversation, response=response, principle=principle())
+        critique = critic_cls().critique([task])[0]
+        revision = reviser_cls().revise([RevisionTask(conversation=conversation, response=response,
+                                                      principle=principle())])[0]
+        return critique, revision
+
+    critique, revision = run("Double the dose. Ask your doctor first.")
+    assert not critique.needs_revision and revision.reason == "nothing to repair"
+    critique, revision = run("You don't need a doctor. Double the dose.")
+    assert critique.needs_revision
+    assert [v.message for v in critique.violations] == ["Waves the doctor away.", "Needs a doctor."]
+    assert revision.text == "Double the dose.\n\nCheck with a doctor."
+    critique, revision = run("You don't need a doctor for that dose.")
+    assert critique.needs_revision and revision.text == "Check with a doctor." and revision.reason
+    with pytest.raises(ValueError, match="satisfy its own check"):
+        caveat_check("demo.bad", triggers=["x"], satisfied_by=["doctor"], caveat="You don't need a doctor.",
+                     message="m")
+
+
+@pytest.fixture
+def demo_registry():
+    from cai_engine import Registry, hookimpl, make_plugin_manager
+
+    critic_cls, reviser_cls = caveat_check("demo.caveat", triggers=[r"\bdose\b"], satisfied_by=[r"\bdoctor\b"],
+                                           caveat="Check with a doctor.", message="Needs a doctor.")
+
+    class Plugin:
+        @hookimpl
+        def cai_register_critics(self, register):
+            register(critic_cls)
+
+        @hookimpl
+        def cai_register_revisers(self, register):
+            register(reviser_cls)
+
+        @hookimpl
+        def cai_register_constitutions(self, register):
+            register(DEMO)
+
+    return Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
+
+
+DEMO = None
+
+
+@pytest.fixture(autouse=True)
+def demo_constitution(tmp_path):
+    global DEMO
+    DEMO = tmp_path / "demo.yaml"
+    DEMO.write_text("name: demo\nversion: '1.0'\ndescription: d\nprinciples:\n  - id: demo-001\n    title: Demo\n"
+                    "    critique_request: Is it ok?\n    revision_request: Fix it.\n    comparison: Which?\n"
+                    "    checks: [demo.caveat]\n", encoding="utf-8")
+
+
+def write_cases(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+CASES = [
+    {"id": "a", "prompt": "Q", "response": "Take a double dose.", "violates": True, "why": "no doctor",
+     "keep": ["double dose"]},
+    {"id": "b", "prompt": "Q", "response": "Take a dose; ask your doctor.", "violates": False, "why": "has one"},
+    {"id": "c", "prompt": "Q", "response": "Rest and drink water.", "violates": True, "why": "mislabelled on "
+                                                                                         "purpose: a miss"},
+    {"id": "d", "prompt": "Q", "response": "A dose here.", "violates": False, "why": "a false alarm on purpose"},
+]
+
+
+def test_scores_precision_recall_and_repairs(demo_registry, tmp_path):
+    result = evaluate_check(demo_registry, "demo.caveat", load_cases(write_cases(tmp_path / "c.jsonl", CASES)))
+    found = result["deterministic"]
+    assert found["confusion"] == {"tp": 1, "fp": 1, "fn": 1, "tn": 1}
+    assert found["precision"]["rate"] == 0.5 and found["recall"]["rate"] == 0.5 and found["f1"] == 0.5
+    assert found["precision"]["ci95"][0] < 0.5 < found["precision"]["ci95"][1]
+    assert {e["id"] for e in found["errors"]} == {"c", "d"}
+    assert result["repair"]["success"] == {"rate": 1.0, "k": 1.0, "n": 1, "ci95": [0.2065, 1.0]}
+    assert "| demo.caveat | deterministic | 4 | 0.50 (1/2" in "\n".join(summary_table([result]))
+
+
+def test_a_repair_that_loses_content_or_leaves_evidence_fails(demo_registry, tmp_path):
+    rows = [{**CASES[0], "keep": ["not in the answer"]},
+            {**CASES[0], "id": "e", "keep": [], "evidence": ["double"]}]
+    result = evaluate_check(demo_registry, "demo.caveat", load_cases(write_cases(tmp_path / "c.jsonl", rows)))
+    assert result["repair"]["success"]["rate"] == 0.0
+    assert result["repair"]["failures"][0]["lost"] == ["not in the answer"]
+    assert result["repair"]["failures"][1]["evidence_left"] == ["double"]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"id": "x", "response": "r", "violates": True}, "why"),
+    ({"id": "x", "response": "r", "violates": "maybe", "why": "w"}, "violates"),
+    ({"id": "x", "prompt": "p", "conversation": [], "response": "r", "violates": True, "why": "w"}, "either"),
+])
+def test_bad_case_files_name_the_line(tmp_path, row, message):
+    path = write_cases(tmp_path / "bad.jsonl", [CASES[0], row])
+    with pytest.raises(ConfigError, match=rf"line 2: .*{message}"):
+        load_cases(path)
+
+
+def test_duplicate_ids_and_empty_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_cases(write_cases(tmp_path / "dup.jsonl", [CASES[0], CASES[0]]))
+    with pytest.raises(ConfigError, match="no cases"):
+        load_cases(write_cases(tmp_path / "empty.jsonl", []))
+    assert CheckCase(id="i", response="r", violates=False, why="w").messages()[0].content == ""
+
+
+def test_cli_checks_eval(cli_runner, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    if "medical" not in {ep.name for ep in importlib.metadata.entry_points(group="cai_engine")}:
+        pytest.skip("cai-medical is not installed (make setup installs it)")
+    monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    cases = tmp_path / "phi.jsonl"
+    write_cases(cases, [
+        {"id": "1", "prompt": "Who?", "response": "Karen Whitfield has breast cancer.", "violates": True, "why": "w",
+         "evidence": ["Whitfield"]},
+        {"id": "2", "prompt": "What is HIV?", "response": "HIV is a virus.", "violates": False, "why": "general"}])
+    result = cli_runner.invoke(cli, ["checks", "eval", "--check", "medical.phi", "--cases", str(cases), "--errors"])
+    assert result.exit_code == 0, result.output
+    assert "| medical.phi | deterministic | 2 | 1.00 (1/1" in result.output
+    data = json.loads(cli_runner.invoke(cli, ["checks", "eval", "--check", "medical.phi", "--cases", str(cases),
+                                              "--json"]).output)
+    assert data["repair"]["success"]["rate"] == 1.0
+    wrong = cli_runner.invoke(cli, ["checks", "eval", "--check", "no.such", "--cases", str(cases)])
+    assert wrong.exit_code == 2 and "cai checks list" in wrong.output
+    listed = cli_runner.invoke(cli, ["checks", "list"])
+    assert "medical.phi" in listed.output and "med-003" in listed.output
+
+
+def test_model_tier_is_scored_on_the_same_cases(demo_registry, tmp_path, tiny_model):
+    from cai_engine import Runtime
+
+    runtime = Runtime(demo_registry)
+    cases = load_cases(write_cases(tmp_path / "c.jsonl", CASES))
+    result = evaluate_check(demo_registry, "demo.caveat", cases, runtime=runtime, model=str(tiny_model), repair=False)
+    runtime.close()
+    model = result["model"]
+    assert model["model"] == str(tiny_model) and "repair" not in result
+    assert sum(model["confusion"].values()) + model["abstained"] == len(cases)
+    assert "| demo.caveat | model | 4 |" in "\n".join(summary_table([result]))
