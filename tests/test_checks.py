@@ -196,6 +196,8 @@ def test_cli_checks_eval(cli_runner, tmp_path, monkeypatch):
     assert wrong.exit_code == 2 and "cai checks list" in wrong.output
     listed = cli_runner.invoke(cli, ["checks", "list"])
     assert "medical.phi" in listed.output and "med-003" in listed.output
+    rows = json.loads(cli_runner.invoke(cli, ["checks", "list", "--json"]).output)
+    assert {"check": "medical.phi", "plugin": "medical", "repairs": True, "principles": ["med-003"]} in rows
 
 
 def test_model_tier_is_scored_on_the_same_cases(demo_registry, tmp_path, tiny_model):

@@ -87,3 +87,27 @@ def test_schema_command_matches_committed(cli_runner, tmp_path):
     assert result.exit_code == 0
     with open("schemas/constitution.schema.json", encoding="utf-8") as committed:
         assert json.load(committed) == json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_a_missing_extra_gets_an_install_hint(cli_runner, monkeypatch, tmp_path):
+    """A fresh venv with only the core: a command that needs torch says which extra to install, no traceback."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch.") or name == "transformers":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    result = cli_runner.invoke(cli, ["demo"])
+    assert result.exit_code == 1 and "pip install 'cai-engine[models]'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_env_lists_versions_plugins_and_paths(cli_runner):
+    data = json.loads(cli_runner.invoke(cli, ["env", "--json"]).output)
+    assert data["cai_engine"] and data["python"] and "gguf_cache" in data and isinstance(data["plugins"], list)
+    assert "pluggy" in data["packages"]
+    assert cli_runner.invoke(cli, ["env"]).output.startswith("cai_engine")

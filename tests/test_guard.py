@@ -212,6 +212,13 @@ def test_cli_policy_and_guard(cli_runner, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(bad)])
     assert result.exit_code == 1 and "bad.jsonl:1: needs 'messages' ending with an assistant turn" in result.output
+    gated = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out",
+                                    str(tmp_path / "gated.jsonl"), "--fail-on", "revise"])
+    assert gated.exit_code == 3 and "at least one response was revised" in gated.output
+    assert len((tmp_path / "gated.jsonl").read_text().splitlines()) == 2  # the output is written either way
+    lenient = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out",
+                                      str(tmp_path / "lenient.jsonl"), "--fail-on", "flag"])
+    assert lenient.exit_code == 0, lenient.output
 
 
 class Screener:

