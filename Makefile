@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/cai-*)
 PLUGIN_INSTALLS := $(foreach p,$(PLUGINS),-e $(p))
 
-.PHONY: setup setup-test demo test clean
+.PHONY: setup setup-test demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ setup-test: setup
 demo: setup
 	$(BIN)/cai demo
 
-test: setup-test
+test: setup-test lint
 	$(BIN)/python -m pytest -q
+
+# ruff lints and checks formatting (settings in pyproject.toml); `ruff format .` fixes the formatting.
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

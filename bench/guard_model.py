@@ -33,8 +33,9 @@ def main() -> None:
     args = parser.parse_args()
     cases = [json.loads(line) for line in Path(args.cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     policy, base = load_policy(args.policy)
-    guard = policy.guard.model_copy(update={"action": "flag", **({"threshold": args.threshold}
-                                                                  if args.threshold is not None else {})})
+    guard = policy.guard.model_copy(
+        update={"action": "flag", **({"threshold": args.threshold} if args.threshold is not None else {})}
+    )
     policy = policy.model_copy(update={"guard": guard})
     engine = Engine(policy, runtime=Runtime(), base_dir=base)
     began = time.perf_counter()
@@ -47,24 +48,41 @@ def main() -> None:
         principles = sorted({v.principle_id for r in result.rounds for v in r.violations})
         for pid in principles:
             fired.setdefault(pid, {"harmful": 0, "benign": 0})["harmful" if case["harmful"] else "benign"] += 1
-        rows.append({"id": case["id"], "harmful": case["harmful"], "kind": case["kind"], "acted": acted,
-                     "principles": principles})
+        rows.append(
+            {
+                "id": case["id"],
+                "harmful": case["harmful"],
+                "kind": case["kind"],
+                "acted": acted,
+                "principles": principles,
+            }
+        )
     harmful = rate(r["acted"] for r in rows if r["harmful"])
     benign = rate(r["acted"] for r in rows if not r["harmful"])
     kinds = sorted({r["kind"] for r in rows if not r["harmful"]})
-    summary = {"policy": args.policy, "threshold": guard.threshold, "cases": len(rows),
-               "acts_on_harmful": harmful, "acts_on_benign": benign,
-               "acts_on_benign_by_kind": {k: rate(r["acted"] for r in rows if r["kind"] == k) for k in kinds},
-               "fired_by_principle": fired, "seconds": round(seconds, 1),
-               "seconds_per_response": round(seconds / max(len(rows), 1), 2)}
-    print(f"policy {args.policy} (threshold {guard.threshold}), {len(rows)} labelled answers, {seconds:.0f} s "
-          f"({summary['seconds_per_response']} s per response, batched)")
+    summary = {
+        "policy": args.policy,
+        "threshold": guard.threshold,
+        "cases": len(rows),
+        "acts_on_harmful": harmful,
+        "acts_on_benign": benign,
+        "acts_on_benign_by_kind": {k: rate(r["acted"] for r in rows if r["kind"] == k) for k in kinds},
+        "fired_by_principle": fired,
+        "seconds": round(seconds, 1),
+        "seconds_per_response": round(seconds / max(len(rows), 1), 2),
+    }
+    print(
+        f"policy {args.policy} (threshold {guard.threshold}), {len(rows)} labelled answers, {seconds:.0f} s "
+        f"({summary['seconds_per_response']} s per response, batched)"
+    )
     print(f"acts on harmful answers: {format_rate(harmful)}")
     print(f"acts on benign answers:  {format_rate(benign)}")
     for kind, value in summary["acts_on_benign_by_kind"].items():
         print(f"  benign / {kind:<13} {format_rate(value)}")
-    print("fired by principle (harmful, benign):",
-          ", ".join(f"{p} {v['harmful']}/{v['benign']}" for p, v in sorted(fired.items())))
+    print(
+        "fired by principle (harmful, benign):",
+        ", ".join(f"{p} {v['harmful']}/{v['benign']}" for p, v in sorted(fired.items())),
+    )
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "cases": rows}, indent=2) + "\n", encoding="utf-8")
 

@@ -41,15 +41,28 @@ def main() -> None:
     feedback = {"model": args.feedback_model, "few_shot": 0}
     policy = {"backend": "llamacpp", "model": args.policy} if args.policy == "smollm2" else args.policy
     methods = {
-        "critique": {"critic": {"name": "model", "options": feedback},
-                     "reviser": {"name": "model", "options": feedback}},
+        "critique": {
+            "critic": {"name": "model", "options": feedback},
+            "reviser": {"name": "model", "options": feedback},
+        },
         "direct": {"critique": False, "reviser": {"name": "model", "options": feedback}},
         "rewrite": {"critique": False, "reviser": {"name": "rewrite", "options": feedback}},
-        "best": {"critique": False, "reviser": {"name": "ensemble", "options": {
-            "members": [{"critic": {"name": "model", "options": feedback}, "reviser": {"name": "model",
-                                                                                      "options": feedback}},
-                        {"reviser": {"name": "rewrite", "options": feedback}}],
-            "judges": [{"name": "logprob", "options": feedback}]}}},
+        "best": {
+            "critique": False,
+            "reviser": {
+                "name": "ensemble",
+                "options": {
+                    "members": [
+                        {
+                            "critic": {"name": "model", "options": feedback},
+                            "reviser": {"name": "model", "options": feedback},
+                        },
+                        {"reviser": {"name": "rewrite", "options": feedback}},
+                    ],
+                    "judges": [{"name": "logprob", "options": feedback}],
+                },
+            },
+        },
     }
     judge = runtime.component("judge", "logprob", feedback)
     classifier = runtime.component("critic", "model", {**feedback, "verdict_only": True})
@@ -57,9 +70,16 @@ def main() -> None:
     report = {}
     for name in args.methods.split(","):
         began = time.perf_counter()
-        config = {"prompts": "builtin:red-team", "limit": args.limit, "rounds": 1, "helpful_prompts": None,
-                  "model": policy, "sampler": {"name": "model", "options": {"max_new_tokens": 160}},
-                  "batch_size": 16, **methods[name]}
+        config = {
+            "prompts": "builtin:red-team",
+            "limit": args.limit,
+            "rounds": 1,
+            "helpful_prompts": None,
+            "model": policy,
+            "sampler": {"name": "model", "options": {"max_new_tokens": 160}},
+            "batch_size": 16,
+            **methods[name],
+        }
         run_sl(config, out / name, runtime=runtime, progress=False)
         seconds = time.perf_counter() - began
         records = [r for r in RunDirectory(out / name, "sl").records() if r.get("kind") == "red-team"]
@@ -68,13 +88,23 @@ def main() -> None:
         initials = [r["initial_response"] for r in records]
         verdicts = {}
         for label, rubric in (("harmful", HARMFUL_RUBRIC), ("refusal", REFUSAL_RUBRIC)):
-            verdicts[label] = [c.needs_revision for c in classifier.critique(
-                [CritiqueTask(conversation=c, response=t or " ", principle=rubric) for c, t in zip(convs, finals)])]
+            verdicts[label] = [
+                c.needs_revision
+                for c in classifier.critique(
+                    [CritiqueTask(conversation=c, response=t or " ", principle=rubric) for c, t in zip(convs, finals)]
+                )
+            ]
         changed = [(c, f, i) for c, f, i in zip(convs, finals, initials) if f != i]
-        prefs = judge.compare([ComparisonTask(conversation=c, response_a=f, response_b=i, principles=[harm])
-                               for c, f, i in changed]) if changed else []
+        prefs = (
+            judge.compare(
+                [ComparisonTask(conversation=c, response_a=f, response_b=i, principles=[harm]) for c, f, i in changed]
+            )
+            if changed
+            else []
+        )
         report[name] = {
-            "seconds": round(seconds, 1), "items": len(records),
+            "seconds": round(seconds, 1),
+            "items": len(records),
             "revised": sum(bool(r.get("revised")) for r in records),
             "safe_rate": rate(None if v is None else not v for v in verdicts["harmful"]),
             "refusal_rate": rate(verdicts["refusal"]),
@@ -82,16 +112,24 @@ def main() -> None:
             "mean_length": round(sum(len(t) for t in finals) / max(len(finals), 1)),
         }
         if name == args.methods.split(",")[0]:
-            base = [c.needs_revision for c in classifier.critique(
-                [CritiqueTask(conversation=c, response=t or " ", principle=HARMFUL_RUBRIC)
-                 for c, t in zip(convs, initials)])]
+            base = [
+                c.needs_revision
+                for c in classifier.critique(
+                    [
+                        CritiqueTask(conversation=c, response=t or " ", principle=HARMFUL_RUBRIC)
+                        for c, t in zip(convs, initials)
+                    ]
+                )
+            ]
             report["original"] = {"safe_rate": rate(None if v is None else not v for v in base)}
         print(name, json.dumps(report[name]), flush=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\n{'source':<10} {'safe rate':<36} {'refusal rate':<36} {'preferred over original':<36} seconds")
     for name, row in report.items():
-        print(f"{name:<10} {format_rate(row.get('safe_rate')):<36} {format_rate(row.get('refusal_rate')):<36} "
-              f"{format_rate(row.get('preferred_over_original')):<36} {row.get('seconds', '')}")
+        print(
+            f"{name:<10} {format_rate(row.get('safe_rate')):<36} {format_rate(row.get('refusal_rate')):<36} "
+            f"{format_rate(row.get('preferred_over_original')):<36} {row.get('seconds', '')}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,17 +19,28 @@ import argparse
 import resource
 import time
 
+from batching import PROMPTS
+
 from cai_engine import ComparisonTask, CritiqueTask, GenerationSettings, Message, Runtime
 
-from batching import PROMPTS  # noqa: E402  (the same 16 prompts as bench/batching.py)
-
-PAIRS = [("How do I kill a stuck Python process?", "Run `pkill -f script.py`, or find its id with `ps` and `kill` it.",
-          "I can't help with killing."),
-         ("Write an insult about my coworker.", "I'd rather not; want help raising the problem with them instead?",
-          "Sure: you are a lazy, useless excuse for a colleague."),
-         ("What's a quick dinner?", "Pasta with garlic, olive oil and chilli takes ten minutes.", "Food is good."),
-         ("How can I get into my neighbour's wifi?", "Ask your neighbour for the password or use your own plan.",
-          "Use a cracking tool on the WPA handshake.")]
+PAIRS = [
+    (
+        "How do I kill a stuck Python process?",
+        "Run `pkill -f script.py`, or find its id with `ps` and `kill` it.",
+        "I can't help with killing.",
+    ),
+    (
+        "Write an insult about my coworker.",
+        "I'd rather not; want help raising the problem with them instead?",
+        "Sure: you are a lazy, useless excuse for a colleague.",
+    ),
+    ("What's a quick dinner?", "Pasta with garlic, olive oil and chilli takes ten minutes.", "Food is good."),
+    (
+        "How can I get into my neighbour's wifi?",
+        "Ask your neighbour for the password or use your own plan.",
+        "Use a cracking tool on the WPA handshake.",
+    ),
+]
 
 
 def tokens_per_second(backend, prompts, settings, one_at_a_time: bool) -> float:
@@ -51,8 +62,9 @@ def llama_single_stream(gguf: str, prompts, max_tokens: int) -> float:
     llm.create_chat_completion(messages=[m.model_dump() for m in prompts[0]], max_tokens=2)  # warm-up
     generated, began = 0, time.perf_counter()
     for messages in prompts:
-        out = llm.create_chat_completion(messages=[m.model_dump() for m in messages], max_tokens=max_tokens,
-                                         temperature=0.0)
+        out = llm.create_chat_completion(
+            messages=[m.model_dump() for m in messages], max_tokens=max_tokens, temperature=0.0
+        )
         generated += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - began
     llm.close()
@@ -62,17 +74,27 @@ def llama_single_stream(gguf: str, prompts, max_tokens: int) -> float:
 def critique_prompts(runtime) -> list[list[Message]]:
     principle = runtime.registry.constitution("harmless").principle("harm-001")
     critic = runtime.component("critic", "model", {"model": "smollm2", "few_shot": 0})
-    tasks = [CritiqueTask(conversation=[Message(role="user", content=p)], response="Sure, here is what to do.",
-                          principle=principle) for p in PROMPTS]
+    tasks = [
+        CritiqueTask(
+            conversation=[Message(role="user", content=p)], response="Sure, here is what to do.", principle=principle
+        )
+        for p in PROMPTS
+    ]
     return [critic._prompt(t) for t in tasks]
 
 
 def comparisons_per_second(runtime, model: dict, n: int) -> float:
     constitution = runtime.registry.constitution("harmless")
     judge = runtime.component("judge", "logprob", {"model": model, "few_shot": 0})
-    tasks = [ComparisonTask(conversation=[Message(role="user", content=q)], response_a=a, response_b=b,
-                            principles=[constitution.principle("harm-001")])
-             for q, a, b in (PAIRS * (n // len(PAIRS) + 1))[:n]]
+    tasks = [
+        ComparisonTask(
+            conversation=[Message(role="user", content=q)],
+            response_a=a,
+            response_b=b,
+            principles=[constitution.principle("harm-001")],
+        )
+        for q, a, b in (PAIRS * (n // len(PAIRS) + 1))[:n]
+    ]
     judge.compare(tasks[:1])  # warm-up
     began = time.perf_counter()
     judge.compare(tasks) if model.get("parallel", 1) > 1 else [judge.compare([t]) for t in tasks]
@@ -103,10 +125,13 @@ def main() -> None:
     runtime.close()
     judged = {
         "judge, batch 1, no prefix sharing": comparisons_per_second(
-            runtime, {"model": gguf, "backend": "llamacpp", "parallel": 1, "share_prefix": 0}, args.comparisons)}
+            runtime, {"model": gguf, "backend": "llamacpp", "parallel": 1, "share_prefix": 0}, args.comparisons
+        )
+    }
     runtime.close()
     judged["judge, batched 16, prefix cache"] = comparisons_per_second(
-        runtime, {"model": gguf, "backend": "llamacpp", "parallel": 16}, args.comparisons)
+        runtime, {"model": gguf, "backend": "llamacpp", "parallel": 16}, args.comparisons
+    )
     runtime.close()
     feedback: dict[str, float] = {}
     if not args.skip_feedback and runtime.registry.catalog.installed_path("qwen2.5-coder-1.5b"):
@@ -127,11 +152,17 @@ def main() -> None:
     print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     reference = rows["llama.cpp single stream (reference)"]
     print("ratios:")
-    print(f"  engine llama.cpp batched / llama.cpp single stream: {rows['engine llama.cpp, batched 16'] / reference:.2f}x")
-    print(f"  transformers batched / one at a time: "
-          f"{rows['transformers, batched 16'] / rows['transformers, one at a time']:.2f}x")
-    print(f"  judging batched+cache / batch 1 without: "
-          f"{judged['judge, batched 16, prefix cache'] / judged['judge, batch 1, no prefix sharing']:.2f}x")
+    print(
+        f"  engine llama.cpp batched / llama.cpp single stream: {rows['engine llama.cpp, batched 16'] / reference:.2f}x"
+    )
+    print(
+        f"  transformers batched / one at a time: "
+        f"{rows['transformers, batched 16'] / rows['transformers, one at a time']:.2f}x"
+    )
+    print(
+        f"  judging batched+cache / batch 1 without: "
+        f"{judged['judge, batched 16, prefix cache'] / judged['judge, batch 1, no prefix sharing']:.2f}x"
+    )
     if feedback:
         print(f"  1.5B batched / single stream: {feedback['1.5B, batched 16'] / feedback['1.5B, one stream']:.2f}x")
 

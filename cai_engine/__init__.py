@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.2.1"
 
 from .catalog import CatalogModel, Package
+from .checks import caveat_check, drop_sentences, negated, sentence_spans, sentences
 from .components import (
     Backend,
     ChatPrompt,
@@ -20,7 +21,6 @@ from .components import (
     Sampler,
     Trainer,
 )
-from .checks import caveat_check, drop_sentences, negated, sentence_spans, sentences
 from .constitutions import lint, load_constitution
 from .errors import (
     BackendUnavailableError,
@@ -60,11 +60,57 @@ from .records import (
 from .runtime import Runtime
 
 __all__ = [
-    "Backend", "BackendUnavailableError", "CaiError", "CatalogModel", "ChatPrompt", "ComparisonExample", "ComparisonTask", "Component",
-    "ConfigError", "Constitution", "ConstitutionError", "Critic", "Critique", "CritiqueExample", "CritiqueTask",
-    "DuplicateComponentError", "GenerationSettings", "Judge", "Judgement", "Message", "ModelError", "Options",
-    "Package", "Phase", "PluginError", "Principle", "PromptItem", "PromptSet", "Registry", "Reviser", "Revision",
-    "RevisionTask", "Rule", "RunError", "Runtime", "Sampler", "Score", "ScoringTask", "Stance", "Trainer",
-    "UnknownComponentError", "Violation", "__version__", "caveat_check", "drop_sentences", "hookimpl", "lint", "load_constitution",
-    "load_prompts", "make_plugin_manager", "negated", "sentence_spans", "sentences",
+    "Backend",
+    "BackendUnavailableError",
+    "CaiError",
+    "CatalogModel",
+    "ChatPrompt",
+    "ComparisonExample",
+    "ComparisonTask",
+    "Component",
+    "ConfigError",
+    "Constitution",
+    "ConstitutionError",
+    "Critic",
+    "Critique",
+    "CritiqueExample",
+    "CritiqueTask",
+    "DuplicateComponentError",
+    "GenerationSettings",
+    "Judge",
+    "Judgement",
+    "Message",
+    "ModelError",
+    "Options",
+    "Package",
+    "Phase",
+    "PluginError",
+    "Principle",
+    "PromptItem",
+    "PromptSet",
+    "Registry",
+    "Reviser",
+    "Revision",
+    "RevisionTask",
+    "Rule",
+    "RunError",
+    "Runtime",
+    "Sampler",
+    "Score",
+    "ScoringTask",
+    "Stance",
+    "Trainer",
+    "UnknownComponentError",
+    "Violation",
+    "__version__",
+    "caveat_check",
+    "drop_sentences",
+    "hookimpl",
+    "lint",
+    "load_constitution",
+    "load_prompts",
+    "make_plugin_manager",
+    "negated",
+    "sentence_spans",
+    "sentences",
 ]

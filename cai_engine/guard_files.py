@@ -48,12 +48,17 @@ def parse_guard_row(where: str, row: dict[str, Any]) -> GuardItem:
     if "response" in row:
         conversation = row.get("conversation", row.get("messages", row.get("prompt")))
         response = row["response"]
-    elif isinstance(row.get("messages"), list) and row["messages"] and isinstance(row["messages"][-1], dict) \
-            and row["messages"][-1].get("role") == "assistant":
+    elif (
+        isinstance(row.get("messages"), list)
+        and row["messages"]
+        and isinstance(row["messages"][-1], dict)
+        and row["messages"][-1].get("role") == "assistant"
+    ):
         conversation, response = row["messages"][:-1], row["messages"][-1].get("content")
     else:
-        raise ConfigError(f"{where}: needs 'messages' ending with an assistant turn, or 'conversation' "
-                          "(or 'prompt') and 'response'")
+        raise ConfigError(
+            f"{where}: needs 'messages' ending with an assistant turn, or 'conversation' (or 'prompt') and 'response'"
+        )
     if not isinstance(response, str):
         raise ConfigError(f"{where}: the response must be text, not {type(response).__name__}")
     if isinstance(conversation, str):
@@ -85,8 +90,15 @@ def validate_guard_input(path: str | Path) -> int:
     return count
 
 
-def guard_file(engine: Any, input_path: str | Path, out: str | Path | None, *, batch_size: int = 8,
-               emit: Callable[[str], None] = print, progress: bool = True) -> dict[str, int]:
+def guard_file(
+    engine: Any,
+    input_path: str | Path,
+    out: str | Path | None,
+    *,
+    batch_size: int = 8,
+    emit: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict[str, int]:
     """Guard every conversation of ``input_path`` with ``engine``; results as JSONL into ``out`` (atomically) or
     through ``emit`` line by line. Returns the count of each action. The audit gets a ``guard_run`` record saying
     whether the run completed or failed."""
@@ -119,11 +131,21 @@ def guard_file(engine: Any, input_path: str | Path, out: str | Path | None, *, b
         error = str(exc) or type(exc).__name__
         raise
     finally:
-        engine.runtime.emit({"time": now(), "status": status, "input": str(input_path),
-                             "output": str(out) if out else None, "items": total, "guarded": done,
-                             "output_written": status == "completed" and out is not None,
-                             "error": error, "seconds": round(time.perf_counter() - began, 3),
-                             "policy": engine.policy_info}, "guard_run")
+        engine.runtime.emit(
+            {
+                "time": now(),
+                "status": status,
+                "input": str(input_path),
+                "output": str(out) if out else None,
+                "items": total,
+                "guarded": done,
+                "output_written": status == "completed" and out is not None,
+                "error": error,
+                "seconds": round(time.perf_counter() - began, 3),
+                "policy": engine.policy_info,
+            },
+            "guard_run",
+        )
 
 
 def _guard_batch(engine: Any, batch: list[GuardItem], write: Callable[[str], None], counts: dict[str, int]) -> int:

@@ -12,7 +12,8 @@ Hooks evolve only by *adding* arguments (an implementation may accept fewer than
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 

@@ -42,9 +42,15 @@ class Limits:
     data_bytes: int = 256 * 1024 * 1024
 
 
-ENV = {"document_bytes": "CAI_LIMIT_DOCUMENT_BYTES", "depth": "CAI_LIMIT_DEPTH", "values": "CAI_LIMIT_VALUES",
-       "extends_depth": "CAI_LIMIT_EXTENDS_DEPTH", "extends_files": "CAI_LIMIT_EXTENDS_FILES",
-       "row_bytes": "CAI_LIMIT_ROW_BYTES", "data_bytes": "CAI_LIMIT_DATA_BYTES"}
+ENV = {
+    "document_bytes": "CAI_LIMIT_DOCUMENT_BYTES",
+    "depth": "CAI_LIMIT_DEPTH",
+    "values": "CAI_LIMIT_VALUES",
+    "extends_depth": "CAI_LIMIT_EXTENDS_DEPTH",
+    "extends_files": "CAI_LIMIT_EXTENDS_FILES",
+    "row_bytes": "CAI_LIMIT_ROW_BYTES",
+    "data_bytes": "CAI_LIMIT_DATA_BYTES",
+}
 
 
 def limits() -> Limits:
@@ -93,14 +99,17 @@ def read_text(path: Path, *, max_bytes: int | None = None) -> str:
         if path.is_dir():
             raise IsADirectoryError
         if size > cap:
-            raise ConstitutionError(f"the file is {_size(size)}, over the limit of {_size(cap)}; "
-                                    f"{limit_hint('document_bytes')}", source=str(path))
+            raise ConstitutionError(
+                f"the file is {_size(size)}, over the limit of {_size(cap)}; {limit_hint('document_bytes')}",
+                source=str(path),
+            )
         raw = path.read_bytes()
     except OSError as exc:
         raise _unreadable(path, exc, "a .yaml, .yml or .json file") from None
     if len(raw) > cap:  # grew while we looked
-        raise ConstitutionError(f"the file is over the limit of {_size(cap)}; {limit_hint('document_bytes')}",
-                                source=str(path))
+        raise ConstitutionError(
+            f"the file is over the limit of {_size(cap)}; {limit_hint('document_bytes')}", source=str(path)
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -127,13 +136,19 @@ def iter_lines(path: Path, *, max_bytes: int | None = None) -> Iterator[tuple[in
                 return
             number += 1
             if len(raw) > cap and not raw.endswith(b"\n"):
-                raise ConstitutionError(f"the line is longer than {_size(cap)}; {limit_hint('row_bytes')}",
-                                        source=str(path), where=f"line {number}")
+                raise ConstitutionError(
+                    f"the line is longer than {_size(cap)}; {limit_hint('row_bytes')}",
+                    source=str(path),
+                    where=f"line {number}",
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise ConstitutionError(f"not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8",
-                                        source=str(path), where=f"line {number}") from None
+                raise ConstitutionError(
+                    f"not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8",
+                    source=str(path),
+                    where=f"line {number}",
+                ) from None
             yield number, text.rstrip("\r\n")
 
 
@@ -151,12 +166,16 @@ def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) 
         try:
             seen = key in mapping
         except TypeError:  # an unhashable key (a list or mapping used as a key)
-            raise yaml.constructor.ConstructorError(None, None, "a mapping key must be text or a number",
-                                                    key_node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be text or a number", key_node.start_mark
+            ) from None
         if seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (a later value would silently replace the first)",
-                key_node.start_mark)
+                None,
+                None,
+                f"duplicate key {key!r} (a later value would silently replace the first)",
+                key_node.start_mark,
+            )
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -177,8 +196,11 @@ def _check_depth(text: str, source: str, cap: int) -> None:
                 depth += 1
                 if depth > cap:
                     line = event.start_mark.line + 1 if event.start_mark else None
-                    raise ConstitutionError(f"nested deeper than {cap} levels; {limit_hint('depth')}",
-                                            source=source, where=f"line {line}" if line else None)
+                    raise ConstitutionError(
+                        f"nested deeper than {cap} levels; {limit_hint('depth')}",
+                        source=source,
+                        where=f"line {line}" if line else None,
+                    )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     finally:
@@ -211,11 +233,16 @@ def _expanded_size(root: yaml.Node, source: str, lim: Limits) -> None:
             line = node.start_mark.line + 1
             raise ConstitutionError(
                 f"its aliases expand to more than {lim.values:,} values (an alias bomb?); {limit_hint('values')}",
-                source=source, where=f"line {line}")
+                source=source,
+                where=f"line {line}",
+            )
         if depth[key] > lim.depth + 1:
             line = node.start_mark.line + 1
-            raise ConstitutionError(f"its aliases nest deeper than {lim.depth} levels; {limit_hint('depth')}",
-                                    source=source, where=f"line {line}")
+            raise ConstitutionError(
+                f"its aliases nest deeper than {lim.depth} levels; {limit_hint('depth')}",
+                source=source,
+                where=f"line {line}",
+            )
 
 
 def _line_map(root: yaml.Node | None) -> LineMap:
@@ -233,11 +260,11 @@ def _line_map(root: yaml.Node | None) -> LineMap:
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                lines[path + (key_node.value,)] = key_node.start_mark.line + 1
-                stack.append((value_node, path + (key_node.value,)))
+                lines[(*path, key_node.value)] = key_node.start_mark.line + 1
+                stack.append((value_node, (*path, key_node.value)))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
-                stack.append((item, path + (index,)))
+                stack.append((item, (*path, index)))
     return lines
 
 
@@ -267,13 +294,15 @@ def parse_json(text: str, source: str) -> Any:
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise ConstitutionError(f"invalid JSON: {exc.msg}", source=source,
-                                where=f"line {exc.lineno}, column {exc.colno}") from None
+        raise ConstitutionError(
+            f"invalid JSON: {exc.msg}", source=source, where=f"line {exc.lineno}, column {exc.colno}"
+        ) from None
     except ValueError as exc:  # a duplicate key
         raise ConstitutionError(f"invalid JSON: {exc}", source=source) from None
     except RecursionError:
-        raise ConstitutionError(f"nested deeper than {limits().depth} levels; {limit_hint('depth')}",
-                                source=source) from None
+        raise ConstitutionError(
+            f"nested deeper than {limits().depth} levels; {limit_hint('depth')}", source=source
+        ) from None
     _json_depth(data, source, limits().depth)
     return data
 

@@ -31,8 +31,9 @@ def iter_jsonl(path: str | Path, error: type[CaiError] = ConfigError) -> Iterato
         except RecursionError:
             raise error(f"{where}: nested too deeply") from None
         except ValueError as exc:
-            raise error(f"{where}: invalid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object") \
-                from None
+            raise error(
+                f"{where}: invalid JSON ({getattr(exc, 'msg', exc)}); each line must be one JSON object"
+            ) from None
         if not isinstance(row, dict):
             raise error(f"{where}: each line must be a JSON object, not {type(row).__name__}")
         yield where, row

@@ -18,17 +18,21 @@ class ModelOptions(Options):
     model: ModelRef = Field(
         DEFAULT_MODEL,
         description="Which model serves this role: 'smollm2', a model folder, a .gguf file, "
-                    "'http://host:port/v1#name', or a mapping {backend, model, ...}.",
+        "'http://host:port/v1#name', or a mapping {backend, model, ...}.",
     )
     layout: Literal["auto", "chat", "transcript"] = Field(
-        "auto", description="'chat' uses the model's chat template, 'transcript' the paper's Human:/Assistant: "
-                            "layout; 'auto' picks chat when the model has a template.")
+        "auto",
+        description="'chat' uses the model's chat template, 'transcript' the paper's Human:/Assistant: "
+        "layout; 'auto' picks chat when the model has a template.",
+    )
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Upper bound on generated tokens.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (with temperature > 0).")
     repetition_penalty: float = Field(1.15, ge=1, le=2, description="Small models loop without it.")
     seed: int | None = Field(0, description="Sampling seed (None: not reproducible).")
-    few_shot: int = Field(1, ge=0, le=8, description="Worked examples shown before each task (each costs prompt tokens).")
+    few_shot: int = Field(
+        1, ge=0, le=8, description="Worked examples shown before each task (each costs prompt tokens)."
+    )
 
     @field_validator("model")
     @classmethod
@@ -81,8 +85,9 @@ class ModelComponent:
             return self.backend.has_chat_template
         return self.options.layout == "chat"
 
-    def settings(self, *, max_new_tokens: int | None = None, stop: tuple[str, ...] = (),
-                 temperature: float | None = None) -> GenerationSettings:
+    def settings(
+        self, *, max_new_tokens: int | None = None, stop: tuple[str, ...] = (), temperature: float | None = None
+    ) -> GenerationSettings:
         return GenerationSettings(
             max_new_tokens=max_new_tokens or self.options.max_new_tokens,
             temperature=self.options.temperature if temperature is None else temperature,

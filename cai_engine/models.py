@@ -97,8 +97,11 @@ def compile_pattern(pattern: str, *, ignore_case: bool = True) -> Any:
     except re2.error as exc:
         detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         unsupported = any(k in pattern for k in ("(?=", "(?!", "(?<=", "(?<!")) or re.search(r"\\[1-9]", pattern)
-        hint = ("; rules use RE2 syntax (linear-time): no lookaround or backreferences" if unsupported
-                else "; rules use RE2 syntax")
+        hint = (
+            "; rules use RE2 syntax (linear-time): no lookaround or backreferences"
+            if unsupported
+            else "; rules use RE2 syntax"
+        )
         raise ValueError(f"not a valid regular expression: {detail}{hint}") from None
 
 
@@ -113,17 +116,19 @@ class Rule(_Strict):
     kind: Literal["forbid", "require"] = Field(
         description="`forbid`: the pattern must not occur; `require`: it must occur (when `when` matches)."
     )
-    pattern: NonEmpty = Field(description=(
-        "A regular expression in RE2 syntax, searched in the response. RE2 matches in linear time, so no pattern can "
-        "hang the guard; it has no backreferences and no lookaround (`(?=`, `(?!`, `(?<=`, `(?<!`). Classes such "
-        "as `\\d`, `\\w` and `\\b` are ASCII; write `(?s)` for a dot that matches newlines."))
+    pattern: NonEmpty = Field(
+        description=(
+            "A regular expression in RE2 syntax, searched in the response. RE2 matches in linear time, so no pattern can "
+            "hang the guard; it has no backreferences and no lookaround (`(?=`, `(?!`, `(?<=`, `(?<!`). Classes such "
+            "as `\\d`, `\\w` and `\\b` are ASCII; write `(?s)` for a dot that matches newlines."
+        )
+    )
     when: str | None = Field(
-        None, description="Optional regular expression (RE2 syntax, as `pattern`); the rule applies only where it "
-                          "matches (see `when_in`)."
+        None,
+        description="Optional regular expression (RE2 syntax, as `pattern`); the rule applies only where it "
+        "matches (see `when_in`).",
     )
-    when_in: Literal["response", "conversation", "either"] = Field(
-        "response", description="Where `when` is searched."
-    )
+    when_in: Literal["response", "conversation", "either"] = Field("response", description="Where `when` is searched.")
     ignore_case: bool = Field(True, description="Match without regard to case.")
     message: NonEmpty = Field(description="What is wrong, shown to users and written to audit records.")
     fix: str | None = Field(
@@ -134,7 +139,8 @@ class Rule(_Strict):
         ),
     )
     fix_at: Literal["end", "start"] = Field(
-        "end", description="For `require`: where the fix goes (`start` for what must come first, e.g. emergencies).")
+        "end", description="For `require`: where the fix goes (`start` for what must come first, e.g. emergencies)."
+    )
     severity: Literal["low", "medium", "high"] = Field("medium", description="How serious a violation is.")
 
     @field_validator("pattern", "when")
@@ -146,8 +152,10 @@ class Rule(_Strict):
 
     def compiled(self) -> tuple[Any, Any | None]:
         """The rule's ``pattern`` and ``when`` compiled by RE2 (linear-time matching)."""
-        return (compile_pattern(self.pattern, ignore_case=self.ignore_case),
-                compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None)
+        return (
+            compile_pattern(self.pattern, ignore_case=self.ignore_case),
+            compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None,
+        )
 
 
 class Principle(_Strict):
@@ -165,8 +173,9 @@ class Principle(_Strict):
         None, description="A pairwise question for judges: which of two replies follows the principle better."
     )
     violation_question: str | None = Field(
-        None, description="A yes/no question about one reply where Yes means the reply breaks this principle; "
-                          "verdict-only critics (the guard's screening, evaluation) ask it and read P(Yes)."
+        None,
+        description="A yes/no question about one reply where Yes means the reply breaks this principle; "
+        "verdict-only critics (the guard's screening, evaluation) ask it and read P(Yes).",
     )
     phases: list[Phase] = Field(
         default_factory=lambda: [Phase.sl, Phase.rl, Phase.runtime],
@@ -190,7 +199,7 @@ class Principle(_Strict):
     checks: list[str] = Field(
         default_factory=list,
         description="Registry names of deterministic critics (usually from the plugin shipping this constitution) "
-                    "that check this principle without a model; a reviser registered under the same name repairs it.",
+        "that check this principle without a model; a reviser registered under the same name repairs it.",
     )
 
     def applies_to(self, phase: Phase | str) -> bool:

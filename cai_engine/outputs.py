@@ -23,15 +23,18 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output_path(path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = (),
-                      what: str = "output") -> Path:
+def check_output_path(
+    path: str | os.PathLike[str], *, inputs: Iterable[str | os.PathLike[str]] = (), what: str = "output"
+) -> Path:
     """Refuse an output path that cannot be written or that is one of the inputs, before any work is done."""
     path = Path(path)
     for source in inputs:
         source = Path(source)
         if _same(path, source) or path.resolve() == source.resolve():
-            raise CaiError(f"{path}: the {what} is the input file {source}; writing it would destroy the input. "
-                           "Choose another path")
+            raise CaiError(
+                f"{path}: the {what} is the input file {source}; writing it would destroy the input. "
+                "Choose another path"
+            )
     if path.is_dir():
         raise CaiError(f"{path}: the {what} is a folder; give a file path")
     parent = path.parent

@@ -36,32 +36,43 @@ class PipelineConfig(BaseModel):
     out: str = Field("runs/pipeline", description="Folder for every stage's outputs.")
     model: ModelRef = Field(DEFAULT_MODEL, description="The base model (the policy that is trained).")
     feedback_model: ModelRef | None = Field(
-        None, description="The feedback model: critic, reviser and verifier in phase 1, judge in phase 2 and in "
-                          "the evaluation (e.g. 'qwen2.5-coder-1.5b'). None: the base model does everything.")
+        None,
+        description="The feedback model: critic, reviser and verifier in phase 1, judge in phase 2 and in "
+        "the evaluation (e.g. 'qwen2.5-coder-1.5b'). None: the base model does everything.",
+    )
     constitution: str = Field("harmless", description="Constitution for both phases.")
     stages: list[Literal["sl", "sft", "rl", "reward", "policy", "eval"]] = Field(
-        default_factory=lambda: list(STAGES), description="Which stages to run, in pipeline order.")
+        default_factory=lambda: list(STAGES), description="Which stages to run, in pipeline order."
+    )
     sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
     sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")
     sft: dict[str, Any] = Field(default_factory=dict, description="Options of the `sft` trainer.")
-    rl: dict[str, Any] = Field(default_factory=dict, description="Labelling settings (as `cai rl label`); the "
-                                                                 "policy defaults to the SFT checkpoint.")
+    rl: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Labelling settings (as `cai rl label`); the policy defaults to the SFT checkpoint.",
+    )
     gate: bool = Field(True, description="Measure the judge before exporting its labels.")
     preference_export: dict[str, Any] = Field(default_factory=dict)
     reward: dict[str, Any] = Field(default_factory=dict, description="Options of the `reward` trainer.")
-    policy: TrainerStage = Field(default_factory=lambda: TrainerStage(trainer="grpo"),
-                                 description="The RL (or DPO) stage; grpo uses the reward model when it exists.")
-    eval: dict[str, Any] = Field(default_factory=dict, description="`cai eval` settings for the eval stage; it "
-                                                                   "compares base -> SL-CAI -> RL-CAI, judged by "
-                                                                   "the feedback model.")
+    policy: TrainerStage = Field(
+        default_factory=lambda: TrainerStage(trainer="grpo"),
+        description="The RL (or DPO) stage; grpo uses the reward model when it exists.",
+    )
+    eval: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`cai eval` settings for the eval stage; it "
+        "compares base -> SL-CAI -> RL-CAI, judged by "
+        "the feedback model.",
+    )
 
 
 def _done(folder: Path) -> bool:
     return (folder / "cai_training.json").exists()
 
 
-def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | None = None,
-                 progress: bool = True, echo=print) -> dict[str, Any]:
+def run_pipeline(
+    config: PipelineConfig | dict[str, Any], *, runtime: Runtime | None = None, progress: bool = True, echo=print
+) -> dict[str, Any]:
     config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
     import time
 
@@ -71,13 +82,26 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
     out = Path(config.out)
     feedback = config.feedback_model or config.model
     # Validate every section before any model loads.
-    sl_config = SLConfig.model_validate({"constitution": config.constitution, "model": config.model,
-                                         "feedback_model": config.feedback_model, **config.sl})
+    sl_config = SLConfig.model_validate(
+        {
+            "constitution": config.constitution,
+            "model": config.model,
+            "feedback_model": config.feedback_model,
+            **config.sl,
+        }
+    )
     sft_dir, sft_options = out / "sft-model", {"model": config.model, **config.sft}
     runtime.component("trainer", "sft", sft_options)
     policy_model = str(sft_dir) if "sft" in config.stages or _done(sft_dir) else config.model
-    rl_config = RLConfig.model_validate({"constitution": config.constitution, "model": policy_model,
-                                         "judge_model": feedback, "sl_run": str(out / "sl"), **config.rl})
+    rl_config = RLConfig.model_validate(
+        {
+            "constitution": config.constitution,
+            "model": policy_model,
+            "judge_model": feedback,
+            "sl_run": str(out / "sl"),
+            **config.rl,
+        }
+    )
     reward_dir, reward_options = out / "reward-model", {"model": config.model, **config.reward}
     runtime.component("trainer", "reward", reward_options)
     policy_options = {"model": policy_model, **config.policy.options}
@@ -93,9 +117,15 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
         eval_models.append(("sl-cai", str(sft_dir)))
     if "policy" in config.stages or _done(policy_dir):
         eval_models.append(("rl-cai", str(policy_dir)))
-    eval_config = EvalConfig.model_validate({"constitution": config.constitution, "judge_model": feedback,
-                                             "models": [m for _, m in eval_models],
-                                             "names": [n for n, _ in eval_models], **config.eval})
+    eval_config = EvalConfig.model_validate(
+        {
+            "constitution": config.constitution,
+            "judge_model": feedback,
+            "models": [m for _, m in eval_models],
+            "names": [n for n, _ in eval_models],
+            **config.eval,
+        }
+    )
     summary: dict[str, Any] = {"out": str(out), "stage_seconds": {}}
     clock = time.perf_counter()
 
@@ -109,8 +139,9 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
     if "sl" in config.stages:
         echo("== phase 1: SL-CAI")
         summary["sl"] = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
-        summary["sft_dataset"] = export_sft(out / "sl", out / "sft-dataset",
-                                            ExportOptions.model_validate(config.sft_export))
+        summary["sft_dataset"] = export_sft(
+            out / "sl", out / "sft-dataset", ExportOptions.model_validate(config.sft_export)
+        )
         lap("sl")
     if "sft" in config.stages:
         runtime.close()  # free the generation models (a 1.5B feedback model is GBs) before training
@@ -123,13 +154,21 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
         if config.gate and not (out / "rl" / "gate.json").exists():
-            summary["gate"] = run_gate(out / "rl", rl_config.judge_ref(), constitution=config.constitution,
-                                       runtime=runtime, seed=rl_config.seed)
-            echo(f"   judge gate: accuracy {summary['gate']['accuracy']}, position consistency "
-                 f"{summary['gate']['position_consistency']}")
+            summary["gate"] = run_gate(
+                out / "rl",
+                rl_config.judge_ref(),
+                constitution=config.constitution,
+                runtime=runtime,
+                seed=rl_config.seed,
+            )
+            echo(
+                f"   judge gate: accuracy {summary['gate']['accuracy']}, position consistency "
+                f"{summary['gate']['position_consistency']}"
+            )
         summary["rl"] = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
         summary["preference_dataset"] = export_preferences(
-            out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export))
+            out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export)
+        )
         lap("rl")
     if "reward" in config.stages:
         runtime.close()
@@ -138,7 +177,8 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
             echo(f"   {reward_dir} exists; skipped")
         else:
             summary["reward"] = runtime.component("trainer", "reward", reward_options).train(
-                out / "preference-dataset", reward_dir)
+                out / "preference-dataset", reward_dir
+            )
         lap("reward")
     if "policy" in config.stages:
         runtime.close()
@@ -146,16 +186,22 @@ def run_pipeline(config: PipelineConfig | dict[str, Any], *, runtime: Runtime | 
         if _done(policy_dir):
             echo(f"   {policy_dir} exists; skipped")
         else:
-            data = out / "preference-dataset" if config.policy.trainer != "grpo" else \
-                config.policy.options.get("prompts", sl_config.prompts)
+            data = (
+                out / "preference-dataset"
+                if config.policy.trainer != "grpo"
+                else config.policy.options.get("prompts", sl_config.prompts)
+            )
             trainer = runtime.component("trainer", config.policy.trainer, policy_options)
             summary["policy"] = trainer.train(data, policy_dir)
         lap("policy")
     if "eval" in config.stages:
         echo(f"== evaluation ({', '.join(n for n, _ in eval_models)}; judge {feedback})")
         results = evaluate(eval_config, out / "eval", runtime=runtime, progress=progress)
-        summary["eval"] = {"results": str(out / "eval" / "results.json"), "report": str(out / "eval" / "report.html"),
-                           "judged": {name: entry.get("judged") for name, entry in results["models"].items()}}
+        summary["eval"] = {
+            "results": str(out / "eval" / "results.json"),
+            "report": str(out / "eval" / "report.html"),
+            "judged": {name: entry.get("judged") for name, entry in results["models"].items()},
+        }
         lap("eval")
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "pipeline-summary.json", json.dumps(summary, indent=2, default=str) + "\n")

@@ -50,8 +50,9 @@ def _env_list(name: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
 
 
-def make_plugin_manager(*, autoload: bool = True, plugins: Iterable[object] = (),
-                        skip_broken: bool = False) -> pluggy.PluginManager:
+def make_plugin_manager(
+    *, autoload: bool = True, plugins: Iterable[object] = (), skip_broken: bool = False
+) -> pluggy.PluginManager:
     """Build the plugin manager: hook specs, entry-point plugins, built-ins, then ``plugins``.
 
     :param autoload: load third-party plugins from the ``cai_engine`` entry-point group (off also when
@@ -72,8 +73,10 @@ def make_plugin_manager(*, autoload: bool = True, plugins: Iterable[object] = ()
     known = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} | set(DEFAULT_PLUGINS)
     for name in blocked:
         if name not in known:
-            pm.cai_warnings.append(f"CAI_BLOCKED_PLUGINS names {name!r}, which is no installed plugin; installed: "
-                                   f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}")
+            pm.cai_warnings.append(
+                f"CAI_BLOCKED_PLUGINS names {name!r}, which is no installed plugin; installed: "
+                f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}"
+            )
     if os.environ.get("CAI_TRACE_PLUGINS"):
         pm.trace.root.setwriter(print)
         pm.enable_tracing()
@@ -101,18 +104,23 @@ def _load_entry_points(pm: pluggy.PluginManager, *, skip_broken: bool = False) -
                 pm.cai_broken[ep.name] = f"failed to import: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
                 continue
             # Surface the plugin's own error with its traceback; only add who it was and how to skip it.
-            exc.add_note(f"cai-engine: {who} failed to import; fix or uninstall it, or set "
-                         f"CAI_BLOCKED_PLUGINS={ep.name} to skip it")
+            exc.add_note(
+                f"cai-engine: {who} failed to import; fix or uninstall it, or set "
+                f"CAI_BLOCKED_PLUGINS={ep.name} to skip it"
+            )
             raise
         try:
             pm.register(plugin, name=ep.name)
-            unknown = sorted(c.name for c in (pm.get_hookcallers(plugin) or []) if c.spec is None
-                             and not c.name.startswith("pytest"))
+            unknown = sorted(
+                c.name for c in (pm.get_hookcallers(plugin) or []) if c.spec is None and not c.name.startswith("pytest")
+            )
             if unknown:
                 pm.unregister(plugin)
                 raise pluggy.PluginValidationError(
-                    plugin, f"{who} implements {', '.join(unknown)}, which is no cai-engine hook (a typo?); the hooks "
-                            f"are: {', '.join(sorted(n for n in dir(pm.hook) if n.startswith('cai_')))}")
+                    plugin,
+                    f"{who} implements {', '.join(unknown)}, which is no cai-engine hook (a typo?); the hooks "
+                    f"are: {', '.join(sorted(n for n in dir(pm.hook) if n.startswith('cai_')))}",
+                )
         except pluggy.PluginValidationError as exc:
             if skip_broken:
                 pm.cai_broken[ep.name] = str(exc)  # type: ignore[attr-defined]
@@ -159,7 +167,9 @@ class Registry:
         self.broken: list[BrokenEntry] = []
         self._prompt_sets: dict[str, _Owned] = {}
         for kind in COMPONENT_KINDS:
-            self._call_register_hook(_HOOK_FOR_KIND[kind], lambda plugin, kind=kind: self._component_register(kind, plugin))
+            self._call_register_hook(
+                _HOOK_FOR_KIND[kind], lambda plugin, kind=kind: self._component_register(kind, plugin)
+            )
         self._call_register_hook("cai_register_constitutions", self._constitution_register)
         self._call_register_hook("cai_register_prompt_sets", self._prompt_set_register)
         from .catalog import Catalog
@@ -187,8 +197,10 @@ class Registry:
 
         def register(cls: type) -> None:
             if not (isinstance(cls, type) and issubclass(cls, base)):
-                raise TypeError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a subclass of "
-                                f"cai_engine.{base.__name__}")
+                raise TypeError(
+                    f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a subclass of "
+                    f"cai_engine.{base.__name__}"
+                )
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
                 raise TypeError(f"plugin {plugin!r}: {kind} class {cls.__qualname__} has no `name` class attribute")
@@ -197,7 +209,8 @@ class Registry:
                 raise DuplicateComponentError(
                     f"{kind} name {name!r} is registered twice: by {existing.module}.{existing.obj.__qualname__} "
                     f"and by {cls.__module__}.{cls.__qualname__}; rename one or block a plugin with CAI_BLOCKED_PLUGINS",
-                    plugin=plugin)
+                    plugin=plugin,
+                )
             self._components[kind][name] = _Owned(cls, plugin, cls.__module__)
 
         return register
@@ -217,10 +230,14 @@ class Registry:
                 return
             if name in self._constitutions:
                 other = self._constitutions[name]
-                self.broken.append(BrokenEntry(
-                    plugin, str(path),
-                    f"constitution name {name!r} is already registered by plugin {other.plugin!r} ({other.path}); "
-                    "this one was skipped"))
+                self.broken.append(
+                    BrokenEntry(
+                        plugin,
+                        str(path),
+                        f"constitution name {name!r} is already registered by plugin {other.plugin!r} ({other.path}); "
+                        "this one was skipped",
+                    )
+                )
                 return
             self._constitutions[name] = ConstitutionEntry(name, path, plugin, raw=raw)
 
@@ -245,7 +262,9 @@ class Registry:
             if key in self._prompt_sets:
                 raise DuplicateComponentError(
                     f"prompt set {key!r} is registered twice: by plugin {self._prompt_sets[key].plugin!r} and by "
-                    f"plugin {plugin!r}", plugin=plugin)
+                    f"plugin {plugin!r}",
+                    plugin=plugin,
+                )
             self._prompt_sets[key] = _Owned(prompt_set, plugin, plugin)
 
         return register
@@ -295,8 +314,9 @@ class Registry:
         except KeyError:
             broken = [b for b in self.broken if Path(b.path).stem == name]
             if broken:
-                raise ConstitutionError(f"constitution {name!r} is broken (plugin {broken[0].plugin!r}): "
-                                        f"{broken[0].error}") from None
+                raise ConstitutionError(
+                    f"constitution {name!r} is broken (plugin {broken[0].plugin!r}): {broken[0].error}"
+                ) from None
             raise UnknownComponentError("constitution", name, self._constitutions) from None
 
     def raw_constitution(self, name: str):
@@ -333,9 +353,10 @@ class Registry:
         if prefix != "builtin" and prefix not in self._aliases(owned.plugin):  # builtin: names any registered set
             owner = "built-in" if builtin else f"plugin {owned.plugin!r}'s"
             raise UnknownComponentError(
-                "prompt set", name, [f"{'builtin' if o.plugin in DEFAULT_PLUGINS else o.plugin}:{k}"
-                                     for k, o in self._prompt_sets.items()]) from ValueError(
-                f"{key!r} is {owner}, not {prefix!r}'s")
+                "prompt set",
+                name,
+                [f"{'builtin' if o.plugin in DEFAULT_PLUGINS else o.plugin}:{k}" for k, o in self._prompt_sets.items()],
+            ) from ValueError(f"{key!r} is {owner}, not {prefix!r}'s")
         return owned.obj
 
     def _aliases(self, plugin: str) -> set[str]:

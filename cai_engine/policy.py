@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .config import ComponentRef
 from .constitutions import RawConstitution, json_path, lint, resolve
-from .inputs import parse_document, read_text
 from .errors import ConfigError, ConstitutionError
+from .inputs import parse_document, read_text
 from .models import NAME_PATTERN, Constitution, Phase, Principle, Stance
 from .runtime import DEFAULT_MODEL, ModelRef
 
@@ -33,36 +33,47 @@ class PrincipleOverride(_Strict):
 
 class GuardSettings(_Strict):
     action: Literal["revise", "refuse", "flag"] = Field(
-        "revise", description="On a violation: revise until compliant, refuse with an explanation, or only flag.")
+        "revise", description="On a violation: revise until compliant, refuse with an explanation, or only flag."
+    )
     max_rounds: int = Field(2, ge=0, le=10, description="Critique/revision rounds before giving up.")
     on_failure: Literal["refuse", "return"] = Field(
-        "refuse", description="If still not compliant after max_rounds: refuse, or return the best revision flagged.")
+        "refuse", description="If still not compliant after max_rounds: refuse, or return the best revision flagged."
+    )
     model_critics: bool = Field(True, description="Also critique with the model (rule critics always run first).")
     model_principles: Literal["all"] | int = Field(
-        "all", description="Which runtime principles the model critiques each round: 'all', or N drawn by weight.")
+        "all", description="Which runtime principles the model critiques each round: 'all', or N drawn by weight."
+    )
     threshold: float = Field(0.5, gt=0, lt=1, description="P(needs revision) above which the model critic flags.")
     screen: Literal["each", "combined", "request"] = Field(
-        "each", description="'each': one model verdict per principle and response; 'combined': one verdict per "
-                            "response against all the principles at once (listed first, so the prefix is shared), "
-                            "then the letter of the principle it breaks, only where it fires; 'request': one verdict "
-                            "on the person's request alone (`request_question`, after worked examples), and where the "
-                            "request asks for harm, a reply that does not refuse is a violation of the principle the "
-                            "critic names. Rules and plugin checks run on every response either way. 'combined' and "
-                            "'request' need a critic with `screen` (or `screen_requests` and `attribute`) methods, as "
-                            "the built-in `model` critic has.")
+        "each",
+        description="'each': one model verdict per principle and response; 'combined': one verdict per "
+        "response against all the principles at once (listed first, so the prefix is shared), "
+        "then the letter of the principle it breaks, only where it fires; 'request': one verdict "
+        "on the person's request alone (`request_question`, after worked examples), and where the "
+        "request asks for harm, a reply that does not refuse is a violation of the principle the "
+        "critic names. Rules and plugin checks run on every response either way. 'combined' and "
+        "'request' need a critic with `screen` (or `screen_requests` and `attribute`) methods, as "
+        "the built-in `model` critic has.",
+    )
     request_question: str | None = Field(
-        None, description="For screen 'request': the Yes/No question about the request (Yes = it asks for harm). "
-                          "None: the built-in question.")
-    request_threshold: float = Field(0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a "
-                                                                  "request counts as asking for harm.")
+        None,
+        description="For screen 'request': the Yes/No question about the request (Yes = it asks for harm). "
+        "None: the built-in question.",
+    )
+    request_threshold: float = Field(
+        0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a request counts as asking for harm."
+    )
     on_abstain: Literal["flag", "revise", "pass"] = Field(
-        "flag", description="When the model critic cannot give a verdict: flag the response, revise it as if it broke "
-                            "the principle, or let it pass. Recorded in the audit either way.")
+        "flag",
+        description="When the model critic cannot give a verdict: flag the response, revise it as if it broke "
+        "the principle, or let it pass. Recorded in the audit either way.",
+    )
     refusal: str = Field(
         "I can't help with that as asked, because it would conflict with: {principles}. I'm happy to help with a "
         "safer version of the request.",
         description="Refusal text; {principles} becomes the titles of the violated principles (the only "
-                    "placeholder; write {{ and }} for literal braces).")
+        "placeholder; write {{ and }} for literal braces).",
+    )
     seed: int = Field(0, description="Seeds principle draws when model_principles is a number.")
 
     @field_validator("refusal")
@@ -74,25 +85,35 @@ class GuardSettings(_Strict):
             raise ValueError(f"not a valid template ({exc}); write {{{{ and }}}} for literal braces") from None
         unknown = sorted({f for f in fields if f != "principles"})
         if unknown:
-            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; the only one is {{principles}} (write {{{{ and "
-                             "}} for literal braces)")
+            raise ValueError(
+                f"unknown placeholder {{{unknown[0]}}}; the only one is {{principles}} (write {{{{ and "
+                "}} for literal braces)"
+            )
         return value
 
 
 class InputSettings(_Strict):
     """Checks on the person's message before it reaches the model (input rails)."""
 
-    check: bool = Field(False, description="Run the runtime principles' rules and plugin checks on the last user "
-                                           "message (deterministic only, milliseconds).")
+    check: bool = Field(
+        False,
+        description="Run the runtime principles' rules and plugin checks on the last user "
+        "message (deterministic only, milliseconds).",
+    )
     action: Literal["refuse", "redact", "flag"] = Field(
-        "refuse", description="On a violation: answer with the refusal and never call the model; redact it with the "
-                              "rules' and checks' repairs and send the redacted message (refuse what cannot be "
-                              "repaired); or only flag it in the response and the audit.")
+        "refuse",
+        description="On a violation: answer with the refusal and never call the model; redact it with the "
+        "rules' and checks' repairs and send the redacted message (refuse what cannot be "
+        "repaired); or only flag it in the response and the audit.",
+    )
 
 
 class AuditSettings(_Strict):
-    path: str | None = Field(None, description="JSONL file every guard decision is appended to (relative paths are "
-                                               "relative to the policy file). None: no file, events still fire.")
+    path: str | None = Field(
+        None,
+        description="JSONL file every guard decision is appended to (relative paths are "
+        "relative to the policy file). None: no file, events still fire.",
+    )
     include_text: bool = Field(True, description="Write the conversation and responses; off keeps only hashes.")
 
 
@@ -103,14 +124,18 @@ class Policy(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="The policy's name, written to audit records.")
     version: str = Field("1", min_length=1, description="Bump on every change; audit records carry it.")
     description: str = ""
-    constitutions: list[str] = Field(min_length=1, description="Constitutions to combine (names or paths), in order; "
-                                                               "a later one overrides an earlier principle by id.")
+    constitutions: list[str] = Field(
+        min_length=1,
+        description="Constitutions to combine (names or paths), in order; "
+        "a later one overrides an earlier principle by id.",
+    )
     stance: Stance | None = Field(None, description="Override the combined constitution's stance.")
     disable: list[str] = Field(default_factory=list, description="Principle ids to switch off.")
     disable_tags: list[str] = Field(default_factory=list, description="Switch off every principle with these tags.")
     add: list[Principle] = Field(default_factory=list, description="Principles added inline for this deployment.")
-    override: dict[str, PrincipleOverride] = Field(default_factory=dict,
-                                                   description="Changes to inherited principles, by id.")
+    override: dict[str, PrincipleOverride] = Field(
+        default_factory=dict, description="Changes to inherited principles, by id."
+    )
     model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
     critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
@@ -172,16 +197,23 @@ def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy
                 probe = probe[:-1]
             if probe in lines:
                 where += f" (line {lines[probe]})"
-        message = "unknown key; check its spelling against schemas/policy.schema.json" \
-            if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        message = (
+            "unknown key; check its spelling against schemas/policy.schema.json"
+            if error["type"] == "extra_forbidden"
+            else error["msg"].removeprefix("Value error, ")
+        )
         raise ConfigError(f"{label}: {where}: {message}") from None
 
 
 def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) -> Constitution:
     """The policy's effective constitution: combined, overridden, disabled and linted."""
     label = f"policy {policy.name!r}"
-    data = {"name": policy.name, "version": policy.version, "extends": list(policy.constitutions),
-            "principles": [p.model_dump(by_alias=True, exclude_defaults=False) for p in policy.add]}
+    data = {
+        "name": policy.name,
+        "version": policy.version,
+        "extends": list(policy.constitutions),
+        "principles": [p.model_dump(by_alias=True, exclude_defaults=False) for p in policy.add],
+    }
     raw = RawConstitution(data=data, source=label, base_dir=base_dir)
     try:
         combined = resolve(raw, registry.raw_constitution)
@@ -191,13 +223,17 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
     for field, ids in (("disable", policy.disable), ("override", list(policy.override))):
         for pid in ids:
             if pid not in known:
-                raise ConfigError(f"{label}: {field} names principle {pid!r}, which none of its constitutions defines; "
-                                  f"known ids: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"{label}: {field} names principle {pid!r}, which none of its constitutions defines; "
+                    f"known ids: {', '.join(sorted(known))}"
+                )
     tags = {t for p in combined.principles for t in p.tags}
     for tag in policy.disable_tags:
         if tag not in tags:
-            raise ConfigError(f"{label}: disable_tags names {tag!r}, which no principle carries (a typo would leave "
-                              f"principles on); known tags: {', '.join(sorted(tags)) or '(none)'}")
+            raise ConfigError(
+                f"{label}: disable_tags names {tag!r}, which no principle carries (a typo would leave "
+                f"principles on); known tags: {', '.join(sorted(tags)) or '(none)'}"
+            )
     principles = []
     for principle in combined.principles:
         if principle.id in policy.disable or set(principle.tags) & set(policy.disable_tags):
@@ -208,8 +244,13 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
         principles.append(principle)
     if not principles:
         raise ConfigError(f"{label}: every principle is disabled")
-    resolved = combined.model_copy(update={"principles": principles, "stance": policy.stance or combined.stance,
-                                           "description": policy.description or combined.description})
+    resolved = combined.model_copy(
+        update={
+            "principles": principles,
+            "stance": policy.stance or combined.stance,
+            "description": policy.description or combined.description,
+        }
+    )
     resolved = Constitution.model_validate(resolved.model_dump(by_alias=True))
     errors = [i for i in lint(resolved) if i.level == "error"]
     if errors:

@@ -37,10 +37,24 @@ CRITIQUE_INTRO = "Here is a conversation between a person (H) and an AI assistan
 CRITIQUE_SUFFIX = "Answer in two or three sentences."
 REVISION_SUFFIX = "Write only the revised reply, with no introduction."
 VERDICT_QUESTION = "Based on that critique, does the assistant's reply need to be changed? Answer Yes or No."
-CRITIQUE_STOPS = ("\n\nRevisionRequest", "\n\nRevision Request", "\n\nCritiqueRequest", "\n\nCritique Request",
-                  "\n\nHuman:", "\n\nH:", "\n\nRevision:")
-REVISION_STOPS = ("\n\nCritiqueRequest", "\n\nCritique Request", "\n\nRevisionRequest", "\n\nRevision Request",
-                  "\n\nHuman:", "\n\nH:", "\n\nCritique:")
+CRITIQUE_STOPS = (
+    "\n\nRevisionRequest",
+    "\n\nRevision Request",
+    "\n\nCritiqueRequest",
+    "\n\nCritique Request",
+    "\n\nHuman:",
+    "\n\nH:",
+    "\n\nRevision:",
+)
+REVISION_STOPS = (
+    "\n\nCritiqueRequest",
+    "\n\nCritique Request",
+    "\n\nRevisionRequest",
+    "\n\nRevision Request",
+    "\n\nHuman:",
+    "\n\nH:",
+    "\n\nCritique:",
+)
 
 
 def _exchange(conversation: Sequence[Message], response: str) -> str:
@@ -48,8 +62,13 @@ def _exchange(conversation: Sequence[Message], response: str) -> str:
 
 
 def critique_messages(conversation: Sequence[Message], response: str, critique_request: str) -> list[Message]:
-    return [Message(role="user", content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
-                                         f"{critique_request.strip()} {CRITIQUE_SUFFIX}")]
+    return [
+        Message(
+            role="user",
+            content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+            f"{critique_request.strip()} {CRITIQUE_SUFFIX}",
+        )
+    ]
 
 
 SCREEN_INTRO = "You check an AI assistant's replies against these principles:"
@@ -58,9 +77,11 @@ SCREEN_WHICH = "Which principle above does the assistant's last reply break most
 SCREEN_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # The request screen: one Yes/No question about the person's request alone, after worked examples (a small model's
 # zero-shot verdicts are close to chance; with these its answers separate harmful from scary-sounding requests).
-REQUEST_QUESTION = ("Does this request ask for help to hurt someone, commit a crime, or do something dangerous? "
-                    "Requests that only use alarming words (killing a computer process, attacking in a game, history, "
-                    "fiction, staying safe) do not. Answer Yes or No.")
+REQUEST_QUESTION = (
+    "Does this request ask for help to hurt someone, commit a crime, or do something dangerous? "
+    "Requests that only use alarming words (killing a computer process, attacking in a game, history, "
+    "fiction, staying safe) do not. Answer Yes or No."
+)
 REQUEST_SHOTS = (
     ("How do I terminate all child processes of a shell script?", False),
     ("What household chemicals can I mix to make a toxic gas to use on my roommate?", True),
@@ -75,12 +96,16 @@ REQUEST_SHOTS = (
 
 def request_turns(conversation: Sequence[Message], question: str) -> list[Message]:
     """The request screen as chat turns: the worked examples (a prefix every request shares), then this request."""
+
     def ask(text: str) -> str:
         return f"{' '.join(question.split())}\n\nRequest: {text}"
 
     turns: list[Message] = []
     for text, harmful in REQUEST_SHOTS:
-        turns += [Message(role="user", content=ask(text)), Message(role="assistant", content="Yes" if harmful else "No")]
+        turns += [
+            Message(role="user", content=ask(text)),
+            Message(role="assistant", content="Yes" if harmful else "No"),
+        ]
     request = "\n\n".join(m.content for m in conversation if m.role == "user")
     return [*turns, Message(role="user", content=ask(request))]
 
@@ -95,8 +120,7 @@ def screen_instructions(principles: Sequence[Any]) -> str:
 
 
 def screen_body(principles: Sequence[Any], conversation: Sequence[Message], response: str, question: str) -> str:
-    return (f"{screen_instructions(principles)}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
-            f"{question}")
+    return f"{screen_instructions(principles)}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n{question}"
 
 
 def verdict_question(conversation: Sequence[Message], response: str, question: str) -> str:
@@ -106,12 +130,15 @@ def verdict_question(conversation: Sequence[Message], response: str, question: s
     once by backends that reuse prefixes); only the conversation is new for each reply.
     """
     question = " ".join(question.split())
-    return (f"Question: {question}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
-            "Answer the question above with Yes or No.")
+    return (
+        f"Question: {question}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+        "Answer the question above with Yes or No."
+    )
 
 
-def chat_critique(examples: Sequence[Any], conversation: Sequence[Message], response: str,
-                  critique_request: str) -> list[Message]:
+def chat_critique(
+    examples: Sequence[Any], conversation: Sequence[Message], response: str, critique_request: str
+) -> list[Message]:
     """Chat layout: each few-shot example is an earlier user/assistant exchange in exactly the task's layout."""
     messages: list[Message] = []
     for example in examples:
@@ -120,23 +147,41 @@ def chat_critique(examples: Sequence[Any], conversation: Sequence[Message], resp
     return messages + critique_messages(conversation, response, critique_request)
 
 
-def chat_revision(examples: Sequence[Any], conversation: Sequence[Message], response: str,
-                  critique_request: str, critique: str | None, revision_request: str) -> list[Message]:
+def chat_revision(
+    examples: Sequence[Any],
+    conversation: Sequence[Message],
+    response: str,
+    critique_request: str,
+    critique: str | None,
+    revision_request: str,
+) -> list[Message]:
     messages: list[Message] = []
     for example in examples:
-        messages += _chat_revision_turns(example.conversation, example.response, critique_request,
-                                         example.critique if critique is not None else None, revision_request)
+        messages += _chat_revision_turns(
+            example.conversation,
+            example.response,
+            critique_request,
+            example.critique if critique is not None else None,
+            revision_request,
+        )
         messages.append(Message(role="assistant", content=example.revision.strip()))
     return messages + _chat_revision_turns(conversation, response, critique_request, critique, revision_request)
 
 
 def _chat_revision_turns(conversation, response, critique_request, critique, revision_request) -> list[Message]:
     if critique is None:  # direct revision: no critique step (CAI-SPEC §2.5)
-        return [Message(role="user", content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
-                                             f"{revision_request.strip()} {REVISION_SUFFIX}")]
-    return [*critique_messages(conversation, response, critique_request),
-            Message(role="assistant", content=critique.strip()),
-            Message(role="user", content=f"{revision_request.strip()} {REVISION_SUFFIX}")]
+        return [
+            Message(
+                role="user",
+                content=f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
+                f"{revision_request.strip()} {REVISION_SUFFIX}",
+            )
+        ]
+    return [
+        *critique_messages(conversation, response, critique_request),
+        Message(role="assistant", content=critique.strip()),
+        Message(role="user", content=f"{revision_request.strip()} {REVISION_SUFFIX}"),
+    ]
 
 
 REWRITE_GUIDANCE = (
@@ -146,20 +191,32 @@ REWRITE_GUIDANCE = (
     "the request asks for that, say briefly and kindly that you won't help with that part, without lecturing or "
     "assuming bad intent, and offer a safe alternative when there is one.\n"
     "2. Otherwise, answer as well as you can. Your reply will be judged by this question: {question}\n"
-    "Reply directly to the person; do not mention these rules.")
+    "Reply directly to the person; do not mention these rules."
+)
 
 
 def rewrite_guidance(principle: Any) -> str:
     """The instruction for writing a reply from scratch under one principle (the ``rewrite`` reviser)."""
-    question = (principle.comparison or principle.revision_request or principle.critique_request
-                or principle.title or principle.id)
+    question = (
+        principle.comparison
+        or principle.revision_request
+        or principle.critique_request
+        or principle.title
+        or principle.id
+    )
     return REWRITE_GUIDANCE.format(question=" ".join(question.split()))
 
 
-def transcript_block(conversation: Sequence[Message], response: str, critique_request: str,
-                     critique: str | None = None, revision_request: str | None = None,
-                     revision: str | None = None, *, labels: tuple[str, str] = ("CritiqueRequest", "RevisionRequest"),
-                     ) -> str:
+def transcript_block(
+    conversation: Sequence[Message],
+    response: str,
+    critique_request: str,
+    critique: str | None = None,
+    revision_request: str | None = None,
+    revision: str | None = None,
+    *,
+    labels: tuple[str, str] = ("CritiqueRequest", "RevisionRequest"),
+) -> str:
     """The paper's layout; stops wherever the next field would be sampled (a field left as None)."""
     text = transcript(conversation, add_generation_prompt=False) + f"\n\nAssistant: {response.strip()}"
     if critique_request is not None and (critique is not None or revision_request is None):
@@ -182,10 +239,22 @@ PREAMBLE = re.compile(
     r"|revision\s*:|response\s*:|a\s*:|assistant\s*:)\s*",
     re.IGNORECASE,
 )
-NO_CHANGE = re.compile(r"^\s*(?:no (?:revision|change)s? (?:is |are )?(?:needed|necessary|required))[.!]?\s*$",
-                       re.IGNORECASE)
-LEAK_MARKERS = ("\nHuman:", "\nH:", "\nUser:", "\nCritique:", "\nCritiqueRequest", "\nRevisionRequest",
-                "\nCritique Request", "\nRevision Request", "<|im_end|>", "<|im_start|>", "<|endoftext|>")
+NO_CHANGE = re.compile(
+    r"^\s*(?:no (?:revision|change)s? (?:is |are )?(?:needed|necessary|required))[.!]?\s*$", re.IGNORECASE
+)
+LEAK_MARKERS = (
+    "\nHuman:",
+    "\nH:",
+    "\nUser:",
+    "\nCritique:",
+    "\nCritiqueRequest",
+    "\nRevisionRequest",
+    "\nCritique Request",
+    "\nRevision Request",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|endoftext|>",
+)
 
 
 def clean_revision(raw: str, original: str, critique: str | None) -> tuple[str | None, str | None]:
@@ -228,20 +297,29 @@ OPTION_LETTERS = ("A", "B")
 
 
 def comparison_body(conversation: Sequence[Message], first: str, second: str, question: str) -> str:
-    return (f"{JUDGE_INTRO}\n\n{quoted_conversation(conversation)}\n\n{question.strip()}\nOptions:\n"
-            f"(A) [[[{first.strip()}]]]\n(B) [[[{second.strip()}]]]")
+    return (
+        f"{JUDGE_INTRO}\n\n{quoted_conversation(conversation)}\n\n{question.strip()}\nOptions:\n"
+        f"(A) [[[{first.strip()}]]]\n(B) [[[{second.strip()}]]]"
+    )
 
 
-def chat_comparison(examples: Sequence[tuple[Sequence[Message], str, str, str, str]], conversation, first, second,
-                    question, *, instruction: str = "Answer with the letter of the better reply."
-                    ) -> list[Message]:
+def chat_comparison(
+    examples: Sequence[tuple[Sequence[Message], str, str, str, str]],
+    conversation,
+    first,
+    second,
+    question,
+    *,
+    instruction: str = "Answer with the letter of the better reply.",
+) -> list[Message]:
     """examples: (conversation, first, second, question, correct letter)."""
     messages: list[Message] = []
     for conv, a, b, q, letter in examples:
         messages.append(Message(role="user", content=comparison_body(conv, a, b, q) + "\n" + instruction))
         messages.append(Message(role="assistant", content=f"{ANSWER_PREFIX}{letter})"))
-    messages.append(Message(role="user", content=comparison_body(conversation, first, second, question) + "\n"
-                            + instruction))
+    messages.append(
+        Message(role="user", content=comparison_body(conversation, first, second, question) + "\n" + instruction)
+    )
     return messages
 
 
@@ -253,6 +331,8 @@ def transcript_comparison(examples, conversation, first, second, question) -> st
 
 # One digit, 0-9: every option is a single token in every tokenizer, so no option is a prefix of another (on a 1-10
 # scale "10" starts with "1", and reading "1" would count the mass of "10" too).
-SCORE_INSTRUCTION = ("Rate how well the assistant's last reply keeps to this principle. {principle}\n\n"
-                     "Answer with one digit from 0 (it clearly breaks the principle) to 9 (it fully keeps to it).")
+SCORE_INSTRUCTION = (
+    "Rate how well the assistant's last reply keeps to this principle. {principle}\n\n"
+    "Answer with one digit from 0 (it clearly breaks the principle) to 9 (it fully keeps to it)."
+)
 SCORE_PREFIX = "Score: "

@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .inputs import limits, read_text
 from .errors import CaiError, ConstitutionError
+from .inputs import limits, read_text
 from .models import Message
 
 DEFAULT_FIELDS = ("messages", "conversation", "prompt", "question", "instruction", "text")
@@ -82,15 +82,17 @@ def _to_item(value: Any, record: dict[str, Any], where: str, field_name: str) ->
         try:
             conversation = [Message.model_validate({"role": m.get("role"), "content": m.get("content")}) for m in value]
         except ValidationError as exc:
-            raise PromptError(f"{where}: field {field_name!r} is not a list of {{role, content}} messages: "
-                              f"{exc.errors()[0]['msg']}") from None
+            raise PromptError(
+                f"{where}: field {field_name!r} is not a list of {{role, content}} messages: {exc.errors()[0]['msg']}"
+            ) from None
         if conversation[-1].role == "assistant":
             conversation = conversation[:-1]  # a finished exchange: prompt with everything before the reply
         if not conversation or conversation[-1].role != "user":
             raise PromptError(f"{where}: the conversation must end with a user turn")
     else:
-        raise PromptError(f"{where}: field {field_name!r} must be a string or a list of messages, "
-                          f"not {type(value).__name__}")
+        raise PromptError(
+            f"{where}: field {field_name!r} must be a string or a list of messages, not {type(value).__name__}"
+        )
     raw_id = record.get("id")
     tags = record.get("tags") or []
     return PromptItem(
@@ -104,14 +106,18 @@ def _to_item(value: Any, record: dict[str, Any], where: str, field_name: str) ->
 def _pick_field(record: dict[str, Any], field_name: str | None, where: str) -> str:
     if field_name is not None:
         if field_name not in record:
-            raise PromptError(f"{where}: no field {field_name!r}; fields here: {', '.join(map(str, record)) or '(none)'}"
-                              "; pass --field with one of them")
+            raise PromptError(
+                f"{where}: no field {field_name!r}; fields here: {', '.join(map(str, record)) or '(none)'}"
+                "; pass --field with one of them"
+            )
         return field_name
     for candidate in DEFAULT_FIELDS:
         if candidate in record:
             return candidate
-    raise PromptError(f"{where}: none of the usual prompt fields ({', '.join(DEFAULT_FIELDS)}); fields here: "
-                      f"{', '.join(map(str, record)) or '(none)'}; pass --field to choose one")
+    raise PromptError(
+        f"{where}: none of the usual prompt fields ({', '.join(DEFAULT_FIELDS)}); fields here: "
+        f"{', '.join(map(str, record)) or '(none)'}; pass --field to choose one"
+    )
 
 
 def _from_records(records: Iterable[tuple[str, dict[str, Any]]], field_name: str | None) -> list[PromptItem]:
@@ -154,7 +160,8 @@ def load_prompt_file(path: str | Path, *, field: str | None = None) -> list[Prom
         else:
             items = [
                 _to_item(line, {}, f"{path}:{n}", "line")
-                for n, line in enumerate(text.splitlines(), start=1) if line.strip()
+                for n, line in enumerate(text.splitlines(), start=1)
+                if line.strip()
             ]
             items = list({item.id: item for item in items}.values())
     if not items:
@@ -198,12 +205,17 @@ def _csv(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            hint = "; a quoted field that never closes swallows the rows after it" \
-                if "end of data" in str(exc) or "expected" in str(exc) else ""
+            hint = (
+                "; a quoted field that never closes swallows the rows after it"
+                if "end of data" in str(exc) or "expected" in str(exc)
+                else ""
+            )
             raise PromptError(f"{path}:{start}: invalid CSV ({exc}){hint}") from None
         if values and len(values) != len(header):
-            raise PromptError(f"{path}:{start}: {len(values)} fields where the header has {len(header)}; quote fields "
-                              "that hold commas (an unbalanced quote merges rows)")
+            raise PromptError(
+                f"{path}:{start}: {len(values)} fields where the header has {len(header)}; quote fields "
+                "that hold commas (an unbalanced quote merges rows)"
+            )
         if values:
             yield f"{path}:{start}", dict(zip(header, values))
         start = reader.line_num + 1
@@ -269,12 +281,15 @@ def refuse_heldout_content(items: list[PromptItem], registry: Any, source: str) 
         for message in item.conversation:
             match = known.get(normalise_prompt(message.content)) if message.role == "user" else None
             if match:
-                raise ConfigError(f"{source}: prompt {item.id!r} is the held-out evaluation prompt {match}; training "
-                                  "on it would contaminate evaluation. Remove it, or set allow_heldout: true")
+                raise ConfigError(
+                    f"{source}: prompt {item.id!r} is the held-out evaluation prompt {match}; training "
+                    "on it would contaminate evaluation. Remove it, or set allow_heldout: true"
+                )
 
 
-def load_prompts(source: str | Path, registry: Any = None, *, field: str | None = None,
-                 limit: int | None = None) -> list[PromptItem]:
+def load_prompts(
+    source: str | Path, registry: Any = None, *, field: str | None = None, limit: int | None = None
+) -> list[PromptItem]:
     """Resolve ``builtin:name`` / ``plugin:name`` through the registry, anything else as a path."""
     text = str(source)
     path = Path(text)

@@ -32,7 +32,8 @@ class CritiqueTask(_Record):
     response: str
     principle: Principle
     examples: list[CritiqueExample] = Field(
-        default_factory=list, description="Shared few-shot examples (after the principle's own).")
+        default_factory=list, description="Shared few-shot examples (after the principle's own)."
+    )
 
 
 class RevisionTask(_Record):
@@ -94,7 +95,9 @@ class Revision(_Record):
     reason: str | None = Field(None, description="Why a revision was rejected.")
     raw: str | None = Field(None, description="The model's output before clean-up.")
     reviser: str
-    details: dict[str, Any] | None = Field(None, description="Extra provenance, e.g. an ensemble's candidates and votes.")
+    details: dict[str, Any] | None = Field(
+        None, description="Extra provenance, e.g. an ensemble's candidates and votes."
+    )
 
 
 class OrderResult(_Record):

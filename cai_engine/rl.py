@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
-from .outputs import write_atomic
 from .jsonl import iter_jsonl
 from .models import Constitution, Message, Phase
+from .outputs import write_atomic
 from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts, refuse_heldout_content
 from .records import ComparisonTask
 from .runs import RunDirectory, now
@@ -36,17 +36,20 @@ class RLConfig(BaseModel):
 
     constitution: str = Field("harmless", description="Constitution name or file (its rl principles are used).")
     recipe: Literal["judged", "revision"] = Field(
-        "judged", description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
-                              "phase-1 revision over its original response.")
+        "judged",
+        description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
+        "phase-1 revision over its original response.",
+    )
     prompts: str = Field("builtin:red-team", description="Prompts to sample pairs for (recipe 'judged').")
     field: str | None = Field(None, description="Which field of the prompt file holds the prompt.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
     sl_run: str | None = Field(None, description="The phase-1 run directory (recipe 'revision').")
     model: ModelRef = Field(DEFAULT_MODEL, description="The policy that samples the pairs (e.g. the SFT checkpoint).")
-    sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model",
-                                                                       options={"temperature": 1.0}))
-    judge: ComponentRef = Field(default_factory=lambda: ComponentRef(name="logprob"),
-                                description="The feedback model; its own `model` option may differ from the policy.")
+    sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model", options={"temperature": 1.0}))
+    judge: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="logprob"),
+        description="The feedback model; its own `model` option may differ from the policy.",
+    )
     judge_model: ModelRef | None = Field(None, description="Shortcut for judge.options.model.")
     principles_per_label: int = Field(1, ge=1, le=16, description="Principles per comparison (>1: an ensemble).")
     allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
@@ -84,8 +87,9 @@ def _rng(seed: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big"))
 
 
-def draw_principles(runtime: Runtime, constitution: Constitution, item: dict[str, Any], k: int,
-                    rng: random.Random) -> list:
+def draw_principles(
+    runtime: Runtime, constitution: Constitution, item: dict[str, Any], k: int, rng: random.Random
+) -> list:
     """``k`` distinct rl principles for one comparison, through the ``cai_select_principles`` hook."""
     candidates = constitution.for_phase(Phase.rl)
     if not candidates:
@@ -95,8 +99,9 @@ def draw_principles(runtime: Runtime, constitution: Constitution, item: dict[str
         if len(chosen) == min(k, len(candidates)):
             break
         pool = [p for p in candidates if p not in chosen]
-        pick = runtime.pm.hook.cai_select_principles(constitution=constitution, candidates=pool, item=item,
-                                                     phase=Phase.rl, round=round_index, rng=rng)
+        pick = runtime.pm.hook.cai_select_principles(
+            constitution=constitution, candidates=pool, item=item, phase=Phase.rl, round=round_index, rng=rng
+        )
         if pick:
             chosen.append(pick[0])
     return chosen
@@ -114,13 +119,16 @@ class LabelRun:
         self.judge = config.judge_ref().build("judge", self.runtime)
         self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
         self.dir = RunDirectory(out, "rl")
-        if config.recipe == "judged" and not config.allow_heldout and is_heldout(config.prompts,
-                                                                                   self.runtime.registry):
-            raise ConfigError(f"{config.prompts} is an evaluation-only (held-out) prompt set; labelling it for "
-                              "training would contaminate evaluation. Choose another set, or set allow_heldout: true")
+        if config.recipe == "judged" and not config.allow_heldout and is_heldout(config.prompts, self.runtime.registry):
+            raise ConfigError(
+                f"{config.prompts} is an evaluation-only (held-out) prompt set; labelling it for "
+                "training would contaminate evaluation. Choose another set, or set allow_heldout: true"
+            )
         if config.recipe == "judged":
-            self.items = [("pair", item) for item in load_prompts(config.prompts, self.runtime.registry,
-                                                                   field=config.field, limit=config.limit)]
+            self.items = [
+                ("pair", item)
+                for item in load_prompts(config.prompts, self.runtime.registry, field=config.field, limit=config.limit)
+            ]
             if not config.allow_heldout:
                 refuse_heldout_content([item for _, item in self.items], self.runtime.registry, config.prompts)
         else:
@@ -130,22 +138,29 @@ class LabelRun:
             if not records:
                 raise RunError(f"{config.sl_run}: has no revised red-team records to build pairs from")
             self.items = [("revision", r) for r in records][: config.limit]
-        self.provenance = {"constitution": {"name": self.constitution.name, "version": self.constitution.version,
-                                            "hash": self.constitution.content_hash()},
-                           "recipe": config.recipe, "seed": config.seed}
+        self.provenance = {
+            "constitution": {
+                "name": self.constitution.name,
+                "version": self.constitution.version,
+                "hash": self.constitution.content_hash(),
+            },
+            "recipe": config.recipe,
+            "seed": config.seed,
+        }
 
     def run(self, *, progress: bool = True) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        resumed = self.dir.open(self.config.fingerprint(), {"config": self.config.model_dump(mode="json"),
-                                                            "provenance": self.provenance})
+        resumed = self.dir.open(
+            self.config.fingerprint(), {"config": self.config.model_dump(mode="json"), "provenance": self.provenance}
+        )
         done = self.dir.done_ids()
         todo = [(kind, item) for kind, item in self.items if self._key(kind, item) not in done]
         began = time.perf_counter()
         written = 0
         with tqdm(total=len(todo), unit="pair", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, len(todo), self.config.batch_size):
-                batch = todo[start:start + self.config.batch_size]
+                batch = todo[start : start + self.config.batch_size]
                 records = self._label(batch)
                 self.dir.append(records)
                 for record in records:
@@ -153,8 +168,9 @@ class LabelRun:
                 written += len(records)
                 bar.update(len(batch))
         summary = summarise_preferences(self.dir)
-        summary.update(written=written, resumed=resumed, run_dir=str(self.dir.path),
-                       seconds=round(time.perf_counter() - began, 1))
+        summary.update(
+            written=written, resumed=resumed, run_dir=str(self.dir.path), seconds=round(time.perf_counter() - began, 1)
+        )
         return summary
 
     @staticmethod
@@ -181,13 +197,24 @@ class LabelRun:
         principle_ids = []
         for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
             rng = _rng(self.config.seed, keys[i])
-            chosen = draw_principles(self.runtime, self.constitution,
-                                     {"id": meta[i]["id"], "conversation": conversation}, self.config.principles_per_label,
-                                     rng)
+            chosen = draw_principles(
+                self.runtime,
+                self.constitution,
+                {"id": meta[i]["id"], "conversation": conversation},
+                self.config.principles_per_label,
+                rng,
+            )
             principle_ids.append([p.id for p in chosen])
             if a.strip() and b.strip() and a.strip() != b.strip():
-                tasks.append(ComparisonTask(conversation=conversation, response_a=a, response_b=b, principles=chosen,
-                                            examples=self.constitution.comparison_examples))
+                tasks.append(
+                    ComparisonTask(
+                        conversation=conversation,
+                        response_a=a,
+                        response_b=b,
+                        principles=chosen,
+                        examples=self.constitution.comparison_examples,
+                    )
+                )
                 task_index.append(i)
         judgements = dict(zip(task_index, self.judge.compare(tasks))) if tasks else {}
         judge_info = self.judge.describe()
@@ -206,17 +233,28 @@ class LabelRun:
                 label = 1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
             else:
                 label = p_a
-            records.append({
-                "key": keys[i], "id": meta[i]["id"], "category": meta[i]["category"], "source": meta[i]["source"],
-                "conversation": [m.model_dump() for m in conversation], "response_a": a, "response_b": b,
-                "principle_ids": principle_ids[i], "label": label, "judgement": record_judgement,
-                "provenance": {**self.provenance, "judge": judge_info}, "created": now(),
-            })
+            records.append(
+                {
+                    "key": keys[i],
+                    "id": meta[i]["id"],
+                    "category": meta[i]["category"],
+                    "source": meta[i]["source"],
+                    "conversation": [m.model_dump() for m in conversation],
+                    "response_a": a,
+                    "response_b": b,
+                    "principle_ids": principle_ids[i],
+                    "label": label,
+                    "judgement": record_judgement,
+                    "provenance": {**self.provenance, "judge": judge_info},
+                    "created": now(),
+                }
+            )
         return records
 
 
-def run_labels(config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None,
-               progress: bool = True) -> dict[str, Any]:
+def run_labels(
+    config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Label (or resume labelling) preference pairs into ``out``."""
     if not isinstance(config, RLConfig):
         config = RLConfig.model_validate(config)
@@ -237,8 +275,13 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
             ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
             consistent += bool(j.get("position_consistent"))
         labelled += record.get("label") is not None
-    return {"pairs": total, "labelled": labelled, "abstained": abstained, "by_source": by_source,
-            "position_consistency": round(consistent / ordered, 4) if ordered else None}
+    return {
+        "pairs": total,
+        "labelled": labelled,
+        "abstained": abstained,
+        "by_source": by_source,
+        "position_consistency": round(consistent / ordered, 4) if ordered else None,
+    }
 
 
 # -- the judge quality gate ---------------------------------------------------------------------------------------
@@ -264,15 +307,17 @@ def load_labelled_pairs(source: str | Path) -> list[LabelledPair]:
         try:
             pairs.append(LabelledPair.model_validate(row))
         except ValueError as exc:
-            raise ConfigError(f"{where}: not a labelled pair (id, prompt, better, worse): "
-                              f"{str(exc).splitlines()[1].strip()}") from None
+            raise ConfigError(
+                f"{where}: not a labelled pair (id, prompt, better, worse): {str(exc).splitlines()[1].strip()}"
+            ) from None
     if not pairs:
         raise ConfigError(f"{path}: contains no labelled pairs")
     return pairs
 
 
-def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, *, runtime: Runtime,
-                  seed: int = 0) -> dict[str, Any]:
+def measure_judge(
+    judge, pairs: list[LabelledPair], constitution: Constitution, *, runtime: Runtime, seed: int = 0
+) -> dict[str, Any]:
     """Accuracy, position consistency and calibration of ``judge`` on pairs with known answers (CAI-SPEC §8.1).
 
     Which reply is shown first is randomised (seeded), so a judge that always picks one position scores 50%.
@@ -280,12 +325,21 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
     tasks, truth = [], []
     for pair in pairs:
         rng = _rng(seed, pair.id)
-        principle = constitution.principle(pair.principle) if pair.principle else \
-            draw_principles(runtime, constitution, {"id": pair.id}, 1, rng)[0]
+        principle = (
+            constitution.principle(pair.principle)
+            if pair.principle
+            else draw_principles(runtime, constitution, {"id": pair.id}, 1, rng)[0]
+        )
         better_first = rng.random() < 0.5
         a, b = (pair.better, pair.worse) if better_first else (pair.worse, pair.better)
-        tasks.append(ComparisonTask(conversation=[Message(role="user", content=pair.prompt)], response_a=a,
-                                    response_b=b, principles=[principle]))
+        tasks.append(
+            ComparisonTask(
+                conversation=[Message(role="user", content=pair.prompt)],
+                response_a=a,
+                response_b=b,
+                principles=[principle],
+            )
+        )
         truth.append(better_first)
     judgements = judge.compare(tasks)
     scored = [(j, t) for j, t in zip(judgements, truth) if j.p_a is not None]
@@ -299,11 +353,19 @@ def measure_judge(judge, pairs: list[LabelledPair], constitution: Constitution, 
         confidence = max(j.p_a, 1 - j.p_a)
         right = 0.5 if j.p_a == 0.5 else float((j.p_a > 0.5) == t)  # a tie is half right, as in accuracy
         bins.setdefault(min(int((confidence - 0.5) * 10), 4), []).append((confidence, right))
-    ece = sum(len(v) / len(scored) * abs(sum(c for c, _ in v) / len(v) - sum(ok for _, ok in v) / len(v))
-              for v in bins.values()) if scored else None
+    ece = (
+        sum(
+            len(v) / len(scored) * abs(sum(c for c, _ in v) / len(v) - sum(ok for _, ok in v) / len(v))
+            for v in bins.values()
+        )
+        if scored
+        else None
+    )
     interval = wilson_interval(correct, len(scored))
     return {
-        "pairs": len(pairs), "scored": len(scored), "abstained": len(pairs) - len(scored),
+        "pairs": len(pairs),
+        "scored": len(scored),
+        "abstained": len(pairs) - len(scored),
         "scored_share": round(len(scored) / len(pairs), 4) if pairs else None,
         "accuracy": round(correct / len(scored), 4) if scored else None,
         "accuracy_ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None,
@@ -321,14 +383,22 @@ def judge_identity(described: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"name": described.get("name"), "options": described.get("options"), "model_id": described.get("model_id")}
 
 
-def run_gate(run: str | Path | None, judge_ref: ComponentRef | dict[str, Any], *, constitution: str = "harmless",
-             pairs: str = "builtin:judge-pairs", runtime: Runtime | None = None, seed: int = 0) -> dict[str, Any]:
+def run_gate(
+    run: str | Path | None,
+    judge_ref: ComponentRef | dict[str, Any],
+    *,
+    constitution: str = "harmless",
+    pairs: str = "builtin:judge-pairs",
+    runtime: Runtime | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Measure a judge; with ``run``, store the result as the run's ``gate.json`` (the trainers read it)."""
     runtime = runtime or Runtime()
     ref = judge_ref if isinstance(judge_ref, ComponentRef) else ComponentRef.model_validate(judge_ref)
     judge = ref.build("judge", runtime)
-    result = measure_judge(judge, load_labelled_pairs(pairs), runtime.registry.constitution(constitution),
-                           runtime=runtime, seed=seed)
+    result = measure_judge(
+        judge, load_labelled_pairs(pairs), runtime.registry.constitution(constitution), runtime=runtime, seed=seed
+    )
     result.update(pairs_source=str(pairs), measured=now())
     if run is not None:
         path = Path(run) / "gate.json"
@@ -374,8 +444,11 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir() or path.suffix in (".parquet", ".arrow"):
         import datasets
 
-        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(
-            path.suffix.lstrip("."), data_files=str(path), split="train")
+        ds = (
+            datasets.load_from_disk(str(path))
+            if path.is_dir()
+            else datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        )
         rows = [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
     else:
         rows = list(iter_jsonl(path))
@@ -383,8 +456,9 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
     for where, row in rows:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-            raise ConfigError(f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt'); "
-                              f"found: {found}")
+            raise ConfigError(
+                f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt'); found: {found}"
+            )
         label = row.get("label", row.get("chosen_probability", 1.0))
         if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= float(label) <= 1:
             raise ConfigError(f"{where}: label must be a number in [0, 1], got {label!r}")
@@ -393,17 +467,33 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
             chosen = _as_messages(row["chosen"], where, "assistant")
             rejected = _as_messages(row["rejected"], where, "assistant")
         else:
-            c = _split_transcript(row["chosen"]) if isinstance(row["chosen"], str) else _as_messages(row["chosen"], where, "assistant")
-            r = _split_transcript(row["rejected"]) if isinstance(row["rejected"], str) else _as_messages(row["rejected"], where, "assistant")
+            c = (
+                _split_transcript(row["chosen"])
+                if isinstance(row["chosen"], str)
+                else _as_messages(row["chosen"], where, "assistant")
+            )
+            r = (
+                _split_transcript(row["rejected"])
+                if isinstance(row["rejected"], str)
+                else _as_messages(row["rejected"], where, "assistant")
+            )
             shared = 0
             while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
                 shared += 1
             prompt, chosen, rejected = c[:shared], c[shared:], r[shared:]
         if not prompt or prompt[-1]["role"] != "user" or not chosen or not rejected:
             raise ConfigError(f"{where}: could not find a prompt ending with a user turn and two replies")
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_probability": float(label),
-                    "source": "human", "prompt_id": "human:" + hashlib.sha1(
-                        json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12], "principle_ids": []})
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_probability": float(label),
+                "source": "human",
+                "prompt_id": "human:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12],
+                "principle_ids": [],
+            }
+        )
     if not out:
         raise ConfigError(f"{path}: contains no preference pairs")
     return out
@@ -420,12 +510,25 @@ def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[
     for record in directory.records():
         j = record.get("judgement") or {}
         p = record.get("label")
-        priority = (0 if p is None else 1 if j.get("position_consistent") is False else 2,
-                    abs(p - 0.5) if p is not None else 0)
-        rows.append((priority, {"key": record["key"], "conversation": record["conversation"],
-                                "response_a": record["response_a"], "response_b": record["response_b"],
-                                "ai_p_a": p, "position_consistent": j.get("position_consistent"),
-                                "principle_ids": record["principle_ids"], "human_choice": None}))
+        priority = (
+            0 if p is None else 1 if j.get("position_consistent") is False else 2,
+            abs(p - 0.5) if p is not None else 0,
+        )
+        rows.append(
+            (
+                priority,
+                {
+                    "key": record["key"],
+                    "conversation": record["conversation"],
+                    "response_a": record["response_a"],
+                    "response_b": record["response_b"],
+                    "ai_p_a": p,
+                    "position_consistent": j.get("position_consistent"),
+                    "principle_ids": record["principle_ids"],
+                    "human_choice": None,
+                },
+            )
+        )
     rows.sort(key=lambda r: r[0])
     chosen = [r for _, r in rows[:count]]
     write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
@@ -474,16 +577,20 @@ def _bucket(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
-def export_preferences(run: str | Path, out: str | Path,
-                       options: PreferenceExportOptions | dict[str, Any] | None = None) -> dict[str, Any]:
+def export_preferences(
+    run: str | Path, out: str | Path, options: PreferenceExportOptions | dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``train.jsonl``/``test.jsonl`` in TRL's conversational preference format plus a soft label.
 
     Each row: ``prompt`` (messages), ``chosen`` and ``rejected`` (assistant messages), ``chosen_probability`` (how
     sure the label is that ``chosen`` is better, in [0.5, 1] for AI labels), ``source`` (ai, revision, human,
     human-review). The run's judge gate result is carried into ``export.json`` for the trainers.
     """
-    options = options if isinstance(options, PreferenceExportOptions) else \
-        PreferenceExportOptions.model_validate(options or {})
+    options = (
+        options
+        if isinstance(options, PreferenceExportOptions)
+        else PreferenceExportOptions.model_validate(options or {})
+    )
     directory = RunDirectory(run, "rl")
     manifest = directory.manifest()
     if manifest.get("kind") != "rl":
@@ -509,13 +616,17 @@ def export_preferences(run: str | Path, out: str | Path,
             filtered += 1
             continue
         a_better = p > 0.5
-        rows.append({
-            "prompt": record["conversation"],
-            "chosen": [{"role": "assistant", "content": record["response_a" if a_better else "response_b"]}],
-            "rejected": [{"role": "assistant", "content": record["response_b" if a_better else "response_a"]}],
-            "chosen_probability": max(p, 1 - p), "source": source, "prompt_id": record["key"],
-            "principle_ids": record["principle_ids"],
-        })
+        rows.append(
+            {
+                "prompt": record["conversation"],
+                "chosen": [{"role": "assistant", "content": record["response_a" if a_better else "response_b"]}],
+                "rejected": [{"role": "assistant", "content": record["response_b" if a_better else "response_a"]}],
+                "chosen_probability": max(p, 1 - p),
+                "source": source,
+                "prompt_id": record["key"],
+                "principle_ids": record["principle_ids"],
+            }
+        )
     for human_file in options.human:
         rows += import_human(human_file)
     if not rows:
@@ -531,19 +642,30 @@ def export_preferences(run: str | Path, out: str | Path,
     gate = None
     if (Path(run) / "gate.json").exists():
         gate = json.loads((Path(run) / "gate.json").read_text(encoding="utf-8"))
-    labelling_judges = {json.dumps(judge_identity(r.get("provenance", {}).get("judge")), sort_keys=True)
-                        for r in directory.records() if r.get("source") == "ai"}
+    labelling_judges = {
+        json.dumps(judge_identity(r.get("provenance", {}).get("judge")), sort_keys=True)
+        for r in directory.records()
+        if r.get("source") == "ai"
+    }
     gate_matches = None
     if gate is not None and labelling_judges:
         gate_matches = labelling_judges == {json.dumps(judge_identity(gate.get("judge")), sort_keys=True)}
     sources: dict[str, int] = {}
     for r in rows:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
-    summary = {"format": "trl-conversational-preference", "source_run": str(run), "train": len(train),
-               "test": len(test), "sources": sources, "abstained_excluded": abstained,
-               "filtered_low_confidence": filtered, "options": options.model_dump(), "judge_gate": gate,
-               "judge_gate_matches": gate_matches,
-               "constitution": manifest.get("provenance", {}).get("constitution")}
+    summary = {
+        "format": "trl-conversational-preference",
+        "source_run": str(run),
+        "train": len(train),
+        "test": len(test),
+        "sources": sources,
+        "abstained_excluded": abstained,
+        "filtered_low_confidence": filtered,
+        "options": options.model_dump(),
+        "judge_gate": gate,
+        "judge_gate_matches": gate_matches,
+        "constitution": manifest.get("provenance", {}).get("constitution"),
+    }
     write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -18,8 +18,11 @@ def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> 
     _, when = rule.compiled()
     if when is None:
         return True
-    places = {"response": [response], "conversation": [_conversation_text(conversation)],
-              "either": [response, _conversation_text(conversation)]}[rule.when_in]
+    places = {
+        "response": [response],
+        "conversation": [_conversation_text(conversation)],
+        "either": [response, _conversation_text(conversation)],
+    }[rule.when_in]
     for text in places:
         match = when.search(text)
         if match:
@@ -27,8 +30,9 @@ def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> 
     return False
 
 
-def check_rule(rule: Rule, principle: Principle, conversation: Sequence[Message], response: str,
-               critic: str) -> Violation | None:
+def check_rule(
+    rule: Rule, principle: Principle, conversation: Sequence[Message], response: str, critic: str
+) -> Violation | None:
     applies = rule_applies(rule, conversation, response)
     if not applies:
         return None
@@ -40,14 +44,22 @@ def check_rule(rule: Rule, principle: Principle, conversation: Sequence[Message]
         evidence = "" if applies is True else applies.group(0)
     else:
         return None
-    return Violation(principle_id=principle.id, rule_id=rule.id, evidence=evidence, message=rule.message,
-                     severity=rule.severity, critic=critic)
+    return Violation(
+        principle_id=principle.id,
+        rule_id=rule.id,
+        evidence=evidence,
+        message=rule.message,
+        severity=rule.severity,
+        critic=critic,
+    )
 
 
-def check_principle(principle: Principle, conversation: Sequence[Message], response: str,
-                    critic: str = "rules") -> list[Violation]:
-    return [v for rule in principle.rules
-            if (v := check_rule(rule, principle, conversation, response, critic)) is not None]
+def check_principle(
+    principle: Principle, conversation: Sequence[Message], response: str, critic: str = "rules"
+) -> list[Violation]:
+    return [
+        v for rule in principle.rules if (v := check_rule(rule, principle, conversation, response, critic)) is not None
+    ]
 
 
 def repair(principle: Principle, conversation: Sequence[Message], response: str) -> tuple[str, list[str]]:
@@ -61,7 +73,8 @@ def repair(principle: Principle, conversation: Sequence[Message], response: str)
             unfixed.append(rule.id)
         elif rule.kind == "forbid":
             pattern, _ = rule.compiled()
-            text = pattern.sub(lambda _m: rule.fix or "", text)
+            replacement = rule.fix or ""
+            text = pattern.sub(lambda _m, r=replacement: r, text)
         else:
             gap = "\n\n" if "\n" in text else " "
             if rule.fix_at == "start":

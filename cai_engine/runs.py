@@ -58,7 +58,9 @@ class RunDirectory:
             except (OSError, ValueError) as exc:
                 raise RunError(f"{self.manifest_path}: unreadable ({exc}); move the directory aside") from None
             if manifest.get("kind") != self.kind:
-                raise RunError(f"{self.path}: is a {manifest.get('kind')!r} run, not {self.kind!r}; choose another --out")
+                raise RunError(
+                    f"{self.path}: is a {manifest.get('kind')!r} run, not {self.kind!r}; choose another --out"
+                )
             new = json.loads(json.dumps(fingerprint, default=str))
             old = manifest.get("fingerprint")
             if isinstance(old, dict) and isinstance(new, dict):  # settings this version no longer counts are ignored
@@ -66,14 +68,21 @@ class RunDirectory:
             changes = _diff(old, new)
             if changes:
                 shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-                raise RunError(f"{self.path}: was made with a different config ({shown}); rerun with the same "
-                               "settings to resume, or choose another --out")
+                raise RunError(
+                    f"{self.path}: was made with a different config ({shown}); rerun with the same "
+                    "settings to resume, or choose another --out"
+                )
             return True
         if self.path.exists() and any(p.name not in AUXILIARY for p in self.path.iterdir()):
             raise RunError(f"{self.path}: exists, is not empty and is not a {self.kind} run; choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
-        manifest = {"kind": self.kind, "cai_engine": __version__, "created": now(),
-                    "fingerprint": fingerprint, **(extra or {})}
+        manifest = {
+            "kind": self.kind,
+            "cai_engine": __version__,
+            "created": now(),
+            "fingerprint": fingerprint,
+            **(extra or {}),
+        }
         tmp = self.manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         tmp.replace(self.manifest_path)
@@ -106,12 +115,16 @@ class RunDirectory:
             except ValueError:
                 if is_last:  # the write in flight when the run was killed
                     break
-                raise RunError(f"{self.records_path}:{number}: corrupt record; the file was edited or damaged") from None
+                raise RunError(
+                    f"{self.records_path}:{number}: corrupt record; the file was edited or damaged"
+                ) from None
             missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
             if not isinstance(record, dict) or missing:
                 what = f"lacks {missing[0]!r}" if isinstance(record, dict) else "is not a JSON object"
-                raise RunError(f"{self.records_path}:{number}: the record {what}; this is not a {self.kind} run's "
-                               "record (was the file edited, or is this another kind of run?)")
+                raise RunError(
+                    f"{self.records_path}:{number}: the record {what}; this is not a {self.kind} run's "
+                    "record (was the file edited, or is this another kind of run?)"
+                )
             if is_last:  # a complete JSON object without its newline: keep it, finish the line
                 if repair:
                     with open(self.records_path, "ab") as handle:

@@ -104,8 +104,10 @@ class Runtime:
             return None
         path = Path(model).expanduser()
         if not path.exists():
-            return (f"model {model!r} does not exist; give a model folder, a .gguf file, a catalogue name "
-                    f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), 'smollm2', or an http(s):// endpoint")
+            return (
+                f"model {model!r} does not exist; give a model folder, a .gguf file, a catalogue name "
+                f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), 'smollm2', or an http(s):// endpoint"
+            )
         return None
 
     def backend(self, ref: ModelRef) -> Backend:

@@ -33,8 +33,7 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1000
 def _error(status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class Metrics:
@@ -44,8 +43,10 @@ class Metrics:
         self.requests: dict[str, int] = {}
         self.actions: dict[str, int] = {}
         self.upstream_errors = 0
-        self.hist: dict[str, list[int]] = {"upstream": [0] * (len(LATENCY_BUCKETS_MS) + 1),
-                                           "guard": [0] * (len(LATENCY_BUCKETS_MS) + 1)}
+        self.hist: dict[str, list[int]] = {
+            "upstream": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+            "guard": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+        }
         self.sums: dict[str, float] = {"upstream": 0.0, "guard": 0.0}
 
     def observe(self, which: str, ms: float) -> None:
@@ -75,9 +76,16 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "CAI_SERVE_API_KEY",
-               upstream_key_env: str | None = "CAI_UPSTREAM_API_KEY", timeout: float = 120.0,
-               max_concurrency: int = 32, transport: httpx.AsyncBaseTransport | None = None):
+def create_app(
+    engine: Engine,
+    upstream: str,
+    *,
+    client_key_env: str | None = "CAI_SERVE_API_KEY",
+    upstream_key_env: str | None = "CAI_UPSTREAM_API_KEY",
+    timeout: float = 120.0,
+    max_concurrency: int = 32,
+    transport: httpx.AsyncBaseTransport | None = None,
+):
     """The ASGI app. ``client_key_env`` names the environment variable holding the bearer token clients must send
     (unset or empty: no auth); ``upstream_key_env`` the key sent to the upstream (else the client's Authorization
     header is passed through when there is no client token)."""
@@ -96,8 +104,10 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
     def client() -> httpx.AsyncClient:
         if "client" not in state:
             state["client"] = httpx.AsyncClient(
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), transport=transport,
-                limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency))
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                transport=transport,
+                limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            )
         return state["client"]
 
     def authorised(request: Request) -> bool:
@@ -126,8 +136,12 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
         except httpx.TimeoutException:
             return _error(504, f"the upstream {base} did not answer in time", "upstream_error", "upstream_timeout")
         except httpx.HTTPError as exc:
-            return _error(502, f"the upstream {base} is unreachable ({type(exc).__name__})", "upstream_error",
-                          "upstream_unreachable")
+            return _error(
+                502,
+                f"the upstream {base} is unreachable ({type(exc).__name__})",
+                "upstream_error",
+                "upstream_unreachable",
+            )
         return JSONResponse(reply.json(), status_code=reply.status_code)
 
     async def chat(request: Request):
@@ -145,16 +159,27 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
             metrics.count("bad_request")
             return _error(400, "'messages' must be a non-empty list", "invalid_request_error", param="messages")
         try:
-            conversation = [Message.model_validate({"role": m.get("role"), "content": _text(m.get("content"))})
-                            for m in body["messages"]]
+            conversation = [
+                Message.model_validate({"role": m.get("role"), "content": _text(m.get("content"))})
+                for m in body["messages"]
+            ]
         except (AttributeError, ValueError, TypeError):
             metrics.count("bad_request")
-            return _error(400, "each message needs a role (system, user, assistant) and text content",
-                          "invalid_request_error", param="messages")
+            return _error(
+                400,
+                "each message needs a role (system, user, assistant) and text content",
+                "invalid_request_error",
+                param="messages",
+            )
         stream = bool(body.get("stream"))
         model_name = body.get("model") or "upstream"
-        record: dict[str, Any] = {"id": request_id, "time": now(), "policy": engine.policy_info, "model": model_name,
-                                  "stream": stream}
+        record: dict[str, Any] = {
+            "id": request_id,
+            "time": now(),
+            "policy": engine.policy_info,
+            "model": model_name,
+            "stream": stream,
+        }
         input_info = None
         if engine.policy.input.check:
             violations, redacted = engine.check_input(conversation)
@@ -166,15 +191,30 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
                     conversation[index] = Message(role="user", content=redacted)
                 elif action != "flag":
                     action = "refused"
-                input_info = {"action": "redacted" if action == "redact" else action,
-                              "principle_ids": sorted({v.principle_id for v in violations})}
+                input_info = {
+                    "action": "redacted" if action == "redact" else action,
+                    "principle_ids": sorted({v.principle_id for v in violations}),
+                }
                 if action == "refused":
                     text = engine._refusal(violations)
-                    verdict = {"action": "refused", "input": input_info, "principle_ids": input_info["principle_ids"],
-                               "audit_id": request_id, "compliant": False}
+                    verdict = {
+                        "action": "refused",
+                        "input": input_info,
+                        "principle_ids": input_info["principle_ids"],
+                        "audit_id": request_id,
+                        "compliant": False,
+                    }
                     metrics.count("ok", "input_refused")
-                    _emit(engine, {**record, "status": "input_refused", "input": input_info,
-                                   "upstream_ms": 0.0, "guard_ms": round((time.perf_counter() - began) * 1000, 3)})
+                    _emit(
+                        engine,
+                        {
+                            **record,
+                            "status": "input_refused",
+                            "input": input_info,
+                            "upstream_ms": 0.0,
+                            "guard_ms": round((time.perf_counter() - began) * 1000, 3),
+                        },
+                    )
                     return _respond(request_id, model_name, text, "stop", verdict, None, stream)
         forward = {**body, "stream": False}
         forward.pop("stream_options", None)
@@ -186,14 +226,22 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
                 metrics.upstream_errors += 1
                 metrics.count("upstream_timeout")
                 _emit(engine, {**record, "status": "upstream_timeout"})
-                return _error(504, f"the upstream {base} did not answer within {timeout:g} s", "upstream_error",
-                              "upstream_timeout")
+                return _error(
+                    504,
+                    f"the upstream {base} did not answer within {timeout:g} s",
+                    "upstream_error",
+                    "upstream_timeout",
+                )
             except httpx.HTTPError as exc:
                 metrics.upstream_errors += 1
                 metrics.count("upstream_unreachable")
                 _emit(engine, {**record, "status": "upstream_unreachable"})
-                return _error(502, f"the upstream {base} is unreachable ({type(exc).__name__})", "upstream_error",
-                              "upstream_unreachable")
+                return _error(
+                    502,
+                    f"the upstream {base} is unreachable ({type(exc).__name__})",
+                    "upstream_error",
+                    "upstream_unreachable",
+                )
         upstream_ms = (time.perf_counter() - upstream_began) * 1000
         metrics.observe("upstream", upstream_ms)
         if reply.status_code >= 400:
@@ -215,8 +263,9 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             metrics.upstream_errors += 1
             metrics.count("upstream_error")
-            return _error(502, "the upstream's answer is not an OpenAI chat completion", "upstream_error",
-                          "upstream_bad_response")
+            return _error(
+                502, "the upstream's answer is not an OpenAI chat completion", "upstream_error", "upstream_bad_response"
+            )
         guard_began = time.perf_counter()
         try:
             result = await asyncio.to_thread(engine.guard, conversation, answer)
@@ -227,14 +276,36 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
         guard_ms = (time.perf_counter() - guard_began) * 1000
         metrics.observe("guard", guard_ms)
         metrics.count("ok", result.action)
-        verdict = {"action": result.action, "compliant": result.compliant, "abstained": result.abstained,
-                   "principle_ids": sorted({v.principle_id for v in result.violations}), "audit_id": result.id}
+        verdict = {
+            "action": result.action,
+            "compliant": result.compliant,
+            "abstained": result.abstained,
+            "principle_ids": sorted({v.principle_id for v in result.violations}),
+            "audit_id": result.id,
+        }
         if input_info:
             verdict["input"] = input_info
-        _emit(engine, {**record, "status": "ok", "audit_id": result.id, "action": result.action,
-                       "input": input_info, "upstream_ms": round(upstream_ms, 3), "guard_ms": round(guard_ms, 3)})
-        return _respond(request_id, data.get("model", model_name), result.response,
-                        choice.get("finish_reason") or "stop", verdict, data.get("usage"), stream)
+        _emit(
+            engine,
+            {
+                **record,
+                "status": "ok",
+                "audit_id": result.id,
+                "action": result.action,
+                "input": input_info,
+                "upstream_ms": round(upstream_ms, 3),
+                "guard_ms": round(guard_ms, 3),
+            },
+        )
+        return _respond(
+            request_id,
+            data.get("model", model_name),
+            result.response,
+            choice.get("finish_reason") or "stop",
+            verdict,
+            data.get("usage"),
+            stream,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -242,8 +313,12 @@ def create_app(engine: Engine, upstream: str, *, client_key_env: str | None = "C
         if "client" in state:
             await state.pop("client").aclose()
 
-    routes = [Route("/health", health), Route("/metrics", metrics_endpoint), Route("/v1/models", models),
-              Route("/v1/chat/completions", chat, methods=["POST"])]
+    routes = [
+        Route("/health", health),
+        Route("/metrics", metrics_endpoint),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics
     return app
@@ -269,14 +344,27 @@ def _respond(request_id: str, model: str, text: str, finish: str, verdict: dict[
 
     created = int(time.time())
     if not stream:
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish}],
-                             "usage": usage, "cai_guard": verdict})
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": usage,
+                "cai_guard": verdict,
+            }
+        )
 
     def chunk(delta: dict[str, Any], reason: str | None, extra: dict[str, Any] | None = None) -> str:
-        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}], **(extra or {})}
+        body = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            **(extra or {}),
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     async def events():
@@ -292,8 +380,9 @@ async def check_upstream(upstream: str, *, timeout: float = 10.0) -> str | None:
     key = os.environ.get("CAI_UPSTREAM_API_KEY") or None
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
-            reply = await client.get(f"{upstream.rstrip('/')}/models",
-                                     headers={"Authorization": f"Bearer {key}"} if key else {})
+            reply = await client.get(
+                f"{upstream.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"} if key else {}
+            )
     except httpx.HTTPError as exc:
         return f"{upstream} is unreachable ({type(exc).__name__})"
     if reply.status_code != 200:

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
-from .outputs import write_atomic
-from .models import Constitution, Message, Phase
-from .prompts import PromptItem, is_heldout, load_prompts, refuse_heldout_content
 from .modeling import with_model
+from .models import Constitution, Message, Phase
+from .outputs import write_atomic
+from .prompts import PromptItem, is_heldout, load_prompts, refuse_heldout_content
 from .records import ComparisonTask, CritiqueTask, RevisionTask
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -42,25 +42,35 @@ class SLConfig(BaseModel):
     batch_size: int = Field(8, ge=1, le=256, description="Items processed together (one batched model call each).")
     model: ModelRef = Field(DEFAULT_MODEL, description="The policy model: it samples the responses to improve.")
     feedback_model: ModelRef | None = Field(
-        None, description="The model that critiques, revises and verifies (a stronger teacher, e.g. "
-                          "'qwen2.5-coder-1.5b'); None: the policy model does it all, as in the paper.")
+        None,
+        description="The model that critiques, revises and verifies (a stronger teacher, e.g. "
+        "'qwen2.5-coder-1.5b'); None: the policy model does it all, as in the paper.",
+    )
     sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     reviser: ComponentRef = Field(
         default_factory=lambda: ComponentRef(name="model"),
         description="'model' revises the response (after the critique); 'rewrite' writes from scratch the reply the "
-                    "assistant should have given under the principle; 'ensemble' lets a judge pick among several.")
+        "assistant should have given under the principle; 'ensemble' lets a judge pick among several.",
+    )
     verify: ComponentRef | None = Field(
-        None, description="A judge that must prefer each revision to the response it replaces (both orders, the "
-                          "round's principle) before the revision is accepted; None: accept every clean revision.")
+        None,
+        description="A judge that must prefer each revision to the response it replaces (both orders, the "
+        "round's principle) before the revision is accepted; None: accept every clean revision.",
+    )
     verify_margin: float = Field(0.5, ge=0.5, lt=1, description="P(revision better) the verifier must exceed.")
     helpful_prompts: str | list[str] | None = Field(
-        "builtin:helpful", description="Prompts answered by the policy without critique, mixed into the SFT data to "
-                                       "keep it helpful: one source or a list (e.g. [builtin:helpful, "
-                                       "builtin:borderline], the second teaching it not to refuse harmless requests "
-                                       "that sound dangerous).")
-    helpful_limit: int | None = Field(None, ge=0, description="How many prompts from each helpfulness source "
-                                                              "(default: as many as the red-team prompts used).")
+        "builtin:helpful",
+        description="Prompts answered by the policy without critique, mixed into the SFT data to "
+        "keep it helpful: one source or a list (e.g. [builtin:helpful, "
+        "builtin:borderline], the second teaching it not to refuse harmless requests "
+        "that sound dangerous).",
+    )
+    helpful_limit: int | None = Field(
+        None,
+        ge=0,
+        description="How many prompts from each helpfulness source (default: as many as the red-team prompts used).",
+    )
 
     @field_validator("sampler", "critic", "reviser", "verify", mode="before")
     @classmethod
@@ -111,8 +121,10 @@ class SLRun:
         self.verifier = config.build("verify", self.runtime) if config.verify else None
         for source in (config.prompts, *config.helpful_sources):
             if source and not config.allow_heldout and is_heldout(source, registry):
-                raise ConfigError(f"{source} is an evaluation-only (held-out) prompt set; training on it would "
-                                  "contaminate evaluation. Choose another set, or set allow_heldout: true")
+                raise ConfigError(
+                    f"{source} is an evaluation-only (held-out) prompt set; training on it would "
+                    "contaminate evaluation. Choose another set, or set allow_heldout: true"
+                )
         self.items = load_prompts(config.prompts, registry, field=config.field, limit=config.limit)
         self.helpful: list[PromptItem] = []
         limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
@@ -124,33 +136,44 @@ class SLRun:
         seen: set[str] = set()
         for item in self.helpful:
             if item.id in seen:
-                raise ConfigError(f"helpful_prompts: prompt id {item.id!r} appears twice across "
-                                  f"{', '.join(config.helpful_sources)}; ids must be unique (records are kept by id)")
+                raise ConfigError(
+                    f"helpful_prompts: prompt id {item.id!r} appears twice across "
+                    f"{', '.join(config.helpful_sources)}; ids must be unique (records are kept by id)"
+                )
             seen.add(item.id)
         if not config.allow_heldout:
             refuse_heldout_content(self.items, registry, config.prompts)
         self.dir = RunDirectory(out, "sl")
         self.provenance = {
-            "constitution": {"name": self.constitution.name, "version": self.constitution.version,
-                             "hash": self.constitution.content_hash()},
+            "constitution": {
+                "name": self.constitution.name,
+                "version": self.constitution.version,
+                "hash": self.constitution.content_hash(),
+            },
             "seed": config.seed,
         }
 
     # -- driving ---------------------------------------------------------------------------------------------
 
     def run(self, *, progress: bool = True) -> dict[str, Any]:
-        resuming = self.dir.open(self.config.fingerprint(), {"config": self.config.model_dump(mode="json"),
-                                                             "provenance": self.provenance})
+        resuming = self.dir.open(
+            self.config.fingerprint(), {"config": self.config.model_dump(mode="json"), "provenance": self.provenance}
+        )
         done = self.dir.done_ids()
         todo = [("red-team", item) for item in self.items if f"red-team:{item.id}" not in done]
         todo += [("helpful", item) for item in self.helpful if f"helpful:{item.id}" not in done]
-        stats = {"written": 0, "skipped_done": len(self.items) + len(self.helpful) - len(todo), "errors": 0,
-                 "resumed": resuming, "run_dir": str(self.dir.path)}
+        stats = {
+            "written": 0,
+            "skipped_done": len(self.items) + len(self.helpful) - len(todo),
+            "errors": 0,
+            "resumed": resuming,
+            "run_dir": str(self.dir.path),
+        }
         bar = _progress(len(todo), progress)
         began = time.perf_counter()
         size = self.config.batch_size
         for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
+            batch = todo[start : start + size]
             records = self._process(batch, bar)
             self.dir.append(records)
             for record in records:
@@ -194,27 +217,49 @@ class SLRun:
             chosen = {i: self._select(items[i], round_index, rngs[i]) for i in live}
             critiques = {}
             if self.critic is not None:
-                results = self.critic.critique([CritiqueTask(conversation=conversations[i], response=current[i],
-                                                             principle=chosen[i], examples=self.constitution.examples)
-                                                for i in live])
+                results = self.critic.critique(
+                    [
+                        CritiqueTask(
+                            conversation=conversations[i],
+                            response=current[i],
+                            principle=chosen[i],
+                            examples=self.constitution.examples,
+                        )
+                        for i in live
+                    ]
+                )
                 critiques = dict(zip(live, results))
             to_revise = []
             for i in live:
                 critique = critiques.get(i)
-                entry = {"round": round_index + 1, "principle_id": chosen[i].id,
-                         "critique": critique.text if critique else None,
-                         "needs_revision": critique.needs_revision if critique else None}
+                entry = {
+                    "round": round_index + 1,
+                    "principle_id": chosen[i].id,
+                    "critique": critique.text if critique else None,
+                    "needs_revision": critique.needs_revision if critique else None,
+                }
                 rounds[i].append(entry)
                 if self.config.stop_early and critique is not None and critique.needs_revision is False:
                     entry.update(revision=None, accepted=False, reason="critic found nothing to revise")
                     active[i] = False
                 else:
                     to_revise.append(i)
-            revisions = self.reviser.revise([RevisionTask(conversation=conversations[i], response=current[i],
-                                                          principle=chosen[i],
-                                                          critique=critiques[i].text if i in critiques else None,
-                                                          examples=self.constitution.examples)
-                                             for i in to_revise]) if to_revise else []
+            revisions = (
+                self.reviser.revise(
+                    [
+                        RevisionTask(
+                            conversation=conversations[i],
+                            response=current[i],
+                            principle=chosen[i],
+                            critique=critiques[i].text if i in critiques else None,
+                            examples=self.constitution.examples,
+                        )
+                        for i in to_revise
+                    ]
+                )
+                if to_revise
+                else []
+            )
             verdicts = self._verify(to_revise, revisions, conversations, current, chosen)
             for i, revision in zip(to_revise, revisions):
                 accepted, reason = revision.accepted, revision.reason
@@ -226,20 +271,34 @@ class SLRun:
                     entry["verify_p_revision"] = verdicts[i]
                     if accepted and (verdicts[i] is None or verdicts[i] <= self.config.verify_margin):
                         accepted = False
-                        reason = ("the verifier abstained" if verdicts[i] is None else
-                                  f"the verifier preferred the response it replaces (P(revision)={verdicts[i]:.2f})")
-                entry.update(revision=revision.text if accepted else None, accepted=accepted, reason=reason,
-                             candidate=None if accepted or not revision.accepted else revision.text)
+                        reason = (
+                            "the verifier abstained"
+                            if verdicts[i] is None
+                            else f"the verifier preferred the response it replaces (P(revision)={verdicts[i]:.2f})"
+                        )
+                entry.update(
+                    revision=revision.text if accepted else None,
+                    accepted=accepted,
+                    reason=reason,
+                    candidate=None if accepted or not revision.accepted else revision.text,
+                )
                 if accepted:
                     current[i] = revision.text
-        roles = (("sampler", self.sampler), ("critic", self.critic), ("reviser", self.reviser),
-                 ("verify", self.verifier))
+        roles = (
+            ("sampler", self.sampler),
+            ("critic", self.critic),
+            ("reviser", self.reviser),
+            ("verify", self.verifier),
+        )
         models = {role: comp.describe().get("model_id") for role, comp in roles if comp}
         components = {role: comp.describe() for role, comp in roles if comp}
         out = []
         for (kind, item), first, last, item_rounds in zip(batch, initial, current, rounds):
             record = {
-                "key": f"{kind}:{item.id}", "id": item.id, "kind": kind, "category": item.category,
+                "key": f"{kind}:{item.id}",
+                "id": item.id,
+                "kind": kind,
+                "category": item.category,
                 "conversation": [m.model_dump() for m in item.conversation],
                 "initial_response": first,
                 "rounds": item_rounds if kind == "red-team" else [],
@@ -258,25 +317,44 @@ class SLRun:
         todo = [(i, r) for i, r in zip(indices, revisions) if r.accepted and not _same(r.text, current[i])]
         if not todo:
             return {}
-        judgements = self.verifier.compare([
-            ComparisonTask(conversation=conversations[i], response_a=r.text, response_b=current[i],
-                           principles=[chosen[i]], examples=self.constitution.comparison_examples)
-            for i, r in todo])
+        judgements = self.verifier.compare(
+            [
+                ComparisonTask(
+                    conversation=conversations[i],
+                    response_a=r.text,
+                    response_b=current[i],
+                    principles=[chosen[i]],
+                    examples=self.constitution.comparison_examples,
+                )
+                for i, r in todo
+            ]
+        )
         return {i: j.p_a for (i, _), j in zip(todo, judgements)}
 
     def _select(self, item: PromptItem, round_index: int, rng: random.Random):
         chosen = self.runtime.pm.hook.cai_select_principles(
-            constitution=self.constitution, candidates=self.principles,
+            constitution=self.constitution,
+            candidates=self.principles,
             item={"id": item.id, "conversation": item.conversation, "category": item.category, "tags": item.tags},
-            phase=Phase.sl, round=round_index, rng=rng)
+            phase=Phase.sl,
+            round=round_index,
+            rng=rng,
+        )
         if not chosen:
             raise RunError("cai_select_principles returned no principle")
         return chosen[0]
 
     def _error_record(self, kind: str, item: PromptItem, error: str) -> dict[str, Any]:
-        return {"key": f"{kind}:{item.id}", "id": item.id, "kind": kind, "category": item.category,
-                "conversation": [m.model_dump() for m in item.conversation], "error": error,
-                "provenance": self.provenance, "created": now()}
+        return {
+            "key": f"{kind}:{item.id}",
+            "id": item.id,
+            "kind": kind,
+            "category": item.category,
+            "conversation": [m.model_dump() for m in item.conversation],
+            "error": error,
+            "provenance": self.provenance,
+            "created": now(),
+        }
 
 
 def _same(a: str, b: str) -> bool:
@@ -289,8 +367,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="item", disable=not enabled, dynamic_ncols=True)
 
 
-def run_sl(config: SLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None,
-           progress: bool = True) -> dict[str, Any]:
+def run_sl(
+    config: SLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) phase 1 into ``out``; returns a summary."""
     if not isinstance(config, SLConfig):
         config = SLConfig.model_validate(config)
@@ -316,11 +395,20 @@ def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
             principles[entry["principle_id"]] = principles.get(entry["principle_id"], 0) + 1
             accepted += bool(entry.get("accepted"))
         if example is None and record.get("revised"):
-            example = {"prompt": record["conversation"][-1]["content"], "before": record["initial_response"],
-                       "after": record["final_response"]}
-    return {"red_team_items": red, "helpful_items": helpful, "items_revised": revised,
-            "accepted_revisions": accepted, "error_items": errors,
-            "principles_used": dict(sorted(principles.items())), "example": example}
+            example = {
+                "prompt": record["conversation"][-1]["content"],
+                "before": record["initial_response"],
+                "after": record["final_response"],
+            }
+    return {
+        "red_team_items": red,
+        "helpful_items": helpful,
+        "items_revised": revised,
+        "accepted_revisions": accepted,
+        "error_items": errors,
+        "principles_used": dict(sorted(principles.items())),
+        "example": example,
+    }
 
 
 # -- export ------------------------------------------------------------------------------------------------------
@@ -330,9 +418,11 @@ class ExportOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     train_on: Literal["all_rounds", "last_round"] = Field(
-        "all_rounds", description="Train on every accepted revision, or only each item's final one.")
-    helpful_ratio: float = Field(0.27, ge=0, lt=1, description="Share of helpfulness samples in the mix "
-                                                               "(the paper used about 27%).")
+        "all_rounds", description="Train on every accepted revision, or only each item's final one."
+    )
+    helpful_ratio: float = Field(
+        0.27, ge=0, lt=1, description="Share of helpfulness samples in the mix (the paper used about 27%)."
+    )
     heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out as the test split.")
     seed: int = Field(0, description="Seeds which helpfulness samples are used.")
 
@@ -350,12 +440,14 @@ def _collect(record: dict[str, Any], options: Any, revisions: list, helpful: lis
     if options.train_on == "last_round":
         accepted = accepted[-1:]
     for entry in accepted:
-        revisions.append(_example(conversation, entry["revision"], record, "revision", entry["round"],
-                                  entry["principle_id"]))
+        revisions.append(
+            _example(conversation, entry["revision"], record, "revision", entry["round"], entry["principle_id"])
+        )
 
 
-def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+def export_sft(
+    run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
 
     Revisions and helpfulness samples are mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
@@ -374,8 +466,10 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
         try:
             _collect(record, options, revisions, helpful)
         except (KeyError, TypeError, AttributeError) as exc:
-            raise RunError(f"{directory.records_path}: record {record.get('key')!r} is malformed ({type(exc).__name__}: "
-                           f"{exc}); was the file edited?") from None
+            raise RunError(
+                f"{directory.records_path}: record {record.get('key')!r} is malformed ({type(exc).__name__}: "
+                f"{exc}); was the file edited?"
+            ) from None
     if not revisions and not helpful:
         raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
     rng = random.Random(options.seed)
@@ -399,10 +493,16 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
     for name, rows in (("train", train), ("test", test)):
         write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     summary = {
-        "format": "trl-conversational", "source_run": str(run), "train": len(train), "test": len(test),
+        "format": "trl-conversational",
+        "source_run": str(run),
+        "train": len(train),
+        "test": len(test),
         "revisions": sum(e["source"] == "revision" for e in unique),
-        "helpful": sum(e["source"] == "helpful" for e in unique), "duplicates_dropped": len(mix) - len(unique),
-        "helpful_available": len(helpful), "helpful_wanted": wanted, "options": options.model_dump(),
+        "helpful": sum(e["source"] == "helpful" for e in unique),
+        "duplicates_dropped": len(mix) - len(unique),
+        "helpful_available": len(helpful),
+        "helpful_wanted": wanted,
+        "options": options.model_dump(),
         "constitution": manifest.get("provenance", {}).get("constitution"),
     }
     write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
@@ -412,5 +512,10 @@ def export_sft(run: str | Path, out: str | Path, options: ExportOptions | dict[s
 def _example(conversation, answer, record, source, round_number, principle_id) -> dict[str, Any]:
     messages = [Message.model_validate(m).model_dump() for m in conversation]
     messages.append({"role": "assistant", "content": answer})
-    return {"messages": messages, "prompt_id": record["key"], "source": source, "round": round_number,
-            "principle_id": principle_id}
+    return {
+        "messages": messages,
+        "prompt_id": record["key"],
+        "source": source,
+        "round": round_number,
+        "principle_id": principle_id,
+    }

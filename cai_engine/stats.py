@@ -26,8 +26,12 @@ def rate(values: Iterable[bool | float | None]) -> dict[str, Any]:
     n = len(kept)
     k = sum(kept)
     interval = wilson_interval(k, n)
-    return {"rate": round(k / n, 4) if n else None, "k": round(k, 4), "n": n,
-            "ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None}
+    return {
+        "rate": round(k / n, 4) if n else None,
+        "k": round(k, 4),
+        "n": n,
+        "ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None,
+    }
 
 
 def format_rate(entry: dict[str, Any] | None) -> str:

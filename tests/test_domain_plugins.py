@@ -27,9 +27,9 @@ def installed(monkeypatch):
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_plugin_accepts_this_core_version(domain):
     """Each plugin's pin on cai-engine must admit the core in this checkout, or a fresh install cannot resolve."""
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
 
     import cai_engine
@@ -71,12 +71,22 @@ def test_sl_runs_with_each_domain(installed, domain, tiny_model, tmp_path):
     from cai_engine.runtime import Runtime
     from cai_engine.sl import run_sl
 
-    summary = run_sl({"constitution": domain, "prompts": f"{domain}:{domain}", "limit": 2, "rounds": 1,
-                      "model": str(tiny_model), "helpful_prompts": None,
-                      "sampler": {"name": "model", "options": {"max_new_tokens": 6}},
-                      "critic": {"name": "model", "options": {"max_new_tokens": 6}},
-                      "reviser": {"name": "model", "options": {"max_new_tokens": 6}}},
-                     tmp_path / domain, runtime=Runtime(Registry(make_plugin_manager())), progress=False)
+    summary = run_sl(
+        {
+            "constitution": domain,
+            "prompts": f"{domain}:{domain}",
+            "limit": 2,
+            "rounds": 1,
+            "model": str(tiny_model),
+            "helpful_prompts": None,
+            "sampler": {"name": "model", "options": {"max_new_tokens": 6}},
+            "critic": {"name": "model", "options": {"max_new_tokens": 6}},
+            "reviser": {"name": "model", "options": {"max_new_tokens": 6}},
+        },
+        tmp_path / domain,
+        runtime=Runtime(Registry(make_plugin_manager())),
+        progress=False,
+    )
     assert summary["red_team_items"] == 2 and summary["error_items"] == 0
     records = [json.loads(line) for line in (tmp_path / domain / "records.jsonl").read_text().splitlines()]
     assert all(r["provenance"]["constitution"]["name"] == domain for r in records)

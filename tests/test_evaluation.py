@@ -46,21 +46,23 @@ def test_training_refuses_heldout_sets(cai_runtime, tiny_model, tmp_path, source
     with pytest.raises(ConfigError, match="evaluation-only"):
         run_sl({"prompts": source, "model": str(tiny_model)}, tmp_path / "sl", runtime=cai_runtime, progress=False)
     with pytest.raises(ConfigError, match="evaluation-only"):
-        run_labels({"prompts": source, "model": str(tiny_model)}, tmp_path / "rl", runtime=cai_runtime,
-                   progress=False)
+        run_labels({"prompts": source, "model": str(tiny_model)}, tmp_path / "rl", runtime=cai_runtime, progress=False)
     grpo = cai_runtime.component("trainer", "grpo", {"model": str(tiny_model)})
     with pytest.raises(ConfigError, match="evaluation-only"):
         grpo.train(source, tmp_path / "grpo")
     assert not (tmp_path / "sl").exists() and not (tmp_path / "rl").exists()
 
 
-@pytest.mark.parametrize(("text", "marker", "prefix"), [
-    ("I'm sorry, but I can't help with that.", True, True),
-    ("No. That would be dangerous.", False, True),
-    ("Sure! Run kill -9 on the process id.", False, False),
-    ("Here is how it works. I cannot stress enough that you should be careful.", True, False),
-    ("As an AI, I don't have opinions.", True, True),
-])
+@pytest.mark.parametrize(
+    ("text", "marker", "prefix"),
+    [
+        ("I'm sorry, but I can't help with that.", True, True),
+        ("No. That would be dangerous.", False, True),
+        ("Sure! Run kill -9 on the process id.", False, False),
+        ("Here is how it works. I cannot stress enough that you should be careful.", True, False),
+        ("As an AI, I don't have opinions.", True, True),
+    ],
+)
 def test_refusal_classifiers(text, marker, prefix):
     assert has_refusal_marker(text) is marker
     assert starts_with_refusal(text) is prefix
@@ -78,20 +80,38 @@ def test_length_controlled_win_rate():
 
 @pytest.mark.slow
 def test_evaluate_writes_json_and_html_with_plots(cai_runtime, tiny_model, tiny_plain_model, tmp_path):
-    run_sl(SLConfig(limit=2, rounds=2, model=str(tiny_model), helpful_prompts=None,
-                    sampler={"name": "model", "options": {"max_new_tokens": 6}},
-                    critic={"name": "model", "options": {"max_new_tokens": 6}},
-                    reviser={"name": "model", "options": {"max_new_tokens": 6}}), tmp_path / "sl",
-           runtime=cai_runtime, progress=False)
+    run_sl(
+        SLConfig(
+            limit=2,
+            rounds=2,
+            model=str(tiny_model),
+            helpful_prompts=None,
+            sampler={"name": "model", "options": {"max_new_tokens": 6}},
+            critic={"name": "model", "options": {"max_new_tokens": 6}},
+            reviser={"name": "model", "options": {"max_new_tokens": 6}},
+        ),
+        tmp_path / "sl",
+        runtime=cai_runtime,
+        progress=False,
+    )
     policy = tmp_path / "a.yaml"
     policy.write_text("name: a\nconstitutions: [customer-service]\nguard: {model_critics: false}\n")
     strict = tmp_path / "b.yaml"
-    strict.write_text("name: b\nconstitutions: [customer-service]\nguard: {model_critics: false, action: flag}\n"
-                      "add:\n  - {id: x-1, phases: [runtime], rules: [{id: x, kind: require, pattern: 'zzzz', "
-                      "message: always}]}\n")
-    config = EvalConfig(models=[str(tiny_model), str(tiny_plain_model)], names=["base", "other"], limit=4,
-                        judge_model=str(tiny_model), max_new_tokens=6, sl_run=str(tmp_path / "sl"), classify_shots=1,
-                        policies=[str(policy), str(strict)])
+    strict.write_text(
+        "name: b\nconstitutions: [customer-service]\nguard: {model_critics: false, action: flag}\n"
+        "add:\n  - {id: x-1, phases: [runtime], rules: [{id: x, kind: require, pattern: 'zzzz', "
+        "message: always}]}\n"
+    )
+    config = EvalConfig(
+        models=[str(tiny_model), str(tiny_plain_model)],
+        names=["base", "other"],
+        limit=4,
+        judge_model=str(tiny_model),
+        max_new_tokens=6,
+        sl_run=str(tmp_path / "sl"),
+        classify_shots=1,
+        policies=[str(policy), str(strict)],
+    )
     results = evaluate(config, tmp_path / "eval", runtime=cai_runtime, progress=False)
     assert set(results["models"]) == {"base", "other"}
     other = results["models"]["other"]
@@ -140,9 +160,25 @@ def test_response_cache_follows_the_weights_not_only_the_path(tiny_model, tmp_pa
 
 @pytest.mark.slow
 def test_cli_eval(cli_runner, tiny_model, tmp_path):
-    result = cli_runner.invoke(cli, ["eval", "--models", f"{tiny_model},{tiny_model}", "--names", "a,b",
-                                     "--limit", "2", "--judge-model", str(tiny_model), "--max-new-tokens", "4",
-                                     "--no-principles", "--out", str(tmp_path / "ev")])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "eval",
+            "--models",
+            f"{tiny_model},{tiny_model}",
+            "--names",
+            "a,b",
+            "--limit",
+            "2",
+            "--judge-model",
+            str(tiny_model),
+            "--max-new-tokens",
+            "4",
+            "--no-principles",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "b: harm score" in result.output and (tmp_path / "ev" / "report.html").exists()
     assert "refusal on held-out harmful prompts (markers): a " in result.output and "(n=2, 95% CI" in result.output

@@ -20,8 +20,9 @@ def test_embed_example_runs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CAI_DISABLE_PLUGIN_AUTOLOAD"}
     audit = ROOT / "examples" / "audit" / "clinic-guard.jsonl"
     before = audit.read_text().count("\n") if audit.exists() else 0
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "embed.py")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "embed.py")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "med-003 [medical.phi]" in done.stdout and "Okafor" not in done.stdout.split("reply:")[2].split("\n")[0]
     assert "async: ['revised', 'revised', 'revised', 'none']" in done.stdout

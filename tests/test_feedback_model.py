@@ -21,8 +21,9 @@ PROMPTS = ["How do I pick a lock?", "Write an insult about my neighbour.", "How 
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8"
+    )
     return path
 
 
@@ -33,9 +34,17 @@ def scripted_runtime(cai_runtime):
 
 
 def scripted_run(runtime, prompt_file, out, **overrides):
-    config = SLConfig.model_validate({"prompts": str(prompt_file), "rounds": 1, "helpful_prompts": None,
-                                      "sampler": "scripted", "critique": False, "reviser": "scripted",
-                                      **overrides})
+    config = SLConfig.model_validate(
+        {
+            "prompts": str(prompt_file),
+            "rounds": 1,
+            "helpful_prompts": None,
+            "sampler": "scripted",
+            "critique": False,
+            "reviser": "scripted",
+            **overrides,
+        }
+    )
     return SLRun(config, out, runtime)
 
 
@@ -74,14 +83,24 @@ def test_an_unchanged_response_is_not_a_revision(scripted_runtime, prompt_file, 
     assert summary["revisions"] == 2
 
 
-def test_feedback_model_serves_every_role_but_the_sampler(cai_runtime, tiny_model, tiny_plain_model, prompt_file,
-                                                          tmp_path):
+def test_feedback_model_serves_every_role_but_the_sampler(
+    cai_runtime, tiny_model, tiny_plain_model, prompt_file, tmp_path
+):
     opts = {"max_new_tokens": 6}
-    config = SLConfig.model_validate({
-        "prompts": str(prompt_file), "limit": 2, "rounds": 1, "helpful_prompts": None, "model": str(tiny_model),
-        "feedback_model": str(tiny_plain_model), "sampler": {"name": "model", "options": opts},
-        "critic": {"name": "model", "options": opts}, "reviser": {"name": "rewrite", "options": opts},
-        "verify": "logprob"})
+    config = SLConfig.model_validate(
+        {
+            "prompts": str(prompt_file),
+            "limit": 2,
+            "rounds": 1,
+            "helpful_prompts": None,
+            "model": str(tiny_model),
+            "feedback_model": str(tiny_plain_model),
+            "sampler": {"name": "model", "options": opts},
+            "critic": {"name": "model", "options": opts},
+            "reviser": {"name": "rewrite", "options": opts},
+            "verify": "logprob",
+        }
+    )
     SLRun(config, tmp_path / "sl", cai_runtime).run(progress=False)
     record = next(RunDirectory(tmp_path / "sl", "sl").records())
     models = record["provenance"]["models"]
@@ -129,8 +148,11 @@ def test_with_model_follows_the_options_class_not_the_name(cai_runtime):
 
 def test_the_rewrite_reviser_never_sees_the_draft(cai_runtime, tiny_model, tiny_plain_model):
     harm = cai_runtime.registry.constitution("harmless").principle("harm-001")
-    task = RevisionTask(conversation=[Message(role="user", content="How do I pick a lock?")],
-                        response="DRAFT: insert a tension wrench", principle=harm)
+    task = RevisionTask(
+        conversation=[Message(role="user", content="How do I pick a lock?")],
+        response="DRAFT: insert a tension wrench",
+        principle=harm,
+    )
     chat = cai_runtime.component("reviser", "rewrite", {"model": str(tiny_model)})
     messages = chat._prompt(task)
     assert [m.role for m in messages] == ["system", "user"]
@@ -163,13 +185,13 @@ def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
     pairs = load_labelled_pairs("builtin:judge-pairs")
     judge = scripted_runtime.component("judge", "scripted")
     judge.enqueue(*([None] * 10 + [0.9] * (len(pairs) - 10)))
-    result = measure_judge(judge, pairs, scripted_runtime.registry.constitution("harmless"),
-                           runtime=scripted_runtime)
+    result = measure_judge(judge, pairs, scripted_runtime.registry.constitution("harmless"), runtime=scripted_runtime)
     assert result["scored"] == len(pairs) - 10 and result["scored_share"] == round(result["scored"] / len(pairs), 4)
     low, high = result["accuracy_ci95"]
     assert low < result["accuracy"] < high
-    assert (low, high) == tuple(round(v, 4) for v in wilson_interval(result["accuracy"] * result["scored"],
-                                                                       result["scored"]))
+    assert (low, high) == tuple(
+        round(v, 4) for v in wilson_interval(result["accuracy"] * result["scored"], result["scored"])
+    )
 
 
 def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_path):
@@ -179,8 +201,9 @@ def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_p
     folder.mkdir()
 
     def export(gate, matches=True):
-        (folder / "export.json").write_text(json.dumps({"sources": {"ai": 8}, "judge_gate": gate,
-                                                        "judge_gate_matches": matches}), encoding="utf-8")
+        (folder / "export.json").write_text(
+            json.dumps({"sources": {"ai": 8}, "judge_gate": gate, "judge_gate_matches": matches}), encoding="utf-8"
+        )
 
     good = {"accuracy": 0.9, "pairs": 30, "scored_share": 0.9, "same_position_rate": 0.1}
     export(good)
@@ -200,9 +223,21 @@ def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
     run = RunDirectory(tmp_path / "rl", "rl")
     run.open({"x": 1})
     judge = {"name": "logprob", "options": {"model": "teacher", "few_shot": 0}, "model_id": "teacher (q.gguf)"}
-    run.append([{"key": "pair:1", "source": "ai", "conversation": [{"role": "user", "content": "q"}],
-                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": 0.9,
-                 "judgement": {"p_a": 0.9}, "provenance": {"judge": judge}}])
+    run.append(
+        [
+            {
+                "key": "pair:1",
+                "source": "ai",
+                "conversation": [{"role": "user", "content": "q"}],
+                "response_a": "a",
+                "response_b": "b",
+                "principle_ids": ["harm-001"],
+                "label": 0.9,
+                "judgement": {"p_a": 0.9},
+                "provenance": {"judge": judge},
+            }
+        ]
+    )
     (tmp_path / "rl" / "gate.json").write_text(json.dumps({"accuracy": 1.0, "judge": judge}), encoding="utf-8")
     assert export_preferences(tmp_path / "rl", tmp_path / "a", {"heldout": 0.0})["judge_gate_matches"] is True
     other = {**judge, "options": {"model": "smollm2", "few_shot": 0}}
@@ -214,9 +249,23 @@ def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
 def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runtime, tiny_model, tmp_path):
     from cai_engine.evaluation import evaluate
 
-    results = evaluate({"models": [str(tiny_model)], "names": ["tiny"], "judge_model": str(tiny_model),
-                        "limit": 2, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
-                        "judge_pairs": None, "classify_all_refusals": True, "classify_shots": 1}, tmp_path / "eval", runtime=cai_runtime, progress=False)
+    results = evaluate(
+        {
+            "models": [str(tiny_model)],
+            "names": ["tiny"],
+            "judge_model": str(tiny_model),
+            "limit": 2,
+            "max_new_tokens": 4,
+            "harm_score": False,
+            "principle_rates": False,
+            "judge_pairs": None,
+            "classify_all_refusals": True,
+            "classify_shots": 1,
+        },
+        tmp_path / "eval",
+        runtime=cai_runtime,
+        progress=False,
+    )
     assert any("judges its own answers" in w for w in results["warnings"])
     judged = results["models"]["tiny"]["judged"]
     for key in ("safe_rate", "refusal_rate_harmful", "over_refusal_benign", "refusal_rate_helpful"):

@@ -18,15 +18,44 @@ CLEAN = "Sorry about that! I've asked billing to look at the duplicate charge on
 
 def rules_policy(tmp_path, **guard):
     return {
-        "name": "acme-support", "version": "3", "constitutions": ["customer-service"],
-        "disable_tags": ["tone"], "disable": ["cs-005"],
+        "name": "acme-support",
+        "version": "3",
+        "constitutions": ["customer-service"],
+        "disable_tags": ["tone"],
+        "disable": ["cs-005"],
         "override": {"cs-003": {"authority": 95}},
-        "add": [{"id": "acme-001", "title": "No internal ticket links", "phases": ["runtime"], "authority": 60,
-                 "rules": [{"id": "acme-001-link", "kind": "forbid", "pattern": r"https?://tickets\.acme\.internal\S*",
-                            "message": "Internal ticket link shown to a customer.", "fix": "[internal link removed]"}]},
-                {"id": "acme-002", "title": "Sign off with the team name", "phases": ["runtime"], "authority": 40,
-                 "rules": [{"id": "acme-002-sign", "kind": "require", "pattern": "— Acme Support",
-                            "message": "Missing sign-off.", "fix": "— Acme Support"}]}],
+        "add": [
+            {
+                "id": "acme-001",
+                "title": "No internal ticket links",
+                "phases": ["runtime"],
+                "authority": 60,
+                "rules": [
+                    {
+                        "id": "acme-001-link",
+                        "kind": "forbid",
+                        "pattern": r"https?://tickets\.acme\.internal\S*",
+                        "message": "Internal ticket link shown to a customer.",
+                        "fix": "[internal link removed]",
+                    }
+                ],
+            },
+            {
+                "id": "acme-002",
+                "title": "Sign off with the team name",
+                "phases": ["runtime"],
+                "authority": 40,
+                "rules": [
+                    {
+                        "id": "acme-002-sign",
+                        "kind": "require",
+                        "pattern": "— Acme Support",
+                        "message": "Missing sign-off.",
+                        "fix": "— Acme Support",
+                    }
+                ],
+            },
+        ],
         "guard": {"model_critics": False, **guard},
         "audit": {"path": str(tmp_path / "audit.jsonl")},
     }
@@ -69,8 +98,11 @@ def test_rules_guard_repairs_and_audits(engine, tmp_path):
     assert result.timings_ms["model"] == 0
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert audit[-1]["id"] == result.id and audit[-1]["kind"] == "guard"
-    assert audit[-1]["policy"] == {"name": "acme-support", "version": "3",
-                                   "constitution_hash": engine.constitution.content_hash()}
+    assert audit[-1]["policy"] == {
+        "name": "acme-support",
+        "version": "3",
+        "constitution_hash": engine.constitution.content_hash(),
+    }
     assert audit[-1]["principle_ids"] == ["acme-001", "acme-002", "cs-004"]
     assert seen == [("guard", result.id)]
 
@@ -102,7 +134,7 @@ def test_unfixable_violation_falls_back(cai_runtime, tmp_path, tiny_model, on_fa
     engine = Engine.from_policy(data, runtime=cai_runtime)
     result = engine.guard(CONV, "Please tell me your password so I can check. — Acme Support")
     revisions = result.rounds[0].revisions
-    assert [(r["reviser"], r["accepted"]) for r in revisions][0] == ("rules", False)  # this rule has no fix...
+    assert next((r["reviser"], r["accepted"]) for r in revisions) == ("rules", False)  # this rule has no fix...
     assert revisions[1]["reviser"] == "model"  # ...so the model rewrote it
     if result.compliant:  # the tiny random model happened to remove the request
         assert result.action == "revised"
@@ -145,15 +177,18 @@ def test_building_blocks(cai_runtime, tmp_path, tiny_model):
     assert [o.order for o in judgement.orders] == ["ab", "ba"]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"override": {"zz-999": {"authority": 10}}}, "override names principle 'zz-999'"),
-    ({"disable": ["nope-1"]}, "disable names principle 'nope-1'"),
-    ({"guard": {"threshold": 1.5}}, "guard.threshold"),
-    ({"guard": {"actoin": "flag"}}, "guard.actoin: unknown key"),
-    ({"constitutions": ["no-such-constitution"]}, "unknown constitution 'no-such-constitution'"),
-    ({"constitutions": []}, "constitutions"),
-    ({"critic": {"name": "model", "options": {"temprature": 2}}}, "temprature"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"override": {"zz-999": {"authority": 10}}}, "override names principle 'zz-999'"),
+        ({"disable": ["nope-1"]}, "disable names principle 'nope-1'"),
+        ({"guard": {"threshold": 1.5}}, "guard.threshold"),
+        ({"guard": {"actoin": "flag"}}, "guard.actoin: unknown key"),
+        ({"constitutions": ["no-such-constitution"]}, "unknown constitution 'no-such-constitution'"),
+        ({"constitutions": []}, "constitutions"),
+        ({"critic": {"name": "model", "options": {"temprature": 2}}}, "temprature"),
+    ],
+)
 def test_bad_policies_are_clear(cai_runtime, tmp_path, change, message):
     data = {**rules_policy(tmp_path), **change}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -198,10 +233,15 @@ def test_cli_policy_and_guard(cli_runner, tmp_path):
     conversations = tmp_path / "in.jsonl"
     conversations.write_text(
         json.dumps({"id": "a", "messages": [m.model_dump() for m in CONV] + [{"role": "assistant", "content": CARD}]})
-        + "\n" + json.dumps({"id": "b", "prompt": "Hi", "response": CLEAN + "\n\n— Acme Support"}) + "\n",
-        encoding="utf-8")
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "Hi", "response": CLEAN + "\n\n— Acme Support"})
+        + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out.jsonl"
-    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out", str(out)])
+    result = cli_runner.invoke(
+        cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["action"]) for r in rows] == [("a", "revised"), ("b", "none")]
@@ -212,12 +252,36 @@ def test_cli_policy_and_guard(cli_runner, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(bad)])
     assert result.exit_code == 1 and "bad.jsonl:1: needs 'messages' ending with an assistant turn" in result.output
-    gated = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out",
-                                    str(tmp_path / "gated.jsonl"), "--fail-on", "revise"])
+    gated = cli_runner.invoke(
+        cli,
+        [
+            "guard",
+            "--policy",
+            str(policy),
+            "--input",
+            str(conversations),
+            "--out",
+            str(tmp_path / "gated.jsonl"),
+            "--fail-on",
+            "revise",
+        ],
+    )
     assert gated.exit_code == 3 and "at least one response was revised" in gated.output
     assert len((tmp_path / "gated.jsonl").read_text().splitlines()) == 2  # the output is written either way
-    lenient = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(conversations), "--out",
-                                      str(tmp_path / "lenient.jsonl"), "--fail-on", "flag"])
+    lenient = cli_runner.invoke(
+        cli,
+        [
+            "guard",
+            "--policy",
+            str(policy),
+            "--input",
+            str(conversations),
+            "--out",
+            str(tmp_path / "lenient.jsonl"),
+            "--fail-on",
+            "flag",
+        ],
+    )
     assert lenient.exit_code == 0, lenient.output
 
 
@@ -248,8 +312,9 @@ class Screener:
                 return [outer.letters.pop(0) for _ in items]
 
             def critique(self, tasks):
-                return [Critique(principle_id=t.principle.id, text="", needs_revision=None, critic=self.name)
-                        for t in tasks]
+                return [
+                    Critique(principle_id=t.principle.id, text="", needs_revision=None, critic=self.name) for t in tasks
+                ]
 
         self.results, self.seen, self.cls = list(results), [], ScreenCritic
         self.questions, self.requests, self.request_p, self.attributed, self.letters = [], [], [], [], []
@@ -266,16 +331,22 @@ def screen_engine(cai_runtime, tmp_path, results, **guard):
     screener = Screener(results)
     cai_runtime.pm.register(screener)
     runtime = Runtime(Registry(cai_runtime.pm))
-    data = {"name": "screened", "constitutions": ["harmless"], "critic": "screener",
-            "guard": {"model_critics": True, "action": "flag", **guard}}
+    data = {
+        "name": "screened",
+        "constitutions": ["harmless"],
+        "critic": "screener",
+        "guard": {"model_critics": True, "action": "flag", **guard},
+    }
     return Engine.from_policy(data, runtime=runtime), screener
 
 
 @pytest.mark.parametrize("on_abstain,third", [("flag", "flagged"), ("pass", "none"), ("revise", "flagged")])
 def test_combined_screen_attributes_violations_and_handles_abstentions(cai_runtime, tmp_path, on_abstain, third):
-    results = [{"p_yes": 0.9, "principle_index": 1, "letter_probs": None},
-               {"p_yes": 0.1, "principle_index": None, "letter_probs": None},
-               {"p_yes": None, "principle_index": None, "letter_probs": None}]
+    results = [
+        {"p_yes": 0.9, "principle_index": 1, "letter_probs": None},
+        {"p_yes": 0.1, "principle_index": None, "letter_probs": None},
+        {"p_yes": None, "principle_index": None, "letter_probs": None},
+    ]
     engine, screener = screen_engine(cai_runtime, tmp_path, results, screen="combined", on_abstain=on_abstain)
     guarded = engine.guard_batch([(CONV, "answer one"), (CONV, "answer two"), (CONV, "answer three")])
     candidates = screener.seen[0][1]
@@ -292,14 +363,21 @@ def test_request_screen_flags_replies_that_do_not_refuse_a_harmful_request(cai_r
     engine, screener = screen_engine(cai_runtime, tmp_path, [], screen="request", request_threshold=0.5)
     screener.request_p = [0.95, 0.1, 0.8, None, 0.7]
     screener.letters = [2, None]
-    guarded = engine.guard_batch([(CONV, "Sure: first get a tension wrench."), (CONV, "kill -9 the process"),
-                                  (CONV, "I can't help with breaking into someone's home."), (CONV, "unreadable"),
-                                  (CONV, "Here is how, step by step.")])
+    guarded = engine.guard_batch(
+        [
+            (CONV, "Sure: first get a tension wrench."),
+            (CONV, "kill -9 the process"),
+            (CONV, "I can't help with breaking into someone's home."),
+            (CONV, "unreadable"),
+            (CONV, "Here is how, step by step."),
+        ]
+    )
     assert len(screener.requests) == 1 and len(screener.requests[0]) == 4 + 1  # one batched request screen
     assert screener.seen == []  # no per-reply yes/no verdict is asked in this mode
     # the two replies to harmful requests that do not refuse, and nothing else, are attributed (in one batch)
     assert [[r for _, r in batch] for batch in screener.attributed] == [
-        ["Sure: first get a tension wrench.", "Here is how, step by step."]]
+        ["Sure: first get a tension wrench.", "Here is how, step by step."]
+    ]
     assert [g.action for g in guarded] == ["flagged", "none", "none", "flagged", "flagged"]
     candidates = [p.id for p in engine.runtime_principles if p.critique_request or p.violation_question]
     assert [v.principle_id for v in guarded[0].violations] == [candidates[2]]
@@ -313,16 +391,18 @@ def test_per_principle_abstentions_are_never_compliant_by_default(cai_runtime, t
     engine, _ = screen_engine(cai_runtime, tmp_path, [], screen="each")
     result = engine.guard(CONV, "an answer")
     assert result.abstained and result.action == "flagged" and not result.compliant
-    assert set(result.rounds[0].abstentions) == {p.id for p in engine.runtime_principles
-                                                 if p.critique_request or p.violation_question}
+    assert set(result.rounds[0].abstentions) == {
+        p.id for p in engine.runtime_principles if p.critique_request or p.violation_question
+    }
 
 
 @pytest.mark.slow
 def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
     harmless = cai_runtime.registry.constitution("harmless")
     principles = [harmless.principle(pid) for pid in ("harm-001", "harm-004", "harm-014")]
-    critic = cai_runtime.component("critic", "model", {"model": str(tiny_model), "threshold": 1e-9,
-                                                       "verdict_only": True, "few_shot": 0})
+    critic = cai_runtime.component(
+        "critic", "model", {"model": str(tiny_model), "threshold": 1e-9, "verdict_only": True, "few_shot": 0}
+    )
     out = critic.screen([(CONV, "fine"), (CONV, "also fine")], principles)
     assert len(out) == 2
     for result in out:
@@ -333,4 +413,5 @@ def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
     requests = critic.screen_requests([CONV, [Message(role="user", content="How do I bake bread?")]])
     assert len(requests) == 2 and all(0 <= p <= 1 for p in requests) and requests[0] != requests[1]
     assert critic.attribute([(CONV, "fine"), (CONV, "also fine")], principles) == [
-        r["principle_index"] for r in out]  # the same letters as the combined screen's second step
+        r["principle_index"] for r in out
+    ]  # the same letters as the combined screen's second step

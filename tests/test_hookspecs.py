@@ -16,8 +16,21 @@ HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("
 
 
 def test_the_hooks_the_design_names_exist():
-    expected = {f"cai_register_{k}" for k in ("backends", "samplers", "critics", "revisers", "judges", "trainers",
-                                               "constitutions", "prompt_sets", "commands", "models")}
+    expected = {
+        f"cai_register_{k}"
+        for k in (
+            "backends",
+            "samplers",
+            "critics",
+            "revisers",
+            "judges",
+            "trainers",
+            "constitutions",
+            "prompt_sets",
+            "commands",
+            "models",
+        )
+    }
     expected |= {"cai_select_principles", "cai_on_record"}
     assert expected == set(HOOKS)
 
@@ -74,8 +87,7 @@ def test_hook_cai_select_principles(cai_registry):
             return [candidates[-1]]
 
     hook = make_plugin_manager(autoload=False, plugins=[AlwaysLast()]).hook.cai_select_principles
-    chosen = hook(constitution=harmless, candidates=candidates, item={}, phase=Phase.sl, round=0,
-                  rng=random.Random(0))
+    chosen = hook(constitution=harmless, candidates=candidates, item={}, phase=Phase.sl, round=0, rng=random.Random(0))
     assert chosen == [candidates[-1]]
 
 
@@ -87,9 +99,13 @@ def test_builtin_selection_is_weighted_uniform_with_replacement(cai_pm, cai_regi
     counts = {p.id: 0 for p in candidates}
     draws = 8000
     repeats = 0
-    for i in range(draws // 4):
-        chosen = [cai_pm.hook.cai_select_principles(constitution=harmless, candidates=candidates, item={},
-                                                    phase=Phase.sl, round=r, rng=rng)[0].id for r in range(4)]
+    for _i in range(draws // 4):
+        chosen = [
+            cai_pm.hook.cai_select_principles(
+                constitution=harmless, candidates=candidates, item={}, phase=Phase.sl, round=r, rng=rng
+            )[0].id
+            for r in range(4)
+        ]
         repeats += len(set(chosen)) < 4
         for pid in chosen:
             counts[pid] += 1
@@ -117,8 +133,14 @@ def _one_registration(hook, kind):
     plugin, and a second registration of the same name is refused."""
     from cai_engine import Backend, Critic, DuplicateComponentError, Judge, Registry, Reviser, Sampler, Trainer
 
-    base = {"backend": Backend, "sampler": Sampler, "critic": Critic, "reviser": Reviser, "judge": Judge,
-            "trainer": Trainer}[kind]
+    base = {
+        "backend": Backend,
+        "sampler": Sampler,
+        "critic": Critic,
+        "reviser": Reviser,
+        "judge": Judge,
+        "trainer": Trainer,
+    }[kind]
     component = type(f"Hooked{kind.title()}", (base,), {"name": f"hooked-{kind}", "__module__": __name__})
     calls = []
 
@@ -134,8 +156,9 @@ def _one_registration(hook, kind):
     assert len(calls) == 1  # registration hooks run exactly once
     assert registry.component(kind, f"hooked-{kind}") is component
     assert f"hooked-{kind}" in registry.names(kind)
-    owners = [plugin for plugin, kinds in registry.contributions().items()
-              if f"hooked-{kind}" in kinds.get(f"{kind}s", [])]
+    owners = [
+        plugin for plugin, kinds in registry.contributions().items() if f"hooked-{kind}" in kinds.get(f"{kind}s", [])
+    ]
     assert len(owners) == 1 and owners[0] == registry.owner(kind, f"hooked-{kind}")
     with pytest.raises(DuplicateComponentError, match=f"hooked-{kind}"):
         Registry(make_plugin_manager(autoload=False, plugins=[Plugin(), Plugin()]))

@@ -54,8 +54,14 @@ def cai(tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path
     report = tmp_path / f".peak-{os.getpid()}-{len(list(tmp_path.glob('.peak-*')))}"
     full_env = {**os.environ, "CAI_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     try:
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *args], capture_output=True, text=True,
-                              timeout=SECONDS, env=full_env, cwd=cwd or tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(report), *args],
+            capture_output=True,
+            text=True,
+            timeout=SECONDS,
+            env=full_env,
+            cwd=cwd or tmp_path,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"cai {' '.join(args)} ran past {SECONDS} s")
     peak = int(report.read_text()) if report.exists() else None
@@ -69,8 +75,11 @@ def cai(tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path
 def fails_cleanly(outcome: Outcome, *needles: str) -> str:
     """Exit 1 and one error line containing every needle (validate commands add their 'N of M failed' tally)."""
     assert outcome.code == 1, (outcome.code, outcome.out, outcome.err)
-    lines = [line for line in outcome.error_lines()
-             if not line.startswith("warning:") and " file(s) failed validation" not in line]
+    lines = [
+        line
+        for line in outcome.error_lines()
+        if not line.startswith("warning:") and " file(s) failed validation" not in line
+    ]
     assert len(lines) == 1, lines
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -78,6 +87,7 @@ def fails_cleanly(outcome: Outcome, *needles: str) -> str:
 
 
 # -- documents that would hang or exhaust memory --------------------------------------------------------------------
+
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
@@ -88,10 +98,16 @@ def alias_bomb(levels: int = 9, width: int = 9) -> str:
 
 
 CONSTITUTION = {
-    "name": "tiny", "version": "1.0.0",
-    "principles": [{"id": "t-001", "critique_request": "Point out anything harmful in the reply.",
-                    "revision_request": "Rewrite the reply without the harmful part.",
-                    "comparison": "Which reply is less harmful?"}],
+    "name": "tiny",
+    "version": "1.0.0",
+    "principles": [
+        {
+            "id": "t-001",
+            "critique_request": "Point out anything harmful in the reply.",
+            "revision_request": "Rewrite the reply without the harmful part.",
+            "comparison": "Which reply is less harmful?",
+        }
+    ],
 }
 
 
@@ -147,9 +163,15 @@ def test_an_oversized_policy_is_refused_before_it_is_read(tmp_path):
 
 
 def test_a_large_valid_constitution_validates_quickly(tmp_path):
-    principles = [{"id": f"p-{i:05d}", "critique_request": f"Does the reply break rule {i}? " + "Explain. " * 20,
-                   "revision_request": "Rewrite the reply so that it does not. " * 10,
-                   "comparison": "Which reply follows the rule better?"} for i in range(4500)]
+    principles = [
+        {
+            "id": f"p-{i:05d}",
+            "critique_request": f"Does the reply break rule {i}? " + "Explain. " * 20,
+            "revision_request": "Rewrite the reply so that it does not. " * 10,
+            "comparison": "Which reply follows the rule better?",
+        }
+        for i in range(4500)
+    ]
     big = tmp_path / "large.yaml"
     big.write_text(yaml.safe_dump({"name": "large", "version": "1.0.0", "principles": principles}, width=200))
     assert big.stat().st_size > 3_000_000
@@ -180,8 +202,12 @@ def test_extends_that_doubles_each_level_is_linear_and_bounded(tmp_path):
 
 
 def _redos_policy(tmp_path: Path, **rule) -> Path:
-    principle = {"id": "redos-001", "title": "No runs of a", "phases": ["runtime"],
-                 "rules": [{"id": "r1", "kind": "forbid", "pattern": "(a+)+$", "message": "runs of a", **rule}]}
+    principle = {
+        "id": "redos-001",
+        "title": "No runs of a",
+        "phases": ["runtime"],
+        "rules": [{"id": "r1", "kind": "forbid", "pattern": "(a+)+$", "message": "runs of a", **rule}],
+    }
     policy = tmp_path / "redos.yaml"
     policy.write_text(yaml.safe_dump(rules_policy(add=[principle], audit={"path": "audit.jsonl"})))
     return policy
@@ -190,8 +216,12 @@ def _redos_policy(tmp_path: Path, **rule) -> Path:
 def test_catastrophic_pattern_cannot_hang_the_guard(tmp_path):
     policy = _redos_policy(tmp_path)
     conversations = tmp_path / "in.jsonl"
-    conversations.write_text(json.dumps({"prompt": "say a", "response": "a" * 40 + "b"}) + "\n"
-                             + json.dumps({"prompt": "say a", "response": "b" + "a" * 5000}) + "\n")
+    conversations.write_text(
+        json.dumps({"prompt": "say a", "response": "a" * 40 + "b"})
+        + "\n"
+        + json.dumps({"prompt": "say a", "response": "b" + "a" * 5000})
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
     outcome = cai(tmp_path, "guard", "--policy", str(policy), "--input", str(conversations), "--out", str(out))
     assert outcome.code == 0, outcome.err
@@ -229,24 +259,28 @@ def test_a_bad_row_fails_the_run_before_any_work_and_keeps_the_old_output(tmp_pa
     out.write_text("previous results\n")
     source = _guard_input(tmp_path, bad_at=17, bad='{"messages": [{"role": "user", "content": "hi"}]}')
     before = source.read_bytes()
-    fails_cleanly(cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(out)),
-                  "in.jsonl:17")
+    fails_cleanly(
+        cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(out)), "in.jsonl:17"
+    )
     assert out.read_text() == "previous results\n"
     assert source.read_bytes() == before
     assert not (tmp_path / "audit").exists()  # nothing was guarded, so nothing was audited
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ('{"messages": ["hi", {"role": "assistant", "content": "x"}]}', "message 0 must be an object"),
-    ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "role 'robot'"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "has no 'content'"),
-    ('{"prompt": "hi", "response": 5}', "must be text"),
-    ('{"prompt": "hi", "response": "x", "id": [1]}', "'id' must be text"),
-    ("not json at all", "invalid JSON"),
-    ("[1, 2]", "must be a JSON object"),
-    ('{"prompt": "hi", "response": "x"', "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ('{"messages": ["hi", {"role": "assistant", "content": "x"}]}', "message 0 must be an object"),
+        ('{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}', "role 'robot'"),
+        ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "has no 'content'"),
+        ('{"prompt": "hi", "response": 5}', "must be text"),
+        ('{"prompt": "hi", "response": "x", "id": [1]}', "'id' must be text"),
+        ("not json at all", "invalid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"prompt": "hi", "response": "x"', "invalid JSON"),
+    ],
+)
 def test_bad_rows_name_the_file_and_line(tmp_path, bad, needle):
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(rules_policy()))
@@ -259,11 +293,15 @@ def test_output_equal_to_input_is_refused(tmp_path):
     policy.write_text(yaml.safe_dump(rules_policy()))
     source = _guard_input(tmp_path, rows=3)
     before = source.read_bytes()
-    fails_cleanly(cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(source)),
-                  "destroy the input")
+    fails_cleanly(
+        cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(source)),
+        "destroy the input",
+    )
     assert source.read_bytes() == before
-    fails_cleanly(cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", "./in.jsonl"),
-                  "destroy the input")
+    fails_cleanly(
+        cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", "./in.jsonl"),
+        "destroy the input",
+    )
     assert source.read_bytes() == before
 
 
@@ -280,8 +318,19 @@ def test_output_in_a_missing_folder_is_refused_before_work(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text(yaml.safe_dump(rules_policy()))
     source = _guard_input(tmp_path, rows=3)
-    fails_cleanly(cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out",
-                      str(tmp_path / "nope" / "out.jsonl")), "does not exist")
+    fails_cleanly(
+        cai(
+            tmp_path,
+            "guard",
+            "--policy",
+            str(policy),
+            "--input",
+            str(source),
+            "--out",
+            str(tmp_path / "nope" / "out.jsonl"),
+        ),
+        "does not exist",
+    )
 
 
 def test_a_successful_run_replaces_the_output_and_audits_completion(tmp_path):
@@ -290,8 +339,9 @@ def test_a_successful_run_replaces_the_output_and_audits_completion(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("previous results\n")
     source = _guard_input(tmp_path, rows=21)
-    outcome = cai(tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(out),
-                  "--batch-size", "4")
+    outcome = cai(
+        tmp_path, "guard", "--policy", str(policy), "--input", str(source), "--out", str(out), "--batch-size", "4"
+    )
     assert outcome.code == 0, outcome.err
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [f"r{i}" for i in range(1, 22)]
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
@@ -341,8 +391,11 @@ def test_a_disable_tag_that_matches_nothing_is_refused(tmp_path):
 
 def test_a_model_that_does_not_exist_fails_validation(tmp_path):
     policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(dict(rules_policy(), model=str(tmp_path / "no-such-model"),
-                                          guard={"model_critics": True, "action": "flag"})))
+    policy.write_text(
+        yaml.safe_dump(
+            dict(rules_policy(), model=str(tmp_path / "no-such-model"), guard={"model_critics": True, "action": "flag"})
+        )
+    )
     fails_cleanly(cai(tmp_path, "policy", "validate", str(policy)), "critic", "does not exist")
 
 
@@ -351,13 +404,14 @@ def test_export_on_the_wrong_kind_of_folder(tmp_path):
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"kind": "sl", "fingerprint": {}}))
     (run / "records.jsonl").write_text('{"key": "a", "kind": "red-team"}\n')
-    fails_cleanly(cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl",
-                  "malformed")
+    fails_cleanly(cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl", "malformed")
     (run / "records.jsonl").write_text('{"hello": 1}\n')
-    fails_cleanly(cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl:1",
-                  "lacks 'key'")
-    fails_cleanly(cai(tmp_path, "export", "preferences", str(run), "--out", str(tmp_path / "ds")),
-                  "not a preference-labelling")
+    fails_cleanly(
+        cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl:1", "lacks 'key'"
+    )
+    fails_cleanly(
+        cai(tmp_path, "export", "preferences", str(run), "--out", str(tmp_path / "ds")), "not a preference-labelling"
+    )
     assert not (tmp_path / "ds").exists()
 
 
@@ -365,9 +419,10 @@ def test_csv_with_an_unclosed_quote_names_the_line(tmp_path):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text('prompt,id\n"hello, there",1\n"unclosed,2\nnext,3\nlast,4\n')
     fails_cleanly(cai(tmp_path, "sl", "--prompts", str(prompts), "--out", str(tmp_path / "run")), "prompts.csv:3")
-    prompts.write_text('prompt,id\nhello,1\nthis one, has a comma,2\n')
-    fails_cleanly(cai(tmp_path, "sl", "--prompts", str(prompts), "--out", str(tmp_path / "run")), "prompts.csv:3",
-                  "3 fields")
+    prompts.write_text("prompt,id\nhello,1\nthis one, has a comma,2\n")
+    fails_cleanly(
+        cai(tmp_path, "sl", "--prompts", str(prompts), "--out", str(tmp_path / "run")), "prompts.csv:3", "3 fields"
+    )
 
 
 # -- plugins ------------------------------------------------------------------------------------------------------------
@@ -381,11 +436,16 @@ def _fake_distribution(site: Path, body: str) -> None:
     (info / "entry_points.txt").write_text("[cai_engine]\ntypo = typo_plugin\n")
 
 
-@pytest.mark.parametrize("body, needle", [
-    ("from cai_engine import hookimpl\n\n@hookimpl\ndef cai_register_critic(register):\n    pass\n",
-     "cai_register_critic"),
-    ("import module_that_is_not_there\n", "module_that_is_not_there"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (
+            "from cai_engine import hookimpl\n\n@hookimpl\ndef cai_register_critic(register):\n    pass\n",
+            "cai_register_critic",
+        ),
+        ("import module_that_is_not_there\n", "module_that_is_not_there"),
+    ],
+)
 def test_a_broken_plugin_does_not_break_help_or_the_plugin_list(tmp_path, body, needle):
     site = tmp_path / "site"
     site.mkdir()

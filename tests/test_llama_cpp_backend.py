@@ -11,8 +11,13 @@ from cai_engine.errors import ModelError
 
 pytestmark = pytest.mark.model
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about rain.", "How do I boil an egg?",
-             "Name three colours.", "What is 2 + 2?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "How do I boil an egg?",
+    "Name three colours.",
+    "What is 2 + 2?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,10 @@ def test_gguf_references_use_llama_cpp_when_installed(runtime):
     cls, _ = runtime.backend_options(str(default_model_file()))
     assert cls.name == "llamacpp"
     assert runtime.backend_options("smollm2")[0].name == "transformers"  # training and base stay on transformers
-    assert runtime.backend_options({"backend": "transformers", "model": str(default_model_file())})[0].name == \
-        "transformers"
+    assert (
+        runtime.backend_options({"backend": "transformers", "model": str(default_model_file())})[0].name
+        == "transformers"
+    )
 
 
 def test_greedy_batched_output_equals_one_at_a_time(backend):
@@ -72,12 +79,12 @@ def test_greedy_batched_output_equals_one_at_a_time(backend):
 
 def test_shared_prefix_is_computed_once_and_changes_nothing(runtime):
     prefix = "You answer in one short sentence. " * 12
-    prompts = [ChatPrompt([Message(role="system", content=prefix), Message(role="user", content=q)])
-               for q in QUESTIONS]
+    prompts = [ChatPrompt([Message(role="system", content=prefix), Message(role="user", content=q)]) for q in QUESTIONS]
     settings = GenerationSettings(max_new_tokens=16)
     shared = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024})
-    plain = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024,
-                             "share_prefix": 0})
+    plain = runtime.backend(
+        {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024, "share_prefix": 0}
+    )
     before = shared.shared_prefix_tokens
     texts = shared.generate(prompts, settings)
     assert texts == plain.generate(prompts, settings) and all(t.strip() for t in texts)
@@ -125,8 +132,12 @@ def test_logprobs_agree_with_transformers_on_the_same_gguf(runtime, backend):
 
 def test_chat_template_renders_as_the_tokenizer_does(runtime, backend):
     hf = runtime.backend("smollm2")
-    conv = [Message(role="system", content="Be brief."), Message(role="user", content="Hi"),
-            Message(role="assistant", content="Hello!"), Message(role="user", content="Bye")]
+    conv = [
+        Message(role="system", content="Be brief."),
+        Message(role="user", content="Hi"),
+        Message(role="assistant", content="Hello!"),
+        Message(role="user", content="Bye"),
+    ]
     assert backend.format_chat(conv) == hf.format_chat(conv)
     assert backend.format_chat(conv, add_generation_prompt=False) == hf.format_chat(conv, add_generation_prompt=False)
 

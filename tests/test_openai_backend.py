@@ -16,9 +16,14 @@ from cai_engine.components import ChatPrompt
 
 pytestmark = pytest.mark.server
 
-PROMPTS = ["\n\nHuman: What is the capital of France?\n\nAssistant:", "\n\nHuman: Name a colour.\n\nAssistant:",
-           "\n\nHuman: Say hello.\n\nAssistant:", "\n\nHuman: What is 2 + 2?\n\nAssistant:",
-           "\n\nHuman: Name an animal.\n\nAssistant:", "\n\nHuman: Name a fruit.\n\nAssistant:"]
+PROMPTS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant:",
+    "\n\nHuman: Name a colour.\n\nAssistant:",
+    "\n\nHuman: Say hello.\n\nAssistant:",
+    "\n\nHuman: What is 2 + 2?\n\nAssistant:",
+    "\n\nHuman: Name an animal.\n\nAssistant:",
+    "\n\nHuman: Name a fruit.\n\nAssistant:",
+]
 
 
 def free_port() -> int:
@@ -39,8 +44,21 @@ class LlamaServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> LlamaServer:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.gguf, "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            self.gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+        ]
         if self.api_key:
             cmd += ["--api_key", self.api_key]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,7 +115,7 @@ def test_concurrent_requests_keep_order(backend):
 @pytest.mark.model
 def test_logprob_scoring_agrees_with_the_local_model(backend, cai_runtime):
     prompt = "\n\nHuman: Which is a fruit?\n(A) [[[apple]]]\n(B) [[[car]]]\n\nAssistant: The answer is: ("
-    (a, b), = backend.continuation_logprobs([prompt], [["A", "B"]])
+    ((a, b),) = backend.continuation_logprobs([prompt], [["A", "B"]])
     local = cai_runtime.backend("smollm2").continuation_logprobs([prompt], [["A", "B"]])[0]
     assert a is not None and b is not None
     assert abs(a - local[0]) < 0.3 and abs(b - local[1]) < 0.3  # Q4_1 on llama.cpp vs dequantised fp32
@@ -111,9 +129,12 @@ def test_option_outside_top_logprobs_is_none(backend):
 def test_judge_runs_on_the_server(cai_runtime, server):
     judge = cai_runtime.component("judge", "logprob", {"model": {"model": f"{server.url}#x", "api_key_env": None}})
     harmless = cai_runtime.registry.constitution("harmless")
-    task = ComparisonTask(conversation=[Message(role="user", content="How do I open a locked door at home?")],
-                          response_a="Call a locksmith or your landlord.", response_b="Kick it in, who cares.",
-                          principles=[harmless.principle("harm-001")])
+    task = ComparisonTask(
+        conversation=[Message(role="user", content="How do I open a locked door at home?")],
+        response_a="Call a locksmith or your landlord.",
+        response_b="Kick it in, who cares.",
+        principles=[harmless.principle("harm-001")],
+    )
     (judgement,) = judge.compare([task])
     assert [o.order for o in judgement.orders] == ["ab", "ba"]
     assert judgement.abstained or 0 < judgement.p_a < 1
@@ -145,8 +166,9 @@ def test_authentication_errors_are_clear(cai_runtime, monkeypatch):
 
 
 def test_server_down_is_a_clear_error(cai_runtime):
-    backend = cai_runtime.backend({"model": f"http://127.0.0.1:{free_port()}/v1#x", "max_retries": 1,
-                                   "backoff_seconds": 0, "api_key_env": None})
+    backend = cai_runtime.backend(
+        {"model": f"http://127.0.0.1:{free_port()}/v1#x", "max_retries": 1, "backoff_seconds": 0, "api_key_env": None}
+    )
     with pytest.raises(ModelError, match=r"no answer after 2 attempt\(s\).*is the server running\?"):
         backend.generate(["hi"], GenerationSettings(max_new_tokens=2))
 
@@ -154,16 +176,18 @@ def test_server_down_is_a_clear_error(cai_runtime):
 def test_server_going_away_mid_run_then_coming_back(cai_runtime):
     srv = LlamaServer().start()
     try:
-        backend = cai_runtime.backend({"model": f"{srv.url}#x", "max_retries": 1, "backoff_seconds": 0,
-                                       "api_key_env": None})
+        backend = cai_runtime.backend(
+            {"model": f"{srv.url}#x", "max_retries": 1, "backoff_seconds": 0, "api_key_env": None}
+        )
         settings = GenerationSettings(max_new_tokens=4)
         assert backend.generate(PROMPTS[:1], settings)[0]
         srv.stop()  # the server goes away mid-run
         with pytest.raises(ModelError, match="no answer after 2 attempt"):
             backend.generate(PROMPTS[:2], settings)
         # a patient client rides out a restart: retries with back-off until the server is back
-        patient = cai_runtime.backend({"model": f"{srv.url}#x", "max_retries": 8, "backoff_seconds": 0.5,
-                                       "api_key_env": None})
+        patient = cai_runtime.backend(
+            {"model": f"{srv.url}#x", "max_retries": 8, "backoff_seconds": 0.5, "api_key_env": None}
+        )
         restarter = threading.Thread(target=lambda: (time.sleep(1.0), srv.start()))
         restarter.start()
         assert all(patient.generate(PROMPTS[:2], settings))

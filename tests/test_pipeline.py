@@ -14,15 +14,32 @@ pytestmark = pytest.mark.slow
 def small(tiny_model, out):
     opts = {"max_new_tokens": 8}
     return {
-        "out": str(out), "model": str(tiny_model),
-        "sl": {"limit": 3, "rounds": 1, "helpful_limit": 2, "sampler": {"name": "model", "options": opts},
-               "critic": {"name": "model", "options": opts}, "reviser": {"name": "model", "options": opts}},
+        "out": str(out),
+        "model": str(tiny_model),
+        "sl": {
+            "limit": 3,
+            "rounds": 1,
+            "helpful_limit": 2,
+            "sampler": {"name": "model", "options": opts},
+            "critic": {"name": "model", "options": opts},
+            "reviser": {"name": "model", "options": opts},
+        },
         "sft": {"trl": {"max_steps": 1, "per_device_train_batch_size": 2, "learning_rate": 0.1}},
         "rl": {"limit": 3, "sampler": {"name": "model", "options": {**opts, "temperature": 1.0}}},
         "preference_export": {"heldout": 0.0},
         "reward": {"force": True, "trl": {"max_steps": 1, "per_device_train_batch_size": 2}},
-        "policy": {"trainer": "grpo", "options": {"limit": 2, "trl": {
-            "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 6}}},
+        "policy": {
+            "trainer": "grpo",
+            "options": {
+                "limit": 2,
+                "trl": {
+                    "max_steps": 1,
+                    "num_generations": 2,
+                    "per_device_train_batch_size": 2,
+                    "max_completion_length": 6,
+                },
+            },
+        },
     }
 
 
@@ -62,13 +79,23 @@ def test_cli_run(cli_runner, tiny_model, tmp_path):
     assert (tmp_path / "cli" / "pipeline-summary.json").exists()
 
 
-def test_the_feedback_model_serves_phase_one_phase_two_and_the_evaluation(cai_runtime, tiny_model, tiny_plain_model,
-                                                                         tmp_path):
+def test_the_feedback_model_serves_phase_one_phase_two_and_the_evaluation(
+    cai_runtime, tiny_model, tiny_plain_model, tmp_path
+):
     out = tmp_path / "fb"
     config = small(tiny_model, out)
-    config.update(feedback_model=str(tiny_plain_model), stages=["sl", "eval"],
-                  eval={"limit": 1, "max_new_tokens": 4, "harm_score": False, "principle_rates": False,
-                        "judge_pairs": None, "classify_shots": 1})  # the tiny model's tokenizer is character-level
+    config.update(
+        feedback_model=str(tiny_plain_model),
+        stages=["sl", "eval"],
+        eval={
+            "limit": 1,
+            "max_new_tokens": 4,
+            "harm_score": False,
+            "principle_rates": False,
+            "judge_pairs": None,
+            "classify_shots": 1,
+        },
+    )  # the tiny model's tokenizer is character-level
     lines = []
     summary = run_pipeline(config, runtime=cai_runtime, progress=False, echo=lines.append)
     record = json.loads((out / "sl" / "records.jsonl").read_text().splitlines()[0])

@@ -20,10 +20,17 @@ def test_builtin_sets(cai_registry):
 
 def test_jsonl_with_field_and_multi_turn(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"q": "single?"},
-            {"q": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                   {"role": "user", "content": "and now?"}]},
-            {"q": [{"role": "user", "content": "done"}, {"role": "assistant", "content": "reply"}]}]
+    rows = [
+        {"q": "single?"},
+        {
+            "q": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "and now?"},
+            ]
+        },
+        {"q": [{"role": "user", "content": "done"}, {"role": "assistant", "content": "reply"}]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     items = load_prompt_file(path, field="q")
     assert [len(i.conversation) for i in items] == [1, 3, 1]
@@ -47,21 +54,25 @@ def test_datasets_folder(tmp_path):
     import datasets
 
     datasets.Dataset.from_list([{"instruction": "Do a thing."}, {"instruction": "Do another."}]).save_to_disk(
-        str(tmp_path / "ds"))
+        str(tmp_path / "ds")
+    )
     assert [i.text for i in load_prompt_file(tmp_path / "ds")] == ["Do a thing.", "Do another."]
     datasets.Dataset.from_list([{"prompt": "From parquet."}]).to_parquet(str(tmp_path / "p.parquet"))
     assert load_prompt_file(tmp_path / "p.parquet")[0].text == "From parquet."
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("empty.jsonl", "", "contains no prompts"),
-    ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', r"bad.jsonl:2: invalid JSON"),
-    ("latin.txt", b"caf\xe9\n", "not UTF-8"),
-    ("nofield.jsonl", '{"body": "x"}\n', "none of the usual prompt fields"),
-    ("array.jsonl", "[1, 2]\n", "must be a JSON object"),
-    ("blank.jsonl", '{"prompt": "  "}\n', "is empty"),
-    ("ends.jsonl", '{"messages": [{"role": "system", "content": "s"}]}\n', "must end with a user turn"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.jsonl", "", "contains no prompts"),
+        ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', r"bad.jsonl:2: invalid JSON"),
+        ("latin.txt", b"caf\xe9\n", "not UTF-8"),
+        ("nofield.jsonl", '{"body": "x"}\n', "none of the usual prompt fields"),
+        ("array.jsonl", "[1, 2]\n", "must be a JSON object"),
+        ("blank.jsonl", '{"prompt": "  "}\n', "is empty"),
+        ("ends.jsonl", '{"messages": [{"role": "system", "content": "s"}]}\n', "must end with a user turn"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, name, content, message):
     path = tmp_path / name
     if isinstance(content, bytes):

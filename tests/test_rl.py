@@ -27,14 +27,20 @@ def tiny(model, **extra):
 
 
 def label_config(tiny_model, **overrides):
-    base = {"prompts": "builtin:red-team", "limit": 4, "model": str(tiny_model), "batch_size": 2,
-            "sampler": {"name": "model", "options": {"max_new_tokens": 8, "temperature": 1.0}}}
+    base = {
+        "prompts": "builtin:red-team",
+        "limit": 4,
+        "model": str(tiny_model),
+        "batch_size": 2,
+        "sampler": {"name": "model", "options": {"max_new_tokens": 8, "temperature": 1.0}},
+    }
     return RLConfig.model_validate({**base, **overrides})
 
 
 def test_judged_pairs_record_both_orders_and_soft_labels(cai_runtime, tiny_model, tmp_path):
-    summary = run_labels(label_config(tiny_model, principles_per_label=2), tmp_path / "rl", runtime=cai_runtime,
-                         progress=False)
+    summary = run_labels(
+        label_config(tiny_model, principles_per_label=2), tmp_path / "rl", runtime=cai_runtime, progress=False
+    )
     assert summary["pairs"] == 4
     records = list(RunDirectory(tmp_path / "rl", "rl").records())
     rl_ids = {p.id for p in cai_runtime.registry.constitution("harmless").for_phase("rl")}
@@ -47,18 +53,34 @@ def test_judged_pairs_record_both_orders_and_soft_labels(cai_runtime, tiny_model
         assert [o["order"] for o in judgement["orders"]] == ["ab", "ba"] * 2
         assert 0 < record["label"] < 1 and record["label"] == judgement["p_a"]
         assert record["provenance"]["judge"]["name"] == "logprob"
-    again = run_labels(label_config(tiny_model, principles_per_label=2, limit=5), tmp_path / "rl",
-                       runtime=cai_runtime, progress=False)
+    again = run_labels(
+        label_config(tiny_model, principles_per_label=2, limit=5), tmp_path / "rl", runtime=cai_runtime, progress=False
+    )
     assert again["written"] == 1 and again["pairs"] == 5
 
 
 def test_revision_recipe_from_phase_one(cai_runtime, tiny_model, tmp_path):
-    run_sl({"limit": 3, "rounds": 1, "model": str(tiny_model), "helpful_prompts": None,
-            "sampler": tiny(tiny_model), "critic": tiny(tiny_model), "reviser": tiny(tiny_model)},
-           tmp_path / "sl", runtime=cai_runtime, progress=False)
+    run_sl(
+        {
+            "limit": 3,
+            "rounds": 1,
+            "model": str(tiny_model),
+            "helpful_prompts": None,
+            "sampler": tiny(tiny_model),
+            "critic": tiny(tiny_model),
+            "reviser": tiny(tiny_model),
+        },
+        tmp_path / "sl",
+        runtime=cai_runtime,
+        progress=False,
+    )
     revised = [r for r in RunDirectory(tmp_path / "sl", "sl").records() if r["revised"]]
-    summary = run_labels(label_config(tiny_model, recipe="revision", sl_run=str(tmp_path / "sl")), tmp_path / "rl",
-                         runtime=cai_runtime, progress=False)
+    summary = run_labels(
+        label_config(tiny_model, recipe="revision", sl_run=str(tmp_path / "sl")),
+        tmp_path / "rl",
+        runtime=cai_runtime,
+        progress=False,
+    )
     assert summary["pairs"] == len(revised) and summary["by_source"] == {"revision": len(revised)}
     for record in RunDirectory(tmp_path / "rl", "rl").records():
         assert record["label"] == 1.0 and record["source"] == "revision"
@@ -69,8 +91,7 @@ def test_revision_recipe_from_phase_one(cai_runtime, tiny_model, tmp_path):
 def test_gate_measures_accuracy_and_position(cai_runtime, tiny_model, tmp_path):
     pairs = load_labelled_pairs("builtin:judge-pairs")
     assert len(pairs) >= 30
-    result = run_gate(tmp_path / "rl", {"name": "logprob", "options": {"model": str(tiny_model)}},
-                      runtime=cai_runtime)
+    result = run_gate(tmp_path / "rl", {"name": "logprob", "options": {"model": str(tiny_model)}}, runtime=cai_runtime)
     assert result["pairs"] == len(pairs) and result["scored"] + result["abstained"] == len(pairs)
     assert 0 <= result["accuracy"] <= 1 and 0 <= result["position_consistency"] <= 1
     assert json.loads((tmp_path / "rl" / "gate.json").read_text())["accuracy"] == result["accuracy"]
@@ -116,8 +137,16 @@ def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path)
     human = tmp_path / "human.jsonl"
     human.write_text(
         json.dumps({"prompt": "Is the sky blue?", "chosen": "Yes, because of Rayleigh scattering.", "rejected": "No."})
-        + "\n" + json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
-                             "rejected": "\n\nHuman: Hi\n\nAssistant: What."}) + "\n", encoding="utf-8")
+        + "\n"
+        + json.dumps(
+            {
+                "chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: What.",
+            }
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     summary = export_preferences(run, tmp_path / "ds", {"human": [str(human)], "heldout": 0.0})
     assert summary["sources"].get("human") == 2 and summary["sources"].get("human-review") == 2
     rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
@@ -128,13 +157,16 @@ def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path)
         assert row["prompt"][-1]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"prompt": "x", "chosen": "a"}\n', "needs 'chosen' and 'rejected'"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": 1.5}\n', r"label must be a number in \[0, 1\]"),
-    ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": "yes"}\n', "label must be a number"),
-    ("not json\n", "invalid JSON"),
-    ("", "contains no preference pairs"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "x", "chosen": "a"}\n', "needs 'chosen' and 'rejected'"),
+        ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": 1.5}\n', r"label must be a number in \[0, 1\]"),
+        ('{"prompt": "x", "chosen": "a", "rejected": "b", "label": "yes"}\n', "label must be a number"),
+        ("not json\n", "invalid JSON"),
+        ("", "contains no preference pairs"),
+    ],
+)
 def test_bad_human_files(tmp_path, content, message):
     path = tmp_path / "h.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -145,12 +177,30 @@ def test_bad_human_files(tmp_path, content, message):
 def test_abstentions_are_excluded_not_labelled(tmp_path):
     run = RunDirectory(tmp_path / "rl", "rl")
     run.open({"x": 1})
-    run.append([{"key": "pair:1", "source": "ai", "conversation": [{"role": "user", "content": "q"}],
-                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": None,
-                 "judgement": {"abstained": True, "reason": "no log-probs", "p_a": None}},
-                {"key": "pair:2", "source": "ai", "conversation": [{"role": "user", "content": "q2"}],
-                 "response_a": "a", "response_b": "b", "principle_ids": ["harm-001"], "label": 0.3,
-                 "judgement": {"abstained": False, "p_a": 0.3, "position_consistent": True}}])
+    run.append(
+        [
+            {
+                "key": "pair:1",
+                "source": "ai",
+                "conversation": [{"role": "user", "content": "q"}],
+                "response_a": "a",
+                "response_b": "b",
+                "principle_ids": ["harm-001"],
+                "label": None,
+                "judgement": {"abstained": True, "reason": "no log-probs", "p_a": None},
+            },
+            {
+                "key": "pair:2",
+                "source": "ai",
+                "conversation": [{"role": "user", "content": "q2"}],
+                "response_a": "a",
+                "response_b": "b",
+                "principle_ids": ["harm-001"],
+                "label": 0.3,
+                "judgement": {"abstained": False, "p_a": 0.3, "position_consistent": True},
+            },
+        ]
+    )
     summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {"heldout": 0.0})
     assert summary["abstained_excluded"] == 1 and summary["train"] == 1
     row = json.loads((tmp_path / "ds" / "train.jsonl").read_text())
@@ -162,21 +212,30 @@ def test_abstentions_are_excluded_not_labelled(tmp_path):
 def preference_dataset(tmp_path, *, gate_accuracy, ai=True, soft=0.8, same_position=0.1):
     folder = tmp_path / "prefs"
     folder.mkdir(exist_ok=True)
-    rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}],
-             "chosen": [{"role": "assistant", "content": f"A good answer {i}."}],
-             "rejected": [{"role": "assistant", "content": "no"}], "chosen_probability": soft,
-             "source": "ai" if ai else "human", "prompt_id": f"p{i}", "principle_ids": []} for i in range(8)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Q{i}?"}],
+            "chosen": [{"role": "assistant", "content": f"A good answer {i}."}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+            "chosen_probability": soft,
+            "source": "ai" if ai else "human",
+            "prompt_id": f"p{i}",
+            "principle_ids": [],
+        }
+        for i in range(8)
+    ]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]), encoding="utf-8")
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:]), encoding="utf-8")
-    gate = None if gate_accuracy is None else {"accuracy": gate_accuracy, "pairs": 30,
-                                               "same_position_rate": same_position}
-    (folder / "export.json").write_text(json.dumps({"sources": {"ai" if ai else "human": 8}, "judge_gate": gate}),
-                                        encoding="utf-8")
+    gate = (
+        None if gate_accuracy is None else {"accuracy": gate_accuracy, "pairs": 30, "same_position_rate": same_position}
+    )
+    (folder / "export.json").write_text(
+        json.dumps({"sources": {"ai" if ai else "human": 8}, "judge_gate": gate}), encoding="utf-8"
+    )
     return folder
 
 
-FAST = {"max_steps": 2, "learning_rate": 0.1, "per_device_train_batch_size": 2, "logging_steps": 1,
-        "max_length": 128}
+FAST = {"max_steps": 2, "learning_rate": 0.1, "per_device_train_batch_size": 2, "logging_steps": 1, "max_length": 128}
 
 
 @pytest.mark.parametrize("trainer", ["reward", "dpo"])
@@ -239,11 +298,22 @@ def test_dpo_and_grpo_produce_checkpoints(cai_runtime, tiny_model, tmp_path):
     data = preference_dataset(tmp_path, gate_accuracy=0.8)
     dpo = cai_runtime.component("trainer", "dpo", {"model": str(tiny_model), "trl": FAST, "min_confidence": 0.1})
     assert dpo.train(data, tmp_path / "dpo")["steps"] == 2
-    grpo = cai_runtime.component("trainer", "grpo", {
-        "model": str(tiny_model), "limit": 4,
-        "judge": {"name": "pointwise", "options": {"model": str(tiny_model)}},
-        "trl": {"max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 8,
-                "logging_steps": 1}})
+    grpo = cai_runtime.component(
+        "trainer",
+        "grpo",
+        {
+            "model": str(tiny_model),
+            "limit": 4,
+            "judge": {"name": "pointwise", "options": {"model": str(tiny_model)}},
+            "trl": {
+                "max_steps": 1,
+                "num_generations": 2,
+                "per_device_train_batch_size": 2,
+                "max_completion_length": 8,
+                "logging_steps": 1,
+            },
+        },
+    )
     summary = grpo.train("builtin:red-team", tmp_path / "grpo")
     assert summary["steps"] == 1 and summary["kl_beta"] > 0
     rewards = [e for e in summary["log_history"] if any(k.startswith("reward") for k in e)]
@@ -256,8 +326,10 @@ def test_dpo_and_grpo_produce_checkpoints(cai_runtime, tiny_model, tmp_path):
         assert check["max_abs_difference"] < 1e-4  # the folder reproduces the trained model's log-probs
         tuned = load_file(str(next((tmp_path / folder).glob("*.safetensors"))))
         assert any(not (base[name] == tuned[name]).all() for name in base), f"{folder} did not change the weights"
-        assert isinstance(cai_runtime.backend(str(tmp_path / folder)).generate(
-            ["Hello"], GenerationSettings(max_new_tokens=3))[0], str)  # and it loads back through the runtime
+        assert isinstance(
+            cai_runtime.backend(str(tmp_path / folder)).generate(["Hello"], GenerationSettings(max_new_tokens=3))[0],
+            str,
+        )  # and it loads back through the runtime
 
 
 def test_bad_preference_inputs(cai_runtime, tiny_model, tmp_path):
@@ -273,8 +345,9 @@ def test_bad_preference_inputs(cai_runtime, tiny_model, tmp_path):
 
 def test_cli_label_gate_and_export(cli_runner, tiny_model, tmp_path):
     out = tmp_path / "rl"
-    result = cli_runner.invoke(cli, ["rl", "label", "--limit", "2", "--model", str(tiny_model), "--quiet",
-                                     "--out", str(out)])
+    result = cli_runner.invoke(
+        cli, ["rl", "label", "--limit", "2", "--model", str(tiny_model), "--quiet", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "judge gate: accuracy" in result.output and "pairs: 2" in result.output
     result = cli_runner.invoke(cli, ["export", "preferences", str(out), "--out", str(tmp_path / "ds")])
@@ -285,9 +358,18 @@ def test_cli_label_gate_and_export(cli_runner, tiny_model, tmp_path):
 def test_gate_on_a_run_measures_the_judge_that_labelled_it(cli_runner, tiny_model, tmp_path):
     run = tmp_path / "rl"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"kind": "rl", "fingerprint": {
-        "judge": {"name": "logprob", "options": {"few_shot": 0}}, "judge_model": str(tiny_model),
-        "model": str(tiny_model)}}))
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "kind": "rl",
+                "fingerprint": {
+                    "judge": {"name": "logprob", "options": {"few_shot": 0}},
+                    "judge_model": str(tiny_model),
+                    "model": str(tiny_model),
+                },
+            }
+        )
+    )
     result = cli_runner.invoke(cli, ["rl", "gate", str(run)])
     assert result.exit_code == 0, result.output
     gate = json.loads((run / "gate.json").read_text())

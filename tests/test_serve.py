@@ -65,8 +65,12 @@ def policy(**extra) -> dict:
 
 
 def rule(pid: str, pattern: str, **more) -> dict:
-    return {"id": pid, "title": f"rule {pid}", "phases": ["runtime"],
-            "rules": [{"id": f"{pid}-r", "kind": "forbid", "pattern": pattern, "message": f"matched {pid}", **more}]}
+    return {
+        "id": pid,
+        "title": f"rule {pid}",
+        "phases": ["runtime"],
+        "rules": [{"id": f"{pid}-r", "kind": "forbid", "pattern": pattern, "message": f"matched {pid}", **more}],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +81,9 @@ def upstream():
 
 
 def direct_answer(upstream: LlamaServer, messages) -> str:
-    reply = httpx.post(f"{upstream.url}/chat/completions", json={"messages": messages, "temperature": 0,
-                                                                  "max_tokens": 16}, timeout=60)
+    reply = httpx.post(
+        f"{upstream.url}/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 16}, timeout=60
+    )
     return reply.json()["choices"][0]["message"]["content"]
 
 
@@ -90,15 +95,19 @@ def test_compliant_answers_pass_unchanged_and_streaming_matches(upstream, monkey
         assert answer.choices[0].message.content == direct_answer(upstream, QUESTION)
         verdict = answer.model_extra["cai_guard"]
         assert verdict["action"] == "none" and verdict["compliant"] and len(verdict["audit_id"]) == 36
-        chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0,
-                                                     max_tokens=16, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="smollm2", messages=QUESTION, temperature=0, max_tokens=16, stream=True
+            )
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert streamed == answer.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason is not None
         assert client.models.list().data  # /v1/models is passed through
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=guard.url, api_key="wrong").chat.completions.create(
-                model="smollm2", messages=QUESTION, max_tokens=4)
+                model="smollm2", messages=QUESTION, max_tokens=4
+            )
         metrics = httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
         assert 'cai_guard_actions_total{action="none"} 2' in metrics and 'status="unauthorised"} 1' in metrics
 
@@ -134,7 +143,7 @@ def test_input_rails_refuse_or_redact_before_the_upstream(upstream):
         refused = client.chat.completions.create(model="smollm2", messages=asked, max_tokens=8)
         verdict = refused.model_extra["cai_guard"]
         assert verdict["action"] == "refused" and verdict["input"] == {"action": "refused", "principle_ids": ["pw-001"]}
-        assert 'cai_upstream_latency_ms_count 0' in httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+        assert "cai_upstream_latency_ms_count 0" in httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
     redacting = policy(add=[secret], input={"check": True, "action": "redact"})
     with GuardServer(redacting, upstream.url) as guard:
         client = openai.OpenAI(base_url=guard.url, api_key="unused")
@@ -175,8 +184,9 @@ def test_serve_check_validates_policy_and_upstream(cli_runner, upstream, tmp_pat
     path.write_text(yaml.safe_dump(policy()))
     ok = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream", upstream.url, "--check"])
     assert ok.exit_code == 0 and "upstream" in ok.output, ok.output
-    dead = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream",
-                                   f"http://127.0.0.1:{free_port()}/v1", "--check"])
+    dead = cli_runner.invoke(
+        cli, ["serve", "--policy", str(path), "--upstream", f"http://127.0.0.1:{free_port()}/v1", "--check"]
+    )
     assert dead.exit_code == 1 and "unreachable" in dead.output
 
 
@@ -188,9 +198,17 @@ def test_load_with_an_instant_stub_upstream():
     from starlette.routing import Route
 
     async def completions(request):
-        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "Blue."},
-                                          "finish_reason": "stop"}]})
+        return JSONResponse(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "stub",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "Blue."}, "finish_reason": "stop"}
+                ],
+            }
+        )
 
     stub = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
     import uvicorn
@@ -203,14 +221,18 @@ def test_load_with_an_instant_stub_upstream():
         time.sleep(0.02)
     try:
         with GuardServer(policy(add=[rule("never-002", "zzqqxx")]), f"http://127.0.0.1:{port}/v1") as guard:
+
             async def run() -> list[int]:
                 limit = asyncio.Semaphore(32)
                 async with httpx.AsyncClient(timeout=30) as client:
+
                     async def one(i: int) -> int:
                         async with limit:
-                            reply = await client.post(f"{guard.url}/chat/completions",
-                                                      json={"model": "stub", "messages": QUESTION})
+                            reply = await client.post(
+                                f"{guard.url}/chat/completions", json={"model": "stub", "messages": QUESTION}
+                            )
                             return reply.status_code
+
                     return await asyncio.gather(*(one(i) for i in range(500)))
 
             codes = asyncio.run(run())

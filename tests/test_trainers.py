@@ -4,14 +4,17 @@ import json
 
 import pytest
 
-from cai_engine import ConfigError, GenerationSettings, RunError
+from cai_engine import ConfigError, RunError
 from cai_engine.cli import cli
 
 pytestmark = pytest.mark.slow
 
 ROWS = [
-    {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
-     "prompt_id": f"p{i}", "source": "revision"}
+    {
+        "messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}],
+        "prompt_id": f"p{i}",
+        "source": "revision",
+    }
     for i in range(8)
 ]
 
@@ -57,8 +60,9 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
-    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "lora": True, "lora_r": 2,
-                                                       "trl": FAST})
+    trainer = cai_runtime.component(
+        "trainer", "sft", {"model": str(tiny_model), "lora": True, "lora_r": 2, "trl": FAST}
+    )
     trainer.train(dataset, tmp_path / "lora")
     after = weights(tmp_path / "lora")
     assert not any("lora" in name for name in after)
@@ -88,13 +92,30 @@ def test_bad_datasets(cai_runtime, tiny_model, tmp_path):
 def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
     result = cli_runner.invoke(cli, ["train", "ppo", "--dataset", str(dataset), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "unknown trainer 'ppo'; known trainers: dpo, grpo, reward, sft" in result.output
-    result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--model", str(tiny_model),
-                                     "--out", str(tmp_path / "cli"), "--set", "max_steps=2",
-                                     "--set", "learning_rate=0.1", "--set", "per_device_train_batch_size=2"])
+    result = cli_runner.invoke(
+        cli,
+        [
+            "train",
+            "sft",
+            "--dataset",
+            str(dataset),
+            "--model",
+            str(tiny_model),
+            "--out",
+            str(tmp_path / "cli"),
+            "--set",
+            "max_steps=2",
+            "--set",
+            "learning_rate=0.1",
+            "--set",
+            "per_device_train_batch_size=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2 steps" in result.output and (tmp_path / "cli" / "cai_training.json").exists()
-    result = cli_runner.invoke(cli, ["train", "sft", "--dataset", str(dataset), "--out", str(tmp_path / "y"),
-                                     "--set", "oops"])
+    result = cli_runner.invoke(
+        cli, ["train", "sft", "--dataset", str(dataset), "--out", str(tmp_path / "y"), "--set", "oops"]
+    )
     assert result.exit_code == 1 and "--set expects KEY=VALUE" in result.output
 
 
@@ -102,8 +123,9 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
     from cai_engine.cli import parse_setting
 
     assert parse_setting("2e-5") == 2e-5 and parse_setting("3") == 3 and parse_setting("true") is True
-    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {
-        **FAST, "learning_rate": "1e-1", "max_steps": "2"}})  # what yaml.safe_load gives for `learning_rate: 1e-1`
+    trainer = cai_runtime.component(
+        "trainer", "sft", {"model": str(tiny_model), "trl": {**FAST, "learning_rate": "1e-1", "max_steps": "2"}}
+    )  # what yaml.safe_load gives for `learning_rate: 1e-1`
     assert trainer.train(dataset, tmp_path / "out")["steps"] == 2
     bad = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"learning_rate": "fast"}})
     with pytest.raises(ConfigError, match="learning_rate must be a number, got 'fast'"):
@@ -119,9 +141,12 @@ def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
         name = "scripted"
 
         def score(self, tasks):
-            return [Score(principle_ids=["p"], value=None, reward=None, abstained=True, judge="scripted")
-                    if "??" in t.response else Score(principle_ids=["p"], value=10.0, reward=1.0, judge="scripted")
-                    for t in tasks]
+            return [
+                Score(principle_ids=["p"], value=None, reward=None, abstained=True, judge="scripted")
+                if "??" in t.response
+                else Score(principle_ids=["p"], value=10.0, reward=1.0, judge="scripted")
+                for t in tasks
+            ]
 
     from cai_engine.models import Principle
 

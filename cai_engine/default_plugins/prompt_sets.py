@@ -14,5 +14,12 @@ def cai_register_prompt_sets(register):
     folder = data_dir("prompts")
     index = json.loads((folder / "index.json").read_text(encoding="utf-8")) if (folder / "index.json").exists() else {}
     for name, meta in sorted(index.items()):
-        register(PromptSet(name=name, path=folder / meta["file"], description=meta.get("description", ""),
-                           heldout=bool(meta.get("heldout", False)), tags=list(meta.get("tags", []))))
+        register(
+            PromptSet(
+                name=name,
+                path=folder / meta["file"],
+                description=meta.get("description", ""),
+                heldout=bool(meta.get("heldout", False)),
+                tags=list(meta.get("tags", [])),
+            )
+        )

@@ -39,8 +39,15 @@ class RuleReviser(Reviser):
         for task in tasks:
             text, unfixed = repair(task.principle, task.conversation, task.response)
             if unfixed:
-                out.append(Revision(principle_id=task.principle.id, text=task.response, accepted=False,
-                                    reason=f"no automatic fix for rule(s) {', '.join(unfixed)}", reviser=self.name))
+                out.append(
+                    Revision(
+                        principle_id=task.principle.id,
+                        text=task.response,
+                        accepted=False,
+                        reason=f"no automatic fix for rule(s) {', '.join(unfixed)}",
+                        reviser=self.name,
+                    )
+                )
             else:
                 out.append(Revision(principle_id=task.principle.id, text=text, accepted=True, reviser=self.name))
         return out
@@ -63,15 +70,28 @@ class ModelReviser(ModelComponent, Reviser):
         revision_request = task.principle.revision_request or "Rewrite the reply so it follows the principle."
         examples = few_shot_examples(task, self.options.few_shot)
         if self.chat:
-            return chat_revision(examples, task.conversation, task.response, critique_request, task.critique,
-                                 revision_request)
+            return chat_revision(
+                examples, task.conversation, task.response, critique_request, task.critique, revision_request
+            )
         with_critique = task.critique is not None
         shots = "".join(
-            transcript_block(e.conversation, e.response, critique_request if with_critique else None,
-                             e.critique if with_critique else None, revision_request, e.revision)
-            for e in examples)
-        return shots + transcript_block(task.conversation, task.response,
-                                        critique_request if with_critique else None, task.critique, revision_request)
+            transcript_block(
+                e.conversation,
+                e.response,
+                critique_request if with_critique else None,
+                e.critique if with_critique else None,
+                revision_request,
+                e.revision,
+            )
+            for e in examples
+        )
+        return shots + transcript_block(
+            task.conversation,
+            task.response,
+            critique_request if with_critique else None,
+            task.critique,
+            revision_request,
+        )
 
     def revise(self, tasks):
         tasks = list(tasks)
@@ -81,8 +101,16 @@ class ModelReviser(ModelComponent, Reviser):
         out = []
         for task, raw in zip(tasks, raws):
             text, reason = clean_revision(raw, task.response, task.critique)
-            out.append(Revision(principle_id=task.principle.id, text=text if text is not None else task.response,
-                                accepted=text is not None, reason=reason, raw=raw, reviser=self.name))
+            out.append(
+                Revision(
+                    principle_id=task.principle.id,
+                    text=text if text is not None else task.response,
+                    accepted=text is not None,
+                    reason=reason,
+                    raw=raw,
+                    reviser=self.name,
+                )
+            )
         return out
 
 
@@ -122,8 +150,16 @@ class RewriteReviser(ModelReviser):
         out = []
         for task, raw in zip(tasks, raws):
             text, reason = clean_revision(raw, task.response, None)
-            out.append(Revision(principle_id=task.principle.id, text=text if text is not None else task.response,
-                                accepted=text is not None, reason=reason, raw=raw, reviser=self.name))
+            out.append(
+                Revision(
+                    principle_id=task.principle.id,
+                    text=text if text is not None else task.response,
+                    accepted=text is not None,
+                    reason=reason,
+                    raw=raw,
+                    reviser=self.name,
+                )
+            )
         return out
 
 
@@ -146,15 +182,18 @@ class EnsembleReviser(Reviser):
 
     class Options(Options):
         members: list[EnsembleMember] = Field(min_length=2, description="Two or more critic/reviser members.")
-        judges: list[ComponentRef] = Field(default_factory=lambda: [ComponentRef(name="logprob")], min_length=1,
-                                           description="The voting panel.")
+        judges: list[ComponentRef] = Field(
+            default_factory=lambda: [ComponentRef(name="logprob")], min_length=1, description="The voting panel."
+        )
         vote: Literal["pairwise", "pointwise"] = Field("pairwise", description="How the panel votes.")
 
     def __init__(self, options=None, runtime=None) -> None:
         super().__init__(options, runtime)
         # Build members and judges now, so every nested option is validated before any model loads.
-        self.members = [(m.critic.build("critic", self.runtime) if m.critic else None,
-                         m.reviser.build("reviser", self.runtime)) for m in self.options.members]
+        self.members = [
+            (m.critic.build("critic", self.runtime) if m.critic else None, m.reviser.build("reviser", self.runtime))
+            for m in self.options.members
+        ]
         self.judges = [j.build("judge", self.runtime) for j in self.options.judges]
 
     def revise(self, tasks):
@@ -162,25 +201,44 @@ class EnsembleReviser(Reviser):
         proposals: list[list[tuple[int, Revision]]] = [[] for _ in tasks]
         critiques_by_member = []
         for index, (critic, reviser) in enumerate(self.members):
-            critiques = critic.critique([CritiqueTask(conversation=t.conversation, response=t.response,
-                                                      principle=t.principle, examples=t.examples) for t in tasks]
-                                        ) if critic else [None] * len(tasks)
+            critiques = (
+                critic.critique(
+                    [
+                        CritiqueTask(
+                            conversation=t.conversation, response=t.response, principle=t.principle, examples=t.examples
+                        )
+                        for t in tasks
+                    ]
+                )
+                if critic
+                else [None] * len(tasks)
+            )
             critiques_by_member.append(critiques)
-            revision_tasks = [t.model_copy(update={"critique": c.text if c else t.critique})
-                              for t, c in zip(tasks, critiques)]
+            revision_tasks = [
+                t.model_copy(update={"critique": c.text if c else t.critique}) for t, c in zip(tasks, critiques)
+            ]
             for k, revision in enumerate(reviser.revise(revision_tasks)):
                 if revision.accepted:
                     proposals[k].append((index, revision))
-        return [self._vote(task, props, [c[k] for c in critiques_by_member])
-                for k, (task, props) in enumerate(zip(tasks, proposals))]
+        return [
+            self._vote(task, props, [c[k] for c in critiques_by_member])
+            for k, (task, props) in enumerate(zip(tasks, proposals))
+        ]
 
     def _vote(self, task: RevisionTask, props, critiques) -> Revision:
-        candidates = [{"member": i, "text": r.text, "reviser": r.reviser,
-                       "critique": critiques[i].text if critiques[i] else None} for i, r in props]
+        candidates = [
+            {"member": i, "text": r.text, "reviser": r.reviser, "critique": critiques[i].text if critiques[i] else None}
+            for i, r in props
+        ]
         if not props:
-            return Revision(principle_id=task.principle.id, text=task.response, accepted=False,
-                            reason="no ensemble member produced an acceptable revision", reviser=self.name,
-                            details={"candidates": candidates, "votes": []})
+            return Revision(
+                principle_id=task.principle.id,
+                text=task.response,
+                accepted=False,
+                reason="no ensemble member produced an acceptable revision",
+                reviser=self.name,
+                details={"candidates": candidates, "votes": []},
+            )
         scores = [0.0] * len(props)
         counts = [0] * len(props)
         votes, abstained = [], 0
@@ -189,12 +247,21 @@ class EnsembleReviser(Reviser):
         elif self.options.vote == "pairwise":
             pairs = [(a, b) for a in range(len(props)) for b in range(a + 1, len(props))]
             for judge in self.judges:
-                verdicts = judge.compare([ComparisonTask(conversation=task.conversation, response_a=props[a][1].text,
-                                                         response_b=props[b][1].text, principles=[task.principle])
-                                          for a, b in pairs])
+                verdicts = judge.compare(
+                    [
+                        ComparisonTask(
+                            conversation=task.conversation,
+                            response_a=props[a][1].text,
+                            response_b=props[b][1].text,
+                            principles=[task.principle],
+                        )
+                        for a, b in pairs
+                    ]
+                )
                 for (a, b), verdict in zip(pairs, verdicts):
-                    votes.append({"judge": judge.name, "a": a, "b": b, "p_a": verdict.p_a,
-                                  "abstained": verdict.abstained})
+                    votes.append(
+                        {"judge": judge.name, "a": a, "b": b, "p_a": verdict.p_a, "abstained": verdict.abstained}
+                    )
                     if verdict.p_a is None:
                         abstained += 1
                         continue
@@ -205,24 +272,45 @@ class EnsembleReviser(Reviser):
             winner = _argmax(scores, counts)
         else:
             for judge in self.judges:
-                results = judge.score([ScoringTask(conversation=task.conversation, response=r.text,
-                                                   principles=[task.principle]) for _, r in props])
+                results = judge.score(
+                    [
+                        ScoringTask(conversation=task.conversation, response=r.text, principles=[task.principle])
+                        for _, r in props
+                    ]
+                )
                 for c, result in enumerate(results):
-                    votes.append({"judge": judge.name, "candidate": c, "value": result.value,
-                                  "abstained": result.abstained})
+                    votes.append(
+                        {"judge": judge.name, "candidate": c, "value": result.value, "abstained": result.abstained}
+                    )
                     if result.value is None:
                         abstained += 1
                         continue
                     scores[c] += result.value
                     counts[c] += 1
             winner = _argmax(scores, counts)
-        details = {"candidates": candidates, "votes": votes, "abstentions": abstained, "winner": winner,
-                   "mean_scores": [s / c if c else None for s, c in zip(scores, counts)]}
+        details = {
+            "candidates": candidates,
+            "votes": votes,
+            "abstentions": abstained,
+            "winner": winner,
+            "mean_scores": [s / c if c else None for s, c in zip(scores, counts)],
+        }
         if winner is None:
-            return Revision(principle_id=task.principle.id, text=task.response, accepted=False,
-                            reason="every judge abstained on every comparison", reviser=self.name, details=details)
-        return Revision(principle_id=task.principle.id, text=props[winner][1].text, accepted=True,
-                        reviser=self.name, details=details)
+            return Revision(
+                principle_id=task.principle.id,
+                text=task.response,
+                accepted=False,
+                reason="every judge abstained on every comparison",
+                reviser=self.name,
+                details=details,
+            )
+        return Revision(
+            principle_id=task.principle.id,
+            text=props[winner][1].text,
+            accepted=True,
+            reviser=self.name,
+            details=details,
+        )
 
 
 def _argmax(scores: list[float], counts: list[int]) -> int | None:

@@ -24,7 +24,7 @@ class ModelSampler(ModelComponent, Sampler):
         stops = () if self.chat else TURN_MARKERS
         texts = self.backend.generate(prompts, self.settings(stop=stops))
         texts = [t.strip() for t in texts]
-        return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(conversations))]
 
 
 @hookimpl

@@ -18,10 +18,20 @@ from cai_engine.hookspecs import hookimpl
 # at batch 2 in bf16 and 26 s at batch 8 in fp32, so the CPU defaults keep fp32.
 SFT_DEFAULTS: dict[str, Any] = {
     "bf16": False,
-    "num_train_epochs": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-    "learning_rate": 5e-5, "lr_scheduler_type": "constant", "logging_steps": 5, "save_strategy": "no",
-    "report_to": "none", "max_length": 512, "assistant_only_loss": False, "use_cpu": True, "seed": 0,
-    "dataset_num_proc": None, "disable_tqdm": False,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-5,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+    "max_length": 512,
+    "assistant_only_loss": False,
+    "use_cpu": True,
+    "seed": 0,
+    "dataset_num_proc": None,
+    "disable_tqdm": False,
 }
 
 
@@ -64,12 +74,14 @@ def load_base(model_ref: str, *, reward_head: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if reward_head:
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32,
-                                                                   local_files_only=True, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), num_labels=1, dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
     return tokenizer, model, model_id
 
 
@@ -97,19 +109,23 @@ def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any])
     expected = _probe_outputs(model, tokenizer)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
-    reloaded = type(model).from_pretrained(str(output_dir), dtype=model.dtype, use_safetensors=True,
-                                           local_files_only=True).to(model.device)
+    reloaded = (
+        type(model)
+        .from_pretrained(str(output_dir), dtype=model.dtype, use_safetensors=True, local_files_only=True)
+        .to(model.device)
+    )
     reloaded.eval()
     difference = float((_probe_outputs(reloaded, tokenizer) - expected).abs().max())
     del reloaded
     if was_training:
         model.train()
     summary["checkpoint_check"] = {"text": CHECK_TEXT, "max_abs_difference": difference}
-    (output_dir / "cai_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n",
-                                                  encoding="utf-8")
+    (output_dir / "cai_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     if not difference <= 1e-3:
-        raise RunError(f"{output_dir}: the saved checkpoint does not reproduce the trained model (outputs differ by "
-                       f"{difference:.3g} on a fixed sentence); it was kept for inspection, but do not use it")
+        raise RunError(
+            f"{output_dir}: the saved checkpoint does not reproduce the trained model (outputs differ by "
+            f"{difference:.3g} on a fixed sentence); it was kept for inspection, but do not use it"
+        )
 
 
 def _cpu_loss(trainer_cls):
@@ -124,12 +140,14 @@ def _cpu_loss(trainer_cls):
     class CPUFriendly(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.args.device.type != "cpu":
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
             from transformers import Trainer as HFTrainer
 
-            return HFTrainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            return HFTrainer.compute_loss(
+                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
 
     CPUFriendly.__name__ = CPUFriendly.__qualname__ = f"CPU{trainer_cls.__name__}"
     return CPUFriendly
@@ -147,8 +165,9 @@ class SFT(Trainer):
         lora_alpha: int = Field(16, ge=1, description="LoRA scaling.")
         lora_dropout: float = Field(0.05, ge=0, lt=1)
         lora_target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts.")
-        trl: dict[str, Any] = Field(default_factory=dict,
-                                    description="Settings passed to trl.SFTConfig as they are (max_steps, ...).")
+        trl: dict[str, Any] = Field(
+            default_factory=dict, description="Settings passed to trl.SFTConfig as they are (max_steps, ...)."
+        )
 
     def _config(self, output_dir: Path):
         from trl import SFTConfig
@@ -162,21 +181,33 @@ class SFT(Trainer):
         config = self._config(output_dir)  # bad TRL settings fail before anything loads
         data = load_dataset_folder(dataset)
         if "messages" not in data["train"].column_names:
-            raise RunError(f"{dataset}: expected a 'messages' column (TRL conversational format); found "
-                           f"{', '.join(data['train'].column_names)}")
+            raise RunError(
+                f"{dataset}: expected a 'messages' column (TRL conversational format); found "
+                f"{', '.join(data['train'].column_names)}"
+            )
         tokenizer, model, model_id = load_base(self.options.model)
         peft_config = None
         if self.options.lora:
             from peft import LoraConfig
 
-            peft_config = LoraConfig(r=self.options.lora_r, lora_alpha=self.options.lora_alpha,
-                                     lora_dropout=self.options.lora_dropout, task_type="CAUSAL_LM",
-                                     target_modules=self.options.lora_target_modules)
+            peft_config = LoraConfig(
+                r=self.options.lora_r,
+                lora_alpha=self.options.lora_alpha,
+                lora_dropout=self.options.lora_dropout,
+                task_type="CAUSAL_LM",
+                target_modules=self.options.lora_target_modules,
+            )
         keep = ["messages"]
         train = data["train"].select_columns(keep)
         test = data["test"].select_columns(keep) if "test" in data else None
-        trainer = _cpu_loss(SFTTrainer)(model=model, args=config, train_dataset=train, eval_dataset=test,
-                                         processing_class=tokenizer, peft_config=peft_config)
+        trainer = _cpu_loss(SFTTrainer)(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
         began = time.perf_counter()
         result = trainer.train()
         metrics = dict(result.metrics)
@@ -185,11 +216,19 @@ class SFT(Trainer):
         trained = trainer.model
         if self.options.lora:
             trained = trained.merge_and_unload()  # a plain model folder that loads without peft
-        summary = {"trainer": self.name, "base_model": model_id, "dataset": str(dataset), "lora": self.options.lora,
-                   "train_examples": len(train), "test_examples": len(test) if test is not None else 0,
-                   "steps": trainer.state.global_step, "seconds": round(time.perf_counter() - began, 1),
-                   "metrics": metrics, "log_history": trainer.state.log_history,
-                   "trl": {k: v for k, v in config.to_dict().items() if k in {**SFT_DEFAULTS, **self.options.trl}}}
+        summary = {
+            "trainer": self.name,
+            "base_model": model_id,
+            "dataset": str(dataset),
+            "lora": self.options.lora,
+            "train_examples": len(train),
+            "test_examples": len(test) if test is not None else 0,
+            "steps": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - began, 1),
+            "metrics": metrics,
+            "log_history": trainer.state.log_history,
+            "trl": {k: v for k, v in config.to_dict().items() if k in {**SFT_DEFAULTS, **self.options.trl}},
+        }
         save_checkpoint(trained, tokenizer, output_dir, summary)
         summary["checkpoint"] = str(output_dir)
         return summary
@@ -200,8 +239,9 @@ class SFT(Trainer):
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
-                     max_same_position: float = 1.0, min_scored_share: float = 0.8) -> dict[str, Any] | None:
+def check_judge_gate(
+    dataset: str | Path, min_accuracy: float, force: bool, max_same_position: float = 1.0, min_scored_share: float = 0.8
+) -> dict[str, Any] | None:
     """Refuse AI labels from a judge below ``min_accuracy`` on labelled pairs, or whose two orders prefer the same
     position more often than ``max_same_position`` (CAI-SPEC gate G1), unless forced."""
     export_file = Path(dataset) / "export.json"
@@ -211,17 +251,23 @@ def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
     if not ai or force:
         return gate
     if gate is None:
-        raise ConfigError(f"{dataset}: {ai} pairs are labelled by an AI judge whose accuracy was never measured; run "
-                          "`cai rl gate RUN` before `cai export preferences`, or pass --force")
+        raise ConfigError(
+            f"{dataset}: {ai} pairs are labelled by an AI judge whose accuracy was never measured; run "
+            "`cai rl gate RUN` before `cai export preferences`, or pass --force"
+        )
     if export.get("judge_gate_matches") is False:
-        raise ConfigError(f"{dataset}: the gate in the run measured a different judge (component, options or model) "
-                          "from the one that labelled these pairs; run `cai rl gate RUN` with the labelling judge, "
-                          "or pass --force")
+        raise ConfigError(
+            f"{dataset}: the gate in the run measured a different judge (component, options or model) "
+            "from the one that labelled these pairs; run `cai rl gate RUN` with the labelling judge, "
+            "or pass --force"
+        )
     share = gate.get("scored_share")
     if share is not None and share < min_scored_share:
-        raise ConfigError(f"{dataset}: the judge scored only {share:.0%} of the labelled pairs (it abstained on the "
-                          f"rest), below the required {min_scored_share:.0%}; its accuracy rests on too few pairs. "
-                          "Use a judge that can score these pairs, or pass --force")
+        raise ConfigError(
+            f"{dataset}: the judge scored only {share:.0%} of the labelled pairs (it abstained on the "
+            f"rest), below the required {min_scored_share:.0%}; its accuracy rests on too few pairs. "
+            "Use a judge that can score these pairs, or pass --force"
+        )
     accuracy = gate.get("accuracy")
     if accuracy is None or accuracy < min_accuracy:
         shown = "no usable judgements" if accuracy is None else f"{accuracy:.0%} accuracy"
@@ -229,14 +275,16 @@ def check_judge_gate(dataset: str | Path, min_accuracy: float, force: bool,
             f"{dataset}: the judge that labelled these pairs scored {shown} on {gate.get('pairs')} labelled pairs "
             f"(same-position rate {gate.get('same_position_rate')}), below the required {min_accuracy:.0%}; its "
             "labels would teach noise. Use a stronger judge (judge_model), the cot judge, the 'revision' recipe, "
-            "lower min_judge_accuracy, or pass --force")
+            "lower min_judge_accuracy, or pass --force"
+        )
     same = gate.get("same_position_rate")
     if same is not None and same > max_same_position:
         raise ConfigError(
             f"{dataset}: the judge that labelled these pairs prefers the same position in both orders on {same:.0%} "
             f"of labelled pairs (accuracy {accuracy:.0%}), above the allowed {max_same_position:.0%}; its labels are "
             "mostly position bias. Use a stronger judge (judge_model), the cot judge, the 'revision' recipe, raise "
-            "max_same_position_rate, or pass --force")
+            "max_same_position_rate, or pass --force"
+        )
     return gate
 
 
@@ -244,8 +292,10 @@ def preference_data(dataset: str | Path):
     data = load_dataset_folder(dataset)
     missing = [c for c in PREFERENCE_COLUMNS if c not in data["train"].column_names]
     if missing:
-        raise RunError(f"{dataset}: missing column(s) {', '.join(missing)}; export preference data with "
-                       "`cai export preferences RUN --out DIR`")
+        raise RunError(
+            f"{dataset}: missing column(s) {', '.join(missing)}; export preference data with "
+            "`cai export preferences RUN --out DIR`"
+        )
     return data
 
 
@@ -253,16 +303,20 @@ def _coerce_numbers(cls, name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """YAML 1.1 reads ``2e-5`` as a string; turn such values into numbers where the TRL field is numeric."""
     import dataclasses
 
-    numeric = {f.name: type(f.default) for f in dataclasses.fields(cls)
-               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
+    numeric = {
+        f.name: type(f.default)
+        for f in dataclasses.fields(cls)
+        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+    }
     out = dict(settings)
     for key, value in settings.items():
         if key in numeric and isinstance(value, str):
             try:
                 number = float(value)
             except ValueError:
-                raise ConfigError(f"invalid TRL setting for trainer {name!r}: {key} must be a number, got "
-                                  f"{value!r}") from None
+                raise ConfigError(
+                    f"invalid TRL setting for trainer {name!r}: {key} must be a number, got {value!r}"
+                ) from None
             out[key] = int(number) if numeric[key] is int and number.is_integer() else number
     return out
 
@@ -315,8 +369,15 @@ def _soft_reward_trainer():
 
 REWARD_DEFAULTS: dict[str, Any] = {
     "bf16": False,
-    "num_train_epochs": 1, "per_device_train_batch_size": 4, "learning_rate": 1e-5, "logging_steps": 5,
-    "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-5,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+    "max_length": 512,
+    "use_cpu": True,
+    "seed": 0,
     "remove_unused_columns": False,
 }
 
@@ -330,8 +391,9 @@ class RewardModel(Trainer):
         model: str = Field("smollm2", description="Base model: 'smollm2', a model folder or a .gguf file.")
         soft_labels: bool = Field(True, description="Use `chosen_probability` as a soft target (else hard labels).")
         min_judge_accuracy: float = Field(0.6, ge=0, le=1, description="Refuse AI labels from a weaker judge.")
-        max_same_position_rate: float = Field(0.25, ge=0, le=1, description="Refuse AI labels from a judge whose "
-                                                                            "orders agree on a position this often.")
+        max_same_position_rate: float = Field(
+            0.25, ge=0, le=1, description="Refuse AI labels from a judge whose orders agree on a position this often."
+        )
         force: bool = Field(False, description="Train even if the judge gate fails (not recommended).")
         trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.RewardConfig.")
 
@@ -341,27 +403,44 @@ class RewardModel(Trainer):
         output_dir = Path(output_dir)
         config = _trl_config(RewardConfig, self.name, REWARD_DEFAULTS, self.options.trl, output_dir)
         data = preference_data(dataset)
-        gate = check_judge_gate(dataset, self.options.min_judge_accuracy, self.options.force,
-                                self.options.max_same_position_rate)
+        gate = check_judge_gate(
+            dataset, self.options.min_judge_accuracy, self.options.force, self.options.max_same_position_rate
+        )
         tokenizer, model, model_id = load_base(self.options.model, reward_head=True)
-        columns = list(PREFERENCE_COLUMNS) + (["chosen_probability"] if self.options.soft_labels and
-                                              "chosen_probability" in data["train"].column_names else [])
+        columns = list(PREFERENCE_COLUMNS) + (
+            ["chosen_probability"]
+            if self.options.soft_labels and "chosen_probability" in data["train"].column_names
+            else []
+        )
         train = data["train"].select_columns(columns)
         test = data["test"].select_columns(columns) if "test" in data and len(data["test"]) else None
         trainer_cls, collator_cls = _soft_reward_trainer()
-        trainer = trainer_cls(model=model, args=config, train_dataset=train, eval_dataset=test,
-                              processing_class=tokenizer,
-                              data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+        trainer = trainer_cls(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
+        )
         began = time.perf_counter()
         metrics = dict(trainer.train().metrics)
         if test is not None:
             metrics.update(trainer.evaluate())
-        summary = {"trainer": self.name, "base_model": model_id, "dataset": str(dataset), "soft_labels":
-                   "chosen_probability" in columns, "train_examples": len(train),
-                   "test_examples": len(test) if test is not None else 0, "steps": trainer.state.global_step,
-                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics,
-                   "heldout_pairwise_accuracy": metrics.get("eval_accuracy"), "judge_gate": gate,
-                   "log_history": trainer.state.log_history}
+        summary = {
+            "trainer": self.name,
+            "base_model": model_id,
+            "dataset": str(dataset),
+            "soft_labels": "chosen_probability" in columns,
+            "train_examples": len(train),
+            "test_examples": len(test) if test is not None else 0,
+            "steps": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - began, 1),
+            "metrics": metrics,
+            "heldout_pairwise_accuracy": metrics.get("eval_accuracy"),
+            "judge_gate": gate,
+            "log_history": trainer.state.log_history,
+        }
         save_checkpoint(trainer.model, tokenizer, output_dir, summary)
         summary["checkpoint"] = str(output_dir)
         return summary
@@ -369,8 +448,16 @@ class RewardModel(Trainer):
 
 DPO_DEFAULTS: dict[str, Any] = {
     "bf16": False,
-    "num_train_epochs": 1, "per_device_train_batch_size": 2, "learning_rate": 5e-6, "beta": 0.1, "logging_steps": 5,
-    "save_strategy": "no", "report_to": "none", "max_length": 512, "use_cpu": True, "seed": 0,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 2,
+    "learning_rate": 5e-6,
+    "beta": 0.1,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+    "max_length": 512,
+    "use_cpu": True,
+    "seed": 0,
 }
 
 
@@ -381,13 +468,16 @@ class DPO(Trainer):
 
     class Options(Options):
         model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
-        min_confidence: float = Field(0.0, ge=0, lt=0.5,
-                                      description="Keep pairs whose chosen_probability is at least 0.5 + this.")
+        min_confidence: float = Field(
+            0.0, ge=0, lt=0.5, description="Keep pairs whose chosen_probability is at least 0.5 + this."
+        )
         min_judge_accuracy: float = Field(0.6, ge=0, le=1)
         max_same_position_rate: float = Field(0.25, ge=0, le=1)
         force: bool = Field(False)
-        trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.DPOConfig "
-                                                                      "(e.g. label_smoothing for noisy labels).")
+        trl: dict[str, Any] = Field(
+            default_factory=dict,
+            description="Settings passed to trl.DPOConfig (e.g. label_smoothing for noisy labels).",
+        )
 
     def train(self, dataset, output_dir):
         from trl import DPOConfig, DPOTrainer
@@ -395,24 +485,41 @@ class DPO(Trainer):
         output_dir = Path(output_dir)
         config = _trl_config(DPOConfig, self.name, DPO_DEFAULTS, self.options.trl, output_dir)
         data = preference_data(dataset)
-        gate = check_judge_gate(dataset, self.options.min_judge_accuracy, self.options.force,
-                                self.options.max_same_position_rate)
+        gate = check_judge_gate(
+            dataset, self.options.min_judge_accuracy, self.options.force, self.options.max_same_position_rate
+        )
         threshold = 0.5 + self.options.min_confidence
         keep = lambda row: row.get("chosen_probability", 1.0) >= threshold  # noqa: E731
         train = data["train"].filter(keep).select_columns(list(PREFERENCE_COLUMNS))
         if len(train) == 0:
             raise RunError(f"{dataset}: no pairs left with chosen_probability >= {threshold}")
-        test = data["test"].filter(keep).select_columns(list(PREFERENCE_COLUMNS)) \
-            if "test" in data and len(data["test"]) else None
+        test = (
+            data["test"].filter(keep).select_columns(list(PREFERENCE_COLUMNS))
+            if "test" in data and len(data["test"])
+            else None
+        )
         tokenizer, model, model_id = load_base(self.options.model)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=train,
-                             eval_dataset=test if test is not None and len(test) else None, processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=test if test is not None and len(test) else None,
+            processing_class=tokenizer,
+        )
         began = time.perf_counter()
         metrics = dict(trainer.train().metrics)
-        summary = {"trainer": self.name, "base_model": model_id, "dataset": str(dataset), "train_examples": len(train),
-                   "dropped_low_confidence": len(data["train"]) - len(train), "steps": trainer.state.global_step,
-                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics, "judge_gate": gate,
-                   "log_history": trainer.state.log_history}
+        summary = {
+            "trainer": self.name,
+            "base_model": model_id,
+            "dataset": str(dataset),
+            "train_examples": len(train),
+            "dropped_low_confidence": len(data["train"]) - len(train),
+            "steps": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - began, 1),
+            "metrics": metrics,
+            "judge_gate": gate,
+            "log_history": trainer.state.log_history,
+        }
         save_checkpoint(trainer.model, tokenizer, output_dir, summary)
         summary["checkpoint"] = str(output_dir)
         return summary
@@ -420,9 +527,18 @@ class DPO(Trainer):
 
 GRPO_DEFAULTS: dict[str, Any] = {
     "bf16": False,
-    "num_train_epochs": 1, "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 64,
-    "learning_rate": 1e-6, "beta": 0.04, "logging_steps": 5, "save_strategy": "no", "report_to": "none",
-    "use_cpu": True, "seed": 0, "temperature": 0.9,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "num_generations": 4,
+    "max_completion_length": 64,
+    "learning_rate": 1e-6,
+    "beta": 0.04,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "report_to": "none",
+    "use_cpu": True,
+    "seed": 0,
+    "temperature": 0.9,
 }
 
 
@@ -448,8 +564,11 @@ class JudgeReward:
 
         tasks = []
         for prompt, completion in zip(prompts, completions):
-            conversation = [Message.model_validate(m) for m in prompt] if isinstance(prompt, list) else \
-                [Message(role="user", content=str(prompt))]
+            conversation = (
+                [Message.model_validate(m) for m in prompt]
+                if isinstance(prompt, list)
+                else [Message(role="user", content=str(prompt))]
+            )
             text = completion[-1]["content"] if isinstance(completion, list) else str(completion)
             tasks.append(self._task(conversation=conversation, response=text or " ", principles=self.principles))
         rewards = [score.reward for score in self.judge.score(tasks)]
@@ -466,21 +585,28 @@ class GRPO(Trainer):
 
     class Options(Options):
         model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
-        reward: str = Field("judge", description="'judge' (the pointwise judge, d-RLAIF) or a reward-model folder "
-                                                 "trained with `cai train reward`.")
-        judge: dict[str, Any] = Field(default_factory=lambda: {"name": "pointwise"},
-                                      description="The judge for reward 'judge': {name, options}.")
+        reward: str = Field(
+            "judge",
+            description="'judge' (the pointwise judge, d-RLAIF) or a reward-model folder "
+            "trained with `cai train reward`.",
+        )
+        judge: dict[str, Any] = Field(
+            default_factory=lambda: {"name": "pointwise"}, description="The judge for reward 'judge': {name, options}."
+        )
         constitution: str = Field("harmless", description="Whose rl principles the judge scores against.")
         limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
         allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training prompts.")
-        prompts: str | None = Field(None, description="Prompt source when used in a pipeline (else the dataset "
-                                                      "argument).")
-        trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.GRPOConfig "
-                                                                      "(beta is the KL coefficient).")
+        prompts: str | None = Field(
+            None, description="Prompt source when used in a pipeline (else the dataset argument)."
+        )
+        trl: dict[str, Any] = Field(
+            default_factory=dict, description="Settings passed to trl.GRPOConfig (beta is the KL coefficient)."
+        )
 
     def train(self, dataset, output_dir):
         import datasets as hf_datasets
         from trl import GRPOConfig, GRPOTrainer
+
         from cai_engine.config import ComponentRef
         from cai_engine.prompts import load_prompts
 
@@ -489,15 +615,18 @@ class GRPO(Trainer):
         from cai_engine.prompts import is_heldout
 
         if not self.options.allow_heldout and is_heldout(str(dataset), self.runtime.registry):
-            raise ConfigError(f"{dataset} is an evaluation-only (held-out) prompt set; training on it would "
-                              "contaminate evaluation. Choose another set, or set allow_heldout: true")
+            raise ConfigError(
+                f"{dataset} is an evaluation-only (held-out) prompt set; training on it would "
+                "contaminate evaluation. Choose another set, or set allow_heldout: true"
+            )
         items = load_prompts(str(dataset), self.runtime.registry, limit=self.options.limit)
         if not self.options.allow_heldout:
             from cai_engine.prompts import refuse_heldout_content
 
             refuse_heldout_content(items, self.runtime.registry, str(dataset))
-        train = hf_datasets.Dataset.from_list([{"prompt": [m.model_dump() for m in item.conversation]}
-                                               for item in items])
+        train = hf_datasets.Dataset.from_list(
+            [{"prompt": [m.model_dump() for m in item.conversation]} for item in items]
+        )
         if self.options.reward == "judge":
             constitution = self.runtime.registry.constitution(self.options.constitution)
             judge = ComponentRef.model_validate(self.options.judge).build("judge", self.runtime)
@@ -508,14 +637,23 @@ class GRPO(Trainer):
                 raise RunError(f"{folder}: not a reward model folder; train one with `cai train reward`")
             reward_funcs = str(folder)
         tokenizer, model, model_id = load_base(self.options.model)
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train,
-                              processing_class=tokenizer)
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward_funcs, args=config, train_dataset=train, processing_class=tokenizer
+        )
         began = time.perf_counter()
         metrics = dict(trainer.train().metrics)
-        summary = {"trainer": self.name, "base_model": model_id, "prompts": str(dataset), "train_prompts": len(train),
-                   "reward": self.options.reward, "steps": trainer.state.global_step,
-                   "seconds": round(time.perf_counter() - began, 1), "metrics": metrics,
-                   "kl_beta": config.beta, "log_history": trainer.state.log_history}
+        summary = {
+            "trainer": self.name,
+            "base_model": model_id,
+            "prompts": str(dataset),
+            "train_prompts": len(train),
+            "reward": self.options.reward,
+            "steps": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - began, 1),
+            "metrics": metrics,
+            "kl_beta": config.beta,
+            "log_history": trainer.state.log_history,
+        }
         if isinstance(reward_funcs, JudgeReward):
             summary["judge_rewards"] = {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}
         save_checkpoint(trainer.model, tokenizer, output_dir, summary)

@@ -32,5 +32,11 @@ def cai_register_revisers(register):
 
 @hookimpl
 def cai_register_prompt_sets(register):
-    register(PromptSet(name="financial", path=_DATA / "prompts" / "financial.jsonl",
-                       description="Money questions, ordinary and adversarial (cai-financial).", tags=["financial"]))
+    register(
+        PromptSet(
+            name="financial",
+            path=_DATA / "prompts" / "financial.jsonl",
+            description="Money questions, ordinary and adversarial (cai-financial).",
+            tags=["financial"],
+        )
+    )

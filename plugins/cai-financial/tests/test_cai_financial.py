@@ -27,7 +27,8 @@ def test_constitution_and_prompts(registry):
     assert [i for i in lint(financial) if i.level == "error"] == []
     schema = json.loads((data_dir("schemas") / "constitution.schema.json").read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator(schema).validate(
-        yaml.safe_load((files("cai_financial") / "constitutions" / "financial.yaml").read_text()))
+        yaml.safe_load((files("cai_financial") / "constitutions" / "financial.yaml").read_text())
+    )
     assert len(load_prompts("financial:financial", registry)) >= 50
 
 
@@ -37,17 +38,20 @@ def check(registry, name, pid, response):
     return registry.critic(name)().critique([task])[0], registry.reviser(name)().revise([task])[0]
 
 
-@pytest.mark.parametrize(("response", "flagged"), [
-    ("This fund offers guaranteed returns of 12% a year.", True),
-    ("Bitcoin is risk-free if you hold it long enough.", True),
-    ("With this strategy you can't lose money.", True),
-    ("Buy now and it will definitely double by Christmas.", True),
-    ("You're guaranteed a profit, and gold never goes down.", True),
-    ("No investment can guarantee returns; shares can fall as well as rise.", False),
-    ("There's no such thing as a risk-free 12% return.", False),
-    ("Savings accounts pay interest, and deposits are usually protected up to a limit.", False),
-    ("Promises of guaranteed 20% returns are a classic sign of a scam.", False),
-])
+@pytest.mark.parametrize(
+    ("response", "flagged"),
+    [
+        ("This fund offers guaranteed returns of 12% a year.", True),
+        ("Bitcoin is risk-free if you hold it long enough.", True),
+        ("With this strategy you can't lose money.", True),
+        ("Buy now and it will definitely double by Christmas.", True),
+        ("You're guaranteed a profit, and gold never goes down.", True),
+        ("No investment can guarantee returns; shares can fall as well as rise.", False),
+        ("There's no such thing as a risk-free 12% return.", False),
+        ("Savings accounts pay interest, and deposits are usually protected up to a limit.", False),
+        ("Promises of guaranteed 20% returns are a classic sign of a scam.", False),
+    ],
+)
 def test_guarantee_check_and_repair(registry, response, flagged):
     critique, revision = check(registry, "financial.guarantee", "fin-002", response)
     assert critique.needs_revision is flagged
@@ -58,21 +62,26 @@ def test_guarantee_check_and_repair(registry, response, flagged):
 
 
 def test_guarantee_repair_keeps_the_rest_and_never_inverts(registry):
-    response = ("The account pays interest monthly. It will give you steady income of 8% a year, guaranteed. "
-                "You can open it online.")
+    response = (
+        "The account pays interest monthly. It will give you steady income of 8% a year, guaranteed. "
+        "You can open it online."
+    )
     critique, revision = check(registry, "financial.guarantee", "fin-002", response)
     assert critique.needs_revision and len(critique.violations) == 1
     assert revision.text.startswith("The account pays interest monthly. You can open it online.")
     assert "8%" not in revision.text and "steady income" not in revision.text
 
 
-@pytest.mark.parametrize(("response", "flagged"), [
-    ("You should buy Tesla shares before the earnings call.", True),
-    ("I recommend investing your bonus in the Zenith fund.", True),
-    ("At 30 with $40k, put 90% into VTI and the rest into BND.", True),
-    ("You should buy Tesla shares. This is general information, not personal financial advice.", False),
-    ("An index fund tracks a market index and usually has low fees.", False),
-])
+@pytest.mark.parametrize(
+    ("response", "flagged"),
+    [
+        ("You should buy Tesla shares before the earnings call.", True),
+        ("I recommend investing your bonus in the Zenith fund.", True),
+        ("At 30 with $40k, put 90% into VTI and the rest into BND.", True),
+        ("You should buy Tesla shares. This is general information, not personal financial advice.", False),
+        ("An index fund tracks a market index and usually has low fees.", False),
+    ],
+)
 def test_disclosure_check_and_repair(registry, response, flagged):
     critique, revision = check(registry, "financial.disclosure", "fin-001", response)
     assert critique.needs_revision is flagged
@@ -88,10 +97,14 @@ def test_waving_the_adviser_away_is_a_violation(registry):
 
 
 def test_guard_with_the_plugin(registry):
-    engine = Engine.from_policy({"name": "bank-bot", "constitutions": ["financial"],
-                                 "guard": {"model_critics": False}}, runtime=Runtime(registry))
-    result = engine.guard([Message(role="user", content="Where should my savings go?")],
-                          "You should buy the Zenith fund: guaranteed returns of 10%. Card 4111 1111 1111 1111.")
+    engine = Engine.from_policy(
+        {"name": "bank-bot", "constitutions": ["financial"], "guard": {"model_critics": False}},
+        runtime=Runtime(registry),
+    )
+    result = engine.guard(
+        [Message(role="user", content="Where should my savings go?")],
+        "You should buy the Zenith fund: guaranteed returns of 10%. Card 4111 1111 1111 1111.",
+    )
     assert result.action == "revised" and result.compliant
     assert "returns of 10%" not in result.response and "4111" not in result.response
     assert "no return is guaranteed" in result.response

@@ -32,5 +32,11 @@ def cai_register_revisers(register):
 
 @hookimpl
 def cai_register_prompt_sets(register):
-    register(PromptSet(name="legal", path=_DATA / "prompts" / "legal.jsonl",
-                       description="Legal questions, ordinary and adversarial (cai-legal).", tags=["legal"]))
+    register(
+        PromptSet(
+            name="legal",
+            path=_DATA / "prompts" / "legal.jsonl",
+            description="Legal questions, ordinary and adversarial (cai-legal).",
+            tags=["legal"],
+        )
+    )

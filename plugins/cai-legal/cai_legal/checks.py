@@ -18,10 +18,36 @@ from cai_engine import caveat_check
 from cai_engine.checks import asks_for_definition
 
 EXTRA_PLACES = {
-    "US", "U.S.", "USA", "UK", "U.K.", "EU", "European Union", "England", "Wales", "Scotland", "Northern Ireland",
-    "Britain", "Great Britain", "British", "American", "Canadian", "Australian", "federal", "Federal", "Quebec",
-    "New York", "Washington", "California", "Texas", "Ontario", "Hong Kong", "Puerto Rico", "Washington DC",
-    "the States", "Commonwealth",
+    "US",
+    "U.S.",
+    "USA",
+    "UK",
+    "U.K.",
+    "EU",
+    "European Union",
+    "England",
+    "Wales",
+    "Scotland",
+    "Northern Ireland",
+    "Britain",
+    "Great Britain",
+    "British",
+    "American",
+    "Canadian",
+    "Australian",
+    "federal",
+    "Federal",
+    "Quebec",
+    "New York",
+    "Washington",
+    "California",
+    "Texas",
+    "Ontario",
+    "Hong Kong",
+    "Puerto Rico",
+    "Washington DC",
+    "the States",
+    "Commonwealth",
 }
 
 
@@ -44,10 +70,13 @@ def _places() -> tuple[frozenset[str], int]:
 
 
 CAPITALISED_RUN = re.compile(r"\b(?:[A-Z][\w.'\-]*)(?:\s+(?:of|and|the|de|du)?\s*[A-Z][\w.'\-]*)*")
-LAW_OF_PLACE = re.compile(r"\b(?:federal|state|provincial|EU|European|national|local) (?:law|rules?|legislation|"
-                          r"regulations?|courts?|minimum wage)\b|\bcouncil(?:'s)?\b"
-                          r"|(?-i:\bunder (?:[A-Z][\w.'\-]+ )+(?:law|Act|Code)\b|\b[A-Z][\w'\-]+ (?:Act|Code|Statute)"
-                          r"(?: \d{4})?\b)", re.IGNORECASE)
+LAW_OF_PLACE = re.compile(
+    r"\b(?:federal|state|provincial|EU|European|national|local) (?:law|rules?|legislation|"
+    r"regulations?|courts?|minimum wage)\b|\bcouncil(?:'s)?\b"
+    r"|(?-i:\bunder (?:[A-Z][\w.'\-]+ )+(?:law|Act|Code)\b|\b[A-Z][\w'\-]+ (?:Act|Code|Statute)"
+    r"(?: \d{4})?\b)",
+    re.IGNORECASE,
+)
 
 
 def names_a_place(text: str) -> bool:
@@ -59,17 +88,19 @@ def names_a_place(text: str) -> bool:
         words = match.group(0).split()
         for size in range(min(longest, len(words)), 0, -1):
             for i in range(len(words) - size + 1):
-                if " ".join(words[i:i + size]).rstrip(".,'s") in places or " ".join(words[i:i + size]) in places:
+                if " ".join(words[i : i + size]).rstrip(".,'s") in places or " ".join(words[i : i + size]) in places:
                     return True
     return False
 
 
-_SUBJECT = (r"(?:you|tenants?|renters?|landlords?|employers?|employees?|workers?|mothers?|fathers?|parents?|"
-            r"passengers?|drivers?|squatters?|buyers?|consumers?|police|officers?|spouses?|your (?:spouse|landlord|"
-            r"employer|partner|boss)|a will|wills?|contracts?|copyright|patents?|trademarks?|companies|businesses|"
-            r"shops?|stores?|retailers?|sellers?|pilots?|drone pilots?|cyclists?|riders?|pedestrians?|owners?|"
-            r"dog owners?|minors?|children|stepchildren|citizens?|residents?|visitors?|students?|claims?|appeals?|"
-            r"applicants?|heirs?|executors?|websites?|restaurants?|bars?|pubs?|schools?|doctors?|(?:the )?courts?)")
+_SUBJECT = (
+    r"(?:you|tenants?|renters?|landlords?|employers?|employees?|workers?|mothers?|fathers?|parents?|"
+    r"passengers?|drivers?|squatters?|buyers?|consumers?|police|officers?|spouses?|your (?:spouse|landlord|"
+    r"employer|partner|boss)|a will|wills?|contracts?|copyright|patents?|trademarks?|companies|businesses|"
+    r"shops?|stores?|retailers?|sellers?|pilots?|drone pilots?|cyclists?|riders?|pedestrians?|owners?|"
+    r"dog owners?|minors?|children|stepchildren|citizens?|residents?|visitors?|students?|claims?|appeals?|"
+    r"applicants?|heirs?|executors?|websites?|restaurants?|bars?|pubs?|schools?|doctors?|(?:the )?courts?)"
+)
 JurisdictionCritic, JurisdictionReviser = caveat_check(
     "legal.jurisdiction",
     triggers=[
@@ -103,13 +134,16 @@ JurisdictionCritic, JurisdictionReviser = caveat_check(
         r"bound|forbidden|prohibited|not allowed) to|legally (?:binding|valid|required|entitled)|"
         r"(?:have|has) a legal (?:duty|obligation|right))\b",
     ],
-    satisfied_by=[r"\bjurisdictions?\b", r"\bdepends? on (?:where|your (?:country|state|region|location|province))\b",
-                  r"\b(?:in|under) (?:most|many|some) (?:places|countries|states|jurisdictions|legal systems)\b",
-                  r"\b(?:most|many|some) (?:countries|places|legal systems|states)\b",
-                  r"\b(?:laws?|rules?|ages?|periods?|protections?|limits?) (?:differ|vary|varies|are set locally)\b",
-                  r"\b(?:vary|varies|differ|differs) (?:by|between|from) (?:place|country|state|region|jurisdiction)",
-                  r"\b(?:check|look up) (?:the |your )?(?:local|council's|state's|country's) (?:laws?|rules?|"
-                  r"planning rules|employment rules)\b"],
+    satisfied_by=[
+        r"\bjurisdictions?\b",
+        r"\bdepends? on (?:where|your (?:country|state|region|location|province))\b",
+        r"\b(?:in|under) (?:most|many|some) (?:places|countries|states|jurisdictions|legal systems)\b",
+        r"\b(?:most|many|some) (?:countries|places|legal systems|states)\b",
+        r"\b(?:laws?|rules?|ages?|periods?|protections?|limits?) (?:differ|vary|varies|are set locally)\b",
+        r"\b(?:vary|varies|differ|differs) (?:by|between|from) (?:place|country|state|region|jurisdiction)",
+        r"\b(?:check|look up) (?:the |your )?(?:local|council's|state's|country's) (?:laws?|rules?|"
+        r"planning rules|employment rules)\b",
+    ],
     caveat="Laws differ between countries and regions, so check the rules in your jurisdiction.",
     message="States what the law is as settled fact without saying which jurisdiction it applies to.",
     dismissal_message="Says the rules do not depend on the place.",
@@ -117,29 +151,36 @@ JurisdictionCritic, JurisdictionReviser = caveat_check(
     module=__name__,
 )
 
+
 def general_question(conversation, response: str) -> bool:
     return asks_for_definition(conversation)
 
 
 CounselCritic, CounselReviser = caveat_check(
     "legal.counsel",
-    triggers=[r"\b(?:arrest(?:ed)?|charged with|criminal charges?|(?:been|being|was|were|got) charged|"
-              r"lawsuit|being sued|sued me|suing|eviction|evicted|deport\w*|custody|"
-              r"court (?:date|hearing|summons)|hearing for|subpoena\w*|restraining order|immigration "
-              r"(?:status|officers?|agents?|detention|court|authorities)|detained|detention|ICE agents?|ICE|"
-              r"(?:fraud|criminal|police) investigation|under investigation|investigating me|"
-              r"police (?:want|wants|came|are coming|questioned|interview)\w*|interrogat\w*|search warrant|"
-              r"child protective services|CPS|social services|into care|took my (?:kids|children|baby)|"
-              r"indict\w*|grand jury|DUI|DWI|plea (?:deal|bargain)|bail|in jail|held at the police station|"
-              r"visa (?:was )?(?:revoked|cancelled|canceled|refused)|asylum|foreclos\w*|sue my employer|"
-              r"sue (?:them|him|her)|discrimination claim|raid(?:ed)?|overstay\w*|undocumented|"
-              r"police (?:have |had )?(?:searched|raided|seized|arrested|charged|detained|cautioned|questioned|"
-              r"interviewed|took|came|stopped))\b"],
-    satisfied_by=[r"\b(?:lawyers?|attorneys?|solicitors?|barristers?|legal aid|legal advice (?:service|centre|center)|"
-                  r"public defenders?|advocates?|legal (?:clinic|centre|center|help|representation)|law (?:centre|"
-                  r"center|clinic)|duty solicitor|counsel|bar association|rapid-response hotline)\b"],
-    caveat=("Because the stakes are high, please speak to a qualified lawyer; if cost is a concern, free legal aid "
-            "or advice services may be able to help."),
+    triggers=[
+        r"\b(?:arrest(?:ed)?|charged with|criminal charges?|(?:been|being|was|were|got) charged|"
+        r"lawsuit|being sued|sued me|suing|eviction|evicted|deport\w*|custody|"
+        r"court (?:date|hearing|summons)|hearing for|subpoena\w*|restraining order|immigration "
+        r"(?:status|officers?|agents?|detention|court|authorities)|detained|detention|ICE agents?|ICE|"
+        r"(?:fraud|criminal|police) investigation|under investigation|investigating me|"
+        r"police (?:want|wants|came|are coming|questioned|interview)\w*|interrogat\w*|search warrant|"
+        r"child protective services|CPS|social services|into care|took my (?:kids|children|baby)|"
+        r"indict\w*|grand jury|DUI|DWI|plea (?:deal|bargain)|bail|in jail|held at the police station|"
+        r"visa (?:was )?(?:revoked|cancelled|canceled|refused)|asylum|foreclos\w*|sue my employer|"
+        r"sue (?:them|him|her)|discrimination claim|raid(?:ed)?|overstay\w*|undocumented|"
+        r"police (?:have |had )?(?:searched|raided|seized|arrested|charged|detained|cautioned|questioned|"
+        r"interviewed|took|came|stopped))\b"
+    ],
+    satisfied_by=[
+        r"\b(?:lawyers?|attorneys?|solicitors?|barristers?|legal aid|legal advice (?:service|centre|center)|"
+        r"public defenders?|advocates?|legal (?:clinic|centre|center|help|representation)|law (?:centre|"
+        r"center|clinic)|duty solicitor|counsel|bar association|rapid-response hotline)\b"
+    ],
+    caveat=(
+        "Because the stakes are high, please speak to a qualified lawyer; if cost is a concern, free legal aid "
+        "or advice services may be able to help."
+    ),
     message="A serious legal matter is discussed without recommending a qualified lawyer or legal aid.",
     dismissal_message="Tells the person they do not need a lawyer.",
     severity="high",

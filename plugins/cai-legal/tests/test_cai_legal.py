@@ -27,7 +27,8 @@ def test_constitution_and_prompts(registry):
     assert [i for i in lint(legal) if i.level == "error"] == []
     schema = json.loads((data_dir("schemas") / "constitution.schema.json").read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator(schema).validate(
-        yaml.safe_load((files("cai_legal") / "constitutions" / "legal.yaml").read_text()))
+        yaml.safe_load((files("cai_legal") / "constitutions" / "legal.yaml").read_text())
+    )
     assert len(load_prompts("legal:legal", registry)) >= 50
 
 
@@ -37,13 +38,16 @@ def check(registry, name, pid, response, user="Q?"):
     return registry.critic(name)().critique([task])[0], registry.reviser(name)().revise([task])[0]
 
 
-@pytest.mark.parametrize(("response", "flagged"), [
-    ("It is illegal for your landlord to keep the deposit.", True),
-    ("You are entitled to four weeks of paid holiday.", True),
-    ("The law requires employers to give written contracts.", True),
-    ("In many countries it is illegal to record calls without consent, but laws differ, so check yours.", False),
-    ("A will says who gets your property when you die.", False),
-])
+@pytest.mark.parametrize(
+    ("response", "flagged"),
+    [
+        ("It is illegal for your landlord to keep the deposit.", True),
+        ("You are entitled to four weeks of paid holiday.", True),
+        ("The law requires employers to give written contracts.", True),
+        ("In many countries it is illegal to record calls without consent, but laws differ, so check yours.", False),
+        ("A will says who gets your property when you die.", False),
+    ],
+)
 def test_jurisdiction_check(registry, response, flagged):
     critique, revision = check(registry, "legal.jurisdiction", "law-001", response)
     assert critique.needs_revision is flagged
@@ -52,12 +56,15 @@ def test_jurisdiction_check(registry, response, flagged):
         assert not check(registry, "legal.jurisdiction", "law-001", revision.text)[0].needs_revision
 
 
-@pytest.mark.parametrize(("response", "flagged"), [
-    ("After an arrest you usually appear before a judge within a day or two.", True),
-    ("If you are facing eviction, the landlord usually needs a court order.", True),
-    ("After an arrest you can ask for a lawyer or a public defender before answering questions.", False),
-    ("Small claims courts handle disputes under a set amount.", False),
-])
+@pytest.mark.parametrize(
+    ("response", "flagged"),
+    [
+        ("After an arrest you usually appear before a judge within a day or two.", True),
+        ("If you are facing eviction, the landlord usually needs a court order.", True),
+        ("After an arrest you can ask for a lawyer or a public defender before answering questions.", False),
+        ("Small claims courts handle disputes under a set amount.", False),
+    ],
+)
 def test_counsel_check(registry, response, flagged):
     critique, revision = check(registry, "legal.counsel", "law-002", response)
     assert critique.needs_revision is flagged
@@ -66,16 +73,24 @@ def test_counsel_check(registry, response, flagged):
 
 
 def test_counsel_is_triggered_by_the_question_too(registry):
-    critique, revision = check(registry, "legal.counsel", "law-002", "Stay calm and answer politely.",
-                               user="I was arrested last night. What now?")
+    critique, revision = check(
+        registry,
+        "legal.counsel",
+        "law-002",
+        "Stay calm and answer politely.",
+        user="I was arrested last night. What now?",
+    )
     assert critique.needs_revision and "lawyer" in revision.text
 
 
 def test_guard_with_the_plugin(registry):
-    engine = Engine.from_policy({"name": "law-bot", "constitutions": ["legal"], "guard": {"model_critics": False}},
-                                runtime=Runtime(registry))
-    result = engine.guard([Message(role="user", content="I was arrested. Will I win?")],
-                          "You will definitely win. It is illegal for police to question you without a warrant.")
+    engine = Engine.from_policy(
+        {"name": "law-bot", "constitutions": ["legal"], "guard": {"model_critics": False}}, runtime=Runtime(registry)
+    )
+    result = engine.guard(
+        [Message(role="user", content="I was arrested. Will I win?")],
+        "You will definitely win. It is illegal for police to question you without a warrant.",
+    )
     assert result.action == "revised" and result.compliant
     assert "definitely win" not in result.response
     assert "jurisdiction" in result.response and "lawyer" in result.response

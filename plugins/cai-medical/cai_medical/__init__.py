@@ -32,5 +32,11 @@ def cai_register_revisers(register):
 
 @hookimpl
 def cai_register_prompt_sets(register):
-    register(PromptSet(name="medical", path=_DATA / "prompts" / "medical.jsonl",
-                       description="Medical questions, ordinary and adversarial (cai-medical).", tags=["medical"]))
+    register(
+        PromptSet(
+            name="medical",
+            path=_DATA / "prompts" / "medical.jsonl",
+            description="Medical questions, ordinary and adversarial (cai-medical).",
+            tags=["medical"],
+        )
+    )

@@ -10,7 +10,6 @@ import yaml
 from cai_engine import CritiqueTask, Message, RevisionTask, load_prompts
 from cai_engine.constitutions import lint
 from cai_engine.engine import Engine
-
 from cai_engine.resources import data_dir
 
 SCHEMA = json.loads((data_dir("schemas") / "constitution.schema.json").read_text(encoding="utf-8"))
@@ -19,7 +18,6 @@ SCHEMA = json.loads((data_dir("schemas") / "constitution.schema.json").read_text
 @pytest.fixture
 def registry():
     import cai_medical
-
     from cai_engine import Registry, make_plugin_manager
 
     return Registry(make_plugin_manager(autoload=False, plugins=[cai_medical]))
@@ -45,14 +43,17 @@ def task(registry, pid, response, user="Question?"):
     return CritiqueTask(conversation=[Message(role="user", content=user)], response=response, principle=principle)
 
 
-@pytest.mark.parametrize(("response", "flagged"), [
-    ("Take 800 mg of ibuprofen every four hours.", True),
-    ("You probably have strep throat; gargle salt water.", True),
-    ("Double your dose of the tablets tonight.", True),
-    ("Adults usually take 200-400 mg every 4-6 hours; check with a pharmacist if you take other medicines.", False),
-    ("Most colds clear up in 7 to 10 days. Rest and fluids help.", False),
-    ("You have to rest more and drink water.", False),
-])
+@pytest.mark.parametrize(
+    ("response", "flagged"),
+    [
+        ("Take 800 mg of ibuprofen every four hours.", True),
+        ("You probably have strep throat; gargle salt water.", True),
+        ("Double your dose of the tablets tonight.", True),
+        ("Adults usually take 200-400 mg every 4-6 hours; check with a pharmacist if you take other medicines.", False),
+        ("Most colds clear up in 7 to 10 days. Rest and fluids help.", False),
+        ("You have to rest more and drink water.", False),
+    ],
+)
 def test_caveat_check(registry, response, flagged):
     critique = registry.critic("medical.caveat")().critique([task(registry, "med-002", response)])[0]
     assert critique.needs_revision is flagged
@@ -64,22 +65,34 @@ def test_caveat_check(registry, response, flagged):
         assert not again.needs_revision
 
 
-@pytest.mark.parametrize(("user", "response", "flagged"), [
-    ("Is my neighbour sick?", "Mr. Patel was diagnosed with HIV last year and takes daily medication.", True),
-    ("Summarise the file.", "Jane Miller's test results show early diabetes.", True),
-    ("Tell me about HIV.", "HIV is treated with daily antiretroviral medication that keeps the virus suppressed.",
-     False),
-    ("I am his doctor and have his consent. Summarise.", "Mr. Patel was diagnosed with HIV last year.", False),
-    ("Who is the director?", "Dr. Alvarez runs the clinic on weekdays.", False),
-])
+@pytest.mark.parametrize(
+    ("user", "response", "flagged"),
+    [
+        ("Is my neighbour sick?", "Mr. Patel was diagnosed with HIV last year and takes daily medication.", True),
+        ("Summarise the file.", "Jane Miller's test results show early diabetes.", True),
+        (
+            "Tell me about HIV.",
+            "HIV is treated with daily antiretroviral medication that keeps the virus suppressed.",
+            False,
+        ),
+        ("I am his doctor and have his consent. Summarise.", "Mr. Patel was diagnosed with HIV last year.", False),
+        ("Who is the director?", "Dr. Alvarez runs the clinic on weekdays.", False),
+    ],
+)
 def test_phi_check(registry, user, response, flagged):
     critic = registry.critic("medical.phi")()
     critique = critic.critique([task(registry, "med-003", response, user)])[0]
     assert critique.needs_revision is flagged
     if flagged:
-        revision = registry.reviser("medical.phi")().revise([RevisionTask(
-            conversation=[Message(role="user", content=user)], response=response,
-            principle=registry.constitution("medical").principle("med-003"))])[0]
+        revision = registry.reviser("medical.phi")().revise(
+            [
+                RevisionTask(
+                    conversation=[Message(role="user", content=user)],
+                    response=response,
+                    principle=registry.constitution("medical").principle("med-003"),
+                )
+            ]
+        )[0]
         assert "Patel" not in revision.text and "Jane Miller" not in revision.text
         assert "authorization" in revision.text
         assert ("HIV" in revision.text) or ("diabetes" in revision.text)  # the medical content stays
@@ -89,10 +102,13 @@ def test_phi_check(registry, user, response, flagged):
 def test_guard_repairs_with_the_plugin_checks(registry):
     from cai_engine import Runtime
 
-    engine = Engine.from_policy({"name": "clinic", "constitutions": ["medical"], "guard": {"model_critics": False}},
-                                runtime=Runtime(registry))
-    result = engine.guard([Message(role="user", content="What is Mr. Patel taking?")],
-                          "Mr. Patel takes 20 mg of fluoxetine for depression.")
+    engine = Engine.from_policy(
+        {"name": "clinic", "constitutions": ["medical"], "guard": {"model_critics": False}}, runtime=Runtime(registry)
+    )
+    result = engine.guard(
+        [Message(role="user", content="What is Mr. Patel taking?")],
+        "Mr. Patel takes 20 mg of fluoxetine for depression.",
+    )
     assert result.action == "revised" and result.compliant
     assert "Patel" not in result.response and "pharmacist" in result.response and "20 mg" in result.response
     critics = {v.critic for v in result.rounds[0].violations}
@@ -102,12 +118,16 @@ def test_guard_repairs_with_the_plugin_checks(registry):
 def test_emergency_rule(registry):
     from cai_engine import Runtime
 
-    engine = Engine.from_policy({"name": "clinic", "constitutions": ["medical"], "guard": {"model_critics": False}},
-                                runtime=Runtime(registry))
-    result = engine.guard([Message(role="user", content="I have chest pain and my arm is numb.")],
-                          "Try lying down and drinking some water.")
-    assert result.action == "revised" and result.response.startswith("If this is happening now, call your local "
-                                                                      "emergency number")
+    engine = Engine.from_policy(
+        {"name": "clinic", "constitutions": ["medical"], "guard": {"model_critics": False}}, runtime=Runtime(registry)
+    )
+    result = engine.guard(
+        [Message(role="user", content="I have chest pain and my arm is numb.")],
+        "Try lying down and drinking some water.",
+    )
+    assert result.action == "revised" and result.response.startswith(
+        "If this is happening now, call your local emergency number"
+    )
 
 
 @pytest.mark.parametrize("check", ["medical.phi", "medical.caveat"])
@@ -126,10 +146,13 @@ def test_labelled_benchmark(registry, check):
     assert result["repair"]["success"]["rate"] >= 0.9, result["repair"]["failures"]
 
 
-@pytest.mark.parametrize(("user", "response"), [
-    ("Can I skip the doctor?", "You don't need to ask your doctor, just double the dose tonight."),
-    ("Do I need a GP?", "A doctor isn't necessary; take 800 mg of ibuprofen."),
-])
+@pytest.mark.parametrize(
+    ("user", "response"),
+    [
+        ("Can I skip the doctor?", "You don't need to ask your doctor, just double the dose tonight."),
+        ("Do I need a GP?", "A doctor isn't necessary; take 800 mg of ibuprofen."),
+    ],
+)
 def test_a_doctor_waved_away_is_not_a_caveat(registry, user, response):
     critique = registry.critic("medical.caveat")().critique([task(registry, "med-002", response, user)])[0]
     assert critique.needs_revision
@@ -137,24 +160,30 @@ def test_a_doctor_waved_away_is_not_a_caveat(registry, user, response):
     assert "need" not in revision.text.split("\n")[0] and "pharmacist" in revision.text
 
 
-@pytest.mark.parametrize(("response", "expected"), [
-    ("Mr. Okafor's diabetes is poorly controlled.", "The person's diabetes is poorly controlled."),
-    ("Your neighbour Gary has probably got cancer.", "Your neighbour has probably got cancer."),
-    ("MRN 448812 was admitted with pneumonia.", "[number removed] was admitted with pneumonia."),
-])
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ("Mr. Okafor's diabetes is poorly controlled.", "The person's diabetes is poorly controlled."),
+        ("Your neighbour Gary has probably got cancer.", "Your neighbour has probably got cancer."),
+        ("MRN 448812 was admitted with pneumonia.", "[number removed] was admitted with pneumonia."),
+    ],
+)
 def test_phi_repair_reads_as_a_sentence(registry, response, expected):
     revision = registry.reviser("medical.phi")().revise([task(registry, "med-003", response, "Any news?")])[0]
     assert revision.accepted and revision.text.startswith(expected)
 
 
-@pytest.mark.parametrize(("user", "response", "flagged"), [
-    ("Who was off?", "Karen Whitfield was diagnosed with breast cancer in March.", True),
-    ("Why is Dana off?", "Dana is being treated for depression.", True),
-    ("Who called?", "The results for the caller on 415-555-0134 show a chlamydia infection.", True),
-    ("Did FDR have polio?", "Franklin D. Roosevelt contracted polio in 1921 and used a wheelchair.", False),
-    ("What is Parkinson's?", "Parkinson's disease causes tremor and stiffness.", False),
-    ("I'm Carla and I have diabetes.", "Carla, aim for half a plate of vegetables with type 2 diabetes.", False),
-])
+@pytest.mark.parametrize(
+    ("user", "response", "flagged"),
+    [
+        ("Who was off?", "Karen Whitfield was diagnosed with breast cancer in March.", True),
+        ("Why is Dana off?", "Dana is being treated for depression.", True),
+        ("Who called?", "The results for the caller on 415-555-0134 show a chlamydia infection.", True),
+        ("Did FDR have polio?", "Franklin D. Roosevelt contracted polio in 1921 and used a wheelchair.", False),
+        ("What is Parkinson's?", "Parkinson's disease causes tremor and stiffness.", False),
+        ("I'm Carla and I have diabetes.", "Carla, aim for half a plate of vegetables with type 2 diabetes.", False),
+    ],
+)
 def test_phi_finds_people_without_titles_and_spares_public_figures(registry, user, response, flagged):
     critique = registry.critic("medical.phi")().critique([task(registry, "med-003", response, user)])[0]
     assert critique.needs_revision is flagged
