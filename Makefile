@@ -30,10 +30,12 @@ demo: setup
 test: setup-test lint
 	$(BIN)/python -m pytest -q
 
-# ruff lints and checks formatting (settings in pyproject.toml); `ruff format .` fixes the formatting.
+# ruff lints and checks formatting, mypy checks the types of the core and the plugins (settings in pyproject.toml);
+# `ruff format .` fixes the formatting.
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

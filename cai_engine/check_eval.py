@@ -61,7 +61,7 @@ def load_cases(path: str | Path) -> list[CheckCase]:
     from .inputs import iter_lines
 
     cases, seen = [], set()
-    for number, line in iter_lines(path):
+    for number, line in iter_lines(Path(path)):
         if not line.strip():
             continue
         try:

@@ -1183,7 +1183,7 @@ def checks_list(as_json: bool) -> None:
             "principles": used[check],
         }
         for check in sorted(used)
-    ]
+    ]  # type: list[dict[str, Any]]
     if as_json:
         echo_json(rows)
         return
@@ -1399,4 +1399,4 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -48,6 +48,9 @@ def render_validation_error(kind: str, name: str, exc: ValidationError) -> str:
     return f"invalid options for {kind} {name!r}: " + "; ".join(parts)
 
 
+_BaseOptions = Options  # the module-level class, for annotations inside Component (whose Options attribute shadows it)
+
+
 class Component(ABC):
     """Shared plumbing: options validation and access to the runtime (registry + loaded models)."""
 
@@ -55,12 +58,12 @@ class Component(ABC):
     kind: ClassVar[str] = "component"
     Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, options: Options | dict[str, Any] | None = None, runtime: Runtime | None = None) -> None:
+    def __init__(self, options: _BaseOptions | dict[str, Any] | None = None, runtime: Runtime | None = None) -> None:
         self.options = self.validate_options(options)
         self._runtime = runtime
 
     @classmethod
-    def validate_options(cls, options: Options | dict[str, Any] | None) -> Any:
+    def validate_options(cls, options: _BaseOptions | dict[str, Any] | None) -> Any:
         """Validate raw options; raises ConfigError naming the component and each bad field."""
         if isinstance(options, cls.Options):
             return options

@@ -153,7 +153,7 @@ class EvalConfig(BaseModel):
         default_factory=dict, description="Extra options for the judge, scorer and classifiers (e.g. few_shot: 0)."
     )
     pairwise: list[Literal["harmlessness", "helpfulness"]] = Field(
-        default_factory=lambda: ["harmlessness", "helpfulness"],
+        default_factory=lambda: ["harmlessness", "helpfulness"],  # type: ignore[arg-type]
         description="Win rates against the first model, judged pairwise in both orders.",
     )
     pairwise_against: Literal["all", "last"] = Field(
@@ -229,9 +229,9 @@ def _weights_stamp(ref: ModelRef) -> str:
     return "|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
+def _mean(values: list[float] | list[float | None] | list[None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(sum(kept) / len(kept), 4) if kept else None
 
 
 def length_controlled_win_rate(wins: list[float], log_ratios: list[float]) -> float | None:
@@ -280,7 +280,7 @@ class Evaluation:
         if len(self.names) != len(config.models):
             raise ValueError("names must have one label per model")
         self.sets = {
-            kind: _spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))
+            kind: _spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))  # type: ignore[call-overload]
             for kind, source in (("harmful", config.harmful), ("benign", config.benign), ("helpful", config.helpful))
         }
         judge_opts = {**config.judge_options, "model": config.judge_model}
@@ -385,7 +385,7 @@ class Evaluation:
             )
         except PromptTooLongError as exc:
             warning = (
-                f"the {question.title.lower()} classifier's prompts do not fit the judge's context ({exc}); its "
+                f"the {(question.title or question.id).lower()} classifier's prompts do not fit the judge's context ({exc}); its "
                 "verdicts are missing (lower classify_shots or use a judge with a longer context)"
             )
             if warning not in self.warnings:
@@ -435,7 +435,7 @@ class Evaluation:
                 scores = self.harm_scores(harmful, harm_texts) if self.config.harm_score else [None] * len(harmful)
                 safe = [(t, s) for t, s in zip(harm_texts, scores) if s is not None and s >= self.config.safe_threshold]
                 refusing_safe = sum(starts_with_refusal(t) or has_refusal_marker(t) for t, _ in safe)
-                entry = {
+                entry: dict[str, Any] = {
                     "model": self.config.models[index],
                     "harmful": {
                         "refusal_marker_rate": _mean([float(has_refusal_marker(t)) for t in harm_texts]),
@@ -662,7 +662,7 @@ def _charts(results: dict[str, Any]) -> list[tuple[str, str]]:
                 [v - e["ci95"][0] if e.get("ci95") else 0 for v, e in zip(values, entries)],
                 [e["ci95"][1] - v if e.get("ci95") else 0 for v, e in zip(values, entries)],
             ]
-            ax.bar([i + k * width for i in range(len(keys))], values, width, yerr=errors, capsize=3, label=name)
+            ax.bar([i + k * width for i in range(len(keys))], values, width, yerr=errors, capsize=3, label=name)  # type: ignore[arg-type]
         ax.set_xticks([i + width * (len(judged) - 1) / 2 for i in range(len(keys))], [k for k, _ in keys])
         ax.set_ylim(0, 1)
         ax.set_ylabel("rate (95% Wilson interval)")
@@ -680,7 +680,7 @@ def _charts(results: dict[str, Any]) -> list[tuple[str, str]]:
     for k, name in enumerate(names):
         values = [fn(results["models"][name]) for _, fn in metrics]
         values = [float("nan") if v is None else v for v in values]  # no signal is not zero
-        ax.bar([i + k * width for i in range(len(metrics))], values, width, label=name)
+        ax.bar([i + k * width for i in range(len(metrics))], values, width, label=name)  # type: ignore[arg-type]
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(metrics))], [m for m, _ in metrics], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("rate")

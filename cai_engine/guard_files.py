@@ -161,7 +161,8 @@ class _sink:
     """Lines to an atomic output file, or to ``emit`` when there is none."""
 
     def __init__(self, out: str | Path | None, emit: Callable[[str], None]) -> None:
-        self.out, self.emit, self._ctx = out, emit, None
+        self.out, self.emit = out, emit
+        self._ctx: Any = None
 
     def __enter__(self) -> Callable[[str], None]:
         if self.out is None:

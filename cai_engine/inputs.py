@@ -260,8 +260,9 @@ def _line_map(root: yaml.Node | None) -> LineMap:
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                lines[(*path, key_node.value)] = key_node.start_mark.line + 1
-                stack.append((value_node, (*path, key_node.value)))
+                key = path + (key_node.value,)  # noqa: RUF005 - mypy reads (*path, k) in a subscript as 3.11 syntax
+                lines[key] = key_node.start_mark.line + 1
+                stack.append((value_node, key))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 stack.append((item, (*path, index)))

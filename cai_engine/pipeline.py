@@ -42,7 +42,8 @@ class PipelineConfig(BaseModel):
     )
     constitution: str = Field("harmless", description="Constitution for both phases.")
     stages: list[Literal["sl", "sft", "rl", "reward", "policy", "eval"]] = Field(
-        default_factory=lambda: list(STAGES), description="Which stages to run, in pipeline order."
+        default_factory=lambda: list(STAGES),  # type: ignore[arg-type]
+        description="Which stages to run, in pipeline order.",
     )
     sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
     sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def make_plugin_manager(
     known = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} | set(DEFAULT_PLUGINS)
     for name in blocked:
         if name not in known:
-            pm.cai_warnings.append(
+            pm.cai_warnings.append(  # type: ignore[attr-defined]
                 f"CAI_BLOCKED_PLUGINS names {name!r}, which is no installed plugin; installed: "
                 f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}"
             )
@@ -104,11 +105,14 @@ def _load_entry_points(pm: pluggy.PluginManager, *, skip_broken: bool = False) -
                 pm.cai_broken[ep.name] = f"failed to import: {type(exc).__name__}: {exc}"  # type: ignore[attr-defined]
                 continue
             # Surface the plugin's own error with its traceback; only add who it was and how to skip it.
-            exc.add_note(
+            note = (
                 f"cai-engine: {who} failed to import; fix or uninstall it, or set "
                 f"CAI_BLOCKED_PLUGINS={ep.name} to skip it"
             )
-            raise
+            if sys.version_info >= (3, 11):
+                exc.add_note(note)
+                raise
+            raise PluginError(f"{note} ({type(exc).__name__}: {exc})") from exc
         try:
             pm.register(plugin, name=ep.name)
             unknown = sorted(

@@ -210,7 +210,7 @@ def rewrite_guidance(principle: Any) -> str:
 def transcript_block(
     conversation: Sequence[Message],
     response: str,
-    critique_request: str,
+    critique_request: str | None,
     critique: str | None = None,
     revision_request: str | None = None,
     revision: str | None = None,

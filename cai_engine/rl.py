@@ -124,6 +124,7 @@ class LabelRun:
                 f"{config.prompts} is an evaluation-only (held-out) prompt set; labelling it for "
                 "training would contaminate evaluation. Choose another set, or set allow_heldout: true"
             )
+        self.items: list[tuple[str, Any]]
         if config.recipe == "judged":
             self.items = [
                 ("pair", item)
@@ -132,6 +133,7 @@ class LabelRun:
             if not config.allow_heldout:
                 refuse_heldout_content([item for _, item in self.items], self.runtime.registry, config.prompts)
         else:
+            assert config.sl_run is not None  # the config's validator requires it for this recipe
             sl = RunDirectory(config.sl_run, "sl")
             sl.manifest()
             records = [r for r in sl.records() if r.get("kind") == "red-team" and r.get("revised")]
@@ -181,6 +183,7 @@ class LabelRun:
         conversations, pairs, keys, meta = [], [], [], []
         if self.config.recipe == "judged":
             items = [item for _, item in batch]
+            assert self.sampler is not None
             samples = self.sampler.sample([i.conversation for i in items], n=2)
             for item, (a, b) in zip(items, samples):
                 conversations.append(item.conversation)
@@ -230,7 +233,9 @@ class LabelRun:
                 record_judgement = judgement_record(judgement)
                 p_a = judgement.p_a
             if meta[i]["source"] == "revision":
-                label = 1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
+                label: float | None = (
+                    1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
+                )
             else:
                 label = p_a
             records.append(
@@ -348,7 +353,7 @@ def measure_judge(
     ordered = [j for j, _ in scored if j.position_consistent is not None]  # pointwise judges see no order
     consistent = sum(bool(j.position_consistent) for j in ordered)
     # calibration: expected calibration error over 5 bins of the confidence in the chosen answer
-    bins: dict[int, list[tuple[float, bool]]] = {}
+    bins: dict[int, list[tuple[float, float]]] = {}
     for j, t in scored:
         confidence = max(j.p_a, 1 - j.p_a)
         right = 0.5 if j.p_a == 0.5 else float((j.p_a > 0.5) == t)  # a tie is half right, as in accuracy

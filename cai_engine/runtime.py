@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .components import Backend, Component
+from .components import Backend
 from .errors import ConfigError
 
 DEFAULT_MODEL = "smollm2"
@@ -124,8 +124,9 @@ class Runtime:
         """Tokens generated so far by every loaded backend (for progress bars and throughput)."""
         return sum(getattr(b, "generated_tokens", 0) for b in self._backends.values())
 
-    def component(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Component:
-        """Build a component by kind and registry name; options are validated before anything loads."""
+    def component(self, kind: str, name: str, options: dict[str, Any] | None = None) -> Any:
+        """Build a component by kind and registry name; options are validated before anything loads. The result is
+        an instance of the kind's base class (Sampler, Critic, Trainer, ...)."""
         cls = self.registry.component(kind, name)
         return cls(cls.validate_options(options), runtime=self)
 

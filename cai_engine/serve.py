@@ -190,14 +190,14 @@ def create_app(
                     body["messages"][index] = {**body["messages"][index], "content": redacted}
                     conversation[index] = Message(role="user", content=redacted)
                 elif action != "flag":
-                    action = "refused"
+                    action = "refused"  # type: ignore[assignment]  # the outcome, reported as the guard reports it
                 input_info = {
                     "action": "redacted" if action == "redact" else action,
                     "principle_ids": sorted({v.principle_id for v in violations}),
                 }
                 if action == "refused":
                     text = engine._refusal(violations)
-                    verdict = {
+                    verdict: dict[str, Any] = {
                         "action": "refused",
                         "input": input_info,
                         "principle_ids": input_info["principle_ids"],

@@ -162,7 +162,7 @@ class SLRun:
         done = self.dir.done_ids()
         todo = [("red-team", item) for item in self.items if f"red-team:{item.id}" not in done]
         todo += [("helpful", item) for item in self.helpful if f"helpful:{item.id}" not in done]
-        stats = {
+        stats: dict[str, Any] = {
             "written": 0,
             "skipped_done": len(self.items) + len(self.helpful) - len(todo),
             "errors": 0,
@@ -269,7 +269,8 @@ class SLRun:
                     entry["unchanged"] = True
                 if i in verdicts:
                     entry["verify_p_revision"] = verdicts[i]
-                    if accepted and (verdicts[i] is None or verdicts[i] <= self.config.verify_margin):
+                    verdict = verdicts[i]
+                    if accepted and (verdict is None or verdict <= self.config.verify_margin):
                         accepted = False
                         reason = (
                             "the verifier abstained"
@@ -459,7 +460,8 @@ def export_sft(
     manifest = directory.manifest()
     if manifest.get("kind") != "sl":
         raise RunError(f"{run}: not an SL-CAI run directory")
-    revisions, helpful = [], []
+    revisions: list[dict[str, Any]] = []
+    helpful: list[dict[str, Any]] = []
     for record in directory.records(required=("key", "kind")):
         if record.get("error"):
             continue

@@ -225,7 +225,7 @@ class TransformersBackend(Backend):
     def format_chat(self, conversation, *, add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template:
             return super().format_chat(conversation, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.apply_chat_template(
+        return self.tokenizer.apply_chat_template(  # type: ignore[return-value]  # a string: tokenize=False
             self.chat_messages(conversation), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
@@ -305,7 +305,7 @@ class TransformersBackend(Backend):
                     self.generated_tokens += len(tokens)
                     self.prompt_tokens += len(encoded[index])
                     text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                    results[index] = cut_at_stop(text, settings.stop)
+                    results[index] = cut_at_stop(str(text), settings.stop)
         return results
 
     # -- scoring ---------------------------------------------------------------------------------------------

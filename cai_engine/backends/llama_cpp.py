@@ -211,7 +211,7 @@ class LlamaCppBackend(Backend):
         if self._template is None:
             return super().format_chat(conversation, add_generation_prompt=add_generation_prompt)
         self._template.add_generation_prompt = add_generation_prompt
-        return self._template(messages=self.chat_messages(conversation)).prompt
+        return self._template(messages=self.chat_messages(conversation)).prompt  # type: ignore[arg-type]
 
     def _tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
@@ -227,6 +227,7 @@ class LlamaCppBackend(Backend):
 
     def _check_length(self, ids: list[list[int]], reserve: int) -> None:
         limit = self.context_length
+        assert limit is not None  # a loaded llama.cpp context always knows its size
         for index, seq in enumerate(ids):
             if len(seq) + reserve > limit:
                 raise PromptTooLongError(
@@ -245,6 +246,7 @@ class LlamaCppBackend(Backend):
         encoded = [self._encode(p) for p in prompts]
         self._check_length(encoded, 1)
         room = self.context_length
+        assert room is not None
         jobs = [
             _Job(
                 index=i,
@@ -487,10 +489,10 @@ class LlamaCppBackend(Backend):
             self._batch = None
         if getattr(self, "_ctx", None) is not None:
             self._ctx.close()
-            self._ctx = None
+            self._ctx = None  # type: ignore[assignment]
         if getattr(self, "_llm", None) is not None:
             self._llm.close()
-            self._llm = None
+            self._llm = None  # type: ignore[assignment]
 
 
 def _log_softmax(logits):

@@ -123,8 +123,8 @@ class OpenAIBackend(Backend):
         if isinstance(prompt, str):
             return prompt
         if isinstance(prompt, ChatPrompt):
-            return self.format_chat(prompt.messages) + prompt.assistant_prefix
-        return self.format_chat(prompt)
+            return self.format_chat(list(prompt.messages)) + prompt.assistant_prefix
+        return self.format_chat(list(prompt))
 
     # -- Backend API -----------------------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -193,10 +193,11 @@ class ModelCritic(ModelComponent, Critic):
             [self._ask(screen_body(principles, c, r, question or SCREEN_QUESTION)) for c, r in items],
             [yes_no] * len(items),
         )
-        out = [
+        out: list[dict[str, Any]] = [
             {"p_yes": normalise_pair(yes, no), "principle_index": None, "letter_probs": None} for yes, no in verdicts
         ]
-        fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > self.options.threshold]
+        threshold = self.options.threshold  # type: ignore[attr-defined]
+        fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > threshold]
         for i, (index, probs) in zip(fired, self._letters([items[i] for i in fired], principles)):
             out[i]["principle_index"], out[i]["letter_probs"] = index, probs
         return out

@@ -135,8 +135,8 @@ class LogprobJudge(ModelComponent, Judge):
                 reason=f"not every order could be scored ({reasons})",
                 judge=self.name,
             )
-        p_a = sum(r.p_a for r in results) / len(results)
-        prefs = {r.p_a > 0.5 if r.p_a != 0.5 else None for r in results}
+        p_a = sum(r.p_a for r in results if r.p_a is not None) / len(results)
+        prefs = {r.p_a > 0.5 if r.p_a != 0.5 else None for r in results if r.p_a is not None}
         return Judgement(
             principle_ids=ids, p_a=p_a, orders=results, position_consistent=prefs in ({True}, {False}), judge=self.name
         )
@@ -177,9 +177,9 @@ class CoTJudge(LogprobJudge):
         return [" ".join(t.split()) for t in texts]
 
     def _adjust(self, p: float) -> float:
-        if self.options.clamp is None:
+        if self.options.clamp is None:  # type: ignore[attr-defined]
             return p
-        low, high = self.options.clamp
+        low, high = self.options.clamp  # type: ignore[attr-defined]
         return min(max(p, low), high)
 
 

@@ -243,7 +243,7 @@ class EnsembleReviser(Reviser):
         counts = [0] * len(props)
         votes, abstained = [], 0
         if len(props) == 1:
-            winner = 0
+            winner: int | None = 0
         elif self.options.vote == "pairwise":
             pairs = [(a, b) for a in range(len(props)) for b in range(a + 1, len(props))]
             for judge in self.judges:
