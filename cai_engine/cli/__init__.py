@@ -1,0 +1,44 @@
+"""The `cai` command line: a thin layer over the library, one module per noun.
+
+The ``cai`` command line: a thin click layer; every command calls one library function.
+
+Errors caused by input (``CaiError``) print one line and exit non-zero; anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from . import constitutions, deploy, models, phase1, phase2, pipeline  # noqa: F401 - each module registers its commands
+from .base import (
+    CaiGroup,
+    cli,
+    echo_json,
+    install_hint,
+    load_config_file,
+    merge_flags,
+    parse_setting,
+    parse_settings,
+    render_validation_error,
+    reset_state,
+    state,
+    validate_config,
+)
+
+__all__ = [
+    "CaiGroup",
+    "cli",
+    "echo_json",
+    "install_hint",
+    "load_config_file",
+    "main",
+    "merge_flags",
+    "parse_setting",
+    "parse_settings",
+    "render_validation_error",
+    "reset_state",
+    "state",
+    "validate_config",
+]
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli(prog_name="cai")

@@ -1,0 +1,5 @@
+"""`python -m cai_engine.cli`."""
+
+from . import main
+
+main()

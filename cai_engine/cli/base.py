@@ -1,0 +1,269 @@
+"""The `cai` group and what every command shares: state, errors, config files, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from .. import __version__
+from ..errors import CaiError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def render_validation_error(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in exc.errors())
+
+
+class CaiGroup(click.Group):
+    """A group that turns input errors into one clear line and loads plugin commands on first use."""
+
+    _plugin_commands_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if self._plugin_commands_loaded or self is not cli:
+            return
+        CaiGroup._plugin_commands_loaded = True
+        state().pm.hook.cai_register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaiError as exc:
+            raise click.ClickException(str(exc)) from None
+        except ValidationError as exc:
+            raise click.ClickException(render_validation_error(exc)) from None
+        except ModuleNotFoundError as exc:
+            hint = install_hint(exc.name or "")
+            if hint is None:
+                raise
+            raise click.ClickException(
+                f"{ctx.command_path} {ctx.invoked_subcommand or ''}".rstrip()
+                + f" needs {exc.name}, which is not installed: {hint}"
+            ) from None
+
+
+# Which extra brings each optional module (pyproject.toml's [project.optional-dependencies]).
+EXTRAS = {
+    "torch": "models",
+    "transformers": "models",
+    "gguf": "models",
+    "safetensors": "models",
+    "trl": "train",
+    "peft": "train",
+    "datasets": "train",
+    "accelerate": "train",
+    "matplotlib": "eval",
+    "llama_cpp": "llamacpp",
+    "starlette": "serve",
+    "uvicorn": "serve",
+}
+
+
+def install_hint(module: str) -> str | None:
+    """``pip install 'cai-engine[extra]'`` for a missing optional module; None for anything else."""
+    extra = EXTRAS.get(module.split(".")[0])
+    return f"pip install 'cai-engine[{extra}]'" if extra else None
+
+
+class _State:
+    """The plugin manager and registry, built once per process and only when a command needs them."""
+
+    @functools.cached_property
+    def pm(self):
+        from ..plugins import make_plugin_manager
+
+        pm = make_plugin_manager(skip_broken=True)
+        for name, error in pm.cai_broken.items():
+            click.echo(
+                f"warning: plugin {name!r} is left out: {error}; fix or uninstall it, or set "
+                f"CAI_BLOCKED_PLUGINS={name}",
+                err=True,
+            )
+        for warning in pm.cai_warnings:
+            click.echo(f"warning: {warning}", err=True)
+        return pm
+
+    @functools.cached_property
+    def registry(self):
+        from ..plugins import Registry
+
+        return Registry(self.pm)
+
+
+_STATE: _State | None = None
+
+
+def state() -> _State:
+    global _STATE
+    if _STATE is None:
+        _STATE = _State()
+    return _STATE
+
+
+def reset_state() -> None:
+    """Forget the cached plugin manager (tests that change environment variables call this)."""
+    global _STATE
+    _STATE = None
+    CaiGroup._plugin_commands_loaded = False
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _version_message() -> str:
+    from importlib.metadata import entry_points
+
+    lines = [f"cai-engine {__version__}"]
+    for ep in entry_points(group="cai_engine"):
+        dist = getattr(ep, "dist", None)
+        if dist is not None:
+            lines.append(f"  plugin {ep.name}: {dist.name} {dist.version}")
+    return "\n".join(lines)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_message())
+        ctx.exit()
+
+
+@click.group(cls=CaiGroup, context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the installed plugin distributions, then exit.",
+)
+def cli() -> None:
+    """cai-engine: Constitutional AI as a policy engine.
+
+    A constitution (a validated YAML/JSON file of principles) drives three jobs: supervised critique and
+    revision (phase 1, SL-CAI), AI-judged preferences for preference models and RL (phase 2, RLAIF), and a
+    runtime guard that critiques and revises responses until they comply.
+
+    Start with `cai constitutions list` and `cai constitutions show harmless`. Every command has --help.
+    """
+
+
+def write_schema(schema: dict[str, Any], output: Path | None) -> None:
+    text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    if output:
+        from ..outputs import write_atomic
+
+        write_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    """A YAML/JSON config file as a mapping (safe loader; errors name the file and line)."""
+    if path is None:
+        return {}
+    from ..errors import ConfigError, ConstitutionError
+    from ..inputs import parse_document, read_text
+
+    try:
+        data, _ = parse_document(read_text(path), str(path), json_only=path.suffix.lower() == ".json")
+    except ConstitutionError as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of settings")
+    return data
+
+
+def merge_flags(base: dict[str, Any], **flags: Any) -> dict[str, Any]:
+    """Flags given on the command line override the config file; unset flags (None) leave it alone."""
+    return {**base, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
+    from ..errors import ConfigError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {render_validation_error(exc)}") from None
+
+
+def _runtime():
+    from ..runtime import Runtime
+
+    return Runtime(state().registry)
+
+
+def _clip(text: str, width: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def parse_setting(text: str) -> Any:
+    """A --set value: numbers first (YAML 1.1 would read 2e-5 as text), then YAML (true, [a, b], null, ...)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` flags as a mapping (values parsed as by ``parse_setting``)."""
+    from ..errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_setting(value)
+    return out
+
+
+def _print_sl_summary(summary: dict[str, Any]) -> None:
+    click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
+    click.echo(
+        f"written this time: {summary['written']} (already done: {summary['skipped_done']}, {summary['seconds']} s)"
+    )
+    click.echo(
+        f"red-team items: {summary['red_team_items']}, revised: {summary['items_revised']}, accepted "
+        f"revisions: {summary['accepted_revisions']}, helpfulness samples: {summary['helpful_items']}, "
+        f"errors: {summary['error_items']}"
+    )
+    used = ", ".join(f"{k}x{v}" for k, v in summary["principles_used"].items())
+    click.echo(f"principles drawn: {used or '(none)'}")
+    example = summary.get("example")
+    if example:
+        click.echo("\nexample\n  prompt: " + _clip(example["prompt"]))
+        click.echo("  before: " + _clip(example["before"]))
+        click.echo("  after:  " + _clip(example["after"]))
+
+
+def _gate_line(result: dict[str, Any]) -> str:
+    return (
+        f"judge gate: accuracy {result['accuracy']} on {result['scored']}/{result['pairs']} labelled pairs, "
+        f"position consistency {result['position_consistency']} (same position {result['same_position_rate']}), "
+        f"calibration error {result['expected_calibration_error']}, abstained {result['abstained']}"
+    )

@@ -1,0 +1,324 @@
+"""Deployment commands: `cai policy`, `cai checks`, `cai guard` and `cai serve`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import CaiError
+from .base import CaiGroup, _runtime, cli, echo_json, state, write_schema
+
+
+@cli.group("policy", cls=CaiGroup)
+def policy_group() -> None:
+    """Validate and show deployment policies (constitutions + overrides + guard settings)."""
+
+
+@policy_group.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def policy_validate(paths: tuple[Path, ...]) -> None:
+    """Validate policy files: schema, constitutions, overrides, component options (no model is loaded)."""
+    from ..engine import Engine
+
+    failed = 0
+    for path in paths:
+        try:
+            engine = Engine.from_policy(path, runtime=_runtime())
+            engine.close()
+            problems = engine.model_problems()
+        except CaiError as exc:
+            failed += 1
+            click.echo(f"FAIL {exc}", err=True)
+            continue
+        guard_roles = [(role, p) for role, p in problems if role != "judge"]
+        for role, problem in problems:
+            if role == "judge":
+                click.echo(f"warning: {path}: judge: {problem} (only compare() uses it)", err=True)
+        if guard_roles:
+            failed += 1
+            click.echo(f"FAIL {path}: {guard_roles[0][0]}: {guard_roles[0][1]}", err=True)
+            continue
+        click.echo(
+            f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
+            f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)"
+        )
+    if failed:
+        raise click.ClickException(f"{failed} of {len(paths)} policy file(s) failed validation")
+
+
+@policy_group.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+def policy_show(path: Path, fmt: str) -> None:
+    """The fully resolved policy: settings plus the effective constitution after extends and overrides."""
+    import yaml
+
+    from ..engine import Engine
+
+    engine = Engine.from_policy(path, runtime=_runtime())
+    engine.close()
+    data = engine.policy.model_dump(
+        mode="json", by_alias=True, exclude={"schema_", "add", "override", "disable", "disable_tags"}
+    )
+    data["effective_constitution"] = {
+        "content_hash": engine.constitution.content_hash(),
+        "stance": engine.constitution.stance.value,
+        "principles": [p.model_dump(mode="json", exclude_defaults=True) for p in engine.constitution.principles],
+    }
+    if fmt == "json":
+        echo_json(data)
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110), nl=False)
+
+
+@policy_group.command("schema")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+def policy_schema(output: Path | None) -> None:
+    """Print the policy JSON Schema (generated from the pydantic model)."""
+    from ..policy import policy_json_schema
+
+    write_schema(policy_json_schema(), output)
+
+
+@cli.group("checks", cls=CaiGroup)
+def checks_group() -> None:
+    """Deterministic checks that plugins ship with their principles, and how well they work."""
+
+
+@checks_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def checks_list(as_json: bool) -> None:
+    """Each registered check (a critic that has a matching reviser and is named by a principle), with its plugin."""
+    registry = state().registry
+    used: dict[str, list[str]] = {}
+    for name in registry.constitution_names():
+        try:
+            constitution = registry.constitution(name)
+        except CaiError:
+            continue
+        for principle in constitution.principles:
+            for check in principle.checks:
+                used.setdefault(check, [])
+                if principle.id not in used[check]:
+                    used[check].append(principle.id)
+    rows: list[dict[str, Any]] = [
+        {
+            "check": check,
+            "plugin": registry.owner("critic", check) if check in registry.names("critic") else None,
+            "repairs": check in registry.names("reviser"),
+            "principles": used[check],
+        }
+        for check in sorted(used)
+    ]
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        click.echo("no check is named by any registered principle; install a domain plugin (e.g. cai-medical)")
+    for row in rows:
+        click.echo(
+            f"{row['check']:24} {row['plugin'] or '(not registered)':16} "
+            f"{'repairs' if row['repairs'] else 'no repair':10} principles: {', '.join(row['principles'])}"
+        )
+
+
+@checks_group.command("eval")
+@click.option(
+    "--check",
+    "check_names",
+    multiple=True,
+    required=True,
+    help="A check to score (e.g. medical.phi); repeat to score several, each on its own --cases file.",
+)
+@click.option(
+    "--cases",
+    "case_files",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labelled JSONL cases (id, prompt, response, violates, why; optional kind, evidence, keep); "
+    "one per --check, in the same order.",
+)
+@click.option(
+    "--model",
+    help="Also score the model tier: the principle's critic on this model (e.g. "
+    "qwen2.5-coder-1.5b). Slow on a CPU: seconds per case.",
+)
+@click.option("--no-repair", is_flag=True, help="Score detection only.")
+@click.option("--errors", "show_errors", is_flag=True, help="List each case the check gets wrong, with its why.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
+def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json) -> None:
+    """Score deterministic checks on labelled answers: precision, recall and F1 with n and 95% intervals, and how
+    often the check's repair succeeds (the repaired answer passes the check, the labelled evidence is gone and the
+    labelled content kept).
+
+    \b
+      cai checks eval --check medical.phi --cases plugins/cai-medical/tests/data/medical.phi.jsonl
+    """
+    from ..check_eval import evaluate_check, load_cases, summary_table
+
+    if len(check_names) != len(case_files):
+        raise click.UsageError(
+            f"give one --cases file per --check ({len(check_names)} checks, {len(case_files)} case files)"
+        )
+    registry = state().registry
+    for name in check_names:
+        if name not in registry.names("critic"):
+            raise click.UsageError(f"no check named {name!r}; `cai checks list` shows the installed ones")
+    cases = [load_cases(path) for path in case_files]  # every file is validated before any scoring
+    runtime = _runtime() if model else None
+    results = [
+        evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
+        for name, rows in zip(check_names, cases)
+    ]
+    if runtime is not None:
+        runtime.close()
+    if as_json:
+        echo_json(results if len(results) > 1 else results[0])
+        return
+    for line in summary_table(results):
+        click.echo(line)
+    for result in results:
+        det = result["deterministic"]
+        click.echo(
+            f"{result['check']}: {result['cases']} cases ({result['violating']} violating), confusion "
+            f"{det['confusion']}, {det['ms_per_case']} ms per case"
+            + (
+                f"; repair handed to the model {result['repair']['handed_over']} time(s)"
+                if result.get("repair", {}).get("available")
+                else ""
+            )
+        )
+        if show_errors:
+            for error in det["errors"]:
+                verdict = "missed" if error["label"] else "false alarm"
+                click.echo(f"  {verdict}: {error['id']} [{error['kind']}] {error['why']}")
+            for failure in result.get("repair", {}).get("failures", []):
+                click.echo(
+                    f"  repair failed: {failure['id']} {json.dumps({k: v for k, v in failure.items() if k != 'id'})}"
+                )
+
+
+@cli.command("guard")
+@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="JSONL, one conversation per line (messages ending with the assistant's response).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Results as JSONL (default: stdout). Written whole when the run succeeds; never the input file.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Conversations guarded together."
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["never", "revise", "flag", "refuse"]),
+    default="never",
+    show_default=True,
+    help="Exit with status 3 when any response got this action or a stronger one (revise < flag < "
+    "refuse), so the command can gate a CI job; the output is written either way.",
+)
+def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int, fail_on: str) -> None:
+    """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each.
+
+    Every input row is checked before the first one is guarded; a bad row stops the run with its file and line.
+    The --out file is replaced only when the whole run succeeds, so a failed run leaves it as it was. The audit log
+    (the policy's audit.path) gets one record per decision and a final guard_run record: completed or failed.
+
+    Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met.
+    """
+    from ..engine import Engine
+    from ..guard_files import guard_file
+
+    engine = Engine.from_policy(policy_path, runtime=_runtime())
+    try:
+        counts = guard_file(engine, input_path, out, batch_size=batch_size, emit=click.echo)
+    finally:
+        engine.close()
+    click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
+    severity = {"revised": 1, "flagged": 2, "refused": 3}
+    bar = {"never": 99, "revise": 1, "flag": 2, "refuse": 3}[fail_on]
+    worst = max((severity.get(action, 0) for action, n in counts.items() if n), default=0)
+    if worst >= bar:
+        click.echo(
+            f"--fail-on {fail_on}: at least one response was {next(k for k, v in severity.items() if v == worst)}",
+            err=True,
+        )
+        sys.exit(3)
+
+
+@cli.command("serve")
+@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="Policy file.")
+@click.option("--upstream", required=True, help="The model server's OpenAI base URL, e.g. http://127.0.0.1:8080/v1.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the upstream; a slower answer is a 504.",
+)
+@click.option(
+    "--max-concurrency",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Upstream requests in flight at once (more wait their turn).",
+)
+@click.option("--check", is_flag=True, help="Validate the policy and reach the upstream, then exit.")
+def serve_command(
+    policy_path: Path, upstream: str, host: str, port: int, timeout: float, max_concurrency: int, check: bool
+) -> None:
+    """An OpenAI-compatible guard in front of any OpenAI-compatible model server.
+
+    Serves /v1/chat/completions, /v1/models, /health and /metrics. Each answer from the upstream is guarded by the
+    policy and returned in the OpenAI shape with the verdict in the `cai_guard` field; with `input.check` in the
+    policy the user's message is checked first. A streaming request is streamed after the whole answer has been
+    guarded. Clients must send `Authorization: Bearer $CAI_SERVE_API_KEY` when that variable is set; the upstream
+    gets $CAI_UPSTREAM_API_KEY (or the client's header when no client key is configured). Needs the [serve] extra.
+    """
+    import asyncio
+
+    from ..engine import Engine
+
+    engine = Engine.from_policy(policy_path, runtime=_runtime())
+    problems = [f"{role}: {problem}" for role, problem in engine.model_problems() if role != "judge"]
+    if problems:
+        raise click.ClickException(f"{policy_path}: {problems[0]}")
+    try:
+        import uvicorn
+
+        from ..serve import check_upstream, create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})"
+        ) from None
+    if check:
+        problem = asyncio.run(check_upstream(upstream, timeout=min(timeout, 10.0)))
+        if problem:
+            raise click.ClickException(problem)
+        click.echo(f"ok   {policy_path}: {engine.policy.name}@{engine.policy.version}; upstream {upstream} answers")
+        return
+    click.echo(
+        f"guarding {upstream} with {engine.policy.name}@{engine.policy.version} on http://{host}:{port}/v1", err=True
+    )
+    try:
+        uvicorn.run(
+            create_app(engine, upstream, timeout=timeout, max_concurrency=max_concurrency),
+            host=host,
+            port=port,
+            log_level="warning",
+        )
+    finally:
+        engine.close()

@@ -1,0 +1,201 @@
+"""Phase 2 commands: `cai rl` (label, gate, review) and `cai train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+from .base import (
+    CaiGroup,
+    _gate_line,
+    _runtime,
+    cli,
+    load_config_file,
+    merge_flags,
+    parse_settings,
+    validate_config,
+)
+
+
+@cli.group("rl", cls=CaiGroup)
+def rl_group() -> None:
+    """Phase 2 (RLAIF): label preference pairs with the judge, measure the judge, and involve humans."""
+
+
+@rl_group.command("label")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML/JSON file with any of the settings below; flags override it.",
+)
+@click.option("--constitution", help="Constitution name or file. [default: harmless]")
+@click.option(
+    "--recipe",
+    type=click.Choice(["judged", "revision"]),
+    help="judged: sample two responses and let the judge label them; revision: prefer phase-1 revisions "
+    "over originals. [default: judged]",
+)
+@click.option("--prompts", help="Prompt source for 'judged'. [default: builtin:red-team]")
+@click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
+@click.option("--limit", type=int, help="Use only the first N prompts or records.")
+@click.option("--model", help="The policy that samples pairs (e.g. an SFT checkpoint). [default: smollm2]")
+@click.option("--judge", "judge_name", help="Judge: logprob, cot, pointwise or a plugin's. [default: logprob]")
+@click.option("--judge-model", help="Model for the judge, if not the policy's.")
+@click.option("--principles-per-label", type=int, help="Principles per comparison (an ensemble). [default: 1]")
+@click.option("--seed", type=int)
+@click.option("--batch-size", type=int)
+@click.option(
+    "--gate/--no-gate",
+    default=True,
+    show_default=True,
+    help="Measure the judge on labelled pairs first and store it with the run (the trainers check it).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Run directory.")
+@click.option("--quiet", is_flag=True)
+def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, **flags):
+    """Label preference pairs: both orders, soft labels from log-probs, abstentions kept and counted."""
+    from ..rl import RLConfig, run_gate, run_labels
+
+    data = merge_flags(load_config_file(config_path), sl_run=str(sl_run) if sl_run else None, **flags)
+    if judge_name:
+        data["judge"] = {"name": judge_name}
+    config = validate_config(RLConfig, data, str(config_path or "options"))
+    runtime = _runtime()
+    if gate and not (out / "gate.json").exists():
+        result = run_gate(out, config.judge_ref(), constitution=config.constitution, runtime=runtime, seed=config.seed)
+        click.echo(_gate_line(result))
+    summary = run_labels(config, out, runtime=runtime, progress=not quiet)
+    click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
+    click.echo(
+        f"pairs: {summary['pairs']} (written now: {summary['written']}), labelled: {summary['labelled']}, "
+        f"abstained: {summary['abstained']}, position consistency: {summary['position_consistency']}"
+    )
+    click.echo(f"next: cai export preferences {out} --out {out}-dataset")
+
+
+@rl_group.command("gate")
+@click.argument("run", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--judge", "judge_name", help="The judge to measure. [default: RUN's labelling judge, else logprob]")
+@click.option("--judge-model", help="Its model. [default: RUN's judge model, else smollm2]")
+@click.option("--constitution", default="harmless", show_default=True)
+@click.option(
+    "--pairs",
+    default="builtin:judge-pairs",
+    show_default=True,
+    help="Labelled pairs (JSONL: id, prompt, better, worse[, principle]).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A judge option, e.g. --judge-option few_shot=0 --judge-option layout=chat (repeatable).",
+)
+def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, judge_options):
+    """Measure a judge on pairs with known answers: accuracy, position consistency, calibration.
+
+    With RUN, the judge that labelled the run is measured (unless --judge/--judge-model/--judge-option say
+    otherwise) and the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers;
+    they refuse a gate that measured another judge than the one that labelled the pairs.
+    """
+    from ..config import ComponentRef
+    from ..rl import RLConfig, run_gate
+
+    ref = None
+    if run is not None and (Path(run) / "run.json").exists():
+        manifest = json.loads((Path(run) / "run.json").read_text(encoding="utf-8"))
+        if manifest.get("kind") == "rl" and manifest.get("fingerprint"):
+            try:
+                ref = RLConfig.model_validate(manifest["fingerprint"]).judge_ref()
+            except ValidationError:
+                ref = None
+    if ref is None or judge_name or judge_model or judge_options:
+        base = ref.options if ref is not None and not (judge_name or judge_model) else {}
+        options = {**base, **parse_settings(judge_options, "--judge-option")}
+        options["model"] = judge_model or options.get("model") or "smollm2"
+        ref = ComponentRef(name=judge_name or (ref.name if ref is not None else "logprob"), options=options)
+    click.echo(f"measuring judge {ref.name} on {ref.options.get('model')}", err=True)
+    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=_runtime(), seed=seed)
+    click.echo(_gate_line(result))
+
+
+@rl_group.group("review", cls=CaiGroup)
+def rl_review_group() -> None:
+    """Hand the judge's least confident pairs to humans and merge their labels back."""
+
+
+@rl_review_group.command("export")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--count", type=int, default=50, show_default=True)
+def rl_review_export(run, out, count):
+    """Write abstained, order-inconsistent and least confident pairs for review (fill in human_choice)."""
+    from ..rl import export_review
+
+    click.echo(f"wrote {export_review(run, out, count=count)['exported']} pairs to {out}")
+
+
+@rl_review_group.command("merge")
+@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("reviewed", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def rl_review_merge(run, reviewed):
+    """Merge reviewed labels ('a', 'b' or a probability); they override the AI's at export."""
+    from ..rl import merge_review
+
+    result = merge_review(run, reviewed)
+    click.echo(f"merged {result['merged']} reviewed label(s); {result['skipped_unreviewed']} left unreviewed")
+
+
+@cli.command("train")
+@click.argument("trainer")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.",
+)
+@click.option("--dataset", help="Dataset folder from `cai export` (grpo: a prompt source).")
+@click.option("--model", help="Base model: smollm2, a model folder or a .gguf file.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Where the checkpoint goes.")
+@click.option("--lora/--no-lora", default=None, help="Train LoRA adapters and merge them (sft).")
+@click.option(
+    "--force", is_flag=True, default=None, help="Train on AI labels even if the judge gate failed (reward, dpo)."
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A TRL setting, e.g. --set max_steps=20 --set learning_rate=1e-4 (repeatable).",
+)
+def train_command(trainer, config_path, dataset, model, out, lora, force, settings):
+    """Train with a registered trainer (sft, reward, dpo, grpo, ...) and write a safetensors checkpoint.
+
+    DATASET is an export folder (sft, reward, dpo) or, for grpo, a prompt source such as builtin:red-team.
+
+    TRL settings go straight to TRL's own config class; see its documentation for the full list.
+    """
+
+    from ..errors import ConfigError
+
+    data = load_config_file(config_path)
+    dataset = dataset or data.pop("dataset", None)
+    out = out or data.pop("out", None)
+    if not dataset or not out:
+        raise ConfigError("give --dataset and --out (or `dataset:` and `out:` in --config)")
+    options = merge_flags(data, model=model, lora=lora, force=force or None)
+    trl = {**(options.get("trl") or {}), **parse_settings(settings, "--set")}
+    if trl:
+        options["trl"] = trl
+    component = _runtime().component("trainer", trainer, options)
+    summary = component.train(dataset, out)
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.get("metrics", {}).items()}
+    if summary.get("heldout_pairwise_accuracy") is not None:
+        click.echo(f"held-out pairwise accuracy: {summary['heldout_pairwise_accuracy']:.3f}")
+    click.echo(f"checkpoint: {summary['checkpoint']} ({summary['steps']} steps, {summary['seconds']} s)")
+    click.echo(f"metrics: {json.dumps(metrics)}")

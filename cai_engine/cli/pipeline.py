@@ -1,0 +1,223 @@
+"""`cai run`, `cai demo` and `cai eval`: the whole pipeline and its evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .base import (
+    _gate_line,
+    _print_sl_summary,
+    _runtime,
+    cli,
+    load_config_file,
+    merge_flags,
+    parse_settings,
+    state,
+    validate_config,
+)
+
+DEMO_PIPELINE: dict[str, Any] = {
+    "sl": {
+        "prompts": "builtin:red-team",
+        "limit": 4,
+        "rounds": 2,
+        "helpful_limit": 4,
+        "batch_size": 4,
+        "sampler": {"name": "model", "options": {"max_new_tokens": 96}},
+        "critic": {"name": "model", "options": {"max_new_tokens": 64}},
+        "reviser": {"name": "model", "options": {"max_new_tokens": 128}},
+    },
+    "sft": {"trl": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 2e-5, "max_length": 384}},
+    # A 135M judge is expected to fail the gate, so the demo's preferences come from the revision recipe
+    # (revision preferred over original, CAI-SPEC G1's fallback); the gate still runs and is reported.
+    "rl": {"recipe": "revision"},
+    "reward": {"trl": {"max_steps": 4, "per_device_train_batch_size": 2, "max_length": 384}},
+    "policy": {
+        "trainer": "grpo",
+        "options": {
+            "limit": 4,
+            "trl": {
+                "max_steps": 2,
+                "num_generations": 2,
+                "per_device_train_batch_size": 2,
+                "max_completion_length": 32,
+            },
+        },
+    },
+}
+
+
+@cli.command("run")
+@click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--out", help="Override the config's output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
+    """The whole pipeline from one config: SL-CAI -> SFT -> preference labels -> judge gate -> preference model -> RL.
+
+    Each stage resumes, and a stage whose checkpoint exists is skipped. See examples/pipeline.yaml.
+    """
+    from ..pipeline import PipelineConfig, run_pipeline
+
+    data = merge_flags(load_config_file(config_path), out=out)
+    config = validate_config(PipelineConfig, data, str(config_path))
+    summary = run_pipeline(config, runtime=_runtime(), progress=not quiet, echo=click.echo)
+    _print_pipeline(summary)
+
+
+def _print_pipeline(summary: dict[str, Any]) -> None:
+    click.echo(f"\noutputs in {summary['out']} (pipeline-summary.json has every number)")
+    if "sl" in summary:
+        _print_sl_summary(summary["sl"])
+    for stage in ("sft", "reward", "policy"):
+        if stage in summary:
+            result = summary[stage]
+            extra = (
+                f", held-out pairwise accuracy {result['heldout_pairwise_accuracy']}"
+                if result.get("heldout_pairwise_accuracy") is not None
+                else ""
+            )
+            click.echo(f"{stage}: {result['checkpoint']} ({result['steps']} steps, {result['seconds']} s{extra})")
+
+
+@cli.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, help="Output folder (resumable).")
+@click.option("--model", default="smollm2", show_default=True, help="Base model for every role.")
+def demo_command(out: str, model: str) -> None:
+    """The main job: a small version of the whole pipeline on the embedded default model.
+
+    Validates the installed constitutions, runs SL-CAI on 4 red-team prompts (2 rounds), fine-tunes on the result,
+    measures the judge, builds preference pairs, trains a preference model and takes a few GRPO steps, printing
+    where everything is and a summary. A few minutes on 2 CPU cores.
+    """
+    from ..pipeline import PipelineConfig, run_pipeline
+
+    registry = state().registry
+    for name in registry.constitution_names():
+        registry.constitution(name)
+    click.echo(f"constitutions ok: {', '.join(registry.constitution_names())}")
+    config = PipelineConfig.model_validate({**DEMO_PIPELINE, "out": out, "model": model})
+    summary = run_pipeline(config, runtime=_runtime(), echo=click.echo)
+    _print_pipeline(summary)
+    if "gate" in summary:
+        click.echo(_gate_line(summary["gate"]))
+
+
+@cli.command("eval")
+@click.option(
+    "--models",
+    required=True,
+    help="Comma-separated models; the first is the baseline. 'base' means "
+    "the embedded default. Folders, .gguf files and endpoints work too.",
+)
+@click.option("--names", help="Comma-separated labels for the models.")
+@click.option("--prompts", "harmful", default="builtin:heldout", show_default=True, help="Held-out red-team prompts.")
+@click.option(
+    "--benign",
+    default="builtin:benign-scary",
+    show_default=True,
+    help="Benign prompts that sound dangerous (over-refusal).",
+)
+@click.option("--helpful", default="builtin:heldout-helpful", show_default=True, help="Ordinary requests.")
+@click.option("--limit", type=int, help="At most N prompts from each set.")
+@click.option(
+    "--judge-model",
+    default="smollm2",
+    show_default=True,
+    help="The feedback model that judges and classifies (use one stronger than the models compared, "
+    "e.g. qwen2.5-coder-1.5b).",
+)
+@click.option(
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option for the judge, scorer and classifiers, e.g. --judge-option few_shot=0 (repeatable).",
+)
+@click.option("--no-harm-score", is_flag=True, help="Skip the pointwise 1-10 harm score.")
+@click.option("--sl-run", help="A phase-1 run directory: harmlessness by revision round.")
+@click.option("--policies", help="Comma-separated policy files to compare on the first model.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--no-principles", is_flag=True, help="Skip per-principle violation rates (the slowest part).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for results.json, report.html and the cached responses (rerun to resume).",
+)
+def eval_command(
+    models,
+    names,
+    harmful,
+    benign,
+    helpful,
+    limit,
+    judge_model,
+    judge_options,
+    no_harm_score,
+    sl_run,
+    policies,
+    max_new_tokens,
+    no_principles,
+    out,
+):
+    """Is the model harmless without becoming evasive? Harm, over-refusal, evasiveness, win rates, judge quality.
+
+    Writes results.json and a self-contained report.html (charts embedded) to --out.
+    """
+    from ..evaluation import EvalConfig, evaluate
+
+    refs = ["smollm2" if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
+    labels = (
+        [n.strip() for n in names.split(",")]
+        if names
+        else [m.strip() if m.strip() == "base" else Path(m.strip()).name or m.strip() for m in models.split(",")]
+    )
+    config = validate_config(
+        EvalConfig,
+        {
+            "models": refs,
+            "names": labels,
+            "harmful": harmful,
+            "benign": benign,
+            "helpful": helpful,
+            "limit": limit,
+            "judge_model": judge_model,
+            "judge_options": parse_settings(judge_options, "--judge-option"),
+            "harm_score": not no_harm_score,
+            "sl_run": sl_run,
+            "max_new_tokens": max_new_tokens,
+            "principle_rates": not no_principles,
+            "policies": [p.strip() for p in policies.split(",")] if policies else [],
+        },
+        "options",
+    )
+    from ..evaluation import summary_lines
+    from ..stats import format_rate
+
+    results = evaluate(config, out, runtime=_runtime())
+    for warning in results.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
+    for line in summary_lines(results):
+        click.echo(line)
+    for name, entry in results["models"].items():
+        judged = entry.get("judged")
+        if judged:
+            click.echo(
+                f"{name} (judged by {results['judge']['model_id']}): safe on harmful "
+                f"{format_rate(judged['safe_rate'])}; refusal on benign-but-scary "
+                f"{format_rate(judged['over_refusal_benign'])}"
+            )
+        line = (
+            f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
+            f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
+            f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}"
+        )
+        for aspect, versus in entry.get("vs_baseline", {}).items():
+            line += (
+                f", {aspect} win {versus['soft_win_rate']} (length-controlled {versus['length_controlled_win_rate']})"
+            )
+        click.echo(line)
+    click.echo(f"report: {Path(out) / 'report.html'}")
