@@ -49,6 +49,8 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
     unchanged = [name for name in before if (before[name] == after[name]).all()]
     assert unchanged == []
     assert not list((tmp_path / "out").glob("*.bin"))
+    # TRL's own checkpointing (its defaults): the last step's checkpoint, to resume from; never an empty folder
+    assert [p.name for p in (tmp_path / "out" / "trainer").glob("checkpoint-*")] == ["checkpoint-3"]
     # the saved folder reproduced the trained model's log-probs on a fixed sentence when it was written ...
     check = json.loads((tmp_path / "out" / "cai_training.json").read_text())["checkpoint_check"]
     assert check["max_abs_difference"] < 1e-4
@@ -57,6 +59,39 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
     base = cai_runtime.backend(str(tiny_model)).continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
     tuned = cai_runtime.backend(str(tmp_path / "out")).continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
     assert text and abs(tuned - base) > 1e-3
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
+    """TRL's own checkpointing: save every step, then a rerun continues from the newest checkpoint-N."""
+    from cai_engine.default_plugins.trainers import last_checkpoint
+
+    settings = {**FAST, "save_strategy": "steps", "save_steps": 1, "max_steps": 2}
+    cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": settings}).train(dataset, tmp_path / "o")
+    (tmp_path / "o" / "cai_training.json").unlink()  # as if the run had been killed before it finished
+    assert last_checkpoint(tmp_path / "o") == str(tmp_path / "o" / "trainer" / "checkpoint-2")
+    longer = {"model": str(tiny_model), "trl": {**settings, "max_steps": 3, "learning_rate": 0.05}}
+    summary = cai_runtime.component("trainer", "sft", longer).train(dataset, tmp_path / "o")
+    assert summary["steps"] == 3
+    logged = {e["step"]: e["learning_rate"] for e in summary["log_history"] if "loss" in e}
+    assert logged[1] == logged[2] == 0.1  # steps 1-2 come from the checkpoint (a fresh run would log 0.05)
+    # a finished run is never resumed: training into it again starts afresh
+    assert last_checkpoint(tmp_path / "o") is None and not (tmp_path / "o" / "trainer").exists()
+
+
+def test_cpu_keeps_fp32_and_an_accelerator_keeps_trl_defaults(monkeypatch, tmp_path):
+    from trl import SFTConfig
+
+    from cai_engine.default_plugins import trainers
+
+    monkeypatch.setattr(trainers, "has_accelerator", lambda: False)
+    cpu = trainers._trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {}, tmp_path)
+    assert cpu.bf16 is False and cpu.report_to in ("none", [], ["none"])
+    assert cpu.save_strategy != "no"  # TRL's checkpointing is on, as on any machine
+    fields = {f.name: f.default for f in __import__("dataclasses").fields(SFTConfig)}
+    monkeypatch.setattr(trainers, "has_accelerator", lambda: True)
+    assert "bf16" not in trainers.SFT_DEFAULTS and "use_cpu" not in trainers.SFT_DEFAULTS
+    accelerated = trainers._trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {"use_cpu": True}, tmp_path)
+    assert accelerated.use_cpu is True and fields["use_cpu"] is False  # --set still reaches TRL
 
 
 def test_lora_is_merged_into_a_plain_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):

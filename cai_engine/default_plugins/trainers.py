@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,22 +14,52 @@ from cai_engine.components import Options, Trainer
 from cai_engine.errors import ConfigError, RunError
 from cai_engine.hookspecs import hookimpl
 
-# Sensible CPU defaults; anything in `trl:` overrides them and goes straight to TRL's own config class. TRL turns
-# bf16 on by default, and CPUs without bf16 units emulate it: measured here, one SFT step of SmolLM2-135M took 64 s
-# at batch 2 in bf16 and 26 s at batch 8 in fp32, so the CPU defaults keep fp32.
+# Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
+# own config class. Device, precision, tracking (report_to) and checkpointing follow TRL's own defaults, so the same
+# command uses a GPU, `accelerate launch` and DeepSpeed/FSDP configs unchanged. Only without an accelerator is one
+# default changed: TRL turns bf16 on, and CPUs without bf16 units emulate it (measured here, one SFT step of
+# SmolLM2-135M took 64 s at batch 2 in bf16 and 26 s at batch 8 in fp32), so a CPU run keeps fp32.
+CPU_ONLY_DEFAULTS: dict[str, Any] = {"bf16": False}
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a CUDA (or ROCm) or Apple MPS device."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` folder TRL saved under ``output_dir/trainer``, to resume a run that was killed
+    (rerun the same command). A finished run (its ``cai_training.json`` written) is never resumed: training into it
+    again starts afresh, and its old checkpoints are removed first, so a retrain cannot silently become the old
+    model."""
+    trainer_dir = output_dir / "trainer"
+    if (output_dir / "cai_training.json").exists():
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+        return None
+    folders = [p for p in trainer_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    return str(max(folders, key=lambda p: int(p.name[11:]))) if folders else None
+
+
+def remove_if_empty(folder: Path) -> None:
+    """TRL creates its output folder even when it saves no checkpoint; an empty folder is not left behind."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 SFT_DEFAULTS: dict[str, Any] = {
-    "bf16": False,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
     "learning_rate": 5e-5,
     "lr_scheduler_type": "constant",
     "logging_steps": 5,
-    "save_strategy": "no",
-    "report_to": "none",
     "max_length": 512,
     "assistant_only_loss": False,
-    "use_cpu": True,
     "seed": 0,
     "dataset_num_proc": None,
     "disable_tqdm": False,
@@ -209,7 +240,8 @@ class SFT(Trainer):
             peft_config=peft_config,
         )
         began = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(output_dir))
+        remove_if_empty(output_dir / "trainer")
         metrics = dict(result.metrics)
         if test is not None and len(test):
             metrics.update(trainer.evaluate())
@@ -322,6 +354,8 @@ def _coerce_numbers(cls, name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trl_config(cls, name: str, defaults: dict[str, Any], overrides: dict[str, Any], output_dir: Path):
+    if not has_accelerator():
+        defaults = {**CPU_ONLY_DEFAULTS, **defaults}
     settings = _coerce_numbers(cls, name, {**defaults, **overrides, "output_dir": str(output_dir / "trainer")})
     try:
         return cls(**settings)
@@ -368,15 +402,11 @@ def _soft_reward_trainer():
 
 
 REWARD_DEFAULTS: dict[str, Any] = {
-    "bf16": False,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
     "learning_rate": 1e-5,
     "logging_steps": 5,
-    "save_strategy": "no",
-    "report_to": "none",
     "max_length": 512,
-    "use_cpu": True,
     "seed": 0,
     "remove_unused_columns": False,
 }
@@ -424,7 +454,8 @@ class RewardModel(Trainer):
             data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
         )
         began = time.perf_counter()
-        metrics = dict(trainer.train().metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=last_checkpoint(output_dir)).metrics)
+        remove_if_empty(output_dir / "trainer")
         if test is not None:
             metrics.update(trainer.evaluate())
         summary = {
@@ -447,16 +478,12 @@ class RewardModel(Trainer):
 
 
 DPO_DEFAULTS: dict[str, Any] = {
-    "bf16": False,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 2,
     "learning_rate": 5e-6,
     "beta": 0.1,
     "logging_steps": 5,
-    "save_strategy": "no",
-    "report_to": "none",
     "max_length": 512,
-    "use_cpu": True,
     "seed": 0,
 }
 
@@ -507,7 +534,8 @@ class DPO(Trainer):
             processing_class=tokenizer,
         )
         began = time.perf_counter()
-        metrics = dict(trainer.train().metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=last_checkpoint(output_dir)).metrics)
+        remove_if_empty(output_dir / "trainer")
         summary = {
             "trainer": self.name,
             "base_model": model_id,
@@ -526,7 +554,6 @@ class DPO(Trainer):
 
 
 GRPO_DEFAULTS: dict[str, Any] = {
-    "bf16": False,
     "num_train_epochs": 1,
     "per_device_train_batch_size": 4,
     "num_generations": 4,
@@ -534,9 +561,6 @@ GRPO_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-6,
     "beta": 0.04,
     "logging_steps": 5,
-    "save_strategy": "no",
-    "report_to": "none",
-    "use_cpu": True,
     "seed": 0,
     "temperature": 0.9,
 }
@@ -641,7 +665,8 @@ class GRPO(Trainer):
             model=model, reward_funcs=reward_funcs, args=config, train_dataset=train, processing_class=tokenizer
         )
         began = time.perf_counter()
-        metrics = dict(trainer.train().metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=last_checkpoint(output_dir)).metrics)
+        remove_if_empty(output_dir / "trainer")
         summary = {
             "trainer": self.name,
             "base_model": model_id,
