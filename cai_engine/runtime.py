@@ -103,9 +103,13 @@ class Runtime:
                 return f"model {model!r} is not installed; run: cai models install {model}"
             return None
         path = Path(model).expanduser()
+        from .backends.hf_local import HUB_ID
+
+        if not path.exists() and HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).exists():
+            return None  # a Hugging Face Hub id: resolved (from the HF cache, or downloaded) when it loads
         if not path.exists():
             return (
-                f"model {model!r} does not exist; give a model folder, a .gguf file, a catalogue name "
+                f"model {model!r} does not exist; give a model folder, a .gguf file, a Hub id, a catalogue name "
                 f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), 'smollm2', or an http(s):// endpoint"
             )
         return None

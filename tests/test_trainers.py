@@ -190,3 +190,33 @@ def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
     completions = [[{"role": "assistant", "content": c}] for c in ("Hello!", "??", "Hi there.")]
     assert reward(prompts, completions) == [1.0, None, 1.0]
     assert (reward.scored, reward.abstained) == (2, 1)
+
+
+def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_path, monkeypatch):
+    """`org/name` resolves through the standard Hugging Face cache; with HF_HUB_OFFLINE=1 nothing is downloaded."""
+    import shutil
+
+    from cai_engine.backends.hf_local import resolve_model_folder
+    from cai_engine.errors import ModelError
+
+    cache = tmp_path / "hf" / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--acme--tiny-chat" / "snapshots" / commit
+    shutil.copytree(tiny_model, snapshot)
+    (cache / "models--acme--tiny-chat" / "refs").mkdir(parents=True)
+    (cache / "models--acme--tiny-chat" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder, model_id = resolve_model_folder("acme/tiny-chat")
+    assert folder == snapshot and model_id == "acme/tiny-chat"
+    assert cai_runtime.model_problem("acme/tiny-chat") is None
+    text = cai_runtime.backend("acme/tiny-chat").continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
+    assert text is not None
+    with pytest.raises(ModelError, match="not in the Hugging Face cache and HF_HUB_OFFLINE=1"):
+        resolve_model_folder("acme/missing")
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_folder(str(tmp_path / "no" / "such"))  # a local path is never taken for a Hub id

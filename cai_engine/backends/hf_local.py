@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -95,6 +96,31 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}(?:@[\w.\-/]+)?")
+
+
+def hub_snapshot(ref: str) -> Path:
+    """A Hugging Face Hub id (``org/name`` or ``org/name@revision``) as a local snapshot folder: from the standard HF
+    cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloaded there first unless ``HF_HUB_OFFLINE=1``. Only safetensors
+    weights, configs and tokenizer files are fetched."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        raise ModelError(f"{ref!r} looks like a Hub id, but huggingface_hub is not installed") from None
+    repo, _, revision = ref.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns,
+                                      local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{ref}: not in the Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
+                         f"(huggingface-cli download {repo}) or unset HF_HUB_OFFLINE") from None
+    except Exception as exc:
+        raise ModelError(f"{ref}: could not fetch it from the Hugging Face Hub ({type(exc).__name__}: {exc})") from None
+
+
 def resolve_model_folder(ref: str) -> tuple[Path, str]:
     """A local model reference as a safetensors folder plus a model id for records (GGUF converted once)."""
     if ref == DEFAULT_NAME:
@@ -107,10 +133,13 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
         gguf = catalog.path(ref)
         return _from_gguf(gguf), f"{ref} ({gguf.name})"
     path = Path(ref).expanduser()
+    model_id = str(path)
+    if not path.exists() and HUB_ID.fullmatch(ref) and not Path(ref.split("/")[0]).exists():
+        path, model_id = hub_snapshot(ref), ref  # not a local path (its first folder does not exist either)
     if not path.exists():
         raise ModelError(
             f"model path {ref!r} does not exist; give a model folder, a .gguf file, a catalogue name, "
-            "'smollm2', or an http(s):// endpoint"
+            "'smollm2', a Hugging Face Hub id (org/name), or an http(s):// endpoint"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -123,7 +152,7 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
             f"{ref}: no .safetensors weights found; cai-engine loads safetensors only (never pickle "
             "files such as .bin, .pt or .pkl)"
         )
-    return path, str(path)
+    return path, model_id
 
 
 def _from_gguf(gguf: Path) -> Path:
