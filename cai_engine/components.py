@@ -74,10 +74,12 @@ class Component(ABC):
 
     @property
     def runtime(self) -> Runtime:
+        """The runtime this component was built with (``runtime.component(...)`` passes it); a component made by hand
+        without one uses the process's shared ``Runtime.default()``, never a new model pool of its own."""
         if self._runtime is None:
             from .runtime import Runtime
 
-            self._runtime = Runtime()
+            self._runtime = Runtime.default()
         return self._runtime
 
     def describe(self) -> dict[str, Any]:

@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, policy: Policy, *, runtime: Runtime | None = None, base_dir: Path | None = None) -> None:
         self.policy = policy
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime.default()
         self.constitution: Constitution = resolve_policy(policy, self.runtime.registry, base_dir)
         self.runtime_principles = self.constitution.for_phase(Phase.runtime)
         # Validate every component's options now, before any model loads (models load on first use).

@@ -174,7 +174,7 @@ class Evaluation:
     def __init__(self, config: EvalConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
         self.out = Path(out)
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime.default()
         registry = self.runtime.registry
         self.constitution = registry.constitution(config.constitution)
         self.harm = [self.constitution.principle(p) for p in config.harm_principles]
@@ -492,7 +492,7 @@ def compare_policies(
     """What the guard does to the same model's responses under each policy: actions, violations, differences."""
     from .engine import Engine
 
-    runtime = runtime or Runtime()
+    runtime = runtime or Runtime.default()
     items = load_prompts(prompts, runtime.registry, limit=limit)
     sampler = runtime.component("sampler", "model", {"model": model, "temperature": 0.0})
     texts = [row[0] for row in sampler.sample([i.conversation for i in items])]

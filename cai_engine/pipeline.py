@@ -79,7 +79,7 @@ def run_pipeline(
 
     from .evaluation import EvalConfig, evaluate
 
-    runtime = runtime or Runtime()
+    runtime = runtime or Runtime.default()
     out = Path(config.out)
     feedback = config.feedback_model or config.model
     # Validate every section before any model loads.

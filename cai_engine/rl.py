@@ -114,7 +114,7 @@ def judgement_record(judgement) -> dict[str, Any]:
 class LabelRun:
     def __init__(self, config: RLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime.default()
         self.constitution = self.runtime.registry.constitution(config.constitution)
         self.judge = config.judge_ref().build("judge", self.runtime)
         self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
@@ -398,7 +398,7 @@ def run_gate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure a judge; with ``run``, store the result as the run's ``gate.json`` (the trainers read it)."""
-    runtime = runtime or Runtime()
+    runtime = runtime or Runtime.default()
     ref = judge_ref if isinstance(judge_ref, ComponentRef) else ComponentRef.model_validate(judge_ref)
     judge = ref.build("judge", runtime)
     result = measure_judge(

@@ -14,6 +14,7 @@ Any role points at a model with one setting, a *model reference*:
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,24 @@ def parse_model_ref(ref: ModelRef) -> tuple[str, dict[str, Any]]:
 class Runtime:
     """Holds the registry and the loaded models; components get their backends from here."""
 
+    _default: Runtime | None = None
+    _default_env: tuple[str, ...] = ()
+
     def __init__(self, registry: Any = None, *, pm: Any = None) -> None:
         self._registry = registry
         self._pm = pm
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def default(cls) -> Runtime:
+        """The process's shared runtime (installed plugins, one model pool), for entry points and for library calls
+        made without a runtime: every such call shares it instead of loading plugins and models again. It is built
+        again when the plugin settings (CAI_DISABLE_PLUGIN_AUTOLOAD, CAI_BLOCKED_PLUGINS) change."""
+        env = tuple(os.environ.get(k, "") for k in ("CAI_DISABLE_PLUGIN_AUTOLOAD", "CAI_BLOCKED_PLUGINS"))
+        if cls._default is None or cls._default_env != env:
+            cls._default, cls._default_env = cls(), env
+        return cls._default
 
     @property
     def registry(self):

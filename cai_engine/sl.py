@@ -108,7 +108,7 @@ class SLRun:
 
     def __init__(self, config: SLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime.default()
         registry = self.runtime.registry
         self.constitution: Constitution = registry.constitution(config.constitution)
         self.principles = self.constitution.for_phase(Phase.sl)

@@ -435,3 +435,15 @@ def test_verdict_only_critic_reads_yes_no_without_generating(cai_runtime, model_
     assert body.index("Use a tension wrench.") > body.index("Question:")
     other = critic._verdict_prompt(tasks[1]).messages[-1].content
     assert other.split("H: ")[0] == body.split("H: ")[0]
+
+
+def test_a_component_built_without_a_runtime_shares_the_default_one(monkeypatch):
+    """No hidden second model pool: every hand-built component and runtime-less library call share one runtime,
+    rebuilt only when the plugin settings change."""
+    from cai_engine.default_plugins.critics import ModelCritic
+    from cai_engine.runtime import Runtime
+
+    first, second = ModelCritic({}), ModelCritic({})
+    assert first.runtime is second.runtime is Runtime.default()
+    monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "nothing-by-this-name")
+    assert Runtime.default() is not first.runtime

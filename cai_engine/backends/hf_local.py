@@ -112,11 +112,14 @@ def hub_snapshot(ref: str) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns,
-                                      local_files_only=offline))
+        return Path(
+            snapshot_download(repo, revision=revision or None, allow_patterns=patterns, local_files_only=offline)
+        )
     except LocalEntryNotFoundError:
-        raise ModelError(f"{ref}: not in the Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
-                         f"(huggingface-cli download {repo}) or unset HF_HUB_OFFLINE") from None
+        raise ModelError(
+            f"{ref}: not in the Hugging Face cache and HF_HUB_OFFLINE=1; download it first "
+            f"(huggingface-cli download {repo}) or unset HF_HUB_OFFLINE"
+        ) from None
     except Exception as exc:
         raise ModelError(f"{ref}: could not fetch it from the Hugging Face Hub ({type(exc).__name__}: {exc})") from None
 
