@@ -1,0 +1,273 @@
+"""Preference data in and out of a labelling run: human labels, a review round trip, and the TRL preference export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError, RunError
+from .jsonl import iter_jsonl
+from .outputs import write_atomic
+from .rl_gate import judge_identity
+from .runs import RunDirectory, now
+
+TRANSCRIPT_TURN = r"\n\n(Human|Assistant):"
+
+
+def _as_messages(value: Any, where: str, default_role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ConfigError(f"{where}: expected text or a list of {{role, content}} messages")
+
+
+def _split_transcript(text: str) -> list[dict[str, str]]:
+    import re
+
+    parts = re.split(TRANSCRIPT_TURN, "\n\n" + text.strip() if not text.startswith("\n\n") else text)
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    return messages
+
+
+def import_human(path: str | Path) -> list[dict[str, Any]]:
+    """Human preference pairs from the common Hugging Face layouts, as preference rows (source ``human``).
+
+    Accepted per line (JSONL) or per row (a ``datasets`` folder / parquet): ``prompt`` + ``chosen`` + ``rejected``
+    (text or messages, TRL's explicit-prompt format); or ``chosen`` + ``rejected`` full conversations sharing a
+    prefix (TRL's implicit-prompt format and Anthropic hh-rlhf's ``Human:/Assistant:`` transcripts). An optional
+    ``label`` / ``chosen_probability`` in [0, 1] gives a soft label.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        import datasets
+
+        ds = (
+            datasets.load_from_disk(str(path))
+            if path.is_dir()
+            else datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        )
+        rows = [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
+    else:
+        rows = list(iter_jsonl(path))
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(
+                f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt'); found: {found}"
+            )
+        label = row.get("label", row.get("chosen_probability", 1.0))
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= float(label) <= 1:
+            raise ConfigError(f"{where}: label must be a number in [0, 1], got {label!r}")
+        if "prompt" in row and row["prompt"] not in (None, ""):
+            prompt = _as_messages(row["prompt"], where, "user")
+            chosen = _as_messages(row["chosen"], where, "assistant")
+            rejected = _as_messages(row["rejected"], where, "assistant")
+        else:
+            c = (
+                _split_transcript(row["chosen"])
+                if isinstance(row["chosen"], str)
+                else _as_messages(row["chosen"], where, "assistant")
+            )
+            r = (
+                _split_transcript(row["rejected"])
+                if isinstance(row["rejected"], str)
+                else _as_messages(row["rejected"], where, "assistant")
+            )
+            shared = 0
+            while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+                shared += 1
+            prompt, chosen, rejected = c[:shared], c[shared:], r[shared:]
+        if not prompt or prompt[-1]["role"] != "user" or not chosen or not rejected:
+            raise ConfigError(f"{where}: could not find a prompt ending with a user turn and two replies")
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_probability": float(label),
+                "source": "human",
+                "prompt_id": "human:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12],
+                "principle_ids": [],
+            }
+        )
+    if not out:
+        raise ConfigError(f"{path}: contains no preference pairs")
+    return out
+
+
+def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[str, Any]:
+    """The judge's least confident and most disputed pairs, as a JSONL file for human review.
+
+    Abstentions come first, then pairs whose two orders disagreed, then by closeness of the label to 0.5. Reviewers
+    fill ``human_choice`` with "a", "b" or a probability that A is better; `merge_review` brings them back.
+    """
+    directory = RunDirectory(run, "rl")
+    rows = []
+    for record in directory.records():
+        j = record.get("judgement") or {}
+        p = record.get("label")
+        priority = (
+            0 if p is None else 1 if j.get("position_consistent") is False else 2,
+            abs(p - 0.5) if p is not None else 0,
+        )
+        rows.append(
+            (
+                priority,
+                {
+                    "key": record["key"],
+                    "conversation": record["conversation"],
+                    "response_a": record["response_a"],
+                    "response_b": record["response_b"],
+                    "ai_p_a": p,
+                    "position_consistent": j.get("position_consistent"),
+                    "principle_ids": record["principle_ids"],
+                    "human_choice": None,
+                },
+            )
+        )
+    rows.sort(key=lambda r: r[0])
+    chosen = [r for _, r in rows[:count]]
+    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
+    return {"exported": len(chosen), "out": str(out)}
+
+
+def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
+    """Bring reviewed labels back: they override the AI label of their pair at export (source ``human-review``)."""
+    directory = RunDirectory(run, "rl")
+    keys = {r["key"] for r in directory.records()}
+    merged, skipped, lines = 0, 0, []
+    for where, row in iter_jsonl(reviewed):
+        if row.get("key") not in keys:
+            raise ConfigError(f"{where}: key {row.get('key')!r} is not a pair of {run}")
+        choice = row.get("human_choice")
+        if choice is None:
+            skipped += 1
+            continue
+        if choice in ("a", "A"):
+            p = 1.0
+        elif choice in ("b", "B"):
+            p = 0.0
+        elif isinstance(choice, (int, float)) and not isinstance(choice, bool) and 0 <= choice <= 1:
+            p = float(choice)
+        else:
+            raise ConfigError(f"{where}: human_choice must be 'a', 'b' or a probability in [0, 1], got {choice!r}")
+        lines.append({"key": row["key"], "p_a": p, "reviewed": now()})
+        merged += 1
+    with open(Path(run) / "reviews.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in lines))
+    return {"merged": merged, "skipped_unreviewed": skipped}
+
+
+class PreferenceExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_confidence: float = Field(0.0, ge=0, lt=0.5, description="Drop AI labels with |p - 0.5| below this.")
+    heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts in the test split.")
+    human: list[str] = Field(default_factory=list, description="Human preference files to mix in.")
+
+
+def _bucket(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def export_preferences(
+    run: str | Path, out: str | Path, options: PreferenceExportOptions | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``train.jsonl``/``test.jsonl`` in TRL's conversational preference format plus a soft label.
+
+    Each row: ``prompt`` (messages), ``chosen`` and ``rejected`` (assistant messages), ``chosen_probability`` (how
+    sure the label is that ``chosen`` is better, in [0.5, 1] for AI labels), ``source`` (ai, revision, human,
+    human-review). The run's judge gate result is carried into ``export.json`` for the trainers.
+    """
+    options = (
+        options
+        if isinstance(options, PreferenceExportOptions)
+        else PreferenceExportOptions.model_validate(options or {})
+    )
+    directory = RunDirectory(run, "rl")
+    manifest = directory.manifest()
+    if manifest.get("kind") != "rl":
+        raise RunError(f"{run}: not a preference-labelling (rl) run directory")
+    reviews = {}
+    if (Path(run) / "reviews.jsonl").exists():
+        for line in (Path(run) / "reviews.jsonl").read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                review = json.loads(line)
+                reviews[review["key"]] = review["p_a"]
+    rows, abstained, filtered = [], 0, 0
+    for record in directory.records(required=("key", "source", "conversation", "response_a", "response_b")):
+        p, source = record.get("label"), record["source"]
+        if record["key"] in reviews:
+            p, source = reviews[record["key"]], "human-review"
+        if p is None:
+            abstained += 1
+            continue
+        if source == "ai" and abs(p - 0.5) < options.min_confidence:
+            filtered += 1
+            continue
+        if p == 0.5:
+            filtered += 1
+            continue
+        a_better = p > 0.5
+        rows.append(
+            {
+                "prompt": record["conversation"],
+                "chosen": [{"role": "assistant", "content": record["response_a" if a_better else "response_b"]}],
+                "rejected": [{"role": "assistant", "content": record["response_b" if a_better else "response_a"]}],
+                "chosen_probability": max(p, 1 - p),
+                "source": source,
+                "prompt_id": record["key"],
+                "principle_ids": record["principle_ids"],
+            }
+        )
+    for human_file in options.human:
+        rows += import_human(human_file)
+    if not rows:
+        raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
+    test = [r for r in rows if _bucket(r["prompt_id"]) < options.heldout]
+    train = [r for r in rows if _bucket(r["prompt_id"]) >= options.heldout]
+    if options.heldout and not test and len(train) > 1:
+        test, train = train[-1:], train[:-1]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("test", test)):
+        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    gate = None
+    if (Path(run) / "gate.json").exists():
+        gate = json.loads((Path(run) / "gate.json").read_text(encoding="utf-8"))
+    labelling_judges = {
+        json.dumps(judge_identity(r.get("provenance", {}).get("judge")), sort_keys=True)
+        for r in directory.records()
+        if r.get("source") == "ai"
+    }
+    gate_matches = None
+    if gate is not None and labelling_judges:
+        gate_matches = labelling_judges == {json.dumps(judge_identity(gate.get("judge")), sort_keys=True)}
+    sources: dict[str, int] = {}
+    for r in rows:
+        sources[r["source"]] = sources.get(r["source"], 0) + 1
+    summary = {
+        "format": "trl-conversational-preference",
+        "source_run": str(run),
+        "train": len(train),
+        "test": len(test),
+        "sources": sources,
+        "abstained_excluded": abstained,
+        "filtered_low_confidence": filtered,
+        "options": options.model_dump(),
+        "judge_gate": gate,
+        "judge_gate_matches": gate_matches,
+        "constitution": manifest.get("provenance", {}).get("constitution"),
+    }
+    write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
+    return summary
