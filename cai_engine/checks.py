@@ -274,15 +274,7 @@ def caveat_check(
             for task in tasks:
                 found = find(task.conversation, task.response)
                 if not found.violating:
-                    out.append(
-                        Revision(
-                            principle_id=task.principle.id,
-                            text=task.response,
-                            accepted=True,
-                            reason="nothing to repair",
-                            reviser=name,
-                        )
-                    )
+                    out.append(self.unchanged(task))
                     continue
                 text = drop_sentences(task.response, found.dismissals) if found.dismissals else task.response
                 reason = None

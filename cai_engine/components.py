@@ -116,6 +116,14 @@ class Reviser(Component):
     def revise(self, tasks: Sequence[RevisionTask]) -> list[Revision]:
         """Return one Revision per task, in order; a rejected revision keeps the input text."""
 
+    def unchanged(self, task: RevisionTask, reason: str = "nothing to repair") -> Revision:
+        """The revision that keeps the response as it is (a deterministic reviser found nothing to repair)."""
+        from .records import Revision
+
+        return Revision(
+            principle_id=task.principle.id, text=task.response, accepted=True, reason=reason, reviser=self.name
+        )
+
 
 class Judge(Component):
     """Compares two responses against principles; may also score one response pointwise."""

@@ -210,3 +210,29 @@ def tiny_model(tmp_path_factory):
 def tiny_plain_model(tmp_path_factory):
     """The same tiny model without a chat template (transcript layout)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain") / "model", chat_template=False)
+
+
+def assert_check_benchmark(
+    registry,
+    check: str,
+    path,
+    *,
+    precision: float = 0.9,
+    recall: float = 0.85,
+    repair: float = 0.9,
+    min_cases: int = 60,
+):
+    """Assert a deterministic check's scores on a labelled case file (see ``cai checks eval``): at least
+    ``min_cases`` answers, half violating; precision, recall and repair success at or above the bars. Returns the
+    result, so a plugin's test can look further."""
+    from .check_eval import evaluate_check, load_cases
+
+    cases = load_cases(path)
+    assert len(cases) >= min_cases and 2 * sum(c.violates for c in cases) == len(cases), (
+        f"{path}: needs at least {min_cases} cases, half of them violating"
+    )
+    result = evaluate_check(registry, check, cases)
+    found = result["deterministic"]
+    assert found["precision"]["rate"] >= precision and found["recall"]["rate"] >= recall, found["errors"]
+    assert result["repair"]["success"]["rate"] >= repair, result["repair"]["failures"]
+    return result

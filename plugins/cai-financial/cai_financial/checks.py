@@ -184,15 +184,7 @@ class GuaranteeReviser(Reviser):
         for task in tasks:
             found = find_guarantees(task.response)
             if not found:
-                out.append(
-                    Revision(
-                        principle_id=task.principle.id,
-                        text=task.response,
-                        accepted=True,
-                        reason="nothing to repair",
-                        reviser=self.name,
-                    )
-                )
+                out.append(self.unchanged(task))
                 continue
             text = drop_sentences(task.response, [s for _, s in found])
             if not RISK_NOTED.search(text):

@@ -117,11 +117,6 @@ def test_labelled_benchmark(registry, check):
     precision >= 0.9 and recall >= 0.85, and its repair must succeed on >= 0.9 of the violations it flags."""
     from pathlib import Path
 
-    from cai_engine.check_eval import evaluate_check, load_cases
+    from cai_engine.testing import assert_check_benchmark
 
-    cases = load_cases(Path(__file__).parent / "data" / f"{check}.jsonl")
-    assert len(cases) >= 60 and 2 * sum(c.violates for c in cases) == len(cases)
-    result = evaluate_check(registry, check, cases)
-    found = result["deterministic"]
-    assert found["precision"]["rate"] >= 0.9 and found["recall"]["rate"] >= 0.85, found["errors"]
-    assert result["repair"]["success"]["rate"] >= 0.9, result["repair"]["failures"]
+    assert_check_benchmark(registry, check, Path(__file__).parent / "data" / f"{check}.jsonl")

@@ -682,15 +682,7 @@ class PHIReviser(Reviser):
         for task in tasks:
             found = find_phi(task.conversation, task.response)
             if not found:
-                out.append(
-                    Revision(
-                        principle_id=task.principle.id,
-                        text=task.response,
-                        accepted=True,
-                        reason="nothing to repair",
-                        reviser=self.name,
-                    )
-                )
+                out.append(self.unchanged(task))
                 continue
             text = task.response
             for mention in sorted(found, key=lambda m: len(m.text), reverse=True):
