@@ -267,3 +267,11 @@ def _gate_line(result: dict[str, Any]) -> str:
         f"position consistency {result['position_consistency']} (same position {result['same_position_rate']}), "
         f"calibration error {result['expected_calibration_error']}, abstained {result['abstained']}"
     )
+
+
+def config_option(help: str = "YAML/JSON file with any of the settings below; flags override it."):
+    """The ``--config FILE`` option the run commands share (its settings, then the flags over them)."""
+    return click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help=help)
+
+
+constitution_option = click.option("--constitution", help="Constitution name or file. [default: harmless]")

@@ -11,6 +11,8 @@ from .base import (
     _print_sl_summary,
     _runtime,
     cli,
+    config_option,
+    constitution_option,
     load_config_file,
     merge_flags,
     validate_config,
@@ -18,13 +20,8 @@ from .base import (
 
 
 @cli.command("sl")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML/JSON file with any of the settings below; flags override it.",
-)
-@click.option("--constitution", help="Constitution name or file. [default: harmless]")
+@config_option()
+@constitution_option
 @click.option(
     "--prompts",
     help="builtin:<set>, <plugin>:<set>, or a .jsonl/.csv/.txt file or datasets folder. [default: builtin:red-team]",

@@ -13,6 +13,8 @@ from .base import (
     _gate_line,
     _runtime,
     cli,
+    config_option,
+    constitution_option,
     load_config_file,
     merge_flags,
     parse_settings,
@@ -26,13 +28,8 @@ def rl_group() -> None:
 
 
 @rl_group.command("label")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML/JSON file with any of the settings below; flags override it.",
-)
-@click.option("--constitution", help="Constitution name or file. [default: harmless]")
+@config_option()
+@constitution_option
 @click.option(
     "--recipe",
     type=click.Choice(["judged", "revision"]),
@@ -153,12 +150,7 @@ def rl_review_merge(run, reviewed):
 
 @cli.command("train")
 @click.argument("trainer")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.",
-)
+@config_option("YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.")
 @click.option("--dataset", help="Dataset folder from `cai export` (grpo: a prompt source).")
 @click.option("--model", help="Base model: smollm2, a model folder or a .gguf file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Where the checkpoint goes.")
