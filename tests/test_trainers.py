@@ -159,6 +159,11 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
 
     assert parse_setting("2e-5") == 2e-5 and parse_setting("3") == 3 and parse_setting("true") is True
     assert parse_setting("no") == "no" and parse_setting("false") is False  # save_strategy=no stays a word
+    from trl import SFTConfig
+
+    from cai_engine.default_plugins.trainers import _coerce_numbers
+
+    assert _coerce_numbers(SFTConfig, "sft", {"save_strategy": False})["save_strategy"] == "no"  # `save_strategy: no`
     trainer = cai_runtime.component(
         "trainer", "sft", {"model": str(tiny_model), "trl": {**FAST, "learning_rate": "1e-1", "max_steps": "2"}}
     )  # what yaml.safe_load gives for `learning_rate: 1e-1`

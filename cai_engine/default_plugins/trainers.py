@@ -332,16 +332,22 @@ def preference_data(dataset: str | Path):
 
 
 def _coerce_numbers(cls, name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads ``2e-5`` as a string; turn such values into numbers where the TRL field is numeric."""
+    """YAML 1.1 reads ``2e-5`` as a string and ``no`` as False; turn such values back into numbers where the TRL
+    field is numeric, and False into "no" where the field is a word (``save_strategy: no``)."""
     import dataclasses
+    import enum
 
+    fields = dataclasses.fields(cls)
     numeric = {
         f.name: type(f.default)
-        for f in dataclasses.fields(cls)
+        for f in fields
         if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
     }
+    words = {f.name for f in fields if isinstance(f.default, (str, enum.Enum)) and not isinstance(f.default, bool)}
     out = dict(settings)
     for key, value in settings.items():
+        if key in words and value is False:
+            out[key] = "no"
         if key in numeric and isinstance(value, str):
             try:
                 number = float(value)
