@@ -69,15 +69,19 @@ def principle(checks=("demo.caveat",)):
     )
 
 
-def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
-    critic_cls, reviser_cls = caveat_check(
+def demo_check(**extra):
+    return caveat_check(
         "demo.caveat",
         triggers=[r"\bdose\b"],
         satisfied_by=[r"\bdoctor\b"],
         caveat="Check with a doctor.",
         message="Needs a doctor.",
-        dismissal_message="Waves the doctor away.",
+        **extra,
     )
+
+
+def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
+    critic_cls, reviser_cls = demo_check(dismissal_message="Waves the doctor away.")
     conversation = [Message(role="user", content="Q?")]
 
     def run(response):
@@ -106,13 +110,7 @@ def test_caveat_check_counts_a_waved_away_caveat_as_a_violation():
 def demo_registry():
     from cai_engine import Registry, hookimpl, make_plugin_manager
 
-    critic_cls, reviser_cls = caveat_check(
-        "demo.caveat",
-        triggers=[r"\bdose\b"],
-        satisfied_by=[r"\bdoctor\b"],
-        caveat="Check with a doctor.",
-        message="Needs a doctor.",
-    )
+    critic_cls, reviser_cls = demo_check()
 
     class Plugin:
         @hookimpl

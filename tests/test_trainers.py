@@ -220,8 +220,9 @@ def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_p
     folder, model_id = resolve_model_folder("acme/tiny-chat")
     assert folder == snapshot and model_id == "acme/tiny-chat"
     assert cai_runtime.model_problem("acme/tiny-chat") is None
-    text = cai_runtime.backend("acme/tiny-chat").continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
-    assert text is not None
+    by_id = cai_runtime.backend("acme/tiny-chat").continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
+    by_path = cai_runtime.backend(str(tiny_model)).continuation_logprobs(["Question 1?"], [[" Answer 1."]])[0][0]
+    assert abs(by_id - by_path) < 1e-4  # the same weights, found through the cache
     with pytest.raises(ModelError, match="not in the Hugging Face cache and HF_HUB_OFFLINE=1"):
         resolve_model_folder("acme/missing")
     with pytest.raises(ModelError, match="does not exist"):
