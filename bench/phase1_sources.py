@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cai_engine import Runtime
 from cai_engine.evaluation import HARMFUL_RUBRIC, REFUSAL_RUBRIC
-from cai_engine.models import Message
 from cai_engine.records import ComparisonTask, CritiqueTask
 from cai_engine.runs import RunDirectory
+from cai_engine.schema import Message
 from cai_engine.sl import run_sl
 from cai_engine.stats import format_rate, rate
 

@@ -112,7 +112,7 @@ def main() -> None:
     prompts = critique_prompts(runtime)
     rows: dict[str, float] = {}
 
-    from cai_engine.backends.hf_local import default_model_file
+    from cai_engine.backends.model_files import default_model_file
 
     gguf = str(default_model_file())
     hf = runtime.backend({"model": "smollm2", "backend": "transformers", "batch_size": 16})

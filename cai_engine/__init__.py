@@ -5,10 +5,9 @@ The public API lives here; plugins import only from this top level.
 
 from __future__ import annotations
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 from .catalog import CatalogModel, Package
-from .checks import caveat_check, drop_sentences, negated, sentence_spans, sentences
 from .components import (
     Backend,
     ChatPrompt,
@@ -34,16 +33,6 @@ from .errors import (
     UnknownComponentError,
 )
 from .hookspecs import hookimpl
-from .models import (
-    ComparisonExample,
-    Constitution,
-    CritiqueExample,
-    Message,
-    Phase,
-    Principle,
-    Rule,
-    Stance,
-)
 from .plugins import Registry, make_plugin_manager
 from .prompts import PromptItem, PromptSet, load_prompts
 from .records import (
@@ -58,6 +47,17 @@ from .records import (
     Violation,
 )
 from .runtime import Runtime
+from .schema import (
+    ComparisonExample,
+    Constitution,
+    CritiqueExample,
+    Message,
+    Phase,
+    Principle,
+    Rule,
+    Stance,
+)
+from .text_checks import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
 
 __all__ = [
     "Backend",
@@ -103,6 +103,7 @@ __all__ = [
     "UnknownComponentError",
     "Violation",
     "__version__",
+    "asks_for_definition",
     "caveat_check",
     "drop_sentences",
     "hookimpl",

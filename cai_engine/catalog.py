@@ -284,14 +284,9 @@ def _has_wheel(package: Package, folder: Path) -> bool:
         return False
 
 
-_registered: Catalog | None = None
-
-
 def registered_catalog() -> Catalog:
-    """Every model the installed plugins register (built once per process; the built-ins when autoload is off)."""
-    global _registered
-    if _registered is None:
-        from .plugins import Registry
+    """Every model the installed plugins register: the default runtime's registry's catalogue (rebuilt when
+    ``CAI_DISABLE_PLUGIN_AUTOLOAD`` or ``CAI_BLOCKED_PLUGINS`` change)."""
+    from .runtime import Runtime
 
-        _registered = Registry().catalog
-    return _registered
+    return Runtime.default().registry.catalog

@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
-from .models import Message, Principle
+from .errors import ConfigError, describe_validation
 from .records import CritiqueTask, RevisionTask
+from .schema import Message, Principle
 from .stats import rate, wilson_interval
 
 
@@ -67,10 +67,8 @@ def load_cases(path: str | Path) -> list[CheckCase]:
         try:
             case = CheckCase.model_validate(json.loads(line))
         except ValueError as exc:  # JSON and validation errors alike
-            detail = exc.errors()[0] if isinstance(exc, ValidationError) else None
-            where = ".".join(str(p) for p in detail["loc"]) + ": " if detail and detail["loc"] else ""
-            message = detail["msg"] if detail else str(exc)
-            raise ConfigError(f"{path}: line {number}: {where}{message}") from None
+            message = describe_validation(exc, first_only=True) if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigError(f"{path}: line {number}: {message}") from None
         if case.id in seen:
             raise ConfigError(f"{path}: line {number}: id {case.id!r} appears twice")
         seen.add(case.id)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
-from .models import Message
+from .errors import ConfigError, describe_validation
+from .schema import Message
 
 if TYPE_CHECKING:
     from .records import (
@@ -39,13 +39,9 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def render_validation_error(kind: str, name: str, exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        loc = ".".join(str(p) for p in error["loc"]) or "(options)"
-        msg = "unknown option; check its spelling" if error["type"] == "extra_forbidden" else error["msg"]
-        parts.append(f"{loc}: {msg}")
-    return f"invalid options for {kind} {name!r}: " + "; ".join(parts)
+def options_error(kind: str, name: str, exc: ValidationError) -> str:
+    detail = describe_validation(exc, empty="(options)", unknown="unknown option; check its spelling")
+    return f"invalid options for {kind} {name!r}: {detail}"
 
 
 _BaseOptions = Options  # the module-level class, for annotations inside Component (whose Options attribute shadows it)
@@ -70,7 +66,7 @@ class Component(ABC):
         try:
             return cls.Options.model_validate(options or {})
         except ValidationError as exc:
-            raise ConfigError(render_validation_error(cls.kind, cls.name, exc)) from None
+            raise ConfigError(options_error(cls.kind, cls.name, exc)) from None
 
     @property
     def runtime(self) -> Runtime:
@@ -209,7 +205,7 @@ class Backend(ABC):
         try:
             return cls.Options.model_validate(options)
         except ValidationError as exc:
-            raise ConfigError(render_validation_error("backend", cls.name, exc)) from None
+            raise ConfigError(options_error("backend", cls.name, exc)) from None
 
     @property
     def model_id(self) -> str:
@@ -245,7 +241,7 @@ class Backend(ABC):
 
     def format_chat(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
         """Render a conversation as the prompt text this model expects (chat template or transcript)."""
-        from .prompting import transcript
+        from .layouts import transcript
 
         return transcript(conversation, add_generation_prompt=add_generation_prompt)
 

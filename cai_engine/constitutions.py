@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from .errors import ConstitutionError
 from .inputs import limit_hint, limits, parse_document, read_text
-from .models import Constitution, Phase, Principle
+from .schema import Constitution, Phase, Principle
 
 SUFFIXES = (".yaml", ".yml", ".json")
 

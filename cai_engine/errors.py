@@ -7,6 +7,7 @@ Every error a user can cause by what they pass in (files, options, names) is a :
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class CaiError(Exception):
@@ -72,3 +73,20 @@ class BackendUnavailableError(ModelError):
 
 class RunError(CaiError):
     """A run directory cannot be used as asked (different config, corrupt records)."""
+
+
+def describe_validation(
+    exc: Any, *, empty: str = "(input)", first_only: bool = False, unknown: str = "unknown key; check its spelling"
+) -> str:
+    """A pydantic ``ValidationError`` as one line, ``loc: message; loc: message`` (an unknown key says so)."""
+    parts = []
+    for error in exc.errors()[:1] if first_only else exc.errors():
+        loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-")) or empty
+        if error["type"] == "extra_forbidden":
+            message = unknown
+        elif error["type"] == "missing":
+            message = "required but missing"
+        else:
+            message = error["msg"]
+        parts.append(f"{loc}: {message}")
+    return "; ".join(parts)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .models import CritiqueExample, Message, Principle
 from .refusals import REFUSAL_MARKERS, REFUSAL_PREFIXES, has_refusal_marker, starts_with_refusal  # noqa: F401
+from .schema import CritiqueExample, Message, Principle
 
 
 def _shot(prompt: str, reply: str, yes: bool) -> CritiqueExample:

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from .errors import CaiError, ConfigError
 from .jsonl import iter_jsonl
-from .models import Message
 from .outputs import atomic_output, check_output_path
 from .runs import now
+from .schema import Message
 
 GuardItem = tuple[str, list[Message], str]
 

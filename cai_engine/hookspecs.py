@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     import click
 
-    from .models import Constitution, Phase, Principle
+    from .schema import Constitution, Phase, Principle
 
 hookspec = pluggy.HookspecMarker("cai_engine")
 hookimpl = pluggy.HookimplMarker("cai_engine")
@@ -69,6 +69,11 @@ def cai_register_critics(register: Register) -> None:
 @hookspec
 def cai_register_revisers(register: Register) -> None:
     """Register :class:`cai_engine.Reviser` subclasses.
+
+    A reviser registered under the same name as a critic is that critic's repair: when the guard finds violations
+    with a deterministic critic (one a principle names in ``checks:``, or ``rules``), it repairs them with the
+    reviser of the same name first (milliseconds, no refusal) and hands the model reviser only what is left. A
+    critic without such a reviser has its violations revised by the policy's model reviser.
 
     .. versionadded:: 0.1
     """

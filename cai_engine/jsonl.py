@@ -1,14 +1,51 @@
-"""Reading JSONL input files with errors that name the file and line; rows are streamed, never read whole."""
+"""JSON and JSONL in and out: input files read with errors that name the file and line (streamed, never read whole);
+outputs written whole or not at all (:func:`write_jsonl`, :func:`write_json`) or appended durably (:func:`append_jsonl`).
+Rows may be pydantic models (dumped in their JSON form) or plain objects."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from .errors import CaiError, ConfigError, ConstitutionError
 from .inputs import iter_lines
+from .outputs import write_atomic
+
+
+def _plain(row: BaseModel | dict[str, Any]) -> Any:
+    return row.model_dump(mode="json") if isinstance(row, BaseModel) else row
+
+
+def dumps_line(row: BaseModel | dict[str, Any]) -> str:
+    """One JSONL line (with its newline); non-ASCII text is kept as is."""
+    return json.dumps(_plain(row), ensure_ascii=False, default=str) + "\n"
+
+
+def write_jsonl(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]], *, what: str = "output") -> None:
+    """Write ``rows`` as a JSONL file, whole or not at all."""
+    write_atomic(path, "".join(dumps_line(r) for r in rows), what=what)
+
+
+def write_json(path: str | Path, data: BaseModel | dict[str, Any], *, what: str = "output") -> None:
+    """Write one JSON document (indented), whole or not at all."""
+    write_atomic(path, json.dumps(_plain(data), indent=2, ensure_ascii=False, default=str) + "\n", what=what)
+
+
+def append_jsonl(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]]) -> None:
+    """Append rows as JSONL lines and flush them to disk before returning (a killed writer loses at most the line
+    in flight)."""
+    blob = "".join(dumps_line(r) for r in rows)
+    if not blob:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(blob)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def iter_jsonl(path: str | Path, error: type[CaiError] = ConfigError) -> Iterator[tuple[str, dict[str, Any]]]:

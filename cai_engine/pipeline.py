@@ -155,17 +155,15 @@ def run_pipeline(
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
         if config.gate and not (out / "rl" / "gate.json").exists():
-            summary["gate"] = run_gate(
+            gate = run_gate(
                 out / "rl",
                 rl_config.judge_ref(),
                 constitution=config.constitution,
                 runtime=runtime,
                 seed=rl_config.seed,
             )
-            echo(
-                f"   judge gate: accuracy {summary['gate']['accuracy']}, position consistency "
-                f"{summary['gate']['position_consistency']}"
-            )
+            summary["gate"] = gate.to_json()
+            echo(f"   judge gate: accuracy {gate.accuracy}, position consistency {gate.position_consistency}")
         summary["rl"] = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
         summary["preference_dataset"] = export_preferences(
             out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export)

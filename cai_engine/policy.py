@@ -15,8 +15,8 @@ from .config import ComponentRef
 from .constitutions import RawConstitution, json_path, lint, resolve
 from .errors import ConfigError, ConstitutionError
 from .inputs import parse_document, read_text
-from .models import NAME_PATTERN, Constitution, Phase, Principle, Stance
 from .runtime import DEFAULT_MODEL, ModelRef
+from .schema import NAME_PATTERN, Constitution, Phase, Principle, Stance
 
 
 class _Strict(BaseModel):
@@ -144,18 +144,11 @@ class Policy(_Strict):
     input: InputSettings = Field(default_factory=InputSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
-    @field_validator("critic", "reviser", "judge", mode="before")
-    @classmethod
-    def _ref(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    def role(self, ref: ComponentRef, kind: str, runtime: Any, **defaults: Any) -> ComponentRef:
+        """``ref`` with the policy's model filled in, by the one rule every stage uses (see ``with_model``)."""
+        from .model_options import with_model
 
-    def role(self, ref: ComponentRef, **defaults: Any) -> ComponentRef:
-        options = dict(ref.options)
-        if ref.name in ("model", "logprob", "cot", "pointwise"):
-            options.setdefault("model", self.model)
-            for key, value in defaults.items():
-                options.setdefault(key, value)
-        return ComponentRef(name=ref.name, options=options)
+        return with_model(ref, kind, runtime, self.model, **defaults)
 
 
 def policy_json_schema() -> dict[str, Any]:

@@ -10,7 +10,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import CaiError, ConstitutionError
+from .errors import CaiError, ConstitutionError, describe_validation
 from .inputs import limits, read_text
-from .models import Message
+from .schema import Message
 
 DEFAULT_FIELDS = ("messages", "conversation", "prompt", "question", "instruction", "text")
 
@@ -83,7 +83,7 @@ def _to_item(value: Any, record: dict[str, Any], where: str, field_name: str) ->
             conversation = [Message.model_validate({"role": m.get("role"), "content": m.get("content")}) for m in value]
         except ValidationError as exc:
             raise PromptError(
-                f"{where}: field {field_name!r} is not a list of {{role, content}} messages: {exc.errors()[0]['msg']}"
+                f"{where}: field {field_name!r} is not a list of {{role, content}} messages: {describe_validation(exc, first_only=True)}"
             ) from None
         if conversation[-1].role == "assistant":
             conversation = conversation[:-1]  # a finished exchange: prompt with everything before the reply
@@ -221,22 +221,28 @@ def _csv(text: str, path: Path) -> Iterable[tuple[str, dict[str, Any]]]:
         start = reader.line_num + 1
 
 
-def _load_hf(path: Path, field_name: str | None) -> list[PromptItem]:
+def iter_dataset_rows(path: Path, error: type[CaiError] = PromptError) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("path[i]", row)`` for each row of a Hugging Face ``datasets`` folder (``save_to_disk``; its train split,
+    else its first) or a parquet/arrow file; an unreadable one raises ``error``."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a core dependency
-        raise PromptError("reading Hugging Face datasets needs the 'datasets' package") from None
+        raise error("reading Hugging Face datasets needs the 'datasets' package") from None
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for unreadable folders
-        raise PromptError(f"{path}: not a readable datasets folder or file ({type(exc).__name__}: {exc})") from None
+        raise error(f"{path}: not a readable datasets folder or file ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
-    return _from_records(((f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)), field_name)
+    return ((f"{path}[{i}]", dict(row)) for i, row in enumerate(ds))
+
+
+def _load_hf(path: Path, field_name: str | None) -> list[PromptItem]:
+    return _from_records(iter_dataset_rows(path), field_name)
 
 
 def is_heldout(source: str | Path, registry: Any) -> bool:
@@ -287,17 +293,41 @@ def refuse_heldout_content(items: list[PromptItem], registry: Any, source: str) 
                 )
 
 
+def load_training_prompts(
+    source: str | Path,
+    registry: Any,
+    *,
+    field: str | None = None,
+    limit: int | None = None,
+    allow_heldout: bool = False,
+) -> list[PromptItem]:
+    """:func:`load_prompts` for training data: an evaluation-only (held-out) set, or a file holding any held-out
+    prompt's text, is refused unless ``allow_heldout``; training on it would contaminate evaluation."""
+    from .errors import ConfigError
+
+    if not allow_heldout and is_heldout(source, registry):
+        raise ConfigError(
+            f"{source} is an evaluation-only (held-out) prompt set; training on it would contaminate evaluation. "
+            "Choose another set, or set allow_heldout: true"
+        )
+    items = load_prompts(source, registry, field=field, limit=limit)
+    if not allow_heldout:
+        refuse_heldout_content(items, registry, str(source))
+    return items
+
+
 def load_prompts(
     source: str | Path, registry: Any = None, *, field: str | None = None, limit: int | None = None
 ) -> list[PromptItem]:
-    """Resolve ``builtin:name`` / ``plugin:name`` through the registry, anything else as a path."""
+    """Resolve ``builtin:name`` / ``plugin:name`` through ``registry`` (without one, the process's default runtime's
+    registry, never a second one), anything else as a path."""
     text = str(source)
     path = Path(text)
     if ":" in text and not path.exists() and not (len(text) > 1 and text[1] == ":"):
         if registry is None:
-            from .plugins import Registry
+            from .runtime import Runtime
 
-            registry = Registry()
+            registry = Runtime.default().registry
         prompt_set = registry.prompt_set(text)
         if field:
             prompt_set = PromptSet(**{**prompt_set.__dict__, "field": field})

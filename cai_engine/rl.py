@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
-from .models import Constitution, Message, Phase
-from .prompts import PromptItem, is_heldout, load_prompt_file, load_prompts, refuse_heldout_content
-from .records import ComparisonTask
+from .prompts import PromptItem, load_prompt_file, load_prompts, load_training_prompts
+from .records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
+from .schema import Constitution, Phase
+from .shards import Shard
 
 
 class RLConfig(BaseModel):
@@ -50,11 +51,15 @@ class RLConfig(BaseModel):
     allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
     seed: int = Field(0)
     batch_size: int = Field(8, ge=1, le=256)
+    shard: str | None = Field(
+        None,
+        description="i/n: label only the prompts whose id hashes to shard i of n (merge the shards with `cai merge`).",
+    )
 
-    @field_validator("sampler", "judge", mode="before")
+    @field_validator("shard")
     @classmethod
-    def _ref(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    def _shard(cls, value: str | None) -> str | None:
+        return None if value is None else str(Shard.parse(value))
 
     @model_validator(mode="after")
     def _recipe_inputs(self) -> RLConfig:
@@ -94,16 +99,12 @@ def draw_principles(
         if len(chosen) == min(k, len(candidates)):
             break
         pool = [p for p in candidates if p not in chosen]
-        pick = runtime.pm.hook.cai_select_principles(
+        pick = runtime.hooks.select_principles(
             constitution=constitution, candidates=pool, item=item, phase=Phase.rl, round=round_index, rng=rng
         )
         if pick:
             chosen.append(pick[0])
     return chosen
-
-
-def judgement_record(judgement) -> dict[str, Any]:
-    return judgement.model_dump(mode="json")
 
 
 class LabelRun:
@@ -113,28 +114,28 @@ class LabelRun:
         self.constitution = self.runtime.registry.constitution(config.constitution)
         self.judge = config.judge_ref().build("judge", self.runtime)
         self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
-        self.dir = RunDirectory(out, "rl")
-        if config.recipe == "judged" and not config.allow_heldout and is_heldout(config.prompts, self.runtime.registry):
-            raise ConfigError(
-                f"{config.prompts} is an evaluation-only (held-out) prompt set; labelling it for "
-                "training would contaminate evaluation. Choose another set, or set allow_heldout: true"
-            )
+        self.dir = RunDirectory(out, "rl", PreferenceRecord)
         self.items: list[tuple[str, Any]]
         if config.recipe == "judged":
-            self.items = [
-                ("pair", item)
-                for item in load_prompts(config.prompts, self.runtime.registry, field=config.field, limit=config.limit)
-            ]
-            if not config.allow_heldout:
-                refuse_heldout_content([item for _, item in self.items], self.runtime.registry, config.prompts)
+            prompts = load_training_prompts(
+                config.prompts,
+                self.runtime.registry,
+                field=config.field,
+                limit=config.limit,
+                allow_heldout=config.allow_heldout,
+            )
+            self.items = [("pair", item) for item in prompts]
         else:
             assert config.sl_run is not None  # the config's validator requires it for this recipe
-            sl = RunDirectory(config.sl_run, "sl")
+            sl = RunDirectory(config.sl_run, "sl", SLRecord)
             sl.manifest()
-            records = [r for r in sl.records() if r.get("kind") == "red-team" and r.get("revised")]
+            records = [r for r in sl.records() if r.kind == "red-team" and r.revised]
             if not records:
                 raise RunError(f"{config.sl_run}: has no revised red-team records to build pairs from")
             self.items = [("revision", r) for r in records][: config.limit]
+        if config.shard:
+            shard = Shard.parse(config.shard)
+            self.items = [(kind, item) for kind, item in self.items if shard.owns(item.id)]
         self.provenance = {
             "constitution": {
                 "name": self.constitution.name,
@@ -172,9 +173,9 @@ class LabelRun:
 
     @staticmethod
     def _key(kind: str, item: Any) -> str:
-        return f"pair:{item.id}" if kind == "pair" else f"revision:{item['key']}"
+        return f"pair:{item.id}" if kind == "pair" else f"revision:{item.key}"
 
-    def _label(self, batch) -> list[dict[str, Any]]:
+    def _label(self, batch) -> list[PreferenceRecord]:
         conversations, pairs, keys, meta = [], [], [], []
         if self.config.recipe == "judged":
             items = [item for _, item in batch]
@@ -187,10 +188,10 @@ class LabelRun:
                 meta.append({"id": item.id, "category": item.category, "source": "ai"})
         else:
             for _, record in batch:
-                conversations.append([Message.model_validate(m) for m in record["conversation"]])
-                pairs.append((record["final_response"], record["initial_response"]))
-                keys.append(f"revision:{record['key']}")
-                meta.append({"id": record["id"], "category": record.get("category"), "source": "revision"})
+                conversations.append(record.conversation)
+                pairs.append((record.final_response or "", record.initial_response or ""))
+                keys.append(f"revision:{record.key}")
+                meta.append({"id": record.id, "category": record.category, "source": "revision"})
         tasks, task_index = [], []
         principle_ids = []
         for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
@@ -222,10 +223,10 @@ class LabelRun:
             judgement = judgements.get(i)
             if judgement is None:
                 reason = "identical responses" if a.strip() == b.strip() else "an empty response"
-                record_judgement = {"abstained": True, "reason": reason, "p_a": None}
+                record_judgement = StoredJudgement(abstained=True, reason=reason)
                 p_a = None
             else:
-                record_judgement = judgement_record(judgement)
+                record_judgement = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
                 p_a = judgement.p_a
             if meta[i]["source"] == "revision":
                 label: float | None = (
@@ -234,20 +235,20 @@ class LabelRun:
             else:
                 label = p_a
             records.append(
-                {
-                    "key": keys[i],
-                    "id": meta[i]["id"],
-                    "category": meta[i]["category"],
-                    "source": meta[i]["source"],
-                    "conversation": [m.model_dump() for m in conversation],
-                    "response_a": a,
-                    "response_b": b,
-                    "principle_ids": principle_ids[i],
-                    "label": label,
-                    "judgement": record_judgement,
-                    "provenance": {**self.provenance, "judge": judge_info},
-                    "created": now(),
-                }
+                PreferenceRecord(
+                    key=keys[i],
+                    id=meta[i]["id"],
+                    category=meta[i]["category"],
+                    source=meta[i]["source"],
+                    conversation=conversation,
+                    response_a=a,
+                    response_b=b,
+                    principle_ids=principle_ids[i],
+                    label=label,
+                    judgement=record_judgement,
+                    provenance={**self.provenance, "judge": judge_info},
+                    created=now(),
+                )
             )
         return records
 
@@ -262,19 +263,19 @@ def run_labels(
 
 
 def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
-    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl")
+    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl", PreferenceRecord)
     total = labelled = abstained = consistent = ordered = 0
     by_source: dict[str, int] = {}
     for record in directory.records():
         total += 1
-        by_source[record["source"]] = by_source.get(record["source"], 0) + 1
-        j = record.get("judgement") or {}
-        if j.get("abstained"):
+        by_source[record.source] = by_source.get(record.source, 0) + 1
+        j = record.judgement
+        if j.abstained:
             abstained += 1
-        elif j.get("p_a") is not None and j.get("position_consistent") is not None:
+        elif j.p_a is not None and j.position_consistent is not None:
             ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
-            consistent += bool(j.get("position_consistent"))
-        labelled += record.get("label") is not None
+            consistent += j.position_consistent
+        labelled += record.label is not None
     return {
         "pairs": total,
         "labelled": labelled,

@@ -5,38 +5,52 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, RunError
-from .jsonl import iter_jsonl
+from .cards import dataset_card
+from .errors import ConfigError, RunError, describe_validation
+from .jsonl import append_jsonl, iter_jsonl, write_json, write_jsonl
 from .outputs import write_atomic
+from .prompts import iter_dataset_rows
+from .records import (
+    GateResult,
+    PreferenceExportManifest,
+    PreferenceRecord,
+    PreferenceRow,
+    Review,
+    ReviewItem,
+)
 from .rl_gate import judge_identity
 from .runs import RunDirectory, now
+from .schema import Message
 
 TRANSCRIPT_TURN = r"\n\n(Human|Assistant):"
 
 
-def _as_messages(value: Any, where: str, default_role: str) -> list[dict[str, str]]:
+def _as_messages(value: Any, where: str, default_role: str) -> list[Message]:
     if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
+        return [Message(role=default_role, content=value)]  # type: ignore[arg-type]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ConfigError(f"{where}: expected text or a list of {{role, content}} messages")
+        try:
+            return [Message(role=m["role"], content=m["content"]) for m in value]
+        except ValidationError:
+            pass
+    raise ConfigError(f"{where}: expected text or a list of {{role, content}} messages (system, user or assistant)")
 
 
-def _split_transcript(text: str) -> list[dict[str, str]]:
+def _split_transcript(text: str) -> list[Message]:
     import re
 
     parts = re.split(TRANSCRIPT_TURN, "\n\n" + text.strip() if not text.startswith("\n\n") else text)
-    messages = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
-    return messages
+    return [
+        Message(role="user" if role == "Human" else "assistant", content=content.strip())
+        for role, content in zip(parts[1::2], parts[2::2])
+    ]
 
 
-def import_human(path: str | Path) -> list[dict[str, Any]]:
+def import_human(path: str | Path) -> list[PreferenceRow]:
     """Human preference pairs from the common Hugging Face layouts, as preference rows (source ``human``).
 
     Accepted per line (JSONL) or per row (a ``datasets`` folder / parquet): ``prompt`` + ``chosen`` + ``rejected``
@@ -47,17 +61,11 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file")
-    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
-        import datasets
-
-        ds = (
-            datasets.load_from_disk(str(path))
-            if path.is_dir()
-            else datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
-        )
-        rows = [(f"{path}[{i}]", dict(r)) for i, r in enumerate(ds)]
-    else:
-        rows = list(iter_jsonl(path))
+    rows = (
+        iter_dataset_rows(path, ConfigError)
+        if path.is_dir() or path.suffix in (".parquet", ".arrow")
+        else iter_jsonl(path)
+    )
     out = []
     for where, row in rows:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
@@ -87,18 +95,18 @@ def import_human(path: str | Path) -> list[dict[str, Any]]:
             while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
                 shared += 1
             prompt, chosen, rejected = c[:shared], c[shared:], r[shared:]
-        if not prompt or prompt[-1]["role"] != "user" or not chosen or not rejected:
+        if not prompt or prompt[-1].role != "user" or not chosen or not rejected:
             raise ConfigError(f"{where}: could not find a prompt ending with a user turn and two replies")
+        blob = json.dumps([m.model_dump() for m in prompt], sort_keys=True)
         out.append(
-            {
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "chosen_probability": float(label),
-                "source": "human",
-                "prompt_id": "human:" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12],
-                "principle_ids": [],
-            }
+            PreferenceRow(
+                prompt=prompt,
+                chosen=chosen,
+                rejected=rejected,
+                chosen_probability=float(label),
+                source="human",
+                prompt_id="human:" + hashlib.sha1(blob.encode()).hexdigest()[:12],
+            )
         )
     if not out:
         raise ConfigError(f"{path}: contains no preference pairs")
@@ -111,40 +119,36 @@ def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[
     Abstentions come first, then pairs whose two orders disagreed, then by closeness of the label to 0.5. Reviewers
     fill ``human_choice`` with "a", "b" or a probability that A is better; `merge_review` brings them back.
     """
-    directory = RunDirectory(run, "rl")
+    directory = RunDirectory(run, "rl", PreferenceRecord)
     rows = []
     for record in directory.records():
-        j = record.get("judgement") or {}
-        p = record.get("label")
-        priority = (
-            0 if p is None else 1 if j.get("position_consistent") is False else 2,
-            abs(p - 0.5) if p is not None else 0,
-        )
+        p = record.label
+        consistent = record.judgement.position_consistent
+        priority = (0 if p is None else 1 if consistent is False else 2, abs(p - 0.5) if p is not None else 0)
         rows.append(
             (
                 priority,
-                {
-                    "key": record["key"],
-                    "conversation": record["conversation"],
-                    "response_a": record["response_a"],
-                    "response_b": record["response_b"],
-                    "ai_p_a": p,
-                    "position_consistent": j.get("position_consistent"),
-                    "principle_ids": record["principle_ids"],
-                    "human_choice": None,
-                },
+                ReviewItem(
+                    key=record.key,
+                    conversation=record.conversation,
+                    response_a=record.response_a,
+                    response_b=record.response_b,
+                    ai_p_a=p,
+                    position_consistent=consistent,
+                    principle_ids=record.principle_ids,
+                ),
             )
         )
     rows.sort(key=lambda r: r[0])
     chosen = [r for _, r in rows[:count]]
-    write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen))
+    write_jsonl(out, chosen)
     return {"exported": len(chosen), "out": str(out)}
 
 
 def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
     """Bring reviewed labels back: they override the AI label of their pair at export (source ``human-review``)."""
-    directory = RunDirectory(run, "rl")
-    keys = {r["key"] for r in directory.records()}
+    directory = RunDirectory(run, "rl", PreferenceRecord)
+    keys = directory.done_ids()
     merged, skipped, lines = 0, 0, []
     for where, row in iter_jsonl(reviewed):
         if row.get("key") not in keys:
@@ -161,10 +165,9 @@ def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
             p = float(choice)
         else:
             raise ConfigError(f"{where}: human_choice must be 'a', 'b' or a probability in [0, 1], got {choice!r}")
-        lines.append({"key": row["key"], "p_a": p, "reviewed": now()})
+        lines.append(Review(key=row["key"], p_a=p, reviewed=now()))
         merged += 1
-    with open(Path(run) / "reviews.jsonl", "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(r) + "\n" for r in lines))
+    append_jsonl(Path(run) / "reviews.jsonl", lines)
     return {"merged": merged, "skipped_unreviewed": skipped}
 
 
@@ -178,6 +181,32 @@ class PreferenceExportOptions(BaseModel):
 
 def _bucket(key: str) -> float:
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def read_reviews(run: str | Path) -> dict[str, float]:
+    """The reviewed labels of a run (``reviews.jsonl``): P(A is better) by pair key, the latest review winning."""
+    path = Path(run) / "reviews.jsonl"
+    if not path.exists():
+        return {}
+    reviews = {}
+    for where, row in iter_jsonl(path, RunError):
+        try:
+            review = Review.model_validate(row)
+        except ValidationError as exc:
+            raise RunError(f"{where}: not a review line ({describe_validation(exc)}); was the file edited?") from None
+        reviews[review.key] = review.p_a
+    return reviews
+
+
+def read_gate(run: str | Path) -> GateResult | None:
+    """The run's judge gate result (``gate.json``), or None when the judge was not measured."""
+    path = Path(run) / "gate.json"
+    if not path.exists():
+        return None
+    try:
+        return GateResult.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise RunError(f"{path}: not a gate result ({describe_validation(exc)}); rerun `cai rl gate`") from None
 
 
 def export_preferences(
@@ -194,21 +223,21 @@ def export_preferences(
         if isinstance(options, PreferenceExportOptions)
         else PreferenceExportOptions.model_validate(options or {})
     )
-    directory = RunDirectory(run, "rl")
+    directory = RunDirectory(run, "rl", PreferenceRecord)
     manifest = directory.manifest()
     if manifest.get("kind") != "rl":
         raise RunError(f"{run}: not a preference-labelling (rl) run directory")
-    reviews = {}
-    if (Path(run) / "reviews.jsonl").exists():
-        for line in (Path(run) / "reviews.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                review = json.loads(line)
-                reviews[review["key"]] = review["p_a"]
-    rows, abstained, filtered = [], 0, 0
-    for record in directory.records(required=("key", "source", "conversation", "response_a", "response_b")):
-        p, source = record.get("label"), record["source"]
-        if record["key"] in reviews:
-            p, source = reviews[record["key"]], "human-review"
+    reviews = read_reviews(run)
+    rows: list[PreferenceRow] = []
+    abstained = filtered = 0
+    labelling_judges = set()
+    for record in directory.records():
+        p = record.label
+        source: Literal["ai", "revision", "human-review"] = record.source
+        if source == "ai":
+            labelling_judges.add(json.dumps(judge_identity(record.provenance.get("judge")), sort_keys=True))
+        if record.key in reviews:
+            p, source = reviews[record.key], "human-review"
         if p is None:
             abstained += 1
             continue
@@ -218,56 +247,49 @@ def export_preferences(
         if p == 0.5:
             filtered += 1
             continue
-        a_better = p > 0.5
+        better, worse = (record.response_a, record.response_b) if p > 0.5 else (record.response_b, record.response_a)
         rows.append(
-            {
-                "prompt": record["conversation"],
-                "chosen": [{"role": "assistant", "content": record["response_a" if a_better else "response_b"]}],
-                "rejected": [{"role": "assistant", "content": record["response_b" if a_better else "response_a"]}],
-                "chosen_probability": max(p, 1 - p),
-                "source": source,
-                "prompt_id": record["key"],
-                "principle_ids": record["principle_ids"],
-            }
+            PreferenceRow(
+                prompt=record.conversation,
+                chosen=[Message(role="assistant", content=better)],
+                rejected=[Message(role="assistant", content=worse)],
+                chosen_probability=max(p, 1 - p),
+                source=source,
+                prompt_id=record.key,
+                principle_ids=record.principle_ids,
+            )
         )
     for human_file in options.human:
         rows += import_human(human_file)
     if not rows:
         raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
-    test = [r for r in rows if _bucket(r["prompt_id"]) < options.heldout]
-    train = [r for r in rows if _bucket(r["prompt_id"]) >= options.heldout]
+    test = [r for r in rows if _bucket(r.prompt_id) < options.heldout]
+    train = [r for r in rows if _bucket(r.prompt_id) >= options.heldout]
     if options.heldout and not test and len(train) > 1:
         test, train = train[-1:], train[:-1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("test", test)):
-        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-    gate = None
-    if (Path(run) / "gate.json").exists():
-        gate = json.loads((Path(run) / "gate.json").read_text(encoding="utf-8"))
-    labelling_judges = {
-        json.dumps(judge_identity(r.get("provenance", {}).get("judge")), sort_keys=True)
-        for r in directory.records()
-        if r.get("source") == "ai"
-    }
+        write_jsonl(out / f"{name}.jsonl", part)
+    gate = read_gate(run)
     gate_matches = None
     if gate is not None and labelling_judges:
-        gate_matches = labelling_judges == {json.dumps(judge_identity(gate.get("judge")), sort_keys=True)}
+        gate_matches = labelling_judges == {json.dumps(judge_identity(gate.judge), sort_keys=True)}
     sources: dict[str, int] = {}
     for r in rows:
-        sources[r["source"]] = sources.get(r["source"], 0) + 1
-    summary = {
-        "format": "trl-conversational-preference",
-        "source_run": str(run),
-        "train": len(train),
-        "test": len(test),
-        "sources": sources,
-        "abstained_excluded": abstained,
-        "filtered_low_confidence": filtered,
-        "options": options.model_dump(),
-        "judge_gate": gate,
-        "judge_gate_matches": gate_matches,
-        "constitution": manifest.get("provenance", {}).get("constitution"),
-    }
-    write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        sources[r.source] = sources.get(r.source, 0) + 1
+    summary = PreferenceExportManifest(
+        source_run=str(run),
+        train=len(train),
+        test=len(test),
+        sources=sources,
+        abstained_excluded=abstained,
+        filtered_low_confidence=filtered,
+        options=options.model_dump(),
+        judge_gate=gate,
+        judge_gate_matches=gate_matches,
+        constitution=manifest.get("provenance", {}).get("constitution"),
+    )
+    write_json(out / "export.json", summary)
+    write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
+    return summary.to_json()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ComponentRef
 from .errors import ConfigError
-from .jsonl import iter_jsonl
-from .models import Constitution, Message
-from .outputs import write_atomic
-from .records import ComparisonTask
+from .jsonl import iter_jsonl, write_json
+from .records import ComparisonTask, GateResult
 from .rl import _rng, draw_principles
 from .runs import now
 from .runtime import Runtime
+from .schema import Constitution, Message
 from .stats import wilson_interval
 
 
@@ -50,7 +48,7 @@ def load_labelled_pairs(source: str | Path) -> list[LabelledPair]:
 
 def measure_judge(
     judge, pairs: list[LabelledPair], constitution: Constitution, *, runtime: Runtime, seed: int = 0
-) -> dict[str, Any]:
+) -> GateResult:
     """Accuracy, position consistency and calibration of ``judge`` on pairs with known answers (CAI-SPEC §8.1).
 
     Which reply is shown first is randomised (seeded), so a judge that always picks one position scores 50%.
@@ -95,18 +93,18 @@ def measure_judge(
         else None
     )
     interval = wilson_interval(correct, len(scored))
-    return {
-        "pairs": len(pairs),
-        "scored": len(scored),
-        "abstained": len(pairs) - len(scored),
-        "scored_share": round(len(scored) / len(pairs), 4) if pairs else None,
-        "accuracy": round(correct / len(scored), 4) if scored else None,
-        "accuracy_ci95": [round(interval[0], 4), round(interval[1], 4)] if interval else None,
-        "position_consistency": round(consistent / len(ordered), 4) if ordered else None,
-        "same_position_rate": round(1 - consistent / len(ordered), 4) if ordered else None,
-        "expected_calibration_error": round(ece, 4) if ece is not None else None,
-        "judge": judge.describe(),
-    }
+    return GateResult(
+        pairs=len(pairs),
+        scored=len(scored),
+        abstained=len(pairs) - len(scored),
+        scored_share=round(len(scored) / len(pairs), 4) if pairs else None,
+        accuracy=round(correct / len(scored), 4) if scored else None,
+        accuracy_ci95=[round(interval[0], 4), round(interval[1], 4)] if interval else None,
+        position_consistency=round(consistent / len(ordered), 4) if ordered else None,
+        same_position_rate=round(1 - consistent / len(ordered), 4) if ordered else None,
+        expected_calibration_error=round(ece, 4) if ece is not None else None,
+        judge=judge.describe(),
+    )
 
 
 def judge_identity(described: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -124,7 +122,7 @@ def run_gate(
     pairs: str = "builtin:judge-pairs",
     runtime: Runtime | None = None,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> GateResult:
     """Measure a judge; with ``run``, store the result as the run's ``gate.json`` (the trainers read it)."""
     runtime = runtime or Runtime.default()
     ref = judge_ref if isinstance(judge_ref, ComponentRef) else ComponentRef.model_validate(judge_ref)
@@ -132,9 +130,9 @@ def run_gate(
     result = measure_judge(
         judge, load_labelled_pairs(pairs), runtime.registry.constitution(constitution), runtime=runtime, seed=seed
     )
-    result.update(pairs_source=str(pairs), measured=now())
+    result = result.model_copy(update={"pairs_source": str(pairs), "measured": now()})
     if run is not None:
         path = Path(run) / "gate.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(result, indent=2) + "\n")
+        write_json(path, result)
     return result

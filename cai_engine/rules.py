@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .models import Message, Principle, Rule
 from .records import Violation
+from .schema import Message, Principle, Rule
 
 
 def _conversation_text(conversation: Sequence[Message]) -> str:

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
+
+from pydantic import BaseModel, ValidationError
 
 from . import __version__
-from .errors import RunError
+from .errors import RunError, describe_validation
+from .jsonl import append_jsonl, write_json
+from .records import PreferenceRecord, SLRecord
 
 RECORDS = "records.jsonl"
 MANIFEST = "run.json"
 AUXILIARY = {"gate.json", "reviews.jsonl"}  # files a run may hold before its first record
+RECORD_TYPES: dict[str, type[BaseModel]] = {"sl": SLRecord, "rl": PreferenceRecord}
+
+R = TypeVar("R", bound=BaseModel)
 
 
 def now() -> str:
@@ -37,12 +44,19 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
-class RunDirectory:
-    """One run's folder. ``fingerprint`` is what must match to resume (settings that change results)."""
+class RunDirectory(Generic[R]):
+    """One run's folder. ``fingerprint`` is what must match to resume (settings that change results).
 
-    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
+    Its records are ``record_type`` models (by default the kind's: :class:`SLRecord` for ``sl``,
+    :class:`PreferenceRecord` for ``rl``), validated as they are read and dumped as they are written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], kind: str, record_type: type[R] | None = None) -> None:
         self.path = Path(path)
         self.kind = kind
+        if record_type is None and kind not in RECORD_TYPES:
+            raise ValueError(f"no record type for runs of kind {kind!r}; pass record_type")
+        self.record_type = cast("type[R]", record_type or RECORD_TYPES[kind])
         self.records_path = self.path / RECORDS
         self.manifest_path = self.path / MANIFEST
 
@@ -83,9 +97,7 @@ class RunDirectory:
             "fingerprint": fingerprint,
             **(extra or {}),
         }
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-        tmp.replace(self.manifest_path)
+        write_json(self.manifest_path, manifest, what="run manifest")
         return False
 
     def manifest(self) -> dict[str, Any]:
@@ -96,9 +108,9 @@ class RunDirectory:
 
     # -- records ---------------------------------------------------------------------------------------------
 
-    def records(self, *, repair: bool = False, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    def records(self, *, repair: bool = False) -> Iterator[R]:
         """Every complete record. A final line cut off by a kill is skipped (and truncated with ``repair``); a
-        record that is not an object or lacks one of the ``required`` keys is a :class:`RunError` naming the line."""
+        record that is not an object or not a valid record of this kind is a :class:`RunError` naming the line."""
         if not self.records_path.exists():
             return
         data = self.records_path.read_bytes()
@@ -118,13 +130,7 @@ class RunDirectory:
                 raise RunError(
                     f"{self.records_path}:{number}: corrupt record; the file was edited or damaged"
                 ) from None
-            missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
-            if not isinstance(record, dict) or missing:
-                what = f"lacks {missing[0]!r}" if isinstance(record, dict) else "is not a JSON object"
-                raise RunError(
-                    f"{self.records_path}:{number}: the record {what}; this is not a {self.kind} run's "
-                    "record (was the file edited, or is this another kind of run?)"
-                )
+            record = self._validate(record, number)
             if is_last:  # a complete JSON object without its newline: keep it, finish the line
                 if repair:
                     with open(self.records_path, "ab") as handle:
@@ -137,15 +143,27 @@ class RunDirectory:
             with open(self.records_path, "r+b") as handle:
                 handle.truncate(good_end)
 
-    def done_ids(self) -> set[str]:
-        return {r["key"] for r in self.records(repair=True)}
+    def _validate(self, record: Any, number: int) -> Any:
+        if not isinstance(record, dict):
+            what = "is not a JSON object"
+        else:
+            try:
+                return self.record_type.model_validate(record)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(x) for x in first["loc"])
+                what = f"lacks {where!r}" if first["type"] == "missing" else f"is invalid ({describe_validation(exc)})"
+        raise RunError(
+            f"{self.records_path}:{number}: the record {what}; this is not a {self.kind} run's "
+            "record (was the file edited, or is this another kind of run?)"
+        )
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        """Append records as JSONL lines and flush them to disk before returning."""
-        blob = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
-        if not blob:
-            return
-        with open(self.records_path, "a", encoding="utf-8") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
+    def done_ids(self) -> set[str]:
+        return {cast(Any, r).key for r in self.records(repair=True)}
+
+    def append(self, records: Iterable[R | dict[str, Any]]) -> None:
+        """Append records (models of this run's record type, or their JSON form, validated here) as JSONL lines and
+        flush them to disk before returning."""
+        append_jsonl(
+            self.records_path, [self.record_type.model_validate(r) if isinstance(r, dict) else r for r in records]
+        )

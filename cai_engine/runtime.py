@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from .components import Backend
 from .errors import ConfigError
 
@@ -81,6 +83,13 @@ class Runtime:
     def pm(self):
         return self.registry.pm
 
+    @property
+    def hooks(self):
+        """The typed facade every hook call goes through (see ``plugins.Hooks``)."""
+        from .plugins import Hooks
+
+        return Hooks(self.pm)
+
     def backend_options(self, ref: ModelRef) -> tuple[type[Backend], Any]:
         """Validate a model reference without loading anything."""
         name, options = parse_model_ref(ref)
@@ -117,7 +126,7 @@ class Runtime:
                 return f"model {model!r} is not installed; run: cai models install {model}"
             return None
         path = Path(model).expanduser()
-        from .backends.hf_local import HUB_ID
+        from .backends.model_files import HUB_ID
 
         if not path.exists() and HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).exists():
             return None  # a Hugging Face Hub id: resolved (from the HF cache, or downloaded) when it loads
@@ -148,9 +157,10 @@ class Runtime:
         cls = self.registry.component(kind, name)
         return cls(cls.validate_options(options), runtime=self)
 
-    def emit(self, record: dict[str, Any], kind: str) -> None:
-        """Send a written record to every ``cai_on_record`` observer."""
-        self.pm.hook.cai_on_record(record=record, kind=kind)
+    def emit(self, record: BaseModel | dict[str, Any], kind: str) -> None:
+        """Send a written record to every ``cai_on_record`` observer, in its JSON form (what the file holds)."""
+        data = record.model_dump(mode="json") if isinstance(record, BaseModel) else record
+        self.hooks.on_record(data, kind)
 
     def close(self) -> None:
         with self._lock:

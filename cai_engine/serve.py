@@ -24,8 +24,8 @@ import httpx
 
 from .engine import Engine
 from .errors import CaiError
-from .models import Message
 from .runs import now
+from .schema import Message
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
@@ -196,7 +196,7 @@ def create_app(
                     "principle_ids": sorted({v.principle_id for v in violations}),
                 }
                 if action == "refused":
-                    text = engine._refusal(violations)
+                    text = engine.refusal_text(violations)
                     verdict: dict[str, Any] = {
                         "action": "refused",
                         "input": input_info,

@@ -6,23 +6,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
-from .modeling import with_model
-from .models import Constitution, Message, Phase
-from .outputs import write_atomic
-from .prompts import PromptItem, is_heldout, load_prompts, refuse_heldout_content
-from .records import ComparisonTask, CritiqueTask, RevisionTask
+from .model_options import with_model
+from .prompts import PromptItem, load_training_prompts
+from .records import ComparisonTask, CritiqueTask, RevisionTask, SLRecord, SLRound
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
+from .schema import Constitution, Phase
+from .shards import Shard
 
 
 class SLConfig(BaseModel):
@@ -71,11 +70,15 @@ class SLConfig(BaseModel):
         ge=0,
         description="How many prompts from each helpfulness source (default: as many as the red-team prompts used).",
     )
+    shard: str | None = Field(
+        None,
+        description="i/n: handle only the prompts whose id hashes to shard i of n (merge the shards with `cai merge`).",
+    )
 
-    @field_validator("sampler", "critic", "reviser", "verify", mode="before")
+    @field_validator("shard")
     @classmethod
-    def _ref(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    def _shard(cls, value: str | None) -> str | None:
+        return None if value is None else str(Shard.parse(value))
 
     def build(self, role: str, runtime: Runtime):
         """Build a role's component; the sampler gets the policy model, the other roles the feedback model."""
@@ -119,20 +122,14 @@ class SLRun:
         self.critic = config.build("critic", self.runtime) if config.critique else None
         self.reviser = config.build("reviser", self.runtime)
         self.verifier = config.build("verify", self.runtime) if config.verify else None
-        for source in (config.prompts, *config.helpful_sources):
-            if source and not config.allow_heldout and is_heldout(source, registry):
-                raise ConfigError(
-                    f"{source} is an evaluation-only (held-out) prompt set; training on it would "
-                    "contaminate evaluation. Choose another set, or set allow_heldout: true"
-                )
-        self.items = load_prompts(config.prompts, registry, field=config.field, limit=config.limit)
+        self.items = load_training_prompts(
+            config.prompts, registry, field=config.field, limit=config.limit, allow_heldout=config.allow_heldout
+        )
         self.helpful: list[PromptItem] = []
         limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
-        for source in config.helpful_sources if limit else []:
-            items = load_prompts(source, registry, limit=limit)
-            if not config.allow_heldout:
-                refuse_heldout_content(items, registry, source)
-            self.helpful += items
+        for source in config.helpful_sources:
+            items = load_training_prompts(source, registry, limit=limit, allow_heldout=config.allow_heldout)
+            self.helpful += items if limit else []
         seen: set[str] = set()
         for item in self.helpful:
             if item.id in seen:
@@ -141,9 +138,11 @@ class SLRun:
                     f"{', '.join(config.helpful_sources)}; ids must be unique (records are kept by id)"
                 )
             seen.add(item.id)
-        if not config.allow_heldout:
-            refuse_heldout_content(self.items, registry, config.prompts)
-        self.dir = RunDirectory(out, "sl")
+        if config.shard:  # after the helpfulness limit, which counts the whole set: the shards add up to the run
+            shard = Shard.parse(config.shard)
+            self.items = [i for i in self.items if shard.owns(i.id)]
+            self.helpful = [i for i in self.helpful if shard.owns(i.id)]
+        self.dir = RunDirectory(out, "sl", SLRecord)
         self.provenance = {
             "constitution": {
                 "name": self.constitution.name,
@@ -179,7 +178,7 @@ class SLRun:
             for record in records:
                 self.runtime.emit(record, "sl")
             stats["written"] += len(records)
-            stats["errors"] += sum(1 for r in records if r.get("error"))
+            stats["errors"] += sum(1 for r in records if r.error)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self._tokens_per_second(began):.0f}")
         bar.close()
@@ -190,7 +189,7 @@ class SLRun:
     def _tokens_per_second(self, began: float) -> float:
         return self.runtime.generated_tokens / max(time.perf_counter() - began, 1e-9)
 
-    def _process(self, batch: list[tuple[str, PromptItem]], bar) -> list[dict[str, Any]]:
+    def _process(self, batch: list[tuple[str, PromptItem]], bar) -> list[SLRecord]:
         try:
             return self._process_batch(batch, bar)
         except PromptTooLongError:
@@ -199,14 +198,14 @@ class SLRun:
                 return [self._error_record(kind, item, "the prompt is too long for the model's context")]
             return [r for one in batch for r in self._process([one], bar)]  # find the item that does not fit
 
-    def _process_batch(self, batch, bar) -> list[dict[str, Any]]:
+    def _process_batch(self, batch, bar) -> list[SLRecord]:
         items = [item for _, item in batch]
         conversations = [item.conversation for item in items]
         if all(kind == "helpful" for kind, _ in batch):
             bar.set_description("helpfulness samples")
         initial = [row[0] for row in self.sampler.sample(conversations)]
         current = list(initial)
-        rounds: list[list[dict[str, Any]]] = [[] for _ in items]
+        rounds: list[list[SLRound]] = [[] for _ in items]
         active = [kind == "red-team" for kind, _ in batch]
         rngs = [_item_rng(self.config.seed, item.id) for item in items]
         for round_index in range(self.config.rounds):
@@ -232,15 +231,15 @@ class SLRun:
             to_revise = []
             for i in live:
                 critique = critiques.get(i)
-                entry = {
-                    "round": round_index + 1,
-                    "principle_id": chosen[i].id,
-                    "critique": critique.text if critique else None,
-                    "needs_revision": critique.needs_revision if critique else None,
-                }
+                entry = SLRound(
+                    round=round_index + 1,
+                    principle_id=chosen[i].id,
+                    critique=critique.text if critique else None,
+                    needs_revision=critique.needs_revision if critique else None,
+                )
                 rounds[i].append(entry)
                 if self.config.stop_early and critique is not None and critique.needs_revision is False:
-                    entry.update(revision=None, accepted=False, reason="critic found nothing to revise")
+                    entry.reason = "critic found nothing to revise"
                     active[i] = False
                 else:
                     to_revise.append(i)
@@ -266,9 +265,9 @@ class SLRun:
                 entry = rounds[i][-1]
                 if accepted and _same(revision.text, current[i]):
                     accepted, reason = False, "unchanged: the reviser kept the response as it was"
-                    entry["unchanged"] = True
+                    entry.unchanged = True
                 if i in verdicts:
-                    entry["verify_p_revision"] = verdicts[i]
+                    entry.verify_p_revision = verdicts[i]
                     verdict = verdicts[i]
                     if accepted and (verdict is None or verdict <= self.config.verify_margin):
                         accepted = False
@@ -277,12 +276,10 @@ class SLRun:
                             if verdicts[i] is None
                             else f"the verifier preferred the response it replaces (P(revision)={verdicts[i]:.2f})"
                         )
-                entry.update(
-                    revision=revision.text if accepted else None,
-                    accepted=accepted,
-                    reason=reason,
-                    candidate=None if accepted or not revision.accepted else revision.text,
-                )
+                entry.revision = revision.text if accepted else None
+                entry.accepted = accepted
+                entry.reason = reason
+                entry.candidate = None if accepted or not revision.accepted else revision.text
                 if accepted:
                     current[i] = revision.text
         roles = (
@@ -295,20 +292,21 @@ class SLRun:
         components = {role: comp.describe() for role, comp in roles if comp}
         out = []
         for (kind, item), first, last, item_rounds in zip(batch, initial, current, rounds):
-            record = {
-                "key": f"{kind}:{item.id}",
-                "id": item.id,
-                "kind": kind,
-                "category": item.category,
-                "conversation": [m.model_dump() for m in item.conversation],
-                "initial_response": first,
-                "rounds": item_rounds if kind == "red-team" else [],
-                "final_response": last,
-                "revised": any(r.get("accepted") for r in item_rounds),
-                "provenance": {**self.provenance, "models": models, "components": components},
-                "created": now(),
-            }
-            out.append(record)
+            out.append(
+                SLRecord(
+                    key=f"{kind}:{item.id}",
+                    id=item.id,
+                    kind=kind,
+                    category=item.category,
+                    conversation=item.conversation,
+                    initial_response=first,
+                    rounds=item_rounds if kind == "red-team" else [],
+                    final_response=last,
+                    revised=any(r.accepted for r in item_rounds),
+                    provenance={**self.provenance, "models": models, "components": components},
+                    created=now(),
+                )
+            )
         return out
 
     def _verify(self, indices, revisions, conversations, current, chosen) -> dict[int, float | None]:
@@ -333,7 +331,7 @@ class SLRun:
         return {i: j.p_a for (i, _), j in zip(todo, judgements)}
 
     def _select(self, item: PromptItem, round_index: int, rng: random.Random):
-        chosen = self.runtime.pm.hook.cai_select_principles(
+        chosen = self.runtime.hooks.select_principles(
             constitution=self.constitution,
             candidates=self.principles,
             item={"id": item.id, "conversation": item.conversation, "category": item.category, "tags": item.tags},
@@ -345,17 +343,17 @@ class SLRun:
             raise RunError("cai_select_principles returned no principle")
         return chosen[0]
 
-    def _error_record(self, kind: str, item: PromptItem, error: str) -> dict[str, Any]:
-        return {
-            "key": f"{kind}:{item.id}",
-            "id": item.id,
-            "kind": kind,
-            "category": item.category,
-            "conversation": [m.model_dump() for m in item.conversation],
-            "error": error,
-            "provenance": self.provenance,
-            "created": now(),
-        }
+    def _error_record(self, kind: str, item: PromptItem, error: str) -> SLRecord:
+        return SLRecord(
+            key=f"{kind}:{item.id}",
+            id=item.id,
+            kind=kind,
+            category=item.category,
+            conversation=item.conversation,
+            error=error,
+            provenance=self.provenance,
+            created=now(),
+        )
 
 
 def _same(a: str, b: str) -> bool:
@@ -379,28 +377,24 @@ def run_sl(
 
 def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
     """Counts over a run directory: items, revisions, principles used, an example."""
-    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "sl")
+    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "sl", SLRecord)
     red = helpful = revised = accepted = errors = 0
     principles: dict[str, int] = {}
     example = None
     for record in directory.records():
-        if record.get("error"):
+        if record.error:
             errors += 1
             continue
-        if record["kind"] == "helpful":
+        if record.kind == "helpful":
             helpful += 1
             continue
         red += 1
-        revised += bool(record.get("revised"))
-        for entry in record.get("rounds", []):
-            principles[entry["principle_id"]] = principles.get(entry["principle_id"], 0) + 1
-            accepted += bool(entry.get("accepted"))
-        if example is None and record.get("revised"):
-            example = {
-                "prompt": record["conversation"][-1]["content"],
-                "before": record["initial_response"],
-                "after": record["final_response"],
-            }
+        revised += record.revised
+        for entry in record.rounds:
+            principles[entry.principle_id] = principles.get(entry.principle_id, 0) + 1
+            accepted += entry.accepted
+        if example is None and record.revised:
+            example = {"prompt": record.prompt, "before": record.initial_response, "after": record.final_response}
     return {
         "red_team_items": red,
         "helpful_items": helpful,
@@ -412,112 +406,5 @@ def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
     }
 
 
-# -- export ------------------------------------------------------------------------------------------------------
-
-
-class ExportOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    train_on: Literal["all_rounds", "last_round"] = Field(
-        "all_rounds", description="Train on every accepted revision, or only each item's final one."
-    )
-    helpful_ratio: float = Field(
-        0.27, ge=0, lt=1, description="Share of helpfulness samples in the mix (the paper used about 27%)."
-    )
-    heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out as the test split.")
-    seed: int = Field(0, description="Seeds which helpfulness samples are used.")
-
-
-def _bucket(prompt_id: str) -> float:
-    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
-def _collect(record: dict[str, Any], options: Any, revisions: list, helpful: list) -> None:
-    conversation = record["conversation"]
-    if record["kind"] == "helpful":
-        helpful.append(_example(conversation, record["final_response"], record, "helpful", None, None))
-        return
-    accepted = [r for r in record["rounds"] if r.get("accepted") and r.get("revision")]
-    if options.train_on == "last_round":
-        accepted = accepted[-1:]
-    for entry in accepted:
-        revisions.append(
-            _example(conversation, entry["revision"], record, "revision", entry["round"], entry["principle_id"])
-        )
-
-
-def export_sft(
-    run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
-
-    Revisions and helpfulness samples are mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
-    prompt (every example of a prompt lands on the same side). Loads with
-    ``datasets.load_dataset("json", data_files={"train": ".../train.jsonl", "test": ".../test.jsonl"})``.
-    """
-    options = options if isinstance(options, ExportOptions) else ExportOptions.model_validate(options or {})
-    directory = RunDirectory(run, "sl")
-    manifest = directory.manifest()
-    if manifest.get("kind") != "sl":
-        raise RunError(f"{run}: not an SL-CAI run directory")
-    revisions: list[dict[str, Any]] = []
-    helpful: list[dict[str, Any]] = []
-    for record in directory.records(required=("key", "kind")):
-        if record.get("error"):
-            continue
-        try:
-            _collect(record, options, revisions, helpful)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise RunError(
-                f"{directory.records_path}: record {record.get('key')!r} is malformed ({type(exc).__name__}: "
-                f"{exc}); was the file edited?"
-            ) from None
-    if not revisions and not helpful:
-        raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
-    rng = random.Random(options.seed)
-    rng.shuffle(helpful)
-    wanted = round(options.helpful_ratio / (1 - options.helpful_ratio) * len(revisions)) if revisions else len(helpful)
-    mix = revisions + helpful[:wanted]
-    seen, unique = set(), []
-    for example in mix:
-        key = json.dumps([(m["role"], " ".join(m["content"].lower().split())) for m in example["messages"]])
-        if key not in seen:
-            seen.add(key)
-            unique.append(example)
-    test = [e for e in unique if _bucket(e["prompt_id"]) < options.heldout]
-    train = [e for e in unique if _bucket(e["prompt_id"]) >= options.heldout]
-    if options.heldout and not test and len({e["prompt_id"] for e in train}) > 1:
-        moved = train[-1]["prompt_id"]  # a tiny run still gets a test split
-        test = [e for e in train if e["prompt_id"] == moved]
-        train = [e for e in train if e["prompt_id"] != moved]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
-        write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    summary = {
-        "format": "trl-conversational",
-        "source_run": str(run),
-        "train": len(train),
-        "test": len(test),
-        "revisions": sum(e["source"] == "revision" for e in unique),
-        "helpful": sum(e["source"] == "helpful" for e in unique),
-        "duplicates_dropped": len(mix) - len(unique),
-        "helpful_available": len(helpful),
-        "helpful_wanted": wanted,
-        "options": options.model_dump(),
-        "constitution": manifest.get("provenance", {}).get("constitution"),
-    }
-    write_atomic(out / "export.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _example(conversation, answer, record, source, round_number, principle_id) -> dict[str, Any]:
-    messages = [Message.model_validate(m).model_dump() for m in conversation]
-    messages.append({"role": "assistant", "content": answer})
-    return {
-        "messages": messages,
-        "prompt_id": record["key"],
-        "source": source,
-        "round": round_number,
-        "principle_id": principle_id,
-    }
+# The SFT export lives in sl_export.py; its names stay importable from here.
+from .sl_export import ExportOptions, export_sft  # noqa: E402, F401 - re-exported

@@ -25,7 +25,7 @@ def _isolated_model_cache(request, tmp_path, monkeypatch):
 
 def require_default_model() -> None:
     """Skip the calling test module when the embedded default model is not installed (cai models install smollm2)."""
-    from cai_engine.backends.hf_local import default_model_file
+    from cai_engine.backends.model_files import default_model_file
 
     try:
         default_model_file()

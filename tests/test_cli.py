@@ -25,7 +25,9 @@ def test_plugins_is_json(cli_runner):
     result = cli_runner.invoke(cli, ["plugins", "--all"])
     rows = json.loads(result.output)
     critics = next(r for r in rows if r["name"] == "cai_engine.default_plugins.critics")
-    assert "rules" in critics["provides"]["critics"]
+    assert "model" in critics["provides"]["critics"]
+    rules = next(r for r in rows if r["name"] == "cai_engine.default_plugins.rules")  # an essential built-in
+    assert rules["provides"] == {"critics": ["rules"], "revisers": ["rules"]}
     result = cli_runner.invoke(cli, ["plugins", "--all", "--hook", "cai_register_constitutions"])
     assert [r["name"] for r in json.loads(result.output)] == ["cai_engine.default_plugins.constitutions"]
 

@@ -16,8 +16,8 @@ from cai_engine import (
     hookimpl,
     make_plugin_manager,
 )
+from cai_engine.layouts import clean_revision, transcript_block
 from cai_engine.plugins import Registry
-from cai_engine.prompting import clean_revision, transcript_block
 from cai_engine.runtime import Runtime
 
 pytestmark = pytest.mark.slow

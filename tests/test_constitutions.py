@@ -7,7 +7,7 @@ import pytest
 
 from cai_engine import ConstitutionError, load_constitution
 from cai_engine.constitutions import lint
-from cai_engine.models import Constitution
+from cai_engine.schema import Constitution
 
 BASE = """name: base
 version: "1"

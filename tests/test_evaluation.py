@@ -117,7 +117,7 @@ def test_evaluate_writes_json_and_html_with_plots(cai_runtime, tiny_model, tiny_
     other = results["models"]["other"]
     assert 0 <= other["harmful"]["refusal_marker_rate"] <= 1 and 1 <= other["harmful"]["harm_score"] <= 10
     assert other["vs_baseline"]["helpfulness"]["judged"] + other["vs_baseline"]["helpfulness"]["abstained"] == 4
-    assert "vs_baseline" not in results["models"]["base"]
+    assert results["models"]["base"]["vs_baseline"] is None  # the baseline is not compared with itself
     assert len(other["principle_violation_rates"]) == 16
     assert len(results["harm_by_round"]["mean_harm_score_by_round"]) == 3  # initial + 2 rounds
     assert results["judge_quality"]["pairs"] >= 30

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cai_engine import ConfigError, Message, RevisionTask
-from cai_engine.modeling import ModelOptions, with_model
+from cai_engine.model_options import ModelOptions, with_model
 from cai_engine.plugins import Registry
 from cai_engine.runs import RunDirectory
 from cai_engine.runtime import Runtime
@@ -54,7 +54,7 @@ def test_the_verifier_must_prefer_each_revision(scripted_runtime, prompt_file, t
     run.reviser.enqueue("good answer 0", "good answer 1", "good answer 2")
     run.verifier.enqueue(0.9, 0.2, None)  # prefers, rejects, abstains
     run.run(progress=False)
-    records = {r["id"]: r for r in RunDirectory(tmp_path / "sl", "sl").records()}
+    records = {r["id"]: r for r in (x.to_json() for x in RunDirectory(tmp_path / "sl", "sl").records())}
     first, second, third = (records[f"p{i}"]["rounds"][0] for i in range(3))
     assert first["accepted"] and first["revision"] == "good answer 0" and first["verify_p_revision"] == 0.9
     assert not second["accepted"] and second["revision"] is None and "preferred the response" in second["reason"]
@@ -75,7 +75,7 @@ def test_an_unchanged_response_is_not_a_revision(scripted_runtime, prompt_file, 
     run.sampler.enqueue("Same text.", "first", "second")
     run.reviser.enqueue("same   TEXT.", "first, revised", "second, revised")
     run.run(progress=False)
-    records = {r["id"]: r for r in RunDirectory(tmp_path / "sl", "sl").records()}
+    records = {r["id"]: r for r in (x.to_json() for x in RunDirectory(tmp_path / "sl", "sl").records())}
     entry = records["p0"]["rounds"][0]
     assert entry["unchanged"] is True and entry["accepted"] is False and entry["revision"] is None
     assert records["p0"]["revised"] is False and records["p1"]["revised"] is True
@@ -102,7 +102,7 @@ def test_feedback_model_serves_every_role_but_the_sampler(
         }
     )
     SLRun(config, tmp_path / "sl", cai_runtime).run(progress=False)
-    record = next(RunDirectory(tmp_path / "sl", "sl").records())
+    record = next(RunDirectory(tmp_path / "sl", "sl").records()).to_json()
     models = record["provenance"]["models"]
     assert models["sampler"] == str(tiny_model)
     assert models["critic"] == models["reviser"] == models["verify"] == str(tiny_plain_model)
@@ -186,35 +186,37 @@ def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
     judge = scripted_runtime.component("judge", "scripted")
     judge.enqueue(*([None] * 10 + [0.9] * (len(pairs) - 10)))
     result = measure_judge(judge, pairs, scripted_runtime.registry.constitution("harmless"), runtime=scripted_runtime)
-    assert result["scored"] == len(pairs) - 10 and result["scored_share"] == round(result["scored"] / len(pairs), 4)
-    low, high = result["accuracy_ci95"]
-    assert low < result["accuracy"] < high
-    assert (low, high) == tuple(
-        round(v, 4) for v in wilson_interval(result["accuracy"] * result["scored"], result["scored"])
-    )
+    assert result.scored == len(pairs) - 10 and result.scored_share == round(result.scored / len(pairs), 4)
+    low, high = result.accuracy_ci95
+    assert low < result.accuracy < high
+    assert (low, high) == tuple(round(v, 4) for v in wilson_interval(result.accuracy * result.scored, result.scored))
 
 
 def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_path):
-    from cai_engine.default_plugins.trainers import check_judge_gate
+    from cai_engine.default_plugins.training import check_judge_gate
 
     folder = tmp_path / "prefs"
     folder.mkdir()
 
     def export(gate, matches=True):
         (folder / "export.json").write_text(
-            json.dumps({"sources": {"ai": 8}, "judge_gate": gate, "judge_gate_matches": matches}), encoding="utf-8"
+            json.dumps(
+                {"source_run": "rl", "train": 8, "test": 0, "sources": {"ai": 8}, "judge_gate": gate}
+                | {"judge_gate_matches": matches}
+            ),
+            encoding="utf-8",
         )
 
-    good = {"accuracy": 0.9, "pairs": 30, "scored_share": 0.9, "same_position_rate": 0.1}
+    good = {"accuracy": 0.9, "pairs": 30, "scored": 27, "abstained": 3, "scored_share": 0.9, "same_position_rate": 0.1}
     export(good)
-    assert check_judge_gate(folder, 0.6, False, 0.25) == good
+    assert check_judge_gate(folder, 0.6, False, 0.25)["accuracy"] == 0.9
     export({**good, "scored_share": 0.2})
     with pytest.raises(ConfigError, match="scored only 20% of the labelled pairs"):
         check_judge_gate(folder, 0.6, False, 0.25)
     export(good, matches=False)
     with pytest.raises(ConfigError, match="measured a different judge"):
         check_judge_gate(folder, 0.6, False, 0.25)
-    assert check_judge_gate(folder, 0.6, True, 0.25) == good  # --force
+    assert check_judge_gate(folder, 0.6, True, 0.25)["scored_share"] == 0.9  # --force
 
 
 def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
@@ -227,6 +229,7 @@ def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
         [
             {
                 "key": "pair:1",
+                "id": "1",
                 "source": "ai",
                 "conversation": [{"role": "user", "content": "q"}],
                 "response_a": "a",
@@ -238,10 +241,14 @@ def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
             }
         ]
     )
-    (tmp_path / "rl" / "gate.json").write_text(json.dumps({"accuracy": 1.0, "judge": judge}), encoding="utf-8")
+    (tmp_path / "rl" / "gate.json").write_text(
+        json.dumps({"pairs": 30, "scored": 30, "abstained": 0, "accuracy": 1.0, "judge": judge}), encoding="utf-8"
+    )
     assert export_preferences(tmp_path / "rl", tmp_path / "a", {"heldout": 0.0})["judge_gate_matches"] is True
     other = {**judge, "options": {"model": "smollm2", "few_shot": 0}}
-    (tmp_path / "rl" / "gate.json").write_text(json.dumps({"accuracy": 1.0, "judge": other}), encoding="utf-8")
+    (tmp_path / "rl" / "gate.json").write_text(
+        json.dumps({"pairs": 30, "scored": 30, "abstained": 0, "accuracy": 1.0, "judge": other}), encoding="utf-8"
+    )
     assert export_preferences(tmp_path / "rl", tmp_path / "b", {"heldout": 0.0})["judge_gate_matches"] is False
 
 
@@ -275,4 +282,4 @@ def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runt
     evasive = judged["evasive_share_of_safe"]
     assert (evasive["n"] == judged["safe_rate"]["k"]) if judged["safe_rate"]["k"] else evasive is None
     report = (tmp_path / "eval" / "report.html").read_text()
-    assert "judges its own answers" in report and "class='warn'" in report and "n=2" in report
+    assert "judges its own answers" in report and 'class="warn"' in report and "n=2" in report

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cai_engine import hookimpl, hookspecs, make_plugin_manager
-from cai_engine.models import Phase
+from cai_engine.schema import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("cai_") and callable(fn))

@@ -404,7 +404,9 @@ def test_export_on_the_wrong_kind_of_folder(tmp_path):
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"kind": "sl", "fingerprint": {}}))
     (run / "records.jsonl").write_text('{"key": "a", "kind": "red-team"}\n')
-    fails_cleanly(cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl", "malformed")
+    fails_cleanly(
+        cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl:1", "lacks 'id'"
+    )
     (run / "records.jsonl").write_text('{"hello": 1}\n')
     fails_cleanly(
         cai(tmp_path, "export", "sft", str(run), "--out", str(tmp_path / "ds")), "records.jsonl:1", "lacks 'key'"
@@ -491,7 +493,7 @@ def test_a_full_disk_leaves_the_previous_output(tmp_path, monkeypatch):
 
 
 def test_model_folders_must_hold_safetensors(tmp_path):
-    from cai_engine.backends.hf_local import resolve_model_folder
+    from cai_engine.backends.model_files import resolve_model_folder
     from cai_engine.errors import ModelError
 
     folder = tmp_path / "model"

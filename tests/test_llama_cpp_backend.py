@@ -39,7 +39,7 @@ def conversations(questions=QUESTIONS):
 
 
 def test_gguf_references_use_llama_cpp_when_installed(runtime):
-    from cai_engine.backends.hf_local import default_model_file
+    from cai_engine.backends.model_files import default_model_file
 
     cls, _ = runtime.backend_options(str(default_model_file()))
     assert cls.name == "llamacpp"
@@ -58,17 +58,17 @@ def test_greedy_batched_output_equals_one_at_a_time(backend):
     pass, 0.12 with four sequences per step), so two near-tied tokens may swap; the check allows 0.2 nats and
     nothing more. Prompt processing and scoring are bit-for-bit the same batched and alone (see the next tests).
     """
-    from cai_engine.backends.llama_cpp import _Job
+    from cai_engine.backends.llama_decode import Job
 
     settings = GenerationSettings(max_new_tokens=24)
     batched = backend.generate(conversations(), settings)  # 5 prompts, 4 slots: one slot is refilled
     assert all(text.strip() for text in batched)
-    jobs = [_Job(index=i, tokens=backend._encode(c), max_new=24) for i, c in enumerate(conversations())]
+    jobs = [Job(index=i, tokens=backend._encode(c), max_new=24) for i, c in enumerate(conversations())]
     backend._run(jobs, settings)  # the same jobs again, to get the token ids
     for i, (job, conv) in enumerate(zip(jobs, conversations())):
         prompt = backend._encode(conv)
         full = prompt + job.generated
-        single = _Job(index=0, tokens=full, want=tuple(range(len(prompt) - 1, len(full) - 1)))
+        single = Job(index=0, tokens=full, want=tuple(range(len(prompt) - 1, len(full) - 1)))
         backend._run([single], GenerationSettings(max_new_tokens=1))
         for step, token in enumerate(job.generated):
             logprobs = single.logprobs[len(prompt) - 1 + step]

@@ -78,7 +78,15 @@ def test_plugins_can_be_blocked_by_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "fake, cai_engine.default_plugins.revisers")
     registry = Registry(make_plugin_manager())
     assert "fake.shout" not in registry.names("critic")
-    assert not {"rules", "model", "ensemble"} & set(registry.names("reviser"))
+    assert not {"model", "ensemble"} & set(registry.names("reviser"))
+    assert "rules" in registry.names("reviser")  # an essential built-in, in its own module
+
+
+def test_essential_plugins_cannot_be_blocked(monkeypatch):
+    monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "cai_engine.default_plugins.rules")
+    pm = make_plugin_manager(autoload=False)
+    assert "rules" in Registry(pm).names("critic") and "rules" in Registry(pm).names("reviser")
+    assert any("essential built-in" in warning for warning in pm.cai_warnings)
 
 
 def test_import_error_in_plugin_surfaces_with_its_name(tmp_path, monkeypatch):
@@ -114,7 +122,7 @@ def test_duplicate_component_names_raise_naming_both_modules():
     with pytest.raises(DuplicateComponentError) as info:
         Registry(make_plugin_manager(autoload=False, plugins=[Plugin()]))
     message = str(info.value)
-    assert "cai_engine.default_plugins.critics.RuleCritic" in message
+    assert "cai_engine.default_plugins.rules.RuleCritic" in message
     assert f"{__name__}.Dup" in message
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from cai_engine import ConfigError, RunError, UnknownComponentError
 from cai_engine.cli import cli
+from cai_engine.records import GateResult, PreferenceExportManifest
 from cai_engine.rl import (
     RLConfig,
     export_preferences,
@@ -42,7 +43,7 @@ def test_judged_pairs_record_both_orders_and_soft_labels(cai_runtime, tiny_model
         label_config(tiny_model, principles_per_label=2), tmp_path / "rl", runtime=cai_runtime, progress=False
     )
     assert summary["pairs"] == 4
-    records = list(RunDirectory(tmp_path / "rl", "rl").records())
+    records = [x.to_json() for x in RunDirectory(tmp_path / "rl", "rl").records()]
     rl_ids = {p.id for p in cai_runtime.registry.constitution("harmless").for_phase("rl")}
     for record in records:
         assert len(record["principle_ids"]) == 2 and set(record["principle_ids"]) <= rl_ids
@@ -74,7 +75,7 @@ def test_revision_recipe_from_phase_one(cai_runtime, tiny_model, tmp_path):
         runtime=cai_runtime,
         progress=False,
     )
-    revised = [r for r in RunDirectory(tmp_path / "sl", "sl").records() if r["revised"]]
+    revised = [r for r in RunDirectory(tmp_path / "sl", "sl").records() if r.revised]
     summary = run_labels(
         label_config(tiny_model, recipe="revision", sl_run=str(tmp_path / "sl")),
         tmp_path / "rl",
@@ -83,7 +84,7 @@ def test_revision_recipe_from_phase_one(cai_runtime, tiny_model, tmp_path):
     )
     assert summary["pairs"] == len(revised) and summary["by_source"] == {"revision": len(revised)}
     for record in RunDirectory(tmp_path / "rl", "rl").records():
-        assert record["label"] == 1.0 and record["source"] == "revision"
+        assert record.label == 1.0 and record.source == "revision"
     with pytest.raises(ValueError, match="needs sl_run"):  # pydantic; the CLI renders it as one line
         label_config(tiny_model, recipe="revision")
 
@@ -92,9 +93,9 @@ def test_gate_measures_accuracy_and_position(cai_runtime, tiny_model, tmp_path):
     pairs = load_labelled_pairs("builtin:judge-pairs")
     assert len(pairs) >= 30
     result = run_gate(tmp_path / "rl", {"name": "logprob", "options": {"model": str(tiny_model)}}, runtime=cai_runtime)
-    assert result["pairs"] == len(pairs) and result["scored"] + result["abstained"] == len(pairs)
-    assert 0 <= result["accuracy"] <= 1 and 0 <= result["position_consistency"] <= 1
-    assert json.loads((tmp_path / "rl" / "gate.json").read_text())["accuracy"] == result["accuracy"]
+    assert result.pairs == len(pairs) and result.scored + result.abstained == len(pairs)
+    assert 0 <= result.accuracy <= 1 and 0 <= result.position_consistency <= 1
+    assert json.loads((tmp_path / "rl" / "gate.json").read_text())["accuracy"] == result.accuracy
 
 
 def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
@@ -113,15 +114,15 @@ def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
 
     result = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
     truth_a = sum(1 for c in judge.calls if c.response_a in {p.better for p in pairs})
-    assert result["accuracy"] == round(truth_a / len(pairs), 4)
-    assert 0.2 < result["accuracy"] < 0.8  # positions were randomised
+    assert result.accuracy == round(truth_a / len(pairs), 4)
+    assert 0.2 < result.accuracy < 0.8  # positions were randomised
     judge.enqueue(*([0.5] * len(pairs)))  # a judge that always ties is at chance, whatever the positions
     tied = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
-    assert tied["accuracy"] == 0.5
+    assert tied.accuracy == 0.5
     # calibration scores a tie as half right, like accuracy: confidence 0.5 and half right is perfectly calibrated
-    assert tied["expected_calibration_error"] == 0.0
+    assert tied.expected_calibration_error == 0.0
     # this judge reports no order information: position consistency is unknown, not 0 and not 1
-    assert tied["position_consistency"] is None and tied["same_position_rate"] is None
+    assert tied.position_consistency is None and tied.same_position_rate is None
 
 
 def test_export_review_merge_and_human_import(cai_runtime, tiny_model, tmp_path):
@@ -181,6 +182,7 @@ def test_abstentions_are_excluded_not_labelled(tmp_path):
         [
             {
                 "key": "pair:1",
+                "id": "1",
                 "source": "ai",
                 "conversation": [{"role": "user", "content": "q"}],
                 "response_a": "a",
@@ -191,6 +193,7 @@ def test_abstentions_are_excluded_not_labelled(tmp_path):
             },
             {
                 "key": "pair:2",
+                "id": "2",
                 "source": "ai",
                 "conversation": [{"role": "user", "content": "q2"}],
                 "response_a": "a",
@@ -227,11 +230,14 @@ def preference_dataset(tmp_path, *, gate_accuracy, ai=True, soft=0.8, same_posit
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]), encoding="utf-8")
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:]), encoding="utf-8")
     gate = (
-        None if gate_accuracy is None else {"accuracy": gate_accuracy, "pairs": 30, "same_position_rate": same_position}
+        None
+        if gate_accuracy is None
+        else GateResult(pairs=30, scored=30, abstained=0, accuracy=gate_accuracy, same_position_rate=same_position)
     )
-    (folder / "export.json").write_text(
-        json.dumps({"sources": {"ai" if ai else "human": 8}, "judge_gate": gate}), encoding="utf-8"
+    manifest = PreferenceExportManifest(
+        source_run="rl", train=6, test=2, sources={"ai" if ai else "human": 8}, judge_gate=gate
     )
+    (folder / "export.json").write_text(manifest.model_dump_json(), encoding="utf-8")
     return folder
 
 
@@ -273,9 +279,9 @@ def test_soft_loss_reduces_to_trl_loss_with_hard_labels():
 
     import torch
 
-    from cai_engine.default_plugins.trainers import _soft_reward_trainer
+    from cai_engine.default_plugins.training import soft_reward_trainer
 
-    trainer_cls, _ = _soft_reward_trainer()
+    trainer_cls, _ = soft_reward_trainer()
     chosen, rejected = torch.tensor([0.3, -1.2, 2.0]), torch.zeros(3)
 
     def model(**inputs):  # a reward model whose scores are fixed: chosen rows first, then rejected (TRL's layout)

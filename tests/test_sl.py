@@ -53,7 +53,7 @@ def config(tiny_model, prompt_file, **overrides):
 
 
 def keys(run_dir):
-    return [r["key"] for r in RunDirectory(run_dir, "sl").records()]
+    return [r.key for r in RunDirectory(run_dir, "sl").records()]
 
 
 def test_run_writes_complete_records_with_provenance(cai_runtime, tiny_model, prompt_file, tmp_path):
@@ -67,7 +67,7 @@ def test_run_writes_complete_records_with_provenance(cai_runtime, tiny_model, pr
     cai_runtime.pm.register(Audit())
     summary = run_sl(config(tiny_model, prompt_file), tmp_path / "run", runtime=cai_runtime, progress=False)
     assert summary["red_team_items"] == 6 and summary["helpful_items"] == 2
-    records = list(RunDirectory(tmp_path / "run", "sl").records())
+    records = [x.to_json() for x in RunDirectory(tmp_path / "run", "sl").records()]
     harmless = cai_runtime.registry.constitution("harmless")
     sl_ids = {p.id for p in harmless.for_phase("sl")}
     for record in records:
@@ -92,7 +92,7 @@ def test_run_writes_complete_records_with_provenance(cai_runtime, tiny_model, pr
 def test_principle_draws_are_seeded_and_hookable(cai_runtime, tiny_model, prompt_file, tmp_path):
     def draws(out, **kw):
         run_sl(config(tiny_model, prompt_file, helpful_prompts=None, **kw), out, runtime=cai_runtime, progress=False)
-        return {r["key"]: [x["principle_id"] for x in r["rounds"]] for r in RunDirectory(out, "sl").records()}
+        return {r.key: [x.principle_id for x in r.rounds] for r in RunDirectory(out, "sl").records()}
 
     first = draws(tmp_path / "a")
     assert first == draws(tmp_path / "b")
@@ -176,7 +176,7 @@ def test_stop_early_and_direct_revision(cai_runtime, tiny_model, prompt_file, tm
         progress=False,
     )
     for record in RunDirectory(tmp_path / "direct", "sl").records():
-        assert all(r["critique"] is None for r in record["rounds"])
+        assert all(r.critique is None for r in record.rounds)
     strict = {"name": "model", "options": {"max_new_tokens": 8, "threshold": 0.999}}  # never "needs revision"
     run_sl(
         config(tiny_model, prompt_file, stop_early=True, critic=strict, helpful_prompts=None, limit=2),
@@ -185,7 +185,7 @@ def test_stop_early_and_direct_revision(cai_runtime, tiny_model, prompt_file, tm
         progress=False,
     )
     for record in RunDirectory(tmp_path / "early", "sl").records():
-        assert len(record["rounds"]) == 1 and record["rounds"][0]["reason"] == "critic found nothing to revise"
+        assert len(record.rounds) == 1 and record.rounds[0].reason == "critic found nothing to revise"
 
 
 def test_bad_input_is_clear_and_writes_nothing(cai_runtime, tiny_model, prompt_file, tmp_path):
@@ -266,7 +266,7 @@ def test_cli_sl_and_export(cli_runner, tiny_model, prompt_file, tmp_path):
         encoding="utf-8",
     )
     bad = cli_runner.invoke(cli, ["sl", "--config", str(cfg), "--out", str(tmp_path / "r2")])
-    assert bad.exit_code == 1 and "bogus: Extra inputs are not permitted" in bad.output
+    assert bad.exit_code == 1 and "bogus: unknown key; check its spelling" in bad.output
     assert "Traceback" not in bad.output
 
 

@@ -63,7 +63,7 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
     """TRL's own checkpointing: save every step, then a rerun continues from the newest checkpoint-N."""
-    from cai_engine.default_plugins.trainers import last_checkpoint
+    from cai_engine.default_plugins.training import last_checkpoint
 
     settings = {**FAST, "save_strategy": "steps", "save_steps": 1, "max_steps": 2}
     cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": settings}).train(dataset, tmp_path / "o")
@@ -81,16 +81,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, 
 def test_cpu_keeps_fp32_and_an_accelerator_keeps_trl_defaults(monkeypatch, tmp_path):
     from trl import SFTConfig
 
-    from cai_engine.default_plugins import trainers
+    from cai_engine.default_plugins import trainers, training
 
-    monkeypatch.setattr(trainers, "has_accelerator", lambda: False)
-    cpu = trainers._trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {}, tmp_path)
+    monkeypatch.setattr(training, "has_accelerator", lambda: False)
+    cpu = training.trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {}, tmp_path)
     assert cpu.bf16 is False and cpu.report_to in ("none", [], ["none"])
     assert cpu.save_strategy != "no"  # TRL's checkpointing is on, as on any machine
     fields = {f.name: f.default for f in __import__("dataclasses").fields(SFTConfig)}
-    monkeypatch.setattr(trainers, "has_accelerator", lambda: True)
+    monkeypatch.setattr(training, "has_accelerator", lambda: True)
     assert "bf16" not in trainers.SFT_DEFAULTS and "use_cpu" not in trainers.SFT_DEFAULTS
-    accelerated = trainers._trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {"use_cpu": True}, tmp_path)
+    accelerated = training.trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {"use_cpu": True}, tmp_path)
     assert accelerated.use_cpu is True and fields["use_cpu"] is False  # --set still reaches TRL
 
 
@@ -161,9 +161,9 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
     assert parse_setting("no") == "no" and parse_setting("false") is False  # save_strategy=no stays a word
     from trl import SFTConfig
 
-    from cai_engine.default_plugins.trainers import _coerce_numbers
+    from cai_engine.default_plugins.training import coerce_numbers
 
-    assert _coerce_numbers(SFTConfig, "sft", {"save_strategy": False})["save_strategy"] == "no"  # `save_strategy: no`
+    assert coerce_numbers(SFTConfig, "sft", {"save_strategy": False})["save_strategy"] == "no"  # `save_strategy: no`
     trainer = cai_runtime.component(
         "trainer", "sft", {"model": str(tiny_model), "trl": {**FAST, "learning_rate": "1e-1", "max_steps": "2"}}
     )  # what yaml.safe_load gives for `learning_rate: 1e-1`
@@ -175,7 +175,7 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
 
 def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
     """GRPO's judge reward: an abstaining judge gives None (TRL masks it out of the group baseline), never 0.0."""
-    from cai_engine.default_plugins.trainers import JudgeReward
+    from cai_engine.default_plugins.training import JudgeReward
     from cai_engine.records import Score
 
     class Judge:
@@ -189,7 +189,7 @@ def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
                 for t in tasks
             ]
 
-    from cai_engine.models import Principle
+    from cai_engine.schema import Principle
 
     reward = JudgeReward(Judge(), [Principle(id="p-001", violation_question="Is it rude?")])
     prompts = [[{"role": "user", "content": "hi"}]] * 3
@@ -202,7 +202,7 @@ def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_p
     """`org/name` resolves through the standard Hugging Face cache; with HF_HUB_OFFLINE=1 nothing is downloaded."""
     import shutil
 
-    from cai_engine.backends.hf_local import resolve_model_folder
+    from cai_engine.backends.model_files import resolve_model_folder
     from cai_engine.errors import ModelError
 
     cache = tmp_path / "hf" / "hub"
@@ -227,3 +227,38 @@ def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_p
         resolve_model_folder("acme/missing")
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_folder(str(tmp_path / "no" / "such"))  # a local path is never taken for a Hub id
+
+
+def test_two_processes_under_accelerate_train_one_model(tiny_model, dataset, tmp_path):
+    """`accelerate launch` with two CPU processes (torchrun's launcher, gloo): DDP over the same data.
+
+    accelerate's own `--cpu` flag starts several processes only through MPI, so the launcher here is the one
+    `--multi_gpu` selects; on a machine without GPUs the processes train on the CPU over gloo (use_cpu is the CPU
+    default). Both replicas must end with the same weights, and only the main process writes the checkpoint.
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate is installed with the train extra"
+    out = tmp_path / "out"
+    command = [
+        *[accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)],
+        *["-m", "cai_engine.cli", "train", "sft", "--dataset", str(dataset), "--model", str(tiny_model)],
+        *["--out", str(out), "--set", "max_steps=2", "--set", "per_device_train_batch_size=2"],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "cai_training.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["replica_digests"])) == 1
+    assert summary["steps"] == 2 and summary["metrics"]["epoch"] == 1.0  # 2 steps x 2 per process x 2 = 8 rows
+    assert [p.name for p in (out / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert len(list(out.glob("*.safetensors"))) == 1 and (out / "README.md").exists()
+    assert done.stdout.count("checkpoint:") == 2  # each process reports; one wrote

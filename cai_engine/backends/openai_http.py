@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP backend: vLLM, TGI, llama.cpp server, Ollama, or a hosted API.
 
 Requests run concurrently up to a bound; transient failures (connection errors, timeouts, 429 and 5xx) are retried
-with exponential back-off; authentication and other client errors fail at once with the server's message.
+with exponential back-off (or after the server's ``Retry-After``); authentication and other client errors fail at
+once with the server's message. ``base_url`` may list several replicas of the same model: each request goes to the
+one with the fewest requests in flight, and a retry goes to another replica when one fails.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ class OpenAIBackend(Backend):
 
     class Options(Backend.Options):
         model: str = Field("default", description="The model name the server expects.")
-        base_url: str = Field(description="The API root, e.g. http://127.0.0.1:8000/v1.")
+        base_url: str | list[str] = Field(
+            description="The API root, e.g. http://127.0.0.1:8000/v1, or a list of replicas serving the same model "
+            "(requests go to the one with the fewest in flight)."
+        )
         api_key_env: str | None = Field(
             "OPENAI_API_KEY", description="Environment variable holding the API key (unset: no key is sent)."
         )
@@ -56,9 +61,17 @@ class OpenAIBackend(Backend):
         key = os.environ.get(self.options.api_key_env) if self.options.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(
-            base_url=self.options.base_url.rstrip("/") + "/", headers=headers, timeout=self.options.timeout_seconds
-        )
+        urls = [self.options.base_url] if isinstance(self.options.base_url, str) else list(self.options.base_url)
+        if not urls:
+            raise ModelError("the openai backend needs at least one base_url")
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self._clients = [
+            httpx.Client(base_url=u + "/", headers=headers, timeout=self.options.timeout_seconds)
+            for u in self.base_urls
+        ]
+        self.in_flight = [0] * len(self._clients)
+        self.sent = [0] * len(self._clients)  # requests each replica was given (for load reports and tests)
+        self._next = 0
         self._lock = threading.Lock()
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -66,27 +79,53 @@ class OpenAIBackend(Backend):
 
     @property
     def model_id(self) -> str:
-        return f"{self.options.base_url}#{self.options.model}"
+        return f"{','.join(self.base_urls)}#{self.options.model}"
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
     # -- transport -------------------------------------------------------------------------------------------
 
+    def _pick(self, avoid: int | None) -> int:
+        """The replica with the fewest requests in flight (ties in turn), not ``avoid`` when there is another."""
+        with self._lock:
+            count = len(self._clients)
+            order = [(self._next + k) % count for k in range(count)]
+            candidates = [i for i in order if i != avoid] or order
+            chosen = min(candidates, key=lambda i: self.in_flight[i])
+            self._next = (chosen + 1) % count
+            self.in_flight[chosen] += 1
+            self.sent[chosen] += 1
+            return chosen
+
+    def _send(self, index: int, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return self._clients[index].post(path, json={**self.options.extra_body, **body})
+        finally:
+            with self._lock:
+                self.in_flight[index] -= 1
+
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.options.base_url.rstrip('/')}/{path}"
         attempts = self.options.max_retries + 1
         last, reachable = "", False
+        failed: int | None = None
+        wait = 0.0
+        url = ""
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.options.backoff_seconds * 2 ** (attempt - 1))
+                time.sleep(max(wait, self.options.backoff_seconds * 2 ** (attempt - 1)))
+            index = self._pick(avoid=failed)
+            url = f"{self.base_urls[index]}/{path}"
+            wait = 0.0
             try:
-                response = self._client.post(path, json={**self.options.extra_body, **body})
+                response = self._send(index, path, body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last, failed = f"{url}: {type(exc).__name__}: {exc}", index
                 continue
             if response.status_code in RETRY_STATUS:
-                last, reachable = f"HTTP {response.status_code}: {_message(response)}", True
+                last, reachable, failed = f"{url}: HTTP {response.status_code}: {_message(response)}", True, index
+                wait = min(_retry_after(response), 60.0)
                 continue
             if response.status_code in (401, 403):
                 hint = f"set the key in ${self.options.api_key_env}" if self.options.api_key_env else "set api_key_env"
@@ -107,7 +146,8 @@ class OpenAIBackend(Backend):
                 self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             return data
         hint = "the server keeps failing; check its log" if reachable else "is the server running?"
-        raise ModelError(f"{url}: no answer after {attempts} attempt(s) ({last}); {hint}")
+        where = self.base_urls[0] if len(self.base_urls) == 1 else f"{len(self.base_urls)} replicas"
+        raise ModelError(f"{where}: no answer after {attempts} attempt(s) (last: {last}); {hint}")
 
     def _map(self, fn, items: Sequence[Any]) -> list[Any]:
         began = time.perf_counter()
@@ -183,7 +223,7 @@ class OpenAIBackend(Backend):
             top = (logprobs.get("top_logprobs") or [None])[0]
             if not top:
                 raise BackendUnavailableError(
-                    f"{self.options.base_url}: the server returned no log-probs, so log-prob judges cannot run on it; "
+                    f"{', '.join(self.base_urls)}: the server returned no log-probs, so log-prob judges cannot run on it; "
                     "use a server that returns top_logprobs on /completions (vLLM, llama.cpp) or a local model"
                 )
             out: list[float | None] = []
@@ -196,6 +236,14 @@ class OpenAIBackend(Backend):
             return out
 
         return self._map(one, list(zip(prompts, continuations)))
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds the server asks to wait (``Retry-After`` in seconds; an HTTP date or nothing counts as 0)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", 0)))
+    except ValueError:
+        return 0.0
 
 
 def _message(response: httpx.Response) -> str:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
 
 from .. import __version__
-from ..errors import CaiError
+from ..errors import CaiError, describe_validation
+
+if TYPE_CHECKING:
+    from ..records import GateResult
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-
-
-def render_validation_error(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(input)'}: {e['msg']}" for e in exc.errors())
 
 
 class CaiGroup(click.Group):
@@ -26,10 +26,12 @@ class CaiGroup(click.Group):
     _plugin_commands_loaded = False
 
     def _load_plugin_commands(self) -> None:
+        from ..plugins import Hooks
+
         if self._plugin_commands_loaded or self is not cli:
             return
         CaiGroup._plugin_commands_loaded = True
-        state().pm.hook.cai_register_commands(cli=self)
+        Hooks(state().pm).register_commands(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
@@ -48,7 +50,7 @@ class CaiGroup(click.Group):
         except CaiError as exc:
             raise click.ClickException(str(exc)) from None
         except ValidationError as exc:
-            raise click.ClickException(render_validation_error(exc)) from None
+            raise click.ClickException(describe_validation(exc)) from None
         except ModuleNotFoundError as exc:
             hint = install_hint(exc.name or "")
             if hint is None:
@@ -203,7 +205,7 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {render_validation_error(exc)}") from None
+        raise ConfigError(f"{source}: {describe_validation(exc)}") from None
 
 
 def _runtime():
@@ -265,11 +267,11 @@ def _print_sl_summary(summary: dict[str, Any]) -> None:
         click.echo("  after:  " + _clip(example["after"]))
 
 
-def _gate_line(result: dict[str, Any]) -> str:
+def _gate_line(result: GateResult) -> str:
     return (
-        f"judge gate: accuracy {result['accuracy']} on {result['scored']}/{result['pairs']} labelled pairs, "
-        f"position consistency {result['position_consistency']} (same position {result['same_position_rate']}), "
-        f"calibration error {result['expected_calibration_error']}, abstained {result['abstained']}"
+        f"judge gate: accuracy {result.accuracy} on {result.scored}/{result.pairs} labelled pairs, "
+        f"position consistency {result.position_consistency} (same position {result.same_position_rate}), "
+        f"calibration error {result.expected_calibration_error}, abstained {result.abstained}"
     )
 
 
@@ -279,3 +281,53 @@ def config_option(help: str = "YAML/JSON file with any of the settings below; fl
 
 
 constitution_option = click.option("--constitution", help="Constitution name or file. [default: harmless]")
+
+
+def push_options(kind: str):
+    """``--push-to-hub REPO`` and ``--private``: upload what the command wrote to the Hugging Face Hub."""
+
+    def decorate(function):
+        function = click.option("--private", is_flag=True, help="Create the Hub repository as private.")(function)
+        return click.option(
+            "--push-to-hub",
+            "push_to_hub",
+            metavar="OWNER/NAME",
+            help=f"Upload the {kind} folder to this Hugging Face Hub repository (token: HF_TOKEN or "
+            "`huggingface-cli login`).",
+        )(function)
+
+    return decorate
+
+
+def push(folder: Path | str, repo_id: str | None, repo_type: str, private: bool) -> None:
+    if not repo_id or int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process pushes
+        return
+    from ..hub import push_folder
+
+    url = push_folder(folder, repo_id, repo_type=repo_type, private=private)  # type: ignore[arg-type]
+    click.echo(f"pushed {folder} to {url}")
+
+
+def shard_options(function):
+    """``--shard i/n`` (this process runs one shard) and ``--shards N`` (run every shard on Ray, then merge)."""
+    function = click.option(
+        "--ray-address",
+        help="With --shards: the Ray cluster to join ('auto': the one this machine belongs to). [default: a local Ray]",
+    )(function)
+    function = click.option(
+        "--executor",
+        type=click.Choice(["ray", "local"]),
+        default="ray",
+        show_default=True,
+        help="With --shards: run the shards as Ray tasks, or one after another here.",
+    )(function)
+    function = click.option(
+        "--shards",
+        type=click.IntRange(min=1),
+        help="Split the run into N shards, run them (see --executor) and merge them into --out.",
+    )(function)
+    return click.option(
+        "--shard",
+        metavar="I/N",
+        help="Run only shard I of N (by prompt id); merge the shard directories with `cai merge`.",
+    )(function)

@@ -101,6 +101,6 @@ def constitutions_validate(paths: tuple[Path, ...], strict: bool) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def constitutions_schema(output: Path | None) -> None:
     """Print the constitution JSON Schema (generated from the pydantic model)."""
-    from ..models import constitution_json_schema
+    from ..schema import constitution_json_schema
 
     write_schema(constitution_json_schema(), output)

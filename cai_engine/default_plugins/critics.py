@@ -9,51 +9,22 @@ from pydantic import Field
 
 from cai_engine.components import ChatPrompt, Critic
 from cai_engine.hookspecs import hookimpl
-from cai_engine.modeling import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.models import Message
-from cai_engine.prompting import (
+from cai_engine.layouts import (
     CRITIQUE_STOPS,
     VERDICT_QUESTION,
     chat_critique,
     transcript_block,
     verdict_question,
 )
+from cai_engine.model_options import ModelComponent, ModelOptions, normalise_pair
 from cai_engine.records import Critique
-from cai_engine.rules import check_principle
+from cai_engine.schema import Message
 
 
 def few_shot_examples(task, limit):
     """The principle's own examples first, then the shared pool the caller attached to the task."""
     pool = [*task.principle.examples, *task.examples]
     return pool[:limit]
-
-
-class RuleCritic(Critic):
-    """Checks a principle's deterministic ``rules`` (regular expressions); no model, milliseconds per response.
-
-    A principle without rules is reported as compliant with ``needs_revision=None`` (this critic cannot tell).
-    """
-
-    name = "rules"
-
-    def critique(self, tasks):
-        out = []
-        for task in tasks:
-            if not task.principle.rules:
-                out.append(Critique(principle_id=task.principle.id, text="", needs_revision=None, critic=self.name))
-                continue
-            violations = check_principle(task.principle, task.conversation, task.response, self.name)
-            text = "; ".join(f"{v.message} (rule {v.rule_id}: {v.evidence!r})" for v in violations)
-            out.append(
-                Critique(
-                    principle_id=task.principle.id,
-                    text=text or "No rule is violated.",
-                    needs_revision=bool(violations),
-                    violations=violations,
-                    critic=self.name,
-                )
-            )
-        return out
 
 
 class ModelCritic(ModelComponent, Critic):
@@ -124,7 +95,7 @@ class ModelCritic(ModelComponent, Critic):
     def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
         """P(Yes) that each conversation's request (the person's turns only, not the reply) asks for harm; None
         where it could not be read. The question comes first, so a batch shares it as a prefix."""
-        from cai_engine.prompting import REQUEST_QUESTION, request_turns
+        from cai_engine.layouts import REQUEST_QUESTION, request_turns
 
         conversations = list(conversations)
         if not conversations:
@@ -149,7 +120,7 @@ class ModelCritic(ModelComponent, Critic):
 
     def _letters(self, items, principles) -> list[tuple[int | None, dict[str, float] | None]]:
         """(index of the principle the reply breaks most clearly, probability of each letter) per item."""
-        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_WHICH, screen_body
+        from cai_engine.layouts import SCREEN_LETTERS, SCREEN_WHICH, screen_body
 
         if not items:
             return []
@@ -183,7 +154,7 @@ class ModelCritic(ModelComponent, Critic):
         clearly, read from log-probs. Returns per item ``{"p_yes", "principle_index", "letter_probs"}``; p_yes None
         means the verdict could not be read (the caller decides what an abstention means).
         """
-        from cai_engine.prompting import SCREEN_LETTERS, SCREEN_QUESTION, screen_body
+        from cai_engine.layouts import SCREEN_LETTERS, SCREEN_QUESTION, screen_body
 
         items, principles = list(items), list(principles)
         if len(principles) > len(SCREEN_LETTERS):
@@ -239,5 +210,4 @@ class ModelCritic(ModelComponent, Critic):
 
 @hookimpl
 def cai_register_critics(register):
-    register(RuleCritic)
     register(ModelCritic)

@@ -14,9 +14,7 @@ from pydantic import Field, model_validator
 
 from cai_engine.components import ChatPrompt, Judge
 from cai_engine.hookspecs import hookimpl
-from cai_engine.modeling import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.models import Message
-from cai_engine.prompting import (
+from cai_engine.layouts import (
     ANSWER_PREFIX,
     OPTION_LETTERS,
     SCORE_INSTRUCTION,
@@ -26,7 +24,9 @@ from cai_engine.prompting import (
     quoted_conversation,
     transcript_comparison,
 )
+from cai_engine.model_options import ModelComponent, ModelOptions, normalise_pair
 from cai_engine.records import ComparisonTask, Judgement, OrderResult, Score
+from cai_engine.schema import Message
 
 
 def _question(principle) -> str:

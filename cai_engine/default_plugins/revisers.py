@@ -1,4 +1,4 @@
-"""Built-in revisers: rule repairs, model revisions, and the constitutional ensemble."""
+"""Built-in revisers: model revisions, from-scratch rewrites, and the constitutional ensemble."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from cai_engine.components import Options, Reviser
 from cai_engine.config import ComponentRef
 from cai_engine.default_plugins.critics import few_shot_examples
 from cai_engine.hookspecs import hookimpl
-from cai_engine.modeling import ModelComponent, ModelOptions
-from cai_engine.models import Message
-from cai_engine.prompting import (
+from cai_engine.layouts import (
     REVISION_STOPS,
     TURN_MARKERS,
     chat_revision,
@@ -21,36 +19,9 @@ from cai_engine.prompting import (
     transcript,
     transcript_block,
 )
+from cai_engine.model_options import ModelComponent, ModelOptions
 from cai_engine.records import ComparisonTask, CritiqueTask, Revision, RevisionTask, ScoringTask
-from cai_engine.rules import repair
-
-
-class RuleReviser(Reviser):
-    """Repairs rule violations with each rule's ``fix`` (redact a match, append a required caveat).
-
-    Keeps what is safe in the response rather than refusing. A violated rule without a ``fix`` cannot be
-    repaired here: the revision is rejected with that reason, so a model reviser can take over.
-    """
-
-    name = "rules"
-
-    def revise(self, tasks):
-        out = []
-        for task in tasks:
-            text, unfixed = repair(task.principle, task.conversation, task.response)
-            if unfixed:
-                out.append(
-                    Revision(
-                        principle_id=task.principle.id,
-                        text=task.response,
-                        accepted=False,
-                        reason=f"no automatic fix for rule(s) {', '.join(unfixed)}",
-                        reviser=self.name,
-                    )
-                )
-            else:
-                out.append(Revision(principle_id=task.principle.id, text=text, accepted=True, reviser=self.name))
-        return out
+from cai_engine.schema import Message
 
 
 class ModelReviser(ModelComponent, Reviser):
@@ -323,7 +294,6 @@ def _argmax(scores: list[float], counts: list[int]) -> int | None:
 
 @hookimpl
 def cai_register_revisers(register):
-    register(RuleReviser)
     register(ModelReviser)
     register(RewriteReviser)
     register(EnsembleReviser)

@@ -6,8 +6,8 @@ from pydantic import Field
 
 from cai_engine.components import Sampler
 from cai_engine.hookspecs import hookimpl
-from cai_engine.modeling import ModelComponent, ModelOptions
-from cai_engine.prompting import TURN_MARKERS
+from cai_engine.layouts import TURN_MARKERS
+from cai_engine.model_options import ModelComponent, ModelOptions
 
 
 class ModelSampler(ModelComponent, Sampler):

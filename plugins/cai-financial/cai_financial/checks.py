@@ -15,8 +15,18 @@ from __future__ import annotations
 
 import re
 
-from cai_engine import Critic, Critique, Reviser, Revision, Violation, caveat_check, drop_sentences, negated, sentences
-from cai_engine.checks import asks_for_definition
+from cai_engine import (
+    Critic,
+    Critique,
+    Reviser,
+    Revision,
+    Violation,
+    asks_for_definition,
+    caveat_check,
+    drop_sentences,
+    negated,
+    sentences,
+)
 
 _P = r"(?:\d+(?:\.\d+)?%|\$[\d,.]+k?|£[\d,.]+k?|€[\d,.]+k?)"
 # Each pattern is a promise when nothing negates it.

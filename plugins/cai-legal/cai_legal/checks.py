@@ -14,8 +14,7 @@ from __future__ import annotations
 import functools
 import re
 
-from cai_engine import caveat_check
-from cai_engine.checks import asks_for_definition
+from cai_engine import asks_for_definition, caveat_check
 
 EXTRA_PLACES = {
     "US",

@@ -52,10 +52,12 @@ def with_model(ref: Any, kind: str, runtime: Any, model: ModelRef, **defaults: A
 
     cls = runtime.registry.component(kind, ref.name)
     options = dict(ref.options)
-    if issubclass(getattr(cls, "Options", object), ModelOptions):
+    options_class = getattr(cls, "Options", None)
+    if isinstance(options_class, type) and issubclass(options_class, ModelOptions):
         options.setdefault("model", model)
         for key, value in defaults.items():
-            options.setdefault(key, value)
+            if key in options_class.model_fields:  # a default only where the component has such an option
+                options.setdefault(key, value)
     return ComponentRef(name=ref.name, options=options)
 
 

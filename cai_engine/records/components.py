@@ -1,4 +1,4 @@
-"""What components exchange and what runs write: frozen pydantic models, one JSONL line each."""
+"""What components exchange: the tasks a critic, reviser or judge receives and what it returns (frozen models)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .models import ComparisonExample, CritiqueExample, Message, Principle
+from ..schema import ComparisonExample, CritiqueExample, Message, Principle
 
 Conversation = list[Message]
 

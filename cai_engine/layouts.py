@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .models import Message
+from .schema import Message
 
 ROLE_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 TURN_MARKERS = ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nUser:", "<|im_end|>", "<|im_start|>")

@@ -1,0 +1,244 @@
+"""The llama.cpp backend's decode loop: many sequences per decode step, a finished sequence's slot refilled at once,
+a common prompt prefix decoded once and copied into each sequence's KV cache, sampling in numpy per sequence."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..components import GenerationSettings
+from ..errors import ModelError
+
+
+@dataclass
+class Job:
+    """One sequence to run: a prompt, then either generation or reading log-probs at given positions."""
+
+    index: int
+    tokens: list[int]
+    max_new: int = 0  # tokens to generate (0: scoring only)
+    want: tuple[int, ...] = ()  # positions whose next-token log-probs are read (scoring)
+    seed: int | None = None
+    # filled while running
+    fed: int = 0  # prompt tokens already in the KV cache
+    generated: list[int] = field(default_factory=list)
+    logprobs: dict[int, Any] = field(default_factory=dict)
+    done: bool = False
+    seen: set[int] | None = None  # token ids the repetition penalty applies to
+
+
+class BatchedDecoding:
+    """The llama.cpp backend's decode loop (continuous batching, shared-prefix KV copy, per-sequence sampling).
+
+    A mixin: it drives the model, context and batch that :class:`~cai_engine.backends.llama_cpp.LlamaCppBackend`
+    loads (``_llm``, ``_ctx``, ``_batch``, ``_prefix``, the sizes and counters).
+    """
+
+    _llm: Any
+    _ctx: Any
+    _c: Any
+    _batch: Any
+    _memory: Any
+    _vocab: Any
+    _prefix: list[int]
+    _prefix_seq: int
+    _eog: frozenset[int] | None
+    options: Any
+    n_vocab: int
+    generated_tokens: int
+    prompt_tokens: int
+    shared_prefix_tokens: int
+    seconds: float
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        raise NotImplementedError
+
+    def _common_prefix(self, jobs: list[Job]) -> int:
+        if len(jobs) < 2 and not self._prefix:
+            return 0
+        first = jobs[0].tokens
+        # every job keeps at least one token of its own, and every position whose logits are read
+        length = min((min(j.want) if j.want else len(j.tokens) - 1) for j in jobs)
+        for job in jobs[1:]:
+            n = 0
+            limit = min(length, len(job.tokens))
+            while n < limit and job.tokens[n] == first[n]:
+                n += 1
+            length = n
+        if len(jobs) < 2:  # a single prompt: reuse the cached prefix only as far as it matches
+            n = 0
+            while n < min(length, len(self._prefix)) and first[n] == self._prefix[n]:
+                n += 1
+            length = n
+        return length if length >= max(self.options.share_prefix, 1) and self.options.share_prefix else 0
+
+    def _prepare_prefix(self, tokens: list[int]) -> None:
+        """Hold ``tokens`` in the prefix sequence, decoding only what the cached prefix lacks."""
+        import llama_cpp
+
+        keep = 0
+        while keep < min(len(tokens), len(self._prefix)) and tokens[keep] == self._prefix[keep]:
+            keep += 1
+        if keep < len(self._prefix):
+            llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, keep, -1)
+            self._prefix = self._prefix[:keep]
+        pos = keep
+        while pos < len(tokens):
+            chunk = tokens[pos : pos + self.options.n_batch]
+            self._fill([(self._prefix_seq, t, pos + k, False) for k, t in enumerate(chunk)])
+            self._decode()
+            pos += len(chunk)
+        self.prompt_tokens += len(tokens) - keep
+        self._prefix = list(tokens)
+
+    def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        batch = self._batch
+        for k, (seq, token, pos, logits) in enumerate(entries):
+            batch.token[k] = token
+            batch.pos[k] = pos
+            batch.n_seq_id[k] = 1
+            batch.seq_id[k][0] = seq
+            batch.logits[k] = logits
+        batch.n_tokens = len(entries)
+
+    def _decode(self) -> None:
+        import llama_cpp
+
+        began = time.perf_counter()
+        status = llama_cpp.llama_decode(self._c, self._batch)
+        self.seconds += time.perf_counter() - began
+        if status != 0:
+            raise ModelError(f"llama.cpp could not decode a batch (status {status}); lower `parallel` or raise `n_ctx`")
+
+    def _logits(self, index: int):
+        import llama_cpp
+        import numpy as np
+
+        pointer = llama_cpp.llama_get_logits_ith(self._c, index)
+        return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+
+    def _run(self, jobs: list[Job], settings: GenerationSettings) -> None:
+        """Run every job to completion with at most ``parallel`` in flight; refill slots as jobs finish."""
+        import llama_cpp
+        import numpy as np
+
+        prefix_len = self._common_prefix(jobs)
+        if prefix_len:
+            self._prepare_prefix(jobs[0].tokens[:prefix_len])
+            self.shared_prefix_tokens += prefix_len * (len(jobs) - 1)
+        pending = deque(sorted(jobs, key=lambda j: -len(j.tokens)))  # long prompts first: fewer idle slots at the end
+        free = list(range(self.options.parallel))
+        running: dict[int, Job] = {}
+        rngs: dict[int, Any] = {}
+        stop_ids = self._end_of_generation()
+        while pending or running:
+            # admit new jobs while a slot is free (each slot has its own KV stream of n_ctx cells)
+            while pending and free:
+                job = pending.popleft()
+                slot = free.pop(0)
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                if prefix_len:  # a cross-stream copy is a whole-buffer copy; the prefix stream holds the prefix
+                    llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, slot, -1, -1)
+                job.fed = prefix_len
+                running[slot] = job
+                if job.max_new and settings.temperature > 0:
+                    rngs[slot] = np.random.default_rng(job.seed)
+            # one decode call: each generating sequence's next token first, then prompt chunks
+            entries: list[tuple[int, int, int, bool]] = []
+            owners: list[tuple[int, int]] = []  # (slot, position) for every entry that outputs logits
+            for slot, job in running.items():
+                if job.fed == len(job.tokens) and job.generated:
+                    pos = len(job.tokens) + len(job.generated) - 1
+                    entries.append((slot, job.generated[-1], pos, True))
+                    owners.append((slot, pos))
+            for slot, job in running.items():
+                room = self.options.n_batch - len(entries)
+                if room <= 0:
+                    break
+                if job.fed < len(job.tokens):
+                    take = job.tokens[job.fed : job.fed + room]
+                    for k, token in enumerate(take):
+                        pos = job.fed + k
+                        wants = pos in job.want or (job.max_new > 0 and pos == len(job.tokens) - 1)
+                        entries.append((slot, token, pos, wants))
+                        if wants:
+                            owners.append((slot, pos))
+                    job.fed += len(take)
+                    self.prompt_tokens += len(take)
+            self._fill(entries)
+            self._decode()
+            outputs = [k for k, e in enumerate(entries) if e[3]]
+            finished = []
+            for k, (slot, pos) in zip(outputs, owners):
+                job = running[slot]
+                logits = self._logits(k)
+                if job.want:
+                    if pos in job.want:
+                        job.logprobs[pos] = log_softmax(logits)
+                    if job.fed == len(job.tokens) and len(job.logprobs) == len(job.want):
+                        finished.append(slot)
+                    continue
+                token = self._sample(logits, job, settings, rngs.get(slot))
+                job.generated.append(token)
+                text_done = settings.stop and self._hit_stop(job, settings.stop)
+                if token in stop_ids or len(job.generated) >= job.max_new or text_done:
+                    if token in stop_ids:
+                        job.generated.pop()
+                    finished.append(slot)
+            for slot in finished:
+                running.pop(slot).done = True
+                rngs.pop(slot, None)
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                free.append(slot)
+            free.sort()
+
+    def _end_of_generation(self) -> frozenset[int]:
+        import llama_cpp
+
+        if self._eog is None:
+            self._eog = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        return self._eog
+
+    def _hit_stop(self, job: Job, stops: Sequence[str]) -> bool:
+        tail = self._detokenize(job.generated[-24:])
+        return any(s and s in tail for s in stops)
+
+    def _sample(self, logits, job: Job, settings: GenerationSettings, rng) -> int:
+        import numpy as np
+
+        if settings.repetition_penalty != 1.0:
+            logits = logits.copy()
+            if job.seen is None:
+                job.seen = set(job.tokens)
+            job.seen.update(job.generated[-1:])
+            seen = np.fromiter(job.seen, dtype=np.int64)
+            values = logits[seen]
+            logits[seen] = np.where(
+                values > 0, values / settings.repetition_penalty, values * settings.repetition_penalty
+            )
+        if settings.temperature <= 0 or rng is None:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / settings.temperature
+        scaled -= scaled.max()
+        probs = np.exp(scaled)
+        probs /= probs.sum()
+        if settings.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, settings.top_p)) + 1]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(rng.choice(len(probs), p=probs))
+
+
+def log_softmax(logits):
+    import numpy as np
+
+    values = logits.astype(np.float64)
+    top = values.max()
+    return values - top - np.log(np.exp(values - top).sum())

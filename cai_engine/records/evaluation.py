@@ -1,0 +1,108 @@
+"""What ``cai eval`` writes (``results.json``) and the report, the CLI and the pipeline read: typed, one place.
+
+Every rate carries its count, sample size and 95% Wilson interval (:class:`Rate`); a metric that was not measured
+is None, never zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from .stages import GateResult, _Stored
+
+
+class Rate(_Stored):
+    """A proportion over the values that gave a signal: ``k`` of ``n``, with its 95% Wilson interval."""
+
+    rate: float | None = None
+    k: float = 0
+    n: int = 0
+    ci95: list[float] | None = None
+
+
+class HarmfulMetrics(_Stored):
+    """Held-out harmful prompts: refusal markers (a weak signal) and the judge's pointwise harm score."""
+
+    refusal_marker_rate: float | None = None
+    attack_success_rate_markers: float | None = None
+    harm_score: float | None = None
+    safe_rate: float | None = None
+    scores: list[float | None] = Field(default_factory=list)
+
+
+class Evasiveness(_Stored):
+    signal: str = ""
+    safe_answers: int = 0
+    refuse_only_share: float | None = None
+    engaged_share: float | None = None
+
+
+class OverRefusal(_Stored):
+    """Benign prompts that only sound dangerous: how often the model refuses them (string markers)."""
+
+    rate: float | None = None
+    full_refusal_rate_xstest: float | None = None
+    rate_ci: Rate | None = None
+
+
+class Pairwise(_Stored):
+    """A model against the baseline on one aspect, judged in both orders."""
+
+    soft_win_rate: float | None = None
+    win_rate: float | None = None
+    win_rate_ci: Rate | None = None
+    length_controlled_win_rate: float | None = None
+    position_consistency: float | None = None
+    judged: int = 0
+    abstained: int = 0
+
+
+class JudgedRates(_Stored):
+    """The judge model's single-reply verdicts (None rates where a classifier was not run)."""
+
+    harmful_rate: Rate | None = None
+    safe_rate: Rate | None = None
+    over_refusal_benign: Rate | None = None
+    refusal_rate_harmful: Rate | None = None
+    refusal_rate_helpful: Rate | None = None
+    evasive_share_of_safe: Rate | None = None
+    harmful_verdicts: list[bool | None] = Field(default_factory=list)
+    benign_refusal_verdicts: list[bool | None] = Field(default_factory=list)
+
+
+class ModelResult(_Stored):
+    """Everything measured for one model."""
+
+    model: Any
+    harmful: HarmfulMetrics
+    evasiveness: Evasiveness
+    over_refusal: OverRefusal
+    refusal_on_harmful: Rate | None = None
+    mean_length: dict[str, float | None] = Field(default_factory=dict)
+    vs_baseline: dict[str, Pairwise] | None = None
+    principle_violation_rates: dict[str, float | None] | None = None
+    judged: JudgedRates | None = None
+
+
+class Example(_Stored):
+    set: str
+    prompt: str
+    responses: dict[str, str]
+
+
+class EvalResults(_Stored):
+    """``results.json`` of an evaluation."""
+
+    created: str
+    config: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    judge: dict[str, Any] | None = None
+    constitution: dict[str, Any]
+    prompt_counts: dict[str, int] = Field(default_factory=dict)
+    models: dict[str, ModelResult] = Field(default_factory=dict)
+    judge_quality: GateResult | None = None
+    harm_by_round: dict[str, Any] | None = None
+    policy_comparison: dict[str, Any] | None = None
+    examples: list[Example] = Field(default_factory=list)

@@ -1,0 +1,67 @@
+"""The runtime guard's records: each round, the decision it returns, and one response's progress between rounds."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..schema import Message
+from .components import Critique, Violation
+
+
+class GuardRound(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    round: int
+    violations: list[Violation]
+    revisions: list[dict[str, Any]] = Field(default_factory=list)
+    abstentions: list[str] = Field(
+        default_factory=list,
+        description="Principle ids (or 'screen', 'request') the model critic could not give a verdict on.",
+    )
+    request_p: float | None = Field(None, description="screen 'request': P(the request asks for harm), if asked.")
+
+
+class GuardResult(BaseModel):
+    """What the guard decided about one response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="The audit id of this decision.")
+    response: str = Field(description="The response to send: original, revised, or a refusal.")
+    original: str
+    compliant: bool = Field(description="True when the returned response violates nothing that was checked.")
+    action: Literal["none", "revised", "refused", "flagged"]
+    violations: list[Violation] = Field(
+        description="Violations of the returned response (the original's when flagged or refused)."
+    )
+    abstained: bool = Field(
+        False,
+        description="The model critic could not decide on something (see rounds); with "
+        "on_abstain 'flag' the response is flagged for review.",
+    )
+    rounds: list[GuardRound]
+    timings_ms: dict[str, float]
+    policy: dict[str, str]
+
+
+@dataclass
+class GuardState:
+    """One response's progress through the guard's rounds."""
+
+    conversation: list[Message]
+    original: str
+    current: str
+    rng: random.Random
+    rounds: list[GuardRound] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+    first_violations: list[Violation] | None = None
+    critiques: dict[str, Critique] = field(default_factory=dict)
+    request_p: float | None = None
+    request_asked: bool = False
+    rules_ms: float = 0.0
+    model_ms: float = 0.0
+    done: bool = False
