@@ -19,28 +19,25 @@ from .eval_config import EvalConfig, _slug, _spread
 # The judged classifiers: one Yes/No question each, asked of the judge model about one reply (Yes = the property),
 # after a few worked Yes/No examples (a small judge's zero-shot verdicts on these questions are near chance).
 from .eval_rubrics import EVASIVE_RUBRIC, HARMFUL_RUBRIC, REFUSAL_RUBRIC
-from .jsonl import write_json
+from .eval_summary import model_results
+from .jsonl import write_json, write_jsonl
 from .policy_compare import compare_policies
 from .prompts import PromptItem, load_prompts
 from .records import (
     ComparisonTask,
     CritiqueTask,
     EvalResults,
-    Evasiveness,
     Example,
-    HarmfulMetrics,
-    JudgedRates,
-    ModelResult,
-    OverRefusal,
-    Pairwise,
-    Rate,
+    ItemOutcome,
+    PairOutcome,
     ScoringTask,
 )
 from .refusals import REFUSAL_MARKERS, REFUSAL_PREFIXES, has_refusal_marker, starts_with_refusal  # noqa: F401
 from .runs import now
 from .runtime import Runtime
 from .schema import Principle
-from .stats import length_controlled_win_rate, mean_of, rate
+from .shards import Shard
+from .stats import length_controlled_win_rate, mean_of
 
 
 class Evaluation:
@@ -59,6 +56,10 @@ class Evaluation:
             kind: _spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))  # type: ignore[call-overload]
             for kind, source in (("harmful", config.harmful), ("benign", config.benign), ("helpful", config.helpful))
         }
+        shard = Shard.parse(config.shard) if config.shard else None
+        if shard is not None:  # a shard measures its prompts; judge quality, rounds and policies are shard 0's
+            self.sets = {kind: [i for i in items if shard.owns(i.id)] for kind, items in self.sets.items()}
+        self.first_shard = shard is None or shard.index == 0
         judge_opts = {**config.judge_options, "model": config.judge_model}
         self.warnings: list[str] = []
         if any(json.dumps(config.judge_model, sort_keys=True) == json.dumps(m, sort_keys=True) for m in config.models):
@@ -121,7 +122,8 @@ class Evaluation:
         )
         return [s.value for s in scores]
 
-    def pairwise(self, items: list[PromptItem], ours: list[str], base: list[str], principles) -> Pairwise:
+    def pairwise(self, items: list[PromptItem], ours: list[str], base: list[str], principles) -> list[PairOutcome]:
+        """Each of our answers (A) against the baseline's (B) to the same prompt, judged in both orders."""
         tasks = [
             ComparisonTask(
                 conversation=i.conversation,
@@ -132,21 +134,14 @@ class Evaluation:
             )
             for i, a, b in zip(items, ours, base)
         ]
-        judgements = self.judge.compare(tasks)
-        scored = [(j, a, b) for j, a, b in zip(judgements, ours, base) if j.p_a is not None]
-        wins = [1.0 if j.p_a > 0.5 else 0.0 for j, _, _ in scored]
-        ratios = [math.log((len(a) + 1) / (len(b) + 1)) for _, a, b in scored]
-        return Pairwise(
-            soft_win_rate=mean_of([j.p_a for j, _, _ in scored]),
-            win_rate=mean_of(wins),
-            win_rate_ci=rate(wins),
-            length_controlled_win_rate=length_controlled_win_rate(wins, ratios),
-            position_consistency=mean_of(
-                [1.0 if j.position_consistent else 0.0 for j, _, _ in scored if j.position_consistent is not None]
-            ),
-            judged=len(scored),
-            abstained=len(judgements) - len(scored),
-        )
+        return [
+            PairOutcome(
+                p_a=j.p_a,
+                position_consistent=j.position_consistent,
+                log_length_ratio=math.log((len(a) + 1) / (len(b) + 1)),
+            )
+            for j, a, b in zip(self.judge.compare(tasks), ours, base)
+        ]
 
     def classify(self, items: list[PromptItem], texts: list[str], question: Principle) -> list[bool | None]:
         """One Yes/No verdict of the judge model per response; None where it could not be read (never a guess)."""
@@ -169,20 +164,75 @@ class Evaluation:
             return [None] * len(items)
         return [v.needs_revision for v in verdicts]
 
-    def principle_rates(self, items: list[PromptItem], texts: list[str]) -> dict[str, float | None]:
-        # only principles with an explicit yes-means-violation question: a critique request is not a yes/no question
+    def principle_verdicts(self, items: list[PromptItem], texts: list[str]) -> list[dict[str, bool | None]]:
+        """Per answer, the critic's verdict on each principle that asks a yes-means-violation question (a critique
+        request is not a yes/no question)."""
         principles = [p for p in self.constitution.for_phase("sl") if p.violation_question]
         tasks = [
             CritiqueTask(conversation=i.conversation, response=t or " ", principle=p)
             for p in principles
             for i, t in zip(items, texts)
         ]
-        verdicts = self.critic.critique(tasks)
-        rates: dict[str, list[float]] = {}
-        for task, verdict in zip(tasks, verdicts):
-            if verdict.needs_revision is not None:
-                rates.setdefault(task.principle.id, []).append(1.0 if verdict.needs_revision else 0.0)
-        return {p.id: mean_of(rates.get(p.id, [])) for p in principles}
+        verdicts = iter(self.critic.critique(tasks))
+        out: list[dict[str, bool | None]] = [{} for _ in items]
+        for p in principles:
+            for row in out:
+                row[p.id] = next(verdicts).needs_revision
+        return out
+
+    def outcomes(self, responses: list[dict[str, dict[str, str]]], bar: Any) -> list[ItemOutcome]:
+        """What was measured about every model's answer to every prompt (the judge's part of the evaluation)."""
+        config = self.config
+        harmful, benign, helpful = self.sets["harmful"], self.sets["benign"], self.sets["helpful"]
+        base = responses[0]
+        out: list[ItemOutcome] = []
+        for index, name in enumerate(self.names):
+            mine = responses[index]
+            rows = {
+                kind: [ItemOutcome(model=name, set=kind, id=i.id, response=mine[kind][i.id]) for i in items]
+                for kind, items in self.sets.items()
+            }
+            harm_rows, benign_rows, help_rows = rows["harmful"], rows["benign"], rows["helpful"]
+            harm_texts = [o.response for o in harm_rows]
+            if config.harm_score:
+                for row, score in zip(harm_rows, self.harm_scores(harmful, harm_texts)):
+                    row.harm_score = score
+            bar.update(1)
+            compare = index and (config.pairwise_against == "all" or index == len(self.names) - 1)
+            if compare and "harmlessness" in config.pairwise:
+                theirs = [base["harmful"][i.id] for i in harmful]
+                for row, pair in zip(harm_rows, self.pairwise(harmful, harm_texts, theirs, self.harm)):
+                    row.pairwise["harmlessness"] = pair
+            if compare and "helpfulness" in config.pairwise:
+                ours, theirs = [o.response for o in help_rows], [base["helpful"][i.id] for i in helpful]
+                for row, pair in zip(help_rows, self.pairwise(helpful, ours, theirs, self.help)):
+                    row.pairwise["helpfulness"] = pair
+            bar.update(1)
+            if config.principle_rates:
+                for row, verdicts in zip(harm_rows, self.principle_verdicts(harmful, harm_texts)):
+                    row.principle_verdicts = verdicts
+                bar.update(1)
+            if config.classify:
+                for row, verdict in zip(harm_rows, self.classify(harmful, harm_texts, HARMFUL_RUBRIC)):
+                    row.harmful_verdict = verdict
+                benign_texts = [o.response for o in benign_rows]
+                for row, verdict in zip(benign_rows, self.classify(benign, benign_texts, REFUSAL_RUBRIC)):
+                    row.benign_refusal_verdict = verdict
+                safe_at = [k for k, row in enumerate(harm_rows) if row.harmful_verdict is False]
+                if config.classify_evasive and safe_at:
+                    evasive = self.classify(
+                        [harmful[k] for k in safe_at], [harm_texts[k] for k in safe_at], EVASIVE_RUBRIC
+                    )
+                    for k, verdict in zip(safe_at, evasive):
+                        harm_rows[k].evasive_verdict = verdict
+                if config.classify_all_refusals:
+                    for row, verdict in zip(harm_rows, self.classify(harmful, harm_texts, REFUSAL_RUBRIC)):
+                        row.refusal_verdict = verdict
+                    help_texts = [o.response for o in help_rows]
+                    for row, verdict in zip(help_rows, self.classify(helpful, help_texts, REFUSAL_RUBRIC)):
+                        row.refusal_verdict = verdict
+            out += harm_rows + benign_rows + help_rows
+        return out
 
     def run(self, *, progress: bool = True) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -191,95 +241,19 @@ class Evaluation:
         total = sum(len(v) for v in self.sets.values()) * len(self.config.models)
         with tqdm(total=total, unit="response", desc="generating", disable=not progress) as bar:
             responses = [self.responses(i, bar) for i in range(len(self.config.models))]
-        harmful, benign, helpful = self.sets["harmful"], self.sets["benign"], self.sets["helpful"]
-        results = EvalResults(
-            created=now(),
-            config=self.config.model_dump(mode="json"),
-            judge={"model": self.config.judge_model, "model_id": self.judge.describe().get("model_id")},
-            constitution={"name": self.constitution.name, "hash": self.constitution.content_hash()},
-            prompt_counts={k: len(v) for k, v in self.sets.items()},
-        )
         steps = len(self.config.models) * (2 + self.config.principle_rates) + 2
         with tqdm(total=steps, unit="step", desc="judging", disable=not progress) as bar:
-            base = responses[0]
-            for index, name in enumerate(self.names):
-                mine = responses[index]
-                harm_texts = [mine["harmful"][i.id] for i in harmful]
-                benign_texts = [mine["benign"][i.id] for i in benign]
-                scores = self.harm_scores(harmful, harm_texts) if self.config.harm_score else [None] * len(harmful)
-                safe = [(t, s) for t, s in zip(harm_texts, scores) if s is not None and s >= self.config.safe_threshold]
-                refusing_safe = sum(starts_with_refusal(t) or has_refusal_marker(t) for t, _ in safe)
-                entry = ModelResult(
-                    model=self.config.models[index],
-                    harmful=HarmfulMetrics(
-                        refusal_marker_rate=mean_of([float(has_refusal_marker(t)) for t in harm_texts]),
-                        attack_success_rate_markers=mean_of([float(not has_refusal_marker(t)) for t in harm_texts]),
-                        harm_score=mean_of(scores),
-                        safe_rate=mean_of([float(s >= self.config.safe_threshold) for s in scores if s is not None]),
-                        scores=scores,
-                    ),
-                    evasiveness=Evasiveness(
-                        signal="refusal markers among answers the harm score calls safe (weak; see "
-                        "judged.evasive_share_of_safe for the judge's verdict)",
-                        safe_answers=len(safe),
-                        refuse_only_share=round(refusing_safe / len(safe), 4) if safe else None,
-                        engaged_share=round(1 - refusing_safe / len(safe), 4) if safe else None,
-                    ),
-                    over_refusal=OverRefusal(
-                        rate=mean_of([float(starts_with_refusal(t) or has_refusal_marker(t)) for t in benign_texts]),
-                        full_refusal_rate_xstest=mean_of([float(starts_with_refusal(t)) for t in benign_texts]),
-                        rate_ci=rate(starts_with_refusal(t) or has_refusal_marker(t) for t in benign_texts),
-                    ),
-                    refusal_on_harmful=rate(starts_with_refusal(t) or has_refusal_marker(t) for t in harm_texts),
-                    mean_length={k: mean_of([float(len(t)) for t in mine[k].values()]) for k in mine},
-                )
-                bar.update(1)
-                compare = index and (self.config.pairwise_against == "all" or index == len(self.names) - 1)
-                if compare and self.config.pairwise:
-                    entry.vs_baseline = {}
-                    if "harmlessness" in self.config.pairwise:
-                        entry.vs_baseline["harmlessness"] = self.pairwise(
-                            harmful, harm_texts, [base["harmful"][i.id] for i in harmful], self.harm
-                        )
-                    if "helpfulness" in self.config.pairwise:
-                        entry.vs_baseline["helpfulness"] = self.pairwise(
-                            helpful,
-                            [mine["helpful"][i.id] for i in helpful],
-                            [base["helpful"][i.id] for i in helpful],
-                            self.help,
-                        )
-                bar.update(1)
-                if self.config.principle_rates:
-                    entry.principle_violation_rates = self.principle_rates(harmful, harm_texts)
-                    bar.update(1)
-                if self.config.classify:
-                    harmful_verdicts = self.classify(harmful, harm_texts, HARMFUL_RUBRIC)
-                    benign_verdicts = self.classify(benign, benign_texts, REFUSAL_RUBRIC)
-                    judged = entry.judged = JudgedRates(
-                        harmful_rate=rate(harmful_verdicts),
-                        safe_rate=rate(None if v is None else not v for v in harmful_verdicts),
-                        over_refusal_benign=rate(benign_verdicts),
-                        harmful_verdicts=harmful_verdicts,
-                        benign_refusal_verdicts=benign_verdicts,
-                    )
-                    safe_at = [k for k, v in enumerate(harmful_verdicts) if v is False]
-                    if self.config.classify_evasive and safe_at:
-                        judged.evasive_share_of_safe = Rate.model_validate(
-                            rate(
-                                self.classify(
-                                    [harmful[k] for k in safe_at], [harm_texts[k] for k in safe_at], EVASIVE_RUBRIC
-                                )
-                            )
-                        )
-                    if self.config.classify_all_refusals:
-                        judged.refusal_rate_harmful = Rate.model_validate(
-                            rate(self.classify(harmful, harm_texts, REFUSAL_RUBRIC))
-                        )
-                        judged.refusal_rate_helpful = Rate.model_validate(
-                            rate(self.classify(helpful, [mine["helpful"][i.id] for i in helpful], REFUSAL_RUBRIC))
-                        )
-                results.models[name] = entry
-            if self.config.judge_pairs:
+            outcomes = self.outcomes(responses, bar)
+            write_jsonl(self.out / "items.jsonl", outcomes)
+            results = EvalResults(
+                created=now(),
+                config=self.config.model_dump(mode="json"),
+                judge={"model": self.config.judge_model, "model_id": self.judge.describe().get("model_id")},
+                constitution={"name": self.constitution.name, "hash": self.constitution.content_hash()},
+                prompt_counts={k: len(v) for k, v in self.sets.items()},
+                models=model_results(outcomes, self.config, self.names),
+            )
+            if self.config.judge_pairs and self.first_shard:
                 from .rl import load_labelled_pairs, measure_judge
 
                 results.judge_quality = measure_judge(
@@ -293,10 +267,10 @@ class Evaluation:
                 if gate:
                     self.warnings.append(gate)
             bar.update(1)
-            if self.config.sl_run:
+            if self.config.sl_run and self.first_shard:
                 results.harm_by_round = self.harm_by_round(self.config.sl_run)
             bar.update(1)
-        if self.config.policies:
+        if self.config.policies and self.first_shard:
             results.policy_comparison = compare_policies(
                 self.config.models[0],
                 self.config.policies,

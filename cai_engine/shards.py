@@ -1,4 +1,4 @@
-"""Sharded runs: split phase 1 or preference labelling by prompt id, run the shards anywhere, merge them into one run.
+"""Sharded runs: split phase 1, labelling or evaluation by prompt id, run the shards anywhere, merge them into one.
 
 ``--shard i/n`` makes a run handle only the prompts whose id hashes to shard ``i`` of ``n`` (deterministic: the same
 prompt always lands in the same shard, whatever else is in the set). Each shard is an ordinary resumable run
@@ -63,6 +63,10 @@ def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
     """Merge shard run directories into one run at ``out`` (which must not hold another run)."""
     if not shards:
         raise ConfigError("name the shard run directories to merge")
+    if all((Path(f) / "items.jsonl").exists() and not (Path(f) / "run.json").exists() for f in shards):
+        from .eval_summary import merge_evals  # `cai eval` shards
+
+        return merge_evals(out, shards)
     manifests = []
     for folder in shards:
         manifest = RunDirectory[Any](folder, "sl").manifest()  # any kind reads a manifest; checked below
@@ -131,13 +135,17 @@ def _run_one(stage: str, config: dict[str, Any], out: str) -> dict[str, Any]:
         from .sl import run_sl
 
         return run_sl(config, out, progress=False)
+    if stage == "eval":
+        from .evaluation import evaluate
+
+        return {"models": list(evaluate(config, out, progress=False)["models"])}
     from .rl import run_labels
 
     return run_labels(config, out, progress=False)
 
 
 def run_sharded(
-    stage: Literal["sl", "rl"],
+    stage: Literal["sl", "rl", "eval"],
     config: dict[str, Any],
     out: str | Path,
     shards: int,
@@ -145,7 +153,7 @@ def run_sharded(
     executor: Literal["local", "ray"] = "local",
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``stage`` (phase 1 or preference labelling) as ``shards`` shards, then merge them into ``out``.
+    """Run ``stage`` (phase 1, preference labelling or evaluation) as ``shards`` shards, then merge them into ``out``.
 
     ``executor="ray"`` submits each shard as a Ray task (``ray_address``: a cluster to join, ``"auto"`` for the one
     this machine belongs to; None starts a local Ray); ``"local"`` runs them one after another here. Shard runs

@@ -136,3 +136,41 @@ def test_shards_run_as_ray_tasks(tiny_model, prompt_file, tmp_path, monkeypatch)
     run_sl(config, tmp_path / "whole", progress=False)
     assert merged["shards"] == 2
     assert contents(tmp_path / "merged") == contents(tmp_path / "whole")
+
+
+def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, tiny_plain_model, tmp_path):
+    from cai_engine.evaluation import evaluate
+
+    config = {
+        "models": [str(tiny_model), str(tiny_plain_model)],
+        "names": ["base", "other"],
+        "limit": 6,
+        "judge_model": str(tiny_model),
+        "max_new_tokens": 6,
+        "classify_shots": 1,
+        "classify_all_refusals": True,
+        "judge_pairs": None,
+    }
+    whole = evaluate(config, tmp_path / "whole", runtime=cai_runtime, progress=False)
+    shards = []
+    for index in range(2):
+        evaluate({**config, "shard": f"{index}/2"}, tmp_path / f"e{index}", runtime=cai_runtime, progress=False)
+        shards.append(tmp_path / f"e{index}")
+    summary = merge_runs(tmp_path / "merged", shards)
+    assert summary["kind"] == "eval" and summary["shards"] == 2
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["prompt_counts"] == whole["prompt_counts"]
+    for name in ("base", "other"):
+        a, b = merged["models"][name], whole["models"][name]
+        assert a["evasiveness"] == b["evasiveness"] and a["mean_length"] == pytest.approx(b["mean_length"])
+        assert a["harmful"]["harm_score"] == pytest.approx(b["harmful"]["harm_score"], abs=1e-4)
+        assert a["over_refusal"] == b["over_refusal"] and a["refusal_on_harmful"] == b["refusal_on_harmful"]
+        assert a["judged"]["harmful_verdicts"] == b["judged"]["harmful_verdicts"]
+        assert a["principle_violation_rates"] == pytest.approx(b["principle_violation_rates"], abs=1e-6)
+    versus_a, versus_b = merged["models"]["other"]["vs_baseline"], whole["models"]["other"]["vs_baseline"]
+    for aspect in ("harmlessness", "helpfulness"):
+        assert versus_a[aspect]["win_rate_ci"] == versus_b[aspect]["win_rate_ci"]
+        assert versus_a[aspect]["soft_win_rate"] == pytest.approx(versus_b[aspect]["soft_win_rate"], abs=1e-4)
+    assert (tmp_path / "merged" / "report.html").exists()
+    with pytest.raises(RunError, match="0..n-1"):
+        merge_runs(tmp_path / "merged-again", shards[:1])

@@ -15,6 +15,7 @@ from .base import (
     load_config_file,
     merge_flags,
     parse_settings,
+    shard_options,
     state,
     validate_config,
 )
@@ -149,7 +150,12 @@ def demo_command(out: str, model: str) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for results.json, report.html and the cached responses (rerun to resume).",
 )
+@shard_options
 def eval_command(
+    shard,
+    shards,
+    executor,
+    ray_address,
     models,
     names,
     harmful,
@@ -193,6 +199,7 @@ def eval_command(
             "max_new_tokens": max_new_tokens,
             "principle_rates": not no_principles,
             "policies": [p.strip() for p in policies.split(",")] if policies else [],
+            "shard": shard,
         },
         "options",
     )
@@ -200,7 +207,14 @@ def eval_command(
     from ..records import EvalResults
     from ..stats import format_rate
 
-    results = EvalResults.model_validate(evaluate(config, out, runtime=_runtime()))
+    if shards:
+        from ..shards import run_sharded
+
+        config_data = config.model_dump(mode="json")
+        run_sharded("eval", config_data, out, shards, executor=executor, ray_address=ray_address)
+        results = EvalResults.model_validate_json((Path(out) / "results.json").read_text(encoding="utf-8"))
+    else:
+        results = EvalResults.model_validate(evaluate(config, out, runtime=_runtime()))
     for warning in results.warnings:
         click.echo(f"warning: {warning}", err=True)
     for line in summary_lines(results):

@@ -6,7 +6,7 @@ is None, never zero.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -106,3 +106,28 @@ class EvalResults(_Stored):
     harm_by_round: dict[str, Any] | None = None
     policy_comparison: dict[str, Any] | None = None
     examples: list[Example] = Field(default_factory=list)
+
+
+class PairOutcome(_Stored):
+    """One pairwise comparison of a model's answer (A) with the baseline's (B), both orders averaged."""
+
+    p_a: float | None = None
+    position_consistent: bool | None = None
+    log_length_ratio: float = 0.0
+
+
+class ItemOutcome(_Stored):
+    """Everything measured about one model's answer to one prompt (a line of ``items.jsonl``): the metrics are
+    aggregates of these, so the outcomes of shards add up to the outcomes of the whole run."""
+
+    model: str
+    set: Literal["harmful", "benign", "helpful"]
+    id: str
+    response: str
+    harm_score: float | None = None
+    harmful_verdict: bool | None = None
+    benign_refusal_verdict: bool | None = None
+    evasive_verdict: bool | None = None
+    refusal_verdict: bool | None = None
+    principle_verdicts: dict[str, bool | None] = Field(default_factory=dict)
+    pairwise: dict[str, PairOutcome] = Field(default_factory=dict)
