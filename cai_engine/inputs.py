@@ -348,3 +348,22 @@ def parse_document(text: str, source: str, *, json_only: bool = False) -> tuple[
     except RecursionError:
         raise ConstitutionError(f"nested too deeply; {limit_hint('depth')}", source=source) from None
     return data, _line_map(root)
+
+
+YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def parse_scalar(text: str) -> Any:
+    """A setting written as text, read as YAML 1.2 reads it where YAML 1.1 (PyYAML) differs: numbers first (YAML 1.1
+    reads ``2e-5`` as text), the words yes/no/on/off/y/n stay text (``save_strategy=no`` is the string TRL expects),
+    only true and false are booleans; then YAML for the rest (``null``, ``[a, b]``, ``{k: v}``)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip().lower() in YAML11_WORDS:
+        return text.strip()
+    return yaml.safe_load(text)

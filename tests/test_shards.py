@@ -174,3 +174,36 @@ def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, ti
     assert (tmp_path / "merged" / "report.html").exists()
     with pytest.raises(RunError, match="0..n-1"):
         merge_runs(tmp_path / "merged-again", shards[:1])
+
+
+def test_the_cli_runs_and_merges_shards(tiny_model, prompt_file, tmp_path):
+    common = ["--prompts", str(prompt_file), "--model", str(tiny_model), "--rounds", "1", "--batch-size", "1"]
+    result = cli_runner_invoke(
+        [
+            "sl",
+            *common,
+            "--helpful-prompts",
+            "none",
+            "--out",
+            str(tmp_path / "sl"),
+            "--shards",
+            "2",
+            "--executor",
+            "local",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert "merged 2 shards (10 records)" in result.output and "red-team items: 10" in result.output
+    result = cli_runner_invoke(
+        [
+            *["rl", "label", "--recipe", "revision", "--sl-run", str(tmp_path / "sl"), "--model", str(tiny_model)],
+            *["--no-gate", "--out", str(tmp_path / "rl"), "--shards", "2", "--executor", "local", "--batch-size", "2"],
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert "merged 2 shards" in result.output
+    assert len(list(RunDirectory(tmp_path / "rl", "rl").records())) == len(
+        [r for r in RunDirectory(tmp_path / "sl", "sl").records() if r.revised]
+    )
+    bad = cli_runner_invoke(["sl", *common, "--out", str(tmp_path / "x"), "--shard", "2/2"])
+    assert bad.exit_code == 1 and "0 <= i < n" in bad.output

@@ -220,19 +220,10 @@ def _clip(text: str, width: int = 300) -> str:
 
 
 def parse_setting(text: str) -> Any:
-    """A --set value: numbers first (YAML 1.1 would read 2e-5 as text), then YAML (true, [a, b], null, ...); the
-    YAML 1.1 words yes/no/on/off/y/n stay text (``save_strategy=no`` is the string TRL expects), only true and
-    false are booleans, as in YAML 1.2."""
-    import yaml
+    """A --set value, read as YAML 1.2 reads it (see ``inputs.parse_scalar``)."""
+    from ..inputs import parse_scalar
 
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    if text.strip().lower() in ("yes", "no", "on", "off", "y", "n"):
-        return text.strip()
-    return yaml.safe_load(text)
+    return parse_scalar(text)
 
 
 def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -72,11 +73,19 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
         from ..shards import run_sharded
         from ..sl import summarise
 
+        began = time.perf_counter()
         merged = run_sharded(
             "sl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
         )
         click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
-        summary = {**summarise(out), "run_dir": str(out), "resumed": False, "written": merged["records"]}
+        summary = {
+            **summarise(out),
+            "run_dir": str(out),
+            "resumed": False,
+            "written": merged["records"],
+            "skipped_done": 0,
+            "seconds": round(time.perf_counter() - began, 1),
+        }
     else:
         summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
     _print_sl_summary(summary)

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError
 from cai_engine.cards import model_card
 from cai_engine.components import Options
 from cai_engine.errors import ConfigError, RunError, describe_validation
+from cai_engine.inputs import parse_scalar
 from cai_engine.records import PreferenceExportManifest
 
 # Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
@@ -317,13 +318,10 @@ def coerce_numbers(cls, name: str, settings: dict[str, Any]) -> dict[str, Any]:
         if key in words and value is False:
             out[key] = "no"
         if key in numeric and isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise ConfigError(
-                    f"invalid TRL setting for trainer {name!r}: {key} must be a number, got {value!r}"
-                ) from None
-            out[key] = int(number) if numeric[key] is int and number.is_integer() else number
+            number = parse_scalar(value)  # the rule --set values follow
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ConfigError(f"invalid TRL setting for trainer {name!r}: {key} must be a number, got {value!r}")
+            out[key] = int(number) if numeric[key] is int and float(number).is_integer() else number
     return out
 
 
