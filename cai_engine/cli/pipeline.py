@@ -241,10 +241,11 @@ def eval_command(
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
-    """Merge the shard run directories of one `cai sl` or `cai rl label` run (each made with --shard I/N) into OUT.
+    """Merge the shard folders of one `cai sl`, `cai rl label` or `cai eval` run (each made with --shard I/N) into OUT.
 
-    The shards must come from the same config (everything but --shard) and cover 0..N-1 exactly once; OUT is then
-    an ordinary run directory, ready for `cai export`.
+    The shards must come from the same config (everything but --shard) and cover 0..N-1 exactly once. A merged
+    `cai sl` or `cai rl label` run is an ordinary run directory, ready for `cai export`; a merged evaluation gets
+    its metrics, results.json and report computed again from every shard's answers.
     """
     from ..shards import merge_runs
 
