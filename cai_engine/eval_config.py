@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .runtime import DEFAULT_MODEL, ModelRef
+from .shards import ShardField, shard_field
 
 
 class EvalConfig(BaseModel):
@@ -84,17 +85,7 @@ class EvalConfig(BaseModel):
         default_factory=list, description="Policy files to compare on the first model: what the guard does under each."
     )
     seed: int = Field(0)
-    shard: str | None = Field(
-        None,
-        description="i/n: measure only the prompts whose id hashes to shard i of n (merge the shards with `cai merge`).",
-    )
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        from .shards import Shard
-
-        return None if value is None else str(Shard.parse(value))
+    shard: ShardField = shard_field("measure")
 
 
 def _spread(items: list, n: int | None) -> list:

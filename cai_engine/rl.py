@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
@@ -22,7 +22,7 @@ from .records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 from .schema import Constitution, Phase
-from .shards import Shard
+from .shards import Shard, ShardField, shard_field
 
 
 class RLConfig(BaseModel):
@@ -51,15 +51,7 @@ class RLConfig(BaseModel):
     allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
     seed: int = Field(0)
     batch_size: int = Field(8, ge=1, le=256)
-    shard: str | None = Field(
-        None,
-        description="i/n: label only the prompts whose id hashes to shard i of n (merge the shards with `cai merge`).",
-    )
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        return None if value is None else str(Shard.parse(value))
+    shard: ShardField = shard_field("label")
 
     @model_validator(mode="after")
     def _recipe_inputs(self) -> RLConfig:

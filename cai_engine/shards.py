@@ -15,9 +15,9 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .errors import ConfigError, RunError
 from .runs import RunDirectory
@@ -51,6 +51,20 @@ class Shard(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def _normalise(value: str | None) -> str | None:
+    return None if value is None else str(Shard.parse(value))
+
+
+ShardField = Annotated[str | None, AfterValidator(_normalise)]
+"""A config field holding ``"i/n"`` (checked and normalised) or None: run configs use it for their ``shard``."""
+
+
+def shard_field(what: str) -> Any:
+    return Field(
+        None, description=f"i/n: {what} only the prompts whose id hashes to shard i of n (`cai merge` joins them)."
+    )
 
 
 def shard_dirs(out: str | Path, count: int) -> list[Path]:

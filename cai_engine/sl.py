@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
@@ -21,7 +21,7 @@ from .records import ComparisonTask, CritiqueTask, RevisionTask, SLRecord, SLRou
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 from .schema import Constitution, Phase
-from .shards import Shard
+from .shards import Shard, ShardField, shard_field
 
 
 class SLConfig(BaseModel):
@@ -70,15 +70,7 @@ class SLConfig(BaseModel):
         ge=0,
         description="How many prompts from each helpfulness source (default: as many as the red-team prompts used).",
     )
-    shard: str | None = Field(
-        None,
-        description="i/n: handle only the prompts whose id hashes to shard i of n (merge the shards with `cai merge`).",
-    )
-
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, value: str | None) -> str | None:
-        return None if value is None else str(Shard.parse(value))
+    shard: ShardField = shard_field("handle")
 
     def build(self, role: str, runtime: Runtime):
         """Build a role's component; the sampler gets the policy model, the other roles the feedback model."""
