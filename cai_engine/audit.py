@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .hookspecs import hookimpl
+from .jsonl import dumps_line
 from .records import GuardResult
 from .runs import now
 from .schema import Message
@@ -70,7 +71,7 @@ class JsonlAuditSink:
     def cai_on_record(self, record, kind):
         if kind not in self.kinds:
             return
-        line = json.dumps({"kind": kind, **record}, ensure_ascii=False, default=str) + "\n"
+        line = dumps_line({"kind": kind, **record})
         with self._lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from .eval_config import EvalConfig, _slug, _spread
 # after a few worked Yes/No examples (a small judge's zero-shot verdicts on these questions are near chance).
 from .eval_rubrics import EVASIVE_RUBRIC, HARMFUL_RUBRIC, REFUSAL_RUBRIC
 from .eval_summary import model_results
-from .jsonl import write_json, write_jsonl
+from .jsonl import append_jsonl, write_json, write_jsonl
 from .policy_compare import compare_policies
 from .prompts import PromptItem, load_prompts
 from .records import (
@@ -104,10 +104,8 @@ class Evaluation:
             for start in range(0, len(todo), 8):
                 chunk = todo[start : start + 8]
                 texts = [row[0] for row in self.samplers[index].sample([i.conversation for i in chunk])]
-                with open(cache, "a", encoding="utf-8") as handle:
-                    for item, text in zip(chunk, texts):
-                        handle.write(json.dumps({"set": kind, "id": item.id, "response": text}) + "\n")
-                        done[kind][item.id] = text
+                append_jsonl(cache, [{"set": kind, "id": i.id, "response": t} for i, t in zip(chunk, texts)])
+                done[kind].update((i.id, t) for i, t in zip(chunk, texts))
                 progress.update(len(chunk))
         return done
 

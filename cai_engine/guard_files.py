@@ -6,7 +6,6 @@ row on line 10,000 fails the run before the first model call, with the file and 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import CaiError, ConfigError
-from .jsonl import iter_jsonl
+from .jsonl import dumps_line, iter_jsonl
 from .outputs import atomic_output, check_output_path
 from .runs import now
 from .schema import Message
@@ -152,7 +151,7 @@ def _guard_batch(engine: Any, batch: list[GuardItem], write: Callable[[str], Non
     results = engine.guard_batch([(conversation, response) for _, conversation, response in batch])
     for (item_id, _, _), result in zip(batch, results):
         data = result.model_dump(mode="json")
-        write(json.dumps({"id": item_id, "audit_id": data.pop("id"), **data}, ensure_ascii=False))
+        write(dumps_line({"id": item_id, "audit_id": data.pop("id"), **data}).rstrip("\n"))
         counts[result.action] = counts.get(result.action, 0) + 1
     return len(batch)
 

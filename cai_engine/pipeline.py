@@ -6,13 +6,12 @@ continues where it stopped.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .outputs import write_atomic
+from .jsonl import write_json
 from .rl import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
 from .sl import ExportOptions, SLConfig, export_sft, run_sl
@@ -203,5 +202,5 @@ def run_pipeline(
         }
         lap("eval")
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "pipeline-summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "pipeline-summary.json", summary)
     return summary

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +12,8 @@ from cai_engine.cards import model_card
 from cai_engine.components import Options
 from cai_engine.errors import ConfigError, RunError, describe_validation
 from cai_engine.inputs import parse_scalar
+from cai_engine.jsonl import write_json
+from cai_engine.outputs import write_atomic
 from cai_engine.records import PreferenceExportManifest
 
 # Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
@@ -190,8 +191,8 @@ def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any],
     summary["checkpoint_check"] = {"text": CHECK_TEXT, "max_abs_difference": difference}
     summary["checkpoint"] = str(output_dir)
     summary["dtype"] = str(model.dtype).removeprefix("torch.")
-    (output_dir / "cai_training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    (output_dir / "README.md").write_text(model_card(summary), encoding="utf-8")
+    write_json(output_dir / "cai_training.json", summary)
+    write_atomic(output_dir / "README.md", model_card(summary))
     if trainer is not None and getattr(trainer, "accelerator", None) is not None:
         trainer.accelerator.wait_for_everyone()
     if not difference <= 1e-3:
