@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
@@ -36,9 +36,17 @@ class RLConfig(BaseModel):
         description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
         "phase-1 revision over its original response.",
     )
-    prompts: str = Field("builtin:red-team", description="Prompts to sample pairs for (recipe 'judged').")
+    prompts: str | list[str] = Field(
+        "builtin:red-team",
+        description="Prompts to sample pairs for (recipe 'judged'): one source or a list (e.g. [builtin:red-team, "
+        "builtin:borderline], the second teaching that a harmless request that sounds dangerous deserves an answer).",
+    )
     field: str | None = Field(None, description="Which field of the prompt file holds the prompt.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+    limit: PositiveInt | dict[str, PositiveInt] | None = Field(
+        None,
+        description="Use only the first N prompts (records for 'revision'): of each source, or per source as a "
+        "mapping such as {builtin:red-team: 64} (sources it does not name are used whole).",
+    )
     sl_run: str | None = Field(None, description="The phase-1 run directory (recipe 'revision').")
     model: ModelRef = Field(DEFAULT_MODEL, description="The policy that samples the pairs (e.g. the SFT checkpoint).")
     sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model", options={"temperature": 1.0}))
@@ -61,6 +69,15 @@ class RLConfig(BaseModel):
 
     def fingerprint(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"limit", "batch_size"})
+
+    @property
+    def prompt_sources(self) -> list[str]:
+        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+
+    def limit_for(self, source: str) -> int | None:
+        if isinstance(self.limit, dict):
+            return self.limit.get(source)
+        return self.limit
 
     def sampler_ref(self) -> ComponentRef:
         options = dict(self.sampler.options)
@@ -109,14 +126,23 @@ class LabelRun:
         self.dir = RunDirectory(out, "rl", PreferenceRecord)
         self.items: list[tuple[str, Any]]
         if config.recipe == "judged":
-            prompts = load_training_prompts(
-                config.prompts,
-                self.runtime.registry,
-                field=config.field,
-                limit=config.limit,
-                allow_heldout=config.allow_heldout,
-            )
-            self.items = [("pair", item) for item in prompts]
+            self.items = []
+            seen: dict[str, str] = {}
+            for source in config.prompt_sources:
+                for item in load_training_prompts(
+                    source,
+                    self.runtime.registry,
+                    field=config.field,
+                    limit=config.limit_for(source),
+                    allow_heldout=config.allow_heldout,
+                ):
+                    if item.id in seen:
+                        raise ConfigError(
+                            f"prompts: id {item.id!r} is in {seen[item.id]} and {source}; ids must be unique "
+                            "(pairs are kept by id)"
+                        )
+                    seen[item.id] = source
+                    self.items.append(("pair", item))
         else:
             assert config.sl_run is not None  # the config's validator requires it for this recipe
             sl = RunDirectory(config.sl_run, "sl", SLRecord)
@@ -124,7 +150,7 @@ class LabelRun:
             records = [r for r in sl.records() if r.kind == "red-team" and r.revised]
             if not records:
                 raise RunError(f"{config.sl_run}: has no revised red-team records to build pairs from")
-            self.items = [("revision", r) for r in records][: config.limit]
+            self.items = [("revision", r) for r in records][: config.limit_for(config.sl_run)]
         if config.shard:
             shard = Shard.parse(config.shard)
             self.items = [(kind, item) for kind, item in self.items if shard.owns(item.id)]

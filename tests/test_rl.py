@@ -381,3 +381,17 @@ def test_gate_on_a_run_measures_the_judge_that_labelled_it(cli_runner, tiny_mode
     gate = json.loads((run / "gate.json").read_text())
     assert gate["judge"]["name"] == "logprob"
     assert gate["judge"]["options"]["model"] == str(tiny_model) and gate["judge"]["options"]["few_shot"] == 0
+
+
+def test_pairs_from_several_prompt_sources_with_a_limit_each(cai_runtime, tiny_model, tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"id": f"a{i}", "prompt": f"Question a{i}?"}) + "\n" for i in range(5)))
+    second.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"Question b{i}?"}) + "\n" for i in range(3)))
+    config = label_config(tiny_model, prompts=[str(first), str(second)], limit={str(first): 2})
+    run_labels(config, tmp_path / "rl", runtime=cai_runtime, progress=False)
+    ids = sorted(r.id for r in RunDirectory(tmp_path / "rl", "rl").records())
+    assert ids == ["a0", "a1", "b0", "b1", "b2"]  # two of the first source, the second whole
+    with pytest.raises(ConfigError, match="ids must be unique"):
+        run_labels(label_config(tiny_model, prompts=[str(first), str(first)]), tmp_path / "x", runtime=cai_runtime)
+    with pytest.raises(ValueError):
+        label_config(tiny_model, limit={str(first): 0})
