@@ -150,14 +150,7 @@ class Guard:
                     self._abstained(state, task.principle)
                     continue
                 if critique.needs_revision:
-                    state.violations.append(
-                        Violation(
-                            principle_id=task.principle.id,
-                            evidence=critique.text,
-                            message=task.principle.title or task.principle.id,
-                            critic=critique.critic,
-                        )
-                    )
+                    state.violations.append(_violation(task.principle, critique.text, critique.critic))
                     state.critiques[task.principle.id] = critique
         for state in states:
             state.rounds[-1].violations = list(state.violations)
@@ -183,12 +176,7 @@ class Guard:
                 elif result["principle_index"] is not None:
                     principle = candidates[result["principle_index"]]
                     state.violations.append(
-                        Violation(
-                            principle_id=principle.id,
-                            evidence=f"P(breaks a principle)={result['p_yes']:.2f}",
-                            message=principle.title or principle.id,
-                            critic=self.critic.name,
-                        )
+                        _violation(principle, f"P(breaks a principle)={result['p_yes']:.2f}", self.critic.name)
                     )
 
     def _complied(self, tasks) -> None:
@@ -221,11 +209,10 @@ class Guard:
             for (state, _), index in zip(members, indices):
                 principle = candidates[index if index is not None else 0]
                 state.violations.append(
-                    Violation(
-                        principle_id=principle.id,
-                        evidence=f"P(harmful request)={state.request_p:.2f}; the reply does not refuse",
-                        message=principle.title or principle.id,
-                        critic=self.critic.name,
+                    _violation(
+                        principle,
+                        f"P(harmful request)={state.request_p:.2f}; the reply does not refuse",
+                        self.critic.name,
                     )
                 )
 
@@ -381,3 +368,10 @@ def _timed(states: list[GuardState], work: Callable[[], T]) -> T:
     result = work()
     _share(states, began)
     return result
+
+
+def _violation(principle: Principle, evidence: str, critic: str) -> Violation:
+    """A model critic's finding against ``principle``, named by its title."""
+    return Violation(
+        principle_id=principle.id, evidence=evidence, message=principle.title or principle.id, critic=critic
+    )
