@@ -285,12 +285,9 @@ class SLRun:
         out = []
         for (kind, item), first, last, item_rounds in zip(batch, initial, current, rounds):
             out.append(
-                SLRecord(
-                    key=f"{kind}:{item.id}",
-                    id=item.id,
-                    kind=kind,
-                    category=item.category,
-                    conversation=item.conversation,
+                _record(
+                    kind,
+                    item,
                     initial_response=first,
                     rounds=item_rounds if kind == "red-team" else [],
                     final_response=last,
@@ -336,16 +333,25 @@ class SLRun:
         return chosen[0]
 
     def _error_record(self, kind: str, item: PromptItem, error: str) -> SLRecord:
-        return SLRecord(
-            key=f"{kind}:{item.id}",
-            id=item.id,
-            kind=kind,
-            category=item.category,
-            conversation=item.conversation,
+        return _record(
+            kind,
+            item,
             error=error,
             provenance=self.provenance,
             created=now(),
         )
+
+
+def _record(kind: str, item: PromptItem, **fields: Any) -> SLRecord:
+    """The record of ``item``: its key, id, kind, category and conversation, plus ``fields``."""
+    return SLRecord(
+        key=f"{kind}:{item.id}",
+        id=item.id,
+        kind=kind,  # type: ignore[arg-type]
+        category=item.category,
+        conversation=item.conversation,
+        **fields,
+    )
 
 
 def _same(a: str, b: str) -> bool:
