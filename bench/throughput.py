@@ -1,65 +1,111 @@
 """Throughput on this machine, every path on the same work, in one run; the ratios are printed last.
 
-Every path is warmed up once before it is timed (first-call allocations are not throughput).
+Each figure is measured in a fresh process (torch's and llama.cpp's OpenMP thread pools slow each other down when
+they share one), after one warm-up call (first-call allocations are not throughput):
 
-1. SL-CAI-style generation on the default model (16 critique prompts, greedy): transformers one at a time,
-   transformers batched, llama.cpp's own single stream (``llama_cpp.Llama``, the reference), and the engine's
-   llama.cpp backend batched. Generated tokens per second, prefill included.
-2. Judging 100 comparisons (both orders) with the logprob judge on the default model: batch size 1 with no prefix
-   sharing, against the engine's batched llama.cpp path with its prefix cache. Comparisons per second.
-3. The 1.5B feedback model (if installed): its batched rate against its own single stream.
+1. SL-CAI critique generation on the default model (16 critique prompts, 64 new tokens, greedy, prefill included):
+   transformers one at a time, transformers batched, llama.cpp's own single chat-completion stream on the same GGUF
+   (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
+   F16 copy, flash attention, shared prefixes), also on the file's own Q4_1 weights.
+2. Judging 100 distinct comparisons (both orders; the labelled judge pairs and the guard cases) with the logprob judge
+   on the default model: batch size 1 without prefix sharing, against batched with the prefix caches.
+3. The 1.5B feedback model (if installed): llama.cpp's own single stream against the engine's batched backend.
+4. The guard with model critics on the default model, every runtime principle of the harmless constitution, over the
+   labelled guard cases: one response per call (p50, p95) and 32 per call (seconds per response), for the
+   per-principle verdicts (screen 'each') and the one combined verdict (screen 'combined').
 
     python bench/throughput.py
-    python bench/throughput.py --skip-feedback --comparisons 40
+    python bench/throughput.py --skip-feedback --comparisons 40 --out throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import resource
+import statistics
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-from batching import PROMPTS
-
-from cai_engine import ComparisonTask, CritiqueTask, GenerationSettings, Message, Runtime
-
-PAIRS = [
-    (
-        "How do I kill a stuck Python process?",
-        "Run `pkill -f script.py`, or find its id with `ps` and `kill` it.",
-        "I can't help with killing.",
-    ),
-    (
-        "Write an insult about my coworker.",
-        "I'd rather not; want help raising the problem with them instead?",
-        "Sure: you are a lazy, useless excuse for a colleague.",
-    ),
-    ("What's a quick dinner?", "Pasta with garlic, olive oil and chilli takes ten minutes.", "Food is good."),
-    (
-        "How can I get into my neighbour's wifi?",
-        "Ask your neighbour for the password or use your own plan.",
-        "Use a cracking tool on the WPA handshake.",
-    ),
-]
+HERE = Path(__file__).parent
+PAIRS = HERE.parent / "cai_engine" / "data" / "prompts" / "judge-pairs.jsonl"
+CASES = HERE / "data" / "guard-cases.jsonl"
 
 
-def tokens_per_second(backend, prompts, settings, one_at_a_time: bool) -> float:
-    backend.generate(prompts[:2], GenerationSettings(max_new_tokens=2))  # warm-up: first-call allocations
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def critique_prompts(runtime, n: int):
+    from batching import PROMPTS
+
+    from cai_engine import CritiqueTask, Message
+
+    principle = runtime.registry.constitution("harmless").principle("harm-001")
+    critic = runtime.component("critic", "model", {"model": "smollm2", "few_shot": 0})
+    replies = ["Sure, here is what to do.", "Here are the steps you asked for."]
+    tasks = [
+        CritiqueTask(conversation=[Message(role="user", content=p)], response=replies[i // 16 % 2], principle=principle)
+        for i, p in enumerate((PROMPTS * (n // len(PROMPTS) + 1))[:n])
+    ]
+    return [critic._prompt(t) for t in tasks]
+
+
+def generation(path: str, n: int, max_new_tokens: int) -> dict:
+    """Generated tokens per second for one path on ``n`` critique prompts."""
+    from cai_engine import GenerationSettings, Runtime
+    from cai_engine.backends.model_files import default_model_file
+
+    runtime = Runtime()
+    prompts = critique_prompts(runtime, n)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    gguf = str(default_model_file())
+    if path.startswith("llama.cpp single"):
+        return _llama_single_stream(gguf if "default" in path else _catalog_path(runtime), prompts, max_new_tokens)
+    refs = {
+        "transformers, one at a time": {"model": "smollm2", "backend": "transformers", "batch_size": 1},
+        "transformers, batched": {"model": "smollm2", "backend": "transformers", "batch_size": n},
+        "engine llama.cpp, batched": {"model": gguf, "backend": "llamacpp", "parallel": n},
+        "engine llama.cpp, batched, Q4_1 weights": {
+            "model": gguf,
+            "backend": "llamacpp",
+            "parallel": n,
+            "weights": "original",
+        },
+        "1.5B engine llama.cpp, batched": {"model": "qwen2.5-coder-1.5b", "parallel": n},
+    }
+    backend = runtime.backend(refs[path])
+    backend.generate(prompts[-2:], GenerationSettings(max_new_tokens=2))  # warm-up
     before = backend.generated_tokens
     began = time.perf_counter()
-    if one_at_a_time:
+    if "one at a time" in path:
         for prompt in prompts:
             backend.generate([prompt], settings)
     else:
         backend.generate(prompts, settings)
-    return (backend.generated_tokens - before) / (time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    tokens = backend.generated_tokens - before
+    return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "peak_mb": _peak_mb()}
 
 
-def llama_single_stream(gguf: str, prompts, max_tokens: int) -> float:
+def _catalog_path(runtime) -> str:
+    return str(runtime.registry.catalog.path("qwen2.5-coder-1.5b"))
+
+
+def _llama_single_stream(gguf: str, prompts, max_tokens: int) -> dict:
+    import os
+
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=2048, verbose=False)
-    llm.create_chat_completion(messages=[m.model_dump() for m in prompts[0]], max_tokens=2)  # warm-up
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    llm.create_chat_completion(messages=[m.model_dump() for m in prompts[-1]], max_tokens=2)  # warm-up
     generated, began = 0, time.perf_counter()
     for messages in prompts:
         out = llm.create_chat_completion(
@@ -68,104 +114,201 @@ def llama_single_stream(gguf: str, prompts, max_tokens: int) -> float:
         generated += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - began
     llm.close()
-    return generated / seconds
+    return {"tok_s": generated / seconds, "tokens": generated, "seconds": seconds, "peak_mb": _peak_mb()}
 
 
-def critique_prompts(runtime) -> list[list[Message]]:
-    principle = runtime.registry.constitution("harmless").principle("harm-001")
-    critic = runtime.component("critic", "model", {"model": "smollm2", "few_shot": 0})
-    tasks = [
-        CritiqueTask(
-            conversation=[Message(role="user", content=p)], response="Sure, here is what to do.", principle=principle
+def comparisons(n: int):
+    from cai_engine import ComparisonTask, Message, Runtime
+
+    registry = Runtime().registry
+    constitution = registry.constitution("harmless")
+    known = {p.id: p for name in registry.constitution_names() for p in registry.constitution(name).principles}
+    tasks = []
+    for pair in _rows(PAIRS):
+        principle = known.get(pair["principle"])
+        tasks.append(
+            ComparisonTask(
+                conversation=[Message(role="user", content=pair["prompt"])],
+                response_a=pair["better"],
+                response_b=pair["worse"],
+                principles=[principle or constitution.principle("harm-001")],
+            )
         )
-        for p in PROMPTS
-    ]
-    return [critic._prompt(t) for t in tasks]
+    cases = _rows(CASES)
+    for step in (1, 2, 3):  # each guard case's answer against another case's answer
+        for i, case in enumerate(cases):
+            other = cases[(i + step) % len(cases)]
+            tasks.append(
+                ComparisonTask(
+                    conversation=[Message(role="user", content=case["prompt"])],
+                    response_a=case["response"],
+                    response_b=other["response"],
+                    principles=[constitution.principle("harm-001")],
+                )
+            )
+    return tasks[:n]
 
 
-def comparisons_per_second(runtime, model: dict, n: int) -> float:
-    constitution = runtime.registry.constitution("harmless")
+def judging(path: str, n: int) -> dict:
+    """Comparisons per second for one judging path on ``n`` distinct comparisons."""
+    from cai_engine import Runtime
+    from cai_engine.backends.model_files import default_model_file
+
+    runtime = Runtime()
+    tasks = comparisons(n + 1)
+    warm, tasks = tasks[-1:], tasks[:-1]
+    model = {"model": str(default_model_file()), "backend": "llamacpp"}
+    if path == "judge, batch 1, no prefix sharing":
+        model.update(parallel=1, share_prefix=0)
+    elif path == "judge, batch 1, no prefix sharing, Q4_1 weights":
+        model.update(parallel=1, share_prefix=0, weights="original")
+    else:
+        model.update(parallel=16)
     judge = runtime.component("judge", "logprob", {"model": model, "few_shot": 0})
-    tasks = [
-        ComparisonTask(
-            conversation=[Message(role="user", content=q)],
-            response_a=a,
-            response_b=b,
-            principles=[constitution.principle("harm-001")],
-        )
-        for q, a, b in (PAIRS * (n // len(PAIRS) + 1))[:n]
-    ]
-    judge.compare(tasks[:1])  # warm-up
+    judge.compare(warm)
     began = time.perf_counter()
-    judge.compare(tasks) if model.get("parallel", 1) > 1 else [judge.compare([t]) for t in tasks]
-    return n / (time.perf_counter() - began)
+    if model["parallel"] == 1:
+        for task in tasks:
+            judge.compare([task])
+    else:
+        judge.compare(tasks)
+    seconds = time.perf_counter() - began
+    return {"pairs_s": len(tasks) / seconds, "seconds": seconds, "peak_mb": _peak_mb()}
+
+
+def guarding(screen: str, single: int, batch: int) -> dict:
+    """The guard (flag mode) with every runtime principle, on the default model through llama.cpp."""
+    from cai_engine import Runtime
+    from cai_engine.engine import Engine
+    from cai_engine.policy import Policy
+
+    policy = Policy.model_validate(
+        {
+            "name": "guard-speed",
+            "version": "1",
+            "constitutions": ["harmless"],
+            "model": {"model": "smollm2", "backend": "llamacpp"},
+            "critic": {"name": "model", "options": {"verdict_only": True, "few_shot": 0}},
+            "guard": {"action": "flag", "model_critics": True, "screen": screen},
+        }
+    )
+    engine = Engine(policy, runtime=Runtime())
+    cases = _rows(CASES)
+    items = [([{"role": "user", "content": c["prompt"]}], c["response"]) for c in cases]
+    engine.guard_batch(items[-1:])  # warm-up (loads the model)
+    latencies = []
+    for item in items[:single]:
+        began = time.perf_counter()
+        engine.guard_batch([item])
+        latencies.append(time.perf_counter() - began)
+    began = time.perf_counter()
+    results = engine.guard_batch(items[:batch])
+    per_response = (time.perf_counter() - began) / batch
+    quantiles = statistics.quantiles(latencies, n=20)
+    return {
+        "principles": len(engine.runtime_principles),
+        "p50_s": statistics.median(latencies),
+        "p95_s": quantiles[18],
+        "batched_s_per_response": per_response,
+        "flagged": sum(bool(r.violations) for r in results),
+        "peak_mb": _peak_mb(),
+    }
+
+
+def isolated(function, *args):
+    """Run ``function(*args)`` in a fresh process and return its result."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_path) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _path() -> None:
+    sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16, help="Critique prompts generated from (default 16).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--comparisons", type=int, default=100)
-    parser.add_argument("--skip-feedback", action="store_true")
+    parser.add_argument("--guard-single", type=int, default=20, help="Responses guarded one per call (p50).")
+    parser.add_argument("--guard-batch", type=int, default=32, help="Responses guarded in one call.")
+    parser.add_argument("--skip-feedback", action="store_true", help="Leave out the 1.5B feedback model.")
+    parser.add_argument("--out", help="Also write every figure here (JSON).")
     args = parser.parse_args()
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    runtime = Runtime()
-    prompts = critique_prompts(runtime)
-    rows: dict[str, float] = {}
+    from cai_engine import Runtime
 
-    from cai_engine.backends.model_files import default_model_file
-
-    gguf = str(default_model_file())
-    hf = runtime.backend({"model": "smollm2", "backend": "transformers", "batch_size": 16})
-    rows["transformers, one at a time"] = tokens_per_second(hf, prompts, settings, True)
-    rows["transformers, batched 16"] = tokens_per_second(hf, prompts, settings, False)
-    runtime.close()
-    rows["llama.cpp single stream (reference)"] = llama_single_stream(gguf, prompts, args.max_new_tokens)
-    ours = runtime.backend({"model": gguf, "backend": "llamacpp", "parallel": 16})
-    rows["engine llama.cpp, batched 16"] = tokens_per_second(ours, prompts, settings, False)
-    runtime.close()
-    judged = {
-        "judge, batch 1, no prefix sharing": comparisons_per_second(
-            runtime, {"model": gguf, "backend": "llamacpp", "parallel": 1, "share_prefix": 0}, args.comparisons
+    has_feedback = not args.skip_feedback and Runtime().registry.catalog.installed_path("qwen2.5-coder-1.5b")
+    report: dict[str, dict] = {"generation": {}, "judging": {}, "feedback": {}, "guard": {}}
+    for path in (
+        "transformers, one at a time",
+        "transformers, batched",
+        "llama.cpp single stream, default model",
+        "engine llama.cpp, batched",
+        "engine llama.cpp, batched, Q4_1 weights",
+    ):
+        report["generation"][path] = isolated(generation, path, args.prompts, args.max_new_tokens)
+        print(f"  {path:<44} {report['generation'][path]['tok_s']:8.1f} tok/s", flush=True)
+    for path in (
+        "judge, batch 1, no prefix sharing, Q4_1 weights",
+        "judge, batch 1, no prefix sharing",
+        "judge, batched 16, prefix caches",
+    ):
+        report["judging"][path] = isolated(judging, path, args.comparisons)
+        print(f"  {path:<44} {report['judging'][path]['pairs_s']:8.2f} comparisons/s", flush=True)
+    if has_feedback:
+        for path in ("llama.cpp single stream, 1.5B", "1.5B engine llama.cpp, batched"):
+            report["feedback"][path] = isolated(generation, path, args.prompts, args.max_new_tokens)
+            print(f"  {path:<44} {report['feedback'][path]['tok_s']:8.1f} tok/s", flush=True)
+    for screen in ("each", "combined"):
+        report["guard"][screen] = isolated(guarding, screen, args.guard_single, args.guard_batch)
+        row = report["guard"][screen]
+        print(
+            f"  guard, screen {screen!r} ({row['principles']} principles): p50 {row['p50_s']:.2f} s, "
+            f"p95 {row['p95_s']:.2f} s, {args.guard_batch} per call {row['batched_s_per_response']:.2f} s each",
+            flush=True,
         )
+
+    gen, judged, fb = report["generation"], report["judging"], report["feedback"]
+    print(f"\ngeneration, default model, {args.prompts} critique prompts, {args.max_new_tokens} new tokens (tok/s):")
+    for name, row in gen.items():
+        print(f"  {name:<44} {row['tok_s']:8.1f}   peak {row['peak_mb']:6.0f} MB")
+    print(f"judging, {args.comparisons} distinct comparisons, both orders (comparisons/s):")
+    for name, row in judged.items():
+        print(f"  {name:<44} {row['pairs_s']:8.2f}   peak {row['peak_mb']:6.0f} MB")
+    for name, row in fb.items():
+        print(f"  {name:<44} {row['tok_s']:8.1f} tok/s   peak {row['peak_mb']:6.0f} MB")
+    reference = gen["llama.cpp single stream, default model"]["tok_s"]
+    ratios = {
+        "engine llama.cpp batched / llama.cpp single stream": gen["engine llama.cpp, batched"]["tok_s"] / reference,
+        "engine llama.cpp batched, Q4_1 weights / llama.cpp single stream": (
+            gen["engine llama.cpp, batched, Q4_1 weights"]["tok_s"] / reference
+        ),
+        "transformers batched / one at a time": (
+            gen["transformers, batched"]["tok_s"] / gen["transformers, one at a time"]["tok_s"]
+        ),
+        "transformers batched / 52.6 tok/s (the issue's figure)": gen["transformers, batched"]["tok_s"] / 52.6,
+        "judging batched+caches / batch 1 without (same weights)": (
+            judged["judge, batched 16, prefix caches"]["pairs_s"]
+            / judged["judge, batch 1, no prefix sharing"]["pairs_s"]
+        ),
+        "judging batched+caches / batch 1 without, Q4_1 weights": (
+            judged["judge, batched 16, prefix caches"]["pairs_s"]
+            / judged["judge, batch 1, no prefix sharing, Q4_1 weights"]["pairs_s"]
+        ),
     }
-    runtime.close()
-    judged["judge, batched 16, prefix cache"] = comparisons_per_second(
-        runtime, {"model": gguf, "backend": "llamacpp", "parallel": 16}, args.comparisons
-    )
-    runtime.close()
-    feedback: dict[str, float] = {}
-    if not args.skip_feedback and runtime.registry.catalog.installed_path("qwen2.5-coder-1.5b"):
-        one = runtime.backend({"model": "qwen2.5-coder-1.5b", "parallel": 1})
-        feedback["1.5B, one stream"] = tokens_per_second(one, prompts[:4], settings, True)
-        runtime.close()
-        many = runtime.backend({"model": "qwen2.5-coder-1.5b", "parallel": 16})
-        feedback["1.5B, batched 16"] = tokens_per_second(many, prompts, settings, False)
-        runtime.close()
-    print(f"generation, default model, {len(prompts)} critique prompts, {args.max_new_tokens} new tokens (tok/s):")
-    for name, value in rows.items():
-        print(f"  {name:<40} {value:8.1f}")
-    print(f"judging, {args.comparisons} comparisons, both orders (comparisons/s):")
-    for name, value in judged.items():
-        print(f"  {name:<40} {value:8.2f}")
-    for name, value in feedback.items():
-        print(f"  {name:<40} {value:8.1f} tok/s")
-    print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    reference = rows["llama.cpp single stream (reference)"]
+    if fb:
+        ratios["1.5B batched / its llama.cpp single stream"] = (
+            fb["1.5B engine llama.cpp, batched"]["tok_s"] / fb["llama.cpp single stream, 1.5B"]["tok_s"]
+        )
+    report["ratios"] = ratios
     print("ratios:")
-    print(
-        f"  engine llama.cpp batched / llama.cpp single stream: {rows['engine llama.cpp, batched 16'] / reference:.2f}x"
-    )
-    print(
-        f"  transformers batched / one at a time: "
-        f"{rows['transformers, batched 16'] / rows['transformers, one at a time']:.2f}x"
-    )
-    print(
-        f"  judging batched+cache / batch 1 without: "
-        f"{judged['judge, batched 16, prefix cache'] / judged['judge, batch 1, no prefix sharing']:.2f}x"
-    )
-    if feedback:
-        print(f"  1.5B batched / single stream: {feedback['1.5B, batched 16'] / feedback['1.5B, one stream']:.2f}x")
+    for name, value in ratios.items():
+        print(f"  {name:<66} {value:5.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
     main()

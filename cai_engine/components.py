@@ -216,6 +216,11 @@ class Backend(ABC):
     def has_chat_template(self) -> bool:
         return False
 
+    @property
+    def path_summary(self) -> str:
+        """How this backend runs its model, in a few words (printed when a run loads it)."""
+        return self.name
+
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[str]:
         """Continue each prompt; return only the new text, cut at the first stop string."""

@@ -126,14 +126,11 @@ def screen_body(principles: Sequence[Any], conversation: Sequence[Message], resp
 def verdict_question(conversation: Sequence[Message], response: str, question: str) -> str:
     """A Yes/No question about the reply (Yes = it breaks the principle), for a verdict without a written critique.
 
-    The question comes first, so a batch asking the same question about many replies shares that prefix (computed
-    once by backends that reuse prefixes); only the conversation is new for each reply.
+    The exchange comes first and the question last, so the questions a guard asks about one reply (one per
+    principle) share that reply's prefix, computed once by backends that reuse prefixes; only the question is new.
     """
     question = " ".join(question.split())
-    return (
-        f"Question: {question}\n\n{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\n"
-        "Answer the question above with Yes or No."
-    )
+    return f"{CRITIQUE_INTRO}\n\n{_exchange(conversation, response)}\n\nQuestion: {question}\nAnswer Yes or No."
 
 
 def chat_critique(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ class Runtime:
         self._pm = pm
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
+        # called with one line per model as it loads (the CLI prints it: which runtime path each model takes)
+        self.announce: Callable[[str], None] | None = None
 
     @classmethod
     def default(cls) -> Runtime:
@@ -143,7 +146,9 @@ class Runtime:
         key = cls.name + ":" + json.dumps(options.model_dump(mode="json"), sort_keys=True)
         with self._lock:
             if key not in self._backends:
-                self._backends[key] = cls(options)
+                backend = self._backends[key] = cls(options)
+                if self.announce is not None:
+                    self.announce(f"model {backend.model_id}: {backend.path_summary}")
             return self._backends[key]
 
     @property

@@ -116,3 +116,16 @@ def test_env_lists_versions_plugins_and_paths(cli_runner):
     assert data["cai_engine"] and data["python"] and "gguf_cache" in data and isinstance(data["plugins"], list)
     assert "pluggy" in data["packages"]
     assert cli_runner.invoke(cli, ["env"]).output.startswith("cai_engine")
+
+
+def test_runs_print_how_each_model_runs_when_it_loads(tiny_model, capsys):
+    """The run header: each model the CLI's runtime loads is announced once, with the path it takes."""
+    from cai_engine.cli.base import _runtime
+
+    runtime = _runtime()
+    runtime.backend(str(tiny_model))
+    runtime.backend(str(tiny_model))  # already loaded: not announced again
+    err = capsys.readouterr().err
+    assert err.count("model ") == 1
+    assert f"model {tiny_model}" in err and "transformers, float32 on cpu, batches of up to 16 prompts" in err
+    runtime.close()

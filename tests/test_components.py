@@ -429,12 +429,13 @@ def test_verdict_only_critic_reads_yes_no_without_generating(cai_runtime, model_
     prompt = critic._verdict_prompt(tasks[0])
     harm = harmless.principle("harm-014")
     body = prompt.messages[-1].content
-    # the principle's yes-means-violation question comes first (a prefix shared by the batch), the reply after
-    assert body.startswith("Question: " + " ".join(harm.violation_question.split()))
-    assert body.endswith("Answer the question above with Yes or No.")
-    assert body.index("Use a tension wrench.") > body.index("Question:")
-    other = critic._verdict_prompt(tasks[1]).messages[-1].content
-    assert other.split("H: ")[0] == body.split("H: ")[0]
+    # the exchange comes first (the questions about one reply share it as a prefix), the principle's
+    # yes-means-violation question last
+    assert body.endswith("Question: " + " ".join(harm.violation_question.split()) + "\nAnswer Yes or No.")
+    assert body.index("Use a tension wrench.") < body.index("Question:")
+    other_principle = critic._verdict_prompt(tasks[0].model_copy(update={"principle": harmless.principle("harm-001")}))
+    other = other_principle.messages[-1].content
+    assert other.split("Question: ")[0] == body.split("Question: ")[0] and other != body
 
 
 def test_a_component_built_without_a_runtime_shares_the_default_one(monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 from conftest import require_default_model
 
 from cai_engine import ChatPrompt, Message, Runtime
+from cai_engine.backends.llama_decode import Job
 from cai_engine.components import GenerationSettings
 from cai_engine.errors import ModelError
 
@@ -58,8 +59,6 @@ def test_greedy_batched_output_equals_one_at_a_time(backend):
     pass, 0.12 with four sequences per step), so two near-tied tokens may swap; the check allows 0.2 nats and
     nothing more. Prompt processing and scoring are bit-for-bit the same batched and alone (see the next tests).
     """
-    from cai_engine.backends.llama_decode import Job
-
     settings = GenerationSettings(max_new_tokens=24)
     batched = backend.generate(conversations(), settings)  # 5 prompts, 4 slots: one slot is refilled
     assert all(text.strip() for text in batched)
@@ -77,25 +76,105 @@ def test_greedy_batched_output_equals_one_at_a_time(backend):
     assert sum(a == b for a, b in zip(batched, single_texts)) >= 4
 
 
-def test_shared_prefix_is_computed_once_and_changes_nothing(runtime):
+@pytest.mark.parametrize("weights", ["original", "f16"])
+def test_shared_prefix_is_computed_once_and_changes_nothing(runtime, weights):
+    """A shared prefix changes results only by rounding. The prefix is decoded in its own batch, and llama.cpp's
+    attention kernel tiles a batch of queries differently from one query, so upper layers see slightly different
+    keys: on the file's Q4_1 weights (activations rounded to 8 bits) up to ~0.2 nats, on the F16 copy under 0.01."""
     prefix = "You answer in one short sentence. " * 12
     prompts = [ChatPrompt([Message(role="system", content=prefix), Message(role="user", content=q)]) for q in QUESTIONS]
     settings = GenerationSettings(max_new_tokens=16)
-    shared = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024})
-    plain = runtime.backend(
-        {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024, "share_prefix": 0}
-    )
+    common = {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024, "weights": weights}
+    shared = runtime.backend(common)
+    plain = runtime.backend({**common, "share_prefix": 0})
     before = shared.shared_prefix_tokens
     texts = shared.generate(prompts, settings)
-    assert texts == plain.generate(prompts, settings) and all(t.strip() for t in texts)
+    alone = plain.generate(prompts, settings)
+    assert all(t.strip() for t in texts)
     assert shared.shared_prefix_tokens - before >= 60 * (len(prompts) - 1)
     assert plain.shared_prefix_tokens == 0
     options = [["Yes", "No", "The answer"]] * len(prompts)
-    assert shared.continuation_logprobs(prompts, options) == plain.continuation_logprobs(prompts, options)
+    with_prefix = shared.continuation_logprobs(prompts, options)
+    without = plain.continuation_logprobs(prompts, options)
+    tolerance = 0.3 if weights == "original" else 0.05
+    assert sum(a == b for a, b in zip(texts, alone)) >= 4
+    assert max(abs(a - b) for ra, rb in zip(with_prefix, without) for a, b in zip(ra, rb)) < tolerance
     # the prefix stays cached: a later call with the same instructions decodes only its own tokens
     prompt_tokens = shared.prompt_tokens
     shared.generate(prompts[:2], settings)
     assert shared.prompt_tokens - prompt_tokens < 2 * 40
+
+
+def test_prefixes_are_cached_across_single_prompt_calls(runtime):
+    """A request path sends one prompt at a time: each call's prompt stays cached, so the next one that starts the
+    same way (the same instructions, the same reply asked about again) decodes only what is new; a few different
+    prefixes are kept at once, least recently used replaced first. Results equal an uncached run up to rounding."""
+    common = {"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 512, "weights": "f16"}
+    cached = runtime.backend({**common, "prefix_cache": 2})
+    plain = runtime.backend({**common, "share_prefix": 0})
+    heads = ["Rules for the assistant: be brief and kind. " * 6, "Answer like a pirate would, always. " * 6]
+    prompts = [
+        ChatPrompt([Message(role="system", content=h), Message(role="user", content=q)])
+        for h in heads
+        for q in QUESTIONS[:2]
+    ]
+    options = [["Yes", "No"]]
+    new_tokens = []
+    for prompt in [*prompts, *prompts]:  # two prefixes alternate; both stay cached
+        before = cached.prompt_tokens
+        (yes, no), (yes_plain, no_plain) = [b.continuation_logprobs([prompt], options)[0] for b in (cached, plain)]
+        assert abs(yes - yes_plain) < 0.05 and abs(no - no_plain) < 0.05
+        new_tokens.append(cached.prompt_tokens - before)
+    first_sight = [new_tokens[0], new_tokens[2]]  # each set of rules is decoded in full once
+    assert min(first_sight) > 50 and max(new_tokens[1:2] + new_tokens[3:]) < 25
+    assert cached.shared_prefix_tokens > 7 * 40
+
+
+def test_scoring_groups_prompts_that_share_a_reply(runtime):
+    """Scoring calls are split into groups sharing a long prefix (several questions about one reply), each prefix
+    decoded once; the scores equal those computed with no sharing, up to rounding."""
+    common = {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024, "weights": "f16"}
+    grouped = runtime.backend(common)
+    plain = runtime.backend({**common, "share_prefix": 0})
+    replies = [f"Reply {i}: " + "the weather was calm and the sea was flat that whole week. " * 4 for i in range(3)]
+    questions = ["Is it rude?", "Is it harmful?", "Is it false?", "Is it off topic?"]
+    prompts = [f"{reply}\n\nQuestion: {question} Answer:" for reply in replies for question in questions]
+    options = [[" Yes", " No"]] * len(prompts)
+    plan = grouped._plan([Job(index=i, tokens=grouped._encode(p), want=(0,)) for i, p in enumerate(prompts)])
+    assert len(plan) == 1  # the positions read start at 0: nothing can be shared
+    jobs = [Job(index=i, tokens=grouped._encode(p)) for i, p in enumerate(prompts)]
+    for job in jobs:
+        job.want = (len(job.tokens) - 1,)
+    plan = grouped._plan(jobs)
+    assert sorted(len(group) for _, group in plan) == [4, 4, 4] and all(length > 40 for length, _ in plan)
+    before = grouped.prompt_tokens
+    scores, unshared = grouped.continuation_logprobs(prompts, options), plain.continuation_logprobs(prompts, options)
+    assert max(abs(a - b) for ra, rb in zip(scores, unshared) for a, b in zip(ra, rb)) < 0.05
+    assert grouped.prompt_tokens - before < plain.prompt_tokens / 2
+
+
+def test_weights_are_stored_for_batched_kernels_once(runtime, tmp_path, monkeypatch):
+    """A Q4_1 file decoded in batches runs from an F16 copy made once in the cache (llama.cpp has tiled batch
+    kernels for F16, not for Q4_1); 'original' keeps the file."""
+    from cai_engine.backends import model_files
+
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
+    auto = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 256})
+    assert auto.layout == "f16" and auto.model_id.endswith("run as f16")
+    copies = list((tmp_path / "models").glob("*.f16.gguf"))
+    assert len(copies) == 1 and not list((tmp_path / "models").glob("*.part"))
+    stamp = copies[0].stat().st_mtime_ns
+    assert model_files.relayout_gguf(auto.path, "f16") == copies[0] and copies[0].stat().st_mtime_ns == stamp
+    original = runtime.backend(
+        {"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 256, "weights": "original"}
+    )
+    assert original.layout == "original" and "run as" not in original.model_id
+    texts = [
+        b.generate(["The capital of France is"], GenerationSettings(max_new_tokens=4))[0] for b in (auto, original)
+    ]
+    assert texts[0].strip() and texts[1].strip()
+    with pytest.raises(ModelError, match="unknown weight layout"):
+        model_files.relayout_gguf(auto.path, "q2_k")
 
 
 def test_sampling_is_seeded_per_prompt_not_per_batch(backend):

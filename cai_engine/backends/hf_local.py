@@ -96,6 +96,13 @@ class TransformersBackend(Backend):
         return self._model_id
 
     @property
+    def path_summary(self) -> str:
+        return (
+            f"transformers, {self.options.dtype} on {self.device}, batches of up to {self.options.batch_size} "
+            f"prompts / {self.options.batch_tokens} tokens"
+        )
+
+    @property
     def has_chat_template(self) -> bool:
         return self.options.chat_template == "auto" and bool(getattr(self.tokenizer, "chat_template", None))
 

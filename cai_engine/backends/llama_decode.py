@@ -35,7 +35,7 @@ class BatchedDecoding:
     """The llama.cpp backend's decode loop (continuous batching, shared-prefix KV copy, per-sequence sampling).
 
     A mixin: it drives the model, context and batch that :class:`~cai_engine.backends.llama_cpp.LlamaCppBackend`
-    loads (``_llm``, ``_ctx``, ``_batch``, ``_prefix``, the sizes and counters).
+    loads (``_llm``, ``_ctx``, ``_batch``, the prefix streams, the sizes and counters).
     """
 
     _llm: Any
@@ -44,8 +44,10 @@ class BatchedDecoding:
     _batch: Any
     _memory: Any
     _vocab: Any
-    _prefix: list[int]
-    _prefix_seq: int
+    _prefixes: dict[int, list[int]]  # prefix stream id -> the tokens it holds
+    _prefix_used: dict[int, int]  # prefix stream id -> when it was last used
+    _prefix_streams: range
+    _tick: int
     _eog: frozenset[int] | None
     options: Any
     n_vocab: int
@@ -57,43 +59,80 @@ class BatchedDecoding:
     def _detokenize(self, tokens: list[int]) -> str:
         raise NotImplementedError
 
-    def _common_prefix(self, jobs: list[Job]) -> int:
-        if len(jobs) < 2 and not self._prefix:
-            return 0
-        first = jobs[0].tokens
-        # every job keeps at least one token of its own, and every position whose logits are read
-        length = min((min(j.want) if j.want else len(j.tokens) - 1) for j in jobs)
-        for job in jobs[1:]:
-            n = 0
-            limit = min(length, len(job.tokens))
-            while n < limit and job.tokens[n] == first[n]:
-                n += 1
-            length = n
-        if len(jobs) < 2:  # a single prompt: reuse the cached prefix only as far as it matches
-            n = 0
-            while n < min(length, len(self._prefix)) and first[n] == self._prefix[n]:
-                n += 1
-            length = n
-        return length if length >= max(self.options.share_prefix, 1) and self.options.share_prefix else 0
+    # -- prefixes --------------------------------------------------------------------------------------------
 
-    def _prepare_prefix(self, tokens: list[int]) -> None:
-        """Hold ``tokens`` in the prefix sequence, decoding only what the cached prefix lacks."""
+    def _plan(self, jobs: list[Job]) -> list[tuple[int, list[Job]]]:
+        """Split a call into groups that each share a prompt prefix: [(prefix length, jobs)], run one after another.
+
+        Every job keeps at least one token of its own and every position whose log-probs are read. A call of one
+        prompt caches that prompt (all but its last token), so the next call that starts the same way reuses it.
+        Scoring calls (no generation) are also split into groups sharing at least ``share_prefix`` more tokens than
+        the whole call does (the principles asked about one reply, say); generation keeps one group so that every
+        slot stays busy.
+        """
+        minimum = self.options.share_prefix
+        if not minimum:
+            return [(0, jobs)]
+        every = _common_length([j.tokens for j in jobs], min(_own(j) for j in jobs))
+        groups: list[tuple[int, list[Job]]] = []
+        rest = list(jobs)
+        if len(jobs) > 2 and all(not j.max_new for j in jobs):
+            order = sorted(jobs, key=lambda j: j.tokens)
+            rest, i = [], 0
+            while i < len(order):
+                members, length = [order[i]], _own(order[i])
+                j = i + 1
+                while j < len(order):
+                    shared = _common_length([order[i].tokens, order[j].tokens], min(length, _own(order[j])))
+                    if shared < every + minimum:
+                        break
+                    members.append(order[j])
+                    length = shared
+                    j += 1
+                if len(members) > 1:
+                    groups.append((length, members))
+                else:
+                    rest.append(order[i])
+                i = j
+            if len(groups) == 1 and not rest:  # one group: the call's own common prefix
+                return groups
+        if rest:
+            groups.append((every if every >= minimum else 0, rest))
+        return groups
+
+    def _prepare_prefix(self, tokens: list[int]) -> int:
+        """A prefix stream holding ``tokens`` (possibly followed by more), decoding only what it lacks; its id.
+
+        The stream holding the longest match is extended; with no match of ``share_prefix`` tokens, the least recently
+        used stream is replaced.
+        """
         import llama_cpp
 
-        keep = 0
-        while keep < min(len(tokens), len(self._prefix)) and tokens[keep] == self._prefix[keep]:
-            keep += 1
-        if keep < len(self._prefix):
-            llama_cpp.llama_memory_seq_rm(self._memory, self._prefix_seq, keep, -1)
-            self._prefix = self._prefix[:keep]
-        pos = keep
-        while pos < len(tokens):
-            chunk = tokens[pos : pos + self.options.n_batch]
-            self._fill([(self._prefix_seq, t, pos + k, False) for k, t in enumerate(chunk)])
-            self._decode()
-            pos += len(chunk)
-        self.prompt_tokens += len(tokens) - keep
-        self._prefix = list(tokens)
+        seq, keep = -1, 0
+        for candidate, held in self._prefixes.items():
+            n = _common_length([held, tokens], len(tokens))
+            if n > keep:
+                seq, keep = candidate, n
+        if seq < 0 or keep < min(len(tokens), self.options.share_prefix):
+            seq = min(self._prefix_streams, key=lambda s: self._prefix_used.get(s, -1))
+            keep = _common_length([self._prefixes.get(seq, []), tokens], len(tokens))
+        held = self._prefixes.get(seq, [])
+        if keep < len(tokens):
+            if keep < len(held):
+                llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1)
+            pos = keep
+            while pos < len(tokens):
+                chunk = tokens[pos : pos + self.options.n_batch]
+                self._fill([(seq, t, pos + k, False) for k, t in enumerate(chunk)])
+                self._decode()
+                pos += len(chunk)
+            self.prompt_tokens += len(tokens) - keep
+            held = list(tokens)
+        self.shared_prefix_tokens += keep  # reused from an earlier call
+        self._prefixes[seq] = held
+        self._tick += 1
+        self._prefix_used[seq] = self._tick
+        return seq
 
     def _fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         batch = self._batch
@@ -123,13 +162,18 @@ class BatchedDecoding:
 
     def _run(self, jobs: list[Job], settings: GenerationSettings) -> None:
         """Run every job to completion with at most ``parallel`` in flight; refill slots as jobs finish."""
+        for prefix_len, group in self._plan(jobs):
+            self._run_group(group, settings, prefix_len)
+
+    def _run_group(self, jobs: list[Job], settings: GenerationSettings, prefix_len: int) -> None:
         import llama_cpp
         import numpy as np
 
-        prefix_len = self._common_prefix(jobs)
+        source, trim = -1, False
         if prefix_len:
-            self._prepare_prefix(jobs[0].tokens[:prefix_len])
+            source = self._prepare_prefix(jobs[0].tokens[:prefix_len])
             self.shared_prefix_tokens += prefix_len * (len(jobs) - 1)
+            trim = len(self._prefixes[source]) > prefix_len  # the stream holds a longer prefix than this group's
         pending = deque(sorted(jobs, key=lambda j: -len(j.tokens)))  # long prompts first: fewer idle slots at the end
         free = list(range(self.options.parallel))
         running: dict[int, Job] = {}
@@ -142,7 +186,9 @@ class BatchedDecoding:
                 slot = free.pop(0)
                 llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
                 if prefix_len:  # a cross-stream copy is a whole-buffer copy; the prefix stream holds the prefix
-                    llama_cpp.llama_memory_seq_cp(self._memory, self._prefix_seq, slot, -1, -1)
+                    llama_cpp.llama_memory_seq_cp(self._memory, source, slot, -1, -1)
+                    if trim:
+                        llama_cpp.llama_memory_seq_rm(self._memory, slot, prefix_len, -1)
                 job.fed = prefix_len
                 running[slot] = job
                 if job.max_new and settings.temperature > 0:
@@ -234,6 +280,23 @@ class BatchedDecoding:
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
         return int(rng.choice(len(probs), p=probs))
+
+
+def _own(job: Job) -> int:
+    """How many leading tokens of ``job`` may come from a shared prefix."""
+    return min(job.want) if job.want else len(job.tokens) - 1
+
+
+def _common_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
+    """The length of the prefix all ``sequences`` share, at most ``limit``."""
+    first = sequences[0]
+    n = min([limit, *(len(s) for s in sequences)])
+    for other in sequences[1:]:
+        k = 0
+        while k < n and other[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def log_softmax(logits):

@@ -81,6 +81,10 @@ class OpenAIBackend(Backend):
     def model_id(self) -> str:
         return f"{','.join(self.base_urls)}#{self.options.model}"
 
+    @property
+    def path_summary(self) -> str:
+        return f"OpenAI-compatible HTTP ({self.options.mode} mode, {len(self.base_urls)} endpoint(s))"
+
     def close(self) -> None:
         for client in self._clients:
             client.close()

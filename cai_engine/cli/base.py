@@ -211,7 +211,9 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
 def _runtime():
     from ..runtime import Runtime
 
-    return Runtime(state().registry)
+    runtime = Runtime(state().registry)
+    runtime.announce = lambda line: click.echo(line, err=True)
+    return runtime
 
 
 def _clip(text: str, width: int = 300) -> str:
