@@ -7,7 +7,11 @@
   in the same decode calls as the running sequences' next tokens (chunked prefill, ``n_batch`` tokens a call).
 - **Shared prefixes.** When the prompts of a call start with the same tokens (instructions, few-shot shots), those
   tokens are decoded once into a reserved sequence and copied into each slot's KV cache instead of recomputed. The
-  last prefix is kept between calls, so a judge or critic that repeats its instructions pays for them once.
+  last ``prefix_cache`` prefixes are kept between calls (least recently used replaced first; a call of one prompt
+  keeps that prompt), so a judge or critic that repeats its instructions pays for them once. Scoring calls are split
+  into groups sharing a longer prefix (the questions asked about one reply).
+- **Weights and kernels.** A Q4_1/Q5_1 file is decoded from a one-time F16 copy (llama.cpp's batch kernels tile F16,
+  not those types), with flash attention on (``weights``, ``flash_attention``).
 - **Scoring.** ``continuation_logprobs`` reads log-softmax values at exactly the positions it needs; options that
   are one token each cost one pass over the prompt.
 - **Chat templates** come from the GGUF file (rendered with llama-cpp-python's sandboxed Jinja formatter).

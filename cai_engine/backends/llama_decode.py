@@ -1,5 +1,6 @@
 """The llama.cpp backend's decode loop: many sequences per decode step, a finished sequence's slot refilled at once,
-a common prompt prefix decoded once and copied into each sequence's KV cache, sampling in numpy per sequence."""
+common prompt prefixes decoded once into cached prefix streams (LRU) and copied into each sequence's KV cache,
+sampling in numpy per sequence."""
 
 from __future__ import annotations
 
