@@ -1,13 +1,15 @@
 """Throughput on this machine, every path on the same work, in one run; the ratios are printed last.
 
 Each figure is measured in a fresh process (torch's and llama.cpp's OpenMP thread pools slow each other down when
-they share one), after one warm-up call (first-call allocations are not throughput):
+they share one), after one warm-up call (first-call allocations are not throughput); the fast paths are timed
+``--repeats`` times and the median is reported (runs on this machine vary by about 10%):
 
 1. SL-CAI critique generation on the default model (16 critique prompts, 64 new tokens, greedy, prefill included):
    transformers one at a time, transformers batched, llama.cpp's own single chat-completion stream on the same GGUF
    (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
    F16 copy, flash attention, shared prefixes), also on the file's own Q4_1 weights.
-2. Judging 100 distinct comparisons (both orders; the labelled judge pairs and the guard cases) with the logprob judge
+2. Judging 100 distinct comparisons (both orders; the labelled judge pairs, then guard cases' answers paired so that
+   no two comparisons share a conversation and first answer) with the logprob judge
    on the default model: batch size 1 without prefix sharing, against batched with the prefix caches.
 3. The 1.5B feedback model (if installed): llama.cpp's own single stream against the engine's batched backend.
 4. The guard with model critics on the default model, every runtime principle of the harmless constitution, over the
@@ -58,8 +60,9 @@ def critique_prompts(runtime, n: int):
     return [critic._prompt(t) for t in tasks]
 
 
-def generation(path: str, n: int, max_new_tokens: int) -> dict:
-    """Generated tokens per second for one path on ``n`` critique prompts."""
+def generation(path: str, n: int, max_new_tokens: int, repeats: int) -> dict:
+    """Generated tokens per second for one path on ``n`` critique prompts: the median of ``repeats`` timed calls
+    (one for the slow one-at-a-time path)."""
     from cai_engine import GenerationSettings, Runtime
     from cai_engine.backends.model_files import default_model_file
 
@@ -68,7 +71,8 @@ def generation(path: str, n: int, max_new_tokens: int) -> dict:
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     gguf = str(default_model_file())
     if path.startswith("llama.cpp single"):
-        return _llama_single_stream(gguf if "default" in path else _catalog_path(runtime), prompts, max_new_tokens)
+        model = gguf if "default" in path else _catalog_path(runtime)
+        return _llama_single_stream(model, prompts, max_new_tokens, repeats)
     refs = {
         "transformers, one at a time": {"model": "smollm2", "backend": "transformers", "batch_size": 1},
         "transformers, batched": {"model": "smollm2", "backend": "transformers", "batch_size": n},
@@ -83,38 +87,48 @@ def generation(path: str, n: int, max_new_tokens: int) -> dict:
     }
     backend = runtime.backend(refs[path])
     backend.generate(prompts[-2:], GenerationSettings(max_new_tokens=2))  # warm-up
-    before = backend.generated_tokens
-    began = time.perf_counter()
-    if "one at a time" in path:
-        for prompt in prompts:
-            backend.generate([prompt], settings)
-    else:
-        backend.generate(prompts, settings)
-    seconds = time.perf_counter() - began
-    tokens = backend.generated_tokens - before
-    return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "peak_mb": _peak_mb()}
+    runs = []
+    for _ in range(1 if "one at a time" in path else repeats):
+        before = backend.generated_tokens
+        began = time.perf_counter()
+        if "one at a time" in path:
+            for prompt in prompts:
+                backend.generate([prompt], settings)
+        else:
+            backend.generate(prompts, settings)
+        runs.append((backend.generated_tokens - before, time.perf_counter() - began))
+    return _median_run(runs)
+
+
+def _median_run(runs: list[tuple[int, float]]) -> dict:
+    """The run with the median rate, of (tokens, seconds) runs; every rate is kept."""
+    rates = sorted(tokens / seconds for tokens, seconds in runs)
+    tokens, seconds = sorted(runs, key=lambda r: r[0] / r[1])[len(runs) // 2]
+    return {"tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "rates": rates, "peak_mb": _peak_mb()}
 
 
 def _catalog_path(runtime) -> str:
     return str(runtime.registry.catalog.path("qwen2.5-coder-1.5b"))
 
 
-def _llama_single_stream(gguf: str, prompts, max_tokens: int) -> dict:
+def _llama_single_stream(gguf: str, prompts, max_tokens: int, repeats: int) -> dict:
     import os
 
     from llama_cpp import Llama
 
     llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     llm.create_chat_completion(messages=[m.model_dump() for m in prompts[-1]], max_tokens=2)  # warm-up
-    generated, began = 0, time.perf_counter()
-    for messages in prompts:
-        out = llm.create_chat_completion(
-            messages=[m.model_dump() for m in messages], max_tokens=max_tokens, temperature=0.0
-        )
-        generated += out["usage"]["completion_tokens"]
-    seconds = time.perf_counter() - began
+    runs = []
+    for _ in range(repeats):
+        generated, began = 0, time.perf_counter()
+        for messages in prompts:
+            out = llm.create_chat_completion(
+                messages=[m.model_dump() for m in messages], max_tokens=max_tokens, temperature=0.0
+            )
+            generated += out["usage"]["completion_tokens"]
+        runs.append((generated, time.perf_counter() - began))
     llm.close()
-    return {"tok_s": generated / seconds, "tokens": generated, "seconds": seconds, "peak_mb": _peak_mb()}
+    return _median_run(runs)
 
 
 def comparisons(n: int):
@@ -134,23 +148,25 @@ def comparisons(n: int):
                 principles=[principle or constitution.principle("harm-001")],
             )
         )
+    # each guard case's answer against the next case's, then a few cases again with two other answers: no two
+    # comparisons share a conversation and a first answer (which a prefix cache would reuse)
     cases = _rows(CASES)
-    for step in (1, 2, 3):  # each guard case's answer against another case's answer
-        for i, case in enumerate(cases):
-            other = cases[(i + step) % len(cases)]
-            tasks.append(
-                ComparisonTask(
-                    conversation=[Message(role="user", content=case["prompt"])],
-                    response_a=case["response"],
-                    response_b=other["response"],
-                    principles=[constitution.principle("harm-001")],
-                )
+    triples = [(i, i, i + 1) for i in range(len(cases))] + [(i, i + 2, i + 3) for i in range(len(cases))]
+    for conversation, first, second in triples:
+        tasks.append(
+            ComparisonTask(
+                conversation=[Message(role="user", content=cases[conversation]["prompt"])],
+                response_a=cases[first % len(cases)]["response"],
+                response_b=cases[second % len(cases)]["response"],
+                principles=[constitution.principle("harm-001")],
             )
+        )
     return tasks[:n]
 
 
-def judging(path: str, n: int) -> dict:
-    """Comparisons per second for one judging path on ``n`` distinct comparisons."""
+def judging(path: str, n: int, repeats: int) -> dict:
+    """Comparisons per second for one judging path on ``n`` distinct comparisons (the median of ``repeats`` timed
+    calls for the batched path; the batch-1 paths, minutes each, once)."""
     from cai_engine import Runtime
     from cai_engine.backends.model_files import default_model_file
 
@@ -166,14 +182,17 @@ def judging(path: str, n: int) -> dict:
         model.update(parallel=16)
     judge = runtime.component("judge", "logprob", {"model": model, "few_shot": 0})
     judge.compare(warm)
-    began = time.perf_counter()
-    if model["parallel"] == 1:
-        for task in tasks:
-            judge.compare([task])
-    else:
-        judge.compare(tasks)
-    seconds = time.perf_counter() - began
-    return {"pairs_s": len(tasks) / seconds, "seconds": seconds, "peak_mb": _peak_mb()}
+    runs = []
+    for _ in range(1 if model["parallel"] == 1 else repeats):
+        began = time.perf_counter()
+        if model["parallel"] == 1:
+            for task in tasks:
+                judge.compare([task])
+        else:
+            judge.compare(tasks)
+        runs.append((len(tasks), time.perf_counter() - began))
+    row = _median_run(runs)
+    return {"pairs_s": row.pop("tok_s"), **{k: v for k, v in row.items() if k != "tokens"}}
 
 
 def guarding(screen: str, single: int, batch: int) -> dict:
@@ -233,6 +252,9 @@ def main() -> None:
     parser.add_argument("--comparisons", type=int, default=100)
     parser.add_argument("--guard-single", type=int, default=20, help="Responses guarded one per call (p50).")
     parser.add_argument("--guard-batch", type=int, default=32, help="Responses guarded in one call.")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Timed calls per fast path; the median is reported (default 3)."
+    )
     parser.add_argument("--skip-feedback", action="store_true", help="Leave out the 1.5B feedback model.")
     parser.add_argument("--out", help="Also write every figure here (JSON).")
     args = parser.parse_args()
@@ -247,18 +269,18 @@ def main() -> None:
         "engine llama.cpp, batched",
         "engine llama.cpp, batched, Q4_1 weights",
     ):
-        report["generation"][path] = isolated(generation, path, args.prompts, args.max_new_tokens)
+        report["generation"][path] = isolated(generation, path, args.prompts, args.max_new_tokens, args.repeats)
         print(f"  {path:<44} {report['generation'][path]['tok_s']:8.1f} tok/s", flush=True)
     for path in (
         "judge, batch 1, no prefix sharing, Q4_1 weights",
         "judge, batch 1, no prefix sharing",
         "judge, batched 16, prefix caches",
     ):
-        report["judging"][path] = isolated(judging, path, args.comparisons)
+        report["judging"][path] = isolated(judging, path, args.comparisons, args.repeats)
         print(f"  {path:<44} {report['judging'][path]['pairs_s']:8.2f} comparisons/s", flush=True)
     if has_feedback:
         for path in ("llama.cpp single stream, 1.5B", "1.5B engine llama.cpp, batched"):
-            report["feedback"][path] = isolated(generation, path, args.prompts, args.max_new_tokens)
+            report["feedback"][path] = isolated(generation, path, args.prompts, args.max_new_tokens, args.repeats)
             print(f"  {path:<44} {report['feedback'][path]['tok_s']:8.1f} tok/s", flush=True)
     for screen in ("each", "combined"):
         report["guard"][screen] = isolated(guarding, screen, args.guard_single, args.guard_batch)
