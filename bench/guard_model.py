@@ -29,13 +29,19 @@ def main() -> None:
     parser.add_argument("--policy", default="examples/feedback-guard-policy.yaml")
     parser.add_argument("--cases", default=str(CASES))
     parser.add_argument("--threshold", type=float, help="Override the policy's guard threshold.")
+    parser.add_argument(
+        "--reply-contrast", type=float, help="Override the policy's guard.reply_contrast (screen 'request')."
+    )
     parser.add_argument("--out", help="Write the per-case results here (JSON).")
     args = parser.parse_args()
     cases = [json.loads(line) for line in Path(args.cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     policy, base = load_policy(args.policy)
-    guard = policy.guard.model_copy(
-        update={"action": "flag", **({"threshold": args.threshold} if args.threshold is not None else {})}
-    )
+    update: dict = {"action": "flag"}
+    if args.threshold is not None:
+        update["threshold"] = args.threshold
+    if args.reply_contrast is not None:
+        update["reply_contrast"] = args.reply_contrast
+    guard = policy.guard.model_copy(update=update)
     policy = policy.model_copy(update={"guard": guard})
     engine = Engine(policy, runtime=Runtime(), base_dir=base)
     began = time.perf_counter()
@@ -55,6 +61,8 @@ def main() -> None:
                 "kind": case["kind"],
                 "acted": acted,
                 "principles": principles,
+                "request_p": result.rounds[0].request_p,
+                "contrast_p": result.rounds[0].contrast_p,
             }
         )
     harmful = rate(r["acted"] for r in rows if r["harmful"])
@@ -68,6 +76,17 @@ def main() -> None:
         "acts_on_benign": benign,
         "acts_on_benign_by_kind": {k: rate(r["acted"] for r in rows if r["kind"] == k) for k in kinds},
         "fired_by_principle": fired,
+        "reply_contrast": guard.reply_contrast,
+        "contrast_acted": {
+            label: sum(
+                r["contrast_p"] is not None and r["contrast_p"] > guard.reply_contrast
+                for r in rows
+                if r["harmful"] == (label == "harmful")
+            )
+            if guard.reply_contrast is not None
+            else 0
+            for label in ("harmful", "benign")
+        },
         "seconds": round(seconds, 1),
         "seconds_per_response": round(seconds / max(len(rows), 1), 2),
     }
@@ -83,6 +102,12 @@ def main() -> None:
         "fired by principle (harmful, benign):",
         ", ".join(f"{p} {v['harmful']}/{v['benign']}" for p, v in sorted(fired.items())),
     )
+    if guard.reply_contrast is not None:
+        acted = summary["contrast_acted"]
+        print(
+            f"of these, acted on by the reply contrast (P(refusal better) > {guard.reply_contrast}): "
+            f"{acted['harmful']} harmful, {acted['benign']} benign"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "cases": rows}, indent=2) + "\n", encoding="utf-8")
 

@@ -39,6 +39,10 @@ from .schema import Principle
 from .shards import Shard
 from .stats import length_controlled_win_rate, mean_of
 
+# answers are generated and appended to the resumable cache this many prompts at a time: enough to fill a batched
+# backend (16 sequences a step by default, two batches of them) while a kill loses little
+_CHUNK = 32
+
 
 class Evaluation:
     def __init__(self, config: EvalConfig, out: str | Path, runtime: Runtime | None = None) -> None:
@@ -101,8 +105,8 @@ class Evaluation:
                 done.setdefault(row["set"], {})[row["id"]] = row["response"]
         for kind, items in self.sets.items():
             todo = [i for i in items if i.id not in done[kind]]
-            for start in range(0, len(todo), 8):
-                chunk = todo[start : start + 8]
+            for start in range(0, len(todo), _CHUNK):
+                chunk = todo[start : start + _CHUNK]
                 texts = [row[0] for row in self.samplers[index].sample([i.conversation for i in chunk])]
                 append_jsonl(cache, [{"set": kind, "id": i.id, "response": t} for i, t in zip(chunk, texts)])
                 done[kind].update((i.id, t) for i, t in zip(chunk, texts))

@@ -89,6 +89,7 @@ class Guard:
         screen_tasks = []
         request_tasks = []
         attribute_tasks = []
+        asked = []  # every state the request screen covers this round
         for state in states:
             began = time.perf_counter()
             violations = self.engine.deterministic_violations(state.conversation, state.current)  # rules first
@@ -102,6 +103,7 @@ class Guard:
                     k = min(int(settings.model_principles), len(candidates))
                     candidates = state.rng.sample(candidates, k) if k < len(candidates) else candidates
                 if settings.screen == "request" and candidates:
+                    asked.append((state, candidates))
                     if not state.request_asked:
                         request_tasks.append((state, candidates))
                     elif state.request_p is not None and state.request_p > settings.request_threshold:
@@ -139,6 +141,14 @@ class Guard:
                 elif p > settings.request_threshold:
                     attribute_tasks.append((state, candidates))
             _share(states, began)
+        if settings.reply_contrast is not None:  # requests read as harmless: is the reply worse than refusing?
+            contrast_tasks = [
+                (state, candidates)
+                for state, candidates in asked
+                if state.request_asked and state.request_p is not None and state.request_p <= settings.request_threshold
+            ]
+            if contrast_tasks:
+                _timed(states, lambda: self._contrast(contrast_tasks))
         if attribute_tasks:  # a harmful request: a reply that does not refuse is a violation
             _timed(states, lambda: self._complied(attribute_tasks))
         if screen_tasks:
@@ -212,6 +222,61 @@ class Guard:
                     _violation(
                         principle,
                         f"P(harmful request)={state.request_p:.2f}; the reply does not refuse",
+                        self.critic.name,
+                    )
+                )
+
+    def _contrast(self, tasks) -> None:
+        """reply_contrast: a reply to a request read as harmless, beside a plain refusal before the policy's judge
+        (both orders); where the refusal is the better reply, the reply breaks the principle the critic names."""
+        from .layouts import CONTRAST_QUESTION
+        from .records import ComparisonTask
+        from .refusals import is_refusal
+
+        settings = self.policy.guard
+        question = Principle(
+            id="reply-contrast",
+            title="Worse than declining",
+            comparison=settings.contrast_question or CONTRAST_QUESTION,
+        )
+        engaged = [(state, candidates) for state, candidates in tasks if not is_refusal(state.current)]
+        if not engaged:
+            return
+        judgements = self.engine.judge.compare(
+            [
+                ComparisonTask(
+                    conversation=state.conversation,
+                    response_a=state.current,
+                    response_b=settings.contrast_refusal,
+                    principles=[question],
+                )
+                for state, _ in engaged
+            ]
+        )
+        fired = []
+        for (state, candidates), judgement in zip(engaged, judgements):
+            p_refusal = None if judgement.p_a is None else 1.0 - judgement.p_a
+            state.rounds[-1].contrast_p = p_refusal
+            if p_refusal is None:
+                self._abstained(state, None, what="contrast")
+            elif p_refusal > settings.reply_contrast:
+                fired.append((state, candidates, p_refusal))
+        groups: dict[tuple[str, ...], list] = {}
+        for state, candidates, p_refusal in fired:
+            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates, p_refusal))
+        attribute = getattr(self.critic, "attribute", None)
+        for members in groups.values():
+            candidates = members[0][1]
+            indices = (
+                attribute([(s.conversation, s.current) for s, _, _ in members], candidates)
+                if attribute is not None
+                else [0] * len(members)
+            )
+            for (state, _, p_refusal), index in zip(members, indices):
+                state.violations.append(
+                    _violation(
+                        candidates[index if index is not None else 0],
+                        f"P(a plain refusal is the better reply)={p_refusal:.2f}",
                         self.critic.name,
                     )
                 )

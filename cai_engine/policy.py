@@ -9,7 +9,7 @@ import string
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import ComponentRef
 from .constitutions import RawConstitution, json_path, lint, resolve
@@ -63,6 +63,26 @@ class GuardSettings(_Strict):
     request_threshold: float = Field(
         0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a request counts as asking for harm."
     )
+    reply_contrast: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="For screen 'request': also put every reply that does not open by declining, whatever its "
+        "request, beside a plain refusal (`contrast_refusal`) before the policy's judge, both orders, asking "
+        "`contrast_question`; where P(the refusal is the better reply) is above this, the reply breaks the "
+        "principle the critic names. It catches harm that lives in the answer to an innocent-sounding request. "
+        "None: off. Calibrate it on harmless answers (bench/reply_contrast.py), not on the cases you test on.",
+    )
+    contrast_question: str | None = Field(
+        None,
+        description="For reply_contrast: the judge's pairwise question. None: the built-in one (the less harmful "
+        "reply that still does as much as it safely can).",
+    )
+    contrast_refusal: str = Field(
+        "I'm sorry, but I can't help with that.",
+        min_length=1,
+        description="For reply_contrast: the refusal each reply is compared with.",
+    )
     on_abstain: Literal["flag", "revise", "pass"] = Field(
         "flag",
         description="When the model critic cannot give a verdict: flag the response, revise it as if it broke "
@@ -90,6 +110,12 @@ class GuardSettings(_Strict):
                 "}} for literal braces)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _contrast_needs_request_screen(self) -> GuardSettings:
+        if self.reply_contrast is not None and self.screen != "request":
+            raise ValueError(f"reply_contrast works with screen 'request', not {self.screen!r}")
+        return self
 
 
 class InputSettings(_Strict):

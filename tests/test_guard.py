@@ -289,8 +289,8 @@ class Screener:
     """A critic plugin with a scripted combined screen (and per-principle verdicts that always abstain)."""
 
     def __init__(self, results):
-        from cai_engine import Critic
-        from cai_engine.records import Critique
+        from cai_engine import Critic, Judge
+        from cai_engine.records import Critique, Judgement
 
         outer = self
 
@@ -316,12 +316,37 @@ class Screener:
                     Critique(principle_id=t.principle.id, text="", needs_revision=None, critic=self.name) for t in tasks
                 ]
 
-        self.results, self.seen, self.cls = list(results), [], ScreenCritic
+        class ContrastJudge(Judge):
+            name = "contrast-judge"
+
+            def compare(self, tasks):
+                tasks = list(tasks)
+                outer.compared.append(tasks)
+                out = []
+                for task in tasks:
+                    p_a = outer.p_a.pop(0)
+                    out.append(
+                        Judgement(
+                            principle_ids=[p.id for p in task.principles],
+                            p_a=p_a,
+                            abstained=p_a is None,
+                            reason=None if p_a is not None else "unreadable",
+                            judge=self.name,
+                        )
+                    )
+                return out
+
+        self.results, self.seen, self.cls, self.judge_cls = list(results), [], ScreenCritic, ContrastJudge
         self.questions, self.requests, self.request_p, self.attributed, self.letters = [], [], [], [], []
+        self.compared, self.p_a = [], []
 
     @hookimpl
     def cai_register_critics(self, register):
         register(self.cls)
+
+    @hookimpl
+    def cai_register_judges(self, register):
+        register(self.judge_cls)
 
 
 def screen_engine(cai_runtime, tmp_path, results, **guard):
@@ -335,6 +360,7 @@ def screen_engine(cai_runtime, tmp_path, results, **guard):
         "name": "screened",
         "constitutions": ["harmless"],
         "critic": "screener",
+        "judge": "contrast-judge",
         "guard": {"model_critics": True, "action": "flag", **guard},
     }
     return Engine.from_policy(data, runtime=runtime), screener
@@ -387,6 +413,54 @@ def test_request_screen_flags_replies_that_do_not_refuse_a_harmful_request(cai_r
     assert guarded[1].compliant and guarded[2].compliant and not guarded[2].violations
 
 
+def test_reply_contrast_judges_engaged_replies_to_harmless_looking_requests(cai_runtime, tmp_path):
+    engine, screener = screen_engine(
+        cai_runtime, tmp_path, [], screen="request", reply_contrast=0.4, contrast_refusal="No."
+    )
+    screener.request_p = [0.1, 0.2, 0.9, 0.3, 0.05, None]
+    screener.p_a = [0.45, 0.7, None]  # P(the reply beats the refusal), for the three engaged replies read as harmless
+    screener.letters = [3, 1]  # the contrast's one hit first, then the harmful request's complying reply
+    guarded = engine.guard_batch(
+        [
+            (CONV, "Leave the toddler in the car, it's fine for an hour."),  # contrast: refusal better (0.55)
+            (CONV, "kill -9 the process"),  # contrast: the reply is better (0.3)
+            (CONV, "Sure: first get a tension wrench."),  # harmful request, complies: the request screen acts
+            (CONV, "I can't help with that."),  # declines: nothing to compare
+            (CONV, "Something the judge cannot read."),  # contrast abstains
+            (CONV, "Request unread."),  # the request screen abstained: no contrast either
+        ]
+    )
+    # one batched comparison, each engaged reply as A against the configured refusal as B
+    assert len(screener.compared) == 1
+    compared = screener.compared[0]
+    assert [t.response_a for t in compared] == [
+        "Leave the toddler in the car, it's fine for an hour.",
+        "kill -9 the process",
+        "Something the judge cannot read.",
+    ]
+    assert {t.response_b for t in compared} == {"No."}
+    assert all(t.principles[0].comparison.startswith("Which reply is less harmful") for t in compared)
+    candidates = [p.id for p in engine.runtime_principles if p.critique_request or p.violation_question]
+    assert [g.action for g in guarded] == ["flagged", "none", "flagged", "none", "flagged", "flagged"]
+    assert [v.principle_id for v in guarded[0].violations] == [candidates[3]]
+    assert guarded[0].violations[0].evidence == "P(a plain refusal is the better reply)=0.55"
+    assert [v.principle_id for v in guarded[2].violations] == [candidates[1]]
+    assert [g.rounds[0].contrast_p for g in guarded] == pytest.approx([0.55, 0.3, None, None, None, None])
+    assert guarded[4].abstained and guarded[4].rounds[0].abstentions == ["contrast"]
+    assert guarded[5].rounds[0].abstentions == ["request"]
+    assert guarded[1].compliant and guarded[3].compliant
+
+
+def test_reply_contrast_needs_the_request_screen():
+    from pydantic import ValidationError
+
+    from cai_engine.policy import GuardSettings
+
+    with pytest.raises(ValidationError, match="reply_contrast works with screen 'request'"):
+        GuardSettings(screen="combined", reply_contrast=0.4)
+    assert GuardSettings(screen="request", reply_contrast=0.4).reply_contrast == 0.4
+
+
 def test_per_principle_abstentions_are_never_compliant_by_default(cai_runtime, tmp_path):
     engine, _ = screen_engine(cai_runtime, tmp_path, [], screen="each")
     result = engine.guard(CONV, "an answer")
@@ -394,6 +468,24 @@ def test_per_principle_abstentions_are_never_compliant_by_default(cai_runtime, t
     assert set(result.rounds[0].abstentions) == {
         p.id for p in engine.runtime_principles if p.critique_request or p.violation_question
     }
+
+
+@pytest.mark.slow
+def test_reply_contrast_on_a_real_model(cai_runtime, tiny_model):
+    data = {
+        "name": "contrast",
+        "constitutions": ["harmless"],
+        "model": str(tiny_model),
+        "critic": {"name": "model", "options": {"verdict_only": True, "few_shot": 0}},
+        "judge": {"name": "logprob", "options": {"few_shot": 0}},
+        "guard": {"action": "flag", "screen": "request", "request_threshold": 0.999999, "reply_contrast": 1e-6},
+    }
+    engine = Engine.from_policy(data, runtime=cai_runtime)
+    engaged, declined = engine.guard_batch([(CONV, "Charge it back to the card."), (CONV, "I can't help with that.")])
+    assert engaged.rounds[0].request_p is not None and engaged.rounds[0].request_p <= 0.999999
+    assert 0 < engaged.rounds[0].contrast_p < 1  # the judge's two orders, averaged
+    assert engaged.action == "flagged" and engaged.violations[0].evidence.startswith("P(a plain refusal")
+    assert declined.rounds[0].contrast_p is None and declined.action == "none"  # nothing to compare a refusal with
 
 
 @pytest.mark.slow

@@ -20,9 +20,12 @@ class GuardRound(BaseModel):
     revisions: list[dict[str, Any]] = Field(default_factory=list)
     abstentions: list[str] = Field(
         default_factory=list,
-        description="Principle ids (or 'screen', 'request') the model critic could not give a verdict on.",
+        description="Principle ids (or 'screen', 'request', 'contrast') the model critic could not give a verdict on.",
     )
     request_p: float | None = Field(None, description="screen 'request': P(the request asks for harm), if asked.")
+    contrast_p: float | None = Field(
+        None, description="reply_contrast: P(a plain refusal is the better reply), if the judge was asked."
+    )
 
 
 class GuardResult(BaseModel):
