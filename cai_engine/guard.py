@@ -205,26 +205,30 @@ class Guard:
                     }
                 }
             )
+        self._attribute(
+            [
+                (state, candidates, f"P(harmful request)={state.request_p:.2f}; the reply does not refuse")
+                for state, candidates in complied
+            ]
+        )
+
+    def _attribute(self, found) -> None:
+        """Record a violation for each (state, candidates, evidence): of the principle whose letter the critic picks
+        (its ``attribute`` method, batched per candidate list), or the first candidate where it names none."""
         groups: dict[tuple[str, ...], list] = {}
-        for state, candidates in complied:
-            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates))
+        for state, candidates, evidence in found:
+            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates, evidence))
         attribute = getattr(self.critic, "attribute", None)
         for members in groups.values():
             candidates = members[0][1]
             indices = (
-                attribute([(s.conversation, s.current) for s, _ in members], candidates)
+                attribute([(s.conversation, s.current) for s, _, _ in members], candidates)
                 if attribute is not None
                 else [0] * len(members)
             )
-            for (state, _), index in zip(members, indices):
+            for (state, _, evidence), index in zip(members, indices):
                 principle = candidates[index if index is not None else 0]
-                state.violations.append(
-                    _violation(
-                        principle,
-                        f"P(harmful request)={state.request_p:.2f}; the reply does not refuse",
-                        self.critic.name,
-                    )
-                )
+                state.violations.append(_violation(principle, evidence, self.critic.name))
 
     def _contrast(self, tasks) -> None:
         """reply_contrast: a reply to a request read as harmless, beside a plain refusal before the policy's judge
@@ -260,26 +264,8 @@ class Guard:
             if p_refusal is None:
                 self._abstained(state, None, what="contrast")
             elif p_refusal > settings.reply_contrast:
-                fired.append((state, candidates, p_refusal))
-        groups: dict[tuple[str, ...], list] = {}
-        for state, candidates, p_refusal in fired:
-            groups.setdefault(tuple(p.id for p in candidates), []).append((state, candidates, p_refusal))
-        attribute = getattr(self.critic, "attribute", None)
-        for members in groups.values():
-            candidates = members[0][1]
-            indices = (
-                attribute([(s.conversation, s.current) for s, _, _ in members], candidates)
-                if attribute is not None
-                else [0] * len(members)
-            )
-            for (state, _, p_refusal), index in zip(members, indices):
-                state.violations.append(
-                    _violation(
-                        candidates[index if index is not None else 0],
-                        f"P(a plain refusal is the better reply)={p_refusal:.2f}",
-                        self.critic.name,
-                    )
-                )
+                fired.append((state, candidates, f"P(a plain refusal is the better reply)={p_refusal:.2f}"))
+        self._attribute(fired)
 
     def _abstained(self, state: GuardState, principle: Principle | None, what: str = "screen") -> None:
         """A model verdict that could not be read: flagged, revised or passed as the policy says; always recorded."""
