@@ -30,10 +30,36 @@ class ExportOptions(BaseModel):
     )
     heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out as the test split.")
     seed: int = Field(0, description="Seeds which helpfulness samples are used.")
+    max_repeats: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most N revisions with the same reply (case and spacing ignored), chosen by a hash of "
+        "the prompt id; None keeps them all. A capable reviser often answers dozens of red-team prompts with one "
+        "stock refusal, and a small policy trained on them learns to refuse anything that sounds dangerous.",
+    )
 
 
 def _bucket(prompt_id: str) -> float:
     return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def _reply_key(example: SFTExample) -> str:
+    return " ".join(example.messages[-1].content.lower().split())
+
+
+def _cap_repeats(revisions: list[SFTExample], cap: int | None) -> list[SFTExample]:
+    """At most ``cap`` revisions per reply; which prompts keep theirs depends on the prompt ids only (stable)."""
+    if cap is None:
+        return revisions
+    ranked = sorted(range(len(revisions)), key=lambda i: (_bucket("repeats:" + revisions[i].prompt_id), i))
+    counts: dict[str, int] = {}
+    kept = set()
+    for index in ranked:
+        key = _reply_key(revisions[index])
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= cap:
+            kept.add(index)
+    return [r for i, r in enumerate(revisions) if i in kept]
 
 
 def _collect(record: SLRecord, options: ExportOptions, revisions: list[SFTExample], helpful: list[SFTExample]) -> None:
@@ -54,7 +80,8 @@ def export_sft(
 ) -> dict[str, Any]:
     """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
 
-    Revisions and helpfulness samples are mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
+    Revisions beyond ``max_repeats`` copies of one reply are dropped first; revisions and helpfulness samples are
+    then mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
     prompt (every example of a prompt lands on the same side). Loads with
     ``datasets.load_dataset("json", data_files={"train": ".../train.jsonl", "test": ".../test.jsonl"})``.
     """
@@ -70,6 +97,8 @@ def export_sft(
             _collect(record, options, revisions, helpful)
     if not revisions and not helpful:
         raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
+    collected = len(revisions)
+    revisions = _cap_repeats(revisions, options.max_repeats)
     rng = random.Random(options.seed)
     rng.shuffle(helpful)
     wanted = round(options.helpful_ratio / (1 - options.helpful_ratio) * len(revisions)) if revisions else len(helpful)
@@ -97,6 +126,7 @@ def export_sft(
         revisions=sum(e.source == "revision" for e in unique),
         helpful=sum(e.source == "helpful" for e in unique),
         duplicates_dropped=len(mix) - len(unique),
+        repeats_dropped=collected - len(revisions),
         helpful_available=len(helpful),
         helpful_wanted=wanted,
         options=options.model_dump(),

@@ -83,6 +83,63 @@ def test_an_unchanged_response_is_not_a_revision(scripted_runtime, prompt_file, 
     assert summary["revisions"] == 2
 
 
+def stock_refusal_run(path, order):
+    from cai_engine.records import SLRecord, SLRound
+
+    run = RunDirectory(path, "sl")
+    run.open({"x": 1}, {})
+    replies = {
+        i: ("I'm sorry, but I can't help with that." if i < 7 else f"Here is why {i} is a bad idea.") for i in order
+    }
+    replies[3] = "  i'm SORRY, but I can't   help with that."  # the same reply, spaced and cased differently
+    run.append(
+        [
+            SLRecord(
+                key=f"red-team:{i}",
+                id=str(i),
+                kind="red-team",
+                conversation=[Message(role="user", content=f"Dangerous request {i}")],
+                initial_response="bad",
+                rounds=[SLRound(round=1, principle_id="harm-001", revision=replies[i], accepted=True)],
+                final_response=replies[i],
+                revised=True,
+            )
+            for i in order
+        ]
+    )
+    return path
+
+
+def test_max_repeats_caps_one_stock_refusal_and_keeps_the_rest(tmp_path, cli_runner):
+    from cai_engine.cli import cli
+
+    run = stock_refusal_run(tmp_path / "sl", range(10))
+    everything = export_sft(run, tmp_path / "all", {"heldout": 0.0, "helpful_ratio": 0.0})
+    assert everything["revisions"] == 10 and everything["repeats_dropped"] == 0
+    capped = export_sft(run, tmp_path / "capped", {"heldout": 0.0, "helpful_ratio": 0.0, "max_repeats": 2})
+    rows = [json.loads(line) for line in (tmp_path / "capped" / "train.jsonl").read_text().splitlines()]
+    refusals = [r["prompt_id"] for r in rows if "sorry" in r["messages"][-1]["content"].lower()]
+    assert len(refusals) == 2 and capped["repeats_dropped"] == 5 and capped["revisions"] == 5
+    assert {r["prompt_id"] for r in rows} >= {"red-team:7", "red-team:8", "red-team:9"}  # distinct replies all stay
+    # which prompts keep the refusal depends on their ids, not on the order the run wrote them in
+    reordered = stock_refusal_run(tmp_path / "sl-reversed", range(9, -1, -1))
+    export_sft(reordered, tmp_path / "reversed", {"heldout": 0.0, "helpful_ratio": 0.0, "max_repeats": 2})
+    again = [json.loads(line) for line in (tmp_path / "reversed" / "train.jsonl").read_text().splitlines()]
+    assert sorted(r["prompt_id"] for r in again if "sorry" in r["messages"][-1]["content"].lower()) == sorted(refusals)
+    assert "5 revisions beyond `max_repeats`" in (tmp_path / "capped" / "README.md").read_text()
+    result = cli_runner.invoke(
+        cli, ["export", "sft", str(run), "--out", str(tmp_path / "cli"), "--heldout", "0", "--max-repeats", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 repeated replies dropped" in result.output
+    assert (
+        cli_runner.invoke(
+            cli, ["export", "sft", str(run), "--out", str(tmp_path / "x"), "--max-repeats", "0"]
+        ).exit_code
+        == 2
+    )
+
+
 def test_feedback_model_serves_every_role_but_the_sampler(
     cai_runtime, tiny_model, tiny_plain_model, prompt_file, tmp_path
 ):

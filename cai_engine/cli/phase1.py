@@ -111,21 +111,33 @@ def export_group() -> None:
 )
 @click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--max-repeats",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep at most N revisions with the same reply (e.g. one stock refusal); default: keep all.",
+)
 @push_options("dataset")
-def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, push_to_hub, private):
+def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_repeats, push_to_hub, private):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
     from ..sl import ExportOptions, export_sft
 
     options = validate_config(
         ExportOptions,
-        {"train_on": train_on, "helpful_ratio": helpful_ratio, "heldout": heldout, "seed": seed},
+        {
+            "train_on": train_on,
+            "helpful_ratio": helpful_ratio,
+            "heldout": heldout,
+            "seed": seed,
+            "max_repeats": max_repeats,
+        },
         "options",
     )
     summary = export_sft(run, out, options)
     click.echo(
         f"wrote {out}: {summary['train']} train / {summary['test']} test examples "
         f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
-        f"{summary['duplicates_dropped']} duplicates dropped)"
+        f"{summary['duplicates_dropped']} duplicates dropped, {summary['repeats_dropped']} repeated replies dropped)"
     )
     push(out, push_to_hub, "dataset", private)
 

@@ -157,6 +157,7 @@ class SFTExportManifest(_Stored):
     revisions: int
     helpful: int
     duplicates_dropped: int = 0
+    repeats_dropped: int = 0
     helpful_available: int = 0
     helpful_wanted: int = 0
     options: dict[str, Any] = Field(default_factory=dict)
