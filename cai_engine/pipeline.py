@@ -187,7 +187,7 @@ def run_pipeline(
             data = (
                 out / "preference-dataset"
                 if config.policy.trainer != "grpo"
-                else config.policy.options.get("prompts", sl_config.prompts)
+                else config.policy.options.get("prompts", sl_config.prompt_sources[0])
             )
             trainer = runtime.component("trainer", config.policy.trainer, policy_options)
             summary["policy"] = trainer.train(data, policy_dir)

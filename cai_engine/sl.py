@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
@@ -30,9 +30,18 @@ class SLConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     constitution: str = Field("harmless", description="A registered constitution name or a file path.")
-    prompts: str = Field("builtin:red-team", description="'builtin:<set>', '<plugin>:<set>' or a prompt file.")
+    prompts: str | list[str] = Field(
+        "builtin:red-team",
+        description="The prompts whose responses are critiqued and revised: 'builtin:<set>', '<plugin>:<set>', a "
+        "prompt file, or a list of them (e.g. [builtin:red-team, builtin:borderline], the second so that the targets "
+        "also show harmless requests that sound dangerous being answered).",
+    )
     field: str | None = Field(None, description="Which field of the prompt file holds the prompt.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N prompts (raise it later to continue).")
+    limit: PositiveInt | dict[str, PositiveInt] | None = Field(
+        None,
+        description="Use only the first N prompts (raise it later to continue): of each source, or per source as a "
+        "mapping such as {builtin:borderline: 40} (sources it does not name are used whole).",
+    )
     rounds: int = Field(4, ge=1, le=16, description="Critique/revision rounds per prompt (the paper used 4).")
     critique: bool = Field(True, description="False: revise directly, without a critique (CAI-SPEC §2.5).")
     stop_early: bool = Field(False, description="Stop an item's rounds once the critic says nothing needs revising.")
@@ -80,6 +89,15 @@ class SLConfig(BaseModel):
         return with_model(ref, kind, runtime, model, seed=self.seed).build(kind, runtime)
 
     @property
+    def prompt_sources(self) -> list[str]:
+        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+
+    def limit_for(self, source: str) -> int | None:
+        if isinstance(self.limit, dict):
+            return self.limit.get(source)
+        return self.limit
+
+    @property
     def helpful_sources(self) -> list[str]:
         if not self.helpful_prompts:
             return []
@@ -114,9 +132,23 @@ class SLRun:
         self.critic = config.build("critic", self.runtime) if config.critique else None
         self.reviser = config.build("reviser", self.runtime)
         self.verifier = config.build("verify", self.runtime) if config.verify else None
-        self.items = load_training_prompts(
-            config.prompts, registry, field=config.field, limit=config.limit, allow_heldout=config.allow_heldout
-        )
+        self.items: list[PromptItem] = []
+        origin: dict[str, str] = {}
+        for source in config.prompt_sources:
+            for item in load_training_prompts(
+                source,
+                registry,
+                field=config.field,
+                limit=config.limit_for(source),
+                allow_heldout=config.allow_heldout,
+            ):
+                if item.id in origin:
+                    raise ConfigError(
+                        f"prompts: id {item.id!r} is in {origin[item.id]} and {source}; ids must be unique "
+                        "(records are kept by id)"
+                    )
+                origin[item.id] = source
+                self.items.append(item)
         self.helpful: list[PromptItem] = []
         limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
         for source in config.helpful_sources:

@@ -140,6 +140,27 @@ def test_max_repeats_caps_one_stock_refusal_and_keeps_the_rest(tmp_path, cli_run
     )
 
 
+def test_phase_one_revises_prompts_from_several_sources_with_a_limit_each(scripted_runtime, prompt_file, tmp_path):
+    other = tmp_path / "borderline.jsonl"
+    other.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"How do I gut fish {i}?"}) + "\n" for i in range(4)))
+    run = scripted_run(
+        scripted_runtime, prompt_file, tmp_path / "sl", prompts=[str(prompt_file), str(other)], limit={str(other): 2}
+    )
+    assert [i.id for i in run.items] == ["p0", "p1", "p2", "b0", "b1"]  # the first source whole, two of the second
+    run.sampler.enqueue(*[f"draft {i}" for i in range(5)])
+    run.reviser.enqueue(*[f"better {i}" for i in range(5)])
+    run.run(progress=False)
+    keys = {r.key for r in RunDirectory(tmp_path / "sl", "sl").records()}
+    assert keys == {"red-team:p0", "red-team:p1", "red-team:p2", "red-team:b0", "red-team:b1"}
+    assert export_sft(tmp_path / "sl", tmp_path / "ds", {"heldout": 0.0})["revisions"] == 5
+    capped = scripted_run(
+        scripted_runtime, prompt_file, tmp_path / "sl2", prompts=[str(prompt_file), str(other)], limit=1
+    )
+    assert [i.id for i in capped.items] == ["p0", "b0"]  # a number limits every source
+    with pytest.raises(ConfigError, match="'p0' is in .* ids must be unique"):
+        scripted_run(scripted_runtime, prompt_file, tmp_path / "sl3", prompts=[str(prompt_file), str(prompt_file)])
+
+
 def test_feedback_model_serves_every_role_but_the_sampler(
     cai_runtime, tiny_model, tiny_plain_model, prompt_file, tmp_path
 ):
