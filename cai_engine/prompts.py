@@ -316,6 +316,45 @@ def load_training_prompts(
     return items
 
 
+def source_list(sources: str | list[str]) -> list[str]:
+    """A config's ``prompts``, one source or a list, as a list."""
+    return [sources] if isinstance(sources, str) else list(sources)
+
+
+def source_limit(limit: int | dict[str, int] | None, source: str) -> int | None:
+    """A config's ``limit`` for one source: one number for all, or a mapping (sources it does not name: None)."""
+    return limit.get(source) if isinstance(limit, dict) else limit
+
+
+def load_training_sources(
+    sources: list[str],
+    registry: Any,
+    *,
+    field: str | None = None,
+    limit_for: Callable[[str], int | None] = lambda source: None,
+    allow_heldout: bool = False,
+    kept_as: str = "records",
+) -> list[PromptItem]:
+    """:func:`load_training_prompts` over several sources, in order, each with its own limit; an id that two sources
+    share is a :class:`ConfigError` (runs keep their ``kept_as`` by id)."""
+    from .errors import ConfigError
+
+    items: list[PromptItem] = []
+    origin: dict[str, str] = {}
+    for source in sources:
+        for item in load_training_prompts(
+            source, registry, field=field, limit=limit_for(source), allow_heldout=allow_heldout
+        ):
+            if item.id in origin:
+                raise ConfigError(
+                    f"prompts: id {item.id!r} is in {origin[item.id]} and {source}; ids must be unique "
+                    f"({kept_as} are kept by id)"
+                )
+            origin[item.id] = source
+            items.append(item)
+    return items
+
+
 def load_prompts(
     source: str | Path, registry: Any = None, *, field: str | None = None, limit: int | None = None
 ) -> list[PromptItem]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from .config import ComponentRef
 from .errors import ConfigError, RunError
-from .prompts import PromptItem, load_prompt_file, load_prompts, load_training_prompts
+from .prompts import PromptItem, load_prompt_file, load_prompts, load_training_sources, source_limit, source_list
 from .records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -72,12 +72,10 @@ class RLConfig(BaseModel):
 
     @property
     def prompt_sources(self) -> list[str]:
-        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+        return source_list(self.prompts)
 
     def limit_for(self, source: str) -> int | None:
-        if isinstance(self.limit, dict):
-            return self.limit.get(source)
-        return self.limit
+        return source_limit(self.limit, source)
 
     def sampler_ref(self) -> ComponentRef:
         options = dict(self.sampler.options)
@@ -126,23 +124,17 @@ class LabelRun:
         self.dir = RunDirectory(out, "rl", PreferenceRecord)
         self.items: list[tuple[str, Any]]
         if config.recipe == "judged":
-            self.items = []
-            seen: dict[str, str] = {}
-            for source in config.prompt_sources:
-                for item in load_training_prompts(
-                    source,
+            self.items = [
+                ("pair", item)
+                for item in load_training_sources(
+                    config.prompt_sources,
                     self.runtime.registry,
                     field=config.field,
-                    limit=config.limit_for(source),
+                    limit_for=config.limit_for,
                     allow_heldout=config.allow_heldout,
-                ):
-                    if item.id in seen:
-                        raise ConfigError(
-                            f"prompts: id {item.id!r} is in {seen[item.id]} and {source}; ids must be unique "
-                            "(pairs are kept by id)"
-                        )
-                    seen[item.id] = source
-                    self.items.append(("pair", item))
+                    kept_as="pairs",
+                )
+            ]
         else:
             assert config.sl_run is not None  # the config's validator requires it for this recipe
             sl = RunDirectory(config.sl_run, "sl", SLRecord)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from .config import ComponentRef
 from .errors import ConfigError, PromptTooLongError, RunError
 from .model_options import with_model
-from .prompts import PromptItem, load_training_prompts
+from .prompts import PromptItem, load_training_prompts, load_training_sources, source_limit, source_list
 from .records import ComparisonTask, CritiqueTask, RevisionTask, SLRecord, SLRound
 from .runs import RunDirectory, now
 from .runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -90,12 +90,10 @@ class SLConfig(BaseModel):
 
     @property
     def prompt_sources(self) -> list[str]:
-        return [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+        return source_list(self.prompts)
 
     def limit_for(self, source: str) -> int | None:
-        if isinstance(self.limit, dict):
-            return self.limit.get(source)
-        return self.limit
+        return source_limit(self.limit, source)
 
     @property
     def helpful_sources(self) -> list[str]:
@@ -132,23 +130,13 @@ class SLRun:
         self.critic = config.build("critic", self.runtime) if config.critique else None
         self.reviser = config.build("reviser", self.runtime)
         self.verifier = config.build("verify", self.runtime) if config.verify else None
-        self.items: list[PromptItem] = []
-        origin: dict[str, str] = {}
-        for source in config.prompt_sources:
-            for item in load_training_prompts(
-                source,
-                registry,
-                field=config.field,
-                limit=config.limit_for(source),
-                allow_heldout=config.allow_heldout,
-            ):
-                if item.id in origin:
-                    raise ConfigError(
-                        f"prompts: id {item.id!r} is in {origin[item.id]} and {source}; ids must be unique "
-                        "(records are kept by id)"
-                    )
-                origin[item.id] = source
-                self.items.append(item)
+        self.items = load_training_sources(
+            config.prompt_sources,
+            registry,
+            field=config.field,
+            limit_for=config.limit_for,
+            allow_heldout=config.allow_heldout,
+        )
         self.helpful: list[PromptItem] = []
         limit = config.helpful_limit if config.helpful_limit is not None else len(self.items)
         for source in config.helpful_sources:
