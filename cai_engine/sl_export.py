@@ -43,8 +43,12 @@ def _bucket(prompt_id: str) -> float:
     return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
 
 
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def _reply_key(example: SFTExample) -> str:
-    return " ".join(example.messages[-1].content.lower().split())
+    return _norm(example.messages[-1].content)
 
 
 def _cap_repeats(revisions: list[SFTExample], cap: int | None) -> list[SFTExample]:
@@ -105,7 +109,7 @@ def export_sft(
     mix = revisions + helpful[:wanted]
     seen, unique = set(), []
     for example in mix:
-        key = json.dumps([(m.role, " ".join(m.content.lower().split())) for m in example.messages])
+        key = json.dumps([(m.role, _norm(m.content)) for m in example.messages])
         if key not in seen:
             seen.add(key)
             unique.append(example)
