@@ -5,7 +5,7 @@ they share one), after one warm-up call (first-call allocations are not throughp
 ``--repeats`` times and the median is reported (runs on this machine vary by about 10%):
 
 1. SL-CAI critique generation on the default model (16 critique prompts, 64 new tokens, greedy, prefill included):
-   transformers one at a time, transformers batched, llama.cpp's own single chat-completion stream on the same GGUF
+   transformers one at a time, transformers batched (with oneDNN-packed weights, and without), llama.cpp's own single chat-completion stream on the same GGUF
    (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
    F16 copy, flash attention, shared prefixes), also on the file's own Q4_1 weights.
 2. Judging 100 distinct comparisons (both orders; the labelled judge pairs, then guard cases' answers paired so that
@@ -76,6 +76,12 @@ def generation(path: str, n: int, max_new_tokens: int, repeats: int) -> dict:
     refs = {
         "transformers, one at a time": {"model": "smollm2", "backend": "transformers", "batch_size": 1},
         "transformers, batched": {"model": "smollm2", "backend": "transformers", "batch_size": n},
+        "transformers, batched, stock weights": {
+            "model": "smollm2",
+            "backend": "transformers",
+            "batch_size": n,
+            "packed_weights": False,
+        },
         "engine llama.cpp, batched": {"model": gguf, "backend": "llamacpp", "parallel": n},
         "engine llama.cpp, batched, Q4_1 weights": {
             "model": gguf,
@@ -265,6 +271,7 @@ def main() -> None:
     for path in (
         "transformers, one at a time",
         "transformers, batched",
+        "transformers, batched, stock weights",
         "llama.cpp single stream, default model",
         "engine llama.cpp, batched",
         "engine llama.cpp, batched, Q4_1 weights",
@@ -310,6 +317,9 @@ def main() -> None:
             gen["transformers, batched"]["tok_s"] / gen["transformers, one at a time"]["tok_s"]
         ),
         "transformers batched / 52.6 tok/s (the issue's figure)": gen["transformers, batched"]["tok_s"] / 52.6,
+        "transformers batched, oneDNN-packed / stock weights": (
+            gen["transformers, batched"]["tok_s"] / gen["transformers, batched, stock weights"]["tok_s"]
+        ),
         "judging batched+caches / batch 1 without (same weights)": (
             judged["judge, batched 16, prefix caches"]["pairs_s"]
             / judged["judge, batch 1, no prefix sharing"]["pairs_s"]

@@ -227,3 +227,24 @@ def test_shared_prefix_gives_the_same_generations(cai_runtime, tiny_model, backe
     shared = backend.generate(prompts, settings)
     assert backend.shared_prefix_tokens > saved
     assert shared == unshared.generate(prompts, settings) == [backend.generate([p], settings)[0] for p in prompts]
+
+
+def test_packed_weights_give_the_same_generations_and_logprobs(cai_runtime, tiny_model, backend):
+    import torch
+
+    stock = cai_runtime.backend({"model": str(tiny_model), "packed_weights": False})
+    linear_layers = sum(type(m) is torch.nn.Linear for m in backend.model.modules())
+    assert backend.packed_layers == linear_layers > 0 and "oneDNN-packed" in backend.path_summary
+    assert all("forward" in vars(m) for m in backend.model.modules() if type(m) is torch.nn.Linear)
+    assert stock.packed_layers == 0 and "packed" not in stock.path_summary
+    settings = GenerationSettings(max_new_tokens=12)
+    assert backend.generate(PROMPTS, settings) == stock.generate(PROMPTS, settings)
+    options = [["A", "Bcd", "Yes no"]] * len(PROMPTS)
+    for row_a, row_b in zip(
+        backend.continuation_logprobs(PROMPTS, options), stock.continuation_logprobs(PROMPTS, options)
+    ):
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(row_a, row_b))
+
+
+def test_packed_weights_stay_off_outside_float32_on_cpu(cai_runtime, tiny_model):
+    assert cai_runtime.backend({"model": str(tiny_model), "dtype": "bfloat16"}).packed_layers == 0

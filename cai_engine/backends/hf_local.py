@@ -53,6 +53,12 @@ class TransformersBackend(Backend):
             description="When every prompt of a batch starts with the same N or more tokens (few-shot "
             "examples, instructions), compute that prefix once and reuse it; 0 turns this off.",
         )
+        packed_weights: bool = Field(
+            True,
+            description="On a CPU in float32, reorder each linear layer's weights once into oneDNN's blocked "
+            "layout and multiply through oneDNN (1.1-1.5x faster layers, 2.3x the vocabulary projection, for "
+            "batches of 16 here; greedy outputs unchanged); costs a second copy of those weights in memory.",
+        )
 
     def __init__(self, options) -> None:
         super().__init__(options)
@@ -84,10 +90,45 @@ class TransformersBackend(Backend):
             raise ModelError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
         self.model.to(device).eval()
         self.device = device
+        self.packed_layers = self._pack_weights() if self.options.packed_weights else 0
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.folder = folder
+
+    def _pack_weights(self) -> int:
+        """Route every ``nn.Linear`` through oneDNN with its weight reordered once; returns how many layers.
+
+        The stock fp32 path is MKL's sgemm, which on this project's AVX2 machine multiplies the skinny products of
+        batched decoding slowly (16 rows by the 576x49152 vocabulary projection: ~40 GFLOP/s, against ~93 through
+        oneDNN with reordered weights). The backend's model only ever runs inference, so the forward method of
+        each layer is replaced on this instance; the original weights stay (tied embeddings read them).
+        """
+        import torch
+
+        reorder = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+        if (
+            self.device != "cpu"
+            or self.options.dtype != "float32"
+            or reorder is None
+            or not torch.backends.mkldnn.is_available()
+        ):
+            return 0
+        linear = torch.ops.mkldnn._linear_pointwise
+        count = 0
+        for module in self.model.modules():
+            if type(module) is not torch.nn.Linear:
+                continue
+            packed = reorder(module.weight.detach(), self.options.batch_size)
+            bias = None if module.bias is None else module.bias.detach()
+
+            def forward(x, packed=packed, bias=bias, out=module.out_features):
+                y = linear(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+                return y.reshape(*x.shape[:-1], out)
+
+            module.forward = forward
+            count += 1
+        return count
 
     # -- properties ------------------------------------------------------------------------------------------
 
@@ -97,9 +138,10 @@ class TransformersBackend(Backend):
 
     @property
     def path_summary(self) -> str:
+        packed = ", oneDNN-packed weights" if self.packed_layers else ""
         return (
-            f"transformers, {self.options.dtype} on {self.device}, batches of up to {self.options.batch_size} "
-            f"prompts / {self.options.batch_tokens} tokens"
+            f"transformers, {self.options.dtype} on {self.device}{packed}, batches of up to "
+            f"{self.options.batch_size} prompts / {self.options.batch_tokens} tokens"
         )
 
     @property
