@@ -127,5 +127,8 @@ def test_runs_print_how_each_model_runs_when_it_loads(tiny_model, capsys):
     runtime.backend(str(tiny_model))  # already loaded: not announced again
     err = capsys.readouterr().err
     assert err.count("model ") == 1
-    assert f"model {tiny_model}" in err and "transformers, float32 on cpu, batches of up to 16 prompts" in err
+    assert (
+        f"model {tiny_model}" in err
+        and "transformers, float32 on cpu, oneDNN-packed weights, batches of up to 16 prompts" in err
+    )
     runtime.close()
