@@ -5,8 +5,8 @@ they share one), after one warm-up call (first-call allocations are not throughp
 ``--repeats`` times and the median is reported (runs on this machine vary by about 10%):
 
 1. SL-CAI critique generation on the default model (16 critique prompts, 64 new tokens, greedy, prefill included):
-   transformers one at a time, transformers batched (with oneDNN-packed weights, and without), llama.cpp's own single chat-completion stream on the same GGUF
-   (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
+   transformers one at a time, transformers batched (with oneDNN-packed weights, and without), llama.cpp's own
+   single chat-completion stream on the same GGUF (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
    F16 copy, flash attention, shared prefixes), also on the file's own Q4_1 weights.
 2. Judging 100 distinct comparisons (both orders; the labelled judge pairs, then guard cases' answers paired so that
    no two comparisons share a conversation and first answer) with the logprob judge
