@@ -6,8 +6,9 @@ they share one), after one warm-up call (first-call allocations are not throughp
 
 1. SL-CAI critique generation on the default model (16 critique prompts, 64 new tokens, greedy, prefill included):
    transformers one at a time, transformers batched (with oneDNN-packed weights, and without), llama.cpp's own
-   single chat-completion stream on the same GGUF (``llama_cpp.Llama``, the reference), and the engine's llama.cpp backend batched (its defaults: the Q4_1 file's
-   F16 copy, flash attention, shared prefixes), also on the file's own Q4_1 weights.
+   single chat-completion stream on the same GGUF (``llama_cpp.Llama``, the reference), and the engine's llama.cpp
+   backend batched (its defaults: the Q4_1 file's F16 copy, flash attention, shared prefixes), also on the file's
+   own Q4_1 weights.
 2. Judging 100 distinct comparisons (both orders; the labelled judge pairs, then guard cases' answers paired so that
    no two comparisons share a conversation and first answer) with the logprob judge
    on the default model: batch size 1 without prefix sharing, against batched with the prefix caches.
