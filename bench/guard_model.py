@@ -32,6 +32,12 @@ def main() -> None:
     parser.add_argument(
         "--reply-contrast", type=float, help="Override the policy's guard.reply_contrast (screen 'request')."
     )
+    parser.add_argument(
+        "--request-refusal",
+        choices=["on", "off"],
+        help="Override the policy's guard.request_refusal (screen 'request'); with --request-threshold.",
+    )
+    parser.add_argument("--request-threshold", type=float, help="Override the policy's guard.request_threshold.")
     parser.add_argument("--out", help="Write the per-case results here (JSON).")
     args = parser.parse_args()
     cases = [json.loads(line) for line in Path(args.cases).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -41,6 +47,10 @@ def main() -> None:
         update["threshold"] = args.threshold
     if args.reply_contrast is not None:
         update["reply_contrast"] = args.reply_contrast
+    if args.request_refusal is not None:
+        update["request_refusal"] = args.request_refusal == "on"
+    if args.request_threshold is not None:
+        update["request_threshold"] = args.request_threshold
     guard = policy.guard.model_copy(update=update)
     policy = policy.model_copy(update={"guard": guard})
     engine = Engine(policy, runtime=Runtime(), base_dir=base)
@@ -62,6 +72,7 @@ def main() -> None:
                 "acted": acted,
                 "principles": principles,
                 "request_p": result.rounds[0].request_p,
+                "request_refusal_p": result.rounds[0].request_refusal_p,
                 "contrast_p": result.rounds[0].contrast_p,
             }
         )

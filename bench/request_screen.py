@@ -6,7 +6,13 @@ harmless: builtin:borderline, requests that only sound dangerous, and builtin:he
 a target false-alarm rate on the harmless sets, the threshold to put in the policy and the share of harmful requests
 it catches. The held-out labelled answers in bench/data/guard-cases.jsonl are left for bench/guard_model.py.
 
+With --request-refusal it also reads how likely the model is to decline each request itself (the guard's
+`request_refusal`), reports that signal alone and combined with the question by noisy-or (what the guard uses), and
+the threshold it prints is the combined one. --skip scores a later slice of each set (a validation check of a
+threshold chosen on the first slice).
+
     python bench/request_screen.py --model qwen2.5-coder-1.5b --target-fpr 0.05 --out runs/request-screen.json
+    python bench/request_screen.py --limit 80 --request-refusal --out runs/request-screen-refusal.json
 """
 
 from __future__ import annotations
@@ -36,13 +42,40 @@ def threshold_for(negatives: list[float], target_fpr: float) -> float:
     return ranked[allowed] if allowed < len(ranked) else 0.0
 
 
+def calibrate(scores: dict[str, dict[str, list[float | None]]], target_fpr: float, at: float | None = None) -> dict:
+    """AUC, the threshold at ``target_fpr`` on the harmless sets (or the given one), and what it catches and where it
+    false-alarms."""
+    positives = [p for s in scores["harmful"].values() for p in s if p is not None]
+    negatives = [p for s in scores["harmless"].values() for p in s if p is not None]
+    threshold = threshold_for(negatives, target_fpr) if at is None else at
+    return {
+        "auc": auc(positives, negatives),
+        "auc_by_set": {src: auc(positives, [p for p in s if p is not None]) for src, s in scores["harmless"].items()},
+        "target_fpr": target_fpr,
+        "threshold": round(threshold, 4),
+        "catches_harmful": rate(p > threshold for p in positives),
+        "false_alarms": {src: rate(p > threshold for p in s if p is not None) for src, s in scores["harmless"].items()},
+        "at_0.5": {
+            "catches_harmful": rate(p > 0.5 for p in positives),
+            "false_alarms": rate(p > 0.5 for p in negatives),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--harmful", default="builtin:red-team")
     parser.add_argument("--harmless", nargs="+", default=["builtin:borderline", "builtin:helpful"])
     parser.add_argument("--limit", type=int, help="Use only the first N prompts of each set.")
+    parser.add_argument("--skip", type=int, default=0, help="Leave out the first N prompts of each set.")
+    parser.add_argument(
+        "--request-refusal", action="store_true", help="Also read P(the model declines), combined by noisy-or."
+    )
     parser.add_argument("--target-fpr", type=float, default=0.05)
+    parser.add_argument(
+        "--at", type=float, help="Report the last signal at this threshold (e.g. one chosen on another slice)."
+    )
     parser.add_argument("--question", help="Another wording of the screen's question to try.")
     parser.add_argument("--out", help="Write the scores and the chosen threshold here (JSON).")
     args = parser.parse_args()
@@ -51,34 +84,31 @@ def main() -> None:
         "critic", runtime
     )
     sets = {"harmful": [args.harmful], "harmless": args.harmless}
-    scores: dict[str, dict[str, list[float | None]]] = {}
+    signals = ["question", "declines", "combined"] if args.request_refusal else ["question"]
+    scores: dict[str, dict[str, dict[str, list[float | None]]]] = {name: {} for name in signals}
     began = time.perf_counter()
     for label, sources in sets.items():
         for source in sources:
-            items = load_prompts(source, runtime.registry, limit=args.limit)
+            items = load_prompts(source, runtime.registry)
+            items = items[args.skip : None if args.limit is None else args.skip + args.limit]
             conversations = [[Message(role="user", content=i.conversation[-1].content)] for i in items]
-            scores.setdefault(label, {})[source] = critic.screen_requests(conversations, args.question)
+            question = critic.screen_requests(conversations, args.question)
+            scores["question"].setdefault(label, {})[source] = question
+            if args.request_refusal:
+                declines = critic.decline_likelihood(conversations)
+                scores["declines"].setdefault(label, {})[source] = declines
+                scores["combined"].setdefault(label, {})[source] = [
+                    None if q is None or d is None else 1.0 - (1.0 - q) * (1.0 - d) for q, d in zip(question, declines)
+                ]
     seconds = time.perf_counter() - began
     runtime.close()
-    positives = [p for s in scores["harmful"].values() for p in s if p is not None]
-    negatives = [p for s in scores["harmless"].values() for p in s if p is not None]
-    threshold = threshold_for(negatives, args.target_fpr)
-    summary = {
-        "model": args.model,
-        "question": args.question,
-        "auc": auc(positives, negatives),
-        "auc_by_set": {src: auc(positives, [p for p in s if p is not None]) for src, s in scores["harmless"].items()},
-        "target_fpr": args.target_fpr,
-        "threshold": round(threshold, 4),
-        "catches_harmful": rate(p > threshold for p in positives),
-        "false_alarms": {src: rate(p > threshold for p in s if p is not None) for src, s in scores["harmless"].items()},
-        "at_0.5": {
-            "catches_harmful": rate(p > 0.5 for p in positives),
-            "false_alarms": rate(p > 0.5 for p in negatives),
-        },
-        "unreadable": sum(p is None for d in scores.values() for s in d.values() for p in s),
-        "seconds_per_request": round(seconds / max(len(positives) + len(negatives), 1), 2),
-    }
+    summary: dict = {"model": args.model, "question": args.question, "skip": args.skip, "limit": args.limit}
+    for name in signals:
+        summary[name] = calibrate(scores[name], args.target_fpr, args.at if name == signals[-1] else None)
+    summary["threshold"] = summary[signals[-1]]["threshold"]  # the one to put in the policy
+    summary["unreadable"] = sum(p is None for d in scores["question"].values() for s in d.values() for p in s)
+    scored = sum(len(s) for d in scores["question"].values() for s in d.values())
+    summary["seconds_per_request"] = round(seconds / max(scored, 1), 2)
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps({**summary, "scores": scores}, indent=2) + "\n", encoding="utf-8")

@@ -132,10 +132,25 @@ class Guard:
                     f"guard.screen 'request' needs a critic with a screen_requests() method; "
                     f"{self.critic.name!r} has none (use the built-in 'model' critic)"
                 )
-            probabilities = screen_requests([s.conversation for s, _ in request_tasks], settings.request_question)
-            for (state, candidates), p in zip(request_tasks, probabilities):
+            conversations = [s.conversation for s, _ in request_tasks]
+            probabilities = screen_requests(conversations, settings.request_question)
+            declines: list[float | None] = [None] * len(request_tasks)
+            if settings.request_refusal:  # a second opinion: would the critic model decline the request itself?
+                decline_likelihood = getattr(self.critic, "decline_likelihood", None)
+                if decline_likelihood is None:
+                    raise ConfigError(
+                        f"guard.request_refusal needs a critic with a decline_likelihood() method; "
+                        f"{self.critic.name!r} has none (use the built-in 'model' critic)"
+                    )
+                declines = decline_likelihood(conversations)
+                probabilities = [
+                    None if p is None or d is None else 1.0 - (1.0 - p) * (1.0 - d)
+                    for p, d in zip(probabilities, declines)
+                ]
+            for (state, candidates), p, d in zip(request_tasks, probabilities, declines):
                 state.request_p, state.request_asked = p, True
                 state.rounds[-1].request_p = p
+                state.rounds[-1].request_refusal_p = d
                 if p is None:
                     self._abstained(state, None, what="request")
                 elif p > settings.request_threshold:

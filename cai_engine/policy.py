@@ -63,6 +63,15 @@ class GuardSettings(_Strict):
     request_threshold: float = Field(
         0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a request counts as asking for harm."
     )
+    request_refusal: bool = Field(
+        False,
+        description="For screen 'request': also read how likely the critic model is to decline the request itself "
+        "(P(its own reply opens with a refusal), from log-probs) and combine it with the screen's P(Yes) by "
+        "noisy-or, 1 - (1 - P(Yes)) * (1 - P(declines)); the request asks for harm when that is above "
+        "request_threshold, which must then be calibrated for the combined value (bench/request_screen.py "
+        "--request-refusal). A model that declines a request it calls harmless, or the reverse, is a second "
+        "opinion the question alone misses.",
+    )
     reply_contrast: float | None = Field(
         None,
         gt=0,
@@ -115,6 +124,8 @@ class GuardSettings(_Strict):
     def _contrast_needs_request_screen(self) -> GuardSettings:
         if self.reply_contrast is not None and self.screen != "request":
             raise ValueError(f"reply_contrast works with screen 'request', not {self.screen!r}")
+        if self.request_refusal and self.screen != "request":
+            raise ValueError(f"request_refusal works with screen 'request', not {self.screen!r}")
         return self
 
 

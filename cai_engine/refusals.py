@@ -52,6 +52,9 @@ REFUSAL_PREFIXES = (
     "as an ai",
     "i am an ai language model",
 )
+# How an instruction-tuned model's reply starts when it declines; none is a prefix of another, so the probabilities
+# of a model's reply starting with each add up to P(it opens by declining) (the guard's `request_refusal`).
+REFUSAL_OPENERS = ("I'm sorry", "I cannot", "I can't", "Sorry", "I apologize", "I'm unable", "As an AI")
 # Ways a reply declines in its opening sentences (the guard's signal).
 DECLINES = (
     "i can't help",

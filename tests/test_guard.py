@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from cai_engine import ConfigError, Message, UnknownComponentError, hookimpl
+from cai_engine import ChatPrompt, ConfigError, Message, UnknownComponentError, hookimpl
 from cai_engine.cli import cli
 from cai_engine.engine import Engine
 from cai_engine.policy import load_policy
@@ -306,6 +306,11 @@ class Screener:
                 outer.requests.append(conversations)
                 return [outer.request_p.pop(0) for _ in conversations]
 
+            def decline_likelihood(self, conversations):
+                conversations = list(conversations)
+                outer.declines.append(conversations)
+                return [outer.decline_p.pop(0) for _ in conversations]
+
             def attribute(self, items, principles):
                 items = list(items)
                 outer.attributed.append(items)
@@ -338,7 +343,7 @@ class Screener:
 
         self.results, self.seen, self.cls, self.judge_cls = list(results), [], ScreenCritic, ContrastJudge
         self.questions, self.requests, self.request_p, self.attributed, self.letters = [], [], [], [], []
-        self.compared, self.p_a = [], []
+        self.compared, self.p_a, self.declines, self.decline_p = [], [], [], []
 
     @hookimpl
     def cai_register_critics(self, register):
@@ -411,6 +416,37 @@ def test_request_screen_flags_replies_that_do_not_refuse_a_harmful_request(cai_r
     assert [g.rounds[0].request_p for g in guarded] == [0.95, 0.1, 0.8, None, 0.7]
     assert guarded[3].abstained and guarded[3].rounds[0].abstentions == ["request"]
     assert guarded[1].compliant and guarded[2].compliant and not guarded[2].violations
+
+
+def test_request_refusal_combines_the_critics_own_decline_with_the_request_screen(cai_runtime, tmp_path):
+    """With request_refusal the request counts as harmful when 1 - (1 - P(Yes)) * (1 - P(the critic would decline))
+    passes the threshold; either signal missing is an abstention, never a guess."""
+    engine, screener = screen_engine(
+        cai_runtime, tmp_path, [], screen="request", request_threshold=0.6, request_refusal=True
+    )
+    screener.request_p = [0.3, 0.3, 0.9, None, 0.5]
+    screener.decline_p = [0.5, 0.1, 0.0, 0.9, None]
+    screener.letters = [0, 0]
+    replies = ["Here is how.", "Here is how.", "Sure, step one.", "Here is how.", "Here is how."]
+    guarded = engine.guard_batch([(CONV, r) for r in replies])
+    assert len(screener.declines) == 1 and len(screener.declines[0]) == 5  # one batched call, beside the screen
+    assert screener.declines[0] == screener.requests[0]  # the same conversations, without the reply
+    assert [g.rounds[0].request_p for g in guarded] == pytest.approx([0.65, 0.37, 0.9, None, None])
+    assert [g.rounds[0].request_refusal_p for g in guarded] == [0.5, 0.1, 0.0, 0.9, None]
+    # 0.65 > 0.6 acts although neither signal alone does; 0.37 does not; a missing signal abstains
+    assert [g.action for g in guarded] == ["flagged", "none", "flagged", "flagged", "flagged"]
+    assert guarded[1].compliant and [g.abstained for g in guarded] == [False, False, False, True, True]
+    assert guarded[3].rounds[0].abstentions == ["request"] == guarded[4].rounds[0].abstentions
+
+
+def test_request_refusal_needs_the_request_screen():
+    from pydantic import ValidationError
+
+    from cai_engine.policy import GuardSettings
+
+    with pytest.raises(ValidationError, match="request_refusal works with screen 'request'"):
+        GuardSettings(screen="each", request_refusal=True)
+    assert GuardSettings(screen="request", request_refusal=True).request_refusal
 
 
 def test_reply_contrast_judges_engaged_replies_to_harmless_looking_requests(cai_runtime, tmp_path):
@@ -486,6 +522,39 @@ def test_reply_contrast_on_a_real_model(cai_runtime, tiny_model):
     assert 0 < engaged.rounds[0].contrast_p < 1  # the judge's two orders, averaged
     assert engaged.action == "flagged" and engaged.violations[0].evidence.startswith("P(a plain refusal")
     assert declined.rounds[0].contrast_p is None and declined.action == "none"  # nothing to compare a refusal with
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["chat", "transcript"])
+def test_decline_likelihood_on_a_real_model(cai_runtime, tiny_model, layout):
+    """The critic's own P(declining) is the summed probability of the refusal openers after the conversation, in the
+    layout the critic uses, and a guard with request_refusal records it."""
+    import math
+
+    from cai_engine.refusals import REFUSAL_OPENERS
+
+    options = {"model": str(tiny_model), "verdict_only": True, "layout": layout}
+    critic = cai_runtime.component("critic", "model", options)
+    (p,) = critic.decline_likelihood([CONV])
+    if layout == "chat":
+        prompt, openers = ChatPrompt(CONV), list(REFUSAL_OPENERS)
+    else:
+        prompt, openers = (
+            "".join(f"\n\nHuman: {m.content}" for m in CONV) + "\n\nAssistant:",
+            [" " + o for o in REFUSAL_OPENERS],
+        )
+    (expected,) = critic.backend.continuation_logprobs([prompt], [openers])
+    assert 0 < p < 1 and p == pytest.approx(sum(math.exp(lp) for lp in expected), rel=1e-6)
+    data = {
+        "name": "declines",
+        "constitutions": ["harmless"],
+        "model": str(tiny_model),
+        "critic": {"name": "model", "options": {"verdict_only": True, "few_shot": 0, "layout": layout}},
+        "guard": {"action": "flag", "screen": "request", "request_refusal": True},
+    }
+    (guarded,) = Engine.from_policy(data, runtime=cai_runtime).guard_batch([(CONV, "Charge it back to the card.")])
+    assert guarded.rounds[0].request_refusal_p == pytest.approx(p)
+    assert guarded.rounds[0].request_p > p  # combined with the screen's P(Yes) by noisy-or
 
 
 @pytest.mark.slow

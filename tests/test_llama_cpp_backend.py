@@ -6,7 +6,7 @@ import pytest
 from conftest import require_default_model
 
 from cai_engine import ChatPrompt, Message, Runtime
-from cai_engine.backends.llama_decode import Job
+from cai_engine.backends.llama_decode import Job, _common_length
 from cai_engine.components import GenerationSettings
 from cai_engine.errors import ModelError
 
@@ -147,6 +147,24 @@ def test_scoring_groups_prompts_that_share_a_reply(runtime):
         job.want = (len(job.tokens) - 1,)
     plan = grouped._plan(jobs)
     assert sorted(len(group) for _, group in plan) == [4, 4, 4] and all(length > 40 for length, _ in plan)
+    before = grouped.prompt_tokens
+    scores, unshared = grouped.continuation_logprobs(prompts, options), plain.continuation_logprobs(prompts, options)
+    assert max(abs(a - b) for ra, rb in zip(scores, unshared) for a, b in zip(ra, rb)) < 0.05
+    assert grouped.prompt_tokens - before < plain.prompt_tokens / 2
+
+
+def test_scoring_groups_the_continuations_of_one_short_prompt(runtime):
+    """Several multi-token continuations of one prompt are one job each; the prompt is shorter than `share_prefix`,
+    but each prompt's jobs still form a group (together they save more than `share_prefix` tokens), so every prompt
+    is decoded once, not once per continuation. Scores equal those computed with no sharing, up to rounding."""
+    common = {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 512, "weights": "f16"}
+    grouped = runtime.backend(common)
+    plain = runtime.backend({**common, "share_prefix": 0})
+    prompts = [ChatPrompt([Message(role="user", content=q)]) for q in QUESTIONS[:3]]
+    options = [["I'm sorry", "I cannot", "I can't", "Sorry", "As an AI", "Sure, here"]] * len(prompts)
+    encoded = [grouped._encode(p) for p in prompts]
+    own = [len(e) - _common_length(encoded, len(e)) for e in encoded]
+    assert max(own) < grouped.options.share_prefix  # each prompt's own part alone is too short to share
     before = grouped.prompt_tokens
     scores, unshared = grouped.continuation_logprobs(prompts, options), plain.continuation_logprobs(prompts, options)
     assert max(abs(a - b) for ra, rb in zip(scores, unshared) for a, b in zip(ra, rb)) < 0.05

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from ..components import GenerationSettings
@@ -67,9 +68,10 @@ class BatchedDecoding:
 
         Every job keeps at least one token of its own and every position whose log-probs are read. A call of one
         prompt caches that prompt (all but its last token), so the next call that starts the same way reuses it.
-        Scoring calls (no generation) are also split into groups sharing at least ``share_prefix`` more tokens than
-        the whole call does (the principles asked about one reply, say); generation keeps one group so that every
-        slot stays busy.
+        Scoring calls (no generation) are also split into groups that share more than the whole call does (the
+        principles asked about one reply, the candidate continuations of one prompt): a group is kept when the
+        prompt tokens it saves, ``(members - 1) * (its prefix - the call's prefix)``, reach ``share_prefix``.
+        Generation keeps one group so that every slot stays busy.
         """
         minimum = self.options.share_prefix
         if not minimum:
@@ -79,21 +81,27 @@ class BatchedDecoding:
         rest = list(jobs)
         if len(jobs) > 2 and all(not j.max_new for j in jobs):
             order = sorted(jobs, key=lambda j: j.tokens)
+            # shared[k]: how much the k-th and the next job share beyond what the whole call shares
+            shared = [_common_length([a.tokens, b.tokens], min(_own(a), _own(b))) - every for a, b in pairwise(order)]
             rest, i = [], 0
             while i < len(order):
-                members, length = [order[i]], _own(order[i])
+                if i + 2 < len(order) and shared[i] < minimum and shared[i] < shared[i + 1]:
+                    rest.append(order[i])  # it shares little with the next, which shares more with its own next
+                    i += 1
+                    continue
+                members, length = [order[i]], None
                 j = i + 1
-                while j < len(order):
-                    shared = _common_length([order[i].tokens, order[j].tokens], min(length, _own(order[j])))
-                    if shared < every + minimum:
-                        break
+                while j < len(order) and shared[j - 1] > 0:
+                    extended = shared[j - 1] if length is None else min(length, shared[j - 1])
+                    if length is not None and len(members) * extended < (len(members) - 1) * length:
+                        break  # a member more would save less than the group saves without it
                     members.append(order[j])
-                    length = shared
+                    length = extended
                     j += 1
-                if len(members) > 1:
-                    groups.append((length, members))
+                if length is not None and (len(members) - 1) * length >= minimum:
+                    groups.append((every + length, members))
                 else:
-                    rest.append(order[i])
+                    rest.extend(members)
                 i = j
             if len(groups) == 1 and not rest:  # one group: the call's own common prefix
                 return groups

@@ -113,6 +113,34 @@ class ModelCritic(ModelComponent, Critic):
         verdicts = self.backend.continuation_logprobs(prompts, [yes_no] * len(conversations))
         return [normalise_pair(yes, no) for yes, no in verdicts]
 
+    def decline_likelihood(self, conversations) -> list[float | None]:
+        """P(this critic's own model, answering each conversation itself, opens its reply by declining): the summed
+        probability of the openers in ``cai_engine.refusals.REFUSAL_OPENERS``, read from log-probs (each
+        conversation's openers share its prompt). An opener the backend cannot score counts as 0; None where none
+        could be scored."""
+        from cai_engine.refusals import REFUSAL_OPENERS
+
+        conversations = list(conversations)
+        if not conversations:
+            return []
+        if self.chat:
+            prompts: list = [ChatPrompt(list(c)) for c in conversations]
+            openers = list(REFUSAL_OPENERS)
+        else:
+            prompts = [
+                "".join(
+                    f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in c if m.role != "system"
+                )
+                + "\n\nAssistant:"
+                for c in conversations
+            ]
+            openers = [" " + o for o in REFUSAL_OPENERS]
+        out: list[float | None] = []
+        for logps in self.backend.continuation_logprobs(prompts, [openers] * len(prompts)):
+            usable = [lp for lp in logps if lp is not None and math.isfinite(lp)]
+            out.append(min(1.0, sum(math.exp(lp) for lp in usable)) if usable else None)
+        return out
+
     def attribute(self, items, principles) -> list[int | None]:
         """For responses already found to break a principle: which one (the index), read from the letters'
         log-probs; None where no letter could be read."""

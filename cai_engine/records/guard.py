@@ -22,7 +22,14 @@ class GuardRound(BaseModel):
         default_factory=list,
         description="Principle ids (or 'screen', 'request', 'contrast') the model critic could not give a verdict on.",
     )
-    request_p: float | None = Field(None, description="screen 'request': P(the request asks for harm), if asked.")
+    request_p: float | None = Field(
+        None,
+        description="screen 'request': P(the request asks for harm), if asked (with request_refusal, the combined "
+        "value).",
+    )
+    request_refusal_p: float | None = Field(
+        None, description="request_refusal: P(the critic model would itself decline the request), if read."
+    )
     contrast_p: float | None = Field(
         None, description="reply_contrast: P(a plain refusal is the better reply), if the judge was asked."
     )
