@@ -24,6 +24,7 @@ from pathlib import Path
 
 from cai_engine import Message, Runtime, load_prompts
 from cai_engine.config import ComponentRef
+from cai_engine.guard import combine_request_signals
 from cai_engine.stats import rate
 
 
@@ -98,7 +99,7 @@ def main() -> None:
                 declines = critic.decline_likelihood(conversations)
                 scores["declines"].setdefault(label, {})[source] = declines
                 scores["combined"].setdefault(label, {})[source] = [
-                    None if q is None or d is None else 1.0 - (1.0 - q) * (1.0 - d) for q, d in zip(question, declines)
+                    combine_request_signals(q, d) for q, d in zip(question, declines)
                 ]
     seconds = time.perf_counter() - began
     runtime.close()

@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def combine_request_signals(p_yes: float | None, p_declines: float | None) -> float | None:
+    """guard.request_refusal: the request screen's P(Yes) and P(the critic would decline) combined by noisy-or;
+    None (an abstention) when either is missing."""
+    if p_yes is None or p_declines is None:
+        return None
+    return 1.0 - (1.0 - p_yes) * (1.0 - p_declines)
+
+
 class Guard:
     """One guard pass over a batch, for ``engine`` (see :meth:`Engine.guard_batch`)."""
 
@@ -143,10 +151,7 @@ class Guard:
                         f"{self.critic.name!r} has none (use the built-in 'model' critic)"
                     )
                 declines = decline_likelihood(conversations)
-                probabilities = [
-                    None if p is None or d is None else 1.0 - (1.0 - p) * (1.0 - d)
-                    for p, d in zip(probabilities, declines)
-                ]
+                probabilities = [combine_request_signals(p, d) for p, d in zip(probabilities, declines)]
             for (state, candidates), p, d in zip(request_tasks, probabilities, declines):
                 state.request_p, state.request_asked = p, True
                 state.rounds[-1].request_p = p

@@ -121,7 +121,7 @@ class GuardSettings(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _contrast_needs_request_screen(self) -> GuardSettings:
+    def _request_screen_options(self) -> GuardSettings:
         if self.reply_contrast is not None and self.screen != "request":
             raise ValueError(f"reply_contrast works with screen 'request', not {self.screen!r}")
         if self.request_refusal and self.screen != "request":

@@ -13,6 +13,7 @@ from cai_engine.layouts import (
     CRITIQUE_STOPS,
     VERDICT_QUESTION,
     chat_critique,
+    transcript,
     transcript_block,
     verdict_question,
 )
@@ -127,13 +128,7 @@ class ModelCritic(ModelComponent, Critic):
             prompts: list = [ChatPrompt(list(c)) for c in conversations]
             openers = list(REFUSAL_OPENERS)
         else:
-            prompts = [
-                "".join(
-                    f"\n\n{'Human' if m.role == 'user' else 'Assistant'}: {m.content}" for m in c if m.role != "system"
-                )
-                + "\n\nAssistant:"
-                for c in conversations
-            ]
+            prompts = [transcript(c) for c in conversations]
             openers = [" " + o for o in REFUSAL_OPENERS]
         out: list[float | None] = []
         for logps in self.backend.continuation_logprobs(prompts, [openers] * len(prompts)):
