@@ -11,11 +11,13 @@ they share one), after one warm-up call (first-call allocations are not throughp
    own Q4_1 weights.
 2. Judging 100 distinct comparisons (both orders; the labelled judge pairs, then guard cases' answers paired so that
    no two comparisons share a conversation and first answer) with the logprob judge
-   on the default model: batch size 1 without prefix sharing, against batched with the prefix caches.
+   on the default model: batch size 1 without prefix sharing, against batched with the prefix caches; with no worked
+   example, and at the judge's default of one worked example before each comparison (``few_shot: 1``).
 3. The 1.5B feedback model (if installed): llama.cpp's own single stream against the engine's batched backend.
 4. The guard with model critics on the default model, every runtime principle of the harmless constitution, over the
    labelled guard cases: one response per call (p50, p95) and 32 per call (seconds per response), for the
-   per-principle verdicts (screen 'each') and the one combined verdict (screen 'combined').
+   per-principle verdicts (screen 'each') and the one combined verdict (screen 'combined'), then 'each' again with
+   the backend's unified KV cache (``kv_cache: unified``).
 
     python bench/throughput.py
     python bench/throughput.py --skip-feedback --comparisons 40 --out throughput.json
@@ -153,6 +155,7 @@ def comparisons(n: int):
                 response_a=pair["better"],
                 response_b=pair["worse"],
                 principles=[principle or constitution.principle("harm-001")],
+                examples=constitution.comparison_examples,  # as phase 2 and the evaluation pass them
             )
         )
     # each guard case's answer against the next case's, then a few cases again with two other answers: no two
@@ -166,14 +169,15 @@ def comparisons(n: int):
                 response_a=cases[first % len(cases)]["response"],
                 response_b=cases[second % len(cases)]["response"],
                 principles=[constitution.principle("harm-001")],
+                examples=constitution.comparison_examples,
             )
         )
     return tasks[:n]
 
 
-def judging(path: str, n: int, repeats: int) -> dict:
-    """Comparisons per second for one judging path on ``n`` distinct comparisons (the median of ``repeats`` timed
-    calls for the batched path; the batch-1 paths, minutes each, once)."""
+def judging(path: str, n: int, repeats: int, few_shot: int = 0) -> dict:
+    """Comparisons per second for one judging path on ``n`` distinct comparisons, ``few_shot`` worked examples before
+    each (the median of ``repeats`` timed calls for the batched path; the batch-1 paths, minutes each, once)."""
     from cai_engine import Runtime
     from cai_engine.backends.model_files import default_model_file
 
@@ -187,7 +191,7 @@ def judging(path: str, n: int, repeats: int) -> dict:
         model.update(parallel=1, share_prefix=0, weights="original")
     else:
         model.update(parallel=16)
-    judge = runtime.component("judge", "logprob", {"model": model, "few_shot": 0})
+    judge = runtime.component("judge", "logprob", {"model": model, "few_shot": few_shot})
     judge.compare(warm)
     runs = []
     for _ in range(1 if model["parallel"] == 1 else repeats):
@@ -199,10 +203,16 @@ def judging(path: str, n: int, repeats: int) -> dict:
             judge.compare(tasks)
         runs.append((len(tasks), time.perf_counter() - began))
     row = _median_run(runs)
-    return {"pairs_s": row.pop("tok_s"), **{k: v for k, v in row.items() if k != "tokens"}}
+    backend = judge.backend
+    return {
+        "pairs_s": row.pop("tok_s"),
+        **{k: v for k, v in row.items() if k != "tokens"},
+        "prompt_tokens_decoded": backend.prompt_tokens,
+        "prompt_tokens_reused": backend.shared_prefix_tokens,
+    }
 
 
-def guarding(screen: str, single: int, batch: int) -> dict:
+def guarding(screen: str, single: int, batch: int, kv_cache: str = "per_sequence") -> dict:
     """The guard (flag mode) with every runtime principle, on the default model through llama.cpp."""
     from cai_engine import Runtime
     from cai_engine.engine import Engine
@@ -213,7 +223,7 @@ def guarding(screen: str, single: int, batch: int) -> dict:
             "name": "guard-speed",
             "version": "1",
             "constitutions": ["harmless"],
-            "model": {"model": "smollm2", "backend": "llamacpp"},
+            "model": {"model": "smollm2", "backend": "llamacpp", "kv_cache": kv_cache},
             "critic": {"name": "model", "options": {"verdict_only": True, "few_shot": 0}},
             "guard": {"action": "flag", "model_critics": True, "screen": screen},
         }
@@ -241,6 +251,33 @@ def guarding(screen: str, single: int, batch: int) -> dict:
     }
 
 
+def machine() -> dict:
+    """What the figures were measured on: they move with the CPU's vector units (llama.cpp is built for the CPU
+    it is compiled on)."""
+    import os
+    import platform
+    from importlib.metadata import version
+
+    flags: set[str] = set()
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "vector units": " ".join(f for f in wanted if f in flags) or "unknown",
+        "llama-cpp-python": version("llama-cpp-python"),
+        "torch": version("torch"),
+    }
+
+
 def isolated(function, *args):
     """Run ``function(*args)`` in a fresh process and return its result."""
     context = multiprocessing.get_context("spawn")
@@ -264,11 +301,33 @@ def main() -> None:
     )
     parser.add_argument("--skip-feedback", action="store_true", help="Leave out the 1.5B feedback model.")
     parser.add_argument("--out", help="Also write every figure here (JSON).")
+    parser.add_argument(
+        "--report", metavar="JSON", help="Measure nothing: print the summary, ratios and targets of a saved --out file."
+    )
     args = parser.parse_args()
+    if args.report:
+        summarize(json.loads(Path(args.report).read_text(encoding="utf-8")))
+        return
     from cai_engine import Runtime
 
     has_feedback = not args.skip_feedback and Runtime().registry.catalog.installed_path("qwen2.5-coder-1.5b")
-    report: dict[str, dict] = {"generation": {}, "judging": {}, "feedback": {}, "guard": {}}
+    settings = {
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "comparisons": args.comparisons,
+        "guard_single": args.guard_single,
+        "guard_batch": args.guard_batch,
+        "repeats": args.repeats,
+    }
+    report: dict[str, dict] = {
+        "machine": machine(),
+        "settings": settings,
+        "generation": {},
+        "judging": {},
+        "feedback": {},
+        "guard": {},
+    }
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), flush=True)
     for path in (
         "transformers, one at a time",
         "transformers, batched",
@@ -279,35 +338,57 @@ def main() -> None:
     ):
         report["generation"][path] = isolated(generation, path, args.prompts, args.max_new_tokens, args.repeats)
         print(f"  {path:<44} {report['generation'][path]['tok_s']:8.1f} tok/s", flush=True)
-    for path in (
-        "judge, batch 1, no prefix sharing, Q4_1 weights",
-        "judge, batch 1, no prefix sharing",
-        "judge, batched 16, prefix caches",
-    ):
-        report["judging"][path] = isolated(judging, path, args.comparisons, args.repeats)
-        print(f"  {path:<44} {report['judging'][path]['pairs_s']:8.2f} comparisons/s", flush=True)
+    for few_shot in (0, 1):
+        for path in (
+            "judge, batch 1, no prefix sharing, Q4_1 weights",
+            "judge, batch 1, no prefix sharing",
+            "judge, batched 16, prefix caches",
+        ):
+            name = path if not few_shot else f"{path}, 1 example"
+            report["judging"][name] = isolated(judging, path, args.comparisons, args.repeats, few_shot)
+            print(f"  {name:<56} {report['judging'][name]['pairs_s']:8.2f} comparisons/s", flush=True)
     if has_feedback:
         for path in ("llama.cpp single stream, 1.5B", "1.5B engine llama.cpp, batched"):
             report["feedback"][path] = isolated(generation, path, args.prompts, args.max_new_tokens, args.repeats)
             print(f"  {path:<44} {report['feedback'][path]['tok_s']:8.1f} tok/s", flush=True)
-    for screen in ("each", "combined"):
-        report["guard"][screen] = isolated(guarding, screen, args.guard_single, args.guard_batch)
-        row = report["guard"][screen]
+    for screen, kv_cache in (("each", "per_sequence"), ("combined", "per_sequence"), ("each", "unified")):
+        name = screen if kv_cache == "per_sequence" else f"{screen}, unified KV cache"
+        report["guard"][name] = isolated(guarding, screen, args.guard_single, args.guard_batch, kv_cache)
+        row = report["guard"][name]
         print(
-            f"  guard, screen {screen!r} ({row['principles']} principles): p50 {row['p50_s']:.2f} s, "
+            f"  guard, screen {name!r} ({row['principles']} principles): p50 {row['p50_s']:.2f} s, "
             f"p95 {row['p95_s']:.2f} s, {args.guard_batch} per call {row['batched_s_per_response']:.2f} s each",
             flush=True,
         )
+    print()
+    summarize(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
+
+def summarize(report: dict) -> None:
+    """Print every figure side by side, then the ratios, then the issue's targets (met or not); the last two are also
+    stored in ``report``."""
+    settings = report["settings"]
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()))
     gen, judged, fb = report["generation"], report["judging"], report["feedback"]
-    print(f"\ngeneration, default model, {args.prompts} critique prompts, {args.max_new_tokens} new tokens (tok/s):")
+    print(
+        f"generation, default model, {settings['prompts']} critique prompts, {settings['max_new_tokens']} new tokens "
+        "(tok/s):"
+    )
     for name, row in gen.items():
         print(f"  {name:<44} {row['tok_s']:8.1f}   peak {row['peak_mb']:6.0f} MB")
-    print(f"judging, {args.comparisons} distinct comparisons, both orders (comparisons/s):")
+    print(f"judging, {settings['comparisons']} distinct comparisons, both orders (comparisons/s):")
     for name, row in judged.items():
-        print(f"  {name:<44} {row['pairs_s']:8.2f}   peak {row['peak_mb']:6.0f} MB")
+        print(f"  {name:<56} {row['pairs_s']:8.2f}   peak {row['peak_mb']:6.0f} MB")
     for name, row in fb.items():
         print(f"  {name:<44} {row['tok_s']:8.1f} tok/s   peak {row['peak_mb']:6.0f} MB")
+    per_call = settings["guard_batch"]
+    for screen, row in report["guard"].items():
+        print(
+            f"  guard, screen {screen!r} ({row['principles']} principles): p50 {row['p50_s']:.2f} s, "
+            f"p95 {row['p95_s']:.2f} s, {per_call} per call {row['batched_s_per_response']:.2f} s each"
+        )
     reference = gen["llama.cpp single stream, default model"]["tok_s"]
     ratios = {
         "engine llama.cpp batched / llama.cpp single stream": gen["engine llama.cpp, batched"]["tok_s"] / reference,
@@ -329,6 +410,14 @@ def main() -> None:
             judged["judge, batched 16, prefix caches"]["pairs_s"]
             / judged["judge, batch 1, no prefix sharing, Q4_1 weights"]["pairs_s"]
         ),
+        "judging, 1 example (the default), batched+caches / batch 1 without (same weights)": (
+            judged["judge, batched 16, prefix caches, 1 example"]["pairs_s"]
+            / judged["judge, batch 1, no prefix sharing, 1 example"]["pairs_s"]
+        ),
+        "judging, 1 example (the default), batched+caches / batch 1 without, Q4_1 weights": (
+            judged["judge, batched 16, prefix caches, 1 example"]["pairs_s"]
+            / judged["judge, batch 1, no prefix sharing, Q4_1 weights, 1 example"]["pairs_s"]
+        ),
     }
     if fb:
         ratios["1.5B batched / its llama.cpp single stream"] = (
@@ -337,9 +426,62 @@ def main() -> None:
     report["ratios"] = ratios
     print("ratios:")
     for name, value in ratios.items():
-        print(f"  {name:<66} {value:5.2f}x")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"  {name:<84} {value:5.2f}x")
+    fastest = max(gen["engine llama.cpp, batched"]["tok_s"], gen["transformers, batched"]["tok_s"])
+    guard = report["guard"]
+    targets = [
+        ("default model, fastest batched path / llama.cpp single stream", fastest / reference, ">=", 3.0),
+        (
+            "transformers batched / 52.6 tok/s",
+            ratios["transformers batched / 52.6 tok/s (the issue's figure)"],
+            ">=",
+            2,
+        ),
+        (
+            "judging batched+caches / the faster batch 1 without (the default judge: 1 example)",
+            min(
+                ratios["judging, 1 example (the default), batched+caches / batch 1 without (same weights)"],
+                ratios["judging, 1 example (the default), batched+caches / batch 1 without, Q4_1 weights"],
+            ),
+            ">=",
+            5.0,
+        ),
+        ("guard 'each', p50 seconds per response", guard["each"]["p50_s"], "<=", 2.0),
+        (
+            f"guard 'each', seconds per response, {per_call} per call",
+            guard["each"]["batched_s_per_response"],
+            "<=",
+            1.0,
+        ),
+        ("guard 'combined', p50 seconds per response", guard["combined"]["p50_s"], "<=", 2.0),
+        (
+            f"guard 'combined', seconds per response, {per_call} per call",
+            guard["combined"]["batched_s_per_response"],
+            "<=",
+            1.0,
+        ),
+    ]
+    if "each, unified KV cache" in guard:
+        unified = guard["each, unified KV cache"]
+        targets += [
+            ("guard 'each', unified KV cache, p50 seconds per response", unified["p50_s"], "<=", 2.0),
+            (
+                f"guard 'each', unified KV cache, seconds per response, {per_call} per call",
+                unified["batched_s_per_response"],
+                "<=",
+                1.0,
+            ),
+        ]
+    if fb:
+        targets.insert(
+            3, ("1.5B batched / its single stream", ratios["1.5B batched / its llama.cpp single stream"], ">=", 2.0)
+        )
+    report["targets"] = {
+        name: {"value": v, "target": f"{op} {t}", "met": v >= t if op == ">=" else v <= t} for name, v, op, t in targets
+    }
+    print("the issue's targets:")
+    for name, row in report["targets"].items():
+        print(f"  {name:<84} {row['value']:5.2f} ({row['target']}: {'met' if row['met'] else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,29 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(runtime, weights):
     assert shared.prompt_tokens - prompt_tokens < 2 * 40
 
 
+def test_a_unified_kv_cache_gives_the_per_sequence_results(runtime):
+    """``kv_cache: unified`` (one cache, no equal-length split of each decode call) scores and generates what one
+    stream per sequence does, up to rounding on the F16 copy, shared prefixes and scoring groups included."""
+    common = {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 512, "weights": "f16"}
+    unified = runtime.backend({**common, "kv_cache": "unified"})
+    separate = runtime.backend(common)
+    assert "unified KV cache" in unified.path_summary and "per sequence" in separate.path_summary
+    exchange = "Here is a reply to judge, followed by one question about it. " * 4
+    prompts = [
+        ChatPrompt([Message(role="system", content=exchange), Message(role="user", content=q)]) for q in QUESTIONS
+    ]
+    options = [["Yes", "No", "The answer is"]] * len(prompts)
+    before = unified.shared_prefix_tokens
+    scores = unified.continuation_logprobs(prompts, options)
+    assert unified.shared_prefix_tokens - before >= 40 * (len(prompts) - 1)  # the prefix was shared, not recomputed
+    expected = separate.continuation_logprobs(prompts, options)
+    assert max(abs(a - b) for ra, rb in zip(scores, expected) for a, b in zip(ra, rb)) < 0.05
+    settings = GenerationSettings(max_new_tokens=16)
+    texts = unified.generate(prompts, settings)
+    assert all(t.strip() for t in texts)
+    assert sum(a == b for a, b in zip(texts, separate.generate(prompts, settings))) >= 4
+
+
 def test_prefixes_are_cached_across_single_prompt_calls(runtime):
     """A request path sends one prompt at a time: each call's prompt stays cached, so the next one that starts the
     same way (the same instructions, the same reply asked about again) decodes only what is new; a few different
