@@ -110,7 +110,7 @@ class LlamaCppBackend(BatchedDecoding, Backend):
             "its batch beyond rounding, but llama.cpp splits each decode call into pieces in which every sequence "
             "has the same number of tokens, so many short prompts of unequal length (the guard's per-principle "
             "questions) run as many small passes. 'unified': one cache for all sequences and no such split; "
-            "measured here the guard's 'each' screen ran 1.3x faster (F16 copy of the default model, results "
+            "measured here the guard's 'each' screen ran 1.4-1.5x faster (F16 copy of the default model, results "
             "within 0.05 nats), long prompts and generation 4-8% slower, and on quantised weights results move "
             "more with the batch (greedy output of the 1.5B Q4_K_M model changed).",
         )
