@@ -402,23 +402,15 @@ def summarize(report: dict) -> None:
         "transformers batched, oneDNN-packed / stock weights": (
             gen["transformers, batched"]["tok_s"] / gen["transformers, batched, stock weights"]["tok_s"]
         ),
-        "judging batched+caches / batch 1 without (same weights)": (
-            judged["judge, batched 16, prefix caches"]["pairs_s"]
-            / judged["judge, batch 1, no prefix sharing"]["pairs_s"]
-        ),
-        "judging batched+caches / batch 1 without, Q4_1 weights": (
-            judged["judge, batched 16, prefix caches"]["pairs_s"]
-            / judged["judge, batch 1, no prefix sharing, Q4_1 weights"]["pairs_s"]
-        ),
-        "judging, 1 example (the default), batched+caches / batch 1 without (same weights)": (
-            judged["judge, batched 16, prefix caches, 1 example"]["pairs_s"]
-            / judged["judge, batch 1, no prefix sharing, 1 example"]["pairs_s"]
-        ),
-        "judging, 1 example (the default), batched+caches / batch 1 without, Q4_1 weights": (
-            judged["judge, batched 16, prefix caches, 1 example"]["pairs_s"]
-            / judged["judge, batch 1, no prefix sharing, Q4_1 weights, 1 example"]["pairs_s"]
-        ),
     }
+    for suffix, label in (("", "judging"), (", 1 example", "judging, 1 example (the default),")):
+        batched = judged[f"judge, batched 16, prefix caches{suffix}"]["pairs_s"]
+        ratios[f"{label} batched+caches / batch 1 without (same weights)"] = (
+            batched / judged[f"judge, batch 1, no prefix sharing{suffix}"]["pairs_s"]
+        )
+        ratios[f"{label} batched+caches / batch 1 without, Q4_1 weights"] = (
+            batched / judged[f"judge, batch 1, no prefix sharing, Q4_1 weights{suffix}"]["pairs_s"]
+        )
     if fb:
         ratios["1.5B batched / its llama.cpp single stream"] = (
             fb["1.5B engine llama.cpp, batched"]["tok_s"] / fb["llama.cpp single stream, 1.5B"]["tok_s"]
