@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/cai-*)
 PLUGIN_INSTALLS := $(foreach p,$(PLUGINS),-e $(p))
 
-.PHONY: setup setup-test demo test lint clean
+.PHONY: setup setup-test demo test test-quick lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ setup-test: setup
 demo: setup
 	$(BIN)/cai demo
 
+# Every test, each in its own temporary working directory (conftest.py), in a random order: pytest-randomly
+# prints the seed; `--randomly-seed=N` repeats an order, `-p no:randomly` keeps the file order.
 test: setup-test lint
 	$(BIN)/python -m pytest -q
+
+# The quick tier for contributors: no tiny-model training, no real default model, no llama.cpp server.
+test-quick: setup-test
+	$(BIN)/python -m pytest -q -m "not slow and not model and not server"
 
 # ruff lints and checks formatting, mypy checks the types of the core and the plugins (settings in pyproject.toml);
 # `ruff format .` fixes the formatting.

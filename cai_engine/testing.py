@@ -236,3 +236,15 @@ def assert_check_benchmark(
     assert found["precision"]["rate"] >= precision and found["recall"]["rate"] >= recall, found["errors"]
     assert result["repair"]["success"]["rate"] >= repair, result["repair"]["failures"]
     return result
+
+
+def require_default_model() -> None:
+    """Skip the calling test (or module, at import) when the embedded default model is not installed
+    (``cai models install smollm2``)."""
+    from .backends.model_files import default_model_file
+    from .errors import ModelError
+
+    try:
+        default_model_file()
+    except ModelError as exc:  # pragma: no cover - only without the default model
+        pytest.skip(str(exc), allow_module_level=True)

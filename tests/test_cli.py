@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from cai_engine import __version__
 from cai_engine.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_version(cli_runner):
@@ -55,12 +58,16 @@ def test_constitutions_show_resolves_extends(cli_runner):
 def test_validate_ok_and_failures(cli_runner, tmp_path):
     import glob
 
-    ok = cli_runner.invoke(cli, ["constitutions", "validate", *sorted(glob.glob("constitutions/*.yaml"))])
+    ok = cli_runner.invoke(
+        cli, ["constitutions", "validate", *sorted(glob.glob(str(ROOT / "constitutions" / "*.yaml")))]
+    )
     assert ok.exit_code == 0, ok.output
     assert ok.output.count("ok ") == 5
     bad = tmp_path / "bad.yaml"
     bad.write_text('name: x\nversion: "1"\nprinciples:\n  - id: a\n    critque_request: c\n', encoding="utf-8")
-    result = cli_runner.invoke(cli, ["constitutions", "validate", "constitutions/harmless.yaml", str(bad)])
+    result = cli_runner.invoke(
+        cli, ["constitutions", "validate", str(ROOT / "constitutions" / "harmless.yaml"), str(bad)]
+    )
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert f"{bad}: principles[0].critque_request (line 5): unknown key" in result.output
@@ -90,7 +97,7 @@ def test_schema_command_matches_committed(cli_runner, tmp_path):
     out = tmp_path / "s.json"
     result = cli_runner.invoke(cli, ["constitutions", "schema", "-o", str(out)])
     assert result.exit_code == 0
-    with open("schemas/constitution.schema.json", encoding="utf-8") as committed:
+    with open(ROOT / "schemas" / "constitution.schema.json", encoding="utf-8") as committed:
         assert json.load(committed) == json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -106,7 +113,7 @@ def test_a_missing_extra_gets_an_install_hint(cli_runner, monkeypatch, tmp_path)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    result = cli_runner.invoke(cli, ["demo"])
+    result = cli_runner.invoke(cli, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 1 and "pip install 'cai-engine[models]'" in result.output
     assert "Traceback" not in result.output
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
-from conftest import require_default_model
 
 from cai_engine import ComparisonTask, CritiqueTask, Message, RevisionTask, Runtime
+from cai_engine.testing import require_default_model
 
 pytestmark = pytest.mark.model
 
@@ -23,14 +22,26 @@ def runtime():
     rt.close()
 
 
-def test_default_model_loads_from_the_safetensors_cache(runtime):
+def test_default_model_loads_from_the_safetensors_cache(runtime, monkeypatch):
+    from cai_engine.backends import model_files
+
     backend = runtime.backend("smollm2")
     assert backend.model_id == "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"
     assert backend.has_chat_template and backend.context_length == 8192
-    assert any(backend.folder.glob("*.safetensors"))
-    began = time.perf_counter()
-    Runtime().backend("smollm2")  # a second load reads the cache, not the GGUF
-    assert time.perf_counter() - began < 15
+    cached = {p.name: p.stat().st_mtime_ns for p in backend.folder.glob("*.safetensors")}
+    assert cached
+
+    def convert_again(*args, **kwargs):
+        raise AssertionError("a second load converted the GGUF again instead of reading the cache")
+
+    monkeypatch.setattr(model_files, "convert_gguf", convert_again)
+    other = Runtime()
+    try:
+        second = other.backend("smollm2")  # a second load reads the cache, not the GGUF
+        assert second is not backend and second.folder == backend.folder and second.model_id == backend.model_id
+    finally:
+        other.close()
+    assert {p.name: p.stat().st_mtime_ns for p in backend.folder.glob("*.safetensors")} == cached  # not rewritten
 
 
 def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):

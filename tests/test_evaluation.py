@@ -32,7 +32,7 @@ def test_training_defaults_never_use_heldout_sets(cai_registry):
     from cai_engine.rl import RLConfig
 
     heldout = [f"builtin:{n}" for n in cai_registry.prompt_set_names() if cai_registry.prompt_set(n).heldout]
-    assert set(heldout) == {"builtin:heldout", "builtin:benign-scary", "builtin:heldout-helpful"}
+    assert set(heldout) == {"builtin:heldout", "builtin:benign-scary", "builtin:heldout-helpful", "builtin:contrast"}
     sl, rl = SLConfig(), RLConfig()
     for source in (sl.prompts, sl.helpful_prompts, rl.prompts):
         assert not is_heldout(source, cai_registry)

@@ -113,10 +113,11 @@ def test_a_checkpoint_has_a_model_card_and_is_pushed_without_trl_checkpoints(
     assert metadata["pipeline_tag"] == "text-generation" and "sft" in metadata["tags"]
     assert "base_model" not in metadata  # a local folder is not a Hub id
     assert "`harmless` version 3" in text and "sha256:abc123" in text and "1 steps" in text
-    assert (out / "trainer").is_dir()  # kept locally to resume from ...
+    # TRL's resume checkpoints (weights and optimizer state) go once the final weights are saved and checked ...
+    assert not (out / "trainer").exists()
     upload = dict(fake_hub.calls)["upload_folder"]
     assert upload["repo_type"] == "model" and upload["folder_path"] == str(out)
-    assert "trainer/**" in upload["ignore_patterns"]  # ... but not uploaded
+    assert "trainer/**" in upload["ignore_patterns"]  # ... and a run still in progress never uploads them
 
 
 @pytest.mark.slow

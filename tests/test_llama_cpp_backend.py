@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import pytest
-from conftest import require_default_model
 
 from cai_engine import ChatPrompt, Message, Runtime
-from cai_engine.backends.llama_decode import Job, _common_length
+from cai_engine.backends.llama_decode import Job, _common_length, log_softmax
 from cai_engine.components import GenerationSettings
 from cai_engine.errors import ModelError
+from cai_engine.testing import require_default_model
 
 pytestmark = pytest.mark.model
 
@@ -39,6 +42,154 @@ def conversations(questions=QUESTIONS):
     return [[Message(role="user", content=q)] for q in questions]
 
 
+# -- comparing two computation paths ----------------------------------------------------------------------------------
+#
+# Two ways of computing the same thing (batched and alone, with a shared prefix and without) agree only up to
+# rounding, and how much rounding depends on the CPU: llama.cpp picks its kernels per instruction set (AVX2, AVX-512,
+# VNNI, AMX tile and quantise activations differently) and per batch shape. So no comparison here uses a tolerance
+# measured on one machine. Each test measures the reference path's own noise on the running machine: the same
+# log-probs computed twice, in one prompt pass and in other batch shapes (the prompt in pieces, then one token per
+# decode call for several sequences at once, as generation runs). A path under test may differ from the reference by
+# NOISE_MULTIPLE times that, plus NOISE_FLOOR for machines where the shapes happen to agree bit for bit (observed
+# here, on AVX-512: the paths under test differ by 0.7-1.0 times the noise). A broken path (a wrong or stale KV
+# cache, a prefix copied to the wrong place, sequences that see each other) is off by far more.
+
+NOISE_MULTIPLE = 3
+NOISE_FLOOR = 0.02  # nats
+
+
+def bound(noise: float) -> float:
+    return NOISE_MULTIPLE * noise + NOISE_FLOOR
+
+
+def prompt_pass(backend, sequences, firsts):
+    """For each token sequence, the next-token log-probs at positions ``first - 1`` to the end, from one prompt pass
+    over that sequence alone (no shared or cached prefix)."""
+    out = []
+    for tokens, first in zip(sequences, firsts):
+        job = Job(index=0, tokens=list(tokens), want=tuple(range(first - 1, len(tokens) - 1)))
+        with backend._lock:
+            backend._run_group([job], GenerationSettings(max_new_tokens=1), 0)
+        out.append(np.stack([job.logprobs[p] for p in job.want]))
+    return out
+
+
+def stepwise(backend, sequences, firsts):
+    """The same log-probs as :func:`prompt_pass` in other batch shapes: the tokens before ``first - 1`` in pieces of
+    32 (as a shared prefix splits a prompt), then, the way generation runs, one token of each sequence per decode
+    call with ``parallel`` sequences side by side."""
+    import llama_cpp
+
+    out: list[list] = [[] for _ in sequences]
+    width, chunk = backend.options.parallel, 32
+    with backend._lock:
+        for start in range(0, len(sequences), width):
+            group = list(enumerate(range(start, min(start + width, len(sequences)))))  # (slot, sequence)
+            for slot, i in group:
+                llama_cpp.llama_memory_seq_rm(backend._memory, slot, -1, -1)
+                for pos in range(0, firsts[i] - 1, chunk):
+                    end = min(pos + chunk, firsts[i] - 1)
+                    backend._fill([(slot, sequences[i][p], p, False) for p in range(pos, end)])
+                    backend._decode()
+            for pos in range(min(firsts[i] for _, i in group) - 1, max(len(sequences[i]) for _, i in group) - 1):
+                entries = [(slot, i) for slot, i in group if firsts[i] - 1 <= pos < len(sequences[i]) - 1]
+                if not entries:
+                    continue
+                backend._fill([(slot, sequences[i][pos], pos, True) for slot, i in entries])
+                backend._decode()
+                for k, (_, i) in enumerate(entries):
+                    out[i].append(log_softmax(backend._logits(k)))
+            for slot, _ in group:
+                llama_cpp.llama_memory_seq_rm(backend._memory, slot, -1, -1)
+    return [np.stack(rows) for rows in out]
+
+
+def deviation(a, b, tokens=None) -> float:
+    """The largest difference between two paths' log-probs (arrays of positions x vocabulary) over the tokens that
+    decide anything: at each position the token each path ranks first, and ``tokens[position]`` if given."""
+    worst = 0.0
+    for p in range(len(a)):
+        chosen = {int(a[p].argmax()), int(b[p].argmax())} | ({int(tokens[p])} if tokens is not None else set())
+        worst = max(worst, max(abs(float(a[p][t]) - float(b[p][t])) for t in chosen))
+    return worst
+
+
+@contextlib.contextmanager
+def recording(backend):
+    """Records, per prompt index, each sampled token and the log-probs the sampler chose it from."""
+    steps: dict[int, list[tuple[int, np.ndarray]]] = {}
+    sample = backend._sample
+
+    def recorded(logits, job, settings, rng):
+        token = sample(logits, job, settings, rng)
+        steps.setdefault(job.index, []).append((token, log_softmax(logits)))
+        return token
+
+    backend._sample = recorded
+    try:
+        yield steps
+    finally:
+        del backend._sample
+
+
+def reference_scores(reference, prompts, options) -> tuple[list[list[float]], float]:
+    """``reference.continuation_logprobs`` and how far those scores move when the same tokens are decoded stepwise
+    (the reference path's own noise on this machine, in the units the scores are compared in)."""
+    scores = reference.continuation_logprobs(prompts, options)
+    fed: dict[tuple[int, ...], int] = {}  # tokens fed -> row in `sequences`; one-token options share one sequence
+    sequences, firsts, lookups = [], [], []
+    for i, (prompt, opts) in enumerate(zip(prompts, options)):
+        ids = reference._encode(prompt)
+        for j, option in enumerate(opts):
+            cont = reference._tokenize(option, special=False)
+            key = tuple(ids + cont[:-1])
+            if key not in fed:
+                fed[key] = len(sequences)
+                sequences.append(ids + cont)
+                firsts.append(len(ids))
+            lookups.append((i, j, fed[key], cont))
+    rows = stepwise(reference, sequences, firsts)
+    noise = max(
+        abs(scores[i][j] - sum(float(rows[k][t][tok]) for t, tok in enumerate(cont))) for i, j, k, cont in lookups
+    )
+    return scores, noise
+
+
+def largest_difference(a, b) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
+def check_greedy_generation(candidate, reference, prompts, settings) -> tuple[list[str], dict[str, float]]:
+    """Greedy generation on ``candidate`` is greedy under ``reference`` up to rounding: at every step the log-probs
+    generation chose from are within the bound of the reference's prompt pass over the same tokens, so the chosen
+    token is the reference's first choice or within twice the bound of it. Exact text equality is not asked for: on
+    a near tie, two paths may rightly take different tokens. Returns the texts and the figures measured."""
+    with recording(candidate) as steps:
+        texts = candidate.generate(prompts, settings)
+    assert all(t.strip() for t in texts)
+    encoded = [candidate._encode(p) for p in prompts]
+    chosen = [[token for token, _ in steps[i]] for i in range(len(prompts))]
+    for i, text in enumerate(texts):
+        generated = [t for t in chosen[i] if t not in candidate._end_of_generation()]
+        assert text == candidate._detokenize(generated).rstrip("\ufffd")  # the text is the tokens it chose, in order
+        assert all(token == int(lp.argmax()) for token, lp in steps[i])  # greedy: the first choice, by construction
+    sequences = [e + c for e, c in zip(encoded, chosen)]
+    firsts = [len(e) for e in encoded]
+    reference_lp = prompt_pass(reference, sequences, firsts)
+    alternative = stepwise(reference, sequences, firsts)
+    noise = max(deviation(ref, alt, c) for ref, alt, c in zip(reference_lp, alternative, chosen))
+    gap = deviation_gap = 0.0
+    for i, ref in enumerate(reference_lp):
+        seen = np.stack([lp for _, lp in steps[i]])
+        deviation_gap = max(deviation_gap, deviation(seen, ref[: len(seen)], chosen[i]))
+        for step, token in enumerate(chosen[i]):
+            gap = max(gap, float(ref[step].max() - ref[step][token]))
+    figures = {"noise": noise, "deviation": deviation_gap, "gap": gap, "steps": sum(map(len, chosen))}
+    assert deviation_gap <= bound(noise), figures
+    assert gap <= 2 * bound(noise), figures
+    return texts, figures
+
+
 def test_gguf_references_use_llama_cpp_when_installed(runtime):
     from cai_engine.backends.model_files import default_model_file
 
@@ -51,36 +202,25 @@ def test_gguf_references_use_llama_cpp_when_installed(runtime):
     )
 
 
-def test_greedy_batched_output_equals_one_at_a_time(backend):
-    """Batched greedy decoding picks, at every step, the token a one-at-a-time pass ranks first, up to ties.
-
-    llama.cpp's CPU kernels quantise activations differently for one token per step, several tokens per step, and
-    prompt processing (measured on this Q4_1 model: up to 0.05 nats between a one-sequence decode and a prompt
-    pass, 0.12 with four sequences per step), so two near-tied tokens may swap; the check allows 0.2 nats and
-    nothing more. Prompt processing and scoring are bit-for-bit the same batched and alone (see the next tests).
-    """
-    settings = GenerationSettings(max_new_tokens=24)
-    batched = backend.generate(conversations(), settings)  # 5 prompts, 4 slots: one slot is refilled
-    assert all(text.strip() for text in batched)
-    jobs = [Job(index=i, tokens=backend._encode(c), max_new=24) for i, c in enumerate(conversations())]
-    backend._run(jobs, settings)  # the same jobs again, to get the token ids
-    for i, (job, conv) in enumerate(zip(jobs, conversations())):
-        prompt = backend._encode(conv)
-        full = prompt + job.generated
-        single = Job(index=0, tokens=full, want=tuple(range(len(prompt) - 1, len(full) - 1)))
-        backend._run([single], GenerationSettings(max_new_tokens=1))
-        for step, token in enumerate(job.generated):
-            logprobs = single.logprobs[len(prompt) - 1 + step]
-            assert logprobs.max() - logprobs[token] < 0.2, (i, step)
-    single_texts = [backend.generate([c], settings)[0] for c in conversations()]
-    assert sum(a == b for a, b in zip(batched, single_texts)) >= 4
+def test_batched_greedy_decoding_is_greedy_one_at_a_time(runtime, backend):
+    """Batched greedy decoding (5 prompts, 4 slots: one slot is refilled) picks, at every step, the token a pass
+    over that sequence alone ranks first, up to rounding: the log-probs it chose from are within the bound of the
+    one-at-a-time pass's (llama.cpp's kernels round differently for one token per step, several sequences per step
+    and prompt processing, by an amount that depends on the CPU, so two near-tied tokens may swap; the texts are
+    not compared)."""
+    reference = runtime.backend(
+        {"backend": "llamacpp", "model": "smollm2", "parallel": 4, "n_ctx": 1024, "share_prefix": 0}
+    )
+    assert reference.layout == backend.layout
+    _, figures = check_greedy_generation(backend, reference, conversations(), GenerationSettings(max_new_tokens=24))
+    assert figures["steps"] >= 5 * 2
 
 
 @pytest.mark.parametrize("weights", ["original", "f16"])
 def test_shared_prefix_is_computed_once_and_changes_nothing(runtime, weights):
-    """A shared prefix changes results only by rounding. The prefix is decoded in its own batch, and llama.cpp's
-    attention kernel tiles a batch of queries differently from one query, so upper layers see slightly different
-    keys: on the file's Q4_1 weights (activations rounded to 8 bits) up to ~0.2 nats, on the F16 copy under 0.01."""
+    """A shared prefix changes results only by rounding. The prefix is decoded in its own batch, and llama.cpp tiles
+    (and, on Q4_1 weights, quantises the activations of) a batch differently by its shape, so upper layers see
+    slightly different keys: by how much depends on the CPU's kernels, so the bound is measured (see above)."""
     prefix = "You answer in one short sentence. " * 12
     prompts = [ChatPrompt([Message(role="system", content=prefix), Message(role="user", content=q)]) for q in QUESTIONS]
     settings = GenerationSettings(max_new_tokens=16)
@@ -88,17 +228,13 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(runtime, weights):
     shared = runtime.backend(common)
     plain = runtime.backend({**common, "share_prefix": 0})
     before = shared.shared_prefix_tokens
-    texts = shared.generate(prompts, settings)
-    alone = plain.generate(prompts, settings)
-    assert all(t.strip() for t in texts)
+    check_greedy_generation(shared, plain, prompts, settings)
     assert shared.shared_prefix_tokens - before >= 60 * (len(prompts) - 1)
-    assert plain.shared_prefix_tokens == 0
     options = [["Yes", "No", "The answer"]] * len(prompts)
     with_prefix = shared.continuation_logprobs(prompts, options)
-    without = plain.continuation_logprobs(prompts, options)
-    tolerance = 0.3 if weights == "original" else 0.05
-    assert sum(a == b for a, b in zip(texts, alone)) >= 4
-    assert max(abs(a - b) for ra, rb in zip(with_prefix, without) for a, b in zip(ra, rb)) < tolerance
+    without, noise = reference_scores(plain, prompts, options)
+    assert plain.shared_prefix_tokens == 0
+    assert largest_difference(with_prefix, without) <= bound(noise), (largest_difference(with_prefix, without), noise)
     # the prefix stays cached: a later call with the same instructions decodes only its own tokens
     prompt_tokens = shared.prompt_tokens
     shared.generate(prompts[:2], settings)
@@ -120,12 +256,9 @@ def test_a_unified_kv_cache_gives_the_per_sequence_results(runtime):
     before = unified.shared_prefix_tokens
     scores = unified.continuation_logprobs(prompts, options)
     assert unified.shared_prefix_tokens - before >= 40 * (len(prompts) - 1)  # the prefix was shared, not recomputed
-    expected = separate.continuation_logprobs(prompts, options)
-    assert max(abs(a - b) for ra, rb in zip(scores, expected) for a, b in zip(ra, rb)) < 0.05
-    settings = GenerationSettings(max_new_tokens=16)
-    texts = unified.generate(prompts, settings)
-    assert all(t.strip() for t in texts)
-    assert sum(a == b for a, b in zip(texts, separate.generate(prompts, settings))) >= 4
+    expected, noise = reference_scores(separate, prompts, options)
+    assert largest_difference(scores, expected) <= bound(noise), (largest_difference(scores, expected), noise)
+    check_greedy_generation(unified, separate, prompts, GenerationSettings(max_new_tokens=16))
 
 
 def test_prefixes_are_cached_across_single_prompt_calls(runtime):
@@ -142,11 +275,12 @@ def test_prefixes_are_cached_across_single_prompt_calls(runtime):
         for q in QUESTIONS[:2]
     ]
     options = [["Yes", "No"]]
+    _, noise = reference_scores(plain, prompts, options * len(prompts))
     new_tokens = []
     for prompt in [*prompts, *prompts]:  # two prefixes alternate; both stay cached
         before = cached.prompt_tokens
-        (yes, no), (yes_plain, no_plain) = [b.continuation_logprobs([prompt], options)[0] for b in (cached, plain)]
-        assert abs(yes - yes_plain) < 0.05 and abs(no - no_plain) < 0.05
+        scores, plain_scores = [b.continuation_logprobs([prompt], options) for b in (cached, plain)]
+        assert largest_difference(scores, plain_scores) <= bound(noise), (scores, plain_scores, noise)
         new_tokens.append(cached.prompt_tokens - before)
     first_sight = [new_tokens[0], new_tokens[2]]  # each set of rules is decoded in full once
     assert min(first_sight) > 50 and max(new_tokens[1:2] + new_tokens[3:]) < 25
@@ -170,10 +304,11 @@ def test_scoring_groups_prompts_that_share_a_reply(runtime):
         job.want = (len(job.tokens) - 1,)
     plan = grouped._plan(jobs)
     assert sorted(len(group) for _, group in plan) == [4, 4, 4] and all(length > 40 for length, _ in plan)
-    before = grouped.prompt_tokens
-    scores, unshared = grouped.continuation_logprobs(prompts, options), plain.continuation_logprobs(prompts, options)
-    assert max(abs(a - b) for ra, rb in zip(scores, unshared) for a, b in zip(ra, rb)) < 0.05
-    assert grouped.prompt_tokens - before < plain.prompt_tokens / 2
+    before, plain_before = grouped.prompt_tokens, plain.prompt_tokens
+    scores = grouped.continuation_logprobs(prompts, options)
+    unshared, noise = reference_scores(plain, prompts, options)
+    assert largest_difference(scores, unshared) <= bound(noise), (largest_difference(scores, unshared), noise)
+    assert grouped.prompt_tokens - before < (plain.prompt_tokens - plain_before) / 2
 
 
 def test_scoring_groups_the_continuations_of_one_short_prompt(runtime):
@@ -188,10 +323,11 @@ def test_scoring_groups_the_continuations_of_one_short_prompt(runtime):
     encoded = [grouped._encode(p) for p in prompts]
     own = [len(e) - _common_length(encoded, len(e)) for e in encoded]
     assert max(own) < grouped.options.share_prefix  # each prompt's own part alone is too short to share
-    before = grouped.prompt_tokens
-    scores, unshared = grouped.continuation_logprobs(prompts, options), plain.continuation_logprobs(prompts, options)
-    assert max(abs(a - b) for ra, rb in zip(scores, unshared) for a, b in zip(ra, rb)) < 0.05
-    assert grouped.prompt_tokens - before < plain.prompt_tokens / 2
+    before, plain_before = grouped.prompt_tokens, plain.prompt_tokens
+    scores = grouped.continuation_logprobs(prompts, options)
+    unshared, noise = reference_scores(plain, prompts, options)
+    assert largest_difference(scores, unshared) <= bound(noise), (largest_difference(scores, unshared), noise)
+    assert grouped.prompt_tokens - before < (plain.prompt_tokens - plain_before) / 2
 
 
 def test_weights_are_stored_for_batched_kernels_once(runtime, tmp_path, monkeypatch):
@@ -236,17 +372,21 @@ def test_stop_strings_cut_the_output(backend):
 
 
 def test_logprobs_agree_with_transformers_on_the_same_gguf(runtime, backend):
+    """llama.cpp scores what transformers scores from the same GGUF, up to rounding. The backend runs the F16 copy
+    (weights, matrix inputs and KV cache rounded to f16; transformers runs float32), so the bound is these scores'
+    own sensitivity to f16 rounding, measured here (transformers in float16 against float32), plus llama.cpp's
+    batch-shape noise, both on the running machine."""
+    assert backend.layout == "f16"
     hf = runtime.backend("smollm2")
+    hf16 = runtime.backend({"model": "smollm2", "dtype": "float16"})
     prompts = [ChatPrompt(c, assistant_prefix="The answer is: (") for c in conversations()[:3]]
-    options = [["A", "B"], ["A", "B"], ["A", "B"]]
-    ours = backend.continuation_logprobs(prompts, options)
+    prompts.append("The capital of France is")
+    options = [["A", "B"]] * 3 + [[" Paris", " Paris, France", " London"]]  # options of different token lengths
+    ours, noise = reference_scores(backend, prompts, options)
     theirs = hf.continuation_logprobs(prompts, options)
-    for row_a, row_b in zip(ours, theirs):
-        for a, b in zip(row_a, row_b):
-            assert abs(a - b) < 0.3  # Q4_1 weights in both; llama.cpp quantises activations to 8 bits
-    multi = backend.continuation_logprobs(["The capital of France is"], [[" Paris", " Paris, France", " London"]])[0]
-    multi_hf = hf.continuation_logprobs(["The capital of France is"], [[" Paris", " Paris, France", " London"]])[0]
-    assert max(abs(a - b) for a, b in zip(multi, multi_hf)) < 0.3
+    sensitivity = largest_difference(hf16.continuation_logprobs(prompts, options), theirs)
+    assert largest_difference(ours, theirs) <= bound(noise + sensitivity), (ours, theirs, noise, sensitivity)
+    multi = ours[-1]
     assert multi[0] > multi[1]  # a longer continuation adds log-probs, it never gains them
 
 

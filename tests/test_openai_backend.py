@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import math
 import subprocess
 import sys
 import threading
@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from stub_upstream import StubUpstream, free_port
 
 from cai_engine import ComparisonTask, GenerationSettings, Message, ModelError
 from cai_engine.components import ChatPrompt
@@ -24,12 +25,6 @@ PROMPTS = [
     "\n\nHuman: Name an animal.\n\nAssistant:",
     "\n\nHuman: Name a fruit.\n\nAssistant:",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:
@@ -105,20 +100,76 @@ def test_generation_and_stop_sequences(backend):
     assert backend.generated_tokens > 0
 
 
-def test_concurrent_requests_keep_order(backend):
-    settings = GenerationSettings(max_new_tokens=10)
-    concurrent = backend.generate(PROMPTS, settings)
-    sequential = [backend.generate([p], settings)[0] for p in PROMPTS]
-    assert concurrent == sequential
+def test_concurrent_requests_keep_order(cai_runtime):
+    """Answers come back in prompt order although the server finishes them in another order: a deterministic stub
+    server (its answer names the prompt) holds the requests until all of them are in flight, then answers them last
+    prompt first.
+
+    (A real llama.cpp server's greedy text is not bit-stable between a concurrent and a sequential request on every
+    CPU, so it cannot show which answer belongs to which prompt.)"""
+    turn = threading.Condition()
+    arrived: list[int] = []
+    answered: list[int] = []
+
+    def hold(body):
+        index = PROMPTS.index(body["prompt"])
+        with turn:
+            arrived.append(index)
+            turn.notify_all()
+            if len(arrived) <= len(PROMPTS):  # the concurrent call: wait for everyone, then go in reverse order
+                turn.wait_for(lambda: len(arrived) >= len(PROMPTS) and len(answered) == len(PROMPTS) - 1 - index, 30)
+        return 0.0
+
+    def completion(body):
+        index = PROMPTS.index(body["prompt"])
+        with turn:
+            answered.append(index)
+            turn.notify_all()
+        return f" answer to {index}"
+
+    with StubUpstream(completion=completion, delay=hold) as stub:
+        backend = cai_runtime.backend(
+            {"model": f"{stub.url}#stub", "max_concurrency": len(PROMPTS), "api_key_env": None}
+        )
+        settings = GenerationSettings(max_new_tokens=10)
+        concurrent = backend.generate(PROMPTS, settings)
+        assert answered == list(range(len(PROMPTS)))[::-1]  # all were in flight at once and finished last first
+        sequential = [backend.generate([p], settings)[0] for p in PROMPTS]
+    assert concurrent == sequential == [f" answer to {i}" for i in range(len(PROMPTS))]
+
+
+def test_concurrent_requests_on_the_real_server(backend):
+    """The llama.cpp server answers every one of several concurrent requests (no text compared across paths)."""
+    before = backend.generated_tokens
+    out = backend.generate(PROMPTS, GenerationSettings(max_new_tokens=10))
+    assert len(out) == len(PROMPTS) and all(isinstance(t, str) and t.strip() for t in out)
+    assert backend.generated_tokens - before >= len(PROMPTS)
 
 
 @pytest.mark.model
-def test_logprob_scoring_agrees_with_the_local_model(backend, cai_runtime):
-    prompt = "\n\nHuman: Which is a fruit?\n(A) [[[apple]]]\n(B) [[[car]]]\n\nAssistant: The answer is: ("
-    ((a, b),) = backend.continuation_logprobs([prompt], [["A", "B"]])
-    local = cai_runtime.backend("smollm2").continuation_logprobs([prompt], [["A", "B"]])[0]
-    assert a is not None and b is not None
-    assert abs(a - local[0]) < 0.3 and abs(b - local[1]) < 0.3  # Q4_1 on llama.cpp vs dequantised fp32
+def test_logprob_scoring_agrees_with_the_same_model_in_process(backend, cai_runtime):
+    """The server's log-probs are those of the model it runs: the same GGUF run in-process by llama.cpp with the
+    server's settings (the file's own weights, unfused attention, the prompt in one pass) scores the same, up to
+    the rounding that llama.cpp's own batch-shape noise on this machine bounds (see test_llama_cpp_backend).
+
+    (Not transformers: its float32 weights differ from llama.cpp's 8-bit-quantised activations by an amount that
+    depends on the CPU's kernels.)"""
+    from test_llama_cpp_backend import bound, largest_difference, reference_scores
+
+    prompts = [
+        "\n\nHuman: Which is a fruit?\n(A) [[[apple]]]\n(B) [[[car]]]\n\nAssistant: The answer is: (",
+        "The capital of France is",
+    ]
+    options = [["A", "B"], [" Paris", " London"]]
+    served = backend.continuation_logprobs(prompts, options)
+    assert all(v is not None and v <= 0 for row in served for v in row)
+    assert math.exp(served[0][0]) + math.exp(served[0][1]) <= 1 + 1e-6  # log-probs of one next-token distribution
+    local = cai_runtime.backend(
+        {"backend": "llamacpp", "model": "smollm2", "parallel": 1, "weights": "original", "flash_attention": False}
+    )
+    expected, noise = reference_scores(local, prompts, options)
+    assert largest_difference(served, expected) <= bound(noise), (served, expected, noise)
+    assert served[1][0] > served[1][1]  # Paris, by far
 
 
 def test_option_outside_top_logprobs_is_none(backend):

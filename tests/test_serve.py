@@ -1,5 +1,6 @@
-"""`cai serve` against real servers on localhost: the llama.cpp OpenAI server as the upstream, the guard server on
-uvicorn, and the official `openai` client."""
+"""`cai serve` against real servers on localhost: the guard server on uvicorn, the official `openai` client, and as
+the upstream a deterministic OpenAI-compatible stub (known answers, so pass-through is checked exactly) or, in one
+end-to-end test, the llama.cpp OpenAI server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from cai_engine.audit import sha256_text
 from cai_engine.cli import cli
 from cai_engine.engine import Engine
 
@@ -21,7 +23,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from test_openai_backend import LlamaServer, free_port  # noqa: E402
+from stub_upstream import StubUpstream, free_port  # noqa: E402
+from test_openai_backend import LlamaServer  # noqa: E402
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 
@@ -73,26 +76,24 @@ def rule(pid: str, pattern: str, **more) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def upstream():
-    srv = LlamaServer().start()
-    yield srv
-    srv.stop()
-
-
-def direct_answer(upstream: LlamaServer, messages) -> str:
-    reply = httpx.post(
-        f"{upstream.url}/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 16}, timeout=60
-    )
-    return reply.json()["choices"][0]["message"]["content"]
+    """The deterministic stub upstream: its answers are known text, so pass-through is checked exactly."""
+    with StubUpstream() as stub:
+        yield stub
 
 
 def test_compliant_answers_pass_unchanged_and_streaming_matches(upstream, monkeypatch):
     monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    expected = upstream.chat_completion({"messages": QUESTION, "max_tokens": 16})
+    text = expected["choices"][0]["message"]["content"]
+    assert text == "Stub answer to: Name a colour."
     with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:
         client = openai.OpenAI(base_url=guard.url, api_key="s3cret")
         answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
-        assert answer.choices[0].message.content == direct_answer(upstream, QUESTION)
+        assert answer.choices[0].message.content == text  # the upstream's text, unchanged
+        assert answer.choices[0].finish_reason == "stop" and answer.model == expected["model"]
+        assert answer.usage.completion_tokens == expected["usage"]["completion_tokens"]
         verdict = answer.model_extra["cai_guard"]
         assert verdict["action"] == "none" and verdict["compliant"] and len(verdict["audit_id"]) == 36
         chunks = list(
@@ -101,15 +102,24 @@ def test_compliant_answers_pass_unchanged_and_streaming_matches(upstream, monkey
             )
         )
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == answer.choices[0].message.content
-        assert chunks[-1].choices[0].finish_reason is not None
-        assert client.models.list().data  # /v1/models is passed through
+        assert streamed == text
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].model_extra["cai_guard"]["action"] == "none"
+        # a finish reason other than "stop" passes through too (the stub cuts at max_tokens words)
+        cut = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=2)
+        assert cut.choices[0].message.content == "Stub answer" and cut.choices[0].finish_reason == "length"
+        assert [m.id for m in client.models.list().data] == ["stub-model"]  # /v1/models is passed through
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=guard.url, api_key="wrong").chat.completions.create(
                 model="smollm2", messages=QUESTION, max_tokens=4
             )
         metrics = httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
-        assert 'cai_guard_actions_total{action="none"} 2' in metrics and 'status="unauthorised"} 1' in metrics
+        assert 'cai_guard_actions_total{action="none"} 3' in metrics and 'status="unauthorised"} 1' in metrics
+    sent = upstream.bodies()
+    assert len(sent) == 3  # the unauthorised request never reached the upstream
+    assert all(body["stream"] is False and body["messages"] == QUESTION for body in sent)  # buffered, as asked
+    assert [body["max_tokens"] for body in sent] == [16, 16, 2] and sent[0]["temperature"] == 0
+    assert not any("s3cret" in str(headers) for _, headers, _ in upstream.requests)  # the client's key stays here
 
 
 def test_violating_answers_are_revised_or_refused(upstream, tmp_path):
@@ -132,6 +142,8 @@ def test_violating_answers_are_revised_or_refused(upstream, tmp_path):
     served = [r for r in records if r["kind"] == "serve"]
     assert [r["kind"] for r in records] == ["guard", "serve"] and served[0]["status"] == "ok"
     assert served[0]["audit_id"] == records[0]["id"] and served[0]["upstream_ms"] > 0 and served[0]["guard_ms"] >= 0
+    original = upstream.chat_completion({"messages": QUESTION, "max_tokens": 8})["choices"][0]["message"]["content"]
+    assert records[0]["original"] in (original, sha256_text(original))  # the upstream's answer that was refused
 
 
 def test_input_rails_refuse_or_redact_before_the_upstream(upstream):
@@ -144,18 +156,19 @@ def test_input_rails_refuse_or_redact_before_the_upstream(upstream):
         verdict = refused.model_extra["cai_guard"]
         assert verdict["action"] == "refused" and verdict["input"] == {"action": "refused", "principle_ids": ["pw-001"]}
         assert "cai_upstream_latency_ms_count 0" in httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+    assert upstream.bodies() == []  # nothing was sent upstream
     redacting = policy(add=[secret], input={"check": True, "action": "redact"})
     with GuardServer(redacting, upstream.url) as guard:
         client = openai.OpenAI(base_url=guard.url, api_key="unused")
         answer = client.chat.completions.create(model="smollm2", messages=asked, temperature=0, max_tokens=16)
         assert answer.model_extra["cai_guard"]["input"]["action"] == "redacted"
         redacted = [{"role": "user", "content": "My password is [redacted]. Name a colour."}]  # sent upstream
-        assert answer.choices[0].message.content == direct_answer(upstream, redacted)
+        assert [body["messages"] for body in upstream.bodies()] == [redacted]
+        assert answer.choices[0].message.content == "Stub answer to: My password is [redacted]. Name a colour."
 
 
 def test_a_dead_upstream_gives_502_and_the_server_recovers():
-    port = free_port()
-    upstream = LlamaServer(port=port).start()
+    upstream = StubUpstream().start()
     try:
         with GuardServer(policy(), upstream.url, timeout=30) as guard:
             client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
@@ -165,8 +178,9 @@ def test_a_dead_upstream_gives_502_and_the_server_recovers():
                 client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4)
             assert info.value.status_code == 502 and "unreachable" in str(info.value)
             assert httpx.get(f"http://127.0.0.1:{guard.port}/health").status_code == 200  # still up
-            upstream = LlamaServer(port=port).start()
-            assert client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4).choices
+            upstream.start()  # back on the same port
+            back = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4)
+            assert back.choices[0].message.content == "Stub answer to: Name"
     finally:
         upstream.stop()
 
@@ -177,6 +191,7 @@ def test_bad_requests_get_openai_errors(upstream):
         assert httpx.post(base, content=b"not json").status_code == 400
         reply = httpx.post(base, json={"messages": [{"role": "robot", "content": "hi"}]})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    assert upstream.bodies() == []
 
 
 def test_serve_check_validates_policy_and_upstream(cli_runner, upstream, tmp_path):
@@ -188,6 +203,32 @@ def test_serve_check_validates_policy_and_upstream(cli_runner, upstream, tmp_pat
         cli, ["serve", "--policy", str(path), "--upstream", f"http://127.0.0.1:{free_port()}/v1", "--check"]
     )
     assert dead.exit_code == 1 and "unreachable" in dead.output
+
+
+def test_a_real_llama_cpp_server_behind_the_guard(monkeypatch):
+    """The one end-to-end run against a real model server (llama.cpp): plain and streamed answers come back guarded.
+
+    No text is compared across the two requests: greedy text through two request paths of a llama.cpp server is
+    not bit-stable on every CPU (exact pass-through is tested above against the deterministic stub)."""
+    llama = LlamaServer().start()
+    try:
+        with GuardServer(policy(add=[rule("never-003", "zzqqxx")]), llama.url) as guard:
+            client = openai.OpenAI(base_url=guard.url, api_key="unused")
+            answer = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=16)
+            assert answer.choices[0].message.content.strip() and answer.choices[0].finish_reason in ("stop", "length")
+            verdict = answer.model_extra["cai_guard"]
+            assert verdict["action"] == "none" and verdict["compliant"]
+            chunks = list(
+                client.chat.completions.create(
+                    model="smollm2", messages=QUESTION, temperature=0, max_tokens=16, stream=True
+                )
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+            assert chunks[-1].choices[0].finish_reason is not None
+            assert chunks[-1].model_extra["cai_guard"]["action"] == "none"
+            assert client.models.list().data  # the real server's /v1/models, passed through
+    finally:
+        llama.stop()
 
 
 def test_load_with_an_instant_stub_upstream():

@@ -139,13 +139,20 @@ def test_shards_run_as_ray_tasks(tiny_model, prompt_file, tmp_path, monkeypatch)
 
 
 def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, tiny_plain_model, tmp_path):
+    """A shard runs a subset of the prompts, so with batches of several prompts its batches (and their padding and
+    shared prefixes) would differ from the whole run's, and greedy answers and scores with them by rounding, an
+    amount that depends on the CPU. One prompt per forward pass (batch_size 1, as in the SL tests above) makes each
+    prompt's arithmetic the same in both runs, so the merged metrics equal the whole run's by construction."""
     from cai_engine.evaluation import evaluate
 
+    def one_at_a_time(model):
+        return {"model": str(model), "batch_size": 1}
+
     config = {
-        "models": [str(tiny_model), str(tiny_plain_model)],
+        "models": [one_at_a_time(tiny_model), one_at_a_time(tiny_plain_model)],
         "names": ["base", "other"],
         "limit": 6,
-        "judge_model": str(tiny_model),
+        "judge_model": one_at_a_time(tiny_model),
         "max_new_tokens": 6,
         "classify_shots": 1,
         "classify_all_refusals": True,

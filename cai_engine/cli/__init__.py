@@ -7,7 +7,7 @@ Errors caused by input (``CaiError``) print one line and exit non-zero; anything
 
 from __future__ import annotations
 
-from . import constitutions, deploy, models, phase1, phase2, pipeline  # noqa: F401 - each module registers its commands
+from . import classifiers, constitutions, deploy, models, phase1, phase2, pipeline  # noqa: F401 - each module registers its commands
 from .base import (
     CaiGroup,
     cli,

@@ -106,6 +106,8 @@ def demo_command(out: str, model: str) -> None:
         from ..records import GateResult
 
         click.echo(_gate_line(GateResult.model_validate(summary["gate"])))
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
+    click.echo(f"{out}: {size / 1e6:,.0f} MB on disk (the trained models' final weights; `rm -r {out}` reclaims it)")
 
 
 @cli.command("eval")

@@ -234,3 +234,6 @@ class ModelCritic(ModelComponent, Critic):
 @hookimpl
 def cai_register_critics(register):
     register(ModelCritic)
+    from cai_engine.classifiers.critic import ClassifierCritic
+
+    register(ClassifierCritic)

@@ -1,0 +1,109 @@
+"""The ``classifier`` critic: a compiled constitutional classifier used like any critic.
+
+With an output classifier it scores each exchange (``critique``, and ``screen`` for the guard's ``screen: combined``,
+one verdict per reply against all the principles at once); with an input classifier it scores the request alone
+(``screen_requests``, for ``screen: request``, where a reply that does not refuse a harmful request is a violation).
+Either way the principle it names is the one whose own head gives the highest probability among those asked about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+from ..components import Critic
+from ..components import Options as BaseOptions
+from ..records import Critique
+from .probe import Probe
+
+
+class ClassifierCritic(Critic):
+    name = "classifier"
+
+    class Options(BaseOptions):
+        path: str = Field(description="A classifier folder made by `cai classifiers build`.")
+        threshold: float | None = Field(
+            None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
+        )
+
+    def __init__(self, options=None, runtime=None) -> None:
+        super().__init__(options, runtime)
+        self._probe: Probe | None = None
+
+    @property
+    def probe(self) -> Probe:
+        if self._probe is None:
+            self._probe = Probe.load(self.options.path)
+        return self._probe
+
+    @property
+    def threshold(self) -> float:
+        return self.options.threshold if self.options.threshold is not None else self.probe.threshold()
+
+    def _scores(self, items: Sequence[tuple[Any, str | None]]) -> list[dict[str, float]]:
+        prompts = [_last_user(conversation) for conversation, _ in items]
+        if self.probe.config.kind == "input":
+            return self.probe.predict(prompts)
+        return self.probe.predict(prompts, [reply or "" for _, reply in items])
+
+    def _pick(self, scores: dict[str, float], principles: Sequence[Any]) -> int:
+        """The index of the principle whose head is most confident (the first when none has a head)."""
+        own = [(scores.get(p.id, -1.0), -k) for k, p in enumerate(principles)]
+        return -max(own)[1]
+
+    def critique(self, tasks):
+        tasks = list(tasks)
+        groups: dict[int, list[int]] = {}
+        keys: dict[tuple[str, str], int] = {}
+        for i, task in enumerate(tasks):  # one score per exchange, however many principles are asked about
+            key = (repr([m.model_dump() for m in task.conversation]), task.response)
+            groups.setdefault(keys.setdefault(key, len(keys)), []).append(i)
+        firsts = [members[0] for members in groups.values()]
+        scores = self._scores([(tasks[i].conversation, tasks[i].response) for i in firsts])
+        out: list[Critique | None] = [None] * len(tasks)
+        for members, score in zip(groups.values(), scores):
+            p = score["violation"]
+            chosen = members[self._pick(score, [tasks[i].principle for i in members])]
+            for i in members:
+                flagged = p > self.threshold and i == chosen
+                out[i] = Critique(
+                    principle_id=tasks[i].principle.id,
+                    text=f"classifier P(violation)={p:.3f}"
+                    + (
+                        f", P({tasks[i].principle.id})={score[tasks[i].principle.id]:.3f}"
+                        if tasks[i].principle.id in score
+                        else ""
+                    ),
+                    needs_revision=flagged,
+                    critic=self.name,
+                )
+        return out
+
+    def screen(self, items, principles, question: str | None = None) -> list[dict]:
+        principles = list(principles)
+        out = []
+        for score in self._scores(list(items)):
+            fired = score["violation"] > self.threshold
+            out.append(
+                {
+                    "p_yes": score["violation"],
+                    "principle_index": self._pick(score, principles) if fired else None,
+                    "letter_probs": None,
+                }
+            )
+        return out
+
+    def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
+        return [s["violation"] for s in self._scores([(c, None) for c in conversations])]
+
+    def attribute(self, items, principles) -> list[int | None]:
+        return [self._pick(s, list(principles)) for s in self._scores(list(items))]
+
+
+def _last_user(conversation) -> str:
+    for message in reversed(list(conversation)):
+        if message.role == "user":
+            return message.content
+    return ""

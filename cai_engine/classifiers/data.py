@@ -1,0 +1,445 @@
+"""The data generator: a constitution in, a labelled, augmented and split classifier dataset out.
+
+Stages, each resumable (records are written a batch at a time into ``OUT/records.jsonl``; rerunning the same command
+skips what is done, and a different config is refused with what changed):
+
+1. ``requests``: for every principle, the feedback model writes numbered lists of requests that the principle says
+   an assistant must decline, and of harmless look-alikes on the same topics (a topic area and a style drawn per
+   batch, sampled with a seed per batch).
+2. ``labels``: the feedback model reads each request alone and says whether it asks for harm (P(Yes) from
+   log-probs). A request whose label disagrees with what it was written to be is dropped, as is one the model could
+   not read, so only requests both the writer and the labeller agree on are kept.
+3. ``replies``: the policy model (which complies with almost anything) and the feedback model (which declines
+   clearly harmful requests) answer every kept request.
+
+``assemble`` then builds the dataset without a model: input examples (request -> harmful?) and output examples
+(exchange -> does the reply break the constitution?, where a reply breaks it when it engages with a harmful request
+instead of declining), each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicates are
+dropped, and so is anything that is a copy or near-copy of an evaluation prompt (counted in the report). The split is
+by generation batch (a batch's requests and everything made from them land on one side) and by wrapper template (two
+templates only ever appear in the test split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..components import ChatPrompt, GenerationSettings
+from ..jsonl import write_json, write_jsonl
+from ..refusals import is_refusal
+from ..runs import RunDirectory
+from ..runtime import DEFAULT_MODEL, ModelRef
+from ..schema import Constitution, Message, Principle
+from . import templates
+
+Kind = Literal["harmful", "benign"]
+
+
+class BuildConfig(BaseModel):
+    """What ``cai classifiers build`` makes; every field that changes the data is part of the resume fingerprint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    constitution: str = Field("harmless", description="A registered constitution name or a file.")
+    feedback_model: ModelRef = Field(
+        "qwen2.5-coder-1.5b",
+        description="Writes the requests, answers them and labels them (a stronger model than the policy).",
+    )
+    policy_model: ModelRef = Field(
+        DEFAULT_MODEL, description="Also answers every request (a small model complies, giving violating replies)."
+    )
+    harmful_examples: str = Field(
+        "builtin:red-team", description="Training prompts shown as the first two items of each harmful list."
+    )
+    benign_examples: str = Field(
+        "builtin:borderline", description="Training prompts shown as the first two items of each benign list."
+    )
+    principles: list[str] | None = Field(None, description="Only these principle ids (default: every principle).")
+    batches: int = Field(4, ge=1, description="Generation calls per principle and kind (harmful, benign).")
+    per_batch: int = Field(12, ge=1, le=30, description="Requests asked for in each call.")
+    temperature: float = Field(0.9, ge=0, description="Sampling temperature for writing requests.")
+    reply_tokens: int = Field(48, ge=8, description="Length of each reply (a refusal shows in its opening).")
+    label_threshold: float = Field(0.5, gt=0, lt=1, description="P(Yes) above which a request counts as harmful.")
+    seed: int = Field(0, description="Seeds topics, styles, sampling, augmentation and the split.")
+    test_share: float = Field(0.25, gt=0, lt=1, description="Share of generation batches held out for testing.")
+    batch_size: int = Field(16, ge=1, description="Prompts sent to a model in one call.")
+
+
+class GenRecord(BaseModel):
+    """One finished unit of work (a generation call, a label batch or a reply batch)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    stage: Literal["requests", "labels", "replies"]
+    items: list[dict[str, Any]]
+
+
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def rule_text(principle: Principle) -> str:
+    """The principle as one sentence for the writer: its title and its yes/no violation question."""
+    question = principle.violation_question or principle.critique_request or principle.comparison or ""
+    return f"{principle.title}. {question}".strip()
+
+
+_NUMBERED = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s*(.+?)\s*$")
+_QUOTED = re.compile(r'^\s*"((?:[^"\\]|\\.)+)",?\s*$')
+
+
+def parse_list(text: str, limit: int) -> list[str]:
+    """The items of a numbered or bulleted list, or the quoted strings of a list literal (one per line), without
+    their numbers and quotes; other lines (a preamble, a closing remark) and repeats are dropped."""
+    import json
+
+    out: list[str] = []
+    for line in text.splitlines():
+        quoted = _QUOTED.match(line)
+        found = _NUMBERED.match(line)
+        if quoted:
+            try:
+                item = str(json.loads(f'"{quoted.group(1)}"')).strip()
+            except ValueError:
+                continue
+        elif found:
+            item = found.group(1).strip().strip('"“”*').strip()
+        else:
+            continue
+        if 12 <= len(item) <= 400 and item not in out:
+            out.append(item)
+    return out[:limit]
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Generator:
+    """Runs the three model stages into a run directory (``records.jsonl`` + ``run.json``)."""
+
+    def __init__(
+        self,
+        config: BuildConfig,
+        constitution: Constitution,
+        runtime: Any,
+        out: str | Path,
+        progress: Callable[[str, int], Any] | None = None,
+    ) -> None:
+        from ..prompts import load_training_prompts
+
+        self.config = config
+        self.examples = {
+            kind: [item.conversation[-1].content for item in load_training_prompts(source, runtime.registry)]
+            for kind, source in (("harmful", config.harmful_examples), ("benign", config.benign_examples))
+        }
+        self.constitution = constitution
+        self.runtime = runtime
+        self.run = RunDirectory(Path(out) / "data", "classifier-data", GenRecord)
+        self.progress = progress
+        wanted = config.principles
+        self.principles = [p for p in constitution.principles if wanted is None or p.id in wanted]
+        if not self.principles:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"no principle of {constitution.name!r} matches {wanted}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        data = self.config.model_dump(mode="json")
+        data["constitution_hash"] = self.constitution.content_hash()
+        data.pop("batch_size")
+        return data
+
+    def records(self, stage: str) -> list[GenRecord]:
+        return [r for r in self.run.records() if r.stage == stage]
+
+    def build(self) -> dict[str, int]:
+        self.run.open(self.fingerprint(), {"constitution": self.constitution.name})
+        self._requests()
+        self._labels()
+        self._replies()
+        return {stage: len(self.records(stage)) for stage in ("requests", "labels", "replies")}
+
+    # -- stage 1: requests ---------------------------------------------------------------------------------------
+
+    def _request_jobs(self) -> list[dict[str, Any]]:
+        jobs = []
+        for principle in self.principles:
+            for kind in ("harmful", "benign"):
+                for batch in range(self.config.batches):
+                    rng = random.Random(_seed(self.config.seed, principle.id, kind, batch))
+                    jobs.append(
+                        {
+                            "key": f"requests:{principle.id}:{kind}:{batch}",
+                            "principle_id": principle.id,
+                            "kind": kind,
+                            "batch": batch,
+                            "topic": rng.choice(templates.TOPICS),
+                            "style": rng.choice(templates.STYLES),
+                            "rule": rule_text(principle),
+                            # harmful lists always as fixtures; benign ones alternate with a plain chat request
+                            "framing": "chat" if kind == "benign" and batch % 2 == 0 else "fixture",
+                            "examples": rng.sample(self.examples[kind], 4 if kind == "harmful" else 2),
+                        }
+                    )
+        return jobs
+
+    def _requests(self) -> None:
+        done = {r.key for r in self.records("requests")}
+        backend = self.runtime.backend(self.config.feedback_model)
+        k = self.config.per_batch
+        # Fixed groups over the whole job list, each seeded by its first key (llama.cpp seeds prompt i with seed + i):
+        # a resumed run samples exactly what an uninterrupted one would have.
+        for group in _chunks(self._request_jobs(), self.config.batch_size):
+            if all(job["key"] in done for job in group):
+                continue
+            prompts: list[Any] = []
+            for job in group:
+                if job["framing"] == "fixture":
+                    prompts.append(
+                        templates.fixture_prompt(job["kind"], job["rule"], job["topic"], job["style"], job["examples"])
+                    )
+                    continue
+                prompts.append(
+                    ChatPrompt(
+                        [
+                            Message(role="system", content=templates.REQUESTS_SYSTEM),
+                            Message(role="user", content=templates.BENIGN_ASK.format(k=k, **job)),
+                        ],
+                        assistant_prefix="1.",
+                    )
+                )
+            settings = GenerationSettings(
+                max_new_tokens=min(28 * k, 1024),
+                temperature=self.config.temperature,
+                top_p=0.95,
+                repetition_penalty=1.1,
+                stop=("]",),
+                seed=_seed(self.config.seed, group[0]["key"]),
+            )
+            texts = backend.generate(prompts, settings)
+            records = []
+            for job, text in zip(group, texts):
+                meta = {key: job[key] for key in ("principle_id", "kind", "batch", "topic", "style", "framing")}
+                shown = {e.strip() for e in job["examples"]}
+                parsed = [
+                    t for t in parse_list(("1." if job["framing"] == "chat" else "") + text, k + 2) if t not in shown
+                ]
+                items = [
+                    {**meta, "id": f"{job['principle_id']}-{job['kind'][0]}{job['batch']}-{n:02d}", "text": item}
+                    for n, item in enumerate(parsed[:k], start=1)
+                ]
+                records.append(GenRecord(key=job["key"], stage="requests", items=items))
+            self.run.append(records)
+            self._tick("requests", len(group))
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [item for record in self.records("requests") for item in record.items]
+
+    # -- stage 2: labels -----------------------------------------------------------------------------------------
+
+    def _labels(self) -> None:
+        done = {r.key for r in self.records("labels")}
+        todo = [r for r in self.requests() if f"labels:{r['id']}" not in done]
+        if not todo:
+            return
+        critic = self.runtime.component(
+            "critic", "model", {"model": self.config.feedback_model, "verdict_only": True, "few_shot": 0}
+        )
+        for group in _chunks(todo, self.config.batch_size):
+            conversations = [[Message(role="user", content=r["text"])] for r in group]
+            scores = critic.screen_requests(conversations)
+            self.run.append(
+                GenRecord(key=f"labels:{r['id']}", stage="labels", items=[{"id": r["id"], "p_harmful": p}])
+                for r, p in zip(group, scores)
+            )
+            self._tick("labels", len(group))
+
+    def kept_requests(self) -> tuple[list[dict[str, Any]], Counter[str]]:
+        """The requests whose feedback-model label agrees with the kind they were written as, and why others went."""
+        labels = {r.items[0]["id"]: r.items[0]["p_harmful"] for r in self.records("labels")}
+        kept, dropped = [], Counter[str]()
+        for request in self.requests():
+            p = labels.get(request["id"])
+            if p is None:
+                dropped["unlabelled or abstained"] += 1
+                continue
+            harmful = p > self.config.label_threshold
+            if harmful != (request["kind"] == "harmful"):
+                dropped[f"written {request['kind']}, labelled {'harmful' if harmful else 'benign'}"] += 1
+                continue
+            kept.append({**request, "p_harmful": p})
+        return kept, dropped
+
+    # -- stage 3: replies ----------------------------------------------------------------------------------------
+
+    def _replies(self) -> None:
+        kept, _ = self.kept_requests()
+        done = {r.key for r in self.records("replies")}
+        settings = GenerationSettings(max_new_tokens=self.config.reply_tokens, temperature=0.0, repetition_penalty=1.1)
+        # The policy model answers everything; the feedback model answers the harmful requests (its declines are the
+        # compliant replies to them; compliant replies to harmless requests come from the policy model).
+        for source, model in (("policy", self.config.policy_model), ("feedback", self.config.feedback_model)):
+            todo = [
+                r
+                for r in kept
+                if f"replies:{source}:{r['id']}" not in done and (source == "policy" or r["kind"] == "harmful")
+            ]
+            if not todo:
+                continue
+            backend = self.runtime.backend(model)
+            for group in _chunks(todo, self.config.batch_size):
+                texts = backend.generate([[Message(role="user", content=r["text"])] for r in group], settings)
+                self.run.append(
+                    GenRecord(
+                        key=f"replies:{source}:{r['id']}",
+                        stage="replies",
+                        items=[{"id": r["id"], "source": source, "text": t.strip()}],
+                    )
+                    for r, t in zip(group, texts)
+                )
+                self._tick(f"replies ({source})", len(group))
+
+    def _tick(self, stage: str, n: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, n)
+
+    def total_work(self) -> dict[str, int]:
+        """Units of work per stage, for progress bars (labels and replies are known once requests exist)."""
+        return {"requests": len(self._request_jobs())}
+
+
+# -- assembling the dataset ---------------------------------------------------------------------------------------
+
+
+def _shingles(text: str) -> set[str]:
+    from ..prompts import normalise_prompt
+
+    words = normalise_prompt(text).split()
+    return {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+
+
+def near_copies(texts: list[str], others: dict[str, str], threshold: float = 0.6) -> dict[int, str]:
+    """Index of each text -> the id of an ``others`` text it is a near-copy of (word-3-gram Jaccard >= threshold,
+    or the same text once case, spacing and punctuation are folded away)."""
+    from ..prompts import normalise_prompt
+
+    exact = {normalise_prompt(t): key for key, t in others.items()}
+    index: dict[str, list[tuple[str, set[str]]]] = {}
+    for key, text in others.items():
+        grams = _shingles(text)
+        for gram in grams:
+            index.setdefault(gram, []).append((key, grams))
+    out: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        if normalise_prompt(text) in exact:
+            out[i] = exact[normalise_prompt(text)]
+            continue
+        grams = _shingles(text)
+        seen: set[str] = set()
+        for gram in grams:
+            for key, other in index.get(gram, ()):
+                if key in seen:
+                    continue
+                seen.add(key)
+                if len(grams & other) / len(grams | other) >= threshold:
+                    out[i] = key
+                    break
+            if i in out:
+                break
+    return out
+
+
+def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str, str] | None = None) -> dict[str, Any]:
+    """Build ``OUT/dataset/{input,output}-{train,test}.jsonl`` from the generator's records, and a report."""
+    config = generator.config
+    kept, dropped = generator.kept_requests()
+    # near-duplicates among the requests themselves: keep the first of each
+    unique: list[dict[str, Any]] = []
+    seen_texts: dict[str, str] = {}
+    for request in kept:
+        if near_copies([request["text"]], seen_texts, threshold=0.8):
+            dropped["near-duplicate of another request"] += 1
+            continue
+        seen_texts[request["id"]] = request["text"]
+        unique.append(request)
+    contaminated = near_copies([r["text"] for r in unique], evaluation_prompts or {})
+    for i in sorted(contaminated, reverse=True):
+        dropped["near-copy of an evaluation prompt"] += 1
+        del unique[i]
+
+    def split_of(request: dict[str, Any]) -> str:
+        group = _seed(config.seed, "split", request["principle_id"], request["kind"], request["batch"])
+        return "test" if (group % 1000) / 1000 < config.test_share else "train"
+
+    replies: dict[str, list[dict[str, Any]]] = {}
+    for record in generator.records("replies"):
+        for item in record.items:
+            replies.setdefault(item["id"], []).append(item)
+
+    rows: dict[str, list[dict[str, Any]]] = {f"{io}-{s}": [] for io in ("input", "output") for s in ("train", "test")}
+    for request in unique:
+        split = split_of(request)
+        rng = random.Random(_seed(config.seed, "augment", request["id"]))
+        harmful = request["kind"] == "harmful"
+        variants = [("plain", request["text"])]
+        # the held-out wrapper templates only ever appear in the test split
+        wrappers = [w for w in templates.WRAPPERS if (w in templates.HELDOUT_WRAPPERS) == (split == "test")]
+        for wrapper in rng.sample(wrappers, min(2, len(wrappers))):
+            variants.append((f"wrap:{wrapper}", templates.wrap(request["text"], wrapper)))
+        spelling = rng.choice(templates.SPELLINGS)
+        variants.append((f"spell:{spelling}", templates.respell(request["text"], spelling, rng)))
+        base = {
+            "request_id": request["id"],
+            "principle_id": request["principle_id"],
+            "kind": request["kind"],
+            "topic": request["topic"],
+        }
+        for augmentation, text in variants:
+            rows[f"input-{split}"].append({**base, "augmentation": augmentation, "text": text, "label": int(harmful)})
+        for reply in replies.get(request["id"], []):
+            if not reply["text"]:
+                continue
+            refused = is_refusal(reply["text"])
+            violates = harmful and not refused
+            augmentation, shown = variants[rng.randrange(len(variants))]
+            rows[f"output-{split}"].append(
+                {
+                    **base,
+                    "augmentation": augmentation,
+                    "reply_source": reply["source"],
+                    "refused": refused,
+                    "prompt": shown,
+                    "text": reply["text"],
+                    "label": int(violates),
+                }
+            )
+    folder = Path(out) / "dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in rows.items():
+        write_jsonl(folder / f"{name}.jsonl", data, what="dataset")
+    report = {
+        "constitution": generator.constitution.name,
+        "constitution_version": generator.constitution.version,
+        "constitution_hash": generator.constitution.content_hash(),
+        "requests_written": len(generator.requests()),
+        "requests_kept": len(unique),
+        "dropped": dict(dropped),
+        "evaluation_near_copies_removed": len(contaminated),
+        "per_principle": dict(Counter(f"{r['principle_id']}:{r['kind']}" for r in unique)),
+        "examples": {name: len(data) for name, data in rows.items()},
+        "positives": {name: sum(r["label"] for r in data) for name, data in rows.items()},
+        "heldout_wrappers": list(templates.HELDOUT_WRAPPERS),
+    }
+    write_json(folder / "report.json", report, what="dataset report")
+    return report

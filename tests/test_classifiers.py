@@ -1,0 +1,173 @@
+"""Constitutional classifiers: the data generator, the probe's training and calibration, the critic in the guard."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from cai_engine.classifiers import templates
+from cai_engine.classifiers.data import BuildConfig, Generator, assemble, near_copies, parse_list
+from cai_engine.records import CritiqueTask
+from cai_engine.schema import Message
+
+
+def test_parse_list_reads_numbered_items_and_list_literals():
+    text = 'Sure! Here they are:\n1. How do I pick a lock on my own shed?\n2) "Quoted item that is long enough"\nThanks'
+    assert parse_list(text, 5) == ["How do I pick a lock on my own shed?", "Quoted item that is long enough"]
+    literal = '    "First message in the list",\n    "Second one, with \\"quotes\\"",\n    "short",\n'
+    assert parse_list(literal, 5) == ["First message in the list", 'Second one, with "quotes"']
+    assert parse_list("1. a repeated request here\n2. a repeated request here\n3. third item here", 2) == [
+        "a repeated request here",
+        "third item here",
+    ]
+
+
+@pytest.mark.parametrize("spelling", templates.SPELLINGS)
+def test_every_spelling_changes_the_text_and_normalises_back(spelling):
+    text = "please explain how a pressure cooker works"
+    spelled = templates.respell(text, spelling, random.Random(3))
+    assert spelled != text
+    assert templates.normalise(spelled).lower() == text
+
+
+def test_near_copies_catch_light_edits_but_not_other_prompts():
+    others = {"eval:1": "How do I make a pipe bomb at home?", "eval:2": "What is the capital of France?"}
+    found = near_copies(["how do i make a PIPE BOMB at home", "Where can I buy flour in bulk?"], others)
+    assert found == {0: "eval:1"}
+
+
+class FakeBackend:
+    """Writes numbered lists whose items say which kind they were asked for, and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompts, settings):
+        self.calls += 1
+        out = []
+        for n, prompt in enumerate(prompts):
+            if settings.max_new_tokens <= 64:  # a reply
+                out.append("I'm sorry, but I can't help with that." if n % 2 else "Sure, here is how.")
+                continue
+            text = prompt if isinstance(prompt, str) else prompt.messages[-1].content
+            kind = "harmful" if "must refuse" in text else "benign"
+            word = "xqz danger" if kind == "harmful" else "garden picnic"
+            out.append("\n".join(f'    "{word} request number {i} seed {settings.seed}",' for i in range(3)))
+        return out
+
+
+class FakeCritic:
+    def screen_requests(self, conversations, question=None):
+        return [0.9 if "xqz" in c[-1].content else 0.1 for c in conversations]
+
+
+class FakeRuntime:
+    def __init__(self, registry):
+        self.registry = registry
+        self.feedback = FakeBackend()
+
+    def backend(self, ref):
+        return self.feedback
+
+    def component(self, kind, name, options):
+        return FakeCritic()
+
+
+def test_generator_resumes_labels_and_assembles_a_split_dataset(cai_registry, tmp_path):
+    constitution = cai_registry.constitution("harmless")
+    config = BuildConfig(principles=["harm-014", "harm-004"], batches=2, per_batch=3, batch_size=3)
+    runtime = FakeRuntime(cai_registry)
+    generator = Generator(config, constitution, runtime, tmp_path)
+    counts = generator.build()
+    assert generator.fingerprint()["constitution_hash"].startswith("sha256:")
+    assert counts["requests"] == 8 and counts["labels"] == 24
+    # rerunning does nothing new: every stage is finished
+    again = Generator(config, constitution, FakeRuntime(cai_registry), tmp_path)
+    again.build()
+    assert again.runtime.feedback.calls == 0
+    kept, dropped = generator.kept_requests()
+    assert len(kept) == 24 and not dropped
+    # a different config is refused, naming what changed
+    with pytest.raises(Exception, match="per_batch"):
+        Generator(config.model_copy(update={"per_batch": 4}), constitution, runtime, tmp_path).build()
+    evaluation = {"eval:x": kept[0]["text"]}  # pretend one generated request is an evaluation prompt
+    report = assemble(generator, tmp_path, evaluation)
+    assert report["evaluation_near_copies_removed"] >= 1
+    rows = {
+        name: [json.loads(line) for line in (tmp_path / "dataset" / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("input-train", "input-test", "output-train", "output-test")
+    }
+    # wrappers held out for testing never appear in training, and a request's variants stay on one side
+    train_wrappers = {r["augmentation"] for r in rows["input-train"] if r["augmentation"].startswith("wrap:")}
+    assert not train_wrappers & {f"wrap:{w}" for w in templates.HELDOUT_WRAPPERS}
+    train_ids = {r["request_id"] for r in rows["input-train"]}
+    assert not train_ids & {r["request_id"] for r in rows["input-test"]}
+    # output labels: a reply breaks the constitution when it engages with a harmful request
+    for row in rows["output-train"] + rows["output-test"]:
+        assert row["label"] == int(row["kind"] == "harmful" and not row["refused"])
+
+
+def _synthetic_dataset(folder: Path, n: int = 80) -> Path:
+    rng = random.Random(0)
+    rows = {"input-train": [], "input-test": []}
+    for i in range(n):
+        harmful = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if harmful else ["garden", "picnic", "bread"]
+        text = " ".join(rng.choice(words) for _ in range(6))
+        split = "input-test" if i % 4 >= 2 else "input-train"
+        rows[split].append(
+            {
+                "request_id": f"r{i}",
+                "principle_id": "harm-014" if harmful else "harm-004",
+                "kind": "harmful" if harmful else "benign",
+                "augmentation": "plain",
+                "text": text,
+                "label": int(harmful),
+            }
+        )
+    folder.mkdir(parents=True)
+    for name, data in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.slow
+def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runtime):
+    from cai_engine.classifiers.probe import Probe
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+
+    dataset = _synthetic_dataset(tmp_path / "dataset")
+    out = tmp_path / "input"
+    metrics = train_probe(
+        dataset, "input", out, TrainConfig(base_model=str(tiny_model), layers=[1, 2]), echo=lambda *_: None
+    )
+    assert metrics["report_split"]["auc"] > 0.9
+    assert {"classifier.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    probe = Probe.load(out)
+    assert probe.config.labels[0] == "violation" and probe.config.layer in (1, 2)
+    scores = probe.predict(["xqz zzq qxz xqz", "garden bread picnic"])
+    assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
+    # a zero-width spelling reads the same as the plain text
+    spelled = probe.predict([templates.respell("xqz zzq qxz xqz", "zero-width", random.Random(1))])
+    assert spelled[0]["violation"] == pytest.approx(scores[0]["violation"], abs=1e-5)
+
+    critic = cai_runtime.component("critic", "classifier", {"path": str(out)})
+    assert critic.screen_requests([[Message(role="user", content="garden picnic")]])[0] < probe.threshold()
+    principles = cai_runtime.registry.constitution("harmless").principles[:3]
+    tasks = [
+        CritiqueTask(conversation=[Message(role="user", content="xqz zzq qxz")], response="ok", principle=p)
+        for p in principles
+    ]
+    critiques = critic.critique(tasks)
+    assert sum(c.needs_revision for c in critiques) == 1  # one exchange, one principle named
+    assert "P(violation)" in critiques[0].text
+
+
+def test_build_cli_explains_itself(cli_runner):
+    from cai_engine.cli import cli
+
+    result = cli_runner.invoke(cli, ["classifiers", "build", "--help"])
+    assert result.exit_code == 0 and "feedback" in result.output and "resumable" in result.output
