@@ -55,7 +55,7 @@ class StubUpstream:
     """The server in a daemon thread; ``start()``/``stop()`` (or ``with``), restartable on the same port.
 
     ``chat`` and ``completion`` map a request body to the answer text; ``delay`` maps a body to seconds to wait
-    before answering (to make concurrent requests finish in a chosen order).
+    before answering, and may itself block (to hold concurrent requests and release them in a chosen order).
     """
 
     def __init__(

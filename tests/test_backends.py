@@ -299,6 +299,16 @@ def test_logprobs_match_an_unbatched_reference(backend):
         assert math.isclose(yn, _reference_logprob(backend, p, "Yes no"), abs_tol=tolerance)
 
 
+def test_continuation_scores_come_back_in_the_order_asked(backend):
+    """Continuations of different lengths are scored in length-sorted batches; each score must come back at the
+    position its continuation was given in, whatever that order."""
+    options = [" ab", " abcdefgh", " abcd", " x"]
+    scores = backend.continuation_logprobs(["Hello there"], [options])[0]
+    for order in ([3, 2, 1, 0], [1, 3, 0, 2]):
+        shuffled = backend.continuation_logprobs(["Hello there"], [[options[k] for k in order]])[0]
+        assert shuffled == [scores[k] for k in order]
+
+
 def test_prompt_longer_than_context_is_a_clear_error(cai_runtime, tmp_path):
     from cai_engine.testing import build_tiny_model
 

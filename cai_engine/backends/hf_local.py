@@ -262,7 +262,8 @@ class TransformersBackend(Backend):
             raise ValueError("continuations must not be empty")
         longest = max(len(ids) for conts in cont_ids for ids in conts)
         self._check_length(encoded, longest)
-        out: list[list[float | None]] = [[] for _ in prompts]
+        # filled by position: length-sorted chunks score the continuations out of order
+        out: list[list[float | None]] = [[None] * len(conts) for conts in cont_ids]
         with self._lock, torch.inference_mode():
             if longest == 1:  # every option is one token: one forward pass over the prompt reads them all
                 for rows in self._chunks([len(e) for e in encoded]):
@@ -280,7 +281,7 @@ class TransformersBackend(Backend):
                     ids = cont_ids[i][j]
                     c = len(ids)
                     total = sum(float(logp[r, k - c + t - 1, tok]) for t, tok in enumerate(ids))
-                    out[i].append(total)
+                    out[i][j] = total
         return out
 
     def _chunks(self, lengths: Sequence[int]):
