@@ -49,8 +49,9 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
     unchanged = [name for name in before if (before[name] == after[name]).all()]
     assert unchanged == []
     assert not list((tmp_path / "out").glob("*.bin"))
-    # TRL's own checkpointing (its defaults): the last step's checkpoint, to resume from; never an empty folder
-    assert [p.name for p in (tmp_path / "out" / "trainer").glob("checkpoint-*")] == ["checkpoint-3"]
+    # TRL's resume checkpoints are removed once the final weights are saved and checked (a finished run is never
+    # resumed; test_a_killed_run_resumes_from_its_last_checkpoint covers resuming)
+    assert not (tmp_path / "out" / "trainer").exists()
     # the saved folder reproduced the trained model's log-probs on a fixed sentence when it was written ...
     check = json.loads((tmp_path / "out" / "cai_training.json").read_text())["checkpoint_check"]
     assert check["max_abs_difference"] < 1e-4
@@ -61,13 +62,22 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
     assert text and abs(tuned - base) > 1e-3
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, dataset, tmp_path):
+def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, dataset, tmp_path, monkeypatch):
     """TRL's own checkpointing: save every step, then a rerun continues from the newest checkpoint-N."""
+    from cai_engine.default_plugins import trainers
     from cai_engine.default_plugins.training import last_checkpoint
 
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the run dies after TRL's last step, before the final weights are saved
+
     settings = {**FAST, "save_strategy": "steps", "save_steps": 1, "max_steps": 2}
-    cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": settings}).train(dataset, tmp_path / "o")
-    (tmp_path / "o" / "cai_training.json").unlink()  # as if the run had been killed before it finished
+    with monkeypatch.context() as patch:
+        patch.setattr(trainers, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": settings}).train(
+                dataset, tmp_path / "o"
+            )
+    assert not (tmp_path / "o" / "cai_training.json").exists()
     assert last_checkpoint(tmp_path / "o") == str(tmp_path / "o" / "trainer" / "checkpoint-2")
     longer = {"model": str(tiny_model), "trl": {**settings, "max_steps": 3, "learning_rate": 0.05}}
     summary = cai_runtime.component("trainer", "sft", longer).train(dataset, tmp_path / "o")
@@ -259,6 +269,6 @@ def test_two_processes_under_accelerate_train_one_model(tiny_model, dataset, tmp
     summary = json.loads((out / "cai_training.json").read_text())
     assert summary["world_size"] == 2 and len(set(summary["replica_digests"])) == 1
     assert summary["steps"] == 2 and summary["metrics"]["epoch"] == 1.0  # 2 steps x 2 per process x 2 = 8 rows
-    assert [p.name for p in (out / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (out / "trainer").exists()  # resume checkpoints go once the final weights are saved
     assert len(list(out.glob("*.safetensors"))) == 1 and (out / "README.md").exists()
     assert done.stdout.count("checkpoint:") == 2  # each process reports; one wrote
