@@ -4,6 +4,8 @@ import contextlib
 import math
 
 import pytest
+from noise import bound as shared_bound
+from noise import deviation
 
 from cai_engine import ConfigError, GenerationSettings, Message, ModelError, UnknownComponentError
 from cai_engine.components import ChatPrompt, cut_at_stop
@@ -30,12 +32,11 @@ def backend(cai_runtime, tiny_model):
 # generation is compared by what it promises: every token it chose is the first choice of a pass over that sequence
 # alone, up to that bound (two paths may rightly part at a near tie, so texts are not compared across paths).
 
-NOISE_MULTIPLE = 3
 FLOOR = 512 * 2.0**-23  # ~6e-5 nats: 64 float32 roundings of a log-prob near -8
 
 
 def bound(noise: float) -> float:
-    return NOISE_MULTIPLE * noise + FLOOR
+    return shared_bound(noise, FLOOR)
 
 
 def alone(backend, sequences, firsts):
@@ -63,16 +64,6 @@ def padded(backend, sequences, firsts):
             backend.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float().log_softmax(-1)
         )
     return [logits[r, width - len(s) + first - 1 : width - 1] for r, (s, first) in enumerate(zip(sequences, firsts))]
-
-
-def deviation(a, b, tokens=None) -> float:
-    """The largest difference between two paths' log-probs (positions x vocabulary) over the tokens that decide
-    anything: at each position the token each path ranks first, and ``tokens[position]`` if given."""
-    worst = 0.0
-    for p in range(len(a)):
-        chosen = {int(a[p].argmax()), int(b[p].argmax())} | ({int(tokens[p])} if tokens is not None else set())
-        worst = max(worst, max(abs(float(a[p][t]) - float(b[p][t])) for t in chosen))
-    return worst
 
 
 def model_noise(backend, sequences, firsts, tokens=None) -> float:

@@ -6,6 +6,8 @@ import contextlib
 
 import numpy as np
 import pytest
+from noise import bound as shared_bound
+from noise import deviation
 
 from cai_engine import ChatPrompt, Message, Runtime
 from cai_engine.backends.llama_decode import Job, _common_length, log_softmax
@@ -54,12 +56,11 @@ def conversations(questions=QUESTIONS):
 # here, on AVX-512: the paths under test differ by 0.7-1.0 times the noise). A broken path (a wrong or stale KV
 # cache, a prefix copied to the wrong place, sequences that see each other) is off by far more.
 
-NOISE_MULTIPLE = 3
 NOISE_FLOOR = 0.02  # nats
 
 
 def bound(noise: float) -> float:
-    return NOISE_MULTIPLE * noise + NOISE_FLOOR
+    return shared_bound(noise, NOISE_FLOOR)
 
 
 def prompt_pass(backend, sequences, firsts):
@@ -102,16 +103,6 @@ def stepwise(backend, sequences, firsts):
             for slot, _ in group:
                 llama_cpp.llama_memory_seq_rm(backend._memory, slot, -1, -1)
     return [np.stack(rows) for rows in out]
-
-
-def deviation(a, b, tokens=None) -> float:
-    """The largest difference between two paths' log-probs (arrays of positions x vocabulary) over the tokens that
-    decide anything: at each position the token each path ranks first, and ``tokens[position]`` if given."""
-    worst = 0.0
-    for p in range(len(a)):
-        chosen = {int(a[p].argmax()), int(b[p].argmax())} | ({int(tokens[p])} if tokens is not None else set())
-        worst = max(worst, max(abs(float(a[p][t]) - float(b[p][t])) for t in chosen))
-    return worst
 
 
 @contextlib.contextmanager

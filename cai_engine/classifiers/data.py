@@ -314,10 +314,6 @@ class Generator:
         if self.progress is not None:
             self.progress(stage, n)
 
-    def total_work(self) -> dict[str, int]:
-        """Units of work per stage, for progress bars (labels and replies are known once requests exist)."""
-        return {"requests": len(self._request_jobs())}
-
 
 # -- assembling the dataset ---------------------------------------------------------------------------------------
 
@@ -329,35 +325,47 @@ def _shingles(text: str) -> set[str]:
     return {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
 
 
-def near_copies(texts: list[str], others: dict[str, str], threshold: float = 0.6) -> dict[int, str]:
-    """Index of each text -> the id of an ``others`` text it is a near-copy of (word-3-gram Jaccard >= threshold,
-    or the same text once case, spacing and punctuation are folded away)."""
-    from ..prompts import normalise_prompt
+class NearCopyIndex:
+    """Texts indexed by word 3-gram, to find near-copies (Jaccard >= threshold, or the same text once case, spacing
+    and punctuation are folded away) without comparing every pair."""
 
-    exact = {normalise_prompt(t): key for key, t in others.items()}
-    index: dict[str, list[tuple[str, set[str]]]] = {}
-    for key, text in others.items():
+    def __init__(self, texts: dict[str, str] | None = None, threshold: float = 0.6) -> None:
+        self.threshold = threshold
+        self.exact: dict[str, str] = {}
+        self.grams: dict[str, list[tuple[str, set[str]]]] = {}
+        for key, text in (texts or {}).items():
+            self.add(key, text)
+
+    def add(self, key: str, text: str) -> None:
+        from ..prompts import normalise_prompt
+
+        self.exact.setdefault(normalise_prompt(text), key)
         grams = _shingles(text)
         for gram in grams:
-            index.setdefault(gram, []).append((key, grams))
-    out: dict[int, str] = {}
-    for i, text in enumerate(texts):
-        if normalise_prompt(text) in exact:
-            out[i] = exact[normalise_prompt(text)]
-            continue
+            self.grams.setdefault(gram, []).append((key, grams))
+
+    def find(self, text: str) -> str | None:
+        """The key of a text this one is a near-copy of, or None."""
+        from ..prompts import normalise_prompt
+
+        if normalise_prompt(text) in self.exact:
+            return self.exact[normalise_prompt(text)]
         grams = _shingles(text)
         seen: set[str] = set()
         for gram in grams:
-            for key, other in index.get(gram, ()):
-                if key in seen:
-                    continue
-                seen.add(key)
-                if len(grams & other) / len(grams | other) >= threshold:
-                    out[i] = key
-                    break
-            if i in out:
-                break
-    return out
+            for key, other in self.grams.get(gram, ()):
+                if key not in seen:
+                    seen.add(key)
+                    if len(grams & other) / len(grams | other) >= self.threshold:
+                        return key
+        return None
+
+
+def near_copies(texts: list[str], others: dict[str, str], threshold: float = 0.6) -> dict[int, str]:
+    """Index of each text -> the id of an ``others`` text it is a near-copy of."""
+    index = NearCopyIndex(others, threshold)
+    found = {i: index.find(text) for i, text in enumerate(texts)}
+    return {i: key for i, key in found.items() if key is not None}
 
 
 def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str, str] | None = None) -> dict[str, Any]:
@@ -366,12 +374,12 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
     kept, dropped = generator.kept_requests()
     # near-duplicates among the requests themselves: keep the first of each
     unique: list[dict[str, Any]] = []
-    seen_texts: dict[str, str] = {}
+    seen = NearCopyIndex(threshold=0.8)
     for request in kept:
-        if near_copies([request["text"]], seen_texts, threshold=0.8):
+        if seen.find(request["text"]) is not None:
             dropped["near-duplicate of another request"] += 1
             continue
-        seen_texts[request["id"]] = request["text"]
+        seen.add(request["id"], request["text"])
         unique.append(request)
     contaminated = near_copies([r["text"] for r in unique], evaluation_prompts or {})
     for i in sorted(contaminated, reverse=True):

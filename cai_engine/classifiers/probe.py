@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -217,8 +216,3 @@ def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
     return {"path": str(folder), **{k: data.get(k) for k in ("kind", "base_model", "layer", "thresholds")}}
-
-
-def logit(p: float) -> float:
-    p = min(max(p, 1e-6), 1 - 1e-6)
-    return math.log(p / (1 - p))
