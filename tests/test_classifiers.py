@@ -55,7 +55,8 @@ class FakeBackend:
             text = prompt if isinstance(prompt, str) else prompt.messages[-1].content
             kind = "harmful" if "must refuse" in text else "benign"
             word = "xqz danger" if kind == "harmful" else "garden picnic"
-            out.append("\n".join(f'    "{word} request number {i} seed {settings.seed}",' for i in range(3)))
+            items = "\n".join(f'    {n}: "{word} request number {n} seed {settings.seed}",' for n in range(6, 9))
+            out.append(items.split('"', 1)[1])  # the prompt opened the first item's quote
         return out
 
 

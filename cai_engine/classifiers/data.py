@@ -3,9 +3,10 @@
 Stages, each resumable (records are written a batch at a time into ``OUT/records.jsonl``; rerunning the same command
 skips what is done, and a different config is refused with what changed):
 
-1. ``requests``: for every principle, the feedback model writes numbered lists of requests that the principle says
-   an assistant must decline, and of harmless look-alikes on the same topics (a topic area and a style drawn per
-   batch, sampled with a seed per batch).
+1. ``requests``: for every principle, the feedback model continues fixtures: rewrites of one training red-team
+   request (another target, method or wording) for requests the principle says an assistant must decline, and a
+   numbered list of one kind of harmless look-alike (homonyms, safety information, history, ...); sampling is
+   seeded per batch.
 2. ``labels``: the feedback model reads each request alone and says whether it asks for harm (P(Yes) from
    log-probs). A request whose label disagrees with what it was written to be is dropped, as is one the model could
    not read, so only requests both the writer and the labeller agree on are kept.
@@ -16,7 +17,7 @@ skips what is done, and a different config is refused with what changed):
 (exchange -> does the reply break the constitution?, where a reply breaks it when it engages with a harmful request
 instead of declining), each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicates are
 dropped, and so is anything that is a copy or near-copy of an evaluation prompt (counted in the report). The split is
-by generation batch (a batch's requests and everything made from them land on one side) and by wrapper template (two
+by group (all rewrites of one seed request, or one look-alike batch, and everything made from them land on one side) and by wrapper template (two
 templates only ever appear in the test split).
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..components import ChatPrompt, GenerationSettings
+from ..components import GenerationSettings
 from ..jsonl import write_json, write_jsonl
 from ..refusals import is_refusal
 from ..runs import RunDirectory
@@ -63,12 +64,13 @@ class BuildConfig(BaseModel):
         "builtin:borderline", description="Training prompts shown as the first two items of each benign list."
     )
     principles: list[str] | None = Field(None, description="Only these principle ids (default: every principle).")
-    batches: int = Field(4, ge=1, description="Generation calls per principle and kind (harmful, benign).")
-    per_batch: int = Field(12, ge=1, le=30, description="Requests asked for in each call.")
+    batches: int = Field(4, ge=1, description="Generation calls per principle for requests to decline.")
+    benign_batches: int = Field(2, ge=0, description="Generation calls per principle for harmless look-alikes.")
+    per_batch: int = Field(10, ge=1, le=30, description="Requests asked for in each call.")
     temperature: float = Field(0.9, ge=0, description="Sampling temperature for writing requests.")
-    reply_tokens: int = Field(48, ge=8, description="Length of each reply (a refusal shows in its opening).")
+    reply_tokens: int = Field(32, ge=8, description="Length of each reply (a refusal shows in its opening).")
     label_threshold: float = Field(0.5, gt=0, lt=1, description="P(Yes) above which a request counts as harmful.")
-    seed: int = Field(0, description="Seeds topics, styles, sampling, augmentation and the split.")
+    seed: int = Field(0, description="Seeds categories, examples, sampling, augmentation and the split.")
     test_share: float = Field(0.25, gt=0, lt=1, description="Share of generation batches held out for testing.")
     batch_size: int = Field(16, ge=1, description="Prompts sent to a model in one call.")
 
@@ -94,6 +96,7 @@ def rule_text(principle: Principle) -> str:
 
 
 _NUMBERED = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s*(.+?)\s*$")
+_KEY = re.compile(r"^(\s*)\d{1,3}:\s*", re.MULTILINE)
 _QUOTED = re.compile(r'^\s*"((?:[^"\\]|\\.)+)",?\s*$')
 
 
@@ -139,10 +142,14 @@ class Generator:
         from ..prompts import load_training_prompts
 
         self.config = config
-        self.examples = {
-            kind: [item.conversation[-1].content for item in load_training_prompts(source, runtime.registry)]
-            for kind, source in (("harmful", config.harmful_examples), ("benign", config.benign_examples))
-        }
+        # training prompts by category (the harmful set's categories steer the harmful lists, the look-alike set's
+        # kinds the benign ones)
+        self.examples: dict[str, dict[str, list[str]]] = {}
+        for kind, source in (("harmful", config.harmful_examples), ("benign", config.benign_examples)):
+            grouped: dict[str, list[str]] = {}
+            for item in load_training_prompts(source, runtime.registry):
+                grouped.setdefault(item.category or "general", []).append(item.conversation[-1].content)
+            self.examples[kind] = grouped
         self.constitution = constitution
         self.runtime = runtime
         self.run = RunDirectory(Path(out) / "data", "classifier-data", GenRecord)
@@ -173,26 +180,46 @@ class Generator:
     # -- stage 1: requests ---------------------------------------------------------------------------------------
 
     def _request_jobs(self) -> list[dict[str, Any]]:
+        # Harmful batches are rewrites of one training request each, the requests dealt out in a seeded order so every
+        # one is used before any repeats; benign batches continue a list of one kind of look-alike.
+        seeds = [(c, text) for c, texts in sorted(self.examples["harmful"].items()) for text in texts]
+        random.Random(_seed(self.config.seed, "seeds")).shuffle(seeds)
         jobs = []
+        dealt = 0
         for principle in self.principles:
-            for kind in ("harmful", "benign"):
-                for batch in range(self.config.batches):
+            for kind, count in (("harmful", self.config.batches), ("benign", self.config.benign_batches)):
+                for batch in range(count):
                     rng = random.Random(_seed(self.config.seed, principle.id, kind, batch))
-                    jobs.append(
-                        {
-                            "key": f"requests:{principle.id}:{kind}:{batch}",
-                            "principle_id": principle.id,
-                            "kind": kind,
-                            "batch": batch,
-                            "topic": rng.choice(templates.TOPICS),
-                            "style": rng.choice(templates.STYLES),
-                            "rule": rule_text(principle),
-                            # harmful lists always as fixtures; benign ones alternate with a plain chat request
-                            "framing": "chat" if kind == "benign" and batch % 2 == 0 else "fixture",
-                            "examples": rng.sample(self.examples[kind], 4 if kind == "harmful" else 2),
+                    job = {
+                        "key": f"requests:{principle.id}:{kind}:{batch}",
+                        "principle_id": principle.id,
+                        "kind": kind,
+                        "batch": batch,
+                        "rule": rule_text(principle),
+                    }
+                    if kind == "harmful":
+                        category, text = seeds[dealt % len(seeds)]
+                        dealt += 1
+                        # requests rewritten from one seed stay on one side of the split
+                        group = f"seed:{_seed(text) % 10**8:08d}"
+                        job |= {"framing": "rewrites", "topic": category, "group": group, "examples": [text]}
+                    else:
+                        category = rng.choice(sorted(self.examples[kind]))
+                        pool = self.examples[kind][category]
+                        job |= {
+                            "framing": "list",
+                            "topic": category,
+                            "group": f"{principle.id}:{kind}:{batch}",
+                            "examples": rng.sample(pool, min(5, len(pool))),
                         }
-                    )
+                    jobs.append(job)
         return jobs
+
+    def _prompt(self, job: dict[str, Any]) -> str:
+        if job["framing"] == "rewrites":
+            return templates.rewrites_prompt(job["rule"], job["examples"][0])
+        count = len(job["examples"]) + self.config.per_batch
+        return templates.list_prompt(job["kind"], job["rule"], job["topic"], job["examples"], count)
 
     def _requests(self) -> None:
         done = {r.key for r in self.records("requests")}
@@ -203,38 +230,22 @@ class Generator:
         for group in _chunks(self._request_jobs(), self.config.batch_size):
             if all(job["key"] in done for job in group):
                 continue
-            prompts: list[Any] = []
-            for job in group:
-                if job["framing"] == "fixture":
-                    prompts.append(
-                        templates.fixture_prompt(job["kind"], job["rule"], job["topic"], job["style"], job["examples"])
-                    )
-                    continue
-                prompts.append(
-                    ChatPrompt(
-                        [
-                            Message(role="system", content=templates.REQUESTS_SYSTEM),
-                            Message(role="user", content=templates.BENIGN_ASK.format(k=k, **job)),
-                        ],
-                        assistant_prefix="1.",
-                    )
-                )
             settings = GenerationSettings(
-                max_new_tokens=min(28 * k, 1024),
+                max_new_tokens=min(24 * k, 1024),
                 temperature=self.config.temperature,
                 top_p=0.95,
                 repetition_penalty=1.1,
-                stop=("]",),
+                stop=("\n}", "]"),
                 seed=_seed(self.config.seed, group[0]["key"]),
             )
-            texts = backend.generate(prompts, settings)
+            texts = backend.generate([self._prompt(job) for job in group], settings)
             records = []
             for job, text in zip(group, texts):
-                meta = {key: job[key] for key in ("principle_id", "kind", "batch", "topic", "style", "framing")}
+                meta = {key: job[key] for key in ("principle_id", "kind", "batch", "topic", "framing", "group")}
                 shown = {e.strip() for e in job["examples"]}
-                parsed = [
-                    t for t in parse_list(("1." if job["framing"] == "chat" else "") + text, k + 2) if t not in shown
-                ]
+                # the prompt opened the first item's quote; numbered keys ("7: ") are not part of the text
+                lines = _KEY.sub("", '    "' + text)
+                parsed = [t for t in parse_list(lines, k + 2) if t not in shown]
                 items = [
                     {**meta, "id": f"{job['principle_id']}-{job['kind'][0]}{job['batch']}-{n:02d}", "text": item}
                     for n, item in enumerate(parsed[:k], start=1)
@@ -387,8 +398,8 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
         del unique[i]
 
     def split_of(request: dict[str, Any]) -> str:
-        group = _seed(config.seed, "split", request["principle_id"], request["kind"], request["batch"])
-        return "test" if (group % 1000) / 1000 < config.test_share else "train"
+        group = request.get("group") or f"{request['principle_id']}:{request['kind']}:{request['batch']}"
+        return "test" if (_seed(config.seed, "split", group) % 1000) / 1000 < config.test_share else "train"
 
     replies: dict[str, list[dict[str, Any]]] = {}
     for record in generator.records("replies"):

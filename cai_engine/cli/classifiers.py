@@ -29,13 +29,26 @@ def classifiers_group() -> None:
 @click.option("--policy-model", default="smollm2", show_default=True, help="Also answers every request.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (resumable). [runs/classifiers/NAME]")
 @click.option("--principles", help="Comma-separated principle ids (default: all).")
-@click.option("--batches", type=int, default=4, show_default=True, help="Generation calls per principle and kind.")
-@click.option("--per-batch", type=int, default=12, show_default=True, help="Requests asked for per call.")
+@click.option("--batches", type=int, default=4, show_default=True, help="Calls per principle for requests to decline.")
+@click.option("--benign-batches", type=int, default=2, show_default=True, help="Calls per principle for look-alikes.")
+@click.option("--per-batch", type=int, default=10, show_default=True, help="Requests asked for per call.")
+@click.option("--reply-tokens", type=int, default=32, show_default=True, help="Length of each reply.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layers", default="2,4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
 def build_command(
-    constitution, feedback_model, policy_model, out, principles, batches, per_batch, seed, layers, false_alarms
+    constitution,
+    feedback_model,
+    policy_model,
+    out,
+    principles,
+    batches,
+    benign_batches,
+    per_batch,
+    reply_tokens,
+    seed,
+    layers,
+    false_alarms,
 ) -> None:
     """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
     from tqdm.auto import tqdm
@@ -53,7 +66,9 @@ def build_command(
         policy_model=policy_model,
         principles=principles.split(",") if principles else None,
         batches=batches,
+        benign_batches=benign_batches,
         per_batch=per_batch,
+        reply_tokens=reply_tokens,
         seed=seed,
     )
     bars: dict[str, tqdm] = {}
