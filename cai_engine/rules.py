@@ -1,10 +1,14 @@
-"""Deterministic rule checks and repairs: a constitution's ``rules`` applied without a model (milliseconds)."""
+"""Deterministic rule checks and repairs: a constitution's ``rules`` applied without a model (milliseconds).
+
+Patterns are searched in the folded text (``textnorm.fold``: Unicode respellings undone), and evidence and repairs are
+taken from, and made in, the text as it was sent.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
+from . import textnorm
 from .records import Violation
 from .schema import Message, Principle, Rule
 
@@ -13,8 +17,8 @@ def _conversation_text(conversation: Sequence[Message]) -> str:
     return "\n".join(m.content for m in conversation)
 
 
-def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> Any:
-    """Whether the rule's ``when`` condition holds (True when it has none); returns the match as evidence."""
+def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> bool | str:
+    """Whether the rule's ``when`` condition holds (True when it has none); returns the matched text as evidence."""
     _, when = rule.compiled()
     if when is None:
         return True
@@ -24,9 +28,10 @@ def rule_applies(rule: Rule, conversation: Sequence[Message], response: str) -> 
         "either": [response, _conversation_text(conversation)],
     }[rule.when_in]
     for text in places:
-        match = when.search(text)
-        if match:
-            return match
+        found = textnorm.search(when, rule.when or "", text)
+        if found:
+            match, view = found
+            return view.original_of(match) or True
     return False
 
 
@@ -37,11 +42,11 @@ def check_rule(
     if not applies:
         return None
     pattern, _ = rule.compiled()
-    match = pattern.search(response)
-    if rule.kind == "forbid" and match:
-        evidence = match.group(0)
-    elif rule.kind == "require" and not match:
-        evidence = "" if applies is True else applies.group(0)
+    found = textnorm.search(pattern, rule.pattern, response)
+    if rule.kind == "forbid" and found:
+        evidence = found[1].original_of(found[0])
+    elif rule.kind == "require" and not found:
+        evidence = "" if applies is True else applies
     else:
         return None
     return Violation(
@@ -73,8 +78,7 @@ def repair(principle: Principle, conversation: Sequence[Message], response: str)
             unfixed.append(rule.id)
         elif rule.kind == "forbid":
             pattern, _ = rule.compiled()
-            replacement = rule.fix or ""
-            text = pattern.sub(lambda _m, r=replacement: r, text)
+            text = textnorm.substitute(pattern, rule.pattern, text, rule.fix or "")
         else:
             gap = "\n\n" if "\n" in text else " "
             if rule.fix_at == "start":

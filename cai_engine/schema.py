@@ -13,7 +13,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator, model_validator
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -142,6 +142,7 @@ class Rule(_Strict):
         "end", description="For `require`: where the fix goes (`start` for what must come first, e.g. emergencies)."
     )
     severity: Literal["low", "medium", "high"] = Field("medium", description="How serious a violation is.")
+    _compiled: tuple[Any, Any | None] | None = PrivateAttr(None)
 
     @field_validator("pattern", "when")
     @classmethod
@@ -151,11 +152,14 @@ class Rule(_Strict):
         return value
 
     def compiled(self) -> tuple[Any, Any | None]:
-        """The rule's ``pattern`` and ``when`` compiled by RE2 (linear-time matching)."""
-        return (
-            compile_pattern(self.pattern, ignore_case=self.ignore_case),
-            compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None,
-        )
+        """The rule's ``pattern`` and ``when`` compiled by RE2 (linear-time matching), kept with the rule: a policy
+        with more rules than the shared cache holds does not recompile on every response."""
+        if self._compiled is None:
+            self._compiled = (
+                compile_pattern(self.pattern, ignore_case=self.ignore_case),
+                compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None,
+            )
+        return self._compiled
 
 
 class Principle(_Strict):

@@ -8,7 +8,6 @@ harmless look-alikes, so a classifier cannot learn that a wrapper by itself mean
 from __future__ import annotations
 
 import random
-import unicodedata
 
 # Safety-tuned feedback models decline to write harmful requests when asked in a chat, and close a list literal after
 # an item or two. What works (measured on qwen2.5-coder-1.5b: about a third of the harmful items pass the labeller,
@@ -104,11 +103,8 @@ def respell(text: str, spelling: str, rng: random.Random) -> str:
 
 
 def normalise(text: str) -> str:
-    """What the classifiers read: NFKC (full-width and mathematical letters become plain ones), format characters
-    (zero-width spaces and joiners, soft hyphens, word joiners) removed, and look-alike letters folded back."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    return text.translate(_FOLD)
+    """What the classifiers read: the same folding the rules match on (``cai_engine.textnorm``: compatibility forms,
+    format characters, combining marks and look-alike letters undone)."""
+    from ..textnorm import fold
 
-
-_FOLD = str.maketrans({v: k for k, v in HOMOGLYPHS.items()} | {v.upper(): k.upper() for k, v in HOMOGLYPHS.items()})
+    return fold(text).text

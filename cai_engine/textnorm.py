@@ -1,0 +1,173 @@
+"""One normalisation for every rule and check match: what a pattern sees, and how a match maps back to what was sent.
+
+Someone trying to get a forbidden word or a number past a pattern respells it: zero-width spaces, joiners, soft hyphens
+or word joiners inside it, full-width or mathematical letters, a Cyrillic or Greek look-alike letter, a combining
+accent, a hyphenated line break, full-width or Arabic-Indic digits, dots or spaces between the digits. ``fold`` undoes
+all of these: each character is decomposed (NFKD: compatibility forms become plain letters and digits), combining
+marks and format characters are dropped, any decimal digit becomes its ASCII digit, and a letter Unicode lists as
+confusable with a single Latin letter becomes that letter (Unicode's confusables data, as shipped by the
+``confusable-homoglyphs`` package). ``digits=True`` also drops one separator between two digits, for number-like
+patterns (a card number written ``4.1.1.1 ...``).
+
+Patterns are searched in the text as sent first (so a pattern written with accented letters still matches), then in
+the folded views. Every character of the folded text remembers the span of the original it came from, so a match found in the folded
+text is reported and repaired in the text the user actually sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+# Between two digits, one of these may be dropped in the digits view ("4111 1111", "4.1.1.1", "4111-1111").
+DIGIT_SEPARATORS = frozenset(" .-_/,\u00b7\u2022\u2219\u2027")
+
+
+@functools.cache
+def _confusable_letters() -> dict[str, str]:
+    """Non-ASCII characters Unicode lists as confusable with one ASCII letter, mapped to that letter."""
+    from confusable_homoglyphs.utils import load
+
+    out: dict[str, str] = {}
+    for char, homoglyphs in load("confusables.json").items():
+        if len(char) != 1 or char.isascii():
+            continue
+        for glyph in homoglyphs:
+            target = glyph.get("c", "")
+            if len(target) == 1 and target.isascii() and target.isalpha():
+                out[char] = target
+                break
+    return out
+
+
+def _fold_char(char: str, confusable: dict[str, str]) -> str:
+    if char.isascii():
+        return char
+    if unicodedata.category(char) == "Cf":  # zero-width space/joiner, soft hyphen, word joiner, BOM, ...
+        return ""
+    out = []
+    for part in unicodedata.normalize("NFKD", char):
+        if part.isascii():
+            out.append(part)
+        elif unicodedata.combining(part) or unicodedata.category(part) in ("Mn", "Cf"):
+            continue
+        elif unicodedata.category(part) == "Nd":
+            out.append(str(unicodedata.digit(part)))
+        else:
+            out.append(confusable.get(part, part))
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A folded text and, for each of its characters, the original span it came from."""
+
+    original: str
+    text: str
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """The original span of the folded span ``[start, end)``."""
+        if start >= len(self.text):
+            return len(self.original), len(self.original)
+        if end <= start:
+            return self.starts[start], self.starts[start]
+        return self.starts[start], self.ends[end - 1]
+
+    def original_of(self, match: Any) -> str:
+        """What a match in the folded text covers in the original."""
+        start, end = self.span(match.start(), match.end())
+        return self.original[start:end]
+
+
+def _hyphen_break(text: str, i: int) -> int:
+    """The end of a hyphenated line break starting at ``i`` ("explo-\\n  sive"), or ``i`` when there is none."""
+    if text[i] not in "-\u2010\u00ad" or i == 0 or not text[i - 1].isalpha():
+        return i
+    j = i + 1
+    while j < len(text) and text[j] in " \t\r":
+        j += 1
+    if j >= len(text) or text[j] != "\n":
+        return i
+    j += 1
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    return j if j < len(text) and text[j].isalpha() else i
+
+
+@functools.lru_cache(maxsize=512)
+def fold(text: str, digits: bool = False) -> Folded:
+    """``text`` as patterns see it (see the module's docstring); cached, since every rule of a policy folds the same
+    response."""
+    confusable = _confusable_letters()
+    chars: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    i = 0
+    while i < len(text):
+        skip = _hyphen_break(text, i)
+        if skip != i:
+            i = skip
+            continue
+        for part in _fold_char(text[i], confusable):
+            chars.append(part)
+            starts.append(i)
+            ends.append(i + 1)
+        i += 1
+    if digits:
+        keep = [
+            not (
+                chars[k] in DIGIT_SEPARATORS
+                and 0 < k < len(chars) - 1
+                and chars[k - 1].isdigit()
+                and chars[k + 1].isdigit()
+            )
+            for k in range(len(chars))
+        ]
+        chars = [c for c, ok in zip(chars, keep) if ok]
+        starts = [s for s, ok in zip(starts, keep) if ok]
+        ends = [e for e, ok in zip(ends, keep) if ok]
+    return Folded(text, "".join(chars), tuple(starts), tuple(ends))
+
+
+def number_like(pattern: str) -> bool:
+    """Whether a pattern looks for digits (then it is also searched in the digits view)."""
+    return "\\d" in pattern or "0-9" in pattern
+
+
+@functools.lru_cache(maxsize=512)
+def as_sent(text: str) -> Folded:
+    """The text unchanged, as a view (a pattern written with accents or other non-ASCII letters matches here)."""
+    return Folded(text, text, tuple(range(len(text))), tuple(range(1, len(text) + 1)))
+
+
+def views(text: str, pattern: str) -> list[Folded]:
+    """The views a pattern is searched in: as sent, folded, and for number-like patterns folded with the separators
+    between digits dropped."""
+    out = [as_sent(text), fold(text)]
+    if number_like(pattern):
+        out.append(fold(text, digits=True))
+    return out
+
+
+def search(compiled: Any, pattern: str, text: str) -> tuple[Any, Folded] | None:
+    """The first match of a compiled pattern in any view of ``text``, with the view it was found in."""
+    for view in views(text, pattern):
+        match = compiled.search(view.text)
+        if match:
+            return match, view
+    return None
+
+
+def substitute(compiled: Any, pattern: str, text: str, replacement: str) -> str:
+    """``text`` with every match (in any view) replaced by ``replacement``, edited in the original spelling."""
+    steps = [as_sent, fold] + ([functools.partial(fold, digits=True)] if number_like(pattern) else [])
+    for step in steps:
+        view = step(text)
+        spans = [view.span(m.start(), m.end()) for m in compiled.finditer(view.text)]
+        for start, end in sorted(set(spans), reverse=True):
+            text = text[:start] + replacement + text[end:]
+    return text

@@ -1,0 +1,130 @@
+"""Rules see through Unicode respellings, in replies and in requests, and repairs edit what was sent."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_engine.engine import Engine
+from cai_engine.rules import check_principle, repair
+from cai_engine.schema import Message, Principle
+from cai_engine.textnorm import fold
+
+WORD = Principle.model_validate(
+    {
+        "id": "t-001",
+        "title": "No detonators",
+        "rules": [
+            {
+                "id": "t-001-word",
+                "kind": "forbid",
+                "pattern": r"\bdetonator\b",
+                "message": "Forbidden word.",
+                "fix": "[removed]",
+            }
+        ],
+    }
+)
+CARD = r"\b\d(?:[ -]?\d){12,18}\b"  # the customer-service constitution's card-number rule
+NUMBER = Principle.model_validate(
+    {
+        "id": "t-002",
+        "title": "No card numbers",
+        "rules": [{"id": "t-002-card", "kind": "forbid", "pattern": CARD, "message": "Card.", "fix": "[card]"}],
+    }
+)
+
+# Each way of spelling "detonator" that a plain pattern misses.
+WORD_VARIANTS = {
+    "zero-width space": "deto\u200bnator",
+    "zero-width joiner": "de\u200dtonator",
+    "zero-width non-joiner": "deton\u200cator",
+    "soft hyphen": "deto\u00adnator",
+    "word joiner": "detona\u2060tor",
+    "full-width letters": "ｄｅｔｏｎａｔｏｒ",
+    "mathematical bold letters": "\U0001d41d\U0001d41e\U0001d42d\U0001d428\U0001d427\U0001d41a\U0001d42d\U0001d428\U0001d42b",
+    "Cyrillic look-alikes": "d\u0435t\u043enat\u043er",
+    "Greek omicron": "det\u03bfnator",
+    "combining accent": "deto\u0301nator",
+    "precomposed accent": "detonatór",
+    "hyphenated line break": "deto-\n  nator",
+    "upper case": "DETONATOR",
+}
+CARD_VARIANTS = {
+    "plain": "4111 1111 1111 1111",
+    "full-width digits": "４１１１ １１１１ １１１１ １１１１",
+    "Arabic-Indic digits": "\u0664\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661\u0661",
+    "dots between digits": "4.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1",
+    "zero-width spaces between digits": "4111\u200b1111\u200b1111\u200b1111",
+    "slashes between groups": "4111/1111/1111/1111",
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORD_VARIANTS))
+def test_a_respelled_word_is_caught_and_repaired_in_the_original(name):
+    spelled = WORD_VARIANTS[name]
+    reply = f"Sure. First get a {spelled}, then wait."
+    found = check_principle(WORD, [Message(role="user", content="hi")], reply)
+    assert len(found) == 1, name
+    assert found[0].evidence == spelled.strip()  # evidence is what was sent, not the folded form
+    fixed, unfixed = repair(WORD, [Message(role="user", content="hi")], reply)
+    assert fixed == "Sure. First get a [removed], then wait." and not unfixed
+
+
+@pytest.mark.parametrize("name", sorted(CARD_VARIANTS))
+def test_a_respelled_card_number_is_caught_and_repaired(name):
+    reply = f"Your card {CARD_VARIANTS[name]} was charged twice."
+    assert check_principle(NUMBER, [Message(role="user", content="hi")], reply), name
+    fixed, _ = repair(NUMBER, [Message(role="user", content="hi")], reply)
+    assert fixed == "Your card [card] was charged twice."
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The café's résumé workshop starts at 9.30 and costs 12.50 euros.",
+        "Версия 2.1.3 вышла; see section 4.2 of the manual.",
+        "Call between 9 and 5, or write to us. Order 1234 ships in 3-5 days.",
+        "A detonation is a kind of explosion; a denotator is not a word.",
+    ],
+)
+def test_ordinary_text_is_not_matched(text):
+    assert not check_principle(WORD, [Message(role="user", content="hi")], text)
+    assert not check_principle(NUMBER, [Message(role="user", content="hi")], text)
+
+
+def test_folding_keeps_a_map_to_the_original():
+    text = "a ｂｏ\u200bｍｂ, b"
+    view = fold(text)
+    assert view.text == "a bomb, b"
+    start = view.text.index("bomb")
+    assert text[slice(*view.span(start, start + 4))] == "ｂｏ\u200bｍｂ"
+
+
+def test_patterns_with_accents_still_match_as_written():
+    principle = Principle.model_validate(
+        {
+            "id": "t-003",
+            "rules": [{"id": "t-003-r", "kind": "require", "pattern": "— Équipe Acme", "message": "m", "fix": "x"}],
+        }
+    )
+    assert not check_principle(principle, [Message(role="user", content="hi")], "Merci. — Équipe Acme")
+    assert check_principle(principle, [Message(role="user", content="hi")], "Merci.")
+
+
+@pytest.mark.parametrize("name", ["full-width digits", "dots between digits", "Arabic-Indic digits"])
+def test_the_input_rail_redacts_respelled_card_numbers(cai_runtime, tmp_path, name):
+    policy = {
+        "name": "gateway",
+        "version": "1",
+        "constitutions": ["customer-service"],
+        "input": {"check": True, "action": "redact"},
+        "guard": {"model_critics": False},
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+    }
+    engine = Engine.from_policy(policy, runtime=cai_runtime)
+    try:
+        message = f"My card is {CARD_VARIANTS[name]}, why was it charged twice?"
+        violations, redacted = engine.check_input([Message(role="user", content=message)])
+        assert violations and redacted == "My card is [card number removed], why was it charged twice?"
+    finally:
+        engine.close()
