@@ -166,6 +166,28 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert sum(c.needs_revision for c in critiques) == 1  # one exchange, one principle named
     assert "P(violation)" in critiques[0].text
 
+    # the cascade: items in the uncertain band go to the slower critic, the rest are decided here; stats count both
+    class Slow:
+        asked: list = []
+
+        def screen_requests(self, conversations, question=None):
+            Slow.asked += [c[-1].content for c in conversations]
+            return [0.5 for _ in conversations]
+
+    texts = ["xqz zzq qxz xqz", "garden bread picnic", "xqz garden zzq bread"]
+    probabilities = [s["violation"] for s in probe.predict(texts)]
+    cut = probe.threshold()
+    band = sorted(abs(p - cut) for p in probabilities)[1] + 1e-6  # wide enough for the two nearest, not the third
+    cascade = cai_runtime.component(
+        "critic", "classifier", {"path": str(out), "escalate": {"name": "model"}, "band": band}
+    )
+    cascade._escalate = Slow()
+    got = cascade.screen_requests([[Message(role="user", content=t)] for t in texts])
+    near = [t for t, p in zip(texts, probabilities) if abs(p - cut) <= band]
+    assert len(near) == 2 and sorted(Slow.asked) == sorted(near)
+    assert [g for t, g in zip(texts, got) if t in near] == [0.5, 0.5]
+    assert cascade.stats == {"scored": 3, "escalated": 2}
+
 
 def test_build_cli_explains_itself(cli_runner):
     from cai_engine.cli import cli

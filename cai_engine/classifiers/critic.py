@@ -4,6 +4,10 @@ With an output classifier it scores each exchange (``critique``, and ``screen`` 
 one verdict per reply against all the principles at once); with an input classifier it scores the request alone
 (``screen_requests``, for ``screen: request``, where a reply that does not refuse a harmful request is a violation).
 Either way the principle it names is the one whose own head gives the highest probability among those asked about.
+
+With ``escalate`` it is the middle stage of a cascade (rules, then this classifier, then a slower critic): an item
+whose probability falls in the uncertain band around the threshold is decided by the ``escalate`` critic instead, and
+``stats`` counts how many were scored and how many escalated.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pydantic import Field
 
 from ..components import Critic
 from ..components import Options as BaseOptions
+from ..config import ComponentRef
 from ..records import Critique
 from .probe import Probe
 
@@ -27,10 +32,24 @@ class ClassifierCritic(Critic):
         threshold: float | None = Field(
             None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
         )
+        escalate: ComponentRef | None = Field(
+            None,
+            description="A slower critic (e.g. {name: model, options: {model: qwen2.5-coder-1.5b}}) that decides the "
+            "items whose probability falls in the uncertain band; None: the classifier decides everything.",
+        )
+        band: float = Field(
+            0.15,
+            ge=0,
+            lt=1,
+            description="Half-width of the uncertain band: probabilities within this distance of the threshold are "
+            "escalated (when `escalate` is set).",
+        )
 
     def __init__(self, options=None, runtime=None) -> None:
         super().__init__(options, runtime)
         self._probe: Probe | None = None
+        self._escalate: Any = None
+        self.stats = {"scored": 0, "escalated": 0}
 
     @property
     def probe(self) -> Probe:
@@ -41,6 +60,23 @@ class ClassifierCritic(Critic):
     @property
     def threshold(self) -> float:
         return self.options.threshold if self.options.threshold is not None else self.probe.threshold()
+
+    @property
+    def escalation(self) -> Any:
+        """The critic that decides the uncertain band (built on first use), or None."""
+        if self._escalate is None and self.options.escalate is not None:
+            self._escalate = self.options.escalate.build("critic", self.runtime)
+        return self._escalate
+
+    def uncertain(self, p: float) -> bool:
+        return self.options.escalate is not None and abs(p - self.threshold) <= self.options.band
+
+    def _route(self, probabilities: Sequence[float]) -> list[int]:
+        """The indices to escalate, counted in ``stats``."""
+        out = [i for i, p in enumerate(probabilities) if self.uncertain(p)]
+        self.stats["scored"] += len(probabilities)
+        self.stats["escalated"] += len(out)
+        return out
 
     def _scores(self, items: Sequence[tuple[Any, str | None]]) -> list[dict[str, float]]:
         prompts = [_last_user(conversation) for conversation, _ in items]
@@ -63,7 +99,15 @@ class ClassifierCritic(Critic):
         firsts = [members[0] for members in groups.values()]
         scores = self._scores([(tasks[i].conversation, tasks[i].response) for i in firsts])
         out: list[Critique | None] = [None] * len(tasks)
+        escalated = self._route([score["violation"] for score in scores])
+        if escalated:  # the slower critic decides these exchanges, for every principle asked about
+            members_of = list(groups.values())
+            ask = [i for g in escalated for i in members_of[g]]
+            for i, critique in zip(ask, self.escalation.critique([tasks[i] for i in ask])):
+                out[i] = critique
         for members, score in zip(groups.values(), scores):
+            if out[members[0]] is not None:
+                continue
             p = score["violation"]
             chosen = members[self._pick(score, [tasks[i].principle for i in members])]
             for i in members:
@@ -82,9 +126,10 @@ class ClassifierCritic(Critic):
         return out
 
     def screen(self, items, principles, question: str | None = None) -> list[dict]:
-        principles = list(principles)
+        items, principles = list(items), list(principles)
         out = []
-        for score in self._scores(list(items)):
+        scores = self._scores(items)
+        for score in scores:
             fired = score["violation"] > self.threshold
             out.append(
                 {
@@ -93,10 +138,24 @@ class ClassifierCritic(Critic):
                     "letter_probs": None,
                 }
             )
+        escalated = self._route([score["violation"] for score in scores])
+        if escalated:
+            for i, verdict in zip(
+                escalated, self.escalation.screen([items[i] for i in escalated], principles, question)
+            ):
+                out[i] = verdict
         return out
 
     def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
-        return [s["violation"] for s in self._scores([(c, None) for c in conversations])]
+        conversations = list(conversations)
+        scores = [s["violation"] for s in self._scores([(c, None) for c in conversations])]
+        out: list[float | None] = list(scores)
+        escalated = self._route(scores)
+        if escalated:
+            asked = [conversations[i] for i in escalated]
+            for i, p in zip(escalated, self.escalation.screen_requests(asked, question)):
+                out[i] = p
+        return out
 
     def attribute(self, items, principles) -> list[int | None]:
         return [self._pick(s, list(principles)) for s in self._scores(list(items))]
