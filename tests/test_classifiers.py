@@ -194,3 +194,47 @@ def test_build_cli_explains_itself(cli_runner):
 
     result = cli_runner.invoke(cli, ["classifiers", "build", "--help"])
     assert result.exit_code == 0 and "feedback" in result.output and "resumable" in result.output
+
+
+@pytest.mark.slow
+def test_an_output_classifier_labels_pairs_and_scores_replies_for_phase_two(tiny_model, tmp_path, cai_runtime):
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+    from cai_engine.records import ComparisonTask, ScoringTask
+
+    rng = random.Random(1)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for split, n in (("train", 60), ("test", 40)):
+        rows = []
+        for i in range(n):
+            bad = i % 2 == 0
+            words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+            reply = " ".join(rng.choice(words) for _ in range(6))
+            rows.append(
+                {
+                    "request_id": f"{split}{i}",
+                    "principle_id": "harm-001",
+                    "augmentation": "plain",
+                    "prompt": "a question",
+                }
+                | {"text": reply, "label": int(bad)}
+            )
+        (folder / f"output-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "output"
+    train_probe(folder, "output", out, TrainConfig(base_model=str(tiny_model), layers=[1]), echo=lambda *_: None)
+    judge = cai_runtime.component("judge", "classifier", {"path": str(out)})
+    principles = cai_runtime.registry.constitution("harmless").principles[:1]
+    ask = [Message(role="user", content="a question")]
+    bad, good = "xqz zzq qxz xqz zzq", "garden bread picnic garden"
+    verdicts = judge.compare(
+        [
+            ComparisonTask(conversation=ask, response_a=good, response_b=bad, principles=principles),
+            ComparisonTask(conversation=ask, response_a=bad, response_b=good, principles=principles),
+            ComparisonTask(conversation=ask, response_a=good, response_b=good, principles=principles),
+        ]
+    )
+    assert verdicts[0].p_a > 0.5 > verdicts[1].p_a
+    assert verdicts[0].p_a == pytest.approx(1 - verdicts[1].p_a, abs=1e-6)  # no position to be biased by
+    assert verdicts[2].p_a == pytest.approx(0.5)
+    scores = judge.score([ScoringTask(conversation=ask, response=r, principles=principles) for r in (good, bad)])
+    assert scores[0].value > scores[1].value and -1 <= scores[1].reward < scores[0].reward <= 1

@@ -12,15 +12,17 @@ whose probability falls in the uncertain band around the threshold is decided by
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
 
-from ..components import Critic
+from ..components import Critic, Judge
 from ..components import Options as BaseOptions
 from ..config import ComponentRef
-from ..records import Critique
+from ..errors import ConfigError
+from ..records import Critique, Judgement, Score
 from .probe import Probe
 
 
@@ -166,3 +168,69 @@ def _last_user(conversation) -> str:
         if message.role == "user":
             return message.content
     return ""
+
+
+class ClassifierJudge(Judge):
+    """An output classifier as a phase-2 labeller and reward: of two replies, the one less likely to break the
+    constitution is preferred (``p_a`` from the difference of their log-odds), and a single reply scores
+    ``1 + 9 * (1 - P(violation))``. Thousands of pairs a minute on a CPU, where the feedback model labels hundreds
+    an hour; each reply is scored alone, so there is no position to be biased by."""
+
+    name = "classifier"
+
+    class Options(BaseOptions):
+        path: str = Field(description="An output classifier folder made by `cai classifiers build`.")
+        sharpness: float = Field(
+            1.0, gt=0, description="Divides the log-odds difference: larger makes the soft labels softer."
+        )
+
+    def __init__(self, options=None, runtime=None) -> None:
+        super().__init__(options, runtime)
+        self._probe: Probe | None = None
+
+    @property
+    def probe(self) -> Probe:
+        if self._probe is None:
+            self._probe = Probe.load(self.options.path)
+            if self._probe.config.kind != "output":
+                raise ConfigError(
+                    f"{self.options.path}: the classifier judge needs an output classifier (it reads replies)"
+                )
+        return self._probe
+
+    def _violation(self, pairs: Sequence[tuple[Any, str]]) -> list[float]:
+        scores = self.probe.predict([_last_user(c) for c, _ in pairs], [reply for _, reply in pairs])
+        return [min(max(s["violation"], 1e-6), 1 - 1e-6) for s in scores]
+
+    def compare(self, tasks):
+        tasks = list(tasks)
+        p = self._violation([(t.conversation, r) for t in tasks for r in (t.response_a, t.response_b)])
+        out = []
+        for k, task in enumerate(tasks):
+            a, b = p[2 * k], p[2 * k + 1]
+            margin = (math.log(b / (1 - b)) - math.log(a / (1 - a))) / self.options.sharpness
+            out.append(
+                Judgement(
+                    principle_ids=[x.id for x in task.principles],
+                    p_a=1 / (1 + math.exp(-margin)),
+                    position_consistent=None,
+                    reason=f"P(violation) A={a:.3f} B={b:.3f}",
+                    judge=self.name,
+                )
+            )
+        return out
+
+    def score(self, tasks):
+        tasks = list(tasks)
+        out = []
+        for task, p in zip(tasks, self._violation([(t.conversation, t.response) for t in tasks])):
+            value = 1 + 9 * (1 - p)
+            out.append(
+                Score(
+                    principle_ids=[x.id for x in task.principles],
+                    value=value,
+                    reward=(value - 5.5) / 4.5,
+                    judge=self.name,
+                )
+            )
+        return out

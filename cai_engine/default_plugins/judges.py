@@ -294,3 +294,6 @@ def cai_register_judges(register):
     register(LogprobJudge)
     register(CoTJudge)
     register(PointwiseJudge)
+    from cai_engine.classifiers.critic import ClassifierJudge
+
+    register(ClassifierJudge)
