@@ -257,3 +257,45 @@ def test_an_output_classifier_labels_pairs_and_scores_replies_for_phase_two(tiny
     broken.write_text('{"prompt": "q"}\n', encoding="utf-8")
     result = CliRunner().invoke(cli, ["classifiers", "eval", str(out), "--cases", str(broken)])
     assert result.exit_code != 0 and "broken.jsonl:1" in result.output
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_classifier_trains_calibrates_and_loads_in_a_transformers_pipeline(tiny_model, tmp_path):
+    from transformers import pipeline
+
+    from cai_engine.classifiers.finetune import FinetuneConfig, FinetunedClassifier, train_finetuned
+    from cai_engine.classifiers.probe import load_classifier
+
+    dataset = _synthetic_dataset(tmp_path / "dataset", n=120)
+    out = tmp_path / "input-ft"
+    config = FinetuneConfig(base_model=str(tiny_model), layers=2, epochs=8, learning_rate=3e-3, batch_size=8)
+    metrics = train_finetuned(dataset, "input", out, config, echo=lambda *_: None, progress=False)
+    assert metrics["method"] == "finetuned" and metrics["report_split"]["auc"] > 0.9
+    classifier = load_classifier(out)
+    assert isinstance(classifier, FinetunedClassifier) and classifier.config.method == "finetuned"
+    scores = classifier.predict(["xqz zzq qxz xqz", "garden bread picnic"])
+    assert scores[0]["violation"] > classifier.threshold() > scores[1]["violation"]
+    # the folder is a plain transformers checkpoint with named labels
+    classify = pipeline("text-classification", model=str(out), device="cpu")
+    label = classify("User: xqz zzq qxz xqz")[0]["label"]
+    assert label in {"violation", "compliant"}
+    assert "fine-tuned" in (out / "README.md").read_text()
+
+    # both methods trained, the better kept by held-out AUC, the choice recorded
+    from cai_engine.classifiers.select import train_and_select
+    from cai_engine.classifiers.train import TrainConfig
+
+    runs = tmp_path / "build"
+    selection = train_and_select(
+        dataset,
+        runs,
+        "input",
+        probe=TrainConfig(base_model=str(tiny_model), layers=[1, 2]),
+        finetune=config,
+        echo=lambda *_: None,
+    )
+    assert set(selection["candidates"]) == {"probe", "finetuned"}
+    best = max(selection["candidates"].values(), key=lambda m: m["report_split"]["auc"])
+    assert selection["candidates"][selection["chosen"]] is best
+    assert load_classifier(runs / "input").config.method == selection["chosen"]
+    assert json.loads((runs / "input-selection.json").read_text())["chosen"] == selection["chosen"]

@@ -23,7 +23,7 @@ from ..components import Options as BaseOptions
 from ..config import ComponentRef
 from ..errors import ConfigError
 from ..records import Critique, Judgement, Score
-from .probe import Probe
+from .probe import load_classifier
 
 
 class ClassifierCritic(Critic):
@@ -49,14 +49,14 @@ class ClassifierCritic(Critic):
 
     def __init__(self, options=None, runtime=None) -> None:
         super().__init__(options, runtime)
-        self._probe: Probe | None = None
+        self._probe: Any = None
         self._escalate: Any = None
         self.stats = {"scored": 0, "escalated": 0}
 
     @property
-    def probe(self) -> Probe:
+    def probe(self) -> Any:
         if self._probe is None:
-            self._probe = Probe.load(self.options.path)
+            self._probe = load_classifier(self.options.path)
         return self._probe
 
     @property
@@ -186,12 +186,12 @@ class ClassifierJudge(Judge):
 
     def __init__(self, options=None, runtime=None) -> None:
         super().__init__(options, runtime)
-        self._probe: Probe | None = None
+        self._probe: Any = None
 
     @property
-    def probe(self) -> Probe:
+    def probe(self) -> Any:
         if self._probe is None:
-            self._probe = Probe.load(self.options.path)
+            self._probe = load_classifier(self.options.path)
             if self._probe.config.kind != "output":
                 raise ConfigError(
                     f"{self.options.path}: the classifier judge needs an output classifier (it reads replies)"

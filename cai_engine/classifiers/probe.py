@@ -16,7 +16,7 @@ import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +32,11 @@ class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: str = Field(description="'input' (a request) or 'output' (an exchange: request and reply).")
+    method: Literal["probe", "finetuned"] = Field(
+        "probe",
+        description="'probe': a logistic head on the frozen base model's pooled activations (head.safetensors); "
+        "'finetuned': the base model's first layers fine-tuned with a classification head (a transformers folder).",
+    )
     base_model: str = Field(DEFAULT_MODEL, description="The model whose activations are read.")
     base_model_sha256: str | None = Field(
         None, description="SHA-256 of the base model's weights file, checked on load."
@@ -197,6 +202,23 @@ class Probe:
         return self.config.thresholds.get(label, 0.5)
 
 
+def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
+    """A classifier folder made by ``cai classifiers build``, whichever method made it (a ``Probe`` or a
+    ``FinetunedClassifier``: both have ``config``, ``predict`` and ``threshold``)."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise ModelError(f"{folder}: not a classifier folder (no {CONFIG})")
+    try:
+        config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
+    if config.method == "finetuned":
+        from .finetune import FinetunedClassifier
+
+        return FinetunedClassifier.load(folder, config)
+    return Probe.load(folder, check_base=check_base)
+
+
 def base_model_sha256(base_model: str) -> str | None:
     """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
     from ..backends.model_files import DEFAULT_NAME, default_model_file
@@ -215,4 +237,5 @@ def base_model_sha256(base_model: str) -> str | None:
 def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
-    return {"path": str(folder), **{k: data.get(k) for k in ("kind", "base_model", "layer", "thresholds")}}
+    keys = ("kind", "method", "base_model", "layer", "thresholds")
+    return {"path": str(folder), **{k: data.get(k, "probe" if k == "method" else None) for k in keys}}

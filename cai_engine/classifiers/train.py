@@ -96,6 +96,35 @@ def rate_entry(hits: int, n: int) -> dict[str, Any]:
     return {"rate": round(hits / n, 4) if n else None, "n": n, "hits": hits, "ci95": interval}
 
 
+def calibrate(probs: list[float], test: list[dict[str, Any]], false_alarm_rate: float) -> tuple[float, dict[str, Any]]:
+    """Set the threshold on the calibration half of the held-out split (``false_alarm_rate`` of its harmless
+    examples above it) and measure on the report half: the threshold and the report half's metrics."""
+    y_test = [int(r["label"]) for r in test]
+    halves = [_half(r) for r in test]
+    calibrate = sorted(p for p, y, h in zip(probs, y_test, halves) if h == "calibrate" and not y)
+    if calibrate:
+        cut = min(len(calibrate) - 1, int((1 - false_alarm_rate) * len(calibrate)))
+        threshold = calibrate[cut]
+    else:
+        threshold = 0.5
+    report = [(p, y, r) for p, y, r, h in zip(probs, y_test, test, halves) if h == "report"]
+    caught = sum(1 for p, y, _ in report if y and p > threshold)
+    positives = sum(1 for _, y, _ in report if y)
+    false_alarms = sum(1 for p, y, _ in report if not y and p > threshold)
+    negatives = sum(1 for _, y, _ in report if not y)
+    by_augmentation: dict[str, dict[str, int]] = {}
+    for p, y, r in report:
+        entry = by_augmentation.setdefault(r["augmentation"].split(":")[0], {"n": 0, "correct": 0})
+        entry["n"] += 1
+        entry["correct"] += int((p > threshold) == bool(y))
+    return threshold, {
+        "auc": auc([p for p, _, _ in report], [y for _, y, _ in report]),
+        "recall": rate_entry(caught, positives),
+        "false_alarms": rate_entry(false_alarms, negatives),
+        "accuracy_by_augmentation": by_augmentation,
+    }
+
+
 def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainConfig, echo=print) -> dict[str, Any]:
     """Train the ``kind`` ('input' or 'output') probe on ``dataset`` (a ``cai classifiers build`` dataset folder)
     and save it to ``out``; returns its metrics."""
@@ -145,34 +174,14 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     logits = ((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias
     probs = torch.sigmoid(logits)[:, 0].tolist()
 
-    halves = [_half(r) for r in test]
-    calibrate = sorted(p for p, y, h in zip(probs, y_test, halves) if h == "calibrate" and not y)
-    if calibrate:
-        cut = min(len(calibrate) - 1, int((1 - config.false_alarm_rate) * len(calibrate)))
-        threshold = calibrate[cut]
-    else:
-        threshold = 0.5
-    report = [(p, y, r) for p, y, r, h in zip(probs, y_test, test, halves) if h == "report"]
-    caught = sum(1 for p, y, _ in report if y and p > threshold)
-    positives = sum(1 for _, y, _ in report if y)
-    false_alarms = sum(1 for p, y, _ in report if not y and p > threshold)
-    negatives = sum(1 for _, y, _ in report if not y)
-    by_augmentation: dict[str, dict[str, int]] = {}
-    for p, y, r in report:
-        entry = by_augmentation.setdefault(r["augmentation"].split(":")[0], {"n": 0, "correct": 0})
-        entry["n"] += 1
-        entry["correct"] += int((p > threshold) == bool(y))
+    threshold, report_split = calibrate(probs, test, config.false_alarm_rate)
     metrics = {
+        "method": "probe",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
         "threshold": threshold,
         "false_alarm_target": config.false_alarm_rate,
-        "report_split": {
-            "auc": auc([p for p, _, _ in report], [y for _, y, _ in report]),
-            "recall": rate_entry(caught, positives),
-            "false_alarms": rate_entry(false_alarms, negatives),
-            "accuracy_by_augmentation": by_augmentation,
-        },
+        "report_split": report_split,
     }
     report_file = dataset / "report.json"
     data_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
@@ -222,8 +231,12 @@ def write_card(folder: Path, config: ProbeConfig) -> None:
         "---",
         f"# {constitution.get('name')} {config.kind} classifier",
         "",
-        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
-        f"compiled by `cai classifiers build` from the constitution **{constitution.get('name')}** version "
+        (
+            f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
+            if config.method == "probe"
+            else f"The first {config.layer} layers of `{config.base_model}` fine-tuned with a classification head, "
+        )
+        + f"compiled by `cai classifiers build` from the constitution **{constitution.get('name')}** version "
         f"{constitution.get('version')} (`{constitution.get('hash')}`).",
         "",
         "It reads "
@@ -234,15 +247,16 @@ def write_card(folder: Path, config: ProbeConfig) -> None:
         "## Data",
         f"- train: {config.data.get('train')} examples ({config.data.get('train_positives')} violating), "
         f"test: {config.data.get('test')}; written and labelled by the feedback model, augmented offline "
-        "(jailbreak-style wrappers, Unicode spellings); split by generation batch, two wrapper templates held out.",
-        f"- violating training examples per principle: {config.data.get('per_principle_positives')}",
+        "(jailbreak-style wrappers, Unicode spellings); split by seed request or batch, two wrapper templates "
+        "held out.",
+        f"- violating training examples per principle: {config.data.get('per_principle_positives', 'not recorded')}",
         "",
         "## Metrics (the held-out report half; the threshold was set on the other half)",
         f"- threshold: {config.thresholds.get('violation'):.4f} for {m.get('false_alarm_target')} false alarms",
         f"- AUC: {report.get('auc')}",
         f"- recall: {_fmt(report.get('recall', {}))}",
         f"- false alarms: {_fmt(report.get('false_alarms', {}))}",
-        f"- held-out AUC by layer: {m.get('layer_auc')}",
+        *([f"- held-out AUC by layer: {m.get('layer_auc')}"] if "layer_auc" in m else []),
         "",
         "These are measured on synthetic data from the same generator; see `cai classifiers eval` for prompts",
         "nobody here wrote.",
@@ -252,4 +266,11 @@ def write_card(folder: Path, config: ProbeConfig) -> None:
         "critic: {name: classifier, options: {path: " + str(folder) + "}}",
         "```",
     ]
+    if config.method == "finetuned":
+        lines += [
+            "",
+            'The folder is also a transformers checkpoint: `pipeline("text-classification", model=FOLDER)` loads it '
+            "(give it `User: <request>` or `User: <request>\\nAssistant: <reply>`; cai-engine also folds Unicode "
+            "spellings first and applies the calibrated threshold above).",
+        ]
     (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

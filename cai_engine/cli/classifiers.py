@@ -35,6 +35,15 @@ def classifiers_group() -> None:
 @click.option("--reply-tokens", type=int, default=32, show_default=True, help="Length of each reply.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layers", default="2,4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
+@click.option(
+    "--methods",
+    default="probe,finetuned",
+    show_default=True,
+    help="Classifier methods to train; the better on the held-out split is kept (probe: a head on frozen "
+    "activations; finetuned: the base model's first layers fine-tuned with a classification head).",
+)
+@click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
+@click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
 def build_command(
     constitution,
@@ -48,15 +57,23 @@ def build_command(
     reply_tokens,
     seed,
     layers,
+    methods,
+    finetune_layers,
+    epochs,
     false_alarms,
 ) -> None:
     """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
     from tqdm.auto import tqdm
 
     from ..classifiers.data import BuildConfig, Generator, assemble
+    from ..classifiers.finetune import FinetuneConfig
+    from ..classifiers.select import METHODS, train_and_select
     from ..classifiers.sources import evaluation_texts
-    from ..classifiers.train import TrainConfig, train_probe
+    from ..classifiers.train import TrainConfig
 
+    chosen_methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if not chosen_methods or set(chosen_methods) - set(METHODS):
+        raise click.BadParameter(f"choose from {', '.join(METHODS)}", param_hint="--methods")
     runtime = _runtime()
     resolved = state().registry.constitution(constitution)
     out = out or Path("runs") / "classifiers" / resolved.name
@@ -92,15 +109,26 @@ def build_command(
         f"data: {report['requests_kept']} of {report['requests_written']} requests kept ({counts}); "
         f"examples {report['examples']}; evaluation near-copies removed: {report['evaluation_near_copies_removed']}"
     )
-    train_config = TrainConfig(layers=[int(x) for x in layers.split(",")], false_alarm_rate=false_alarms)
+    probe_config = TrainConfig(layers=[int(x) for x in layers.split(",")], false_alarm_rate=false_alarms)
+    finetune_config = FinetuneConfig(layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed)
     for kind in ("input", "output"):
-        metrics = train_probe(Path(out) / "dataset", kind, Path(out) / kind, train_config, echo=click.echo)
-        split = metrics["report_split"]
-        click.echo(
-            f"{kind} classifier: layer {metrics['layer']}, threshold {metrics['threshold']:.3f}; held-out "
-            f"AUC {split['auc']}, recall {split['recall']['rate']} (n={split['recall']['n']}), "
-            f"false alarms {split['false_alarms']['rate']} (n={split['false_alarms']['n']}) -> {Path(out) / kind}"
+        selection = train_and_select(
+            Path(out) / "dataset",
+            out,
+            kind,
+            methods=chosen_methods,
+            probe=probe_config,
+            finetune=finetune_config,
+            echo=click.echo,
         )
+        for method, metrics in selection["candidates"].items():
+            split = metrics["report_split"]
+            click.echo(
+                f"{kind} {method}: layer {metrics['layer']}, threshold {metrics['threshold']:.3f}; held-out "
+                f"AUC {split['auc']}, recall {split['recall']['rate']} (n={split['recall']['n']}), "
+                f"false alarms {split['false_alarms']['rate']} (n={split['false_alarms']['n']})"
+            )
+        click.echo(f"{kind} classifier: {selection['chosen']} -> {Path(out) / kind}")
     click.echo(f"done in {time.perf_counter() - began:.0f} s")
 
 
@@ -144,11 +172,11 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
-    from ..classifiers.probe import Probe
+    from ..classifiers.probe import load_classifier
     from ..classifiers.sources import load_eval_prompts
     from ..classifiers.train import auc, rate_entry
 
-    probe = Probe.load(classifier)
+    probe = load_classifier(classifier)
     kind = probe.config.kind
     cut = threshold if threshold is not None else probe.threshold()
     registry = state().registry
