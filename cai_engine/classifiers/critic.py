@@ -52,6 +52,7 @@ class ClassifierCritic(Critic):
         self._probe: Any = None
         self._escalate: Any = None
         self.stats = {"scored": 0, "escalated": 0}
+        self.last_escalated: list[int] = []  # indices of the last call's items the slower critic decided
 
     @property
     def probe(self) -> Any:
@@ -76,6 +77,7 @@ class ClassifierCritic(Critic):
     def _route(self, probabilities: Sequence[float]) -> list[int]:
         """The indices to escalate, counted in ``stats``."""
         out = [i for i, p in enumerate(probabilities) if self.uncertain(p)]
+        self.last_escalated = out
         self.stats["scored"] += len(probabilities)
         self.stats["escalated"] += len(out)
         return out
