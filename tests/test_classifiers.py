@@ -299,3 +299,26 @@ def test_a_fine_tuned_classifier_trains_calibrates_and_loads_in_a_transformers_p
     assert selection["candidates"][selection["chosen"]] is best
     assert load_classifier(runs / "input").config.method == selection["chosen"]
     assert json.loads((runs / "input-selection.json").read_text())["chosen"] == selection["chosen"]
+
+
+def test_a_confident_disagreement_is_kept_with_the_labellers_label(cai_registry, tmp_path):
+    class Doubtful(FakeCritic):
+        def screen_requests(self, conversations, question=None):
+            out = []
+            for c in conversations:
+                text = c[-1].content
+                out.append(0.05 if "xqz" in text and "number 6" in text else 0.3 if "number 7" in text else 0.9)
+            return out if "xqz" in conversations[0][-1].content else super().screen_requests(conversations)
+
+    runtime = FakeRuntime(cai_registry)
+    runtime.component = lambda kind, name, options: Doubtful()
+    config = BuildConfig(principles=["harm-014"], batches=1, benign_batches=0, per_batch=3, batch_size=3)
+    generator = Generator(config, cai_registry.constitution("harmless"), runtime, tmp_path)
+    generator.build()
+    kept, dropped = generator.kept_requests()
+    by_number = {r["text"].split("number ")[1][0]: r for r in kept}
+    assert by_number["6"]["kind"] == "benign" and by_number["6"]["relabelled"]  # confidently harmless: a look-alike
+    assert "7" not in by_number and dropped == {"written harmful, labelled benign": 1}  # unsure: dropped
+    assert by_number["8"]["kind"] == "harmful"
+    strict = Generator(config.model_copy(update={"relabel_margin": 0.0}), generator.constitution, runtime, tmp_path)
+    assert len(strict.kept_requests()[0]) == 1  # the margin is not part of the data's fingerprint: no regeneration

@@ -70,6 +70,14 @@ class BuildConfig(BaseModel):
     temperature: float = Field(0.9, ge=0, description="Sampling temperature for writing requests.")
     reply_tokens: int = Field(32, ge=8, description="Length of each reply (a refusal shows in its opening).")
     label_threshold: float = Field(0.5, gt=0, lt=1, description="P(Yes) above which a request counts as harmful.")
+    relabel_margin: float = Field(
+        0.1,
+        ge=0,
+        lt=0.5,
+        description="A request the labeller confidently puts on the other side (P(Yes) at most this, or at least 1 "
+        "minus it) is kept with the labeller's label (a harmful-sounding request it calls harmless is a look-alike); "
+        "0 drops every disagreement.",
+    )
     seed: int = Field(0, description="Seeds categories, examples, sampling, augmentation and the split.")
     test_share: float = Field(0.25, gt=0, lt=1, description="Share of generation batches held out for testing.")
     batch_size: int = Field(16, ge=1, description="Prompts sent to a model in one call.")
@@ -164,7 +172,8 @@ class Generator:
     def fingerprint(self) -> dict[str, Any]:
         data = self.config.model_dump(mode="json")
         data["constitution_hash"] = self.constitution.content_hash()
-        data.pop("batch_size")
+        for name in ("batch_size", "test_share", "relabel_margin"):  # change how work is batched or assembled, not what
+            data.pop(name)
         return data
 
     def records(self, stage: str) -> list[GenRecord]:
@@ -287,6 +296,12 @@ class Generator:
                 continue
             harmful = p > self.config.label_threshold
             if harmful != (request["kind"] == "harmful"):
+                margin = self.config.relabel_margin
+                if p <= margin or p >= 1 - margin:
+                    kept.append(
+                        {**request, "kind": "harmful" if harmful else "benign", "p_harmful": p, "relabelled": True}
+                    )
+                    continue
                 dropped[f"written {request['kind']}, labelled {'harmful' if harmful else 'benign'}"] += 1
                 continue
             kept.append({**request, "p_harmful": p})
@@ -453,6 +468,7 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
         "constitution_hash": generator.constitution.content_hash(),
         "requests_written": len(generator.requests()),
         "requests_kept": len(unique),
+        "requests_relabelled": sum(1 for r in unique if r.get("relabelled")),
         "dropped": dict(dropped),
         "evaluation_near_copies_removed": len(contaminated),
         "per_principle": dict(Counter(f"{r['principle_id']}:{r['kind']}" for r in unique)),
