@@ -1,9 +1,13 @@
-"""Load on `cai serve`: N requests at concurrency C through a rules-only guard to a stub upstream that answers at
-once, and the same requests straight to the stub; prints errors and latency percentiles of both, and the guard's
-added latency (through the guard minus direct, per percentile) and its own time inside the guard.
+"""Load on `cai serve`: N requests at each concurrency C through a rules-only guard to a stub upstream that answers
+at once, and the same requests straight to the stub; prints errors and latency percentiles of both, the guard's
+added latency (through the guard minus direct, per percentile), the proxy's own share of each request (the client's
+latency minus the upstream exchange the guard timed, from its Server-Timing header) and its time inside the guard.
 
-    python bench/serve_load.py                       # 500 requests, concurrency 32, examples/clinic-policy.yaml rules
-    python bench/serve_load.py --requests 2000 --concurrency 64 --policy my-policy.yaml
+    python bench/serve_load.py                       # 1,000 requests at concurrency 32 and at 100, serve-policy rules
+    python bench/serve_load.py --requests 2000 --concurrency 64 --policy examples/clinic-policy.yaml
+
+The stub, the guard server and this client are three processes on one machine, so on few cores the queueing of
+all three shows up in every figure; the "own" figure is the closest to what the guard alone costs a request.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(url: str, requests: int, concurrency: int) -> tuple[list[float], int]:
+async def load(url: str, requests: int, concurrency: int) -> tuple[list[float], int, list[float]]:
+    """Latencies (ms), the error count, and for each answer with a Server-Timing header the client's latency minus
+    the upstream time the guard reported (its own share)."""
     limit = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    own: list[float] = []
     errors = 0
     body = {"model": "stub", "messages": [{"role": "user", "content": "My child has a fever. What can I give?"}]}
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -48,12 +55,22 @@ async def load(url: str, requests: int, concurrency: int) -> tuple[list[float], 
             nonlocal errors
             async with limit:
                 began = time.perf_counter()
-                reply = await client.post(f"{url}/chat/completions", json=body)
-                latencies.append((time.perf_counter() - began) * 1000)
+                try:
+                    reply = await client.post(f"{url}/chat/completions", json=body)
+                except httpx.HTTPError:
+                    errors += 1
+                    return
+                ms = (time.perf_counter() - began) * 1000
+                latencies.append(ms)
                 errors += reply.status_code != 200
+                timing = dict(
+                    part.strip().split(";dur=") for part in reply.headers.get("server-timing", "").split(",") if part
+                )
+                if "upstream" in timing:
+                    own.append(ms - float(timing["upstream"]))
 
         await asyncio.gather(*(one() for _ in range(requests)))
-    return latencies, errors
+    return latencies, errors, own
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -88,31 +105,48 @@ def wait_for(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def policy_copy(path: str) -> dict:
+    """The policy at ``path`` for a benchmark: rules and plugin checks only (no model in the request path), no audit
+    file, constitution paths made absolute (the copy is written to a temporary folder)."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    data.setdefault("guard", {})["model_critics"] = False
+    data.pop("audit", None)
+    data.pop("$schema", None)
+    base = Path(path).resolve().parent
+    data["constitutions"] = [
+        str(base / c) if ("/" in c or c.endswith((".yaml", ".yml", ".json"))) else c
+        for c in data.get("constitutions", [])
+    ]
+    return data
+
+
+def inside(metrics: str) -> tuple[float, float]:
+    """The guard's own latency sum (ms) and count, from /metrics."""
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith(("cai_guard_latency_ms_sum", "cai_guard_latency_ms_count"))
+    }
+    return values.get("cai_guard_latency_ms_sum", 0.0), values.get("cai_guard_latency_ms_count", 0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", default="examples/clinic-policy.yaml")
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--policy", default="examples/serve-policy.yaml")
+    parser.add_argument("--requests", type=int, default=1000, help="requests at each concurrency")
+    parser.add_argument("--concurrency", default="32,100", help="comma-separated concurrency levels")
     parser.add_argument("--stub", type=int, help=argparse.SUPPRESS)  # internal: serve the stub on this port
     args = parser.parse_args()
     if args.stub:
         uvicorn.run(stub_app(), host="127.0.0.1", port=args.stub, log_level="error")
         return
+    levels = [int(c) for c in str(args.concurrency).split(",")]
     # The stub, the guard server and this client are three processes, as in a deployment (one process for all
     # three would measure their contention for one interpreter lock, not the guard).
-    data = yaml.safe_load(Path(args.policy).read_text(encoding="utf-8"))
-    data.setdefault("guard", {})["model_critics"] = False  # rules and plugin checks only: no model in the path
-    data.pop("audit", None)
+    data = policy_copy(args.policy)
     with tempfile.TemporaryDirectory() as folder:
         policy = Path(folder) / "policy.yaml"
         policy.write_text(yaml.safe_dump(data), encoding="utf-8")
-        if "constitutions" in data:
-            base = Path(args.policy).resolve().parent
-            data["constitutions"] = [
-                str(base / c) if ("/" in c or c.endswith((".yaml", ".yml", ".json"))) else c
-                for c in data["constitutions"]
-            ]
-            policy.write_text(yaml.safe_dump(data), encoding="utf-8")
         stub_port, guard_port = free_port(), free_port()
         stub = subprocess.Popen([sys.executable, __file__, "--stub", str(stub_port)])
         guard = subprocess.Popen(
@@ -128,43 +162,46 @@ def main() -> None:
                 "--port",
                 str(guard_port),
                 "--max-concurrency",
-                str(args.concurrency),
+                str(max(levels)),
             ],
             stderr=subprocess.DEVNULL,
         )
+        results = []
         try:
             wait_for(f"http://127.0.0.1:{stub_port}/", stub)
             wait_for(f"http://127.0.0.1:{guard_port}/health", guard)
-            asyncio.run(load(f"http://127.0.0.1:{guard_port}/v1", 50, args.concurrency))  # warm-up
-            direct, direct_errors = asyncio.run(
-                load(f"http://127.0.0.1:{stub_port}/v1", args.requests, args.concurrency)
-            )
-            guarded, guarded_errors = asyncio.run(
-                load(f"http://127.0.0.1:{guard_port}/v1", args.requests, args.concurrency)
-            )
-            metrics = httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text
+            for level in levels:
+                asyncio.run(load(f"http://127.0.0.1:{guard_port}/v1", 2 * level, level))  # warm-up
+                direct, direct_errors, _ = asyncio.run(load(f"http://127.0.0.1:{stub_port}/v1", args.requests, level))
+                before = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
+                guarded, guarded_errors, own = asyncio.run(
+                    load(f"http://127.0.0.1:{guard_port}/v1", args.requests, level)
+                )
+                after = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
+                results.append((level, direct, direct_errors, guarded, guarded_errors, own, before, after))
         finally:
             for proc in (guard, stub):
                 proc.terminate()
                 proc.wait(10)
-    inside = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics.splitlines()
-        if line.startswith(("cai_guard_latency_ms_sum", "cai_guard_latency_ms_count"))
-    }
-    print(f"{args.requests} requests at concurrency {args.concurrency}, policy {args.policy} (rules and checks only)")
-    print(f"errors: direct {direct_errors}, through the guard {guarded_errors}")
-    for name, values in (("direct to the stub", direct), ("through the guard", guarded)):
-        print(f"{name:>20}: p50 {percentile(values, 50):7.2f} ms  p99 {percentile(values, 99):7.2f} ms")
-    print(
-        f"{'added by the guard':>20}: p50 {percentile(guarded, 50) - percentile(direct, 50):7.2f} ms  "
-        f"p99 {percentile(guarded, 99) - percentile(direct, 99):7.2f} ms"
-    )
-    count = inside.get("cai_guard_latency_ms_count", 0)
-    print(
-        f"{'inside the guard':>20}: mean {inside.get('cai_guard_latency_ms_sum', 0) / max(count, 1):7.3f} ms "
-        f"over {count:.0f} responses"
-    )
+    print(f"policy {args.policy} (rules and checks only); stub upstream, guard and client on one machine")
+    for level, direct, direct_errors, guarded, guarded_errors, own, before, after in results:
+        print(f"{args.requests} requests at concurrency {level}")
+        print(f"{'errors':>20}: direct {direct_errors}, through the guard {guarded_errors}")
+        for name, values in (("direct to the stub", direct), ("through the guard", guarded)):
+            print(f"{name:>20}: p50 {percentile(values, 50):7.2f} ms  p99 {percentile(values, 99):7.2f} ms")
+        print(
+            f"{'added by the guard':>20}: p50 {percentile(guarded, 50) - percentile(direct, 50):7.2f} ms  "
+            f"p99 {percentile(guarded, 99) - percentile(direct, 99):7.2f} ms  (through the guard minus direct)"
+        )
+        if own:
+            print(
+                f"{'the proxy own share':>20}: p50 {percentile(own, 50):7.2f} ms  p99 {percentile(own, 99):7.2f} ms"
+                "  (each request's latency minus its upstream exchange)"
+            )
+        count = after[1] - before[1]
+        print(
+            f"{'inside the guard':>20}: mean {(after[0] - before[0]) / max(count, 1):7.3f} ms over {count:.0f} answers"
+        )
 
 
 if __name__ == "__main__":

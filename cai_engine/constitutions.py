@@ -6,6 +6,7 @@ where it can be found, the line, and says what to do.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import ConstitutionError
-from .inputs import limit_hint, limits, parse_document, read_text
+from .inputs import limit_hint, limits, parse_document, read_document, symlink_chain
 from .schema import Constitution, Phase, Principle
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -31,6 +32,7 @@ class RawConstitution:
     source: str
     base_dir: Path | None = None
     lines: Mapping[tuple[Any, ...], int] | None = None
+    identity: tuple[int, int] | None = None  # (device, inode) of the file it was read from
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,14 @@ class LintIssue:
 
 
 def read_constitution_file(path: str | Path) -> RawConstitution:
-    """Read and parse one constitution file without validating or resolving it."""
+    """Read and parse one constitution file without validating or resolving it (a regular file only; its size, and
+    its count of principles and rules, within the limits)."""
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ConstitutionError(
             f"unsupported file type {path.suffix or '(none)'!r}; use .yaml, .yml or .json", source=str(path)
         )
-    text = read_text(path)
+    text, identity = read_document(path)
     if not text.strip():
         raise ConstitutionError(
             "the file is empty; a constitution needs at least name, version and principles", source=str(path)
@@ -64,7 +67,28 @@ def read_constitution_file(path: str | Path) -> RawConstitution:
             f"the top level must be a mapping (name, version, principles, ...), not {type(data).__name__}",
             source=str(path),
         )
-    return RawConstitution(data=data, source=str(path), base_dir=path.parent, lines=lines)
+    check_counts(data.get("principles"), str(path), "principles")
+    return RawConstitution(data=data, source=str(path), base_dir=path.parent, lines=lines, identity=identity)
+
+
+def check_counts(principles: Any, source: str, key: str) -> None:
+    """Refuse a list of principles (raw data, before validation) longer than ``CAI_LIMIT_PRINCIPLES`` or holding
+    more than ``CAI_LIMIT_RULES`` rules: counting is cheap, validating 100,000 principles is not (nor is finding
+    line numbers in a large JSON file, so the message names the key alone)."""
+    if not isinstance(principles, list):
+        return
+    bounds = limits()
+    if len(principles) > bounds.principles:
+        raise ConstitutionError(
+            f"{len(principles):,} principles, over the limit of {bounds.principles:,}; {limit_hint('principles')}",
+            source=source,
+            where=key,
+        )
+    rules = sum(len(p["rules"]) for p in principles if isinstance(p, dict) and isinstance(p.get("rules"), list))
+    if rules > bounds.rules:
+        raise ConstitutionError(
+            f"{rules:,} rules, over the limit of {bounds.rules:,}; {limit_hint('rules')}", source=source, where=key
+        )
 
 
 # -- validation --------------------------------------------------------------------------------------------------
@@ -134,28 +158,43 @@ def _is_path(ref: str) -> bool:
     return "/" in ref or "\\" in ref or ref.lower().endswith(SUFFIXES)
 
 
+Frame = tuple[str, tuple[int, int] | None]  # (how a constitution is named in messages, its file's identity)
+
+
+def _frame_label(name: str, source: str) -> str:
+    path = Path(source)
+    shown = symlink_chain(path) if path.suffix.lower() in SUFFIXES and path.is_symlink() else source
+    return f"{name} ({shown})"
+
+
 def resolve(
     raw: RawConstitution,
     lookup: ParentLookup | None = None,
     *,
-    _stack: tuple[str, ...] = (),
+    _stack: tuple[Frame, ...] = (),
     _done: dict[str, Constitution] | None = None,
 ) -> Constitution:
     """Validate ``raw`` and merge its parents into it.
 
     Parents merge in order; a principle with an id already present replaces it in place, new ones append;
     ``remove`` drops inherited ids. The result has no ``extends`` left and is what every component sees.
+    A cycle is found by name and by file (so a symlink back to a file already in the chain is one), and named with
+    every link; the merged result is held to the principle and rule limits too.
     """
     own = validate_constitution(raw)
-    identity = f"{own.name} ({raw.source})"
-    if own.name in [s.split(" (")[0] for s in _stack]:
-        chain = " -> ".join([*_stack, identity])
+    label = _frame_label(own.name, raw.source)
+    seen_files = [ident for _, ident in _stack if ident is not None]
+    if own.name in [s.split(" (")[0] for s, _ in _stack] or (raw.identity is not None and raw.identity in seen_files):
+        again = next((s for s, ident in _stack if raw.identity is not None and ident == raw.identity), None)
+        if again is not None and again != label:
+            label += f", the same file as {again}"
+        chain = " -> ".join([*(s for s, _ in _stack), label])
         raise ConstitutionError(
             f"'extends' forms a cycle: {chain}; remove one of the links",
             source=raw.source,
             where=_where(("extends",), raw.lines),
         )
-    stack = (*_stack, identity)
+    stack = (*_stack, (label, raw.identity))
     done: dict[str, Constitution] = {} if _done is None else _done  # each parent is resolved once per load
     bounds = limits()
 
@@ -164,9 +203,12 @@ def resolve(
     comparison_examples = []
     stance = None
     for index, parent_ref in enumerate(own.extends):
-        where = _where(("extends", index), raw.lines)
+
+        def where(index: int = index) -> str:  # the line map is only built for an error message
+            return _where(("extends", index), raw.lines)
+
         base = raw.base_dir or Path.cwd()
-        key = str((base / parent_ref).resolve()) if _is_path(parent_ref) else f"name:{parent_ref}"
+        key = _parent_key(base, parent_ref)
         if key in done:
             parent = done[key]
         else:
@@ -174,20 +216,20 @@ def resolve(
                 raise ConstitutionError(
                     f"'extends' goes more than {bounds.extends_depth} levels deep; {limit_hint('extends_depth')}",
                     source=raw.source,
-                    where=where,
+                    where=where(),
                 )
             if len(done) >= bounds.extends_files:
                 raise ConstitutionError(
                     f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
                     source=raw.source,
-                    where=where,
+                    where=where(),
                 )
             if _is_path(parent_ref):
                 try:
                     parent_raw = read_constitution_file(base / parent_ref)
                 except ConstitutionError as exc:
                     raise ConstitutionError(
-                        f"cannot load parent {parent_ref!r}: {exc}", source=raw.source, where=where
+                        f"cannot load parent {parent_ref!r}: {exc}", source=raw.source, where=where()
                     ) from None
             else:
                 if lookup is None:
@@ -195,13 +237,13 @@ def resolve(
                         f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path "
                         "instead",
                         source=raw.source,
-                        where=where,
+                        where=where(),
                     )
                 try:
                     parent_raw = lookup(parent_ref)
                 except KeyError as exc:
                     raise ConstitutionError(
-                        f"unknown parent constitution: {exc}", source=raw.source, where=where
+                        f"unknown parent constitution: {exc}", source=raw.source, where=where()
                     ) from None
             parent = resolve(parent_raw, lookup, _stack=stack, _done=done)
             done[key] = parent
@@ -221,6 +263,16 @@ def resolve(
                 where=_where(("remove", index), raw.lines),
             )
         del principles[removed]
+    if own.extends:  # each file was counted as it was read; the merged whole is held to the same limits
+        rules = sum(len(p.rules) for p in principles.values())
+        for count, field in ((len(principles), "principles"), (rules, "rules")):
+            if count > getattr(bounds, field):
+                raise ConstitutionError(
+                    f"with what it extends merged in, it has {count:,} {field}, over the limit of "
+                    f"{getattr(bounds, field):,}; {limit_hint(field)}",
+                    source=raw.source,
+                    where="extends",
+                )
 
     if "stance" in own.model_fields_set or stance is None:
         stance = own.stance
@@ -234,6 +286,19 @@ def resolve(
         comparison_examples=[*comparison_examples, *own.comparison_examples],
     )
     return Constitution.model_validate(data)
+
+
+def _parent_key(base: Path, parent_ref: str) -> str:
+    """How a parent is cached within one load: a file by its identity (so two paths to one file, through symlinks or
+    ``..``, are one parent), a registered constitution by its name."""
+    if not _is_path(parent_ref):
+        return f"name:{parent_ref}"
+    path = base / parent_ref
+    try:
+        info = os.stat(path)
+    except OSError:  # reading it will say what is wrong (missing, a symlink loop, ...)
+        return f"path:{os.path.abspath(path)}"
+    return f"file:{info.st_dev}:{info.st_ino}"
 
 
 def load_constitution(
@@ -263,9 +328,20 @@ def lint(constitution: Constitution) -> list[LintIssue]:
     issues: list[LintIssue] = []
     if not constitution.principles:
         issues.append(LintIssue("error", "principles", "the constitution has no principles"))
+    # Indexes built once, so that lint stays linear in the number of principles (a conflicts_with on each of
+    # 10,000 principles would otherwise compare every pair).
+    by_ref: dict[str, list[Principle]] = {}
+    for o in constitution.principles:
+        by_ref.setdefault(o.id, []).append(o)
+        for tag in dict.fromkeys(o.tags):
+            if tag != o.id:
+                by_ref.setdefault(tag, []).append(o)
+    shared_no_change = any(not e.needs_revision for e in constitution.examples)
+    sl, rl, runtime = Phase.sl, Phase.rl, Phase.runtime
     for index, p in enumerate(constitution.principles):
         where = f"principles[{index}] ({p.id})"
-        needs_requests = p.applies_to(Phase.sl) or (p.applies_to(Phase.runtime) and not (p.rules or p.checks))
+        claimed = set(p.phases)
+        needs_requests = sl in claimed or (runtime in claimed and not (p.rules or p.checks))
         for field in ("critique_request", "revision_request"):
             value = getattr(p, field)
             if value is not None and not value.strip():
@@ -281,7 +357,7 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                 )
         if p.comparison is not None and not p.comparison.strip():
             issues.append(LintIssue("error", f"{where}.comparison", "is empty; write the question or remove the key"))
-        elif p.comparison is None and p.applies_to(Phase.rl):
+        elif p.comparison is None and rl in claimed:
             issues.append(
                 LintIssue(
                     "error",
@@ -290,7 +366,7 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                 )
             )
         for ref in p.conflicts_with:
-            others = [o for o in constitution.principles if o.id != p.id and (o.id == ref or ref in o.tags)]
+            others = [o for o in by_ref.get(ref, ()) if o.id != p.id]
             if not others:
                 issues.append(
                     LintIssue("warning", f"{where}.conflicts_with", f"{ref!r} matches no other principle's id or tag")
@@ -324,7 +400,7 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                         "matches the forbidden pattern itself, so the repair would never satisfy it",
                     )
                 )
-        if p.examples and not any(not e.needs_revision for e in [*p.examples, *constitution.examples]):
+        if p.examples and not shared_no_change and not any(not e.needs_revision for e in p.examples):
             issues.append(
                 LintIssue(
                     "warning",

@@ -11,12 +11,16 @@ Components and models load lazily, once. Every guard decision is emitted as an a
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .audit import JsonlAuditSink
+from .errors import ConfigError
 from .guard import Guard
 from .policy import Policy, load_policy, resolve_policy
 from .records import (
@@ -112,10 +116,13 @@ class Engine:
 
     @functools.cached_property
     def judge(self):
+        if self.policy.model_free:
+            raise ConfigError(f"policy {self.policy.name!r} says model: none, so nothing can judge a comparison")
         return self.policy.role(self.policy.judge, "judge", self.runtime).build("judge", self.runtime)
 
     def close(self) -> None:
         if self.audit_sink is not None:
+            self.audit_sink.close()  # fsync what was written
             self.runtime.pm.unregister(self.audit_sink)
             self.audit_sink = None
 
@@ -191,15 +198,89 @@ class Engine:
     # -- the guard -------------------------------------------------------------------------------------------
 
     def check_input(self, conversation) -> tuple[list[Violation], str | None]:
-        """The input rail: the runtime principles' rules and plugin checks applied to the last user message (the
-        earlier turns are its context). Returns the violations and, where every one of them can be repaired
-        deterministically, the redacted message (None when something cannot be)."""
+        """The input rail on a conversation: the runtime principles' ``forbid`` rules and plugin checks applied to
+        every message (each earlier turn reaches the model too, not only the last user message). Returns the
+        violations and the last user message, redacted where needed; None instead of the message when some
+        violation, in any message, cannot be repaired deterministically, or when there is no user message.
+        :meth:`check_messages` does the same over OpenAI chat messages and returns every redacted message."""
         conversation = as_conversation(conversation)
+        check = self.check_messages([{"role": m.role, "content": m.content} for m in conversation])
         last = max((i for i, m in enumerate(conversation) if m.role == "user"), default=None)
-        if last is None:
-            return [], None
-        context, text = conversation[:last], conversation[last].content
-        violations = self.deterministic_violations(context, text)
+        if last is None or not check.repairable:
+            return check.violations, None
+        return check.violations, check.messages[last]["content"]
+
+    def check_messages(
+        self, messages: Any, tools: Any = None, *, rules: bool = True, max_context_chars: int = 8_000
+    ) -> InputCheck:
+        """The input rail over OpenAI chat messages (dicts, as a chat-completions request holds them).
+
+        Every text the model will read is checked, in every role (system, developer, user, assistant, tool):
+        string content, lists of strings, parts of type ``text``, ``input_text``, ``output_text`` and ``refusal``,
+        an assistant message's ``refusal``, the ``arguments`` of its ``tool_calls`` (and of a legacy
+        ``function_call``), and each tool's ``description`` in ``tools``. The text parts of one message are also
+        checked joined, so a word split across two parts is found. Parts the rail cannot read (images, audio,
+        files, unknown part types) are listed in ``non_text``, never dropped. A redaction edits only the string
+        that held the match; every other part and field stays as sent. ``rules=False`` only reads and validates.
+
+        :raises InputShapeError: a message or part that is not in the chat format (``param`` names it).
+        """
+        slots, non_text = read_chat_messages(messages, tools)
+        check = InputCheck(messages=list(messages), tools=tools, non_text=non_text)
+        check.conversation = _conversation_of(messages)
+        if not rules:
+            return check
+        changed: dict[tuple[Any, ...], str] = {}
+        for slot in slots:
+            context = _context(check.conversation, slot.message, max_context_chars)
+            text = slot.checked_text()
+            violations, redacted = self.check_text(context, text)
+            if not violations:
+                continue
+            check.violations += violations
+            check.findings.append(InputFinding(where=slot.where, violations=violations, redacted=redacted))
+            value = slot.written(redacted) if redacted is not None else None
+            if value is None:
+                check.repairable = False
+            else:
+                changed[slot.path] = value
+        by_message: dict[int, list[_Slot]] = {}
+        for slot in slots:
+            if slot.joinable:
+                by_message.setdefault(slot.message, []).append(slot)
+        for index, parts in by_message.items():
+            if len(parts) < 2:
+                continue
+            texts = [changed.get(s.path, s.text) for s in parts]
+            context = _context(check.conversation, index, max_context_chars)
+            seen = {(v.principle_id, v.rule_id, v.critic, v.evidence) for v in check.violations}
+            for joined in dict.fromkeys(["".join(texts), "\n".join(texts)]):
+                violations = [
+                    v
+                    for v in self._rail_violations(context, joined)
+                    if (v.principle_id, v.rule_id, v.critic, v.evidence) not in seen
+                ]
+                if violations:  # a match that spans parts: no single part can be redacted to remove it
+                    check.violations += violations
+                    check.findings.append(InputFinding(f"messages[{index}].content", violations, None))
+                    check.repairable = False
+                    break
+        if changed:
+            root = {"messages": copy.deepcopy(list(messages)), "tools": copy.deepcopy(tools)}
+            for path, value in changed.items():
+                target: Any = root
+                for key in path[:-1]:
+                    target = target[key]
+                target[path[-1]] = value
+            check.messages, check.tools = root["messages"], root["tools"]
+            check.conversation = _conversation_of(check.messages)
+        return check
+
+    def check_text(self, context: list[Message], text: str) -> tuple[list[Violation], str | None]:
+        """The input rail on one text: what the runtime principles' ``forbid`` rules and plugin checks find in it
+        (``require`` rules say what a reply must contain, so they do not apply to what a model is sent), and the
+        text repaired by their deterministic fixes, re-checked; None when a violation cannot be repaired so."""
+        violations = self._rail_violations(context, text)
         if not violations:
             return [], text
         redacted = text
@@ -209,19 +290,36 @@ class Engine:
                 repairer = self.repairer(critic)
                 if repairer is None:
                     return violations, None
+                principle = by_id[pid]
+                if critic == "rules":  # the rule reviser applies every violated rule's fix: no require fixes here
+                    forbid = [r for r in principle.rules if r.kind != "require"]
+                    principle = principle.model_copy(update={"rules": forbid})
                 revision = repairer.revise(
                     [
                         RevisionTask(
                             conversation=context or [Message(role="user", content="")],
                             response=redacted,
-                            principle=by_id[pid],
+                            principle=principle,
                         )
                     ]
                 )[0]
                 if not revision.accepted:
                     return violations, None
                 redacted = revision.text
+        if self._rail_violations(context, redacted):  # a fix that leaves (or brings) a match
+            return violations, None
         return violations, redacted
+
+    def _rail_violations(self, context: list[Message], text: str) -> list[Violation]:
+        return [
+            v
+            for v in self.deterministic_violations(context, text)
+            if not (v.critic == "rules" and v.rule_id in self._require_rule_ids)
+        ]
+
+    @functools.cached_property
+    def _require_rule_ids(self) -> frozenset[str]:
+        return frozenset(r.id for p in self.runtime_principles for r in p.rules if r.kind == "require")
 
     def guard(self, conversation, response: str) -> GuardResult:
         """Check ``response`` against the policy and act on violations (revise, refuse or flag)."""
@@ -280,3 +378,211 @@ class Engine:
     def refusal_text(self, violations: list[Violation]) -> str:
         """The policy's refusal message naming the violated principles."""
         return Guard(self).refusal(violations)
+
+
+# -- reading chat messages for the input rail ----------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Part types whose text the rail reads (chat completions and the Responses API), and the key holding the text.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+# A conversation for rules and critics has three roles; what else the model reads is the closest of them.
+_GUARD_ROLE = {"developer": "system", "tool": "user", "function": "user"}
+
+
+class InputShapeError(ValueError):
+    """A chat message or part that is not in the OpenAI chat format; ``param`` names it (``messages[2].content``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class InputFinding:
+    """Violations in one checked string, where it is, and its redacted text (None: it cannot be repaired)."""
+
+    where: str
+    violations: list[Violation]
+    redacted: str | None
+
+
+@dataclass
+class InputCheck:
+    """What :meth:`Engine.check_messages` found: ``messages`` and ``tools`` are the redacted copies (the very lists
+    it was given when nothing was redacted), ``repairable`` is False when some violation cannot be redacted away,
+    ``non_text`` names the parts the rail cannot read, and ``conversation`` is the messages' text for the guard."""
+
+    messages: list[Any]
+    tools: Any = None
+    violations: list[Violation] = field(default_factory=list)
+    findings: list[InputFinding] = field(default_factory=list)
+    repairable: bool = True
+    non_text: list[str] = field(default_factory=list)
+    conversation: list[Message] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One string the model will read: its path in the request body, and whether it is JSON (tool arguments)."""
+
+    path: tuple[Any, ...]
+    where: str
+    text: str
+    message: int  # index of its message; -1 for a tool description
+    joinable: bool = False  # a text part of a message's content (checked joined with the other parts too)
+    is_json: bool = False
+
+    def checked_text(self) -> str:
+        """The text the rules see. Tool arguments are JSON: checked with escapes undone (``\\u0068unter2`` is
+        ``hunter2`` to the model), as compact JSON."""
+        if self.is_json:
+            try:
+                return json.dumps(json.loads(self.text), ensure_ascii=False)
+            except (ValueError, RecursionError):
+                return self.text
+        return self.text
+
+    def written(self, redacted: str) -> str | None:
+        """The value to send for this slot once its checked text is redacted (None: redacted JSON is no JSON)."""
+        if self.is_json and redacted != self.checked_text():
+            try:
+                json.loads(redacted)
+            except (ValueError, RecursionError):
+                return None
+        return redacted if redacted != self.checked_text() else self.text
+
+
+def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], list[str]]:
+    """Every string the model will read in ``messages`` (and ``tools``), and the parts it cannot read.
+
+    :raises InputShapeError: naming the first message, part or field that is not in the chat format.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InputShapeError("'messages' must be a non-empty list of messages", "messages")
+    slots: list[_Slot] = []
+    non_text: list[str] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InputShapeError(f"{where} must be an object with a role and content", where)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise InputShapeError(f"{where}.role must be one of {', '.join(CHAT_ROLES)}, not {role!r}", f"{where}.role")
+        content = message.get("content")
+        base = ("messages", i)
+        if isinstance(content, str):
+            slots.append(_Slot((*base, "content"), f"{where}.content", content, i, joinable=True))
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                if isinstance(part, str):
+                    slots.append(_Slot((*base, "content", j), at, part, i, joinable=True))
+                    continue
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise InputShapeError(f"{at} must be a string or an object with a type", at)
+                key = TEXT_PARTS.get(part["type"])
+                if key is None:
+                    non_text.append(f"{at} ({part['type']})")
+                    continue
+                if not isinstance(part.get(key), str):
+                    raise InputShapeError(f"{at} of type {part['type']!r} needs a string {key!r}", f"{at}.{key}")
+                slots.append(_Slot((*base, "content", j, key), f"{at}.{key}", part[key], i, joinable=True))
+        elif content is not None:
+            raise InputShapeError(f"{where}.content must be a string, a list of parts or null", f"{where}.content")
+        if "refusal" in message and message["refusal"] is not None:
+            if not isinstance(message["refusal"], str):
+                raise InputShapeError(f"{where}.refusal must be a string", f"{where}.refusal")
+            slots.append(_Slot((*base, "refusal"), f"{where}.refusal", message["refusal"], i))
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise InputShapeError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
+            for k, call in enumerate(calls):
+                at = f"{where}.tool_calls[{k}]"
+                if not isinstance(call, dict):
+                    raise InputShapeError(f"{at} must be an object", at)
+                if isinstance(call.get("custom"), dict) and call.get("type") == "custom":  # free-text tool input
+                    slots.append(
+                        _Slot(
+                            (*base, "tool_calls", k, "custom", "input"),
+                            f"{at}.custom.input",
+                            _string(call["custom"].get("input"), f"{at}.custom.input"),
+                            i,
+                        )
+                    )
+                    continue
+                function = call.get("function")
+                if not isinstance(function, dict):
+                    raise InputShapeError(
+                        f"{at}.function must be an object with a name and arguments", f"{at}.function"
+                    )
+                arguments = _string(function.get("arguments"), f"{at}.function.arguments")
+                path: tuple[Any, ...] = (*base, "tool_calls", k, "function", "arguments")
+                slots.append(_Slot(path, f"{at}.function.arguments", arguments, i, is_json=True))
+        legacy = message.get("function_call")
+        if legacy is not None:
+            if not isinstance(legacy, dict):
+                raise InputShapeError(f"{where}.function_call must be an object", f"{where}.function_call")
+            arguments = _string(legacy.get("arguments"), f"{where}.function_call.arguments")
+            path = (*base, "function_call", "arguments")
+            slots.append(_Slot(path, f"{where}.function_call.arguments", arguments, i, is_json=True))
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InputShapeError("'tools' must be a list", "tools")
+        for t, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise InputShapeError(f"tools[{t}] must be an object", f"tools[{t}]")
+            nested = isinstance(tool.get("function"), dict)  # chat tools nest; Responses tools are flat
+            described: dict[str, Any] = tool["function"] if nested else tool
+            if isinstance(described.get("description"), str):
+                path = ("tools", t, "function", "description") if nested else ("tools", t, "description")
+                at = f"tools[{t}].function.description" if nested else f"tools[{t}].description"
+                slots.append(_Slot(path, at, described["description"], -1))
+    return slots, non_text
+
+
+def _string(value: Any, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputShapeError(f"{where} must be a string", where)
+    return value
+
+
+def _conversation_of(messages: list[Any]) -> list[Message]:
+    """The messages as the guard's three-role conversation: each one's readable text, joined."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            texts = []
+            for part in content:
+                if isinstance(part, str):
+                    texts.append(part)
+                elif isinstance(part, dict) and part.get("type") in TEXT_PARTS:
+                    value = part.get(TEXT_PARTS[part["type"]])
+                    texts.append(value if isinstance(value, str) else "")
+            text = "\n".join(texts)
+        else:
+            text = ""
+        role = message["role"]
+        out.append(Message(role=_GUARD_ROLE.get(role, role), content=text))
+    return out
+
+
+def _context(conversation: list[Message], index: int, max_chars: int) -> list[Message]:
+    """The turns before message ``index`` that rules and checks see as its context: the latest ones, at most
+    ``max_chars`` characters in all (a long conversation is checked in linear, not quadratic, time)."""
+    if index <= 0:
+        return []
+    out: list[Message] = []
+    budget = max_chars
+    for message in reversed(conversation[:index]):
+        if budget <= 0:
+            break
+        text = message.content[-budget:]
+        out.append(message if text == message.content else Message(role=message.role, content=text))
+        budget -= len(text)
+    return out[::-1]

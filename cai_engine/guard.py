@@ -336,7 +336,16 @@ class Guard:
                     revision = repairer.revise([task])[0]
                     self._apply(state, task, revision)
                     needs_model = needs_model or not revision.accepted
-                if needs_model:
+                if needs_model and self.policy.model_free:  # `model: none`: nothing may rewrite what rules could not
+                    state.rounds[-1].revisions.append(
+                        {
+                            "principle_id": pid,
+                            "reviser": "none",
+                            "accepted": False,
+                            "reason": "model: none: no model may rewrite this reply",
+                        }
+                    )
+                elif needs_model:
                     model_tasks.append(
                         (
                             state,

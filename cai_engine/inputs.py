@@ -3,26 +3,42 @@
 Policies and constitutions are written by many people and read by a process that may sit in front of production
 traffic, so reading one must never hang, exhaust memory or run code:
 
-- a file larger than ``CAI_LIMIT_DOCUMENT_BYTES`` (4 MB) is refused before it is read;
+- a policy, constitution or config file is read only from a regular file: a FIFO, a device (a symlink to
+  ``/dev/zero``), a socket or a directory is refused before a byte is read (a FIFO is opened without waiting for a
+  writer, so it cannot hang the reader);
+- a file larger than ``CAI_LIMIT_DOCUMENT_BYTES`` (4 MB) is refused before it is read, and the read itself stops at
+  the limit, so a file that grows while it is read cannot exhaust memory;
 - YAML is parsed once, with libyaml where it is installed and with safe loaders only; the parse stops at a nesting
   depth of ``CAI_LIMIT_DEPTH`` (64), and a document whose aliases would expand to more than
   ``CAI_LIMIT_VALUES`` (200,000) values (an "alias bomb") is refused before anything is built from it;
 - duplicate keys are refused in YAML and in JSON (both would silently keep the last value);
 - ``extends`` chains stop at ``CAI_LIMIT_EXTENDS_DEPTH`` (16) levels and ``CAI_LIMIT_EXTENDS_FILES`` (64) files;
-- JSONL rows (guard input, prompt files) are streamed, each at most ``CAI_LIMIT_ROW_BYTES`` (1 MB); other prompt
-  files (CSV, JSON, text) are read whole up to ``CAI_LIMIT_DATA_BYTES`` (256 MB).
+- a constitution or policy holds at most ``CAI_LIMIT_PRINCIPLES`` (10,000) principles and ``CAI_LIMIT_RULES``
+  (10,000) rules, in each file (counted before anything is validated, so a huge file fails in a fraction of a
+  second) and after ``extends`` has merged its parents;
+- JSONL rows (guard input, prompt files) are streamed, each at most ``CAI_LIMIT_ROW_BYTES`` (1 MB), from a regular
+  file or a pipe (never a device or a directory); other prompt files (CSV, JSON, text) are read whole up to
+  ``CAI_LIMIT_DATA_BYTES`` (256 MB).
+
+Loading is linear in the size of the file: line numbers for error messages are worked out only when there is an
+error to report.
 
 Each limit is an environment variable holding a positive integer; the error that a limit causes names it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
-from collections.abc import Iterator
+import stat
+import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -38,6 +54,8 @@ class Limits:
     values: int = 200_000
     extends_depth: int = 16
     extends_files: int = 64
+    principles: int = 10_000
+    rules: int = 10_000
     row_bytes: int = 1024 * 1024
     data_bytes: int = 256 * 1024 * 1024
 
@@ -48,6 +66,8 @@ ENV = {
     "values": "CAI_LIMIT_VALUES",
     "extends_depth": "CAI_LIMIT_EXTENDS_DEPTH",
     "extends_files": "CAI_LIMIT_EXTENDS_FILES",
+    "principles": "CAI_LIMIT_PRINCIPLES",
+    "rules": "CAI_LIMIT_RULES",
     "row_bytes": "CAI_LIMIT_ROW_BYTES",
     "data_bytes": "CAI_LIMIT_DATA_BYTES",
 }
@@ -86,32 +106,95 @@ def _unreadable(path: Path, exc: OSError, wanted: str) -> ConstitutionError:
         return ConstitutionError("file not found; check the path", source=str(path))
     if isinstance(exc, IsADirectoryError):
         return ConstitutionError(f"is a directory; pass {wanted}", source=str(path))
-    return ConstitutionError(f"cannot read: {exc.strerror}", source=str(path))
+    if exc.errno == errno.ELOOP:
+        return ConstitutionError(f"is a symlink loop ({symlink_chain(path)}); point it at a file", source=str(path))
+    return ConstitutionError(f"cannot read: {exc.strerror or exc}", source=str(path))
 
 
-def read_text(path: Path, *, max_bytes: int | None = None) -> str:
-    """Read a whole document as UTF-8 (at most ``max_bytes``, default the document limit), naming the file and byte
-    offset when it is not UTF-8."""
+def symlink_chain(path: Path, hops: int = 40) -> str:
+    """``a.yaml -> b.yaml -> a.yaml``: where a path's symlinks lead, for messages (stops at a loop or ``hops``)."""
+    path = Path(path)
+    chain, seen = [str(path)], set()
+    current = Path(os.path.abspath(path))
+    for _ in range(hops):
+        if current in seen:
+            break
+        seen.add(current)
+        try:
+            target = os.readlink(current)
+        except OSError:
+            break
+        current = Path(os.path.normpath(current.parent / target))
+        chain.append(target)
+    return " -> ".join(chain)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _not_a_file(path: Path, mode: int, wanted: str) -> ConstitutionError:
+    via = f" (through the symlink {symlink_chain(path)})" if path.is_symlink() else ""
+    if stat.S_ISDIR(mode):
+        return ConstitutionError(f"is a directory{via}; pass {wanted}", source=str(path))
+    return ConstitutionError(f"is {_kind(mode)}{via}, not a regular file; pass {wanted}", source=str(path))
+
+
+def open_document(path: Path, *, wanted: str = "a .yaml, .yml or .json file") -> tuple[IO[bytes], os.stat_result]:
+    """Open a policy, constitution or config file for reading, refusing anything but a regular file.
+
+    The file is opened without blocking (a FIFO has no writer to wait for) and checked on the open descriptor, so
+    a path swapped for a device or a FIFO between a check and the open is still refused. Returns the handle and its
+    ``fstat``."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _unreadable(path, exc, wanted) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_file(path, info.st_mode, wanted)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb"), info
+
+
+def read_document(path: Path, *, max_bytes: int | None = None) -> tuple[str, tuple[int, int]]:
+    """:func:`read_text`, plus the file's identity (device, inode) as opened, which tells two paths to one file apart
+    from two files (symlinks, ``..``) without a second look at the path."""
     path = Path(path)
     cap = limits().document_bytes if max_bytes is None else max_bytes
-    try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise IsADirectoryError
-        if size > cap:
+    field = "document_bytes" if max_bytes is None else "data_bytes"
+    wanted = "a .yaml, .yml or .json file" if max_bytes is None else "a regular file"
+    handle, info = open_document(path, wanted=wanted)
+    with handle:
+        if info.st_size > cap:
             raise ConstitutionError(
-                f"the file is {_size(size)}, over the limit of {_size(cap)}; {limit_hint('document_bytes')}",
+                f"the file is {_size(info.st_size)}, over the limit of {_size(cap)}; {limit_hint(field)}",
                 source=str(path),
             )
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise _unreadable(path, exc, "a .yaml, .yml or .json file") from None
-    if len(raw) > cap:  # grew while we looked
-        raise ConstitutionError(
-            f"the file is over the limit of {_size(cap)}; {limit_hint('document_bytes')}", source=str(path)
-        )
+        try:
+            raw = handle.read(cap + 1)
+        except OSError as exc:
+            raise _unreadable(path, exc, wanted) from None
+    if len(raw) > cap:  # grew while we read it
+        raise ConstitutionError(f"the file is over the limit of {_size(cap)}; {limit_hint(field)}", source=str(path))
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), (info.st_dev, info.st_ino)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConstitutionError(
@@ -119,26 +202,80 @@ def read_text(path: Path, *, max_bytes: int | None = None) -> str:
         ) from None
 
 
-def iter_lines(path: Path, *, max_bytes: int | None = None) -> Iterator[tuple[int, str]]:
-    """Stream ``(line number, text)`` from a UTF-8 file without reading it whole; a line over the row limit, bad
-    UTF-8 or an unreadable file is a :class:`ConstitutionError` naming the file and line."""
-    path = Path(path)
-    cap = limits().row_bytes if max_bytes is None else max_bytes
+def read_text(path: Path, *, max_bytes: int | None = None) -> str:
+    """Read a whole document from a regular file as UTF-8 (at most ``max_bytes``, default the document limit),
+    naming the file and byte offset when it is not UTF-8. The limit holds while reading: at most ``max_bytes + 1``
+    bytes are ever read, so a file that grows (or a device behind a swapped path) cannot exhaust memory."""
+    return read_document(path, max_bytes=max_bytes)[0]
+
+
+STDIN = "-"
+
+
+def _stdin() -> IO[bytes]:
+    """Standard input as bytes, refused when it is a terminal or a device (``cai guard --input -`` typed at a prompt
+    would wait forever for a line)."""
+    stream: IO[bytes] = sys.stdin.buffer
     try:
-        handle = path.open("rb")
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):  # replaced by a test runner: an in-memory stream
+        return stream
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode):
+        raise ConstitutionError(
+            f"standard input is {_kind(mode)}; pipe the data in (cmd | cai ...) or give a file", source="<stdin>"
+        )
+    return stream
+
+
+def open_stream(path: str | Path) -> IO[bytes]:
+    """Open a data file to stream once: a regular file, a pipe (``--input <(cmd)``, ``/dev/stdin``), or ``-`` for
+    standard input (not closed after). A device (``/dev/zero``, a terminal) or a directory is refused before
+    anything is read."""
+    if str(path) == STDIN:
+        return _stdin()
+    path = Path(path)
+    try:
+        before = os.stat(path)
     except OSError as exc:
         raise _unreadable(path, exc, "a file") from None
-    with handle:
+    allowed = (stat.S_ISREG, stat.S_ISFIFO, stat.S_ISSOCK)
+    if not any(check(before.st_mode) for check in allowed):
+        raise _not_a_file(path, before.st_mode, "a file or a pipe")
+    try:
+        handle = path.open("rb")  # a FIFO blocks here until its writer opens it, as `cat` would
+    except OSError as exc:
+        raise _unreadable(path, exc, "a file") from None
+    mode = os.fstat(handle.fileno()).st_mode
+    if not any(check(mode) for check in allowed):  # swapped after the check
+        handle.close()
+        raise _not_a_file(path, mode, "a file or a pipe")
+    return handle
+
+
+def iter_lines(
+    path: str | Path, *, max_bytes: int | None = None, stream: IO[bytes] | None = None
+) -> Iterator[tuple[int, str]]:
+    """Stream ``(line number, text)`` from a UTF-8 file, a pipe or ``-`` (standard input) without reading it whole,
+    reading it exactly once; a line over the row limit, bad UTF-8, a device or an unreadable file is a
+    :class:`ConstitutionError` naming the file and line. ``stream``: read this handle instead (``path`` names it)."""
+    label = "<stdin>" if str(path) == STDIN else str(path)
+    cap = limits().row_bytes if max_bytes is None else max_bytes
+    handle = stream if stream is not None else open_stream(path)
+    owned = stream is None and str(path) != STDIN  # what we opened we close; standard input stays open
+    with handle if owned else contextlib.nullcontext(handle):
         number = 0
         while True:
-            raw = handle.readline(cap + 1)
+            try:
+                raw = handle.readline(cap + 1)
+            except OSError as exc:
+                raise ConstitutionError(f"cannot read: {exc.strerror or exc}", source=label) from None
             if not raw:
                 return
             number += 1
             if len(raw) > cap and not raw.endswith(b"\n"):
                 raise ConstitutionError(
                     f"the line is longer than {_size(cap)}; {limit_hint('row_bytes')}",
-                    source=str(path),
+                    source=label,
                     where=f"line {number}",
                 )
             try:
@@ -146,7 +283,7 @@ def iter_lines(path: Path, *, max_bytes: int | None = None) -> Iterator[tuple[in
             except UnicodeDecodeError as exc:
                 raise ConstitutionError(
                     f"not UTF-8 text (byte {exc.start} of the line); save the file as UTF-8",
-                    source=str(path),
+                    source=label,
                     where=f"line {number}",
                 ) from None
             yield number, text.rstrip("\r\n")
@@ -308,22 +445,49 @@ def parse_json(text: str, source: str) -> Any:
     return data
 
 
-def parse_document(text: str, source: str, *, json_only: bool = False) -> tuple[Any, LineMap]:
-    """Parse a YAML (or, with ``json_only``, a strict JSON) document within the limits; returns the data and a map
-    from JSON paths to line numbers for error messages."""
-    if json_only:
-        data = parse_json(text, source)
-        # The line map comes from YAML's composer (JSON is YAML); JSON has no aliases, so this is linear.
-        try:
-            _check_depth(text, source, limits().depth)
-            loader = _LOADER_BASE(text)
+class LazyLines(Mapping[tuple[Any, ...], int]):
+    """A document's map from JSON paths to line numbers, worked out on first use: only error messages need it, so a
+    valid document never pays for it (for a large JSON file it costs more than parsing)."""
+
+    def __init__(self, text: str, *, json_only: bool) -> None:
+        self._text: str | None = text
+        self._json_only = json_only
+        self._lines: LineMap | None = None
+
+    def _map(self) -> LineMap:
+        if self._lines is None:
+            text, self._text = self._text or "", None
             try:
-                root = loader.get_single_node()
-            finally:
-                loader.dispose()
-        except yaml.YAMLError:
-            root = None
-        return data, _line_map(root)
+                if self._json_only:  # JSON is YAML; it has no aliases, so composing it is linear
+                    _check_depth(text, "", limits().depth)
+                loader = _LOADER_BASE(text)
+                try:
+                    root = loader.get_single_node()
+                finally:
+                    loader.dispose()
+            except (yaml.YAMLError, ConstitutionError, RecursionError):
+                root = None
+            self._lines = _line_map(root)
+        return self._lines
+
+    def __getitem__(self, key: tuple[Any, ...]) -> int:
+        return self._map()[key]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
+
+    def __bool__(self) -> bool:  # "is there a line map?" must not build it
+        return True
+
+
+def parse_document(text: str, source: str, *, json_only: bool = False) -> tuple[Any, Mapping[tuple[Any, ...], int]]:
+    """Parse a YAML (or, with ``json_only``, a strict JSON) document within the limits; returns the data and a map
+    from JSON paths to line numbers for error messages (built only if an error message asks for it)."""
+    if json_only:
+        return parse_json(text, source), LazyLines(text, json_only=True)
     lim = limits()
     try:
         _check_depth(text, source, lim.depth)
@@ -347,7 +511,7 @@ def parse_document(text: str, source: str, *, json_only: bool = False) -> tuple[
         raise ConstitutionError(f"invalid YAML: {str(exc).splitlines()[0]}", source=source) from None
     except RecursionError:
         raise ConstitutionError(f"nested too deeply; {limit_hint('depth')}", source=source) from None
-    return data, _line_map(root)
+    return data, LazyLines(text, json_only=False)
 
 
 YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .errors import CaiError, ConfigError, ConstitutionError
-from .inputs import iter_lines
+from .inputs import STDIN, iter_lines
 from .outputs import write_atomic
 
 
@@ -42,16 +42,35 @@ def append_jsonl(path: str | Path, rows: Iterable[BaseModel | dict[str, Any]]) -
     blob = "".join(dumps_line(r) for r in rows)
     if not blob:
         return
+    created = not os.path.exists(path)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(blob)
         handle.flush()
         os.fsync(handle.fileno())
+    if created:
+        fsync_dir(Path(path).parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a file created or renamed in ``folder`` durable: a file's own fsync does not cover its name (POSIX; a
+    no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def iter_jsonl(path: str | Path, error: type[CaiError] = ConfigError) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ``("file:line", object)`` for each non-blank line; bad UTF-8, bad JSON, non-objects or a line over the
-    row limit (``CAI_LIMIT_ROW_BYTES``) raise ``error``."""
-    path = Path(path)
+    """Yield ``("file:line", object)`` for each non-blank line, reading the file (or pipe, or ``-`` for standard
+    input) once; bad UTF-8, bad JSON, non-objects, a device or a line over the row limit (``CAI_LIMIT_ROW_BYTES``)
+    raise ``error``."""
+    label = "<stdin>" if str(path) == STDIN else str(path)
     lines = iter_lines(path)
     while True:
         try:
@@ -62,7 +81,7 @@ def iter_jsonl(path: str | Path, error: type[CaiError] = ConfigError) -> Iterato
             raise error(str(exc)) from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{label}:{number}"
         try:
             row = json.loads(line)
         except RecursionError:

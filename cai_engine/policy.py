@@ -12,11 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import ComponentRef
-from .constitutions import RawConstitution, json_path, lint, resolve
+from .constitutions import RawConstitution, check_counts, json_path, lint, resolve
 from .errors import ConfigError, ConstitutionError
 from .inputs import parse_document, read_text
 from .runtime import DEFAULT_MODEL, ModelRef
 from .schema import NAME_PATTERN, Constitution, Phase, Principle, Stance
+
+NO_MODEL = "none"  # `model: none`: no model may ever run in the guard's request path
 
 
 class _Strict(BaseModel):
@@ -143,6 +145,12 @@ class InputSettings(_Strict):
         "rules' and checks' repairs and send the redacted message (refuse what cannot be "
         "repaired); or only flag it in the response and the audit.",
     )
+    non_text: Literal["pass", "refuse"] = Field(
+        "pass",
+        description="Message parts the input rail cannot read (images, audio, files, any part type it does not "
+        "know): pass them to the model unchecked, or refuse the request with an error naming the part. Applies "
+        "whether or not `check` is on; a part is never dropped.",
+    )
 
 
 class AuditSettings(_Strict):
@@ -173,7 +181,14 @@ class Policy(_Strict):
     override: dict[str, PrincipleOverride] = Field(
         default_factory=dict, description="Changes to inherited principles, by id."
     )
-    model: ModelRef = Field(DEFAULT_MODEL, description="The model for every role that does not name its own.")
+    model: ModelRef = Field(
+        DEFAULT_MODEL,
+        description="The model for every role that does not name its own. `none`: no model may ever run in the "
+        "guard's request path: rules and plugin checks only (guard.model_critics is then false), and a reply they "
+        "cannot repair ends as guard.on_failure says instead of going to a model reviser; `cai policy validate` "
+        "names each rule without a fix and each repair that could fail, and fails unless guard.on_failure is "
+        "written out. (A model folder called none is ./none.)",
+    )
     critic: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     reviser: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model"))
     judge: ComponentRef = Field(default_factory=lambda: ComponentRef(name="logprob"))
@@ -181,11 +196,52 @@ class Policy(_Strict):
     input: InputSettings = Field(default_factory=InputSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _none_spelling(cls, value: Any) -> Any:
+        return NO_MODEL if isinstance(value, str) and value.strip().lower() == NO_MODEL else value
+
+    @model_validator(mode="after")
+    def _model_free(self) -> Policy:
+        """``model: none`` turns the model critic off unless the policy asks for it, which is then a contradiction;
+        so is a role that names its own model."""
+        if not self.model_free:
+            return self
+        if "model_critics" not in self.guard.model_fields_set:
+            self.guard.model_critics = False
+        elif self.guard.model_critics:
+            raise ValueError(
+                "model: none, but guard.model_critics is true, which needs a model critic; set it to false, or "
+                "name a model"
+            )
+        for role in ("critic", "reviser", "judge"):
+            named = getattr(self, role).options.get("model")
+            if named is not None:
+                raise ValueError(
+                    f"model: none, but {role}.options.model names {named!r}; remove it, or name the model at the top"
+                )
+        return self
+
+    @property
+    def model_free(self) -> bool:
+        """True when the policy says no model may run in the guard's request path (``model: none``)."""
+        return self.model == NO_MODEL
+
     def role(self, ref: ComponentRef, kind: str, runtime: Any, **defaults: Any) -> ComponentRef:
-        """``ref`` with the policy's model filled in, by the one rule every stage uses (see ``with_model``)."""
+        """``ref`` with the policy's model filled in, by the one rule every stage uses (see ``with_model``).
+
+        With ``model: none`` the critic and reviser roles are the deterministic ``rules`` components whatever the
+        policy names: the engine only asks the reviser for what rules and checks could not repair, and the ``rules``
+        reviser declines what it cannot fix, so such a reply ends as ``guard.on_failure`` says and no model loads.
+        The judge keeps its own settings (only ``Engine.compare`` uses it, never the guard without a model critic).
+        """
         from .model_options import with_model
 
-        return with_model(ref, kind, runtime, self.model, **defaults)
+        if not self.model_free:
+            return with_model(ref, kind, runtime, self.model, **defaults)
+        if kind in ("critic", "reviser"):
+            return ComponentRef(name="rules")
+        return ComponentRef(name=ref.name, options=dict(ref.options))
 
 
 def policy_json_schema() -> dict[str, Any]:
@@ -215,11 +271,17 @@ def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy
         label, base = str(path), path.parent
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: a policy must be a mapping")
+    try:  # counted before anything is validated: 100,000 inline principles fail in a fraction of a second
+        check_counts(data.get("add"), label, "add")
+    except ConstitutionError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         return Policy.model_validate(data), base
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = tuple(error["loc"])
+        if not loc:  # a check across fields (model: none against the guard's settings)
+            raise ConfigError(f"{label}: {error['msg'].removeprefix('Value error, ')}") from None
         where = json_path(loc)
         if lines:
             probe = loc
@@ -286,3 +348,50 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
     if errors:
         raise ConfigError(f"{label}: {errors[0].where}: {errors[0].message}")
     return resolved
+
+
+def model_fallbacks(policy: Policy, constitution: Constitution, registry: Any) -> list[str]:
+    """Where the guard would hand a reply to the model reviser because no deterministic repair is sure to remove
+    the violation: a runtime rule without a ``fix``, a plugin check with no reviser of its own, a plugin check whose
+    repair can decline (a plugin's reviser may hand back what it could not fix). Empty when the guard never revises
+    (``action`` refuse or flag, or ``max_rounds: 0``). Model critics are not counted: with them, any principle can
+    go to the model."""
+    if policy.guard.action != "revise" or policy.guard.max_rounds == 0:
+        return []
+    revisers = set(registry.names("reviser"))
+    found = []
+    for principle in constitution.for_phase(Phase.runtime):
+        for rule in principle.rules:
+            if rule.fix is None:
+                found.append(f"rule {rule.id} ({principle.id}) has no fix")
+        for check in principle.checks:
+            if check not in revisers or check == policy.critic.name:
+                found.append(f"check {check} ({principle.id}) has no repair of its own")
+            else:
+                found.append(f"the repair of check {check} ({principle.id}) can decline")
+    return found
+
+
+def model_free_problem(policy: Policy, constitution: Constitution, registry: Any) -> str | None:
+    """Why a ``model: none`` policy would need a model, or None. Without a model, a reply that rules and checks
+    cannot repair ends as ``guard.on_failure`` says; the policy must say so itself (write ``on_failure`` out) before
+    it validates, so that nobody expects a rewrite that will not happen."""
+    if not policy.model_free:
+        return None
+    found = model_fallbacks(policy, constitution, registry)
+    if not found or "on_failure" in policy.guard.model_fields_set:
+        return None
+    shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+    return (
+        f"model: none, but a reply could need a model to rewrite it: {shown}. Give each rule a fix, or write "
+        "guard.on_failure (refuse, or return to pass the reply on flagged) to say what happens to such a reply "
+        "without a model"
+    )
+
+
+def unchecked_without_model(policy: Policy, constitution: Constitution) -> list[str]:
+    """Ids of runtime principles that only a model critic checks (no rules, no checks), when the policy runs none:
+    nothing checks them at runtime."""
+    if policy.guard.model_critics:
+        return []
+    return [p.id for p in constitution.for_phase(Phase.runtime) if not p.rules and not p.checks]

@@ -142,7 +142,7 @@ class Rule(_Strict):
         "end", description="For `require`: where the fix goes (`start` for what must come first, e.g. emergencies)."
     )
     severity: Literal["low", "medium", "high"] = Field("medium", description="How serious a violation is.")
-    _compiled: tuple[Any, Any | None] | None = PrivateAttr(None)
+    _compiled: Any = PrivateAttr(None)
 
     @field_validator("pattern", "when")
     @classmethod
@@ -153,13 +153,22 @@ class Rule(_Strict):
 
     def compiled(self) -> tuple[Any, Any | None]:
         """The rule's ``pattern`` and ``when`` compiled by RE2 (linear-time matching), kept with the rule: a policy
-        with more rules than the shared cache holds does not recompile on every response."""
-        if self._compiled is None:
-            self._compiled = (
-                compile_pattern(self.pattern, ignore_case=self.ignore_case),
-                compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None,
+        with more rules than the shared cache holds does not recompile on every response. (Read from the private
+        dict directly: this runs for every rule on every response.)"""
+        key = (self.pattern, self.when, self.ignore_case)
+        private = self.__pydantic_private__
+        cached = private.get("_compiled") if private is not None else None
+        if cached is None or cached[0] != key:  # a model_copy with another pattern does not reuse the old one
+            cached = (
+                key,
+                (
+                    compile_pattern(self.pattern, ignore_case=self.ignore_case),
+                    compile_pattern(self.when, ignore_case=self.ignore_case) if self.when else None,
+                ),
             )
-        return self._compiled
+            if private is not None:
+                private["_compiled"] = cached
+        return cached[1]
 
 
 class Principle(_Strict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,15 +63,18 @@ def _fold_char(char: str, confusable: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Folded:
-    """A folded text and, for each of its characters, the original span it came from."""
+    """A folded text and, for each of its characters, the original span it came from (``starts``/``ends``, compact
+    integer arrays; None for a view that is the original itself)."""
 
     original: str
     text: str
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
+    starts: array[int] | None = None
+    ends: array[int] | None = None
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The original span of the folded span ``[start, end)``."""
+        if self.starts is None or self.ends is None:
+            return start, end
         if start >= len(self.text):
             return len(self.original), len(self.original)
         if end <= start:
@@ -98,14 +102,28 @@ def _hyphen_break(text: str, i: int) -> int:
     return j if j < len(text) and text[j].isalpha() else i
 
 
-@functools.lru_cache(maxsize=512)
+# Folded views are cached (every rule of a policy folds the same reply) only for texts up to this many characters, so
+# the cache holds at most 256 x 16k characters' worth of views; a longer text is folded per call.
+CACHED_CHARS = 16_384
+
+
 def fold(text: str, digits: bool = False) -> Folded:
-    """``text`` as patterns see it (see the module's docstring); cached, since every rule of a policy folds the same
-    response."""
+    """``text`` as patterns see it (see the module's docstring)."""
+    return _fold_cached(text, digits) if len(text) <= CACHED_CHARS else _fold(text, digits)
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_cached(text: str, digits: bool) -> Folded:
+    return _fold(text, digits)
+
+
+def _fold(text: str, digits: bool) -> Folded:
+    if text.isascii() and "-" not in text and not digits:
+        return Folded(text, text)  # nothing to fold: the original is its own view
     confusable = _confusable_letters()
     chars: list[str] = []
-    starts: list[int] = []
-    ends: list[int] = []
+    starts = array("l")
+    ends = array("l")
     i = 0
     while i < len(text):
         skip = _hyphen_break(text, i)
@@ -128,9 +146,9 @@ def fold(text: str, digits: bool = False) -> Folded:
             for k in range(len(chars))
         ]
         chars = [c for c, ok in zip(chars, keep) if ok]
-        starts = [s for s, ok in zip(starts, keep) if ok]
-        ends = [e for e, ok in zip(ends, keep) if ok]
-    return Folded(text, "".join(chars), tuple(starts), tuple(ends))
+        starts = array("l", (v for v, ok in zip(starts, keep) if ok))
+        ends = array("l", (v for v, ok in zip(ends, keep) if ok))
+    return Folded(text, "".join(chars), starts, ends)
 
 
 def number_like(pattern: str) -> bool:
@@ -138,18 +156,18 @@ def number_like(pattern: str) -> bool:
     return "\\d" in pattern or "0-9" in pattern
 
 
-@functools.lru_cache(maxsize=512)
 def as_sent(text: str) -> Folded:
     """The text unchanged, as a view (a pattern written with accents or other non-ASCII letters matches here)."""
-    return Folded(text, text, tuple(range(len(text))), tuple(range(1, len(text) + 1)))
+    return Folded(text, text)
 
 
 def views(text: str, pattern: str) -> list[Folded]:
     """The views a pattern is searched in: as sent, folded, and for number-like patterns folded with the separators
     between digits dropped."""
-    out = [as_sent(text), fold(text)]
-    if number_like(pattern):
-        out.append(fold(text, digits=True))
+    out = [as_sent(text)]
+    for view in (fold(text), fold(text, digits=True)) if number_like(pattern) else (fold(text),):
+        if all(view.text != seen.text for seen in out):  # plain ASCII text folds to itself: searched once
+            out.append(view)
     return out
 
 
@@ -167,6 +185,8 @@ def substitute(compiled: Any, pattern: str, text: str, replacement: str) -> str:
     steps = [as_sent, fold] + ([functools.partial(fold, digits=True)] if number_like(pattern) else [])
     for step in steps:
         view = step(text)
+        if step is not as_sent and view.text == text:
+            continue
         spans = [view.span(m.start(), m.end()) for m in compiled.finditer(view.text)]
         for start, end in sorted(set(spans), reverse=True):
             text = text[:start] + replacement + text[end:]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 import yaml
@@ -576,3 +577,214 @@ def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
     assert critic.attribute([(CONV, "fine"), (CONV, "also fine")], principles) == [
         r["principle_index"] for r in out
     ]  # the same letters as the combined screen's second step
+
+
+# -- model: none (no model in the request path) and what the audit keeps ------------------------------------------------
+
+
+class LeakyCheck:
+    """A plugin check that quotes what it found in its message, and whose repair always declines."""
+
+    def __init__(self) -> None:
+        from cai_engine import Critic, Reviser
+        from cai_engine.records import Critique, Revision, Violation
+
+        class Finder(Critic):
+            name = "leaky.check"
+
+            def critique(self, tasks):
+                out = []
+                for t in tasks:
+                    found = [w for w in t.response.split() if w.startswith("SECRET-")]
+                    violations = [
+                        Violation(principle_id=t.principle.id, evidence=w, message=f"found {w}", critic=self.name)
+                        for w in found
+                    ]
+                    out.append(
+                        Critique(
+                            principle_id=t.principle.id,
+                            text="; ".join(found),
+                            needs_revision=bool(found),
+                            violations=violations,
+                            critic=self.name,
+                        )
+                    )
+                return out
+
+        class Decliner(Reviser):
+            name = "leaky.check"
+
+            def revise(self, tasks):
+                return [
+                    Revision(
+                        principle_id=t.principle.id, text=t.response, accepted=False, reason="cannot", reviser=self.name
+                    )
+                    for t in tasks
+                ]
+
+        self.critic, self.reviser = Finder, Decliner
+
+    @hookimpl
+    def cai_register_critics(self, register):
+        register(self.critic)
+
+    @hookimpl
+    def cai_register_revisers(self, register):
+        register(self.reviser)
+
+
+LEAKY = {
+    "id": "leak-001",
+    "title": "No secrets",
+    "phases": ["runtime"],
+    "authority": 90,
+    "checks": ["leaky.check"],
+}
+
+
+@pytest.fixture
+def leaky_runtime(cai_runtime, monkeypatch):
+    from cai_engine.plugins import Registry
+    from cai_engine.runtime import Runtime
+
+    cai_runtime.pm.register(LeakyCheck())
+    runtime = Runtime(Registry(cai_runtime.pm))
+
+    def no_model(ref):
+        raise AssertionError(f"a model was loaded: {ref!r}")
+
+    monkeypatch.setattr(runtime, "backend", no_model)
+    return runtime
+
+
+def model_free(tmp_path, **guard):
+    data = rules_policy(tmp_path, max_rounds=2, on_failure="refuse", **guard)
+    data["model"] = "none"
+    del data["guard"]["model_critics"]  # implied by model: none
+    data["add"].append(LEAKY)
+    return data
+
+
+def test_model_none_never_loads_a_model(leaky_runtime, tmp_path):
+    """A rule without a fix and a plugin repair that declines went to the model reviser (SmolLM2); with model: none
+    nothing rewrites them (the audit says so), so the reply ends as on_failure says."""
+    engine = Engine.from_policy(model_free(tmp_path), runtime=leaky_runtime)
+    assert engine.policy.model_free and not engine.policy.guard.model_critics
+    assert engine.model_problems() == []
+    repaired = engine.guard(CONV, CARD + " — Acme Support")
+    assert repaired.action == "revised" and "4111" not in repaired.response
+    no_fix = engine.guard(CONV, "Please tell me your password so I can check. — Acme Support")
+    assert no_fix.action == "refused" and {v.rule_id for v in no_fix.violations} == {"cs-004-secret"}
+    declined = engine.guard(CONV, "Your code is SECRET-42. — Acme Support")
+    assert declined.action == "refused" and {v.principle_id for v in declined.violations} == {"leak-001"}
+    revisions = declined.rounds[0].revisions
+    assert {r["reviser"] for r in revisions} == {"leaky.check", "none"}  # the plugin declined; no model was asked
+    assert [r["reason"] for r in revisions if r["reviser"] == "none"] == [
+        "model: none: no model may rewrite this reply"
+    ]
+    data = model_free(tmp_path)
+    data["guard"]["on_failure"] = "return"
+    flagged = Engine.from_policy(data, runtime=leaky_runtime).guard(CONV, "Your code is SECRET-42. — Acme Support")
+    assert flagged.action == "flagged" and flagged.response.startswith("Your code is SECRET-42")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"guard": {"model_critics": True}}, "model: none, but guard.model_critics is true"),
+        ({"reviser": {"name": "model", "options": {"model": "smollm2"}}}, "reviser.options.model names 'smollm2'"),
+    ],
+)
+def test_model_none_contradictions_are_refused(cai_runtime, tmp_path, change, message):
+    data = {**rules_policy(tmp_path), "model": "none", **change}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Engine.from_policy(data, runtime=cai_runtime)
+
+
+def test_validate_names_what_would_need_a_model(cli_runner, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    data = rules_policy(tmp_path)
+    data["model"] = "none"
+    policy.write_text(yaml.safe_dump(data))
+    failed = cli_runner.invoke(cli, ["policy", "validate", str(policy)])
+    assert failed.exit_code == 1
+    assert "model: none, but a reply could need a model to rewrite it: rule cs-004-secret (cs-004) has no fix" in (
+        failed.output
+    )
+    assert "write guard.on_failure" in failed.output
+    data["guard"]["on_failure"] = "refuse"
+    policy.write_text(yaml.safe_dump(data))
+    ok = cli_runner.invoke(cli, ["policy", "validate", str(policy)])
+    assert ok.exit_code == 0, ok.output
+    assert "rules only (model: none)" in ok.output and "ends as on_failure: refuse" in ok.output
+    data["guard"]["action"] = "flag"  # nothing is ever revised, so nothing could need a model
+    del data["guard"]["on_failure"]
+    policy.write_text(yaml.safe_dump(data))
+    assert cli_runner.invoke(cli, ["policy", "validate", str(policy)]).exit_code == 0
+    del data["model"]  # a model is allowed: validate says where the guard would still call it
+    data["guard"]["action"] = "revise"
+    policy.write_text(yaml.safe_dump(data))
+    noted = cli_runner.invoke(cli, ["policy", "validate", str(policy)])
+    assert noted.exit_code == 0 and "can still load a model to rewrite a reply: rule cs-004-secret" in noted.output
+
+
+def test_a_repair_that_can_decline_is_named(leaky_runtime, tmp_path):
+    from cai_engine.policy import model_free_problem
+
+    data = model_free(tmp_path)
+    del data["guard"]["on_failure"]
+    data["add"] = [LEAKY]
+    engine = Engine.from_policy(data, runtime=leaky_runtime)
+    problem = model_free_problem(engine.policy, engine.constitution, leaky_runtime.registry)
+    assert problem and "the repair of check leaky.check (leak-001) can decline" in problem
+
+
+def test_the_shipped_rules_only_examples_never_need_a_model(monkeypatch):
+    import importlib.metadata
+    from pathlib import Path
+
+    from cai_engine.plugins import Registry, make_plugin_manager
+    from cai_engine.policy import model_free_problem
+    from cai_engine.runtime import Runtime
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    names = ["serve-policy.yaml"]
+    if "medical" in {ep.name for ep in importlib.metadata.entry_points(group="cai_engine")}:
+        names.append("clinic-policy.yaml")
+    monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    runtime = Runtime(Registry(make_plugin_manager()))
+    monkeypatch.setattr(runtime, "backend", lambda ref: pytest.fail(f"a model was loaded: {ref!r}"))
+    for name in names:
+        data = yaml.safe_load((examples / name).read_text())
+        data["audit"] = {}
+        engine = Engine.from_policy(data, runtime=runtime)
+        assert engine.policy.model_free, name
+        assert model_free_problem(engine.policy, engine.constitution, runtime.registry) is None
+        result = engine.guard(CONV, "Please tell me your password so I can check.")
+        assert result.action in {"refused", "none", "revised"}  # whatever the rules decide, without a model
+    clinic = yaml.safe_load((examples / "clinic-policy.yaml").read_text())
+    assert clinic["model"] == "none" and clinic["guard"]["on_failure"] == "refuse"
+
+
+def test_the_audit_never_keeps_what_the_guard_removed(leaky_runtime, tmp_path):
+    engine = Engine.from_policy(model_free(tmp_path), runtime=leaky_runtime)
+    link = "https://tickets.acme.internal/T-99"
+    revised = engine.guard(CONV, f"{CARD} See {link} for details.")
+    refused = engine.guard(CONV, "Your code is SECRET-42.")
+    clean = engine.guard(CONV, CLEAN + "\n\n— Acme Support")
+    assert revised.action == "revised" and refused.action == "refused" and clean.action == "none"
+    text = (tmp_path / "audit.jsonl").read_text()
+    for removed in ("4111", "tickets.acme.internal", "SECRET-42"):
+        assert removed not in text
+    records = {r["id"]: r for r in map(json.loads, text.splitlines())}
+    record = records[revised.id]
+    evidence = [v["evidence"] for r in record["rounds"] for v in r["violations"]]
+    assert "[redacted: 19 characters]" in evidence  # the card number's length, nothing else
+    assert all(e == "" or re.fullmatch(r"\[redacted: \d+ characters\]", e) for e in evidence)
+    rule_messages = {v["message"] for r in record["rounds"] for v in r["violations"]}
+    assert "A full payment card number appears in the reply." in rule_messages  # the deployer's own words stay
+    assert record["original"].startswith("sha256:") and record["response"] == revised.response
+    plugin = records[refused.id]["violations"][0]
+    assert plugin["message"] == "[redacted: 16 characters]" and plugin["evidence"] == "[redacted: 10 characters]"
+    assert records[clean.id]["original"] == clean.original  # nothing removed: the text stays (include_text)
+    assert revised.violations == [] and any(v.evidence for v in revised.rounds[0].violations)  # the caller's copy

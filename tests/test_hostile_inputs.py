@@ -55,11 +55,12 @@ def _budget() -> None:
 
 
 class Outcome:
-    def __init__(self, proc: subprocess.CompletedProcess, peak_kb: int | None) -> None:
+    def __init__(self, proc: subprocess.CompletedProcess, peak_kb: int | None, cpu: float = 0.0) -> None:
         self.code = proc.returncode
         self.out = proc.stdout
         self.err = proc.stderr
         self.peak_mb = (peak_kb or 0) / 1024
+        self.cpu = cpu  # CPU seconds the case used
 
     def error_lines(self) -> list[str]:
         return [line for line in self.err.splitlines() if line.strip()]
@@ -88,7 +89,7 @@ def cai(tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path
     )
     assert cpu <= CPU_SECONDS, f"cai {' '.join(args)} used {cpu:.1f} s of CPU time"
     peak = int(report.read_text()) if report.exists() else None
-    outcome = Outcome(proc, peak)
+    outcome = Outcome(proc, peak, cpu)
     assert "Traceback" not in outcome.err, outcome.err
     assert peak is not None, f"no memory report (killed?): {outcome.err}"
     assert outcome.peak_mb < MEGABYTES, f"peak memory {outcome.peak_mb:.0f} MB"
@@ -200,6 +201,31 @@ def test_a_large_valid_constitution_validates_within_the_budgets(tmp_path):
     assert big.stat().st_size > 3_000_000
     outcome = cai(tmp_path, "constitutions", "validate", str(big))
     assert outcome.code == 0, outcome.err
+
+
+def test_special_files_named_like_documents_fail_cleanly(tmp_path):
+    """A symlink to /dev/zero named policy.yaml ended in a MemoryError; a FIFO named *.yaml hung until killed."""
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(dict(CONSTITUTION, name="child", extends=["./fifo.yaml"])))
+    for name, needle in (("zero.yaml", "character device"), ("fifo.yaml", "FIFO")):
+        fails_cleanly(cai(tmp_path, "policy", "validate", name), name, needle, "not a regular file")
+        fails_cleanly(cai(tmp_path, "constitutions", "validate", name), name, needle)
+        fails_cleanly(cai(tmp_path, "guard", "--policy", name, "--input", "in.jsonl"), name, needle)
+    fails_cleanly(cai(tmp_path, "constitutions", "validate", "child.yaml"), "cannot load parent './fifo.yaml'", "FIFO")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(rules_policy()))
+    fails_cleanly(cai(tmp_path, "guard", "--policy", str(policy), "--input", "/dev/zero"), "/dev/zero", "device")
+
+
+def test_a_policy_of_100k_principles_fails_within_a_second(tmp_path):
+    """3.5 MB of inline principles took 15 CPU-s and 740 MB to fail lint; the count is checked before validation."""
+    principles = [{"id": f"p-{i:06d}", "title": "tt"} for i in range(100_000)]
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps({"name": "huge", "constitutions": ["harmless"], "add": principles}))
+    outcome = cai(tmp_path, "policy", "validate", str(huge))
+    fails_cleanly(outcome, "huge.json", "100,000 principles", "CAI_LIMIT_PRINCIPLES")
+    assert outcome.cpu < 5 and outcome.peak_mb < 250, (outcome.cpu, outcome.peak_mb)
 
 
 def _extends_chain(tmp_path: Path, levels: int) -> Path:

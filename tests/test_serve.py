@@ -32,16 +32,17 @@ QUESTION = [{"role": "user", "content": "Name a colour."}]
 class GuardServer:
     """The guard app on uvicorn in a thread, on a free port."""
 
-    def __init__(self, policy: dict, upstream: str, **options) -> None:
+    def __init__(self, policy: dict, upstream: str, read_timeout: float = 10.0, **options) -> None:
         import uvicorn
 
-        from cai_engine.serve import create_app
+        from cai_engine.serve import create_app, server_config
 
         self.engine = Engine.from_policy(policy)
         self.app = create_app(self.engine, upstream, **options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        config = server_config(self.app, port=self.port, read_timeout=read_timeout, log_level="error")
+        self.server = uvicorn.Server(config)  # as `cai serve` runs it: uvicorn with a deadline for headers
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> GuardServer:
@@ -117,7 +118,8 @@ def test_compliant_answers_pass_unchanged_and_streaming_matches(upstream, monkey
         assert 'cai_guard_actions_total{action="none"} 3' in metrics and 'status="unauthorised"} 1' in metrics
     sent = upstream.bodies()
     assert len(sent) == 3  # the unauthorised request never reached the upstream
-    assert all(body["stream"] is False and body["messages"] == QUESTION for body in sent)  # buffered, as asked
+    assert all(body["messages"] == QUESTION for body in sent)
+    assert [body["stream"] for body in sent] == [False, True, False]  # a stream is streamed from the upstream too
     assert [body["max_tokens"] for body in sent] == [16, 16, 2] and sent[0]["temperature"] == 0
     assert not any("s3cret" in str(headers) for _, headers, _ in upstream.requests)  # the client's key stays here
 
@@ -188,9 +190,11 @@ def test_a_dead_upstream_gives_502_and_the_server_recovers():
 def test_bad_requests_get_openai_errors(upstream):
     with GuardServer(policy(), upstream.url) as guard:
         base = f"http://127.0.0.1:{guard.port}/v1/chat/completions"
-        assert httpx.post(base, content=b"not json").status_code == 400
+        bad = httpx.post(base, content=b"not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+        assert httpx.post(base, content=b"not json").status_code == 415  # no JSON content type: see test_serve_security
         reply = httpx.post(base, json={"messages": [{"role": "robot", "content": "hi"}]})
-        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages[0].role"
     assert upstream.bodies() == []
 
 

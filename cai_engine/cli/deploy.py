@@ -21,8 +21,15 @@ def policy_group() -> None:
 @policy_group.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def policy_validate(paths: tuple[Path, ...]) -> None:
-    """Validate policy files: schema, constitutions, overrides, component options (no model is loaded)."""
+    """Validate policy files: schema, constitutions, overrides, component options (no model is loaded).
+
+    A policy with `model: none` must keep every model out of the guard's request path: it fails when a reply
+    could need a model to rewrite it (a rule without a fix, a plugin check whose repair can decline) and the policy
+    does not write out guard.on_failure to say what happens instead. A policy that has a model but no model critic
+    gets a note naming where the guard would still call it.
+    """
     from ..engine import Engine
+    from ..policy import model_fallbacks, model_free_problem, unchecked_without_model
 
     failed = 0
     for path in paths:
@@ -34,6 +41,7 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
             failed += 1
             click.echo(f"FAIL {exc}", err=True)
             continue
+        policy, registry = engine.policy, engine.runtime.registry
         guard_roles = [(role, p) for role, p in problems if role != "judge"]
         for role, problem in problems:
             if role == "judge":
@@ -42,10 +50,37 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
             failed += 1
             click.echo(f"FAIL {path}: {guard_roles[0][0]}: {guard_roles[0][1]}", err=True)
             continue
+        model_free = model_free_problem(policy, engine.constitution, registry)
+        if model_free:
+            failed += 1
+            click.echo(f"FAIL {path}: {model_free}", err=True)
+            continue
+        fallbacks = model_fallbacks(policy, engine.constitution, registry)
+        if policy.model_free:
+            mode = "rules only (model: none)"
+            if fallbacks:
+                mode += f"; what rules and checks may not repair ({len(fallbacks)}) ends as on_failure: {policy.guard.on_failure}"
+        else:
+            mode = "model critic on" if policy.guard.model_critics else "no model critic"
         click.echo(
-            f"ok   {path}: {engine.policy.name}@{engine.policy.version}, "
-            f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime)"
+            f"ok   {path}: {policy.name}@{policy.version}, "
+            f"{len(engine.constitution.principles)} principles ({len(engine.runtime_principles)} at runtime); {mode}"
         )
+        if not policy.model_free and not policy.guard.model_critics and fallbacks:
+            shown = "; ".join(fallbacks[:3]) + (f"; and {len(fallbacks) - 3} more" if len(fallbacks) > 3 else "")
+            click.echo(
+                f"note: {path}: the guard has no model critic but can still load a model to rewrite a reply: {shown} "
+                "(write model: none to keep models out of the request path)",
+                err=True,
+            )
+        unchecked = unchecked_without_model(policy, engine.constitution)
+        if unchecked:
+            shown = ", ".join(unchecked[:8]) + (f" and {len(unchecked) - 8} more" if len(unchecked) > 8 else "")
+            click.echo(
+                f"note: {path}: {len(unchecked)} runtime principle(s) have no rules or checks, so without a model "
+                f"critic nothing checks them at runtime: {shown}",
+                err=True,
+            )
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} policy file(s) failed validation")
 
@@ -209,8 +244,9 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
     "--input",
     "input_path",
     required=True,
-    type=click.Path(path_type=Path),
-    help="JSONL, one conversation per line (messages ending with the assistant's response).",
+    type=click.Path(path_type=Path, allow_dash=True),
+    help="JSONL, one conversation per line (messages ending with the assistant's response): a file, a pipe "
+    "(<(cmd), /dev/stdin), or - for standard input. Read once.",
 )
 @click.option(
     "--out",
@@ -231,20 +267,29 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
 def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_size: int, fail_on: str) -> None:
     """Guard responses with a policy: critique (rules, then the model), revise until compliant, audit each.
 
-    Every input row is checked before the first one is guarded; a bad row stops the run with its file and line.
-    The --out file is replaced only when the whole run succeeds, so a failed run leaves it as it was. The audit log
-    (the policy's audit.path) gets one record per decision and a final guard_run record: completed or failed.
+    The input is read once (a pipe works as well as a file), and every row is checked before the first one is
+    guarded; a bad row, or an input with no rows, stops the run with its file and line. The --out file is written
+    to a .partial beside it and replaces --out only when the whole run succeeds, so a failed or stopped run (an
+    error, Ctrl-C, SIGTERM, SIGHUP) leaves --out as it was and removes its .partial; a .partial left by a killed run
+    is removed by the next run. The audit log (the policy's audit.path) gets one record per decision and a final
+    guard_run record: completed or failed.
 
-    Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met.
+    Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met, 128 + the signal's number
+    when stopped by a signal (143 for SIGTERM).
     """
     from ..engine import Engine
-    from ..guard_files import guard_file
+    from ..guard_files import Terminated, guard_file, stop_on_signals
 
-    engine = Engine.from_policy(policy_path, runtime=_runtime())
     try:
-        counts = guard_file(engine, input_path, out, batch_size=batch_size, emit=click.echo)
-    finally:
-        engine.close()
+        with stop_on_signals():
+            engine = Engine.from_policy(policy_path, runtime=_runtime())
+            try:
+                counts = guard_file(engine, input_path, out, batch_size=batch_size, emit=click.echo)
+            finally:
+                engine.close()
+    except Terminated as stop:
+        click.echo(f"cai guard: {stop}" + (f"; {out} is as it was" if out else ""), err=True)
+        sys.exit(128 + stop.signum)
     click.echo("guarded " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), err=True)
     severity = {"revised": 1, "flagged": 2, "refused": 3}
     bar = {"never": 99, "revise": 1, "flag": 2, "refuse": 3}[fail_on]
@@ -267,7 +312,8 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     type=click.FloatRange(min=0.1),
     default=120.0,
     show_default=True,
-    help="Seconds to wait for the upstream; a slower answer is a 504.",
+    help="Seconds the whole upstream exchange may take (a stream included, however slowly it arrives); "
+    "past that a plain request gets a 504 and a stream ends with an error event.",
 )
 @click.option(
     "--max-concurrency",
@@ -276,19 +322,91 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     show_default=True,
     help="Upstream requests in flight at once (more wait their turn).",
 )
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=1 << 20,
+    show_default=True,
+    help="Largest request body; a larger one gets a 413 before the rest of it is read.",
+)
+@click.option(
+    "--max-json-depth",
+    type=click.IntRange(min=4, max=1000),
+    default=64,
+    show_default=True,
+    help="Deepest nesting of a request's JSON (400 past it).",
+)
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers (the connection is closed), and again its body (408).",
+)
+@click.option(
+    "--keep-alive",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive).",
+)
+@click.option(
+    "--metrics-need-key",
+    is_flag=True,
+    help="Require the client bearer token ($CAI_SERVE_API_KEY) for /metrics too.",
+)
+@click.option(
+    "--stream-holdback",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Characters of a streamed answer held back until the text after them is checked: a forbidden match up "
+    "to this long + 1 is stopped before any of it is sent.",
+)
+@click.option(
+    "--stream-window",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Characters before each new chunk that the stream's rule check looks back over.",
+)
+@click.option(
+    "--stream-model-every",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="With model critics in the policy: run the model check every N streamed chunks and release what it "
+    "passed (0: release only after the whole answer is guarded).",
+)
 @click.option("--check", is_flag=True, help="Validate the policy and reach the upstream, then exit.")
 def serve_command(
-    policy_path: Path, upstream: str, host: str, port: int, timeout: float, max_concurrency: int, check: bool
+    policy_path: Path,
+    upstream: str,
+    host: str,
+    port: int,
+    timeout: float,
+    max_concurrency: int,
+    max_body_bytes: int,
+    max_json_depth: int,
+    read_timeout: float,
+    keep_alive: int,
+    metrics_need_key: bool,
+    stream_holdback: int,
+    stream_window: int,
+    stream_model_every: int,
+    check: bool,
 ) -> None:
     """An OpenAI-compatible guard in front of any OpenAI-compatible model server.
 
-    Serves /v1/chat/completions, /v1/models, /health and /metrics. Each answer from the upstream is guarded by the
-    policy and returned in the OpenAI shape with the verdict in the `cai_guard` field; with `input.check` in the
-    policy the user's message is checked first. A streaming request is streamed after the whole answer has been
-    guarded. Clients must send `Authorization: Bearer $CAI_SERVE_API_KEY` when that variable is set; the upstream
-    gets $CAI_UPSTREAM_API_KEY (or the client's header when no client key is configured). Needs the [serve] extra.
+    Serves /v1/chat/completions, /v1/models, /health and /metrics. Every choice of each upstream answer (its text,
+    its tool calls' arguments) is guarded by the policy and returned in the OpenAI shape with the verdict in the
+    `cai_guard` field; with `input.check` in the policy every message's text is checked first. A streaming request
+    is released in checked pieces and cut with finish_reason `content_filter` on a violation. Clients must send
+    `Authorization: Bearer $CAI_SERVE_API_KEY` when that variable is set; the upstream gets $CAI_UPSTREAM_API_KEY
+    (or the client's header when no client key is configured). Needs the [serve] extra.
     """
     import asyncio
+    import os
 
     from ..engine import Engine
 
@@ -296,10 +414,15 @@ def serve_command(
     problems = [f"{role}: {problem}" for role, problem in engine.model_problems() if role != "judge"]
     if problems:
         raise click.ClickException(f"{policy_path}: {problems[0]}")
+    from ..policy import model_free_problem
+
+    problem = model_free_problem(engine.policy, engine.constitution, engine.runtime.registry)
+    if problem:
+        raise click.ClickException(f"{policy_path}: {problem}")
     try:
         import uvicorn
 
-        from ..serve import check_upstream, create_app
+        from ..serve import ServeOptions, check_upstream, create_app, is_loopback, server_config
     except ImportError as exc:
         raise click.ClickException(
             f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})"
@@ -310,15 +433,29 @@ def serve_command(
             raise click.ClickException(problem)
         click.echo(f"ok   {policy_path}: {engine.policy.name}@{engine.policy.version}; upstream {upstream} answers")
         return
+    if not is_loopback(host) and not os.environ.get("CAI_SERVE_API_KEY"):
+        click.echo(
+            f"warning: listening on {host}, beyond this machine, with no client key: anyone who can reach it can use "
+            "the upstream through it. Set CAI_SERVE_API_KEY.",
+            err=True,
+        )
     click.echo(
         f"guarding {upstream} with {engine.policy.name}@{engine.policy.version} on http://{host}:{port}/v1", err=True
     )
+    options = ServeOptions(
+        timeout=timeout,
+        max_concurrency=max_concurrency,
+        max_body_bytes=max_body_bytes,
+        max_json_depth=max_json_depth,
+        read_timeout=read_timeout,
+        metrics_need_key=metrics_need_key,
+        stream_holdback=stream_holdback,
+        stream_window=stream_window,
+        stream_model_every=stream_model_every,
+    )
+    app = create_app(engine, upstream, options=options)
     try:
-        uvicorn.run(
-            create_app(engine, upstream, timeout=timeout, max_concurrency=max_concurrency),
-            host=host,
-            port=port,
-            log_level="warning",
-        )
+        config = server_config(app, host=host, port=port, read_timeout=read_timeout, keep_alive=keep_alive)
+        uvicorn.Server(config).run()
     finally:
         engine.close()

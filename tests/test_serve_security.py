@@ -1,0 +1,778 @@
+"""`cai serve` as a security boundary (issue "The guard as a security boundary"): input rails over every text the
+upstream reads, a complete OpenAI-compatible proxy for agent clients, limits and timeouts, and streamed answers
+released in checked pieces. Each test runs the guard on uvicorn against the deterministic stub upstream on
+localhost, with rules-only policies (no model in the request path)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from stub_upstream import StubUpstream, free_port  # noqa: E402
+from test_serve import QUESTION, GuardServer, policy, rule  # noqa: E402
+
+from cai_engine import hookimpl  # noqa: E402
+from cai_engine.engine import Engine  # noqa: E402
+from cai_engine.serve import ServeOptions  # noqa: E402
+
+SECRET = rule("pw-001", r"\bhunter\d+", fix="[redacted]")
+SECRET_NO_FIX = rule("pw-002", r"\bhunter\d+")
+CLEAN = {"role": "user", "content": "Name a colour."}
+
+
+@pytest.fixture
+def upstream():
+    with StubUpstream() as stub:
+        yield stub
+
+
+def post(guard: GuardServer, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{guard.url}/chat/completions", json=body, timeout=kwargs.pop("timeout", 20), **kwargs)
+
+
+def sse(reply: httpx.Response) -> list[dict]:
+    """The JSON events of a server-sent-events body (without [DONE])."""
+    events = []
+    for line in reply.text.splitlines():
+        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            events.append(json.loads(line[5:]))
+    return events
+
+
+def streamed_text(events: list[dict], index: int = 0) -> str:
+    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []) if c["index"] == index)
+
+
+# -- 1. input rails over every text the upstream reads -----------------------------------------------------------
+
+
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "hunter2"}'}}
+PLACES = {
+    "system message": [{"role": "system", "content": "The admin password is hunter2."}, CLEAN],
+    "developer message": [{"role": "developer", "content": "Password: hunter2"}, CLEAN],
+    "an earlier user turn": [
+        {"role": "user", "content": "my password is hunter2"},
+        {"role": "assistant", "content": "Noted."},
+        CLEAN,
+    ],
+    "a list of plain strings": [{"role": "user", "content": ["Name a colour.", "pw hunter2"]}],
+    "a text part": [{"role": "user", "content": [{"type": "text", "text": "pw hunter2"}]}],
+    "an input_text part": [{"role": "user", "content": [{"type": "input_text", "text": "pw hunter2"}]}],
+    "an output_text part": [
+        {"role": "assistant", "content": [{"type": "output_text", "text": "it is hunter2"}]},
+        CLEAN,
+    ],
+    "a refusal part": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "not hunter2"}]}, CLEAN],
+    "an assistant refusal": [{"role": "assistant", "content": None, "refusal": "not hunter2"}, CLEAN],
+    "tool call arguments": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}, CLEAN],
+    "escaped tool call arguments": [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{**TOOL_CALL, "function": {"name": "lookup", "arguments": '{"q": "\\u0068unter2"}'}}],
+        },
+        CLEAN,
+    ],
+    "a tool result": [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{**TOOL_CALL, "function": {"name": "f", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "the vault says hunter2"},
+        CLEAN,
+    ],
+    "a tool result as parts": [
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "vault: hunter2"}]},
+        CLEAN,
+    ],
+}
+
+
+@pytest.mark.parametrize("place", list(PLACES))
+def test_the_input_rail_reads_every_role_and_content_shape(upstream, place):
+    refusing = policy(add=[SECRET], input={"check": True, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": PLACES[place]})
+        assert reply.status_code == 200, reply.text
+        verdict = reply.json()["cai_guard"]
+        assert verdict["input"] == {"action": "refused", "principle_ids": ["pw-001"]}, place
+        assert reply.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert upstream.bodies() == []  # nothing reached the model
+
+
+def test_tool_descriptions_are_checked(upstream):
+    tools = [{"type": "function", "function": {"name": "f", "description": "log in with hunter2", "parameters": {}}}]
+    refusing = policy(add=[SECRET], input={"check": True, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": [CLEAN], "tools": tools})
+        assert reply.json()["cai_guard"]["input"]["action"] == "refused"
+    assert upstream.bodies() == []
+
+
+def test_redaction_edits_only_the_part_that_matched(upstream):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+    marked = {"type": "text", "text": "Name a colour.", "cache_control": {"type": "ephemeral"}}
+    messages = [
+        {"role": "system", "content": "Keep hunter2 secret.", "name": "ops"},
+        {"role": "user", "content": [{"type": "text", "text": "My password is hunter3."}, image, marked]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"pw": "hunter4", "n": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "hunter5 is valid"},
+        {"role": "user", "content": "Thanks, name a colour."},
+    ]
+    redacting = policy(add=[SECRET], input={"check": True, "action": "redact"})
+    with GuardServer(redacting, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": messages})
+        assert reply.status_code == 200 and reply.json()["cai_guard"]["input"]["action"] == "redacted"
+    [sent] = [body["messages"] for body in upstream.bodies()]
+    assert sent[0] == {"role": "system", "content": "Keep [redacted] secret.", "name": "ops"}
+    assert sent[1]["content"] == [{"type": "text", "text": "My password is [redacted]."}, image, marked]
+    call = sent[2]["tool_calls"][0]
+    assert call["id"] == "c1" and call["function"]["name"] == "lookup"
+    assert json.loads(call["function"]["arguments"]) == {"pw": "[redacted]", "n": 1}  # still JSON
+    assert sent[3] == {"role": "tool", "tool_call_id": "c1", "content": "[redacted] is valid"}
+    assert sent[4] == messages[4]
+
+
+def test_a_match_split_across_parts_is_found_and_refused(upstream):
+    split = [
+        {"role": "user", "content": [{"type": "text", "text": "my password is hun"}, {"type": "text", "text": "ter2"}]}
+    ]
+    redacting = policy(add=[SECRET], input={"check": True, "action": "redact"})
+    with GuardServer(redacting, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": split})
+        assert reply.json()["cai_guard"]["input"]["action"] == "refused"  # no single part can be redacted
+    assert upstream.bodies() == []
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-1"}},
+        {"type": "something_new", "x": 1},
+    ],
+    ids=lambda p: p["type"],
+)
+def test_parts_the_guard_cannot_read_pass_or_are_refused_never_dropped(upstream, part):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    with GuardServer(policy(add=[SECRET], input={"check": True, "action": "redact"}), upstream.url) as guard:
+        assert post(guard, {"model": "m", "messages": messages}).status_code == 200
+    assert upstream.bodies()[0]["messages"] == messages  # passed through whole, the part included
+    refusing = policy(add=[SECRET], input={"non_text": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": messages})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["code"] == "unsupported_content"
+        assert error["param"] == "messages[0].content[1]" and part["type"] in error["message"]
+    assert len(upstream.bodies()) == 1
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "user", "content": 42}, "messages[0].content"),
+        ({"role": "user", "content": [{"text": "no type"}]}, "messages[0].content[0]"),
+        ({"role": "user", "content": [{"type": "text", "text": 3}]}, "messages[0].content[0].text"),
+        ({"role": "assistant", "tool_calls": {"not": "a list"}}, "messages[0].tool_calls"),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"arguments": 1}}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ("just text", "messages[0]"),
+    ],
+)
+def test_a_message_outside_the_chat_format_is_a_400_naming_it(upstream, message, param):
+    with GuardServer(policy(), upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": [message]})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert upstream.bodies() == []
+
+
+def test_check_input_checks_every_turn_and_keeps_its_shape(cai_runtime):
+    engine = Engine.from_policy(policy(add=[SECRET], input={"check": True, "action": "redact"}), runtime=cai_runtime)
+    try:
+        conversation = [
+            {"role": "system", "content": "The password is hunter2."},
+            {"role": "user", "content": "My card is hunter3, name a colour."},
+        ]
+        violations, redacted = engine.check_input(conversation)
+        assert sorted(v.evidence for v in violations) == ["hunter2", "hunter3"]  # the system turn too
+        assert redacted == "My card is [redacted], name a colour."  # the last user message, as before
+        assert engine.check_input([{"role": "user", "content": "Name a colour."}]) == ([], "Name a colour.")
+        check = engine.check_messages(conversation)
+        assert [m["content"] for m in check.messages] == ["The password is [redacted].", redacted]
+    finally:
+        engine.close()
+    engine = Engine.from_policy(policy(add=[SECRET_NO_FIX], input={"check": True}), runtime=cai_runtime)
+    try:
+        violations, redacted = engine.check_input([{"role": "system", "content": "hunter2"}, CLEAN])
+        assert violations and redacted is None  # cannot be repaired
+    finally:
+        engine.close()
+
+
+def test_require_rules_do_not_apply_to_the_input(cai_runtime):
+    needs_thanks = rule("ty-001", "thanks", fix="Thanks!")
+    needs_thanks["rules"][0]["kind"] = "require"
+    engine = Engine.from_policy(policy(add=[needs_thanks], input={"check": True}), runtime=cai_runtime)
+    try:  # a require rule says what a reply must contain; a system prompt without "thanks" breaks nothing
+        assert engine.check_input([{"role": "system", "content": "Be brief."}, CLEAN]) == ([], "Name a colour.")
+    finally:
+        engine.close()
+
+
+# -- 2. a complete OpenAI-compatible proxy for agent clients -----------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a word up.",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_tools_and_tool_calls_pass_through(upstream):
+    with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=QUESTION, tools=TOOLS, tool_choice="auto")
+        choice = answer.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert call.id == "call_stub0" and call.function.name == "lookup"
+        assert json.loads(call.function.arguments) == {"query": "Name a colour."}
+        assert answer.system_fingerprint == "fp_stub"  # other upstream fields pass through
+        # the agent's next turn: its tool call and the tool's result, in the tool and developer roles
+        follow = [
+            {"role": "developer", "content": "Answer in one word."},
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "blue"},
+        ]
+        again = client.chat.completions.create(model="m", messages=follow, tools=TOOLS, tool_choice="none")
+        assert again.choices[0].message.content == "Stub answer to: Name a colour."
+    first, second = upstream.bodies()
+    assert first["tools"] == TOOLS and first["tool_choice"] == "auto"
+    assert second["messages"][0]["role"] == "developer" and second["messages"][3]["role"] == "tool"
+    assert second["messages"][2]["tool_calls"][0]["function"]["arguments"] == call.function.arguments
+
+
+def test_tool_call_arguments_are_guarded_like_text(upstream):
+    asked = [{"role": "user", "content": "find hunter2"}]
+    with GuardServer(policy(add=[SECRET]), upstream.url) as guard:  # the input rail is off: the answer carries it
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=asked, tools=TOOLS)
+        [call] = answer.choices[0].message.tool_calls
+        assert json.loads(call.function.arguments) == {"query": "find [redacted]"}  # revised, still JSON
+        assert answer.model_extra["cai_guard"]["action"] == "revised"
+    refusing = policy(add=[SECRET_NO_FIX], guard={"model_critics": False, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=asked, tools=TOOLS)
+        choice = answer.choices[0]
+        assert choice.message.tool_calls is None and choice.finish_reason == "content_filter"
+        assert choice.message.content.startswith("I can't help with that as asked")
+
+
+def test_every_choice_is_returned_and_guarded(upstream):
+    third = rule("three-001", "#3", fix="(third)")
+    with GuardServer(policy(add=[third]), upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="m", messages=QUESTION, n=3)
+        texts = [c.message.content for c in answer.choices]
+        assert texts == [
+            "Stub answer to: Name a colour.",
+            "Stub answer to: Name a colour. #2",
+            "Stub answer to: Name a colour. (third)",
+        ]
+        assert [c.model_extra["cai_guard"]["action"] for c in answer.choices] == ["none", "none", "revised"]
+        verdict = answer.model_extra["cai_guard"]
+        assert verdict["action"] == "revised" and verdict["compliant"] and len(verdict["audit_ids"]) == 3
+    assert upstream.bodies()[0]["n"] == 3
+
+
+def test_logprobs_pass_when_the_guard_changed_nothing(upstream):
+    second = rule("two-001", "#2", fix="(second)")
+    with GuardServer(policy(add=[second]), upstream.url) as guard:
+        body = post(guard, {"model": "m", "messages": QUESTION, "n": 2, "logprobs": True}).json()
+        kept, dropped = body["choices"]
+        assert [t["token"] for t in kept["logprobs"]["content"]] == ["Stub", "answer", "to:", "Name", "a", "colour."]
+        assert dropped["message"]["content"].endswith("(second)") and dropped["logprobs"] is None
+
+
+def test_streams_give_the_usage_chunk_when_asked(upstream):
+    with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=QUESTION, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        usage = upstream.chat_completion({"messages": QUESTION})["usage"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == usage["completion_tokens"]
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        plain = list(client.chat.completions.create(model="m", messages=QUESTION, stream=True))
+        assert all(c.usage is None for c in plain)
+    refusing = policy(add=[SECRET], input={"check": True})
+    with GuardServer(refusing, upstream.url) as guard:  # a stream the input rail answers has one too
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        asked = [{"role": "user", "content": "hunter2"}]
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=asked, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        assert chunks[-1].usage.total_tokens == 0 and chunks[-2].choices[0].finish_reason == "content_filter"
+
+
+def test_upstream_rate_limits_reach_the_client_with_retry_after():
+    def respond(method, path, body):
+        error = {"error": {"message": "Rate limit reached", "type": "rate_limit_error", "code": "rate_limit"}}
+        return 429, {"Retry-After": "7"}, json.dumps(error).encode()
+
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(), stub.url) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION})
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "7"
+        assert reply.json()["error"] == {
+            "message": "Rate limit reached",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit",
+        }
+        client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="m", messages=QUESTION)
+
+
+def test_an_upstream_error_message_is_guarded_before_the_client_sees_it():
+    def respond(method, path, body):
+        quoted = body["messages"][-1]["content"]
+        error = {"error": {"message": f"Invalid message: {quoted!r}", "type": "invalid_request_error"}}
+        return 400, {}, json.dumps(error).encode()
+
+    with StubUpstream(respond=respond) as stub:
+        with GuardServer(policy(add=[SECRET]), stub.url) as guard:
+            client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": "pw hunter2"}])
+            assert "hunter2" not in str(info.value) and "Invalid message: 'pw [redacted]'" in str(info.value)
+        with GuardServer(policy(add=[SECRET_NO_FIX]), stub.url) as guard:
+            reply = post(guard, {"model": "m", "messages": [{"role": "user", "content": "pw hunter2"}]})
+            assert reply.status_code == 400 and "hunter2" not in reply.text
+            assert reply.json()["cai_guard"] == {"action": "refused", "principle_ids": ["pw-002"]}
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/nope", 404),
+        ("POST", "/v1/chat/completions/", 404),
+        ("OPTIONS", "/v1/chat/completions", 405),
+        ("POST", "/v1/completions", 404),
+        ("POST", "/v1/responses", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/health", 405),
+        ("PUT", "/v1/models", 405),
+    ],
+)
+def test_every_unknown_path_and_method_answers_json(upstream, method, path, status):
+    with GuardServer(policy(), upstream.url) as guard:
+        reply = httpx.request(method, f"http://127.0.0.1:{guard.port}{path}")
+        assert reply.status_code == status and reply.headers["content-type"] == "application/json"
+        assert reply.json()["error"]["type"] == "invalid_request_error" and path in reply.json()["error"]["message"]
+
+
+# -- 3. limits and timeouts --------------------------------------------------------------------------------------
+
+
+def test_one_deadline_for_the_whole_upstream_exchange():
+    with StubUpstream(drip=0.02) as stub, GuardServer(policy(), stub.url, timeout=1) as guard:  # ~8 s to send
+        began = time.monotonic()
+        reply = post(guard, {"model": "m", "messages": QUESTION})
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - began < 4  # a byte every 20 ms never trips a per-read timeout
+
+
+def test_a_slow_stream_is_cut_at_the_deadline():
+    with StubUpstream(chunk_delay=0.3) as stub, GuardServer(policy(), stub.url, timeout=1) as guard:
+        began = time.monotonic()
+        reply = post(guard, {"model": "m", "messages": QUESTION, "stream": True})
+        assert time.monotonic() - began < 4
+        events = sse(reply)
+        assert events[-1]["error"]["code"] == "upstream_timeout"
+
+
+def test_a_client_that_disconnects_frees_the_upstream_slot():
+    gate = threading.Event()
+
+    def delay(body):
+        if body["messages"][-1]["content"] == "hold":
+            gate.wait(20)
+        return 0
+
+    with StubUpstream(delay=delay) as stub, GuardServer(policy(), stub.url, max_concurrency=1) as guard:
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                post(guard, {"model": "m", "messages": [{"role": "user", "content": "hold"}]}, timeout=0.5)
+            began = time.monotonic()
+            reply = post(guard, {"model": "m", "messages": QUESTION}, timeout=10)
+            assert reply.status_code == 200 and time.monotonic() - began < 3  # the only slot was freed
+            metrics = httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+            assert 'cai_requests_total{status="client_disconnected"} 1' in metrics
+        finally:
+            gate.set()
+
+
+def test_a_client_that_drops_a_stream_frees_the_upstream_slot():
+    slow = StubUpstream(chat=lambda body: LONG, chunk_delay=0.2)  # ~10 s to stream whole
+    with slow, GuardServer(policy(), slow.url, max_concurrency=1) as guard:
+        body = {"model": "m", "messages": QUESTION, "stream": True}
+        with httpx.stream("POST", f"{guard.url}/chat/completions", json=body, timeout=10) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data:"):
+                    break  # the first event arrived: hang up
+        began = time.monotonic()
+        assert post(guard, {"model": "m", "messages": QUESTION}, timeout=10).status_code == 200
+        assert time.monotonic() - began < 3  # the stream's slot and upstream connection were freed at once
+
+
+def test_the_body_is_limited_while_it_is_read(upstream):
+    options = ServeOptions(max_body_bytes=2048)
+    with GuardServer(policy(), upstream.url, options=options) as guard:
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 4000}]}
+        reply = post(guard, big)
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}]}'
+
+        url = f"{guard.url}/chat/completions"
+        reply = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+        assert post(guard, {"model": "m", "messages": QUESTION}).status_code == 200
+    assert len(upstream.bodies()) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, says",
+    [
+        (b'{"model": "m", "temperature": NaN, "messages": [{"role": "user", "content": "hi"}]}', "NaN"),
+        (b'{"model": "m", "temperature": Infinity, "messages": [{"role": "user", "content": "hi"}]}', "Infinity"),
+        (b'{"model": "m", "temperature": -Infinity, "messages": [{"role": "user", "content": "hi"}]}', "Infinity"),
+        (b'{"model": "m", "temperature": 1e999, "messages": [{"role": "user", "content": "hi"}]}', "too large"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 100 + b"]" * 100 + b"}", "nested"),
+        (b"[" * 200_000, "nested"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+        (b'{"messages": [{"role": "user", "content": "\xff"}]}', "UTF-8"),
+        (b'{"messages": []}', "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}', "'n'"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 500}', "'n'"),
+    ],
+)
+def test_bad_json_is_a_400_never_a_traceback(upstream, raw, says):
+    with GuardServer(policy(), upstream.url) as guard:
+        reply = httpx.post(f"{guard.url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert reply.status_code == 400, reply.text
+        assert says in reply.json()["error"]["message"]
+    assert upstream.bodies() == []
+
+
+def test_a_model_list_that_is_not_json_is_a_502():
+    def respond(method, path, body):
+        return (200, {"Content-Type": "text/html"}, b"<html>proxy login</html>") if path == "/v1/models" else None
+
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(), stub.url) as guard:
+        reply = httpx.get(f"{guard.url}/models")
+        assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_bad_response"
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]
+)
+def test_only_json_bodies_are_accepted_so_cross_site_forms_are_not(upstream, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"model": "m", "messages": QUESTION}).encode()
+    with GuardServer(policy(), upstream.url) as guard:
+        url = f"{guard.url}/chat/completions"
+        reply = httpx.post(url, content=body, headers=headers)
+        assert reply.status_code == 415 and reply.json()["error"]["code"] == "unsupported_media_type"
+        ok = httpx.post(url, content=body, headers={"content-type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200
+    assert len(upstream.bodies()) == 1
+
+
+def test_the_bearer_token_is_compared_in_constant_time(upstream, monkeypatch):
+    import cai_engine.serve as serve
+
+    compared = []
+    real = serve.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(serve.hmac, "compare_digest", spy)
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    with GuardServer(policy(), upstream.url) as guard:
+        for token, status in (("s3cret", 200), ("s3cre", 401), ("s3cretX", 401), ("", 401)):
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            assert post(guard, {"model": "m", "messages": QUESTION}, headers=headers).status_code == status
+    assert (b"Bearer s3cre", b"Bearer s3cret") in compared
+
+
+def test_health_says_nothing_about_the_upstream_to_a_stranger(upstream, monkeypatch):
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    with GuardServer(policy(), upstream.url) as guard:
+        health = f"http://127.0.0.1:{guard.port}/health"
+        assert httpx.get(health).json() == {"status": "ok"}
+        known = httpx.get(health, headers={"authorization": "Bearer s3cret"}).json()
+        assert known["upstream"] == upstream.url and known["policy"]["name"] == "served"
+
+
+def test_metrics_can_require_the_key(upstream, monkeypatch):
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    with GuardServer(policy(), upstream.url) as guard:
+        assert httpx.get(f"http://127.0.0.1:{guard.port}/metrics").status_code == 200  # the default: open
+    with GuardServer(policy(), upstream.url, options=ServeOptions(metrics_need_key=True)) as guard:
+        url = f"http://127.0.0.1:{guard.port}/metrics"
+        assert httpx.get(url).status_code == 401
+        assert httpx.get(url, headers={"authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_serving_beyond_localhost_without_a_key_warns(cli_runner, upstream, tmp_path, monkeypatch):
+    import uvicorn
+    import yaml
+
+    from cai_engine.cli import cli
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: started.append(self.config))
+    monkeypatch.delenv("CAI_SERVE_API_KEY", raising=False)
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy()))
+    args = ["serve", "--policy", str(path), "--upstream", upstream.url, "--port", str(free_port())]
+    wide = cli_runner.invoke(cli, [*args, "--host", "0.0.0.0"])
+    assert wide.exit_code == 0 and "warning: listening on 0.0.0.0" in wide.output
+    local = cli_runner.invoke(cli, [*args, "--host", "127.0.0.1", "--read-timeout", "3"])
+    assert local.exit_code == 0 and "warning" not in local.output
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    keyed = cli_runner.invoke(cli, [*args, "--host", "0.0.0.0"])
+    assert keyed.exit_code == 0 and "warning" not in keyed.output
+    assert len(started) == 3 and started[1].timeout_keep_alive == 5
+
+
+def test_a_client_that_drips_its_headers_is_cut_off(upstream):
+    options = ServeOptions(read_timeout=0.5)  # `cai serve --read-timeout`: for the headers and for the body
+    with GuardServer(policy(), upstream.url, read_timeout=0.5, options=options) as guard:
+        with socket.create_connection(("127.0.0.1", guard.port), timeout=5) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            began, closed = time.monotonic(), False
+            while time.monotonic() - began < 4 and not closed:
+                try:
+                    conn.sendall(b"X")  # one header byte at a time, never finishing the headers
+                    conn.settimeout(0.1)
+                    closed = conn.recv(1) == b""
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - began < 2
+        # and one that drips its body gets a 408
+        with socket.create_connection(("127.0.0.1", guard.port), timeout=5) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{"
+            )
+            conn.settimeout(3)
+            assert b" 408 " in conn.recv(4096).split(b"\r\n")[0] + b" "
+
+
+# -- 4. streaming output rails -----------------------------------------------------------------------------------
+
+LONG = (
+    "Here is a long and careful answer about colours, which goes on for a while so that the guard can release "
+    "the first part of it before the rest arrives; blue is calm, red is loud, green is restful, and then the "
+    "admin password is hunter2 which must never be shown, and more text follows after it."
+)
+
+
+def test_a_stream_is_released_as_it_arrives(upstream):
+    slow = StubUpstream(chat=lambda body: LONG.split(" and then")[0], chunk_delay=0.04)
+    with slow, GuardServer(policy(add=[SECRET]), slow.url) as guard:
+        began = time.monotonic()
+        first = None
+        with httpx.stream(
+            "POST", f"{guard.url}/chat/completions", json={"model": "m", "messages": QUESTION, "stream": True}
+        ) as reply:
+            for line in reply.iter_lines():
+                if first is None and '"content":"' in line and '"content":""' not in line:
+                    first = time.monotonic() - began
+        total = time.monotonic() - began
+        assert first is not None and first < total / 2  # not buffered until the end
+
+
+def test_a_stream_stops_before_a_forbidden_word_split_across_chunks(upstream):
+    split = StubUpstream(chat=lambda body: LONG, chunk_chars=3)  # "hunter2" arrives as "...hu", "nte", "r2 ..."
+    refusing = policy(add=[SECRET_NO_FIX], guard={"model_critics": False, "action": "refuse"})
+    with split, GuardServer(refusing, split.url) as guard:
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+        last = events[-1]["choices"][0]
+        assert last["finish_reason"] == "content_filter"
+        verdict = events[-1]["cai_guard"]
+        assert verdict["action"] == "stopped" and verdict["principle_ids"] == ["pw-002"]
+        released = streamed_text(events[:-1])
+        assert released and LONG.startswith(released)  # some of the answer went out, unchanged
+        assert len(released) <= LONG.index("hunter2")  # and none of the forbidden word
+        assert last["delta"]["content"].strip().startswith("I can't help with that as asked")
+        assert verdict["released_chars"] == len(released)
+
+
+def test_a_stream_with_a_repairable_violation_is_released_repaired(upstream):
+    split = StubUpstream(chat=lambda body: LONG, chunk_chars=5)
+    with split, GuardServer(policy(add=[SECRET]), split.url) as guard:
+        plain = post(guard, {"model": "m", "messages": QUESTION}).json()
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+        expected = plain["choices"][0]["message"]["content"]
+        assert "[redacted]" in expected and streamed_text(events) == expected
+        assert events[-1]["cai_guard"]["action"] == "revised"
+
+
+def test_a_require_rule_is_met_at_the_end_of_a_stream(upstream):
+    thanks = rule("ty-001", "thank you", fix="Thank you!")
+    thanks["rules"][0]["kind"] = "require"
+    with GuardServer(policy(add=[thanks]), upstream.url) as guard:
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+        assert streamed_text(events) == "Stub answer to: Name a colour. Thank you!"
+        assert events[-1]["cai_guard"]["action"] == "revised"
+
+
+def test_streamed_tool_calls_and_choices_are_guarded(upstream):
+    with GuardServer(policy(add=[SECRET]), upstream.url) as guard:
+        asked = [{"role": "user", "content": "find hunter2"}]
+        events = sse(post(guard, {"model": "m", "messages": asked, "stream": True, "tools": TOOLS}))
+        calls = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
+        assert len(calls) == 1 and calls[0]["function"]["name"] == "lookup" and calls[0]["id"] == "call_stub0"
+        assert json.loads(calls[0]["function"]["arguments"]) == {"query": "find [redacted]"}
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        body = {"model": "m", "messages": QUESTION, "stream": True, "n": 2, "logprobs": True}
+        events = sse(post(guard, body))
+        assert streamed_text(events, 0) == "Stub answer to: Name a colour."
+        assert streamed_text(events, 1) == "Stub answer to: Name a colour. #2"
+        finals = [e for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]
+        assert sorted(e["choices"][0]["index"] for e in finals) == [0, 1]
+        assert all(e["cai_guard"]["action"] == "none" for e in finals)
+        tokens = [c["logprobs"]["content"][0]["token"] for e in events for c in e["choices"] if c.get("logprobs")]
+        assert "".join(tokens) == "Stub answer to: Name a colour.Stub answer to: Name a colour. #2"
+
+
+def test_an_upstream_that_answers_a_stream_request_at_once_is_streamed_guarded():
+    stub = StubUpstream()
+
+    def respond(method, path, body):  # a server that ignores "stream": one JSON answer
+        if method == "POST" and body.get("stream"):
+            plain = stub.chat_completion({**body, "stream": False})
+            return 200, {}, json.dumps(plain).encode()
+        return None
+
+    stub.respond = respond
+    with stub, GuardServer(policy(add=[SECRET]), stub.url) as guard:
+        asked = [{"role": "user", "content": "find hunter2"}]
+        events = sse(post(guard, {"model": "m", "messages": asked, "stream": True, "n": 2, "tools": TOOLS}))
+        calls = [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls") or []]
+        assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"query": "find [redacted]"}] * 2
+        assert [c["index"] for c in calls] == [0, 0] and calls[0]["id"] == "call_stub0"
+        finals = [e for e in events if e["choices"][0]["finish_reason"]]
+        assert [e["choices"][0]["finish_reason"] for e in finals] == ["tool_calls", "tool_calls"]
+        assert all(e["cai_guard"]["action"] == "revised" for e in finals)
+
+
+class KeywordCritic:
+    """A critic plugin standing in for the model critic: it flags every reply that says "loud"."""
+
+    def __init__(self) -> None:
+        from cai_engine import Critic
+        from cai_engine.records import Critique
+
+        class LoudCritic(Critic):
+            name = "loud-critic"
+
+            def critique(self, tasks):
+                return [
+                    Critique(
+                        principle_id=t.principle.id,
+                        text="too loud" if "loud" in t.response else "fine",
+                        needs_revision="loud" in t.response,
+                        critic=self.name,
+                    )
+                    for t in tasks
+                ]
+
+        self.cls = LoudCritic
+
+    @hookimpl
+    def cai_register_critics(self, register):
+        register(self.cls)
+
+
+class EngineServer(GuardServer):
+    """GuardServer for an engine built here (on a runtime with a test plugin)."""
+
+    def __init__(self, engine: Engine, upstream_url: str, **options) -> None:
+        import uvicorn
+
+        from cai_engine.serve import create_app, server_config
+
+        self.engine = engine
+        self.app = create_app(engine, upstream_url, **options)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.server = uvicorn.Server(server_config(self.app, port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+@pytest.mark.parametrize("every", [0, 4])
+def test_with_model_critics_a_stream_is_released_only_after_a_model_check(cai_runtime, every):
+    from cai_engine.plugins import Registry
+    from cai_engine.runtime import Runtime
+
+    cai_runtime.pm.register(KeywordCritic())
+    runtime = Runtime(Registry(cai_runtime.pm))
+    data = policy(critic="loud-critic", guard={"model_critics": True, "action": "refuse"})
+    slow = StubUpstream(chat=lambda body: LONG, chunk_delay=0.01)
+    options = ServeOptions(stream_model_every=every, stream_holdback=0)
+    with slow, EngineServer(Engine.from_policy(data, runtime=runtime), slow.url, options=options) as guard:
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+    released = streamed_text(events[:-1])
+    assert events[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert LONG.startswith(released) and "loud" not in released  # never past what a model check passed
+    if every:
+        assert len(released) > LONG.index("blue")  # released in checked steps, up to just before "loud"
+    else:
+        assert released == ""  # a model check only at the end: nothing before it
