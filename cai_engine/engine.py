@@ -37,6 +37,7 @@ from .records import (
 from .rules import check_principle
 from .runtime import Runtime
 from .schema import Constitution, Message, Phase, Principle
+from .textnorm import fold
 
 
 class Engine:
@@ -339,6 +340,7 @@ class Engine:
     def deterministic_violations(self, conversation: list[Message], text: str) -> list[Violation]:
         """What the runtime principles' rules and plugin checks find in ``text`` (no model; milliseconds)."""
         context = conversation or [Message(role="user", content="")]
+        folded = fold(text).text
         violations: list[Violation] = []
         for principle in self.runtime_principles:
             if principle.rules:
@@ -346,6 +348,11 @@ class Engine:
             for name in principle.checks:  # deterministic critics a plugin ships for its principles
                 task = CritiqueTask(conversation=context, response=text, principle=principle)
                 critique = self.check_critic(name).critique([task])[0]
+                if not critique.violations and not critique.needs_revision and folded != text:
+                    # the check reads the text as sent; a respelling it would miss is looked for in the folded
+                    # text too (its repair then works on the original, and declines what it cannot find: fail closed)
+                    task = CritiqueTask(conversation=context, response=folded, principle=principle)
+                    critique = self.check_critic(name).critique([task])[0]
                 if critique.violations:
                     violations += critique.violations
                 elif critique.needs_revision:

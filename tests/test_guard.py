@@ -686,6 +686,9 @@ def test_model_none_never_loads_a_model(leaky_runtime, tmp_path):
     data["guard"]["on_failure"] = "return"
     flagged = Engine.from_policy(data, runtime=leaky_runtime).guard(CONV, "Your code is SECRET-42. — Acme Support")
     assert flagged.action == "flagged" and flagged.response.startswith("Your code is SECRET-42")
+    # a plugin check reads the text as sent; a respelling it would miss is looked for in the folded text too
+    respelled = engine.guard(CONV, "Your code is ＳＥＣＲＥＴ-\u200b42. — Acme Support")
+    assert respelled.action == "refused" and {v.principle_id for v in respelled.violations} == {"leak-001"}
 
 
 @pytest.mark.parametrize(
