@@ -17,6 +17,7 @@ text is reported and repaired in the text the user actually sent.
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 from array import array
 from dataclasses import dataclass
@@ -43,21 +44,46 @@ def _confusable_letters() -> dict[str, str]:
     return out
 
 
+# Characters that render as nothing or as blank space but are not Unicode format characters: Hangul fillers, the
+# Braille blank, Mongolian vowel separator, combining grapheme joiner, variation selectors (Unicode's
+# Default_Ignorable_Code_Point set, less the format characters dropped by category).
+_INVISIBLE = frozenset(
+    [
+        *(0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180E, 0x180F, 0x2800, 0x3164, 0xFFA0),
+        *range(0xFE00, 0xFE10),
+        *range(0xE0100, 0xE01F0),
+    ]
+)
+# "LATIN SMALL LETTER O WITH STROKE", "LATIN LETTER SMALL CAPITAL A", "MODIFIER LETTER SMALL H": the base letter
+_LETTER_NAME = re.compile(r"^LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL |SMALL )?([A-Z])(?: WITH .*)?$")
+_MODIFIER_NAME = re.compile(r"^MODIFIER LETTER (?:SMALL |CAPITAL )(?:CAPITAL )?([A-Z])$")
+
+
+def _base_letter(char: str) -> str | None:
+    """The Latin letter a non-ASCII Latin letter is a variant of (by its Unicode name), or None."""
+    name = unicodedata.name(char, "")
+    found = _LETTER_NAME.match(name) or _MODIFIER_NAME.match(name)
+    if not found:
+        return None
+    letter = found.group(1)
+    return letter if " CAPITAL LETTER " in f" {name} " and "SMALL CAPITAL" not in name else letter.lower()
+
+
 def _fold_char(char: str, confusable: dict[str, str]) -> str:
     if char.isascii():
         return char
-    if unicodedata.category(char) == "Cf":  # zero-width space/joiner, soft hyphen, word joiner, BOM, ...
+    if unicodedata.category(char) in ("Cf", "Me") or ord(char) in _INVISIBLE:  # zero-width, soft hyphen, BOM, ...
         return ""
     out = []
     for part in unicodedata.normalize("NFKD", char):
         if part.isascii():
             out.append(part)
-        elif unicodedata.combining(part) or unicodedata.category(part) in ("Mn", "Cf"):
+        elif unicodedata.combining(part) or unicodedata.category(part) in ("Mn", "Me", "Cf") or ord(part) in _INVISIBLE:
             continue
         elif unicodedata.category(part) == "Nd":
             out.append(str(unicodedata.digit(part)))
         else:
-            out.append(confusable.get(part, part))
+            out.append(confusable.get(part) or _base_letter(part) or part)
     return "".join(out)
 
 
@@ -109,7 +135,15 @@ CACHED_CHARS = 16_384
 
 def fold(text: str, digits: bool = False) -> Folded:
     """``text`` as patterns see it (see the module's docstring)."""
-    return _fold_cached(text, digits) if len(text) <= CACHED_CHARS else _fold(text, digits)
+    if len(text) <= CACHED_CHARS:
+        return _fold_cached(text, digits)
+    return _fold_long(text, digits)
+
+
+@functools.lru_cache(maxsize=2)
+def _fold_long(text: str, digits: bool) -> Folded:
+    """Long texts: only the last two views are kept (every rule folds the same long reply in turn)."""
+    return _fold(text, digits)
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,7 +221,14 @@ def substitute(compiled: Any, pattern: str, text: str, replacement: str) -> str:
         view = step(text)
         if step is not as_sent and view.text == text:
             continue
-        spans = [view.span(m.start(), m.end()) for m in compiled.finditer(view.text)]
-        for start, end in sorted(set(spans), reverse=True):
-            text = text[:start] + replacement + text[end:]
+        spans = sorted({view.span(m.start(), m.end()) for m in compiled.finditer(view.text)})
+        if not spans:
+            continue
+        pieces, last = [], 0
+        for start, end in spans:  # one pass: the text is rebuilt once, however many matches
+            if start < last:
+                continue
+            pieces += [text[last:start], replacement]
+            last = end
+        text = "".join(pieces) + text[last:]
     return text

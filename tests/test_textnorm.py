@@ -48,6 +48,12 @@ WORD_VARIANTS = {
     "precomposed accent": "detonatór",
     "hyphenated line break": "deto-\n  nator",
     "upper case": "DETONATOR",
+    "Hangul filler": "deto\u3164nator",
+    "Braille blank": "deton\u2800ator",
+    "enclosing mark": "de\u20ddtonator",
+    "small capitals": "\u1d05\u1d07\u1d1b\u1d0f\u0274\u1d00\u1d1b\u1d0f\u0280",
+    "o with stroke": "det\u00f8nator",
+    "variation selector": "deto\ufe0fnator",
 }
 CARD_VARIANTS = {
     "plain": "4111 1111 1111 1111",
@@ -128,3 +134,16 @@ def test_the_input_rail_redacts_respelled_card_numbers(cai_runtime, tmp_path, na
         assert violations and redacted == "My card is [card number removed], why was it charged twice?"
     finally:
         engine.close()
+
+
+def test_long_texts_fold_once_and_redact_in_one_pass():
+    import time
+
+    text = "ｂｏｍｂ and more words here. " * 20_000  # ~560k characters, 20,000 matches
+    principle = Principle.model_validate(
+        {"id": "t-004", "rules": [{"id": "r", "kind": "forbid", "pattern": "bomb", "message": "m", "fix": "[x]"}]}
+    )
+    began = time.process_time()
+    fixed, _ = repair(principle, [Message(role="user", content="hi")], text)
+    assert fixed == "[x] and more words here. " * 20_000
+    assert time.process_time() - began < 20  # linear: a few seconds at most, even on a slow shared CPU
