@@ -254,7 +254,13 @@ class Engine:
                 continue
             texts = [changed.get(s.path, s.text) for s in parts]
             context = _context(check.conversation, index, max_context_chars)
-            seen = {(v.principle_id, v.rule_id, v.critic, v.evidence) for v in check.violations}
+            # what each part still shows on its own, as it will be sent (after its redaction): anything else the
+            # joined text shows spans parts
+            seen = {
+                (v.principle_id, v.rule_id, v.critic, v.evidence)
+                for t in texts
+                for v in self._rail_violations(context, t)
+            }
             for joined in dict.fromkeys(["".join(texts), "\n".join(texts)]):
                 violations = [
                     v

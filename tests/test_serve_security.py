@@ -162,6 +162,12 @@ def test_a_match_split_across_parts_is_found_and_refused(upstream):
         reply = post(guard, {"model": "m", "messages": split})
         assert reply.json()["cai_guard"]["input"]["action"] == "refused"  # no single part can be redacted
     assert upstream.bodies() == []
+    # the same word split across parts after a redactable match with the same evidence in one of them
+    both = [{"role": "user", "content": [{"type": "text", "text": "hunter2 hun"}, {"type": "text", "text": "ter2"}]}]
+    with GuardServer(redacting, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": both})
+        assert reply.json()["cai_guard"]["input"]["action"] == "refused"
+    assert upstream.bodies() == []
 
 
 @pytest.mark.parametrize(
