@@ -45,6 +45,7 @@ MAX_BODY_BYTES = 1 << 20  # a request body, read and counted as it arrives
 MAX_JSON_DEPTH = 64  # as CAI_LIMIT_DEPTH for policy files
 READ_TIMEOUT_S = 10.0  # for a client to send a request's headers, and again its body
 MAX_CHOICES = 128  # OpenAI's own limit on n
+MIN_STREAM_WINDOW = 64  # the stream check always looks back at least this far (and at least the holdback)
 INLINE_RAIL_BYTES = 32_768  # larger requests are checked in a worker thread, off the event loop
 MAX_ERROR_CHARS = 2_000  # of an upstream's error message: checked by the rules, then passed on
 SEVERITY = {"none": 0, "flagged": 1, "revised": 2, "refused": 3, "stopped": 4}
@@ -281,7 +282,9 @@ class ServeOptions:
     read_timeout: float = READ_TIMEOUT_S
     metrics_need_key: bool = False
     stream_holdback: int = 32  # characters of a streamed answer held back until what follows them is checked
-    stream_window: int = 256  # characters already released that each check looks back over
+    stream_window: int = (
+        256  # characters already released that each check looks back over (at least 64 and the holdback)
+    )
     stream_model_every: int = 0  # with model critics: release after a model check every N chunks (0: at the end)
 
 
@@ -1079,7 +1082,10 @@ class StreamGuard:
     ) -> None:
         self.engine, self.conversation = engine, conversation
         self.id, self.model, self.created = request_id, model, int(time.time())
-        self.holdback, self.window, self.model_every = max(0, holdback), max(0, window), max(0, model_every)
+        # the window never shrinks below the holdback (or 64): a short window would let a match arriving in small
+        # chunks (a card number four digits at a time) go unseen
+        self.holdback, self.model_every = max(0, holdback), max(0, model_every)
+        self.window = max(window, self.holdback, MIN_STREAM_WINDOW)
         self.include_usage, self.input_info = include_usage, input_info
         self.model_critics = bool(engine.policy.guard.model_critics)
         self.choices: dict[int, _Choice] = {}

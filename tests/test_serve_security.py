@@ -782,3 +782,15 @@ def test_with_model_critics_a_stream_is_released_only_after_a_model_check(cai_ru
         assert len(released) > LONG.index("blue")  # released in checked steps, up to just before "loud"
     else:
         assert released == ""  # a model check only at the end: nothing before it
+
+
+def test_a_short_window_is_raised_so_a_number_in_small_chunks_is_seen(cai_runtime, tmp_path):
+    from cai_engine.engine import Engine
+    from cai_engine.serve import StreamGuard
+
+    engine = Engine.from_policy(policy(add=[SECRET]), runtime=cai_runtime)
+    try:
+        stream = StreamGuard(engine, [], request_id="r", model="m", holdback=0, window=0)
+        assert stream.window >= 64
+    finally:
+        engine.close()
