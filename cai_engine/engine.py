@@ -448,12 +448,7 @@ class _Slot:
     def checked_text(self) -> str:
         """The text the rules see. Tool arguments are JSON: checked with escapes undone (``\\u0068unter2`` is
         ``hunter2`` to the model), as compact JSON."""
-        if self.is_json:
-            try:
-                return json.dumps(json.loads(self.text), ensure_ascii=False)
-            except (ValueError, RecursionError):
-                return self.text
-        return self.text
+        return json_text(self.text) if self.is_json else self.text
 
     def written(self, redacted: str) -> str | None:
         """The value to send for this slot once its checked text is redacted (None: redacted JSON is no JSON)."""
@@ -560,6 +555,14 @@ def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InputShapeError(f"{where} must be a string", where)
     return value
+
+
+def json_text(text: str) -> str:
+    """JSON text as a model reads it: escapes undone, compact (the text itself when it is not JSON)."""
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return text
 
 
 def _conversation_of(messages: list[Any]) -> list[Message]:

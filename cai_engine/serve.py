@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from .engine import TEXT_PARTS, Engine, InputCheck, InputShapeError
+from .engine import TEXT_PARTS, Engine, InputCheck, InputShapeError, json_text
 from .errors import CaiError
 from .records import GuardResult, Violation
 from .runs import now
@@ -389,6 +389,27 @@ def create_app(
             )
         return _json(data, reply.status_code)
 
+    def upstream_failure(exc: Exception, record: dict[str, Any]) -> Response:
+        """The answer when the upstream exchange did not happen: the client left (499, nothing sent), the deadline
+        passed (504) or the upstream could not be reached (502); counted and audited."""
+        if isinstance(exc, ClientGone):
+            metrics.count("client_disconnected")
+            emit({**record, "status": "client_disconnected"})
+            return Response(status_code=499)
+        metrics.upstream_errors += 1
+        if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+            metrics.count("upstream_timeout")
+            emit({**record, "status": "upstream_timeout"})
+            return _error(
+                504,
+                f"the upstream {base} did not answer within {opts.timeout:g} s",
+                "upstream_error",
+                "upstream_timeout",
+            )
+        metrics.count("upstream_unreachable")
+        emit({**record, "status": "upstream_unreachable"})
+        return _unreachable(base, exc)
+
     async def chat(request: Request):
         began = time.perf_counter()
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -468,25 +489,8 @@ def create_app(
 
         try:
             reply = await _unless_disconnected(request, post)
-        except ClientGone:
-            metrics.count("client_disconnected")
-            emit({**record, "status": "client_disconnected"})
-            return Response(status_code=499)
-        except (TimeoutError, httpx.TimeoutException):
-            metrics.upstream_errors += 1
-            metrics.count("upstream_timeout")
-            emit({**record, "status": "upstream_timeout"})
-            return _error(
-                504,
-                f"the upstream {base} did not answer within {opts.timeout:g} s",
-                "upstream_error",
-                "upstream_timeout",
-            )
-        except httpx.HTTPError as exc:
-            metrics.upstream_errors += 1
-            metrics.count("upstream_unreachable")
-            emit({**record, "status": "upstream_unreachable"})
-            return _unreachable(base, exc)
+        except (ClientGone, TimeoutError, httpx.HTTPError) as exc:
+            return upstream_failure(exc, record)
         upstream_ms = (time.perf_counter() - upstream_began) * 1000
         metrics.observe("upstream", upstream_ms)
         if reply.status_code >= 400:
@@ -607,25 +611,8 @@ def create_app(
 
         try:
             reply = await _unless_disconnected(request, open_stream)
-        except ClientGone:
-            metrics.count("client_disconnected")
-            emit({**record, "status": "client_disconnected"})
-            return Response(status_code=499)
-        except (TimeoutError, httpx.TimeoutException):
-            metrics.upstream_errors += 1
-            metrics.count("upstream_timeout")
-            emit({**record, "status": "upstream_timeout"})
-            return _error(
-                504,
-                f"the upstream {base} did not answer within {opts.timeout:g} s",
-                "upstream_error",
-                "upstream_timeout",
-            )
-        except httpx.HTTPError as exc:
-            metrics.upstream_errors += 1
-            metrics.count("upstream_unreachable")
-            emit({**record, "status": "upstream_unreachable"})
-            return _unreachable(base, exc)
+        except (ClientGone, TimeoutError, httpx.HTTPError) as exc:
+            return upstream_failure(exc, record)
         if reply.status_code >= 400 or "text/event-stream" not in reply.headers.get("content-type", ""):
             try:
                 with anyio.fail_after(max(0.01, deadline - time.monotonic())):
@@ -886,12 +873,7 @@ class _Out:
     is_json: bool = False
 
     def checked(self) -> str:
-        if self.is_json:
-            try:
-                return json.dumps(json.loads(self.text), ensure_ascii=False)
-            except (ValueError, RecursionError):
-                return self.text
-        return self.text
+        return json_text(self.text) if self.is_json else self.text
 
 
 def output_texts(message: dict[str, Any]) -> list[_Out]:
