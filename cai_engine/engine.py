@@ -518,7 +518,8 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
                             i,
                         )
                     )
-                    continue
+                    if "function" not in call:
+                        continue
                 function = call.get("function")
                 if not isinstance(function, dict):
                     raise InputShapeError(
@@ -534,19 +535,39 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
             arguments = _string(legacy.get("arguments"), f"{where}.function_call.arguments")
             path = (*base, "function_call", "arguments")
             slots.append(_Slot(path, f"{where}.function_call.arguments", arguments, i, is_json=True))
+        # every other string a chat template may render (a name, reasoning_content, a field this code does not know)
+        for key, value in message.items():
+            if key not in _READ_FIELDS:
+                for path, at, text in _strings(value, (*base, key), f"{where}.{key}"):
+                    slots.append(_Slot(path, at, text, i))
     if tools is not None:
         if not isinstance(tools, list):
             raise InputShapeError("'tools' must be a list", "tools")
         for t, tool in enumerate(tools):
             if not isinstance(tool, dict):
                 raise InputShapeError(f"tools[{t}] must be an object", f"tools[{t}]")
-            nested = isinstance(tool.get("function"), dict)  # chat tools nest; Responses tools are flat
-            described: dict[str, Any] = tool["function"] if nested else tool
-            if isinstance(described.get("description"), str):
-                path = ("tools", t, "function", "description") if nested else ("tools", t, "description")
-                at = f"tools[{t}].function.description" if nested else f"tools[{t}].description"
-                slots.append(_Slot(path, at, described["description"], -1))
+            # names, descriptions, parameter schemas (their descriptions and enum values): all rendered to the model
+            for key, value in tool.items():
+                if key != "type":
+                    for path, at, text in _strings(value, ("tools", t, key), f"tools[{t}].{key}"):
+                        slots.append(_Slot(path, at, text, -1))
     return slots, non_text
+
+
+# Message fields read above, or not text the model reads as content (the role, a tool call's id).
+_READ_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call", "tool_call_id"})
+
+
+def _strings(value: Any, path: tuple[Any, ...], where: str):
+    """Every string inside ``value`` (nested objects and lists), with its path and a readable location."""
+    if isinstance(value, str):
+        yield path, where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, (*path, key), f"{where}.{key}")
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            yield from _strings(item, (*path, k), f"{where}[{k}]")
 
 
 def _string(value: Any, where: str) -> str:

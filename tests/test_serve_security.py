@@ -794,3 +794,49 @@ def test_a_short_window_is_raised_so_a_number_in_small_chunks_is_seen(cai_runtim
         assert stream.window >= 64
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(
+    ("messages", "tools"),
+    [
+        ([{"role": "user", "name": "hunter2", "content": "hi"}], None),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "reasoning_content": "hunter2"}],
+            None,
+        ),
+        (
+            [{"role": "user", "content": "hi"}],
+            [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"properties": {"a": {"description": "hunter2"}}}},
+                }
+            ],
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c", "type": "custom", "custom": {"input": "x"}, "function": {"arguments": "hunter2"}}
+                    ],
+                },
+            ],
+            None,
+        ),
+    ],
+    ids=["name", "reasoning_content", "tool parameter description", "custom call with function"],
+)
+def test_every_string_the_model_reads_is_checked(cai_runtime, messages, tools):
+    from cai_engine.engine import Engine
+
+    engine = Engine.from_policy(policy(add=[SECRET], input={"check": True, "action": "redact"}), runtime=cai_runtime)
+    try:
+        check = engine.check_messages(messages, tools)
+        assert check.violations
+        # redacted where it was, or (tool arguments that would no longer be JSON) not repairable: refused
+        assert not check.repairable or "hunter2" not in json.dumps([check.messages, check.tools])
+    finally:
+        engine.close()
