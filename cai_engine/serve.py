@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from . import textnorm
 from .engine import TEXT_PARTS, Engine, InputCheck, InputShapeError, json_text
 from .errors import CaiError
 from .records import GuardResult, Violation
@@ -1176,7 +1177,22 @@ class StreamGuard:
         stop = max(0, start - 64)
         while start > stop and not text[start - 1].isspace():  # begin at a word: \b and words match as they will
             start -= 1
-        return text[start:]
+        if start == 0:
+            return text
+        # a rule's `when` may have matched earlier in the answer, out of the window: what it matched goes in front
+        # of the window, so the rule applies to the new text as it will to the whole answer (fail closed)
+        seen = self._when_matches(text[:start])
+        return ("\n".join(seen) + "\n" + text[start:]) if seen else text[start:]
+
+    def _when_matches(self, text: str) -> list[str]:
+        out: list[str] = []
+        for principle in self.engine.runtime_principles:
+            for rule in principle.rules:
+                if rule.when and rule.when_in in ("response", "either"):
+                    found = textnorm.search(rule.compiled()[1], rule.when, text)
+                    if found and (evidence := found[1].original_of(found[0])) not in out:
+                        out.append(evidence)
+        return out
 
     async def _advance(self, state: _Choice) -> list[str]:
         if state.stopped or state.held:

@@ -660,6 +660,24 @@ def test_a_stream_stops_before_a_forbidden_word_split_across_chunks(upstream):
         assert verdict["released_chars"] == len(released)
 
 
+def test_a_rule_whose_when_matched_before_the_window_still_stops_the_stream(upstream):
+    far = (
+        "The password is coming soon. "
+        + "filler words go on and on here. " * 30
+        + "It is hunter2 and more after. "
+        + "tail words. " * 20
+    )
+    split = StubUpstream(chat=lambda body: far, chunk_chars=6)
+    conditional = rule("pw-003", r"\bhunter\d+", when="password")
+    with (
+        split,
+        GuardServer(policy(add=[conditional], guard={"model_critics": False, "action": "refuse"}), split.url) as guard,
+    ):
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+        assert events[-1]["cai_guard"]["action"] == "stopped"
+        assert "hunter" not in streamed_text(events[:-1])  # stopped by the window check, not at the end
+
+
 def test_a_stream_with_a_repairable_violation_is_released_repaired(upstream):
     split = StubUpstream(chat=lambda body: LONG, chunk_chars=5)
     with split, GuardServer(policy(add=[SECRET]), split.url) as guard:
