@@ -14,7 +14,7 @@ import asyncio
 import copy
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -538,7 +538,7 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
         # every other string a chat template may render (a name, reasoning_content, a field this code does not know)
         for key, value in message.items():
             if key not in _READ_FIELDS:
-                for path, at, text in _strings(value, (*base, key), f"{where}.{key}"):
+                for path, at, text in strings_in(value, (*base, key), f"{where}.{key}"):
                     slots.append(_Slot(path, at, text, i))
     if tools is not None:
         if not isinstance(tools, list):
@@ -549,7 +549,7 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
             # names, descriptions, parameter schemas (their descriptions and enum values): all rendered to the model
             for key, value in tool.items():
                 if key != "type":
-                    for path, at, text in _strings(value, ("tools", t, key), f"tools[{t}].{key}"):
+                    for path, at, text in strings_in(value, ("tools", t, key), f"tools[{t}].{key}"):
                         slots.append(_Slot(path, at, text, -1))
     return slots, non_text
 
@@ -558,16 +558,16 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
 _READ_FIELDS = frozenset({"role", "content", "refusal", "tool_calls", "function_call", "tool_call_id"})
 
 
-def _strings(value: Any, path: tuple[Any, ...], where: str):
+def strings_in(value: Any, path: tuple[Any, ...], where: str) -> Iterator[tuple[tuple[Any, ...], str, str]]:
     """Every string inside ``value`` (nested objects and lists), with its path and a readable location."""
     if isinstance(value, str):
         yield path, where, value
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _strings(item, (*path, key), f"{where}.{key}")
+            yield from strings_in(item, (*path, key), f"{where}.{key}")
     elif isinstance(value, list):
         for k, item in enumerate(value):
-            yield from _strings(item, (*path, k), f"{where}[{k}]")
+            yield from strings_in(item, (*path, k), f"{where}[{k}]")
 
 
 def _string(value: Any, where: str) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from . import textnorm
-from .engine import TEXT_PARTS, Engine, InputCheck, InputShapeError, json_text
+from .engine import TEXT_PARTS, Engine, InputCheck, InputShapeError, json_text, strings_in
 from .errors import CaiError
 from .records import GuardResult, Violation
 from .runs import now
@@ -896,9 +896,9 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
         out.append(_Out(("content",), content))
     elif content is None and not (calls or message.get("function_call")):
         out.append(_Out(("content",), ""))
-    for key, value in message.items():
-        if key not in ("role", "content", "name", "tool_call_id") and isinstance(value, str) and value:
-            out.append(_Out((key,), value))
+    for key, value in message.items():  # every other string, nested too (audio.transcript, reasoning_details[].text)
+        if key not in ("role", "content", "name", "tool_call_id", "tool_calls", "function_call"):
+            out += [_Out(path, text) for path, _, text in strings_in(value, (key,), key) if text]
     for k, call in enumerate(calls):
         if not isinstance(call, dict):
             continue

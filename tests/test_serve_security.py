@@ -858,3 +858,18 @@ def test_every_string_the_model_reads_is_checked(cai_runtime, messages, tools):
         assert not check.repairable or "hunter2" not in json.dumps([check.messages, check.tools])
     finally:
         engine.close()
+
+
+def test_nested_strings_of_an_answer_are_guarded_too():
+    from cai_engine.serve import output_texts
+
+    message = {
+        "role": "assistant",
+        "content": "hi",
+        "audio": {"id": "a1", "transcript": "the code is hunter2"},
+        "reasoning_details": [{"type": "text", "text": "think hunter2"}],
+    }
+    paths = {out.path: out.text for out in output_texts(message)}
+    assert paths[("audio", "transcript")] == "the code is hunter2"
+    assert paths[("reasoning_details", 0, "text")] == "think hunter2"
+    assert ("role",) not in paths
