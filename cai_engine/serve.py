@@ -744,7 +744,7 @@ def create_app(
                 yield guard.error_event(500, f"the guard failed: {exc}", "guard_error")
                 await finish_record("guard_error")
 
-        return _guarded_stream(events(), cleanup)
+        return _guarded_stream(events(), cleanup, deadline)
 
     async def not_found_or_not_allowed(request: Request, exc: Exception):
         status = getattr(exc, "status_code", 500)
@@ -1357,8 +1357,8 @@ class StreamGuard:
         return out
 
 
-def _guarded_stream(events: Any, cleanup: Callable[[], Awaitable[None]]):
-    return _stream_class()(events, cleanup)
+def _guarded_stream(events: Any, cleanup: Callable[[], Awaitable[None]], deadline: float | None = None):
+    return _stream_class()(events, cleanup, deadline)
 
 
 @functools.cache
@@ -1370,13 +1370,18 @@ def _stream_class() -> type:
         """A server-sent-events response that always cleans up (closes the upstream, frees the concurrency slot),
         however it ends: finished, failed, or cancelled by the client going away."""
 
-        def __init__(self, events: Any, cleanup: Callable[[], Awaitable[None]]) -> None:
+        def __init__(self, events: Any, cleanup: Callable[[], Awaitable[None]], deadline: float | None = None) -> None:
             super().__init__(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
-            self._events, self._cleanup = events, cleanup
+            self._events, self._cleanup, self._deadline = events, cleanup, deadline
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
-                await super().__call__(scope, receive, send)
+                # the whole exchange's deadline also bounds sending: a client that stops reading cannot hold the
+                # upstream connection and its concurrency slot past it
+                # (a few seconds' grace, so the stream's own error event at the deadline still reaches a reader)
+                left = None if self._deadline is None else max(0.0, self._deadline - time.monotonic()) + 5.0
+                with anyio.move_on_after(left):
+                    await super().__call__(scope, receive, send)
             finally:
                 with anyio.CancelScope(shield=True):
                     with contextlib.suppress(Exception):
