@@ -368,7 +368,8 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     type=click.IntRange(min=0),
     default=256,
     show_default=True,
-    help="Characters before each new chunk that the stream's rule check looks back over.",
+    help="Characters before each new chunk that the stream's rule check looks back over (at least 64 and the "
+    "holdback).",
 )
 @click.option(
     "--stream-model-every",
