@@ -209,7 +209,7 @@ def test_a_policy_of_100k_principles_fails_fast(tmp_path):
     began = time.process_time()
     with pytest.raises(ConfigError, match=r"add: 100,000 principles, over the limit of 10,000; .*CAI_LIMIT_PRINCIPLES"):
         load_policy(path)
-    assert time.process_time() - began < 3.0
+    assert time.process_time() - began < 6.0  # 0.9 CPU-s measured; 15-19 CPU-s before the count came first
     constitution = tmp_path / "huge-constitution.json"
     constitution.write_text(json.dumps({"name": "huge", "version": "1", "principles": _many_principles(100_000)}))
     with pytest.raises(ConstitutionError, match="principles: 100,000 principles, over the limit"):
