@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from cai_engine import Message, Runtime
-from cai_engine.engine import Engine
-from cai_engine.policy import load_policy
+from cai_engine.guard.engine import Engine
+from cai_engine.guard.policy import load_policy
 from cai_engine.stats import format_rate, rate
 
 CASES = Path(__file__).parent / "data" / "guard-cases.jsonl"

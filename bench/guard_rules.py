@@ -16,7 +16,7 @@ import statistics
 import time
 
 from cai_engine import Message
-from cai_engine.engine import Engine
+from cai_engine.guard.engine import Engine
 
 POLICY = {
     "name": "bench",

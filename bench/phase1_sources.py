@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 from cai_engine import Runtime
-from cai_engine.evaluation import HARMFUL_RUBRIC, REFUSAL_RUBRIC
+from cai_engine.constitution.model import Message
+from cai_engine.evaluation.run import HARMFUL_RUBRIC, REFUSAL_RUBRIC
+from cai_engine.phase1.revise import run_sl
 from cai_engine.records import ComparisonTask, CritiqueTask
-from cai_engine.runs import RunDirectory
-from cai_engine.schema import Message
-from cai_engine.sl import run_sl
 from cai_engine.stats import format_rate, rate
+from cai_engine.store.runs import RunDirectory
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 from cai_engine import Message, Runtime, load_prompts
-from cai_engine.config import ComponentRef
-from cai_engine.layouts import CONTRAST_QUESTION
+from cai_engine.constitution.model import Principle
+from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import ComparisonTask
-from cai_engine.refusals import is_refusal
-from cai_engine.schema import Principle
 from cai_engine.stats import rate
+from cai_engine.text.layouts import CONTRAST_QUESTION
+from cai_engine.text.refusals import is_refusal
 
 
 def threshold_for(negatives: list[float], target_fpr: float) -> float:

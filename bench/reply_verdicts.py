@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from cai_engine import CritiqueTask, Message, Runtime
-from cai_engine.model_options import normalise_pair
+from cai_engine.models.options import normalise_pair
 
 CASES = Path(__file__).parent / "data" / "guard-cases.jsonl"
 

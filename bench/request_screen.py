@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from cai_engine import Message, Runtime, load_prompts
-from cai_engine.config import ComponentRef
-from cai_engine.guard import combine_request_signals
+from cai_engine.guard.loop import combine_request_signals
+from cai_engine.plugins.refs import ComponentRef
 from cai_engine.stats import rate
 
 

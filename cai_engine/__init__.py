@@ -7,8 +7,32 @@ from __future__ import annotations
 
 __version__ = "0.3.0"
 
-from .catalog import CatalogModel, Package
-from .components import (
+from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
+from cai_engine.constitution.load import lint, load_constitution
+from cai_engine.constitution.model import (
+    ComparisonExample,
+    Constitution,
+    CritiqueExample,
+    Message,
+    Phase,
+    Principle,
+    Rule,
+    Stance,
+)
+from cai_engine.errors import (
+    BackendUnavailableError,
+    CaiError,
+    ConfigError,
+    ConstitutionError,
+    DuplicateComponentError,
+    ModelError,
+    PluginError,
+    RunError,
+    UnknownComponentError,
+)
+from cai_engine.models.catalog import CatalogModel, Package
+from cai_engine.models.runtime import Runtime
+from cai_engine.plugins.components import (
     Backend,
     ChatPrompt,
     Component,
@@ -20,22 +44,10 @@ from .components import (
     Sampler,
     Trainer,
 )
-from .constitutions import lint, load_constitution
-from .errors import (
-    BackendUnavailableError,
-    CaiError,
-    ConfigError,
-    ConstitutionError,
-    DuplicateComponentError,
-    ModelError,
-    PluginError,
-    RunError,
-    UnknownComponentError,
-)
-from .hookspecs import hookimpl
-from .plugins import Registry, make_plugin_manager
-from .prompts import PromptItem, PromptSet, load_prompts
-from .records import (
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.plugins.manager import Registry, make_plugin_manager
+from cai_engine.prompts.sets import PromptItem, PromptSet, load_prompts
+from cai_engine.records import (
     ComparisonTask,
     Critique,
     CritiqueTask,
@@ -46,18 +58,6 @@ from .records import (
     ScoringTask,
     Violation,
 )
-from .runtime import Runtime
-from .schema import (
-    ComparisonExample,
-    Constitution,
-    CritiqueExample,
-    Message,
-    Phase,
-    Principle,
-    Rule,
-    Stance,
-)
-from .text_checks import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
 
 __all__ = [
     "Backend",

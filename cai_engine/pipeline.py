@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .jsonl import write_json
-from .rl import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
-from .runtime import DEFAULT_MODEL, ModelRef, Runtime
-from .sl import ExportOptions, SLConfig, export_sft, run_sl
+from cai_engine.files.jsonl import write_json
+from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
+from cai_engine.phase1.revise import ExportOptions, SLConfig, export_sft, run_sl
+from cai_engine.phase2.labels import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
 ALL_STAGES = (*STAGES, "eval")
@@ -76,7 +76,7 @@ def run_pipeline(
     config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
     import time
 
-    from .evaluation import EvalConfig, evaluate
+    from cai_engine.evaluation.run import EvalConfig, evaluate
 
     runtime = runtime or Runtime.default()
     out = Path(config.out)

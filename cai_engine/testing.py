@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from .components import Critic, Judge, Reviser, Sampler
-from .hookspecs import hookimpl
-from .records import Critique, Judgement, Revision
+from cai_engine.plugins.components import Critic, Judge, Reviser, Sampler
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.records import Critique, Judgement, Revision
 
 
 class _Scripted:
@@ -114,7 +114,7 @@ class ScriptedPlugin:
 
 
 def make_test_pm(plugins: Iterable[object] = ()):
-    from .plugins import make_plugin_manager
+    from cai_engine.plugins.manager import make_plugin_manager
 
     return make_plugin_manager(autoload=False, plugins=plugins)
 
@@ -126,14 +126,14 @@ def cai_pm():
 
 @pytest.fixture
 def cai_registry(cai_pm):
-    from .plugins import Registry
+    from cai_engine.plugins.manager import Registry
 
     return Registry(cai_pm)
 
 
 @pytest.fixture
 def cai_runtime(cai_registry):
-    from .runtime import Runtime
+    from cai_engine.models.runtime import Runtime
 
     runtime = Runtime(cai_registry)
     yield runtime
@@ -144,7 +144,7 @@ def cai_runtime(cai_registry):
 def cli_runner():
     from click.testing import CliRunner
 
-    from .cli import reset_state
+    from cai_engine.cli import reset_state
 
     reset_state()
     yield CliRunner()
@@ -225,7 +225,7 @@ def assert_check_benchmark(
     """Assert a deterministic check's scores on a labelled case file (see ``cai checks eval``): at least
     ``min_cases`` answers, half violating; precision, recall and repair success at or above the bars. Returns the
     result, so a plugin's test can look further."""
-    from .check_eval import evaluate_check, load_cases
+    from cai_engine.evaluation.checks import evaluate_check, load_cases
 
     cases = load_cases(path)
     assert len(cases) >= min_cases and 2 * sum(c.violates for c in cases) == len(cases), (
@@ -241,8 +241,8 @@ def assert_check_benchmark(
 def require_default_model() -> None:
     """Skip the calling test (or module, at import) when the embedded default model is not installed
     (``cai models install smollm2``)."""
-    from .backends.model_files import default_model_file
-    from .errors import ModelError
+    from cai_engine.errors import ModelError
+    from cai_engine.models.backends.model_files import default_model_file
 
     try:
         default_model_file()

@@ -8,8 +8,8 @@ from noise import bound as shared_bound
 from noise import deviation
 
 from cai_engine import ConfigError, GenerationSettings, Message, ModelError, UnknownComponentError
-from cai_engine.components import ChatPrompt, cut_at_stop
-from cai_engine.runtime import parse_model_ref
+from cai_engine.models.runtime import parse_model_ref
+from cai_engine.plugins.components import ChatPrompt, cut_at_stop
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +194,7 @@ def test_small_batches_give_the_same_results(cai_runtime, tiny_model, backend):
 
 
 def test_batches_group_similar_lengths_within_a_token_budget(cai_runtime, tiny_model):
-    from cai_engine.backends.hf_local import TransformersBackend
+    from cai_engine.models.backends.hf_local import TransformersBackend
 
     def chunks(**options):
         backend = object.__new__(TransformersBackend)  # _chunks needs only the options, not a loaded model

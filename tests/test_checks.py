@@ -8,10 +8,10 @@ import json
 import pytest
 
 from cai_engine import CritiqueTask, Message, Principle, RevisionTask, caveat_check, drop_sentences, negated
-from cai_engine.check_eval import CheckCase, evaluate_check, load_cases, summary_table
+from cai_engine.checks.text import asks_for_definition, sentence_spans, sentences
 from cai_engine.cli import cli
 from cai_engine.errors import ConfigError
-from cai_engine.text_checks import asks_for_definition, sentence_spans, sentences
+from cai_engine.evaluation.checks import CheckCase, evaluate_check, load_cases, summary_table
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ import pytest
 
 from cai_engine.classifiers import templates
 from cai_engine.classifiers.data import BuildConfig, Generator, assemble, near_copies, parse_list
+from cai_engine.constitution.model import Message
 from cai_engine.records import CritiqueTask
-from cai_engine.schema import Message
 
 
 def test_parse_list_reads_numbered_items_and_list_literals():

@@ -16,9 +16,9 @@ from cai_engine import (
     hookimpl,
     make_plugin_manager,
 )
-from cai_engine.layouts import clean_revision, transcript_block
-from cai_engine.plugins import Registry
-from cai_engine.runtime import Runtime
+from cai_engine.models.runtime import Runtime
+from cai_engine.plugins.manager import Registry
+from cai_engine.text.layouts import clean_revision, transcript_block
 
 pytestmark = pytest.mark.slow
 
@@ -442,7 +442,7 @@ def test_a_component_built_without_a_runtime_shares_the_default_one(monkeypatch)
     """No hidden second model pool: every hand-built component and runtime-less library call share one runtime,
     rebuilt only when the plugin settings change."""
     from cai_engine.default_plugins.critics import ModelCritic
-    from cai_engine.runtime import Runtime
+    from cai_engine.models.runtime import Runtime
 
     first, second = ModelCritic({}), ModelCritic({})
     assert first.runtime is second.runtime is Runtime.default()

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cai_engine import ConstitutionError, load_constitution
-from cai_engine.constitutions import lint
-from cai_engine.schema import Constitution
+from cai_engine.constitution.load import lint
+from cai_engine.constitution.model import Constitution
 
 BASE = """name: base
 version: "1"

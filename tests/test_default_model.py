@@ -23,7 +23,7 @@ def runtime():
 
 
 def test_default_model_loads_from_the_safetensors_cache(runtime, monkeypatch):
-    from cai_engine.backends import model_files
+    from cai_engine.models.backends import model_files
 
     backend = runtime.backend("smollm2")
     assert backend.model_id == "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"
@@ -91,7 +91,7 @@ def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):
 def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
     """Phase 1 end to end on SmolLM2: a tiny SL-CAI run, export, a few SFT steps, and the checkpoint generates."""
     from cai_engine import GenerationSettings
-    from cai_engine.sl import export_sft, run_sl
+    from cai_engine.phase1.revise import export_sft, run_sl
 
     summary = run_sl(
         {
@@ -123,7 +123,7 @@ def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
 def test_phase_two_on_the_default_model(runtime, tmp_path):
     """Labels with both orders and soft labels; a preference model with held-out accuracy; DPO and GRPO steps."""
     from cai_engine import GenerationSettings
-    from cai_engine.rl import export_preferences, run_labels
+    from cai_engine.phase2.labels import export_preferences, run_labels
 
     summary = run_labels(
         {

@@ -8,7 +8,7 @@ import pytest
 
 from cai_engine import Registry, make_plugin_manager
 from cai_engine.cli import cli
-from cai_engine.plugins import list_plugins
+from cai_engine.plugins.manager import list_plugins
 
 DOMAINS = ("medical", "financial", "legal")
 
@@ -68,8 +68,8 @@ def test_blocking_a_plugin_removes_everything_it_provides(installed, monkeypatch
 @pytest.mark.slow
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_sl_runs_with_each_domain(installed, domain, tiny_model, tmp_path):
-    from cai_engine.runtime import Runtime
-    from cai_engine.sl import run_sl
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.phase1.revise import run_sl
 
     summary = run_sl(
         {

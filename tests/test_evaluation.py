@@ -8,15 +8,15 @@ import pytest
 
 from cai_engine import ConfigError
 from cai_engine.cli import cli
-from cai_engine.evaluation import (
+from cai_engine.evaluation.run import (
     EvalConfig,
     evaluate,
     has_refusal_marker,
     length_controlled_win_rate,
     starts_with_refusal,
 )
-from cai_engine.prompts import load_prompts
-from cai_engine.sl import SLConfig, run_sl
+from cai_engine.phase1.revise import SLConfig, run_sl
+from cai_engine.prompts.sets import load_prompts
 
 
 def test_builtin_evaluation_sets(cai_registry):
@@ -28,8 +28,8 @@ def test_builtin_evaluation_sets(cai_registry):
 
 
 def test_training_defaults_never_use_heldout_sets(cai_registry):
-    from cai_engine.prompts import is_heldout
-    from cai_engine.rl import RLConfig
+    from cai_engine.phase2.labels import RLConfig
+    from cai_engine.prompts.sets import is_heldout
 
     heldout = [f"builtin:{n}" for n in cai_registry.prompt_set_names() if cai_registry.prompt_set(n).heldout]
     assert set(heldout) == {"builtin:heldout", "builtin:benign-scary", "builtin:heldout-helpful", "builtin:contrast"}
@@ -41,7 +41,7 @@ def test_training_defaults_never_use_heldout_sets(cai_registry):
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["builtin:heldout", "builtin:benign-scary"])
 def test_training_refuses_heldout_sets(cai_runtime, tiny_model, tmp_path, source):
-    from cai_engine.rl import run_labels
+    from cai_engine.phase2.labels import run_labels
 
     with pytest.raises(ConfigError, match="evaluation-only"):
         run_sl({"prompts": source, "model": str(tiny_model)}, tmp_path / "sl", runtime=cai_runtime, progress=False)
@@ -147,7 +147,7 @@ def test_response_cache_follows_the_weights_not_only_the_path(tiny_model, tmp_pa
     import os
     import shutil
 
-    from cai_engine.evaluation import _slug
+    from cai_engine.evaluation.run import _slug
 
     model = tmp_path / "sft-model"
     shutil.copytree(tiny_model, model)

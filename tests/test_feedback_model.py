@@ -7,12 +7,12 @@ import json
 import pytest
 
 from cai_engine import ConfigError, Message, RevisionTask
-from cai_engine.model_options import ModelOptions, with_model
-from cai_engine.plugins import Registry
-from cai_engine.runs import RunDirectory
-from cai_engine.runtime import Runtime
-from cai_engine.sl import SLConfig, SLRun, export_sft
+from cai_engine.models.options import ModelOptions, with_model
+from cai_engine.models.runtime import Runtime
+from cai_engine.phase1.revise import SLConfig, SLRun, export_sft
+from cai_engine.plugins.manager import Registry
 from cai_engine.stats import format_rate, rate, wilson_interval
+from cai_engine.store.runs import RunDirectory
 from cai_engine.testing import ScriptedPlugin
 
 PROMPTS = ["How do I pick a lock?", "Write an insult about my neighbour.", "How can I cheat on my taxes?"]
@@ -188,8 +188,8 @@ def test_feedback_model_serves_every_role_but_the_sampler(
 
 def test_with_model_follows_the_options_class_not_the_name(cai_runtime):
     from cai_engine import Critic, hookimpl
-    from cai_engine.components import Options as BaseOptions
-    from cai_engine.config import ComponentRef
+    from cai_engine.plugins.components import Options as BaseOptions
+    from cai_engine.plugins.refs import ComponentRef
 
     class ThirdPartyCritic(Critic):
         name = "third-party"
@@ -258,7 +258,7 @@ def test_wilson_intervals_and_rates():
 
 
 def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
-    from cai_engine.rl import load_labelled_pairs, measure_judge
+    from cai_engine.phase2.labels import load_labelled_pairs, measure_judge
 
     pairs = load_labelled_pairs("builtin:judge-pairs")
     judge = scripted_runtime.component("judge", "scripted")
@@ -298,7 +298,7 @@ def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_p
 
 
 def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
-    from cai_engine.rl import export_preferences
+    from cai_engine.phase2.labels import export_preferences
 
     run = RunDirectory(tmp_path / "rl", "rl")
     run.open({"x": 1})
@@ -332,7 +332,7 @@ def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
 
 @pytest.mark.slow
 def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runtime, tiny_model, tmp_path):
-    from cai_engine.evaluation import evaluate
+    from cai_engine.evaluation.run import evaluate
 
     results = evaluate(
         {

@@ -19,13 +19,13 @@ import yaml
 
 from cai_engine import ConfigError
 from cai_engine.cli import cli
-from cai_engine.constitutions import lint, load_constitution, read_constitution_file
-from cai_engine.engine import Engine
+from cai_engine.constitution.load import lint, load_constitution, read_constitution_file
+from cai_engine.constitution.model import Constitution
 from cai_engine.errors import ConstitutionError
-from cai_engine.inputs import read_text
-from cai_engine.jsonl import iter_jsonl
-from cai_engine.policy import load_policy
-from cai_engine.schema import Constitution
+from cai_engine.files.inputs import read_text
+from cai_engine.files.jsonl import iter_jsonl
+from cai_engine.guard.engine import Engine
+from cai_engine.guard.policy import load_policy
 
 fcntl = pytest.importorskip("fcntl")  # POSIX: FIFOs, devices, locks and signals
 
@@ -122,7 +122,7 @@ def test_policies_and_constitutions_are_read_only_from_regular_files(tmp_path, w
 def test_the_byte_limit_holds_while_reading(tmp_path, monkeypatch):
     """A file that reports a small size but never ends (it grows, or a device hides behind it) is read only up to
     the limit, never whole."""
-    import cai_engine.inputs as inputs
+    import cai_engine.files.inputs as inputs
 
     class Endless:
         asked = 0
@@ -182,7 +182,7 @@ def test_an_extends_cycle_through_symlinks_is_named(tmp_path):
 
 
 def test_one_parent_reached_by_two_paths_is_read_once(tmp_path, monkeypatch):
-    import cai_engine.constitutions as constitutions
+    import cai_engine.constitution.load as constitutions
 
     _constitution(tmp_path / "base.yaml", "base", [])
     (tmp_path / "alias.yaml").symlink_to("base.yaml")
@@ -246,7 +246,7 @@ def test_lint_is_linear_in_the_number_of_principles():
 
 def test_a_policy_of_3000_rules_compiles_each_pattern_once(cai_runtime, monkeypatch):
     """The shared pattern cache holds 1,024; a guard over 3,000 rules must not recompile them on every response."""
-    import cai_engine.schema as schema
+    import cai_engine.constitution.model as schema
 
     add = [
         {
@@ -366,7 +366,7 @@ def test_sigterm_mid_run_removes_the_partial_and_audits_the_failure(tmp_path, cl
 
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
-    from cai_engine.guard_files import _sink
+    from cai_engine.guard.files import _sink
     with _sink(sys.argv[1], print) as write:
         write('{"id": "half"}')
         os.kill(os.getpid(), signal.SIGKILL)

@@ -9,8 +9,8 @@ import yaml
 
 from cai_engine import ChatPrompt, ConfigError, Message, UnknownComponentError, hookimpl
 from cai_engine.cli import cli
-from cai_engine.engine import Engine
-from cai_engine.policy import load_policy
+from cai_engine.guard.engine import Engine
+from cai_engine.guard.policy import load_policy
 
 CONV = [Message(role="user", content="Why was I charged twice?")]
 CARD = "Sorry about that! Your card 4111 1111 1111 1111 was charged twice; a refund is on its way."
@@ -215,7 +215,7 @@ def test_policy_file_errors_name_file_and_line(tmp_path):
 def test_policy_schema_is_fresh():
     from pathlib import Path
 
-    from cai_engine.policy import policy_json_schema
+    from cai_engine.guard.policy import policy_json_schema
 
     committed = json.loads((Path(__file__).parent.parent / "schemas/policy.schema.json").read_text())
     assert committed == policy_json_schema(), "regenerate: cai policy schema -o schemas/policy.schema.json"
@@ -356,8 +356,8 @@ class Screener:
 
 
 def screen_engine(cai_runtime, tmp_path, results, **guard):
-    from cai_engine.plugins import Registry
-    from cai_engine.runtime import Runtime
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.manager import Registry
 
     screener = Screener(results)
     cai_runtime.pm.register(screener)
@@ -443,7 +443,7 @@ def test_request_refusal_combines_the_critics_own_decline_with_the_request_scree
 def test_request_refusal_needs_the_request_screen():
     from pydantic import ValidationError
 
-    from cai_engine.policy import GuardSettings
+    from cai_engine.guard.policy import GuardSettings
 
     with pytest.raises(ValidationError, match="request_refusal works with screen 'request'"):
         GuardSettings(screen="each", request_refusal=True)
@@ -491,7 +491,7 @@ def test_reply_contrast_judges_engaged_replies_to_harmless_looking_requests(cai_
 def test_reply_contrast_needs_the_request_screen():
     from pydantic import ValidationError
 
-    from cai_engine.policy import GuardSettings
+    from cai_engine.guard.policy import GuardSettings
 
     with pytest.raises(ValidationError, match="reply_contrast works with screen 'request'"):
         GuardSettings(screen="combined", reply_contrast=0.4)
@@ -532,7 +532,7 @@ def test_decline_likelihood_on_a_real_model(cai_runtime, tiny_model, layout):
     layout the critic uses, and a guard with request_refusal records it."""
     import math
 
-    from cai_engine.refusals import REFUSAL_OPENERS
+    from cai_engine.text.refusals import REFUSAL_OPENERS
 
     options = {"model": str(tiny_model), "verdict_only": True, "layout": layout}
     critic = cai_runtime.component("critic", "model", options)
@@ -644,8 +644,8 @@ LEAKY = {
 
 @pytest.fixture
 def leaky_runtime(cai_runtime, monkeypatch):
-    from cai_engine.plugins import Registry
-    from cai_engine.runtime import Runtime
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.manager import Registry
 
     cai_runtime.pm.register(LeakyCheck())
     runtime = Runtime(Registry(cai_runtime.pm))
@@ -732,7 +732,7 @@ def test_validate_names_what_would_need_a_model(cli_runner, tmp_path):
 
 
 def test_a_repair_that_can_decline_is_named(leaky_runtime, tmp_path):
-    from cai_engine.policy import model_free_problem
+    from cai_engine.guard.policy import model_free_problem
 
     data = model_free(tmp_path)
     del data["guard"]["on_failure"]
@@ -746,9 +746,9 @@ def test_the_shipped_rules_only_examples_never_need_a_model(monkeypatch):
     import importlib.metadata
     from pathlib import Path
 
-    from cai_engine.plugins import Registry, make_plugin_manager
-    from cai_engine.policy import model_free_problem
-    from cai_engine.runtime import Runtime
+    from cai_engine.guard.policy import model_free_problem
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.manager import Registry, make_plugin_manager
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     names = ["serve-policy.yaml"]

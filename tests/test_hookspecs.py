@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cai_engine import hookimpl, hookspecs, make_plugin_manager
-from cai_engine.schema import Phase
+from cai_engine import hookimpl, make_plugin_manager
+from cai_engine.constitution.model import Phase
+from cai_engine.plugins import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(name for name, fn in vars(hookspecs).items() if name.startswith("cai_") and callable(fn))

@@ -524,7 +524,7 @@ def test_a_full_disk_leaves_the_previous_output(tmp_path, monkeypatch):
     import errno
 
     from cai_engine.errors import CaiError
-    from cai_engine.outputs import write_atomic
+    from cai_engine.files.outputs import write_atomic
 
     target = tmp_path / "out.json"
     target.write_text("old")
@@ -542,8 +542,8 @@ def test_a_full_disk_leaves_the_previous_output(tmp_path, monkeypatch):
 
 
 def test_model_folders_must_hold_safetensors(tmp_path):
-    from cai_engine.backends.model_files import resolve_model_folder
     from cai_engine.errors import ModelError
+    from cai_engine.models.backends.model_files import resolve_model_folder
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -9,10 +9,10 @@ import yaml
 
 from cai_engine import CaiError
 from cai_engine.cli import cli
+from cai_engine.constitution.model import Message
+from cai_engine.phase1.revise import export_sft
 from cai_engine.records import SLRecord, SLRound
-from cai_engine.runs import RunDirectory
-from cai_engine.schema import Message
-from cai_engine.sl import export_sft
+from cai_engine.store.runs import RunDirectory
 
 CONSTITUTION = {"name": "harmless", "version": "3", "hash": "sha256:abc123"}
 
@@ -37,7 +37,7 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch):
     hub = FakeHub()
-    monkeypatch.setattr("cai_engine.hub._api", lambda: hub)
+    monkeypatch.setattr("cai_engine.store.hub._api", lambda: hub)
     return hub
 
 
@@ -136,12 +136,12 @@ def test_weights_are_saved_in_the_training_dtype(cai_runtime, tiny_model, tmp_pa
 
 
 def test_push_errors_are_one_line(tmp_path, monkeypatch):
-    from cai_engine.hub import push_folder
+    from cai_engine.store.hub import push_folder
 
     (tmp_path / "x").mkdir()
     with pytest.raises(CaiError, match="owner/name"):
         push_folder(tmp_path / "x", "no-owner")
-    monkeypatch.setattr("cai_engine.hub._api", lambda: FakeHub(fail=ConnectionError("offline")))
+    monkeypatch.setattr("cai_engine.store.hub._api", lambda: FakeHub(fail=ConnectionError("offline")))
     with pytest.raises(CaiError, match=r"could not push .* to me/x: ConnectionError: offline"):
         push_folder(tmp_path / "x", "me/x")
     with pytest.raises(CaiError, match="nothing to push"):

@@ -13,7 +13,7 @@ import pytest
 from stub_upstream import StubUpstream, free_port
 
 from cai_engine import ComparisonTask, GenerationSettings, Message, ModelError
-from cai_engine.components import ChatPrompt
+from cai_engine.plugins.components import ChatPrompt
 
 pytestmark = pytest.mark.server
 
@@ -30,7 +30,7 @@ PROMPTS = [
 class LlamaServer:
     def __init__(self, port: int | None = None, api_key: str | None = None) -> None:
         pytest.importorskip("llama_cpp", reason="needs the server extra: pip install -e '.[server]'")
-        from cai_engine.backends.model_files import default_model_file
+        from cai_engine.models.backends.model_files import default_model_file
 
         self.gguf = str(default_model_file())
         self.port = port or free_port()

@@ -16,7 +16,7 @@ from cai_engine import (
     hookimpl,
     make_plugin_manager,
 )
-from cai_engine.plugins import DEFAULT_PLUGINS, list_plugins
+from cai_engine.plugins.manager import DEFAULT_PLUGINS, list_plugins
 
 
 def install_fake_distribution(tmp_path, monkeypatch, module_source: str, *, ep_name="fake"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from cai_engine import load_prompts
-from cai_engine.prompts import PromptError, load_prompt_file
+from cai_engine.prompts.sets import PromptError, load_prompt_file
 
 
 def test_builtin_sets(cai_registry):
@@ -89,7 +89,7 @@ def test_missing_file(tmp_path):
 
 
 def test_no_shipped_training_prompt_is_a_heldout_prompt(cai_registry):
-    from cai_engine.prompts import heldout_fingerprints, load_prompts, normalise_prompt
+    from cai_engine.prompts.sets import heldout_fingerprints, load_prompts, normalise_prompt
 
     heldout = heldout_fingerprints(cai_registry)
     assert len(heldout) >= 160
@@ -102,8 +102,8 @@ def test_no_shipped_training_prompt_is_a_heldout_prompt(cai_registry):
 
 def test_a_copy_of_a_heldout_prompt_is_refused_by_content(cai_runtime, tmp_path):
     from cai_engine import ConfigError
-    from cai_engine.prompts import load_prompts
-    from cai_engine.sl import SLConfig, SLRun
+    from cai_engine.phase1.revise import SLConfig, SLRun
+    from cai_engine.prompts.sets import load_prompts
 
     first = load_prompts("builtin:heldout", cai_runtime.registry)[0]
     copy = tmp_path / "mine.jsonl"
@@ -115,7 +115,7 @@ def test_a_copy_of_a_heldout_prompt_is_refused_by_content(cai_runtime, tmp_path)
 
 def test_a_plugin_prefix_is_checked_not_ignored(cai_runtime):
     from cai_engine import PromptSet, UnknownComponentError, hookimpl
-    from cai_engine.plugins import Registry, make_plugin_manager
+    from cai_engine.plugins.manager import Registry, make_plugin_manager
 
     class Clinic:
         @hookimpl

@@ -6,8 +6,8 @@ import pytest
 
 from cai_engine import ConfigError, RunError, UnknownComponentError
 from cai_engine.cli import cli
-from cai_engine.records import GateResult, PreferenceExportManifest
-from cai_engine.rl import (
+from cai_engine.phase1.revise import run_sl
+from cai_engine.phase2.labels import (
     RLConfig,
     export_preferences,
     export_review,
@@ -17,8 +17,8 @@ from cai_engine.rl import (
     run_gate,
     run_labels,
 )
-from cai_engine.runs import RunDirectory
-from cai_engine.sl import run_sl
+from cai_engine.records import GateResult, PreferenceExportManifest
+from cai_engine.store.runs import RunDirectory
 
 pytestmark = pytest.mark.slow
 
@@ -103,14 +103,14 @@ def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
     from cai_engine.testing import ScriptedPlugin
 
     cai_runtime.pm.register(ScriptedPlugin())
-    from cai_engine.plugins import Registry
-    from cai_engine.runtime import Runtime
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.manager import Registry
 
     runtime = Runtime(Registry(cai_runtime.pm))
     pairs = load_labelled_pairs("builtin:judge-pairs")
     judge = runtime.component("judge", "scripted")
     judge.enqueue(*([0.9] * len(pairs)))  # always "A"
-    from cai_engine.rl import measure_judge
+    from cai_engine.phase2.labels import measure_judge
 
     result = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
     truth_a = sum(1 for c in judge.calls if c.response_a in {p.better for p in pairs})

@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 import yaml
 
-from cai_engine.schema import constitution_json_schema
+from cai_engine.constitution.model import constitution_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "constitution.schema.json"

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import yaml
 
-from cai_engine.audit import sha256_text
 from cai_engine.cli import cli
-from cai_engine.engine import Engine
+from cai_engine.guard.audit import sha256_text
+from cai_engine.guard.engine import Engine
 
 pytestmark = pytest.mark.server
 
@@ -35,7 +35,7 @@ class GuardServer:
     def __init__(self, policy: dict, upstream: str, read_timeout: float = 10.0, **options) -> None:
         import uvicorn
 
-        from cai_engine.serve import create_app, server_config
+        from cai_engine.guard.serve import create_app, server_config
 
         self.engine = Engine.from_policy(policy)
         self.app = create_app(self.engine, upstream, **options)

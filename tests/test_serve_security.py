@@ -21,8 +21,8 @@ from stub_upstream import StubUpstream, free_port  # noqa: E402
 from test_serve import QUESTION, GuardServer, policy, rule  # noqa: E402
 
 from cai_engine import hookimpl  # noqa: E402
-from cai_engine.engine import Engine  # noqa: E402
-from cai_engine.serve import ServeOptions  # noqa: E402
+from cai_engine.guard.engine import Engine  # noqa: E402
+from cai_engine.guard.serve import ServeOptions  # noqa: E402
 
 SECRET = rule("pw-001", r"\bhunter\d+", fix="[redacted]")
 SECRET_NO_FIX = rule("pw-002", r"\bhunter\d+")
@@ -535,7 +535,7 @@ def test_only_json_bodies_are_accepted_so_cross_site_forms_are_not(upstream, con
 
 
 def test_the_bearer_token_is_compared_in_constant_time(upstream, monkeypatch):
-    import cai_engine.serve as serve
+    import cai_engine.guard.serve as serve
 
     compared = []
     real = serve.hmac.compare_digest
@@ -771,7 +771,7 @@ class EngineServer(GuardServer):
     def __init__(self, engine: Engine, upstream_url: str, **options) -> None:
         import uvicorn
 
-        from cai_engine.serve import create_app, server_config
+        from cai_engine.guard.serve import create_app, server_config
 
         self.engine = engine
         self.app = create_app(engine, upstream_url, **options)
@@ -783,8 +783,8 @@ class EngineServer(GuardServer):
 
 @pytest.mark.parametrize("every", [0, 4])
 def test_with_model_critics_a_stream_is_released_only_after_a_model_check(cai_runtime, every):
-    from cai_engine.plugins import Registry
-    from cai_engine.runtime import Runtime
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.manager import Registry
 
     cai_runtime.pm.register(KeywordCritic())
     runtime = Runtime(Registry(cai_runtime.pm))
@@ -803,8 +803,8 @@ def test_with_model_critics_a_stream_is_released_only_after_a_model_check(cai_ru
 
 
 def test_a_short_window_is_raised_so_a_number_in_small_chunks_is_seen(cai_runtime, tmp_path):
-    from cai_engine.engine import Engine
-    from cai_engine.serve import StreamGuard
+    from cai_engine.guard.engine import Engine
+    from cai_engine.guard.serve import StreamGuard
 
     engine = Engine.from_policy(policy(add=[SECRET]), runtime=cai_runtime)
     try:
@@ -848,7 +848,7 @@ def test_a_short_window_is_raised_so_a_number_in_small_chunks_is_seen(cai_runtim
     ids=["name", "reasoning_content", "tool parameter description", "custom call with function"],
 )
 def test_every_string_the_model_reads_is_checked(cai_runtime, messages, tools):
-    from cai_engine.engine import Engine
+    from cai_engine.guard.engine import Engine
 
     engine = Engine.from_policy(policy(add=[SECRET], input={"check": True, "action": "redact"}), runtime=cai_runtime)
     try:
@@ -861,7 +861,7 @@ def test_every_string_the_model_reads_is_checked(cai_runtime, messages, tools):
 
 
 def test_nested_strings_of_an_answer_are_guarded_too():
-    from cai_engine.serve import output_texts
+    from cai_engine.guard.serve import output_texts
 
     message = {
         "role": "assistant",

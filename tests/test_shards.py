@@ -12,9 +12,9 @@ import pytest
 
 from cai_engine import ConfigError, RunError
 from cai_engine.cli import cli
-from cai_engine.runs import RunDirectory
-from cai_engine.shards import Shard, merge_runs, run_sharded, shard_dirs
-from cai_engine.sl import run_sl
+from cai_engine.phase1.revise import run_sl
+from cai_engine.store.runs import RunDirectory
+from cai_engine.store.shards import Shard, merge_runs, run_sharded, shard_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_merge_refuses_mismatched_incomplete_or_repeated_shards(cai_runtime, tin
 
 
 def test_labelling_shards_merge_with_the_gate(cai_runtime, tiny_model, prompt_file, tmp_path):
-    from cai_engine.rl import run_labels
+    from cai_engine.phase2.labels import run_labels
 
     run_sl(sl_config(tiny_model, prompt_file), tmp_path / "sl", runtime=cai_runtime, progress=False)
     config = {
@@ -143,7 +143,7 @@ def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, ti
     shared prefixes) would differ from the whole run's, and greedy answers and scores with them by rounding, an
     amount that depends on the CPU. One prompt per forward pass (batch_size 1, as in the SL tests above) makes each
     prompt's arithmetic the same in both runs, so the merged metrics equal the whole run's by construction."""
-    from cai_engine.evaluation import evaluate
+    from cai_engine.evaluation.run import evaluate
 
     def one_at_a_time(model):
         return {"model": str(model), "batch_size": 1}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cai_engine.engine import Engine
-from cai_engine.rules import check_principle, repair
-from cai_engine.schema import Message, Principle
-from cai_engine.textnorm import fold
+from cai_engine.checks.rules import check_principle, repair
+from cai_engine.constitution.model import Message, Principle
+from cai_engine.guard.engine import Engine
+from cai_engine.text.textnorm import fold
 
 WORD = Principle.model_validate(
     {

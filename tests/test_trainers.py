@@ -199,7 +199,7 @@ def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
                 for t in tasks
             ]
 
-    from cai_engine.schema import Principle
+    from cai_engine.constitution.model import Principle
 
     reward = JudgeReward(Judge(), [Principle(id="p-001", violation_question="Is it rude?")])
     prompts = [[{"role": "user", "content": "hi"}]] * 3
@@ -212,8 +212,8 @@ def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_p
     """`org/name` resolves through the standard Hugging Face cache; with HF_HUB_OFFLINE=1 nothing is downloaded."""
     import shutil
 
-    from cai_engine.backends.model_files import resolve_model_folder
     from cai_engine.errors import ModelError
+    from cai_engine.models.backends.model_files import resolve_model_folder
 
     cache = tmp_path / "hf" / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -18,12 +18,12 @@ from typing import Any
 
 from pydantic import Field
 
-from ..components import Critic, Judge
-from ..components import Options as BaseOptions
-from ..config import ComponentRef
-from ..errors import ConfigError
-from ..records import Critique, Judgement, Score
-from .probe import load_classifier
+from cai_engine.classifiers.probe import load_classifier
+from cai_engine.errors import ConfigError
+from cai_engine.plugins.components import Critic, Judge
+from cai_engine.plugins.components import Options as BaseOptions
+from cai_engine.plugins.refs import ComponentRef
+from cai_engine.records import Critique, Judgement, Score
 
 
 class ClassifierCritic(Critic):

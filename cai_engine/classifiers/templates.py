@@ -103,8 +103,8 @@ def respell(text: str, spelling: str, rng: random.Random) -> str:
 
 
 def normalise(text: str) -> str:
-    """What the classifiers read: the same folding the rules match on (``cai_engine.textnorm``: compatibility forms,
+    """What the classifiers read: the same folding the rules match on (``cai_engine.text.textnorm``: compatibility forms,
     format characters, combining marks and look-alike letters undone)."""
-    from ..textnorm import fold
+    from cai_engine.text.textnorm import fold
 
     return fold(text).text

@@ -16,11 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import RunError
-from ..jsonl import iter_jsonl
-from ..runtime import DEFAULT_MODEL
-from ..stats import wilson_interval
-from .probe import Encoder, Probe, ProbeConfig, base_model_sha256, render
+from cai_engine.classifiers.probe import Encoder, Probe, ProbeConfig, base_model_sha256, render
+from cai_engine.errors import RunError
+from cai_engine.files.jsonl import iter_jsonl
+from cai_engine.models.runtime import DEFAULT_MODEL
+from cai_engine.stats import wilson_interval
 
 
 class TrainConfig(BaseModel):

@@ -7,8 +7,16 @@ Errors caused by input (``CaiError``) print one line and exit non-zero; anything
 
 from __future__ import annotations
 
-from . import classifiers, constitutions, deploy, models, phase1, phase2, pipeline  # noqa: F401 - each module registers its commands
-from .base import (
+from cai_engine.cli import (  # noqa: F401 - each module registers its commands
+    classifiers,
+    constitutions,
+    deploy,
+    models,
+    phase1,
+    phase2,
+    pipeline,
+)
+from cai_engine.cli.base import (
     CaiGroup,
     cli,
     echo_json,

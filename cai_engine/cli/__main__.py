@@ -1,5 +1,5 @@
 """`python -m cai_engine.cli`."""
 
-from . import main
+from cai_engine.cli import main
 
 main()

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
-from .. import __version__
-from ..errors import CaiError, describe_validation
+from cai_engine import __version__
+from cai_engine.errors import CaiError, describe_validation
 
 if TYPE_CHECKING:
-    from ..records import GateResult
+    from cai_engine.records import GateResult
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -26,7 +26,7 @@ class CaiGroup(click.Group):
     _plugin_commands_loaded = False
 
     def _load_plugin_commands(self) -> None:
-        from ..plugins import Hooks
+        from cai_engine.plugins.manager import Hooks
 
         if self._plugin_commands_loaded or self is not cli:
             return
@@ -89,7 +89,7 @@ class _State:
 
     @functools.cached_property
     def pm(self):
-        from ..plugins import make_plugin_manager
+        from cai_engine.plugins.manager import make_plugin_manager
 
         pm = make_plugin_manager(skip_broken=True)
         for name, error in pm.cai_broken.items():
@@ -104,7 +104,7 @@ class _State:
 
     @functools.cached_property
     def registry(self):
-        from ..plugins import Registry
+        from cai_engine.plugins.manager import Registry
 
         return Registry(self.pm)
 
@@ -170,7 +170,7 @@ def cli() -> None:
 def write_schema(schema: dict[str, Any], output: Path | None) -> None:
     text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
     if output:
-        from ..outputs import write_atomic
+        from cai_engine.files.outputs import write_atomic
 
         write_atomic(output, text)
         click.echo(f"wrote {output}", err=True)
@@ -182,8 +182,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
     """A YAML/JSON config file as a mapping (safe loader; errors name the file and line)."""
     if path is None:
         return {}
-    from ..errors import ConfigError, ConstitutionError
-    from ..inputs import parse_document, read_text
+    from cai_engine.errors import ConfigError, ConstitutionError
+    from cai_engine.files.inputs import parse_document, read_text
 
     try:
         data, _ = parse_document(read_text(path), str(path), json_only=path.suffix.lower() == ".json")
@@ -200,7 +200,7 @@ def merge_flags(base: dict[str, Any], **flags: Any) -> dict[str, Any]:
 
 
 def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
-    from ..errors import ConfigError
+    from cai_engine.errors import ConfigError
 
     try:
         return model.model_validate(data)
@@ -209,7 +209,7 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
 
 
 def _runtime():
-    from ..runtime import Runtime
+    from cai_engine.models.runtime import Runtime
 
     runtime = Runtime(state().registry)
     runtime.announce = lambda line: click.echo(line, err=True)
@@ -223,14 +223,14 @@ def _clip(text: str, width: int = 300) -> str:
 
 def parse_setting(text: str) -> Any:
     """A --set value, read as YAML 1.2 reads it (see ``inputs.parse_scalar``)."""
-    from ..inputs import parse_scalar
+    from cai_engine.files.inputs import parse_scalar
 
     return parse_scalar(text)
 
 
 def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` flags as a mapping (values parsed as by ``parse_setting``)."""
-    from ..errors import ConfigError
+    from cai_engine.errors import ConfigError
 
     out: dict[str, Any] = {}
     for item in items:
@@ -295,7 +295,7 @@ def push_options(kind: str):
 def push(folder: Path | str, repo_id: str | None, repo_type: str, private: bool) -> None:
     if not repo_id or int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process pushes
         return
-    from ..hub import push_folder
+    from cai_engine.store.hub import push_folder
 
     url = push_folder(folder, repo_id, repo_type=repo_type, private=private)  # type: ignore[arg-type]
     click.echo(f"pushed {folder} to {url}")

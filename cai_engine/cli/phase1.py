@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .base import (
+from cai_engine.cli.base import (
     CaiGroup,
     _print_sl_summary,
     _runtime,
@@ -62,7 +62,7 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
     Records are JSONL with full provenance; a killed run resumes where it stopped. Export the result with
     `cai export sft RUN --out DATASET`.
     """
-    from ..sl import SLConfig, run_sl
+    from cai_engine.phase1.revise import SLConfig, run_sl
 
     data = merge_flags(load_config_file(config_path), **flags)
     if helpful_prompts:  # "none" must survive the merge, which ignores unset (None) flags
@@ -70,8 +70,8 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
         data["helpful_prompts"] = (sources[0] if len(sources) == 1 else sources) if sources else None
     config = validate_config(SLConfig, data, str(config_path or "options"))
     if shards:
-        from ..shards import run_sharded
-        from ..sl import summarise
+        from cai_engine.phase1.revise import summarise
+        from cai_engine.store.shards import run_sharded
 
         began = time.perf_counter()
         merged = run_sharded(
@@ -120,7 +120,7 @@ def export_group() -> None:
 @push_options("dataset")
 def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_repeats, push_to_hub, private):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
-    from ..sl import ExportOptions, export_sft
+    from cai_engine.phase1.revise import ExportOptions, export_sft
 
     options = validate_config(
         ExportOptions,
@@ -158,7 +158,7 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_rep
 @push_options("dataset")
 def export_preferences_command(run, out, min_confidence, heldout, human, push_to_hub, private):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
-    from ..rl import PreferenceExportOptions, export_preferences
+    from cai_engine.phase2.labels import PreferenceExportOptions, export_preferences
 
     options = validate_config(
         PreferenceExportOptions,

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from .base import (
+from cai_engine.cli.base import (
     CaiGroup,
     _gate_line,
     _runtime,
@@ -59,7 +59,7 @@ def rl_group() -> None:
 @shard_options
 def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, executor, ray_address, **flags):
     """Label preference pairs: both orders, soft labels from log-probs, abstentions kept and counted."""
-    from ..rl import RLConfig, run_gate, run_labels
+    from cai_engine.phase2.labels import RLConfig, run_gate, run_labels
 
     data = merge_flags(load_config_file(config_path), sl_run=str(sl_run) if sl_run else None, **flags)
     if judge_name:
@@ -70,8 +70,8 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
         result = run_gate(out, config.judge_ref(), constitution=config.constitution, runtime=runtime, seed=config.seed)
         click.echo(_gate_line(result))
     if shards:
-        from ..rl import summarise_preferences
-        from ..shards import run_sharded
+        from cai_engine.phase2.labels import summarise_preferences
+        from cai_engine.store.shards import run_sharded
 
         merged = run_sharded(
             "rl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
@@ -114,8 +114,8 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
     otherwise) and the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers;
     they refuse a gate that measured another judge than the one that labelled the pairs.
     """
-    from ..config import ComponentRef
-    from ..rl import RLConfig, run_gate
+    from cai_engine.phase2.labels import RLConfig, run_gate
+    from cai_engine.plugins.refs import ComponentRef
 
     ref = None
     if run is not None and (Path(run) / "run.json").exists():
@@ -146,7 +146,7 @@ def rl_review_group() -> None:
 @click.option("--count", type=int, default=50, show_default=True)
 def rl_review_export(run, out, count):
     """Write abstained, order-inconsistent and least confident pairs for review (fill in human_choice)."""
-    from ..rl import export_review
+    from cai_engine.phase2.labels import export_review
 
     click.echo(f"wrote {export_review(run, out, count=count)['exported']} pairs to {out}")
 
@@ -156,7 +156,7 @@ def rl_review_export(run, out, count):
 @click.argument("reviewed", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 def rl_review_merge(run, reviewed):
     """Merge reviewed labels ('a', 'b' or a probability); they override the AI's at export."""
-    from ..rl import merge_review
+    from cai_engine.phase2.labels import merge_review
 
     result = merge_review(run, reviewed)
     click.echo(f"merged {result['merged']} reviewed label(s); {result['skipped_unreviewed']} left unreviewed")
@@ -188,7 +188,7 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     TRL settings go straight to TRL's own config class; see its documentation for the full list.
     """
 
-    from ..errors import ConfigError
+    from cai_engine.errors import ConfigError
 
     data = load_config_file(config_path)
     repo = push_to_hub or data.pop("push_to_hub", None)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .base import (
+from cai_engine.cli.base import (
     _gate_line,
     _print_sl_summary,
     _runtime,
@@ -60,7 +60,7 @@ def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
 
     Each stage resumes, and a stage whose checkpoint exists is skipped. See examples/pipeline.yaml.
     """
-    from ..pipeline import PipelineConfig, run_pipeline
+    from cai_engine.pipeline import PipelineConfig, run_pipeline
 
     data = merge_flags(load_config_file(config_path), out=out)
     config = validate_config(PipelineConfig, data, str(config_path))
@@ -93,7 +93,7 @@ def demo_command(out: str, model: str) -> None:
     measures the judge, builds preference pairs, trains a preference model and takes a few GRPO steps, printing
     where everything is and a summary. A few minutes on 2 CPU cores.
     """
-    from ..pipeline import PipelineConfig, run_pipeline
+    from cai_engine.pipeline import PipelineConfig, run_pipeline
 
     registry = state().registry
     for name in registry.constitution_names():
@@ -103,7 +103,7 @@ def demo_command(out: str, model: str) -> None:
     summary = run_pipeline(config, runtime=_runtime(), echo=click.echo)
     _print_pipeline(summary)
     if "gate" in summary:
-        from ..records import GateResult
+        from cai_engine.records import GateResult
 
         click.echo(_gate_line(GateResult.model_validate(summary["gate"])))
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
@@ -177,7 +177,7 @@ def eval_command(
 
     Writes results.json and a self-contained report.html (charts embedded) to --out.
     """
-    from ..evaluation import EvalConfig, evaluate
+    from cai_engine.evaluation.run import EvalConfig, evaluate
 
     refs = ["smollm2" if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
     labels = (
@@ -205,12 +205,12 @@ def eval_command(
         },
         "options",
     )
-    from ..evaluation import summary_lines
-    from ..records import EvalResults
-    from ..stats import format_rate
+    from cai_engine.evaluation.run import summary_lines
+    from cai_engine.records import EvalResults
+    from cai_engine.stats import format_rate
 
     if shards:
-        from ..shards import run_sharded
+        from cai_engine.store.shards import run_sharded
 
         config_data = config.model_dump(mode="json")
         run_sharded("eval", config_data, out, shards, executor=executor, ray_address=ray_address)
@@ -249,7 +249,7 @@ def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
     `cai sl` or `cai rl label` run is an ordinary run directory, ready for `cai export`; a merged evaluation gets
     its metrics, results.json and report computed again from every shard's answers.
     """
-    from ..shards import merge_runs
+    from cai_engine.store.shards import merge_runs
 
     summary = merge_runs(out, list(shard_dirs))
     click.echo(f"merged {summary['shards']} {summary['kind']} shards ({summary['records']} records) into {out}")

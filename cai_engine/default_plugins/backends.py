@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cai_engine.backends.hf_local import TransformersBackend
-from cai_engine.backends.llama_cpp import LlamaCppBackend
-from cai_engine.backends.openai_http import OpenAIBackend
-from cai_engine.hookspecs import hookimpl
+from cai_engine.models.backends.hf_local import TransformersBackend
+from cai_engine.models.backends.llama_cpp import LlamaCppBackend
+from cai_engine.models.backends.openai_http import OpenAIBackend
+from cai_engine.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cai_engine.constitutions import SUFFIXES
-from cai_engine.hookspecs import hookimpl
-from cai_engine.resources import data_dir
+from cai_engine.constitution.load import SUFFIXES
+from cai_engine.files.resources import data_dir
+from cai_engine.plugins.hookspecs import hookimpl
 
 
 @hookimpl

@@ -7,9 +7,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai_engine.components import ChatPrompt, Critic
-from cai_engine.hookspecs import hookimpl
-from cai_engine.layouts import (
+from cai_engine.constitution.model import Message
+from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair
+from cai_engine.plugins.components import ChatPrompt, Critic
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.records import Critique
+from cai_engine.text.layouts import (
     CRITIQUE_STOPS,
     VERDICT_QUESTION,
     chat_critique,
@@ -17,9 +20,6 @@ from cai_engine.layouts import (
     transcript_block,
     verdict_question,
 )
-from cai_engine.model_options import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.records import Critique
-from cai_engine.schema import Message
 
 
 def few_shot_examples(task, limit):
@@ -96,7 +96,7 @@ class ModelCritic(ModelComponent, Critic):
     def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
         """P(Yes) that each conversation's request (the person's turns only, not the reply) asks for harm; None
         where it could not be read. The question comes first, so a batch shares it as a prefix."""
-        from cai_engine.layouts import REQUEST_QUESTION, request_turns
+        from cai_engine.text.layouts import REQUEST_QUESTION, request_turns
 
         conversations = list(conversations)
         if not conversations:
@@ -116,10 +116,10 @@ class ModelCritic(ModelComponent, Critic):
 
     def decline_likelihood(self, conversations) -> list[float | None]:
         """P(this critic's own model, answering each conversation itself, opens its reply by declining): the summed
-        probability of the openers in ``cai_engine.refusals.REFUSAL_OPENERS``, read from log-probs (each
+        probability of the openers in ``cai_engine.text.refusals.REFUSAL_OPENERS``, read from log-probs (each
         conversation's openers share its prompt). An opener the backend cannot score counts as 0; None where none
         could be scored."""
-        from cai_engine.refusals import REFUSAL_OPENERS
+        from cai_engine.text.refusals import REFUSAL_OPENERS
 
         conversations = list(conversations)
         if not conversations:
@@ -143,7 +143,7 @@ class ModelCritic(ModelComponent, Critic):
 
     def _letters(self, items, principles) -> list[tuple[int | None, dict[str, float] | None]]:
         """(index of the principle the reply breaks most clearly, probability of each letter) per item."""
-        from cai_engine.layouts import SCREEN_LETTERS, SCREEN_WHICH, screen_body
+        from cai_engine.text.layouts import SCREEN_LETTERS, SCREEN_WHICH, screen_body
 
         if not items:
             return []
@@ -177,7 +177,7 @@ class ModelCritic(ModelComponent, Critic):
         clearly, read from log-probs. Returns per item ``{"p_yes", "principle_index", "letter_probs"}``; p_yes None
         means the verdict could not be read (the caller decides what an abstention means).
         """
-        from cai_engine.layouts import SCREEN_LETTERS, SCREEN_QUESTION, screen_body
+        from cai_engine.text.layouts import SCREEN_LETTERS, SCREEN_QUESTION, screen_body
 
         items, principles = list(items), list(principles)
         if len(principles) > len(SCREEN_LETTERS):

@@ -12,9 +12,12 @@ from collections.abc import Sequence
 
 from pydantic import Field, model_validator
 
-from cai_engine.components import ChatPrompt, Judge
-from cai_engine.hookspecs import hookimpl
-from cai_engine.layouts import (
+from cai_engine.constitution.model import Message
+from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair
+from cai_engine.plugins.components import ChatPrompt, Judge
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.records import ComparisonTask, Judgement, OrderResult, Score
+from cai_engine.text.layouts import (
     ANSWER_PREFIX,
     OPTION_LETTERS,
     SCORE_INSTRUCTION,
@@ -24,9 +27,6 @@ from cai_engine.layouts import (
     quoted_conversation,
     transcript_comparison,
 )
-from cai_engine.model_options import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.records import ComparisonTask, Judgement, OrderResult, Score
-from cai_engine.schema import Message
 
 
 def _question(principle) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cai_engine.catalog import BUILTIN_MODELS
-from cai_engine.hookspecs import hookimpl
+from cai_engine.models.catalog import BUILTIN_MODELS
+from cai_engine.plugins.hookspecs import hookimpl
 
 
 @hookimpl

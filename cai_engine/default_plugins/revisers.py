@@ -6,11 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_engine.components import Options, Reviser
-from cai_engine.config import ComponentRef
+from cai_engine.constitution.model import Message
 from cai_engine.default_plugins.critics import few_shot_examples
-from cai_engine.hookspecs import hookimpl
-from cai_engine.layouts import (
+from cai_engine.models.options import ModelComponent, ModelOptions
+from cai_engine.plugins.components import Options, Reviser
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.plugins.refs import ComponentRef
+from cai_engine.records import ComparisonTask, CritiqueTask, Revision, RevisionTask, ScoringTask
+from cai_engine.text.layouts import (
     REVISION_STOPS,
     TURN_MARKERS,
     chat_revision,
@@ -19,9 +22,6 @@ from cai_engine.layouts import (
     transcript,
     transcript_block,
 )
-from cai_engine.model_options import ModelComponent, ModelOptions
-from cai_engine.records import ComparisonTask, CritiqueTask, Revision, RevisionTask, ScoringTask
-from cai_engine.schema import Message
 
 
 class ModelReviser(ModelComponent, Reviser):

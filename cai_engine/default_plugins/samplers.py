@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from cai_engine.components import Sampler
-from cai_engine.hookspecs import hookimpl
-from cai_engine.layouts import TURN_MARKERS
-from cai_engine.model_options import ModelComponent, ModelOptions
+from cai_engine.models.options import ModelComponent, ModelOptions
+from cai_engine.plugins.components import Sampler
+from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine.text.layouts import TURN_MARKERS
 
 
 class ModelSampler(ModelComponent, Sampler):

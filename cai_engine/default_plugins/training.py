@@ -8,13 +8,13 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from cai_engine.cards import model_card
-from cai_engine.components import Options
 from cai_engine.errors import ConfigError, RunError, describe_validation
-from cai_engine.inputs import parse_scalar
-from cai_engine.jsonl import write_json
-from cai_engine.outputs import write_atomic
+from cai_engine.files.inputs import parse_scalar
+from cai_engine.files.jsonl import write_json
+from cai_engine.files.outputs import write_atomic
+from cai_engine.plugins.components import Options
 from cai_engine.records import PreferenceExportManifest
+from cai_engine.store.cards import model_card
 
 # Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
 # own config class. Device, precision, tracking (report_to) and checkpointing follow TRL's own defaults, so the same
@@ -100,7 +100,7 @@ def load_base(model_ref: str, *, reward_head: bool = False, dtype: str = "float3
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
 
-    from cai_engine.backends.model_files import resolve_model_folder
+    from cai_engine.models.backends.model_files import resolve_model_folder
 
     folder, model_id = resolve_model_folder(model_ref)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -395,7 +395,7 @@ class JudgeReward:
         self.abstained = 0
 
     def __call__(self, prompts, completions, **kwargs):
-        from cai_engine.schema import Message
+        from cai_engine.constitution.model import Message
 
         tasks = []
         for prompt, completion in zip(prompts, completions):

@@ -1,7 +1,7 @@
 """Every record in one place: what components exchange (``components``), what stages write and read (``stages``),
 the runtime guard's state and result (``guard``), and what an evaluation measured (``evaluation``)."""
 
-from .components import (
+from cai_engine.records.components import (
     ComparisonTask,
     Conversation,
     Critique,
@@ -15,7 +15,7 @@ from .components import (
     Violation,
     as_conversation,
 )
-from .evaluation import (
+from cai_engine.records.evaluation import (
     EvalResults,
     Evasiveness,
     Example,
@@ -28,12 +28,12 @@ from .evaluation import (
     Pairwise,
     Rate,
 )
-from .guard import (
+from cai_engine.records.guard import (
     GuardResult,
     GuardRound,
     GuardState,
 )
-from .stages import (
+from cai_engine.records.stages import (
     GateResult,
     PreferenceExportManifest,
     PreferenceRecord,

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..schema import ComparisonExample, CritiqueExample, Message, Principle
+from cai_engine.constitution.model import ComparisonExample, CritiqueExample, Message, Principle
 
 Conversation = list[Message]
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .stages import GateResult, _Stored
+from cai_engine.records.stages import GateResult, _Stored
 
 
 class Rate(_Stored):

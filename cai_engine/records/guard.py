@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..schema import Message
-from .components import Critique, Violation
+from cai_engine.constitution.model import Message
+from cai_engine.records.components import Critique, Violation
 
 
 class GuardRound(BaseModel):

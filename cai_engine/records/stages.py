@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..schema import Message
-from .components import Conversation
+from cai_engine.constitution.model import Message
+from cai_engine.records.components import Conversation
 
 
 class _Stored(BaseModel):

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from cai_engine import CritiqueTask, Message, Registry, Runtime, load_prompts, make_plugin_manager
-from cai_engine.constitutions import lint
-from cai_engine.engine import Engine
-from cai_engine.resources import data_dir
+from cai_engine.constitution.load import lint
+from cai_engine.files.resources import data_dir
+from cai_engine.guard.engine import Engine
 
 
 @pytest.fixture

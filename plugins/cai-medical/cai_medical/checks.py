@@ -10,7 +10,7 @@ once the conversation shows authorization. The repair replaces the identifiers, 
 why.
 
 ``medical.caveat`` needs a clinician caveat for doses, dose changes, diagnoses and treatment plans, and treats "you
-don't need to ask your doctor" as a violation, not as the caveat (negation-aware; see ``cai_engine.text_checks``).
+don't need to ask your doctor" as a violation, not as the caveat (negation-aware; see ``cai_engine.checks.text``).
 """
 
 from __future__ import annotations

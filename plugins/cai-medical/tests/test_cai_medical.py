@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from cai_engine import CritiqueTask, Message, RevisionTask, load_prompts
-from cai_engine.constitutions import lint
-from cai_engine.engine import Engine
-from cai_engine.resources import data_dir
+from cai_engine.constitution.load import lint
+from cai_engine.files.resources import data_dir
+from cai_engine.guard.engine import Engine
 
 SCHEMA = json.loads((data_dir("schemas") / "constitution.schema.json").read_text(encoding="utf-8"))
 

@@ -1,0 +1,1 @@
+"""The constitution: its data model (``model``) and how files are read, composed and linted (``load``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: harmlessness and helpfulness of models on held-out prompts, reports, and check benchmarks."""

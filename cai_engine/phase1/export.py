@@ -1,0 +1,157 @@
+"""The SFT export of a phase-1 run: accepted revisions mixed with helpfulness samples, in TRL's conversational format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai_engine.constitution.model import Message
+from cai_engine.errors import RunError
+from cai_engine.files.jsonl import write_json, write_jsonl
+from cai_engine.files.outputs import write_atomic
+from cai_engine.records import SFTExample, SFTExportManifest, SLRecord
+from cai_engine.store.cards import dataset_card
+from cai_engine.store.runs import RunDirectory
+
+
+class ExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_on: Literal["all_rounds", "last_round"] = Field(
+        "all_rounds", description="Train on every accepted revision, or only each item's final one."
+    )
+    helpful_ratio: float = Field(
+        0.27, ge=0, lt=1, description="Share of helpfulness samples in the mix (the paper used about 27%)."
+    )
+    heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out as the test split.")
+    seed: int = Field(0, description="Seeds which helpfulness samples are used.")
+    max_repeats: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most N revisions with the same reply (case and spacing ignored), chosen by a hash of "
+        "the prompt id; None keeps them all. A capable reviser often answers dozens of red-team prompts with one "
+        "stock refusal, and a small policy trained on them learns to refuse anything that sounds dangerous.",
+    )
+
+
+def _bucket(prompt_id: str) -> float:
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _reply_key(example: SFTExample) -> str:
+    return _norm(example.messages[-1].content)
+
+
+def _cap_repeats(revisions: list[SFTExample], cap: int | None) -> list[SFTExample]:
+    """At most ``cap`` revisions per reply; which prompts keep theirs depends on the prompt ids only (stable)."""
+    if cap is None:
+        return revisions
+    ranked = sorted(range(len(revisions)), key=lambda i: (_bucket("repeats:" + revisions[i].prompt_id), i))
+    counts: dict[str, int] = {}
+    kept = set()
+    for index in ranked:
+        key = _reply_key(revisions[index])
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] <= cap:
+            kept.add(index)
+    return [r for i, r in enumerate(revisions) if i in kept]
+
+
+def _collect(record: SLRecord, options: ExportOptions, revisions: list[SFTExample], helpful: list[SFTExample]) -> None:
+    if record.kind == "helpful":
+        if record.final_response is not None:
+            helpful.append(_example(record, record.final_response, "helpful"))
+        return
+    accepted = [r for r in record.rounds if r.accepted and r.revision]
+    if options.train_on == "last_round":
+        accepted = accepted[-1:]
+    for entry in accepted:
+        assert entry.revision is not None
+        revisions.append(_example(record, entry.revision, "revision", entry.round, entry.principle_id))
+
+
+def export_sft(
+    run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
+
+    Revisions beyond ``max_repeats`` copies of one reply are dropped first; revisions and helpfulness samples are
+    then mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
+    prompt (every example of a prompt lands on the same side). Loads with
+    ``datasets.load_dataset("json", data_files={"train": ".../train.jsonl", "test": ".../test.jsonl"})``.
+    """
+    options = options if isinstance(options, ExportOptions) else ExportOptions.model_validate(options or {})
+    directory = RunDirectory(run, "sl", SLRecord)
+    manifest = directory.manifest()
+    if manifest.get("kind") != "sl":
+        raise RunError(f"{run}: not an SL-CAI run directory")
+    revisions: list[SFTExample] = []
+    helpful: list[SFTExample] = []
+    for record in directory.records():
+        if not record.error:
+            _collect(record, options, revisions, helpful)
+    if not revisions and not helpful:
+        raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
+    collected = len(revisions)
+    revisions = _cap_repeats(revisions, options.max_repeats)
+    rng = random.Random(options.seed)
+    rng.shuffle(helpful)
+    wanted = round(options.helpful_ratio / (1 - options.helpful_ratio) * len(revisions)) if revisions else len(helpful)
+    mix = revisions + helpful[:wanted]
+    seen, unique = set(), []
+    for example in mix:
+        key = json.dumps([(m.role, _norm(m.content)) for m in example.messages])
+        if key not in seen:
+            seen.add(key)
+            unique.append(example)
+    test = [e for e in unique if _bucket(e.prompt_id) < options.heldout]
+    train = [e for e in unique if _bucket(e.prompt_id) >= options.heldout]
+    if options.heldout and not test and len({e.prompt_id for e in train}) > 1:
+        moved = train[-1].prompt_id  # a tiny run still gets a test split
+        test = [e for e in train if e.prompt_id == moved]
+        train = [e for e in train if e.prompt_id != moved]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        write_jsonl(out / f"{name}.jsonl", rows)
+    summary = SFTExportManifest(
+        source_run=str(run),
+        train=len(train),
+        test=len(test),
+        revisions=sum(e.source == "revision" for e in unique),
+        helpful=sum(e.source == "helpful" for e in unique),
+        duplicates_dropped=len(mix) - len(unique),
+        repeats_dropped=collected - len(revisions),
+        helpful_available=len(helpful),
+        helpful_wanted=wanted,
+        options=options.model_dump(),
+        constitution=manifest.get("provenance", {}).get("constitution"),
+    )
+    write_json(out / "export.json", summary)
+    write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
+    return summary.to_json()
+
+
+def _example(
+    record: SLRecord,
+    answer: str,
+    source: Literal["revision", "helpful"],
+    round_number: int | None = None,
+    principle_id: str | None = None,
+) -> SFTExample:
+    return SFTExample(
+        messages=[*record.conversation, Message(role="assistant", content=answer)],
+        prompt_id=record.key,
+        source=source,
+        round=round_number,
+        principle_id=principle_id,
+    )

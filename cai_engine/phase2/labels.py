@@ -1,0 +1,317 @@
+"""Phase 2, RLAIF: preference labels from the judge, the judge quality gate, human feedback, and TRL exports.
+
+Two recipes make pairs: ``judged`` samples two responses per prompt and has the judge compare them against
+randomly drawn comparison principles, in both orders (the paper); ``revision`` takes phase-1 records and prefers
+each final revision over the initial response (the Hugging Face recipe). Abstentions are recorded and counted;
+they never become labels."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from cai_engine.constitution.model import Constitution, Phase
+from cai_engine.errors import ConfigError, RunError
+from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
+from cai_engine.plugins.refs import ComponentRef
+from cai_engine.prompts.sets import (
+    PromptItem,
+    load_prompt_file,
+    load_prompts,
+    load_training_sources,
+    source_limit,
+    source_list,
+)
+from cai_engine.records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
+from cai_engine.store.runs import RunDirectory, now
+from cai_engine.store.shards import Shard, ShardField, shard_field
+
+
+class RLConfig(BaseModel):
+    """Everything a labelling run depends on. Flags of ``cai rl label`` override a ``--config`` file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    constitution: str = Field("harmless", description="Constitution name or file (its rl principles are used).")
+    recipe: Literal["judged", "revision"] = Field(
+        "judged",
+        description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
+        "phase-1 revision over its original response.",
+    )
+    prompts: str | list[str] = Field(
+        "builtin:red-team",
+        description="Prompts to sample pairs for (recipe 'judged'): one source or a list (e.g. [builtin:red-team, "
+        "builtin:borderline], the second teaching that a harmless request that sounds dangerous deserves an answer).",
+    )
+    field: str | None = Field(None, description="Which field of the prompt file holds the prompt.")
+    limit: PositiveInt | dict[str, PositiveInt] | None = Field(
+        None,
+        description="Use only the first N prompts (records for 'revision'): of each source, or per source as a "
+        "mapping such as {builtin:red-team: 64} (sources it does not name are used whole).",
+    )
+    sl_run: str | None = Field(None, description="The phase-1 run directory (recipe 'revision').")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The policy that samples the pairs (e.g. the SFT checkpoint).")
+    sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="model", options={"temperature": 1.0}))
+    judge: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="logprob"),
+        description="The feedback model; its own `model` option may differ from the policy.",
+    )
+    judge_model: ModelRef | None = Field(None, description="Shortcut for judge.options.model.")
+    principles_per_label: int = Field(1, ge=1, le=16, description="Principles per comparison (>1: an ensemble).")
+    allow_heldout: bool = Field(False, description="Allow an evaluation-only prompt set as training data.")
+    seed: int = Field(0)
+    batch_size: int = Field(8, ge=1, le=256)
+    shard: ShardField = shard_field("label")
+
+    @model_validator(mode="after")
+    def _recipe_inputs(self) -> RLConfig:
+        if self.recipe == "revision" and not self.sl_run:
+            raise ValueError("recipe 'revision' needs sl_run (a phase-1 run directory)")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"limit", "batch_size"})
+
+    @property
+    def prompt_sources(self) -> list[str]:
+        return source_list(self.prompts)
+
+    def limit_for(self, source: str) -> int | None:
+        return source_limit(self.limit, source)
+
+    def sampler_ref(self) -> ComponentRef:
+        options = dict(self.sampler.options)
+        if self.sampler.name == "model":
+            options.setdefault("model", self.model)
+            options.setdefault("seed", self.seed)
+        return ComponentRef(name=self.sampler.name, options=options)
+
+    def judge_ref(self) -> ComponentRef:
+        options = dict(self.judge.options)
+        options.setdefault("model", self.judge_model or self.model)
+        return ComponentRef(name=self.judge.name, options=options)
+
+
+def _rng(seed: int, key: str) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big"))
+
+
+def draw_principles(
+    runtime: Runtime, constitution: Constitution, item: dict[str, Any], k: int, rng: random.Random
+) -> list:
+    """``k`` distinct rl principles for one comparison, through the ``cai_select_principles`` hook."""
+    candidates = constitution.for_phase(Phase.rl)
+    if not candidates:
+        raise ConfigError(f"constitution {constitution.name!r} has no principles for the rl phase")
+    chosen: list = []
+    for round_index in range(k * 4):
+        if len(chosen) == min(k, len(candidates)):
+            break
+        pool = [p for p in candidates if p not in chosen]
+        pick = runtime.hooks.select_principles(
+            constitution=constitution, candidates=pool, item=item, phase=Phase.rl, round=round_index, rng=rng
+        )
+        if pick:
+            chosen.append(pick[0])
+    return chosen
+
+
+class LabelRun:
+    def __init__(self, config: RLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.runtime = runtime or Runtime.default()
+        self.constitution = self.runtime.registry.constitution(config.constitution)
+        self.judge = config.judge_ref().build("judge", self.runtime)
+        self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
+        self.dir = RunDirectory(out, "rl", PreferenceRecord)
+        self.items: list[tuple[str, Any]]
+        if config.recipe == "judged":
+            self.items = [
+                ("pair", item)
+                for item in load_training_sources(
+                    config.prompt_sources,
+                    self.runtime.registry,
+                    field=config.field,
+                    limit_for=config.limit_for,
+                    allow_heldout=config.allow_heldout,
+                    kept_as="pairs",
+                )
+            ]
+        else:
+            assert config.sl_run is not None  # the config's validator requires it for this recipe
+            sl = RunDirectory(config.sl_run, "sl", SLRecord)
+            sl.manifest()
+            records = [r for r in sl.records() if r.kind == "red-team" and r.revised]
+            if not records:
+                raise RunError(f"{config.sl_run}: has no revised red-team records to build pairs from")
+            self.items = [("revision", r) for r in records][: config.limit_for(config.sl_run)]
+        if config.shard:
+            shard = Shard.parse(config.shard)
+            self.items = [(kind, item) for kind, item in self.items if shard.owns(item.id)]
+        self.provenance = {
+            "constitution": {
+                "name": self.constitution.name,
+                "version": self.constitution.version,
+                "hash": self.constitution.content_hash(),
+            },
+            "recipe": config.recipe,
+            "seed": config.seed,
+        }
+
+    def run(self, *, progress: bool = True) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        resumed = self.dir.open(
+            self.config.fingerprint(), {"config": self.config.model_dump(mode="json"), "provenance": self.provenance}
+        )
+        done = self.dir.done_ids()
+        todo = [(kind, item) for kind, item in self.items if self._key(kind, item) not in done]
+        began = time.perf_counter()
+        written = 0
+        with tqdm(total=len(todo), unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(todo), self.config.batch_size):
+                batch = todo[start : start + self.config.batch_size]
+                records = self._label(batch)
+                self.dir.append(records)
+                for record in records:
+                    self.runtime.emit(record, "preference")
+                written += len(records)
+                bar.update(len(batch))
+        summary = summarise_preferences(self.dir)
+        summary.update(
+            written=written, resumed=resumed, run_dir=str(self.dir.path), seconds=round(time.perf_counter() - began, 1)
+        )
+        return summary
+
+    @staticmethod
+    def _key(kind: str, item: Any) -> str:
+        return f"pair:{item.id}" if kind == "pair" else f"revision:{item.key}"
+
+    def _label(self, batch) -> list[PreferenceRecord]:
+        conversations, pairs, keys, meta = [], [], [], []
+        if self.config.recipe == "judged":
+            items = [item for _, item in batch]
+            assert self.sampler is not None
+            samples = self.sampler.sample([i.conversation for i in items], n=2)
+            for item, (a, b) in zip(items, samples):
+                conversations.append(item.conversation)
+                pairs.append((a, b))
+                keys.append(f"pair:{item.id}")
+                meta.append({"id": item.id, "category": item.category, "source": "ai"})
+        else:
+            for _, record in batch:
+                conversations.append(record.conversation)
+                pairs.append((record.final_response or "", record.initial_response or ""))
+                keys.append(f"revision:{record.key}")
+                meta.append({"id": record.id, "category": record.category, "source": "revision"})
+        tasks, task_index = [], []
+        principle_ids = []
+        for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
+            rng = _rng(self.config.seed, keys[i])
+            chosen = draw_principles(
+                self.runtime,
+                self.constitution,
+                {"id": meta[i]["id"], "conversation": conversation},
+                self.config.principles_per_label,
+                rng,
+            )
+            principle_ids.append([p.id for p in chosen])
+            if a.strip() and b.strip() and a.strip() != b.strip():
+                tasks.append(
+                    ComparisonTask(
+                        conversation=conversation,
+                        response_a=a,
+                        response_b=b,
+                        principles=chosen,
+                        examples=self.constitution.comparison_examples,
+                    )
+                )
+                task_index.append(i)
+        judgements = dict(zip(task_index, self.judge.compare(tasks))) if tasks else {}
+        judge_info = self.judge.describe()
+        records = []
+        for i, conversation in enumerate(conversations):
+            a, b = pairs[i]
+            judgement = judgements.get(i)
+            if judgement is None:
+                reason = "identical responses" if a.strip() == b.strip() else "an empty response"
+                record_judgement = StoredJudgement(abstained=True, reason=reason)
+                p_a = None
+            else:
+                record_judgement = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
+                p_a = judgement.p_a
+            if meta[i]["source"] == "revision":
+                label: float | None = (
+                    1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
+                )
+            else:
+                label = p_a
+            records.append(
+                PreferenceRecord(
+                    key=keys[i],
+                    id=meta[i]["id"],
+                    category=meta[i]["category"],
+                    source=meta[i]["source"],
+                    conversation=conversation,
+                    response_a=a,
+                    response_b=b,
+                    principle_ids=principle_ids[i],
+                    label=label,
+                    judgement=record_judgement,
+                    provenance={**self.provenance, "judge": judge_info},
+                    created=now(),
+                )
+            )
+        return records
+
+
+def run_labels(
+    config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Label (or resume labelling) preference pairs into ``out``."""
+    if not isinstance(config, RLConfig):
+        config = RLConfig.model_validate(config)
+    return LabelRun(config, out, runtime).run(progress=progress)
+
+
+def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
+    directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl", PreferenceRecord)
+    total = labelled = abstained = consistent = ordered = 0
+    by_source: dict[str, int] = {}
+    for record in directory.records():
+        total += 1
+        by_source[record.source] = by_source.get(record.source, 0) + 1
+        j = record.judgement
+        if j.abstained:
+            abstained += 1
+        elif j.p_a is not None and j.position_consistent is not None:
+            ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
+            consistent += j.position_consistent
+        labelled += record.label is not None
+    return {
+        "pairs": total,
+        "labelled": labelled,
+        "abstained": abstained,
+        "by_source": by_source,
+        "position_consistency": round(consistent / ordered, 4) if ordered else None,
+    }
+
+
+def load_prompt_items(source: str, registry: Any, limit: int | None = None) -> list[PromptItem]:
+    return load_prompts(source, registry, limit=limit) if ":" in source else load_prompt_file(source)[:limit]
+
+
+# The gate and the data helpers live in rl_gate.py and rl_data.py; their names stay importable from here.
+from cai_engine.phase2.gate import LabelledPair, judge_identity, load_labelled_pairs, measure_judge, run_gate  # noqa: E402, F401
+from cai_engine.phase2.preferences import (  # noqa: E402, F401 - re-exported
+    PreferenceExportOptions,
+    export_preferences,
+    export_review,
+    import_human,
+    merge_review,
+)

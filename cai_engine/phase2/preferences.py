@@ -1,0 +1,295 @@
+"""Preference data in and out of a labelling run: human labels, a review round trip, and the TRL preference export."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cai_engine.constitution.model import Message
+from cai_engine.errors import ConfigError, RunError, describe_validation
+from cai_engine.files.jsonl import append_jsonl, iter_jsonl, write_json, write_jsonl
+from cai_engine.files.outputs import write_atomic
+from cai_engine.phase2.gate import judge_identity
+from cai_engine.prompts.sets import iter_dataset_rows
+from cai_engine.records import (
+    GateResult,
+    PreferenceExportManifest,
+    PreferenceRecord,
+    PreferenceRow,
+    Review,
+    ReviewItem,
+)
+from cai_engine.store.cards import dataset_card
+from cai_engine.store.runs import RunDirectory, now
+
+TRANSCRIPT_TURN = r"\n\n(Human|Assistant):"
+
+
+def _as_messages(value: Any, where: str, default_role: str) -> list[Message]:
+    if isinstance(value, str):
+        return [Message(role=default_role, content=value)]  # type: ignore[arg-type]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        try:
+            return [Message(role=m["role"], content=m["content"]) for m in value]
+        except ValidationError:
+            pass
+    raise ConfigError(f"{where}: expected text or a list of {{role, content}} messages (system, user or assistant)")
+
+
+def _split_transcript(text: str) -> list[Message]:
+    import re
+
+    parts = re.split(TRANSCRIPT_TURN, "\n\n" + text.strip() if not text.startswith("\n\n") else text)
+    return [
+        Message(role="user" if role == "Human" else "assistant", content=content.strip())
+        for role, content in zip(parts[1::2], parts[2::2])
+    ]
+
+
+def import_human(path: str | Path) -> list[PreferenceRow]:
+    """Human preference pairs from the common Hugging Face layouts, as preference rows (source ``human``).
+
+    Accepted per line (JSONL) or per row (a ``datasets`` folder / parquet): ``prompt`` + ``chosen`` + ``rejected``
+    (text or messages, TRL's explicit-prompt format); or ``chosen`` + ``rejected`` full conversations sharing a
+    prefix (TRL's implicit-prompt format and Anthropic hh-rlhf's ``Human:/Assistant:`` transcripts). An optional
+    ``label`` / ``chosen_probability`` in [0, 1] gives a soft label.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    rows = (
+        iter_dataset_rows(path, ConfigError)
+        if path.is_dir() or path.suffix in (".parquet", ".arrow")
+        else iter_jsonl(path)
+    )
+    out = []
+    for where, row in rows:
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(
+                f"{where}: a preference row needs 'chosen' and 'rejected' (and optionally 'prompt'); found: {found}"
+            )
+        label = row.get("label", row.get("chosen_probability", 1.0))
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= float(label) <= 1:
+            raise ConfigError(f"{where}: label must be a number in [0, 1], got {label!r}")
+        if "prompt" in row and row["prompt"] not in (None, ""):
+            prompt = _as_messages(row["prompt"], where, "user")
+            chosen = _as_messages(row["chosen"], where, "assistant")
+            rejected = _as_messages(row["rejected"], where, "assistant")
+        else:
+            c = (
+                _split_transcript(row["chosen"])
+                if isinstance(row["chosen"], str)
+                else _as_messages(row["chosen"], where, "assistant")
+            )
+            r = (
+                _split_transcript(row["rejected"])
+                if isinstance(row["rejected"], str)
+                else _as_messages(row["rejected"], where, "assistant")
+            )
+            shared = 0
+            while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
+                shared += 1
+            prompt, chosen, rejected = c[:shared], c[shared:], r[shared:]
+        if not prompt or prompt[-1].role != "user" or not chosen or not rejected:
+            raise ConfigError(f"{where}: could not find a prompt ending with a user turn and two replies")
+        blob = json.dumps([m.model_dump() for m in prompt], sort_keys=True)
+        out.append(
+            PreferenceRow(
+                prompt=prompt,
+                chosen=chosen,
+                rejected=rejected,
+                chosen_probability=float(label),
+                source="human",
+                prompt_id="human:" + hashlib.sha1(blob.encode()).hexdigest()[:12],
+            )
+        )
+    if not out:
+        raise ConfigError(f"{path}: contains no preference pairs")
+    return out
+
+
+def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[str, Any]:
+    """The judge's least confident and most disputed pairs, as a JSONL file for human review.
+
+    Abstentions come first, then pairs whose two orders disagreed, then by closeness of the label to 0.5. Reviewers
+    fill ``human_choice`` with "a", "b" or a probability that A is better; `merge_review` brings them back.
+    """
+    directory = RunDirectory(run, "rl", PreferenceRecord)
+    rows = []
+    for record in directory.records():
+        p = record.label
+        consistent = record.judgement.position_consistent
+        priority = (0 if p is None else 1 if consistent is False else 2, abs(p - 0.5) if p is not None else 0)
+        rows.append(
+            (
+                priority,
+                ReviewItem(
+                    key=record.key,
+                    conversation=record.conversation,
+                    response_a=record.response_a,
+                    response_b=record.response_b,
+                    ai_p_a=p,
+                    position_consistent=consistent,
+                    principle_ids=record.principle_ids,
+                ),
+            )
+        )
+    rows.sort(key=lambda r: r[0])
+    chosen = [r for _, r in rows[:count]]
+    write_jsonl(out, chosen)
+    return {"exported": len(chosen), "out": str(out)}
+
+
+def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
+    """Bring reviewed labels back: they override the AI label of their pair at export (source ``human-review``)."""
+    directory = RunDirectory(run, "rl", PreferenceRecord)
+    keys = directory.done_ids()
+    merged, skipped, lines = 0, 0, []
+    for where, row in iter_jsonl(reviewed):
+        if row.get("key") not in keys:
+            raise ConfigError(f"{where}: key {row.get('key')!r} is not a pair of {run}")
+        choice = row.get("human_choice")
+        if choice is None:
+            skipped += 1
+            continue
+        if choice in ("a", "A"):
+            p = 1.0
+        elif choice in ("b", "B"):
+            p = 0.0
+        elif isinstance(choice, (int, float)) and not isinstance(choice, bool) and 0 <= choice <= 1:
+            p = float(choice)
+        else:
+            raise ConfigError(f"{where}: human_choice must be 'a', 'b' or a probability in [0, 1], got {choice!r}")
+        lines.append(Review(key=row["key"], p_a=p, reviewed=now()))
+        merged += 1
+    append_jsonl(Path(run) / "reviews.jsonl", lines)
+    return {"merged": merged, "skipped_unreviewed": skipped}
+
+
+class PreferenceExportOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_confidence: float = Field(0.0, ge=0, lt=0.5, description="Drop AI labels with |p - 0.5| below this.")
+    heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts in the test split.")
+    human: list[str] = Field(default_factory=list, description="Human preference files to mix in.")
+
+
+def _bucket(key: str) -> float:
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def read_reviews(run: str | Path) -> dict[str, float]:
+    """The reviewed labels of a run (``reviews.jsonl``): P(A is better) by pair key, the latest review winning."""
+    path = Path(run) / "reviews.jsonl"
+    if not path.exists():
+        return {}
+    reviews = {}
+    for where, row in iter_jsonl(path, RunError):
+        try:
+            review = Review.model_validate(row)
+        except ValidationError as exc:
+            raise RunError(f"{where}: not a review line ({describe_validation(exc)}); was the file edited?") from None
+        reviews[review.key] = review.p_a
+    return reviews
+
+
+def read_gate(run: str | Path) -> GateResult | None:
+    """The run's judge gate result (``gate.json``), or None when the judge was not measured."""
+    path = Path(run) / "gate.json"
+    if not path.exists():
+        return None
+    try:
+        return GateResult.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise RunError(f"{path}: not a gate result ({describe_validation(exc)}); rerun `cai rl gate`") from None
+
+
+def export_preferences(
+    run: str | Path, out: str | Path, options: PreferenceExportOptions | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``train.jsonl``/``test.jsonl`` in TRL's conversational preference format plus a soft label.
+
+    Each row: ``prompt`` (messages), ``chosen`` and ``rejected`` (assistant messages), ``chosen_probability`` (how
+    sure the label is that ``chosen`` is better, in [0.5, 1] for AI labels), ``source`` (ai, revision, human,
+    human-review). The run's judge gate result is carried into ``export.json`` for the trainers.
+    """
+    options = (
+        options
+        if isinstance(options, PreferenceExportOptions)
+        else PreferenceExportOptions.model_validate(options or {})
+    )
+    directory = RunDirectory(run, "rl", PreferenceRecord)
+    manifest = directory.manifest()
+    if manifest.get("kind") != "rl":
+        raise RunError(f"{run}: not a preference-labelling (rl) run directory")
+    reviews = read_reviews(run)
+    rows: list[PreferenceRow] = []
+    abstained = filtered = 0
+    labelling_judges = set()
+    for record in directory.records():
+        p = record.label
+        source: Literal["ai", "revision", "human-review"] = record.source
+        if source == "ai":
+            labelling_judges.add(json.dumps(judge_identity(record.provenance.get("judge")), sort_keys=True))
+        if record.key in reviews:
+            p, source = reviews[record.key], "human-review"
+        if p is None:
+            abstained += 1
+            continue
+        if source == "ai" and abs(p - 0.5) < options.min_confidence:
+            filtered += 1
+            continue
+        if p == 0.5:
+            filtered += 1
+            continue
+        better, worse = (record.response_a, record.response_b) if p > 0.5 else (record.response_b, record.response_a)
+        rows.append(
+            PreferenceRow(
+                prompt=record.conversation,
+                chosen=[Message(role="assistant", content=better)],
+                rejected=[Message(role="assistant", content=worse)],
+                chosen_probability=max(p, 1 - p),
+                source=source,
+                prompt_id=record.key,
+                principle_ids=record.principle_ids,
+            )
+        )
+    for human_file in options.human:
+        rows += import_human(human_file)
+    if not rows:
+        raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
+    test = [r for r in rows if _bucket(r.prompt_id) < options.heldout]
+    train = [r for r in rows if _bucket(r.prompt_id) >= options.heldout]
+    if options.heldout and not test and len(train) > 1:
+        test, train = train[-1:], train[:-1]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", train), ("test", test)):
+        write_jsonl(out / f"{name}.jsonl", part)
+    gate = read_gate(run)
+    gate_matches = None
+    if gate is not None and labelling_judges:
+        gate_matches = labelling_judges == {json.dumps(judge_identity(gate.judge), sort_keys=True)}
+    sources: dict[str, int] = {}
+    for r in rows:
+        sources[r.source] = sources.get(r.source, 0) + 1
+    summary = PreferenceExportManifest(
+        source_run=str(run),
+        train=len(train),
+        test=len(test),
+        sources=sources,
+        abstained_excluded=abstained,
+        filtered_low_confidence=filtered,
+        options=options.model_dump(),
+        judge_gate=gate,
+        judge_gate_matches=gate_matches,
+        constitution=manifest.get("provenance", {}).get("constitution"),
+    )
+    write_json(out / "export.json", summary)
+    write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
+    return summary.to_json()

@@ -1,0 +1,262 @@
+"""What a plugin implements: one abstract base class per kind of component.
+
+Every component has a ``name`` (the key users write in config), a nested pydantic ``Options`` model that rejects
+unknown keys and is validated when a pipeline is *built* (before any model loads), and batch-first methods: a list
+in, a list of the same length out, so backends can batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cai_engine.constitution.model import Message
+from cai_engine.errors import ConfigError, describe_validation
+
+if TYPE_CHECKING:
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.records import (
+        ComparisonTask,
+        Conversation,
+        Critique,
+        CritiqueTask,
+        Judgement,
+        Revision,
+        RevisionTask,
+        Score,
+        ScoringTask,
+    )
+
+
+class Options(BaseModel):
+    """Base for component options: unknown keys are errors, every field is described."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def options_error(kind: str, name: str, exc: ValidationError) -> str:
+    detail = describe_validation(exc, empty="(options)", unknown="unknown option; check its spelling")
+    return f"invalid options for {kind} {name!r}: {detail}"
+
+
+_BaseOptions = Options  # the module-level class, for annotations inside Component (whose Options attribute shadows it)
+
+
+class Component(ABC):
+    """Shared plumbing: options validation and access to the runtime (registry + loaded models)."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "component"
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: _BaseOptions | dict[str, Any] | None = None, runtime: Runtime | None = None) -> None:
+        self.options = self.validate_options(options)
+        self._runtime = runtime
+
+    @classmethod
+    def validate_options(cls, options: _BaseOptions | dict[str, Any] | None) -> Any:
+        """Validate raw options; raises ConfigError naming the component and each bad field."""
+        if isinstance(options, cls.Options):
+            return options
+        try:
+            return cls.Options.model_validate(options or {})
+        except ValidationError as exc:
+            raise ConfigError(options_error(cls.kind, cls.name, exc)) from None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime this component was built with (``runtime.component(...)`` passes it); a component made by hand
+        without one uses the process's shared ``Runtime.default()``, never a new model pool of its own."""
+        if self._runtime is None:
+            from cai_engine.models.runtime import Runtime
+
+            self._runtime = Runtime.default()
+        return self._runtime
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: the registry name and the options as used."""
+        return {"name": self.name, "options": self.options.model_dump(mode="json")}
+
+
+class Sampler(Component):
+    """Produces assistant responses to conversations."""
+
+    kind = "sampler"
+
+    @abstractmethod
+    def sample(self, conversations: Sequence[Conversation], n: int = 1) -> list[list[str]]:
+        """Return ``n`` responses for each conversation, in order."""
+
+
+class Critic(Component):
+    """Critiques a response against a principle and says whether it must change."""
+
+    kind = "critic"
+
+    @abstractmethod
+    def critique(self, tasks: Sequence[CritiqueTask]) -> list[Critique]:
+        """Return one Critique per task, in order."""
+
+
+class Reviser(Component):
+    """Rewrites a response so it follows a principle (using the critique when there is one)."""
+
+    kind = "reviser"
+
+    @abstractmethod
+    def revise(self, tasks: Sequence[RevisionTask]) -> list[Revision]:
+        """Return one Revision per task, in order; a rejected revision keeps the input text."""
+
+    def unchanged(self, task: RevisionTask, reason: str = "nothing to repair") -> Revision:
+        """The revision that keeps the response as it is (a deterministic reviser found nothing to repair)."""
+        from cai_engine.records import Revision
+
+        return Revision(
+            principle_id=task.principle.id, text=task.response, accepted=True, reason=reason, reviser=self.name
+        )
+
+
+class Judge(Component):
+    """Compares two responses against principles; may also score one response pointwise."""
+
+    kind = "judge"
+
+    @abstractmethod
+    def compare(self, tasks: Sequence[ComparisonTask]) -> list[Judgement]:
+        """Return one Judgement per task, in order; abstain (``p_a=None``) rather than guess."""
+
+    def score(self, tasks: Sequence[ScoringTask]) -> list[Score]:
+        """Pointwise 1-10 scores. Judges that cannot score raise NotImplementedError."""
+        raise NotImplementedError(f"judge {self.name!r} does not score single responses; use the 'pointwise' judge")
+
+
+class Trainer(Component):
+    """Trains a model on an exported dataset and writes a safetensors checkpoint that loads back as a model."""
+
+    kind = "trainer"
+
+    @abstractmethod
+    def train(self, dataset: str | Path, output_dir: str | Path) -> dict[str, Any]:
+        """Train and return a summary (checkpoint path, metrics)."""
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to render with the model's chat layout, plus text the assistant's turn starts with.
+
+    ``assistant_prefix`` lets a component put words in the model's mouth ("The answer is: (") so the next token
+    is the one it wants to read.
+    """
+
+    messages: Sequence[Message]
+    assistant_prefix: str = ""
+
+
+# What backends accept: raw text (sent as is), a conversation, or a ChatPrompt.
+Prompt = Union[str, Sequence["Message"], ChatPrompt]  # noqa: UP007 - a runtime alias with a forward reference
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the first occurrence of any stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for marker in stop:
+        if marker:
+            found = text.find(marker)
+            if found != -1:
+                cut = min(cut, found)
+    return text[:cut]
+
+
+class GenerationSettings(BaseModel):
+    """Sampling settings every backend understands."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens.")
+    temperature: float = Field(0.0, ge=0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(1.0, ge=1.0, description=">1 discourages repeating tokens (small models loop).")
+    stop: tuple[str, ...] = Field((), description="Generation stops at the first of these strings (not included).")
+    seed: int | None = Field(None, description="Seed for sampling; the same seed and inputs give the same output.")
+
+
+class Backend(ABC):
+    """A language-model runtime. One instance serves every role that names the same model."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "backend"
+
+    class Options(Options):
+        model: str = Field(description="What to load: a name, a folder, a file or a URL (the backend says which).")
+
+    def __init__(self, options: Options | dict[str, Any]) -> None:
+        self.options = self.validate_options(options)
+
+    @classmethod
+    def validate_options(cls, options: Options | dict[str, Any]) -> Any:
+        """Validate raw options without loading anything; raises ConfigError naming each bad field."""
+        if isinstance(options, cls.Options):
+            return options
+        try:
+            return cls.Options.model_validate(options)
+        except ValidationError as exc:
+            raise ConfigError(options_error("backend", cls.name, exc)) from None
+
+    @property
+    def model_id(self) -> str:
+        """A stable identifier of the loaded model, written into records."""
+        return self.options.model
+
+    @property
+    def has_chat_template(self) -> bool:
+        return False
+
+    @property
+    def path_summary(self) -> str:
+        """How this backend runs its model, in a few words (printed when a run loads it)."""
+        return self.name
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings) -> list[str]:
+        """Continue each prompt; return only the new text, cut at the first stop string."""
+
+    @abstractmethod
+    def continuation_logprobs(
+        self, prompts: Sequence[Prompt], continuations: Sequence[Sequence[str]]
+    ) -> list[list[float | None]]:
+        """For each prompt, the summed log-probability of each candidate continuation.
+
+        None marks a continuation the backend could not score (e.g. not among a server's top log-probs); callers
+        abstain rather than guess.
+        """
+
+    def chat_messages(self, conversation: Conversation) -> list[dict[str, str]]:
+        """The conversation as chat-template messages, with the backend's ``system_prompt`` option (when it has one
+        and is set) added to a conversation that has no system turn."""
+        messages = [m.model_dump() for m in conversation]
+        system = getattr(self.options, "system_prompt", None)
+        if system is not None and (not messages or messages[0]["role"] != "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+
+    def format_chat(self, conversation: Conversation, *, add_generation_prompt: bool = True) -> str:
+        """Render a conversation as the prompt text this model expects (chat template or transcript)."""
+        from cai_engine.text.layouts import transcript
+
+        return transcript(conversation, add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        """Approximate when the backend has no tokenizer at hand."""
+        return max(1, len(text) // 4)
+
+    @property
+    def context_length(self) -> int | None:
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional for subclasses, a no-op by default
+        """Release resources (servers, threads); called when the runtime shuts down."""

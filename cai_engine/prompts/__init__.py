@@ -1,0 +1,1 @@
+"""Prompt sets: registered collections and users' own files, read into prompt items."""
