@@ -36,12 +36,15 @@ test: setup-test lint
 test-quick: setup-test
 	$(BIN)/python -m pytest -q -m "not slow and not model and not server"
 
-# ruff lints and checks formatting, mypy checks the types of the core and the plugins (settings in pyproject.toml);
-# `ruff format .` fixes the formatting.
+# ruff lints and checks formatting, mypy checks the types of the core and the plugins, lint-imports checks the layers
+# (settings in pyproject.toml); tools/architecture.py fails on import cycles and on a stale docs/architecture.md.
+# `ruff format .` fixes the formatting, `python tools/architecture.py --write docs/architecture.md` the page.
 lint: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python tools/architecture.py --check docs/architecture.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

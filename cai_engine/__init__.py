@@ -5,8 +5,6 @@ The public API lives here; plugins import only from this top level.
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
-
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
 from cai_engine.constitution.load import lint, load_constitution
 from cai_engine.constitution.model import (
@@ -30,8 +28,8 @@ from cai_engine.errors import (
     RunError,
     UnknownComponentError,
 )
-from cai_engine.models.catalog import CatalogModel, Package
 from cai_engine.models.runtime import Runtime
+from cai_engine.plugins.catalog import CatalogModel, Package
 from cai_engine.plugins.components import (
     Backend,
     ChatPrompt,
@@ -45,7 +43,8 @@ from cai_engine.plugins.components import (
     Trainer,
 )
 from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.plugins.manager import Registry, make_plugin_manager
+from cai_engine.plugins.manager import make_plugin_manager
+from cai_engine.plugins.registry import Registry
 from cai_engine.prompts.sets import PromptItem, PromptSet, load_prompts
 from cai_engine.records import (
     ComparisonTask,
@@ -58,6 +57,7 @@ from cai_engine.records import (
     ScoringTask,
     Violation,
 )
+from cai_engine.version import __version__
 
 __all__ = [
     "Backend",

@@ -13,8 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.files.jsonl import write_json
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
-from cai_engine.phase1.revise import ExportOptions, SLConfig, export_sft, run_sl
-from cai_engine.phase2.labels import PreferenceExportOptions, RLConfig, export_preferences, run_gate, run_labels
+from cai_engine.phase1.export import ExportOptions, export_sft
+from cai_engine.phase1.revise import SLConfig, run_sl
+from cai_engine.phase2.gate import run_gate
+from cai_engine.phase2.labels import RLConfig, run_labels
+from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
 ALL_STAGES = (*STAGES, "eval")

@@ -126,7 +126,7 @@ def cai_pm():
 
 @pytest.fixture
 def cai_registry(cai_pm):
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
 
     return Registry(cai_pm)
 

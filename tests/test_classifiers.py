@@ -264,7 +264,7 @@ def test_a_fine_tuned_classifier_trains_calibrates_and_loads_in_a_transformers_p
     from transformers import pipeline
 
     from cai_engine.classifiers.finetune import FinetuneConfig, FinetunedClassifier, train_finetuned
-    from cai_engine.classifiers.probe import load_classifier
+    from cai_engine.classifiers.load import load_classifier
 
     dataset = _synthetic_dataset(tmp_path / "dataset", n=120)
     out = tmp_path / "input-ft"

@@ -127,9 +127,9 @@ def test_env_lists_versions_plugins_and_paths(cli_runner):
 
 def test_runs_print_how_each_model_runs_when_it_loads(tiny_model, capsys):
     """The run header: each model the CLI's runtime loads is announced once, with the path it takes."""
-    from cai_engine.cli.base import _runtime
+    from cai_engine.cli.base import current_runtime
 
-    runtime = _runtime()
+    runtime = current_runtime()
     runtime.backend(str(tiny_model))
     runtime.backend(str(tiny_model))  # already loaded: not announced again
     err = capsys.readouterr().err

@@ -17,7 +17,7 @@ from cai_engine import (
     make_plugin_manager,
 )
 from cai_engine.models.runtime import Runtime
-from cai_engine.plugins.manager import Registry
+from cai_engine.plugins.registry import Registry
 from cai_engine.text.layouts import clean_revision, transcript_block
 
 pytestmark = pytest.mark.slow

@@ -91,7 +91,8 @@ def test_a_batch_through_sampler_critic_reviser_and_judge(runtime):
 def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
     """Phase 1 end to end on SmolLM2: a tiny SL-CAI run, export, a few SFT steps, and the checkpoint generates."""
     from cai_engine import GenerationSettings
-    from cai_engine.phase1.revise import export_sft, run_sl
+    from cai_engine.phase1.export import export_sft
+    from cai_engine.phase1.revise import run_sl
 
     summary = run_sl(
         {
@@ -123,7 +124,8 @@ def test_sl_export_and_sft_on_the_default_model(runtime, tmp_path):
 def test_phase_two_on_the_default_model(runtime, tmp_path):
     """Labels with both orders and soft labels; a preference model with held-out accuracy; DPO and GRPO steps."""
     from cai_engine import GenerationSettings
-    from cai_engine.phase2.labels import export_preferences, run_labels
+    from cai_engine.phase2.labels import run_labels
+    from cai_engine.phase2.preferences import export_preferences
 
     summary = run_labels(
         {

@@ -147,15 +147,15 @@ def test_response_cache_follows_the_weights_not_only_the_path(tiny_model, tmp_pa
     import os
     import shutil
 
-    from cai_engine.evaluation.run import _slug
+    from cai_engine.evaluation.config import slug
 
     model = tmp_path / "sft-model"
     shutil.copytree(tiny_model, model)
-    before = _slug(str(model))
-    assert _slug(str(model)) == before and _slug("smollm2") == _slug("smollm2")
+    before = slug(str(model))
+    assert slug(str(model)) == before and slug("smollm2") == slug("smollm2")
     weights = next(p for p in model.iterdir() if p.suffix == ".safetensors")
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert _slug(str(model)) != before
+    assert slug(str(model)) != before
 
 
 @pytest.mark.slow

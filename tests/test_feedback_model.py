@@ -9,8 +9,9 @@ import pytest
 from cai_engine import ConfigError, Message, RevisionTask
 from cai_engine.models.options import ModelOptions, with_model
 from cai_engine.models.runtime import Runtime
-from cai_engine.phase1.revise import SLConfig, SLRun, export_sft
-from cai_engine.plugins.manager import Registry
+from cai_engine.phase1.export import export_sft
+from cai_engine.phase1.revise import SLConfig, SLRun
+from cai_engine.plugins.registry import Registry
 from cai_engine.stats import format_rate, rate, wilson_interval
 from cai_engine.store.runs import RunDirectory
 from cai_engine.testing import ScriptedPlugin
@@ -258,7 +259,7 @@ def test_wilson_intervals_and_rates():
 
 
 def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
-    from cai_engine.phase2.labels import load_labelled_pairs, measure_judge
+    from cai_engine.phase2.gate import load_labelled_pairs, measure_judge
 
     pairs = load_labelled_pairs("builtin:judge-pairs")
     judge = scripted_runtime.component("judge", "scripted")
@@ -298,7 +299,7 @@ def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_p
 
 
 def test_export_checks_the_gate_measured_the_labelling_judge(tmp_path):
-    from cai_engine.phase2.labels import export_preferences
+    from cai_engine.phase2.preferences import export_preferences
 
     run = RunDirectory(tmp_path / "rl", "rl")
     run.open({"x": 1})

@@ -357,7 +357,7 @@ class Screener:
 
 def screen_engine(cai_runtime, tmp_path, results, **guard):
     from cai_engine.models.runtime import Runtime
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
 
     screener = Screener(results)
     cai_runtime.pm.register(screener)
@@ -645,7 +645,7 @@ LEAKY = {
 @pytest.fixture
 def leaky_runtime(cai_runtime, monkeypatch):
     from cai_engine.models.runtime import Runtime
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
 
     cai_runtime.pm.register(LeakyCheck())
     runtime = Runtime(Registry(cai_runtime.pm))
@@ -748,7 +748,8 @@ def test_the_shipped_rules_only_examples_never_need_a_model(monkeypatch):
 
     from cai_engine.guard.policy import model_free_problem
     from cai_engine.models.runtime import Runtime
-    from cai_engine.plugins.manager import Registry, make_plugin_manager
+    from cai_engine.plugins.manager import make_plugin_manager
+    from cai_engine.plugins.registry import Registry
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     names = ["serve-policy.yaml"]

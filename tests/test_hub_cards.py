@@ -10,7 +10,7 @@ import yaml
 from cai_engine import CaiError
 from cai_engine.cli import cli
 from cai_engine.constitution.model import Message
-from cai_engine.phase1.revise import export_sft
+from cai_engine.phase1.export import export_sft
 from cai_engine.records import SLRecord, SLRound
 from cai_engine.store.runs import RunDirectory
 

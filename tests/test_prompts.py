@@ -115,7 +115,8 @@ def test_a_copy_of_a_heldout_prompt_is_refused_by_content(cai_runtime, tmp_path)
 
 def test_a_plugin_prefix_is_checked_not_ignored(cai_runtime):
     from cai_engine import PromptSet, UnknownComponentError, hookimpl
-    from cai_engine.plugins.manager import Registry, make_plugin_manager
+    from cai_engine.plugins.manager import make_plugin_manager
+    from cai_engine.plugins.registry import Registry
 
     class Clinic:
         @hookimpl

@@ -7,16 +7,9 @@ import pytest
 from cai_engine import ConfigError, RunError, UnknownComponentError
 from cai_engine.cli import cli
 from cai_engine.phase1.revise import run_sl
-from cai_engine.phase2.labels import (
-    RLConfig,
-    export_preferences,
-    export_review,
-    import_human,
-    load_labelled_pairs,
-    merge_review,
-    run_gate,
-    run_labels,
-)
+from cai_engine.phase2.gate import load_labelled_pairs, run_gate
+from cai_engine.phase2.labels import RLConfig, run_labels
+from cai_engine.phase2.preferences import export_preferences, export_review, import_human, merge_review
 from cai_engine.records import GateResult, PreferenceExportManifest
 from cai_engine.store.runs import RunDirectory
 
@@ -104,13 +97,13 @@ def test_gate_with_scripted_judge_is_exact(cai_runtime, tmp_path):
 
     cai_runtime.pm.register(ScriptedPlugin())
     from cai_engine.models.runtime import Runtime
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
 
     runtime = Runtime(Registry(cai_runtime.pm))
     pairs = load_labelled_pairs("builtin:judge-pairs")
     judge = runtime.component("judge", "scripted")
     judge.enqueue(*([0.9] * len(pairs)))  # always "A"
-    from cai_engine.phase2.labels import measure_judge
+    from cai_engine.phase2.gate import measure_judge
 
     result = measure_judge(judge, pairs, runtime.registry.constitution("harmless"), runtime=runtime)
     truth_a = sum(1 for c in judge.calls if c.response_a in {p.better for p in pairs})

@@ -784,7 +784,7 @@ class EngineServer(GuardServer):
 @pytest.mark.parametrize("every", [0, 4])
 def test_with_model_critics_a_stream_is_released_only_after_a_model_check(cai_runtime, every):
     from cai_engine.models.runtime import Runtime
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
 
     cai_runtime.pm.register(KeywordCritic())
     runtime = Runtime(Registry(cai_runtime.pm))

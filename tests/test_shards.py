@@ -13,8 +13,9 @@ import pytest
 from cai_engine import ConfigError, RunError
 from cai_engine.cli import cli
 from cai_engine.phase1.revise import run_sl
+from cai_engine.stages import merge, run_sharded
 from cai_engine.store.runs import RunDirectory
-from cai_engine.store.shards import Shard, merge_runs, run_sharded, shard_dirs
+from cai_engine.store.shards import Shard, merge_runs, shard_dirs
 
 pytestmark = pytest.mark.slow
 
@@ -163,7 +164,7 @@ def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, ti
     for index in range(2):
         evaluate({**config, "shard": f"{index}/2"}, tmp_path / f"e{index}", runtime=cai_runtime, progress=False)
         shards.append(tmp_path / f"e{index}")
-    summary = merge_runs(tmp_path / "merged", shards)
+    summary = merge(tmp_path / "merged", shards)
     assert summary["kind"] == "eval" and summary["shards"] == 2
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["prompt_counts"] == whole["prompt_counts"]
@@ -180,7 +181,7 @@ def test_evaluation_shards_merge_to_the_same_metrics(cai_runtime, tiny_model, ti
         assert versus_a[aspect]["soft_win_rate"] == pytest.approx(versus_b[aspect]["soft_win_rate"], abs=1e-4)
     assert (tmp_path / "merged" / "report.html").exists()
     with pytest.raises(RunError, match="0..n-1"):
-        merge_runs(tmp_path / "merged-again", shards[:1])
+        merge(tmp_path / "merged-again", shards[:1])
 
 
 def test_the_cli_runs_and_merges_shards(tiny_model, prompt_file, tmp_path):

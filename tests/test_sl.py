@@ -12,7 +12,8 @@ import pytest
 
 from cai_engine import ConfigError, RunError, UnknownComponentError, hookimpl
 from cai_engine.cli import cli
-from cai_engine.phase1.revise import ExportOptions, SLConfig, export_sft, run_sl, summarise
+from cai_engine.phase1.export import ExportOptions, export_sft
+from cai_engine.phase1.revise import SLConfig, run_sl, summarise
 from cai_engine.prompts.sets import PromptError
 from cai_engine.store.runs import RunDirectory
 
@@ -308,7 +309,7 @@ def test_several_helpfulness_sources_and_growing_them_resumes(cai_runtime, tiny_
 
 
 def test_borderline_training_set_is_disjoint_from_the_heldout_sets():
-    from cai_engine.plugins.manager import Registry
+    from cai_engine.plugins.registry import Registry
     from cai_engine.prompts.sets import heldout_fingerprints, load_prompts, normalise_prompt
 
     registry = Registry()

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cai_engine.classifiers.probe import load_classifier
+from cai_engine.classifiers.load import load_classifier
 from cai_engine.errors import ConfigError
 from cai_engine.plugins.components import Critic, Judge
 from cai_engine.plugins.components import Options as BaseOptions

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.classifiers.probe import CONFIG, ProbeConfig, base_model_sha256, render
-from cai_engine.classifiers.train import _rows, calibrate, write_card
+from cai_engine.classifiers.train import calibrate, read_rows, write_card
 from cai_engine.errors import ModelError, RunError
 from cai_engine.models.runtime import DEFAULT_MODEL
 
@@ -131,7 +131,7 @@ def train_finetuned(
     from cai_engine.models.backends.model_files import resolve_model_folder
 
     dataset, out = Path(dataset), Path(out)
-    train, test = _rows(dataset / f"{kind}-train.jsonl"), _rows(dataset / f"{kind}-test.jsonl")
+    train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
     labels = [int(r["label"]) for r in train]
     if not any(labels) or all(labels):
         raise RunError(f"{dataset}: the {kind} training split needs both violating and harmless examples")

@@ -202,23 +202,6 @@ class Probe:
         return self.config.thresholds.get(label, 0.5)
 
 
-def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
-    """A classifier folder made by ``cai classifiers build``, whichever method made it (a ``Probe`` or a
-    ``FinetunedClassifier``: both have ``config``, ``predict`` and ``threshold``)."""
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise ModelError(f"{folder}: not a classifier folder (no {CONFIG})")
-    try:
-        config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
-    if config.method == "finetuned":
-        from cai_engine.classifiers.finetune import FinetunedClassifier
-
-        return FinetunedClassifier.load(folder, config)
-    return Probe.load(folder, check_base=check_base)
-
-
 def base_model_sha256(base_model: str) -> str | None:
     """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
     from cai_engine.models.backends.model_files import DEFAULT_NAME, default_model_file

@@ -35,7 +35,7 @@ class TrainConfig(BaseModel):
     min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RunError(f"{path}: missing; run the data stage first (cai classifiers build)")
     return [row for _, row in iter_jsonl(path, RunError)]
@@ -133,7 +133,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     import torch
 
     dataset = Path(dataset)
-    train, test = _rows(dataset / f"{kind}-train.jsonl"), _rows(dataset / f"{kind}-test.jsonl")
+    train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
     if not any(r["label"] for r in train) or all(r["label"] for r in train):
         raise RunError(f"{dataset}: the {kind} training split needs both violating and harmless examples")
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
-from cai_engine import __version__
 from cai_engine.errors import CaiError, describe_validation
+from cai_engine.version import __version__
 
 if TYPE_CHECKING:
     from cai_engine.records import GateResult
@@ -104,7 +104,7 @@ class _State:
 
     @functools.cached_property
     def registry(self):
-        from cai_engine.plugins.manager import Registry
+        from cai_engine.plugins.registry import Registry
 
         return Registry(self.pm)
 
@@ -208,7 +208,7 @@ def validate_config(model: Any, data: dict[str, Any], source: str) -> Any:
         raise ConfigError(f"{source}: {describe_validation(exc)}") from None
 
 
-def _runtime():
+def current_runtime():
     from cai_engine.models.runtime import Runtime
 
     runtime = Runtime(state().registry)
@@ -241,7 +241,7 @@ def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
     return out
 
 
-def _print_sl_summary(summary: dict[str, Any]) -> None:
+def print_sl_summary(summary: dict[str, Any]) -> None:
     click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
     click.echo(
         f"written this time: {summary['written']} (already done: {summary['skipped_done']}, {summary['seconds']} s)"
@@ -260,7 +260,7 @@ def _print_sl_summary(summary: dict[str, Any]) -> None:
         click.echo("  after:  " + _clip(example["after"]))
 
 
-def _gate_line(result: GateResult) -> str:
+def gate_line(result: GateResult) -> str:
     return (
         f"judge gate: accuracy {result.accuracy} on {result.scored}/{result.pairs} labelled pairs, "
         f"position consistency {result.position_consistency} (same position {result.same_position_rate}), "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cai_engine.cli.base import CaiGroup, _runtime, cli, echo_json, state
+from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, state
 
 
 @cli.group("classifiers", cls=CaiGroup)
@@ -74,7 +74,7 @@ def build_command(
     chosen_methods = tuple(m.strip() for m in methods.split(",") if m.strip())
     if not chosen_methods or set(chosen_methods) - set(METHODS):
         raise click.BadParameter(f"choose from {', '.join(METHODS)}", param_hint="--methods")
-    runtime = _runtime()
+    runtime = current_runtime()
     resolved = state().registry.constitution(constitution)
     out = out or Path("runs") / "classifiers" / resolved.name
     config = BuildConfig(
@@ -172,7 +172,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
-    from cai_engine.classifiers.probe import load_classifier
+    from cai_engine.classifiers.load import load_classifier
     from cai_engine.classifiers.sources import load_eval_prompts
     from cai_engine.classifiers.train import auc, rate_entry
 
@@ -254,7 +254,7 @@ def _model_screen(model: str, items, kind: str) -> list[float | None]:
 
     from cai_engine.constitution.model import Message
 
-    runtime = _runtime()
+    runtime = current_runtime()
     critic = runtime.component("critic", "model", {"model": model, "verdict_only": True, "few_shot": 0})
     principles = state().registry.constitution("harmless").principles
     out: list[float | None] = []

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cai_engine.cli.base import CaiGroup, _runtime, cli, echo_json, state, write_schema
+from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, state, write_schema
 from cai_engine.errors import CaiError
 
 
@@ -34,7 +34,7 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
     failed = 0
     for path in paths:
         try:
-            engine = Engine.from_policy(path, runtime=_runtime())
+            engine = Engine.from_policy(path, runtime=current_runtime())
             engine.close()
             problems = engine.model_problems()
         except CaiError as exc:
@@ -94,7 +94,7 @@ def policy_show(path: Path, fmt: str) -> None:
 
     from cai_engine.guard.engine import Engine
 
-    engine = Engine.from_policy(path, runtime=_runtime())
+    engine = Engine.from_policy(path, runtime=current_runtime())
     engine.close()
     data = engine.policy.model_dump(
         mode="json", by_alias=True, exclude={"schema_", "add", "override", "disable", "disable_tags"}
@@ -205,7 +205,7 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
         if name not in registry.names("critic"):
             raise click.UsageError(f"no check named {name!r}; `cai checks list` shows the installed ones")
     cases = [load_cases(path) for path in case_files]  # every file is validated before any scoring
-    runtime = _runtime() if model else None
+    runtime = current_runtime() if model else None
     results = [
         evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
         for name, rows in zip(check_names, cases)
@@ -282,7 +282,7 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
 
     try:
         with stop_on_signals():
-            engine = Engine.from_policy(policy_path, runtime=_runtime())
+            engine = Engine.from_policy(policy_path, runtime=current_runtime())
             try:
                 counts = guard_file(engine, input_path, out, batch_size=batch_size, emit=click.echo)
             finally:
@@ -411,7 +411,7 @@ def serve_command(
 
     from cai_engine.guard.engine import Engine
 
-    engine = Engine.from_policy(policy_path, runtime=_runtime())
+    engine = Engine.from_policy(policy_path, runtime=current_runtime())
     problems = [f"{role}: {problem}" for role, problem in engine.model_problems() if role != "judge"]
     if problems:
         raise click.ClickException(f"{policy_path}: {problems[0]}")

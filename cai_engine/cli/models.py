@@ -137,9 +137,9 @@ def env_command(as_json: bool) -> None:
     import os
     import platform
 
-    from cai_engine import __version__
-    from cai_engine.models.catalog import models_dir
+    from cai_engine.plugins.catalog import models_dir
     from cai_engine.plugins.manager import list_plugins
+    from cai_engine.version import __version__
 
     def version(name: str) -> str | None:
         try:

@@ -9,13 +9,13 @@ import click
 
 from cai_engine.cli.base import (
     CaiGroup,
-    _print_sl_summary,
-    _runtime,
     cli,
     config_option,
     constitution_option,
+    current_runtime,
     load_config_file,
     merge_flags,
+    print_sl_summary,
     push,
     push_options,
     shard_options,
@@ -71,7 +71,7 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
     config = validate_config(SLConfig, data, str(config_path or "options"))
     if shards:
         from cai_engine.phase1.revise import summarise
-        from cai_engine.store.shards import run_sharded
+        from cai_engine.stages import run_sharded
 
         began = time.perf_counter()
         merged = run_sharded(
@@ -87,8 +87,8 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
             "seconds": round(time.perf_counter() - began, 1),
         }
     else:
-        summary = run_sl(config, out, runtime=_runtime(), progress=not quiet)
-    _print_sl_summary(summary)
+        summary = run_sl(config, out, runtime=current_runtime(), progress=not quiet)
+    print_sl_summary(summary)
 
 
 @cli.group("export", cls=CaiGroup)
@@ -120,7 +120,7 @@ def export_group() -> None:
 @push_options("dataset")
 def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_repeats, push_to_hub, private):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
-    from cai_engine.phase1.revise import ExportOptions, export_sft
+    from cai_engine.phase1.export import ExportOptions, export_sft
 
     options = validate_config(
         ExportOptions,
@@ -158,7 +158,7 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_rep
 @push_options("dataset")
 def export_preferences_command(run, out, min_confidence, heldout, human, push_to_hub, private):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
-    from cai_engine.phase2.labels import PreferenceExportOptions, export_preferences
+    from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 
     options = validate_config(
         PreferenceExportOptions,

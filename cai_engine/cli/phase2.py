@@ -10,11 +10,11 @@ from pydantic import ValidationError
 
 from cai_engine.cli.base import (
     CaiGroup,
-    _gate_line,
-    _runtime,
     cli,
     config_option,
     constitution_option,
+    current_runtime,
+    gate_line,
     load_config_file,
     merge_flags,
     parse_settings,
@@ -59,19 +59,20 @@ def rl_group() -> None:
 @shard_options
 def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, executor, ray_address, **flags):
     """Label preference pairs: both orders, soft labels from log-probs, abstentions kept and counted."""
-    from cai_engine.phase2.labels import RLConfig, run_gate, run_labels
+    from cai_engine.phase2.gate import run_gate
+    from cai_engine.phase2.labels import RLConfig, run_labels
 
     data = merge_flags(load_config_file(config_path), sl_run=str(sl_run) if sl_run else None, **flags)
     if judge_name:
         data["judge"] = {"name": judge_name}
     config = validate_config(RLConfig, data, str(config_path or "options"))
-    runtime = _runtime()
+    runtime = current_runtime()
     if gate and not (out / "gate.json").exists():
         result = run_gate(out, config.judge_ref(), constitution=config.constitution, runtime=runtime, seed=config.seed)
-        click.echo(_gate_line(result))
+        click.echo(gate_line(result))
     if shards:
         from cai_engine.phase2.labels import summarise_preferences
-        from cai_engine.store.shards import run_sharded
+        from cai_engine.stages import run_sharded
 
         merged = run_sharded(
             "rl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
@@ -114,7 +115,8 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
     otherwise) and the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers;
     they refuse a gate that measured another judge than the one that labelled the pairs.
     """
-    from cai_engine.phase2.labels import RLConfig, run_gate
+    from cai_engine.phase2.gate import run_gate
+    from cai_engine.phase2.labels import RLConfig
     from cai_engine.plugins.refs import ComponentRef
 
     ref = None
@@ -131,8 +133,8 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
         options["model"] = judge_model or options.get("model") or "smollm2"
         ref = ComponentRef(name=judge_name or (ref.name if ref is not None else "logprob"), options=options)
     click.echo(f"measuring judge {ref.name} on {ref.options.get('model')}", err=True)
-    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=_runtime(), seed=seed)
-    click.echo(_gate_line(result))
+    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=current_runtime(), seed=seed)
+    click.echo(gate_line(result))
 
 
 @rl_group.group("review", cls=CaiGroup)
@@ -146,7 +148,7 @@ def rl_review_group() -> None:
 @click.option("--count", type=int, default=50, show_default=True)
 def rl_review_export(run, out, count):
     """Write abstained, order-inconsistent and least confident pairs for review (fill in human_choice)."""
-    from cai_engine.phase2.labels import export_review
+    from cai_engine.phase2.preferences import export_review
 
     click.echo(f"wrote {export_review(run, out, count=count)['exported']} pairs to {out}")
 
@@ -156,7 +158,7 @@ def rl_review_export(run, out, count):
 @click.argument("reviewed", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 def rl_review_merge(run, reviewed):
     """Merge reviewed labels ('a', 'b' or a probability); they override the AI's at export."""
-    from cai_engine.phase2.labels import merge_review
+    from cai_engine.phase2.preferences import merge_review
 
     result = merge_review(run, reviewed)
     click.echo(f"merged {result['merged']} reviewed label(s); {result['skipped_unreviewed']} left unreviewed")
@@ -201,7 +203,7 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     trl = {**(options.get("trl") or {}), **parse_settings(settings, "--set")}
     if trl:
         options["trl"] = trl
-    component = _runtime().component("trainer", trainer, options)
+    component = current_runtime().component("trainer", trainer, options)
     summary = component.train(dataset, out)
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.get("metrics", {}).items()}
     if summary.get("heldout_pairwise_accuracy") is not None:

@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from cai_engine.cli.base import (
-    _gate_line,
-    _print_sl_summary,
-    _runtime,
     cli,
+    current_runtime,
+    gate_line,
     load_config_file,
     merge_flags,
     parse_settings,
+    print_sl_summary,
     shard_options,
     state,
     validate_config,
@@ -64,14 +64,14 @@ def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
 
     data = merge_flags(load_config_file(config_path), out=out)
     config = validate_config(PipelineConfig, data, str(config_path))
-    summary = run_pipeline(config, runtime=_runtime(), progress=not quiet, echo=click.echo)
+    summary = run_pipeline(config, runtime=current_runtime(), progress=not quiet, echo=click.echo)
     _print_pipeline(summary)
 
 
 def _print_pipeline(summary: dict[str, Any]) -> None:
     click.echo(f"\noutputs in {summary['out']} (pipeline-summary.json has every number)")
     if "sl" in summary:
-        _print_sl_summary(summary["sl"])
+        print_sl_summary(summary["sl"])
     for stage in ("sft", "reward", "policy"):
         if stage in summary:
             result = summary[stage]
@@ -100,12 +100,12 @@ def demo_command(out: str, model: str) -> None:
         registry.constitution(name)
     click.echo(f"constitutions ok: {', '.join(registry.constitution_names())}")
     config = PipelineConfig.model_validate({**DEMO_PIPELINE, "out": out, "model": model})
-    summary = run_pipeline(config, runtime=_runtime(), echo=click.echo)
+    summary = run_pipeline(config, runtime=current_runtime(), echo=click.echo)
     _print_pipeline(summary)
     if "gate" in summary:
         from cai_engine.records import GateResult
 
-        click.echo(_gate_line(GateResult.model_validate(summary["gate"])))
+        click.echo(gate_line(GateResult.model_validate(summary["gate"])))
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
     click.echo(f"{out}: {size / 1e6:,.0f} MB on disk (the trained models' final weights; `rm -r {out}` reclaims it)")
 
@@ -210,13 +210,13 @@ def eval_command(
     from cai_engine.stats import format_rate
 
     if shards:
-        from cai_engine.store.shards import run_sharded
+        from cai_engine.stages import run_sharded
 
         config_data = config.model_dump(mode="json")
         run_sharded("eval", config_data, out, shards, executor=executor, ray_address=ray_address)
         results = EvalResults.model_validate_json((Path(out) / "results.json").read_text(encoding="utf-8"))
     else:
-        results = EvalResults.model_validate(evaluate(config, out, runtime=_runtime()))
+        results = EvalResults.model_validate(evaluate(config, out, runtime=current_runtime()))
     for warning in results.warnings:
         click.echo(f"warning: {warning}", err=True)
     for line in summary_lines(results):
@@ -249,7 +249,7 @@ def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
     `cai sl` or `cai rl label` run is an ordinary run directory, ready for `cai export`; a merged evaluation gets
     its metrics, results.json and report computed again from every shard's answers.
     """
-    from cai_engine.store.shards import merge_runs
+    from cai_engine.stages import merge
 
-    summary = merge_runs(out, list(shard_dirs))
+    summary = merge(out, list(shard_dirs))
     click.echo(f"merged {summary['shards']} {summary['kind']} shards ({summary['records']} records) into {out}")

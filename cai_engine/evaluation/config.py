@@ -88,14 +88,14 @@ class EvalConfig(BaseModel):
     shard: ShardField = shard_field("measure")
 
 
-def _spread(items: list, n: int | None) -> list:
+def spread(items: list, n: int | None) -> list:
     """``n`` items spread evenly over ``items`` (all of them when ``n`` is None or not smaller)."""
     if n is None or n >= len(items):
         return items
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def _slug(ref: ModelRef) -> str:
+def slug(ref: ModelRef) -> str:
     text = json.dumps(ref, sort_keys=True) if isinstance(ref, dict) else str(ref)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/").split("/")[-1])[:40] or "model"
     return f"{name}-{hashlib.sha1((text + _weights_stamp(ref)).encode()).hexdigest()[:8]}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from cai_engine.constitution.model import Principle
 from cai_engine.evaluation.compare import compare_policies
-from cai_engine.evaluation.config import EvalConfig, _slug, _spread
+from cai_engine.evaluation.config import EvalConfig, slug, spread
 
 # The judged classifiers: one Yes/No question each, asked of the judge model about one reply (Yes = the property),
 # after a few worked Yes/No examples (a small judge's zero-shot verdicts on these questions are near chance).
@@ -53,11 +53,11 @@ class Evaluation:
         self.constitution = registry.constitution(config.constitution)
         self.harm = [self.constitution.principle(p) for p in config.harm_principles]
         self.help = [self.constitution.principle(p) for p in config.help_principles]
-        self.names = config.names or [_slug(m).rsplit("-", 1)[0] for m in config.models]
+        self.names = config.names or [slug(m).rsplit("-", 1)[0] for m in config.models]
         if len(self.names) != len(config.models):
             raise ValueError("names must have one label per model")
         self.sets = {
-            kind: _spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))  # type: ignore[call-overload]
+            kind: spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))  # type: ignore[call-overload]
             for kind, source in (("harmful", config.harmful), ("benign", config.benign), ("helpful", config.helpful))
         }
         shard = Shard.parse(config.shard) if config.shard else None
@@ -93,7 +93,7 @@ class Evaluation:
         # the cache is keyed by the model and the generation settings: a longer max_new_tokens must not reuse answers
         # cut at a shorter length
         settings = f"greedy-{self.config.max_new_tokens}t-seed{self.config.seed}"
-        cache = self.out / "responses" / f"{_slug(self.config.models[index])}-{settings}.jsonl"
+        cache = self.out / "responses" / f"{slug(self.config.models[index])}-{settings}.jsonl"
         cache.parent.mkdir(parents=True, exist_ok=True)
         done: dict[str, dict[str, str]] = {k: {} for k in self.sets}
         if cache.exists():
@@ -256,7 +256,7 @@ class Evaluation:
                 models=model_results(outcomes, self.config, self.names),
             )
             if self.config.judge_pairs and self.first_shard:
-                from cai_engine.phase2.labels import load_labelled_pairs, measure_judge
+                from cai_engine.phase2.gate import load_labelled_pairs, measure_judge
 
                 results.judge_quality = measure_judge(
                     self.judge,

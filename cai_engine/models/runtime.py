@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cai_engine.context import install_default_runtime
 from cai_engine.errors import ConfigError
 from cai_engine.plugins.components import Backend
 
@@ -77,7 +78,8 @@ class Runtime:
     @property
     def registry(self):
         if self._registry is None:
-            from cai_engine.plugins.manager import Registry, make_plugin_manager
+            from cai_engine.plugins.manager import make_plugin_manager
+            from cai_engine.plugins.registry import Registry
 
             self._registry = Registry(self._pm if self._pm is not None else make_plugin_manager())
         return self._registry
@@ -172,3 +174,6 @@ class Runtime:
             for backend in self._backends.values():
                 backend.close()
             self._backends.clear()
+
+
+install_default_runtime(Runtime.default)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -15,6 +14,7 @@ from cai_engine.errors import RunError
 from cai_engine.files.jsonl import write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
 from cai_engine.records import SFTExample, SFTExportManifest, SLRecord
+from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
 from cai_engine.store.runs import RunDirectory
 
@@ -39,10 +39,6 @@ class ExportOptions(BaseModel):
     )
 
 
-def _bucket(prompt_id: str) -> float:
-    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -55,7 +51,7 @@ def _cap_repeats(revisions: list[SFTExample], cap: int | None) -> list[SFTExampl
     """At most ``cap`` revisions per reply; which prompts keep theirs depends on the prompt ids only (stable)."""
     if cap is None:
         return revisions
-    ranked = sorted(range(len(revisions)), key=lambda i: (_bucket("repeats:" + revisions[i].prompt_id), i))
+    ranked = sorted(range(len(revisions)), key=lambda i: (bucket("repeats:" + revisions[i].prompt_id), i))
     counts: dict[str, int] = {}
     kept = set()
     for index in ranked:
@@ -113,8 +109,8 @@ def export_sft(
         if key not in seen:
             seen.add(key)
             unique.append(example)
-    test = [e for e in unique if _bucket(e.prompt_id) < options.heldout]
-    train = [e for e in unique if _bucket(e.prompt_id) >= options.heldout]
+    test = [e for e in unique if bucket(e.prompt_id) < options.heldout]
+    train = [e for e in unique if bucket(e.prompt_id) >= options.heldout]
     if options.heldout and not test and len({e.prompt_id for e in train}) > 1:
         moved = train[-1].prompt_id  # a tiny run still gets a test split
         test = [e for e in train if e.prompt_id == moved]

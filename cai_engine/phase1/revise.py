@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import PromptItem, load_training_prompts, load_training_sources, source_limit, source_list
 from cai_engine.records import ComparisonTask, CritiqueTask, RevisionTask, SLRecord, SLRound
+from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
 
@@ -106,12 +106,6 @@ class SLConfig(BaseModel):
         # are kept per prompt id, and adding prompts does not change what the others' records say); `batch_size`
         # does not change what an item's record says beyond sampling noise, so it may change too.
         return self.model_dump(mode="json", exclude={"limit", "helpful_limit", "helpful_prompts", "batch_size"})
-
-
-def _item_rng(seed: int, item_id: str) -> random.Random:
-    # Per item, so draws do not depend on batch composition or on what an earlier (killed) run finished.
-    digest = hashlib.sha256(f"{seed}:{item_id}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
 
 
 class SLRun:
@@ -219,7 +213,7 @@ class SLRun:
         current = list(initial)
         rounds: list[list[SLRound]] = [[] for _ in items]
         active = [kind == "red-team" for kind, _ in batch]
-        rngs = [_item_rng(self.config.seed, item.id) for item in items]
+        rngs = [item_rng(self.config.seed, item.id) for item in items]
         for round_index in range(self.config.rounds):
             live = [i for i, a in enumerate(active) if a]
             if not live:
@@ -422,7 +416,3 @@ def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
         "principles_used": dict(sorted(principles.items())),
         "example": example,
     }
-
-
-# The SFT export lives in sl_export.py; its names stay importable from here.
-from cai_engine.phase1.export import ExportOptions, export_sft  # noqa: E402, F401 - re-exported

@@ -11,9 +11,10 @@ from cai_engine.constitution.model import Constitution, Message
 from cai_engine.errors import ConfigError
 from cai_engine.files.jsonl import iter_jsonl, write_json
 from cai_engine.models.runtime import Runtime
-from cai_engine.phase2.labels import _rng, draw_principles
+from cai_engine.phase2.labels import draw_principles
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import ComparisonTask, GateResult
+from cai_engine.seeds import item_rng
 from cai_engine.stats import wilson_interval
 from cai_engine.store.runs import now
 
@@ -55,7 +56,7 @@ def measure_judge(
     """
     tasks, truth = [], []
     for pair in pairs:
-        rng = _rng(seed, pair.id)
+        rng = item_rng(seed, pair.id)
         principle = (
             constitution.principle(pair.principle)
             if pair.principle

@@ -7,7 +7,6 @@ they never become labels."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from cai_engine.prompts.sets import (
     source_list,
 )
 from cai_engine.records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
+from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
 
@@ -95,10 +95,6 @@ class RLConfig(BaseModel):
         options = dict(self.judge.options)
         options.setdefault("model", self.judge_model or self.model)
         return ComponentRef(name=self.judge.name, options=options)
-
-
-def _rng(seed: int, key: str) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big"))
 
 
 def draw_principles(
@@ -212,7 +208,7 @@ class LabelRun:
         tasks, task_index = [], []
         principle_ids = []
         for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
-            rng = _rng(self.config.seed, keys[i])
+            rng = item_rng(self.config.seed, keys[i])
             chosen = draw_principles(
                 self.runtime,
                 self.constitution,
@@ -304,14 +300,3 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
 
 def load_prompt_items(source: str, registry: Any, limit: int | None = None) -> list[PromptItem]:
     return load_prompts(source, registry, limit=limit) if ":" in source else load_prompt_file(source)[:limit]
-
-
-# The gate and the data helpers live in rl_gate.py and rl_data.py; their names stay importable from here.
-from cai_engine.phase2.gate import LabelledPair, judge_identity, load_labelled_pairs, measure_judge, run_gate  # noqa: E402, F401
-from cai_engine.phase2.preferences import (  # noqa: E402, F401 - re-exported
-    PreferenceExportOptions,
-    export_preferences,
-    export_review,
-    import_human,
-    merge_review,
-)

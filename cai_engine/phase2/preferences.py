@@ -23,6 +23,7 @@ from cai_engine.records import (
     Review,
     ReviewItem,
 )
+from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
 from cai_engine.store.runs import RunDirectory, now
 
@@ -179,10 +180,6 @@ class PreferenceExportOptions(BaseModel):
     human: list[str] = Field(default_factory=list, description="Human preference files to mix in.")
 
 
-def _bucket(key: str) -> float:
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
 def read_reviews(run: str | Path) -> dict[str, float]:
     """The reviewed labels of a run (``reviews.jsonl``): P(A is better) by pair key, the latest review winning."""
     path = Path(run) / "reviews.jsonl"
@@ -263,8 +260,8 @@ def export_preferences(
         rows += import_human(human_file)
     if not rows:
         raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
-    test = [r for r in rows if _bucket(r.prompt_id) < options.heldout]
-    train = [r for r in rows if _bucket(r.prompt_id) >= options.heldout]
+    test = [r for r in rows if bucket(r.prompt_id) < options.heldout]
+    train = [r for r in rows if bucket(r.prompt_id) >= options.heldout]
     if options.heldout and not test and len(train) > 1:
         test, train = train[-1:], train[:-1]
     out = Path(out)

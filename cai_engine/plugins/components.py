@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai_engine.constitution.model import Message
+from cai_engine.context import default_runtime
 from cai_engine.errors import ConfigError, describe_validation
 
 if TYPE_CHECKING:
@@ -73,9 +74,7 @@ class Component(ABC):
         """The runtime this component was built with (``runtime.component(...)`` passes it); a component made by hand
         without one uses the process's shared ``Runtime.default()``, never a new model pool of its own."""
         if self._runtime is None:
-            from cai_engine.models.runtime import Runtime
-
-            self._runtime = Runtime.default()
+            self._runtime = default_runtime()
         return self._runtime
 
     def describe(self) -> dict[str, Any]:

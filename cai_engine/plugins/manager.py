@@ -47,7 +47,7 @@ COMPONENT_KINDS: dict[str, type] = {
     "judge": Judge,
     "trainer": Trainer,
 }
-_HOOK_FOR_KIND = {kind: f"cai_register_{kind}s" for kind in COMPONENT_KINDS}
+HOOK_FOR_KIND = {kind: f"cai_register_{kind}s" for kind in COMPONENT_KINDS}
 
 T = TypeVar("T")
 
@@ -208,6 +208,3 @@ def list_plugins(pm: pluggy.PluginManager, registry: Any = None, *, all: bool = 
     for name, error in getattr(pm, "cai_broken", {}).items():
         rows.append({"name": name, "hooks": [], "broken": True, "errors": [error]})
     return sorted(rows, key=lambda r: r["name"])
-
-
-from cai_engine.plugins.registry import BrokenEntry, ConstitutionEntry, Registry  # noqa: E402, F401 - re-exported

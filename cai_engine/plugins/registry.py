@@ -12,7 +12,7 @@ import pluggy
 
 from cai_engine.errors import ConstitutionError, DuplicateComponentError, UnknownComponentError
 from cai_engine.plugins.components import Backend, Critic, Judge, Reviser, Sampler, Trainer
-from cai_engine.plugins.manager import _HOOK_FOR_KIND, COMPONENT_KINDS, DEFAULT_PLUGINS, Hooks, make_plugin_manager
+from cai_engine.plugins.manager import COMPONENT_KINDS, DEFAULT_PLUGINS, HOOK_FOR_KIND, Hooks, make_plugin_manager
 
 
 @dataclass
@@ -54,11 +54,11 @@ class Registry:
         self._prompt_sets: dict[str, _Owned] = {}
         for kind in COMPONENT_KINDS:
             self._call_register_hook(
-                _HOOK_FOR_KIND[kind], lambda plugin, kind=kind: self._component_register(kind, plugin)
+                HOOK_FOR_KIND[kind], lambda plugin, kind=kind: self._component_register(kind, plugin)
             )
         self._call_register_hook("cai_register_constitutions", self._constitution_register)
         self._call_register_hook("cai_register_prompt_sets", self._prompt_set_register)
-        from cai_engine.models.catalog import Catalog
+        from cai_engine.plugins.catalog import Catalog
 
         self.catalog = Catalog(())
         self._call_register_hook("cai_register_models", self._model_register)

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai_engine.constitution.model import Message
+from cai_engine.context import default_runtime
 from cai_engine.errors import CaiError, ConstitutionError, describe_validation
 from cai_engine.files.inputs import limits, read_text
 
@@ -364,9 +365,7 @@ def load_prompts(
     path = Path(text)
     if ":" in text and not path.exists() and not (len(text) > 1 and text[1] == ":"):
         if registry is None:
-            from cai_engine.models.runtime import Runtime
-
-            registry = Runtime.default().registry
+            registry = default_runtime().registry
         prompt_set = registry.prompt_set(text)
         if field:
             prompt_set = PromptSet(**{**prompt_set.__dict__, "field": field})

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai_engine.records.stages import GateResult, _Stored
+from cai_engine.records.stages import GateResult, StoredRecord
 
 
-class Rate(_Stored):
+class Rate(StoredRecord):
     """A proportion over the values that gave a signal: ``k`` of ``n``, with its 95% Wilson interval."""
 
     rate: float | None = None
@@ -22,7 +22,7 @@ class Rate(_Stored):
     ci95: list[float] | None = None
 
 
-class HarmfulMetrics(_Stored):
+class HarmfulMetrics(StoredRecord):
     """Held-out harmful prompts: refusal markers (a weak signal) and the judge's pointwise harm score."""
 
     refusal_marker_rate: float | None = None
@@ -32,14 +32,14 @@ class HarmfulMetrics(_Stored):
     scores: list[float | None] = Field(default_factory=list)
 
 
-class Evasiveness(_Stored):
+class Evasiveness(StoredRecord):
     signal: str = ""
     safe_answers: int = 0
     refuse_only_share: float | None = None
     engaged_share: float | None = None
 
 
-class OverRefusal(_Stored):
+class OverRefusal(StoredRecord):
     """Benign prompts that only sound dangerous: how often the model refuses them (string markers)."""
 
     rate: float | None = None
@@ -47,7 +47,7 @@ class OverRefusal(_Stored):
     rate_ci: Rate | None = None
 
 
-class Pairwise(_Stored):
+class Pairwise(StoredRecord):
     """A model against the baseline on one aspect, judged in both orders."""
 
     soft_win_rate: float | None = None
@@ -59,7 +59,7 @@ class Pairwise(_Stored):
     abstained: int = 0
 
 
-class JudgedRates(_Stored):
+class JudgedRates(StoredRecord):
     """The judge model's single-reply verdicts (None rates where a classifier was not run)."""
 
     harmful_rate: Rate | None = None
@@ -72,7 +72,7 @@ class JudgedRates(_Stored):
     benign_refusal_verdicts: list[bool | None] = Field(default_factory=list)
 
 
-class ModelResult(_Stored):
+class ModelResult(StoredRecord):
     """Everything measured for one model."""
 
     model: Any
@@ -86,13 +86,13 @@ class ModelResult(_Stored):
     judged: JudgedRates | None = None
 
 
-class Example(_Stored):
+class Example(StoredRecord):
     set: str
     prompt: str
     responses: dict[str, str]
 
 
-class EvalResults(_Stored):
+class EvalResults(StoredRecord):
     """``results.json`` of an evaluation."""
 
     created: str
@@ -108,7 +108,7 @@ class EvalResults(_Stored):
     examples: list[Example] = Field(default_factory=list)
 
 
-class PairOutcome(_Stored):
+class PairOutcome(StoredRecord):
     """One pairwise comparison of a model's answer (A) with the baseline's (B), both orders averaged."""
 
     p_a: float | None = None
@@ -116,7 +116,7 @@ class PairOutcome(_Stored):
     log_length_ratio: float = 0.0
 
 
-class ItemOutcome(_Stored):
+class ItemOutcome(StoredRecord):
     """Everything measured about one model's answer to one prompt (a line of ``items.jsonl``): the metrics are
     aggregates of these, so the outcomes of shards add up to the outcomes of the whole run."""
 

@@ -14,7 +14,7 @@ from cai_engine.constitution.model import Message
 from cai_engine.records.components import Conversation
 
 
-class _Stored(BaseModel):
+class StoredRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     def to_json(self) -> dict[str, Any]:
@@ -22,7 +22,7 @@ class _Stored(BaseModel):
         return self.model_dump(mode="json")
 
 
-class SLRound(_Stored):
+class SLRound(StoredRecord):
     """One critique-and-revision round of a phase-1 item."""
 
     round: int
@@ -37,7 +37,7 @@ class SLRound(_Stored):
     verify_p_revision: float | None = None
 
 
-class SLRecord(_Stored):
+class SLRecord(StoredRecord):
     """One phase-1 item (``records.jsonl`` of an ``sl`` run): a red-team item with its rounds, or a helpful sample."""
 
     key: str
@@ -58,7 +58,7 @@ class SLRecord(_Stored):
         return self.conversation[-1].content
 
 
-class StoredJudgement(_Stored):
+class StoredJudgement(StoredRecord):
     """A judge's verdict as kept in a preference record (None ``p_a`` and ``abstained`` when there is no label)."""
 
     p_a: float | None = None
@@ -70,7 +70,7 @@ class StoredJudgement(_Stored):
     judge: str | None = None
 
 
-class PreferenceRecord(_Stored):
+class PreferenceRecord(StoredRecord):
     """One labelled pair (``records.jsonl`` of an ``rl`` run). ``label`` is P(response_a is better), or None."""
 
     key: str
@@ -87,7 +87,7 @@ class PreferenceRecord(_Stored):
     created: str | None = None
 
 
-class SFTExample(_Stored):
+class SFTExample(StoredRecord):
     """A row of an SFT export: TRL's conversational format (``messages``) plus where it came from."""
 
     messages: list[Message]
@@ -97,7 +97,7 @@ class SFTExample(_Stored):
     principle_id: str | None = None
 
 
-class PreferenceRow(_Stored):
+class PreferenceRow(StoredRecord):
     """A row of a preference export: TRL's conversational preference format plus a soft label."""
 
     prompt: list[Message]
@@ -109,7 +109,7 @@ class PreferenceRow(_Stored):
     principle_ids: list[str] = Field(default_factory=list)
 
 
-class ReviewItem(_Stored):
+class ReviewItem(StoredRecord):
     """A pair handed to a reviewer (a line of ``cai rl review export``'s file); they fill in ``human_choice``."""
 
     key: str
@@ -122,7 +122,7 @@ class ReviewItem(_Stored):
     human_choice: str | float | None = Field(None, description='"a", "b", or the probability that A is better.')
 
 
-class Review(_Stored):
+class Review(StoredRecord):
     """A reviewer's label for one pair of an ``rl`` run (a line of its ``reviews.jsonl``)."""
 
     key: str
@@ -130,7 +130,7 @@ class Review(_Stored):
     reviewed: str | None = None
 
 
-class GateResult(_Stored):
+class GateResult(StoredRecord):
     """A judge measured on labelled pairs (``gate.json``); the trainers refuse AI labels from a judge below it."""
 
     pairs: int
@@ -147,7 +147,7 @@ class GateResult(_Stored):
     measured: str | None = None
 
 
-class SFTExportManifest(_Stored):
+class SFTExportManifest(StoredRecord):
     """``export.json`` beside an SFT export."""
 
     format: Literal["trl-conversational"] = "trl-conversational"
@@ -164,7 +164,7 @@ class SFTExportManifest(_Stored):
     constitution: dict[str, Any] | None = None
 
 
-class PreferenceExportManifest(_Stored):
+class PreferenceExportManifest(StoredRecord):
     """``export.json`` beside a preference export; carries the labelling judge's gate result for the trainers."""
 
     format: Literal["trl-conversational-preference"] = "trl-conversational-preference"

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cai_engine import __version__
+from cai_engine.version import __version__
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TASKS = {"sft": "text-generation", "dpo": "text-generation", "grpo": "text-generation", "reward": "text-classification"}

@@ -18,10 +18,10 @@ from typing import Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
-from cai_engine import __version__
 from cai_engine.errors import RunError, describe_validation
 from cai_engine.files.jsonl import append_jsonl, write_json
 from cai_engine.records import PreferenceRecord, SLRecord
+from cai_engine.version import __version__
 
 RECORDS = "records.jsonl"
 MANIFEST = "run.json"

@@ -4,7 +4,7 @@
 prompt always lands in the same shard, whatever else is in the set). Each shard is an ordinary resumable run
 directory whose manifest records its shard; :func:`merge_runs` checks that the shards were made by the same config
 (everything but the shard), that they cover ``0 .. n-1`` exactly once, and writes one run whose records are the
-union, ready for ``cai export``. :func:`run_sharded` runs every shard and merges them, in this process or as Ray tasks
+union, ready for ``cai export``. :func:`run_sharded` runs every shard of a stage and merges them, in this process or as Ray tasks
 on a cluster (each task builds its own runtime, so each worker holds its own model replica or endpoint client).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,13 +74,10 @@ def shard_dirs(out: str | Path, count: int) -> list[Path]:
 
 
 def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
-    """Merge shard run directories into one run at ``out`` (which must not hold another run)."""
+    """Merge the shard run directories of one ``sl`` or ``rl`` run into one run at ``out`` (which must not hold
+    another run). ``cai_engine.stages.merge`` picks the merge for any stage's shards."""
     if not shards:
         raise ConfigError("name the shard run directories to merge")
-    if all((Path(f) / "items.jsonl").exists() and not (Path(f) / "run.json").exists() for f in shards):
-        from cai_engine.evaluation.summary import merge_evals  # `cai eval` shards
-
-        return merge_evals(out, shards)
     manifests = []
     for folder in shards:
         manifest = RunDirectory[Any](folder, "sl").manifest()  # any kind reads a manifest; checked below
@@ -143,23 +140,9 @@ def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
     return {"run_dir": str(out), "kind": kind, "shards": count, "records": len(records)}
 
 
-def _run_one(stage: str, config: dict[str, Any], out: str) -> dict[str, Any]:
-    """One shard, in whatever process runs it (a Ray worker builds its own runtime and models)."""
-    if stage == "sl":
-        from cai_engine.phase1.revise import run_sl
-
-        return run_sl(config, out, progress=False)
-    if stage == "eval":
-        from cai_engine.evaluation.run import evaluate
-
-        return {"models": list(evaluate(config, out, progress=False)["models"])}
-    from cai_engine.phase2.labels import run_labels
-
-    return run_labels(config, out, progress=False)
-
-
 def run_sharded(
-    stage: Literal["sl", "rl", "eval"],
+    run: Callable[[dict[str, Any], str], dict[str, Any]],
+    merge: Callable[[str | Path, Sequence[str | Path]], dict[str, Any]],
     config: dict[str, Any],
     out: str | Path,
     shards: int,
@@ -167,7 +150,8 @@ def run_sharded(
     executor: Literal["local", "ray"] = "local",
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``stage`` (phase 1, preference labelling or evaluation) as ``shards`` shards, then merge them into ``out``.
+    """Run a stage as ``shards`` shards (``run(config, out)`` for each: a module-level function, so Ray can send
+    it to a worker, which builds its own runtime and models), then ``merge`` them into ``out``.
 
     ``executor="ray"`` submits each shard as a Ray task (``ray_address``: a cluster to join, ``"auto"`` for the one
     this machine belongs to; None starts a local Ray); ``"local"`` runs them one after another here. Shard runs
@@ -186,10 +170,10 @@ def run_sharded(
             ) from None
         if not ray.is_initialized():
             ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
-        task = ray.remote(_run_one)
-        summaries = ray.get([task.remote(stage, c, str(f)) for c, f in zip(configs, folders)])
+        task = ray.remote(run)
+        summaries = ray.get([task.remote(c, str(f)) for c, f in zip(configs, folders)])
     else:
-        summaries = [_run_one(stage, c, str(f)) for c, f in zip(configs, folders)]
-    merged = merge_runs(out, folders)
+        summaries = [run(c, str(f)) for c, f in zip(configs, folders)]
+    merged = merge(out, folders)
     merged["shard_summaries"] = summaries
     return merged

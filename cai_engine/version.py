@@ -1,0 +1,3 @@
+"""The version of cai-engine (read by the build from here)."""
+
+__version__ = "0.3.0"

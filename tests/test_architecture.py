@@ -1,0 +1,53 @@
+"""The import graph of cai_engine has no cycle and no import of the package root, and docs/architecture.md is what
+tools/architecture.py draws from it (the layers themselves are import-linter's contracts, run by `make lint`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("architecture", ROOT / "tools" / "architecture.py")
+assert _spec is not None and _spec.loader is not None
+architecture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(architecture)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return architecture.build_graph()
+
+
+def test_no_import_cycle(graph):
+    assert architecture.import_cycles(graph) == []
+
+
+def test_no_module_imports_the_package_root(graph):
+    assert architecture.root_importers(graph) == []
+
+
+def test_no_module_imports_another_modules_private_name():
+    assert architecture.private_imports() == []
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    (tmp_path / "cai_engine").mkdir()
+    (tmp_path / "cai_engine" / "a.py").write_text("from cai_engine.b import _hidden, public\n")
+    assert architecture.private_imports(tmp_path / "cai_engine") == ["cai_engine/a.py: cai_engine.b._hidden"]
+
+
+def test_architecture_page_is_up_to_date(graph):
+    page = (ROOT / architecture.PAGE).read_text(encoding="utf-8")
+    assert page == architecture.render(graph), "run `python tools/architecture.py --write docs/architecture.md`"
+
+
+def test_the_checks_find_cycles_and_root_imports():
+    graph = grimp.ImportGraph()
+    for importer, imported in [("a", "b"), ("b", "c"), ("c", "a"), ("d", "a")]:
+        graph.add_import(importer=f"cai_engine.{importer}", imported=f"cai_engine.{imported}")
+    graph.add_import(importer="cai_engine.d", imported="cai_engine")
+    assert architecture.import_cycles(graph) == [["cai_engine.a", "cai_engine.b", "cai_engine.c"]]
+    assert architecture.root_importers(graph) == ["cai_engine.d"]
