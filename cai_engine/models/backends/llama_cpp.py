@@ -100,19 +100,17 @@ class LlamaCppBackend(BatchedDecoding, Backend):
         flash_attention: bool = Field(
             True,
             description="llama.cpp's flash attention kernel. On: every query row takes the same path whatever shares "
-            "its batch, so batched and prefix-shared results equal a prompt run alone (measured exact on Q4_1 "
-            "weights), and many sequences decode 1.3-1.5x faster. Off: the unfused kernels, whose batched results "
-            "drift from single ones by up to ~0.2 nats on this CPU.",
+            "its batch, so batched and prefix-shared results equal a prompt run alone, and many sequences decode "
+            "faster. Off: the unfused kernels, whose batched results drift from single ones by rounding.",
         )
         kv_cache: Literal["per_sequence", "unified"] = Field(
             "per_sequence",
             description="'per_sequence': one KV stream per sequence; a sequence's results do not depend on what shares "
             "its batch beyond rounding, but llama.cpp splits each decode call into pieces in which every sequence "
             "has the same number of tokens, so many short prompts of unequal length (the guard's per-principle "
-            "questions) run as many small passes. 'unified': one cache for all sequences and no such split; "
-            "measured here the guard's 'each' screen ran 1.4-1.5x faster (F16 copy of the default model, results "
-            "within 0.05 nats), long prompts and generation 4-8% slower, and on quantised weights results move "
-            "more with the batch (greedy output of the 1.5B Q4_K_M model changed).",
+            "questions) run as many small passes. 'unified': one cache for all sequences and no such split, which "
+            "speeds up many short prompts and slows long prompts and generation a little; on quantised weights "
+            "results move more with the batch (greedy output can change).",
         )
         weights: Literal["auto", "original", "f16", "q8_0"] = Field(
             "auto",
