@@ -28,7 +28,8 @@ from cai_engine.errors import (
     RunError,
     UnknownComponentError,
 )
-from cai_engine.models.runtime import Runtime
+from cai_engine.models.options import ModelOptions, with_model
+from cai_engine.models.runtime import DEFAULT_MODEL, Runtime
 from cai_engine.plugins.catalog import CatalogModel, Package
 from cai_engine.plugins.components import (
     Backend,
@@ -44,6 +45,7 @@ from cai_engine.plugins.components import (
 )
 from cai_engine.plugins.hookspecs import hookimpl
 from cai_engine.plugins.manager import make_plugin_manager
+from cai_engine.plugins.refs import ComponentRef
 from cai_engine.plugins.registry import Registry
 from cai_engine.prompts.sets import PromptItem, PromptSet, load_prompts
 from cai_engine.records import (
@@ -60,6 +62,7 @@ from cai_engine.records import (
 from cai_engine.version import __version__
 
 __all__ = [
+    "DEFAULT_MODEL",
     "Backend",
     "BackendUnavailableError",
     "CaiError",
@@ -68,6 +71,7 @@ __all__ = [
     "ComparisonExample",
     "ComparisonTask",
     "Component",
+    "ComponentRef",
     "ConfigError",
     "Constitution",
     "ConstitutionError",
@@ -81,6 +85,7 @@ __all__ = [
     "Judgement",
     "Message",
     "ModelError",
+    "ModelOptions",
     "Options",
     "Package",
     "Phase",
@@ -114,4 +119,5 @@ __all__ = [
     "negated",
     "sentence_spans",
     "sentences",
+    "with_model",
 ]

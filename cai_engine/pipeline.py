@@ -1,7 +1,9 @@
 """The whole pipeline from one config: phase 1 -> SFT -> phase 2 labels -> judge gate -> preference model -> RL.
 
-Every stage writes into ``out``; rerunning resumes runs and skips stages whose outputs exist, so a killed pipeline
-continues where it stopped.
+Every stage writes into ``out``; rerunning resumes runs and skips training stages whose folder is marked done
+(``cai_stage.json``, written once the trainer returns), so a killed pipeline continues where it stopped. Every
+component, built-in or from a plugin, is picked by name from the config and given its model by one rule
+(``with_model``); a trainer gets the data its ``trains_on`` says.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.files.jsonl import write_json
+from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.phase1.export import ExportOptions, export_sft
 from cai_engine.phase1.revise import SLConfig, run_sl
 from cai_engine.phase2.gate import run_gate
 from cai_engine.phase2.labels import RLConfig, run_labels
 from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
+from cai_engine.plugins.refs import ComponentRef
+from cai_engine.store.runs import now
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
 ALL_STAGES = (*STAGES, "eval")
@@ -49,17 +54,22 @@ class PipelineConfig(BaseModel):
     )
     sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
     sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")
-    sft: dict[str, Any] = Field(default_factory=dict, description="Options of the `sft` trainer.")
+    sft_trainer: str = Field("sft", description="The trainer of the SFT stage (a registered trainer name).")
+    sft: dict[str, Any] = Field(default_factory=dict, description="Options of the SFT stage's trainer.")
     rl: dict[str, Any] = Field(
         default_factory=dict,
         description="Labelling settings (as `cai rl label`); the policy defaults to the SFT checkpoint.",
     )
     gate: bool = Field(True, description="Measure the judge before exporting its labels.")
     preference_export: dict[str, Any] = Field(default_factory=dict)
-    reward: dict[str, Any] = Field(default_factory=dict, description="Options of the `reward` trainer.")
+    reward_trainer: str = Field(
+        "reward", description="The trainer of the preference-model stage (a registered trainer name)."
+    )
+    reward: dict[str, Any] = Field(default_factory=dict, description="Options of the preference-model trainer.")
     policy: TrainerStage = Field(
         default_factory=lambda: TrainerStage(trainer="grpo"),
-        description="The RL (or DPO) stage; grpo uses the reward model when it exists.",
+        description="The RL (or DPO) stage. A trainer with a `reward` option gets the preference model when it "
+        "exists; one that trains on prompts gets `prompts` from its options, else phase 1's first prompt source.",
     )
     eval: dict[str, Any] = Field(
         default_factory=dict,
@@ -69,8 +79,22 @@ class PipelineConfig(BaseModel):
     )
 
 
+STAGE_MARKER = "cai_stage.json"
+
+
 def _done(folder: Path) -> bool:
-    return (folder / "cai_training.json").exists()
+    """Whether a training stage finished into ``folder``: the pipeline marked it after its trainer returned. A
+    folder trained before the pipeline wrote markers counts too when it holds the built-in trainers' summary
+    (``cai_training.json``, written last), so reruns of older pipelines keep resuming."""
+    return (folder / STAGE_MARKER).exists() or (folder / "cai_training.json").exists()
+
+
+def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Path) -> dict[str, Any]:
+    """Run one training stage and mark its folder done (what ``_done`` reads), whatever the trainer writes."""
+    summary = {"checkpoint": str(folder), **ref.build("trainer", runtime).train(dataset, folder)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / STAGE_MARKER, {"trainer": ref.name, "dataset": str(dataset), "finished": now()})
+    return summary
 
 
 def run_pipeline(
@@ -93,8 +117,35 @@ def run_pipeline(
             **config.sl,
         }
     )
-    sft_dir, sft_options = out / "sft-model", {"model": config.model, **config.sft}
-    runtime.component("trainer", "sft", sft_options)
+
+    # Every trainer is given what its options declare, by the one rule (with_model): its model, the constitution,
+    # and for the policy the preference model once there is one; a `judge` option ({name, options}: the user's, else
+    # the trainer's default) gets the feedback model by the same rule.
+    def trainer_ref(name: str, options: dict[str, Any], model: ModelRef, **defaults: Any) -> ComponentRef:
+        declared = runtime.registry.trainer(name).Options.model_fields
+        options = dict(options)
+        judge = (
+            options.get("judge", declared["judge"].get_default(call_default_factory=True))
+            if "judge" in declared
+            else None
+        )
+        if judge is not None:
+            options["judge"] = with_model(ComponentRef.model_validate(judge), "judge", runtime, feedback).model_dump()
+        ref = with_model(ComponentRef(name=name, options=options), "trainer", runtime, model, **defaults)
+        runtime.component("trainer", ref.name, ref.options)  # validated before anything runs
+        return ref
+
+    def data_for(ref: ComponentRef) -> str | Path:
+        """What the trainer says it trains on (``Trainer.trains_on``): phase 1's SFT export, the preference export,
+        or a prompt source (its own ``prompts`` option, else phase 1's first source)."""
+        return {
+            "conversations": out / "sft-dataset",
+            "preferences": out / "preference-dataset",
+            "prompts": ref.options.get("prompts") or sl_config.prompt_sources[0],
+        }[runtime.registry.trainer(ref.name).trains_on]
+
+    sft_dir = out / "sft-model"
+    sft_ref = trainer_ref(config.sft_trainer, config.sft, config.model, constitution=config.constitution)
     policy_model = str(sft_dir) if "sft" in config.stages or _done(sft_dir) else config.model
     rl_config = RLConfig.model_validate(
         {
@@ -105,15 +156,12 @@ def run_pipeline(
             **config.rl,
         }
     )
-    reward_dir, reward_options = out / "reward-model", {"model": config.model, **config.reward}
-    runtime.component("trainer", "reward", reward_options)
-    policy_options = {"model": policy_model, **config.policy.options}
-    if config.policy.trainer == "grpo":
-        policy_options.setdefault("constitution", config.constitution)
-        policy_options.setdefault("judge", {"name": "pointwise", "options": {"model": feedback}})
-        if "reward" in config.stages or _done(reward_dir):
-            policy_options.setdefault("reward", str(reward_dir))
-    runtime.component("trainer", config.policy.trainer, policy_options)
+    reward_dir = out / "reward-model"
+    reward_ref = trainer_ref(config.reward_trainer, config.reward, config.model, constitution=config.constitution)
+    rewarded = {"reward": str(reward_dir)} if "reward" in config.stages or _done(reward_dir) else {}
+    policy_ref = trainer_ref(
+        config.policy.trainer, config.policy.options, policy_model, constitution=config.constitution, **rewarded
+    )
     policy_dir = out / f"{config.policy.trainer}-model"
     eval_models = [("base", config.model)]
     if "sft" in config.stages or _done(sft_dir):
@@ -134,10 +182,10 @@ def run_pipeline(
 
     def lap(stage: str) -> None:
         nonlocal clock
-        now = time.perf_counter()
-        summary["stage_seconds"][stage] = round(now - clock, 1)
-        echo(f"   {stage}: {now - clock:.0f} s")
-        clock = now
+        tick = time.perf_counter()
+        summary["stage_seconds"][stage] = round(tick - clock, 1)
+        echo(f"   {stage}: {tick - clock:.0f} s")
+        clock = tick
 
     if "sl" in config.stages:
         echo("== phase 1: SL-CAI")
@@ -152,14 +200,14 @@ def run_pipeline(
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
         else:
-            summary["sft"] = runtime.component("trainer", "sft", sft_options).train(out / "sft-dataset", sft_dir)
+            summary["sft"] = _train(runtime, sft_ref, data_for(sft_ref), sft_dir)
         lap("sft")
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
         if config.gate and not (out / "rl" / "gate.json").exists():
             gate = run_gate(
                 out / "rl",
-                rl_config.judge_ref(),
+                rl_config.judge_ref(runtime),
                 constitution=config.constitution,
                 runtime=runtime,
                 seed=rl_config.seed,
@@ -177,9 +225,7 @@ def run_pipeline(
         if _done(reward_dir):
             echo(f"   {reward_dir} exists; skipped")
         else:
-            summary["reward"] = runtime.component("trainer", "reward", reward_options).train(
-                out / "preference-dataset", reward_dir
-            )
+            summary["reward"] = _train(runtime, reward_ref, data_for(reward_ref), reward_dir)
         lap("reward")
     if "policy" in config.stages:
         runtime.close()
@@ -187,13 +233,7 @@ def run_pipeline(
         if _done(policy_dir):
             echo(f"   {policy_dir} exists; skipped")
         else:
-            data = (
-                out / "preference-dataset"
-                if config.policy.trainer != "grpo"
-                else config.policy.options.get("prompts", sl_config.prompt_sources[0])
-            )
-            trainer = runtime.component("trainer", config.policy.trainer, policy_options)
-            summary["policy"] = trainer.train(data, policy_dir)
+            summary["policy"] = _train(runtime, policy_ref, data_for(policy_ref), policy_dir)
         lap("policy")
     if "eval" in config.stages:
         echo(f"== evaluation ({', '.join(n for n, _ in eval_models)}; judge {feedback})")

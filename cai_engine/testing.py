@@ -5,7 +5,8 @@ Fixtures:
 - ``cai_pm``: a plugin manager with entry-point autoloading off (only built-ins), so tests see no installed plugins;
 - ``cai_registry``: the registry built from it;
 - ``cai_runtime``: a runtime over that registry;
-- ``cli_runner``: click's ``CliRunner`` with the CLI's cached plugin state reset around each test;
+- ``cli_runner``: click's ``CliRunner`` with the CLI's cached plugin state reset around each test; call
+  :func:`use_cli_plugins` in the test to run the CLI with plugin objects that are not installed;
 - ``tiny_model`` / ``tiny_plain_model``: a folder with a tiny random Llama and a byte-level tokenizer, built
   in-process (no network), with and without a chat template; any backend loads it like a real model folder.
 
@@ -138,6 +139,14 @@ def cai_runtime(cai_registry):
     runtime = Runtime(cai_registry)
     yield runtime
     runtime.close()
+
+
+def use_cli_plugins(*plugins: object) -> None:
+    """Make the ``cai`` CLI register these plugin objects too (after the installed ones), as if they were installed,
+    until the ``cli_runner`` fixture resets its state at the end of the test."""
+    from cai_engine.cli import reset_state
+
+    reset_state(plugins)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from noise import bound as shared_bound
 from noise import deviation
 
 from cai_engine import ConfigError, GenerationSettings, Message, ModelError, UnknownComponentError
-from cai_engine.models.runtime import parse_model_ref
 from cai_engine.plugins.components import ChatPrompt, cut_at_stop
 
 pytestmark = pytest.mark.slow
@@ -152,7 +151,10 @@ def assert_scores_close(a, b, noise) -> None:
     assert worst <= bound(noise), (worst, noise, a, b)
 
 
-def test_parse_model_ref():
+def test_parse_model_ref(cai_runtime, monkeypatch):
+    # the backends resolve references (Backend.claims); a GGUF file goes to llama.cpp only when it is installed
+    monkeypatch.setattr("cai_engine.models.backends.llama_cpp.llama_cpp_available", lambda: False)
+    parse_model_ref = cai_runtime.parse_model_ref
     assert parse_model_ref("smollm2") == ("transformers", {"model": "smollm2"})
     assert parse_model_ref("/m/x.gguf") == ("transformers", {"model": "/m/x.gguf"})
     assert parse_model_ref("http://127.0.0.1:8000/v1#qwen") == (

@@ -204,9 +204,9 @@ class Probe:
 
 def base_model_sha256(base_model: str) -> str | None:
     """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
-    from cai_engine.models.backends.model_files import DEFAULT_NAME, default_model_file
+    from cai_engine.models.backends.model_files import default_model_file
 
-    if base_model == DEFAULT_NAME:
+    if base_model == DEFAULT_MODEL:
         try:
             return file_sha256(default_model_file())
         except ModelError:

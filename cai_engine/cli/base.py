@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,11 +88,14 @@ def install_hint(module: str) -> str | None:
 class _State:
     """The plugin manager and registry, built once per process and only when a command needs them."""
 
+    def __init__(self, plugins: tuple[object, ...] = ()) -> None:
+        self.plugins = plugins
+
     @functools.cached_property
     def pm(self):
         from cai_engine.plugins.manager import make_plugin_manager
 
-        pm = make_plugin_manager(skip_broken=True)
+        pm = make_plugin_manager(skip_broken=True, plugins=self.plugins)
         for name, error in pm.cai_broken.items():
             click.echo(
                 f"warning: plugin {name!r} is left out: {error}; fix or uninstall it, or set "
@@ -119,10 +123,14 @@ def state() -> _State:
     return _STATE
 
 
-def reset_state() -> None:
-    """Forget the cached plugin manager (tests that change environment variables call this)."""
+def reset_state(plugins: Iterable[object] = ()) -> None:
+    """Forget the cached plugin manager (tests that change environment variables call this).
+
+    :param plugins: plugin objects the next plugin manager registers after the installed ones, as
+        ``make_plugin_manager(plugins=...)`` does: a plugin's tests run the CLI with it without installing it.
+    """
     global _STATE
-    _STATE = None
+    _STATE = _State(tuple(plugins)) if plugins else None
     CaiGroup._plugin_commands_loaded = False
 
 

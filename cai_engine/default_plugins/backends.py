@@ -8,8 +8,10 @@ from cai_engine.models.backends.openai_http import OpenAIBackend
 from cai_engine.plugins.hookspecs import hookimpl
 
 
-@hookimpl
+# trylast: the runtime asks backends which model references they claim in registry order, so a plugin's backend is
+# asked before these. Among these, endpoints and GGUF files are claimed before transformers takes every other string.
+@hookimpl(trylast=True)
 def cai_register_backends(register):
-    register(TransformersBackend)
-    register(LlamaCppBackend)
     register(OpenAIBackend)
+    register(LlamaCppBackend)
+    register(TransformersBackend)

@@ -24,6 +24,7 @@ from cai_engine.default_plugins.training import (
     trl_config,
 )
 from cai_engine.errors import RunError
+from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.plugins.components import Trainer
 from cai_engine.plugins.hookspecs import hookimpl
 
@@ -46,6 +47,7 @@ class SFT(Trainer):
     """Supervised fine-tuning on a conversational (``messages``) dataset with ``trl.SFTTrainer``."""
 
     name = "sft"
+    trains_on = "conversations"
 
     class Options(TrainerOptions):
         lora: bool = Field(False, description="Train LoRA adapters (peft) and merge them into the saved model.")
@@ -118,7 +120,7 @@ class SFT(Trainer):
             "log_history": trainer.state.log_history,
             "trl": {k: v for k, v in config.to_dict().items() if k in {**SFT_DEFAULTS, **self.options.trl}},
         }
-        save_checkpoint(trained, tokenizer, output_dir, summary, trainer)
+        save_checkpoint(trained, tokenizer, output_dir, summary, trainer, made_by=self)
         return summary
 
 
@@ -140,6 +142,8 @@ class RewardTrainer(Trainer):
     """A preference model (sequence classifier with one output) trained on soft or hard preference labels."""
 
     name = "reward"
+    task = "text-classification"
+    auto_class = "AutoModelForSequenceClassification"
 
     class Options(TrainerOptions):
         soft_labels: bool = Field(True, description="Use `chosen_probability` as a soft target (else hard labels).")
@@ -195,7 +199,7 @@ class RewardTrainer(Trainer):
             "judge_gate": gate,
             "log_history": trainer.state.log_history,
         }
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer)
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
         return summary
 
 
@@ -216,7 +220,7 @@ class DPO(Trainer):
     name = "dpo"
 
     class Options(TrainerOptions):
-        model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
+        model: str = Field(DEFAULT_MODEL, description="The policy to train (e.g. the SFT checkpoint).")
         min_confidence: float = Field(
             0.0, ge=0, lt=0.5, description="Keep pairs whose chosen_probability is at least 0.5 + this."
         )
@@ -270,7 +274,7 @@ class DPO(Trainer):
             "judge_gate": gate,
             "log_history": trainer.state.log_history,
         }
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer)
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
         return summary
 
 
@@ -292,9 +296,10 @@ class GRPO(Trainer):
     (``beta``) to the starting policy."""
 
     name = "grpo"
+    trains_on = "prompts"
 
     class Options(TrainerOptions):
-        model: str = Field("smollm2", description="The policy to train (e.g. the SFT checkpoint).")
+        model: str = Field(DEFAULT_MODEL, description="The policy to train (e.g. the SFT checkpoint).")
         reward: str = Field(
             "judge",
             description="'judge' (the pointwise judge, d-RLAIF) or a reward-model folder "
@@ -358,7 +363,7 @@ class GRPO(Trainer):
         }
         if isinstance(reward_funcs, JudgeReward):
             summary["judge_rewards"] = {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer)
+        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
         return summary
 
 

@@ -12,7 +12,8 @@ from cai_engine.errors import ConfigError, RunError, describe_validation
 from cai_engine.files.inputs import parse_scalar
 from cai_engine.files.jsonl import write_json
 from cai_engine.files.outputs import write_atomic
-from cai_engine.plugins.components import Options
+from cai_engine.models.runtime import DEFAULT_MODEL
+from cai_engine.plugins.components import Options, Trainer
 from cai_engine.records import PreferenceExportManifest
 from cai_engine.store.cards import model_card
 
@@ -84,7 +85,9 @@ def load_dataset_folder(dataset: str | Path):
 class TrainerOptions(Options):
     """What every built-in trainer takes: the base model and the dtype its weights are loaded, trained and saved in."""
 
-    model: str = Field("smollm2", description="Base model: 'smollm2', a model folder, a .gguf file or a Hub id.")
+    model: str = Field(
+        DEFAULT_MODEL, description=f"Base model: {DEFAULT_MODEL!r}, a model folder, a .gguf file or a Hub id."
+    )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",
         description="Weights are loaded, trained and saved in this dtype ('auto': the checkpoint's own). On a GPU, "
@@ -159,14 +162,17 @@ def _replicas(trainer, model, summary: dict[str, Any]) -> bool:
     return bool(accelerator.is_main_process)
 
 
-def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any], trainer: Any = None) -> None:
+def save_checkpoint(
+    model, tokenizer, output_dir: Path, summary: dict[str, Any], trainer: Any = None, *, made_by: Trainer | None = None
+) -> None:
     """safetensors weights (in the model's dtype) + tokenizer + a summary + a model card (``README.md``): the folder
     loads back as a model in every backend and reads as a model repository on the Hub.
 
     The saved folder is read back and must reproduce the trained model's outputs (log-probs, or rewards for a reward
     model) on a fixed sentence; the largest difference is recorded as ``checkpoint_check`` and a mismatch is an
     error rather than a silently different model. Under ``accelerate launch`` (pass the ``trainer``) the processes'
-    weights must agree and only the main process writes; the others wait until it has."""
+    weights must agree and only the main process writes; the others wait until it has. The card's task and loading
+    class are those ``made_by`` (the cai-engine trainer) declares."""
     writer = _replicas(trainer, model, summary)
     summary["checkpoint"] = str(output_dir)
     if not writer:
@@ -192,7 +198,8 @@ def save_checkpoint(model, tokenizer, output_dir: Path, summary: dict[str, Any],
     summary["checkpoint"] = str(output_dir)
     summary["dtype"] = str(model.dtype).removeprefix("torch.")
     write_json(output_dir / "cai_training.json", summary)
-    write_atomic(output_dir / "README.md", model_card(summary))
+    card = made_by or Trainer
+    write_atomic(output_dir / "README.md", model_card(summary, task=card.task, auto_class=card.auto_class))
     if trainer is not None and getattr(trainer, "accelerator", None) is not None:
         trainer.accelerator.wait_for_everyone()
     if not difference <= 1e-3:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
+from cai_engine.plugins.refs import ComponentRef
 from cai_engine.store.shards import ShardField, shard_field
 
 
@@ -37,6 +38,29 @@ class EvalConfig(BaseModel):
     )
     judge_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra options for the judge, scorer and classifiers (e.g. few_shot: 0)."
+    )
+    sampler: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="model"),
+        description="Answers the prompts, once per compared model (given that model, greedy, the run's seed and "
+        "max_new_tokens where its options have them).",
+    )
+    judge: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="logprob"),
+        description="Compares two answers: the win rates and the judge's quality (given judge_model).",
+    )
+    scorer: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="pointwise"),
+        description="A judge that scores one answer 1-10: the harm score (given judge_model).",
+    )
+    critic: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="model"),
+        description="A critic whose verdicts give the per-principle violation rates (given judge_model, and "
+        "verdict_only where its options have it).",
+    )
+    classifier: ComponentRef = Field(
+        default_factory=lambda: ComponentRef(name="model"),
+        description="A critic whose Yes/No verdicts are the judged classifiers (given judge_model, and verdict_only "
+        "and few_shot = classify_shots where its options have them).",
     )
     pairwise: list[Literal["harmlessness", "helpfulness"]] = Field(
         default_factory=lambda: ["harmlessness", "helpfulness"],  # type: ignore[arg-type]

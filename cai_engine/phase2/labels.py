@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from cai_engine.constitution.model import Constitution, Phase
 from cai_engine.errors import ConfigError, RunError
+from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import (
@@ -84,17 +85,13 @@ class RLConfig(BaseModel):
     def limit_for(self, source: str) -> int | None:
         return source_limit(self.limit, source)
 
-    def sampler_ref(self) -> ComponentRef:
-        options = dict(self.sampler.options)
-        if self.sampler.name == "model":
-            options.setdefault("model", self.model)
-            options.setdefault("seed", self.seed)
-        return ComponentRef(name=self.sampler.name, options=options)
+    def sampler_ref(self, runtime: Runtime) -> ComponentRef:
+        """The sampler with the policy model and the seed filled in (``with_model``: where its options have them)."""
+        return with_model(self.sampler, "sampler", runtime, self.model, seed=self.seed)
 
-    def judge_ref(self) -> ComponentRef:
-        options = dict(self.judge.options)
-        options.setdefault("model", self.judge_model or self.model)
-        return ComponentRef(name=self.judge.name, options=options)
+    def judge_ref(self, runtime: Runtime) -> ComponentRef:
+        """The judge with the feedback model (``judge_model``, else the policy) filled in, by the same rule."""
+        return with_model(self.judge, "judge", runtime, self.judge_model or self.model)
 
 
 def draw_principles(
@@ -122,8 +119,10 @@ class LabelRun:
         self.config = config
         self.runtime = runtime or Runtime.default()
         self.constitution = self.runtime.registry.constitution(config.constitution)
-        self.judge = config.judge_ref().build("judge", self.runtime)
-        self.sampler = config.sampler_ref().build("sampler", self.runtime) if config.recipe == "judged" else None
+        self.judge = config.judge_ref(self.runtime).build("judge", self.runtime)
+        self.sampler = (
+            config.sampler_ref(self.runtime).build("sampler", self.runtime) if config.recipe == "judged" else None
+        )
         self.dir = RunDirectory(out, "rl", PreferenceRecord)
         self.items: list[tuple[str, Any]]
         if config.recipe == "judged":

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +21,7 @@ from cai_engine.errors import ConfigError, describe_validation
 
 if TYPE_CHECKING:
     from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.registry import Registry
     from cai_engine.records import (
         ComparisonTask,
         Conversation,
@@ -135,13 +136,29 @@ class Judge(Component):
 
 
 class Trainer(Component):
-    """Trains a model on an exported dataset and writes a safetensors checkpoint that loads back as a model."""
+    """Trains a model on an exported dataset and writes a checkpoint folder that loads back as a model.
+
+    What a run fills in (``cai run``): each option the trainer's ``Options`` declares among ``model`` (the model to
+    train), ``constitution`` (the run's constitution), ``judge`` (a judge as ``{name, options}``, given the feedback
+    model) and ``reward`` (the folder of the preference model, when the run trained one) is filled in unless the
+    user set it; options it does not declare are never passed. After ``train`` returns, the run marks the output
+    folder as done, so a rerun skips the stage.
+    """
 
     kind = "trainer"
+    trains_on: ClassVar[Literal["conversations", "preferences", "prompts"]] = "preferences"
+    """What ``train``'s ``dataset`` is: an SFT export (``cai export sft``: conversations), a preference export
+    (``cai export preferences``), or a prompt source such as ``builtin:red-team`` (online RL). Each stage of the
+    pipeline hands its trainer the data it declares here."""
+    task: ClassVar[str] = "text-generation"
+    """The Hugging Face task of the checkpoints it writes (the model card's ``pipeline_tag``)."""
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    """The transformers class that loads its checkpoints (the model card's example)."""
 
     @abstractmethod
     def train(self, dataset: str | Path, output_dir: str | Path) -> dict[str, Any]:
-        """Train and return a summary (checkpoint path, metrics)."""
+        """Train on ``dataset`` (what ``trains_on`` says) into ``output_dir`` and return a summary; ``cai run``
+        shows its ``checkpoint``, ``steps`` and ``seconds`` when present."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +212,30 @@ class Backend(ABC):
 
     def __init__(self, options: Options | dict[str, Any]) -> None:
         self.options = self.validate_options(options)
+
+    @classmethod
+    def claims(cls, ref: str, registry: Registry) -> bool:
+        """Whether this backend serves the model reference ``ref`` (a string such as ``mymodels:foo``) when the user
+        names no backend.
+
+        The runtime asks the registered backends in registry order and the first that claims ``ref`` serves it.
+        Plugins' backends are asked before the built-ins, which register ``trylast``; the built-in ``transformers``
+        backend claims every string, so it serves whatever no other backend claimed. The default claims nothing:
+        such a backend is used only when named (``{backend: NAME, model: ...}``).
+        """
+        return False
+
+    @classmethod
+    def read_ref(cls, ref: str) -> dict[str, Any]:
+        """The options a reference string this backend claims stands for (``{"model": ref}`` unless the backend
+        reads more out of it, as an endpoint URL gives ``base_url`` and the model name)."""
+        return {"model": ref}
+
+    @classmethod
+    def model_problem(cls, options: dict[str, Any], registry: Registry) -> str | None:
+        """Why the model these (raw) options name could not load, found without loading it (no network, no
+        conversion): a message saying how to fix it, or None when it looks fine (the default)."""
+        return None
 
     @classmethod
     def validate_options(cls, options: Options | dict[str, Any]) -> Any:

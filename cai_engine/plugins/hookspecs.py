@@ -39,7 +39,9 @@ Register = Callable[..., None]
 def cai_register_backends(register: Register) -> None:
     """Register language-model runtimes (subclasses of :class:`cai_engine.Backend`).
 
-    Call ``register(MyBackend)``; ``MyBackend.name`` is what users write as ``backend:`` in config.
+    Call ``register(MyBackend)``; ``MyBackend.name`` is what users write as ``backend:`` in config. A model
+    reference that names no backend goes to the first backend, in registration order, whose ``claims`` accepts it;
+    the built-in backends register ``trylast``, so a plugin's backends are asked first.
 
     :param register: raises ``TypeError`` for a class that is not a Backend and ``DuplicateComponentError`` when
         the name is taken.
@@ -90,6 +92,8 @@ def cai_register_judges(register: Register) -> None:
 @hookspec
 def cai_register_trainers(register: Register) -> None:
     """Register :class:`cai_engine.Trainer` subclasses (``sft``, ``dpo``, ``reward``, ...).
+
+    Call ``register(MyTrainer)``; ``MyTrainer.name`` is what users write as a pipeline stage's trainer.
 
     .. versionadded:: 0.1
     """

@@ -176,6 +176,11 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted(self._components[kind])
 
+    def in_order(self, kind: str) -> list[type]:
+        """The registered classes of a kind in the order their plugins' hooks ran: as pluggy calls hooks, plugins
+        registered later first, ``tryfirst`` implementations before and ``trylast`` ones after the rest."""
+        return [owned.obj for owned in self._components[kind].values()]
+
     def owner(self, kind: str, name: str) -> str:
         return self._components[kind][name].plugin
 
@@ -209,7 +214,7 @@ class Registry:
         try:
             return load_constitution(entry.raw, lookup=self.raw_constitution)
         except ConstitutionError as exc:
-            if entry.plugin.startswith("cai_engine."):
+            if entry.plugin in DEFAULT_PLUGINS:  # a built-in's error needs no pointer to who registered it
                 raise
             raise ConstitutionError(f"{exc} (constitution registered by plugin {entry.plugin!r})") from None
 

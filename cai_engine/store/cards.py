@@ -18,7 +18,6 @@ import yaml
 from cai_engine.version import __version__
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TASKS = {"sft": "text-generation", "dpo": "text-generation", "grpo": "text-generation", "reward": "text-classification"}
 
 
 def _front_matter(metadata: dict[str, Any]) -> str:
@@ -45,18 +44,21 @@ def _export_manifest(dataset: str | None) -> dict[str, Any]:
         return {}
 
 
-def model_card(summary: dict[str, Any]) -> str:
-    """The model card of a checkpoint from a trainer's ``summary`` (``cai_training.json``)."""
+def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: str = "AutoModelForCausalLM") -> str:
+    """The model card of a checkpoint from a trainer's ``summary`` (``cai_training.json``).
+
+    :param task: the Hugging Face task (``pipeline_tag``), as the trainer declares it (``Trainer.task``).
+    :param auto_class: the transformers class that loads the checkpoint (``Trainer.auto_class``).
+    """
     trainer = str(summary.get("trainer", "?"))
     base = str(summary.get("base_model", ""))
     export = _export_manifest(summary.get("dataset"))
     metadata = {
         "library_name": "transformers",
         "base_model": base if HUB_ID.match(base) else None,  # the Hub only accepts Hub ids here
-        "pipeline_tag": TASKS.get(trainer),
+        "pipeline_tag": task,
         "tags": ["cai-engine", "constitutional-ai", "trl", trainer],
     }
-    auto_class = "AutoModelForSequenceClassification" if trainer == "reward" else "AutoModelForCausalLM"
     metrics = summary.get("metrics") or {}
     rows = "\n".join(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in metrics.items())
     gate = summary.get("judge_gate") or export.get("judge_gate")

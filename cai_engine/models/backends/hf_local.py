@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cai_engine.errors import ModelError, PromptTooLongError
-from cai_engine.models.backends.model_files import DEFAULT_NAME, resolve_model_folder
+from cai_engine.models.backends.model_files import local_model_problem, resolve_model_folder
+from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     class Options(Backend.Options):
-        model: str = Field(DEFAULT_NAME, description="'smollm2', a model folder, or a .gguf file.")
+        model: str = Field(DEFAULT_MODEL, description=f"{DEFAULT_MODEL!r}, a model folder, or a .gguf file.")
         dtype: Literal["float32", "bfloat16", "float16"] = Field(
             "float32", description="float32 is fastest on CPUs without bf16 units."
         )
@@ -59,6 +60,14 @@ class TransformersBackend(Backend):
             "layout and multiply through oneDNN (faster batched decoding where MKL's path is slow; greedy outputs "
             "unchanged); costs a second copy of those weights in memory.",
         )
+
+    @classmethod
+    def claims(cls, ref, registry):
+        return True  # every reference no other backend claimed: a folder, a .gguf file, a catalogue name, a Hub id
+
+    @classmethod
+    def model_problem(cls, options, registry):
+        return local_model_problem(str(options.get("model", "")), registry.catalog)
 
     def __init__(self, options) -> None:
         super().__init__(options)

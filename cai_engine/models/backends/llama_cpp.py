@@ -33,6 +33,8 @@ from pydantic import Field
 
 from cai_engine.errors import BackendUnavailableError, ModelError, PromptTooLongError
 from cai_engine.models.backends.llama_decode import BatchedDecoding, Job
+from cai_engine.models.backends.model_files import local_model_problem
+from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def resolve_gguf(ref: str) -> tuple[Path, str]:
 
     catalog = registered_catalog()
     if ref in catalog:
-        if ref == "smollm2":
+        if ref == DEFAULT_MODEL:
             from cai_engine.models.backends.model_files import default_model_file
 
             installed = catalog.installed_path(ref)
@@ -72,7 +74,7 @@ class LlamaCppBackend(BatchedDecoding, Backend):
     name = "llamacpp"
 
     class Options(Backend.Options):
-        model: str = Field(description="A .gguf file, or a catalogue name ('qwen2.5-coder-1.5b', 'smollm2').")
+        model: str = Field(description=f"A .gguf file, or a catalogue name ('qwen2.5-coder-1.5b', {DEFAULT_MODEL!r}).")
         parallel: int = Field(16, ge=1, le=240, description="Sequences decoded together (one KV sequence each).")
         n_ctx: int = Field(
             2048,
@@ -118,6 +120,17 @@ class LlamaCppBackend(BatchedDecoding, Backend):
             "is copied once to F16 (llama.cpp has tiled batch kernels for F16, not for those types; the copy is "
             "exact up to f16 rounding); 'original': the file as it is; 'f16'/'q8_0': always that copy.",
         )
+
+    @classmethod
+    def claims(cls, ref, registry):
+        """GGUF files and catalogue models, when llama-cpp-python is installed. The embedded default stays on
+        transformers, which the trainers use too, so base and fine-tuned models are compared on one runtime."""
+        gguf = ref.lower().endswith(".gguf") or (ref != DEFAULT_MODEL and ref in registry.catalog)
+        return gguf and llama_cpp_available()
+
+    @classmethod
+    def model_problem(cls, options, registry):
+        return local_model_problem(str(options.get("model", "")), registry.catalog)
 
     def __init__(self, options) -> None:
         super().__init__(options)

@@ -11,13 +11,17 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cai_engine.errors import ModelError
+from cai_engine.models.runtime import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from cai_engine.plugins.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "smollm2"
 
 
 def default_model_file() -> Path:
@@ -34,7 +38,7 @@ def default_model_file() -> Path:
         path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
         if path.is_file():
             return path
-    raise ModelError("the embedded default model is not installed; run: cai models install smollm2")
+    raise ModelError(f"the embedded default model is not installed; run: cai models install {DEFAULT_MODEL}")
 
 
 def cache_root() -> Path:
@@ -115,11 +119,32 @@ def hub_snapshot(ref: str) -> Path:
         raise ModelError(f"{ref}: could not fetch it from the Hugging Face Hub ({type(exc).__name__}: {exc})") from None
 
 
+def local_model_problem(model: str, catalog: Catalog) -> str | None:
+    """Why a local model reference (the default, a catalogue name, a folder, a .gguf file or a Hub id) could not
+    load, found without loading it; None if it looks fine. The embedded default is checked when it loads, a Hub id
+    when it is resolved (from the HF cache, or downloaded)."""
+    if model == DEFAULT_MODEL:
+        return None
+    if model in catalog:
+        if catalog.installed_path(model) is None:
+            return f"model {model!r} is not installed; run: cai models install {model}"
+        return None
+    path = Path(model).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(model) and not Path(model.split("/")[0]).exists():
+        return None
+    if not path.exists():
+        return (
+            f"model {model!r} does not exist; give a model folder, a .gguf file, a Hub id, a catalogue name "
+            f"({', '.join(sorted(m.name for m in catalog)) or 'none'}), {DEFAULT_MODEL!r}, or an http(s):// endpoint"
+        )
+    return None
+
+
 def resolve_model_folder(ref: str) -> tuple[Path, str]:
     """A local model reference as a safetensors folder plus a model id for records (GGUF converted once)."""
-    if ref == DEFAULT_NAME:
+    if ref == DEFAULT_MODEL:
         gguf = default_model_file()
-        return _from_gguf(gguf), f"{DEFAULT_NAME} ({gguf.name})"
+        return _from_gguf(gguf), f"{DEFAULT_MODEL} ({gguf.name})"
     from cai_engine.models.catalog import registered_catalog
 
     catalog = registered_catalog()
@@ -133,7 +158,7 @@ def resolve_model_folder(ref: str) -> tuple[Path, str]:
     if not path.exists():
         raise ModelError(
             f"model path {ref!r} does not exist; give a model folder, a .gguf file, a catalogue name, "
-            "'smollm2', a Hugging Face Hub id (org/name), or an http(s):// endpoint"
+            f"{DEFAULT_MODEL!r}, a Hugging Face Hub id (org/name), or an http(s):// endpoint"
         )
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -55,6 +55,16 @@ class OpenAIBackend(Backend):
         )
         extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra fields sent with every request.")
 
+    @classmethod
+    def claims(cls, ref, registry):
+        return ref.startswith(("http://", "https://"))
+
+    @classmethod
+    def read_ref(cls, ref):
+        """``http://host:port/v1#name``: the API root and the model name the server expects (``default``)."""
+        url, _, name = ref.partition("#")
+        return {"base_url": url, "model": name or "default"}
+
     def __init__(self, options) -> None:
         super().__init__(options)
         headers = {}
