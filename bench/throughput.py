@@ -67,7 +67,7 @@ def generation(path: str, n: int, max_new_tokens: int, repeats: int) -> dict:
     """Generated tokens per second for one path on ``n`` critique prompts: the median of ``repeats`` timed calls
     (one for the slow one-at-a-time path)."""
     from cai_engine import GenerationSettings, Runtime
-    from cai_engine.models.backends.model_files import default_model_file
+    from cai_engine.models.files import default_model_file
 
     runtime = Runtime()
     prompts = critique_prompts(runtime, n)
@@ -179,7 +179,7 @@ def judging(path: str, n: int, repeats: int, few_shot: int = 0) -> dict:
     """Comparisons per second for one judging path on ``n`` distinct comparisons, ``few_shot`` worked examples before
     each (the median of ``repeats`` timed calls for the batched path; the batch-1 paths, minutes each, once)."""
     from cai_engine import Runtime
-    from cai_engine.models.backends.model_files import default_model_file
+    from cai_engine.models.files import default_model_file
 
     runtime = Runtime()
     tasks = comparisons(n + 1)

@@ -251,7 +251,7 @@ def require_default_model() -> None:
     """Skip the calling test (or module, at import) when the embedded default model is not installed
     (``cai models install smollm2``)."""
     from cai_engine.errors import ModelError
-    from cai_engine.models.backends.model_files import default_model_file
+    from cai_engine.models.files import default_model_file
 
     try:
         default_model_file()

@@ -153,7 +153,7 @@ def assert_scores_close(a, b, noise) -> None:
 
 def test_parse_model_ref(cai_runtime, monkeypatch):
     # the backends resolve references (Backend.claims); a GGUF file goes to llama.cpp only when it is installed
-    monkeypatch.setattr("cai_engine.models.backends.llama_cpp.llama_cpp_available", lambda: False)
+    monkeypatch.setattr("cai_engine.default_plugins.backends.llama_cpp.llama_cpp_available", lambda: False)
     parse_model_ref = cai_runtime.parse_model_ref
     assert parse_model_ref("smollm2") == ("transformers", {"model": "smollm2"})
     assert parse_model_ref("/m/x.gguf") == ("transformers", {"model": "/m/x.gguf"})
@@ -196,7 +196,7 @@ def test_small_batches_give_the_same_results(cai_runtime, tiny_model, backend):
 
 
 def test_batches_group_similar_lengths_within_a_token_budget(cai_runtime, tiny_model):
-    from cai_engine.models.backends.hf_local import TransformersBackend
+    from cai_engine.default_plugins.backends.hf_local import TransformersBackend
 
     def chunks(**options):
         backend = object.__new__(TransformersBackend)  # _chunks needs only the options, not a loaded model

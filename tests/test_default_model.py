@@ -23,7 +23,7 @@ def runtime():
 
 
 def test_default_model_loads_from_the_safetensors_cache(runtime, monkeypatch):
-    from cai_engine.models.backends import model_files
+    from cai_engine.models import files as model_files
 
     backend = runtime.backend("smollm2")
     assert backend.model_id == "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"

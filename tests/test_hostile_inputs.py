@@ -543,7 +543,7 @@ def test_a_full_disk_leaves_the_previous_output(tmp_path, monkeypatch):
 
 def test_model_folders_must_hold_safetensors(tmp_path):
     from cai_engine.errors import ModelError
-    from cai_engine.models.backends.model_files import resolve_model_folder
+    from cai_engine.models.files import resolve_model_folder
 
     folder = tmp_path / "model"
     folder.mkdir()

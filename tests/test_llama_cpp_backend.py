@@ -10,8 +10,8 @@ from noise import bound as shared_bound
 from noise import deviation
 
 from cai_engine import ChatPrompt, Message, Runtime
+from cai_engine.default_plugins.backends.llama_decode import Job, _common_length, log_softmax
 from cai_engine.errors import ModelError
-from cai_engine.models.backends.llama_decode import Job, _common_length, log_softmax
 from cai_engine.plugins.components import GenerationSettings
 from cai_engine.testing import require_default_model
 
@@ -182,7 +182,7 @@ def check_greedy_generation(candidate, reference, prompts, settings) -> tuple[li
 
 
 def test_gguf_references_use_llama_cpp_when_installed(runtime):
-    from cai_engine.models.backends.model_files import default_model_file
+    from cai_engine.models.files import default_model_file
 
     cls, _ = runtime.backend_options(str(default_model_file()))
     assert cls.name == "llamacpp"
@@ -324,7 +324,7 @@ def test_scoring_groups_the_continuations_of_one_short_prompt(runtime):
 def test_weights_are_stored_for_batched_kernels_once(runtime, tmp_path, monkeypatch):
     """A Q4_1 file decoded in batches runs from an F16 copy made once in the cache (llama.cpp has tiled batch
     kernels for F16, not for Q4_1); 'original' keeps the file."""
-    from cai_engine.models.backends import model_files
+    from cai_engine.models import files as model_files
 
     monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
     auto = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 256})

@@ -30,7 +30,7 @@ PROMPTS = [
 class LlamaServer:
     def __init__(self, port: int | None = None, api_key: str | None = None) -> None:
         pytest.importorskip("llama_cpp", reason="needs the server extra: pip install -e '.[server]'")
-        from cai_engine.models.backends.model_files import default_model_file
+        from cai_engine.models.files import default_model_file
 
         self.gguf = str(default_model_file())
         self.port = port or free_port()

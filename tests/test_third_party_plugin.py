@@ -363,7 +363,7 @@ def test_cai_run_uses_the_plugin(cli_runner, tmp_path):
 
 
 def test_the_built_in_backends_resolve_as_before(runtime, monkeypatch, tmp_path):
-    monkeypatch.setattr("cai_engine.models.backends.llama_cpp.llama_cpp_available", lambda: True)
+    monkeypatch.setattr("cai_engine.default_plugins.backends.llama_cpp.llama_cpp_available", lambda: True)
     assert runtime.parse_model_ref(str(tmp_path / "m.gguf"))[0] == "llamacpp"
     assert runtime.parse_model_ref("qwen2.5-coder-1.5b")[0] == "llamacpp"  # a catalogue model
     assert runtime.parse_model_ref(DEFAULT_MODEL)[0] == "transformers"  # the default stays on transformers
@@ -372,7 +372,7 @@ def test_the_built_in_backends_resolve_as_before(runtime, monkeypatch, tmp_path)
         "openai",
         {"model": "http://h/v1#m", "base_url": "http://other/v1"},  # the mapping's own base_url wins
     )
-    monkeypatch.setattr("cai_engine.models.backends.llama_cpp.llama_cpp_available", lambda: False)
+    monkeypatch.setattr("cai_engine.default_plugins.backends.llama_cpp.llama_cpp_available", lambda: False)
     assert runtime.parse_model_ref(str(tmp_path / "m.gguf"))[0] == "transformers"
     assert runtime.model_problem("qwen2.5-coder-1.5b") == (
         "model 'qwen2.5-coder-1.5b' is not installed; run: cai models install qwen2.5-coder-1.5b"

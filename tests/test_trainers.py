@@ -213,7 +213,7 @@ def test_a_hub_id_loads_from_a_prefilled_hf_cache(cai_runtime, tiny_model, tmp_p
     import shutil
 
     from cai_engine.errors import ModelError
-    from cai_engine.models.backends.model_files import resolve_model_folder
+    from cai_engine.models.files import resolve_model_folder
 
     cache = tmp_path / "hf" / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -128,7 +128,7 @@ def train_finetuned(
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai_engine.models.backends.model_files import resolve_model_folder
+    from cai_engine.models.files import resolve_model_folder
 
     dataset, out = Path(dataset), Path(out)
     train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")

@@ -76,7 +76,7 @@ class Encoder:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai_engine.models.backends.model_files import resolve_model_folder
+        from cai_engine.models.files import resolve_model_folder
 
         folder, _ = resolve_model_folder(base_model)
         try:
@@ -204,7 +204,7 @@ class Probe:
 
 def base_model_sha256(base_model: str) -> str | None:
     """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
-    from cai_engine.models.backends.model_files import default_model_file
+    from cai_engine.models.files import default_model_file
 
     if base_model == DEFAULT_MODEL:
         try:

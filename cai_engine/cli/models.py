@@ -28,7 +28,7 @@ def _installed(catalog, name: str):
     path = catalog.installed_path(name)
     if path is None and name == DEFAULT_MODEL:
         from cai_engine.errors import ModelError
-        from cai_engine.models.backends.model_files import default_model_file
+        from cai_engine.models.files import default_model_file
 
         try:
             path = default_model_file()

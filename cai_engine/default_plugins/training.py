@@ -103,7 +103,7 @@ def load_base(model_ref: str, *, reward_head: bool = False, dtype: str = "float3
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
 
-    from cai_engine.models.backends.model_files import resolve_model_folder
+    from cai_engine.models.files import resolve_model_folder
 
     folder, model_id = resolve_model_folder(model_ref)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -36,7 +36,7 @@ class Job:
 class BatchedDecoding:
     """The llama.cpp backend's decode loop (continuous batching, shared-prefix KV copy, per-sequence sampling).
 
-    A mixin: it drives the model, context and batch that :class:`~cai_engine.models.backends.llama_cpp.LlamaCppBackend`
+    A mixin: it drives the model, context and batch that :class:`~cai_engine.default_plugins.backends.llama_cpp.LlamaCppBackend`
     loads (``_llm``, ``_ctx``, ``_batch``, the prefix streams, the sizes and counters).
     """
 

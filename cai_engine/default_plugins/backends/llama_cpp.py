@@ -31,9 +31,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from cai_engine.default_plugins.backends.llama_decode import BatchedDecoding, Job
 from cai_engine.errors import BackendUnavailableError, ModelError, PromptTooLongError
-from cai_engine.models.backends.llama_decode import BatchedDecoding, Job
-from cai_engine.models.backends.model_files import local_model_problem
+from cai_engine.models.files import local_model_problem
 from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
 
@@ -53,7 +53,7 @@ def resolve_gguf(ref: str) -> tuple[Path, str]:
     catalog = registered_catalog()
     if ref in catalog:
         if ref == DEFAULT_MODEL:
-            from cai_engine.models.backends.model_files import default_model_file
+            from cai_engine.models.files import default_model_file
 
             installed = catalog.installed_path(ref)
             path = installed or default_model_file()
@@ -162,7 +162,7 @@ class LlamaCppBackend(BatchedDecoding, Backend):
         self._llm = self._open(path, threads)
         layout = self._layout()
         if layout is not None:
-            from cai_engine.models.backends.model_files import relayout_gguf
+            from cai_engine.models.files import relayout_gguf
 
             self._llm.close()
             self._llm = self._open(relayout_gguf(path, layout), threads)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cai_engine.models.backends.hf_local import TransformersBackend
-from cai_engine.models.backends.llama_cpp import LlamaCppBackend
-from cai_engine.models.backends.openai_http import OpenAIBackend
+from cai_engine.default_plugins.backends.hf_local import TransformersBackend
+from cai_engine.default_plugins.backends.llama_cpp import LlamaCppBackend
+from cai_engine.default_plugins.backends.openai_http import OpenAIBackend
 from cai_engine.plugins.hookspecs import hookimpl
 
 

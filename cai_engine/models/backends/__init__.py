@@ -1,1 +1,0 @@
-"""Backend implementations (registered by cai_engine.default_plugins.backends)."""
