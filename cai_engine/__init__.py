@@ -1,12 +1,16 @@
 """cai-engine: a plugin-based Constitutional AI policy engine.
 
-The public API lives here; plugins import only from this top level.
+The public API is every name exported here, plus the prompt layouts in ``cai_engine.text.layouts`` for components
+that prompt a model. Plugins import only these; the built-in plugins (``cai_engine.default_plugins``) do too, and a
+test holds them to it, so a third-party plugin can do whatever a built-in does.
 """
 
 from __future__ import annotations
 
+from cai_engine.checks.rules import check_principle, repair
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
-from cai_engine.constitution.load import lint, load_constitution
+from cai_engine.classifiers.load import load_classifier
+from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, lint, load_constitution
 from cai_engine.constitution.model import (
     ComparisonExample,
     Constitution,
@@ -25,10 +29,18 @@ from cai_engine.errors import (
     DuplicateComponentError,
     ModelError,
     PluginError,
+    PromptTooLongError,
     RunError,
     UnknownComponentError,
+    describe_validation,
 )
-from cai_engine.models.options import ModelOptions, with_model
+from cai_engine.files.inputs import parse_scalar
+from cai_engine.files.jsonl import write_json
+from cai_engine.files.outputs import write_atomic
+from cai_engine.files.resources import data_dir
+from cai_engine.models.catalog import registered_catalog
+from cai_engine.models.files import default_model_file, local_model_problem, relayout_gguf, resolve_model_folder
+from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair, with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, Runtime
 from cai_engine.plugins.catalog import CatalogModel, Package
 from cai_engine.plugins.components import (
@@ -39,30 +51,38 @@ from cai_engine.plugins.components import (
     GenerationSettings,
     Judge,
     Options,
+    Prompt,
     Reviser,
     Sampler,
     Trainer,
+    cut_at_stop,
 )
 from cai_engine.plugins.hookspecs import hookimpl
 from cai_engine.plugins.manager import make_plugin_manager
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.plugins.registry import Registry
-from cai_engine.prompts.sets import PromptItem, PromptSet, load_prompts
+from cai_engine.prompts.sets import PromptItem, PromptSet, load_prompts, load_training_prompts
 from cai_engine.records import (
     ComparisonTask,
     Critique,
     CritiqueTask,
     Judgement,
+    OrderResult,
+    PreferenceExportManifest,
     Revision,
     RevisionTask,
     Score,
     ScoringTask,
     Violation,
 )
+from cai_engine.store.cards import model_card
+from cai_engine.text.refusals import REFUSAL_OPENERS
 from cai_engine.version import __version__
 
 __all__ = [
+    "CONSTITUTION_SUFFIXES",
     "DEFAULT_MODEL",
+    "REFUSAL_OPENERS",
     "Backend",
     "BackendUnavailableError",
     "CaiError",
@@ -84,15 +104,20 @@ __all__ = [
     "Judge",
     "Judgement",
     "Message",
+    "ModelComponent",
     "ModelError",
     "ModelOptions",
     "Options",
+    "OrderResult",
     "Package",
     "Phase",
     "PluginError",
+    "PreferenceExportManifest",
     "Principle",
+    "Prompt",
     "PromptItem",
     "PromptSet",
+    "PromptTooLongError",
     "Registry",
     "Reviser",
     "Revision",
@@ -110,14 +135,31 @@ __all__ = [
     "__version__",
     "asks_for_definition",
     "caveat_check",
+    "check_principle",
+    "cut_at_stop",
+    "data_dir",
+    "default_model_file",
+    "describe_validation",
     "drop_sentences",
     "hookimpl",
     "lint",
+    "load_classifier",
     "load_constitution",
     "load_prompts",
+    "load_training_prompts",
+    "local_model_problem",
     "make_plugin_manager",
+    "model_card",
     "negated",
+    "normalise_pair",
+    "parse_scalar",
+    "registered_catalog",
+    "relayout_gguf",
+    "repair",
+    "resolve_model_folder",
     "sentence_spans",
     "sentences",
     "with_model",
+    "write_atomic",
+    "write_json",
 ]

@@ -29,6 +29,20 @@ def test_no_module_imports_the_package_root(graph):
     assert architecture.root_importers(graph) == []
 
 
+def test_built_in_plugins_import_only_the_public_api(graph):
+    """A built-in is shaped like a third-party plugin: what it needs from the core is public."""
+    assert architecture.builtin_private_imports(graph) == []
+
+
+def test_the_built_in_check_finds_a_private_import():
+    graph = grimp.ImportGraph()
+    graph.add_import(importer="cai_engine.default_plugins.x", imported="cai_engine.models.runtime")
+    graph.add_import(importer="cai_engine.default_plugins.x", imported="cai_engine")
+    graph.add_import(importer="cai_engine.default_plugins.y", imported="cai_engine.text.layouts")
+    assert architecture.builtin_private_imports(graph) == ["cai_engine.default_plugins.x -> cai_engine.models.runtime"]
+    assert architecture.root_importers(graph) == []
+
+
 def test_no_module_imports_another_modules_private_name():
     assert architecture.private_imports() == []
 

@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from cai_engine import CatalogModel, Package, hookimpl, make_plugin_manager
+from cai_engine.default_plugins.models import BUILTIN_MODELS
 from cai_engine.errors import ModelError
-from cai_engine.models.catalog import BUILTIN_MODELS, install
+from cai_engine.models.catalog import install
 from cai_engine.plugins.catalog import Catalog, models_dir
 
 

@@ -56,9 +56,31 @@ def import_cycles(graph: grimp.ImportGraph) -> list[list[str]]:
     return sorted(cycles)
 
 
+BUILTINS = f"{PACKAGE}.default_plugins"
+PUBLIC_MODULES = (f"{PACKAGE}.text.layouts",)  # public besides the root's names (see cai_engine/__init__.py)
+
+
 def root_importers(graph: grimp.ImportGraph) -> list[str]:
-    """Modules that import the package root, the public API that itself imports everything."""
-    return sorted(graph.find_modules_that_directly_import(PACKAGE))
+    """Modules that import the package root, the public API that itself imports everything. The built-in plugins
+    are the exception: like any plugin, they import the public API, which imports none of them."""
+    return sorted(
+        m
+        for m in graph.find_modules_that_directly_import(PACKAGE)
+        if m != BUILTINS and not m.startswith(BUILTINS + ".")
+    )
+
+
+def builtin_private_imports(graph: grimp.ImportGraph) -> list[str]:
+    """Imports by a built-in plugin of anything but the public API and its own modules."""
+    found = []
+    for module in sorted(m for m in graph.modules if m == BUILTINS or m.startswith(BUILTINS + ".")):
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            public = (
+                imported in (PACKAGE, *PUBLIC_MODULES) or imported == BUILTINS or imported.startswith(BUILTINS + ".")
+            )
+            if imported.startswith(PACKAGE) and not public:
+                found.append(f"{module} -> {imported}")
+    return found
 
 
 def private_imports(root: Path = PROJECT / PACKAGE) -> list[str]:
@@ -175,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"import cycle among: {', '.join(cycle)}" for cycle in import_cycles(graph)]
     problems += [f"imports the package root {PACKAGE}: {module}" for module in root_importers(graph)]
     problems += [f"imports a private name: {where}" for where in private_imports()]
+    problems += [f"a built-in imports beyond the public API: {edge}" for edge in builtin_private_imports(graph)]
     page = render(graph)
     if args.write:
         Path(args.write).parent.mkdir(parents=True, exist_ok=True)

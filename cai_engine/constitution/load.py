@@ -18,7 +18,7 @@ from cai_engine.constitution.model import Constitution, Phase, Principle
 from cai_engine.errors import ConstitutionError
 from cai_engine.files.inputs import limit_hint, limits, parse_document, read_document, symlink_chain
 
-SUFFIXES = (".yaml", ".yml", ".json")
+CONSTITUTION_SUFFIXES = (".yaml", ".yml", ".json")
 
 # A lookup from a parent name to (raw data, source label, directory for relative parents).
 ParentLookup = Callable[[str], "RawConstitution"]
@@ -52,7 +52,7 @@ def read_constitution_file(path: str | Path) -> RawConstitution:
     """Read and parse one constitution file without validating or resolving it (a regular file only; its size, and
     its count of principles and rules, within the limits)."""
     path = Path(path)
-    if path.suffix.lower() not in SUFFIXES:
+    if path.suffix.lower() not in CONSTITUTION_SUFFIXES:
         raise ConstitutionError(
             f"unsupported file type {path.suffix or '(none)'!r}; use .yaml, .yml or .json", source=str(path)
         )
@@ -155,7 +155,7 @@ def validate_constitution(raw: RawConstitution) -> Constitution:
 
 
 def _is_path(ref: str) -> bool:
-    return "/" in ref or "\\" in ref or ref.lower().endswith(SUFFIXES)
+    return "/" in ref or "\\" in ref or ref.lower().endswith(CONSTITUTION_SUFFIXES)
 
 
 Frame = tuple[str, tuple[int, int] | None]  # (how a constitution is named in messages, its file's identity)
@@ -163,7 +163,7 @@ Frame = tuple[str, tuple[int, int] | None]  # (how a constitution is named in me
 
 def _frame_label(name: str, source: str) -> str:
     path = Path(source)
-    shown = symlink_chain(path) if path.suffix.lower() in SUFFIXES and path.is_symlink() else source
+    shown = symlink_chain(path) if path.suffix.lower() in CONSTITUTION_SUFFIXES and path.is_symlink() else source
     return f"{name} ({shown})"
 
 

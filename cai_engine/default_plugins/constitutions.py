@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from cai_engine.constitution.load import SUFFIXES
-from cai_engine.files.resources import data_dir
-from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine import CONSTITUTION_SUFFIXES, data_dir, hookimpl
 
 
 @hookimpl
 def cai_register_constitutions(register):
     for path in sorted(data_dir("constitutions").iterdir()):
-        if path.suffix.lower() in SUFFIXES:
+        if path.suffix.lower() in CONSTITUTION_SUFFIXES:
             register(path)

@@ -7,11 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai_engine.constitution.model import Message
-from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.plugins.components import ChatPrompt, Critic
-from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.records import Critique
+from cai_engine import ChatPrompt, Critic, Critique, Message, ModelComponent, ModelOptions, hookimpl, normalise_pair
 from cai_engine.text.layouts import (
     CRITIQUE_STOPS,
     VERDICT_QUESTION,
@@ -119,7 +115,7 @@ class ModelCritic(ModelComponent, Critic):
         probability of the openers in ``cai_engine.text.refusals.REFUSAL_OPENERS``, read from log-probs (each
         conversation's openers share its prompt). An opener the backend cannot score counts as 0; None where none
         could be scored."""
-        from cai_engine.text.refusals import REFUSAL_OPENERS
+        from cai_engine import REFUSAL_OPENERS
 
         conversations = list(conversations)
         if not conversations:
@@ -234,6 +230,6 @@ class ModelCritic(ModelComponent, Critic):
 @hookimpl
 def cai_register_critics(register):
     register(ModelCritic)
-    from cai_engine.classifiers.critic import ClassifierCritic
+    from cai_engine.default_plugins.classifier import ClassifierCritic
 
     register(ClassifierCritic)

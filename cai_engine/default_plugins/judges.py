@@ -12,11 +12,19 @@ from collections.abc import Sequence
 
 from pydantic import Field, model_validator
 
-from cai_engine.constitution.model import Message
-from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair
-from cai_engine.plugins.components import ChatPrompt, Judge
-from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.records import ComparisonTask, Judgement, OrderResult, Score
+from cai_engine import (
+    ChatPrompt,
+    ComparisonTask,
+    Judge,
+    Judgement,
+    Message,
+    ModelComponent,
+    ModelOptions,
+    OrderResult,
+    Score,
+    hookimpl,
+    normalise_pair,
+)
 from cai_engine.text.layouts import (
     ANSWER_PREFIX,
     OPTION_LETTERS,
@@ -258,7 +266,7 @@ class PointwiseJudge(ModelComponent, Judge):
         return out
 
     def compare(self, tasks):
-        from cai_engine.records import ScoringTask
+        from cai_engine import ScoringTask
 
         tasks = list(tasks)
         both = self.score(
@@ -294,6 +302,6 @@ def cai_register_judges(register):
     register(LogprobJudge)
     register(CoTJudge)
     register(PointwiseJudge)
-    from cai_engine.classifiers.critic import ClassifierJudge
+    from cai_engine.default_plugins.classifier import ClassifierJudge
 
     register(ClassifierJudge)

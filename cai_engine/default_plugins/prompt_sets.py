@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cai_engine.files.resources import data_dir
-from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.prompts.sets import PromptSet
+from cai_engine import PromptSet, data_dir, hookimpl
 
 
 @hookimpl

@@ -6,13 +6,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_engine.constitution.model import Message
+from cai_engine import (
+    ComparisonTask,
+    ComponentRef,
+    CritiqueTask,
+    Message,
+    ModelComponent,
+    ModelOptions,
+    Options,
+    Reviser,
+    Revision,
+    RevisionTask,
+    ScoringTask,
+    hookimpl,
+)
 from cai_engine.default_plugins.critics import few_shot_examples
-from cai_engine.models.options import ModelComponent, ModelOptions
-from cai_engine.plugins.components import Options, Reviser
-from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.plugins.refs import ComponentRef
-from cai_engine.records import ComparisonTask, CritiqueTask, Revision, RevisionTask, ScoringTask
 from cai_engine.text.layouts import (
     REVISION_STOPS,
     TURN_MARKERS,

@@ -6,10 +6,7 @@ blocked. Like any critic/reviser pair registered under the same name, the revise
 
 from __future__ import annotations
 
-from cai_engine.checks.rules import check_principle, repair
-from cai_engine.plugins.components import Critic, Reviser
-from cai_engine.plugins.hookspecs import hookimpl
-from cai_engine.records import Critique, Revision
+from cai_engine import Critic, Critique, Reviser, Revision, check_principle, hookimpl, repair
 
 
 class RuleCritic(Critic):

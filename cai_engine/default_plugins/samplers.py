@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from cai_engine.models.options import ModelComponent, ModelOptions
-from cai_engine.plugins.components import Sampler
-from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine import ModelComponent, ModelOptions, Sampler, hookimpl
 from cai_engine.text.layouts import TURN_MARKERS
 
 

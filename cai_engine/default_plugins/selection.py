@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cai_engine.plugins.hookspecs import hookimpl
+from cai_engine import hookimpl
 
 
 @hookimpl(trylast=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
+from cai_engine import DEFAULT_MODEL, RunError, Trainer, hookimpl
 from cai_engine.default_plugins.training import (
     PREFERENCE_COLUMNS,
     JudgeReward,
@@ -23,10 +24,6 @@ from cai_engine.default_plugins.training import (
     soft_reward_trainer,
     trl_config,
 )
-from cai_engine.errors import RunError
-from cai_engine.models.runtime import DEFAULT_MODEL
-from cai_engine.plugins.components import Trainer
-from cai_engine.plugins.hookspecs import hookimpl
 
 SFT_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 1,
@@ -322,8 +319,7 @@ class GRPO(Trainer):
         import datasets as hf_datasets
         from trl import GRPOConfig, GRPOTrainer
 
-        from cai_engine.plugins.refs import ComponentRef
-        from cai_engine.prompts.sets import load_training_prompts
+        from cai_engine import ComponentRef, load_training_prompts
 
         output_dir = Path(output_dir)
         config = trl_config(GRPOConfig, self.name, GRPO_DEFAULTS, self.options.trl, output_dir)

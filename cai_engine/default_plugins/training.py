@@ -8,14 +8,19 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from cai_engine.errors import ConfigError, RunError, describe_validation
-from cai_engine.files.inputs import parse_scalar
-from cai_engine.files.jsonl import write_json
-from cai_engine.files.outputs import write_atomic
-from cai_engine.models.runtime import DEFAULT_MODEL
-from cai_engine.plugins.components import Options, Trainer
-from cai_engine.records import PreferenceExportManifest
-from cai_engine.store.cards import model_card
+from cai_engine import (
+    DEFAULT_MODEL,
+    ConfigError,
+    Options,
+    PreferenceExportManifest,
+    RunError,
+    Trainer,
+    describe_validation,
+    model_card,
+    parse_scalar,
+    write_atomic,
+    write_json,
+)
 
 # Hyper-parameter defaults for small runs; anything in `trl:` (or `--set`) overrides them and goes straight to TRL's
 # own config class. Device, precision, tracking (report_to) and checkpointing follow TRL's own defaults, so the same
@@ -103,7 +108,7 @@ def load_base(model_ref: str, *, reward_head: bool = False, dtype: str = "float3
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
 
-    from cai_engine.models.files import resolve_model_folder
+    from cai_engine import resolve_model_folder
 
     folder, model_id = resolve_model_folder(model_ref)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -393,7 +398,7 @@ class JudgeReward:
     """
 
     def __init__(self, judge, principles) -> None:
-        from cai_engine.records import ScoringTask
+        from cai_engine import ScoringTask
 
         self.judge, self.principles, self._task = judge, list(principles), ScoringTask
         self.__name__ = f"judge_{judge.name}"
@@ -401,7 +406,7 @@ class JudgeReward:
         self.abstained = 0
 
     def __call__(self, prompts, completions, **kwargs):
-        from cai_engine.constitution.model import Message
+        from cai_engine import Message
 
         tasks = []
         for prompt, completion in zip(prompts, completions):

@@ -205,10 +205,10 @@ class Registry:
 
     def constitution(self, name_or_path: str | os.PathLike[str]):
         """A resolved constitution by registered name, or from a file path (whose parents may be names)."""
-        from cai_engine.constitution.load import SUFFIXES, load_constitution
+        from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, load_constitution
 
         text = str(name_or_path)
-        if isinstance(name_or_path, os.PathLike) or text.lower().endswith(SUFFIXES) or os.sep in text:
+        if isinstance(name_or_path, os.PathLike) or text.lower().endswith(CONSTITUTION_SUFFIXES) or os.sep in text:
             return load_constitution(Path(text), lookup=self.raw_constitution)
         entry = self.constitution_entry(text)
         try:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from cai_engine import hookimpl
 from cai_engine.default_plugins.backends.hf_local import TransformersBackend
 from cai_engine.default_plugins.backends.llama_cpp import LlamaCppBackend
 from cai_engine.default_plugins.backends.openai_http import OpenAIBackend
-from cai_engine.plugins.hookspecs import hookimpl
 
 
 # trylast: the runtime asks backends which model references they claim in registry order, so a plugin's backend is

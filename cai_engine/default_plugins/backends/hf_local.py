@@ -13,10 +13,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai_engine.errors import ModelError, PromptTooLongError
-from cai_engine.models.files import local_model_problem, resolve_model_folder
-from cai_engine.models.runtime import DEFAULT_MODEL
-from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
+from cai_engine import (
+    DEFAULT_MODEL,
+    Backend,
+    ChatPrompt,
+    GenerationSettings,
+    ModelError,
+    Prompt,
+    PromptTooLongError,
+    cut_at_stop,
+    local_model_problem,
+    resolve_model_folder,
+)
 
 log = logging.getLogger(__name__)
 

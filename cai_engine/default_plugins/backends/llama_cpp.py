@@ -31,11 +31,19 @@ from typing import Literal
 
 from pydantic import Field
 
+from cai_engine import (
+    DEFAULT_MODEL,
+    Backend,
+    BackendUnavailableError,
+    ChatPrompt,
+    GenerationSettings,
+    ModelError,
+    Prompt,
+    PromptTooLongError,
+    cut_at_stop,
+    local_model_problem,
+)
 from cai_engine.default_plugins.backends.llama_decode import BatchedDecoding, Job
-from cai_engine.errors import BackendUnavailableError, ModelError, PromptTooLongError
-from cai_engine.models.files import local_model_problem
-from cai_engine.models.runtime import DEFAULT_MODEL
-from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +56,12 @@ def llama_cpp_available() -> bool:
 
 def resolve_gguf(ref: str) -> tuple[Path, str]:
     """A GGUF model reference (a catalogue name or a path) as (file, model id for records)."""
-    from cai_engine.models.catalog import registered_catalog
+    from cai_engine import registered_catalog
 
     catalog = registered_catalog()
     if ref in catalog:
         if ref == DEFAULT_MODEL:
-            from cai_engine.models.files import default_model_file
+            from cai_engine import default_model_file
 
             installed = catalog.installed_path(ref)
             path = installed or default_model_file()
@@ -162,7 +170,7 @@ class LlamaCppBackend(BatchedDecoding, Backend):
         self._llm = self._open(path, threads)
         layout = self._layout()
         if layout is not None:
-            from cai_engine.models.files import relayout_gguf
+            from cai_engine import relayout_gguf
 
             self._llm.close()
             self._llm = self._open(relayout_gguf(path, layout), threads)

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from cai_engine.errors import ModelError
-from cai_engine.plugins.components import GenerationSettings
+from cai_engine import GenerationSettings, ModelError
 
 
 @dataclass

@@ -18,8 +18,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field
 
-from cai_engine.errors import BackendUnavailableError, ModelError
-from cai_engine.plugins.components import Backend, ChatPrompt, GenerationSettings, Prompt, cut_at_stop
+from cai_engine import Backend, BackendUnavailableError, ChatPrompt, GenerationSettings, ModelError, Prompt, cut_at_stop
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 

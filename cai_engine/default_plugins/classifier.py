@@ -18,12 +18,8 @@ from typing import Any
 
 from pydantic import Field
 
-from cai_engine.classifiers.load import load_classifier
-from cai_engine.errors import ConfigError
-from cai_engine.plugins.components import Critic, Judge
-from cai_engine.plugins.components import Options as BaseOptions
-from cai_engine.plugins.refs import ComponentRef
-from cai_engine.records import Critique, Judgement, Score
+from cai_engine import ComponentRef, ConfigError, Critic, Critique, Judge, Judgement, Score, load_classifier
+from cai_engine import Options as BaseOptions
 
 
 class ClassifierCritic(Critic):
