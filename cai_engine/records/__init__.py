@@ -1,5 +1,5 @@
 """Every record in one place: what components exchange (``components``), what stages write and read (``stages``),
-the runtime guard's state and result (``guard``), and what an evaluation measured (``evaluation``)."""
+the runtime guard's decisions (``guard``), and what an evaluation measured (``evaluation``)."""
 
 from cai_engine.records.components import (
     ComparisonTask,
@@ -31,7 +31,6 @@ from cai_engine.records.evaluation import (
 from cai_engine.records.guard import (
     GuardResult,
     GuardRound,
-    GuardState,
 )
 from cai_engine.records.stages import (
     GateResult,
@@ -58,7 +57,6 @@ __all__ = [
     "GateResult",
     "GuardResult",
     "GuardRound",
-    "GuardState",
     "HarmfulMetrics",
     "ItemOutcome",
     "JudgedRates",
