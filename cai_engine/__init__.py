@@ -55,6 +55,7 @@ from cai_engine.records import (
     RevisionTask,
     Score,
     ScoringTask,
+    TrainingResult,
     Violation,
 )
 from cai_engine.version import __version__
@@ -100,6 +101,7 @@ __all__ = [
     "ScoringTask",
     "Stance",
     "Trainer",
+    "TrainingResult",
     "UnknownComponentError",
     "Violation",
     "__version__",

@@ -1,9 +1,10 @@
-"""Phase 2, RLAIF: preference labels from the judge, the judge quality gate, human feedback, and TRL exports.
+"""Phase 2, RLAIF: preference labels from the judge (``run_labels``, what ``cai rl label`` calls).
 
 Two recipes make pairs: ``judged`` samples two responses per prompt and has the judge compare them against
 randomly drawn comparison principles, in both orders (the paper); ``revision`` takes phase-1 records and prefers
 each final revision over the initial response (the Hugging Face recipe). Abstentions are recorded and counted;
-they never become labels."""
+they never become labels. The judge's quality gate is ``cai_engine.phase2.gate``; human labels and the TRL export
+are ``cai_engine.phase2.preferences``."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ from cai_engine.prompts.sets import (
     source_limit,
     source_list,
 )
-from cai_engine.records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
+from cai_engine.records import (
+    ComparisonTask,
+    LabelCounts,
+    LabelSummary,
+    PreferenceRecord,
+    SLRecord,
+    StoredJudgement,
+)
 from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
@@ -118,6 +126,8 @@ def draw_principles(
 
 
 class LabelRun:
+    """A configured labelling run bound to a runtime and a run directory."""
+
     def __init__(self, config: RLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
         self.runtime = runtime or Runtime.default()
@@ -159,7 +169,7 @@ class LabelRun:
             "seed": config.seed,
         }
 
-    def run(self, *, progress: bool = True) -> dict[str, Any]:
+    def run(self, *, progress: bool = True) -> LabelSummary:
         from tqdm.auto import tqdm
 
         resumed = self.dir.open(
@@ -178,11 +188,13 @@ class LabelRun:
                     self.runtime.emit(record, "preference")
                 written += len(records)
                 bar.update(len(batch))
-        summary = summarise_preferences(self.dir)
-        summary.update(
-            written=written, resumed=resumed, run_dir=str(self.dir.path), seconds=round(time.perf_counter() - began, 1)
+        return LabelSummary(
+            **summarise_preferences(self.dir).model_dump(),
+            written=written,
+            resumed=resumed,
+            run_dir=str(self.dir.path),
+            seconds=round(time.perf_counter() - began, 1),
         )
-        return summary
 
     @staticmethod
     def _key(kind: str, item: Any) -> str:
@@ -268,14 +280,16 @@ class LabelRun:
 
 def run_labels(
     config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Label (or resume labelling) preference pairs into ``out``."""
+) -> LabelSummary:
+    """Label (or resume labelling) preference pairs into ``out`` (``config`` may be its JSON form); returns the run's
+    counts and what was written."""
     if not isinstance(config, RLConfig):
         config = RLConfig.model_validate(config)
     return LabelRun(config, out, runtime).run(progress=progress)
 
 
-def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
+def summarise_preferences(run_dir: RunDirectory | str | Path) -> LabelCounts:
+    """Counts over a labelling run directory: pairs, labels, abstentions, sources, position consistency."""
     directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl", PreferenceRecord)
     total = labelled = abstained = consistent = ordered = 0
     by_source: dict[str, int] = {}
@@ -289,13 +303,13 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
             ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
             consistent += j.position_consistent
         labelled += record.label is not None
-    return {
-        "pairs": total,
-        "labelled": labelled,
-        "abstained": abstained,
-        "by_source": by_source,
-        "position_consistency": round(consistent / ordered, 4) if ordered else None,
-    }
+    return LabelCounts(
+        pairs=total,
+        labelled=labelled,
+        abstained=abstained,
+        by_source=by_source,
+        position_consistency=round(consistent / ordered, 4) if ordered else None,
+    )
 
 
 def load_prompt_items(source: str, registry: Any, limit: int | None = None) -> list[PromptItem]:

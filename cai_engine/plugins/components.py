@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         RevisionTask,
         Score,
         ScoringTask,
+        TrainingResult,
     )
 
 
@@ -140,8 +141,15 @@ class Trainer(Component):
     kind = "trainer"
 
     @abstractmethod
-    def train(self, dataset: str | Path, output_dir: str | Path) -> dict[str, Any]:
-        """Train and return a summary (checkpoint path, metrics)."""
+    def train(self, dataset: str | Path, output_dir: str | Path) -> TrainingResult:
+        """Train on ``dataset`` (an export folder, or a prompt source for online RL), write the checkpoint to
+        ``output_dir`` and return what happened.
+
+        The :class:`~cai_engine.records.TrainingResult` names the trainer, the base model, the steps taken, the
+        seconds they took, the final metrics, the log history and the checkpoint folder; add what only this trainer
+        reports as further keyword arguments (they are kept, and read back by key). The built-in trainers also write
+        it beside the checkpoint, as ``cai_training.json``.
+        """
 
 
 @dataclass(frozen=True)
