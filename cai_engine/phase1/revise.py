@@ -347,7 +347,7 @@ class SLRun:
         chosen = self.runtime.hooks.select_principles(
             constitution=self.constitution,
             candidates=self.principles,
-            item={"id": item.id, "conversation": item.conversation, "category": item.category, "tags": item.tags},
+            item=item.hook_item(),
             phase=Phase.sl,
             round=round_index,
             rng=rng,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from cai_engine.constitution.model import Constitution, Phase
+from cai_engine.constitution.model import Constitution, Phase, Principle
 from cai_engine.errors import ConfigError, RunError
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
@@ -106,23 +107,48 @@ class RLConfig(BaseModel):
 
 
 def draw_principles(
-    runtime: Runtime, constitution: Constitution, item: dict[str, Any], k: int, rng: random.Random
-) -> list:
-    """``k`` distinct rl principles for one comparison, through the ``cai_select_principles`` hook."""
+    runtime: Runtime, constitution: Constitution, item: PromptItem, k: int, rng: random.Random
+) -> list[Principle]:
+    """``k`` distinct rl principles for comparing two replies to ``item``, through the ``cai_select_principles``
+    hook."""
     candidates = constitution.for_phase(Phase.rl)
     if not candidates:
         raise ConfigError(f"constitution {constitution.name!r} has no principles for the rl phase")
-    chosen: list = []
+    chosen: list[Principle] = []
     for round_index in range(k * 4):
         if len(chosen) == min(k, len(candidates)):
             break
         pool = [p for p in candidates if p not in chosen]
         pick = runtime.hooks.select_principles(
-            constitution=constitution, candidates=pool, item=item, phase=Phase.rl, round=round_index, rng=rng
+            constitution=constitution,
+            candidates=pool,
+            item=item.hook_item(),
+            phase=Phase.rl,
+            round=round_index,
+            rng=rng,
         )
         if pick:
             chosen.append(pick[0])
     return chosen
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One pair being labelled: its record key, the prompt, where the two responses came from, the responses, and
+    the principles drawn to compare them."""
+
+    key: str
+    prompt: PromptItem
+    source: Literal["ai", "revision"]
+    response_a: str
+    response_b: str
+    principles: list[Principle]
+
+    @property
+    def comparable(self) -> bool:
+        """Whether a judge can compare the two responses (both non-empty and different)."""
+        a, b = self.response_a.strip(), self.response_b.strip()
+        return bool(a and b and a != b)
 
 
 class LabelRun:
@@ -200,77 +226,68 @@ class LabelRun:
     def _key(kind: str, item: Any) -> str:
         return f"pair:{item.id}" if kind == "pair" else f"revision:{item.key}"
 
-    def _label(self, batch) -> list[PreferenceRecord]:
-        conversations, pairs, keys, meta = [], [], [], []
+    def _pairs(self, batch) -> list[Pair]:
+        """The batch's pairs: two fresh samples per prompt (``judged``), or a phase-1 record's final revision and
+        initial response (``revision``)."""
         if self.config.recipe == "judged":
             items = [item for _, item in batch]
             assert self.sampler is not None
             samples = self.sampler.sample([i.conversation for i in items], n=2)
-            for item, (a, b) in zip(items, samples):
-                conversations.append(item.conversation)
-                pairs.append((a, b))
-                keys.append(f"pair:{item.id}")
-                meta.append({"id": item.id, "category": item.category, "source": "ai"})
-        else:
-            for _, record in batch:
-                conversations.append(record.conversation)
-                pairs.append((record.final_response or "", record.initial_response or ""))
-                keys.append(f"revision:{record.key}")
-                meta.append({"id": record.id, "category": record.category, "source": "revision"})
-        tasks, task_index = [], []
-        principle_ids = []
-        for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
-            rng = item_rng(self.config.seed, keys[i])
-            chosen = draw_principles(
-                self.runtime,
-                self.constitution,
-                {"id": meta[i]["id"], "conversation": conversation},
-                self.config.principles_per_label,
-                rng,
+            return [self._pair(f"pair:{item.id}", item, "ai", a, b) for item, (a, b) in zip(items, samples)]
+        return [
+            self._pair(
+                f"revision:{record.key}",
+                PromptItem(id=record.id, conversation=record.conversation, category=record.category),
+                "revision",
+                record.final_response or "",
+                record.initial_response or "",
             )
-            principle_ids.append([p.id for p in chosen])
-            if a.strip() and b.strip() and a.strip() != b.strip():
-                tasks.append(
-                    ComparisonTask(
-                        conversation=conversation,
-                        response_a=a,
-                        response_b=b,
-                        principles=chosen,
-                        examples=self.constitution.comparison_examples,
-                    )
-                )
-                task_index.append(i)
-        judgements = dict(zip(task_index, self.judge.compare(tasks))) if tasks else {}
+            for _, record in batch
+        ]
+
+    def _pair(self, key: str, prompt: PromptItem, source: Literal["ai", "revision"], a: str, b: str) -> Pair:
+        """A pair with its principles drawn (seeded by its key, so a resumed or sharded run draws the same)."""
+        rng = item_rng(self.config.seed, key)
+        principles = draw_principles(self.runtime, self.constitution, prompt, self.config.principles_per_label, rng)
+        return Pair(key, prompt, source, a, b, principles)
+
+    def _label(self, batch) -> list[PreferenceRecord]:
+        pairs = self._pairs(batch)
+        judged = [pair for pair in pairs if pair.comparable]
+        tasks = [
+            ComparisonTask(
+                conversation=pair.prompt.conversation,
+                response_a=pair.response_a,
+                response_b=pair.response_b,
+                principles=pair.principles,
+                examples=self.constitution.comparison_examples,
+            )
+            for pair in judged
+        ]
+        judgements = dict(zip((pair.key for pair in judged), self.judge.compare(tasks))) if tasks else {}
         judge_info = self.judge.describe()
         records = []
-        for i, conversation in enumerate(conversations):
-            a, b = pairs[i]
-            judgement = judgements.get(i)
+        for pair in pairs:
+            judgement = judgements.get(pair.key)
             if judgement is None:
-                reason = "identical responses" if a.strip() == b.strip() else "an empty response"
-                record_judgement = StoredJudgement(abstained=True, reason=reason)
-                p_a = None
+                same = pair.response_a.strip() == pair.response_b.strip()
+                stored = StoredJudgement(abstained=True, reason="identical responses" if same else "an empty response")
             else:
-                record_judgement = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
-                p_a = judgement.p_a
-            if meta[i]["source"] == "revision":
-                label: float | None = (
-                    1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
-                )
-            else:
-                label = p_a
+                stored = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
+            # the revision recipe's label: the revision is preferred; the judge's view is kept alongside
+            label = 1.0 if pair.source == "revision" else (judgement.p_a if judgement is not None else None)
             records.append(
                 PreferenceRecord(
-                    key=keys[i],
-                    id=meta[i]["id"],
-                    category=meta[i]["category"],
-                    source=meta[i]["source"],
-                    conversation=conversation,
-                    response_a=a,
-                    response_b=b,
-                    principle_ids=principle_ids[i],
+                    key=pair.key,
+                    id=pair.prompt.id,
+                    category=pair.prompt.category,
+                    source=pair.source,
+                    conversation=pair.prompt.conversation,
+                    response_a=pair.response_a,
+                    response_b=pair.response_b,
+                    principle_ids=[p.id for p in pair.principles],
                     label=label,
-                    judgement=record_judgement,
+                    judgement=stored,
                     provenance={**self.provenance, "judge": judge_info},
                     created=now(),
                 )
