@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, PrivateAttr, SerializerFunctionWrapHandler, model_serializer
 
 from cai_engine.records.evaluation import JudgedRates
 from cai_engine.records.stages import (
@@ -105,6 +105,20 @@ class TrainingResult(StageResult):
         "(None on the processes of a distributed run that did not write it).",
     )
     dtype: str | None = Field(None, description="The dtype the weights were saved in.")
+
+    _order: list[str] = PrivateAttr(default_factory=list)
+
+    def __init__(self, **data: Any) -> None:
+        super().__init__(**data)
+        self._order = list(data)
+
+    @model_serializer(mode="wrap")
+    def _in_given_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the JSON form keeps the order the trainer gave its keys in (as cai_training.json always did), not the
+        # declared fields first
+        data = handler(self)
+        rank = {key: index for index, key in enumerate(self._order)}
+        return {key: data[key] for key in sorted(data, key=lambda key: rank.get(key, len(rank)))}
 
 
 class EvalSummary(StageResult):
