@@ -66,6 +66,7 @@ from cai_engine.records import (
     ComparisonTask,
     Critique,
     CritiqueTask,
+    GateResult,
     Judgement,
     OrderResult,
     PreferenceExportManifest,
@@ -73,6 +74,7 @@ from cai_engine.records import (
     RevisionTask,
     Score,
     ScoringTask,
+    TrainingResult,
     Violation,
 )
 from cai_engine.store.cards import model_card
@@ -100,6 +102,7 @@ __all__ = [
     "CritiqueExample",
     "CritiqueTask",
     "DuplicateComponentError",
+    "GateResult",
     "GenerationSettings",
     "Judge",
     "Judgement",
@@ -130,6 +133,7 @@ __all__ = [
     "ScoringTask",
     "Stance",
     "Trainer",
+    "TrainingResult",
     "UnknownComponentError",
     "Violation",
     "__version__",

@@ -3,16 +3,18 @@
 Every stage writes into ``out``; rerunning resumes runs and skips training stages whose folder is marked done
 (``cai_stage.json``, written once the trainer returns), so a killed pipeline continues where it stopped. Every
 component, built-in or from a plugin, is picked by name from the config and given its model by one rule
-(``with_model``); a trainer gets the data its ``trains_on`` says.
+(``with_model``); a trainer gets the data its ``trains_on`` says. :func:`run_pipeline` returns what each stage did,
+a :class:`~cai_engine.records.PipelineSummary`, and writes it as ``pipeline-summary.json``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_engine.evaluation.config import EvalConfig
 from cai_engine.files.jsonl import write_json
 from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -22,6 +24,7 @@ from cai_engine.phase2.gate import run_gate
 from cai_engine.phase2.labels import RLConfig, run_labels
 from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 from cai_engine.plugins.refs import ComponentRef
+from cai_engine.records import EvalSummary, PipelineSummary, TrainingResult
 from cai_engine.store.runs import now
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
@@ -35,8 +38,20 @@ class TrainerStage(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="The trainer's options (e.g. trl: {...}).")
 
 
+class PipelineEvalConfig(EvalConfig):
+    """The pipeline's ``eval`` section: the settings of ``cai eval``, whose models default to the pipeline's own."""
+
+    models: list[ModelRef] = Field(
+        default_factory=list,
+        description="Models to compare; default: the base model, then the SL-CAI and RL-CAI checkpoints (those this "
+        "run trains, or an earlier run left in `out`).",
+    )
+
+
 class PipelineConfig(BaseModel):
-    """One file for both phases. Sections take the same settings as `cai sl`, `cai rl label` and `cai train`."""
+    """One file for both phases. Sections take the same settings as `cai sl`, `cai export`, `cai rl label`, `cai train`
+    and `cai eval`; the shared values (constitution, model, feedback model, the phase-1 run) are filled into the
+    sections that leave them unset, so a section's error names the section and field before anything loads."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -52,16 +67,22 @@ class PipelineConfig(BaseModel):
         default_factory=lambda: list(STAGES),  # type: ignore[arg-type]
         description="Which stages to run, in pipeline order.",
     )
-    sl: dict[str, Any] = Field(default_factory=dict, description="SL-CAI settings (as `cai sl`).")
-    sft_export: dict[str, Any] = Field(default_factory=dict, description="SFT export settings.")
+    sl: SLConfig = Field(
+        default_factory=SLConfig,
+        description="SL-CAI settings (as `cai sl`); constitution, model and feedback_model default to the pipeline's.",
+    )
+    sft_export: ExportOptions = Field(default_factory=ExportOptions, description="SFT export settings.")
     sft_trainer: str = Field("sft", description="The trainer of the SFT stage (a registered trainer name).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Options of the SFT stage's trainer.")
-    rl: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Labelling settings (as `cai rl label`); the policy defaults to the SFT checkpoint.",
+    rl: RLConfig = Field(
+        default_factory=RLConfig,
+        description="Labelling settings (as `cai rl label`); the policy defaults to the SFT checkpoint, the judge "
+        "model to the feedback model and sl_run to the pipeline's phase-1 run.",
     )
     gate: bool = Field(True, description="Measure the judge before exporting its labels.")
-    preference_export: dict[str, Any] = Field(default_factory=dict)
+    preference_export: PreferenceExportOptions = Field(
+        default_factory=PreferenceExportOptions, description="Preference export settings."
+    )
     reward_trainer: str = Field(
         "reward", description="The trainer of the preference-model stage (a registered trainer name)."
     )
@@ -71,12 +92,37 @@ class PipelineConfig(BaseModel):
         description="The RL (or DPO) stage. A trainer with a `reward` option gets the preference model when it "
         "exists; one that trains on prompts gets `prompts` from its options, else phase 1's first prompt source.",
     )
-    eval: dict[str, Any] = Field(
-        default_factory=dict,
+    eval: PipelineEvalConfig = Field(
+        default_factory=PipelineEvalConfig,
         description="`cai eval` settings for the eval stage; it "
         "compares base -> SL-CAI -> RL-CAI, judged by "
         "the feedback model.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_values(cls, data: Any) -> Any:
+        """Fill the pipeline's shared values into the stage sections that leave them unset."""
+        if not isinstance(data, dict):
+            return data
+        defaults = cls.model_fields
+        model = data.get("model", defaults["model"].default)
+        feedback = data.get("feedback_model") or model
+        constitution = data.get("constitution", defaults["constitution"].default)
+        out = Path(data.get("out", defaults["out"].default))
+        shared = {
+            "sl": {"constitution": constitution, "model": model, "feedback_model": data.get("feedback_model")},
+            "rl": {"constitution": constitution, "judge_model": feedback, "sl_run": str(out / "sl")},
+            "eval": {"constitution": constitution, "judge_model": feedback},
+        }
+        filled = dict(data)
+        for name, values in shared.items():
+            section = data.get(name, {})
+            if isinstance(section, BaseModel):  # a section built in Python: what it set, over the shared values
+                section = section.model_dump(exclude_unset=True)
+            if isinstance(section, dict):
+                filled[name] = {**values, **section}
+        return filled
 
 
 STAGE_MARKER = "cai_stage.json"
@@ -89,34 +135,30 @@ def _done(folder: Path) -> bool:
     return (folder / STAGE_MARKER).exists() or (folder / "cai_training.json").exists()
 
 
-def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Path) -> dict[str, Any]:
+def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Path) -> TrainingResult:
     """Run one training stage and mark its folder done (what ``_done`` reads), whatever the trainer writes."""
-    summary = {"checkpoint": str(folder), **ref.build("trainer", runtime).train(dataset, folder)}
+    result = ref.build("trainer", runtime).train(dataset, folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / STAGE_MARKER, {"trainer": ref.name, "dataset": str(dataset), "finished": now()})
-    return summary
+    return result
 
 
 def run_pipeline(
     config: PipelineConfig | dict[str, Any], *, runtime: Runtime | None = None, progress: bool = True, echo=print
-) -> dict[str, Any]:
+) -> PipelineSummary:
+    """Run (or resume) the stages ``config`` names (``config`` may be its JSON form), printing progress with
+    ``echo``; returns what each stage did this time, also written as ``out/pipeline-summary.json``."""
     config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
     import time
 
-    from cai_engine.evaluation.run import EvalConfig, evaluate
+    from cai_engine.evaluation.run import evaluate
 
     runtime = runtime or Runtime.default()
     out = Path(config.out)
     feedback = config.feedback_model or config.model
-    # Validate every section before any model loads.
-    sl_config = SLConfig.model_validate(
-        {
-            "constitution": config.constitution,
-            "model": config.model,
-            "feedback_model": config.feedback_model,
-            **config.sl,
-        }
-    )
+    # The sections were validated with the config; the trainers validate their own options, here, before any model
+    # loads.
+    sl_config = config.sl
 
     # Every trainer is given what its options declare, by the one rule (with_model): its model, the constitution,
     # and for the policy the preference model once there is one; a `judge` option ({name, options}: the user's, else
@@ -147,15 +189,7 @@ def run_pipeline(
     sft_dir = out / "sft-model"
     sft_ref = trainer_ref(config.sft_trainer, config.sft, config.model, constitution=config.constitution)
     policy_model = str(sft_dir) if "sft" in config.stages or _done(sft_dir) else config.model
-    rl_config = RLConfig.model_validate(
-        {
-            "constitution": config.constitution,
-            "model": policy_model,
-            "judge_model": feedback,
-            "sl_run": str(out / "sl"),
-            **config.rl,
-        }
-    )
+    rl_config = _unless_set(config.rl, model=policy_model)
     reward_dir = out / "reward-model"
     reward_ref = trainer_ref(config.reward_trainer, config.reward, config.model, constitution=config.constitution)
     rewarded = {"reward": str(reward_dir)} if "reward" in config.stages or _done(reward_dir) else {}
@@ -168,31 +202,21 @@ def run_pipeline(
         eval_models.append(("sl-cai", str(sft_dir)))
     if "policy" in config.stages or _done(policy_dir):
         eval_models.append(("rl-cai", str(policy_dir)))
-    eval_config = EvalConfig.model_validate(
-        {
-            "constitution": config.constitution,
-            "judge_model": feedback,
-            "models": [m for _, m in eval_models],
-            "names": [n for n, _ in eval_models],
-            **config.eval,
-        }
-    )
-    summary: dict[str, Any] = {"out": str(out), "stage_seconds": {}}
+    eval_config = _unless_set(config.eval, models=[m for _, m in eval_models], names=[n for n, _ in eval_models])
+    summary = PipelineSummary(out=str(out))
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal clock
         tick = time.perf_counter()
-        summary["stage_seconds"][stage] = round(tick - clock, 1)
+        summary.stage_seconds[stage] = round(tick - clock, 1)
         echo(f"   {stage}: {tick - clock:.0f} s")
         clock = tick
 
     if "sl" in config.stages:
         echo("== phase 1: SL-CAI")
-        summary["sl"] = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
-        summary["sft_dataset"] = export_sft(
-            out / "sl", out / "sft-dataset", ExportOptions.model_validate(config.sft_export)
-        )
+        summary.sl = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
+        summary.sft_dataset = export_sft(out / "sl", out / "sft-dataset", config.sft_export)
         lap("sl")
     if "sft" in config.stages:
         runtime.close()  # free the generation models (a 1.5B feedback model is GBs) before training
@@ -200,7 +224,7 @@ def run_pipeline(
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
         else:
-            summary["sft"] = _train(runtime, sft_ref, data_for(sft_ref), sft_dir)
+            summary.sft = _train(runtime, sft_ref, data_for(sft_ref), sft_dir)
         lap("sft")
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
@@ -212,11 +236,11 @@ def run_pipeline(
                 runtime=runtime,
                 seed=rl_config.seed,
             )
-            summary["gate"] = gate.to_json()
+            summary.gate = gate
             echo(f"   judge gate: accuracy {gate.accuracy}, position consistency {gate.position_consistency}")
-        summary["rl"] = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
-        summary["preference_dataset"] = export_preferences(
-            out / "rl", out / "preference-dataset", PreferenceExportOptions.model_validate(config.preference_export)
+        summary.rl = run_labels(rl_config, out / "rl", runtime=runtime, progress=progress)
+        summary.preference_dataset = export_preferences(
+            out / "rl", out / "preference-dataset", config.preference_export
         )
         lap("rl")
     if "reward" in config.stages:
@@ -225,7 +249,7 @@ def run_pipeline(
         if _done(reward_dir):
             echo(f"   {reward_dir} exists; skipped")
         else:
-            summary["reward"] = _train(runtime, reward_ref, data_for(reward_ref), reward_dir)
+            summary.reward = _train(runtime, reward_ref, data_for(reward_ref), reward_dir)
         lap("reward")
     if "policy" in config.stages:
         runtime.close()
@@ -233,17 +257,25 @@ def run_pipeline(
         if _done(policy_dir):
             echo(f"   {policy_dir} exists; skipped")
         else:
-            summary["policy"] = _train(runtime, policy_ref, data_for(policy_ref), policy_dir)
+            summary.policy = _train(runtime, policy_ref, data_for(policy_ref), policy_dir)
         lap("policy")
     if "eval" in config.stages:
         echo(f"== evaluation ({', '.join(n for n, _ in eval_models)}; judge {feedback})")
         results = evaluate(eval_config, out / "eval", runtime=runtime, progress=progress)
-        summary["eval"] = {
-            "results": str(out / "eval" / "results.json"),
-            "report": str(out / "eval" / "report.html"),
-            "judged": {name: entry.get("judged") for name, entry in results["models"].items()},
-        }
+        summary.eval = EvalSummary(
+            results=str(out / "eval" / "results.json"),
+            report=str(out / "eval" / "report.html"),
+            judged={name: entry.judged for name, entry in results.models.items()},
+        )
         lap("eval")
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline-summary.json", summary)
     return summary
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def _unless_set(section: Section, **values: Any) -> Section:
+    """``section`` with ``values`` for the fields its config left unset (what the pipeline decides as it runs)."""
+    return section.model_copy(update={k: v for k, v in values.items() if k not in section.model_fields_set})

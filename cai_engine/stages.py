@@ -26,7 +26,8 @@ from cai_engine.store import shards as sharding
 @dataclass(frozen=True)
 class Stage:
     """A stage that can run as shards: ``run(config, out)`` runs one shard without progress bars (a module-level
-    function, so Ray can send it to a worker), ``merge(out, shard_dirs)`` joins the shards into one result."""
+    function, so Ray can send it to a worker) and returns its summary's JSON form, which the merge lists as
+    ``shard_summaries``; ``merge(out, shard_dirs)`` joins the shards into one result."""
 
     name: str
     config: type[BaseModel]
@@ -36,17 +37,17 @@ class Stage:
 
 def run_sl_shard(config: dict[str, Any], out: str) -> dict[str, Any]:
     """One phase-1 shard."""
-    return run_sl(config, out, progress=False)
+    return run_sl(config, out, progress=False).to_json()
 
 
 def run_labels_shard(config: dict[str, Any], out: str) -> dict[str, Any]:
     """One labelling shard."""
-    return run_labels(config, out, progress=False)
+    return run_labels(config, out, progress=False).to_json()
 
 
 def run_eval_shard(config: dict[str, Any], out: str) -> dict[str, Any]:
     """One evaluation shard (its summary names the models; the metrics come from the merge)."""
-    return {"models": list(evaluate(config, out, progress=False)["models"])}
+    return {"models": list(evaluate(config, out, progress=False).models)}
 
 
 STAGES: dict[str, Stage] = {

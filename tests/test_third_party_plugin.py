@@ -32,6 +32,7 @@ from cai_engine import (
     Sampler,
     Score,
     Trainer,
+    TrainingResult,
     hookimpl,
     make_plugin_manager,
 )
@@ -146,7 +147,7 @@ class EchoTrainer(Trainer):
         folder.mkdir(parents=True, exist_ok=True)
         given = {"trainer": self.name, "dataset": str(dataset), **self.options.model_dump(mode="json")}
         (folder / ECHO_MODEL).write_text(json.dumps(given), encoding="utf-8")
-        return {"trainer": self.name, "steps": 1, "seconds": 0.0, "given": given}
+        return TrainingResult(trainer=self.name, steps=1, seconds=0.0, checkpoint=str(folder), given=given)
 
 
 class EchoSFTTrainer(EchoTrainer):

@@ -16,7 +16,7 @@ from cai_engine.errors import CaiError, describe_validation
 from cai_engine.version import __version__
 
 if TYPE_CHECKING:
-    from cai_engine.records import GateResult
+    from cai_engine.records import GateResult, SLSummary
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -249,23 +249,21 @@ def parse_settings(items: tuple[str, ...], flag: str) -> dict[str, Any]:
     return out
 
 
-def print_sl_summary(summary: dict[str, Any]) -> None:
-    click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
+def print_sl_summary(summary: SLSummary) -> None:
+    click.echo(f"run directory: {summary.run_dir}{' (resumed)' if summary.resumed else ''}")
+    click.echo(f"written this time: {summary.written} (already done: {summary.skipped_done}, {summary.seconds} s)")
     click.echo(
-        f"written this time: {summary['written']} (already done: {summary['skipped_done']}, {summary['seconds']} s)"
+        f"red-team items: {summary.red_team_items}, revised: {summary.items_revised}, accepted "
+        f"revisions: {summary.accepted_revisions}, helpfulness samples: {summary.helpful_items}, "
+        f"errors: {summary.error_items}"
     )
-    click.echo(
-        f"red-team items: {summary['red_team_items']}, revised: {summary['items_revised']}, accepted "
-        f"revisions: {summary['accepted_revisions']}, helpfulness samples: {summary['helpful_items']}, "
-        f"errors: {summary['error_items']}"
-    )
-    used = ", ".join(f"{k}x{v}" for k, v in summary["principles_used"].items())
+    used = ", ".join(f"{k}x{v}" for k, v in summary.principles_used.items())
     click.echo(f"principles drawn: {used or '(none)'}")
-    example = summary.get("example")
+    example = summary.example
     if example:
-        click.echo("\nexample\n  prompt: " + _clip(example["prompt"]))
-        click.echo("  before: " + _clip(example["before"]))
-        click.echo("  after:  " + _clip(example["after"]))
+        click.echo("\nexample\n  prompt: " + _clip(example.prompt))
+        click.echo("  before: " + _clip(example.before or ""))
+        click.echo("  after:  " + _clip(example.after or ""))
 
 
 def gate_line(result: GateResult) -> str:

@@ -74,6 +74,7 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
     config = validate_config(SLConfig, data, str(config_path or "options"))
     if shards:
         from cai_engine.phase1.revise import summarise
+        from cai_engine.records import SLSummary
         from cai_engine.stages import run_sharded
 
         began = time.perf_counter()
@@ -81,14 +82,16 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
             "sl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
         )
         click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
-        summary = {
-            **summarise(out),
-            "run_dir": str(out),
-            "resumed": False,
-            "written": merged["records"],
-            "skipped_done": 0,
-            "seconds": round(time.perf_counter() - began, 1),
-        }
+        counts = summarise(out)
+        summary = SLSummary(
+            written=merged["records"],
+            skipped_done=0,
+            errors=counts.error_items,
+            resumed=False,
+            run_dir=str(out),
+            seconds=round(time.perf_counter() - began, 1),
+            **counts.model_dump(),
+        )
     else:
         summary = run_sl(config, out, runtime=current_runtime(), progress=not quiet)
     print_sl_summary(summary)
@@ -138,9 +141,9 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_rep
     )
     summary = export_sft(run, out, options)
     click.echo(
-        f"wrote {out}: {summary['train']} train / {summary['test']} test examples "
-        f"({summary['revisions']} revisions, {summary['helpful']} helpfulness, "
-        f"{summary['duplicates_dropped']} duplicates dropped, {summary['repeats_dropped']} repeated replies dropped)"
+        f"wrote {out}: {summary.train} train / {summary.test} test examples "
+        f"({summary.revisions} revisions, {summary.helpful} helpfulness, "
+        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped)"
     )
     push(out, push_to_hub, "dataset", private)
 
@@ -169,10 +172,10 @@ def export_preferences_command(run, out, min_confidence, heldout, human, push_to
         "options",
     )
     summary = export_preferences(run, out, options)
-    gate = summary["judge_gate"]
+    gate = summary.judge_gate
     click.echo(
-        f"wrote {out}: {summary['train']} train / {summary['test']} test pairs {summary['sources']}; "
-        f"{summary['abstained_excluded']} abstained and {summary['filtered_low_confidence']} low-confidence "
-        f"excluded; judge gate: {'accuracy ' + str(gate['accuracy']) if gate else 'not measured'}"
+        f"wrote {out}: {summary.train} train / {summary.test} test pairs {summary.sources}; "
+        f"{summary.abstained_excluded} abstained and {summary.filtered_low_confidence} low-confidence "
+        f"excluded; judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
     )
     push(out, push_to_hub, "dataset", private)

@@ -74,20 +74,30 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
         )
         click.echo(gate_line(result))
     if shards:
+        import time
+
         from cai_engine.phase2.labels import summarise_preferences
+        from cai_engine.records import LabelSummary
         from cai_engine.stages import run_sharded
 
+        began = time.perf_counter()
         merged = run_sharded(
             "rl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
         )
         click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
-        summary = {**summarise_preferences(out), "run_dir": str(out), "resumed": False, "written": merged["records"]}
+        summary = LabelSummary(
+            **summarise_preferences(out).model_dump(),
+            written=merged["records"],
+            resumed=False,
+            run_dir=str(out),
+            seconds=round(time.perf_counter() - began, 1),
+        )
     else:
         summary = run_labels(config, out, runtime=runtime, progress=not quiet)
-    click.echo(f"run directory: {summary['run_dir']}{' (resumed)' if summary['resumed'] else ''}")
+    click.echo(f"run directory: {summary.run_dir}{' (resumed)' if summary.resumed else ''}")
     click.echo(
-        f"pairs: {summary['pairs']} (written now: {summary['written']}), labelled: {summary['labelled']}, "
-        f"abstained: {summary['abstained']}, position consistency: {summary['position_consistency']}"
+        f"pairs: {summary.pairs} (written now: {summary.written}), labelled: {summary.labelled}, "
+        f"abstained: {summary.abstained}, position consistency: {summary.position_consistency}"
     )
     click.echo(f"next: cai export preferences {out} --out {out}-dataset")
 
@@ -216,11 +226,10 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     if trl:
         options["trl"] = trl
     component = current_runtime().component("trainer", trainer, options)
-    summary = component.train(dataset, out)
-    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.get("metrics", {}).items()}
-    if summary.get("heldout_pairwise_accuracy") is not None:
-        click.echo(f"held-out pairwise accuracy: {summary['heldout_pairwise_accuracy']:.3f}")
-    checkpoint = summary.get("checkpoint", str(out))
-    click.echo(f"checkpoint: {checkpoint} ({summary.get('steps', '?')} steps, {summary.get('seconds', '?')} s)")
+    result = component.train(dataset, out)
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
+    if result.get("heldout_pairwise_accuracy") is not None:
+        click.echo(f"held-out pairwise accuracy: {result['heldout_pairwise_accuracy']:.3f}")
+    click.echo(f"checkpoint: {result.checkpoint} ({result.steps} steps, {result.seconds} s)")
     click.echo(f"metrics: {json.dumps(metrics)}")
-    push(checkpoint, repo, "model", private)
+    push(result.checkpoint, repo, "model", private)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from cai_engine.cli.base import (
     validate_config,
 )
 from cai_engine.models.runtime import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from cai_engine.records import PipelineSummary
 
 DEMO_PIPELINE: dict[str, Any] = {
     "sl": {
@@ -69,22 +72,15 @@ def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
     _print_pipeline(summary)
 
 
-def _print_pipeline(summary: dict[str, Any]) -> None:
-    click.echo(f"\noutputs in {summary['out']} (pipeline-summary.json has every number)")
-    if "sl" in summary:
-        print_sl_summary(summary["sl"])
-    for stage in ("sft", "reward", "policy"):
-        if stage in summary:
-            result = summary[stage]
-            extra = (
-                f", held-out pairwise accuracy {result['heldout_pairwise_accuracy']}"
-                if result.get("heldout_pairwise_accuracy") is not None
-                else ""
-            )
-            click.echo(
-                f"{stage}: {result.get('checkpoint')} ({result.get('steps', '?')} steps, "
-                f"{result.get('seconds', '?')} s{extra})"
-            )
+def _print_pipeline(summary: PipelineSummary) -> None:
+    click.echo(f"\noutputs in {summary.out} (pipeline-summary.json has every number)")
+    if summary.sl is not None:
+        print_sl_summary(summary.sl)
+    for stage, result in (("sft", summary.sft), ("reward", summary.reward), ("policy", summary.policy)):
+        if result is not None:
+            accuracy = result.get("heldout_pairwise_accuracy")
+            extra = f", held-out pairwise accuracy {accuracy}" if accuracy is not None else ""
+            click.echo(f"{stage}: {result.checkpoint} ({result.steps} steps, {result.seconds} s{extra})")
 
 
 @cli.command("demo")
@@ -106,10 +102,8 @@ def demo_command(out: str, model: str) -> None:
     config = PipelineConfig.model_validate({**DEMO_PIPELINE, "out": out, "model": model})
     summary = run_pipeline(config, runtime=current_runtime(), echo=click.echo)
     _print_pipeline(summary)
-    if "gate" in summary:
-        from cai_engine.records import GateResult
-
-        click.echo(gate_line(GateResult.model_validate(summary["gate"])))
+    if summary.gate is not None:
+        click.echo(gate_line(summary.gate))
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
     click.echo(f"{out}: {size / 1e6:,.0f} MB on disk (the trained models' final weights; `rm -r {out}` reclaims it)")
 
@@ -220,7 +214,7 @@ def eval_command(
         run_sharded("eval", config_data, out, shards, executor=executor, ray_address=ray_address)
         results = EvalResults.model_validate_json((Path(out) / "results.json").read_text(encoding="utf-8"))
     else:
-        results = EvalResults.model_validate(evaluate(config, out, runtime=current_runtime()))
+        results = evaluate(config, out, runtime=current_runtime())
     for warning in results.warnings:
         click.echo(f"warning: {warning}", err=True)
     for line in summary_lines(results):

@@ -1,4 +1,5 @@
-"""Built-in trainers: thin wrappers over TRL, imported only when training starts."""
+"""Built-in trainers: thin wrappers over TRL, imported only when training starts. Each returns (and writes beside
+its checkpoint) a :class:`~cai_engine.records.TrainingResult`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cai_engine import DEFAULT_MODEL, RunError, Trainer, hookimpl
+from cai_engine import DEFAULT_MODEL, RunError, Trainer, TrainingResult, hookimpl
 from cai_engine.default_plugins.training import (
     PREFERENCE_COLUMNS,
     JudgeReward,
@@ -61,7 +62,7 @@ class SFT(Trainer):
 
         return trl_config(SFTConfig, self.name, SFT_DEFAULTS, self.options.trl, output_dir)
 
-    def train(self, dataset, output_dir):
+    def train(self, dataset, output_dir) -> TrainingResult:
         from trl import SFTTrainer
 
         output_dir = Path(output_dir)
@@ -104,7 +105,7 @@ class SFT(Trainer):
         trained = trainer.model
         if self.options.lora:
             trained = trained.merge_and_unload()  # a plain model folder that loads without peft
-        summary = {
+        report = {
             "trainer": self.name,
             "base_model": model_id,
             "dataset": str(dataset),
@@ -117,8 +118,7 @@ class SFT(Trainer):
             "log_history": trainer.state.log_history,
             "trl": {k: v for k, v in config.to_dict().items() if k in {**SFT_DEFAULTS, **self.options.trl}},
         }
-        save_checkpoint(trained, tokenizer, output_dir, summary, trainer, made_by=self)
-        return summary
+        return save_checkpoint(trained, tokenizer, output_dir, report, trainer, made_by=self)
 
 
 # -- phase 2 ------------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class RewardTrainer(Trainer):
         force: bool = Field(False, description="Train even if the judge gate fails (not recommended).")
         trl: dict[str, Any] = Field(default_factory=dict, description="Settings passed to trl.RewardConfig.")
 
-    def train(self, dataset, output_dir):
+    def train(self, dataset, output_dir) -> TrainingResult:
         from trl import RewardConfig
 
         output_dir = Path(output_dir)
@@ -182,7 +182,7 @@ class RewardTrainer(Trainer):
         remove_if_empty(output_dir / "trainer")
         if test is not None:
             metrics.update(trainer.evaluate())
-        summary = {
+        report = {
             "trainer": self.name,
             "base_model": model_id,
             "dataset": str(dataset),
@@ -196,8 +196,7 @@ class RewardTrainer(Trainer):
             "judge_gate": gate,
             "log_history": trainer.state.log_history,
         }
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
-        return summary
+        return save_checkpoint(trainer.model, tokenizer, output_dir, report, trainer, made_by=self)
 
 
 DPO_DEFAULTS: dict[str, Any] = {
@@ -229,7 +228,7 @@ class DPO(Trainer):
             description="Settings passed to trl.DPOConfig (e.g. label_smoothing for noisy labels).",
         )
 
-    def train(self, dataset, output_dir):
+    def train(self, dataset, output_dir) -> TrainingResult:
         from trl import DPOConfig, DPOTrainer
 
         output_dir = Path(output_dir)
@@ -259,7 +258,7 @@ class DPO(Trainer):
         began = time.perf_counter()
         metrics = dict(trainer.train(resume_from_checkpoint=last_checkpoint(output_dir)).metrics)
         remove_if_empty(output_dir / "trainer")
-        summary = {
+        report = {
             "trainer": self.name,
             "base_model": model_id,
             "dataset": str(dataset),
@@ -271,8 +270,7 @@ class DPO(Trainer):
             "judge_gate": gate,
             "log_history": trainer.state.log_history,
         }
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
-        return summary
+        return save_checkpoint(trainer.model, tokenizer, output_dir, report, trainer, made_by=self)
 
 
 GRPO_DEFAULTS: dict[str, Any] = {
@@ -315,7 +313,7 @@ class GRPO(Trainer):
             default_factory=dict, description="Settings passed to trl.GRPOConfig (beta is the KL coefficient)."
         )
 
-    def train(self, dataset, output_dir):
+    def train(self, dataset, output_dir) -> TrainingResult:
         import datasets as hf_datasets
         from trl import GRPOConfig, GRPOTrainer
 
@@ -345,7 +343,7 @@ class GRPO(Trainer):
         began = time.perf_counter()
         metrics = dict(trainer.train(resume_from_checkpoint=last_checkpoint(output_dir)).metrics)
         remove_if_empty(output_dir / "trainer")
-        summary = {
+        report = {
             "trainer": self.name,
             "base_model": model_id,
             "prompts": str(dataset),
@@ -356,11 +354,13 @@ class GRPO(Trainer):
             "metrics": metrics,
             "kl_beta": config.beta,
             "log_history": trainer.state.log_history,
+            **(
+                {"judge_rewards": {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}}
+                if isinstance(reward_funcs, JudgeReward)
+                else {}
+            ),
         }
-        if isinstance(reward_funcs, JudgeReward):
-            summary["judge_rewards"] = {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}
-        save_checkpoint(trainer.model, tokenizer, output_dir, summary, trainer, made_by=self)
-        return summary
+        return save_checkpoint(trainer.model, tokenizer, output_dir, report, trainer, made_by=self)
 
 
 @hookimpl

@@ -11,10 +11,12 @@ from pydantic import Field, ValidationError
 from cai_engine import (
     DEFAULT_MODEL,
     ConfigError,
+    GateResult,
     Options,
     PreferenceExportManifest,
     RunError,
     Trainer,
+    TrainingResult,
     describe_validation,
     model_card,
     parse_scalar,
@@ -151,38 +153,38 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def _replicas(trainer, model, summary: dict[str, Any]) -> bool:
-    """Under ``accelerate launch``: record that every process ended with the same weights, and say whether this
-    process writes the checkpoint (the main one; the others wait for it)."""
+def _replicas(trainer, model) -> tuple[bool, dict[str, Any]]:
+    """Under ``accelerate launch``: check that every process ended with the same weights. Returns whether this
+    process writes the checkpoint (the main one; the others wait for it) and what the result records about the
+    processes (their number and weight digests; nothing for a single process)."""
     accelerator = getattr(trainer, "accelerator", None)
     if accelerator is None or accelerator.num_processes == 1:
-        return True
+        return True, {}
     from accelerate.utils import gather_object
 
     digests = gather_object([weights_digest(model)])
-    summary["world_size"] = accelerator.num_processes
-    summary["replica_digests"] = digests
     if len(set(digests)) != 1:
         raise RunError(f"the {len(digests)} training processes ended with different weights; nothing was saved")
-    return bool(accelerator.is_main_process)
+    return bool(accelerator.is_main_process), {"world_size": accelerator.num_processes, "replica_digests": digests}
 
 
 def save_checkpoint(
-    model, tokenizer, output_dir: Path, summary: dict[str, Any], trainer: Any = None, *, made_by: Trainer | None = None
-) -> None:
-    """safetensors weights (in the model's dtype) + tokenizer + a summary + a model card (``README.md``): the folder
-    loads back as a model in every backend and reads as a model repository on the Hub.
+    model, tokenizer, output_dir: Path, report: dict[str, Any], trainer: Any = None, *, made_by: Trainer | None = None
+) -> TrainingResult:
+    """safetensors weights (in the model's dtype) + tokenizer + the training result (``cai_training.json``) + a model
+    card (``README.md``): the folder loads back as a model in every backend and reads as a model repository on the
+    Hub. ``report`` is what the trainer has to say (the :class:`~cai_engine.records.TrainingResult` fields but the
+    checkpoint's, and its own keys); the result is built from it once, here, and returned.
 
     The saved folder is read back and must reproduce the trained model's outputs (log-probs, or rewards for a reward
     model) on a fixed sentence; the largest difference is recorded as ``checkpoint_check`` and a mismatch is an
     error rather than a silently different model. Under ``accelerate launch`` (pass the ``trainer``) the processes'
     weights must agree and only the main process writes; the others wait until it has. The card's task and loading
     class are those ``made_by`` (the cai-engine trainer) declares."""
-    writer = _replicas(trainer, model, summary)
-    summary["checkpoint"] = str(output_dir)
+    writer, replicas = _replicas(trainer, model)
     if not writer:
         trainer.accelerator.wait_for_everyone()
-        return
+        return TrainingResult(**report, **replicas, checkpoint=str(output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -199,12 +201,16 @@ def save_checkpoint(
     del reloaded
     if was_training:
         model.train()
-    summary["checkpoint_check"] = {"text": CHECK_TEXT, "max_abs_difference": difference}
-    summary["checkpoint"] = str(output_dir)
-    summary["dtype"] = str(model.dtype).removeprefix("torch.")
-    write_json(output_dir / "cai_training.json", summary)
+    result = TrainingResult(
+        **report,
+        **replicas,
+        checkpoint=str(output_dir),
+        checkpoint_check={"text": CHECK_TEXT, "max_abs_difference": difference},
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
+    write_json(output_dir / "cai_training.json", result)
     card = made_by or Trainer
-    write_atomic(output_dir / "README.md", model_card(summary, task=card.task, auto_class=card.auto_class))
+    write_atomic(output_dir / "README.md", model_card(result.to_json(), task=card.task, auto_class=card.auto_class))
     if trainer is not None and getattr(trainer, "accelerator", None) is not None:
         trainer.accelerator.wait_for_everyone()
     if not difference <= 1e-3:
@@ -215,6 +221,7 @@ def save_checkpoint(
     # The run is finished and is never resumed (``last_checkpoint``): TRL's resume checkpoints (weights plus optimizer
     # state, ~1.6 GB for the 135M default model) are no longer needed once the final weights are saved and checked.
     shutil.rmtree(output_dir / "trainer", ignore_errors=True)
+    return result
 
 
 def cpu_loss(trainer_cls):
@@ -246,15 +253,16 @@ PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 def check_judge_gate(
     dataset: str | Path, min_accuracy: float, force: bool, max_same_position: float = 1.0, min_scored_share: float = 0.8
-) -> dict[str, Any] | None:
+) -> GateResult | None:
     """Refuse AI labels from a judge below ``min_accuracy`` on labelled pairs, or whose two orders prefer the same
-    position more often than ``max_same_position`` (CAI-SPEC gate G1), unless forced."""
+    position more often than ``max_same_position`` (CAI-SPEC gate G1), unless forced. Returns the export's gate
+    result (None when the judge was not measured)."""
     export_file = Path(dataset) / "export.json"
     export = read_preference_export(export_file) if export_file.exists() else None
     ai = export.sources.get("ai", 0) if export else 0
     gate = export.judge_gate if export else None
     if not ai or force:
-        return gate.to_json() if gate else None
+        return gate
     if gate is None:
         raise ConfigError(
             f"{dataset}: {ai} pairs are labelled by an AI judge whose accuracy was never measured; run "
@@ -291,7 +299,7 @@ def check_judge_gate(
             "mostly position bias. Use a stronger judge (judge_model), the cot judge, the 'revision' recipe, raise "
             "max_same_position_rate, or pass --force"
         )
-    return gate.to_json()
+    return gate
 
 
 def read_preference_export(path: Path) -> PreferenceExportManifest:

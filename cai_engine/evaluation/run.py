@@ -251,7 +251,7 @@ class Evaluation:
             out += harm_rows + benign_rows + help_rows
         return out
 
-    def run(self, *, progress: bool = True) -> dict[str, Any]:
+    def run(self, *, progress: bool = True) -> EvalResults:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ class Evaluation:
         results.warnings = list(self.warnings)
         write_json(self.out / "results.json", results)
         write_report(results, self.out / "report.html")
-        return results.to_json()
+        return results
 
     def harm_by_round(self, sl_run: str) -> dict[str, Any]:
         """Mean harm score of the response after each revision round (round 0 = initial), over the run's prompts."""
@@ -337,12 +337,14 @@ class Evaluation:
 
 def evaluate(
     config: EvalConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
-) -> dict[str, Any]:
+) -> EvalResults:
+    """Evaluate (or resume evaluating) ``config``'s models into ``out`` (``config`` may be its JSON form); returns
+    the results, also written as ``results.json`` beside ``report.html``."""
     config = config if isinstance(config, EvalConfig) else EvalConfig.model_validate(config)
     return Evaluation(config, out, runtime).run(progress=progress)
 
 
-# The report lives in eval_report.py; these names stay importable from here.
+# The report lives in cai_engine.evaluation.report; these names stay importable from here.
 from cai_engine.evaluation.report import gate_warning, summary_lines, write_report  # noqa: E402
 
 __all__ = [

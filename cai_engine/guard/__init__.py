@@ -1,1 +1,2 @@
-"""The runtime guard: the policy, the embedding ``Engine``, the check-revise loop, files, ``cai serve`` and the audit."""
+"""The runtime guard: the policy, the embedding ``Engine``, the components it guards with, the check-revise loop,
+files, ``cai serve`` and the audit."""

@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cai_engine.checks.rules import check_principle
 from cai_engine.constitution.model import Constitution, Message, Phase, Principle
-from cai_engine.errors import ConfigError
-from cai_engine.guard.audit import JsonlAuditSink
+from cai_engine.guard.components import GuardComponents
 from cai_engine.guard.loop import Guard
-from cai_engine.guard.policy import Policy, load_policy, resolve_policy
+from cai_engine.guard.policy import Policy, load_policy
 from cai_engine.models.runtime import Runtime
 from cai_engine.records import (
     ComparisonTask,
@@ -37,59 +35,27 @@ from cai_engine.records import (
     Violation,
     as_conversation,
 )
-from cai_engine.text.textnorm import fold
 
 
 class Engine:
-    """A policy bound to a runtime: critique, revise, compare and guard, single or batched, sync or async."""
+    """A policy bound to a runtime: critique, revise, compare and guard, single or batched, sync or async.
+
+    Its components (and the audit sink) are one :class:`~cai_engine.guard.components.GuardComponents`, built here
+    and handed to each guard pass.
+    """
 
     def __init__(self, policy: Policy, *, runtime: Runtime | None = None, base_dir: Path | None = None) -> None:
+        self.components = GuardComponents(policy, runtime or Runtime.default(), base_dir)
         self.policy = policy
-        self.runtime = runtime or Runtime.default()
-        self.constitution: Constitution = resolve_policy(policy, self.runtime.registry, base_dir)
-        self.runtime_principles = self.constitution.for_phase(Phase.runtime)
-        # Validate every component's options now, before any model loads (models load on first use).
-        if policy.guard.model_critics or policy.guard.action == "revise":
-            self._critic_ref = policy.role(policy.critic, "critic", self.runtime, threshold=policy.guard.threshold)
-            self._critic_ref.build("critic", self.runtime)
-            policy.role(policy.reviser, "reviser", self.runtime).build("reviser", self.runtime)
-        policy.role(policy.judge, "judge", self.runtime).build("judge", self.runtime)
-        self._checks: dict[str, Any] = {}
-        self._repairers: dict[str, Any] = {}
-        for principle in self.runtime_principles:  # unknown plugin critics fail now, not mid-request
-            for name in principle.checks:
-                self.check_critic(name)
-        self.audit_sink = None
-        if policy.audit.path:
-            path = Path(policy.audit.path)
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            self.audit_sink = JsonlAuditSink(path)
-            self.runtime.pm.register(self.audit_sink)
-        self.policy_info = {
-            "name": policy.name,
-            "version": policy.version,
-            "constitution_hash": self.constitution.content_hash(),
-        }
+        self.runtime = self.components.runtime
+        self.constitution: Constitution = self.components.constitution
+        self.runtime_principles = self.components.principles
+        self.policy_info = self.components.policy_info
 
     def model_problems(self) -> list[tuple[str, str]]:
         """``(role, problem)`` for each model the guard would load that cannot be found (checked without loading:
         a missing folder or file, a catalogue model not installed). Endpoints are not contacted."""
-        roles = []
-        if self.policy.guard.model_critics:
-            roles.append(("critic", self._critic_ref))
-        if self.policy.guard.action == "revise" or self.policy.guard.on_abstain == "revise":
-            roles.append(("reviser", self.policy.role(self.policy.reviser, "reviser", self.runtime)))
-        roles.append(("judge", self.policy.role(self.policy.judge, "judge", self.runtime)))
-        problems = []
-        for role, ref in roles:
-            model = ref.options.get("model")
-            if model is None:
-                continue
-            problem = self.runtime.model_problem(model)
-            if problem:
-                problems.append((role, problem))
-        return problems
+        return self.components.model_problems()
 
     @classmethod
     def from_policy(cls, source: str | Path | dict[str, Any], *, runtime: Runtime | None = None) -> Engine:
@@ -97,35 +63,9 @@ class Engine:
         policy, base_dir = load_policy(source)
         return cls(policy, runtime=runtime, base_dir=base_dir)
 
-    # -- components, built once ------------------------------------------------------------------------------
-
-    @functools.cached_property
-    def rule_critic(self):
-        return self.runtime.component("critic", "rules")
-
-    @functools.cached_property
-    def rule_reviser(self):
-        return self.runtime.component("reviser", "rules")
-
-    @functools.cached_property
-    def critic(self):
-        return self._critic_ref.build("critic", self.runtime)
-
-    @functools.cached_property
-    def reviser(self):
-        return self.policy.role(self.policy.reviser, "reviser", self.runtime).build("reviser", self.runtime)
-
-    @functools.cached_property
-    def judge(self):
-        if self.policy.model_free:
-            raise ConfigError(f"policy {self.policy.name!r} says model: none, so nothing can judge a comparison")
-        return self.policy.role(self.policy.judge, "judge", self.runtime).build("judge", self.runtime)
-
     def close(self) -> None:
-        if self.audit_sink is not None:
-            self.audit_sink.close()  # fsync what was written
-            self.runtime.pm.unregister(self.audit_sink)
-            self.audit_sink = None
+        """Flush and unregister the policy's audit sink."""
+        self.components.close()
 
     # -- building blocks -------------------------------------------------------------------------------------
 
@@ -146,7 +86,7 @@ class Engine:
             conv = as_conversation(conversation)
             out.append(
                 list(
-                    self.rule_critic.critique(
+                    self.components.rule_critic.critique(
                         [CritiqueTask(conversation=conv, response=response, principle=p) for p in chosen if p.rules]
                     )
                 )
@@ -162,7 +102,7 @@ class Engine:
                 if p.critique_request
             ]
         if tasks and self.policy.guard.model_critics:
-            for (index, _), critique in zip(tasks, self.critic.critique([t for _, t in tasks])):
+            for (index, _), critique in zip(tasks, self.components.critic.critique([t for _, t in tasks])):
                 out[index].append(critique)
         return out
 
@@ -176,7 +116,7 @@ class Engine:
         return self.revise_batch([task])[0]
 
     def revise_batch(self, tasks: Sequence[RevisionTask]) -> list[Revision]:
-        return self.reviser.revise(list(tasks))
+        return self.components.reviser.revise(list(tasks))
 
     def compare(
         self, conversation, response_a: str, response_b: str, principles: Sequence[str] | None = None
@@ -194,7 +134,7 @@ class Engine:
             principles=chosen,
             examples=self.constitution.comparison_examples,
         )
-        return self.judge.compare([task])[0]
+        return self.components.judge.compare([task])[0]
 
     # -- the guard -------------------------------------------------------------------------------------------
 
@@ -294,7 +234,7 @@ class Engine:
         by_id = {p.id: p for p in self.runtime_principles}
         for pid in sorted({v.principle_id for v in violations}, key=lambda p: -by_id[p].authority):
             for critic in sorted({v.critic for v in violations if v.principle_id == pid}):
-                repairer = self.repairer(critic)
+                repairer = self.components.repairer(critic)
                 if repairer is None:
                     return violations, None
                 principle = by_id[pid]
@@ -320,7 +260,7 @@ class Engine:
     def _rail_violations(self, context: list[Message], text: str) -> list[Violation]:
         return [
             v
-            for v in self.deterministic_violations(context, text)
+            for v in self.components.deterministic_violations(context, text)
             if not (v.critic == "rules" and v.rule_id in self._require_rule_ids)
         ]
 
@@ -341,56 +281,11 @@ class Engine:
 
     def guard_batch(self, items) -> list[GuardResult]:
         """Guard many (conversation, response) pairs; model work is batched across them."""
-        return Guard(self).run(items)
-
-    def deterministic_violations(self, conversation: list[Message], text: str) -> list[Violation]:
-        """What the runtime principles' rules and plugin checks find in ``text`` (no model; milliseconds)."""
-        context = conversation or [Message(role="user", content="")]
-        folded = fold(text).text
-        violations: list[Violation] = []
-        for principle in self.runtime_principles:
-            if principle.rules:
-                violations += check_principle(principle, conversation, text)
-            for name in principle.checks:  # deterministic critics a plugin ships for its principles
-                task = CritiqueTask(conversation=context, response=text, principle=principle)
-                critique = self.check_critic(name).critique([task])[0]
-                if not critique.violations and not critique.needs_revision and folded != text:
-                    # the check reads the text as sent; a respelling it would miss is looked for in the folded
-                    # text too (its repair then works on the original, and declines what it cannot find: fail closed)
-                    task = CritiqueTask(conversation=context, response=folded, principle=principle)
-                    critique = self.check_critic(name).critique([task])[0]
-                if critique.violations:
-                    violations += critique.violations
-                elif critique.needs_revision:
-                    violations.append(
-                        Violation(
-                            principle_id=principle.id,
-                            evidence=critique.text,
-                            message=principle.title or principle.id,
-                            critic=name,
-                        )
-                    )
-        return violations
-
-    def check_critic(self, name: str):
-        """The deterministic critic a principle names in ``checks:``, built once."""
-        if name not in self._checks:
-            self._checks[name] = self.runtime.component("critic", name)
-        return self._checks[name]
-
-    def repairer(self, critic_name: str):
-        """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them)."""
-        if critic_name == "rules":
-            return self.rule_reviser
-        if critic_name in self.runtime.registry.names("reviser") and critic_name != self.policy.critic.name:
-            if critic_name not in self._repairers:
-                self._repairers[critic_name] = self.runtime.component("reviser", critic_name)
-            return self._repairers[critic_name]
-        return None
+        return Guard(self.components).run(items)
 
     def refusal_text(self, violations: list[Violation]) -> str:
         """The policy's refusal message naming the violated principles."""
-        return Guard(self).refusal(violations)
+        return self.components.refusal(violations)
 
 
 # -- reading chat messages for the input rail ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The runtime guard's loop: check a batch of responses against a policy, revise or refuse, and audit each decision.
 
-:class:`Guard` runs one batch for an :class:`~cai_engine.guard.engine.Engine` (which owns the policy and the components):
-rule and plugin checks first (deterministic, milliseconds), then the model critic as the policy's ``guard.screen``
-says, then revisions highest authority first, re-checking everything each round. Each response's progress is a
+:class:`Guard` runs one batch with the :class:`~cai_engine.guard.components.GuardComponents` an
+:class:`~cai_engine.guard.engine.Engine` built (the policy, its constitution, the components and the audit): rule and
+plugin checks first (deterministic, milliseconds), then the model critic as the policy's ``guard.screen`` says, then
+revisions highest authority first, re-checking everything each round. Each response's progress is a
 :class:`GuardState`; what comes out is a :class:`GuardResult` and an audit record (kind ``guard``).
 """
 
@@ -12,27 +13,44 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from cai_engine.constitution.model import Principle
+from cai_engine.constitution.model import Message, Principle
 from cai_engine.errors import ConfigError
-from cai_engine.guard.audit import audit_record, sha256_text
+from cai_engine.guard.audit import sha256_text
+from cai_engine.guard.components import GuardComponents
 from cai_engine.records import (
     Critique,
     CritiqueTask,
     GuardResult,
     GuardRound,
-    GuardState,
     Revision,
     RevisionTask,
     Violation,
     as_conversation,
 )
 
-if TYPE_CHECKING:
-    from cai_engine.guard.engine import Engine
-
 T = TypeVar("T")
+
+
+@dataclass
+class GuardState:
+    """One response's progress through a guard pass's rounds (mutable; it lives only as long as the pass)."""
+
+    conversation: list[Message]
+    original: str
+    current: str
+    rng: random.Random
+    rounds: list[GuardRound] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+    first_violations: list[Violation] | None = None
+    critiques: dict[str, Critique] = field(default_factory=dict)
+    request_p: float | None = None
+    request_asked: bool = False
+    rules_ms: float = 0.0
+    model_ms: float = 0.0
+    done: bool = False
 
 
 def combine_request_signals(p_yes: float | None, p_declines: float | None) -> float | None:
@@ -44,22 +62,21 @@ def combine_request_signals(p_yes: float | None, p_declines: float | None) -> fl
 
 
 class Guard:
-    """One guard pass over a batch, for ``engine`` (see :meth:`Engine.guard_batch`)."""
+    """One guard pass over a batch with a policy's ``components`` (see :meth:`Engine.guard_batch`)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.policy = engine.policy
-        self.constitution = engine.constitution
-        self.runtime = engine.runtime
-        self.runtime_principles = engine.runtime_principles
+    def __init__(self, components: GuardComponents) -> None:
+        self.components = components
+        self.policy = components.policy
+        self.constitution = components.constitution
+        self.runtime_principles = components.principles
 
     @property
     def critic(self) -> Any:
-        return self.engine.critic
+        return self.components.critic
 
     @property
     def reviser(self) -> Any:
-        return self.engine.reviser
+        return self.components.reviser
 
     def run(self, items) -> list[GuardResult]:
         """Guard many (conversation, response) pairs; model work is batched across them."""
@@ -100,7 +117,7 @@ class Guard:
         asked = []  # every state the request screen covers this round
         for state in states:
             began = time.perf_counter()
-            violations = self.engine.deterministic_violations(state.conversation, state.current)  # rules first
+            violations = self.components.deterministic_violations(state.conversation, state.current)  # rules first
             critiques: dict[str, Critique] = {}
             state.rules_ms += (time.perf_counter() - began) * 1000
             state.violations, state.critiques = violations, critiques
@@ -266,7 +283,7 @@ class Guard:
         engaged = [(state, candidates) for state, candidates in tasks if not is_refusal(state.current)]
         if not engaged:
             return
-        judgements = self.engine.judge.compare(
+        judgements = self.components.judge.compare(
             [
                 ComparisonTask(
                     conversation=state.conversation,
@@ -324,7 +341,7 @@ class Guard:
                     if v.principle_id == pid and v.critic not in found_by:
                         found_by.append(v.critic)
                 critique = state.critiques.get(pid)
-                repairers = [self.engine.repairer(name) for name in found_by]
+                repairers = [self.components.repairer(name) for name in found_by]
                 needs_model = critique is not None or any(r is None for r in repairers)
                 for repairer in [r for r in repairers if r is not None]:
                     task = RevisionTask(
@@ -393,7 +410,8 @@ class Guard:
         elif settings.action == "flag":
             action, response, compliant = "flagged", state.original, False
         elif settings.action == "refuse" or (violations and settings.on_failure == "refuse"):
-            action, response, compliant = "refused", self.refusal(violations or state.first_violations), False
+            refusal = self.components.refusal(violations or state.first_violations)
+            action, response, compliant = "refused", refusal, False
         elif violations:
             action, response, compliant = "flagged", state.current, False
         else:
@@ -414,21 +432,10 @@ class Guard:
                 "model": round(state.model_ms, 3),
                 "total": round((time.perf_counter() - began) * 1000, 3),
             },
-            policy=self.engine.policy_info,
+            policy=self.components.policy_info,
         )
-        self.runtime.emit(
-            audit_record(state.conversation, result, self.engine.policy_info, self.policy.audit.include_text), "guard"
-        )
+        self.components.audit(state.conversation, result)
         return result
-
-    def refusal(self, violations: list[Violation]) -> str:
-        titles = []
-        for v in violations:
-            principle = self.constitution.principle(v.principle_id)
-            title = principle.title or principle.id
-            if title not in titles:
-                titles.append(title)
-        return self.policy.guard.refusal.format(principles="; ".join(titles))
 
 
 def _rule_critique(state: GuardState, principle_id: str) -> str | None:

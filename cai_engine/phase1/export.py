@@ -77,8 +77,9 @@ def _collect(record: SLRecord, options: ExportOptions, revisions: list[SFTExampl
 
 def export_sft(
     run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column).
+) -> SFTExportManifest:
+    """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column); returns the
+    export's manifest (also written as ``export.json``).
 
     Revisions beyond ``max_repeats`` copies of one reply are dropped first; revisions and helpfulness samples are
     then mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
@@ -134,7 +135,7 @@ def export_sft(
     )
     write_json(out / "export.json", summary)
     write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
-    return summary.to_json()
+    return summary
 
 
 def _example(

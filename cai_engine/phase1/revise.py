@@ -1,6 +1,7 @@
 """Phase 1, SL-CAI: sample a response, then N rounds of critique -> revision, one principle drawn per round.
 
-``run_sl`` is what ``cai sl`` calls; ``export_sft`` turns a run directory into a TRL conversational dataset.
+``run_sl`` is what ``cai sl`` calls and returns an :class:`~cai_engine.records.SLSummary`; ``summarise`` counts what a
+run directory holds. ``cai_engine.phase1.export`` turns a run directory into a TRL conversational dataset.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import PromptItem, load_training_prompts, load_training_sources, source_limit, source_list
-from cai_engine.records import ComparisonTask, CritiqueTask, RevisionTask, SLRecord, SLRound
+from cai_engine.records import (
+    ComparisonTask,
+    CritiqueTask,
+    RevisionTask,
+    SLCounts,
+    SLExample,
+    SLRecord,
+    SLRound,
+    SLSummary,
+)
 from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
@@ -160,20 +170,14 @@ class SLRun:
 
     # -- driving ---------------------------------------------------------------------------------------------
 
-    def run(self, *, progress: bool = True) -> dict[str, Any]:
+    def run(self, *, progress: bool = True) -> SLSummary:
         resuming = self.dir.open(
             self.config.fingerprint(), {"config": self.config.model_dump(mode="json"), "provenance": self.provenance}
         )
         done = self.dir.done_ids()
         todo = [("red-team", item) for item in self.items if f"red-team:{item.id}" not in done]
         todo += [("helpful", item) for item in self.helpful if f"helpful:{item.id}" not in done]
-        stats: dict[str, Any] = {
-            "written": 0,
-            "skipped_done": len(self.items) + len(self.helpful) - len(todo),
-            "errors": 0,
-            "resumed": resuming,
-            "run_dir": str(self.dir.path),
-        }
+        written = errors = 0
         bar = _progress(len(todo), progress)
         began = time.perf_counter()
         size = self.config.batch_size
@@ -183,14 +187,20 @@ class SLRun:
             self.dir.append(records)
             for record in records:
                 self.runtime.emit(record, "sl")
-            stats["written"] += len(records)
-            stats["errors"] += sum(1 for r in records if r.error)
+            written += len(records)
+            errors += sum(1 for r in records if r.error)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self._tokens_per_second(began):.0f}")
         bar.close()
-        stats["seconds"] = round(time.perf_counter() - began, 1)
-        stats.update(summarise(self.dir))
-        return stats
+        return SLSummary(
+            written=written,
+            skipped_done=len(self.items) + len(self.helpful) - len(todo),
+            errors=errors,
+            resumed=resuming,
+            run_dir=str(self.dir.path),
+            seconds=round(time.perf_counter() - began, 1),
+            **summarise(self.dir).model_dump(),
+        )
 
     def _tokens_per_second(self, began: float) -> float:
         return self.runtime.generated_tokens / max(time.perf_counter() - began, 1e-9)
@@ -337,7 +347,7 @@ class SLRun:
         chosen = self.runtime.hooks.select_principles(
             constitution=self.constitution,
             candidates=self.principles,
-            item={"id": item.id, "conversation": item.conversation, "category": item.category, "tags": item.tags},
+            item=item.hook_item(),
             phase=Phase.sl,
             round=round_index,
             rng=rng,
@@ -380,14 +390,15 @@ def _progress(total: int, enabled: bool):
 
 def run_sl(
     config: SLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Run (or resume) phase 1 into ``out``; returns a summary."""
+) -> SLSummary:
+    """Run (or resume) phase 1 into ``out`` (``config`` may be its JSON form); returns what was written and the run's
+    counts."""
     if not isinstance(config, SLConfig):
         config = SLConfig.model_validate(config)
     return SLRun(config, out, runtime).run(progress=progress)
 
 
-def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
+def summarise(run_dir: RunDirectory | str | Path) -> SLCounts:
     """Counts over a run directory: items, revisions, principles used, an example."""
     directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "sl", SLRecord)
     red = helpful = revised = accepted = errors = 0
@@ -406,13 +417,13 @@ def summarise(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
             principles[entry.principle_id] = principles.get(entry.principle_id, 0) + 1
             accepted += entry.accepted
         if example is None and record.revised:
-            example = {"prompt": record.prompt, "before": record.initial_response, "after": record.final_response}
-    return {
-        "red_team_items": red,
-        "helpful_items": helpful,
-        "items_revised": revised,
-        "accepted_revisions": accepted,
-        "error_items": errors,
-        "principles_used": dict(sorted(principles.items())),
-        "example": example,
-    }
+            example = SLExample(prompt=record.prompt, before=record.initial_response, after=record.final_response)
+    return SLCounts(
+        red_team_items=red,
+        helpful_items=helpful,
+        items_revised=revised,
+        accepted_revisions=accepted,
+        error_items=errors,
+        principles_used=dict(sorted(principles.items())),
+        example=example,
+    )

@@ -13,6 +13,7 @@ from cai_engine.files.jsonl import iter_jsonl, write_json
 from cai_engine.models.runtime import Runtime
 from cai_engine.phase2.labels import draw_principles
 from cai_engine.plugins.refs import ComponentRef
+from cai_engine.prompts.sets import PromptItem
 from cai_engine.records import ComparisonTask, GateResult
 from cai_engine.seeds import item_rng
 from cai_engine.stats import wilson_interval
@@ -57,16 +58,17 @@ def measure_judge(
     tasks, truth = [], []
     for pair in pairs:
         rng = item_rng(seed, pair.id)
+        prompt = PromptItem(id=pair.id, conversation=[Message(role="user", content=pair.prompt)])
         principle = (
             constitution.principle(pair.principle)
             if pair.principle
-            else draw_principles(runtime, constitution, {"id": pair.id}, 1, rng)[0]
+            else draw_principles(runtime, constitution, prompt, 1, rng)[0]
         )
         better_first = rng.random() < 0.5
         a, b = (pair.better, pair.worse) if better_first else (pair.worse, pair.better)
         tasks.append(
             ComparisonTask(
-                conversation=[Message(role="user", content=pair.prompt)],
+                conversation=prompt.conversation,
                 response_a=a,
                 response_b=b,
                 principles=[principle],

@@ -1,20 +1,22 @@
-"""Phase 2, RLAIF: preference labels from the judge, the judge quality gate, human feedback, and TRL exports.
+"""Phase 2, RLAIF: preference labels from the judge (``run_labels``, what ``cai rl label`` calls).
 
 Two recipes make pairs: ``judged`` samples two responses per prompt and has the judge compare them against
 randomly drawn comparison principles, in both orders (the paper); ``revision`` takes phase-1 records and prefers
 each final revision over the initial response (the Hugging Face recipe). Abstentions are recorded and counted;
-they never become labels."""
+they never become labels. The judge's quality gate is ``cai_engine.phase2.gate``; human labels and the TRL export
+are ``cai_engine.phase2.preferences``."""
 
 from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from cai_engine.constitution.model import Constitution, Phase
+from cai_engine.constitution.model import Constitution, Phase, Principle
 from cai_engine.errors import ConfigError, RunError
 from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
@@ -27,7 +29,14 @@ from cai_engine.prompts.sets import (
     source_limit,
     source_list,
 )
-from cai_engine.records import ComparisonTask, PreferenceRecord, SLRecord, StoredJudgement
+from cai_engine.records import (
+    ComparisonTask,
+    LabelCounts,
+    LabelSummary,
+    PreferenceRecord,
+    SLRecord,
+    StoredJudgement,
+)
 from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
@@ -95,26 +104,53 @@ class RLConfig(BaseModel):
 
 
 def draw_principles(
-    runtime: Runtime, constitution: Constitution, item: dict[str, Any], k: int, rng: random.Random
-) -> list:
-    """``k`` distinct rl principles for one comparison, through the ``cai_select_principles`` hook."""
+    runtime: Runtime, constitution: Constitution, item: PromptItem, k: int, rng: random.Random
+) -> list[Principle]:
+    """``k`` distinct rl principles for comparing two replies to ``item``, through the ``cai_select_principles``
+    hook."""
     candidates = constitution.for_phase(Phase.rl)
     if not candidates:
         raise ConfigError(f"constitution {constitution.name!r} has no principles for the rl phase")
-    chosen: list = []
+    chosen: list[Principle] = []
     for round_index in range(k * 4):
         if len(chosen) == min(k, len(candidates)):
             break
         pool = [p for p in candidates if p not in chosen]
         pick = runtime.hooks.select_principles(
-            constitution=constitution, candidates=pool, item=item, phase=Phase.rl, round=round_index, rng=rng
+            constitution=constitution,
+            candidates=pool,
+            item=item.hook_item(),
+            phase=Phase.rl,
+            round=round_index,
+            rng=rng,
         )
         if pick:
             chosen.append(pick[0])
     return chosen
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One pair being labelled: its record key, the prompt, where the two responses came from, the responses, and
+    the principles drawn to compare them."""
+
+    key: str
+    prompt: PromptItem
+    source: Literal["ai", "revision"]
+    response_a: str
+    response_b: str
+    principles: list[Principle]
+
+    @property
+    def comparable(self) -> bool:
+        """Whether a judge can compare the two responses (both non-empty and different)."""
+        a, b = self.response_a.strip(), self.response_b.strip()
+        return bool(a and b and a != b)
+
+
 class LabelRun:
+    """A configured labelling run bound to a runtime and a run directory."""
+
     def __init__(self, config: RLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
         self.runtime = runtime or Runtime.default()
@@ -158,7 +194,7 @@ class LabelRun:
             "seed": config.seed,
         }
 
-    def run(self, *, progress: bool = True) -> dict[str, Any]:
+    def run(self, *, progress: bool = True) -> LabelSummary:
         from tqdm.auto import tqdm
 
         resumed = self.dir.open(
@@ -177,87 +213,80 @@ class LabelRun:
                     self.runtime.emit(record, "preference")
                 written += len(records)
                 bar.update(len(batch))
-        summary = summarise_preferences(self.dir)
-        summary.update(
-            written=written, resumed=resumed, run_dir=str(self.dir.path), seconds=round(time.perf_counter() - began, 1)
+        return LabelSummary(
+            **summarise_preferences(self.dir).model_dump(),
+            written=written,
+            resumed=resumed,
+            run_dir=str(self.dir.path),
+            seconds=round(time.perf_counter() - began, 1),
         )
-        return summary
 
     @staticmethod
     def _key(kind: str, item: Any) -> str:
         return f"pair:{item.id}" if kind == "pair" else f"revision:{item.key}"
 
-    def _label(self, batch) -> list[PreferenceRecord]:
-        conversations, pairs, keys, meta = [], [], [], []
+    def _pairs(self, batch) -> list[Pair]:
+        """The batch's pairs: two fresh samples per prompt (``judged``), or a phase-1 record's final revision and
+        initial response (``revision``)."""
         if self.config.recipe == "judged":
             items = [item for _, item in batch]
             assert self.sampler is not None
             samples = self.sampler.sample([i.conversation for i in items], n=2)
-            for item, (a, b) in zip(items, samples):
-                conversations.append(item.conversation)
-                pairs.append((a, b))
-                keys.append(f"pair:{item.id}")
-                meta.append({"id": item.id, "category": item.category, "source": "ai"})
-        else:
-            for _, record in batch:
-                conversations.append(record.conversation)
-                pairs.append((record.final_response or "", record.initial_response or ""))
-                keys.append(f"revision:{record.key}")
-                meta.append({"id": record.id, "category": record.category, "source": "revision"})
-        tasks, task_index = [], []
-        principle_ids = []
-        for i, (conversation, (a, b)) in enumerate(zip(conversations, pairs)):
-            rng = item_rng(self.config.seed, keys[i])
-            chosen = draw_principles(
-                self.runtime,
-                self.constitution,
-                {"id": meta[i]["id"], "conversation": conversation},
-                self.config.principles_per_label,
-                rng,
+            return [self._pair(f"pair:{item.id}", item, "ai", a, b) for item, (a, b) in zip(items, samples)]
+        return [
+            self._pair(
+                f"revision:{record.key}",
+                PromptItem(id=record.id, conversation=record.conversation, category=record.category),
+                "revision",
+                record.final_response or "",
+                record.initial_response or "",
             )
-            principle_ids.append([p.id for p in chosen])
-            if a.strip() and b.strip() and a.strip() != b.strip():
-                tasks.append(
-                    ComparisonTask(
-                        conversation=conversation,
-                        response_a=a,
-                        response_b=b,
-                        principles=chosen,
-                        examples=self.constitution.comparison_examples,
-                    )
-                )
-                task_index.append(i)
-        judgements = dict(zip(task_index, self.judge.compare(tasks))) if tasks else {}
+            for _, record in batch
+        ]
+
+    def _pair(self, key: str, prompt: PromptItem, source: Literal["ai", "revision"], a: str, b: str) -> Pair:
+        """A pair with its principles drawn (seeded by its key, so a resumed or sharded run draws the same)."""
+        rng = item_rng(self.config.seed, key)
+        principles = draw_principles(self.runtime, self.constitution, prompt, self.config.principles_per_label, rng)
+        return Pair(key, prompt, source, a, b, principles)
+
+    def _label(self, batch) -> list[PreferenceRecord]:
+        pairs = self._pairs(batch)
+        judged = [pair for pair in pairs if pair.comparable]
+        tasks = [
+            ComparisonTask(
+                conversation=pair.prompt.conversation,
+                response_a=pair.response_a,
+                response_b=pair.response_b,
+                principles=pair.principles,
+                examples=self.constitution.comparison_examples,
+            )
+            for pair in judged
+        ]
+        judgements = dict(zip((pair.key for pair in judged), self.judge.compare(tasks))) if tasks else {}
         judge_info = self.judge.describe()
         records = []
-        for i, conversation in enumerate(conversations):
-            a, b = pairs[i]
-            judgement = judgements.get(i)
+        for pair in pairs:
+            judgement = judgements.get(pair.key)
             if judgement is None:
-                reason = "identical responses" if a.strip() == b.strip() else "an empty response"
-                record_judgement = StoredJudgement(abstained=True, reason=reason)
-                p_a = None
+                same = pair.response_a.strip() == pair.response_b.strip()
+                stored = StoredJudgement(abstained=True, reason="identical responses" if same else "an empty response")
             else:
-                record_judgement = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
-                p_a = judgement.p_a
-            if meta[i]["source"] == "revision":
-                label: float | None = (
-                    1.0  # the recipe's label: the revision is preferred; the judge's view is kept alongside
-                )
-            else:
-                label = p_a
+                stored = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
+            # the revision recipe's label: the revision is preferred; the judge's view is kept alongside
+            label = 1.0 if pair.source == "revision" else (judgement.p_a if judgement is not None else None)
             records.append(
                 PreferenceRecord(
-                    key=keys[i],
-                    id=meta[i]["id"],
-                    category=meta[i]["category"],
-                    source=meta[i]["source"],
-                    conversation=conversation,
-                    response_a=a,
-                    response_b=b,
-                    principle_ids=principle_ids[i],
+                    key=pair.key,
+                    id=pair.prompt.id,
+                    category=pair.prompt.category,
+                    source=pair.source,
+                    conversation=pair.prompt.conversation,
+                    response_a=pair.response_a,
+                    response_b=pair.response_b,
+                    principle_ids=[p.id for p in pair.principles],
                     label=label,
-                    judgement=record_judgement,
+                    judgement=stored,
                     provenance={**self.provenance, "judge": judge_info},
                     created=now(),
                 )
@@ -267,14 +296,16 @@ class LabelRun:
 
 def run_labels(
     config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Label (or resume labelling) preference pairs into ``out``."""
+) -> LabelSummary:
+    """Label (or resume labelling) preference pairs into ``out`` (``config`` may be its JSON form); returns the run's
+    counts and what was written."""
     if not isinstance(config, RLConfig):
         config = RLConfig.model_validate(config)
     return LabelRun(config, out, runtime).run(progress=progress)
 
 
-def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
+def summarise_preferences(run_dir: RunDirectory | str | Path) -> LabelCounts:
+    """Counts over a labelling run directory: pairs, labels, abstentions, sources, position consistency."""
     directory = run_dir if isinstance(run_dir, RunDirectory) else RunDirectory(run_dir, "rl", PreferenceRecord)
     total = labelled = abstained = consistent = ordered = 0
     by_source: dict[str, int] = {}
@@ -288,13 +319,13 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> dict[str, Any]:
             ordered += 1  # only judges that saw an order can be consistent about it (pointwise: not applicable)
             consistent += j.position_consistent
         labelled += record.label is not None
-    return {
-        "pairs": total,
-        "labelled": labelled,
-        "abstained": abstained,
-        "by_source": by_source,
-        "position_consistency": round(consistent / ordered, 4) if ordered else None,
-    }
+    return LabelCounts(
+        pairs=total,
+        labelled=labelled,
+        abstained=abstained,
+        by_source=by_source,
+        position_consistency=round(consistent / ordered, 4) if ordered else None,
+    )
 
 
 def load_prompt_items(source: str, registry: Any, limit: int | None = None) -> list[PromptItem]:

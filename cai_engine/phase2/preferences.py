@@ -208,8 +208,9 @@ def read_gate(run: str | Path) -> GateResult | None:
 
 def export_preferences(
     run: str | Path, out: str | Path, options: PreferenceExportOptions | dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """``train.jsonl``/``test.jsonl`` in TRL's conversational preference format plus a soft label.
+) -> PreferenceExportManifest:
+    """``train.jsonl``/``test.jsonl`` in TRL's conversational preference format plus a soft label; returns the
+    export's manifest (also written as ``export.json``).
 
     Each row: ``prompt`` (messages), ``chosen`` and ``rejected`` (assistant messages), ``chosen_probability`` (how
     sure the label is that ``chosen`` is better, in [0.5, 1] for AI labels), ``source`` (ai, revision, human,
@@ -289,4 +290,4 @@ def export_preferences(
     )
     write_json(out / "export.json", summary)
     write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
-    return summary.to_json()
+    return summary

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         RevisionTask,
         Score,
         ScoringTask,
+        TrainingResult,
     )
 
 
@@ -156,9 +157,15 @@ class Trainer(Component):
     """The transformers class that loads its checkpoints (the model card's example)."""
 
     @abstractmethod
-    def train(self, dataset: str | Path, output_dir: str | Path) -> dict[str, Any]:
-        """Train on ``dataset`` (what ``trains_on`` says) into ``output_dir`` and return a summary; ``cai run``
-        shows its ``checkpoint``, ``steps`` and ``seconds`` when present."""
+    def train(self, dataset: str | Path, output_dir: str | Path) -> TrainingResult:
+        """Train on ``dataset`` (what ``trains_on`` says), write the checkpoint to ``output_dir`` and return what
+        happened.
+
+        The :class:`~cai_engine.records.TrainingResult` names the trainer, the base model, the steps taken, the
+        seconds they took, the final metrics, the log history and the checkpoint folder; add what only this trainer
+        reports as further keyword arguments (they are kept, and read back by key). The built-in trainers also write
+        it beside the checkpoint, as ``cai_training.json``.
+        """
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,10 @@ def cai_select_principles(
 
     :param constitution: the resolved constitution.
     :param candidates: the principles that apply to ``phase`` (never empty).
-    :param item: the item being processed (its ``id``, ``conversation``, ``category`` and ``tags`` when known).
+    :param item: the prompt being processed, the same keys in every phase: ``id`` (the prompt's id),
+        ``conversation`` (its messages, ending with the user turn), ``category`` (or None) and ``tags`` (a list,
+        maybe empty). In phase 2 it is the prompt of the pair being labelled (a phase-1 record's prompt in the
+        ``revision`` recipe, a labelled pair's prompt when the judge gate measures a judge).
     :param phase: ``sl``, ``rl`` or ``runtime``.
     :param round: 0-based round number.
     :param rng: the run's seeded random generator; use it (not ``random``) so runs are reproducible.

@@ -44,6 +44,11 @@ class PromptItem(BaseModel):
     def text(self) -> str:
         return self.conversation[-1].content
 
+    def hook_item(self) -> dict[str, Any]:
+        """This prompt as the ``item`` the ``cai_select_principles`` hook receives, in every phase: its ``id``,
+        ``conversation``, ``category`` and ``tags``."""
+        return {"id": self.id, "conversation": self.conversation, "category": self.category, "tags": self.tags}
+
 
 @dataclass
 class PromptSet:

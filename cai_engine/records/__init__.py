@@ -1,5 +1,6 @@
 """Every record in one place: what components exchange (``components``), what stages write and read (``stages``),
-the runtime guard's state and result (``guard``), and what an evaluation measured (``evaluation``)."""
+what stage functions return (``results``), the runtime guard's decisions (``guard``), and what an evaluation
+measured (``evaluation``)."""
 
 from cai_engine.records.components import (
     ComparisonTask,
@@ -31,7 +32,16 @@ from cai_engine.records.evaluation import (
 from cai_engine.records.guard import (
     GuardResult,
     GuardRound,
-    GuardState,
+)
+from cai_engine.records.results import (
+    EvalSummary,
+    LabelCounts,
+    LabelSummary,
+    PipelineSummary,
+    SLCounts,
+    SLExample,
+    SLSummary,
+    TrainingResult,
 )
 from cai_engine.records.stages import (
     GateResult,
@@ -44,6 +54,7 @@ from cai_engine.records.stages import (
     SFTExportManifest,
     SLRecord,
     SLRound,
+    StageResult,
     StoredJudgement,
 )
 
@@ -53,21 +64,24 @@ __all__ = [
     "Critique",
     "CritiqueTask",
     "EvalResults",
+    "EvalSummary",
     "Evasiveness",
     "Example",
     "GateResult",
     "GuardResult",
     "GuardRound",
-    "GuardState",
     "HarmfulMetrics",
     "ItemOutcome",
     "JudgedRates",
     "Judgement",
+    "LabelCounts",
+    "LabelSummary",
     "ModelResult",
     "OrderResult",
     "OverRefusal",
     "PairOutcome",
     "Pairwise",
+    "PipelineSummary",
     "PreferenceExportManifest",
     "PreferenceRecord",
     "PreferenceRow",
@@ -78,11 +92,16 @@ __all__ = [
     "RevisionTask",
     "SFTExample",
     "SFTExportManifest",
+    "SLCounts",
+    "SLExample",
     "SLRecord",
     "SLRound",
+    "SLSummary",
     "Score",
     "ScoringTask",
+    "StageResult",
     "StoredJudgement",
+    "TrainingResult",
     "Violation",
     "as_conversation",
 ]

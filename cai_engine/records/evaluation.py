@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from cai_engine.records.stages import GateResult, StoredRecord
+from cai_engine.records.stages import GateResult, StageResult, StoredRecord
 
 
 class Rate(StoredRecord):
@@ -92,8 +92,8 @@ class Example(StoredRecord):
     responses: dict[str, str]
 
 
-class EvalResults(StoredRecord):
-    """``results.json`` of an evaluation."""
+class EvalResults(StageResult):
+    """``results.json`` of an evaluation, and what :func:`~cai_engine.evaluation.run.evaluate` returns."""
 
     created: str
     config: dict[str, Any] = Field(default_factory=dict)

@@ -1,15 +1,13 @@
-"""The runtime guard's records: each round, the decision it returns, and one response's progress between rounds."""
+"""The runtime guard's records: what each round found, and the decision it returns (a response's progress between
+rounds is the guard's own state, :class:`cai_engine.guard.loop.GuardState`)."""
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_engine.constitution.model import Message
-from cai_engine.records.components import Critique, Violation
+from cai_engine.records.components import Violation
 
 
 class GuardRound(BaseModel):
@@ -56,22 +54,3 @@ class GuardResult(BaseModel):
     rounds: list[GuardRound]
     timings_ms: dict[str, float]
     policy: dict[str, str]
-
-
-@dataclass
-class GuardState:
-    """One response's progress through the guard's rounds."""
-
-    conversation: list[Message]
-    original: str
-    current: str
-    rng: random.Random
-    rounds: list[GuardRound] = field(default_factory=list)
-    violations: list[Violation] = field(default_factory=list)
-    first_violations: list[Violation] | None = None
-    critiques: dict[str, Critique] = field(default_factory=dict)
-    request_p: float | None = None
-    request_asked: bool = False
-    rules_ms: float = 0.0
-    model_ms: float = 0.0
-    done: bool = False

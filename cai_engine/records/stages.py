@@ -1,7 +1,9 @@
 """What a stage writes and the next stage reads: run records, exported rows, export manifests, the judge gate.
 
 Runs store these as JSONL lines or JSON files; every writer builds the model and every reader validates into it, so
-a key is spelled in one place. Stored records keep keys they do not know (written by another version).
+a key is spelled in one place. Stored records keep keys they do not know (written by another version). The records a
+stage function also returns (the export manifests, the gate) are stage results (:class:`StageResult`), like the
+summaries in :mod:`cai_engine.records.results`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,25 @@ class StoredRecord(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The JSON form (what the file holds and what ``cai_on_record`` sinks receive)."""
         return self.model_dump(mode="json")
+
+
+class StageResult(StoredRecord):
+    """What a stage function returns (and most also write): a record whose fields read as attributes.
+
+    Stages used to return their JSON form as a dict, so a result also reads by key, in that JSON form:
+    ``summary["written"]``, ``summary.get("example")``, ``"steps" in summary``, ``result["models"]["base"]`` (a
+    nested record reads as its JSON too). Each read dumps the record: use attributes in loops.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` in the JSON form, or ``default`` when the JSON form has no such key."""
+        return self.to_json().get(key, default)
 
 
 class SLRound(StoredRecord):
@@ -130,7 +151,7 @@ class Review(StoredRecord):
     reviewed: str | None = None
 
 
-class GateResult(StoredRecord):
+class GateResult(StageResult):
     """A judge measured on labelled pairs (``gate.json``); the trainers refuse AI labels from a judge below it."""
 
     pairs: int
@@ -147,8 +168,8 @@ class GateResult(StoredRecord):
     measured: str | None = None
 
 
-class SFTExportManifest(StoredRecord):
-    """``export.json`` beside an SFT export."""
+class SFTExportManifest(StageResult):
+    """``export.json`` beside an SFT export, and what :func:`~cai_engine.phase1.export.export_sft` returns."""
 
     format: Literal["trl-conversational"] = "trl-conversational"
     source_run: str
@@ -164,8 +185,10 @@ class SFTExportManifest(StoredRecord):
     constitution: dict[str, Any] | None = None
 
 
-class PreferenceExportManifest(StoredRecord):
-    """``export.json`` beside a preference export; carries the labelling judge's gate result for the trainers."""
+class PreferenceExportManifest(StageResult):
+    """``export.json`` beside a preference export, and what
+    :func:`~cai_engine.phase2.preferences.export_preferences` returns; carries the labelling judge's gate result for
+    the trainers."""
 
     format: Literal["trl-conversational-preference"] = "trl-conversational-preference"
     source_run: str
