@@ -7,7 +7,7 @@ test holds them to it, so a third-party plugin can do whatever a built-in does.
 
 from __future__ import annotations
 
-from cai_engine.checks.rules import check_principle, repair
+from cai_engine.checks.rules import RULES, check_principle, repair
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
 from cai_engine.classifiers.load import load_classifier
 from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, lint, load_constitution
@@ -85,6 +85,7 @@ __all__ = [
     "CONSTITUTION_SUFFIXES",
     "DEFAULT_MODEL",
     "REFUSAL_OPENERS",
+    "RULES",
     "Backend",
     "BackendUnavailableError",
     "CaiError",

@@ -21,7 +21,7 @@ from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.phase1.export import ExportOptions, export_sft
 from cai_engine.phase1.revise import SLConfig, run_sl
 from cai_engine.phase2.gate import run_gate
-from cai_engine.phase2.labels import RLConfig, run_labels
+from cai_engine.phase2.labels import LabelConfig, run_labels
 from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import EvalSummary, PipelineSummary, TrainingResult
@@ -74,8 +74,8 @@ class PipelineConfig(BaseModel):
     sft_export: ExportOptions = Field(default_factory=ExportOptions, description="SFT export settings.")
     sft_trainer: str = Field("sft", description="The trainer of the SFT stage (a registered trainer name).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Options of the SFT stage's trainer.")
-    rl: RLConfig = Field(
-        default_factory=RLConfig,
+    rl: LabelConfig = Field(
+        default_factory=LabelConfig,
         description="Labelling settings (as `cai rl label`); the policy defaults to the SFT checkpoint, the judge "
         "model to the feedback model and sl_run to the pipeline's phase-1 run.",
     )

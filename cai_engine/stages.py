@@ -19,7 +19,7 @@ from cai_engine.evaluation.config import EvalConfig
 from cai_engine.evaluation.run import evaluate
 from cai_engine.evaluation.summary import merge_evals
 from cai_engine.phase1.revise import SLConfig, run_sl
-from cai_engine.phase2.labels import RLConfig, run_labels
+from cai_engine.phase2.labels import LabelConfig, run_labels
 from cai_engine.store import shards as sharding
 
 
@@ -52,7 +52,7 @@ def run_eval_shard(config: dict[str, Any], out: str) -> dict[str, Any]:
 
 STAGES: dict[str, Stage] = {
     "sl": Stage("sl", SLConfig, run_sl_shard, sharding.merge_runs),
-    "rl": Stage("rl", RLConfig, run_labels_shard, sharding.merge_runs),
+    "rl": Stage("rl", LabelConfig, run_labels_shard, sharding.merge_runs),
     "eval": Stage("eval", EvalConfig, run_eval_shard, merge_evals),
 }
 

@@ -28,12 +28,12 @@ def test_builtin_evaluation_sets(cai_registry):
 
 
 def test_training_defaults_never_use_heldout_sets(cai_registry):
-    from cai_engine.phase2.labels import RLConfig
+    from cai_engine.phase2.labels import LabelConfig
     from cai_engine.prompts.sets import is_heldout
 
     heldout = [f"builtin:{n}" for n in cai_registry.prompt_set_names() if cai_registry.prompt_set(n).heldout]
     assert set(heldout) == {"builtin:heldout", "builtin:benign-scary", "builtin:heldout-helpful", "builtin:contrast"}
-    sl, rl = SLConfig(), RLConfig()
+    sl, rl = SLConfig(), LabelConfig()
     for source in (sl.prompts, sl.helpful_prompts, rl.prompts):
         assert not is_heldout(source, cai_registry)
 

@@ -272,7 +272,7 @@ def test_the_gate_reports_its_interval_and_scored_share(scripted_runtime):
 
 
 def test_trainers_refuse_a_gate_that_scored_too_few_pairs_or_another_judge(tmp_path):
-    from cai_engine.default_plugins.training import check_judge_gate
+    from cai_engine.default_plugins.trl_common import check_judge_gate
 
     folder = tmp_path / "prefs"
     folder.mkdir()

@@ -8,7 +8,7 @@ from cai_engine import ConfigError, RunError, UnknownComponentError
 from cai_engine.cli import cli
 from cai_engine.phase1.revise import run_sl
 from cai_engine.phase2.gate import load_labelled_pairs, run_gate
-from cai_engine.phase2.labels import RLConfig, run_labels
+from cai_engine.phase2.labels import LabelConfig, run_labels
 from cai_engine.phase2.preferences import export_preferences, export_review, import_human, merge_review
 from cai_engine.records import GateResult, PreferenceExportManifest
 from cai_engine.store.runs import RunDirectory
@@ -28,7 +28,7 @@ def label_config(tiny_model, **overrides):
         "batch_size": 2,
         "sampler": {"name": "model", "options": {"max_new_tokens": 8, "temperature": 1.0}},
     }
-    return RLConfig.model_validate({**base, **overrides})
+    return LabelConfig.model_validate({**base, **overrides})
 
 
 def test_judged_pairs_record_both_orders_and_soft_labels(cai_runtime, tiny_model, tmp_path):
@@ -272,7 +272,7 @@ def test_soft_loss_reduces_to_trl_loss_with_hard_labels():
 
     import torch
 
-    from cai_engine.default_plugins.training import soft_reward_trainer
+    from cai_engine.default_plugins.trl_common import soft_reward_trainer
 
     trainer_cls, _ = soft_reward_trainer()
     chosen, rejected = torch.tensor([0.3, -1.2, 2.0]), torch.zeros(3)

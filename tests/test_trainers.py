@@ -65,7 +65,7 @@ def test_sft_trains_and_the_checkpoint_loads_back(cai_runtime, tiny_model, datas
 def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, dataset, tmp_path, monkeypatch):
     """TRL's own checkpointing: save every step, then a rerun continues from the newest checkpoint-N."""
     from cai_engine.default_plugins import trainers
-    from cai_engine.default_plugins.training import last_checkpoint
+    from cai_engine.default_plugins.trl_common import last_checkpoint
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after TRL's last step, before the final weights are saved
@@ -171,7 +171,7 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
     assert parse_setting("no") == "no" and parse_setting("false") is False  # save_strategy=no stays a word
     from trl import SFTConfig
 
-    from cai_engine.default_plugins.training import coerce_numbers
+    from cai_engine.default_plugins.trl_common import coerce_numbers
 
     assert coerce_numbers(SFTConfig, "sft", {"save_strategy": False})["save_strategy"] == "no"  # `save_strategy: no`
     trainer = cai_runtime.component(
@@ -185,7 +185,7 @@ def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, d
 
 def test_judge_reward_turns_an_abstention_into_no_signal_not_zero():
     """GRPO's judge reward: an abstaining judge gives None (TRL masks it out of the group baseline), never 0.0."""
-    from cai_engine.default_plugins.training import JudgeReward
+    from cai_engine.default_plugins.trl_common import JudgeReward
     from cai_engine.records import Score
 
     class Judge:

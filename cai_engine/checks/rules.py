@@ -12,6 +12,10 @@ from cai_engine.constitution.model import Message, Principle, Rule
 from cai_engine.records import Violation
 from cai_engine.text import textnorm
 
+# The name a constitution's own rules go by: the essential critic and reviser that apply them (registered by the
+# built-in rules plugin, which the guard cannot run without) and the ``critic`` of every violation they find.
+RULES = "rules"
+
 
 def _conversation_text(conversation: Sequence[Message]) -> str:
     return "\n".join(m.content for m in conversation)
@@ -60,7 +64,7 @@ def check_rule(
 
 
 def check_principle(
-    principle: Principle, conversation: Sequence[Message], response: str, critic: str = "rules"
+    principle: Principle, conversation: Sequence[Message], response: str, critic: str = RULES
 ) -> list[Violation]:
     return [
         v for rule in principle.rules if (v := check_rule(rule, principle, conversation, response, critic)) is not None
@@ -72,7 +76,7 @@ def repair(principle: Principle, conversation: Sequence[Message], response: str)
     text = response
     unfixed: list[str] = []
     for rule in principle.rules:
-        if check_rule(rule, principle, conversation, text, "rules") is None:
+        if check_rule(rule, principle, conversation, text, RULES) is None:
             continue
         if rule.fix is None:
             unfixed.append(rule.id)

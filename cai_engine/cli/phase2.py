@@ -61,12 +61,12 @@ def rl_group() -> None:
 def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, executor, ray_address, **flags):
     """Label preference pairs: both orders, soft labels from log-probs, abstentions kept and counted."""
     from cai_engine.phase2.gate import run_gate
-    from cai_engine.phase2.labels import RLConfig, run_labels
+    from cai_engine.phase2.labels import LabelConfig, run_labels
 
     data = merge_flags(load_config_file(config_path), sl_run=str(sl_run) if sl_run else None, **flags)
     if judge_name:
         data["judge"] = {"name": judge_name}
-    config = validate_config(RLConfig, data, str(config_path or "options"))
+    config = validate_config(LabelConfig, data, str(config_path or "options"))
     runtime = current_runtime()
     if gate and not (out / "gate.json").exists():
         result = run_gate(
@@ -131,7 +131,7 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
     from cai_engine.errors import UnknownComponentError
     from cai_engine.models.options import with_model
     from cai_engine.phase2.gate import run_gate
-    from cai_engine.phase2.labels import RLConfig
+    from cai_engine.phase2.labels import LabelConfig
     from cai_engine.plugins.refs import ComponentRef
 
     runtime = current_runtime()
@@ -140,7 +140,7 @@ def rl_gate_command(run, judge_name, judge_model, constitution, pairs, seed, jud
         manifest = json.loads((Path(run) / "run.json").read_text(encoding="utf-8"))
         if manifest.get("kind") == "rl" and manifest.get("fingerprint"):
             try:
-                ref = RLConfig.model_validate(manifest["fingerprint"]).judge_ref(runtime)
+                ref = LabelConfig.model_validate(manifest["fingerprint"]).judge_ref(runtime)
             except ValidationError:
                 ref = None
             except UnknownComponentError:

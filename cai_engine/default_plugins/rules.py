@@ -6,7 +6,7 @@ blocked. Like any critic/reviser pair registered under the same name, the revise
 
 from __future__ import annotations
 
-from cai_engine import Critic, Critique, Reviser, Revision, check_principle, hookimpl, repair
+from cai_engine import RULES, Critic, Critique, Reviser, Revision, check_principle, hookimpl, repair
 
 
 class RuleCritic(Critic):
@@ -15,7 +15,7 @@ class RuleCritic(Critic):
     A principle without rules is reported as compliant with ``needs_revision=None`` (this critic cannot tell).
     """
 
-    name = "rules"
+    name = RULES
 
     def critique(self, tasks):
         out = []
@@ -44,7 +44,7 @@ class RuleReviser(Reviser):
     repaired here: the revision is rejected with that reason, so a model reviser can take over.
     """
 
-    name = "rules"
+    name = RULES
 
     def revise(self, tasks):
         out = []

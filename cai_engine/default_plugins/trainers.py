@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import Field
 
 from cai_engine import DEFAULT_MODEL, RunError, Trainer, TrainingResult, hookimpl
-from cai_engine.default_plugins.training import (
+from cai_engine.default_plugins.trl_common import (
     PREFERENCE_COLUMNS,
     JudgeReward,
     TrainerOptions,

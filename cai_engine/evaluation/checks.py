@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cai_engine.constitution.model import Message, Principle
 from cai_engine.errors import ConfigError, describe_validation
+from cai_engine.models.options import with_model
+from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import CritiqueTask, RevisionTask
 from cai_engine.stats import rate, wilson_interval
 
@@ -120,10 +122,18 @@ def _metrics(labels: list[bool], flags: list[bool | None]) -> dict[str, Any]:
 
 
 def evaluate_check(
-    registry: Any, check: str, cases: list[CheckCase], *, runtime: Any = None, model: Any = None, repair: bool = True
+    registry: Any,
+    check: str,
+    cases: list[CheckCase],
+    *,
+    runtime: Any = None,
+    model: Any = None,
+    repair: bool = True,
+    model_critic: ComponentRef | None = None,
 ) -> dict[str, Any]:
-    """Precision, recall and F1 of the deterministic check (and, given ``model``, of the principle's model critic),
-    and how often the check's own repair succeeds on the violating answers it flags."""
+    """Precision, recall and F1 of the deterministic check (and, given ``model``, of ``model_critic`` on the
+    principle, by default the ``model`` critic in verdict-only mode, given ``model`` by the one rule), and how often
+    the check's own repair succeeds on the violating answers it flags."""
     principle = check_principle(registry, check)
     critic = registry.critic(check)()
     tasks = [CritiqueTask(conversation=c.messages(), response=c.response, principle=principle) for c in cases]
@@ -150,7 +160,10 @@ def evaluate_check(
     if repair:
         result["repair"] = _repairs(registry, check, principle, critic, cases, flags)
     if model is not None:
-        result["model"] = _model_tier(runtime, model, principle, cases, labels)
+        ref = model_critic or ComponentRef(name="model", options={"verdict_only": True})
+        result["model"] = _model_tier(
+            with_model(ref, "critic", runtime, model), runtime, model, principle, cases, labels
+        )
     return result
 
 
@@ -189,10 +202,8 @@ def _repairs(registry, check, principle, critic, cases, flags) -> dict[str, Any]
     return {"available": True, "success": rate(outcomes), "handed_over": handed_over, "failures": failures}
 
 
-def _model_tier(runtime, model, principle, cases, labels) -> dict[str, Any]:
-    from cai_engine.plugins.refs import ComponentRef
-
-    critic = ComponentRef(name="model", options={"model": model, "verdict_only": True}).build("critic", runtime)
+def _model_tier(ref: ComponentRef, runtime, model, principle, cases, labels) -> dict[str, Any]:
+    critic = ref.build("critic", runtime)
     tasks = [CritiqueTask(conversation=c.messages(), response=c.response, principle=principle) for c in cases]
     began = time.perf_counter()
     critiques = critic.critique(tasks)

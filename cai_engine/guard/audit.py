@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cai_engine.checks.rules import RULES
 from cai_engine.constitution.model import Message
 from cai_engine.errors import ConfigError
 from cai_engine.files.jsonl import dumps_line, fsync_dir
@@ -44,7 +45,7 @@ def audit_violation(violation: Any) -> dict[str, Any]:
     """A violation as the audit stores it: the evidence redacted, and the message too unless a rule wrote it."""
     data = violation.model_dump(mode="json") if hasattr(violation, "model_dump") else dict(violation)
     data["evidence"] = redacted(data.get("evidence") or "")
-    if data.get("critic") != "rules":
+    if data.get("critic") != RULES:
         data["message"] = redacted(data.get("message") or "")
     return data
 

@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from cai_engine.checks.rules import check_principle
+from cai_engine.checks.rules import RULES, check_principle
 from cai_engine.constitution.model import Constitution, Message, Phase, Principle
 from cai_engine.errors import ConfigError
 from cai_engine.guard.audit import JsonlAuditSink, audit_record
@@ -90,11 +90,11 @@ class GuardComponents:
 
     @functools.cached_property
     def rule_critic(self):
-        return self.runtime.component("critic", "rules")
+        return self.runtime.component("critic", RULES)
 
     @functools.cached_property
     def rule_reviser(self):
-        return self.runtime.component("reviser", "rules")
+        return self.runtime.component("reviser", RULES)
 
     @functools.cached_property
     def critic(self):
@@ -120,7 +120,7 @@ class GuardComponents:
 
     def repairer(self, critic_name: str):
         """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them)."""
-        if critic_name == "rules":
+        if critic_name == RULES:
             return self.rule_reviser
         if critic_name in self.runtime.registry.names("reviser") and critic_name != self.policy.critic.name:
             if critic_name not in self._repairers:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cai_engine.checks.rules import RULES
 from cai_engine.constitution.model import Constitution, Message, Phase, Principle
 from cai_engine.guard.components import GuardComponents
 from cai_engine.guard.loop import Guard
@@ -238,7 +239,7 @@ class Engine:
                 if repairer is None:
                     return violations, None
                 principle = by_id[pid]
-                if critic == "rules":  # the rule reviser applies every violated rule's fix: no require fixes here
+                if critic == RULES:  # the rule reviser applies every violated rule's fix: no require fixes here
                     forbid = [r for r in principle.rules if r.kind != "require"]
                     principle = principle.model_copy(update={"rules": forbid})
                 revision = repairer.revise(
@@ -261,7 +262,7 @@ class Engine:
         return [
             v
             for v in self.components.deterministic_violations(context, text)
-            if not (v.critic == "rules" and v.rule_id in self._require_rule_ids)
+            if not (v.critic == RULES and v.rule_id in self._require_rule_ids)
         ]
 
     @functools.cached_property

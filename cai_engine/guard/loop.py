@@ -370,7 +370,9 @@ class Guard:
                                 conversation=state.conversation,
                                 response=state.current,
                                 principle=principle,
-                                critique=critique.text if critique else _rule_critique(state, pid),
+                                critique=critique.text
+                                if critique
+                                else _check_critique(state, pid, self.components.critic_ref),
                                 examples=self.constitution.examples,
                             ),
                         )
@@ -438,8 +440,10 @@ class Guard:
         return result
 
 
-def _rule_critique(state: GuardState, principle_id: str) -> str | None:
-    messages = [v.message for v in state.violations if v.principle_id == principle_id and v.critic != "model"]
+def _check_critique(state: GuardState, principle_id: str, model_critic: Any) -> str | None:
+    """What the deterministic checks (rules and plugin checks, not the policy's model critic) said of a principle."""
+    skip = model_critic.name if model_critic is not None else None
+    messages = [v.message for v in state.violations if v.principle_id == principle_id and v.critic != skip]
     return "; ".join(messages) or None
 
 

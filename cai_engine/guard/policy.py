@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cai_engine.checks.rules import RULES
 from cai_engine.constitution.load import RawConstitution, check_counts, json_path, lint, resolve
 from cai_engine.constitution.model import NAME_PATTERN, Constitution, Phase, Principle, Stance
 from cai_engine.errors import ConfigError, ConstitutionError
@@ -240,7 +241,7 @@ class Policy(_Strict):
         if not self.model_free:
             return with_model(ref, kind, runtime, self.model, **defaults)
         if kind in ("critic", "reviser"):
-            return ComponentRef(name="rules")
+            return ComponentRef(name=RULES)
         return ComponentRef(name=ref.name, options=dict(ref.options))
 
 

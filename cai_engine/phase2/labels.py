@@ -42,7 +42,7 @@ from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
 
 
-class RLConfig(BaseModel):
+class LabelConfig(BaseModel):
     """Everything a labelling run depends on. Flags of ``cai rl label`` override a ``--config`` file."""
 
     model_config = ConfigDict(extra="forbid")
@@ -79,7 +79,7 @@ class RLConfig(BaseModel):
     shard: ShardField = shard_field("label")
 
     @model_validator(mode="after")
-    def _recipe_inputs(self) -> RLConfig:
+    def _recipe_inputs(self) -> LabelConfig:
         if self.recipe == "revision" and not self.sl_run:
             raise ValueError("recipe 'revision' needs sl_run (a phase-1 run directory)")
         return self
@@ -151,7 +151,7 @@ class Pair:
 class LabelRun:
     """A configured labelling run bound to a runtime and a run directory."""
 
-    def __init__(self, config: RLConfig, out: str | Path, runtime: Runtime | None = None) -> None:
+    def __init__(self, config: LabelConfig, out: str | Path, runtime: Runtime | None = None) -> None:
         self.config = config
         self.runtime = runtime or Runtime.default()
         self.constitution = self.runtime.registry.constitution(config.constitution)
@@ -295,12 +295,12 @@ class LabelRun:
 
 
 def run_labels(
-    config: RLConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
+    config: LabelConfig | dict[str, Any], out: str | Path, *, runtime: Runtime | None = None, progress: bool = True
 ) -> LabelSummary:
     """Label (or resume labelling) preference pairs into ``out`` (``config`` may be its JSON form); returns the run's
     counts and what was written."""
-    if not isinstance(config, RLConfig):
-        config = RLConfig.model_validate(config)
+    if not isinstance(config, LabelConfig):
+        config = LabelConfig.model_validate(config)
     return LabelRun(config, out, runtime).run(progress=progress)
 
 

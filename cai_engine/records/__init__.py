@@ -2,20 +2,6 @@
 what stage functions return (``results``), the runtime guard's decisions (``guard``), and what an evaluation
 measured (``evaluation``)."""
 
-from cai_engine.records.components import (
-    ComparisonTask,
-    Conversation,
-    Critique,
-    CritiqueTask,
-    Judgement,
-    OrderResult,
-    Revision,
-    RevisionTask,
-    Score,
-    ScoringTask,
-    Violation,
-    as_conversation,
-)
 from cai_engine.records.evaluation import (
     EvalResults,
     Evasiveness,
@@ -56,6 +42,20 @@ from cai_engine.records.stages import (
     SLRound,
     StageResult,
     StoredJudgement,
+)
+from cai_engine.records.tasks import (
+    ComparisonTask,
+    Conversation,
+    Critique,
+    CritiqueTask,
+    Judgement,
+    OrderResult,
+    Revision,
+    RevisionTask,
+    Score,
+    ScoringTask,
+    Violation,
+    as_conversation,
 )
 
 __all__ = [

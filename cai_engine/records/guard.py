@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai_engine.records.components import Violation
+from cai_engine.records.tasks import Violation
 
 
 class GuardRound(BaseModel):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.constitution.model import Message
-from cai_engine.records.components import Conversation
+from cai_engine.records.tasks import Conversation
 
 
 class StoredRecord(BaseModel):
