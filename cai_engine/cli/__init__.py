@@ -1,20 +1,27 @@
-"""The `cai` command line: a thin layer over the library, one module per noun.
-
-The ``cai`` command line: a thin click layer; every command calls one library function.
+"""The ``cai`` command line: a thin click layer over the library, one module per command or command group
+(``cli/rl.py`` is ``cai rl``); every command calls one library function.
 
 Errors caused by input (``CaiError``) print one line and exit non-zero; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
-from cai_engine.cli import (  # noqa: F401 - each module registers its commands
+from cai_engine.cli import (  # noqa: F401 - each module registers its command or group
+    checks,
     classifiers,
     constitutions,
-    deploy,
+    eval,
+    export,
+    guard,
+    merge,
     models,
-    phase1,
-    phase2,
-    pipeline,
+    plugins,
+    policy,
+    rl,
+    run,
+    serve,
+    sl,
+    train,
 )
 from cai_engine.cli.base import (
     CaiGroup,

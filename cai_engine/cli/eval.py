@@ -1,111 +1,19 @@
-"""`cai run`, `cai demo` and `cai eval`: the whole pipeline and its evaluation."""
+"""`cai eval`: is the model harmless without becoming evasive?"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import click
 
 from cai_engine.cli.base import (
     cli,
     current_runtime,
-    gate_line,
-    load_config_file,
-    merge_flags,
     parse_settings,
-    print_sl_summary,
     shard_options,
-    state,
     validate_config,
 )
 from cai_engine.models.runtime import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    from cai_engine.records import PipelineSummary
-
-DEMO_PIPELINE: dict[str, Any] = {
-    "sl": {
-        "prompts": "builtin:red-team",
-        "limit": 4,
-        "rounds": 2,
-        "helpful_limit": 4,
-        "batch_size": 4,
-        "sampler": {"name": "model", "options": {"max_new_tokens": 96}},
-        "critic": {"name": "model", "options": {"max_new_tokens": 64}},
-        "reviser": {"name": "model", "options": {"max_new_tokens": 128}},
-    },
-    "sft": {"trl": {"max_steps": 8, "per_device_train_batch_size": 2, "learning_rate": 2e-5, "max_length": 384}},
-    # A 135M judge is expected to fail the gate, so the demo's preferences come from the revision recipe
-    # (revision preferred over original, CAI-SPEC G1's fallback); the gate still runs and is reported.
-    "rl": {"recipe": "revision"},
-    "reward": {"trl": {"max_steps": 4, "per_device_train_batch_size": 2, "max_length": 384}},
-    "policy": {
-        "trainer": "grpo",
-        "options": {
-            "limit": 4,
-            "trl": {
-                "max_steps": 2,
-                "num_generations": 2,
-                "per_device_train_batch_size": 2,
-                "max_completion_length": 32,
-            },
-        },
-    },
-}
-
-
-@cli.command("run")
-@click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
-@click.option("--out", help="Override the config's output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
-    """The whole pipeline from one config: SL-CAI -> SFT -> preference labels -> judge gate -> preference model -> RL.
-
-    Each stage resumes, and a stage whose checkpoint exists is skipped. See examples/pipeline.yaml.
-    """
-    from cai_engine.pipeline import PipelineConfig, run_pipeline
-
-    data = merge_flags(load_config_file(config_path), out=out)
-    config = validate_config(PipelineConfig, data, str(config_path))
-    summary = run_pipeline(config, runtime=current_runtime(), progress=not quiet, echo=click.echo)
-    _print_pipeline(summary)
-
-
-def _print_pipeline(summary: PipelineSummary) -> None:
-    click.echo(f"\noutputs in {summary.out} (pipeline-summary.json has every number)")
-    if summary.sl is not None:
-        print_sl_summary(summary.sl)
-    for stage, result in (("sft", summary.sft), ("reward", summary.reward), ("policy", summary.policy)):
-        if result is not None:
-            accuracy = result.get("heldout_pairwise_accuracy")
-            extra = f", held-out pairwise accuracy {accuracy}" if accuracy is not None else ""
-            click.echo(f"{stage}: {result.checkpoint} ({result.steps} steps, {result.seconds} s{extra})")
-
-
-@cli.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, help="Output folder (resumable).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Base model for every role.")
-def demo_command(out: str, model: str) -> None:
-    """The main job: a small version of the whole pipeline on the embedded default model.
-
-    Validates the installed constitutions, runs SL-CAI on 4 red-team prompts (2 rounds), fine-tunes on the result,
-    measures the judge, builds preference pairs, trains a preference model and takes a few GRPO steps, printing
-    where everything is and a summary. A few minutes on 2 CPU cores.
-    """
-    from cai_engine.pipeline import PipelineConfig, run_pipeline
-
-    registry = state().registry
-    for name in registry.constitution_names():
-        registry.constitution(name)
-    click.echo(f"constitutions ok: {', '.join(registry.constitution_names())}")
-    config = PipelineConfig.model_validate({**DEMO_PIPELINE, "out": out, "model": model})
-    summary = run_pipeline(config, runtime=current_runtime(), echo=click.echo)
-    _print_pipeline(summary)
-    if summary.gate is not None:
-        click.echo(gate_line(summary.gate))
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file() and not f.is_symlink())
-    click.echo(f"{out}: {size / 1e6:,.0f} MB on disk (the trained models' final weights; `rm -r {out}` reclaims it)")
 
 
 @cli.command("eval")
@@ -235,19 +143,3 @@ def eval_command(
             line += f", {aspect} win {versus.soft_win_rate} (length-controlled {versus.length_controlled_win_rate})"
         click.echo(line)
     click.echo(f"report: {Path(out) / 'report.html'}")
-
-
-@cli.command("merge")
-@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
-    """Merge the shard folders of one `cai sl`, `cai rl label` or `cai eval` run (each made with --shard I/N) into OUT.
-
-    The shards must come from the same config (everything but --shard) and cover 0..N-1 exactly once. A merged
-    `cai sl` or `cai rl label` run is an ordinary run directory, ready for `cai export`; a merged evaluation gets
-    its metrics, results.json and report computed again from every shard's answers.
-    """
-    from cai_engine.stages import merge
-
-    summary = merge(out, list(shard_dirs))
-    click.echo(f"merged {summary['shards']} {summary['kind']} shards ({summary['records']} records) into {out}")

@@ -1,4 +1,4 @@
-"""Phase 1 commands: `cai sl` and `cai export`."""
+"""`cai sl`: phase 1 (SL-CAI), sample then critique and revise."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from cai_engine.cli.base import (
-    CaiGroup,
     cli,
     config_option,
     constitution_option,
@@ -16,8 +15,6 @@ from cai_engine.cli.base import (
     load_config_file,
     merge_flags,
     print_sl_summary,
-    push,
-    push_options,
     shard_options,
     validate_config,
 )
@@ -95,87 +92,3 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
     else:
         summary = run_sl(config, out, runtime=current_runtime(), progress=not quiet)
     print_sl_summary(summary)
-
-
-@cli.group("export", cls=CaiGroup)
-def export_group() -> None:
-    """Turn run directories into datasets in the formats TRL reads."""
-
-
-@export_group.command("sft")
-@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
-@click.option(
-    "--train-on",
-    type=click.Choice(["all_rounds", "last_round"]),
-    default="all_rounds",
-    show_default=True,
-    help="Every accepted revision, or only each prompt's final one.",
-)
-@click.option(
-    "--helpful-ratio", type=float, default=0.27, show_default=True, help="Share of helpfulness samples in the mix."
-)
-@click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--max-repeats",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Keep at most N revisions with the same reply (e.g. one stock refusal); default: keep all.",
-)
-@push_options("dataset")
-def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_repeats, push_to_hub, private):
-    """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
-    from cai_engine.phase1.export import ExportOptions, export_sft
-
-    options = validate_config(
-        ExportOptions,
-        {
-            "train_on": train_on,
-            "helpful_ratio": helpful_ratio,
-            "heldout": heldout,
-            "seed": seed,
-            "max_repeats": max_repeats,
-        },
-        "options",
-    )
-    summary = export_sft(run, out, options)
-    click.echo(
-        f"wrote {out}: {summary.train} train / {summary.test} test examples "
-        f"({summary.revisions} revisions, {summary.helpful} helpfulness, "
-        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped)"
-    )
-    push(out, push_to_hub, "dataset", private)
-
-
-@export_group.command("preferences")
-@click.argument("run", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
-@click.option(
-    "--min-confidence", type=float, default=0.0, show_default=True, help="Drop AI labels with |p - 0.5| below this."
-)
-@click.option("--heldout", type=float, default=0.1, show_default=True, help="Share of prompts in the test split.")
-@click.option(
-    "--human",
-    multiple=True,
-    type=click.Path(path_type=Path, exists=True),
-    help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).",
-)
-@push_options("dataset")
-def export_preferences_command(run, out, min_confidence, heldout, human, push_to_hub, private):
-    """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
-    from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
-
-    options = validate_config(
-        PreferenceExportOptions,
-        {"min_confidence": min_confidence, "heldout": heldout, "human": [str(h) for h in human]},
-        "options",
-    )
-    summary = export_preferences(run, out, options)
-    gate = summary.judge_gate
-    click.echo(
-        f"wrote {out}: {summary.train} train / {summary.test} test pairs {summary.sources}; "
-        f"{summary.abstained_excluded} abstained and {summary.filtered_low_confidence} low-confidence "
-        f"excluded; judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
-    )
-    push(out, push_to_hub, "dataset", private)
