@@ -1,1 +1,2 @@
-"""Models: the runtime that loads and shares them, model options, the catalogue, and the built-in backends."""
+"""Models: the runtime that loads and shares them (each backend claims the references it serves), model options,
+the catalogue and how to install its models, and where a model reference's files are."""

@@ -1,6 +1,6 @@
 """The plugin manager and the typed facade over its hooks (:class:`Hooks`): the only module that touches ``pm.hook``.
 
-The component registry built from the registration hooks is in ``registry.py``."""
+The component registry built from the registration hooks is ``plugins.registry``."""
 
 from __future__ import annotations
 

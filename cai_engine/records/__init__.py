@@ -1,4 +1,4 @@
-"""Every record in one place: what components exchange (``components``), what stages write and read (``stages``),
+"""Every record in one place: what components exchange (``tasks``), what stages write and read (``stages``),
 what stage functions return (``results``), the runtime guard's decisions (``guard``), and what an evaluation
 measured (``evaluation``)."""
 
