@@ -69,6 +69,14 @@ def engine(cai_runtime, tmp_path):
     eng.close()
 
 
+def test_the_guard_threshold_goes_to_a_model_critic_and_not_to_a_calibrated_classifier(cai_runtime, tmp_path):
+    model_policy = rules_policy(tmp_path, model_critics=True, threshold=0.7)
+    assert Engine.from_policy(model_policy, runtime=cai_runtime).components.critic_ref.options["threshold"] == 0.7
+    classifier_policy = {**model_policy, "critic": {"name": "classifier", "options": {"path": str(tmp_path / "c")}}}
+    options = Engine.from_policy(classifier_policy, runtime=cai_runtime).components.critic_ref.options
+    assert "threshold" not in options  # None: the classifier's calibrated threshold
+
+
 def test_policy_resolution(engine):
     ids = [p.id for p in engine.constitution.principles]
     assert "cs-005" not in ids and "cs-001" not in ids  # disabled by id and by tag ("tone")

@@ -16,6 +16,7 @@ from cai_engine.constitution.model import Constitution, Message, Phase, Principl
 from cai_engine.errors import ConfigError
 from cai_engine.guard.audit import JsonlAuditSink, audit_record
 from cai_engine.guard.policy import Policy, resolve_policy
+from cai_engine.models.options import ModelOptions
 from cai_engine.models.runtime import Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import CritiqueTask, GuardResult, Violation
@@ -38,7 +39,12 @@ class GuardComponents:
         # Validate every component's options now, before any model loads (models load on first use).
         self.critic_ref: ComponentRef | None = None  # only a policy that critiques or revises with a model has one
         if policy.guard.model_critics or policy.guard.action == "revise":
-            self.critic_ref = policy.role(policy.critic, "critic", runtime, threshold=policy.guard.threshold)
+            # guard.threshold is a model critic's P(needs revision) cut-off; a critic with its own calibration (a
+            # classifier's threshold: None means the calibrated one) is not given it.
+            critic_class = runtime.registry.component("critic", policy.critic.name)
+            model_critic = issubclass(getattr(critic_class, "Options", object), ModelOptions)
+            extra = {"threshold": policy.guard.threshold} if model_critic else {}
+            self.critic_ref = policy.role(policy.critic, "critic", runtime, **extra)
             self.critic_ref.build("critic", runtime)
             policy.role(policy.reviser, "reviser", runtime).build("reviser", runtime)
         policy.role(policy.judge, "judge", runtime).build("judge", runtime)
