@@ -137,7 +137,9 @@ def _done(folder: Path) -> bool:
 
 def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Path) -> TrainingResult:
     """Run one training stage and mark its folder done (what ``_done`` reads), whatever the trainer writes."""
-    result = ref.build("trainer", runtime).train(dataset, folder)
+    result = TrainingResult.of(
+        ref.build("trainer", runtime).train(dataset, folder), trainer=ref.name, checkpoint=str(folder)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / STAGE_MARKER, {"trainer": ref.name, "dataset": str(dataset), "finished": now()})
     return result

@@ -27,6 +27,7 @@ from cai_engine import (
     Judge,
     Judgement,
     Options,
+    PluginError,
     Registry,
     Runtime,
     Sampler,
@@ -383,3 +384,12 @@ def test_the_built_in_backends_resolve_as_before(runtime, monkeypatch, tmp_path)
     assert missing.endswith(f"{DEFAULT_MODEL!r}, or an http(s):// endpoint")
     assert runtime.model_problem(DEFAULT_MODEL) is None and runtime.model_problem("http://h/v1#m") is None
     assert runtime.model_problem({"model": "x"}) is not None and "needs a 'model'" in runtime.model_problem({})
+
+
+def test_a_trainer_that_returns_the_old_summary_dict_still_gives_a_result():
+    """Trainers written before ``TrainingResult`` returned a dict; it is read as one, missing facts left unknown."""
+    result = TrainingResult.of({"steps": 3, "loss": 0.5}, trainer="legacy", checkpoint="out/legacy")
+    assert (result.trainer, result.checkpoint, result.steps, result.seconds) == ("legacy", "out/legacy", 3, None)
+    assert result["loss"] == 0.5
+    with pytest.raises(PluginError, match="legacy.*returned str"):
+        TrainingResult.of("done", trainer="legacy", checkpoint="out/legacy")

@@ -79,7 +79,8 @@ def _print_pipeline(summary: PipelineSummary) -> None:
         if result is not None:
             accuracy = result.get("heldout_pairwise_accuracy")
             extra = f", held-out pairwise accuracy {accuracy}" if accuracy is not None else ""
-            click.echo(f"{stage}: {result.checkpoint} ({result.steps} steps, {result.seconds} s{extra})")
+            steps, seconds = ("?" if v is None else v for v in (result.steps, result.seconds))
+            click.echo(f"{stage}: {result.checkpoint} ({steps} steps, {seconds} s{extra})")
 
 
 @cli.command("demo")

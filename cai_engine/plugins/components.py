@@ -164,7 +164,8 @@ class Trainer(Component):
         The :class:`~cai_engine.records.TrainingResult` names the trainer, the base model, the steps taken, the
         seconds they took, the final metrics, the log history and the checkpoint folder; add what only this trainer
         reports as further keyword arguments (they are kept, and read back by key). The built-in trainers also write
-        it beside the checkpoint, as ``cai_training.json``.
+        it beside the checkpoint, as ``cai_training.json``. (A summary dict, what trainers returned before, is read
+        as one.)
         """
 
 

@@ -9,10 +9,12 @@ The exports return their manifests (:class:`~cai_engine.records.stages.SFTExport
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, PrivateAttr, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, PrivateAttr, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
+from cai_engine.errors import PluginError
 from cai_engine.records.evaluation import JudgedRates
 from cai_engine.records.stages import (
     GateResult,
@@ -94,8 +96,8 @@ class TrainingResult(StageResult):
 
     trainer: str = Field(description="The trainer's registered name.")
     base_model: str | None = Field(None, description="The model training started from (its id).")
-    steps: int = Field(description="Optimiser steps taken.")
-    seconds: float = Field(description="Wall-clock time of the training loop.")
+    steps: int | None = Field(None, description="Optimiser steps taken (None: the trainer did not say).")
+    seconds: float | None = Field(None, description="Wall-clock time of the training loop (None: not reported).")
     metrics: dict[str, Any] = Field(default_factory=dict, description="Final training (and evaluation) metrics.")
     log_history: list[dict[str, Any]] = Field(default_factory=list, description="What the trainer logged, by step.")
     checkpoint: str = Field(description="The folder holding the trained model.")
@@ -107,6 +109,19 @@ class TrainingResult(StageResult):
     dtype: str | None = Field(None, description="The dtype the weights were saved in.")
 
     _order: list[str] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    def of(cls, value: Any, *, trainer: str, checkpoint: str) -> TrainingResult:
+        """What a trainer's ``train`` returned, as a result: a :class:`TrainingResult` as it is, or the summary
+        dict trainers returned before there was one (its ``trainer`` and ``checkpoint`` filled in when missing)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls(**{"trainer": trainer, "checkpoint": checkpoint, **value})
+            except ValidationError as exc:
+                raise PluginError(f"trainer {trainer!r} returned an invalid summary: {exc}") from None
+        raise PluginError(f"trainer {trainer!r} returned {type(value).__name__}; return a cai_engine.TrainingResult")
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
