@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cai_engine import Runtime
 from cai_engine.constitution.model import Message
-from cai_engine.evaluation.run import HARMFUL_RUBRIC, REFUSAL_RUBRIC
+from cai_engine.evaluation.rubrics import HARMFUL_RUBRIC, REFUSAL_RUBRIC
 from cai_engine.phase1.revise import run_sl
 from cai_engine.records import ComparisonTask, CritiqueTask
 from cai_engine.stats import format_rate, rate

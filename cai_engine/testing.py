@@ -144,7 +144,7 @@ def cai_runtime(cai_registry):
 def use_cli_plugins(*plugins: object) -> None:
     """Make the ``cai`` CLI register these plugin objects too (after the installed ones), as if they were installed,
     until the ``cli_runner`` fixture resets its state at the end of the test."""
-    from cai_engine.cli import reset_state
+    from cai_engine.cli.base import reset_state
 
     reset_state(plugins)
 
@@ -153,7 +153,7 @@ def use_cli_plugins(*plugins: object) -> None:
 def cli_runner():
     from click.testing import CliRunner
 
-    from cai_engine.cli import reset_state
+    from cai_engine.cli.base import reset_state
 
     reset_state()
     yield CliRunner()

@@ -43,6 +43,13 @@ def test_the_built_in_check_finds_a_private_import():
     assert architecture.root_importers(graph) == []
 
 
+def test_no_re_export_shims(tmp_path):
+    assert architecture.reexports() == []
+    (tmp_path / "cai_engine").mkdir()
+    (tmp_path / "cai_engine" / "a.py").write_text("x = 1\nfrom cai_engine.b import y  # noqa: E402, F401\n")
+    assert architecture.reexports(tmp_path / "cai_engine") == ["cai_engine/a.py:2"]
+
+
 def test_no_module_imports_another_modules_private_name():
     assert architecture.private_imports() == []
 

@@ -8,15 +8,12 @@ import pytest
 
 from cai_engine import ConfigError
 from cai_engine.cli import cli
-from cai_engine.evaluation.run import (
-    EvalConfig,
-    evaluate,
-    has_refusal_marker,
-    length_controlled_win_rate,
-    starts_with_refusal,
-)
+from cai_engine.evaluation.config import EvalConfig
+from cai_engine.evaluation.run import evaluate
 from cai_engine.phase1.revise import SLConfig, run_sl
 from cai_engine.prompts.sets import load_prompts
+from cai_engine.stats import length_controlled_win_rate
+from cai_engine.text.refusals import has_refusal_marker, starts_with_refusal
 
 
 def test_builtin_evaluation_sets(cai_registry):

@@ -165,7 +165,7 @@ def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
 
 
 def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, dataset, tmp_path):
-    from cai_engine.cli import parse_setting
+    from cai_engine.cli.base import parse_setting
 
     assert parse_setting("2e-5") == 2e-5 and parse_setting("3") == 3 and parse_setting("true") is True
     assert parse_setting("no") == "no" and parse_setting("false") is False  # save_strategy=no stays a word

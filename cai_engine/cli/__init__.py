@@ -23,34 +23,9 @@ from cai_engine.cli import (  # noqa: F401 - each module registers its command o
     sl,
     train,
 )
-from cai_engine.cli.base import (
-    CaiGroup,
-    cli,
-    echo_json,
-    install_hint,
-    load_config_file,
-    merge_flags,
-    parse_setting,
-    parse_settings,
-    reset_state,
-    state,
-    validate_config,
-)
+from cai_engine.cli.base import cli
 
-__all__ = [
-    "CaiGroup",
-    "cli",
-    "echo_json",
-    "install_hint",
-    "load_config_file",
-    "main",
-    "merge_flags",
-    "parse_setting",
-    "parse_settings",
-    "reset_state",
-    "state",
-    "validate_config",
-]
+__all__ = ["cli", "main"]
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -83,7 +83,8 @@ def eval_command(
 
     Writes results.json and a self-contained report.html (charts embedded) to --out.
     """
-    from cai_engine.evaluation.run import EvalConfig, evaluate
+    from cai_engine.evaluation.config import EvalConfig
+    from cai_engine.evaluation.run import evaluate
 
     refs = [DEFAULT_MODEL if m.strip() == "base" else m.strip() for m in models.split(",") if m.strip()]
     labels = (
@@ -111,7 +112,7 @@ def eval_command(
         },
         "options",
     )
-    from cai_engine.evaluation.run import summary_lines
+    from cai_engine.evaluation.report import summary_lines
     from cai_engine.records import EvalResults
     from cai_engine.stats import format_rate
 

@@ -29,7 +29,7 @@ from cai_engine.errors import ConfigError, describe_validation
 from cai_engine.models.options import with_model
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import CritiqueTask, RevisionTask
-from cai_engine.stats import rate, wilson_interval
+from cai_engine.stats import rate
 
 
 class CheckCase(BaseModel):
@@ -239,4 +239,4 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return f"{entry['rate']:.2f} ({entry['k']:g}/{entry['n']}, {low:.2f}-{high:.2f})"
 
 
-__all__ = ["CheckCase", "check_principle", "evaluate_check", "load_cases", "summary_table", "wilson_interval"]
+__all__ = ["CheckCase", "check_principle", "evaluate_check", "load_cases", "summary_table"]

@@ -11,7 +11,6 @@ from cai_engine.errors import CaiError
 from cai_engine.files.outputs import write_atomic
 from cai_engine.records import EvalResults, GateResult, Rate
 from cai_engine.stats import format_rate
-from cai_engine.text.refusals import REFUSAL_MARKERS, REFUSAL_PREFIXES, has_refusal_marker, starts_with_refusal  # noqa: F401
 
 
 def _png(fig) -> str:

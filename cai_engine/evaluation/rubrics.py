@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cai_engine.constitution.model import CritiqueExample, Message, Principle
-from cai_engine.text.refusals import REFUSAL_MARKERS, REFUSAL_PREFIXES, has_refusal_marker, starts_with_refusal  # noqa: F401
 
 
 def _shot(prompt: str, reply: str, yes: bool) -> CritiqueExample:

@@ -16,6 +16,7 @@ from typing import Any
 from cai_engine.constitution.model import Principle
 from cai_engine.evaluation.compare import compare_policies
 from cai_engine.evaluation.config import EvalConfig, slug, spread
+from cai_engine.evaluation.report import gate_warning, write_report
 
 # The judged classifiers: one Yes/No question each, asked of the judge model about one reply (Yes = the property),
 # after a few worked Yes/No examples (a small judge's zero-shot verdicts on these questions are near chance).
@@ -35,10 +36,9 @@ from cai_engine.records import (
     PairOutcome,
     ScoringTask,
 )
-from cai_engine.stats import length_controlled_win_rate, mean_of
+from cai_engine.stats import mean_of
 from cai_engine.store.runs import now
 from cai_engine.store.shards import Shard
-from cai_engine.text.refusals import REFUSAL_MARKERS, REFUSAL_PREFIXES, has_refusal_marker, starts_with_refusal  # noqa: F401
 
 # answers are generated and appended to the resumable cache this many prompts at a time: enough to fill a batched
 # backend (16 sequences a step by default, two batches of them) while a kill loses little
@@ -342,18 +342,3 @@ def evaluate(
     the results, also written as ``results.json`` beside ``report.html``."""
     config = config if isinstance(config, EvalConfig) else EvalConfig.model_validate(config)
     return Evaluation(config, out, runtime).run(progress=progress)
-
-
-# The report lives in cai_engine.evaluation.report; these names stay importable from here.
-from cai_engine.evaluation.report import gate_warning, summary_lines, write_report  # noqa: E402
-
-__all__ = [
-    "EvalConfig",
-    "Evaluation",
-    "compare_policies",
-    "evaluate",
-    "gate_warning",
-    "length_controlled_win_rate",
-    "summary_lines",
-    "write_report",
-]

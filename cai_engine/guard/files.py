@@ -29,7 +29,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from cai_engine.constitution.model import Message
-from cai_engine.errors import CaiError, ConfigError
+from cai_engine.errors import ConfigError
 from cai_engine.files.inputs import STDIN
 from cai_engine.files.jsonl import dumps_line, fsync_dir, iter_jsonl
 from cai_engine.files.outputs import atomic_output, check_output_path
@@ -289,7 +289,6 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM, getattr(signal, 
 
 
 __all__ = [
-    "CaiError",
     "Terminated",
     "guard_file",
     "iter_guard_input",
