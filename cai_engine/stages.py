@@ -77,6 +77,7 @@ def run_sharded(
     """Run stage ``name`` as ``shards`` shards here or on Ray, then merge them into ``out``
     (see :func:`cai_engine.store.shards.run_sharded`)."""
     chosen = stage(name)
+    config = chosen.config.model_validate(config).model_dump(mode="json")  # every shard gets a valid config
     return sharding.run_sharded(
         chosen.run, chosen.merge, config, out, shards, executor=executor, ray_address=ray_address
     )

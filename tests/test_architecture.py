@@ -43,6 +43,14 @@ def test_the_built_in_check_finds_a_private_import():
     assert architecture.root_importers(graph) == []
 
 
+def test_the_public_api_imports_no_upper_layer(graph):
+    assert architecture.root_reaches_up(graph) == []
+    fake = grimp.ImportGraph()
+    fake.add_import(importer="cai_engine", imported="cai_engine.pipeline")
+    fake.add_import(importer="cai_engine", imported="cai_engine.models.runtime")
+    assert architecture.root_reaches_up(fake) == ["cai_engine -> cai_engine.pipeline"]
+
+
 def test_no_re_export_shims(tmp_path):
     assert architecture.reexports() == []
     (tmp_path / "cai_engine").mkdir()

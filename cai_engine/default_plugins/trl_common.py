@@ -219,7 +219,7 @@ def save_checkpoint(
             f"{difference:.3g} on a fixed sentence); it was kept for inspection, but do not use it"
         )
     # The run is finished and is never resumed (``last_checkpoint``): TRL's resume checkpoints (weights plus optimizer
-    # state, ~1.6 GB for the 135M default model) are no longer needed once the final weights are saved and checked.
+    # state, several times the model's own size) are no longer needed once the final weights are saved and checked.
     shutil.rmtree(output_dir / "trainer", ignore_errors=True)
     return result
 

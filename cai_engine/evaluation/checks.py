@@ -80,7 +80,7 @@ def load_cases(path: str | Path) -> list[CheckCase]:
     return cases
 
 
-def check_principle(registry: Any, check: str) -> Principle:
+def principle_of_check(registry: Any, check: str) -> Principle:
     """The principle that names ``check`` in its ``checks`` list (the first registered constitution that has one)."""
     for name in registry.constitution_names():
         try:
@@ -134,7 +134,7 @@ def evaluate_check(
     """Precision, recall and F1 of the deterministic check (and, given ``model``, of ``model_critic`` on the
     principle, by default the ``model`` critic in verdict-only mode, given ``model`` by the one rule), and how often
     the check's own repair succeeds on the violating answers it flags."""
-    principle = check_principle(registry, check)
+    principle = principle_of_check(registry, check)
     critic = registry.critic(check)()
     tasks = [CritiqueTask(conversation=c.messages(), response=c.response, principle=principle) for c in cases]
     began = time.perf_counter()
@@ -239,4 +239,4 @@ def _cell(entry: dict[str, Any] | None) -> str:
     return f"{entry['rate']:.2f} ({entry['k']:g}/{entry['n']}, {low:.2f}-{high:.2f})"
 
 
-__all__ = ["CheckCase", "check_principle", "evaluate_check", "load_cases", "summary_table"]
+__all__ = ["CheckCase", "evaluate_check", "load_cases", "principle_of_check", "summary_table"]

@@ -8,6 +8,7 @@ does to the same responses under two policies. Results go to ``results.json`` an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -105,9 +106,13 @@ class Evaluation:
     # -- responses (cached: the resumable part) ------------------------------------------------------------
 
     def responses(self, index: int, progress) -> dict[str, dict[str, str]]:
-        # the cache is keyed by the model and the generation settings: a longer max_new_tokens must not reuse answers
-        # cut at a shorter length
+        # the cache is keyed by the model, the generation settings and the sampler: a longer max_new_tokens must not
+        # reuse answers cut at a shorter length, nor another sampler the default's answers (the default keeps the
+        # key it always had, so earlier runs resume)
         settings = f"greedy-{self.config.max_new_tokens}t-seed{self.config.seed}"
+        if self.config.sampler != EvalConfig.model_fields["sampler"].get_default(call_default_factory=True):
+            digest = hashlib.sha256(self.config.sampler.model_dump_json().encode()).hexdigest()[:8]
+            settings += f"-{self.config.sampler.name}-{digest}"
         cache = self.out / "responses" / f"{slug(self.config.models[index])}-{settings}.jsonl"
         cache.parent.mkdir(parents=True, exist_ok=True)
         done: dict[str, dict[str, str]] = {k: {} for k in self.sets}

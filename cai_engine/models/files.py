@@ -52,7 +52,7 @@ def gguf_cache_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors folder (~30 s); later loads take about a second.
+    """Dequantise a GGUF file once into a safetensors folder (slow, once); later loads are quick.
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so we build a fresh model from its config
     (without ``quantization_config``), load the state dict into it, and save that.

@@ -23,8 +23,6 @@ from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import (
     PromptItem,
-    load_prompt_file,
-    load_prompts,
     load_training_sources,
     source_limit,
     source_list,
@@ -326,7 +324,3 @@ def summarise_preferences(run_dir: RunDirectory | str | Path) -> LabelCounts:
         by_source=by_source,
         position_consistency=round(consistent / ordered, 4) if ordered else None,
     )
-
-
-def load_prompt_items(source: str, registry: Any, limit: int | None = None) -> list[PromptItem]:
-    return load_prompts(source, registry, limit=limit) if ":" in source else load_prompt_file(source)[:limit]
