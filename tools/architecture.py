@@ -73,10 +73,9 @@ def root_importers(graph: grimp.ImportGraph) -> list[str]:
 
 def root_reaches_up(graph: grimp.ImportGraph) -> list[str]:
     """Imports by the public API (the package root) of a layer at or above the built-in plugins, which import it."""
-    top = [layer for layer in layers()]
-    above = {
-        p for layer in top[: next(i for i, layer in enumerate(top) if "default_plugins" in layer) + 1] for p in layer
-    }
+    top = layers()
+    builtins_layer = next(i for i, layer in enumerate(top) if "default_plugins" in layer)
+    above = {package for layer in top[: builtins_layer + 1] for package in layer}
     return sorted(
         f"{PACKAGE} -> {m}" for m in graph.find_modules_directly_imported_by(PACKAGE) if m.split(".")[1] in above
     )
