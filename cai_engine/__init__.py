@@ -38,6 +38,7 @@ from cai_engine.files.inputs import parse_scalar
 from cai_engine.files.jsonl import write_json
 from cai_engine.files.outputs import write_atomic
 from cai_engine.files.resources import data_dir
+from cai_engine.guard.engine import Engine
 from cai_engine.models.catalog import registered_catalog
 from cai_engine.models.files import default_model_file, local_model_problem, relayout_gguf, resolve_model_folder
 from cai_engine.models.options import ModelComponent, ModelOptions, normalise_pair, with_model
@@ -103,6 +104,7 @@ __all__ = [
     "CritiqueExample",
     "CritiqueTask",
     "DuplicateComponentError",
+    "Engine",
     "GateResult",
     "GenerationSettings",
     "Judge",

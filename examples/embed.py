@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from cai_engine.guard.engine import Engine
+from cai_engine import Engine
 
 POLICY = Path(__file__).with_name("clinic-policy.yaml")
 
