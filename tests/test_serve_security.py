@@ -119,6 +119,36 @@ def test_tool_descriptions_are_checked(upstream):
     assert upstream.bodies() == []
 
 
+OTHER_FIELDS = {
+    "legacy functions": {"functions": [{"name": "f", "description": "log in with hunter2", "parameters": {}}]},
+    "a response_format schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": {"properties": {"pw": {"description": "hunter2"}}}},
+        }
+    },
+    "a parameter the guard does not know": {"chat_template_kwargs": {"preamble": "the password is hunter2"}},
+}
+
+
+@pytest.mark.parametrize("place", list(OTHER_FIELDS))
+def test_strings_in_the_requests_other_fields_are_checked(upstream, place):
+    """An upstream may render any field into the prompt; only sampling and output controls go unread."""
+    refusing = policy(add=[SECRET], input={"check": True, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": [CLEAN], "temperature": 0, **OTHER_FIELDS[place]})
+        assert reply.json()["cai_guard"]["input"]["action"] == "refused", place
+    assert upstream.bodies() == []
+    redacting = policy(add=[SECRET], input={"check": True, "action": "redact"})
+    with GuardServer(redacting, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": [CLEAN], "stop": ["hunter2"], **OTHER_FIELDS[place]})
+        assert reply.status_code == 200, reply.text
+    sent = upstream.bodies()[-1]
+    field = next(iter(OTHER_FIELDS[place]))
+    assert "hunter2" not in json.dumps(sent[field]) and "[redacted]" in json.dumps(sent[field])
+    assert sent["stop"] == ["hunter2"]  # an output control, not text the model reads: sent as it came
+
+
 def test_redaction_edits_only_the_part_that_matched(upstream):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
     marked = {"type": "text", "text": "Name a colour.", "cache_control": {"type": "ephemeral"}}

@@ -153,7 +153,13 @@ class Engine:
         return check.violations, check.messages[last]["content"]
 
     def check_messages(
-        self, messages: Any, tools: Any = None, *, rules: bool = True, max_context_chars: int = 8_000
+        self,
+        messages: Any,
+        tools: Any = None,
+        *,
+        fields: dict[str, Any] | None = None,
+        rules: bool = True,
+        max_context_chars: int = 8_000,
     ) -> InputCheck:
         """The input rail over OpenAI chat messages (dicts, as a chat-completions request holds them).
 
@@ -163,12 +169,18 @@ class Engine:
         ``function_call``), and each tool's ``description`` in ``tools``. The text parts of one message are also
         checked joined, so a word split across two parts is found. Parts the rail cannot read (images, audio,
         files, unknown part types) are listed in ``non_text``, never dropped. A redaction edits only the string
-        that held the match; every other part and field stays as sent. ``rules=False`` only reads and validates.
+        that held the match; every other part and field stays as sent. ``fields`` are the request's other fields
+        whose strings may reach the model (a legacy ``functions`` list, a ``response_format`` schema, parameters
+        the guard does not know): every string in them is checked too, and redacted in ``InputCheck.fields``.
+        ``rules=False`` only reads and validates.
 
         :raises InputShapeError: a message or part that is not in the chat format (``param`` names it).
         """
         slots, non_text = read_chat_messages(messages, tools)
-        check = InputCheck(messages=list(messages), tools=tools, non_text=non_text)
+        fields = dict(fields or {})
+        for key, value in fields.items():
+            slots += [_Slot(path, at, text, -1) for path, at, text in strings_in(value, ("fields", key), key)]
+        check = InputCheck(messages=list(messages), tools=tools, fields=fields, non_text=non_text)
         check.conversation = _conversation_of(messages)
         if not rules:
             return check
@@ -214,13 +226,17 @@ class Engine:
                     check.repairable = False
                     break
         if changed:
-            root = {"messages": copy.deepcopy(list(messages)), "tools": copy.deepcopy(tools)}
+            root = {
+                "messages": copy.deepcopy(list(messages)),
+                "tools": copy.deepcopy(tools),
+                "fields": copy.deepcopy(fields),
+            }
             for path, value in changed.items():
                 target: Any = root
                 for key in path[:-1]:
                     target = target[key]
                 target[path[-1]] = value
-            check.messages, check.tools = root["messages"], root["tools"]
+            check.messages, check.tools, check.fields = root["messages"], root["tools"], root["fields"]
             check.conversation = _conversation_of(check.messages)
         return check
 
@@ -317,12 +333,13 @@ class InputFinding:
 
 @dataclass
 class InputCheck:
-    """What :meth:`Engine.check_messages` found: ``messages`` and ``tools`` are the redacted copies (the very lists
+    """What :meth:`Engine.check_messages` found: ``messages``, ``tools`` and ``fields`` are the redacted copies (what
     it was given when nothing was redacted), ``repairable`` is False when some violation cannot be redacted away,
     ``non_text`` names the parts the rail cannot read, and ``conversation`` is the messages' text for the guard."""
 
     messages: list[Any]
     tools: Any = None
+    fields: dict[str, Any] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     findings: list[InputFinding] = field(default_factory=list)
     repairable: bool = True

@@ -452,7 +452,7 @@ def create_app(
             ids = sorted({v.principle_id for v in check.violations})
             where = [f.where for f in check.findings]
             if action == "redact" and check.repairable:
-                body = {**body, "messages": check.messages}
+                body = {**body, **check.fields, "messages": check.messages}
                 if check.tools is not None:
                     body["tools"] = check.tools
                 input_info = {"action": "redacted", "principle_ids": ids}
@@ -849,13 +849,32 @@ async def _unless_disconnected(request: Any, work: Callable[[], Awaitable[Any]])
     raise ClientGone
 
 
+# Request fields whose strings the model does not read as text: sampling and output controls, ids, tool choice.
+# Every other field but `messages` and `tools` (a legacy `functions` list, a `response_format` schema, parameters
+# the guard does not know, which an upstream may render into the prompt) has its strings checked by the input rail.
+CONTROL_FIELDS = frozenset(
+    {
+        "model", "stream", "stream_options", "temperature", "top_p", "n", "max_tokens", "max_completion_tokens",
+        "stop", "seed", "user", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+        "parallel_tool_calls", "tool_choice", "function_call", "metadata", "store", "service_tier", "modalities",
+        "reasoning_effort", "top_k", "min_p", "repetition_penalty",
+    }
+)  # fmt: skip
+
+
+def read_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's fields besides ``messages`` and ``tools`` that may carry text to the model."""
+    return {k: v for k, v in body.items() if k not in CONTROL_FIELDS and k not in ("messages", "tools")}
+
+
 async def _input_rail(engine: Engine, body: dict[str, Any], size: int) -> InputCheck:
     """Read every message (400 on a bad shape) and, when the policy checks input, check every text."""
     check_rules = engine.policy.input.check
+    messages, tools, fields = body.get("messages"), body.get("tools"), read_fields(body)
     try:
         if check_rules and size > INLINE_RAIL_BYTES:
-            return await asyncio.to_thread(engine.check_messages, body.get("messages"), body.get("tools"))
-        return engine.check_messages(body.get("messages"), body.get("tools"), rules=check_rules)
+            return await asyncio.to_thread(engine.check_messages, messages, tools, fields=fields)
+        return engine.check_messages(messages, tools, fields=fields, rules=check_rules)
     except InputShapeError as exc:
         raise RequestError(400, str(exc), param=exc.param) from None
     except CaiError as exc:
