@@ -141,7 +141,7 @@ def test_hook_cai_register_models(served):
 
 
 def test_plugins_register_models_and_the_cli_installs_them(served, monkeypatch):
-    from cai_engine import cli as cli_module
+    from cai_engine.cli import base as cli_module
 
     folder, model, whole = served
     pm = make_plugin_manager(autoload=False, plugins=[FakeModels(model)])

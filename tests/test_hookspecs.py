@@ -58,7 +58,7 @@ def test_every_hook_has_a_test(name):
 def test_hook_cai_register_commands(cli_runner, monkeypatch):
     import click
 
-    from cai_engine import cli as cli_module
+    from cai_engine.cli import base as cli_module
 
     class Plugin:
         @hookimpl

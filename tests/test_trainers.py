@@ -91,7 +91,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(cai_runtime, tiny_model, 
 def test_cpu_keeps_fp32_and_an_accelerator_keeps_trl_defaults(monkeypatch, tmp_path):
     from trl import SFTConfig
 
-    from cai_engine.default_plugins import trainers, training
+    from cai_engine.default_plugins import trainers
+    from cai_engine.default_plugins import trl_common as training
 
     monkeypatch.setattr(training, "has_accelerator", lambda: False)
     cpu = training.trl_config(SFTConfig, "sft", trainers.SFT_DEFAULTS, {}, tmp_path)
