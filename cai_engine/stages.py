@@ -20,6 +20,7 @@ from cai_engine.evaluation.run import evaluate
 from cai_engine.evaluation.summary import merge_evals
 from cai_engine.phase1.revise import SLConfig, run_sl
 from cai_engine.phase2.labels import LabelConfig, run_labels
+from cai_engine.records import MergeSummary
 from cai_engine.store import shards as sharding
 
 
@@ -32,7 +33,7 @@ class Stage:
     name: str
     config: type[BaseModel]
     run: Callable[[dict[str, Any], str], dict[str, Any]]
-    merge: Callable[[str | Path, Sequence[str | Path]], dict[str, Any]]
+    merge: Callable[[str | Path, Sequence[str | Path]], MergeSummary]
 
 
 def run_sl_shard(config: dict[str, Any], out: str) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def run_sharded(
     *,
     executor: Literal["local", "ray"] = "local",
     ray_address: str | None = None,
-) -> dict[str, Any]:
+) -> MergeSummary:
     """Run stage ``name`` as ``shards`` shards here or on Ray, then merge them into ``out``
     (see :func:`cai_engine.store.shards.run_sharded`)."""
     chosen = stage(name)
@@ -83,7 +84,7 @@ def run_sharded(
     )
 
 
-def merge(out: str | Path, shard_dirs: Sequence[str | Path]) -> dict[str, Any]:
+def merge(out: str | Path, shard_dirs: Sequence[str | Path]) -> MergeSummary:
     """Merge the shards of one ``cai sl``, ``cai rl label`` or ``cai eval`` run into ``out``: evaluation shards
     (answers without a run manifest) by the evaluation's merge, run directories by :func:`merge_runs`."""
     if shard_dirs and all(

@@ -24,4 +24,4 @@ def merge_command(out: Path, shard_dirs: tuple[Path, ...]) -> None:
     from cai_engine.stages import merge
 
     summary = merge(out, list(shard_dirs))
-    click.echo(f"merged {summary['shards']} {summary['kind']} shards ({summary['records']} records) into {out}")
+    click.echo(f"merged {summary.shards} {summary.kind} shards ({summary.records} records) into {out}")

@@ -82,10 +82,10 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
         merged = run_sharded(
             "rl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
         )
-        click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
+        click.echo(f"merged {merged.shards} shards ({merged.records} records) into {out}")
         summary = LabelSummary(
             **summarise_preferences(out).model_dump(),
-            written=merged["records"],
+            written=merged.records,
             resumed=False,
             run_dir=str(out),
             seconds=round(time.perf_counter() - began, 1),
@@ -170,7 +170,7 @@ def rl_review_export(run, out, count):
     """Write abstained, order-inconsistent and least confident pairs for review (fill in human_choice)."""
     from cai_engine.phase2.preferences import export_review
 
-    click.echo(f"wrote {export_review(run, out, count=count)['exported']} pairs to {out}")
+    click.echo(f"wrote {export_review(run, out, count=count).exported} pairs to {out}")
 
 
 @rl_review_group.command("merge")
@@ -181,4 +181,4 @@ def rl_review_merge(run, reviewed):
     from cai_engine.phase2.preferences import merge_review
 
     result = merge_review(run, reviewed)
-    click.echo(f"merged {result['merged']} reviewed label(s); {result['skipped_unreviewed']} left unreviewed")
+    click.echo(f"merged {result.merged} reviewed label(s); {result.skipped_unreviewed} left unreviewed")

@@ -78,10 +78,10 @@ def sl_command(config_path, out, quiet, helpful_prompts, shards, executor, ray_a
         merged = run_sharded(
             "sl", config.model_dump(mode="json"), out, shards, executor=executor, ray_address=ray_address
         )
-        click.echo(f"merged {merged['shards']} shards ({merged['records']} records) into {out}")
+        click.echo(f"merged {merged.shards} shards ({merged.records} records) into {out}")
         counts = summarise(out)
         summary = SLSummary(
-            written=merged["records"],
+            written=merged.records,
             skipped_done=0,
             errors=counts.error_items,
             resumed=False,

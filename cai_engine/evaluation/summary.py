@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from cai_engine.errors import RunError
 from cai_engine.evaluation.config import EvalConfig
@@ -18,6 +17,7 @@ from cai_engine.records import (
     HarmfulMetrics,
     ItemOutcome,
     JudgedRates,
+    MergeSummary,
     ModelResult,
     OverRefusal,
     PairOutcome,
@@ -123,7 +123,7 @@ def model_results(outcomes: list[ItemOutcome], config: EvalConfig, names: list[s
     return results
 
 
-def merge_evals(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
+def merge_evals(out: str | Path, shards: Sequence[str | Path]) -> MergeSummary:
     """Merge the shard folders of one ``cai eval`` run (each made with ``shard: i/n``) into ``out``: the answers'
     outcomes put together, the metrics computed again from them, a new ``results.json`` and report."""
     from cai_engine.evaluation.report import write_report
@@ -184,4 +184,4 @@ def merge_evals(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]
     write_jsonl(out / "items.jsonl", outcomes)
     write_json(out / "results.json", merged)
     write_report(merged, out / "report.html")
-    return {"run_dir": str(out), "kind": "eval", "shards": len(parts), "records": len(outcomes)}
+    return MergeSummary(run_dir=str(out), kind="eval", shards=len(parts), records=len(outcomes))

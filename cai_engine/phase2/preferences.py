@@ -21,7 +21,9 @@ from cai_engine.records import (
     PreferenceRecord,
     PreferenceRow,
     Review,
+    ReviewExport,
     ReviewItem,
+    ReviewMerge,
 )
 from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
@@ -114,7 +116,7 @@ def import_human(path: str | Path) -> list[PreferenceRow]:
     return out
 
 
-def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[str, Any]:
+def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> ReviewExport:
     """The judge's least confident and most disputed pairs, as a JSONL file for human review.
 
     Abstentions come first, then pairs whose two orders disagreed, then by closeness of the label to 0.5. Reviewers
@@ -143,10 +145,10 @@ def export_review(run: str | Path, out: str | Path, *, count: int = 50) -> dict[
     rows.sort(key=lambda r: r[0])
     chosen = [r for _, r in rows[:count]]
     write_jsonl(out, chosen)
-    return {"exported": len(chosen), "out": str(out)}
+    return ReviewExport(exported=len(chosen), out=str(out))
 
 
-def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
+def merge_review(run: str | Path, reviewed: str | Path) -> ReviewMerge:
     """Bring reviewed labels back: they override the AI label of their pair at export (source ``human-review``)."""
     directory = RunDirectory(run, "rl", PreferenceRecord)
     keys = directory.done_ids()
@@ -169,7 +171,7 @@ def merge_review(run: str | Path, reviewed: str | Path) -> dict[str, Any]:
         lines.append(Review(key=row["key"], p_a=p, reviewed=now()))
         merged += 1
     append_jsonl(Path(run) / "reviews.jsonl", lines)
-    return {"merged": merged, "skipped_unreviewed": skipped}
+    return ReviewMerge(merged=merged, skipped_unreviewed=skipped)
 
 
 class PreferenceExportOptions(BaseModel):

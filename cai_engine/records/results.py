@@ -136,6 +136,31 @@ class TrainingResult(StageResult):
         return {key: data[key] for key in sorted(data, key=lambda key: rank.get(key, len(rank)))}
 
 
+class MergeSummary(StageResult):
+    """What a merge of shards made (``cai merge``, ``--shards N``): the merged run, its kind, how many shards and
+    records it joined, and, when the shards ran here or on Ray, each shard's own summary."""
+
+    run_dir: str
+    kind: str
+    shards: int
+    records: int
+    shard_summaries: list[dict[str, Any]] | None = None
+
+
+class ReviewExport(StageResult):
+    """``cai rl review export``: how many pairs went to the reviewers, and where."""
+
+    exported: int
+    out: str
+
+
+class ReviewMerge(StageResult):
+    """``cai rl review merge``: how many reviewed labels were merged, and how many pairs came back unreviewed."""
+
+    merged: int
+    skipped_unreviewed: int
+
+
 class EvalSummary(StageResult):
     """The pipeline's evaluation stage: where its results and report are, and each model's judged rates."""
 

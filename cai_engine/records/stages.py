@@ -8,6 +8,7 @@ summaries in :mod:`cai_engine.records.results`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +42,12 @@ class StageResult(StoredRecord):
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key`` in the JSON form, or ``default`` when the JSON form has no such key."""
         return self.to_json().get(key, default)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to another record as pydantic says, and to a mapping that is its JSON form."""
+        if isinstance(other, Mapping):
+            return self.to_json() == dict(other)
+        return super().__eq__(other)
 
 
 class SLRound(StoredRecord):

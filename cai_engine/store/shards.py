@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from cai_engine.errors import ConfigError, RunError
+from cai_engine.records import MergeSummary
 from cai_engine.store.runs import RunDirectory
 
 SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -73,7 +74,7 @@ def shard_dirs(out: str | Path, count: int) -> list[Path]:
     return [base / f"{i}-of-{count}" for i in range(count)]
 
 
-def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
+def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> MergeSummary:
     """Merge the shard run directories of one ``sl`` or ``rl`` run into one run at ``out`` (which must not hold
     another run). ``cai_engine.stages.merge`` picks the merge for any stage's shards."""
     if not shards:
@@ -137,19 +138,19 @@ def merge_runs(out: str | Path, shards: Sequence[str | Path]) -> dict[str, Any]:
     gate = seen[0] / "gate.json"  # the same judge labelled every shard (same config): its gate holds for the merge
     if gate.exists() and not (Path(out) / "gate.json").exists():
         shutil.copyfile(gate, Path(out) / "gate.json")
-    return {"run_dir": str(out), "kind": kind, "shards": count, "records": len(records)}
+    return MergeSummary(run_dir=str(out), kind=kind, shards=count, records=len(records))
 
 
 def run_sharded(
     run: Callable[[dict[str, Any], str], dict[str, Any]],
-    merge: Callable[[str | Path, Sequence[str | Path]], dict[str, Any]],
+    merge: Callable[[str | Path, Sequence[str | Path]], MergeSummary],
     config: dict[str, Any],
     out: str | Path,
     shards: int,
     *,
     executor: Literal["local", "ray"] = "local",
     ray_address: str | None = None,
-) -> dict[str, Any]:
+) -> MergeSummary:
     """Run a stage as ``shards`` shards (``run(config, out)`` for each: a module-level function, so Ray can send
     it to a worker, which builds its own runtime and models), then ``merge`` them into ``out``.
 
@@ -175,5 +176,5 @@ def run_sharded(
     else:
         summaries = [run(c, str(f)) for c, f in zip(configs, folders)]
     merged = merge(out, folders)
-    merged["shard_summaries"] = summaries
+    merged.shard_summaries = summaries
     return merged
