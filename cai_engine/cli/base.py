@@ -134,6 +134,12 @@ def reset_state(plugins: Iterable[object] = ()) -> None:
     CaiGroup._plugin_commands_loaded = False
 
 
+def training_line(result: Any, extra: str = "") -> str:
+    """``checkpoint (N steps, S s)`` for a ``TrainingResult``; ``?`` for what the trainer did not report."""
+    steps, seconds = ("?" if v is None else v for v in (result.steps, result.seconds))
+    return f"{result.checkpoint} ({steps} steps, {seconds} s{extra})"
+
+
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 

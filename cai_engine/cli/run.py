@@ -15,6 +15,7 @@ from cai_engine.cli.base import (
     merge_flags,
     print_sl_summary,
     state,
+    training_line,
     validate_config,
 )
 from cai_engine.models.runtime import DEFAULT_MODEL
@@ -79,8 +80,7 @@ def _print_pipeline(summary: PipelineSummary) -> None:
         if result is not None:
             accuracy = result.get("heldout_pairwise_accuracy")
             extra = f", held-out pairwise accuracy {accuracy}" if accuracy is not None else ""
-            steps, seconds = ("?" if v is None else v for v in (result.steps, result.seconds))
-            click.echo(f"{stage}: {result.checkpoint} ({steps} steps, {seconds} s{extra})")
+            click.echo(f"{stage}: {training_line(result, extra)}")
 
 
 @cli.command("demo")

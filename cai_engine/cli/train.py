@@ -16,6 +16,7 @@ from cai_engine.cli.base import (
     parse_settings,
     push,
     push_options,
+    training_line,
 )
 from cai_engine.models.runtime import DEFAULT_MODEL
 from cai_engine.records import TrainingResult
@@ -65,10 +66,6 @@ def train_command(trainer, config_path, dataset, model, out, lora, force, settin
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metrics.items()}
     if result.get("heldout_pairwise_accuracy") is not None:
         click.echo(f"held-out pairwise accuracy: {result['heldout_pairwise_accuracy']:.3f}")
-    click.echo(f"checkpoint: {result.checkpoint} ({_or_unknown(result.steps)} steps, {_or_unknown(result.seconds)} s)")
+    click.echo(f"checkpoint: {training_line(result)}")
     click.echo(f"metrics: {json.dumps(metrics)}")
     push(result.checkpoint, repo, "model", private)
-
-
-def _or_unknown(value: object) -> object:
-    return "?" if value is None else value
