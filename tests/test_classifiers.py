@@ -136,7 +136,7 @@ def _synthetic_dataset(folder: Path, n: int = 80) -> Path:
 
 
 @pytest.mark.slow
-def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runtime):
+def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runtime, cli_runner):
     from cai_engine.classifiers.probe import Probe
     from cai_engine.classifiers.train import TrainConfig, train_probe
 
@@ -187,6 +187,29 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert len(near) == 2 and sorted(Slow.asked) == sorted(near)
     assert [g for t, g in zip(texts, got) if t in near] == [0.5, 0.5]
     assert cascade.stats == {"scored": 3, "escalated": 2}
+
+    # re-calibration on harmless traffic of one's own: the threshold moves so that the stated share is flagged
+    traffic = tmp_path / "traffic.txt"
+    harmless = [" ".join(["xqz"] * k + ["garden", "bread", "picnic"] * 2) for k in range(8)]  # scores rise with k
+    traffic.write_text("\n".join(harmless) + "\n", encoding="utf-8")
+    from cai_engine.cli import cli
+
+    refused = cli_runner.invoke(cli, ["classifiers", "calibrate", str(out), "--benign", "builtin:contrast"])
+    assert refused.exit_code == 2 and "evaluation set" in refused.output
+    before = probe.threshold()
+    done = cli_runner.invoke(
+        cli, ["classifiers", "calibrate", str(out), "--benign", str(traffic), "--false-alarms", "0.25"]
+    )
+    assert done.exit_code == 0, done.output
+    calibrated = Probe.load(out)
+    scores = [s["violation"] for s in calibrated.predict(harmless)]
+    # at most floor(0.25 * 8) = 2 of the 8 above it, and no lower threshold would keep to that
+    assert calibrated.threshold() == pytest.approx(sorted(scores, reverse=True)[2], abs=1e-6)
+    assert sum(s > calibrated.threshold() + 1e-6 for s in scores) <= 2
+    assert calibrated.threshold() != before
+    record = calibrated.config.metrics["calibration"]
+    assert record["previous_threshold"] == before and record["by_source"][str(traffic)]["n"] == 8
+    assert "cai classifiers calibrate" in (out / "README.md").read_text()
 
 
 def test_build_cli_explains_itself(cli_runner):

