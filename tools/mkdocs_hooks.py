@@ -145,7 +145,7 @@ def models_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 def type_name(annotation: Any) -> str:
-    """A type as a YAML author reads it: ``list[str]``, ``'a' | 'b'``, ``SLConfig``."""
+    """A type as a YAML author reads it: ``list[str]``, ``'a' | 'b'``, ``SLConfig`` (a link to its table)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) for a in args)
@@ -162,6 +162,8 @@ def type_name(annotation: Any) -> str:
         return "any"
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return " | ".join(json.dumps(member.value) for member in annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"[{annotation.__name__}](#{annotation.__name__.lower()})"  # the heading `fields_tables` gives it
     return getattr(annotation, "__name__", str(annotation))
 
 

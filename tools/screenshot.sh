@@ -40,7 +40,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-NO_MKDOCS_2_WARNING=1 "$MKDOCS" build --strict --quiet --config-file "${MKDOCS_CONFIG:-mkdocs.yml}" --site-dir "$site"
+# Not --quiet: MkDocs counts the warnings --strict fails on only when it logs them.
+NO_MKDOCS_2_WARNING=1 "$MKDOCS" build --strict --config-file "${MKDOCS_CONFIG:-mkdocs.yml}" --site-dir "$site" \
+    >"$site.log" 2>&1 || { cat "$site.log" >&2; rm -f "$site.log"; exit 1; }
+rm -f "$site.log"
 "$PYTHON" -m http.server "$PORT" --bind 127.0.0.1 --directory "$site" >/dev/null 2>&1 &
 server=$!
 for _ in $(seq 50); do
