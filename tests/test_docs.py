@@ -380,6 +380,7 @@ def test_the_field_tables_follow_the_models():
     hooks = load_tool("mkdocs_hooks")
     tables = hooks.fields_tables(hooks.load_model("cai_engine.pipeline.PipelineConfig"), 3)
     assert "| `feedback_model` | str \\| dict[str, any] \\| null | `null` |" in tables
+    assert "| `sl` | [SLConfig](#slconfig) | its defaults |" in tables
     assert "### `SLConfig`" in tables and "### `LabelConfig`" in tables and tables.count("### `ComponentRef`") == 1
     policy = hooks.fields_tables(hooks.load_model("cai_engine.guard.policy.Policy"), 3)
     assert "| `$schema` |" in policy and "| `constitutions` | list[str] | required |" in policy
