@@ -412,3 +412,17 @@ def test_the_training_example_is_valid():
 
 def test_the_changelog_page_includes_the_changelog():
     assert SNIPPET.findall((DOCS / "changelog.md").read_text(encoding="utf-8")) == ["CHANGELOG.md"]
+
+
+def test_rst_in_docstrings_reads_as_markdown():
+    """tools/griffe_rst.py, which the API and hooks pages use: roles, version notes and literal-block colons."""
+    pytest.importorskip("griffe")
+    convert = load_tool("griffe_rst").convert
+    doc = (
+        "Register :class:`cai_engine.Backend` subclasses, see :func:`~cai_engine.plugins.manager.make_plugin_manager`"
+        "::\n\n    register(MyBackend)\n\n:param register: raises ``TypeError``.\n\n.. versionadded:: 0.1\n"
+    )
+    assert convert(doc) == (
+        "Register `cai_engine.Backend` subclasses, see `make_plugin_manager`:\n\n    register(MyBackend)\n\n"
+        "*Added in version 0.1.*\n\n:param register: raises ``TypeError``.\n"
+    )
