@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/cai-*)
 PLUGIN_INSTALLS := $(foreach p,$(PLUGINS),-e $(p))
 
-.PHONY: setup setup-test demo test test-quick lint clean
+.PHONY: setup setup-test demo test test-quick lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,7 @@ demo: setup
 
 # Every test, each in its own temporary working directory (conftest.py), in a random order: pytest-randomly
 # prints the seed; `--randomly-seed=N` repeats an order, `-p no:randomly` keeps the file order.
-test: setup-test lint
+test: setup-test lint docs
 	$(BIN)/python -m pytest -q
 
 # The quick tier for contributors: no tiny-model training, no real default model, no llama.cpp server.
@@ -45,6 +45,11 @@ lint: setup-test
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python tools/architecture.py --check docs/architecture.md
+
+# The documentation site (mkdocs.yml): --strict fails on any warning, such as a broken link, a page missing from the
+# nav or a docstring mkdocstrings cannot read. The site goes to site/ (git-ignored); `mkdocs serve` previews it.
+docs: setup-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -4,6 +4,7 @@ tools/architecture.py draws from it (the layers themselves are import-linter's c
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import grimp
@@ -80,3 +81,13 @@ def test_the_checks_find_cycles_and_root_imports():
     graph.add_import(importer="cai_engine.d", imported="cai_engine")
     assert architecture.import_cycles(graph) == [["cai_engine.a", "cai_engine.b", "cai_engine.c"]]
     assert architecture.root_importers(graph) == ["cai_engine.d"]
+
+
+def test_the_diagram_boxes_each_layer_with_its_packages(graph):
+    """The page's mermaid flowchart has one box per layer of pyproject.toml's contract, holding that layer's
+    packages, and an arrow for each import between packages that no other path implies."""
+    page = architecture.render(graph)
+    diagram = page.split("```mermaid\n", 1)[1].split("```", 1)[0]
+    boxes = re.findall(r'subgraph layer\d+ \["layer \d+"\]\n        direction LR\n((?:        \w+\n)+)    end', diagram)
+    assert [box.split() for box in boxes] == architecture.layers()
+    assert "    cli --> pipeline\n" in diagram

@@ -167,6 +167,19 @@ def summary(package: str) -> str:
     return re.sub(r":\w+:`", "`", " ".join(doc.split("\n\n")[0].split())).replace("``", "`")
 
 
+def layer_boxes(layered: list[list[str]]) -> list[str]:
+    """The diagram's layers: one box (a mermaid subgraph) per layer of sibling packages, side by side in it."""
+    lines = []
+    for number, layer in enumerate(layered, 1):
+        lines += [
+            f'    subgraph layer{number} ["layer {number}"]',
+            "        direction LR",
+            *(f"        {p}" for p in layer),
+            "    end",
+        ]
+    return lines
+
+
 def render(graph: grimp.ImportGraph) -> str:
     """The architecture page."""
     layered = layers()
@@ -200,10 +213,12 @@ def render(graph: grimp.ImportGraph) -> str:
             *(line for p in packages for line in (f"**`{p}`**: {summary(p)}", "")),
             "## Dependencies",
             "",
-            "An arrow points from the importer to what it imports; arrows that another path implies are left out.",
+            "Each box is a layer, top to bottom as above, `cai_engine` (the public API) on its own. An arrow points",
+            "from the importer to what it imports; arrows that another path implies are left out.",
             "",
             "```mermaid",
             "flowchart TD",
+            *layer_boxes(layered),
             *arrows,
             "```",
             "",
