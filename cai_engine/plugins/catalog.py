@@ -5,13 +5,13 @@ Installing a model is ``models.catalog.install``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.errors import ModelError
+from cai_engine.files.caches import cache_dir
 
 
 class Package(BaseModel):
@@ -47,8 +47,9 @@ class CatalogModel(BaseModel):
 
 
 def models_dir() -> Path:
-    """Where installed catalogue models live: ``$CAI_CACHE_DIR/gguf`` (default ``~/.cache/cai-engine/gguf``)."""
-    return Path(os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai-engine") / "gguf"
+    """Where installed catalogue models live: ``gguf`` under the cache root (``$CAI_CACHE_DIR``, else the user cache
+    folder, by default ``~/.cache/cai-engine``; see :mod:`cai_engine.files.caches`)."""
+    return cache_dir("gguf")
 
 
 class Catalog:
