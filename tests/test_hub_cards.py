@@ -189,8 +189,10 @@ def test_model_cards_name_the_upstream_model_and_its_licence(tmp_path):
     child = card({"trainer": "dpo", "base_model": str(checkpoint), "dataset": str(folder)})
     assert child.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and child.license == "apache-2.0"
     assert "dpo" in child.tags and child.constitution == CONSTITUTION
-    grpo = card({"trainer": "grpo", "base_model": "local.gguf", "prompts": "builtin:red-team"})
-    assert grpo.base_model is None and grpo.datasets == ["builtin:red-team"]
+    grpo = card(
+        {"trainer": "grpo", "base_model": "local.gguf", "prompts": "builtin:red-team", "constitution": CONSTITUTION}
+    )  # grpo records the constitution its judge scored against
+    assert grpo.base_model is None and grpo.datasets == ["builtin:red-team"] and grpo.constitution == CONSTITUTION
 
 
 def test_the_classifier_card_carries_the_same_metadata(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cai_engine.cli import cli
@@ -111,13 +113,15 @@ def test_help_lists_what_model_takes_and_trl_help_lists_every_field(cli_runner):
     assert all(f"--{f.name}" in result.output for f in dataclasses.fields(DPOConfig) if f.init)
 
 
-def test_the_cli_reports_a_bad_file_before_anything_loads(cli_runner, tmp_path):
+def test_the_cli_reports_a_bad_file_before_anything_loads(cli_runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAI_TEST_FROM_TRL_ENV", "no")  # restored after the test, whatever the command set
     config = tmp_path / "trl.yaml"
     config.write_text("model_name_or_path: x\ndataset_name: d\noutput_dir: o\nlearning_rat: 1e-4\n", encoding="utf-8")
     result = cli_runner.invoke(cli, ["train", "sft", "--config", str(config)])
     assert result.exit_code == 1 and "learning_rat (did you mean learning_rate?)" in result.output
     result = cli_runner.invoke(cli, ["train", "sft", "--config", str(config), "--max_steps"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    config.write_text("learning_rate: 1e-4\n", encoding="utf-8")
+    config.write_text("learning_rate: 1e-4\nenv: {CAI_TEST_FROM_TRL_ENV: 'yes'}\n", encoding="utf-8")
     result = cli_runner.invoke(cli, ["train", "sft", "--config", str(config)])
     assert result.exit_code == 1 and "dataset_name/output_dir" in result.output
+    assert os.environ["CAI_TEST_FROM_TRL_ENV"] == "yes"  # TRL's `env:` block sets variables, as `trl sft` does

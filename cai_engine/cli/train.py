@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,8 @@ def trl_settings_help(trainer_cls: type) -> str:
     "config_path",
     type=click.Path(path_type=Path, dir_okay=False),
     help="YAML/JSON settings: TRL's own flat file (model_name_or_path, dataset_name, output_dir, learning_rate, any "
-    "field of the trainer's TRL config) and/or ours (dataset, out, model, the trainer's options, a `trl:` block). "
-    "Flags override it.",
+    "field of the trainer's TRL config, an `env:` mapping of environment variables) and/or ours (dataset, out, model, "
+    "the trainer's options, a `trl:` block). Flags override it.",
 )
 @click.option(
     "--dataset", help="Dataset folder from `cai export` (grpo: a prompt source). TRL: dataset_name (same folder)."
@@ -302,6 +303,10 @@ def train_command(
         click.echo(trl_settings_help(trainer_cls))
         return
     data, source = (load_config_file(config_path), str(config_path)) if config_path else ({}, "--config")
+    environment = data.pop("env", None) or {}
+    if not isinstance(environment, dict):
+        raise ConfigError(f"{source}: env: must be a mapping of environment variables")
+    os.environ.update({str(k): str(v) for k, v in environment.items()})  # as TRL's scripts do, before anything loads
     flags = {"dataset": dataset, "out": out, "model": model, "lora": lora, "force": force, "push_to_hub": push_to_hub}
     command, options = resolve_train_settings(
         trainer,

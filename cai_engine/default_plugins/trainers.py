@@ -331,8 +331,16 @@ class GRPO(Trainer):
         train = hf_datasets.Dataset.from_list(
             [{"prompt": [m.model_dump() for m in item.conversation]} for item in items]
         )
+        scored_against: dict[str, Any] = {}
         if self.options.reward == "judge":
             constitution = self.runtime.registry.constitution(self.options.constitution)
+            scored_against = {
+                "constitution": {
+                    "name": constitution.name,
+                    "version": constitution.version,
+                    "hash": constitution.content_hash(),
+                }
+            }
             judge = ComponentRef.model_validate(self.options.judge).build("judge", self.runtime)
             reward_funcs: Any = JudgeReward(judge, constitution.for_phase("rl"))
         else:
@@ -357,6 +365,7 @@ class GRPO(Trainer):
             "seconds": round(time.perf_counter() - began, 1),
             "metrics": metrics,
             "kl_beta": config.beta,
+            **scored_against,
             "log_history": trainer.state.log_history,
             **(
                 {"judge_rewards": {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}}

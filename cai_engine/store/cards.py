@@ -83,6 +83,7 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
     base = str(summary.get("base_model", ""))
     dataset = summary.get("dataset") or summary.get("prompts")
     export = _export_manifest(summary.get("dataset"))
+    constitution = summary.get("constitution") or export.get("constitution")  # grpo: the judge's
     upstream, license_id = upstream_model(base) if base else (None, None)
     data = ModelCardData(
         license=license_id or "unknown",
@@ -91,7 +92,7 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
         library_name="transformers",
         pipeline_tag=task,
         tags=["cai-engine", "constitutional-ai", "trl", trainer],
-        constitution=_constitution_metadata(export.get("constitution")),
+        constitution=_constitution_metadata(constitution),
     )
     metrics = summary.get("metrics") or {}
     rows = "\n".join(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in metrics.items())
@@ -104,7 +105,7 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
         "preferences an AI judge labelled against the same principles).",
         "",
         f"- **Base model**: `{base or '?'}`",
-        f"- **Constitution**: {_constitution_line(export.get('constitution'))}",
+        f"- **Constitution**: {_constitution_line(constitution)}",
         f"- **Data**: `{summary.get('dataset', '?')}`: {summary.get('train_examples', '?')} training and "
         f"{summary.get('test_examples', 0)} held-out examples"
         + (f" (sources: {export.get('sources')})" if export.get("sources") else ""),
