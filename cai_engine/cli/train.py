@@ -74,9 +74,8 @@ class _Parser:
     def _make(self) -> argparse.ArgumentParser:
         from trl import TrlParser
 
-        parser = TrlParser(
-            self.classes, prog=self.prog, allow_abbrev=False
-        )  # a typo is an error, never a prefix of another flag
+        # allow_abbrev=False: a typo is an error, never taken for another flag it is a prefix of
+        parser = TrlParser(self.classes, prog=self.prog, allow_abbrev=False)
 
         def error(message: str) -> Any:
             raise ConfigError(message)
@@ -88,7 +87,7 @@ class _Parser:
         """The settings ``values`` (from a file) and ``argv`` (flags) give, typed; only those given."""
         unknown = [k for k in values if k not in self.names]
         if unknown:
-            raise ConfigError(_unknown(unknown, source, [*self.names, *suggest]))
+            raise ConfigError(_unknown(unknown, source, [*self.names, *suggest], self.prog))
         parser = self._make()
         for action in parser._actions:
             action.required = False
@@ -98,19 +97,20 @@ class _Parser:
             flags = [a for a in rest if a.startswith("-")]
             if not flags:
                 raise ConfigError(f"unexpected argument(s) {' '.join(rest)}; TRL settings are written --name value")
-            raise ConfigError(_unknown([f.lstrip("-").split("=")[0] for f in flags], source, [*self.names, *suggest]))
+            keys = [f.lstrip("-").split("=")[0] for f in flags]
+            raise ConfigError(_unknown(keys, source, [*self.names, *suggest], self.prog))
         return vars(namespace)
 
 
-def _unknown(keys: list[str], source: str, known: Iterable[str]) -> str:
+def _unknown(keys: list[str], source: str, known: Iterable[str], prog: str) -> str:
     known = sorted(set(known))
     parts = []
     for key in keys:
         close = difflib.get_close_matches(key.replace("-", "_"), known, n=3, cutoff=0.6)
         parts.append(f"{key}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return (
-        f"{source}: unknown setting(s): {'; '.join(parts)}. `cai train TRAINER --trl-help` lists every TRL setting "
-        "the trainer takes"
+        f"{source}: unknown setting(s): {'; '.join(parts)}. `{prog} --trl-help` lists every TRL setting the trainer "
+        "takes"
     )
 
 
