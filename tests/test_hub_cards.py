@@ -81,6 +81,11 @@ def test_an_sft_export_has_a_dataset_card_that_datasets_reads(tmp_path, cli_runn
     metadata, text = front_matter(tmp_path / "ds" / "README.md")
     assert {"cai-engine", "constitutional-ai", "sft"} <= set(metadata["tags"])
     assert "sha256:abc123" in text and "6 revisions" in text
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard.load(tmp_path / "ds" / "README.md").data  # huggingface_hub reads its metadata back
+    assert data.license == "unknown" and data.task_categories == ["text-generation"]
+    assert data.constitution == CONSTITUTION and "sft" in data.tags
     import datasets
 
     loaded = datasets.load_dataset(str(tmp_path / "ds"))  # the card's `configs` name the splits
@@ -111,8 +116,14 @@ def test_a_checkpoint_has_a_model_card_and_is_pushed_without_trl_checkpoints(
     assert result.exit_code == 0, result.output
     metadata, text = front_matter(out / "README.md")
     assert metadata["pipeline_tag"] == "text-generation" and "sft" in metadata["tags"]
-    assert "base_model" not in metadata  # a local folder is not a Hub id
+    assert "base_model" not in metadata  # a local folder (without a card of its own) is not a Hub id
     assert "`harmless` version 3" in text and "sha256:abc123" in text and "1 steps" in text
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data  # the metadata round-trips through huggingface_hub
+    assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
+    assert data.datasets == ["ds"] and data.license == "unknown" and data.base_model is None
+    assert data.constitution == CONSTITUTION and {"cai-engine", "trl", "sft"} <= set(data.tags)
     # TRL's resume checkpoints (weights and optimizer state) go once the final weights are saved and checked ...
     assert not (out / "trainer").exists()
     upload = dict(fake_hub.calls)["upload_folder"]
@@ -146,3 +157,64 @@ def test_push_errors_are_one_line(tmp_path, monkeypatch):
         push_folder(tmp_path / "x", "me/x")
     with pytest.raises(CaiError, match="nothing to push"):
         push_folder(tmp_path / "missing", "me/x")
+
+
+def test_model_cards_name_the_upstream_model_and_its_licence(tmp_path):
+    """base_model and license: the catalogue's upstream Hub id for the embedded default, the id itself for a Hub id,
+    and a checkpoint folder's own card for a model trained from it (lineage through local checkpoints)."""
+    from huggingface_hub import ModelCard
+
+    from cai_engine.store.cards import model_card
+
+    def card(summary):
+        path = tmp_path / "README.md"
+        path.write_text(model_card(summary, task="text-generation"), encoding="utf-8")
+        return ModelCard.load(path).data
+
+    folder = tmp_path / "ds"
+    export_sft(sl_run(tmp_path), folder, {"heldout": 0.0})
+    default = card(
+        {"trainer": "sft", "base_model": "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)", "dataset": str(folder)}
+    )
+    assert default.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and default.license == "apache-2.0"
+    assert default.datasets == ["ds"] and default.constitution == CONSTITUTION
+    assert card({"trainer": "dpo", "base_model": "qwen2.5-coder-0.5b"}).base_model == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    hub = card({"trainer": "dpo", "base_model": "acme/tiny-chat", "dataset": "acme/prefs"})
+    assert hub.base_model == "acme/tiny-chat" and hub.datasets == ["acme/prefs"] and hub.license == "unknown"
+    checkpoint = tmp_path / "sft-out"
+    checkpoint.mkdir()
+    (checkpoint / "README.md").write_text(
+        model_card({"trainer": "sft", "base_model": "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)"}), encoding="utf-8"
+    )
+    child = card({"trainer": "dpo", "base_model": str(checkpoint), "dataset": str(folder)})
+    assert child.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and child.license == "apache-2.0"
+    assert "dpo" in child.tags and child.constitution == CONSTITUTION
+    grpo = card(
+        {"trainer": "grpo", "base_model": "local.gguf", "prompts": "builtin:red-team", "constitution": CONSTITUTION}
+    )  # grpo records the constitution its judge scored against
+    assert grpo.base_model is None and grpo.datasets == ["builtin:red-team"] and grpo.constitution == CONSTITUTION
+
+
+def test_the_classifier_card_carries_the_same_metadata(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from cai_engine.classifiers.probe import ProbeConfig
+    from cai_engine.classifiers.train import write_card
+
+    config = ProbeConfig(
+        kind="input",
+        layer=4,
+        labels=["violation"],
+        thresholds={"violation": 0.5},
+        constitution=CONSTITUTION,
+        data={"train": 10, "test": 4, "train_positives": 5},
+        metrics={"report_split": {"auc": 0.9}, "false_alarm_target": 0.05},
+    )
+    write_card(tmp_path, config, dataset=str(tmp_path / "clf-data"))
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "# harmless input classifier" in text and "AUC: 0.9" in text and "## Use" in text
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert data.library_name == "cai-engine" and data.pipeline_tag == "text-classification"
+    assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and data.license == "apache-2.0"
+    assert data.datasets == ["clf-data"] and data.constitution == CONSTITUTION
+    assert {"constitutional-ai", "safety-classifier", "cai-engine"} <= set(data.tags)

@@ -165,6 +165,34 @@ def test_unknown_trainer_and_cli(cli_runner, tiny_model, dataset, tmp_path):
     assert result.exit_code == 1 and "--set expects KEY=VALUE" in result.output
 
 
+def test_cai_train_takes_a_flat_trl_yaml_and_trl_flags(cli_runner, tiny_model, dataset, tmp_path):
+    """The file `trl sft --config` reads, as it is; the flags after it override it (TRL's own parser reads both)."""
+    config = tmp_path / "trl.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model}\n"
+        f"dataset_name: {dataset}\n"  # an export folder
+        f"output_dir: {tmp_path / 'trl-out'}\n"
+        "learning_rate: 1e-4\n"
+        "max_steps: 5\n"
+        "per_device_train_batch_size: 2\n"
+        "lr_scheduler_type: constant\n"
+        "logging_steps: 1\n"
+        "report_to: none\n",
+        encoding="utf-8",
+    )
+    # learning_rate=0.1 because the tiny model's gradients are tiny and the steps must visibly move the weights
+    result = cli_runner.invoke(
+        cli, ["train", "sft", "--config", str(config), "--learning_rate", "0.1", "--max_steps=2"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "trl-out" / "cai_training.json").read_text())
+    assert summary["steps"] == 2 and summary["base_model"] == str(tiny_model)
+    assert summary["trl"]["learning_rate"] == 0.1 and summary["trl"]["lr_scheduler_type"] == "constant"
+    assert [e["learning_rate"] for e in summary["log_history"] if "loss" in e] == [0.1, 0.1]
+    before, after = weights(tiny_model), weights(tmp_path / "trl-out")
+    assert all(not (before[n] == after[n]).all() for n in before)
+
+
 def test_numbers_written_the_yaml_1_1_way_are_coerced(cai_runtime, tiny_model, dataset, tmp_path):
     from cai_engine.cli.base import parse_setting
 

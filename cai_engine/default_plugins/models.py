@@ -13,6 +13,8 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
         name=DEFAULT_MODEL,
         title="SmolLM2-135M-Instruct, Q4_1 GGUF",
+        license_id="apache-2.0",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -24,6 +26,8 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
         name="qwen2.5-coder-1.5b",
         title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF",
+        license_id="apache-2.0",
+        base_model="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
@@ -36,6 +40,8 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
         name="qwen2.5-coder-0.5b",
         title="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF",
+        license_id="apache-2.0",
+        base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -47,6 +53,7 @@ BUILTIN_MODELS: tuple[CatalogModel, ...] = (
     CatalogModel(
         name="gemma-3-270m",
         title="Gemma-3-270M (base or instruct unknown), Q4_K_M GGUF",
+        license_id="gemma",
         filename="gemma-3-270m-q4_k_m.gguf",
         size=253_113_024,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",

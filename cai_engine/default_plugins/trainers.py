@@ -45,6 +45,7 @@ class SFT(Trainer):
     """Supervised fine-tuning on a conversational (``messages``) dataset with ``trl.SFTTrainer``."""
 
     name = "sft"
+    trl_config_class = "SFTConfig"  # `cai train sft` reads TRL flags and files against trl.SFTConfig
     trains_on = "conversations"
 
     class Options(TrainerOptions):
@@ -139,6 +140,7 @@ class RewardTrainer(Trainer):
     """A preference model (sequence classifier with one output) trained on soft or hard preference labels."""
 
     name = "reward"
+    trl_config_class = "RewardConfig"  # `cai train reward` reads TRL flags and files against trl.RewardConfig
     task = "text-classification"
     auto_class = "AutoModelForSequenceClassification"
 
@@ -214,6 +216,7 @@ class DPO(Trainer):
     """Direct preference optimisation on chosen/rejected pairs (filtered by label confidence) with trl.DPOTrainer."""
 
     name = "dpo"
+    trl_config_class = "DPOConfig"  # `cai train dpo` reads TRL flags and files against trl.DPOConfig
 
     class Options(TrainerOptions):
         model: str = Field(DEFAULT_MODEL, description="The policy to train (e.g. the SFT checkpoint).")
@@ -291,6 +294,7 @@ class GRPO(Trainer):
     (``beta``) to the starting policy."""
 
     name = "grpo"
+    trl_config_class = "GRPOConfig"  # `cai train grpo` reads TRL flags and files against trl.GRPOConfig
     trains_on = "prompts"
 
     class Options(TrainerOptions):
@@ -327,8 +331,16 @@ class GRPO(Trainer):
         train = hf_datasets.Dataset.from_list(
             [{"prompt": [m.model_dump() for m in item.conversation]} for item in items]
         )
+        scored_against: dict[str, Any] = {}
         if self.options.reward == "judge":
             constitution = self.runtime.registry.constitution(self.options.constitution)
+            scored_against = {
+                "constitution": {
+                    "name": constitution.name,
+                    "version": constitution.version,
+                    "hash": constitution.content_hash(),
+                }
+            }
             judge = ComponentRef.model_validate(self.options.judge).build("judge", self.runtime)
             reward_funcs: Any = JudgeReward(judge, constitution.for_phase("rl"))
         else:
@@ -353,6 +365,7 @@ class GRPO(Trainer):
             "seconds": round(time.perf_counter() - began, 1),
             "metrics": metrics,
             "kl_beta": config.beta,
+            **scored_against,
             "log_history": trainer.state.log_history,
             **(
                 {"judge_rewards": {"scored": reward_funcs.scored, "abstained": reward_funcs.abstained}}

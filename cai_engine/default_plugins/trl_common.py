@@ -93,7 +93,10 @@ class TrainerOptions(Options):
     """What every built-in trainer takes: the base model and the dtype its weights are loaded, trained and saved in."""
 
     model: str = Field(
-        DEFAULT_MODEL, description=f"Base model: {DEFAULT_MODEL!r}, a model folder, a .gguf file or a Hub id."
+        DEFAULT_MODEL,
+        description=f"Base model: {DEFAULT_MODEL!r} (the embedded default), an installed catalogue model's name, a "
+        "model folder, a .gguf file, or a Hugging Face Hub id (from the HF cache; downloaded there first unless "
+        "HF_HUB_OFFLINE=1).",
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32",

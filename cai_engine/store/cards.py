@@ -3,7 +3,9 @@
 A model card says what the checkpoint is (base model, trainer, steps), which constitution shaped it (name, version
 and content hash, read from the dataset's ``export.json``), what it was trained on and the run's metrics. A dataset
 card says how the rows load (``configs`` for ``datasets.load_dataset``), where they came from and how they were
-mixed. Both carry the YAML metadata block the Hub reads (tags, base model, task).
+mixed. Both are built with ``huggingface_hub``'s ``ModelCard``/``ModelCardData`` and ``DatasetCard``/
+``DatasetCardData``, so the YAML metadata block the Hub reads (licence, base model, datasets, tags, library, task, and
+the constitution: name, version, content hash) is what the Hub's own library writes and reads back.
 """
 
 from __future__ import annotations
@@ -13,16 +15,34 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cai_engine.version import __version__
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _front_matter(metadata: dict[str, Any]) -> str:
-    kept = {k: v for k, v in metadata.items() if v not in (None, [], {})}
-    return "---\n" + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True) + "---\n"
+def _card_text(card_class: Any, data: Any, body: list[str]) -> str:
+    """A ``ModelCard``/``DatasetCard`` made of ``data`` (its ``CardData``, the YAML metadata block) and the Markdown
+    ``body``, as the text of its ``README.md``; the card parses its own metadata back, so a block the Hub's library
+    cannot read fails here, not on the Hub."""
+    card = card_class("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(body) + "\n")
+    return str(card)
+
+
+def _constitution_metadata(constitution: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The constitution as card metadata: name, version and content hash (what ``cai export`` recorded)."""
+    if not constitution:
+        return None
+    kept = {k: constitution.get(k) for k in ("name", "version", "hash") if constitution.get(k) is not None}
+    return kept or None
+
+
+def _dataset_ids(dataset: str | None) -> list[str] | None:
+    """The card's ``datasets``: a Hub id as it is; an export folder (or a prompt source) by its name."""
+    if not dataset:
+        return None
+    if HUB_ID.match(dataset) and not Path(dataset).exists():
+        return [dataset]
+    return [Path(dataset).name or dataset]
 
 
 def _constitution_line(constitution: dict[str, Any] | None) -> str:
@@ -47,18 +67,33 @@ def _export_manifest(dataset: str | None) -> dict[str, Any]:
 def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: str = "AutoModelForCausalLM") -> str:
     """The model card of a checkpoint from a trainer's ``summary`` (``cai_training.json``).
 
+    Its metadata: ``license`` and ``base_model`` of the model it was trained from (the catalogue's upstream Hub id
+    for the embedded default and catalogue models, the id itself for a Hub id, the card of a local checkpoint
+    folder; see ``models.files.upstream_model``), ``datasets``, ``tags``, ``library_name``, ``pipeline_tag`` and the
+    ``constitution`` (name, version, content hash).
+
     :param task: the Hugging Face task (``pipeline_tag``), as the trainer declares it (``Trainer.task``).
     :param auto_class: the transformers class that loads the checkpoint (``Trainer.auto_class``).
     """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from cai_engine.models.files import upstream_model
+
     trainer = str(summary.get("trainer", "?"))
     base = str(summary.get("base_model", ""))
+    dataset = summary.get("dataset") or summary.get("prompts")
     export = _export_manifest(summary.get("dataset"))
-    metadata = {
-        "library_name": "transformers",
-        "base_model": base if HUB_ID.match(base) else None,  # the Hub only accepts Hub ids here
-        "pipeline_tag": task,
-        "tags": ["cai-engine", "constitutional-ai", "trl", trainer],
-    }
+    constitution = summary.get("constitution") or export.get("constitution")  # grpo: the judge's
+    upstream, license_id = upstream_model(base) if base else (None, None)
+    data = ModelCardData(
+        license=license_id or "unknown",
+        base_model=upstream,  # the Hub only accepts Hub ids here
+        datasets=_dataset_ids(str(dataset) if dataset else None),
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=["cai-engine", "constitutional-ai", "trl", trainer],
+        constitution=_constitution_metadata(constitution),
+    )
     metrics = summary.get("metrics") or {}
     rows = "\n".join(f"| {k} | {round(v, 4) if isinstance(v, float) else v} |" for k, v in metrics.items())
     gate = summary.get("judge_gate") or export.get("judge_gate")
@@ -70,7 +105,7 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
         "preferences an AI judge labelled against the same principles).",
         "",
         f"- **Base model**: `{base or '?'}`",
-        f"- **Constitution**: {_constitution_line(export.get('constitution'))}",
+        f"- **Constitution**: {_constitution_line(constitution)}",
         f"- **Data**: `{summary.get('dataset', '?')}`: {summary.get('train_examples', '?')} training and "
         f"{summary.get('test_examples', 0)} held-out examples"
         + (f" (sources: {export.get('sources')})" if export.get("sources") else ""),
@@ -105,22 +140,26 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
         "",
         "The full record of the run is in `cai_training.json` beside this card.",
     ]
-    return _front_matter(metadata) + "\n" + "\n".join(lines) + "\n"
+    return _card_text(ModelCard, data, lines)
 
 
 def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
     """The dataset card of an export folder from its ``export.json`` manifest and the rows in each split."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     kind = "preference" if manifest.get("format") == "trl-conversational-preference" else "sft"
-    metadata = {
-        "configs": [
+    data = DatasetCardData(
+        license="unknown",  # written by the run's models under their licences; the user decides
+        task_categories=["text-generation"],
+        tags=["cai-engine", "constitutional-ai", "trl", kind],
+        configs=[
             {
                 "config_name": "default",
                 "data_files": [{"split": name, "path": f"{name}.jsonl"} for name, rows in splits.items() if rows],
             }
         ],
-        "tags": ["cai-engine", "constitutional-ai", "trl", kind],
-        "task_categories": ["text-generation"],
-    }
+        constitution=_constitution_metadata(manifest.get("constitution")),
+    )
     columns = (
         "`prompt`, `chosen`, `rejected` (messages), `chosen_probability` (how sure the label is), `source`, "
         "`prompt_id`, `principle_ids`"
@@ -165,4 +204,4 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
         "",
         "The split is by prompt: every row of a prompt lands in the same split. `export.json` holds the rest.",
     ]
-    return _front_matter(metadata) + "\n" + "\n".join(lines) + "\n"
+    return _card_text(DatasetCard, data, lines)
