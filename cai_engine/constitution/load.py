@@ -7,15 +7,24 @@ where it can be found, the line, and says what to do.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from cai_engine.constitution.model import Constitution, Phase, Principle
-from cai_engine.errors import ConstitutionError
+from cai_engine.constitution.problems import (
+    ConstitutionProblems,
+    Problem,
+    did_you_mean,
+    json_path,
+    line_of,
+    problems_of,
+    sort_problems,
+)
+from cai_engine.errors import ConstitutionError, UnknownComponentError
 from cai_engine.files.inputs import limit_hint, limits, parse_document, read_document, symlink_chain
 
 CONSTITUTION_SUFFIXES = (".yaml", ".yml", ".json")
@@ -40,6 +49,8 @@ class LintIssue:
     level: str  # "error" | "warning"
     where: str
     message: str
+    principle: str | None = None  # the id of the principle it is about
+    field: tuple[Any, ...] = ()  # the path inside that principle (or in the constitution, without one)
 
     def __str__(self) -> str:
         return f"{self.level}: {self.where}: {self.message}"
@@ -94,61 +105,157 @@ def check_counts(principles: Any, source: str, key: str) -> None:
 # -- validation --------------------------------------------------------------------------------------------------
 
 
-def json_path(loc: tuple[Any, ...]) -> str:
-    """Render a pydantic/JSON location as ``principles[3].critique_request``."""
-    out = ""
+def _where(loc: tuple[Any, ...], lines: Mapping[tuple[Any, ...], int] | None) -> str:
+    """``principles[3].id (line 12)``: how a single error (a cycle, a limit) names its place."""
+    path = json_path(loc)
+    line = line_of(loc, lines)
+    return f"{path} (line {line})" if line is not None else path
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys a mapping at ``loc`` may hold (aliases as written in files), walking the model's field types; None
+    where ``loc`` is not a model (a free-form value)."""
+    current: Any = model
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = _model_in(current.model_fields[part].annotation)
+        if current is None:
+            return None
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return None
+    return [field.alias or name for name, field in current.model_fields.items()]
 
 
-def _where(loc: tuple[Any, ...], lines: Mapping[tuple[Any, ...], int] | None) -> str:
-    path = json_path(loc)
-    if lines:
-        probe = tuple(loc)
-        while probe and probe not in lines:
-            probe = probe[:-1]
-        if probe in lines:
-            return f"{path} (line {lines[probe]})"
-    return path
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside ``list[X]``, ``dict[str, X]``, ``X | None`` or ``Annotated[X, ...]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
-def _explain(error: Mapping[str, Any]) -> str:
+def schema_problems(
+    data: Mapping[str, Any],
+    model: type[BaseModel],
+    *,
+    source: str | None,
+    lines: Mapping[tuple[Any, ...], int] | None,
+    schema: str,
+) -> list[Problem]:
+    """Every error pydantic finds in ``data``, one :class:`Problem` each, with its line and, for an unknown key, the
+    known keys most like it. ``schema`` names the committed JSON Schema file users can read."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            problems.append(
+                Problem(
+                    _explain(error, model, loc, schema),
+                    source=source,
+                    path=json_path(loc) if loc else "",
+                    line=line_of(loc, lines),
+                )
+            )
+        return problems
+    return []
+
+
+def _explain(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, ...], schema: str) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return "unknown key; remove it or check its spelling against schemas/constitution.schema.json"
+        known = _fields_at(model, loc[:-1]) or []
+        hint = did_you_mean(str(loc[-1]), known) if loc else ""
+        return f"unknown key{hint or f'; remove it or check its spelling against {schema}'}"
     if kind == "missing":
         return "required field is missing"
     message = str(error.get("msg", "invalid value"))
     return message.removeprefix("Value error, ")
 
 
-def validate_constitution(raw: RawConstitution) -> Constitution:
-    """Validate parsed data against the model, turning the first error into a one-line ConstitutionError."""
+def constitution_problems(raw: RawConstitution) -> list[Problem]:
+    """Every schema problem of one file (its parents are not read): duplicate ids, wrong types, unknown keys."""
+    problems: list[Problem] = []
     principles = raw.data.get("principles")
     if isinstance(principles, list):  # name the second occurrence of a duplicate id, with its line
         first_seen: dict[str, int] = {}
         for index, item in enumerate(principles):
             pid = item.get("id") if isinstance(item, dict) else None
             if isinstance(pid, str) and pid in first_seen:
-                raise ConstitutionError(
-                    f"duplicate principle id {pid!r} (first used at principles[{first_seen[pid]}]); ids must be unique",
-                    source=raw.source,
-                    where=_where(("principles", index, "id"), raw.lines),
+                loc = ("principles", index, "id")
+                problems.append(
+                    Problem(
+                        f"duplicate principle id {pid!r} (first used at principles[{first_seen[pid]}]); ids must be "
+                        "unique",
+                        source=raw.source,
+                        path=json_path(loc),
+                        line=line_of(loc, raw.lines),
+                    )
                 )
             if isinstance(pid, str):
-                first_seen[pid] = index
-    try:
-        return Constitution.model_validate(raw.data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ConstitutionError(_explain(first) + more, source=raw.source, where=_where(loc, raw.lines)) from None
+                first_seen.setdefault(pid, index)
+    for problem in schema_problems(
+        raw.data, Constitution, source=raw.source, lines=raw.lines, schema="schemas/constitution.schema.json"
+    ):
+        if problems and not problem.path and problem.message.startswith("duplicate principle id"):
+            continue  # the model's own check, already reported above with its line
+        problems.append(problem)
+    return sort_problems(problems)
+
+
+def _name_problems(raw: RawConstitution, lookup: ParentLookup | None, checks: Collection[str] | None) -> list[Problem]:
+    """Parent names and check names looked up in the raw data, for a file whose schema problems stop it from being
+    resolved: they are reported in the same run as those problems."""
+    problems: list[Problem] = []
+
+    def add(message: str, *loc: Any) -> None:
+        problems.append(Problem(message, source=raw.source, path=json_path(loc), line=line_of(loc, raw.lines)))
+
+    extends = raw.data.get("extends")
+    for index, ref in enumerate([extends] if isinstance(extends, str) else extends or []):
+        if lookup is None or not isinstance(ref, str) or _is_path(ref):
+            continue
+        try:
+            lookup(ref)
+        except UnknownComponentError as exc:
+            add(
+                f"unknown parent constitution {ref!r}{did_you_mean(ref, exc.known, listing='known constitutions')}",
+                "extends",
+                index,
+            )
+        except (KeyError, ConstitutionError):
+            pass  # resolving reports it, once the file itself is valid
+    principles = raw.data.get("principles")
+    if checks is None or not isinstance(principles, list):
+        return problems
+    for index, principle in enumerate(principles):
+        names = principle.get("checks") if isinstance(principle, dict) else None
+        for k_index, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in checks:
+                add(
+                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks')}",
+                    "principles",
+                    index,
+                    "checks",
+                    k_index,
+                )
+    return problems
+
+
+def validate_constitution(raw: RawConstitution) -> Constitution:
+    """Validate parsed data against the model; every problem found is in the raised
+    :class:`ConstitutionProblems`."""
+    problems = constitution_problems(raw)
+    if problems:
+        raise ConstitutionProblems(problems)
+    return Constitution.model_validate(raw.data)
 
 
 # -- extends -----------------------------------------------------------------------------------------------------
@@ -167,111 +274,151 @@ def _frame_label(name: str, source: str) -> str:
     return f"{name} ({shown})"
 
 
+Origins = dict[str, tuple[RawConstitution, int]]  # principle id -> (the file that defines it, its index there)
+
+
 def resolve(
     raw: RawConstitution,
     lookup: ParentLookup | None = None,
     *,
     _stack: tuple[Frame, ...] = (),
-    _done: dict[str, Constitution] | None = None,
+    _done: dict[str, Any] | None = None,
 ) -> Constitution:
     """Validate ``raw`` and merge its parents into it.
 
     Parents merge in order; a principle with an id already present replaces it in place, new ones append;
     ``remove`` drops inherited ids. The result has no ``extends`` left and is what every component sees.
     A cycle is found by name and by file (so a symlink back to a file already in the chain is one), and named with
-    every link; the merged result is held to the principle and rule limits too.
+    every link; the merged result is held to the principle and rule limits too. Every problem found (in this file
+    and in the parents it could read) is in the raised :class:`ConstitutionProblems`.
     """
+    return _resolve(raw, lookup, _stack=_stack, _done=_done)[0]
+
+
+def _resolve(
+    raw: RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    _stack: tuple[Frame, ...] = (),
+    _done: dict[str, tuple[Constitution, Origins]] | None = None,
+) -> tuple[Constitution, Origins]:
     own = validate_constitution(raw)
     label = _frame_label(own.name, raw.source)
+
+    def problem(message: str, *loc: Any) -> Problem:
+        return Problem(message, source=raw.source, path=json_path(loc), line=line_of(loc, raw.lines))
+
     seen_files = [ident for _, ident in _stack if ident is not None]
     if own.name in [s.split(" (")[0] for s, _ in _stack] or (raw.identity is not None and raw.identity in seen_files):
         again = next((s for s, ident in _stack if raw.identity is not None and ident == raw.identity), None)
         if again is not None and again != label:
             label += f", the same file as {again}"
         chain = " -> ".join([*(s for s, _ in _stack), label])
-        raise ConstitutionError(
-            f"'extends' forms a cycle: {chain}; remove one of the links",
-            source=raw.source,
-            where=_where(("extends",), raw.lines),
-        )
+        raise ConstitutionProblems([problem(f"'extends' forms a cycle: {chain}; remove one of the links", "extends")])
     stack = (*_stack, (label, raw.identity))
-    done: dict[str, Constitution] = {} if _done is None else _done  # each parent is resolved once per load
+    done: dict[str, tuple[Constitution, Origins]] = {} if _done is None else _done  # each parent resolved once
     bounds = limits()
 
+    problems: list[Problem] = []
     principles: dict[str, Principle] = {}
+    origins: Origins = {}
     examples = []
     comparison_examples = []
     stance = None
     for index, parent_ref in enumerate(own.extends):
-
-        def where(index: int = index) -> str:  # the line map is only built for an error message
-            return _where(("extends", index), raw.lines)
-
         base = raw.base_dir or Path.cwd()
         key = _parent_key(base, parent_ref)
         if key in done:
-            parent = done[key]
+            parent, parent_origins = done[key]
         else:
             if len(stack) >= bounds.extends_depth:
-                raise ConstitutionError(
-                    f"'extends' goes more than {bounds.extends_depth} levels deep; {limit_hint('extends_depth')}",
-                    source=raw.source,
-                    where=where(),
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"'extends' goes more than {bounds.extends_depth} levels deep; "
+                            f"{limit_hint('extends_depth')}",
+                            "extends",
+                            index,
+                        )
+                    ]
                 )
             if len(done) >= bounds.extends_files:
-                raise ConstitutionError(
-                    f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
-                    source=raw.source,
-                    where=where(),
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
+                            "extends",
+                            index,
+                        )
+                    ]
                 )
             if _is_path(parent_ref):
                 try:
                     parent_raw = read_constitution_file(base / parent_ref)
                 except ConstitutionError as exc:
-                    raise ConstitutionError(
-                        f"cannot load parent {parent_ref!r}: {exc}", source=raw.source, where=where()
-                    ) from None
-            else:
-                if lookup is None:
-                    raise ConstitutionError(
+                    problems.append(problem(f"cannot load parent {parent_ref!r}: {exc}", "extends", index))
+                    continue
+            elif lookup is None:
+                problems.append(
+                    problem(
                         f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path "
                         "instead",
-                        source=raw.source,
-                        where=where(),
+                        "extends",
+                        index,
                     )
+                )
+                continue
+            else:
                 try:
                     parent_raw = lookup(parent_ref)
+                except UnknownComponentError as exc:
+                    hint = did_you_mean(parent_ref, exc.known, listing="known constitutions")
+                    problems.append(problem(f"unknown parent constitution {parent_ref!r}{hint}", "extends", index))
+                    continue
                 except KeyError as exc:
-                    raise ConstitutionError(
-                        f"unknown parent constitution: {exc}", source=raw.source, where=where()
-                    ) from None
-            parent = resolve(parent_raw, lookup, _stack=stack, _done=done)
-            done[key] = parent
+                    problems.append(problem(f"unknown parent constitution: {exc}", "extends", index))
+                    continue
+                except ConstitutionError as exc:
+                    problems.append(problem(f"cannot load parent {parent_ref!r}: {exc}", "extends", index))
+                    continue
+            try:
+                parent, parent_origins = _resolve(parent_raw, lookup, _stack=stack, _done=done)
+            except ConstitutionProblems as exc:  # the parent's own problems, each in its own file
+                problems.extend(exc.problems)
+                continue
+            done[key] = (parent, parent_origins)
         for principle in parent.principles:
             principles[principle.id] = principle
+            if principle.id in parent_origins:
+                origins[principle.id] = parent_origins[principle.id]
         examples.extend(parent.examples)
         comparison_examples.extend(parent.comparison_examples)
         stance = stance or parent.stance
 
-    for principle in own.principles:
+    for index, principle in enumerate(own.principles):
         principles[principle.id] = principle  # dict keeps the parent's position for overrides
-    for index, removed in enumerate(own.remove):
-        if removed not in principles:
-            raise ConstitutionError(
-                f"'remove' names {removed!r}, which no parent defines; known ids: {', '.join(principles) or '(none)'}",
-                source=raw.source,
-                where=_where(("remove", index), raw.lines),
-            )
-        del principles[removed]
+        origins[principle.id] = (raw, index)
+    if not problems:  # with a parent missing, an id it would have defined is not a typo
+        for index, removed in enumerate(own.remove):
+            if removed not in principles:
+                hint = did_you_mean(removed, principles, listing="known ids")
+                problems.append(problem(f"'remove' names {removed!r}, which no parent defines{hint}", "remove", index))
+                continue
+            del principles[removed]
+    if problems:
+        raise ConstitutionProblems(sort_problems(problems))
     if own.extends:  # each file was counted as it was read; the merged whole is held to the same limits
         rules = sum(len(p.rules) for p in principles.values())
         for count, field in ((len(principles), "principles"), (rules, "rules")):
             if count > getattr(bounds, field):
-                raise ConstitutionError(
-                    f"with what it extends merged in, it has {count:,} {field}, over the limit of "
-                    f"{getattr(bounds, field):,}; {limit_hint(field)}",
-                    source=raw.source,
-                    where="extends",
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"with what it extends merged in, it has {count:,} {field}, over the limit of "
+                            f"{getattr(bounds, field):,}; {limit_hint(field)}",
+                            "extends",
+                        )
+                    ]
                 )
 
     if "stance" in own.model_fields_set or stance is None:
@@ -285,7 +432,7 @@ def resolve(
         examples=[*examples, *own.examples],
         comparison_examples=[*comparison_examples, *own.comparison_examples],
     )
-    return Constitution.model_validate(data)
+    return Constitution.model_validate(data), {pid: origins[pid] for pid in principles if pid in origins}
 
 
 def _parent_key(base: Path, parent_ref: str) -> str:
@@ -301,33 +448,92 @@ def _parent_key(base: Path, parent_ref: str) -> str:
     return f"file:{info.st_dev}:{info.st_ino}"
 
 
-def load_constitution(
-    source: str | Path | Mapping[str, Any] | RawConstitution, lookup: ParentLookup | None = None
-) -> Constitution:
-    """Load a constitution from a file, a mapping or parsed data; resolve ``extends``; fail on lint errors."""
+@dataclass
+class Checked:
+    """What checking a constitution found: the resolved constitution (None when it could not be built) and every
+    problem, errors and warnings, each with its file, line and JSON path."""
+
+    constitution: Constitution | None
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "warning"]
+
+
+def _as_raw(source: str | Path | Mapping[str, Any] | RawConstitution) -> RawConstitution:
     if isinstance(source, RawConstitution):
-        raw = source
-    elif isinstance(source, Mapping):
-        raw = RawConstitution(data=source, source="<mapping>")
-    else:
-        raw = read_constitution_file(source)
-    constitution = resolve(raw, lookup)
-    errors = [issue for issue in lint(constitution) if issue.level == "error"]
-    if errors:
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConstitutionError(first.message + more, source=raw.source, where=first.where)
-    return constitution
+        return source
+    if isinstance(source, Mapping):
+        return RawConstitution(data=source, source="<mapping>")
+    return read_constitution_file(source)
+
+
+def check_constitution(
+    source: str | Path | Mapping[str, Any] | RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    checks: Collection[str] | None = None,
+) -> Checked:
+    """Every problem of a constitution at once: syntax, schema, ``extends`` and ``remove``, then lint (with
+    ``checks``, the registered check names, a principle naming any other check is an error). Problems with the
+    input are returned, not raised."""
+    try:
+        raw = _as_raw(source)
+        schema = constitution_problems(raw)
+        if schema:
+            return Checked(None, sort_problems([*schema, *_name_problems(raw, lookup, checks)]))
+        constitution, origins = _resolve(raw, lookup)
+    except ConstitutionError as exc:
+        return Checked(None, problems_of(exc))
+    located = [_locate(issue, raw, origins) for issue in lint(constitution, checks=checks)]
+    return Checked(constitution, sort_problems(located))
+
+
+def _locate(issue: LintIssue, raw: RawConstitution, origins: Origins) -> Problem:
+    """A lint issue of the resolved constitution, placed in the file (a parent's, for an inherited principle) that
+    defines what it is about."""
+    source, loc, lines = raw.source, issue.field, raw.lines
+    if issue.principle is not None and issue.principle in origins:
+        origin, index = origins[issue.principle]
+        source, loc, lines = origin.source, ("principles", index, *issue.field), origin.lines
+    elif issue.principle is not None:
+        loc = ()
+    path = json_path(loc) if loc else issue.where
+    return Problem(issue.message, source=source, path=path, line=line_of(loc, lines), level=issue.level)
+
+
+def load_constitution(
+    source: str | Path | Mapping[str, Any] | RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    checks: Collection[str] | None = None,
+) -> Constitution:
+    """Load a constitution from a file, a mapping or parsed data; resolve ``extends``; fail on lint errors (and,
+    given ``checks``, on a check name not among them). The raised :class:`ConstitutionProblems` lists every
+    problem found."""
+    checked = check_constitution(source, lookup, checks=checks)
+    if checked.errors or checked.constitution is None:
+        raise ConstitutionProblems(checked.errors)
+    return checked.constitution
 
 
 # -- lint --------------------------------------------------------------------------------------------------------
 
 
-def lint(constitution: Constitution) -> list[LintIssue]:
-    """Semantic checks the schema cannot express. Errors make a constitution unusable; warnings are advice."""
+def lint(constitution: Constitution, *, checks: Collection[str] | None = None) -> list[LintIssue]:
+    """Semantic checks the schema cannot express. Errors make a constitution unusable; warnings are advice.
+
+    :param checks: the check names that exist (the registry's critics); a principle naming any other is an error
+        that lists the known checks most like it. None: check names are not looked at.
+    """
     issues: list[LintIssue] = []
     if not constitution.principles:
-        issues.append(LintIssue("error", "principles", "the constitution has no principles"))
+        issues.append(LintIssue("error", "principles", "the constitution has no principles", field=("principles",)))
     # Indexes built once, so that lint stays linear in the number of principles (a conflicts_with on each of
     # 10,000 principles would otherwise compare every pair).
     by_ref: dict[str, list[Principle]] = {}
@@ -340,46 +546,59 @@ def lint(constitution: Constitution) -> list[LintIssue]:
     sl, rl, runtime = Phase.sl, Phase.rl, Phase.runtime
     for index, p in enumerate(constitution.principles):
         where = f"principles[{index}] ({p.id})"
+
+        def issue(level: str, field: str, message: str, *loc: Any, where: str = where, pid: str = p.id) -> LintIssue:
+            return LintIssue(
+                level, f"{where}.{field}" if field else where, message, pid, (field, *loc) if field else ()
+            )
+
         claimed = set(p.phases)
         needs_requests = sl in claimed or (runtime in claimed and not (p.rules or p.checks))
         for field in ("critique_request", "revision_request"):
             value = getattr(p, field)
             if value is not None and not value.strip():
-                issues.append(LintIssue("error", f"{where}.{field}", "is empty; write the request or remove the key"))
+                issues.append(issue("error", field, "is empty; write the request or remove the key"))
             elif value is None and needs_requests:
                 phases = ", ".join(ph.value for ph in p.phases)
                 issues.append(
-                    LintIssue(
+                    issue(
                         "error",
-                        f"{where}.{field}",
+                        field,
                         f"is missing, but the principle claims phases [{phases}]; add it or drop those phases",
                     )
                 )
         if p.comparison is not None and not p.comparison.strip():
-            issues.append(LintIssue("error", f"{where}.comparison", "is empty; write the question or remove the key"))
+            issues.append(issue("error", "comparison", "is empty; write the question or remove the key"))
         elif p.comparison is None and rl in claimed:
             issues.append(
-                LintIssue(
+                issue(
                     "error",
-                    f"{where}.comparison",
+                    "comparison",
                     "is missing, but the principle claims the rl phase; add a comparison question or drop 'rl'",
                 )
             )
-        for ref in p.conflicts_with:
+        for c_index, ref in enumerate(p.conflicts_with):
             others = [o for o in by_ref.get(ref, ()) if o.id != p.id]
             if not others:
+                hint = did_you_mean(ref, [r for r in by_ref if r != p.id])
                 issues.append(
-                    LintIssue("warning", f"{where}.conflicts_with", f"{ref!r} matches no other principle's id or tag")
+                    issue("warning", "conflicts_with", f"{ref!r} matches no other principle's id or tag{hint}", c_index)
                 )
             for other in others:
                 if other.authority == p.authority:
                     issues.append(
-                        LintIssue(
+                        issue(
                             "warning",
-                            where,
-                            f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence",
+                            "authority",
+                            f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence "
+                            "(the higher authority wins)",
                         )
                     )
+        if checks is not None:
+            for k_index, name in enumerate(p.checks):
+                if name not in checks:
+                    hint = did_you_mean(name, checks, listing="known checks")
+                    issues.append(issue("error", "checks", f"unknown check {name!r}{hint}", k_index))
         for r_index, rule in enumerate(p.rules):
             if rule.fix is None:
                 continue
@@ -390,6 +609,8 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                         "error",
                         f"{where}.rules[{r_index}].fix",
                         "does not match the rule's own pattern, so the repair would never satisfy it",
+                        p.id,
+                        ("rules", r_index, "fix"),
                     )
                 )
             if rule.kind == "forbid" and pattern.search(rule.fix):
@@ -398,14 +619,12 @@ def lint(constitution: Constitution) -> list[LintIssue]:
                         "error",
                         f"{where}.rules[{r_index}].fix",
                         "matches the forbidden pattern itself, so the repair would never satisfy it",
+                        p.id,
+                        ("rules", r_index, "fix"),
                     )
                 )
         if p.examples and not shared_no_change and not any(not e.needs_revision for e in p.examples):
             issues.append(
-                LintIssue(
-                    "warning",
-                    f"{where}.examples",
-                    "no example shows 'no change needed'; small models then always rewrite",
-                )
+                issue("warning", "examples", "no example shows 'no change needed'; small models then always rewrite")
             )
     return issues
