@@ -52,11 +52,11 @@ def suggest(word: str, known: Iterable[str], *, n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, names, n=n, cutoff=0.6)
 
 
-def did_you_mean(word: str, known: Iterable[str], *, listing: str | None = None) -> str:
+def did_you_mean(word: str, known: Iterable[str], *, listing: str | None = None, n: int = 3) -> str:
     """`` did you mean 'x'?`` (or ``'x' or 'y'``) for a misspelt name; otherwise, with ``listing``, the known names
     under that label (``known checks: a, b``); empty when there is nothing to say."""
     known = sorted(set(known))
-    close = suggest(word, known)
+    close = suggest(word, known, n=n)
     if close:
         return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
     if listing is not None and len(known) <= SUGGEST_LIMIT:
