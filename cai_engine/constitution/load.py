@@ -164,7 +164,7 @@ def schema_problems(
                     line=line_of(loc, lines),
                 )
             )
-        return problems
+        return sort_problems(problems)
     return []
 
 
@@ -220,7 +220,7 @@ def _name_problems(raw: RawConstitution, lookup: ParentLookup | None, checks: Co
 
     extends = raw.data.get("extends")
     for index, ref in enumerate([extends] if isinstance(extends, str) else extends or []):
-        if lookup is None or not isinstance(ref, str) or _is_path(ref):
+        if lookup is None or not isinstance(ref, str) or is_constitution_path(ref):
             continue
         try:
             lookup(ref)
@@ -240,7 +240,7 @@ def _name_problems(raw: RawConstitution, lookup: ParentLookup | None, checks: Co
         for k_index, name in enumerate(names if isinstance(names, list) else []):
             if isinstance(name, str) and name not in checks:
                 add(
-                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks')}",
+                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks', n=3)}",
                     "principles",
                     index,
                     "checks",
@@ -261,7 +261,8 @@ def validate_constitution(raw: RawConstitution) -> Constitution:
 # -- extends -----------------------------------------------------------------------------------------------------
 
 
-def _is_path(ref: str) -> bool:
+def is_constitution_path(ref: str) -> bool:
+    """Whether ``extends`` (or a policy's ``constitutions``) names a file rather than a registered constitution."""
     return "/" in ref or "\\" in ref or ref.lower().endswith(CONSTITUTION_SUFFIXES)
 
 
@@ -293,6 +294,11 @@ def resolve(
     and in the parents it could read) is in the raised :class:`ConstitutionProblems`.
     """
     return _resolve(raw, lookup, _stack=_stack, _done=_done)[0]
+
+
+def resolve_with_origins(raw: RawConstitution, lookup: ParentLookup | None = None) -> tuple[Constitution, Origins]:
+    """:func:`resolve`, also returning where each principle of the result was defined (for :func:`locate`)."""
+    return _resolve(raw, lookup)
 
 
 def _resolve(
@@ -352,7 +358,7 @@ def _resolve(
                         )
                     ]
                 )
-            if _is_path(parent_ref):
+            if is_constitution_path(parent_ref):
                 try:
                     parent_raw = read_constitution_file(base / parent_ref)
                 except ConstitutionError as exc:
@@ -438,7 +444,7 @@ def _resolve(
 def _parent_key(base: Path, parent_ref: str) -> str:
     """How a parent is cached within one load: a file by its identity (so two paths to one file, through symlinks or
     ``..``, are one parent), a registered constitution by its name."""
-    if not _is_path(parent_ref):
+    if not is_constitution_path(parent_ref):
         return f"name:{parent_ref}"
     path = base / parent_ref
     try:
@@ -490,11 +496,11 @@ def check_constitution(
         constitution, origins = _resolve(raw, lookup)
     except ConstitutionError as exc:
         return Checked(None, problems_of(exc))
-    located = [_locate(issue, raw, origins) for issue in lint(constitution, checks=checks)]
+    located = [locate(issue, raw, origins) for issue in lint(constitution, checks=checks)]
     return Checked(constitution, sort_problems(located))
 
 
-def _locate(issue: LintIssue, raw: RawConstitution, origins: Origins) -> Problem:
+def locate(issue: LintIssue, raw: RawConstitution, origins: Origins) -> Problem:
     """A lint issue of the resolved constitution, placed in the file (a parent's, for an inherited principle) that
     defines what it is about."""
     source, loc, lines = raw.source, issue.field, raw.lines
@@ -597,7 +603,7 @@ def lint(constitution: Constitution, *, checks: Collection[str] | None = None) -
         if checks is not None:
             for k_index, name in enumerate(p.checks):
                 if name not in checks:
-                    hint = did_you_mean(name, checks, listing="known checks")
+                    hint = did_you_mean(name, checks, listing="known checks", n=3)
                     issues.append(issue("error", "checks", f"unknown check {name!r}{hint}", k_index))
         for r_index, rule in enumerate(p.rules):
             if rule.fix is None:

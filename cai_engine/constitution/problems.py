@@ -52,9 +52,9 @@ def suggest(word: str, known: Iterable[str], *, n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, names, n=n, cutoff=0.6)
 
 
-def did_you_mean(word: str, known: Iterable[str], *, listing: str | None = None, n: int = 3) -> str:
-    """`` did you mean 'x'?`` (or ``'x' or 'y'``) for a misspelt name; otherwise, with ``listing``, the known names
-    under that label (``known checks: a, b``); empty when there is nothing to say."""
+def did_you_mean(word: str, known: Iterable[str], *, listing: str | None = None, n: int = 1) -> str:
+    """``; did you mean 'x'?`` (with ``n`` > 1, up to n names: ``'x' or 'y'``) for a misspelt name; otherwise, with
+    ``listing``, the known names under that label (``; known checks: a, b``); empty when there is nothing to say."""
     known = sorted(set(known))
     close = suggest(word, known, n=n)
     if close:
