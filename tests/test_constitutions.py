@@ -209,7 +209,9 @@ def test_extends_by_registered_name(cai_registry, tmp_path):
 
 def test_unknown_parent_name_lists_known(cai_registry, tmp_path):
     child = write(tmp_path, "child.yaml", 'name: child\nversion: "1"\nextends: nosuch\n')
-    with pytest.raises(ConstitutionError, match="unknown parent constitution 'nosuch'; known constitutions: .*harmless"):
+    with pytest.raises(
+        ConstitutionError, match="unknown parent constitution 'nosuch'; known constitutions: .*harmless"
+    ):
         cai_registry.constitution(child)
 
 

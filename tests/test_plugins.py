@@ -250,7 +250,9 @@ def test_misspelled_hook_in_an_installed_plugin_is_left_out_with_a_suggestion(tm
     )
     pm = make_plugin_manager(skip_broken=True)
     error = pm.cai_broken["typo"]
-    assert "implements 'cai_register_judgess', which is no cai-engine hook; did you mean 'cai_register_judges'?" in error
+    assert (
+        "implements 'cai_register_judgess', which is no cai-engine hook; did you mean 'cai_register_judges'?" in error
+    )
     assert "cai_register_judgess" not in _hooks_listed(error)
     with pytest.raises(pluggy.PluginValidationError, match="did you mean 'cai_register_judges'"):
         make_plugin_manager()

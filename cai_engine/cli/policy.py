@@ -41,11 +41,9 @@ def policy_validate(paths: tuple[Path, ...]) -> None:
             problems = engine.model_problems()
         except CaiError as exc:
             failed += 1
-            found = getattr(exc, "problems", None)
-            if found:  # every problem of the file, one line each: FILE:LINE: FIELD.PATH: MESSAGE
+            if getattr(exc, "problems", None):  # every problem of the file, one line each: FILE:LINE: PATH: MESSAGE
                 for item in problems_of(exc):
                     click.echo(str(item), err=True)
-                click.echo(f"FAIL {path}: {len(found)} problem{'s' if len(found) != 1 else ''}", err=True)
             else:
                 click.echo(f"FAIL {exc}", err=True)
             continue

@@ -14,7 +14,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from cai_engine.constitution.model import Constitution, Phase, Principle
+from cai_engine.constitution.lint import LintIssue, lint
+from cai_engine.constitution.model import Constitution, Principle
 from cai_engine.constitution.problems import (
     ConstitutionProblems,
     Problem,
@@ -26,6 +27,18 @@ from cai_engine.constitution.problems import (
 )
 from cai_engine.errors import ConstitutionError, UnknownComponentError
 from cai_engine.files.inputs import limit_hint, limits, parse_document, read_document, symlink_chain
+
+__all__ = [  # lint lives in constitution.lint; these names stay importable from here
+    "CONSTITUTION_SUFFIXES",
+    "Checked",
+    "LintIssue",
+    "RawConstitution",
+    "check_constitution",
+    "lint",
+    "load_constitution",
+    "read_constitution_file",
+    "resolve",
+]
 
 CONSTITUTION_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -42,18 +55,6 @@ class RawConstitution:
     base_dir: Path | None = None
     lines: Mapping[tuple[Any, ...], int] | None = None
     identity: tuple[int, int] | None = None  # (device, inode) of the file it was read from
-
-
-@dataclass(frozen=True)
-class LintIssue:
-    level: str  # "error" | "warning"
-    where: str
-    message: str
-    principle: str | None = None  # the id of the principle it is about
-    field: tuple[Any, ...] = ()  # the path inside that principle (or in the constitution, without one)
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.where}: {self.message}"
 
 
 # -- reading files -----------------------------------------------------------------------------------------------
@@ -103,13 +104,6 @@ def check_counts(principles: Any, source: str, key: str) -> None:
 
 
 # -- validation --------------------------------------------------------------------------------------------------
-
-
-def _where(loc: tuple[Any, ...], lines: Mapping[tuple[Any, ...], int] | None) -> str:
-    """``principles[3].id (line 12)``: how a single error (a cycle, a limit) names its place."""
-    path = json_path(loc)
-    line = line_of(loc, lines)
-    return f"{path} (line {line})" if line is not None else path
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
@@ -275,6 +269,11 @@ def _frame_label(name: str, source: str) -> str:
     return f"{name} ({shown})"
 
 
+class _AlreadyReported(ConstitutionError):
+    """A parent failed only because one of its own parents did, whose problems another branch of the same load
+    has already reported (the first branch to reach a file reports its problems; they reach the top from there)."""
+
+
 Origins = dict[str, tuple[RawConstitution, int]]  # principle id -> (the file that defines it, its index there)
 
 
@@ -306,7 +305,7 @@ def _resolve(
     lookup: ParentLookup | None = None,
     *,
     _stack: tuple[Frame, ...] = (),
-    _done: dict[str, tuple[Constitution, Origins]] | None = None,
+    _done: dict[str, tuple[Constitution, Origins] | None] | None = None,
 ) -> tuple[Constitution, Origins]:
     own = validate_constitution(raw)
     label = _frame_label(own.name, raw.source)
@@ -322,10 +321,12 @@ def _resolve(
         chain = " -> ".join([*(s for s, _ in _stack), label])
         raise ConstitutionProblems([problem(f"'extends' forms a cycle: {chain}; remove one of the links", "extends")])
     stack = (*_stack, (label, raw.identity))
-    done: dict[str, tuple[Constitution, Origins]] = {} if _done is None else _done  # each parent resolved once
+    # Each parent is resolved once per load; one that failed is None here, its problems reported the first time.
+    done: dict[str, tuple[Constitution, Origins] | None] = {} if _done is None else _done
     bounds = limits()
 
     problems: list[Problem] = []
+    failed = False  # a parent that failed earlier in this load: its problems are already reported
     principles: dict[str, Principle] = {}
     origins: Origins = {}
     examples = []
@@ -335,7 +336,11 @@ def _resolve(
         base = raw.base_dir or Path.cwd()
         key = _parent_key(base, parent_ref)
         if key in done:
-            parent, parent_origins = done[key]
+            resolved = done[key]
+            if resolved is None:
+                failed = True
+                continue
+            parent, parent_origins = resolved
         else:
             if len(stack) >= bounds.extends_depth:
                 raise ConstitutionProblems(
@@ -390,7 +395,12 @@ def _resolve(
             try:
                 parent, parent_origins = _resolve(parent_raw, lookup, _stack=stack, _done=done)
             except ConstitutionProblems as exc:  # the parent's own problems, each in its own file
+                done[key] = None
                 problems.extend(exc.problems)
+                continue
+            except _AlreadyReported:
+                done[key] = None
+                failed = True
                 continue
             done[key] = (parent, parent_origins)
         for principle in parent.principles:
@@ -404,7 +414,7 @@ def _resolve(
     for index, principle in enumerate(own.principles):
         principles[principle.id] = principle  # dict keeps the parent's position for overrides
         origins[principle.id] = (raw, index)
-    if not problems:  # with a parent missing, an id it would have defined is not a typo
+    if not problems and not failed:  # with a parent missing, an id it would have defined is not a typo
         for index, removed in enumerate(own.remove):
             if removed not in principles:
                 hint = did_you_mean(removed, principles, listing="known ids")
@@ -413,6 +423,8 @@ def _resolve(
             del principles[removed]
     if problems:
         raise ConstitutionProblems(sort_problems(problems))
+    if failed:
+        raise _AlreadyReported(raw.source)
     if own.extends:  # each file was counted as it was read; the merged whole is held to the same limits
         rules = sum(len(p.rules) for p in principles.values())
         for count, field in ((len(principles), "principles"), (rules, "rules")):
@@ -526,111 +538,3 @@ def load_constitution(
     if checked.errors or checked.constitution is None:
         raise ConstitutionProblems(checked.errors)
     return checked.constitution
-
-
-# -- lint --------------------------------------------------------------------------------------------------------
-
-
-def lint(constitution: Constitution, *, checks: Collection[str] | None = None) -> list[LintIssue]:
-    """Semantic checks the schema cannot express. Errors make a constitution unusable; warnings are advice.
-
-    :param checks: the check names that exist (the registry's critics); a principle naming any other is an error
-        that lists the known checks most like it. None: check names are not looked at.
-    """
-    issues: list[LintIssue] = []
-    if not constitution.principles:
-        issues.append(LintIssue("error", "principles", "the constitution has no principles", field=("principles",)))
-    # Indexes built once, so that lint stays linear in the number of principles (a conflicts_with on each of
-    # 10,000 principles would otherwise compare every pair).
-    by_ref: dict[str, list[Principle]] = {}
-    for o in constitution.principles:
-        by_ref.setdefault(o.id, []).append(o)
-        for tag in dict.fromkeys(o.tags):
-            if tag != o.id:
-                by_ref.setdefault(tag, []).append(o)
-    shared_no_change = any(not e.needs_revision for e in constitution.examples)
-    sl, rl, runtime = Phase.sl, Phase.rl, Phase.runtime
-    for index, p in enumerate(constitution.principles):
-        where = f"principles[{index}] ({p.id})"
-
-        def issue(level: str, field: str, message: str, *loc: Any, where: str = where, pid: str = p.id) -> LintIssue:
-            return LintIssue(
-                level, f"{where}.{field}" if field else where, message, pid, (field, *loc) if field else ()
-            )
-
-        claimed = set(p.phases)
-        needs_requests = sl in claimed or (runtime in claimed and not (p.rules or p.checks))
-        for field in ("critique_request", "revision_request"):
-            value = getattr(p, field)
-            if value is not None and not value.strip():
-                issues.append(issue("error", field, "is empty; write the request or remove the key"))
-            elif value is None and needs_requests:
-                phases = ", ".join(ph.value for ph in p.phases)
-                issues.append(
-                    issue(
-                        "error",
-                        field,
-                        f"is missing, but the principle claims phases [{phases}]; add it or drop those phases",
-                    )
-                )
-        if p.comparison is not None and not p.comparison.strip():
-            issues.append(issue("error", "comparison", "is empty; write the question or remove the key"))
-        elif p.comparison is None and rl in claimed:
-            issues.append(
-                issue(
-                    "error",
-                    "comparison",
-                    "is missing, but the principle claims the rl phase; add a comparison question or drop 'rl'",
-                )
-            )
-        for c_index, ref in enumerate(p.conflicts_with):
-            others = [o for o in by_ref.get(ref, ()) if o.id != p.id]
-            if not others:
-                hint = did_you_mean(ref, [r for r in by_ref if r != p.id])
-                issues.append(
-                    issue("warning", "conflicts_with", f"{ref!r} matches no other principle's id or tag{hint}", c_index)
-                )
-            for other in others:
-                if other.authority == p.authority:
-                    issues.append(
-                        issue(
-                            "warning",
-                            "authority",
-                            f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence "
-                            "(the higher authority wins)",
-                        )
-                    )
-        if checks is not None:
-            for k_index, name in enumerate(p.checks):
-                if name not in checks:
-                    hint = did_you_mean(name, checks, listing="known checks", n=3)
-                    issues.append(issue("error", "checks", f"unknown check {name!r}{hint}", k_index))
-        for r_index, rule in enumerate(p.rules):
-            if rule.fix is None:
-                continue
-            pattern, _ = rule.compiled()
-            if rule.kind == "require" and not pattern.search(rule.fix):
-                issues.append(
-                    LintIssue(
-                        "error",
-                        f"{where}.rules[{r_index}].fix",
-                        "does not match the rule's own pattern, so the repair would never satisfy it",
-                        p.id,
-                        ("rules", r_index, "fix"),
-                    )
-                )
-            if rule.kind == "forbid" and pattern.search(rule.fix):
-                issues.append(
-                    LintIssue(
-                        "error",
-                        f"{where}.rules[{r_index}].fix",
-                        "matches the forbidden pattern itself, so the repair would never satisfy it",
-                        p.id,
-                        ("rules", r_index, "fix"),
-                    )
-                )
-        if p.examples and not shared_no_change and not any(not e.needs_revision for e in p.examples):
-            issues.append(
-                issue("warning", "examples", "no example shows 'no change needed'; small models then always rewrite")
-            )
-    return issues

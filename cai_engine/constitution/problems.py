@@ -43,13 +43,13 @@ def line_of(loc: Sequence[Any], lines: LineMap | None) -> int | None:
 SUGGEST_LIMIT = 1_000  # past this many names, no suggestion: each one compares the word with every name
 
 
-def suggest(word: str, known: Iterable[str], *, n: int = 3) -> list[str]:
-    """The known names most like ``word``, best first (difflib's ratio, as Python's own "did you mean"); none when
+def suggest(word: str, known: Iterable[str], *, n: int = 1) -> list[str]:
+    """The known names most like ``word``, best first (difflib's similarity ratio of at least 0.7); none when
     there are more than ``SUGGEST_LIMIT`` names, so that a file with thousands of typos stays linear to check."""
     names = sorted(set(known))
     if len(names) > SUGGEST_LIMIT:
         return []
-    return difflib.get_close_matches(word, names, n=n, cutoff=0.6)
+    return difflib.get_close_matches(word, names, n=n, cutoff=0.7)
 
 
 def did_you_mean(word: str, known: Iterable[str], *, listing: str | None = None, n: int = 1) -> str:
@@ -141,6 +141,6 @@ class UnknownNameError(UnknownComponentError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str]) -> None:
         super().__init__(kind, name, known)
-        self.suggestions = suggest(name, self.known)
+        self.suggestions = suggest(name, self.known, n=1)
         if self.suggestions:
             self.args = (f"{self.args[0]}; did you mean {' or '.join(repr(s) for s in self.suggestions)}?",)
