@@ -70,7 +70,7 @@ def test_validate_ok_and_failures(cli_runner, tmp_path):
     )
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    assert f"{bad}: principles[0].critque_request (line 5): unknown key" in result.output
+    assert f"{bad}:5: principles[0].critque_request: unknown key; did you mean 'critique_request'" in result.output
     assert "1 of 2 file(s) failed" in result.output
 
 

@@ -52,23 +52,23 @@ BROKEN = [
     (
         "wrongtype.yaml",
         'name: x\nversion: "1"\nprinciples:\n  - id: a\n    weight: heavy\n',
-        "principles[0].weight (line 5)",
+        ":5: principles[0].weight",
         "valid number",
     ),
     (
         "unknown.yaml",
         'name: x\nversion: "1"\nprinciples:\n  - id: a\n    critque_request: c\n',
-        "principles[0].critque_request (line 5)",
+        ":5: principles[0].critque_request",
         "unknown key",
     ),
-    ("dup.yaml", BASE.replace("id: b", "id: a"), "principles[1].id (line 8)", "duplicate principle id 'a'"),
+    ("dup.yaml", BASE.replace("id: b", "id: a"), ":8: principles[1].id", "duplicate principle id 'a'"),
     ("dupkey.yaml", "name: x\nname: y\n", "line 2", "duplicate key 'name'"),
     ("latin1.yaml", b'name: x\nversion: "1"\ndescription: caf\xe9\n', "line 3", "not UTF-8"),
     ("list.yaml", "[1, 2]\n", None, "top level must be a mapping"),
     (
         "parent.yaml",
         'name: x\nversion: "1"\nextends: nosuch.yaml\nprinciples: []\n',
-        "extends[0] (line 3)",
+        ":3: extends[0]",
         "cannot load parent",
     ),
     (
@@ -89,7 +89,7 @@ BROKEN = [
         "badregex.yaml",
         'name: x\nversion: "1"\nprinciples:\n  - id: a\n    phases: [runtime]\n    rules:\n'
         '      - {id: r, kind: forbid, pattern: "(x", message: m}\n',
-        "rules[0].pattern (line 7)",
+        ":7: principles[0].rules[0].pattern",
         "regular expression",
     ),
     (
@@ -209,7 +209,9 @@ def test_extends_by_registered_name(cai_registry, tmp_path):
 
 def test_unknown_parent_name_lists_known(cai_registry, tmp_path):
     child = write(tmp_path, "child.yaml", 'name: child\nversion: "1"\nextends: nosuch\n')
-    with pytest.raises(ConstitutionError, match="unknown constitution 'nosuch'; known constitutions: .*harmless"):
+    with pytest.raises(
+        ConstitutionError, match="unknown parent constitution 'nosuch'; known constitutions: .*harmless"
+    ):
         cai_registry.constitution(child)
 
 

@@ -214,3 +214,66 @@ def test_registries_are_independent_and_hooks_run_once():
     assert calls == [1, 1]  # the second registry ran its own hooks once
     assert "only-in-the-second" in other.names("critic")
     assert "only-in-the-second" not in registry.names("critic")  # and the first registry did not change
+
+
+def _hooks_listed(message: str) -> list[str]:
+    return message.rsplit("(the hooks are: ", 1)[1].rstrip(")").split(", ")
+
+
+def test_misspelled_hookimpl_names_the_typo_and_the_closest_hook():
+    class Typo:
+        @hookimpl
+        def cai_register_critic(self, register):  # missing the s
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError) as info:
+        make_plugin_manager(autoload=False, plugins=[Typo()])
+    message = str(info.value)
+    assert "plugin 'Typo' implements 'cai_register_critic', which is no cai-engine hook" in message
+    assert "did you mean 'cai_register_critics'?" in message
+    listed = _hooks_listed(message)
+    assert "cai_register_critic" not in listed and "cai_register_critics" in listed
+
+
+def test_misspelled_hook_in_an_installed_plugin_is_left_out_with_a_suggestion(tmp_path, monkeypatch):
+    install_fake_distribution(
+        tmp_path,
+        monkeypatch,
+        """
+        from cai_engine import hookimpl
+
+        @hookimpl
+        def cai_register_judgess(register):
+            pass
+        """,
+        ep_name="typo",
+    )
+    pm = make_plugin_manager(skip_broken=True)
+    error = pm.cai_broken["typo"]
+    assert (
+        "implements 'cai_register_judgess', which is no cai-engine hook; did you mean 'cai_register_judges'?" in error
+    )
+    assert "cai_register_judgess" not in _hooks_listed(error)
+    with pytest.raises(pluggy.PluginValidationError, match="did you mean 'cai_register_judges'"):
+        make_plugin_manager()
+
+
+def test_plugins_command_rejects_an_unknown_hook(cli_runner):
+    import json
+
+    from cai_engine.cli import cli
+
+    wrong = cli_runner.invoke(cli, ["plugins", "--hook", "cai_register_critic"])
+    assert wrong.exit_code == 2
+    assert "'cai_register_critic' is no cai-engine hook; did you mean 'cai_register_critics'?" in wrong.output
+    assert cli_runner.invoke(cli, ["plugins", "--hook", "cai_register_nope"]).exit_code == 2
+    right = cli_runner.invoke(cli, ["plugins", "--all", "--hook", "cai_register_critics"])
+    assert right.exit_code == 0, right.output
+    assert any(row["name"] == "cai_engine.default_plugins.critics" for row in json.loads(right.output))
+
+
+def test_unknown_component_names_suggest_the_closest(cai_registry):
+    with pytest.raises(UnknownComponentError, match=r"known critics: .*; did you mean 'rules'\?$"):
+        cai_registry.critic("ruless")
+    with pytest.raises(UnknownComponentError, match=r"unknown constitution 'harmles'; .*did you mean 'harmless'"):
+        cai_registry.constitution("harmles")

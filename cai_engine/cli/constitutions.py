@@ -73,25 +73,24 @@ def constitutions_show(name_or_path: str, fmt: str) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--strict", is_flag=True, help="Treat lint warnings as errors.")
 def constitutions_validate(paths: tuple[Path, ...], strict: bool) -> None:
-    """Validate constitution files: syntax, schema, `extends`, and lint (ids, requests, conflicts)."""
-    from cai_engine.constitution.load import lint
+    """Validate constitution files: syntax, schema, `extends`, check names, and lint (ids, requests, conflicts).
 
+    Every problem of a file is reported in one run, one line each, as `FILE:LINE: FIELD.PATH: MESSAGE` (a warning
+    says `warning:` before its message), with "did you mean" for misspelt keys, checks, ids and names.
+    """
     registry = state().registry
     failed = 0
     for path in paths:
-        try:
-            constitution = registry.constitution(path)
-        except CaiError as exc:
+        checked = registry.check_constitution(path)
+        for problem in checked.problems:
+            click.echo(str(problem), err=True)
+        if checked.constitution is None or checked.errors:
+            failed += 1  # its problems are printed above, and counted in the tally at the end
+        elif strict and checked.warnings:
             failed += 1
-            click.echo(f"FAIL {exc}", err=True)
-            continue
-        warnings = [issue for issue in lint(constitution) if issue.level == "warning"]
-        for issue in warnings:
-            click.echo(f"{path}: {issue}", err=True)
-        if strict and warnings:
-            failed += 1
-            click.echo(f"FAIL {path}: {len(warnings)} warning(s) with --strict", err=True)
+            click.echo(f"FAIL {path}: {len(checked.warnings)} warning(s) with --strict", err=True)
         else:
+            constitution = checked.constitution
             click.echo(f"ok   {path}: {constitution.ref}, {len(constitution.principles)} principles")
     if failed:
         raise click.ClickException(f"{failed} of {len(paths)} file(s) failed validation")

@@ -15,8 +15,16 @@ from cai_engine.cli.base import cli, echo_json, state
 @click.option("--hook", "hooks", multiple=True, help="Only plugins implementing this hook (repeatable).")
 def plugins_command(show_all: bool, hooks: tuple[str, ...]) -> None:
     """List installed plugins as JSON: name, version, hooks and what each provides."""
-    from cai_engine.plugins.manager import list_plugins
+    from cai_engine.constitution.problems import did_you_mean
+    from cai_engine.plugins.manager import hook_names, list_plugins
 
+    known = hook_names(state().pm)
+    for hook in hooks:
+        if hook not in known:
+            raise click.BadParameter(
+                f"{hook!r} is no cai-engine hook{did_you_mean(hook, known, n=1)} (the hooks are: {', '.join(known)})",
+                param_hint="--hook",
+            )
     rows = list_plugins(state().pm, state().registry, all=show_all)
     if hooks:
         rows = [row for row in rows if set(hooks) & set(row["hooks"])]

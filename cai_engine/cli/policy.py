@@ -18,25 +18,34 @@ def policy_group() -> None:
 @policy_group.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def policy_validate(paths: tuple[Path, ...]) -> None:
-    """Validate policy files: schema, constitutions, overrides, component options (no model is loaded).
+    """Validate policy files: schema, constitutions, overrides, check names, component options (no model is loaded).
+
+    Every problem of a file's schema, constitutions, ids, tags and checks is reported in one run, one line each, as
+    `FILE:LINE: FIELD.PATH: MESSAGE`, with "did you mean" for misspelt keys and names.
 
     A policy with `model: none` must keep every model out of the guard's request path: it fails when a reply
     could need a model to rewrite it (a rule without a fix, a plugin check whose repair can decline) and the policy
     does not write out guard.on_failure to say what happens instead. A policy that has a model but no model critic
     gets a note naming where the guard would still call it.
     """
+    from cai_engine.constitution.problems import problems_of
     from cai_engine.guard.engine import Engine
-    from cai_engine.guard.policy import model_fallbacks, model_free_problem, unchecked_without_model
+    from cai_engine.guard.policy import load_policy, model_fallbacks, model_free_problem, unchecked_without_model
 
     failed = 0
     for path in paths:
         try:
+            load_policy(path, registry=current_runtime().registry)  # its schema problems with its unknown names
             engine = Engine.from_policy(path, runtime=current_runtime())
             engine.close()
             problems = engine.model_problems()
         except CaiError as exc:
             failed += 1
-            click.echo(f"FAIL {exc}", err=True)
+            if getattr(exc, "problems", None):  # every problem of the file, one line each: FILE:LINE: PATH: MESSAGE
+                for item in problems_of(exc):
+                    click.echo(str(item), err=True)
+            else:
+                click.echo(f"FAIL {exc}", err=True)
             continue
         policy, registry = engine.policy, engine.runtime.registry
         guard_roles = [(role, p) for role, p in problems if role != "judge"]

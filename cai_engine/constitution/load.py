@@ -7,16 +7,38 @@ where it can be found, the line, and says what to do.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from cai_engine.constitution.model import Constitution, Phase, Principle
-from cai_engine.errors import ConstitutionError
+from cai_engine.constitution.lint import LintIssue, lint
+from cai_engine.constitution.model import Constitution, Principle
+from cai_engine.constitution.problems import (
+    ConstitutionProblems,
+    Problem,
+    did_you_mean,
+    json_path,
+    line_of,
+    problems_of,
+    sort_problems,
+)
+from cai_engine.errors import ConstitutionError, UnknownComponentError
 from cai_engine.files.inputs import limit_hint, limits, parse_document, read_document, symlink_chain
+
+__all__ = [  # lint lives in constitution.lint; these names stay importable from here
+    "CONSTITUTION_SUFFIXES",
+    "Checked",
+    "LintIssue",
+    "RawConstitution",
+    "check_constitution",
+    "lint",
+    "load_constitution",
+    "read_constitution_file",
+    "resolve",
+]
 
 CONSTITUTION_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -33,16 +55,6 @@ class RawConstitution:
     base_dir: Path | None = None
     lines: Mapping[tuple[Any, ...], int] | None = None
     identity: tuple[int, int] | None = None  # (device, inode) of the file it was read from
-
-
-@dataclass(frozen=True)
-class LintIssue:
-    level: str  # "error" | "warning"
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.where}: {self.message}"
 
 
 # -- reading files -----------------------------------------------------------------------------------------------
@@ -94,67 +106,157 @@ def check_counts(principles: Any, source: str, key: str) -> None:
 # -- validation --------------------------------------------------------------------------------------------------
 
 
-def json_path(loc: tuple[Any, ...]) -> str:
-    """Render a pydantic/JSON location as ``principles[3].critique_request``."""
-    out = ""
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys a mapping at ``loc`` may hold (aliases as written in files), walking the model's field types; None
+    where ``loc`` is not a model (a free-form value)."""
+    current: Any = model
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = _model_in(current.model_fields[part].annotation)
+        if current is None:
+            return None
+    if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        return None
+    return [field.alias or name for name, field in current.model_fields.items()]
 
 
-def _where(loc: tuple[Any, ...], lines: Mapping[tuple[Any, ...], int] | None) -> str:
-    path = json_path(loc)
-    if lines:
-        probe = tuple(loc)
-        while probe and probe not in lines:
-            probe = probe[:-1]
-        if probe in lines:
-            return f"{path} (line {lines[probe]})"
-    return path
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside ``list[X]``, ``dict[str, X]``, ``X | None`` or ``Annotated[X, ...]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
-def _explain(error: Mapping[str, Any]) -> str:
+def schema_problems(
+    data: Mapping[str, Any],
+    model: type[BaseModel],
+    *,
+    source: str | None,
+    lines: Mapping[tuple[Any, ...], int] | None,
+    schema: str,
+) -> list[Problem]:
+    """Every error pydantic finds in ``data``, one :class:`Problem` each, with its line and, for an unknown key, the
+    known keys most like it. ``schema`` names the committed JSON Schema file users can read."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            problems.append(
+                Problem(
+                    _explain(error, model, loc, schema),
+                    source=source,
+                    path=json_path(loc) if loc else "",
+                    line=line_of(loc, lines),
+                )
+            )
+        return sort_problems(problems)
+    return []
+
+
+def _explain(error: Mapping[str, Any], model: type[BaseModel], loc: tuple[Any, ...], schema: str) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
-        return "unknown key; remove it or check its spelling against schemas/constitution.schema.json"
+        known = _fields_at(model, loc[:-1]) or []
+        hint = did_you_mean(str(loc[-1]), known) if loc else ""
+        return f"unknown key{hint or f'; remove it or check its spelling against {schema}'}"
     if kind == "missing":
         return "required field is missing"
     message = str(error.get("msg", "invalid value"))
     return message.removeprefix("Value error, ")
 
 
-def validate_constitution(raw: RawConstitution) -> Constitution:
-    """Validate parsed data against the model, turning the first error into a one-line ConstitutionError."""
+def constitution_problems(raw: RawConstitution) -> list[Problem]:
+    """Every schema problem of one file (its parents are not read): duplicate ids, wrong types, unknown keys."""
+    problems: list[Problem] = []
     principles = raw.data.get("principles")
     if isinstance(principles, list):  # name the second occurrence of a duplicate id, with its line
         first_seen: dict[str, int] = {}
         for index, item in enumerate(principles):
             pid = item.get("id") if isinstance(item, dict) else None
             if isinstance(pid, str) and pid in first_seen:
-                raise ConstitutionError(
-                    f"duplicate principle id {pid!r} (first used at principles[{first_seen[pid]}]); ids must be unique",
-                    source=raw.source,
-                    where=_where(("principles", index, "id"), raw.lines),
+                loc = ("principles", index, "id")
+                problems.append(
+                    Problem(
+                        f"duplicate principle id {pid!r} (first used at principles[{first_seen[pid]}]); ids must be "
+                        "unique",
+                        source=raw.source,
+                        path=json_path(loc),
+                        line=line_of(loc, raw.lines),
+                    )
                 )
             if isinstance(pid, str):
-                first_seen[pid] = index
-    try:
-        return Constitution.model_validate(raw.data)
-    except ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise ConstitutionError(_explain(first) + more, source=raw.source, where=_where(loc, raw.lines)) from None
+                first_seen.setdefault(pid, index)
+    for problem in schema_problems(
+        raw.data, Constitution, source=raw.source, lines=raw.lines, schema="schemas/constitution.schema.json"
+    ):
+        if problems and not problem.path and problem.message.startswith("duplicate principle id"):
+            continue  # the model's own check, already reported above with its line
+        problems.append(problem)
+    return sort_problems(problems)
+
+
+def _name_problems(raw: RawConstitution, lookup: ParentLookup | None, checks: Collection[str] | None) -> list[Problem]:
+    """Parent names and check names looked up in the raw data, for a file whose schema problems stop it from being
+    resolved: they are reported in the same run as those problems."""
+    problems: list[Problem] = []
+
+    def add(message: str, *loc: Any) -> None:
+        problems.append(Problem(message, source=raw.source, path=json_path(loc), line=line_of(loc, raw.lines)))
+
+    extends = raw.data.get("extends")
+    for index, ref in enumerate([extends] if isinstance(extends, str) else extends or []):
+        if lookup is None or not isinstance(ref, str) or is_constitution_path(ref):
+            continue
+        try:
+            lookup(ref)
+        except UnknownComponentError as exc:
+            add(
+                f"unknown parent constitution {ref!r}{did_you_mean(ref, exc.known, listing='known constitutions')}",
+                "extends",
+                index,
+            )
+        except (KeyError, ConstitutionError):
+            pass  # resolving reports it, once the file itself is valid
+    principles = raw.data.get("principles")
+    if checks is None or not isinstance(principles, list):
+        return problems
+    for index, principle in enumerate(principles):
+        names = principle.get("checks") if isinstance(principle, dict) else None
+        for k_index, name in enumerate(names if isinstance(names, list) else []):
+            if isinstance(name, str) and name not in checks:
+                add(
+                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks', n=3)}",
+                    "principles",
+                    index,
+                    "checks",
+                    k_index,
+                )
+    return problems
+
+
+def validate_constitution(raw: RawConstitution) -> Constitution:
+    """Validate parsed data against the model; every problem found is in the raised
+    :class:`ConstitutionProblems`."""
+    problems = constitution_problems(raw)
+    if problems:
+        raise ConstitutionProblems(problems)
+    return Constitution.model_validate(raw.data)
 
 
 # -- extends -----------------------------------------------------------------------------------------------------
 
 
-def _is_path(ref: str) -> bool:
+def is_constitution_path(ref: str) -> bool:
+    """Whether ``extends`` (or a policy's ``constitutions``) names a file rather than a registered constitution."""
     return "/" in ref or "\\" in ref or ref.lower().endswith(CONSTITUTION_SUFFIXES)
 
 
@@ -167,111 +269,174 @@ def _frame_label(name: str, source: str) -> str:
     return f"{name} ({shown})"
 
 
+class _AlreadyReported(ConstitutionError):
+    """A parent failed only because one of its own parents did, whose problems another branch of the same load
+    has already reported (the first branch to reach a file reports its problems; they reach the top from there)."""
+
+
+Origins = dict[str, tuple[RawConstitution, int]]  # principle id -> (the file that defines it, its index there)
+
+
 def resolve(
     raw: RawConstitution,
     lookup: ParentLookup | None = None,
     *,
     _stack: tuple[Frame, ...] = (),
-    _done: dict[str, Constitution] | None = None,
+    _done: dict[str, Any] | None = None,
 ) -> Constitution:
     """Validate ``raw`` and merge its parents into it.
 
     Parents merge in order; a principle with an id already present replaces it in place, new ones append;
     ``remove`` drops inherited ids. The result has no ``extends`` left and is what every component sees.
     A cycle is found by name and by file (so a symlink back to a file already in the chain is one), and named with
-    every link; the merged result is held to the principle and rule limits too.
+    every link; the merged result is held to the principle and rule limits too. Every problem found (in this file
+    and in the parents it could read) is in the raised :class:`ConstitutionProblems`.
     """
+    return _resolve(raw, lookup, _stack=_stack, _done=_done)[0]
+
+
+def resolve_with_origins(raw: RawConstitution, lookup: ParentLookup | None = None) -> tuple[Constitution, Origins]:
+    """:func:`resolve`, also returning where each principle of the result was defined (for :func:`locate`)."""
+    return _resolve(raw, lookup)
+
+
+def _resolve(
+    raw: RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    _stack: tuple[Frame, ...] = (),
+    _done: dict[str, tuple[Constitution, Origins] | None] | None = None,
+) -> tuple[Constitution, Origins]:
     own = validate_constitution(raw)
     label = _frame_label(own.name, raw.source)
+
+    def problem(message: str, *loc: Any) -> Problem:
+        return Problem(message, source=raw.source, path=json_path(loc), line=line_of(loc, raw.lines))
+
     seen_files = [ident for _, ident in _stack if ident is not None]
     if own.name in [s.split(" (")[0] for s, _ in _stack] or (raw.identity is not None and raw.identity in seen_files):
         again = next((s for s, ident in _stack if raw.identity is not None and ident == raw.identity), None)
         if again is not None and again != label:
             label += f", the same file as {again}"
         chain = " -> ".join([*(s for s, _ in _stack), label])
-        raise ConstitutionError(
-            f"'extends' forms a cycle: {chain}; remove one of the links",
-            source=raw.source,
-            where=_where(("extends",), raw.lines),
-        )
+        raise ConstitutionProblems([problem(f"'extends' forms a cycle: {chain}; remove one of the links", "extends")])
     stack = (*_stack, (label, raw.identity))
-    done: dict[str, Constitution] = {} if _done is None else _done  # each parent is resolved once per load
+    # Each parent is resolved once per load; one that failed is None here, its problems reported the first time.
+    done: dict[str, tuple[Constitution, Origins] | None] = {} if _done is None else _done
     bounds = limits()
 
+    problems: list[Problem] = []
+    failed = False  # a parent that failed earlier in this load: its problems are already reported
     principles: dict[str, Principle] = {}
+    origins: Origins = {}
     examples = []
     comparison_examples = []
     stance = None
     for index, parent_ref in enumerate(own.extends):
-
-        def where(index: int = index) -> str:  # the line map is only built for an error message
-            return _where(("extends", index), raw.lines)
-
         base = raw.base_dir or Path.cwd()
         key = _parent_key(base, parent_ref)
         if key in done:
-            parent = done[key]
+            resolved = done[key]
+            if resolved is None:
+                failed = True
+                continue
+            parent, parent_origins = resolved
         else:
             if len(stack) >= bounds.extends_depth:
-                raise ConstitutionError(
-                    f"'extends' goes more than {bounds.extends_depth} levels deep; {limit_hint('extends_depth')}",
-                    source=raw.source,
-                    where=where(),
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"'extends' goes more than {bounds.extends_depth} levels deep; "
+                            f"{limit_hint('extends_depth')}",
+                            "extends",
+                            index,
+                        )
+                    ]
                 )
             if len(done) >= bounds.extends_files:
-                raise ConstitutionError(
-                    f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
-                    source=raw.source,
-                    where=where(),
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"'extends' reaches more than {bounds.extends_files} files; {limit_hint('extends_files')}",
+                            "extends",
+                            index,
+                        )
+                    ]
                 )
-            if _is_path(parent_ref):
+            if is_constitution_path(parent_ref):
                 try:
                     parent_raw = read_constitution_file(base / parent_ref)
                 except ConstitutionError as exc:
-                    raise ConstitutionError(
-                        f"cannot load parent {parent_ref!r}: {exc}", source=raw.source, where=where()
-                    ) from None
-            else:
-                if lookup is None:
-                    raise ConstitutionError(
+                    problems.append(problem(f"cannot load parent {parent_ref!r}: {exc}", "extends", index))
+                    continue
+            elif lookup is None:
+                problems.append(
+                    problem(
                         f"parent {parent_ref!r} is a name, but no registry was given to look it up; pass a path "
                         "instead",
-                        source=raw.source,
-                        where=where(),
+                        "extends",
+                        index,
                     )
+                )
+                continue
+            else:
                 try:
                     parent_raw = lookup(parent_ref)
+                except UnknownComponentError as exc:
+                    hint = did_you_mean(parent_ref, exc.known, listing="known constitutions")
+                    problems.append(problem(f"unknown parent constitution {parent_ref!r}{hint}", "extends", index))
+                    continue
                 except KeyError as exc:
-                    raise ConstitutionError(
-                        f"unknown parent constitution: {exc}", source=raw.source, where=where()
-                    ) from None
-            parent = resolve(parent_raw, lookup, _stack=stack, _done=done)
-            done[key] = parent
+                    problems.append(problem(f"unknown parent constitution: {exc}", "extends", index))
+                    continue
+                except ConstitutionError as exc:
+                    problems.append(problem(f"cannot load parent {parent_ref!r}: {exc}", "extends", index))
+                    continue
+            try:
+                parent, parent_origins = _resolve(parent_raw, lookup, _stack=stack, _done=done)
+            except ConstitutionProblems as exc:  # the parent's own problems, each in its own file
+                done[key] = None
+                problems.extend(exc.problems)
+                continue
+            except _AlreadyReported:
+                done[key] = None
+                failed = True
+                continue
+            done[key] = (parent, parent_origins)
         for principle in parent.principles:
             principles[principle.id] = principle
+            if principle.id in parent_origins:
+                origins[principle.id] = parent_origins[principle.id]
         examples.extend(parent.examples)
         comparison_examples.extend(parent.comparison_examples)
         stance = stance or parent.stance
 
-    for principle in own.principles:
+    for index, principle in enumerate(own.principles):
         principles[principle.id] = principle  # dict keeps the parent's position for overrides
-    for index, removed in enumerate(own.remove):
-        if removed not in principles:
-            raise ConstitutionError(
-                f"'remove' names {removed!r}, which no parent defines; known ids: {', '.join(principles) or '(none)'}",
-                source=raw.source,
-                where=_where(("remove", index), raw.lines),
-            )
-        del principles[removed]
+        origins[principle.id] = (raw, index)
+    if not problems and not failed:  # with a parent missing, an id it would have defined is not a typo
+        for index, removed in enumerate(own.remove):
+            if removed not in principles:
+                hint = did_you_mean(removed, principles, listing="known ids")
+                problems.append(problem(f"'remove' names {removed!r}, which no parent defines{hint}", "remove", index))
+                continue
+            del principles[removed]
+    if problems:
+        raise ConstitutionProblems(sort_problems(problems))
+    if failed:
+        raise _AlreadyReported(raw.source)
     if own.extends:  # each file was counted as it was read; the merged whole is held to the same limits
         rules = sum(len(p.rules) for p in principles.values())
         for count, field in ((len(principles), "principles"), (rules, "rules")):
             if count > getattr(bounds, field):
-                raise ConstitutionError(
-                    f"with what it extends merged in, it has {count:,} {field}, over the limit of "
-                    f"{getattr(bounds, field):,}; {limit_hint(field)}",
-                    source=raw.source,
-                    where="extends",
+                raise ConstitutionProblems(
+                    [
+                        problem(
+                            f"with what it extends merged in, it has {count:,} {field}, over the limit of "
+                            f"{getattr(bounds, field):,}; {limit_hint(field)}",
+                            "extends",
+                        )
+                    ]
                 )
 
     if "stance" in own.model_fields_set or stance is None:
@@ -285,13 +450,13 @@ def resolve(
         examples=[*examples, *own.examples],
         comparison_examples=[*comparison_examples, *own.comparison_examples],
     )
-    return Constitution.model_validate(data)
+    return Constitution.model_validate(data), {pid: origins[pid] for pid in principles if pid in origins}
 
 
 def _parent_key(base: Path, parent_ref: str) -> str:
     """How a parent is cached within one load: a file by its identity (so two paths to one file, through symlinks or
     ``..``, are one parent), a registered constitution by its name."""
-    if not _is_path(parent_ref):
+    if not is_constitution_path(parent_ref):
         return f"name:{parent_ref}"
     path = base / parent_ref
     try:
@@ -301,111 +466,75 @@ def _parent_key(base: Path, parent_ref: str) -> str:
     return f"file:{info.st_dev}:{info.st_ino}"
 
 
-def load_constitution(
-    source: str | Path | Mapping[str, Any] | RawConstitution, lookup: ParentLookup | None = None
-) -> Constitution:
-    """Load a constitution from a file, a mapping or parsed data; resolve ``extends``; fail on lint errors."""
+@dataclass
+class Checked:
+    """What checking a constitution found: the resolved constitution (None when it could not be built) and every
+    problem, errors and warnings, each with its file, line and JSON path."""
+
+    constitution: Constitution | None
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "warning"]
+
+
+def _as_raw(source: str | Path | Mapping[str, Any] | RawConstitution) -> RawConstitution:
     if isinstance(source, RawConstitution):
-        raw = source
-    elif isinstance(source, Mapping):
-        raw = RawConstitution(data=source, source="<mapping>")
-    else:
-        raw = read_constitution_file(source)
-    constitution = resolve(raw, lookup)
-    errors = [issue for issue in lint(constitution) if issue.level == "error"]
-    if errors:
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConstitutionError(first.message + more, source=raw.source, where=first.where)
-    return constitution
+        return source
+    if isinstance(source, Mapping):
+        return RawConstitution(data=source, source="<mapping>")
+    return read_constitution_file(source)
 
 
-# -- lint --------------------------------------------------------------------------------------------------------
+def check_constitution(
+    source: str | Path | Mapping[str, Any] | RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    checks: Collection[str] | None = None,
+) -> Checked:
+    """Every problem of a constitution at once: syntax, schema, ``extends`` and ``remove``, then lint (with
+    ``checks``, the registered check names, a principle naming any other check is an error). Problems with the
+    input are returned, not raised."""
+    try:
+        raw = _as_raw(source)
+        schema = constitution_problems(raw)
+        if schema:
+            return Checked(None, sort_problems([*schema, *_name_problems(raw, lookup, checks)]))
+        constitution, origins = _resolve(raw, lookup)
+    except ConstitutionError as exc:
+        return Checked(None, problems_of(exc))
+    located = [locate(issue, raw, origins) for issue in lint(constitution, checks=checks)]
+    return Checked(constitution, sort_problems(located))
 
 
-def lint(constitution: Constitution) -> list[LintIssue]:
-    """Semantic checks the schema cannot express. Errors make a constitution unusable; warnings are advice."""
-    issues: list[LintIssue] = []
-    if not constitution.principles:
-        issues.append(LintIssue("error", "principles", "the constitution has no principles"))
-    # Indexes built once, so that lint stays linear in the number of principles (a conflicts_with on each of
-    # 10,000 principles would otherwise compare every pair).
-    by_ref: dict[str, list[Principle]] = {}
-    for o in constitution.principles:
-        by_ref.setdefault(o.id, []).append(o)
-        for tag in dict.fromkeys(o.tags):
-            if tag != o.id:
-                by_ref.setdefault(tag, []).append(o)
-    shared_no_change = any(not e.needs_revision for e in constitution.examples)
-    sl, rl, runtime = Phase.sl, Phase.rl, Phase.runtime
-    for index, p in enumerate(constitution.principles):
-        where = f"principles[{index}] ({p.id})"
-        claimed = set(p.phases)
-        needs_requests = sl in claimed or (runtime in claimed and not (p.rules or p.checks))
-        for field in ("critique_request", "revision_request"):
-            value = getattr(p, field)
-            if value is not None and not value.strip():
-                issues.append(LintIssue("error", f"{where}.{field}", "is empty; write the request or remove the key"))
-            elif value is None and needs_requests:
-                phases = ", ".join(ph.value for ph in p.phases)
-                issues.append(
-                    LintIssue(
-                        "error",
-                        f"{where}.{field}",
-                        f"is missing, but the principle claims phases [{phases}]; add it or drop those phases",
-                    )
-                )
-        if p.comparison is not None and not p.comparison.strip():
-            issues.append(LintIssue("error", f"{where}.comparison", "is empty; write the question or remove the key"))
-        elif p.comparison is None and rl in claimed:
-            issues.append(
-                LintIssue(
-                    "error",
-                    f"{where}.comparison",
-                    "is missing, but the principle claims the rl phase; add a comparison question or drop 'rl'",
-                )
-            )
-        for ref in p.conflicts_with:
-            others = [o for o in by_ref.get(ref, ()) if o.id != p.id]
-            if not others:
-                issues.append(
-                    LintIssue("warning", f"{where}.conflicts_with", f"{ref!r} matches no other principle's id or tag")
-                )
-            for other in others:
-                if other.authority == p.authority:
-                    issues.append(
-                        LintIssue(
-                            "warning",
-                            where,
-                            f"conflicts with {other.id!r} and both have authority {p.authority}; give one precedence",
-                        )
-                    )
-        for r_index, rule in enumerate(p.rules):
-            if rule.fix is None:
-                continue
-            pattern, _ = rule.compiled()
-            if rule.kind == "require" and not pattern.search(rule.fix):
-                issues.append(
-                    LintIssue(
-                        "error",
-                        f"{where}.rules[{r_index}].fix",
-                        "does not match the rule's own pattern, so the repair would never satisfy it",
-                    )
-                )
-            if rule.kind == "forbid" and pattern.search(rule.fix):
-                issues.append(
-                    LintIssue(
-                        "error",
-                        f"{where}.rules[{r_index}].fix",
-                        "matches the forbidden pattern itself, so the repair would never satisfy it",
-                    )
-                )
-        if p.examples and not shared_no_change and not any(not e.needs_revision for e in p.examples):
-            issues.append(
-                LintIssue(
-                    "warning",
-                    f"{where}.examples",
-                    "no example shows 'no change needed'; small models then always rewrite",
-                )
-            )
-    return issues
+def locate(issue: LintIssue, raw: RawConstitution, origins: Origins) -> Problem:
+    """A lint issue of the resolved constitution, placed in the file (a parent's, for an inherited principle) that
+    defines what it is about."""
+    source, loc, lines = raw.source, issue.field, raw.lines
+    if issue.principle is not None and issue.principle in origins:
+        origin, index = origins[issue.principle]
+        source, loc, lines = origin.source, ("principles", index, *issue.field), origin.lines
+    elif issue.principle is not None:
+        loc = ()
+    path = json_path(loc) if loc else issue.where
+    return Problem(issue.message, source=source, path=path, line=line_of(loc, lines), level=issue.level)
+
+
+def load_constitution(
+    source: str | Path | Mapping[str, Any] | RawConstitution,
+    lookup: ParentLookup | None = None,
+    *,
+    checks: Collection[str] | None = None,
+) -> Constitution:
+    """Load a constitution from a file, a mapping or parsed data; resolve ``extends``; fail on lint errors (and,
+    given ``checks``, on a check name not among them). The raised :class:`ConstitutionProblems` lists every
+    problem found."""
+    checked = check_constitution(source, lookup, checks=checks)
+    if checked.errors or checked.constitution is None:
+        raise ConstitutionProblems(checked.errors)
+    return checked.constitution

@@ -6,14 +6,33 @@ from __future__ import annotations
 
 import os
 import string
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from cai_engine.checks.rules import RULES
-from cai_engine.constitution.load import RawConstitution, check_counts, json_path, lint, resolve
+from cai_engine.constitution.load import (
+    RawConstitution,
+    check_counts,
+    is_constitution_path,
+    lint,
+    locate,
+    resolve_with_origins,
+    schema_problems,
+)
 from cai_engine.constitution.model import NAME_PATTERN, Constitution, Phase, Principle, Stance
+from cai_engine.constitution.problems import (
+    PolicyProblems,
+    Problem,
+    did_you_mean,
+    json_path,
+    line_of,
+    problems_of,
+    sort_problems,
+)
 from cai_engine.errors import ConfigError, ConstitutionError
 from cai_engine.files.inputs import parse_document, read_text
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
@@ -196,6 +215,8 @@ class Policy(_Strict):
     guard: GuardSettings = Field(default_factory=GuardSettings)
     input: InputSettings = Field(default_factory=InputSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    _source: str | None = PrivateAttr(None)  # the file it was read from, for messages
+    _lines: Any = PrivateAttr(None)  # that file's map from JSON paths to lines
 
     @field_validator("model", mode="before")
     @classmethod
@@ -253,8 +274,11 @@ def policy_json_schema() -> dict[str, Any]:
     return schema
 
 
-def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy, Path | None]:
-    """Parse and validate a policy file or mapping; errors name the file, the JSON path and the line."""
+def load_policy(source: str | os.PathLike[str] | dict[str, Any], *, registry: Any = None) -> tuple[Policy, Path | None]:
+    """Parse and validate a policy file or mapping. Every schema problem is in the raised :class:`PolicyProblems`,
+    each naming the file, the line and the JSON path, with "did you mean" for a misspelt key; given the ``registry``,
+    constitution and check names it does not know are reported with them (``resolve_policy`` finds them
+    otherwise, once the schema is right)."""
     if isinstance(source, dict):
         data, label, base, lines = source, "<policy>", None, None
     else:
@@ -276,56 +300,124 @@ def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[Policy
         check_counts(data.get("add"), label, "add")
     except ConstitutionError as exc:
         raise ConfigError(str(exc)) from None
-    try:
-        return Policy.model_validate(data), base
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        if not loc:  # a check across fields (model: none against the guard's settings)
-            raise ConfigError(f"{label}: {error['msg'].removeprefix('Value error, ')}") from None
-        where = json_path(loc)
-        if lines:
-            probe = loc
-            while probe and probe not in lines:
-                probe = probe[:-1]
-            if probe in lines:
-                where += f" (line {lines[probe]})"
-        message = (
-            "unknown key; check its spelling against schemas/policy.schema.json"
-            if error["type"] == "extra_forbidden"
-            else error["msg"].removeprefix("Value error, ")
-        )
-        raise ConfigError(f"{label}: {where}: {message}") from None
+    problems = schema_problems(data, Policy, source=label, lines=lines, schema="schemas/policy.schema.json")
+    if problems:
+        if registry is not None:
+            problems += _name_problems(data, registry, label, lines)
+        raise PolicyProblems(sort_problems(problems))
+    policy = Policy.model_validate(data)
+    policy._source = None if isinstance(source, dict) else label
+    policy._lines = lines
+    return policy, base
+
+
+def _name_problems(data: dict[str, Any], registry: Any, source: str, lines: Any) -> list[Problem]:
+    """Constitution names and check names of a policy's raw data that the registry does not know."""
+    problems: list[Problem] = []
+
+    def add(message: str, *loc: Any) -> None:
+        problems.append(Problem(message, source=source, path=json_path(loc), line=line_of(loc, lines)))
+
+    names = data.get("constitutions")
+    known = registry.constitution_names()
+    for index, name in enumerate(names if isinstance(names, list) else []):
+        if isinstance(name, str) and not is_constitution_path(name) and name not in known:
+            add(
+                f"unknown constitution {name!r}{did_you_mean(name, known, listing='known constitutions')}",
+                "constitutions",
+                index,
+            )
+    checks = registry.names("critic")
+    principles = data.get("add")
+    for index, principle in enumerate(principles if isinstance(principles, list) else []):
+        listed = principle.get("checks") if isinstance(principle, dict) else None
+        for k_index, name in enumerate(listed if isinstance(listed, list) else []):
+            if isinstance(name, str) and name not in checks:
+                add(
+                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks', n=3)}",
+                    "add",
+                    index,
+                    "checks",
+                    k_index,
+                )
+    return problems
+
+
+class _PolicyLines(Mapping[tuple[Any, ...], int]):
+    """A policy file's line map seen as the constitution :func:`resolve_policy` builds from it: that constitution's
+    ``extends`` is the policy's ``constitutions`` and its ``principles`` are the policy's ``add``."""
+
+    KEYS = {"extends": "constitutions", "principles": "add"}
+
+    def __init__(self, lines: Mapping[tuple[Any, ...], int]) -> None:
+        self.lines = lines
+
+    def __getitem__(self, key: tuple[Any, ...]) -> int:
+        if key and key[0] in self.KEYS:
+            return self.lines[(self.KEYS[key[0]],) + key[1:]]  # noqa: RUF005 - mypy reads (*a, b) here as 3.11 syntax
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        inverse = {v: k for k, v in self.KEYS.items()}
+        return ((inverse[k[0]], *k[1:]) for k in self.lines if k and k[0] in inverse)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _as_policy_problem(problem: Problem, source: str) -> Problem:
+    """A problem of the constitution built from a policy, told in the policy's own terms."""
+    if problem.source != source:
+        return problem  # in one of the constitution files it uses
+    head, _, rest = problem.path.partition("[")
+    path = _PolicyLines.KEYS.get(head, head) + (f"[{rest}" if rest else "")
+    message = problem.message.replace("unknown parent constitution", "unknown constitution")
+    message = message.replace("cannot load parent", "cannot load constitution")
+    return replace(problem, path=path, message=message)
 
 
 def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) -> Constitution:
-    """The policy's effective constitution: combined, overridden, disabled and linted."""
-    label = f"policy {policy.name!r}"
+    """The policy's effective constitution: combined, overridden, disabled and linted. Every problem found is in the
+    raised :class:`PolicyProblems`: constitutions that do not exist, ids and tags no principle has, check names no
+    plugin registered, lint errors; each with its file and line where the policy came from a file."""
+    source = policy._source or f"policy {policy.name!r}"
+    lines = policy._lines
     data = {
         "name": policy.name,
         "version": policy.version,
         "extends": list(policy.constitutions),
         "principles": [p.model_dump(by_alias=True, exclude_defaults=False) for p in policy.add],
     }
-    raw = RawConstitution(data=data, source=label, base_dir=base_dir)
+    raw = RawConstitution(
+        data=data, source=source, base_dir=base_dir, lines=_PolicyLines(lines) if lines is not None else None
+    )
     try:
-        combined = resolve(raw, registry.raw_constitution)
+        combined, origins = resolve_with_origins(raw, registry.raw_constitution)
     except ConstitutionError as exc:
-        raise ConfigError(str(exc)) from None
+        raise PolicyProblems([_as_policy_problem(p, source) for p in problems_of(exc)]) from None
+
+    problems: list[Problem] = []
+
+    def add(message: str, *loc: Any) -> None:
+        problems.append(Problem(message, source=source, path=json_path(loc), line=line_of(loc, lines)))
+
     known = {p.id for p in combined.principles}
-    for field, ids in (("disable", policy.disable), ("override", list(policy.override))):
-        for pid in ids:
-            if pid not in known:
-                raise ConfigError(
-                    f"{label}: {field} names principle {pid!r}, which none of its constitutions defines; "
-                    f"known ids: {', '.join(sorted(known))}"
-                )
+    for index, pid in enumerate(policy.disable):
+        if pid not in known:
+            hint = did_you_mean(pid, known, listing="known ids")
+            add(f"names principle {pid!r}, which none of its constitutions defines{hint}", "disable", index)
+    for pid in policy.override:
+        if pid not in known:
+            hint = did_you_mean(pid, known, listing="known ids")
+            add(f"names principle {pid!r}, which none of its constitutions defines{hint}", "override", pid)
     tags = {t for p in combined.principles for t in p.tags}
-    for tag in policy.disable_tags:
+    for index, tag in enumerate(policy.disable_tags):
         if tag not in tags:
-            raise ConfigError(
-                f"{label}: disable_tags names {tag!r}, which no principle carries (a typo would leave "
-                f"principles on); known tags: {', '.join(sorted(tags)) or '(none)'}"
+            hint = did_you_mean(tag, tags, listing="known tags")
+            add(
+                f"names {tag!r}, which no principle carries (a typo would leave principles on){hint}",
+                "disable_tags",
+                index,
             )
     principles = []
     for principle in combined.principles:
@@ -335,8 +427,8 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
         if change:
             principle = principle.model_copy(update=change.model_dump(exclude_none=True))
         principles.append(principle)
-    if not principles:
-        raise ConfigError(f"{label}: every principle is disabled")
+    if not principles and not problems:
+        raise PolicyProblems([Problem("every principle is disabled", source=source)])
     resolved = combined.model_copy(
         update={
             "principles": principles,
@@ -345,9 +437,12 @@ def resolve_policy(policy: Policy, registry: Any, base_dir: Path | None = None) 
         }
     )
     resolved = Constitution.model_validate(resolved.model_dump(by_alias=True))
-    errors = [i for i in lint(resolved) if i.level == "error"]
-    if errors:
-        raise ConfigError(f"{label}: {errors[0].where}: {errors[0].message}")
+    checks = registry.names("critic") if hasattr(registry, "names") else None
+    for issue in lint(resolved, checks=checks):
+        if issue.level == "error":
+            problems.append(_as_policy_problem(locate(issue, raw, origins), source))
+    if problems:
+        raise PolicyProblems(sort_problems(problems))
     return resolved
 
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import pluggy
 
+from cai_engine.constitution.problems import did_you_mean
 from cai_engine.errors import ConstitutionError, PluginError
 from cai_engine.plugins import hookspecs
 from cai_engine.plugins.components import Backend, Critic, Judge, Reviser, Sampler, Trainer
@@ -86,7 +87,7 @@ def make_plugin_manager(
         if name not in known:
             pm.cai_warnings.append(  # type: ignore[attr-defined]
                 f"CAI_BLOCKED_PLUGINS names {name!r}, which is no installed plugin; installed: "
-                f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}"
+                f"{', '.join(sorted(known - set(DEFAULT_PLUGINS))) or '(none)'}{did_you_mean(name, known)}"
             )
     if os.environ.get("CAI_TRACE_PLUGINS"):
         pm.trace.root.setwriter(print)
@@ -98,8 +99,35 @@ def make_plugin_manager(
             pm.register(importlib.import_module(modname), modname)
     for plugin in plugins:
         pm.register(plugin)
-    pm.check_pending()  # a misspelled hookimpl (cai_register_critic) fails here, at start-up
+        problem = unknown_hooks(pm, plugin, f"plugin {getattr(plugin, '__name__', type(plugin).__name__)!r}")
+        if problem:  # a misspelled hookimpl (cai_register_critic) fails here, at start-up
+            pm.unregister(plugin)
+            raise pluggy.PluginValidationError(plugin, problem)
+    pm.check_pending()
     return pm
+
+
+def hook_names(pm: pluggy.PluginManager) -> list[str]:
+    """The hooks cai-engine defines (those with a spec): a misspelt hookimpl adds a caller of its own to
+    ``pm.hook``, which is not one of them."""
+    return sorted(
+        name
+        for name in dir(pm.hook)
+        if name.startswith("cai_") and getattr(getattr(pm.hook, name), "spec", None) is not None
+    )
+
+
+def unknown_hooks(pm: pluggy.PluginManager, plugin: object, who: str) -> str | None:
+    """Why ``plugin`` cannot be loaded because it implements hooks cai-engine does not define (a typo, most
+    likely), naming each with the closest real hook; None when every hook it implements exists."""
+    unknown = sorted(
+        c.name for c in (pm.get_hookcallers(plugin) or []) if c.spec is None and not c.name.startswith("pytest")
+    )
+    if not unknown:
+        return None
+    known = hook_names(pm)
+    named = "; ".join(f"{name!r}, which is no cai-engine hook{did_you_mean(name, known, n=1)}" for name in unknown)
+    return f"{who} implements {named} (the hooks are: {', '.join(known)})"
 
 
 def _load_entry_points(pm: pluggy.PluginManager, *, skip_broken: bool = False) -> None:
@@ -125,16 +153,10 @@ def _load_entry_points(pm: pluggy.PluginManager, *, skip_broken: bool = False) -
             raise PluginError(f"{note} ({type(exc).__name__}: {exc})") from exc
         try:
             pm.register(plugin, name=ep.name)
-            unknown = sorted(
-                c.name for c in (pm.get_hookcallers(plugin) or []) if c.spec is None and not c.name.startswith("pytest")
-            )
-            if unknown:
+            problem = unknown_hooks(pm, plugin, who)
+            if problem:
                 pm.unregister(plugin)
-                raise pluggy.PluginValidationError(
-                    plugin,
-                    f"{who} implements {', '.join(unknown)}, which is no cai-engine hook (a typo?); the hooks "
-                    f"are: {', '.join(sorted(n for n in dir(pm.hook) if n.startswith('cai_')))}",
-                )
+                raise pluggy.PluginValidationError(plugin, problem)
         except pluggy.PluginValidationError as exc:
             if skip_broken:
                 pm.cai_broken[ep.name] = str(exc)  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pluggy
 
+from cai_engine.constitution.problems import UnknownNameError
 from cai_engine.errors import ConstitutionError, DuplicateComponentError, UnknownComponentError
 from cai_engine.plugins.components import Backend, Critic, Judge, Reviser, Sampler, Trainer
 from cai_engine.plugins.manager import COMPONENT_KINDS, DEFAULT_PLUGINS, HOOK_FOR_KIND, Hooks, make_plugin_manager
@@ -153,7 +154,7 @@ class Registry:
         try:
             return self._components[kind][name].obj
         except KeyError:
-            raise UnknownComponentError(kind, name, self._components[kind]) from None
+            raise UnknownNameError(kind, name, self._components[kind]) from None
 
     def backend(self, name: str) -> type[Backend]:
         return self.component("backend", name)
@@ -198,7 +199,7 @@ class Registry:
                 raise ConstitutionError(
                     f"constitution {name!r} is broken (plugin {broken[0].plugin!r}): {broken[0].error}"
                 ) from None
-            raise UnknownComponentError("constitution", name, self._constitutions) from None
+            raise UnknownNameError("constitution", name, self._constitutions) from None
 
     def raw_constitution(self, name: str):
         return self.constitution_entry(name).raw
@@ -217,6 +218,25 @@ class Registry:
             if entry.plugin in DEFAULT_PLUGINS:  # a built-in's error needs no pointer to who registered it
                 raise
             raise ConstitutionError(f"{exc} (constitution registered by plugin {entry.plugin!r})") from None
+
+    def check_constitution(self, name_or_path: str | os.PathLike[str]):
+        """Every problem of a constitution (a registered name or a file) at once, each with its file and line:
+        syntax, schema, ``extends``, lint, and check names that no plugin registered. Returns a
+        ``constitution.load.Checked``; problems with the input are in it, not raised."""
+        from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, check_constitution
+        from cai_engine.constitution.problems import problems_of
+
+        text = str(name_or_path)
+        checks = self.names("critic")
+        if isinstance(name_or_path, os.PathLike) or text.lower().endswith(CONSTITUTION_SUFFIXES) or os.sep in text:
+            return check_constitution(Path(text), self.raw_constitution, checks=checks)
+        try:
+            raw = self.constitution_entry(text).raw
+        except (ConstitutionError, UnknownComponentError) as exc:
+            from cai_engine.constitution.load import Checked
+
+            return Checked(None, problems_of(exc))
+        return check_constitution(raw, self.raw_constitution, checks=checks)
 
     # prompt sets
 
