@@ -10,7 +10,7 @@ from __future__ import annotations
 from cai_engine.checks.rules import RULES, check_principle, repair
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
 from cai_engine.classifiers.load import load_classifier
-from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, lint, load_constitution
+from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, Checked, check_constitution, lint, load_constitution
 from cai_engine.constitution.model import (
     ComparisonExample,
     Constitution,
@@ -21,6 +21,7 @@ from cai_engine.constitution.model import (
     Rule,
     Stance,
 )
+from cai_engine.constitution.problems import ConstitutionProblems, PolicyProblems, Problem
 from cai_engine.errors import (
     BackendUnavailableError,
     CaiError,
@@ -92,6 +93,7 @@ __all__ = [
     "CaiError",
     "CatalogModel",
     "ChatPrompt",
+    "Checked",
     "ComparisonExample",
     "ComparisonTask",
     "Component",
@@ -99,6 +101,7 @@ __all__ = [
     "ConfigError",
     "Constitution",
     "ConstitutionError",
+    "ConstitutionProblems",
     "Critic",
     "Critique",
     "CritiqueExample",
@@ -118,8 +121,10 @@ __all__ = [
     "Package",
     "Phase",
     "PluginError",
+    "PolicyProblems",
     "PreferenceExportManifest",
     "Principle",
+    "Problem",
     "Prompt",
     "PromptItem",
     "PromptSet",
@@ -142,6 +147,7 @@ __all__ = [
     "__version__",
     "asks_for_definition",
     "caveat_check",
+    "check_constitution",
     "check_principle",
     "cut_at_stop",
     "data_dir",
