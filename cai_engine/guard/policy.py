@@ -156,8 +156,9 @@ class InputSettings(_Strict):
 
     check: bool = Field(
         False,
-        description="Run the runtime principles' rules and plugin checks on the last user "
-        "message (deterministic only, milliseconds).",
+        description="Run the runtime principles' rules and plugin checks on every string the model will read: "
+        "every message and role, tool calls and results, and the request's `tools` (deterministic only, "
+        "milliseconds).",
     )
     action: Literal["refuse", "redact", "flag"] = Field(
         "refuse",
