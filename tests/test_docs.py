@@ -5,6 +5,7 @@ which also checks the links between pages, their anchors and the nav."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import shlex
@@ -155,6 +156,17 @@ def option_names(command: click.Command) -> set[str]:
     return {name for p in params if isinstance(p, click.Option) for name in (*p.opts, *p.secondary_opts)}
 
 
+@functools.cache
+def trl_flags() -> frozenset[str]:
+    """`cai train` also takes TRL's own settings as flags (`--learning_rate 1e-4`): every field of its config classes."""
+    import dataclasses
+
+    import trl
+
+    classes = (trl.SFTConfig, trl.DPOConfig, trl.RewardConfig, trl.GRPOConfig, trl.ScriptArguments, trl.ModelConfig)
+    return frozenset(f"--{field.name}" for cls in classes for field in dataclasses.fields(cls))
+
+
 def problems_with(arguments: list[str]) -> list[str]:
     """What does not exist in `cai ARGUMENTS`: a command of the path, or an option of the command it reaches."""
     command: click.Command = cli
@@ -166,7 +178,8 @@ def problems_with(arguments: list[str]) -> list[str]:
             break
         if word.startswith("-") and word != "-":
             name = word.split("=", 1)[0]
-            if (name.startswith("--") or len(name) == 2) and name not in option_names(command):
+            known = option_names(command) | (trl_flags() if command.context_settings.get("allow_extra_args") else set())
+            if (name.startswith("--") or len(name) == 2) and name not in known:
                 problems.append(f"`{' '.join(path)}` has no option {name}")
             continue
         if isinstance(command, click.Group) and word not in ("SUBSTITUTION",):
