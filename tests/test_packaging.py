@@ -46,9 +46,14 @@ def imported(package: Path) -> dict[str, list[str]]:
     return found
 
 
+# Import names that differ from their distribution's, for when the distribution is not installed here.
+NOT_INSTALLED = {"llama_cpp": "llama-cpp-python", "yaml": "PyYAML", "re2": "google-re2", "faker": "Faker"}
+
+
 def distribution(module: str) -> str:
-    """The distribution that provides an importable top-level name (the name itself when it is not installed)."""
-    providers = importlib.metadata.packages_distributions().get(module) or [module]
+    """The distribution that provides an importable top-level name, as installed (else from NOT_INSTALLED, else the
+    name itself)."""
+    providers = importlib.metadata.packages_distributions().get(module) or [NOT_INSTALLED.get(module, module)]
     return canonicalize_name(providers[0])
 
 

@@ -146,7 +146,7 @@ if [[ " $ONLY " == *" sdist "* ]]; then
     cd "$tree"
     "$WORK/venv-sdist/bin/python" -m pytest -q -p no:cacheprovider -p no:randomly \
       -m "not model and not server and not slow" \
-      tests/test_examples.py tests/test_schema.py tests/test_domain_plugins.py \
+      tests/test_examples.py tests/test_schema.py tests/test_domain_plugins.py tests/test_packaging.py \
       "tests/test_guard.py::test_the_shipped_rules_only_examples_never_need_a_model"
   )
   PASSED+=("sdist: core tests from the unpacked tree")
