@@ -20,9 +20,10 @@ setup: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[train,eval]' $(PLUGIN_INSTALLS)
 	$(BIN)/cai models install smollm2
 
-# The tests also need pytest and a real llama.cpp server for the HTTP backend (compiled once, then cached by pip).
+# The tests also need pytest and a real llama.cpp server for the HTTP backend (the llamacpp-server extra; compiled
+# once, then cached by pip).
 setup-test: setup
-	$(BIN)/pip install --quiet -e '.[dev,server]'
+	$(BIN)/pip install --quiet -e '.[dev,llamacpp-server]'
 
 demo: setup
 	$(BIN)/cai demo

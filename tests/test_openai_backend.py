@@ -1,4 +1,4 @@
-"""The OpenAI-compatible backend against a real llama.cpp server (llama-cpp-python[server]) on localhost."""
+"""The OpenAI-compatible backend against a real llama.cpp server (the llamacpp-server extra) on localhost."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PROMPTS = [
 
 class LlamaServer:
     def __init__(self, port: int | None = None, api_key: str | None = None) -> None:
-        pytest.importorskip("llama_cpp", reason="needs the server extra: pip install -e '.[server]'")
+        pytest.importorskip("llama_cpp", reason="needs the llamacpp-server extra: pip install -e '.[llamacpp-server]'")
         from cai_engine.models.files import default_model_file
 
         self.gguf = str(default_model_file())

@@ -230,43 +230,47 @@ def _validate(body: Any) -> None:
 
 
 class Metrics:
-    """Counters and latency histograms in Prometheus' text format."""
+    """Counters and latency histograms (prometheus_client), in a registry of this app's own so that two apps in one
+    process count apart. ``render()`` is the body of ``GET /metrics``, in ``content_type``."""
 
     def __init__(self) -> None:
-        self.requests: dict[str, int] = {}
-        self.actions: dict[str, int] = {}
-        self.upstream_errors = 0
-        self.hist: dict[str, list[int]] = {
-            "upstream": [0] * (len(LATENCY_BUCKETS_MS) + 1),
-            "guard": [0] * (len(LATENCY_BUCKETS_MS) + 1),
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.content_type = CONTENT_TYPE_LATEST
+        self.requests = Counter(
+            "cai_requests_total", "Chat completion requests by outcome.", ["status"], registry=self.registry
+        )
+        self.actions = Counter(
+            "cai_guard_actions_total", "Guard decisions by action.", ["action"], registry=self.registry
+        )
+        self.upstream_errors = Counter(
+            "cai_upstream_errors_total",
+            "Upstream failures: unreachable, timed out or an error status.",
+            registry=self.registry,
+        )
+        self.latency = {
+            which: Histogram(
+                f"cai_{which}_latency_ms",
+                f"Milliseconds spent {what}.",
+                buckets=LATENCY_BUCKETS_MS,
+                registry=self.registry,
+            )
+            for which, what in (("upstream", "waiting for the upstream"), ("guard", "checking with the guard"))
         }
-        self.sums: dict[str, float] = {"upstream": 0.0, "guard": 0.0}
 
     def observe(self, which: str, ms: float) -> None:
-        index = next((i for i, b in enumerate(LATENCY_BUCKETS_MS) if ms <= b), len(LATENCY_BUCKETS_MS))
-        self.hist[which][index] += 1
-        self.sums[which] += ms
+        self.latency[which].observe(ms)
 
     def count(self, status: str, action: str | None = None) -> None:
-        self.requests[status] = self.requests.get(status, 0) + 1
+        self.requests.labels(status=status).inc()
         if action:
-            self.actions[action] = self.actions.get(action, 0) + 1
+            self.actions.labels(action=action).inc()
 
-    def render(self) -> str:
-        lines = ["# HELP cai_requests_total Chat completion requests by outcome.", "# TYPE cai_requests_total counter"]
-        lines += [f'cai_requests_total{{status="{k}"}} {v}' for k, v in sorted(self.requests.items())]
-        lines += ["# HELP cai_guard_actions_total Guard decisions by action.", "# TYPE cai_guard_actions_total counter"]
-        lines += [f'cai_guard_actions_total{{action="{k}"}} {v}' for k, v in sorted(self.actions.items())]
-        lines += ["# TYPE cai_upstream_errors_total counter", f"cai_upstream_errors_total {self.upstream_errors}"]
-        for which in ("upstream", "guard"):
-            name = f"cai_{which}_latency_ms"
-            lines.append(f"# TYPE {name} histogram")
-            total = 0
-            for bound, n in zip([*LATENCY_BUCKETS_MS, "+Inf"], self.hist[which]):
-                total += n
-                lines.append(f'{name}_bucket{{le="{bound}"}} {total}')
-            lines += [f"{name}_sum {round(self.sums[which], 3)}", f"{name}_count {total}"]
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 # -- the app ---------------------------------------------------------------------------------------------------------
@@ -309,7 +313,7 @@ def create_app(
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import PlainTextResponse, Response
+    from starlette.responses import Response
     from starlette.routing import Route
 
     opts = options or ServeOptions(timeout=timeout, max_concurrency=max_concurrency)
@@ -360,7 +364,7 @@ def create_app(
     async def metrics_endpoint(request: Request):
         if opts.metrics_need_key and not authorised(request):
             return unauthorised()
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     async def models(request: Request):
         if not authorised(request):
@@ -397,7 +401,7 @@ def create_app(
             metrics.count("client_disconnected")
             emit({**record, "status": "client_disconnected"})
             return Response(status_code=499)
-        metrics.upstream_errors += 1
+        metrics.upstream_errors.inc()
         if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
             metrics.count("upstream_timeout")
             emit({**record, "status": "upstream_timeout"})
@@ -498,7 +502,7 @@ def create_app(
             return upstream_error(reply.status_code, reply.headers, reply.content, conversation, record)
         data = _lenient_json(reply.content)
         if not _is_completion(data):
-            metrics.upstream_errors += 1
+            metrics.upstream_errors.inc()
             metrics.count("upstream_error")
             emit({**record, "status": "upstream_bad_response"})
             return _error(
@@ -548,7 +552,7 @@ def create_app(
     def upstream_error(status: int, headers: Any, content: bytes, conversation: list[Message], record: dict):
         """An upstream error for the client: 4xx keep their status with the message run through the policy's
         rules (an upstream may quote the request back); 5xx become 502; Retry-After passes through."""
-        metrics.upstream_errors += 1
+        metrics.upstream_errors.inc()
         metrics.count("upstream_error")
         emit({**record, "status": f"upstream_{status}"})
         passed = {}
@@ -627,7 +631,7 @@ def create_app(
                 return upstream_error(reply.status_code, reply.headers, content, conversation, record)
             data = _lenient_json(content)  # an upstream that answers a stream request with one JSON answer
             if not _is_completion(data):
-                metrics.upstream_errors += 1
+                metrics.upstream_errors.inc()
                 metrics.count("upstream_error")
                 return _error(
                     502,
@@ -731,13 +735,13 @@ def create_app(
                 yield "data: [DONE]\n\n"
                 await finish_record("ok")
             except TimeoutError:
-                metrics.upstream_errors += 1
+                metrics.upstream_errors.inc()
                 yield guard.error_event(
                     504, f"the upstream did not finish within {opts.timeout:g} s", "upstream_timeout"
                 )
                 await finish_record("upstream_timeout")
             except httpx.HTTPError as exc:
-                metrics.upstream_errors += 1
+                metrics.upstream_errors.inc()
                 yield guard.error_event(502, f"the upstream's stream broke ({type(exc).__name__})", "upstream_error")
                 await finish_record("upstream_error")
             except CaiError as exc:

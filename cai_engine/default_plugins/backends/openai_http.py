@@ -16,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import httpx
+import tenacity
 from pydantic import Field
 
 from cai_engine import Backend, BackendUnavailableError, ChatPrompt, GenerationSettings, ModelError, Prompt, cut_at_stop
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_S = 60.0  # a longer Retry-After is cut to this
 
 
 class OpenAIBackend(Backend):
@@ -120,47 +122,63 @@ class OpenAIBackend(Backend):
                 self.in_flight[index] -= 1
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries (tenacity): transient failures are tried again after ``backoff_seconds * 2**n`` (or the
+        server's ``Retry-After``, up to a minute, when that is longer), on another replica when there is one."""
         attempts = self.options.max_retries + 1
-        last, reachable = "", False
         failed: int | None = None
-        wait = 0.0
-        url = ""
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(max(wait, self.options.backoff_seconds * 2 ** (attempt - 1)))
+        reachable = False  # some server answered, if only with an error: it is running
+
+        def attempt() -> dict[str, Any]:
+            nonlocal failed, reachable
             index = self._pick(avoid=failed)
             url = f"{self.base_urls[index]}/{path}"
-            wait = 0.0
             try:
                 response = self._send(index, path, body)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
-                last, failed = f"{url}: {type(exc).__name__}: {exc}", index
-                continue
+                failed = index
+                raise _Transient(f"{url}: {type(exc).__name__}: {exc}") from exc
             if response.status_code in RETRY_STATUS:
-                last, reachable, failed = f"{url}: HTTP {response.status_code}: {_message(response)}", True, index
-                wait = min(_retry_after(response), 60.0)
-                continue
-            if response.status_code in (401, 403):
-                hint = f"set the key in ${self.options.api_key_env}" if self.options.api_key_env else "set api_key_env"
-                raise ModelError(
-                    f"{url}: authentication failed (HTTP {response.status_code}: {_message(response)}); {hint}"
+                failed, reachable = index, True
+                raise _Transient(
+                    f"{url}: HTTP {response.status_code}: {_message(response)}",
+                    wait=min(_retry_after(response), MAX_RETRY_AFTER_S),
                 )
-            if response.status_code >= 400:
-                raise ModelError(
-                    f"{url}: the server rejected the request (HTTP {response.status_code}): {_message(response)}"
-                )
-            try:
-                data = response.json()
-            except ValueError:
-                raise ModelError(f"{url}: the server's answer is not JSON") from None
-            usage = data.get("usage") or {}
-            with self._lock:
-                self.generated_tokens += int(usage.get("completion_tokens") or 0)
-                self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            return data
+            return self._answer(url, response)
+
+        backoff = tenacity.wait_exponential(multiplier=self.options.backoff_seconds, exp_base=2)
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(attempts),
+            wait=lambda state: max(_asked_wait(state), backoff(state)),
+            retry=tenacity.retry_if_exception_type(_Transient),
+        )
+        try:
+            return retrying(attempt)
+        except tenacity.RetryError as exc:
+            last = exc.last_attempt.exception()
         hint = "the server keeps failing; check its log" if reachable else "is the server running?"
         where = self.base_urls[0] if len(self.base_urls) == 1 else f"{len(self.base_urls)} replicas"
         raise ModelError(f"{where}: no answer after {attempts} attempt(s) (last: {last}); {hint}")
+
+    def _answer(self, url: str, response: httpx.Response) -> dict[str, Any]:
+        """The JSON of a final answer (counting its tokens), or a ModelError for one that is not worth retrying."""
+        if response.status_code in (401, 403):
+            hint = f"set the key in ${self.options.api_key_env}" if self.options.api_key_env else "set api_key_env"
+            raise ModelError(
+                f"{url}: authentication failed (HTTP {response.status_code}: {_message(response)}); {hint}"
+            )
+        if response.status_code >= 400:
+            raise ModelError(
+                f"{url}: the server rejected the request (HTTP {response.status_code}): {_message(response)}"
+            )
+        try:
+            data = response.json()
+        except ValueError:
+            raise ModelError(f"{url}: the server's answer is not JSON") from None
+        usage = data.get("usage") or {}
+        with self._lock:
+            self.generated_tokens += int(usage.get("completion_tokens") or 0)
+            self.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        return data
 
     def _map(self, fn, items: Sequence[Any]) -> list[Any]:
         began = time.perf_counter()
@@ -249,6 +267,20 @@ class OpenAIBackend(Backend):
             return out
 
         return self._map(one, list(zip(prompts, continuations)))
+
+
+class _Transient(Exception):
+    """A failure worth another try: no answer, or a status in RETRY_STATUS (``wait``: the server's Retry-After)."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+def _asked_wait(state: tenacity.RetryCallState) -> float:
+    """The wait the failed attempt's server asked for (0 when it did not)."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    return error.wait if isinstance(error, _Transient) else 0.0
 
 
 def _retry_after(response: httpx.Response) -> float:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 
 import jsonschema
 import pytest
@@ -20,8 +21,6 @@ def registry():
 
 
 def test_constitution_and_prompts(registry):
-    from importlib.resources import files
-
     financial = registry.constitution("financial")
     assert sum(p.id.startswith("fin-") for p in financial.principles) == 11
     assert [i for i in lint(financial) if i.level == "error"] == []
@@ -115,8 +114,17 @@ def test_guard_with_the_plugin(registry):
 def test_labelled_benchmark(registry, check):
     """The plugin's own labelled answers (half violating, hard kinds included): the deterministic tier must keep
     precision >= 0.9 and recall >= 0.85, and its repair must succeed on >= 0.9 of the violations it flags."""
-    from pathlib import Path
+    from importlib.resources import as_file
 
     from cai_engine.testing import assert_check_benchmark
 
-    assert_check_benchmark(registry, check, Path(__file__).parent / "data" / f"{check}.jsonl")
+    with as_file(files("cai_financial") / "cases" / f"{check}.jsonl") as path:  # package data: in the wheel too
+        assert_check_benchmark(registry, check, path)
+
+
+def test_each_check_ships_its_labelled_cases(registry):
+    """`cai checks eval --cases` needs a labelled file per check; they are package data (cai_financial/cases), so the
+    wheel carries them."""
+    checks = {n for n in registry.names("critic") if registry.owner("critic", n) == "cai_financial"}
+    assert len(checks) == 2
+    assert {p.name for p in (files("cai_financial") / "cases").iterdir()} == {f"{c}.jsonl" for c in checks}
