@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/cai-*)
 PLUGIN_INSTALLS := $(foreach p,$(PLUGINS),-e $(p))
 
-.PHONY: setup setup-test demo test test-quick lint docs clean
+.PHONY: setup setup-test demo test test-quick lint docs dist-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ lint: setup-test
 # nav or a docstring mkdocstrings cannot read. The site goes to site/ (git-ignored); `mkdocs serve` previews it.
 docs: setup-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Release check (not part of `make test`; downloads from PyPI, a few minutes): build the wheels and sdists of the core and
+# the plugins, install them in fresh virtual environments, `pip check`, and run the plugins' tests and core tests
+# from the unpacked sdist against the installed packages.
+dist-check:
+	tools/check_dist.sh --python $(PYTHON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,3 +1,3 @@
 """The version of cai-engine (read by the build from here)."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -85,7 +85,7 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
     labelled content kept).
 
     \b
-      cai checks eval --check medical.phi --cases plugins/cai-medical/tests/data/medical.phi.jsonl
+      cai checks eval --check medical.phi --cases plugins/cai-medical/cai_medical/cases/medical.phi.jsonl
     """
     from cai_engine.evaluation.checks import evaluate_check, load_cases, summary_table
 

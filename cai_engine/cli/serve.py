@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from pathlib import Path
 
 import click
@@ -131,6 +133,10 @@ def serve_command(
         import uvicorn
 
         from cai_engine.guard.serve import ServeOptions, check_upstream, create_app, is_loopback, server_config
+
+        for needed in ("starlette", "prometheus_client"):  # imported by the app when it is built, not above
+            if importlib.util.find_spec(needed) is None:
+                raise ImportError(f"No module named {needed!r}")
     except ImportError as exc:
         raise click.ClickException(
             f"cai serve needs the serve extra: pip install 'cai-engine[serve]' ({exc})"

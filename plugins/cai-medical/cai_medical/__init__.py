@@ -8,7 +8,7 @@ from cai_engine import PromptSet, hookimpl
 
 from .checks import CaveatCritic, CaveatReviser, PHICritic, PHIReviser
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 _DATA = files("cai_medical")
 
