@@ -423,6 +423,20 @@ def test_the_training_example_is_valid():
     SFT.Options.model_validate(data)
 
 
+def test_the_trl_style_training_example_reads_as_the_same_run():
+    """examples/train-sft-trl.yaml (TRL's flat names) resolves to the same settings as examples/train-sft.yaml."""
+    from cai_engine.cli.train import resolve_train_settings
+    from cai_engine.default_plugins.trainers import SFT
+
+    def resolve(name):
+        data = yaml.safe_load((ROOT / "examples" / name).read_text(encoding="utf-8"))
+        return resolve_train_settings("sft", SFT, data, name, {}, {}, [])
+
+    (ours, our_options), (trls, trl_options) = resolve("train-sft.yaml"), resolve("train-sft-trl.yaml")
+    assert {k: str(v) for k, v in ours.items() if v} == {k: str(v) for k, v in trls.items() if v}
+    assert our_options == trl_options
+
+
 def test_the_changelog_page_includes_the_changelog():
     assert SNIPPET.findall((DOCS / "changelog.md").read_text(encoding="utf-8")) == ["CHANGELOG.md"]
 

@@ -122,7 +122,7 @@ def test_a_checkpoint_has_a_model_card_and_is_pushed_without_trl_checkpoints(
 
     data = ModelCard.load(out / "README.md").data  # the metadata round-trips through huggingface_hub
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
-    assert data.datasets == ["ds"] and data.license == "unknown" and data.base_model is None
+    assert data.datasets is None and data.license == "unknown" and data.base_model is None
     assert data.constitution == CONSTITUTION and {"cai-engine", "trl", "sft"} <= set(data.tags)
     # TRL's resume checkpoints (weights and optimizer state) go once the final weights are saved and checked ...
     assert not (out / "trainer").exists()
@@ -177,7 +177,7 @@ def test_model_cards_name_the_upstream_model_and_its_licence(tmp_path):
         {"trainer": "sft", "base_model": "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)", "dataset": str(folder)}
     )
     assert default.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and default.license == "apache-2.0"
-    assert default.datasets == ["ds"] and default.constitution == CONSTITUTION
+    assert default.datasets is None and default.constitution == CONSTITUTION
     assert card({"trainer": "dpo", "base_model": "qwen2.5-coder-0.5b"}).base_model == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
     hub = card({"trainer": "dpo", "base_model": "acme/tiny-chat", "dataset": "acme/prefs"})
     assert hub.base_model == "acme/tiny-chat" and hub.datasets == ["acme/prefs"] and hub.license == "unknown"
@@ -192,7 +192,7 @@ def test_model_cards_name_the_upstream_model_and_its_licence(tmp_path):
     grpo = card(
         {"trainer": "grpo", "base_model": "local.gguf", "prompts": "builtin:red-team", "constitution": CONSTITUTION}
     )  # grpo records the constitution its judge scored against
-    assert grpo.base_model is None and grpo.datasets == ["builtin:red-team"] and grpo.constitution == CONSTITUTION
+    assert grpo.base_model is None and grpo.datasets is None and grpo.constitution == CONSTITUTION
 
 
 def test_the_classifier_card_carries_the_same_metadata(tmp_path):
@@ -216,5 +216,5 @@ def test_the_classifier_card_carries_the_same_metadata(tmp_path):
     data = ModelCard.load(tmp_path / "README.md").data
     assert data.library_name == "cai-engine" and data.pipeline_tag == "text-classification"
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and data.license == "apache-2.0"
-    assert data.datasets == ["clf-data"] and data.constitution == CONSTITUTION
+    assert data.datasets is None and data.constitution == CONSTITUTION
     assert {"constitutional-ai", "safety-classifier", "cai-engine"} <= set(data.tags)

@@ -71,17 +71,6 @@ def calibrate_folder(
         config.thresholds["violation"] = threshold
         config.metrics["calibration"] = record
         write_atomic(folder / CONFIG, config.model_dump_json(indent=2) + "\n", what="classifier")
-        write_card(folder, config, dataset=_card_dataset(folder))
+        write_card(folder, config)
         classifier.config = config
     return record
-
-
-def _card_dataset(folder: Path) -> str | None:
-    """The dataset the existing card names, so rewriting the card keeps it."""
-    try:
-        from huggingface_hub import ModelCard
-
-        datasets = ModelCard.load(folder / "README.md").data.datasets
-    except Exception:  # no card, or one huggingface_hub cannot read: the new card simply names no dataset
-        return None
-    return datasets[0] if datasets else None

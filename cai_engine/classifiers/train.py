@@ -242,6 +242,7 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     from huggingface_hub import ModelCard, ModelCardData
 
     from cai_engine.models.files import upstream_model
+    from cai_engine.store.cards import hub_dataset_ids
 
     m = config.metrics
     report = m.get("report_split", {})
@@ -250,7 +251,7 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     data = ModelCardData(
         license=license_id or "unknown",
         base_model=upstream,
-        datasets=[Path(dataset).name] if dataset else None,
+        datasets=hub_dataset_ids(dataset),
         library_name="cai-engine",
         pipeline_tag="text-classification",
         tags=["constitutional-ai", "safety-classifier", "cai-engine", config.kind, config.method],

@@ -114,6 +114,11 @@ def _unknown(keys: list[str], source: str, known: Iterable[str], prog: str) -> s
     )
 
 
+def _shown(value: Any) -> str:
+    """A value as a user wrote it: paths as text, not as ``PosixPath(...)``."""
+    return repr(str(value)) if isinstance(value, Path) else repr(value)
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (str, Path)) and isinstance(b, (str, Path)):
         return Path(a).expanduser() == Path(b).expanduser()
@@ -136,7 +141,7 @@ class _Level:
         if key in self.values and not _same(self.values[key], value):
             raise ConfigError(
                 f"{self.source}: {self.spelled[key]} and {spelled} are the same setting with different values "
-                f"({self.values[key]!r} and {value!r}); give it once"
+                f"({_shown(self.values[key])} and {_shown(value)}); give it once"
             )
         self.values.setdefault(key, value)
         self.spelled.setdefault(key, spelled)

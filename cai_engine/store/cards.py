@@ -36,13 +36,12 @@ def _constitution_metadata(constitution: dict[str, Any] | None) -> dict[str, Any
     return kept or None
 
 
-def _dataset_ids(dataset: str | None) -> list[str] | None:
-    """The card's ``datasets``: a Hub id as it is; an export folder (or a prompt source) by its name."""
-    if not dataset:
-        return None
-    if HUB_ID.match(dataset) and not Path(dataset).exists():
+def hub_dataset_ids(dataset: str | None) -> list[str] | None:
+    """The card's ``datasets``: Hub dataset ids only (the Hub links each one), so a local export folder or a prompt
+    source is left out of the metadata; the card's text names it."""
+    if dataset and HUB_ID.match(dataset) and not Path(dataset).exists():
         return [dataset]
-    return [Path(dataset).name or dataset]
+    return None
 
 
 def _constitution_line(constitution: dict[str, Any] | None) -> str:
@@ -88,7 +87,7 @@ def model_card(summary: dict[str, Any], *, task: str | None = None, auto_class: 
     data = ModelCardData(
         license=license_id or "unknown",
         base_model=upstream,  # the Hub only accepts Hub ids here
-        datasets=_dataset_ids(str(dataset) if dataset else None),
+        datasets=hub_dataset_ids(str(dataset) if dataset else None),
         library_name="transformers",
         pipeline_tag=task,
         tags=["cai-engine", "constitutional-ai", "trl", trainer],
