@@ -20,8 +20,8 @@ from cai_engine.models.runtime import DEFAULT_MODEL
 @click.option(
     "--models",
     required=True,
-    help="Comma-separated models; the first is the baseline. 'base' means "
-    "the embedded default. Folders, .gguf files and endpoints work too.",
+    help="Comma-separated models; the first is the baseline. 'base' means the embedded default; catalogue names, "
+    "model folders, .gguf files, Hub ids org/name and endpoints http://host:port/v1#name work too.",
 )
 @click.option("--names", help="Comma-separated labels for the models.")
 @click.option("--prompts", "harmful", default="builtin:heldout", show_default=True, help="Held-out red-team prompts.")

@@ -41,7 +41,11 @@ def rl_group() -> None:
 @click.option("--prompts", help="Prompt source for 'judged'. [default: builtin:red-team]")
 @click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
 @click.option("--limit", type=int, help="Use only the first N prompts or records.")
-@click.option("--model", help=f"The policy that samples pairs (e.g. an SFT checkpoint). [default: {DEFAULT_MODEL}]")
+@click.option(
+    "--model",
+    help="The policy that samples pairs (e.g. an SFT checkpoint; any model reference: a catalogue name, a folder, a "
+    f".gguf file, a Hub id or an endpoint). [default: {DEFAULT_MODEL}]",
+)
 @click.option("--judge", "judge_name", help="Judge: logprob, cot, pointwise or a plugin's. [default: logprob]")
 @click.option("--judge-model", help="Model for the judge, if not the policy's.")
 @click.option("--principles-per-label", type=int, help="Principles per comparison (an ensemble). [default: 1]")
