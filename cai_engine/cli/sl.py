@@ -36,8 +36,9 @@ from cai_engine.models.runtime import DEFAULT_MODEL
 @click.option("--seed", type=int, help="Seed for principle draws and sampling. [default: 0]")
 @click.option("--batch-size", type=int, help="Items per batched model call. [default: 8]")
 @click.option(
-    "--model", help=f"Model for every role: {DEFAULT_MODEL}, a catalogue name (`cai models list`), a model folder, a .gguf "
-    "file, a Hub id org/name[@revision] or an endpoint http://host:port/v1#name."
+    "--model",
+    help=f"Model for every role: {DEFAULT_MODEL}, a catalogue name (`cai models list`), a model folder, a .gguf "
+    "file, a Hub id org/name[@revision] or an endpoint http://host:port/v1#name.",
 )
 @click.option(
     "--helpful-prompts",
