@@ -422,6 +422,23 @@ def test_an_upstream_error_message_is_guarded_before_the_client_sees_it():
             assert reply.json()["cai_guard"] == {"action": "refused", "principle_ids": ["pw-002"]}
 
 
+def test_an_upstream_errors_type_code_and_param_are_guarded_too():
+    """The short fields of an upstream error can echo the request as well; one that breaks a rule is left out."""
+
+    def respond(method, path, body):
+        quoted = body["messages"][-1]["content"]
+        error = {"error": {"message": "bad", "type": "invalid_request_error", "code": "bad_value", "param": quoted}}
+        return 400, {}, json.dumps(error).encode()
+
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(add=[SECRET]), stub.url) as guard:
+        reply = post(guard, {"model": "m", "messages": [{"role": "user", "content": "pw hunter2"}]})
+        assert reply.status_code == 400 and "hunter2" not in reply.text
+        error = reply.json()["error"]
+        assert error["param"] is None and error["type"] == "invalid_request_error" and error["code"] == "bad_value"
+        clean = post(guard, {"model": "m", "messages": [{"role": "user", "content": "hello there"}]})
+        assert clean.json()["error"]["param"] == "hello there"
+
+
 @pytest.mark.parametrize(
     "method, path, status",
     [

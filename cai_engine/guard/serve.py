@@ -580,8 +580,15 @@ def create_app(
                 else f"the upstream answered {status}; {engine.refusal_text(violations)}"
             )
             extra = {"cai_guard": {"action": action, "principle_ids": ids}}
-        kind = _short(error.get("type")) or "upstream_error"
-        return _error(status, message, kind, _short(error.get("code")), _short(error.get("param")), passed, extra)
+        fields = {}
+        for name in ("type", "code", "param"):  # short, but they can echo the request too: one that breaks a rule
+            value = _short(error.get(name))  # is left out rather than repaired (a client matches these exactly)
+            if value is not None and engine.check_text(conversation[-4:], value)[0]:
+                value = None
+                extra = extra or {"cai_guard": {"action": "redacted", "principle_ids": []}}
+            fields[name] = value
+        kind = fields["type"] or "upstream_error"
+        return _error(status, message, kind, fields["code"], fields["param"], passed, extra)
 
     async def stream_chat(
         request: Request,
