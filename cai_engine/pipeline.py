@@ -25,6 +25,7 @@ from cai_engine.phase2.labels import LabelConfig, run_labels
 from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.records import EvalSummary, PipelineSummary, TrainingResult
+from cai_engine.store.machine import machine_record
 from cai_engine.store.runs import now
 
 STAGES = ("sl", "sft", "rl", "reward", "policy")
@@ -63,6 +64,12 @@ class PipelineConfig(BaseModel):
         "the evaluation (e.g. 'qwen2.5-coder-1.5b'). None: the base model does everything.",
     )
     constitution: str = Field("harmless", description="Constitution for both phases.")
+    seed: int | None = Field(
+        None,
+        description="One seed for every stage: phase-1 draws and sampling, the SFT export's mix, labelling, the "
+        "evaluation, and training (TRL's `seed`, or a trainer's own `seed` option); a value a section sets itself "
+        "wins. None: each section's own default. Run a recipe with several seeds to see its spread.",
+    )
     stages: list[Literal["sl", "sft", "rl", "reward", "policy", "eval"]] = Field(
         default_factory=lambda: list(STAGES),  # type: ignore[arg-type]
         description="Which stages to run, in pipeline order.",
@@ -110,11 +117,15 @@ class PipelineConfig(BaseModel):
         feedback = data.get("feedback_model") or model
         constitution = data.get("constitution", defaults["constitution"].default)
         out = Path(data.get("out", defaults["out"].default))
-        shared = {
+        shared: dict[str, dict[str, Any]] = {
             "sl": {"constitution": constitution, "model": model, "feedback_model": data.get("feedback_model")},
             "rl": {"constitution": constitution, "judge_model": feedback, "sl_run": str(out / "sl")},
             "eval": {"constitution": constitution, "judge_model": feedback},
         }
+        if data.get("seed") is not None:
+            for name in ("sl", "rl", "eval"):
+                shared[name]["seed"] = data["seed"]
+            shared["sft_export"] = {"seed": data["seed"]}
         filled = dict(data)
         for name, values in shared.items():
             section = data.get(name, {})
@@ -141,7 +152,8 @@ def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Pat
         ref.build("trainer", runtime).train(dataset, folder), trainer=ref.name, checkpoint=str(folder)
     )
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / STAGE_MARKER, {"trainer": ref.name, "dataset": str(dataset), "finished": now()})
+    marker = {"trainer": ref.name, "options": ref.options, "dataset": str(dataset), "finished": now()}
+    write_json(folder / STAGE_MARKER, marker)
     return result
 
 
@@ -175,6 +187,11 @@ def run_pipeline(
         )
         if judge is not None:
             options["judge"] = with_model(ComponentRef.model_validate(judge), "judge", runtime, feedback).model_dump()
+        if config.seed is not None:  # the pipeline's seed, unless the trainer's options set their own
+            if "trl" in declared and isinstance(options.get("trl", {}), dict):
+                options["trl"] = {"seed": config.seed, **(options.get("trl") or {})}
+            if "seed" in declared:
+                defaults = {"seed": config.seed, **defaults}
         ref = with_model(ComponentRef(name=name, options=options), "trainer", runtime, model, **defaults)
         runtime.component("trainer", ref.name, ref.options)  # validated before anything runs
         return ref
@@ -205,7 +222,11 @@ def run_pipeline(
     if "policy" in config.stages or _done(policy_dir):
         eval_models.append(("rl-cai", str(policy_dir)))
     eval_config = _unless_set(config.eval, models=[m for _, m in eval_models], names=[n for n, _ in eval_models])
-    summary = PipelineSummary(out=str(out))
+    summary = PipelineSummary(
+        out=str(out),
+        seed=config.seed,
+        machine=machine_record([config.model, feedback], runtime.registry.catalog),
+    )
     clock = time.perf_counter()
 
     def lap(stage: str) -> None:

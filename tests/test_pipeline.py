@@ -73,10 +73,16 @@ def test_cli_run(cli_runner, tiny_model, tmp_path):
     config["stages"] = ["sl", "sft"]
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    result = cli_runner.invoke(cli, ["run", str(path), "--quiet"])
+    result = cli_runner.invoke(cli, ["run", str(path), "--quiet", "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert "== phase 1: SL-CAI" in result.output and "sft: " in result.output
-    assert (tmp_path / "cli" / "pipeline-summary.json").exists()
+    summary = json.loads((tmp_path / "cli" / "pipeline-summary.json").read_text())
+    # one seed reaches every stage, and the summary names the machine the result depends on
+    assert summary["seed"] == 3 and summary["machine"]["cpu"]["cores"] >= 1
+    assert isinstance(summary["machine"]["cpu"]["features"], list) and summary["machine"]["packages"]["torch"]
+    assert json.loads((tmp_path / "cli" / "sl" / "run.json").read_text())["config"]["seed"] == 3
+    trained = json.loads((tmp_path / "cli" / "sft-model" / "cai_stage.json").read_text())
+    assert trained["options"]["trl"]["seed"] == 3 and trained["options"]["trl"]["max_steps"] == 1
 
 
 def test_the_feedback_model_serves_phase_one_phase_two_and_the_evaluation(

@@ -58,15 +58,21 @@ DEMO_PIPELINE: dict[str, Any] = {
 @cli.command("run")
 @click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.option("--out", help="Override the config's output folder.")
+@click.option(
+    "--seed",
+    type=int,
+    help="One seed for every stage (overrides the config's `seed`); give each seed its own --out. "
+    "pipeline-summary.json records it with the machine (CPU features, library versions, model hashes).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run_command(config_path: Path, out: str | None, quiet: bool) -> None:
+def run_command(config_path: Path, out: str | None, seed: int | None, quiet: bool) -> None:
     """The whole pipeline from one config: SL-CAI -> SFT -> preference labels -> judge gate -> preference model -> RL.
 
     Each stage resumes, and a stage whose checkpoint exists is skipped. See examples/pipeline.yaml.
     """
     from cai_engine.pipeline import PipelineConfig, run_pipeline
 
-    data = merge_flags(load_config_file(config_path), out=out)
+    data = merge_flags(load_config_file(config_path), out=out, seed=seed)
     config = validate_config(PipelineConfig, data, str(config_path))
     summary = run_pipeline(config, runtime=current_runtime(), progress=not quiet, echo=click.echo)
     _print_pipeline(summary)

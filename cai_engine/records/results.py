@@ -175,6 +175,10 @@ class PipelineSummary(StageResult):
     has none: its field stays None, and the JSON form leaves it out)."""
 
     out: str
+    seed: int | None = Field(None, description="The pipeline's seed (None: each section's own).")
+    machine: dict[str, Any] = Field(
+        default_factory=dict, description="CPU and its instruction-set features, library versions, model hashes."
+    )
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage that ran.")
     sl: SLSummary | None = None
     sft_dataset: SFTExportManifest | None = None
