@@ -190,18 +190,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     else:
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
-        for path in cases:
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    label = row["violates"] if "violates" in row else row["harmful"]
-                    items.append((path.name, int(bool(label)), str(row["prompt"]), str(row["response"])))
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise click.ClickException(
-                        f"{path}:{n}: each line needs prompt, response and violates (or harmful): {exc}"
-                    ) from None
+        items += _labelled_exchanges(cases)
     began = time.perf_counter()
     prompts = [prompt for _, _, prompt, _ in items]
     replies = None if kind == "input" else [reply or "" for *_, reply in items]
@@ -297,17 +286,11 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
     else:
         if not cases:
             raise click.UsageError("an output classifier is calibrated on harmless exchanges: give --cases FILE")
-        for path in cases:
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    if row.get("violates", row.get("harmful", False)):
-                        continue
-                    items.append((path.name, str(row["prompt"]), str(row["response"])))
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    raise click.ClickException(f"{path}:{n}: each line needs prompt and response: {exc}") from None
+        items += [
+            (source, prompt, reply)
+            for source, label, prompt, reply in _labelled_exchanges(cases, require_label=False)
+            if not label
+        ]
     record = calibrate_folder(classifier, probe, items, false_alarms, write=not dry_run)
     fa = record["false_alarms"]
     previous = record["previous_threshold"]
@@ -318,6 +301,27 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
     )
     for source, entry in record["by_source"].items():
         click.echo(f"  {source}: {entry['hits']}/{entry['n']} flagged")
+
+
+def _labelled_exchanges(cases, *, require_label: bool = True) -> list[tuple[str, int, str, str]]:
+    """(file name, label, prompt, response) for each line of the JSONL ``cases``; the label is ``violates`` (or
+    ``harmful``): required, or 0 when neither is given and ``require_label`` is off."""
+    rows: list[tuple[str, int, str, str]] = []
+    for path in cases:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if require_label and "violates" not in row and "harmful" not in row:
+                    raise KeyError("violates")
+                label = int(bool(row.get("violates", row.get("harmful", False))))
+                rows.append((path.name, label, str(row["prompt"]), str(row["response"])))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise click.ClickException(
+                    f"{path}:{n}: each line needs prompt, response and violates (or harmful): {exc}"
+                ) from None
+    return rows
 
 
 def _model_screen(model: str, items, kind: str) -> list[float | None]:

@@ -226,21 +226,25 @@ def _name_problems(raw: RawConstitution, lookup: ParentLookup | None, checks: Co
             )
         except (KeyError, ConstitutionError):
             pass  # resolving reports it, once the file itself is valid
-    principles = raw.data.get("principles")
-    if checks is None or not isinstance(principles, list):
-        return problems
-    for index, principle in enumerate(principles):
+    if checks is not None:
+        unknown_checks(raw.data.get("principles"), checks, "principles", add)
+    return problems
+
+
+def unknown_checks(principles: Any, checks: Collection[str], field: str, add: Callable[..., None]) -> None:
+    """Report (through ``add(message, *location)``) each name in the ``checks`` of the raw ``principles`` list (a
+    constitution's ``principles``, a policy's ``add``, named ``field``) that no installed plugin registers."""
+    for index, principle in enumerate(principles if isinstance(principles, list) else []):
         names = principle.get("checks") if isinstance(principle, dict) else None
         for k_index, name in enumerate(names if isinstance(names, list) else []):
             if isinstance(name, str) and name not in checks:
                 add(
                     f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks', n=3)}",
-                    "principles",
+                    field,
                     index,
                     "checks",
                     k_index,
                 )
-    return problems
 
 
 def validate_constitution(raw: RawConstitution) -> Constitution:

@@ -22,6 +22,7 @@ from cai_engine.constitution.load import (
     locate,
     resolve_with_origins,
     schema_problems,
+    unknown_checks,
 )
 from cai_engine.constitution.model import NAME_PATTERN, Constitution, Phase, Principle, Stance
 from cai_engine.constitution.problems import (
@@ -328,19 +329,7 @@ def _name_problems(data: dict[str, Any], registry: Any, source: str, lines: Any)
                 "constitutions",
                 index,
             )
-    checks = registry.names("critic")
-    principles = data.get("add")
-    for index, principle in enumerate(principles if isinstance(principles, list) else []):
-        listed = principle.get("checks") if isinstance(principle, dict) else None
-        for k_index, name in enumerate(listed if isinstance(listed, list) else []):
-            if isinstance(name, str) and name not in checks:
-                add(
-                    f"unknown check {name!r}{did_you_mean(name, checks, listing='known checks', n=3)}",
-                    "add",
-                    index,
-                    "checks",
-                    k_index,
-                )
+    unknown_checks(data.get("add"), registry.names("critic"), "add", add)
     return problems
 
 
