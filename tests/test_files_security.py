@@ -411,3 +411,58 @@ def test_output_and_audit_are_synced_to_disk(tmp_path, cli_runner, monkeypatch):
     assert folder in synced  # the rename itself
     assert str((tmp_path / "audit.jsonl").resolve()) in synced  # at the end of the run
     assert audit(tmp_path)[-1]["status"] == "completed"
+
+
+def test_the_rule_set_finds_what_searching_each_rule_finds(cai_runtime):
+    """One RE2 set over every rule says which patterns occur; the violations must be the ones searching each rule in
+    each view finds: forbid and require, case, number-like patterns across separators, respellings, `when`."""
+    from cai_engine.checks.rules import RuleIndex
+    from cai_engine.constitution.model import Message
+
+    def rule(i, kind, pattern, **extra):
+        return {"id": f"q-{i}", "kind": kind, "pattern": pattern, "message": "m", **extra}
+
+    rules = [rule(i, "forbid", rf"\bword{i}\b") for i in range(20)] + [
+        rule(20, "forbid", r"\bsecret\b", ignore_case=True),
+        rule(21, "forbid", r"\bSecret\b", ignore_case=False),
+        rule(22, "forbid", r"\b\d{4} \d{4} \d{4} \d{4}\b"),
+        rule(23, "require", r"(?i)see a doctor"),
+        rule(24, "require", r"(?i)not financial advice", when=r"(?i)\bstocks?\b"),
+        rule(25, "forbid", r"\bguaranteed\b", when=r"(?i)returns?"),
+        rule(26, "require", r"ref 2024"),  # digits, but not a number-like pattern: no separator is dropped for it
+    ]
+    add = [{"id": "q-p", "phases": ["runtime"], "rules": rules}]
+    texts = [
+        "An ordinary reply.",
+        "word3 and WORD4 and word19.",
+        "The s\u200becret is out; Secret too.",  # a zero-width space inside the word
+        "Card 4111-1111-1111-1111 or 4111 1111 1111 1111, see a doctor.",
+        "Buy stocks, returns guaranteed.",
+        "Buy stocks. Not financial advice.",
+        "\uff53\uff45\uff43\uff52\uff45\uff54 in full-width letters",
+        "Your ref 2,024 is noted.",
+    ]
+    conversation = [Message(role="user", content="hi")]
+
+    def found(min_rules):
+        RuleIndex.MIN_RULES = min_rules
+        engine = Engine.from_policy(
+            {"name": "q", "constitutions": ["harmless"], "model": "none", "add": add}, runtime=cai_runtime
+        )
+        index = engine.components.rule_index
+        assert (index is not None and index.present("x") is not None) == (min_rules < 100)
+        return [
+            sorted(
+                (v.principle_id, v.rule_id, v.evidence)
+                for v in engine.components.deterministic_violations(conversation, text)
+            )
+            for text in texts
+        ]
+
+    default = RuleIndex.MIN_RULES
+    try:
+        indexed, searched = found(1), found(10**9)
+    finally:
+        RuleIndex.MIN_RULES = default
+    assert indexed == searched
+    assert sum(map(len, searched)) >= 10  # the cases do find things, in several kinds

@@ -11,7 +11,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from cai_engine.checks.rules import RULES, check_principle
+from cai_engine.checks.rules import RULES, RuleIndex, check_principle
 from cai_engine.constitution.model import Constitution, Message, Phase, Principle
 from cai_engine.errors import ConfigError
 from cai_engine.guard.audit import JsonlAuditSink, audit_record
@@ -95,6 +95,13 @@ class GuardComponents:
     # -- components, built once ------------------------------------------------------------------------------
 
     @functools.cached_property
+    def rule_index(self) -> RuleIndex | None:
+        """The runtime principles' rule patterns in one RE2 set, when there are enough of them to be worth it."""
+        if sum(len(p.rules) for p in self.principles) < RuleIndex.MIN_RULES:
+            return None
+        return RuleIndex([p for p in self.principles if p.rules])
+
+    @functools.cached_property
     def rule_critic(self):
         return self.runtime.component("critic", RULES)
 
@@ -141,9 +148,14 @@ class GuardComponents:
         context = conversation or [Message(role="user", content="")]
         folded = fold(text).text
         violations: list[Violation] = []
+        index = self.rule_index
+        present = index.present(text) if index is not None else None
         for principle in self.principles:
             if principle.rules:
-                violations += check_principle(principle, conversation, text)
+                if index is not None:
+                    violations += index.violations(principle, conversation, text, present)
+                else:
+                    violations += check_principle(principle, conversation, text)
             for name in principle.checks:  # deterministic critics a plugin ships for its principles
                 task = CritiqueTask(conversation=context, response=text, principle=principle)
                 critique = self.check_critic(name).critique([task])[0]
