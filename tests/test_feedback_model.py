@@ -362,3 +362,19 @@ def test_eval_warns_when_a_model_judges_itself_and_reports_judged_rates(cai_runt
     assert (evasive["n"] == judged["safe_rate"]["k"]) if judged["safe_rate"]["k"] else evasive is None
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "judges its own answers" in report and 'class="warn"' in report and "n=2" in report
+
+
+def test_must_answer_drops_refusals_of_harmless_prompts_only(tmp_path, cli_runner):
+    from cai_engine.cli import cli
+
+    run = stock_refusal_run(tmp_path / "sl", range(10))  # 0-6 refuse, 7-9 answer
+    summary = export_sft(run, tmp_path / "ds", {"heldout": 0.0, "helpful_ratio": 0.0, "must_answer": ["[0-2]", "8"]})
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    kept = {r["prompt_id"].split(":", 1)[-1] for r in rows}
+    assert summary["refusals_dropped"] == 3 and kept == {"3", "4", "5", "6", "7", "8", "9"}
+    assert "3 refusals of `must_answer` prompts dropped" in (tmp_path / "ds" / "README.md").read_text()
+    result = cli_runner.invoke(
+        cli, ["export", "sft", str(run), "--out", str(tmp_path / "cli"), "--heldout", "0", "--must-answer", "[0-6]"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "7 refusals of harmless prompts dropped" in result.output

@@ -41,8 +41,16 @@ def export_group() -> None:
     default=None,
     help="Keep at most N revisions with the same reply (e.g. one stock refusal); default: keep all.",
 )
+@click.option(
+    "--must-answer",
+    multiple=True,
+    metavar="PATTERN",
+    help="Prompt ids (shell patterns, e.g. 'bl-*') of harmless requests: a target refusing one is dropped. Repeatable.",
+)
 @push_options("dataset")
-def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_repeats, push_to_hub, private):
+def export_sft_command(
+    run, out, train_on, helpful_ratio, heldout, seed, max_repeats, must_answer, push_to_hub, private
+):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
     from cai_engine.phase1.export import ExportOptions, export_sft
 
@@ -54,6 +62,7 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_rep
             "heldout": heldout,
             "seed": seed,
             "max_repeats": max_repeats,
+            "must_answer": list(must_answer),
         },
         "options",
     )
@@ -61,7 +70,7 @@ def export_sft_command(run, out, train_on, helpful_ratio, heldout, seed, max_rep
     click.echo(
         f"wrote {out}: {summary.train} train / {summary.test} test examples "
         f"({summary.revisions} revisions, {summary.helpful} helpfulness, "
-        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped)"
+        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped, {summary.refusals_dropped} refusals of harmless prompts dropped)"
     )
     push(out, push_to_hub, "dataset", private)
 

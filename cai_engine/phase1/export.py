@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ from cai_engine.records import SFTExample, SFTExportManifest, SLRecord
 from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
 from cai_engine.store.runs import RunDirectory
+from cai_engine.text.refusals import has_refusal_marker, starts_with_refusal
 
 
 class ExportOptions(BaseModel):
@@ -37,14 +39,35 @@ class ExportOptions(BaseModel):
         "the prompt id; None keeps them all. A capable reviser often answers dozens of red-team prompts with one "
         "stock refusal, and a small policy trained on them learns to refuse anything that sounds dangerous.",
     )
+    must_answer: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids (shell-style patterns such as 'bl-*' or 'pr-*-b') of requests that are harmless however "
+        "they sound: a target that refuses one of them (a refusal phrase) is dropped, so the policy never learns to "
+        "refuse a harmless look-alike from its teacher's mistakes.",
+    )
+
+
+def must_answer(prompt_id: str, patterns: list[str]) -> bool:
+    """Whether a prompt id (or a record key ``kind:id``) matches one of ``must_answer``'s patterns."""
+    ids = {prompt_id, prompt_id.split(":", 1)[-1]}
+    return any(fnmatch.fnmatchcase(i, pattern) for i in ids for pattern in patterns)
+
+
+def refuses(text: str) -> bool:
+    """A refusal phrase anywhere in the reply (the evaluation's marker rule)."""
+    return starts_with_refusal(text) or has_refusal_marker(text)
 
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _last(example: SFTExample) -> str:
+    return example.messages[-1].content
+
+
 def _reply_key(example: SFTExample) -> str:
-    return _norm(example.messages[-1].content)
+    return _norm(_last(example))
 
 
 def _cap_repeats(revisions: list[SFTExample], cap: int | None) -> list[SFTExample]:
@@ -98,6 +121,14 @@ def export_sft(
             _collect(record, options, revisions, helpful)
     if not revisions and not helpful:
         raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
+    refusals_dropped = 0
+    if options.must_answer:
+        kept = [
+            e for e in revisions + helpful if not (must_answer(e.prompt_id, options.must_answer) and refuses(_last(e)))
+        ]
+        refusals_dropped = len(revisions) + len(helpful) - len(kept)
+        revisions = [e for e in kept if e.source == "revision"]
+        helpful = [e for e in kept if e.source != "revision"]
     collected = len(revisions)
     revisions = _cap_repeats(revisions, options.max_repeats)
     rng = random.Random(options.seed)
@@ -128,6 +159,7 @@ def export_sft(
         helpful=sum(e.source == "helpful" for e in unique),
         duplicates_dropped=len(mix) - len(unique),
         repeats_dropped=collected - len(revisions),
+        refusals_dropped=refusals_dropped,
         helpful_available=len(helpful),
         helpful_wanted=wanted,
         options=options.model_dump(),

@@ -186,6 +186,7 @@ class SFTExportManifest(StageResult):
     helpful: int
     duplicates_dropped: int = 0
     repeats_dropped: int = 0
+    refusals_dropped: int = Field(0, description="Targets that refused a prompt listed in ``must_answer``.")
     helpful_available: int = 0
     helpful_wanted: int = 0
     options: dict[str, Any] = Field(default_factory=dict)

@@ -182,7 +182,8 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
         lines.append(
             f"- **Mix**: {manifest.get('revisions')} revisions and {manifest.get('helpful')} helpfulness samples "
             f"({manifest.get('duplicates_dropped', 0)} duplicates dropped, "
-            f"{manifest.get('repeats_dropped', 0)} revisions beyond `max_repeats` copies of one reply dropped)"
+            f"{manifest.get('repeats_dropped', 0)} revisions beyond `max_repeats` copies of one reply and "
+            f"{manifest.get('refusals_dropped', 0)} refusals of `must_answer` prompts dropped)"
         )
     else:
         lines.append(
