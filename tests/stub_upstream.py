@@ -58,6 +58,18 @@ def cut(text: str, body: dict[str, Any]) -> tuple[str, str]:
     return text, "stop"
 
 
+def token_logprob(token: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A token's log-prob entry; with ``top_logprobs`` in the request, the token and its reversed spelling as the
+    alternatives (text the reply itself never contains)."""
+    entry: dict[str, Any] = {"token": token, "logprob": -0.5, "bytes": None}
+    if body.get("top_logprobs"):
+        entry["top_logprobs"] = [
+            {"token": token, "logprob": -0.5, "bytes": None},
+            {"token": token[::-1], "logprob": -2.0, "bytes": None},
+        ][: body["top_logprobs"]]
+    return entry
+
+
 class StubUpstream:
     """The server in a daemon thread; ``start()``/``stop()`` (or ``with``), restartable on the same port.
 
@@ -107,7 +119,7 @@ class StubUpstream:
             choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish}
             if body.get("logprobs"):
                 words = (text or "").split(" ")
-                choice["logprobs"] = {"content": [{"token": w, "logprob": -0.5, "bytes": None} for w in words]}
+                choice["logprobs"] = {"content": [token_logprob(w, body) for w in words]}
             choices.append(choice)
         words = sum(len((c["message"].get("content") or "").split()) for c in choices)
         return {
@@ -226,7 +238,7 @@ class StubUpstream:
                     for piece in pieces:
                         delta = {"index": index, "delta": {"content": piece}, "finish_reason": None}
                         if body.get("logprobs"):
-                            delta["logprobs"] = {"content": [{"token": piece, "logprob": -0.5, "bytes": None}]}
+                            delta["logprobs"] = {"content": [token_logprob(piece, body)]}
                         send([delta])
                     for k, call in enumerate(message.get("tool_calls") or []):
                         arguments = call["function"]["arguments"]

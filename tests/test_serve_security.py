@@ -360,6 +360,23 @@ def test_logprobs_pass_when_the_guard_changed_nothing(upstream):
         assert dropped["message"]["content"].endswith("(second)") and dropped["logprobs"] is None
 
 
+def test_top_logprobs_alternatives_are_guarded_like_text(upstream):
+    # the stub's alternatives are each token reversed: "Stub answer" -> "butS", "rewsna"; the reply never has them
+    hidden = rule("alt-001", r"\brewsna\b")
+    with GuardServer(policy(add=[hidden]), upstream.url) as guard:
+        asked = {"model": "m", "messages": QUESTION, "logprobs": True, "top_logprobs": 2}
+        entries = post(guard, asked).json()["choices"][0]["logprobs"]["content"]
+        assert [e["token"] for e in entries][:2] == ["Stub", "answer"] and all(e["top_logprobs"] == [] for e in entries)
+        events = sse(post(guard, {**asked, "stream": True}))
+        assert streamed_text(events) == "Stub answer to: Name a colour."
+        streamed = [e for ev in events for c in ev["choices"] if c.get("logprobs") for e in c["logprobs"]["content"]]
+        assert {e["token"] for e in streamed} >= {"Stub", " answer"}
+        assert [e["top_logprobs"] for e in streamed if e["token"] == " answer"] == [[]]
+    with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:  # nothing found: kept
+        entries = post(guard, asked).json()["choices"][0]["logprobs"]["content"]
+        assert [a["token"] for a in entries[1]["top_logprobs"]] == ["answer", "rewsna"]
+
+
 def test_streams_give_the_usage_chunk_when_asked(upstream):
     with GuardServer(policy(add=[rule("never-001", "zzqqxx")]), upstream.url) as guard:
         client = openai.OpenAI(base_url=guard.url, api_key="unused", max_retries=0)
@@ -782,6 +799,40 @@ def test_an_upstream_that_answers_a_stream_request_at_once_is_streamed_guarded()
         finals = [e for e in events if e["choices"][0]["finish_reason"]]
         assert [e["choices"][0]["finish_reason"] for e in finals] == ["tool_calls", "tool_calls"]
         assert all(e["cai_guard"]["action"] == "revised" for e in finals)
+
+
+def test_a_streamed_field_the_guard_cannot_read_as_text_is_not_released():
+    stub = StubUpstream()
+
+    def respond(method, path, body):  # a stream whose deltas also carry nested fields (audio, annotations)
+        if method == "POST" and body.get("stream"):
+            deltas = [
+                {"role": "assistant", "content": "Here it is."},
+                {"audio": {"id": "a1", "transcript": "the password is hunter2"}},
+                {"annotations": [{"type": "url_citation", "url_citation": {"title": "hunter2"}}]},
+            ]
+            events = [
+                {
+                    "id": "x",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "m",
+                    "choices": [{"index": 0, "delta": d, "finish_reason": None}],
+                }
+                for d in deltas
+            ]
+            events[-1]["choices"][0]["finish_reason"] = "stop"
+            raw = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            return 200, {"Content-Type": "text/event-stream"}, raw.encode()
+        return None
+
+    stub.respond = respond
+    with stub, GuardServer(policy(add=[SECRET]), stub.url) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION, "stream": True})
+        assert "hunter2" not in reply.text
+        events = sse(reply)
+        assert streamed_text(events) == "Here it is."
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 class KeywordCritic:

@@ -1015,9 +1015,56 @@ async def _guard_choices(
             new["finish_reason"] = choice.get("finish_reason") or "stop"
         if changed and "logprobs" in new:
             new["logprobs"] = None  # they describe tokens the client no longer gets
+        elif new.get("logprobs"):
+            new["logprobs"] = guard_logprobs(engine, conversation, new["logprobs"])
         guarded.append(new)
         verdicts.append(_verdict([r for _, r in mine], "refused" if refusal is not None else None))
     return guarded, verdicts
+
+
+# characters of the reply put before each top_logprobs alternative when it is checked: a forbidden word that an
+# alternative token would have completed is found, as it would be in the reply
+LOGPROB_WINDOW = 48
+
+
+def logprob_alternatives(logprobs: Any, prefix: str = "") -> str:
+    """The text ``top_logprobs`` would show a client: for every alternative token (one the model did not pick), the
+    reply's last ``LOGPROB_WINDOW`` characters before it followed by the token, and the token alone, one per line. ``prefix`` is the text
+    released before these log-probs (a stream's earlier chunks)."""
+    lines: list[str] = []
+    if not isinstance(logprobs, dict):
+        return ""
+    for key in ("content", "refusal"):
+        text = prefix if key == "content" else ""
+        for entry in logprobs.get(key) or []:
+            if not isinstance(entry, dict):
+                continue
+            token = entry.get("token") if isinstance(entry.get("token"), str) else ""
+            for alternative in entry.get("top_logprobs") or []:
+                other = alternative.get("token") if isinstance(alternative, dict) else None
+                if isinstance(other, str) and other != token:
+                    lines += [text[-LOGPROB_WINDOW:] + other, other]
+            text += token
+    return "\n".join(lines)
+
+
+def without_alternatives(logprobs: dict[str, Any]) -> dict[str, Any]:
+    """``logprobs`` with every ``top_logprobs`` list emptied (the chosen tokens' own log-probs stay)."""
+    return {
+        key: [{**e, "top_logprobs": []} if isinstance(e, dict) else e for e in value]
+        if isinstance(value, list)
+        else value
+        for key, value in logprobs.items()
+    }
+
+
+def guard_logprobs(engine: Engine, conversation: list[Message], logprobs: Any, prefix: str = "") -> Any:
+    """``logprobs`` as the client may see them: alternatives removed when the policy's rules or checks find anything
+    in them (they would show text the guard did not release)."""
+    alternatives = logprob_alternatives(logprobs, prefix)
+    if alternatives and engine.check_text(conversation, alternatives)[0]:
+        return without_alternatives(logprobs)
+    return logprobs
 
 
 def _found(result: GuardResult) -> list[Violation]:
@@ -1281,7 +1328,10 @@ class StreamGuard:
             state.pieces.pop(0)
             text = state.texts[piece.key][piece.start : piece.end]
             state.released[piece.key] = max(state.released.get(piece.key, 0), piece.end)
-            extra = {"logprobs": piece.logprobs} if piece.logprobs is not None else {}
+            extra = {}
+            if piece.logprobs is not None:
+                prefix = state.texts[piece.key][: piece.start]
+                extra["logprobs"] = guard_logprobs(self.engine, self.conversation, piece.logprobs, prefix)
             out.append(self._chunk(state.index, self._delta(state, {piece.key: text}), **extra))
         return out
 
