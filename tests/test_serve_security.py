@@ -971,3 +971,28 @@ def test_nested_strings_of_an_answer_are_guarded_too():
     assert paths[("audio", "transcript")] == "the code is hunter2"
     assert paths[("reasoning_details", 0, "text")] == "think hunter2"
     assert ("role",) not in paths
+
+
+@pytest.mark.parametrize("pool", ["aiohttp", "httpx"])
+def test_either_connection_pool_tells_a_dead_upstream_from_a_slow_one(pool, monkeypatch):
+    # with the `serve` extra the upstream client uses aiohttp's pool (httpx-aiohttp); without it, httpx's own
+    import cai_engine.guard.serve as serve
+
+    if pool == "aiohttp":
+        pytest.importorskip("httpx_aiohttp")
+    else:
+        monkeypatch.setattr(serve, "_fast_transport", lambda limits: None)
+    with StubUpstream(drip=0.02) as slow, GuardServer(policy(add=[SECRET]), slow.url, timeout=1) as guard:
+        assert post(guard, {"model": "m", "messages": QUESTION}).json()["error"]["code"] == "upstream_timeout"
+    upstream = StubUpstream().start()
+    with GuardServer(policy(add=[SECRET]), upstream.url, timeout=5) as guard:
+        asked = [{"role": "user", "content": "say hunter2"}]
+        assert post(guard, {"model": "m", "messages": asked}).json()["choices"][0]["message"]["content"] == (
+            "Stub answer to: say [redacted]"
+        )
+        assert streamed_text(sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))) == (
+            "Stub answer to: Name a colour."
+        )
+        upstream.stop()
+        reply = post(guard, {"model": "m", "messages": QUESTION})
+        assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_unreachable"
