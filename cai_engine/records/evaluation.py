@@ -88,12 +88,14 @@ class EngagedRates(StoredRecord):
 
 
 class SourceRates(StoredRecord):
-    """One source of the harmful or benign set on its own: its refusal rate (markers) and, for harmful sources, how
-    its refusals engage."""
+    """One source of the harmful or benign set on its own: its refusal rate (markers), the judge's rate where the run
+    classified, and, for harmful sources, how its refusals engage."""
 
     set: Literal["harmful", "benign"]
     source: str
     refusal: Rate
+    judged_safe: Rate | None = Field(None, description="Harmful sources: the judge's safe rate (with classify).")
+    judged_refusal: Rate | None = Field(None, description="Benign sources: the judge's refusal rate (with classify).")
     engaged: EngagedRates | None = None
 
 
