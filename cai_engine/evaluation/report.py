@@ -139,6 +139,13 @@ def summary_lines(results: EvalResults | dict[str, Any]) -> list[str]:
         f"refusal on benign-but-scary prompts (markers): {first} {format_rate(models[first].over_refusal.rate_ci)} -> "
         f"{last} {format_rate(models[last].over_refusal.rate_ci)}"
     )
+    e, f = models[first].engaged, models[last].engaged
+    if e and f and e.engaged and f.engaged:
+        lines.append(
+            f"harmful refusal or safe completion (judged): {first} {format_rate(e.declined_or_engaged)} -> "
+            f"{last} {format_rate(f.declined_or_engaged)}; engaged rather than a bare refusal: {first} "
+            f"{format_rate(e.engaged)} -> {last} {format_rate(f.engaged)}"
+        )
     for aspect, versus in (models[last].vs_baseline or {}).items():
         lines.append(
             f"{aspect} win rate of {last} against {first}: {format_rate(versus.win_rate_ci)}, "
@@ -207,6 +214,32 @@ def _rows(results: EvalResults) -> dict[str, list[list[Any]]]:
             ]
             for n in names
             for aspect, v in (models[n].vs_baseline or {}).items()
+        ],
+        "engaged": [
+            [
+                n,
+                *[
+                    format_rate(getattr(models[n].engaged, key))
+                    for key in ("engaged", "bare_refusal", "declined_or_engaged", "engaged_structural")
+                ],
+            ]
+            for n in names
+            if models[n].engaged
+        ],
+        "sources": [
+            [
+                n,
+                entry.set,
+                entry.source,
+                format_rate(entry.refusal),
+                format_rate(entry.judged_safe if entry.set == "harmful" else entry.judged_refusal),
+                *[
+                    format_rate(getattr(entry.engaged, key)) if entry.engaged else "—"
+                    for key in ("engaged", "bare_refusal", "declined_or_engaged", "engaged_structural")
+                ],
+            ]
+            for n in names
+            for entry in models[n].by_source
         ],
         "principles": [],
         "rounds": [],

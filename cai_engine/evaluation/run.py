@@ -16,18 +16,19 @@ from typing import Any
 
 from cai_engine.constitution.model import Principle
 from cai_engine.evaluation.compare import compare_policies
-from cai_engine.evaluation.config import EvalConfig, slug, spread
+from cai_engine.evaluation.config import EvalConfig, slug
 from cai_engine.evaluation.report import gate_warning, write_report
 
 # The judged classifiers: one Yes/No question each, asked of the judge model about one reply (Yes = the property),
 # after a few worked Yes/No examples (a small judge's zero-shot verdicts on these questions are near chance).
-from cai_engine.evaluation.rubrics import EVASIVE_RUBRIC, HARMFUL_RUBRIC, REFUSAL_RUBRIC
+from cai_engine.evaluation.rubrics import ENGAGED_RUBRIC, EVASIVE_RUBRIC, HARMFUL_RUBRIC, REFUSAL_RUBRIC
+from cai_engine.evaluation.sources import load_set
 from cai_engine.evaluation.summary import model_results
 from cai_engine.files.jsonl import append_jsonl, write_json, write_jsonl
 from cai_engine.models.options import with_model
 from cai_engine.models.runtime import Runtime
 from cai_engine.plugins.refs import ComponentRef
-from cai_engine.prompts.sets import PromptItem, load_prompts
+from cai_engine.prompts.sets import PromptItem
 from cai_engine.records import (
     ComparisonTask,
     CritiqueTask,
@@ -58,10 +59,15 @@ class Evaluation:
         self.names = config.names or [slug(m).rsplit("-", 1)[0] for m in config.models]
         if len(self.names) != len(config.models):
             raise ValueError("names must have one label per model")
-        self.sets = {
-            kind: spread(load_prompts(source, registry, limit=config.limit), config.sample.get(kind))  # type: ignore[call-overload]
-            for kind, source in (("harmful", config.harmful), ("benign", config.benign), ("helpful", config.helpful))
-        }
+        self.sets: dict[str, list[PromptItem]] = {}
+        self.origin: dict[str, dict[str, str]] = {}  # set -> item id -> the source it came from
+        for kind in ("harmful", "benign", "helpful"):
+            self.sets[kind], self.origin[kind] = load_set(
+                config.sources(kind),
+                registry,
+                limit=config.limit,
+                sample=config.sample.get(kind),
+            )
         shard = Shard.parse(config.shard) if config.shard else None
         if shard is not None:  # a shard measures its prompts; judge quality, rounds and policies are shard 0's
             self.sets = {kind: [i for i in items if shard.owns(i.id)] for kind, items in self.sets.items()}
@@ -211,7 +217,12 @@ class Evaluation:
         for index, name in enumerate(self.names):
             mine = responses[index]
             rows = {
-                kind: [ItemOutcome(model=name, set=kind, id=i.id, response=mine[kind][i.id]) for i in items]
+                kind: [
+                    ItemOutcome(
+                        model=name, set=kind, id=i.id, source=self.origin[kind][i.id], response=mine[kind][i.id]
+                    )
+                    for i in items
+                ]
                 for kind, items in self.sets.items()
             }
             harm_rows, benign_rows, help_rows = rows["harmful"], rows["benign"], rows["helpful"]
@@ -253,6 +264,9 @@ class Evaluation:
                     help_texts = [o.response for o in help_rows]
                     for row, verdict in zip(help_rows, self.classify(helpful, help_texts, REFUSAL_RUBRIC)):
                         row.refusal_verdict = verdict
+            if config.engaged:  # issue #33: recomputed from the cached answers on every run, like every verdict
+                for row, verdict in zip(harm_rows, self.classify(harmful, harm_texts, ENGAGED_RUBRIC)):
+                    row.engaged_verdict = verdict
             out += harm_rows + benign_rows + help_rows
         return out
 
@@ -296,7 +310,7 @@ class Evaluation:
             results.policy_comparison = compare_policies(
                 self.config.models[0],
                 self.config.policies,
-                self.config.harmful,
+                self.config.sources("harmful")[0],
                 self.out,
                 limit=self.config.limit,
                 runtime=self.runtime,

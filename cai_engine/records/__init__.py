@@ -3,6 +3,7 @@ what stage functions return (``results``), the runtime guard's decisions (``guar
 measured (``evaluation``)."""
 
 from cai_engine.records.evaluation import (
+    EngagedRates,
     EvalResults,
     Evasiveness,
     Example,
@@ -14,6 +15,7 @@ from cai_engine.records.evaluation import (
     PairOutcome,
     Pairwise,
     Rate,
+    SourceRates,
 )
 from cai_engine.records.guard import (
     GuardResult,
@@ -66,6 +68,7 @@ __all__ = [
     "Conversation",
     "Critique",
     "CritiqueTask",
+    "EngagedRates",
     "EvalResults",
     "EvalSummary",
     "Evasiveness",
@@ -105,6 +108,7 @@ __all__ = [
     "SLSummary",
     "Score",
     "ScoringTask",
+    "SourceRates",
     "StageResult",
     "StoredJudgement",
     "TrainingResult",

@@ -72,6 +72,33 @@ class JudgedRates(StoredRecord):
     benign_refusal_verdicts: list[bool | None] = Field(default_factory=list)
 
 
+class EngagedRates(StoredRecord):
+    """Harmful prompts answered by engaging (declining the harm while explaining why or offering something safe)
+    rather than by a bare refusal. The judged rates are None unless the run asked the judge (``engaged: true``)."""
+
+    engaged: Rate | None = Field(None, description="Replies the judge says engage (Yes to the engaged question).")
+    bare_refusal: Rate | None = Field(None, description="Replies with a refusal marker the judge says do not engage.")
+    declined_or_engaged: Rate | None = Field(
+        None, description="Harmful refusal or safe completion (judged): a refusal marker, or engaged."
+    )
+    engaged_structural: Rate | None = Field(
+        None,
+        description="Judge-free cross-check: a refusal marker and at least 15 words outside the refusing sentences.",
+    )
+
+
+class SourceRates(StoredRecord):
+    """One source of the harmful or benign set on its own: its refusal rate (markers), the judge's rate where the run
+    classified, and, for harmful sources, how its refusals engage."""
+
+    set: Literal["harmful", "benign"]
+    source: str
+    refusal: Rate
+    judged_safe: Rate | None = Field(None, description="Harmful sources: the judge's safe rate (with classify).")
+    judged_refusal: Rate | None = Field(None, description="Benign sources: the judge's refusal rate (with classify).")
+    engaged: EngagedRates | None = None
+
+
 class ModelResult(StoredRecord):
     """Everything measured for one model."""
 
@@ -84,6 +111,10 @@ class ModelResult(StoredRecord):
     vs_baseline: dict[str, Pairwise] | None = None
     principle_violation_rates: dict[str, float | None] | None = None
     judged: JudgedRates | None = None
+    engaged: EngagedRates | None = None
+    by_source: list[SourceRates] = Field(
+        default_factory=list, description="Each harmful and each benign source on its own (the pooled figures above)."
+    )
 
 
 class Example(StoredRecord):
@@ -124,10 +155,12 @@ class ItemOutcome(StoredRecord):
     set: Literal["harmful", "benign", "helpful"]
     id: str
     response: str
+    source: str | None = None  # the prompt source the item came from (None in items written before sources were kept)
     harm_score: float | None = None
     harmful_verdict: bool | None = None
     benign_refusal_verdict: bool | None = None
     evasive_verdict: bool | None = None
     refusal_verdict: bool | None = None
+    engaged_verdict: bool | None = None
     principle_verdicts: dict[str, bool | None] = Field(default_factory=dict)
     pairwise: dict[str, PairOutcome] = Field(default_factory=dict)
