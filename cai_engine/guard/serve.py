@@ -1038,7 +1038,7 @@ def logprob_alternatives(logprobs: Any, prefix: str = "") -> str:
         for entry in logprobs.get(key) or []:
             if not isinstance(entry, dict):
                 continue
-            token = entry.get("token") if isinstance(entry.get("token"), str) else ""
+            token = entry["token"] if isinstance(entry.get("token"), str) else ""
             for alternative in entry.get("top_logprobs") or []:
                 other = alternative.get("token") if isinstance(alternative, dict) else None
                 if isinstance(other, str) and other != token:
