@@ -5,6 +5,15 @@ latency minus the upstream exchange the guard timed, from its Server-Timing head
 
     python bench/serve_load.py                       # 1,000 requests at concurrency 32 and at 100, serve-policy rules
     python bench/serve_load.py --requests 2000 --concurrency 64 --policy examples/clinic-policy.yaml
+    python bench/serve_load.py --concurrency 32 --upstream-delay 250 --pin --repeat 3
+                                                     # an upstream that takes 250 ms (a short model answer), the guard
+                                                     # on its own core, three rounds
+
+An upstream that answers at once (the default) is the worst case: the closed loop of C clients then saturates
+whatever is slowest, and the figures measure throughput more than the time the guard adds. ``--upstream-delay``
+models an upstream that takes time to answer, as a model does. ``--pin`` puts the guard server on the last CPU and
+the stub and this client on the others, so the guard does not queue behind them. The guard's CPU time a request
+(from /proc, Linux) is the figure least moved by the machine's other work.
 
 The stub, the guard server and this client are three processes on one machine, so on few cores the queueing of
 all three shows up in every figure; the "own" figure is the closest to what the guard alone costs a request.
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import subprocess
@@ -77,8 +87,10 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def stub_app():
+def stub_app(delay_ms: float = 0.0):
     async def completions(request):
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
         return JSONResponse(
             {
                 "id": "x",
@@ -130,16 +142,34 @@ def inside(metrics: str) -> tuple[float, float]:
     return values.get("cai_guard_latency_ms_sum", 0.0), values.get("cai_guard_latency_ms_count", 0.0)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", default="examples/serve-policy.yaml")
     parser.add_argument("--requests", type=int, default=1000, help="requests at each concurrency")
     parser.add_argument("--concurrency", default="32,100", help="comma-separated concurrency levels")
+    parser.add_argument("--upstream-delay", type=float, default=0.0, help="ms the stub waits before it answers")
+    parser.add_argument("--pin", action="store_true", help="the guard on the last CPU, stub and client on the rest")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of direct + guarded runs at each concurrency")
     parser.add_argument("--stub", type=int, help=argparse.SUPPRESS)  # internal: serve the stub on this port
     args = parser.parse_args()
     if args.stub:
-        uvicorn.run(stub_app(), host="127.0.0.1", port=args.stub, log_level="error")
+        uvicorn.run(stub_app(args.upstream_delay), host="127.0.0.1", port=args.stub, log_level="error")
         return
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = args.pin and len(cpus) >= 2
+    if args.pin and not pinned:
+        print("--pin needs 2 CPUs or more (and Linux); running unpinned")
+    if pinned:
+        os.sched_setaffinity(0, cpus[:-1])  # this client, and the stub it starts, stay off the guard's CPU
     levels = [int(c) for c in str(args.concurrency).split(",")]
     # The stub, the guard server and this client are three processes, as in a deployment (one process for all
     # three would measure their contention for one interpreter lock, not the guard).
@@ -148,7 +178,9 @@ def main() -> None:
         policy = Path(folder) / "policy.yaml"
         policy.write_text(yaml.safe_dump(data), encoding="utf-8")
         stub_port, guard_port = free_port(), free_port()
-        stub = subprocess.Popen([sys.executable, __file__, "--stub", str(stub_port)])
+        stub = subprocess.Popen(
+            [sys.executable, __file__, "--stub", str(stub_port), "--upstream-delay", str(args.upstream_delay)]
+        )
         guard = subprocess.Popen(
             [
                 sys.executable,
@@ -166,25 +198,40 @@ def main() -> None:
             ],
             stderr=subprocess.DEVNULL,
         )
+        if pinned:
+            os.sched_setaffinity(guard.pid, cpus[-1:])
         results = []
         try:
             wait_for(f"http://127.0.0.1:{stub_port}/", stub)
             wait_for(f"http://127.0.0.1:{guard_port}/health", guard)
             for level in levels:
                 asyncio.run(load(f"http://127.0.0.1:{guard_port}/v1", 2 * level, level))  # warm-up
-                direct, direct_errors, _ = asyncio.run(load(f"http://127.0.0.1:{stub_port}/v1", args.requests, level))
-                before = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
-                guarded, guarded_errors, own = asyncio.run(
-                    load(f"http://127.0.0.1:{guard_port}/v1", args.requests, level)
-                )
-                after = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
-                results.append((level, direct, direct_errors, guarded, guarded_errors, own, before, after))
+                for _ in range(args.repeat):
+                    direct, direct_errors, _own = asyncio.run(
+                        load(f"http://127.0.0.1:{stub_port}/v1", args.requests, level)
+                    )
+                    before = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
+                    cpu_before = cpu_seconds(guard.pid)
+                    guarded, guarded_errors, own = asyncio.run(
+                        load(f"http://127.0.0.1:{guard_port}/v1", args.requests, level)
+                    )
+                    cpu_after = cpu_seconds(guard.pid)
+                    after = inside(httpx.get(f"http://127.0.0.1:{guard_port}/metrics").text)
+                    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+                    results.append((level, direct, direct_errors, guarded, guarded_errors, own, before, after, cpu))
         finally:
             for proc in (guard, stub):
                 proc.terminate()
                 proc.wait(10)
-    print(f"policy {args.policy} (rules and checks only); stub upstream, guard and client on one machine")
-    for level, direct, direct_errors, guarded, guarded_errors, own, before, after in results:
+    print(
+        f"policy {args.policy} (rules and checks only); stub upstream answering after {args.upstream_delay:g} ms; "
+        + (f"guard on CPU {cpus[-1]}, stub and client on CPUs {cpus[:-1]}" if pinned else "all on the same CPUs")
+    )
+    added: dict[int, list[tuple[float, float]]] = {}
+    for level, direct, direct_errors, guarded, guarded_errors, own, before, after, cpu in results:
+        added.setdefault(level, []).append(
+            (percentile(guarded, 50) - percentile(direct, 50), percentile(guarded, 99) - percentile(direct, 99))
+        )
         print(f"{args.requests} requests at concurrency {level}")
         print(f"{'errors':>20}: direct {direct_errors}, through the guard {guarded_errors}")
         for name, values in (("direct to the stub", direct), ("through the guard", guarded)):
@@ -202,6 +249,16 @@ def main() -> None:
         print(
             f"{'inside the guard':>20}: mean {(after[0] - before[0]) / max(count, 1):7.3f} ms over {count:.0f} answers"
         )
+        if cpu is not None:
+            print(f"{'guard CPU a request':>20}: {cpu * 1000 / args.requests:7.3f} ms (user + system, /proc)")
+    for level, rounds in added.items():
+        if len(rounds) > 1:
+            p50s, p99s = sorted(r[0] for r in rounds), sorted(r[1] for r in rounds)
+            print(
+                f"concurrency {level}, {len(rounds)} rounds: added p50 {', '.join(f'{v:.1f}' for v in p50s)} ms "
+                f"(median {statistics.median(p50s):.1f}); added p99 {', '.join(f'{v:.1f}' for v in p99s)} ms "
+                f"(median {statistics.median(p99s):.1f})"
+            )
 
 
 if __name__ == "__main__":
