@@ -466,3 +466,95 @@ def test_the_rule_set_finds_what_searching_each_rule_finds(cai_runtime):
         RuleIndex.MIN_RULES = default
     assert indexed == searched
     assert sum(map(len, searched)) >= 10  # the cases do find things, in several kinds
+
+
+# -- 4. every failed run after the policy loaded is audited (#32) -----------------------------------------------------
+
+
+def _failed_run(tmp_path: Path) -> dict:
+    records = audit(tmp_path)
+    assert [r["kind"] for r in records] == ["guard_run"]  # nothing was guarded: the run's own record only
+    run = records[0]
+    assert run["status"] == "failed" and not run["output_written"] and run["guarded"] == 0
+    return run
+
+
+def test_an_empty_input_is_audited_as_a_failed_run(tmp_path, cli_runner):
+    policy = write_policy(tmp_path)
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous results\n")
+    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", "-", "--out", str(out)], input="\n")
+    assert result.exit_code == 1 and "<stdin>: contains no conversations" in result.output
+    assert out.read_text() == "previous results\n" and not list(tmp_path.glob("*.partial"))
+    run = _failed_run(tmp_path)
+    assert run["stage"] == "reading" and run["read"] == 0 and run["items"] is None
+    assert run["error"] == "<stdin>: contains no conversations" and run["input"] == "<stdin>"
+
+
+def test_a_bad_row_is_audited_with_the_rows_read_before_it(tmp_path, cli_runner):
+    policy = write_policy(tmp_path)
+    rows = write_rows(tmp_path / "in.jsonl", [*ROWS, {"prompt": "hi", "response": 5}, ROWS[0]])
+    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(rows)])
+    assert result.exit_code == 1 and "in.jsonl:4" in result.output
+    assert not [line for line in result.output.splitlines() if line.startswith("{")]  # nothing guarded
+    run = _failed_run(tmp_path)
+    assert run["stage"] == "reading" and run["read"] == 3 and "in.jsonl:4: the response must be text" in run["error"]
+
+
+def test_an_unusable_out_is_audited_before_the_input_is_read(tmp_path, cli_runner):
+    policy = write_policy(tmp_path)
+    rows = write_rows(tmp_path / "in.jsonl")
+    out = tmp_path / "missing" / "out.jsonl"
+    result = cli_runner.invoke(cli, ["guard", "--policy", str(policy), "--input", str(rows), "--out", str(out)])
+    assert result.exit_code == 1 and "does not exist" in result.output
+    run = _failed_run(tmp_path)
+    assert run["stage"] == "setup" and run["read"] == 0 and run["output"] == str(out)
+    assert "does not exist" in run["error"]
+
+
+def test_sigterm_while_a_pipe_is_still_being_read_is_audited(tmp_path):
+    """The writer keeps the pipe open, so `cai guard` is blocked reading it when it is told to stop."""
+    import termios
+
+    policy = write_policy(tmp_path)
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous results\n")
+    env = {**os.environ, "CAI_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "cai_engine.cli", "guard", "--policy", str(policy), "--input", str(fifo)]
+    child = subprocess.Popen(
+        [*command, "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    writer = None
+    try:
+        deadline = time.monotonic() + 90
+        while writer is None:  # the FIFO has a reader once the policy is loaded and the input opened
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert child.poll() is None, child.communicate()
+                assert time.monotonic() < deadline, "cai guard never opened its input"
+                time.sleep(0.05)
+        os.write(writer, b"".join(json.dumps(r).encode() + b"\n" for r in ROWS[:2]))
+        unread = bytearray(4)
+        while True:  # wait until the child has taken both rows out of the pipe
+            fcntl.ioctl(writer, termios.FIONREAD, unread)
+            if int.from_bytes(unread, sys.byteorder) == 0:
+                break
+            assert time.monotonic() < deadline, "cai guard did not read its input"
+            time.sleep(0.05)
+        time.sleep(1.0)  # it checks them and blocks reading the next
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 128 + signal.SIGTERM, err.decode()
+    assert b"stopped by SIGTERM" in err and b"is as it was" in err and b"Traceback" not in err
+    assert out.read_text() == "previous results\n" and not list(tmp_path.glob(".out.jsonl.*.partial"))
+    run = _failed_run(tmp_path)
+    assert run["stage"] == "reading" and run["error"] == "stopped by SIGTERM" and run["read"] == 2

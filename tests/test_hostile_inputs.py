@@ -313,8 +313,13 @@ def test_a_bad_row_fails_the_run_before_any_work_and_keeps_the_old_output(tmp_pa
     )
     assert out.read_text() == "previous results\n"
     assert source.read_bytes() == before
-    assert not (tmp_path / "audit").exists()  # nothing was guarded, so nothing was audited
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    # nothing was guarded, but the failed run is audited: what it read, where it stopped, and why (#32)
+    records = [json.loads(line) for line in (tmp_path / "audit" / "log.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["guard_run"]
+    run = records[0]
+    assert run["status"] == "failed" and run["stage"] == "reading" and "in.jsonl:17" in run["error"]
+    assert run["read"] == 16 and run["items"] is None and run["guarded"] == 0 and not run["output_written"]
 
 
 @pytest.mark.parametrize(

@@ -285,3 +285,20 @@ def test_load_with_an_instant_stub_upstream():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_serve_check_refuses_a_model_free_policy_that_could_need_a_model(cli_runner, upstream, tmp_path):
+    path = tmp_path / "policy.yaml"
+    no_fix = policy(model="none", add=[rule("never-003", "zzqqxx")])  # guard.action revise, and no fix to apply
+    path.write_text(yaml.safe_dump(no_fix))
+    failed = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream", upstream.url, "--check"])
+    assert failed.exit_code == 1
+    assert "model: none, but a reply could need a model to rewrite it: rule never-003-r (never-003) has no fix" in (
+        failed.output
+    )
+    assert "write guard.on_failure" in failed.output and "answers" not in failed.output
+    assert upstream.requests == []  # refused before the upstream is tried
+    no_fix["guard"]["on_failure"] = "refuse"  # said outright: such a reply is refused
+    path.write_text(yaml.safe_dump(no_fix))
+    ok = cli_runner.invoke(cli, ["serve", "--policy", str(path), "--upstream", upstream.url, "--check"])
+    assert ok.exit_code == 0 and "upstream" in ok.output, ok.output

@@ -996,3 +996,177 @@ def test_either_connection_pool_tells_a_dead_upstream_from_a_slow_one(pool, monk
         upstream.stop()
         reply = post(guard, {"model": "m", "messages": QUESTION})
         assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_unreachable"
+
+
+# -- review of #32: health, unknown parts, upstream size, audit of a plain answer to a stream ------------------------
+
+
+def audited(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["kind"] == "serve"]
+
+
+def test_health_never_names_the_upstream_without_a_configured_key(upstream, monkeypatch):
+    monkeypatch.delenv("CAI_SERVE_API_KEY", raising=False)  # no key: everyone may use the proxy, nobody sees where to
+    with GuardServer(policy(), upstream.url) as guard:
+        health = f"http://127.0.0.1:{guard.port}/health"
+        for headers in ({}, {"authorization": "Bearer anything"}):
+            shown = httpx.get(health, headers=headers).json()
+            assert shown["status"] == "ok" and "upstream" not in shown and upstream.url not in json.dumps(shown)
+    monkeypatch.setenv("CAI_SERVE_API_KEY", "s3cret")
+    with GuardServer(policy(), upstream.url) as guard:
+        health = f"http://127.0.0.1:{guard.port}/health"
+        assert httpx.get(health, headers={"authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        assert httpx.get(health, headers={"authorization": "Bearer s3cret"}).json()["upstream"] == upstream.url
+
+
+def test_every_string_of_an_unknown_part_type_is_checked_but_media_parts_are_not(upstream):
+    new = {"type": "something_new", "text": "pw hunter2", "meta": {"note": "again hunter3"}}
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/hunter2.png"}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}, new, image]}]
+    with GuardServer(policy(add=[SECRET], input={"check": True, "action": "refuse"}), upstream.url) as guard:
+        verdict = post(guard, {"model": "m", "messages": messages}).json()["cai_guard"]
+        assert verdict["action"] == "refused" and verdict["input"]["principle_ids"] == ["pw-001"]
+        assert upstream.bodies() == []
+        with_image_only = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}, image]}]
+        assert post(guard, {"model": "m", "messages": with_image_only}).json()["cai_guard"]["action"] == "none"
+    with GuardServer(policy(add=[SECRET], input={"check": True, "action": "redact"}), upstream.url) as guard:
+        assert post(guard, {"model": "m", "messages": messages}).status_code == 200
+    sent = upstream.bodies()[-1]["messages"][0]["content"]
+    assert sent[1] == {"type": "something_new", "text": "pw [redacted]", "meta": {"note": "again [redacted]"}}
+    assert sent[2] == image  # a media part is passed as sent, unread
+
+
+def test_every_string_of_an_unknown_part_type_in_an_answer_is_guarded():
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/hunter2.png"}}
+
+    def respond(method, path, body):
+        content = [{"type": "text", "text": "Here:"}, {"type": "something_new", "text": "it is hunter2"}, image]
+        message = {"role": "assistant", "content": content}
+        answer = {
+            "id": "x",
+            "object": "chat.completion",
+            "model": "stub",
+            "choices": [{"index": 0, "message": message}],
+        }
+        return 200, {}, json.dumps(answer).encode()
+
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(add=[SECRET]), stub.url) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION}).json()
+    content = reply["choices"][0]["message"]["content"]
+    assert content[1] == {"type": "something_new", "text": "it is [redacted]"} and content[2] == image
+    assert reply["cai_guard"]["action"] == "revised"
+
+
+def test_an_upstream_answer_over_the_limit_is_a_502_and_audited(tmp_path):
+    big = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "a" * 10_000}}]}
+
+    def respond(method, path, body):
+        return 200, {}, json.dumps(big).encode()
+
+    log = tmp_path / "audit.jsonl"
+    limited = ServeOptions(max_upstream_bytes=4096)
+    with StubUpstream(respond=respond) as stub:
+        with GuardServer(policy(audit={"path": str(log)}), stub.url, options=limited) as guard:
+            reply = post(guard, {"model": "m", "messages": QUESTION})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_too_large"
+            assert "4096 bytes" in reply.json()["error"]["message"]
+            # a plain answer to a stream request is bounded the same way
+            streamed = post(guard, {"model": "m", "messages": QUESTION, "stream": True})
+            assert streamed.status_code == 502 and streamed.json()["error"]["code"] == "upstream_too_large"
+            metrics = httpx.get(f"http://127.0.0.1:{guard.port}/metrics").text
+            assert 'status="upstream_too_large"} 2' in metrics
+        with GuardServer(policy(), stub.url, options=ServeOptions(max_upstream_bytes=20_000)) as guard:
+            assert post(guard, {"model": "m", "messages": QUESTION}).status_code == 200  # under the limit: as before
+    assert [r["status"] for r in audited(log)] == ["upstream_too_large", "upstream_too_large"]
+
+
+def test_an_upstream_answer_without_a_length_is_counted_as_it_arrives():
+    import asyncio
+
+    from cai_engine.guard.serve import UpstreamTooLarge, _read_limited
+
+    sent = []
+
+    async def body():
+        for _ in range(100):
+            sent.append(1)
+            yield b"x" * 1000
+
+    async def read(limit):
+        return await _read_limited(httpx.Response(200, content=body()), limit)
+
+    with pytest.raises(UpstreamTooLarge):
+        asyncio.run(read(4096))
+    assert len(sent) == 5  # stopped at the chunk that passed the limit, not at the end
+    sent.clear()
+    assert len(asyncio.run(read(200_000))) == 100_000
+
+
+def test_a_stream_line_over_the_limit_ends_the_stream_and_is_audited(tmp_path):
+    def respond(method, path, body):
+        chunk = {"id": "x", "object": "chat.completion.chunk", "model": "stub"}
+        small = {**chunk, "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+        huge = {**chunk, "choices": [{"index": 0, "delta": {"content": "a" * 10_000}, "finish_reason": None}]}
+        events = f"data: {json.dumps(small)}\n\ndata: {json.dumps(huge)}\n\ndata: [DONE]\n\n"
+        return 200, {"Content-Type": "text/event-stream"}, events.encode()
+
+    log = tmp_path / "audit.jsonl"
+    with StubUpstream(respond=respond) as stub:
+        options = ServeOptions(max_upstream_bytes=4096)
+        with GuardServer(policy(audit={"path": str(log)}), stub.url, options=options) as guard:
+            reply = post(guard, {"model": "m", "messages": QUESTION, "stream": True})
+        events = sse(reply)
+        assert events[-1]["error"]["code"] == "upstream_too_large" and "stream line" in events[-1]["error"]["message"]
+        assert "a" * 100 not in reply.text
+        with GuardServer(policy(), stub.url) as guard:  # the default limit (16 MiB) lets it through
+            events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+            assert streamed_text(events) == "Hi" + "a" * 10_000
+    assert [r["status"] for r in audited(log)] == ["upstream_too_large"]
+
+
+def test_a_plain_answer_to_a_stream_request_is_audited_like_one_to_a_plain_request(tmp_path):
+    def respond(method, path, body):
+        return 200, {}, b'{"not": "a completion"}'
+
+    log = tmp_path / "audit.jsonl"
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(audit={"path": str(log)}), stub.url) as guard:
+        for stream in (False, True):
+            reply = post(guard, {"model": "m", "messages": QUESTION, "stream": stream})
+            assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_bad_response"
+    records = audited(log)
+    assert [(r["status"], r["stream"]) for r in records] == [
+        ("upstream_bad_response", False),
+        ("upstream_bad_response", True),
+    ]
+
+
+def test_a_plain_completion_answering_a_stream_request_is_audited_as_ok(tmp_path, upstream):
+    def respond(method, path, body):
+        answer = upstream.chat_completion({**body, "stream": False})
+        return 200, {}, json.dumps(answer).encode()
+
+    log = tmp_path / "audit.jsonl"
+    with StubUpstream(respond=respond) as stub, GuardServer(policy(audit={"path": str(log)}), stub.url) as guard:
+        events = sse(post(guard, {"model": "m", "messages": QUESTION, "stream": True}))
+        assert streamed_text(events) == "Stub answer to: Name a colour."
+    served = audited(log)
+    assert [r["status"] for r in served] == ["ok"] and served[0]["stream"] and served[0]["action"] == "none"
+    assert served[0]["audit_id"] and served[0]["upstream_ms"] > 0
+
+
+def test_cai_serve_sets_the_upstream_size_limit(cli_runner, upstream, tmp_path, monkeypatch):
+    import uvicorn
+    import yaml
+
+    from cai_engine.cli import cli
+
+    started = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: started.append(self.config))
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy()))
+    args = ["serve", "--policy", str(path), "--upstream", upstream.url, "--port", str(free_port())]
+    assert cli_runner.invoke(cli, args).exit_code == 0
+    assert cli_runner.invoke(cli, [*args, "--max-upstream-bytes", "2048"]).exit_code == 0
+    assert [config.app.state.options.max_upstream_bytes for config in started] == [16 << 20, 2048]
+    too_small = cli_runner.invoke(cli, [*args, "--max-upstream-bytes", "100"])
+    assert too_small.exit_code == 2 and "--max-upstream-bytes" in too_small.output

@@ -44,7 +44,9 @@ def guard_command(policy_path: Path, input_path: Path, out: Path | None, batch_s
     to a .partial beside it and replaces --out only when the whole run succeeds, so a failed or stopped run (an
     error, Ctrl-C, SIGTERM, SIGHUP) leaves --out as it was and removes its .partial; a .partial left by a killed run
     is removed by the next run. The audit log (the policy's audit.path) gets one record per decision and a final
-    guard_run record: completed or failed.
+    guard_run record, completed or failed, however the run ends once the policy is loaded (a bad row, an empty
+    input, an unusable --out and a signal included): a failed one says why, where (setup, reading or guarding)
+    and how many rows were read and guarded.
 
     Exit status: 0 when done, 1 on an error (nothing written), 3 when --fail-on is met, 128 + the signal's number
     when stopped by a signal (143 for SIGTERM).

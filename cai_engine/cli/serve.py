@@ -38,6 +38,14 @@ from cai_engine.cli.base import cli, current_runtime
     help="Largest request body; a larger one gets a 413 before the rest of it is read.",
 )
 @click.option(
+    "--max-upstream-bytes",
+    type=click.IntRange(min=1024),
+    default=16 << 20,
+    show_default=True,
+    help="Largest answer read from the upstream, and largest line of a streamed one; past it a plain request "
+    "gets a 502 (upstream_too_large) and a stream ends with an error event. Counted as it arrives.",
+)
+@click.option(
     "--max-json-depth",
     type=click.IntRange(min=4, max=1000),
     default=64,
@@ -96,6 +104,7 @@ def serve_command(
     timeout: float,
     max_concurrency: int,
     max_body_bytes: int,
+    max_upstream_bytes: int,
     max_json_depth: int,
     read_timeout: float,
     keep_alive: int,
@@ -159,6 +168,7 @@ def serve_command(
         timeout=timeout,
         max_concurrency=max_concurrency,
         max_body_bytes=max_body_bytes,
+        max_upstream_bytes=max_upstream_bytes,
         max_json_depth=max_json_depth,
         read_timeout=read_timeout,
         metrics_need_key=metrics_need_key,

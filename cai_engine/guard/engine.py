@@ -168,8 +168,9 @@ class Engine:
         an assistant message's ``refusal``, the ``arguments`` of its ``tool_calls`` (and of a legacy
         ``function_call``), and each tool's ``description`` in ``tools``. The text parts of one message are also
         checked joined, so a word split across two parts is found. Parts the rail cannot read (images, audio,
-        files, unknown part types) are listed in ``non_text``, never dropped. A redaction edits only the string
-        that held the match; every other part and field stays as sent. ``fields`` are the request's other fields
+        files, unknown part types) are listed in ``non_text``, never dropped; every string of a part of an unknown
+        type is checked as well. A redaction edits only the string that held the match; every other part and field
+        stays as sent. ``fields`` are the request's other fields
         whose strings may reach the model (a legacy ``functions`` list, a ``response_format`` schema, parameters
         the guard does not know): every string in them is checked too, and redacted in ``InputCheck.fields``.
         ``rules=False`` only reads and validates.
@@ -310,6 +311,12 @@ class Engine:
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # Part types whose text the rail reads (chat completions and the Responses API), and the key holding the text.
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+# Part types the rail knows carry media, not words (their base64 data, URLs and ids are not text the model reads):
+# listed in ``non_text`` and left unchecked. A part of any other type is listed too, and every string in it checked
+# (#32: a new part type may well carry text).
+BINARY_PARTS = frozenset(
+    {"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url", "input_video"}
+)
 # A conversation for rules and critics has three roles; what else the model reads is the closest of them.
 _GUARD_ROLE = {"developer": "system", "tool": "user", "function": "user"}
 
@@ -404,6 +411,11 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
                 key = TEXT_PARTS.get(part["type"])
                 if key is None:
                     non_text.append(f"{at} ({part['type']})")
+                    if part["type"] not in BINARY_PARTS:
+                        slots += [
+                            _Slot(path, w, text, i)
+                            for path, w, text in unknown_part_strings(part, (*base, "content", j), at)
+                        ]
                     continue
                 if not isinstance(part.get(key), str):
                     raise InputShapeError(f"{at} of type {part['type']!r} needs a string {key!r}", f"{at}.{key}")
@@ -481,6 +493,15 @@ def strings_in(value: Any, path: tuple[Any, ...], where: str) -> Iterator[tuple[
     elif isinstance(value, list):
         for k, item in enumerate(value):
             yield from strings_in(item, (*path, k), f"{where}[{k}]")
+
+
+def unknown_part_strings(
+    part: dict[str, Any], path: tuple[Any, ...], where: str
+) -> Iterator[tuple[tuple[Any, ...], str, str]]:
+    """Every string of a content part of a type this code does not know, but its ``type``."""
+    for key, value in part.items():
+        if key != "type":
+            yield from strings_in(value, (*path, key), f"{where}.{key}")
 
 
 def _string(value: Any, where: str) -> str:

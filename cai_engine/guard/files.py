@@ -116,14 +116,19 @@ def _label(path: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def spooled_guard_input(path: str | Path) -> Iterator[tuple[int, Callable[[], Iterator[GuardItem]]]]:
+def spooled_guard_input(
+    path: str | Path, *, on_row: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, Callable[[], Iterator[GuardItem]]]]:
     """Read the guard input once, checking every row, into an unlinked temporary file; yields the number of rows and
-    a function that iterates over them (as checked). A bad row raises before anything is yielded."""
+    a function that iterates over them (as checked). A bad row raises before anything is yielded. ``on_row`` is
+    called with the number of rows read so far after each one."""
     with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
         count = 0
         for item_id, conversation, response in iter_guard_input(path):
             spool.write(json.dumps([item_id, [m.model_dump() for m in conversation], response]) + "\n")
             count += 1
+            if on_row is not None:
+                on_row(count)
         if not count:
             raise ConfigError(f"{_label(path)}: contains no conversations")
         spool.flush()
@@ -148,18 +153,25 @@ def guard_file(
 ) -> dict[str, int]:
     """Guard every conversation of ``input_path`` (a file, a pipe, or ``-`` for standard input, read once) with
     ``engine``; results as JSONL into ``out`` (atomically) or through ``emit`` line by line. Returns the count of each
-    action. The audit gets a ``guard_run`` record saying whether the run completed or failed."""
-    if batch_size < 1:
-        raise ConfigError(f"the batch size must be at least 1, not {batch_size}")
-    if out is not None:
-        check_output_path(out, inputs=[] if str(input_path) == STDIN else [input_path], what="output file")
-        remove_stale_partials(out)
-    with spooled_guard_input(input_path) as (total, items):
-        counts: dict[str, int] = {}
-        began = time.perf_counter()
-        done = 0
-        status, error = "failed", None
-        try:
+    action. The audit gets one ``guard_run`` record however the run ends: completed, or failed with the error, the
+    stage it failed in (``setup``, ``reading`` or ``guarding``) and the rows read and guarded so far (#32)."""
+    counts: dict[str, int] = {}
+    began = time.perf_counter()
+    run: dict[str, Any] = {"stage": "setup", "read": 0, "items": None, "guarded": 0}
+    status, error = "failed", None
+
+    def row_read(count: int) -> None:
+        run["read"] = count
+
+    try:
+        if batch_size < 1:
+            raise ConfigError(f"the batch size must be at least 1, not {batch_size}")
+        if out is not None:
+            check_output_path(out, inputs=[] if str(input_path) == STDIN else [input_path], what="output file")
+            remove_stale_partials(out)
+        run["stage"] = "reading"
+        with spooled_guard_input(input_path, on_row=row_read) as (total, items):
+            run["stage"], run["items"] = "guarding", total
             from tqdm.auto import tqdm
 
             with _sink(out, emit) as write, tqdm(total=total, unit="item", disable=not progress or out is None) as bar:
@@ -167,33 +179,35 @@ def guard_file(
                 for item in items():
                     batch.append(item)
                     if len(batch) == batch_size:
-                        done += _guard_batch(engine, batch, write, counts)
+                        run["guarded"] += _guard_batch(engine, batch, write, counts)
                         bar.update(len(batch))
                         batch = []
                 if batch:
-                    done += _guard_batch(engine, batch, write, counts)
+                    run["guarded"] += _guard_batch(engine, batch, write, counts)
                     bar.update(len(batch))
-            status = "completed"
-            return counts
-        except BaseException as exc:
-            error = str(exc) or type(exc).__name__
-            raise
-        finally:
-            engine.runtime.emit(
-                {
-                    "time": now(),
-                    "status": status,
-                    "input": _label(input_path),
-                    "output": str(out) if out else None,
-                    "items": total,
-                    "guarded": done,
-                    "output_written": status == "completed" and out is not None,
-                    "error": error,
-                    "seconds": round(time.perf_counter() - began, 3),
-                    "policy": engine.policy_info,
-                },
-                "guard_run",
-            )
+        status = "completed"
+        return counts
+    except BaseException as exc:
+        error = str(exc) or type(exc).__name__
+        raise
+    finally:
+        engine.runtime.emit(
+            {
+                "time": now(),
+                "status": status,
+                "input": _label(input_path),
+                "output": str(out) if out else None,
+                "items": run["items"],
+                "read": run["read"],
+                "guarded": run["guarded"],
+                "stage": run["stage"] if status == "failed" else None,
+                "output_written": status == "completed" and out is not None,
+                "error": error,
+                "seconds": round(time.perf_counter() - began, 3),
+                "policy": engine.policy_info,
+            },
+            "guard_run",
+        )
 
 
 def _guard_batch(engine: Any, batch: list[GuardItem], write: Callable[[str], None], counts: dict[str, int]) -> int:

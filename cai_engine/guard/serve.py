@@ -2,9 +2,10 @@
 
 A request to ``/v1/chat/completions`` is read within limits (body size, JSON depth, finite numbers, a JSON content
 type), checked by the input rail (every text of every message, if the policy turns it on), forwarded to the upstream
-under one deadline for the whole exchange, and every choice of the answer is guarded by the policy before it is
-returned in the same OpenAI shape, with the verdict in the ``cai_guard`` extension field. Tools, tool calls,
-``n``, ``logprobs`` and usage pass through; a tool call's arguments are guarded like text.
+under one deadline for the whole exchange, its answer read within a size limit (``max_upstream_bytes``, which also
+bounds one line of a stream), and every choice of the answer is guarded by the policy before it is returned in the
+same OpenAI shape, with the verdict in the ``cai_guard`` extension field. Tools, tool calls, ``n``, ``logprobs`` and
+usage pass through; a tool call's arguments are guarded like text.
 
 A streaming request is streamed from the upstream and released in checked pieces (see :class:`StreamGuard`): the
 policy's rules and plugin checks run on every chunk over an overlapping window, the last ``stream_holdback``
@@ -28,7 +29,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,16 @@ import httpx
 
 from cai_engine.constitution.model import Message
 from cai_engine.errors import CaiError
-from cai_engine.guard.engine import TEXT_PARTS, Engine, InputCheck, InputShapeError, json_text, strings_in
+from cai_engine.guard.engine import (
+    BINARY_PARTS,
+    TEXT_PARTS,
+    Engine,
+    InputCheck,
+    InputShapeError,
+    json_text,
+    strings_in,
+    unknown_part_strings,
+)
 from cai_engine.records import GuardResult, Violation
 from cai_engine.store.runs import now
 from cai_engine.text import textnorm
@@ -49,6 +59,8 @@ MAX_CHOICES = 128  # OpenAI's own limit on n
 MIN_STREAM_WINDOW = 64  # the stream check always looks back at least this far (and at least the holdback)
 INLINE_RAIL_BYTES = 32_768  # larger requests are checked in a worker thread, off the event loop
 MAX_ERROR_CHARS = 2_000  # of an upstream's error message: checked by the rules, then passed on
+MAX_UPSTREAM_BYTES = 16 << 20  # an upstream's answer, and one line of its stream, read and counted as it arrives
+MAX_STREAM_FALLBACK_BYTES = 4 * MAX_BODY_BYTES  # a plain (non-SSE) answer to a stream request
 SEVERITY = {"none": 0, "flagged": 1, "revised": 2, "refused": 3, "stopped": 4}
 ROUTES_HINT = "this server answers POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
 
@@ -72,6 +84,14 @@ class RequestError(Exception):
 
     def response(self):
         return _error(self.status, self.message, self.kind, self.code, self.param, self.headers)
+
+
+class UpstreamTooLarge(Exception):
+    """The upstream sent more than ``max_upstream_bytes``: its answer, or one line of its stream (#32)."""
+
+    def __init__(self, limit: int, what: str = "answer") -> None:
+        super().__init__(f"the upstream's {what} is larger than {limit} bytes (cai serve --max-upstream-bytes)")
+        self.limit = limit
 
 
 class ClientGone(Exception):
@@ -284,6 +304,7 @@ class ServeOptions:
     max_concurrency: int = 32
     max_body_bytes: int = MAX_BODY_BYTES
     max_json_depth: int = MAX_JSON_DEPTH
+    max_upstream_bytes: int = MAX_UPSTREAM_BYTES  # an upstream answer, and one line of a stream (502 past it)
     read_timeout: float = READ_TIMEOUT_S
     metrics_need_key: bool = False
     stream_holdback: int = 32  # characters of a streamed answer held back until what follows them is checked
@@ -358,6 +379,8 @@ def create_app(
     async def health(request: Request):
         if not authorised(request):  # says nothing about the policy or the upstream to a stranger
             return _json({"status": "ok"})
+        if client_token is None:  # no key configured: everyone is "authorised", so the upstream stays unsaid (#32)
+            return _json({"status": "ok", "policy": engine.policy_info})
         return _json({"status": "ok", "policy": engine.policy_info, "upstream": base})
 
     async def metrics_endpoint(request: Request):
@@ -395,12 +418,16 @@ def create_app(
 
     def upstream_failure(exc: Exception, record: dict[str, Any]) -> Response:
         """The answer when the upstream exchange did not happen: the client left (499, nothing sent), the deadline
-        passed (504) or the upstream could not be reached (502); counted and audited."""
+        passed (504), the upstream could not be reached (502) or sent too much (502); counted and audited."""
         if isinstance(exc, ClientGone):
             metrics.count("client_disconnected")
             emit({**record, "status": "client_disconnected"})
             return Response(status_code=499)
         metrics.upstream_errors.inc()
+        if isinstance(exc, UpstreamTooLarge):
+            metrics.count("upstream_too_large")
+            emit({**record, "status": "upstream_too_large"})
+            return _error(502, str(exc), "upstream_error", "upstream_too_large")
         if _timed_out(exc):
             metrics.count("upstream_timeout")
             emit({**record, "status": "upstream_timeout"})
@@ -484,22 +511,28 @@ def create_app(
         forward.pop("stream_options", None)
         upstream_began = time.perf_counter()
 
-        async def post() -> httpx.Response:
+        async def post() -> tuple[httpx.Response, bytes]:
             async with limit:
                 with anyio.fail_after(opts.timeout):
-                    return await client().post(
-                        f"{base}/chat/completions", content=_dumps(forward), headers=upstream_headers(request)
+                    req = client().build_request(
+                        "POST", f"{base}/chat/completions", content=_dumps(forward), headers=upstream_headers(request)
                     )
+                    reply = await client().send(req, stream=True)
+                    try:  # read and counted as it arrives: an answer past the limit is never held whole
+                        return reply, await _read_limited(reply, opts.max_upstream_bytes)
+                    finally:
+                        with anyio.CancelScope(shield=True):  # closed even when the client has gone
+                            await reply.aclose()
 
         try:
-            reply = await _unless_disconnected(request, post)
-        except (ClientGone, TimeoutError, httpx.HTTPError) as exc:
+            reply, content = await _unless_disconnected(request, post)
+        except (ClientGone, TimeoutError, httpx.HTTPError, UpstreamTooLarge) as exc:
             return upstream_failure(exc, record)
         upstream_ms = (time.perf_counter() - upstream_began) * 1000
         metrics.observe("upstream", upstream_ms)
         if reply.status_code >= 400:
-            return upstream_error(reply.status_code, reply.headers, reply.content, conversation, record)
-        data = _lenient_json(reply.content)
+            return upstream_error(reply.status_code, reply.headers, content, conversation, record)
+        data = _lenient_json(content)
         if not _is_completion(data):
             metrics.upstream_errors.inc()
             metrics.count("upstream_error")
@@ -625,35 +658,58 @@ def create_app(
         except (ClientGone, TimeoutError, httpx.HTTPError) as exc:
             return upstream_failure(exc, record)
         if reply.status_code >= 400 or "text/event-stream" not in reply.headers.get("content-type", ""):
+            too_large: UpstreamTooLarge | None = None
             try:
                 with anyio.fail_after(max(0.01, deadline - time.monotonic())):
-                    content = await _read_capped(reply, 4 * MAX_BODY_BYTES)
+                    content = await _read_limited(reply, min(opts.max_upstream_bytes, MAX_STREAM_FALLBACK_BYTES))
             except (TimeoutError, httpx.HTTPError):
                 content = b""
+            except UpstreamTooLarge as exc:
+                content, too_large = b"", exc
             finally:
                 await reply.aclose()
                 await release_slot()
+            upstream_ms = (time.perf_counter() - upstream_began) * 1000
+            metrics.observe("upstream", upstream_ms)
             if reply.status_code >= 400:
                 return upstream_error(reply.status_code, reply.headers, content, conversation, record)
+            if too_large is not None:
+                return upstream_failure(too_large, record)
             data = _lenient_json(content)  # an upstream that answers a stream request with one JSON answer
-            if not _is_completion(data):
+            if not _is_completion(data):  # audited as on the plain path (#32)
                 metrics.upstream_errors.inc()
                 metrics.count("upstream_error")
+                emit({**record, "status": "upstream_bad_response"})
                 return _error(
                     502,
                     "the upstream's answer is not an OpenAI chat completion",
                     "upstream_error",
                     "upstream_bad_response",
                 )
+            guard_began = time.perf_counter()
             try:
                 choices, verdicts = await _guard_choices(engine, conversation, data["choices"])
             except CaiError as exc:
                 metrics.count("guard_error")
+                emit({**record, "status": "guard_error", "error": str(exc)})
                 return _error(500, f"the guard failed: {exc}", "guard_error")
+            guard_ms = (time.perf_counter() - guard_began) * 1000
+            metrics.observe("guard", guard_ms)
             verdict = _overall(verdicts)
             if input_info:
                 verdict["input"] = input_info
             metrics.count("ok", verdict["action"])
+            emit(
+                {
+                    **record,
+                    "status": "ok",
+                    "audit_id": verdict["audit_id"],
+                    "action": verdict["action"],
+                    "input": input_info,
+                    "upstream_ms": round(upstream_ms, 3),
+                    "guard_ms": round(guard_ms, 3),
+                }
+            )
             for choice, one in zip(choices, verdicts):
                 choice["cai_guard"] = {**one, "input": input_info} if input_info else one
             model = data.get("model", record["model"])
@@ -700,7 +756,7 @@ def create_app(
             await finish_record("client_disconnected")
 
         async def events():
-            lines = reply.aiter_lines()
+            lines = _sse_lines(reply, opts.max_upstream_bytes)
             try:
                 while True:
                     try:
@@ -740,6 +796,10 @@ def create_app(
                     yield out
                 yield "data: [DONE]\n\n"
                 await finish_record("ok")
+            except UpstreamTooLarge as exc:
+                metrics.upstream_errors.inc()
+                yield guard.error_event(502, str(exc), "upstream_too_large")
+                await finish_record("upstream_too_large")
             except TimeoutError:
                 metrics.upstream_errors.inc()
                 yield guard.error_event(
@@ -817,14 +877,44 @@ def _is_completion(data: Any) -> bool:
     )
 
 
-async def _read_capped(reply: httpx.Response, cap: int) -> bytes:
+async def _read_limited(reply: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed reply, counted as it arrives (decoded): :class:`UpstreamTooLarge` past ``limit``, as
+    soon as a Content-Length says so or the bytes read pass it."""
+    declared = reply.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UpstreamTooLarge(limit)
     chunks, size = [], 0
     async for chunk in reply.aiter_bytes():
         size += len(chunk)
-        if size > cap:
-            break
+        if size > limit:
+            raise UpstreamTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _sse_lines(reply: httpx.Response, limit: int) -> AsyncIterator[str]:
+    """The lines of a server-sent-events body (LF, CRLF or CR ends one), each at most ``limit`` bytes: a longer
+    one raises :class:`UpstreamTooLarge` before more of it is held."""
+    pending: list[bytes] = []  # the start of a line whose end has not come yet (joined once, when it comes)
+    size = 0
+    async for chunk in reply.aiter_bytes():
+        if b"\n" not in chunk and b"\r" not in chunk:
+            pending.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamTooLarge(limit, "stream line")
+            continue
+        pending.append(chunk)  # a \r\n cut between chunks reads as an empty line more: SSE ignores it
+        *complete, rest = b"".join(pending).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        for line in complete:
+            if len(line) > limit:
+                raise UpstreamTooLarge(limit, "stream line")
+            yield line.decode("utf-8", "replace")
+        if len(rest) > limit:
+            raise UpstreamTooLarge(limit, "stream line")
+        pending, size = [rest], len(rest)
+    if size:
+        yield b"".join(pending).decode("utf-8", "replace")
 
 
 async def _unless_disconnected(request: Any, work: Callable[[], Awaitable[Any]]) -> Any:
@@ -907,9 +997,10 @@ class _Out:
 
 
 def output_texts(message: dict[str, Any]) -> list[_Out]:
-    """The strings of an answer's message the client will read: its content (a string, or the text parts of a
-    list), every other string field but ``role``/``name``/``tool_call_id`` (``refusal``, ``reasoning_content``, ...),
-    and the arguments of its tool calls. Content is always checked unless the message only calls tools."""
+    """The strings of an answer's message the client will read: its content (a string, the text parts of a list,
+    and every string of a part of a type this code does not know; media parts are not read), every other string
+    field but ``role``/``name``/``tool_call_id`` (``refusal``, ``reasoning_content``, ...), and the arguments of
+    its tool calls. Content is always checked unless the message only calls tools."""
     out: list[_Out] = []
     content = message.get("content")
     calls: list[Any] = message["tool_calls"] if isinstance(message.get("tool_calls"), list) else []
@@ -921,6 +1012,8 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
                 key = TEXT_PARTS[part["type"]]
                 if isinstance(part.get(key), str):
                     out.append(_Out(("content", j, key), part[key]))
+            elif isinstance(part, dict) and str(part.get("type")) not in BINARY_PARTS:  # a type this code does not know
+                out += [_Out(path, text) for path, _, text in unknown_part_strings(part, ("content", j), "") if text]
     elif isinstance(content, str) and (content or not (calls or message.get("function_call"))):
         out.append(_Out(("content",), content))
     elif content is None and not (calls or message.get("function_call")):
