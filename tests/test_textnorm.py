@@ -49,6 +49,7 @@ WORD_VARIANTS = {
     "combining accent": "deto\u0301nator",
     "precomposed accent": "detonatór",
     "hyphenated line break": "deto-\n  nator",
+    "hyphenated line break with zero-width spaces": "deto\u200b-\u200b\n\u200b nator",
     "upper case": "DETONATOR",
     "Hangul filler": "deto\u3164nator",
     "Braille blank": "deton\u2800ator",

@@ -124,18 +124,28 @@ class Folded:
 
 
 def _hyphen_break(text: str, i: int) -> int:
-    """The end of a hyphenated line break starting at ``i`` ("explo-\\n  sive"), or ``i`` when there is none."""
-    if text[i] not in "-\u2010\u00ad" or i == 0 or not text[i - 1].isalpha():
+    """The end of a hyphenated line break starting at ``i`` ("explo-\\n  sive"), or ``i`` when there is none.
+    Characters folding drops may sit anywhere in it ("explo\\u200b-\\u200b\\n sive"); each scan covers only the
+    break's own run, so folding stays linear."""
+    if text[i] not in "-\u2010\u00ad":
         return i
-    j = i + 1
-    while j < len(text) and text[j] in " \t\r":
-        j += 1
+    k = i - 1
+    while k >= 0 and is_dropped(text[k]):
+        k -= 1
+    if k < 0 or not text[k].isalpha():
+        return i
+    j = _skip(text, i + 1, " \t\r")
     if j >= len(text) or text[j] != "\n":
         return i
-    j += 1
-    while j < len(text) and text[j] in " \t":
-        j += 1
+    j = _skip(text, j + 1, " \t")
     return j if j < len(text) and text[j].isalpha() else i
+
+
+def _skip(text: str, j: int, spaces: str) -> int:
+    """The first index from ``j`` on that is neither one of ``spaces`` nor dropped by folding."""
+    while j < len(text) and (text[j] in spaces or is_dropped(text[j])):
+        j += 1
+    return j
 
 
 # Folded views are cached (every rule of a policy folds the same reply) only for texts up to this many characters, so
