@@ -8,7 +8,7 @@ returned in the same OpenAI shape, with the verdict in the ``cai_guard`` extensi
 
 A streaming request is streamed from the upstream and released in checked pieces (see :class:`StreamGuard`): the
 policy's rules and plugin checks run on every chunk over an overlapping window, the last ``stream_holdback``
-characters are held back so a forbidden word split across chunks is caught before any of it leaves, and a violation
+visible characters are held back so a forbidden word split across chunks is caught before any of it leaves, and a violation
 ends the stream with a final chunk whose ``finish_reason`` is ``content_filter``, whose delta is the policy's
 refusal and whose ``cai_guard`` has action ``stopped``. When the upstream finishes, the whole answer goes through the
 guard once more (``require`` rules, model critics) before the held-back end is released.
@@ -287,7 +287,7 @@ class ServeOptions:
     max_json_depth: int = MAX_JSON_DEPTH
     read_timeout: float = READ_TIMEOUT_S
     metrics_need_key: bool = False
-    stream_holdback: int = 32  # characters of a streamed answer held back until what follows them is checked
+    stream_holdback: int = 32  # visible characters of a streamed answer held back until what follows is checked
     stream_window: int = (
         256  # characters already released that each check looks back over (at least 64 and the holdback)
     )
