@@ -216,3 +216,23 @@ def test_cai_serve_stops_a_padded_word_before_any_of_it_leaves(pad):
     released = streamed_text(events[:-1])
     assert LEAD.startswith(released) and len(released) <= len(LEAD)  # none of the word
     assert last["cai_guard"]["released_chars"] == len(released)
+
+
+@pytest.mark.parametrize(
+    "pad", ["\u200b" * 300, "\u00ad" * 300, "\u2060\u200b" * 150], ids=["zero-width", "soft hyphens", "mixed"]
+)
+def test_a_card_number_padded_between_its_groups_is_stopped_before_any_digit_leaves(cai_runtime, pad):
+    card = pad.join(["4111", "1111", "1111", "1111"])
+    text = LEAD.replace("Get a ", "Your card is ") + card + TAIL
+    engine = Engine.from_policy(
+        {"name": "cs", "constitutions": ["customer-service"], "guard": {"model_critics": False, "action": "refuse"}},
+        runtime=cai_runtime,
+    )
+    try:
+        guard = StreamGuard(engine, [], request_id="r", model="m")
+        released, last = stream_through(guard, text, 3)
+    finally:
+        engine.close()
+    assert last["choices"][0]["finish_reason"] == "content_filter"
+    assert not any(c.isdigit() for c in released) and text.startswith(released)
+    assert guard.stop_log[0]["by"] == "rules"
