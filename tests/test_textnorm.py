@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from cai_engine.checks.rules import check_principle, repair
 from cai_engine.constitution.model import Message, Principle
 from cai_engine.guard.engine import Engine
-from cai_engine.text.textnorm import fold
+from cai_engine.text.textnorm import fold, is_dropped
 
 WORD = Principle.model_validate(
     {
@@ -47,6 +49,7 @@ WORD_VARIANTS = {
     "combining accent": "deto\u0301nator",
     "precomposed accent": "detonatór",
     "hyphenated line break": "deto-\n  nator",
+    "hyphenated line break with zero-width spaces": "deto\u200b-\u200b\n\u200b nator",
     "upper case": "DETONATOR",
     "Hangul filler": "deto\u3164nator",
     "Braille blank": "deton\u2800ator",
@@ -62,6 +65,10 @@ CARD_VARIANTS = {
     "dots between digits": "4.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1",
     "zero-width spaces between digits": "4111\u200b1111\u200b1111\u200b1111",
     "slashes between groups": "4111/1111/1111/1111",
+    "dots between groups": "4111.1111.1111.1111",
+    "dashes between groups": "4111-1111-1111-1111",
+    "a space between every digit": "4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+    "full-width digits and ideographic spaces": "４１１１\u3000１１１１\u3000１１１１\u3000１１１１",
 }
 
 
@@ -96,6 +103,33 @@ def test_a_respelled_card_number_is_caught_and_repaired(name):
 def test_ordinary_text_is_not_matched(text):
     assert not check_principle(WORD, [Message(role="user", content="hi")], text)
     assert not check_principle(NUMBER, [Message(role="user", content="hi")], text)
+
+
+# Number texts a deployer would call a false positive if the card rule fired on them (#32 review): lists of
+# decimals, dates, version numbers, a phone number, a price list.
+ORDINARY_NUMBERS = [
+    "Scores this week: 12.5 13.0 14.5 15.0 16.5 points.",
+    "Temps 21.4 22.1 23.8 24.0 25.5 C",
+    "Prices: 12,50 13,00 14,50 15,00 16,50 euros.",
+    "The release is due on 2026-12-04.",
+    "Dates 2026-12-04, 2026-12-05 and 2026-12-06.",
+    "Tested on Python 3.11.7, 3.12.1 and 3.13.0.",
+    "Call us on +1 415 555 0132 or 415-555-0133.",
+    "Lap times 1:02.5 1:03.1 1:02.9 1:04.0 1:03.3.",
+]
+
+
+@pytest.mark.parametrize("text", ORDINARY_NUMBERS)
+def test_ordinary_number_texts_are_not_card_numbers(text):
+    assert not check_principle(NUMBER, [Message(role="user", content="hi")], text)
+
+
+def test_separators_go_only_from_a_run_of_digits_that_uses_one_kind():
+    assert fold("card 4111 1111.1111 1111 ok", digits=True).text == "card 4111 1111.1111 1111 ok"  # mixed: kept
+    assert fold("a 1.2.3.4 b 5 6 7", digits=True).text == "a 1234 b 567"
+    assert fold("x 12..34", digits=True).text == "x 12..34"  # two separators in a row are not one separator
+    view = fold("n: 4-1-1-1 end", digits=True)
+    assert view.text == "n: 4111 end" and view.original_of(re.search("4111", view.text)) == "4-1-1-1"
 
 
 def test_folding_keeps_a_map_to_the_original():
@@ -143,3 +177,10 @@ def test_long_texts_are_folded_and_redacted_whole():
     )
     fixed, _ = repair(principle, [Message(role="user", content="hi")], text)
     assert fixed == "[x] and more words here. " * 20_000  # past the fold cache's size, every match repaired
+
+
+def test_is_dropped_names_what_folding_removes():
+    for char in "\u200b\u200c\u200d\u00ad\u2060\ufeff\u0301\u20dd\ufe0f\u3164\u2800":
+        assert is_dropped(char) and fold(f"a{char}b").text == "ab", hex(ord(char))
+    for char in "a \n-é\u0435ｄ\u00a0":  # letters, spaces and look-alikes fold to something
+        assert not is_dropped(char) and fold(char).text, hex(ord(char))

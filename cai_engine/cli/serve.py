@@ -77,7 +77,8 @@ from cai_engine.cli.base import cli, current_runtime
     default=32,
     show_default=True,
     help="Characters of a streamed answer held back until the text after them is checked: a forbidden match up "
-    "to this long + 1 is stopped before any of it is sent.",
+    "to this long + 1 is stopped before any of it is sent. Invisible characters and combining marks count as none, "
+    "a run of spaces as one.",
 )
 @click.option(
     "--stream-window",
@@ -85,7 +86,7 @@ from cai_engine.cli.base import cli, current_runtime
     default=256,
     show_default=True,
     help="Characters before each new chunk that the stream's rule check looks back over (at least 64 and the "
-    "holdback).",
+    "holdback), counted as for the holdback.",
 )
 @click.option(
     "--stream-model-every",

@@ -9,7 +9,7 @@ usage pass through; a tool call's arguments are guarded like text.
 
 A streaming request is streamed from the upstream and released in checked pieces (see :class:`StreamGuard`): the
 policy's rules and plugin checks run on every chunk over an overlapping window, the last ``stream_holdback``
-characters are held back so a forbidden word split across chunks is caught before any of it leaves, and a violation
+visible characters are held back so a forbidden word split across chunks is caught before any of it leaves, and a violation
 ends the stream with a final chunk whose ``finish_reason`` is ``content_filter``, whose delta is the policy's
 refusal and whose ``cai_guard`` has action ``stopped``. When the upstream finishes, the whole answer goes through the
 guard once more (``require`` rules, model critics) before the held-back end is released.
@@ -29,6 +29,7 @@ import math
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -307,7 +308,7 @@ class ServeOptions:
     max_upstream_bytes: int = MAX_UPSTREAM_BYTES  # an upstream answer, and one line of a stream (502 past it)
     read_timeout: float = READ_TIMEOUT_S
     metrics_need_key: bool = False
-    stream_holdback: int = 32  # characters of a streamed answer held back until what follows them is checked
+    stream_holdback: int = 32  # visible characters of a streamed answer held back until what follows is checked
     stream_window: int = (
         256  # characters already released that each check looks back over (at least 64 and the holdback)
     )
@@ -1233,6 +1234,69 @@ class _Choice:
     chunks: int = 0
     model_checked_at: int = 0
     flags: list[Violation] = field(default_factory=list)
+    seen: dict[str, _Visible] = field(default_factory=dict)  # per field: where its visible characters are
+
+
+class _Visible:
+    """Where the characters a pattern can see are in one streamed field, read once as the text grows (#32).
+
+    The holdback and the check window count only these, so padding a word with characters that folding drops
+    (zero-width spaces, soft hyphens, combining marks, ...: ``textnorm.is_dropped``) cannot push the word out of
+    either; a run of whitespace counts once, as a hyphenated line break folds away however many spaces it holds.
+    ``marks`` keeps the (raw, squeezed) positions of the last ``keep`` counted characters. ``squeezed`` is the text
+    with each such gap cut to ``GAP`` dropped and ``GAP`` whitespace characters (and two newlines more at most):
+    folding reads the same words in it, and a check window taken from it stays about ``window`` characters long
+    however much padding the answer holds (each chunk's check costs the same; no quadratic rescans)."""
+
+    GAP = 8
+
+    def __init__(self, keep: int) -> None:
+        self.read_to = 0
+        self.squeezed = ""
+        self.marks: deque[tuple[int, int]] = deque(maxlen=max(1, keep))
+        self.space = False  # the gap at the end already holds a counted whitespace character
+        self.dropped = self.spaces = self.newlines = 0  # what the gap at the end has kept of each
+        self.when_found: list[str] = []  # what `when` patterns matched in the squeezed text before ``when_to``
+        self.when_to = 0
+
+    def read(self, text: str) -> None:
+        """Take the text added since the last call."""
+        out: list[str] = []
+        at = len(self.squeezed)
+        for i in range(self.read_to, len(text)):
+            char = text[i]
+            if not char.isascii() and textnorm.is_dropped(char):
+                if self.dropped < self.GAP:
+                    self.dropped += 1
+                    out.append(char)
+                continue
+            if char.isspace():
+                if self.spaces < self.GAP or (char == "\n" and self.newlines < 2):
+                    self.spaces += 1
+                    self.newlines += char == "\n"
+                    if not self.space:
+                        self.space = True
+                        self.marks.append((i, at + len(out)))
+                    out.append(char)
+                continue
+            self.space, self.dropped, self.spaces, self.newlines = False, 0, 0, 0
+            self.marks.append((i, at + len(out)))
+            out.append(char)
+        self.read_to = len(text)
+        self.squeezed += "".join(out)
+
+    def release_up_to(self, holdback: int) -> int:
+        """The raw end of what may be released: all but the last ``holdback`` counted characters and the dropped
+        characters or spaces before them."""
+        if holdback == 0:
+            return self.read_to
+        if len(self.marks) <= holdback:
+            return 0
+        return self.marks[-holdback - 1][0] + 1
+
+    def window_start(self, window: int) -> int:
+        """Where in ``squeezed`` the last ``window`` counted characters begin (0: fewer were read)."""
+        return self.marks[-window][1] if len(self.marks) >= window else 0
 
 
 class StreamGuard:
@@ -1241,8 +1305,9 @@ class StreamGuard:
     Each upstream chunk's text is appended to its choice; the policy's ``forbid`` rules and plugin checks run over
     the new text plus ``window`` characters already released (so a match that spans chunks is found), and the last
     ``holdback`` characters stay unreleased until more text (or the end) follows them, so a match up to
-    ``holdback + 1`` characters long is stopped before any of it leaves. On a violation: policy action ``flag``
-    reports it and goes on; a violation the rules and checks can repair holds the rest of the answer for the final
+    ``holdback + 1`` characters long is stopped before any of it leaves. Both count visible characters, those
+    left after folding (see ``_Visible``): invisible padding inside a word lengthens neither. On a violation: policy
+    action ``flag`` reports it and goes on; a violation the rules and checks can repair holds the rest of the answer for the final
     guard (which may release it repaired); anything else stops the choice with a final chunk: ``finish_reason``
     ``content_filter``, the policy's refusal as its delta, and ``cai_guard.action`` ``stopped``. With model critics
     nothing is released before a model check: every ``model_every`` chunks (0: once, at the end). When the upstream
@@ -1371,18 +1436,34 @@ class StreamGuard:
                 if isinstance(function.get(part), str):
                     call["function"][part] += function[part]
 
-    def _window(self, text: str, checked: int) -> str:
-        """The new text and ``window`` characters before it (all older text was checked with its own window)."""
-        start = max(0, checked - self.window)
+    def _seen(self, state: _Choice, key: str) -> _Visible:
+        if key not in state.seen:
+            state.seen[key] = _Visible(max(self.window, self.holdback + 1))
+        return state.seen[key]
+
+    def _window(self, state: _Choice, key: str) -> str:
+        """The new text of field ``key`` and ``window`` visible characters before it (all older text was checked
+        with its own window), taken from the squeezed copy so that padding cannot stretch it."""
+        seen = self._seen(state, key)
+        start = seen.window_start(self.window)  # counted before the new text is read: back from the last check
+        seen.read(state.texts[key])
+        text = seen.squeezed
         stop = max(0, start - 64)
         while start > stop and not text[start - 1].isspace():  # begin at a word: \b and words match as they will
             start -= 1
         if start == 0:
             return text
         # a rule's `when` may have matched earlier in the answer, out of the window: what it matched goes in front
-        # of the window, so the rule applies to the new text as it will to the whole answer (fail closed)
-        seen = self._when_matches(text[:start])
-        return ("\n".join(seen) + "\n" + text[start:]) if seen else text[start:]
+        # of the window, so the rule applies to the new text as it will to the whole answer (fail closed). Only the
+        # text that left the window since the last check is searched, with a window's overlap for a match across
+        # that edge: the prefix is not searched again on every chunk.
+        if start > seen.when_to:
+            for evidence in self._when_matches(text[max(0, seen.when_to - self.window) : start]):
+                if evidence not in seen.when_found:
+                    seen.when_found.append(evidence)
+            seen.when_to = start
+        found = seen.when_found
+        return ("\n".join(found) + "\n" + text[start:]) if found else text[start:]
 
     def _when_matches(self, text: str) -> list[str]:
         out: list[str] = []
@@ -1401,7 +1482,7 @@ class StreamGuard:
         for key, text in state.texts.items():
             if state.checked.get(key, 0) == len(text):
                 continue
-            window = self._window(text, state.checked.get(key, 0))
+            window = self._window(state, key)
             violations, repaired = self.engine.check_text(self.conversation, window)
             state.checked[key] = len(text)
             if not violations:
@@ -1435,9 +1516,11 @@ class StreamGuard:
         ]
 
     def _safe(self, state: _Choice, key: str) -> int:
-        """How far field ``key`` may be released: all but the held-back end, and with model critics no further
-        than the last model check passed."""
-        safe = len(state.texts.get(key, "")) - self.holdback
+        """How far field ``key`` may be released: all but the held-back end (``holdback`` visible characters and
+        any invisible ones before them), and with model critics no further than the last model check passed."""
+        seen = self._seen(state, key)
+        seen.read(state.texts.get(key, ""))
+        safe = seen.release_up_to(self.holdback)
         if self.model_critics:
             safe = min(safe, state.cleared.get(key, 0))
         return safe

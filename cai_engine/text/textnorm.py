@@ -6,8 +6,9 @@ accent, a hyphenated line break, full-width or Arabic-Indic digits, dots or spac
 all of these: each character is decomposed (NFKD: compatibility forms become plain letters and digits), combining
 marks and format characters are dropped, any decimal digit becomes its ASCII digit, and a letter Unicode lists as
 confusable with a single Latin letter becomes that letter (Unicode's confusables data, as shipped by the
-``confusable-homoglyphs`` package). ``digits=True`` also drops one separator between two digits, for number-like
-patterns (a card number written ``4.1.1.1 ...``).
+``confusable-homoglyphs`` package). ``digits=True`` also drops the separators inside a run of digits when every
+separator in the run is the same single character, for number-like patterns (a card number written ``4.1.1.1 ...``
+or ``4111 1111 ...``; a list of decimals such as ``12.5 13.0 14.5`` mixes two separators and keeps them).
 
 Patterns are searched in the text as sent first (so a pattern written with accented letters still matches), then in
 the folded views. Every character of the folded text remembers the span of the original it came from, so a match found in the folded
@@ -25,6 +26,8 @@ from typing import Any
 
 # Between two digits, one of these may be dropped in the digits view ("4111 1111", "4.1.1.1", "4111-1111").
 DIGIT_SEPARATORS = frozenset(" .-_/,\u00b7\u2022\u2219\u2027")
+# A run of ASCII digits (folding has mapped every decimal digit to one) joined by single separators.
+_DIGIT_RUN = re.compile("[0-9]+(?:[" + re.escape("".join(sorted(DIGIT_SEPARATORS))) + "][0-9]+)+")
 
 
 @functools.cache
@@ -87,6 +90,13 @@ def _fold_char(char: str, confusable: dict[str, str]) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)
+def is_dropped(char: str) -> bool:
+    """Whether folding drops ``char`` entirely: a format or invisible character (zero-width space, soft hyphen, word
+    joiner, variation selector, ...) or a combining mark. Such a character adds nothing a pattern can see."""
+    return not char.isascii() and _fold_char(char, _confusable_letters()) == ""
+
+
 @dataclass(frozen=True)
 class Folded:
     """A folded text and, for each of its characters, the original span it came from (``starts``/``ends``, compact
@@ -114,18 +124,28 @@ class Folded:
 
 
 def _hyphen_break(text: str, i: int) -> int:
-    """The end of a hyphenated line break starting at ``i`` ("explo-\\n  sive"), or ``i`` when there is none."""
-    if text[i] not in "-\u2010\u00ad" or i == 0 or not text[i - 1].isalpha():
+    """The end of a hyphenated line break starting at ``i`` ("explo-\\n  sive"), or ``i`` when there is none.
+    Characters folding drops may sit anywhere in it ("explo\\u200b-\\u200b\\n sive"); each scan covers only the
+    break's own run, so folding stays linear."""
+    if text[i] not in "-\u2010\u00ad":
         return i
-    j = i + 1
-    while j < len(text) and text[j] in " \t\r":
-        j += 1
+    k = i - 1
+    while k >= 0 and is_dropped(text[k]):
+        k -= 1
+    if k < 0 or not text[k].isalpha():
+        return i
+    j = _skip(text, i + 1, " \t\r")
     if j >= len(text) or text[j] != "\n":
         return i
-    j += 1
-    while j < len(text) and text[j] in " \t":
-        j += 1
+    j = _skip(text, j + 1, " \t")
     return j if j < len(text) and text[j].isalpha() else i
+
+
+def _skip(text: str, j: int, spaces: str) -> int:
+    """The first index from ``j`` on that is neither one of ``spaces`` nor dropped by folding."""
+    while j < len(text) and (text[j] in spaces or is_dropped(text[j])):
+        j += 1
+    return j
 
 
 # Folded views are cached (every rule of a policy folds the same reply) only for texts up to this many characters, so
@@ -170,19 +190,29 @@ def _fold(text: str, digits: bool) -> Folded:
             ends.append(i + 1)
         i += 1
     if digits:
-        keep = [
-            not (
-                chars[k] in DIGIT_SEPARATORS
-                and 0 < k < len(chars) - 1
-                and chars[k - 1].isdigit()
-                and chars[k + 1].isdigit()
-            )
-            for k in range(len(chars))
-        ]
-        chars = [c for c, ok in zip(chars, keep) if ok]
-        starts = array("l", (v for v, ok in zip(starts, keep) if ok))
-        ends = array("l", (v for v, ok in zip(ends, keep) if ok))
+        chars, starts, ends = _drop_digit_separators(chars, starts, ends)
     return Folded(text, "".join(chars), starts, ends)
+
+
+def _drop_digit_separators(chars: list[str], starts: array[int], ends: array[int]) -> tuple[list[str], Any, Any]:
+    """The folded characters without the separators of each digit run whose separators are all one character.
+
+    "4111 1111 1111 1111", "4.1.1.1.1" and "2026-12-04" lose theirs; "12.5 13.0 14.5" (a list of decimals: '.'
+    inside a number, ' ' between numbers) keeps them, so such a list is not read as one long number."""
+    folded = "".join(chars)
+    drop: set[int] = set()
+    for run in _DIGIT_RUN.finditer(folded):
+        separators = {c for c in run.group() if not c.isdigit()}
+        if len(separators) == 1:
+            drop.update(run.start() + k for k, c in enumerate(run.group()) if not c.isdigit())
+    if not drop:
+        return chars, starts, ends
+    keep = [k not in drop for k in range(len(chars))]
+    return (
+        [c for c, ok in zip(chars, keep) if ok],
+        array("l", (v for v, ok in zip(starts, keep) if ok)),
+        array("l", (v for v, ok in zip(ends, keep) if ok)),
+    )
 
 
 def number_like(pattern: str) -> bool:
