@@ -83,14 +83,61 @@ async def load(url: str, requests: int, concurrency: int) -> tuple[list[float], 
     return latencies, errors, own
 
 
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model": "stub", "messages": [{"role": "user", "content": "My child has a fever. What can I give?"}]}'
+"""
+
+
+def wrk_load(url: str, seconds: int, concurrency: int, cpus: list[int] | None) -> tuple[dict[int, float], int, int]:
+    """Latency percentiles (ms), the error count and the request count of one wrk run (a closed loop of
+    ``concurrency`` connections for ``seconds``): wrk is C and costs its CPU little, so its tail is the servers'."""
+    import re
+    import shutil
+
+    if shutil.which("wrk") is None:
+        raise SystemExit("--client wrk needs wrk on the PATH (Debian: apt-get install wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{concurrency}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        script.name,
+        f"{url}/chat/completions",
+    ]
+    if cpus:
+        command = ["taskset", "-c", ",".join(map(str, cpus)), *command]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    found = {
+        int(q): float(v) * scale[unit] for q, v, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    }
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return found, errors + (int(non_2xx.group(1)) if non_2xx else 0), requests
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def stub_app(delay_ms: float = 0.0):
+def stub_app(delay_ms: float = 0.0, jitter_ms: float = 0.0):
+    import random
+
+    draw = random.Random(0)
+
     async def completions(request):
-        if delay_ms:
-            await asyncio.sleep(delay_ms / 1000)
+        wait = max(0.0, delay_ms + draw.uniform(-jitter_ms, jitter_ms))
+        if wait:
+            await asyncio.sleep(wait / 1000)
         return JSONResponse(
             {
                 "id": "x",
@@ -157,12 +204,29 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests at each concurrency")
     parser.add_argument("--concurrency", default="32,100", help="comma-separated concurrency levels")
     parser.add_argument("--upstream-delay", type=float, default=0.0, help="ms the stub waits before it answers")
+    parser.add_argument(
+        "--upstream-jitter",
+        type=float,
+        default=0.0,
+        help="ms drawn uniformly around the delay (a model's answers vary in time); without it, every answer of a "
+        "closed loop comes back at once, in a burst the guard must work through one by one",
+    )
     parser.add_argument("--pin", action="store_true", help="the guard on the last CPU, stub and client on the rest")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of direct + guarded runs at each concurrency")
+    parser.add_argument(
+        "--client",
+        choices=["httpx", "wrk"],
+        default="httpx",
+        help="the load client: this script's own (httpx; its tail includes its own CPU) or wrk (C, light; runs for "
+        "--seconds instead of a number of requests)",
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
     parser.add_argument("--stub", type=int, help=argparse.SUPPRESS)  # internal: serve the stub on this port
     args = parser.parse_args()
     if args.stub:
-        uvicorn.run(stub_app(args.upstream_delay), host="127.0.0.1", port=args.stub, log_level="error")
+        uvicorn.run(
+            stub_app(args.upstream_delay, args.upstream_jitter), host="127.0.0.1", port=args.stub, log_level="error"
+        )
         return
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pinned = args.pin and len(cpus) >= 2
@@ -179,7 +243,10 @@ def main() -> None:
         policy.write_text(yaml.safe_dump(data), encoding="utf-8")
         stub_port, guard_port = free_port(), free_port()
         stub = subprocess.Popen(
-            [sys.executable, __file__, "--stub", str(stub_port), "--upstream-delay", str(args.upstream_delay)]
+            [
+                *(sys.executable, __file__, "--stub", str(stub_port)),
+                *("--upstream-delay", str(args.upstream_delay), "--upstream-jitter", str(args.upstream_jitter)),
+            ]
         )
         guard = subprocess.Popen(
             [
@@ -201,11 +268,28 @@ def main() -> None:
         if pinned:
             os.sched_setaffinity(guard.pid, cpus[-1:])
         results = []
+        wrk_results: list[tuple] = []
         try:
             wait_for(f"http://127.0.0.1:{stub_port}/", stub)
             wait_for(f"http://127.0.0.1:{guard_port}/health", guard)
             for level in levels:
                 asyncio.run(load(f"http://127.0.0.1:{guard_port}/v1", 2 * level, level))  # warm-up
+                if args.client == "wrk":
+                    client_cpus = cpus[:-1] if pinned else None
+                    for _ in range(args.repeat):
+                        direct_q, direct_errors, direct_n = wrk_load(
+                            f"http://127.0.0.1:{stub_port}/v1", args.seconds, level, client_cpus
+                        )
+                        cpu_before = cpu_seconds(guard.pid)
+                        guarded_q, guarded_errors, guarded_n = wrk_load(
+                            f"http://127.0.0.1:{guard_port}/v1", args.seconds, level, client_cpus
+                        )
+                        cpu_after = cpu_seconds(guard.pid)
+                        cpu = None if cpu_before is None or cpu_after is None else (cpu_after - cpu_before) / guarded_n
+                        wrk_results.append(
+                            (level, direct_q, direct_errors, direct_n, guarded_q, guarded_errors, guarded_n, cpu)
+                        )
+                    continue
                 for _ in range(args.repeat):
                     direct, direct_errors, _own = asyncio.run(
                         load(f"http://127.0.0.1:{stub_port}/v1", args.requests, level)
@@ -224,10 +308,24 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(10)
     print(
-        f"policy {args.policy} (rules and checks only); stub upstream answering after {args.upstream_delay:g} ms; "
+        f"policy {args.policy} (rules and checks only); stub upstream answering after {args.upstream_delay:g} ms "
+        f"(± {args.upstream_jitter:g} ms); "
         + (f"guard on CPU {cpus[-1]}, stub and client on CPUs {cpus[:-1]}" if pinned else "all on the same CPUs")
     )
     added: dict[int, list[tuple[float, float]]] = {}
+    for level, direct_q, direct_errors, direct_n, guarded_q, guarded_errors, guarded_n, cpu in wrk_results:
+        added.setdefault(level, []).append((guarded_q[50] - direct_q[50], guarded_q[99] - direct_q[99]))
+        print(
+            f"wrk at concurrency {level} for {args.seconds} s: {direct_n} requests direct, {guarded_n} through the guard"
+        )
+        print(f"{'errors':>20}: direct {direct_errors}, through the guard {guarded_errors}")
+        for name, q in (("direct to the stub", direct_q), ("through the guard", guarded_q)):
+            print(f"{name:>20}: p50 {q[50]:7.2f} ms  p99 {q[99]:7.2f} ms")
+        print(
+            f"{'added by the guard':>20}: p50 {guarded_q[50] - direct_q[50]:7.2f} ms  p99 {guarded_q[99] - direct_q[99]:7.2f} ms"
+        )
+        if cpu is not None:
+            print(f"{'guard CPU a request':>20}: {cpu * 1000:7.3f} ms (user + system, /proc)")
     for level, direct, direct_errors, guarded, guarded_errors, own, before, after, cpu in results:
         added.setdefault(level, []).append(
             (percentile(guarded, 50) - percentile(direct, 50), percentile(guarded, 99) - percentile(direct, 99))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def serve_command(
     app = create_app(engine, upstream, options=options)
     try:
         config = server_config(app, host=host, port=port, read_timeout=read_timeout, keep_alive=keep_alive)
+        # everything loaded so far (the policy, compiled patterns, imported modules) lives as long as the server: a
+        # full garbage collection need not walk it again, which keeps its pauses, and the tail latency, short
+        gc.collect()
+        gc.freeze()
         uvicorn.Server(config).run()
     finally:
         engine.close()
