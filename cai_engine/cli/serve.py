@@ -187,4 +187,5 @@ def serve_command(
         gc.freeze()
         uvicorn.Server(config).run()
     finally:
+        gc.unfreeze()
         engine.close()
