@@ -442,6 +442,44 @@ def create_app(
         emit({**record, "status": "upstream_unreachable"})
         return _unreachable(base, exc)
 
+    async def guard_answer(
+        data: Any, conversation: list[Message], record: dict[str, Any], input_info: Any, upstream_ms: float
+    ) -> Response | tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], float]:
+        """An upstream's JSON answer guarded and audited: a 502 when it is not a chat completion, a 500 when the guard
+        fails, else the guarded choices, their verdicts, the overall verdict and the guard's milliseconds."""
+        if not _is_completion(data):
+            metrics.upstream_errors.inc()
+            metrics.count("upstream_error")
+            emit({**record, "status": "upstream_bad_response"})
+            return _error(
+                502, "the upstream's answer is not an OpenAI chat completion", "upstream_error", "upstream_bad_response"
+            )
+        guard_began = time.perf_counter()
+        try:
+            choices, verdicts = await _guard_choices(engine, conversation, data["choices"])
+        except CaiError as exc:
+            metrics.count("guard_error")
+            emit({**record, "status": "guard_error", "error": str(exc)})
+            return _error(500, f"the guard failed: {exc}", "guard_error")
+        guard_ms = (time.perf_counter() - guard_began) * 1000
+        metrics.observe("guard", guard_ms)
+        verdict = _overall(verdicts)
+        metrics.count("ok", verdict["action"])
+        if input_info:
+            verdict["input"] = input_info
+        emit(
+            {
+                **record,
+                "status": "ok",
+                "audit_id": verdict["audit_id"],
+                "action": verdict["action"],
+                "input": input_info,
+                "upstream_ms": round(upstream_ms, 3),
+                "guard_ms": round(guard_ms, 3),
+            }
+        )
+        return choices, verdicts, verdict, guard_ms
+
     async def chat(request: Request):
         began = time.perf_counter()
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -534,26 +572,10 @@ def create_app(
         if reply.status_code >= 400:
             return upstream_error(reply.status_code, reply.headers, content, conversation, record)
         data = _lenient_json(content)
-        if not _is_completion(data):
-            metrics.upstream_errors.inc()
-            metrics.count("upstream_error")
-            emit({**record, "status": "upstream_bad_response"})
-            return _error(
-                502, "the upstream's answer is not an OpenAI chat completion", "upstream_error", "upstream_bad_response"
-            )
-        guard_began = time.perf_counter()
-        try:
-            choices, verdicts = await _guard_choices(engine, conversation, data["choices"])
-        except CaiError as exc:
-            metrics.count("guard_error")
-            emit({**record, "status": "guard_error", "error": str(exc)})
-            return _error(500, f"the guard failed: {exc}", "guard_error")
-        guard_ms = (time.perf_counter() - guard_began) * 1000
-        metrics.observe("guard", guard_ms)
-        verdict = _overall(verdicts)
-        metrics.count("ok", verdict["action"])
-        if input_info:
-            verdict["input"] = input_info
+        guarded = await guard_answer(data, conversation, record, input_info, upstream_ms)
+        if isinstance(guarded, Response):
+            return guarded
+        choices, verdicts, verdict, guard_ms = guarded
         if len(choices) > 1:
             for choice, one in zip(choices, verdicts):
                 choice["cai_guard"] = one
@@ -677,40 +699,10 @@ def create_app(
             if too_large is not None:
                 return upstream_failure(too_large, record)
             data = _lenient_json(content)  # an upstream that answers a stream request with one JSON answer
-            if not _is_completion(data):  # audited as on the plain path (#32)
-                metrics.upstream_errors.inc()
-                metrics.count("upstream_error")
-                emit({**record, "status": "upstream_bad_response"})
-                return _error(
-                    502,
-                    "the upstream's answer is not an OpenAI chat completion",
-                    "upstream_error",
-                    "upstream_bad_response",
-                )
-            guard_began = time.perf_counter()
-            try:
-                choices, verdicts = await _guard_choices(engine, conversation, data["choices"])
-            except CaiError as exc:
-                metrics.count("guard_error")
-                emit({**record, "status": "guard_error", "error": str(exc)})
-                return _error(500, f"the guard failed: {exc}", "guard_error")
-            guard_ms = (time.perf_counter() - guard_began) * 1000
-            metrics.observe("guard", guard_ms)
-            verdict = _overall(verdicts)
-            if input_info:
-                verdict["input"] = input_info
-            metrics.count("ok", verdict["action"])
-            emit(
-                {
-                    **record,
-                    "status": "ok",
-                    "audit_id": verdict["audit_id"],
-                    "action": verdict["action"],
-                    "input": input_info,
-                    "upstream_ms": round(upstream_ms, 3),
-                    "guard_ms": round(guard_ms, 3),
-                }
-            )
+            guarded = await guard_answer(data, conversation, record, input_info, upstream_ms)
+            if isinstance(guarded, Response):
+                return guarded
+            choices, verdicts, verdict, _ = guarded
             for choice, one in zip(choices, verdicts):
                 choice["cai_guard"] = {**one, "input": input_info} if input_info else one
             model = data.get("model", record["model"])
