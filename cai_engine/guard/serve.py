@@ -579,17 +579,6 @@ def create_app(
         if len(choices) > 1:
             for choice, one in zip(choices, verdicts):
                 choice["cai_guard"] = one
-        emit(
-            {
-                **record,
-                "status": "ok",
-                "audit_id": verdict["audit_id"],
-                "action": verdict["action"],
-                "input": input_info,
-                "upstream_ms": round(upstream_ms, 3),
-                "guard_ms": round(guard_ms, 3),
-            }
-        )
         rest = {k: v for k, v in data.items() if k not in ("id", "object", "created", "choices", "usage")}
         payload = {
             "id": request_id,
