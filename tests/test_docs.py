@@ -407,6 +407,7 @@ def test_the_field_tables_follow_the_models():
         ("examples/rl-label.yaml", "cai_engine.phase2.labels.LabelConfig"),
         ("examples/pipeline.yaml", "cai_engine.pipeline.PipelineConfig"),
         ("examples/teacher-student.yaml", "cai_engine.pipeline.PipelineConfig"),
+        ("examples/teacher-student-engage.yaml", "cai_engine.pipeline.PipelineConfig"),
     ],
 )
 def test_the_config_examples_are_valid(example, model):
