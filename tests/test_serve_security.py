@@ -1170,3 +1170,95 @@ def test_cai_serve_sets_the_upstream_size_limit(cli_runner, upstream, tmp_path, 
     assert [config.app.state.options.max_upstream_bytes for config in started] == [16 << 20, 2048]
     too_small = cli_runner.invoke(cli, [*args, "--max-upstream-bytes", "100"])
     assert too_small.exit_code == 2 and "--max-upstream-bytes" in too_small.output
+
+
+# -- found on review: every string a client receives, every read bounded, every failure classified -----------------
+
+
+def test_every_string_an_answer_carries_is_checked(upstream):
+    secret = rule("pw-009", r"\bhunter\d+")  # no fix: a field that breaks it is left out, a message part refused
+
+    def respond(method, path, body):
+        if method != "POST":
+            return None
+        answer = upstream.chat_completion(body)
+        answer["prompt_logprobs"] = [{"decoded_token": "hunter42"}]  # a top-level field an upstream adds
+        answer["choices"][0]["stop_reason"] = "hunter43"  # a choice-level one
+        answer["choices"][0]["logprobs"] = {
+            "content": [{"token": "Stub", "logprob": -0.1, "top_logprobs": []}],
+            "other": [{"token": "x", "logprob": -0.1, "top_logprobs": [{"token": "hunter44", "logprob": -1.0}]}],
+        }
+        return 200, {}, json.dumps(answer).encode()
+
+    upstream.respond = respond
+    with GuardServer(policy(add=[secret]), upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION})
+        assert reply.status_code == 200 and "hunter4" not in reply.text
+        choice = reply.json()["choices"][0]
+        assert "stop_reason" not in choice and "prompt_logprobs" not in reply.json()
+        assert choice["logprobs"]["other"][0]["top_logprobs"] == []
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "text", "text": {"value": "hunter42"}},  # a text part whose text is not a string
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}, "text": "hunter42"},  # a caption
+    ],
+)
+def test_answer_parts_of_any_shape_are_read(upstream, part):
+    def respond(method, path, body):
+        if method != "POST":
+            return None
+        answer = upstream.chat_completion(body)
+        answer["choices"][0]["message"]["content"] = [{"type": "text", "text": "Here."}, part]
+        return 200, {}, json.dumps(answer).encode()
+
+    upstream.respond = respond
+    refusing = policy(add=[SECRET_NO_FIX], guard={"model_critics": False, "action": "refuse"})
+    with GuardServer(refusing, upstream.url) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION})
+        assert "hunter42" not in reply.text and reply.json()["cai_guard"]["action"] == "refused"
+
+
+def test_a_caption_on_a_media_part_of_a_request_is_checked(upstream):
+    with GuardServer(policy(add=[SECRET], input={"check": True, "action": "refuse"}), upstream.url) as guard:
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}, "text": "hunter42"}
+        asked = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]
+        reply = post(guard, {"model": "m", "messages": asked})
+        assert reply.json()["cai_guard"]["action"] == "refused" and not upstream.bodies()
+
+
+def test_the_model_list_is_read_within_the_upstream_limit(upstream):
+    big = {"object": "list", "data": [{"id": f"model-{i:06d}", "object": "model"} for i in range(40_000)]}
+    upstream.respond = lambda method, path, body: (200, {}, json.dumps(big).encode()) if method == "GET" else None
+    with GuardServer(policy(), upstream.url, options=ServeOptions(max_upstream_bytes=1024 * 1024)) as guard:
+        reply = httpx.get(f"{guard.url}/models", timeout=20)
+        assert reply.status_code == 502 and reply.json()["error"]["code"] == "upstream_too_large"
+
+
+def test_a_stream_request_answered_plainly_and_too_slowly_is_a_timeout():
+    stub = StubUpstream(drip=0.02)  # one byte every 20 ms: the plain answer takes seconds
+
+    def respond(method, path, body):
+        if method == "POST" and body.get("stream"):
+            return 200, {}, json.dumps(stub.chat_completion({**body, "stream": False})).encode()
+        return None
+
+    stub.respond = respond
+    with stub, GuardServer(policy(), stub.url, timeout=1) as guard:
+        reply = post(guard, {"model": "m", "messages": QUESTION, "stream": True})
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_proxy_settings_keep_httpx_own_pool_and_its_timeouts_count_as_timeouts(monkeypatch):
+    import httpcore
+
+    import cai_engine.guard.serve as serve
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert serve._fast_transport(httpx.Limits()) is None  # httpx's own client reads the proxy settings
+    try:
+        raise httpx.ConnectTimeout("slow") from httpcore.ConnectTimeout("slow")
+    except httpx.ConnectTimeout as exc:
+        assert serve._timed_out(exc)

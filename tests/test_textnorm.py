@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,21 @@ def test_is_dropped_names_what_folding_removes():
         assert is_dropped(char) and fold(f"a{char}b").text == "ab", hex(ord(char))
     for char in "a \n-é\u0435ｄ\u00a0":  # letters, spaces and look-alikes fold to something
         assert not is_dropped(char) and fold(char).text, hex(ord(char))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Your card is 4111.1111.1111.1111 12 ok",  # a number after the card
+        "card 4111.1111.1111.1111 12/27",  # and its expiry
+        "Your card is 4111.1111/1111.1111 ok",  # two kinds of separator inside one number
+    ],
+)
+def test_a_card_next_to_other_numbers_is_still_a_card(text):
+    from cai_engine.checks.rules import check_principle
+    from cai_engine.context import default_runtime
+
+    root = Path(__file__).resolve().parent.parent
+    constitution = default_runtime().registry.constitution(str(root / "constitutions" / "customer-service.yaml"))
+    cards = [p for p in constitution.principles if any("\\d(?:" in (r.pattern or "") for r in p.rules)]
+    assert cards and check_principle(cards[0], [], text)

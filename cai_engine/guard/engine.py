@@ -411,11 +411,10 @@ def read_chat_messages(messages: Any, tools: Any = None) -> tuple[list[_Slot], l
                 key = TEXT_PARTS.get(part["type"])
                 if key is None:
                     non_text.append(f"{at} ({part['type']})")
-                    if part["type"] not in BINARY_PARTS:
-                        slots += [
-                            _Slot(path, w, text, i)
-                            for path, w, text in unknown_part_strings(part, (*base, "content", j), at)
-                        ]
+                    slots += [
+                        _Slot(path, w, text, i)
+                        for path, w, text in unknown_part_strings(part, (*base, "content", j), at)
+                    ]
                     continue
                 if not isinstance(part.get(key), str):
                     raise InputShapeError(f"{at} of type {part['type']!r} needs a string {key!r}", f"{at}.{key}")
@@ -498,10 +497,14 @@ def strings_in(value: Any, path: tuple[Any, ...], where: str) -> Iterator[tuple[
 def unknown_part_strings(
     part: dict[str, Any], path: tuple[Any, ...], where: str
 ) -> Iterator[tuple[tuple[Any, ...], str, str]]:
-    """Every string of a content part of a type this code does not know, but its ``type``."""
+    """Every string of a content part the model may read as words: of a part of a type this code does not know, all
+    but its ``type``; of a media part (an image, audio, a file), all but its ``type`` and its payload (the field named
+    like the type, or ``url``/``data``/``file_data``), so a caption or a stray ``text`` field is read too."""
+    media = part.get("type") in BINARY_PARTS
     for key, value in part.items():
-        if key != "type":
-            yield from strings_in(value, (*path, key), f"{where}.{key}")
+        if key == "type" or (media and key in (part.get("type"), "url", "data", "file_data", "file_id")):
+            continue
+        yield from strings_in(value, (*path, key), f"{where}.{key}")
 
 
 def _string(value: Any, where: str) -> str:

@@ -39,7 +39,6 @@ import httpx
 from cai_engine.constitution.model import Message
 from cai_engine.errors import CaiError
 from cai_engine.guard.engine import (
-    BINARY_PARTS,
     TEXT_PARTS,
     Engine,
     InputCheck,
@@ -395,19 +394,27 @@ def create_app(
         headers = upstream_headers(request)
         headers.pop("content-type")
 
-        async def fetch() -> httpx.Response:
+        async def fetch() -> tuple[httpx.Response, bytes]:
             with anyio.fail_after(opts.timeout):
-                return await client().get(f"{base}/models", headers=headers)
+                req = client().build_request("GET", f"{base}/models", headers=headers)
+                reply = await client().send(req, stream=True)
+                try:  # counted as it arrives, like every upstream answer
+                    return reply, await _read_limited(reply, opts.max_upstream_bytes)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await reply.aclose()
 
         try:
-            reply = await _unless_disconnected(request, fetch)
+            reply, content = await _unless_disconnected(request, fetch)
         except ClientGone:
             return Response(status_code=499)
+        except UpstreamTooLarge as exc:
+            return _error(502, str(exc), "upstream_error", "upstream_too_large")
         except (TimeoutError, httpx.HTTPError) as exc:
             if _timed_out(exc):
                 return _error(504, f"the upstream {base} did not answer in time", "upstream_error", "upstream_timeout")
             return _unreachable(base, exc)
-        data = _lenient_json(reply.content)
+        data = _lenient_json(content)
         if not isinstance(data, dict) or reply.status_code >= 500:
             return _error(
                 502,
@@ -580,6 +587,7 @@ def create_app(
             for choice, one in zip(choices, verdicts):
                 choice["cai_guard"] = one
         rest = {k: v for k, v in data.items() if k not in ("id", "object", "created", "choices", "usage")}
+        rest = without_findings(engine, conversation, rest)
         payload = {
             "id": request_id,
             "object": "chat.completion",
@@ -674,8 +682,8 @@ def create_app(
             try:
                 with anyio.fail_after(max(0.01, deadline - time.monotonic())):
                     content = await _read_limited(reply, min(opts.max_upstream_bytes, MAX_STREAM_FALLBACK_BYTES))
-            except (TimeoutError, httpx.HTTPError):
-                content = b""
+            except (TimeoutError, httpx.HTTPError) as exc:  # as on the plain path: 504 or 502, audited (the
+                return upstream_failure(exc, record)  # finally below closes the reply and frees the slot)
             except UpstreamTooLarge as exc:
                 content, too_large = b"", exc
             finally:
@@ -990,11 +998,22 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
         for j, part in enumerate(content):
             if isinstance(part, str):
                 out.append(_Out(("content", j), part))
-            elif isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] in TEXT_PARTS:
+            elif (
+                isinstance(part, dict)
+                and part.get("type") in TEXT_PARTS
+                and isinstance(part.get(TEXT_PARTS[part["type"]]), str)
+            ):
                 key = TEXT_PARTS[part["type"]]
-                if isinstance(part.get(key), str):
-                    out.append(_Out(("content", j, key), part[key]))
-            elif isinstance(part, dict) and str(part.get("type")) not in BINARY_PARTS:  # a type this code does not know
+                out.append(_Out(("content", j, key), part[key]))
+                out += [  # any other string of a text part (annotations, a title)
+                    _Out(path, text)
+                    for path, _, text in strings_in(
+                        {k: v for k, v in part.items() if k not in ("type", key)}, ("content", j), ""
+                    )
+                    if text
+                ]
+            elif isinstance(part, dict):  # media (but their payload), a type this code does not know, a text part
+                # whose text is not a string: every string in it
                 out += [_Out(path, text) for path, _, text in unknown_part_strings(part, ("content", j), "") if text]
     elif isinstance(content, str) and (content or not (calls or message.get("function_call"))):
         out.append(_Out(("content",), content))
@@ -1080,7 +1099,8 @@ async def _guard_choices(
                     refusal = engine.refusal_text(_found(r))
                     break
                 _set(message, out.path, r.response)
-        new = dict(choice)
+        extras = {k: v for k, v in choice.items() if k not in ("index", "message", "finish_reason", "logprobs")}
+        new = {k: v for k, v in choice.items() if k not in extras} | without_findings(engine, conversation, extras)
         if refusal is not None:
             new["message"] = {"role": "assistant", "content": refusal}
             new["finish_reason"] = "content_filter"
@@ -1108,9 +1128,11 @@ def logprob_alternatives(logprobs: Any, prefix: str = "") -> str:
     lines: list[str] = []
     if not isinstance(logprobs, dict):
         return ""
-    for key in ("content", "refusal"):
+    for key, entries in logprobs.items():  # content, refusal, and any other list an upstream sends
+        if not isinstance(entries, list):
+            continue
         text = prefix if key == "content" else ""
-        for entry in logprobs.get(key) or []:
+        for entry in entries:
             if not isinstance(entry, dict):
                 continue
             token = entry["token"] if isinstance(entry.get("token"), str) else ""
@@ -1159,17 +1181,38 @@ def _timed_out(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, httpx.TimeoutException):
         return False
-    return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, TimeoutError):
+        return True
+    return not type(cause).__module__.startswith("aiohttp")  # httpcore's own timeouts are timeouts
 
 
 def _fast_transport(limits: Any) -> Any:
     """aiohttp's connection pool under httpx's API when ``httpx-aiohttp`` is installed (the ``serve`` extra): it costs
     the proxy about half the CPU a request of httpx's own pool does at high concurrency; None: httpx's own."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None  # httpx's own client honours HTTP(S)_PROXY and NO_PROXY; aiohttp's session here would not
     try:
         from httpx_aiohttp import AiohttpTransport
     except ImportError:
         return None
     return AiohttpTransport(limits=limits)
+
+
+PROXY_VARIABLES = tuple(name for base in ("http_proxy", "https_proxy", "all_proxy") for name in (base, base.upper()))
+
+
+def without_findings(engine: Engine, conversation: list[Message], fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` (an answer's or a choice's fields besides the message: ``prompt_logprobs``, ``stop_reason``, an
+    upstream's own extensions) less every field in which the policy's rules or checks find anything: the client
+    receives them as they are, so they are checked like text and left out rather than repaired."""
+    kept = {}
+    for key, value in fields.items():
+        texts = [text for _, _, text in strings_in(value, (key,), key) if text]
+        if texts and engine.check_text(conversation, "\n".join(texts))[0]:
+            continue
+        kept[key] = value
+    return kept
 
 
 def _found(result: GuardResult) -> list[Violation]:
@@ -1789,9 +1832,11 @@ async def check_upstream(upstream: str, *, timeout: float = 10.0) -> str | None:
     key = os.environ.get("CAI_UPSTREAM_API_KEY") or None
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
-            reply = await client.get(
-                f"{upstream.rstrip('/')}/models", headers={"Authorization": f"Bearer {key}"} if key else {}
-            )
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            async with client.stream("GET", f"{upstream.rstrip('/')}/models", headers=headers) as reply:
+                await _read_limited(reply, MAX_STREAM_FALLBACK_BYTES)  # the answer is not used: bounded, then dropped
+    except UpstreamTooLarge:
+        return f"{upstream}/models answered more than {MAX_STREAM_FALLBACK_BYTES} bytes"
     except httpx.HTTPError as exc:
         return f"{upstream} is unreachable ({type(exc).__name__})"
     if reply.status_code != 200:

@@ -195,16 +195,23 @@ def _fold(text: str, digits: bool) -> Folded:
 
 
 def _drop_digit_separators(chars: list[str], starts: array[int], ends: array[int]) -> tuple[list[str], Any, Any]:
-    """The folded characters without the separators of each digit run whose separators are all one character.
+    """The folded characters without the separators between digits that spell one number.
 
-    "4111 1111 1111 1111", "4.1.1.1.1" and "2026-12-04" lose theirs; "12.5 13.0 14.5" (a list of decimals: '.'
-    inside a number, ' ' between numbers) keeps them, so such a list is not read as one long number."""
+    A run of digits whose separators are all one character loses them ("4111 1111 1111 1111", "4.1.1.1.1",
+    "2026-12-04"). A run that mixes separators is read as space-separated items: an item with two separators or more,
+    or with two kinds, loses them ("4111.1111.1111.1111 12" becomes "4111111111111111 12"), while an item with one
+    ("12.5" in "12.5 13.0 14.5", a list of decimals) keeps it, so such a list is not read as one long number."""
     folded = "".join(chars)
     drop: set[int] = set()
     for run in _DIGIT_RUN.finditer(folded):
-        separators = {c for c in run.group() if not c.isdigit()}
-        if len(separators) == 1:
-            drop.update(run.start() + k for k, c in enumerate(run.group()) if not c.isdigit())
+        text = run.group()
+        if len({c for c in text if not c.isdigit()}) == 1:
+            drop.update(run.start() + k for k, c in enumerate(text) if not c.isdigit())
+            continue
+        for item in _ITEM.finditer(text):
+            marks = [k for k, c in enumerate(item.group()) if not c.isdigit()]
+            if len(marks) >= 2:
+                drop.update(run.start() + item.start() + k for k in marks)
     if not drop:
         return chars, starts, ends
     keep = [k not in drop for k in range(len(chars))]
@@ -213,6 +220,9 @@ def _drop_digit_separators(chars: list[str], starts: array[int], ends: array[int
         array("l", (v for v, ok in zip(starts, keep) if ok)),
         array("l", (v for v, ok in zip(ends, keep) if ok)),
     )
+
+
+_ITEM = re.compile("[^ ]+")
 
 
 def number_like(pattern: str) -> bool:
