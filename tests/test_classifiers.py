@@ -146,6 +146,11 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
         dataset, "input", out, TrainConfig(base_model=str(tiny_model), layers=[1, 2]), echo=lambda *_: None
     )
     assert metrics["report_split"]["auc"] > 0.9
+    # depth and L2 penalty are chosen together by held-out AUC, every pair measured and recorded
+    assert metrics["l2"] in (1.0, 10.0, 30.0, 100.0) and len(metrics["l2_auc"]) == 2 * 4
+    assert metrics["l2_auc"][f"{metrics['layer']}:{metrics['l2']:g}"] == max(
+        v for k, v in metrics["l2_auc"].items() if k.startswith(f"{metrics['layer']}:")
+    )
     assert {"classifier.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     probe = Probe.load(out)
     assert probe.config.labels[0] == "violation" and probe.config.layer in (1, 2)
@@ -345,3 +350,96 @@ def test_a_confident_disagreement_is_kept_with_the_labellers_label(cai_registry,
     assert by_number["8"]["kind"] == "harmful"
     strict = Generator(config.model_copy(update={"relabel_margin": 0.0}), generator.constitution, runtime, tmp_path)
     assert len(strict.kept_requests()[0]) == 1  # the margin is not part of the data's fingerprint: no regeneration
+
+
+def test_hand_written_sets_join_the_input_data_on_the_side_of_what_they_belong_to(cai_registry, tmp_path):
+    from cai_engine.classifiers.data import WrittenSource, written_requests
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.sets import load_prompts
+
+    written = [
+        WrittenSource(source="builtin:red-team", label="harmful"),
+        WrittenSource(source="builtin:pairs", label="harmful", ids="*-h"),
+        WrittenSource(source="builtin:pairs", label="benign", ids="*-b"),
+    ]
+    requests = written_requests(written, cai_registry)
+    pairs = load_prompts("builtin:pairs", cai_registry)
+    assert len(requests) == len(load_prompts("builtin:red-team", cai_registry)) + len(pairs)
+    by_id = {r["id"]: r for r in requests}
+    # the two halves of a contrast pair share a split group, and each half has the label of its intent
+    half = next(p.id for p in pairs if p.id.endswith("-h"))
+    harmful, benign = by_id[f"written:builtin:pairs:{half}"], by_id[f"written:builtin:pairs:{half[:-2]}-b"]
+    assert (harmful["kind"], benign["kind"]) == ("harmful", "benign") and harmful["group"] == benign["group"]
+    # a red-team request shares its group with the generated rewrites of it (the generator's seed group)
+    constitution = cai_registry.constitution("harmless")
+    config = BuildConfig(principles=["harm-014"], batches=2, per_batch=3, batch_size=3, written=written)
+    generator = Generator(config, constitution, FakeRuntime(cai_registry), tmp_path)
+    generator.build()
+    rewrite_groups = {job["group"] for job in generator._request_jobs() if job["kind"] == "harmful"}
+    assert rewrite_groups <= {r["group"] for r in requests if r["id"].startswith("written:builtin:red-team:")}
+    # assembled: labelled as written, never a principle's own label, reported apart from generated requests
+    evaluation = {"eval:x": requests[0]["text"]}  # pretend one written request is an evaluation prompt
+    report = assemble(generator, tmp_path, evaluation)
+    assert report["evaluation_near_copies_removed"] == 1
+    assert report["written_kept"] == {
+        "builtin:red-team:harmful": len(load_prompts("builtin:red-team", cai_registry)) - 1,
+        "builtin:pairs:harmful": len(pairs) // 2,
+        "builtin:pairs:benign": len(pairs) // 2,
+    }
+    # generated requests are counted apart (a generated near-copy of a written one is dropped, not the written one)
+    generated = len(generator.kept_requests()[0])
+    assert 0 < report["requests_kept"] <= generated
+    assert report["requests_kept"] + report["dropped"].get("near-duplicate of another request", 0) == generated
+    rows = [
+        json.loads(line)
+        for name in ("input-train", "input-test")
+        for line in (tmp_path / "dataset" / f"{name}.jsonl").read_text().splitlines()
+    ]
+    from_people = [r for r in rows if r.get("written")]
+    assert {r["augmentation"].split(":")[0] for r in from_people} == {"plain", "wrap", "spell"}
+    assert all(r["label"] == int(r["kind"] == "harmful") and r["principle_id"] is None for r in from_people)
+    sides = {}
+    for name in ("input-train", "input-test"):
+        for line in (tmp_path / "dataset" / f"{name}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row.get("written") == "builtin:pairs":
+                sides.setdefault(row["request_id"].rsplit("-", 1)[0], set()).add(name)
+    assert sides and all(len(s) == 1 for s in sides.values())  # a pair never straddles the split
+    # the data generation does not depend on them: changing them resumes, it does not refuse
+    Generator(config.model_copy(update={"written": []}), constitution, FakeRuntime(cai_registry), tmp_path).build()
+    # a held-out set, or a glob that matches nothing, is refused before any generation
+    with pytest.raises(ConfigError, match="held-out"):
+        written_requests([WrittenSource(source="builtin:heldout", label="harmful")], cai_registry)
+    with pytest.raises(ConfigError, match="no item"):
+        written_requests([WrittenSource(source="builtin:pairs", label="benign", ids="zz-*")], cai_registry)
+
+
+def test_the_build_command_reads_written_sources(cli_runner):
+    import click
+
+    from cai_engine.cli.classifiers import _written
+
+    assert _written("builtin:pairs=benign:*-b") == {"source": "builtin:pairs", "label": "benign", "ids": "*-b"}
+    assert _written("my file.jsonl=harmful") == {"source": "my file.jsonl", "label": "harmful", "ids": None}
+    for bad in ("builtin:pairs", "builtin:pairs=maybe", "=harmful"):
+        with pytest.raises(click.BadParameter):
+            _written(bad)
+
+
+@pytest.mark.slow
+def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
+    from cai_engine.classifiers.probe import Encoder, resolve_precision
+    from cai_engine.errors import ModelError
+
+    assert resolve_precision("auto") in ("float32", "bfloat16")
+    assert resolve_precision("float32") == "float32"
+    with pytest.raises(ModelError, match="choose auto"):
+        resolve_precision("int4")
+    texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
+    full = Encoder(str(tiny_model), 2, "float32").features(texts)
+    half = Encoder(str(tiny_model), 2, "bfloat16").features(texts)
+    assert half.dtype == full.dtype and half.shape == full.shape
+    import torch
+
+    similarity = torch.nn.functional.cosine_similarity(full.flatten(1), half.flatten(1))
+    assert float(similarity.min()) > 0.99 and not torch.equal(full, half)

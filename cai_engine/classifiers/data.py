@@ -13,7 +13,10 @@ skips what is done, and a different config is refused with what changed):
 3. ``replies``: the policy model (which complies with almost anything) and the feedback model (which declines
    clearly harmful requests) answer every kept request.
 
-``assemble`` then builds the dataset without a model: input examples (request -> harmful?) and output examples
+``assemble`` then builds the dataset without a model: input examples (request -> harmful?), with the hand-written
+training sets of ``written`` beside the generated requests (red-team requests, both halves of the contrast pairs and
+everyday requests by default; measured, they lift the ranking of the held-out red-team against benign-but-scary
+requests, 0.947 to 0.972 AUC, and leave HarmBench's where it was), and output examples
 (exchange -> does the reply break the constitution?, where a reply breaks it when it engages with a harmful request
 instead of declining), each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicates are
 dropped, and so is anything that is a copy or near-copy of an evaluation prompt (counted in the report). The split is
@@ -42,6 +45,26 @@ from cai_engine.store.runs import RunDirectory
 from cai_engine.text.refusals import is_refusal
 
 Kind = Literal["harmful", "benign"]
+
+
+class WrittenSource(BaseModel):
+    """A training prompt set people wrote, added to the input classifier's data with a label it already has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Any training prompt source (a builtin set or a file; held-out sets are refused).")
+    label: Kind = Field(description="'harmful' (a compliant assistant declines) or 'benign' (it answers).")
+    ids: str | None = Field(None, description="Only items whose id matches this glob (e.g. 'pr-*-h').")
+
+
+#: The hand-written training sets every build adds by default: the red-team requests the harmful rewrites start from,
+#: both halves of the contrast pairs (same topic, harmful vs harmless intent) and the everyday helpful requests.
+DEFAULT_WRITTEN = (
+    WrittenSource(source="builtin:red-team", label="harmful"),
+    WrittenSource(source="builtin:pairs", label="harmful", ids="*-h"),
+    WrittenSource(source="builtin:pairs", label="benign", ids="*-b"),
+    WrittenSource(source="builtin:helpful", label="benign"),
+)
 
 
 class BuildConfig(BaseModel):
@@ -81,6 +104,11 @@ class BuildConfig(BaseModel):
     seed: int = Field(0, description="Seeds categories, examples, sampling, augmentation and the split.")
     test_share: float = Field(0.25, gt=0, lt=1, description="Share of generation batches held out for testing.")
     batch_size: int = Field(16, ge=1, description="Prompts sent to a model in one call.")
+    written: list[WrittenSource] = Field(
+        default_factory=lambda: [w.model_copy() for w in DEFAULT_WRITTEN],
+        description="Hand-written training prompts added to the input data as they are labelled (assembly only: "
+        "they are augmented, deduplicated, checked against evaluation prompts and split like generated requests).",
+    )
 
 
 class GenRecord(BaseModel):
@@ -158,6 +186,8 @@ class Generator:
             for item in load_training_prompts(source, runtime.registry):
                 grouped.setdefault(item.category or "general", []).append(item.conversation[-1].content)
             self.examples[kind] = grouped
+        # read now, so a bad source fails before an hour of generation, not after it
+        self.written = written_requests(config.written, runtime.registry)
         self.constitution = constitution
         self.runtime = runtime
         self.run = RunDirectory(Path(out) / "data", "classifier-data", GenRecord)
@@ -172,7 +202,8 @@ class Generator:
     def fingerprint(self) -> dict[str, Any]:
         data = self.config.model_dump(mode="json")
         data["constitution_hash"] = self.constitution.content_hash()
-        for name in ("batch_size", "test_share", "relabel_margin"):  # change how work is batched or assembled, not what
+        # these change how work is batched or assembled, not what the models write
+        for name in ("batch_size", "test_share", "relabel_margin", "written"):
             data.pop(name)
         return data
 
@@ -394,10 +425,59 @@ def near_copies(texts: list[str], others: dict[str, str], threshold: float = 0.6
     return {i: key for i, key in found.items() if key is not None}
 
 
+_PAIR_SUFFIX = re.compile(r"-(?:h|b|harmful|benign)$")
+
+
+def written_requests(sources: list[WrittenSource], registry: Any) -> list[dict[str, Any]]:
+    """The hand-written prompts of ``sources`` as requests ``assemble`` takes beside the generated ones.
+
+    Each keeps its split group with what it belongs to: a red-team prompt the harmful rewrites started from shares their
+    group, and the two halves of a contrast pair (ids that differ only by a final ``-h``/``-b``) share one, so no
+    request has a rewrite or its pair on the other side of the split."""
+    from fnmatch import fnmatchcase
+
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.sets import load_training_prompts
+
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for written in sources:
+        items = [
+            item
+            for item in load_training_prompts(written.source, registry)
+            if written.ids is None or fnmatchcase(item.id, written.ids)
+        ]
+        if not items:
+            raise ConfigError(
+                f"written: {written.source} has no item{f' matching {written.ids!r}' if written.ids else ''}"
+            )
+        for item in items:
+            key = f"written:{written.source}:{item.id}"
+            if key in seen:
+                continue
+            seen.add(key)
+            text = item.conversation[-1].content
+            out.append(
+                {
+                    "id": key,
+                    "principle_id": None,
+                    "kind": written.label,
+                    "topic": item.category or "general",
+                    "group": f"seed:{_seed(text) % 10**8:08d}"
+                    if written.label == "harmful" and not _PAIR_SUFFIX.search(item.id)
+                    else f"written:{written.source}:{_PAIR_SUFFIX.sub('', item.id)}",
+                    "text": text,
+                    "written": written.source,
+                }
+            )
+    return out
+
+
 def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str, str] | None = None) -> dict[str, Any]:
     """Build ``OUT/dataset/{input,output}-{train,test}.jsonl`` from the generator's records, and a report."""
     config = generator.config
     kept, dropped = generator.kept_requests()
+    kept = [*generator.written, *kept]  # people's words first: a generated near-copy of one is the one dropped
     # near-duplicates among the requests themselves: keep the first of each
     unique: list[dict[str, Any]] = []
     seen = NearCopyIndex(threshold=0.8)
@@ -438,6 +518,7 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
             "principle_id": request["principle_id"],
             "kind": request["kind"],
             "topic": request["topic"],
+            **({"written": request["written"]} if request.get("written") else {}),
         }
         for augmentation, text in variants:
             rows[f"input-{split}"].append({**base, "augmentation": augmentation, "text": text, "label": int(harmful)})
@@ -467,11 +548,12 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
         "constitution_version": generator.constitution.version,
         "constitution_hash": generator.constitution.content_hash(),
         "requests_written": len(generator.requests()),
-        "requests_kept": len(unique),
+        "requests_kept": sum(1 for r in unique if not r.get("written")),
         "requests_relabelled": sum(1 for r in unique if r.get("relabelled")),
+        "written_kept": dict(Counter(f"{r['written']}:{r['kind']}" for r in unique if r.get("written"))),
         "dropped": dict(dropped),
         "evaluation_near_copies_removed": len(contaminated),
-        "per_principle": dict(Counter(f"{r['principle_id']}:{r['kind']}" for r in unique)),
+        "per_principle": dict(Counter(f"{r['principle_id']}:{r['kind']}" for r in unique if not r.get("written"))),
         "examples": {name: len(data) for name, data in rows.items()},
         "positives": {name: sum(r["label"] for r in data) for name, data in rows.items()},
         "heldout_wrappers": list(templates.HELDOUT_WRAPPERS),

@@ -10,9 +10,10 @@ from cai_engine.classifiers.probe import CONFIG, Probe, ProbeConfig
 from cai_engine.errors import ModelError
 
 
-def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
+def load_classifier(folder: str | Path, *, check_base: bool = True, precision: str = "auto") -> Any:
     """A classifier folder made by ``cai classifiers build``, whichever method made it (a ``Probe`` or a
-    ``FinetunedClassifier``: both have ``config``, ``predict`` and ``threshold``)."""
+    ``FinetunedClassifier``: both have ``config``, ``predict`` and ``threshold``). ``precision`` (a probe's base
+    layers: ``auto``, ``float32`` or ``bfloat16``; see :data:`cai_engine.classifiers.probe.Precision`)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise ModelError(f"{folder}: not a classifier folder (no {CONFIG})")
@@ -22,4 +23,4 @@ def load_classifier(folder: str | Path, *, check_base: bool = True) -> Any:
         raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
     if config.method == "finetuned":
         return FinetunedClassifier.load(folder, config)
-    return Probe.load(folder, check_base=check_base)
+    return Probe.load(folder, check_base=check_base, precision=precision)

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_engine.classifiers.probe import Encoder, Probe, ProbeConfig, base_model_sha256, render
 from cai_engine.errors import RunError
@@ -30,7 +30,19 @@ class TrainConfig(BaseModel):
     layers: list[int] = Field([2, 4, 6, 8, 12], min_length=1, description="Candidate depths, measured.")
     auc_tolerance: float = Field(0.01, ge=0, description="Take the shallowest layer within this of the best AUC.")
     false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="Thresholds are set for this on harmless cases.")
-    l2: float = Field(1e-2, ge=0, description="L2 penalty on the head's weights.")
+    l2: list[float] = Field(
+        [1.0, 10.0, 30.0, 100.0],
+        min_length=1,
+        description="Candidate L2 penalties on the head's weights, measured with each depth (the best held-out AUC "
+        "at the chosen depth wins). A weak penalty fits the generator's phrasing and saturates the probabilities; "
+        "measured on HarmBench against the contrast set, 30-100 ranked far better than 0.01.",
+    )
+
+    @field_validator("l2", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) else value
+
     max_tokens: int = Field(256, ge=8)
     min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
 
@@ -151,12 +163,22 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     y_train = torch.tensor([[float(r["label"])] for r in train])
     y_test = [int(r["label"]) for r in test]
 
-    by_layer = {}
+    by_layer: dict[int, float | None] = {}
+    by_l2: dict[tuple[int, float], float | None] = {}
     for layer in sorted(config.layers):
-        mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_train, config.l2)
-        scores = (((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
-        by_layer[layer] = auc(scores, y_test)
-        echo(f"  layer {layer}: held-out AUC {by_layer[layer]}")
+        for l2 in config.l2:
+            mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_train, l2)
+            scores = (((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
+            by_l2[layer, l2] = auc(scores, y_test)
+        known = [v for (k, _), v in by_l2.items() if k == layer and v is not None]
+        by_layer[layer] = max(known) if known else None
+        echo(
+            f"  layer {layer}: held-out AUC {by_layer[layer]} (by L2: "
+            + ", ".join(
+                f"{l2:g} {by_l2[layer, l2]:.4f}" if by_l2[layer, l2] is not None else f"{l2:g} n/a" for l2 in config.l2
+            )
+            + ")"
+        )
     usable = {k: v for k, v in by_layer.items() if v is not None}
     best = max(usable.values()) if usable else None
     layer = (
@@ -165,12 +187,15 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         else deepest
     )
 
-    principles = Counter(r["principle_id"] for r in train if r["label"])
+    # hand-written examples carry no principle: they train the overall label only
+    principles = Counter(r["principle_id"] for r in train if r["label"] and r.get("principle_id"))
     labels = ["violation", *sorted(p for p, n in principles.items() if n >= config.min_positives)]
     y_all = torch.tensor(
         [[float(r["label"])] + [float(r["label"] and r["principle_id"] == p) for p in labels[1:]] for r in train]
     )
-    mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_all, config.l2)
+    scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
+    l2 = max(scored, key=lambda v: scored[v]) if scored else config.l2[0]
+    mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_all, l2)
     logits = ((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias
     probs = torch.sigmoid(logits)[:, 0].tolist()
 
@@ -179,6 +204,8 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         "method": "probe",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
+        "l2": l2,
+        "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
         "false_alarm_target": config.false_alarm_rate,
         "report_split": report_split,

