@@ -443,3 +443,35 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 
     similarity = torch.nn.functional.cosine_similarity(full.flatten(1), half.flatten(1))
     assert float(similarity.min()) > 0.99 and not torch.equal(full, half)
+
+
+@pytest.mark.slow
+def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner):
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.cli import cli
+
+    rng = random.Random(3)
+    lines = []
+    for i in range(80):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        reply = " ".join(rng.choice(words) for _ in range(6))
+        lines.append(json.dumps({"prompt": f"question {i}", "response": reply, "violates": bad, "why": "test"}))
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "probe"
+    args = ["classifiers", "train", str(cases), "--out", str(out), "--base-model", str(tiny_model), "--layers", "1,2"]
+    done = cli_runner.invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert "held out" in done.output and "output probe: layer" in done.output
+    probe = load_classifier(out)
+    assert probe.config.kind == "output" and probe.config.metrics["report_split"]["auc"] > 0.9
+    scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz", "garden bread picnic"])
+    assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
+    assert "labelled cases from" in (out / "README.md").read_text()
+    # one label only: refused with what to do, and nothing trained
+    one = tmp_path / "one.jsonl"
+    one.write_text("\n".join(line for line in lines if '"violates": true' in line) + "\n", encoding="utf-8")
+    refused = cli_runner.invoke(cli, ["classifiers", "train", str(one), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "only violating" in refused.output
+    assert not (tmp_path / "x" / "classifier.json").exists()

@@ -302,9 +302,14 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         "",
         "## Data",
         f"- train: {config.data.get('train')} examples ({config.data.get('train_positives')} violating), "
-        f"test: {config.data.get('test')}; written and labelled by the feedback model, augmented offline "
-        "(jailbreak-style wrappers, Unicode spellings); split by seed request or batch, two wrapper templates "
-        "held out.",
+        f"test: {config.data.get('test')}; "
+        + (
+            f"labelled cases from {', '.join(config.data['dataset_report'].get('files', []))}, split by a seeded hash "
+            "of each case."
+            if config.data.get("dataset_report", {}).get("source") == "cases"
+            else "written and labelled by the feedback model, augmented offline (jailbreak-style wrappers, Unicode "
+            "spellings); split by seed request or batch, two wrapper templates held out."
+        ),
         f"- violating training examples per principle: {config.data.get('per_principle_positives', 'not recorded')}",
         "",
         "## Metrics (the held-out report half; the threshold was set on the other half)",
@@ -314,7 +319,7 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         f"- false alarms: {_fmt(report.get('false_alarms', {}))}",
         *([f"- held-out AUC by layer: {m.get('layer_auc')}"] if "layer_auc" in m else []),
         "",
-        "These are measured on synthetic data from the same generator; see `cai classifiers eval` for prompts",
+        "These are measured on held-out data from the same source; see `cai classifiers eval` for data",
         "nobody here wrote.",
         "",
         "## Use",

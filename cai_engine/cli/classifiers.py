@@ -172,6 +172,91 @@ def _written(value: str) -> dict[str, str | None]:
     return {"source": source, "label": label, "ids": ids or None}
 
 
+@classifiers_group.command("train")
+@click.argument("cases", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The classifier folder to write.")
+@click.option(
+    "--kind",
+    type=click.Choice(["output", "input"]),
+    default="output",
+    show_default=True,
+    help="output: an exchange (prompt and response) -> violates; input: a request alone -> harmful.",
+)
+@click.option("--layers", default="4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
+@click.option("--l2", default="1,10,30,100", show_default=True, help="L2 penalties to measure with each depth.")
+@click.option("--test-share", type=float, default=0.25, show_default=True, help="Share of cases held out.")
+@click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split.")
+@click.option(
+    "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
+)
+def train_command(cases, out, kind, layers, l2, test_share, false_alarms, seed, base_model) -> None:
+    """Train a probe classifier on labelled cases you already have, without generating any data.
+
+    CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
+    files and of `cai classifiers eval --cases`. A share of the cases (--test-share, split by a hash of each case,
+    seeded) is held out: the depth and L2 penalty are chosen on it and the threshold set on half of it at
+    --false-alarms, the other half reporting the metrics. Measure it afterwards on cases written after it with
+    `cai classifiers eval OUT --cases FILE`.
+
+    \b
+      cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
+    """
+    import hashlib
+
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+    from cai_engine.files.jsonl import write_json, write_jsonl
+
+    if not 0 < test_share < 1:
+        raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
+    rows = _labelled_exchanges(cases)
+    split: dict[str, list[dict]] = {"train": [], "test": []}
+    for n, (source, label, prompt, reply) in enumerate(rows):
+        key = hashlib.sha256(f"{seed}|{source}|{n}|{prompt}|{reply}".encode()).digest()
+        side = "test" if int.from_bytes(key[:4], "big") / 2**32 < test_share else "train"
+        base = {"request_id": f"{source}:{n}", "principle_id": None, "augmentation": "plain", "label": label}
+        if kind == "output":
+            split[side].append({**base, "prompt": prompt, "text": reply})
+        else:
+            split[side].append({**base, "text": prompt})
+    for side, data in split.items():
+        labels = {r["label"] for r in data}
+        if labels != {0, 1}:
+            raise click.ClickException(
+                f"the {side} split of {len(rows)} cases has {'only violating' if labels == {1} else 'only harmless' if labels else 'no'} "
+                "cases; give more cases of both labels (or another --test-share/--seed)"
+            )
+    dataset = Path(out) / "dataset"
+    dataset.mkdir(parents=True, exist_ok=True)
+    for side, data in split.items():
+        write_jsonl(dataset / f"{kind}-{side}.jsonl", data, what="dataset")
+    write_json(
+        dataset / "report.json",
+        {
+            "source": "cases",
+            "files": [str(p) for p in cases],
+            "cases": len(rows),
+            "test_share": test_share,
+            "seed": seed,
+        },
+        what="dataset report",
+    )
+    config = TrainConfig(
+        base_model=base_model,
+        layers=[int(x) for x in layers.split(",") if x.strip()],
+        l2=[float(x) for x in l2.split(",") if x.strip()],
+        false_alarm_rate=false_alarms,
+    )
+    click.echo(f"{len(rows)} cases: {len(split['train'])} to train, {len(split['test'])} held out")
+    metrics = train_probe(dataset, kind, out, config, echo=click.echo)
+    report = metrics["report_split"]
+    click.echo(
+        f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; held-out "
+        f"AUC {report['auc']}, recall {report['recall']['rate']} (n={report['recall']['n']}), "
+        f"false alarms {report['false_alarms']['rate']} (n={report['false_alarms']['n']}) -> {out}"
+    )
+
+
 @classifiers_group.command("list")
 @click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
 def list_command(folders) -> None:
