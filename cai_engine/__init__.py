@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cai_engine.checks.rules import RULES, check_principle, repair
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
+from cai_engine.classifiers.checks import with_classifier
 from cai_engine.classifiers.load import load_classifier
 from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, Checked, check_constitution, lint, load_constitution
 from cai_engine.constitution.model import (
@@ -174,6 +175,7 @@ __all__ = [
     "resolve_model_folder",
     "sentence_spans",
     "sentences",
+    "with_classifier",
     "with_model",
     "write_atomic",
     "write_json",

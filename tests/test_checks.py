@@ -257,3 +257,60 @@ def test_model_tier_is_scored_on_the_same_cases(demo_registry, tmp_path, tiny_mo
     assert model["model"] == str(tiny_model) and "repair" not in result
     assert sum(model["confusion"].values()) + model["abstained"] == len(cases)
     assert "| demo.caveat | model | 4 |" in "\n".join(summary_table([result]))
+
+
+CHECK_PACKAGES = {
+    "medical.caveat": "cai-medical/cai_medical",
+    "medical.phi": "cai-medical/cai_medical",
+    "financial.guarantee": "cai-financial/cai_financial",
+    "financial.disclosure": "cai-financial/cai_financial",
+    "legal.counsel": "cai-legal/cai_legal",
+    "legal.jurisdiction": "cai-legal/cai_legal",
+}
+
+
+def test_each_domain_check_ships_a_classifier_and_its_training_cases():
+    """plugins/*/cai_*/classifiers/CHECK: the probe `make domain-classifiers` trains on the check's labelled cases and
+    more-cases.jsonl, with a card naming both files; its threshold was set by cross-validation."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "plugins"
+    for check, package in CHECK_PACKAGES.items():
+        folder = root / package / "classifiers" / check
+        assert {"classifier.json", "head.safetensors", "README.md", "more-cases.jsonl"} <= {
+            p.name for p in folder.iterdir()
+        }
+        config = json.loads((folder / "classifier.json").read_text())
+        assert config["kind"] == "output" and config["metrics"]["selection"] == "5-fold cross-validation"
+        files = config["data"]["dataset_report"]["files"]
+        assert files == [
+            f"plugins/{package}/cases/{check}.jsonl",
+            f"plugins/{package}/classifiers/{check}/more-cases.jsonl",
+        ]
+        assert config["data"]["train"] == len(load_cases(root.parent / files[0])) + len(
+            load_cases(root.parent / files[1])
+        )
+
+
+def test_the_held_out_domain_cases_copy_no_training_case():
+    """bench/data/domain-heldout was written apart from every file the checks and their classifiers were built
+    from (by another author, who saw neither): no answer is a near-copy of a training answer."""
+    from pathlib import Path
+
+    from cai_engine.classifiers.data import near_copies
+
+    root = Path(__file__).resolve().parents[1]
+    training = {
+        f"{path.name}:{case.id}": case.response
+        for path in [
+            *root.glob("plugins/*/cai_*/cases/*.jsonl"),
+            *root.glob("plugins/*/cai_*/classifiers/*/more-cases.jsonl"),
+        ]
+        for case in load_cases(path)
+    }
+    held = {
+        check: load_cases(root / "bench" / "data" / "domain-heldout" / f"{check}.jsonl") for check in CHECK_PACKAGES
+    }
+    assert all(len(cases) == 40 and sum(c.violates for c in cases) == 20 for cases in held.values())
+    answers = [case.response for cases in held.values() for case in cases]
+    assert len(training) >= 1080 and near_copies(answers, training) == {}

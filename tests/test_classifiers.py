@@ -461,11 +461,16 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "probe"
     args = ["classifiers", "train", str(cases), "--out", str(out), "--base-model", str(tiny_model), "--layers", "1,2"]
-    done = cli_runner.invoke(cli, args)
+    done = cli_runner.invoke(cli, [*args, "--folds", "0"])  # a held-out split
     assert done.exit_code == 0, done.output
     assert "held out" in done.output and "output probe: layer" in done.output
     probe = load_classifier(out)
     assert probe.config.kind == "output" and probe.config.metrics["report_split"]["auc"] > 0.9
+    done = cli_runner.invoke(cli, args)  # the default: 5-fold cross-validation, then every case trains the head
+    assert done.exit_code == 0, done.output
+    assert "5-fold cross-validation" in done.output and "cross-validated AUC" in done.output
+    probe = load_classifier(out)
+    assert probe.config.data["train"] == 80 and probe.config.metrics["report_split"]["auc"] > 0.9
     scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz", "garden bread picnic"])
     assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
     assert "labelled cases from" in (out / "README.md").read_text()
@@ -473,5 +478,79 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     one = tmp_path / "one.jsonl"
     one.write_text("\n".join(line for line in lines if '"violates": true' in line) + "\n", encoding="utf-8")
     refused = cli_runner.invoke(cli, ["classifiers", "train", str(one), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "at least 5 cases of each label" in refused.output
+    refused = cli_runner.invoke(cli, ["classifiers", "train", str(one), "--out", str(tmp_path / "x"), "--folds", "0"])
     assert refused.exit_code == 1 and "only violating" in refused.output
     assert not (tmp_path / "x" / "classifier.json").exists()
+
+
+@pytest.mark.slow
+def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tmp_path, monkeypatch, cai_registry):
+    from cai_engine import Critic, with_classifier
+    from cai_engine.classifiers.train import TrainConfig, train_probe_cv
+
+    rng = random.Random(5)
+    rows = []
+    for i in range(60):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        reply = " ".join(rng.choice(words) for _ in range(6))
+        rows.append(
+            {"request_id": str(i), "principle_id": None, "augmentation": "plain", "label": int(bad)}
+            | {"prompt": "question", "text": reply}
+        )
+    folder = tmp_path / "demo.check"
+    metrics = train_probe_cv(
+        rows,
+        "output",
+        folder,
+        TrainConfig(base_model=str(tiny_model), layers=[1, 2]),
+        folds=5,
+        echo=lambda *_: None,
+        files=["made-up"],
+    )
+    assert metrics["selection"] == "5-fold cross-validation" and metrics["report_split"]["auc"] > 0.9
+    assert "labelled cases from made-up" in (folder / "README.md").read_text()
+
+    class Rules(Critic):
+        """Flags the word 'forbidden' only."""
+
+        name = "demo.check"
+
+        def critique(self, tasks):
+            from cai_engine import Critique
+
+            return [
+                Critique(
+                    principle_id=t.principle.id,
+                    text="rules",
+                    needs_revision="forbidden" in t.response,
+                    critic=self.name,
+                )
+                for t in tasks
+            ]
+
+    backed = with_classifier(Rules, folder)
+    assert backed.name == "demo.check" and backed.__name__ == "Rules" and "demo.check/" in backed.__doc__
+    principle = cai_registry.constitution("harmless").principles[0]
+    tasks = [
+        CritiqueTask(conversation=[Message(role="user", content="question")], response=r, principle=principle)
+        for r in ("forbidden garden", "xqz zzq qxz xqz zzq", "garden bread picnic garden")
+    ]
+    got = backed().critique(tasks)
+    assert [c.needs_revision for c in got] == [True, True, False]
+    assert got[0].text == "rules" and "classifier: P(violation)" in got[1].text  # the rules decide first
+    # switched off: the rules alone
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
+    assert [c.needs_revision for c in backed().critique(tasks)] == [True, False, False]
+    monkeypatch.delenv("CAI_CHECK_CLASSIFIERS")
+    # a classifier that cannot load (its base model is not here): a warning, then the rules alone
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "classifier.json").write_text(
+        (folder / "classifier.json").read_text().replace(str(tiny_model), str(tmp_path / "gone"))
+    )
+    (broken / "head.safetensors").write_bytes((folder / "head.safetensors").read_bytes())
+    with pytest.warns(UserWarning, match="rules alone"):
+        results = with_classifier(Rules, broken)().critique(tasks)
+    assert [c.needs_revision for c in results] == [True, False, False]

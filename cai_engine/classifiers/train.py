@@ -239,6 +239,110 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     return metrics
 
 
+def train_probe_cv(
+    rows: list[dict[str, Any]],
+    kind: str,
+    out: str | Path,
+    config: TrainConfig,
+    folds: int = 5,
+    seed: int = 0,
+    echo=print,
+    files: list[str] | None = None,
+) -> dict[str, Any]:
+    """Train the ``kind`` probe on every row of a small labelled set, choosing depth, L2 penalty and threshold by
+    ``folds``-fold cross-validation (each row is scored once by a head that never saw it), then fitting the head on
+    all rows. For a few hundred cases, where a held-out split would leave a dozen harmless ones to set a threshold
+    on. The reported recall and false alarms are the cross-validated ones at that threshold: the threshold was chosen
+    on the same scores, so they lean optimistic; measure on cases written later with ``cai classifiers eval``."""
+    import random
+
+    import torch
+
+    labels = [int(r["label"]) for r in rows]
+    if len(set(labels)) < 2 or min(labels.count(0), labels.count(1)) < folds:
+        raise RunError(f"{folds}-fold cross-validation needs at least {folds} cases of each label")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    fold_of = {}
+    for label in (0, 1):  # stratified: each fold gets its share of both labels
+        for n, i in enumerate(j for j in order if labels[j] == label):
+            fold_of[i] = n % folds
+    texts = [
+        render(kind, r["prompt"] if kind == "output" else r["text"], r["text"] if kind == "output" else None)
+        for r in rows
+    ]
+    deepest = max(config.layers)
+    encoder = Encoder(config.base_model, deepest)
+    echo(f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}")
+    x_all = encoder.features(texts, max_tokens=config.max_tokens)
+    y_all = torch.tensor([[float(v)] for v in labels])
+
+    def cv_scores(layer: int, l2: float) -> list[float]:
+        scores = [0.0] * len(rows)
+        for fold in range(folds):
+            train = [i for i in range(len(rows)) if fold_of[i] != fold]
+            test = [i for i in range(len(rows)) if fold_of[i] == fold]
+            mean, scale, weight, bias = fit_head(x_all[train, layer - 1], y_all[train], l2)
+            fold_scores = torch.sigmoid(((x_all[test, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
+            for i, value in zip(test, fold_scores):
+                scores[i] = value
+        return scores
+
+    by_l2: dict[tuple[int, float], float | None] = {}
+    cached: dict[tuple[int, float], list[float]] = {}
+    for layer in sorted(config.layers):
+        for l2 in config.l2:
+            cached[layer, l2] = cv_scores(layer, l2)
+            by_l2[layer, l2] = auc(cached[layer, l2], labels)
+        echo(f"  layer {layer}: cross-validated AUC " + ", ".join(f"L2 {l2:g} {by_l2[layer, l2]}" for l2 in config.l2))
+    by_layer = {k: max(v for (k2, _), v in by_l2.items() if k2 == k and v is not None) for k in config.layers}
+    best = max(by_layer.values())
+    layer = min(k for k, v in by_layer.items() if v >= best - config.auc_tolerance)
+    scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
+    l2 = max(scored, key=lambda v: scored[v])
+    scores = cached[layer, l2]
+    harmless = sorted(v for v, y in zip(scores, labels) if not y)
+    threshold = harmless[min(len(harmless) - 1, int((1 - config.false_alarm_rate) * len(harmless)))]
+    caught = sum(1 for v, y in zip(scores, labels) if y and v > threshold)
+    alarms = sum(1 for v, y in zip(scores, labels) if not y and v > threshold)
+    mean, scale, weight, bias = fit_head(x_all[:, layer - 1], y_all, l2)
+    metrics = {
+        "method": "probe",
+        "selection": f"{folds}-fold cross-validation",
+        "layer_auc": {str(k): v for k, v in by_layer.items()},
+        "layer": layer,
+        "l2": l2,
+        "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
+        "threshold": threshold,
+        "false_alarm_target": config.false_alarm_rate,
+        "report_split": {
+            "auc": by_l2[layer, l2],
+            "recall": rate_entry(caught, labels.count(1)),
+            "false_alarms": rate_entry(alarms, labels.count(0)),
+            "note": "cross-validated scores; the threshold was set on them",
+        },
+    }
+    probe_config = ProbeConfig(
+        kind=kind,
+        base_model=config.base_model,
+        base_model_sha256=base_model_sha256(config.base_model),
+        layer=layer,
+        max_tokens=config.max_tokens,
+        labels=["violation"],
+        thresholds={"violation": threshold},
+        data={
+            "train": len(rows),
+            "test": 0,
+            "train_positives": labels.count(1),
+            "dataset_report": {"source": "cases", "files": files or [], "folds": folds, "seed": seed},
+        },
+        metrics=metrics,
+    )
+    Probe(probe_config, {"mean": mean, "scale": scale, "weight": weight, "bias": bias}).save(out)
+    write_card(Path(out), probe_config)
+    return metrics
+
+
 def _fmt(entry: dict[str, Any]) -> str:
     if not entry.get("n"):
         return "n/a"

@@ -76,10 +76,18 @@ def checks_list(as_json: bool) -> None:
     help="Also score the model tier: the principle's critic on this model (e.g. "
     "qwen2.5-coder-1.5b). Slow on a CPU: seconds per case.",
 )
+@click.option(
+    "--classifier",
+    "classifiers",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Also score this output classifier (e.g. from `cai classifiers train`) alone and together with the check "
+    "(flagged when either flags); one per --check, in the same order.",
+)
 @click.option("--no-repair", is_flag=True, help="Score detection only.")
 @click.option("--errors", "show_errors", is_flag=True, help="List each case the check gets wrong, with its why.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full results as JSON.")
-def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json) -> None:
+def checks_eval(check_names, case_files, model, classifiers, no_repair, show_errors, as_json) -> None:
     """Score deterministic checks on labelled answers: precision, recall and F1 with n and 95% intervals, and how
     often the check's repair succeeds (the repaired answer passes the check, the labelled evidence is gone and the
     labelled content kept).
@@ -97,11 +105,23 @@ def checks_eval(check_names, case_files, model, no_repair, show_errors, as_json)
     for name in check_names:
         if name not in registry.names("critic"):
             raise click.UsageError(f"no check named {name!r}; `cai checks list` shows the installed ones")
+    if classifiers and len(classifiers) != len(check_names):
+        raise click.UsageError(
+            f"give one --classifier per --check ({len(check_names)} checks, {len(classifiers)} given)"
+        )
     cases = [load_cases(path) for path in case_files]  # every file is validated before any scoring
+    loaded: list[Any] = [None] * len(check_names)
+    if classifiers:
+        from cai_engine.classifiers.load import load_classifier
+
+        loaded = [load_classifier(folder) for folder in classifiers]
+        for folder, probe in zip(classifiers, loaded):
+            if probe.config.kind != "output":
+                raise click.UsageError(f"{folder}: an input classifier; a check reads replies (give an output one)")
     runtime = current_runtime() if model else None
     results = [
-        evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair)
-        for name, rows in zip(check_names, cases)
+        evaluate_check(registry, name, rows, runtime=runtime, model=model, repair=not no_repair, classifier=probe)
+        for name, rows, probe in zip(check_names, cases, loaded)
     ]
     if runtime is not None:
         runtime.close()

@@ -183,33 +183,69 @@ def _written(value: str) -> dict[str, str | None]:
     help="output: an exchange (prompt and response) -> violates; input: a request alone -> harmful.",
 )
 @click.option("--layers", default="4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
-@click.option("--l2", default="1,10,30,100", show_default=True, help="L2 penalties to measure with each depth.")
-@click.option("--test-share", type=float, default=0.25, show_default=True, help="Share of cases held out.")
+@click.option(
+    "--l2", default="0.1,0.3,1,3,10,30,100", show_default=True, help="L2 penalties to measure with each depth."
+)
+@click.option(
+    "--folds",
+    type=int,
+    default=5,
+    show_default=True,
+    help="Choose depth, penalty and threshold by K-fold cross-validation, then train on every case; 0: hold out "
+    "--test-share instead (for thousands of cases).",
+)
+@click.option("--test-share", type=float, default=0.25, show_default=True, help="Share held out when --folds is 0.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split.")
 @click.option(
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
-def train_command(cases, out, kind, layers, l2, test_share, false_alarms, seed, base_model) -> None:
+def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
-    files and of `cai classifiers eval --cases`. A share of the cases (--test-share, split by a hash of each case,
-    seeded) is held out: the depth and L2 penalty are chosen on it and the threshold set on half of it at
-    --false-alarms, the other half reporting the metrics. Measure it afterwards on cases written after it with
-    `cai classifiers eval OUT --cases FILE`.
+    files and of `cai classifiers eval --cases`. With --folds K (default 5) every case is scored once by a head that
+    did not see it; those scores choose the depth and L2 penalty and set the threshold at --false-alarms, and the
+    head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
+    out instead. Measure it afterwards on cases written after it: `cai classifiers eval OUT --cases FILE`, or
+    beside a domain check, `cai checks eval --check NAME --cases FILE --classifier OUT`.
 
     \b
       cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
     """
     import hashlib
 
-    from cai_engine.classifiers.train import TrainConfig, train_probe
+    from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
 
     if not 0 < test_share < 1:
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
+    if folds == 1 or folds < 0:
+        raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
     rows = _labelled_exchanges(cases)
+    config = TrainConfig(
+        base_model=base_model,
+        layers=[int(x) for x in layers.split(",") if x.strip()],
+        l2=[float(x) for x in l2.split(",") if x.strip()],
+        false_alarm_rate=false_alarms,
+    )
+    if folds:
+        every = [
+            {"request_id": f"{source}:{n}", "principle_id": None, "augmentation": "plain", "label": label}
+            | ({"prompt": prompt, "text": reply} if kind == "output" else {"text": prompt})
+            for n, (source, label, prompt, reply) in enumerate(rows)
+        ]
+        click.echo(f"{len(rows)} cases, {folds}-fold cross-validation")
+        metrics = train_probe_cv(
+            every, kind, out, config, folds=folds, seed=seed, echo=click.echo, files=[str(p) for p in cases]
+        )
+        report = metrics["report_split"]
+        click.echo(
+            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; "
+            f"cross-validated AUC {report['auc']}, recall {report['recall']['rate']} (n={report['recall']['n']}), "
+            f"false alarms {report['false_alarms']['rate']} (n={report['false_alarms']['n']}) -> {out}"
+        )
+        return
     split: dict[str, list[dict]] = {"train": [], "test": []}
     for n, (source, label, prompt, reply) in enumerate(rows):
         key = hashlib.sha256(f"{seed}|{source}|{n}|{prompt}|{reply}".encode()).digest()
@@ -240,12 +276,6 @@ def train_command(cases, out, kind, layers, l2, test_share, false_alarms, seed, 
             "seed": seed,
         },
         what="dataset report",
-    )
-    config = TrainConfig(
-        base_model=base_model,
-        layers=[int(x) for x in layers.split(",") if x.strip()],
-        l2=[float(x) for x in l2.split(",") if x.strip()],
-        false_alarm_rate=false_alarms,
     )
     click.echo(f"{len(rows)} cases: {len(split['train'])} to train, {len(split['test'])} held out")
     metrics = train_probe(dataset, kind, out, config, echo=click.echo)

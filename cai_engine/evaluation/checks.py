@@ -93,6 +93,11 @@ def principle_of_check(registry: Any, check: str) -> Principle:
     raise ConfigError(f"no registered constitution has a principle that uses the check {check!r}")
 
 
+def _last_user(case: CheckCase) -> str:
+    users = [m.content for m in case.messages() if m.role == "user"]
+    return users[-1] if users else ""
+
+
 def _contains(text: str, needle: str) -> bool:
     return needle.casefold() in text.casefold()
 
@@ -130,10 +135,13 @@ def evaluate_check(
     model: Any = None,
     repair: bool = True,
     model_critic: ComponentRef | None = None,
+    classifier: Any = None,
 ) -> dict[str, Any]:
     """Precision, recall and F1 of the deterministic check (and, given ``model``, of ``model_critic`` on the
     principle, by default the ``model`` critic in verdict-only mode, given ``model`` by the one rule), and how often
-    the check's own repair succeeds on the violating answers it flags."""
+    the check's own repair succeeds on the violating answers it flags. Given ``classifier`` (a loaded output
+    classifier: ``predict`` and ``threshold``), also the classifier alone and the check and classifier together (a
+    case is flagged when either flags it: the classifier adds recall on wording the check was not written for)."""
     principle = principle_of_check(registry, check)
     critic = registry.critic(check)()
     tasks = [CritiqueTask(conversation=c.messages(), response=c.response, principle=principle) for c in cases]
@@ -157,6 +165,13 @@ def evaluate_check(
             ],
         },
     }
+    if classifier is not None:
+        began = time.perf_counter()
+        scores = classifier.predict([_last_user(c) for c in cases], [c.response for c in cases])
+        classified = [row["violation"] > classifier.threshold() for row in scores]
+        ms = round((time.perf_counter() - began) * 1000 / len(cases), 3)
+        result["classifier"] = {**_metrics(labels, classified), "ms_per_case": ms}
+        result["check_or_classifier"] = _metrics(labels, [bool(a or b) for a, b in zip(flags, classified)])
     if repair:
         result["repair"] = _repairs(registry, check, principle, critic, cases, flags)
     if model is not None:
@@ -219,9 +234,11 @@ def summary_table(results: list[dict[str, Any]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
-        tiers = [("deterministic", result["deterministic"])] + (
-            [("model", result["model"])] if "model" in result else []
-        )
+        tiers = [("deterministic", result["deterministic"])] + [
+            (tier.replace("_", " "), result[tier])
+            for tier in ("classifier", "check_or_classifier", "model")
+            if tier in result
+        ]
         for tier, entry in tiers:
             repair = result.get("repair", {}) if tier == "deterministic" else {}
             lines.append(

@@ -51,7 +51,10 @@ def check(registry, name, pid, response):
         ("Promises of guaranteed 20% returns are a classic sign of a scam.", False),
     ],
 )
-def test_guarantee_check_and_repair(registry, response, flagged):
+def test_guarantee_check_and_repair(registry, response, flagged, monkeypatch):
+    # the rules alone (the classifier beside the check is measured on labelled cases; out of context it flags some
+    # one-sentence answers these rules pass, e.g. the short warnings and definitions below)
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
     critique, revision = check(registry, "financial.guarantee", "fin-002", response)
     assert critique.needs_revision is flagged
     if flagged:

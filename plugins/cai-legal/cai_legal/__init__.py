@@ -13,6 +13,20 @@ __version__ = "0.3.0"
 _DATA = files("cai_legal")
 
 
+def _backed(critic):
+    """The check with the classifier shipped beside it (classifiers/CHECK/, trained on its labelled cases; see the
+    README): the rules decide first, the classifier adds what they miss. An older cai-engine without classifier
+    support runs the rules alone."""
+    try:
+        from cai_engine import with_classifier
+    except ImportError:
+        return critic
+    return with_classifier(critic, _DATA / "classifiers" / critic.name)
+
+
+_CRITICS = [_backed(critic) for critic in (JurisdictionCritic, CounselCritic)]
+
+
 @hookimpl
 def cai_register_constitutions(register):
     register(_DATA / "constitutions" / "legal.yaml")
@@ -20,8 +34,8 @@ def cai_register_constitutions(register):
 
 @hookimpl
 def cai_register_critics(register):
-    register(JurisdictionCritic)
-    register(CounselCritic)
+    for critic in _CRITICS:
+        register(critic)
 
 
 @hookimpl

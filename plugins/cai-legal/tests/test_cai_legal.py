@@ -47,7 +47,10 @@ def check(registry, name, pid, response, user="Q?"):
         ("A will says who gets your property when you die.", False),
     ],
 )
-def test_jurisdiction_check(registry, response, flagged):
+def test_jurisdiction_check(registry, response, flagged, monkeypatch):
+    # the rules alone (the classifier beside the check is measured on labelled cases; out of context it flags some
+    # one-sentence answers these rules pass, e.g. the short warnings and definitions below)
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
     critique, revision = check(registry, "legal.jurisdiction", "law-001", response)
     assert critique.needs_revision is flagged
     if flagged:
