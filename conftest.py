@@ -43,7 +43,9 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _hermetic(request, tmp_path, monkeypatch):
     """Each test in its own working directory. Tests of the real default model (marked `model`) share the run's
-    cache, so its one-time conversion (~30 s) is paid once per run; every other test gets a cache of its own."""
+    cache, so its one-time conversion (~30 s) is paid once per run; every other test gets a cache of its own, and
+    the classifiers the domain plugins ship beside their checks (which read the real default model) stay off."""
     monkeypatch.chdir(tmp_path)
     if request.node.get_closest_marker("model") is None:
         monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))
+        monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")

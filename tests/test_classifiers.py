@@ -530,6 +530,7 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
                 for t in tasks
             ]
 
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "on")  # the suite keeps shipped checks' classifiers off
     backed = with_classifier(Rules, folder)
     assert backed.name == "demo.check" and backed.__name__ == "Rules" and "demo.check/" in backed.__doc__
     principle = cai_registry.constitution("harmless").principles[0]
@@ -543,7 +544,7 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     # switched off: the rules alone
     monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
     assert [c.needs_revision for c in backed().critique(tasks)] == [True, False, False]
-    monkeypatch.delenv("CAI_CHECK_CLASSIFIERS")
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "on")
     # a classifier that cannot load (its base model is not here): a warning, then the rules alone
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -67,6 +67,12 @@ for wheel in sorted(dist.glob("cai_*-py3-none-any.whl")):
         source = root / "plugins" / package.replace("_", "-") / package / "cases"
         need = [f"{package}/cases/{p.name}" for p in sorted(source.glob("*.jsonl"))] or [f"{package}/cases/"]
         need += [f"{package}/constitutions/{package.split('_')[1]}.yaml"]
+        shipped = root / "plugins" / package.replace("_", "-") / package / "classifiers"
+        need += [
+            f"{package}/classifiers/{d.name}/{f}"
+            for d in sorted(shipped.iterdir() if shipped.is_dir() else [])
+            for f in ("classifier.json", "head.safetensors")
+        ]
     missing = [n for n in need if n not in names]
     problems += [f"{wheel.name} lacks {n}" for n in missing]
     print(f"{wheel.name}: {len(names)} files, {len(need) - len(missing)}/{len(need)} data files checked")

@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cai_engine.errors import ModelError
 from cai_engine.plugins.components import Critic
 from cai_engine.records import Critique
 
@@ -42,26 +41,36 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
         with lock:
             if not state["tried"]:
                 state["tried"] = True
-                from cai_engine.classifiers.load import load_classifier
-
                 try:
+                    from cai_engine.classifiers.load import load_classifier
+
                     loaded = load_classifier(folder)
                     getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
                     state["probe"] = loaded
-                except ModelError as exc:
+                except Exception as exc:
+                    # any reason: a missing base model or torch (a core or serve install), an unreadable or
+                    # corrupt folder; the check must still work on its rules
                     warnings.warn(
-                        f"{critic.name}: its classifier is not used, the check runs on its rules alone ({exc})",
+                        f"{critic.name}: its classifier is not used, the check runs on its rules alone "
+                        f"({type(exc).__name__}: {exc})",
                         stacklevel=3,
                     )
         return state["probe"]
 
     class Classified(critic):  # type: ignore[valid-type,misc]
         classifier_folder = folder
+        rules_critic = critic  # the check without its classifier (scored apart by `cai checks eval`)
+
+        @staticmethod
+        def classifier_active() -> bool:
+            """Whether the classifier is consulted here (loaded, and not switched off)."""
+            return probe() is not None
 
         def critique(self, tasks):
             out = list(super().critique(tasks))
             model = probe()
-            passed = [i for i, c in enumerate(out) if not c.needs_revision and not c.violations]
+            # only answers the rules pass (an abstention, needs_revision None, stays one)
+            passed = [i for i, c in enumerate(out) if c.needs_revision is False and not c.violations]
             if model is None or not passed:
                 return out
             prompts = [_last_user(tasks[i].conversation) for i in passed]

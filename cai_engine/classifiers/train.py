@@ -1,10 +1,10 @@
 """Training, layer choice and calibration of a probe classifier, and its model card.
 
-The depth of the probe is chosen by measurement: the base model's activations after each candidate layer are pooled
-once, a head is fitted on the train split for each, and the shallowest layer whose held-out AUC is within
-``auc_tolerance`` of the best wins (fewer layers, faster scoring). The held-out split is cut in two by request: the
-thresholds are set on one half at the stated false-alarm rate, and the metrics are reported on the other half, so no
-reported number was tuned on the examples it is measured on.
+The depth of the probe and its L2 penalty are chosen by measurement: the base model's activations after each
+candidate layer are pooled once, a head is fitted on the train split for each depth and penalty, and the shallowest
+layer whose AUC is within ``auc_tolerance`` of the best wins (fewer layers, faster scoring). The held-out split is
+cut in two by request: depth, penalty and threshold (at the stated false-alarm rate) are chosen on one half, and the
+metrics are reported on the other, so no reported number was tuned on the examples it is measured on.
 """
 
 from __future__ import annotations
@@ -163,13 +163,15 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     y_train = torch.tensor([[float(r["label"])] for r in train])
     y_test = [int(r["label"]) for r in test]
 
+    choose = [_half(r) == "calibrate" for r in test]
     by_layer: dict[int, float | None] = {}
     by_l2: dict[tuple[int, float], float | None] = {}
     for layer in sorted(config.layers):
         for l2 in config.l2:
             mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_train, l2)
             scores = (((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
-            by_l2[layer, l2] = auc(scores, y_test)
+            # chosen on the calibration half only: the report half stays unseen by every choice
+            by_l2[layer, l2] = auc([v for v, c in zip(scores, choose) if c], [y for y, c in zip(y_test, choose) if c])
         known = [v for (k, _), v in by_l2.items() if k == layer and v is not None]
         by_layer[layer] = max(known) if known else None
         echo(
@@ -388,16 +390,22 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         tags=["constitutional-ai", "safety-classifier", "cai-engine", config.kind, config.method],
         constitution={k: v for k, v in constitution.items() if v is not None} or None,
     )
+    from_cases = config.data.get("dataset_report", {}).get("source") == "cases"
+    what = (
+        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
+        if config.method == "probe"
+        else f"The first {config.layer} layers of `{config.base_model}` fine-tuned with a classification head, "
+    )
     lines = [
-        f"# {constitution.get('name')} {config.kind} classifier",
+        f"# {folder.name if from_cases else constitution.get('name')} {config.kind} classifier",
         "",
-        (
-            f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
-            if config.method == "probe"
-            else f"The first {config.layer} layers of `{config.base_model}` fine-tuned with a classification head, "
-        )
-        + f"compiled by `cai classifiers build` from the constitution **{constitution.get('name')}** version "
-        f"{constitution.get('version')} (`{constitution.get('hash')}`).",
+        what
+        + (
+            "trained by `cai classifiers train` on labelled cases."
+            if from_cases
+            else f"compiled by `cai classifiers build` from the constitution **{constitution.get('name')}** version "
+            f"{constitution.get('version')} (`{constitution.get('hash')}`)."
+        ),
         "",
         "It reads "
         + ("a request alone" if config.kind == "input" else "an exchange (the request and the reply")
@@ -408,15 +416,24 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         f"- train: {config.data.get('train')} examples ({config.data.get('train_positives')} violating), "
         f"test: {config.data.get('test')}; "
         + (
-            f"labelled cases from {', '.join(config.data['dataset_report'].get('files', []))}, split by a seeded hash "
-            "of each case."
-            if config.data.get("dataset_report", {}).get("source") == "cases"
+            f"labelled cases from {', '.join(config.data['dataset_report'].get('files', []))}"
+            + (
+                f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded) and then "
+                "all of them training the head."
+                if (report_folds := config.data["dataset_report"].get("folds"))
+                else ", split by a seeded hash of each case."
+            )
+            if from_cases
             else "written and labelled by the feedback model, augmented offline (jailbreak-style wrappers, Unicode "
             "spellings); split by seed request or batch, two wrapper templates held out."
         ),
         f"- violating training examples per principle: {config.data.get('per_principle_positives', 'not recorded')}",
         "",
-        "## Metrics (the held-out report half; the threshold was set on the other half)",
+        (
+            "## Metrics (cross-validated scores; the threshold was set on the same scores, so they lean optimistic)"
+            if m.get("selection")
+            else "## Metrics (the held-out report half; the threshold was set on the other half)"
+        ),
         *_threshold_lines(config),
         f"- AUC: {report.get('auc')}",
         f"- recall: {_fmt(report.get('recall', {}))}",

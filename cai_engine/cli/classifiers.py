@@ -500,10 +500,13 @@ def _labelled_exchanges(cases, *, require_label: bool = True) -> list[tuple[str,
                 if require_label and "violates" not in row and "harmful" not in row:
                     raise KeyError("violates")
                 label = int(bool(row.get("violates", row.get("harmful", False))))
+                if "prompt" not in row and isinstance(row.get("conversation"), list):  # `cai checks eval` cases
+                    users = [m["content"] for m in row["conversation"] if m.get("role") == "user"]
+                    row["prompt"] = users[-1] if users else ""
                 rows.append((path.name, label, str(row["prompt"]), str(row["response"])))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise click.ClickException(
-                    f"{path}:{n}: each line needs prompt, response and violates (or harmful): {exc}"
+                    f"{path}:{n}: each line needs prompt (or conversation), response and violates (or harmful): {exc}"
                 ) from None
     return rows
 

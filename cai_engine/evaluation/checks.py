@@ -137,9 +137,10 @@ def evaluate_check(
     model_critic: ComponentRef | None = None,
     classifier: Any = None,
 ) -> dict[str, Any]:
-    """Precision, recall and F1 of the deterministic check (and, given ``model``, of ``model_critic`` on the
-    principle, by default the ``model`` critic in verdict-only mode, given ``model`` by the one rule), and how often
-    the check's own repair succeeds on the violating answers it flags. Given ``classifier`` (a loaded output
+    """Precision, recall and F1 of the check as registered (``deterministic``; for a check its plugin backs with a
+    classifier: the rules, then the classifier, and the rules alone as ``rules``), of ``model_critic`` on the
+    principle given ``model`` (by default the ``model`` critic in verdict-only mode, given ``model`` by the one
+    rule), and how often the check's own repair succeeds on the violating answers it flags. Given ``classifier`` (a loaded output
     classifier: ``predict`` and ``threshold``), also the classifier alone and the check and classifier together (a
     case is flagged when either flags it: the classifier adds recall on wording the check was not written for)."""
     principle = principle_of_check(registry, check)
@@ -165,6 +166,13 @@ def evaluate_check(
             ],
         },
     }
+    active = getattr(critic, "classifier_active", None)
+    if active is not None and active():
+        # a check backed by the classifier its plugin ships: its rules are also scored alone, so a regression in
+        # them shows even where the classifier (trained on the shipped cases) would cover it
+        rules = critic.rules_critic().critique(tasks)
+        result["backed_by_classifier"] = str(critic.classifier_folder)
+        result["rules"] = _metrics(labels, [c.needs_revision for c in rules])
     if classifier is not None:
         began = time.perf_counter()
         scores = classifier.predict([_last_user(c) for c in cases], [c.response for c in cases])
@@ -234,9 +242,10 @@ def summary_table(results: list[dict[str, Any]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
-        tiers = [("deterministic", result["deterministic"])] + [
-            (tier.replace("_", " "), result[tier])
-            for tier in ("classifier", "check_or_classifier", "model")
+        backed = "backed_by_classifier" in result
+        tiers = [("check: rules, then classifier" if backed else "deterministic", result["deterministic"])] + [
+            ({"rules": "rules alone"}.get(tier, tier.replace("_", " ")), result[tier])
+            for tier in ("rules", "classifier", "check_or_classifier", "model")
             if tier in result
         ]
         for tier, entry in tiers:

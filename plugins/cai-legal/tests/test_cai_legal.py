@@ -13,6 +13,22 @@ from cai_engine.files.resources import data_dir
 from cai_engine.guard.engine import Engine
 
 
+@pytest.fixture(autouse=True)
+def rules_alone(monkeypatch):
+    """These tests are about the checks' rules: the classifier the plugin ships beside each check (trained on the
+    same labelled cases) stays off, so it cannot hide a regression in them. It is tested on its own below."""
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
+
+
+def test_each_check_is_backed_by_the_classifier_it_ships(registry):
+    for name in ["legal.jurisdiction", "legal.counsel"]:
+        critic = registry.critic(name)
+        folder = files("cai_legal") / "classifiers" / name
+        assert critic.rules_critic.name == name and str(critic.classifier_folder) == str(folder)
+        assert folder.joinpath("classifier.json").is_file() and folder.joinpath("head.safetensors").is_file()
+        assert not critic.classifier_active()  # switched off for these tests
+
+
 @pytest.fixture
 def registry():
     import cai_legal
@@ -47,10 +63,7 @@ def check(registry, name, pid, response, user="Q?"):
         ("A will says who gets your property when you die.", False),
     ],
 )
-def test_jurisdiction_check(registry, response, flagged, monkeypatch):
-    # the rules alone (the classifier beside the check is measured on labelled cases; out of context it flags some
-    # one-sentence answers these rules pass, e.g. the short warnings and definitions below)
-    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
+def test_jurisdiction_check(registry, response, flagged):
     critique, revision = check(registry, "legal.jurisdiction", "law-001", response)
     assert critique.needs_revision is flagged
     if flagged:

@@ -15,6 +15,22 @@ from cai_engine.guard.engine import Engine
 SCHEMA = json.loads((data_dir("schemas") / "constitution.schema.json").read_text(encoding="utf-8"))
 
 
+@pytest.fixture(autouse=True)
+def rules_alone(monkeypatch):
+    """These tests are about the checks' rules: the classifier the plugin ships beside each check (trained on the
+    same labelled cases) stays off, so it cannot hide a regression in them. It is tested on its own below."""
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
+
+
+def test_each_check_is_backed_by_the_classifier_it_ships(registry):
+    for name in ["medical.phi", "medical.caveat"]:
+        critic = registry.critic(name)
+        folder = files("cai_medical") / "classifiers" / name
+        assert critic.rules_critic.name == name and str(critic.classifier_folder) == str(folder)
+        assert folder.joinpath("classifier.json").is_file() and folder.joinpath("head.safetensors").is_file()
+        assert not critic.classifier_active()  # switched off for these tests
+
+
 @pytest.fixture
 def registry():
     import cai_medical
