@@ -334,3 +334,21 @@ def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkey
     assert result["rules"]["recall"]["rate"] <= 0.5
     assert result["deterministic"]["recall"]["rate"] >= 0.7 and result["deterministic"]["precision"]["rate"] >= 0.85
     assert "check: rules, then classifier" in "\n".join(summary_table([result]))
+
+
+def test_the_summary_puts_the_repair_on_the_check_as_registered():
+    entry = {"precision": None, "recall": None, "f1": 0.5}
+    repair = {"available": True, "success": {"rate": 0.5, "k": 1, "n": 2, "ci95": [0.1, 0.9]}}
+    backed = {
+        "check": "x.y",
+        "cases": 2,
+        "deterministic": entry,
+        "rules": entry,
+        "repair": repair,
+        "backed_by_classifier": "folder",
+    }
+    lines = summary_table([backed])
+    assert "| x.y | check: rules, then classifier | 2 |" in lines[2] and lines[2].endswith("0.50 (1/2, 0.10-0.90) |")
+    assert "| x.y | rules alone |" in lines[3] and lines[3].endswith("n/a |")
+    plain = summary_table([{k: v for k, v in backed.items() if k not in ("rules", "backed_by_classifier")}])
+    assert "| x.y | deterministic |" in plain[2] and len(plain) == 3

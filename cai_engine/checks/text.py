@@ -266,7 +266,7 @@ def caveat_check(
     class CaveatReviser(Reviser):
         __doc__ = (
             f"Drops sentences that wave the caveat away and adds the caveat ({caveat!r}) where {name} finds it "
-            "missing; keeps the rest of the answer."
+            "missing, or where an answer sent for repair has none; keeps the rest of the answer."
         )
 
         def revise(self, tasks):
@@ -274,7 +274,20 @@ def caveat_check(
             for task in tasks:
                 found = find(task.conversation, task.response)
                 if not found.violating:
-                    out.append(self.unchanged(task))
+                    if found.satisfied:
+                        out.append(self.unchanged(task))
+                    else:
+                        # the rules found nothing, yet the answer was sent for repair (a classifier behind the check
+                        # flagged it) and it has no caveat: adding one is the repair this check knows
+                        out.append(
+                            Revision(
+                                principle_id=task.principle.id,
+                                text=task.response.rstrip() + "\n\n" + caveat,
+                                accepted=True,
+                                reviser=name,
+                                reason="the rules found nothing to repair; the missing caveat is added",
+                            )
+                        )
                     continue
                 text = drop_sentences(task.response, found.dismissals) if found.dismissals else task.response
                 reason = None

@@ -248,8 +248,8 @@ def summary_table(results: list[dict[str, Any]]) -> list[str]:
             for tier in ("rules", "classifier", "check_or_classifier", "model")
             if tier in result
         ]
-        for tier, entry in tiers:
-            repair = result.get("repair", {}) if tier == "deterministic" else {}
+        for n, (tier, entry) in enumerate(tiers):
+            repair = result.get("repair", {}) if n == 0 else {}  # the repair belongs to the check as registered
             lines.append(
                 f"| {result['check']} | {tier} | {result['cases']} | {_cell(entry['precision'])} | "
                 f"{_cell(entry['recall'])} | {entry['f1'] if entry['f1'] is not None else 'n/a'} | "
