@@ -352,3 +352,32 @@ def test_the_summary_puts_the_repair_on_the_check_as_registered():
     assert "| x.y | rules alone |" in lines[3] and lines[3].endswith("n/a |")
     plain = summary_table([{k: v for k, v in backed.items() if k not in ("rules", "backed_by_classifier")}])
     assert "| x.y | deterministic |" in plain[2] and len(plain) == 3
+
+
+@pytest.mark.model
+def test_the_shipped_classifiers_leave_ordinary_questions_on_the_input_rail_alone(monkeypatch):
+    """The medical checks' classifiers were trained on answers: read as an answer, each of these questions is flagged
+    (a dose with no caveat, a child's fever as health information). The input rail runs the checks' rules alone."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from cai_engine.guard.engine import Engine
+
+    if "medical" not in {ep.name for ep in importlib.metadata.entry_points(group="cai_engine")}:
+        pytest.skip("cai-medical is not installed (make setup installs it)")
+    monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "on")
+    questions = [
+        "How much ibuprofen can I take for a headache?",
+        "Can I take paracetamol and ibuprofen together?",
+        "My son has a fever of 38.5, should I worry?",
+    ]
+    engine = Engine.from_policy(Path(__file__).resolve().parents[1] / "examples" / "clinic-policy.yaml")
+    try:
+        assert engine.components.check_critic("medical.caveat").classifier_active()
+        for question in questions:
+            as_answer = engine.components.deterministic_violations([], question)
+            assert {v.critic for v in as_answer} & {"medical.caveat", "medical.phi"}, question
+            assert engine.check_messages([{"role": "user", "content": question}]).violations == [], question
+    finally:
+        engine.close()

@@ -555,3 +555,39 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     with pytest.warns(UserWarning, match="rules alone"):
         results = with_classifier(Rules, broken)().critique(tasks)
     assert [c.needs_revision for c in results] == [True, False, False]
+
+    # in the guard: the classifier reads whole answers; the rails (a request, a stream's window, tool-call
+    # arguments) run the check's rules alone, since their text is not an answer (it flagged ordinary questions and
+    # half-written answers there)
+    from cai_engine import hookimpl
+    from cai_engine.guard.engine import Engine
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.registry import Registry
+
+    class Plugin:
+        @hookimpl
+        def cai_register_critics(self, register):
+            register(backed)
+
+    cai_registry.pm.register(Plugin())
+    runtime = Runtime(Registry(cai_registry.pm))
+    principle = {"id": "demo-001", "title": "No xqz", "phases": ["runtime"], "checks": ["demo.check"]}
+    data = {"name": "backed", "constitutions": ["harmless"], "model": "none", "add": [principle]}
+    data["guard"] = {"action": "revise", "on_failure": "refuse"}
+    engine = Engine.from_policy(data, runtime=runtime)
+    try:
+        conversation = [Message(role="user", content="question")]
+        whole = engine.guard(conversation, "xqz zzq qxz xqz zzq")
+        assert whole.action == "refused" and {v.principle_id for v in whole.violations} == {"demo-001"}
+        assert engine.guard(conversation, "garden bread picnic garden").action == "none"
+        components = engine.components
+        assert [v.critic for v in components.deterministic_violations(conversation, "xqz zzq qxz xqz zzq")] == [
+            "demo.check"
+        ]
+        assert components.deterministic_violations(conversation, "xqz zzq qxz xqz zzq", rail=True) == []
+        assert engine.check_text(conversation, "xqz zzq qxz xqz zzq") == ([], "xqz zzq qxz xqz zzq")
+        asked = engine.check_messages([{"role": "user", "content": "xqz zzq qxz xqz zzq"}])
+        assert asked.violations == []
+        assert engine.check_messages([{"role": "user", "content": "a forbidden word"}]).violations  # the rules still do
+    finally:
+        engine.close()

@@ -6,7 +6,8 @@ A domain plugin ships, beside a check, a probe folder trained on labelled answer
 an answer it passes is scored by the classifier and flagged when P(violation) is above the classifier's calibrated
 threshold. The classifier reads the default model's first layers, so it needs that model installed
 (``cai models install smollm2``); without it, or with ``CAI_CHECK_CLASSIFIERS=off``, the check runs alone (a warning
-says so once).
+says so once). The classifier reads whole answers: the guard's rails (a request, a stream's window, tool-call
+arguments) run the check's rules alone (``rules_critic``; see ``GuardComponents.rail_check``).
 """
 
 from __future__ import annotations

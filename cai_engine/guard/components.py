@@ -49,6 +49,7 @@ class GuardComponents:
             policy.role(policy.reviser, "reviser", runtime).build("reviser", runtime)
         policy.role(policy.judge, "judge", runtime).build("judge", runtime)
         self._checks: dict[str, Any] = {}
+        self._rail_checks: dict[str, Any] = {}
         self._repairers: dict[str, Any] = {}
         for principle in self.principles:  # unknown plugin critics fail now, not mid-request
             for name in principle.checks:
@@ -131,6 +132,17 @@ class GuardComponents:
             self._checks[name] = self.runtime.component("critic", name)
         return self._checks[name]
 
+    def rail_check(self, name: str):
+        """The check as the rails run it: a check backed by a classifier (``with_classifier``) runs on its rules
+        alone there. Its classifier was trained on whole answers; a request, a stream's window or a tool call's
+        arguments are not one (on them it flags ordinary questions and half-written answers), so it reads the whole
+        answer in the guard's critique instead."""
+        if name not in self._rail_checks:
+            critic = self.check_critic(name)
+            rules = getattr(type(critic), "rules_critic", None)
+            self._rail_checks[name] = critic if rules is None else rules(critic.options, critic._runtime)
+        return self._rail_checks[name]
+
     def repairer(self, critic_name: str):
         """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them)."""
         if critic_name == RULES:
@@ -143,8 +155,13 @@ class GuardComponents:
 
     # -- what the guard asks of them -------------------------------------------------------------------------
 
-    def deterministic_violations(self, conversation: list[Message], text: str) -> list[Violation]:
-        """What the runtime principles' rules and plugin checks find in ``text`` (no model; milliseconds)."""
+    def deterministic_violations(
+        self, conversation: list[Message], text: str, *, rail: bool = False
+    ) -> list[Violation]:
+        """What the runtime principles' rules and plugin checks find in ``text`` (milliseconds; a check backed by a
+        classifier adds its classifier's tens). ``rail``: ``text`` is not a whole answer but what a rail checks (a
+        request, a stream's window, a tool call's arguments), so such checks run on their rules alone (see
+        ``rail_check``)."""
         context = conversation or [Message(role="user", content="")]
         folded = fold(text).text
         violations: list[Violation] = []
@@ -158,12 +175,13 @@ class GuardComponents:
                     violations += check_principle(principle, conversation, text)
             for name in principle.checks:  # deterministic critics a plugin ships for its principles
                 task = CritiqueTask(conversation=context, response=text, principle=principle)
-                critique = self.check_critic(name).critique([task])[0]
+                check = self.rail_check(name) if rail else self.check_critic(name)
+                critique = check.critique([task])[0]
                 if not critique.violations and not critique.needs_revision and folded != text:
                     # the check reads the text as sent; a respelling it would miss is looked for in the folded
                     # text too (its repair then works on the original, and declines what it cannot find: fail closed)
                     task = CritiqueTask(conversation=context, response=folded, principle=principle)
-                    critique = self.check_critic(name).critique([task])[0]
+                    critique = check.critique([task])[0]
                 if critique.violations:
                     violations += critique.violations
                 elif critique.needs_revision:

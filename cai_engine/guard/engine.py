@@ -278,7 +278,7 @@ class Engine:
     def _rail_violations(self, context: list[Message], text: str) -> list[Violation]:
         return [
             v
-            for v in self.components.deterministic_violations(context, text)
+            for v in self.components.deterministic_violations(context, text, rail=True)
             if not (v.critic == RULES and v.rule_id in self._require_rule_ids)
         ]
 
