@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cai_engine.checks.rules import RULES, check_principle, repair
 from cai_engine.checks.text import asks_for_definition, caveat_check, drop_sentences, negated, sentence_spans, sentences
-from cai_engine.classifiers.checks import with_classifier
+from cai_engine.classifiers.checks import with_classifier, with_classifier_repair
 from cai_engine.classifiers.load import load_classifier
 from cai_engine.constitution.load import CONSTITUTION_SUFFIXES, Checked, check_constitution, lint, load_constitution
 from cai_engine.constitution.model import (
@@ -176,6 +176,7 @@ __all__ = [
     "sentence_spans",
     "sentences",
     "with_classifier",
+    "with_classifier_repair",
     "with_model",
     "write_atomic",
     "write_json",

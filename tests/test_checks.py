@@ -381,3 +381,32 @@ def test_the_shipped_classifiers_leave_ordinary_questions_on_the_input_rail_alon
             assert engine.check_messages([{"role": "user", "content": question}]).violations == [], question
     finally:
         engine.close()
+
+
+def test_a_caveat_check_judges_whole_answers_not_requests_or_a_streams_window(demo_registry):
+    """What an answer lacks cannot be judged on a request, on half an answer (the caveat may come at the end) or on
+    a tool call's arguments: the rails skip such a check, and the whole answer meets it."""
+    from cai_engine.guard.engine import Engine
+    from cai_engine.models.runtime import Runtime
+
+    runtime = Runtime(demo_registry)
+    data = {"name": "p", "constitutions": ["demo"], "model": "none", "guard": {"action": "revise"}}
+    engine = Engine.from_policy(data, runtime=runtime)
+    try:
+        conversation = [Message(role="user", content="Q?")]
+        assert engine.check_text(conversation, "What dose of ibuprofen is safe?") == (
+            [],
+            "What dose of ibuprofen is safe?",
+        )
+        assert engine.check_messages([{"role": "user", "content": "Is a double dose safe?"}]).violations == []
+        whole = engine.guard(conversation, "Take a double dose.")
+        assert whole.action == "revised" and whole.response.endswith("Check with a doctor.")
+        assert engine.guard(conversation, "Take one dose, and ask your doctor first.").action == "none"
+        # another string of the message (a tool call's arguments) is read as the rails read it
+        args = engine.guard_batch([(conversation, '{"dose": "double dose"}')], answers=[False])[0]
+        assert args.action == "none"
+        with pytest.raises(ValueError, match="1 flags for 2 items"):
+            engine.guard_batch([(conversation, "a"), (conversation, "b")], answers=[True])
+    finally:
+        engine.close()
+        runtime.close()

@@ -490,11 +490,17 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     from cai_engine.classifiers.train import TrainConfig, train_probe_cv
 
     rng = random.Random(5)
+
+    def sentence(words):
+        return " ".join(rng.choice(words) for _ in range(5)) + "."
+
     rows = []
-    for i in range(60):
+    for i in range(60):  # a violating answer has one sentence of made-up words among zero to two harmless ones
         bad = i % 2 == 0
-        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
-        reply = " ".join(rng.choice(words) for _ in range(6))
+        parts = [sentence(["garden", "picnic", "bread"]) for _ in range(rng.randint(0 if bad else 1, 2))]
+        if bad:
+            parts.insert(rng.randint(0, len(parts)), sentence(["xqz", "zzq", "qxz"]))
+        reply = " ".join(parts)
         rows.append(
             {"request_id": str(i), "principle_id": None, "augmentation": "plain", "label": int(bad)}
             | {"prompt": "question", "text": reply}
@@ -559,15 +565,35 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     # in the guard: the classifier reads whole answers; the rails (a request, a stream's window, tool-call
     # arguments) run the check's rules alone, since their text is not an answer (it flagged ordinary questions and
     # half-written answers there)
-    from cai_engine import hookimpl
+    from cai_engine import Reviser, Revision, hookimpl, with_classifier_repair
     from cai_engine.guard.engine import Engine
     from cai_engine.models.runtime import Runtime
     from cai_engine.plugins.registry import Registry
+
+    class Remover(Reviser):
+        name = "demo.check"
+
+        def revise(self, tasks):
+            return [
+                Revision(
+                    principle_id=t.principle.id,
+                    text=t.response.replace("forbidden", "allowed"),
+                    accepted=True,
+                    reviser=self.name,
+                )
+                if "forbidden" in t.response
+                else self.unchanged(t)
+                for t in tasks
+            ]
 
     class Plugin:
         @hookimpl
         def cai_register_critics(self, register):
             register(backed)
+
+        @hookimpl
+        def cai_register_revisers(self, register):
+            register(with_classifier_repair(Remover, folder, finish=lambda text: text + " (checked)"))
 
     cai_registry.pm.register(Plugin())
     runtime = Runtime(Registry(cai_registry.pm))
@@ -580,6 +606,18 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
         whole = engine.guard(conversation, "xqz zzq qxz xqz zzq")
         assert whole.action == "refused" and {v.principle_id for v in whole.violations} == {"demo-001"}
         assert engine.guard(conversation, "garden bread picnic garden").action == "none"
+        assert engine.components.check_classifiers_active()
+        # what only the classifier flags is repaired by dropping the sentences it blames, then finished
+        mixed = engine.guard(
+            conversation, "garden bread picnic garden. xqz zzq qxz xqz zzq qxz. qxz xqz zzq xqz qxz zzq."
+        )
+        assert mixed.action == "revised", mixed.rounds
+        kept = ("xqz zzq qxz xqz zzq qxz.", "qxz xqz zzq xqz qxz zzq.")  # dropping either one was enough
+        assert mixed.response in [f"garden bread picnic garden. {k} (checked)" for k in kept]
+        assert "dropped 1 sentence(s) the classifier blamed" in str(mixed.rounds[0].revisions)
+        # with one sentence there is nothing to drop: declined, and with model: none the policy refuses (above)
+        # another string of the message (a tool call's arguments): the rules alone
+        assert engine.guard_batch([(conversation, "xqz zzq qxz xqz zzq")], answers=[False])[0].action == "none"
         components = engine.components
         assert [v.critic for v in components.deterministic_violations(conversation, "xqz zzq qxz xqz zzq")] == [
             "demo.check"

@@ -1262,3 +1262,26 @@ def test_proxy_settings_keep_httpx_own_pool_and_its_timeouts_count_as_timeouts(m
         raise httpx.ConnectTimeout("slow") from httpcore.ConnectTimeout("slow")
     except httpx.ConnectTimeout as exc:
         assert serve._timed_out(exc)
+
+
+def test_only_an_answers_content_is_read_as_the_answer():
+    """Plugin checks read the other strings of an answer's message (tool-call arguments, reasoning, annotations) as
+    the rails do: a classifier trained on answers, or a check of what an answer lacks, has nothing to judge there."""
+    from cai_engine.guard.serve import output_texts
+
+    message = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Part one.", "annotations": [{"title": "a source"}]}, "Part two."],
+        "reasoning_content": "thinking",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"dose": "400 mg"}'}}],
+    }
+    answers = {out.text: out.answer for out in output_texts(message)}
+    assert answers == {
+        "Part one.": True,
+        "Part two.": True,
+        "a source": False,
+        "thinking": False,
+        '{"dose": "400 mg"}': False,
+    }
+    plain = output_texts({"role": "assistant", "content": "Hello."})
+    assert [(out.text, out.answer) for out in plain] == [("Hello.", True)]

@@ -235,6 +235,7 @@ def caveat_check(
 
     class CaveatCritic(Critic):
         __doc__ = f"Flags sentences that need a caveat the response lacks, or wave it away: {message}"
+        answers_only = True  # a caveat may come at the end, and a request needs none: the rails skip the check
 
         def critique(self, tasks):
             out = []

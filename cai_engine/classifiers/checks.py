@@ -12,14 +12,16 @@ arguments) run the check's rules alone (``rules_critic``; see ``GuardComponents.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cai_engine.plugins.components import Critic
-from cai_engine.records import Critique
+from cai_engine.plugins.components import Critic, Reviser
+from cai_engine.records import Critique, Revision
 
 #: Set to ``off`` (or ``0``/``false``/``no``) to run every classifier-backed check on its rules alone.
 ENV = "CAI_CHECK_CLASSIFIERS"
@@ -29,34 +31,43 @@ def classifiers_enabled() -> bool:
     return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
+_PROBES: dict[str, dict[str, Any]] = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
+    """The classifier in ``folder``, loaded once per process for every check and reviser that uses it; None when
+    switched off or when it cannot load (a warning names ``who`` once)."""
+    if not classifiers_enabled():
+        return None
+    with _PROBES_LOCK:
+        state = _PROBES.setdefault(str(folder), {"probe": None, "tried": False})
+        if not state["tried"]:
+            state["tried"] = True
+            try:
+                from cai_engine.classifiers.load import load_classifier
+
+                loaded = load_classifier(folder)
+                getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
+                state["probe"] = loaded
+            except Exception as exc:
+                # any reason: a missing base model or torch (a core or serve install), an unreadable or corrupt
+                # folder; the check must still work on its rules
+                warnings.warn(
+                    f"{who}: its classifier is not used, the check runs on its rules alone "
+                    f"({type(exc).__name__}: {exc})",
+                    stacklevel=stacklevel,
+                )
+    return state["probe"]
+
+
 def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
     """``critic`` (a check's critic class) that also flags what the output classifier in ``folder`` flags among the
     answers the check passes. The returned class keeps the check's name, options and docstring."""
     folder = Path(str(folder))
-    lock = threading.Lock()
-    state: dict[str, Any] = {"probe": None, "tried": False}
 
     def probe() -> Any:
-        if not classifiers_enabled():
-            return None
-        with lock:
-            if not state["tried"]:
-                state["tried"] = True
-                try:
-                    from cai_engine.classifiers.load import load_classifier
-
-                    loaded = load_classifier(folder)
-                    getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
-                    state["probe"] = loaded
-                except Exception as exc:
-                    # any reason: a missing base model or torch (a core or serve install), an unreadable or
-                    # corrupt folder; the check must still work on its rules
-                    warnings.warn(
-                        f"{critic.name}: its classifier is not used, the check runs on its rules alone "
-                        f"({type(exc).__name__}: {exc})",
-                        stacklevel=3,
-                    )
-        return state["probe"]
+        return _probe(folder, critic.name)
 
     class Classified(critic):  # type: ignore[valid-type,misc]
         classifier_folder = folder
@@ -96,6 +107,90 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
         critic.__doc__ or ""
     ) + f"\n\nBacked by the classifier in {folder.name}/ (see with_classifier)."
     return Classified
+
+
+def with_classifier_repair(
+    reviser: type[Reviser],
+    folder: str | Path,
+    *,
+    finish: Callable[[str], str] | None = None,
+    max_share: float = 0.5,
+) -> type[Reviser]:
+    """``reviser`` (a check's deterministic reviser) that can also repair what only the classifier in ``folder``
+    flagged. Where the reviser finds nothing to repair, the sentences that carry the violation are found with the
+    classifier (each round drops the sentence whose removal lowers P(violation) most) until the answer is under the
+    classifier's threshold; ``finish`` then completes the text (e.g. adds the check's note). At most ``max_share`` of
+    the sentences go; when that is not enough, the revision is declined (the model reviser, or the policy's
+    ``on_failure``, decides) rather than returned still flagged."""
+    folder = Path(str(folder))
+
+    class Repairing(reviser):  # type: ignore[valid-type,misc]
+        classifier_folder = folder
+        rules_reviser = reviser
+
+        def revise(self, tasks):
+            out = list(super().revise(tasks))
+            model = _probe(folder, reviser.name)
+            if model is None:
+                return out
+            for i, (task, revision) in enumerate(zip(tasks, out)):
+                if revision.accepted:  # what the rules repaired, or found nothing in, may still be flagged
+                    out[i] = _drop_blamed(model, task, revision, finish, max_share)
+            return out
+
+    Repairing.__name__ = reviser.__name__
+    Repairing.__qualname__ = reviser.__qualname__
+    Repairing.__module__ = reviser.__module__
+    Repairing.__doc__ = (reviser.__doc__ or "") + (
+        f"\n\nWhat only the classifier in {folder.name}/ flags is repaired by dropping the sentences it blames "
+        "(see with_classifier_repair)."
+    )
+    return Repairing
+
+
+def _drop_blamed(model: Any, task: Any, revision: Revision, finish: Any, max_share: float) -> Revision:
+    """``revision`` (accepted) if the classifier passes its text, else that text without the sentences the
+    classifier blames, finished (only when the rules had changed nothing: their repair finishes its own text), or a
+    declined revision when dropping ``max_share`` of the sentences is not enough."""
+    from cai_engine.checks.text import drop_sentences, sentences
+
+    prompt = _last_user(task.conversation)
+    cut = model.threshold()
+    text = revision.text
+    if model.predict([prompt], [text])[0]["violation"] <= cut:
+        return revision
+    by_rules = text != task.response
+    parts = [s for s in sentences(text) if s.strip()]
+    dropped: list[str] = []
+    while len(dropped) < max(1, math.ceil(len(parts) * max_share)):
+        left = [s for s in parts if s not in dropped]
+        if len(left) < 2:
+            break
+        candidates = [drop_sentences(text, [*dropped, s]) for s in left]
+        scores = [r["violation"] for r in model.predict([prompt] * len(candidates), candidates)]
+        best = min(range(len(left)), key=scores.__getitem__)
+        dropped.append(left[best])
+        if scores[best] <= cut:
+            repaired = drop_sentences(text, dropped)
+            if finish is not None and not by_rules:
+                repaired = finish(repaired)
+            what = "the rules' repair was still flagged" if by_rules else "the rules found nothing"
+            return Revision(
+                principle_id=task.principle.id,
+                text=repaired,
+                accepted=True,
+                reviser=revision.reviser,
+                reason=f"{what}; dropped {len(dropped)} sentence(s) the classifier blamed "
+                f"(P(violation) {scores[best]:.2f} after, threshold {cut:.2f})",
+            )
+    return Revision(
+        principle_id=task.principle.id,
+        text=task.response,
+        accepted=False,
+        reviser=revision.reviser,
+        reason=f"the classifier still flags the answer after dropping {len(dropped)} of {len(parts)} sentences; "
+        "the model reviser must rewrite it",
+    )
 
 
 def _last_user(conversation: Any) -> str:

@@ -132,25 +132,43 @@ class GuardComponents:
             self._checks[name] = self.runtime.component("critic", name)
         return self._checks[name]
 
+    def check_classifiers_active(self) -> bool:
+        """Whether any plugin check of the policy consults a classifier on answers (``with_classifier``)."""
+        return any(
+            getattr(self.check_critic(name), "classifier_active", lambda: False)()
+            for principle in self.principles
+            for name in principle.checks
+        )
+
     def rail_check(self, name: str):
-        """The check as the rails run it: a check backed by a classifier (``with_classifier``) runs on its rules
-        alone there. Its classifier was trained on whole answers; a request, a stream's window or a tool call's
-        arguments are not one (on them it flags ordinary questions and half-written answers), so it reads the whole
-        answer in the guard's critique instead."""
+        """The check as the rails run it (a request, a stream's window, a tool call's arguments: not a whole answer),
+        or None when it has no place there. A check backed by a classifier (``with_classifier``) runs on its rules
+        alone: its classifier was trained on whole answers, and on a question or half an answer it flags what is not a
+        violation. A check that judges only whole answers (``Critic.answers_only``: a missing caveat) is skipped."""
         if name not in self._rail_checks:
             critic = self.check_critic(name)
             rules = getattr(type(critic), "rules_critic", None)
-            self._rail_checks[name] = critic if rules is None else rules(critic.options, critic._runtime)
+            if rules is not None:
+                critic = rules(critic.options, critic._runtime)
+            self._rail_checks[name] = None if getattr(type(critic), "answers_only", False) else critic
         return self._rail_checks[name]
 
-    def repairer(self, critic_name: str):
-        """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them)."""
+    def repairer(self, critic_name: str, *, rail: bool = False):
+        """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them).
+        ``rail``: the reviser for a rail's text, which is not an answer: one that also repairs what a classifier
+        flagged (``with_classifier_repair``) repairs there by its rules alone."""
         if critic_name == RULES:
             return self.rule_reviser
         if critic_name in self.runtime.registry.names("reviser") and critic_name != self.policy.critic.name:
             if critic_name not in self._repairers:
                 self._repairers[critic_name] = self.runtime.component("reviser", critic_name)
-            return self._repairers[critic_name]
+            reviser = self._repairers[critic_name]
+            if rail and getattr(type(reviser), "rules_reviser", None) is not None:
+                key = f"{critic_name} (rail)"
+                if key not in self._repairers:
+                    self._repairers[key] = type(reviser).rules_reviser(reviser.options, reviser._runtime)
+                reviser = self._repairers[key]
+            return reviser
         return None
 
     # -- what the guard asks of them -------------------------------------------------------------------------
@@ -160,8 +178,8 @@ class GuardComponents:
     ) -> list[Violation]:
         """What the runtime principles' rules and plugin checks find in ``text`` (milliseconds; a check backed by a
         classifier adds its classifier's tens). ``rail``: ``text`` is not a whole answer but what a rail checks (a
-        request, a stream's window, a tool call's arguments), so such checks run on their rules alone (see
-        ``rail_check``)."""
+        request, a stream's window, a tool call's arguments), so such checks run on their rules alone, and checks
+        that judge only whole answers not at all (see ``rail_check``)."""
         context = conversation or [Message(role="user", content="")]
         folded = fold(text).text
         violations: list[Violation] = []
@@ -176,10 +194,13 @@ class GuardComponents:
             for name in principle.checks:  # deterministic critics a plugin ships for its principles
                 task = CritiqueTask(conversation=context, response=text, principle=principle)
                 check = self.rail_check(name) if rail else self.check_critic(name)
+                if check is None:
+                    continue
                 critique = check.critique([task])[0]
                 if not critique.violations and not critique.needs_revision and folded != text:
                     # the check reads the text as sent; a respelling it would miss is looked for in the folded
-                    # text too (its repair then works on the original, and declines what it cannot find: fail closed)
+                    # text too (its repair then works on the original: a reviser that cannot find what it would
+                    # remove declines, fail closed; a caveat reviser adds the caveat the answer lacks)
                     task = CritiqueTask(conversation=context, response=folded, principle=principle)
                     critique = check.critique([task])[0]
                 if critique.violations:

@@ -243,7 +243,8 @@ class Engine:
 
     def check_text(self, context: list[Message], text: str) -> tuple[list[Violation], str | None]:
         """The input rail on one text: what the runtime principles' ``forbid`` rules and plugin checks find in it
-        (``require`` rules say what a reply must contain, so they do not apply to what a model is sent), and the
+        (``require`` rules say what a reply must contain, so they do not apply to what a model is sent; a plugin check
+        runs on its rules alone, without a classifier, and one that judges what an answer lacks not at all), and the
         text repaired by their deterministic fixes, re-checked; None when a violation cannot be repaired so."""
         violations = self._rail_violations(context, text)
         if not violations:
@@ -252,7 +253,7 @@ class Engine:
         by_id = {p.id: p for p in self.runtime_principles}
         for pid in sorted({v.principle_id for v in violations}, key=lambda p: -by_id[p].authority):
             for critic in sorted({v.critic for v in violations if v.principle_id == pid}):
-                repairer = self.components.repairer(critic)
+                repairer = self.components.repairer(critic, rail=True)
                 if repairer is None:
                     return violations, None
                 principle = by_id[pid]
@@ -297,9 +298,11 @@ class Engine:
     async def aguard_batch(self, items) -> list[GuardResult]:
         return await asyncio.to_thread(self.guard_batch, items)
 
-    def guard_batch(self, items) -> list[GuardResult]:
-        """Guard many (conversation, response) pairs; model work is batched across them."""
-        return Guard(self.components).run(items)
+    def guard_batch(self, items, answers=None) -> list[GuardResult]:
+        """Guard many (conversation, response) pairs; model work is batched across them. ``answers`` (one flag an
+        item, default all true) marks the texts that are not an answer but another string of its message (a tool
+        call's arguments, reasoning): a plugin check backed by a classifier reads those on its rules alone."""
+        return Guard(self.components).run(items, answers)
 
     def refusal_text(self, violations: list[Violation]) -> str:
         """The policy's refusal message naming the violated principles."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -51,6 +51,7 @@ class GuardState:
     rules_ms: float = 0.0
     model_ms: float = 0.0
     done: bool = False
+    answer: bool = True  # the text is an answer, not another string of its message (a tool call's arguments)
 
 
 def combine_request_signals(p_yes: float | None, p_declines: float | None) -> float | None:
@@ -78,18 +79,25 @@ class Guard:
     def reviser(self) -> Any:
         return self.components.reviser
 
-    def run(self, items) -> list[GuardResult]:
-        """Guard many (conversation, response) pairs; model work is batched across them."""
+    def run(self, items, answers: Sequence[bool] | None = None) -> list[GuardResult]:
+        """Guard many (conversation, response) pairs; model work is batched across them. ``answers``: for each
+        item, whether its text is an answer (the default) rather than another string of an answer's message (a tool
+        call's arguments, reasoning, an annotation), which plugin checks read as the rails do (see
+        ``GuardComponents.deterministic_violations``)."""
         settings = self.policy.guard
         began = time.perf_counter()
         states = []
-        for conversation, response in items:
+        flags = [True] * len(items) if answers is None else list(answers)
+        if len(flags) != len(items):
+            raise ValueError(f"answers has {len(flags)} flags for {len(items)} items")
+        for (conversation, response), answer in zip(items, flags):
             states.append(
                 GuardState(
                     conversation=as_conversation(conversation),
                     original=response,
                     current=response,
                     rng=random.Random(f"{settings.seed}:{sha256_text(response)}"),
+                    answer=answer,
                 )
             )
         for round_index in range(settings.max_rounds + 1):
@@ -117,7 +125,9 @@ class Guard:
         asked = []  # every state the request screen covers this round
         for state in states:
             began = time.perf_counter()
-            violations = self.components.deterministic_violations(state.conversation, state.current)  # rules first
+            violations = self.components.deterministic_violations(  # rules first
+                state.conversation, state.current, rail=not state.answer
+            )
             critiques: dict[str, Critique] = {}
             state.rules_ms += (time.perf_counter() - began) * 1000
             state.violations, state.critiques = violations, critiques
@@ -341,7 +351,7 @@ class Guard:
                     if v.principle_id == pid and v.critic not in found_by:
                         found_by.append(v.critic)
                 critique = state.critiques.get(pid)
-                repairers = [self.components.repairer(name) for name in found_by]
+                repairers = [self.components.repairer(name, rail=not state.answer) for name in found_by]
                 needs_model = critique is not None or any(r is None for r in repairers)
                 for repairer in [r for r in repairers if r is not None]:
                     task = RevisionTask(

@@ -976,11 +976,14 @@ async def _input_rail(engine: Engine, body: dict[str, Any], size: int) -> InputC
 
 @dataclass(frozen=True)
 class _Out:
-    """One string of an answer's message that the guard checks: where it is, and whether it is JSON."""
+    """One string of an answer's message that the guard checks: where it is, whether it is JSON, and whether it is the
+    answer's text (content) rather than another string (arguments, reasoning, annotations: plugin checks read those
+    as the rails do, without a classifier trained on answers)."""
 
     path: tuple[Any, ...]
     text: str
     is_json: bool = False
+    answer: bool = False
 
     def checked(self) -> str:
         return json_text(self.text) if self.is_json else self.text
@@ -997,14 +1000,14 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
     if isinstance(content, list):
         for j, part in enumerate(content):
             if isinstance(part, str):
-                out.append(_Out(("content", j), part))
+                out.append(_Out(("content", j), part, answer=True))
             elif (
                 isinstance(part, dict)
                 and part.get("type") in TEXT_PARTS
                 and isinstance(part.get(TEXT_PARTS[part["type"]]), str)
             ):
                 key = TEXT_PARTS[part["type"]]
-                out.append(_Out(("content", j, key), part[key]))
+                out.append(_Out(("content", j, key), part[key], answer=True))
                 out += [  # any other string of a text part (annotations, a title)
                     _Out(path, text)
                     for path, _, text in strings_in(
@@ -1016,9 +1019,9 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
                 # whose text is not a string: every string in it
                 out += [_Out(path, text) for path, _, text in unknown_part_strings(part, ("content", j), "") if text]
     elif isinstance(content, str) and (content or not (calls or message.get("function_call"))):
-        out.append(_Out(("content",), content))
+        out.append(_Out(("content",), content, answer=True))
     elif content is None and not (calls or message.get("function_call")):
-        out.append(_Out(("content",), ""))
+        out.append(_Out(("content",), "", answer=True))
     for key, value in message.items():  # every other string, nested too (audio.transcript, reasoning_details[].text)
         if key not in ("role", "content", "name", "tool_call_id", "tool_calls", "function_call"):
             out += [_Out(path, text) for path, _, text in strings_in(value, (key,), key) if text]
@@ -1082,7 +1085,7 @@ async def _guard_choices(
 
     items = [(i, out) for i, choice in enumerate(choices) for out in output_texts(choice["message"])]
     pairs = [(conversation, out.checked()) for _, out in items]
-    results = await _guard_pairs(engine, pairs)
+    results = await _guard_pairs(engine, pairs, [out.answer for _, out in items])
     guarded, verdicts = [], []
     for i, choice in enumerate(choices):
         mine = [(out, r) for (j, out), r in zip(items, results) if j == i]
@@ -1163,14 +1166,18 @@ def guard_logprobs(engine: Engine, conversation: list[Message], logprobs: Any, p
     return logprobs
 
 
-async def _guard_pairs(engine: Engine, pairs: list[tuple[list[Message], str]]) -> list[GuardResult]:
+async def _guard_pairs(
+    engine: Engine, pairs: list[tuple[list[Message], str]], answers: list[bool]
+) -> list[GuardResult]:
     """``engine.guard_batch``: on the event loop when no model can run and the texts are small (rules and checks take
-    well under a millisecond there, less than handing the work to a thread), else in a worker thread."""
+    well under a millisecond there, less than handing the work to a thread), else in a worker thread (a plugin check
+    backed by a classifier runs a model's first layers on an answer: tens of milliseconds)."""
     if not pairs:
         return []
-    if engine.policy.model_free and sum(len(text) for _, text in pairs) <= INLINE_RAIL_BYTES:
-        return engine.guard_batch(pairs)
-    return await asyncio.to_thread(engine.guard_batch, pairs)
+    inline = engine.policy.model_free and not engine.components.check_classifiers_active()
+    if inline and sum(len(text) for _, text in pairs) <= INLINE_RAIL_BYTES:
+        return engine.guard_batch(pairs, answers)
+    return await asyncio.to_thread(engine.guard_batch, pairs, answers)
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -1605,7 +1612,7 @@ class StreamGuard:
             items += [(state, out) for out in output_texts(message)]
         began = time.perf_counter()
         pairs = [(self.conversation, out.checked()) for _, out in items]
-        results = await _guard_pairs(self.engine, pairs)
+        results = await _guard_pairs(self.engine, pairs, [out.answer for _, out in items])
         self.guard_ms += (time.perf_counter() - began) * 1000
         out_events: list[str] = []
         for state in live:

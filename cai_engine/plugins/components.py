@@ -98,6 +98,9 @@ class Critic(Component):
     """Critiques a response against a principle and says whether it must change."""
 
     kind = "critic"
+    #: A check that can judge only a whole answer (what an answer lacks, such as a caveat that may come at its
+    #: end): the guard's rails (a request, a stream's window, a tool call's arguments) skip it; the answer meets it.
+    answers_only: ClassVar[bool] = False
 
     @abstractmethod
     def critique(self, tasks: Sequence[CritiqueTask]) -> list[Critique]:

@@ -6,7 +6,7 @@ from importlib.resources import files
 
 from cai_engine import PromptSet, hookimpl
 
-from .checks import DisclosureCritic, DisclosureReviser, GuaranteeCritic, GuaranteeReviser
+from .checks import RISK_NOTE, RISK_NOTED, DisclosureCritic, DisclosureReviser, GuaranteeCritic, GuaranteeReviser
 
 __version__ = "0.3.0"
 
@@ -24,7 +24,22 @@ def _backed(critic):
     return with_classifier(critic, _DATA / "classifiers" / critic.name)
 
 
+def _repairing(reviser, finish=None):
+    """The check's reviser that also repairs what only the shipped classifier flagged, by dropping the sentences it
+    blames and finishing as the rules' repair does (an older cai-engine: the rules' repair alone)."""
+    try:
+        from cai_engine import with_classifier_repair
+    except ImportError:
+        return reviser
+    return with_classifier_repair(reviser, _DATA / "classifiers" / reviser.name, finish=finish)
+
+
+def _risk_noted(text):
+    return text if RISK_NOTED.search(text) else f"{text.rstrip()}\n\n{RISK_NOTE}".strip()
+
+
 _CRITICS = [_backed(critic) for critic in (GuaranteeCritic, DisclosureCritic)]
+_REVISERS = [_repairing(GuaranteeReviser, _risk_noted), _repairing(DisclosureReviser)]
 
 
 @hookimpl
@@ -40,8 +55,8 @@ def cai_register_critics(register):
 
 @hookimpl
 def cai_register_revisers(register):
-    register(GuaranteeReviser)
-    register(DisclosureReviser)
+    for reviser in _REVISERS:
+        register(reviser)
 
 
 @hookimpl

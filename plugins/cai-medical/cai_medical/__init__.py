@@ -6,7 +6,7 @@ from importlib.resources import files
 
 from cai_engine import PromptSet, hookimpl
 
-from .checks import CaveatCritic, CaveatReviser, PHICritic, PHIReviser
+from .checks import PHI_NOTE, CaveatCritic, CaveatReviser, PHICritic, PHIReviser
 
 __version__ = "0.3.0"
 
@@ -24,7 +24,18 @@ def _backed(critic):
     return with_classifier(critic, _DATA / "classifiers" / critic.name)
 
 
+def _repairing(reviser, finish=None):
+    """The check's reviser that also repairs what only the shipped classifier flagged, by dropping the sentences it
+    blames and finishing as the rules' repair does (an older cai-engine: the rules' repair alone)."""
+    try:
+        from cai_engine import with_classifier_repair
+    except ImportError:
+        return reviser
+    return with_classifier_repair(reviser, _DATA / "classifiers" / reviser.name, finish=finish)
+
+
 _CRITICS = [_backed(critic) for critic in (PHICritic, CaveatCritic)]
+_REVISERS = [_repairing(PHIReviser, lambda text: f"{text.rstrip()}\n\n{PHI_NOTE}"), _repairing(CaveatReviser)]
 
 
 @hookimpl
@@ -40,8 +51,8 @@ def cai_register_critics(register):
 
 @hookimpl
 def cai_register_revisers(register):
-    register(PHIReviser)
-    register(CaveatReviser)
+    for reviser in _REVISERS:
+        register(reviser)
 
 
 @hookimpl
