@@ -629,3 +629,59 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
         assert engine.check_messages([{"role": "user", "content": "a forbidden word"}]).violations  # the rules still do
     finally:
         engine.close()
+
+
+class _Blames:
+    """A stand-in classifier: flags any text with the word "bad" in it."""
+
+    def threshold(self):
+        return 0.5
+
+    def predict(self, prompts, texts):
+        return [{"violation": 0.9 if "bad" in t else 0.1} for t in texts]
+
+
+def test_a_repair_located_by_the_classifier_keeps_the_rules_repair_and_declines_only_what_they_left(
+    monkeypatch, cai_registry
+):
+    from cai_engine import Reviser, Revision, RevisionTask, with_classifier_repair
+    from cai_engine.classifiers import checks
+
+    class Remover(Reviser):
+        name = "demo.check"
+
+        def revise(self, tasks):
+            return [
+                Revision(
+                    principle_id=t.principle.id,
+                    text=t.response.replace("forbidden", "allowed") + " Note.",
+                    accepted=True,
+                    reviser=self.name,
+                )
+                if "forbidden" in t.response
+                else self.unchanged(t)
+                for t in tasks
+            ]
+
+    monkeypatch.setattr(checks, "_probe", lambda folder, who: _Blames())
+    reviser = with_classifier_repair(Remover, "unused", finish=lambda t: t if t.endswith("Note.") else t + " Note.")()
+    principle = cai_registry.constitution("harmless").principles[0]
+
+    def revise(text):
+        conversation = [Message(role="user", content="q")]
+        return reviser.revise([RevisionTask(conversation=conversation, response=text, principle=principle)])[0]
+
+    # the rules found nothing; the blamed sentence goes, the note is added once
+    got = revise("Fine one. A bad two. Fine three.")
+    assert got.accepted and got.text == "Fine one. Fine three. Note." and "dropped 1 sentence" in got.reason
+    # the rules repaired it and the classifier still flags it: their repair, then the blamed sentence dropped
+    got = revise("A forbidden one. A bad two. Fine three.")
+    assert got.accepted and got.text == "A allowed one. Fine three. Note."
+    # dropping is not enough: the rules' repair is kept as it was (never lose a redaction)
+    got = revise("A forbidden bad one.")
+    assert got.accepted and got.text == "A allowed bad one. Note."
+    # nothing the rules found, and nothing to drop: declined, so the model reviser or on_failure decides
+    got = revise("A bad one.")
+    assert not got.accepted and got.text == "A bad one." and "model reviser" in got.reason
+    # what the classifier passes is left to the rules
+    assert revise("All fine here.").text == "All fine here."

@@ -1283,5 +1283,7 @@ def test_only_an_answers_content_is_read_as_the_answer():
         "thinking": False,
         '{"dose": "400 mg"}': False,
     }
+    spoken = output_texts({"role": "assistant", "content": None, "audio": {"id": "a1", "transcript": "Said aloud."}})
+    assert {out.text: out.answer for out in spoken}["Said aloud."] is True
     plain = output_texts({"role": "assistant", "content": "Hello."})
     assert [(out.text, out.answer) for out in plain] == [("Hello.", True)]

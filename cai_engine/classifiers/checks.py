@@ -12,7 +12,6 @@ arguments) run the check's rules alone (``rules_critic``; see ``GuardComponents.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings
@@ -117,11 +116,13 @@ def with_classifier_repair(
     max_share: float = 0.5,
 ) -> type[Reviser]:
     """``reviser`` (a check's deterministic reviser) that can also repair what only the classifier in ``folder``
-    flagged. Where the reviser finds nothing to repair, the sentences that carry the violation are found with the
-    classifier (each round drops the sentence whose removal lowers P(violation) most) until the answer is under the
-    classifier's threshold; ``finish`` then completes the text (e.g. adds the check's note). At most ``max_share`` of
-    the sentences go; when that is not enough, the revision is declined (the model reviser, or the policy's
-    ``on_failure``, decides) rather than returned still flagged."""
+    flagged. When the classifier still flags what the reviser returns (its repair, or the answer it found nothing
+    in), the sentences that carry the violation are found with the classifier (each step drops the sentence whose
+    removal lowers P(violation) most) until the answer is under the classifier's threshold; ``finish`` then completes
+    the text (e.g. adds the check's note; it must leave a finished text as it is). At most ``max_share`` of the
+    answer's words go. When that is not enough, an answer the rules had repaired keeps their repair (the next round
+    decides, and their redaction is never lost), and one they found nothing in is declined (the model reviser, or
+    the policy's ``on_failure``, decides) rather than returned still flagged."""
     folder = Path(str(folder))
 
     class Repairing(reviser):  # type: ignore[valid-type,misc]
@@ -150,8 +151,8 @@ def with_classifier_repair(
 
 def _drop_blamed(model: Any, task: Any, revision: Revision, finish: Any, max_share: float) -> Revision:
     """``revision`` (accepted) if the classifier passes its text, else that text without the sentences the
-    classifier blames, finished (only when the rules had changed nothing: their repair finishes its own text), or a
-    declined revision when dropping ``max_share`` of the sentences is not enough."""
+    classifier blames, finished. When dropping ``max_share`` of the answer's words is not enough: the rules'
+    repair as it was if they changed anything (never lose a redaction), else a declined revision."""
     from cai_engine.checks.text import drop_sentences, sentences
 
     prompt = _last_user(task.conversation)
@@ -162,17 +163,19 @@ def _drop_blamed(model: Any, task: Any, revision: Revision, finish: Any, max_sha
     by_rules = text != task.response
     parts = [s for s in sentences(text) if s.strip()]
     dropped: list[str] = []
-    while len(dropped) < max(1, math.ceil(len(parts) * max_share)):
+    budget = max_share * len(task.response.split())  # words that may go, counted on the answer as written
+    while True:
         left = [s for s in parts if s not in dropped]
-        if len(left) < 2:
+        candidates = [(s, drop_sentences(text, [*dropped, s])) for s in left]
+        candidates = [(s, c) for s, c in candidates if len(text.split()) - len(c.split()) <= budget and c.strip()]
+        if not candidates:
             break
-        candidates = [drop_sentences(text, [*dropped, s]) for s in left]
-        scores = [r["violation"] for r in model.predict([prompt] * len(candidates), candidates)]
-        best = min(range(len(left)), key=scores.__getitem__)
-        dropped.append(left[best])
+        scores = [r["violation"] for r in model.predict([prompt] * len(candidates), [c for _, c in candidates])]
+        best = min(range(len(candidates)), key=scores.__getitem__)
+        dropped.append(candidates[best][0])
         if scores[best] <= cut:
             repaired = drop_sentences(text, dropped)
-            if finish is not None and not by_rules:
+            if finish is not None:  # idempotent: a note the rules' repair added (and maybe dropped) is there once
                 repaired = finish(repaired)
             what = "the rules' repair was still flagged" if by_rules else "the rules found nothing"
             return Revision(
@@ -183,6 +186,8 @@ def _drop_blamed(model: Any, task: Any, revision: Revision, finish: Any, max_sha
                 reason=f"{what}; dropped {len(dropped)} sentence(s) the classifier blamed "
                 f"(P(violation) {scores[best]:.2f} after, threshold {cut:.2f})",
             )
+    if by_rules:
+        return revision
     return Revision(
         principle_id=task.principle.id,
         text=task.response,

@@ -50,6 +50,7 @@ class GuardComponents:
         policy.role(policy.judge, "judge", runtime).build("judge", runtime)
         self._checks: dict[str, Any] = {}
         self._rail_checks: dict[str, Any] = {}
+        self._classifiers_active: bool | None = None
         self._repairers: dict[str, Any] = {}
         for principle in self.principles:  # unknown plugin critics fail now, not mid-request
             for name in principle.checks:
@@ -133,12 +134,15 @@ class GuardComponents:
         return self._checks[name]
 
     def check_classifiers_active(self) -> bool:
-        """Whether any plugin check of the policy consults a classifier on answers (``with_classifier``)."""
-        return any(
-            getattr(self.check_critic(name), "classifier_active", lambda: False)()
-            for principle in self.principles
-            for name in principle.checks
-        )
+        """Whether any plugin check of the policy consults a classifier on answers (``with_classifier``); the first
+        call loads those classifiers (seconds), later ones are free."""
+        if self._classifiers_active is None:
+            self._classifiers_active = any(
+                getattr(self.check_critic(name), "classifier_active", lambda: False)()
+                for principle in self.principles
+                for name in principle.checks
+            )
+        return self._classifiers_active
 
     def rail_check(self, name: str):
         """The check as the rails run it (a request, a stream's window, a tool call's arguments: not a whole answer),

@@ -295,8 +295,9 @@ class Engine:
         """The guard for async web services: runs in a worker thread so the event loop stays free."""
         return await asyncio.to_thread(self.guard, conversation, response)
 
-    async def aguard_batch(self, items) -> list[GuardResult]:
-        return await asyncio.to_thread(self.guard_batch, items)
+    async def aguard_batch(self, items, answers=None) -> list[GuardResult]:
+        """``guard_batch`` in a worker thread, so the event loop stays free."""
+        return await asyncio.to_thread(self.guard_batch, items, answers)
 
     def guard_batch(self, items, answers=None) -> list[GuardResult]:
         """Guard many (conversation, response) pairs; model work is batched across them. ``answers`` (one flag an

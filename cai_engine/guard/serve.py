@@ -338,6 +338,7 @@ def create_app(
     from starlette.routing import Route
 
     opts = options or ServeOptions(timeout=timeout, max_concurrency=max_concurrency)
+    engine.components.check_classifiers_active()  # loads the checks' classifiers now, not on the event loop later
     base = upstream.rstrip("/")
     client_token = os.environ.get(client_key_env or "", "") or None
     expected = f"Bearer {client_token}".encode() if client_token else b""
@@ -1024,7 +1025,11 @@ def output_texts(message: dict[str, Any]) -> list[_Out]:
         out.append(_Out(("content",), "", answer=True))
     for key, value in message.items():  # every other string, nested too (audio.transcript, reasoning_details[].text)
         if key not in ("role", "content", "name", "tool_call_id", "tool_calls", "function_call"):
-            out += [_Out(path, text) for path, _, text in strings_in(value, (key,), key) if text]
+            out += [  # an audio answer's transcript is the answer itself
+                _Out(path, text, answer=key == "audio" and path[-1] == "transcript")
+                for path, _, text in strings_in(value, (key,), key)
+                if text
+            ]
     for k, call in enumerate(calls):
         if not isinstance(call, dict):
             continue

@@ -35,7 +35,13 @@ def _repairing(reviser, finish=None):
 
 
 _CRITICS = [_backed(critic) for critic in (PHICritic, CaveatCritic)]
-_REVISERS = [_repairing(PHIReviser, lambda text: f"{text.rstrip()}\n\n{PHI_NOTE}"), _repairing(CaveatReviser)]
+
+
+def _phi_noted(text):
+    return text if PHI_NOTE in text else f"{text.rstrip()}\n\n{PHI_NOTE}"
+
+
+_REVISERS = [_repairing(PHIReviser, _phi_noted), _repairing(CaveatReviser)]
 
 
 @hookimpl
