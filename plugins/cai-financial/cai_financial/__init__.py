@@ -13,33 +13,24 @@ __version__ = "0.3.0"
 _DATA = files("cai_financial")
 
 
-def _backed(critic):
-    """The check with the classifier shipped beside it (classifiers/CHECK/, trained on its labelled cases; see the
-    README): the rules decide first, the classifier adds what they miss. An older cai-engine without classifier
-    support runs the rules alone."""
+def _shipped(component, **options):
+    """A check's critic or reviser with the classifier shipped beside it (classifiers/CHECK/, trained on its labelled
+    cases; see the README): the critic flags what the rules miss, the reviser repairs what only the classifier
+    flagged. An older cai-engine without classifier support: the rules alone."""
     try:
-        from cai_engine import with_classifier
+        from cai_engine import Critic, with_classifier, with_classifier_repair
     except ImportError:
-        return critic
-    return with_classifier(critic, _DATA / "classifiers" / critic.name)
-
-
-def _repairing(reviser, finish=None):
-    """The check's reviser that also repairs what only the shipped classifier flagged, by dropping the sentences it
-    blames and finishing as the rules' repair does (an older cai-engine: the rules' repair alone)."""
-    try:
-        from cai_engine import with_classifier_repair
-    except ImportError:
-        return reviser
-    return with_classifier_repair(reviser, _DATA / "classifiers" / reviser.name, finish=finish)
+        return component
+    wrap = with_classifier if issubclass(component, Critic) else with_classifier_repair
+    return wrap(component, _DATA / "classifiers" / component.name, **options)
 
 
 def _risk_noted(text):
     return text if RISK_NOTED.search(text) else f"{text.rstrip()}\n\n{RISK_NOTE}".strip()
 
 
-_CRITICS = [_backed(critic) for critic in (GuaranteeCritic, DisclosureCritic)]
-_REVISERS = [_repairing(GuaranteeReviser, _risk_noted), _repairing(DisclosureReviser)]
+_CRITICS = [_shipped(critic) for critic in (GuaranteeCritic, DisclosureCritic)]
+_REVISERS = [_shipped(GuaranteeReviser, finish=_risk_noted), _shipped(DisclosureReviser)]
 
 
 @hookimpl

@@ -13,35 +13,26 @@ __version__ = "0.3.0"
 _DATA = files("cai_medical")
 
 
-def _backed(critic):
-    """The check with the classifier shipped beside it (classifiers/CHECK/, trained on its labelled cases; see the
-    README): the rules decide first, the classifier adds what they miss. An older cai-engine without classifier
-    support runs the rules alone."""
+def _shipped(component, **options):
+    """A check's critic or reviser with the classifier shipped beside it (classifiers/CHECK/, trained on its labelled
+    cases; see the README): the critic flags what the rules miss, the reviser repairs what only the classifier
+    flagged. An older cai-engine without classifier support: the rules alone."""
     try:
-        from cai_engine import with_classifier
+        from cai_engine import Critic, with_classifier, with_classifier_repair
     except ImportError:
-        return critic
-    return with_classifier(critic, _DATA / "classifiers" / critic.name)
+        return component
+    wrap = with_classifier if issubclass(component, Critic) else with_classifier_repair
+    return wrap(component, _DATA / "classifiers" / component.name, **options)
 
 
-def _repairing(reviser, finish=None):
-    """The check's reviser that also repairs what only the shipped classifier flagged, by dropping the sentences it
-    blames and finishing as the rules' repair does (an older cai-engine: the rules' repair alone)."""
-    try:
-        from cai_engine import with_classifier_repair
-    except ImportError:
-        return reviser
-    return with_classifier_repair(reviser, _DATA / "classifiers" / reviser.name, finish=finish)
-
-
-_CRITICS = [_backed(critic) for critic in (PHICritic, CaveatCritic)]
+_CRITICS = [_shipped(critic) for critic in (PHICritic, CaveatCritic)]
 
 
 def _phi_noted(text):
     return text if PHI_NOTE in text else f"{text.rstrip()}\n\n{PHI_NOTE}"
 
 
-_REVISERS = [_repairing(PHIReviser, _phi_noted), _repairing(CaveatReviser)]
+_REVISERS = [_shipped(PHIReviser, finish=_phi_noted), _shipped(CaveatReviser)]
 
 
 @hookimpl

@@ -29,6 +29,8 @@ def test_each_check_is_backed_by_the_classifier_it_ships(registry):
         assert critic.rules_critic.name == name and str(critic.classifier_folder) == str(folder)
         assert folder.joinpath("classifier.json").is_file() and folder.joinpath("head.safetensors").is_file()
         assert not critic.classifier_active()  # switched off for these tests
+        reviser = registry.reviser(name)  # its repair also reaches what only the classifier flagged
+        assert reviser.rules_reviser.name == name and str(reviser.classifier_folder) == str(folder)
 
 
 @pytest.fixture
