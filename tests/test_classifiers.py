@@ -685,3 +685,88 @@ def test_a_repair_located_by_the_classifier_keeps_the_rules_repair_and_declines_
     assert not got.accepted and got.text == "A bad one." and "model reviser" in got.reason
     # what the classifier passes is left to the rules
     assert revise("All fine here.").text == "All fine here."
+
+
+def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_remembered(monkeypatch, cai_registry):
+    from cai_engine import Critic, Critique, hookimpl, with_classifier
+    from cai_engine.classifiers import checks
+    from cai_engine.guard.engine import Engine
+    from cai_engine.models.runtime import Runtime
+    from cai_engine.plugins.registry import Registry
+
+    calls = []
+
+    class Counting(_Blames):
+        def predict(self, prompts, texts):
+            calls.append(list(texts))
+            return super().predict(prompts, texts)
+
+    remembering = checks._Remembering(Counting())
+    monkeypatch.setattr(checks, "_probe", lambda folder, who: remembering)
+
+    class Rules(Critic):
+        name = "demo.check"
+
+        def critique(self, tasks):
+            return [
+                Critique(
+                    principle_id=t.principle.id,
+                    text="rules",
+                    needs_revision="forbidden" in t.response,
+                    critic=self.name,
+                )
+                for t in tasks
+            ]
+
+    class Stricter(with_classifier(Rules, "unused")):  # a plugin's own subclass of the backed check
+        def critique(self, tasks):
+            out = super().critique(tasks)
+            return [
+                c.model_copy(update={"needs_revision": True}) if "never" in t.response else c
+                for t, c in zip(tasks, out)
+            ]
+
+    principle = cai_registry.constitution("harmless").principles[0]
+
+    def flags(critic, *texts):
+        conversation = [Message(role="user", content="q")]
+        tasks = [CritiqueTask(conversation=conversation, response=t, principle=principle) for t in texts]
+        return [c.needs_revision for c in critic.critique(tasks)]
+
+    full = Stricter()
+    alone = full.rules_only()
+    assert type(alone) is Stricter and alone.consult_classifier is False and full.consult_classifier is True
+    assert flags(full, "a bad one", "never", "fine") == [True, True, False]
+    assert flags(alone, "a bad one", "never", "fine", "forbidden") == [False, True, False, True]
+    assert Rules().rules_only().critique  # a check without a classifier is its own rules
+    # the classifier scored "a bad one" and "fine" once; asking again (the reviser, a retry) scores nothing new
+    calls.clear()
+    assert flags(full, "fine", "a bad one", "also bad") == [False, True, True]
+    assert calls == [["also bad"]]
+
+    class Plugin:
+        @hookimpl
+        def cai_register_critics(self, register):
+            register(Stricter)
+
+    cai_registry.pm.register(Plugin())
+    runtime = Runtime(Registry(cai_registry.pm))
+    data = {"name": "backed", "constitutions": ["harmless"], "model": "none"}
+    data["add"] = [{"id": "demo-001", "title": "No bad", "phases": ["runtime"], "checks": ["demo.check"]}]
+    engine = Engine.from_policy(data, runtime=runtime)
+    try:
+        components = engine.components
+        conversation = [Message(role="user", content="q")]
+        rail = components.rail_check("demo.check")
+        assert type(rail) is Stricter and not rail.consult_classifier  # the subclass's override holds on the rails
+        assert [v.principle_id for v in components.deterministic_violations(conversation, "never", rail=True)] == [
+            "demo-001"
+        ]
+        assert components.deterministic_violations(conversation, "a bad one", rail=True) == []
+        # a text that folds to another spelling: the rules read both, the classifier only the folded one
+        calls.clear()
+        spelled = "a b\u200bad one, twice b\u200bad"
+        assert [v.principle_id for v in components.deterministic_violations(conversation, spelled)] == ["demo-001"]
+        assert calls == [["a bad one, twice bad"]]
+    finally:
+        engine.close()

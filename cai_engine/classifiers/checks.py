@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,39 @@ _PROBES: dict[str, dict[str, Any]] = {}
 _PROBES_LOCK = threading.Lock()
 
 
+class _Remembering:
+    """A loaded classifier that remembers its last scores: the guard's critic scores an answer and the reviser then
+    asks again for the same answer (and a folded re-check, or a retried request, repeats it too). Thread-safe; scores
+    missing from memory are computed in one batch."""
+
+    SIZE = 512
+
+    def __init__(self, probe: Any) -> None:
+        self._probe = probe
+        self._scores: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._probe, name)
+
+    def predict(self, prompts: list[str], texts: list[str]) -> list[dict[str, float]]:
+        keys = list(zip(prompts, texts))
+        with self._lock:
+            known = {k: self._scores[k] for k in keys if k in self._scores}
+            for k in known:
+                self._scores.move_to_end(k)
+        missing = list(dict.fromkeys(k for k in keys if k not in known))
+        if missing:
+            scores = self._probe.predict([p for p, _ in missing], [t for _, t in missing])
+            fresh = dict(zip(missing, scores))
+            known.update(fresh)
+            with self._lock:
+                self._scores.update(fresh)
+                while len(self._scores) > self.SIZE:
+                    self._scores.popitem(last=False)
+        return [known[k] for k in keys]
+
+
 def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
     """The classifier in ``folder``, loaded once per process for every check and reviser that uses it; None when
     switched off or when it cannot load (a warning names ``who`` once)."""
@@ -48,7 +82,7 @@ def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
 
                 loaded = load_classifier(folder)
                 getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
-                state["probe"] = loaded
+                state["probe"] = _Remembering(loaded)
             except Exception as exc:
                 # any reason: a missing base model or torch (a core or serve install), an unreadable or corrupt
                 # folder; the check must still work on its rules
@@ -71,6 +105,8 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
     class Classified(critic):  # type: ignore[valid-type,misc]
         classifier_folder = folder
         rules_critic = critic  # the check without its classifier (scored apart by `cai checks eval`)
+        #: False on an instance that runs the rules alone (``rules_only()``)
+        consult_classifier = True
 
         @staticmethod
         def classifier_active() -> bool:
@@ -79,7 +115,7 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
 
         def critique(self, tasks):
             out = list(super().critique(tasks))
-            model = probe()
+            model = probe() if self.consult_classifier else None
             # only answers the rules pass (an abstention, needs_revision None, stays one)
             passed = [i for i, c in enumerate(out) if c.needs_revision is False and not c.violations]
             if model is None or not passed:
@@ -128,10 +164,12 @@ def with_classifier_repair(
     class Repairing(reviser):  # type: ignore[valid-type,misc]
         classifier_folder = folder
         rules_reviser = reviser
+        #: False on an instance that repairs by the rules alone (``rules_only()``)
+        consult_classifier = True
 
         def revise(self, tasks):
             out = list(super().revise(tasks))
-            model = _probe(folder, reviser.name)
+            model = _probe(folder, reviser.name) if self.consult_classifier else None
             if model is None:
                 return out
             for i, (task, revision) in enumerate(zip(tasks, out)):

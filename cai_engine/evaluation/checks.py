@@ -170,7 +170,7 @@ def evaluate_check(
     if active is not None and active():
         # a check backed by the classifier its plugin ships: its rules are also scored alone, so a regression in
         # them shows even where the classifier (trained on the shipped cases) would cover it
-        rules = critic.rules_critic().critique(tasks)
+        rules = critic.rules_only().critique(tasks)
         result["backed_by_classifier"] = str(critic.classifier_folder)
         result["rules"] = _metrics(labels, [c.needs_revision for c in rules])
     if classifier is not None:

@@ -8,6 +8,7 @@ An :class:`~cai_engine.guard.engine.Engine` builds one :class:`GuardComponents` 
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class GuardComponents:
         self._rail_checks: dict[str, Any] = {}
         self._classifiers_active: bool | None = None
         self._repairers: dict[str, Any] = {}
+        self._build_lock = threading.RLock()  # serve's worker threads build these caches concurrently
         for principle in self.principles:  # unknown plugin critics fail now, not mid-request
             for name in principle.checks:
                 self.check_critic(name)
@@ -129,33 +131,38 @@ class GuardComponents:
 
     def check_critic(self, name: str):
         """The deterministic critic a principle names in ``checks:``, built once."""
-        if name not in self._checks:
-            self._checks[name] = self.runtime.component("critic", name)
-        return self._checks[name]
+        with self._build_lock:
+            if name not in self._checks:
+                self._checks[name] = self.runtime.component("critic", name)
+            return self._checks[name]
 
     def check_classifiers_active(self) -> bool:
         """Whether any plugin check of the policy consults a classifier on answers (``with_classifier``); the first
         call loads those classifiers (seconds), later ones are free."""
-        if self._classifiers_active is None:
-            self._classifiers_active = any(
-                getattr(self.check_critic(name), "classifier_active", lambda: False)()
-                for principle in self.principles
-                for name in principle.checks
-            )
-        return self._classifiers_active
+        with self._build_lock:
+            if self._classifiers_active is None:
+                self._classifiers_active = any(
+                    getattr(self.check_critic(name), "classifier_active", lambda: False)()
+                    for principle in self.principles
+                    for name in principle.checks
+                )
+            return self._classifiers_active
 
     def rail_check(self, name: str):
         """The check as the rails run it (a request, a stream's window, a tool call's arguments: not a whole answer),
         or None when it has no place there. A check backed by a classifier (``with_classifier``) runs on its rules
         alone: its classifier was trained on whole answers, and on a question or half an answer it flags what is not a
         violation. A check that judges only whole answers (``Critic.answers_only``: a missing caveat) is skipped."""
-        if name not in self._rail_checks:
-            critic = self.check_critic(name)
-            rules = getattr(type(critic), "rules_critic", None)
-            if rules is not None:
-                critic = rules(critic.options, critic._runtime)
-            self._rail_checks[name] = None if getattr(type(critic), "answers_only", False) else critic
-        return self._rail_checks[name]
+        critic = self.rules_check(name)
+        return None if getattr(type(critic), "answers_only", False) else critic
+
+    def rules_check(self, name: str):
+        """The check without its classifier, when it has one (``with_classifier``): the same class, so a subclass's
+        overrides stay, told not to consult it."""
+        with self._build_lock:
+            if name not in self._rail_checks:
+                self._rail_checks[name] = self.check_critic(name).rules_only()
+            return self._rail_checks[name]
 
     def repairer(self, critic_name: str, *, rail: bool = False):
         """The deterministic reviser for violations found by ``critic_name`` (None: only the model can fix them).
@@ -164,15 +171,11 @@ class GuardComponents:
         if critic_name == RULES:
             return self.rule_reviser
         if critic_name in self.runtime.registry.names("reviser") and critic_name != self.policy.critic.name:
-            if critic_name not in self._repairers:
-                self._repairers[critic_name] = self.runtime.component("reviser", critic_name)
-            reviser = self._repairers[critic_name]
-            if rail and getattr(type(reviser), "rules_reviser", None) is not None:
-                key = f"{critic_name} (rail)"
-                if key not in self._repairers:
-                    self._repairers[key] = type(reviser).rules_reviser(reviser.options, reviser._runtime)
-                reviser = self._repairers[key]
-            return reviser
+            with self._build_lock:
+                if critic_name not in self._repairers:
+                    self._repairers[critic_name] = self.runtime.component("reviser", critic_name)
+                    self._repairers[f"{critic_name} (rail)"] = self._repairers[critic_name].rules_only()
+                return self._repairers[f"{critic_name} (rail)" if rail else critic_name]
         return None
 
     # -- what the guard asks of them -------------------------------------------------------------------------
@@ -200,11 +203,13 @@ class GuardComponents:
                 check = self.rail_check(name) if rail else self.check_critic(name)
                 if check is None:
                     continue
-                critique = check.critique([task])[0]
+                # the check reads the text as sent; a respelling it would miss is looked for in the folded text too
+                # (its repair then works on the original: a reviser that cannot find what it would remove declines,
+                # fail closed; a caveat reviser adds the caveat the answer lacks). A classifier reads only one of
+                # them, the folded text: the rules alone read the text as sent.
+                first = self.rules_check(name) if folded != text else check
+                critique = first.critique([task])[0]
                 if not critique.violations and not critique.needs_revision and folded != text:
-                    # the check reads the text as sent; a respelling it would miss is looked for in the folded
-                    # text too (its repair then works on the original: a reviser that cannot find what it would
-                    # remove declines, fail closed; a caveat reviser adds the caveat the answer lacks)
                     task = CritiqueTask(conversation=context, response=folded, principle=principle)
                     critique = check.critique([task])[0]
                 if critique.violations:

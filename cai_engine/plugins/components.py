@@ -79,6 +79,19 @@ class Component(ABC):
             self._runtime = default_runtime()
         return self._runtime
 
+    #: Whether this component consults a trained classifier besides its rules (``with_classifier`` and
+    #: ``with_classifier_repair`` set it); :meth:`rules_only` gives an instance that does not.
+    consult_classifier: bool = False
+
+    def rules_only(self) -> Component:
+        """This component without its classifier: ``self`` when it has none, else a new instance of the same class
+        (a subclass keeps its overrides) that does not consult it (the guard's rails run checks so)."""
+        if not self.consult_classifier:
+            return self
+        alone = type(self)(self.options, self._runtime)
+        alone.consult_classifier = False
+        return alone
+
     def describe(self) -> dict[str, Any]:
         """Provenance: the registry name and the options as used."""
         return {"name": self.name, "options": self.options.model_dump(mode="json")}
