@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cai_engine import ConfigError, Message, RevisionTask
+from cai_engine.errors import RunError
 from cai_engine.models.options import ModelOptions, with_model
 from cai_engine.models.runtime import Runtime
 from cai_engine.phase1.export import export_sft
@@ -372,9 +373,30 @@ def test_must_answer_drops_refusals_of_harmless_prompts_only(tmp_path, cli_runne
     rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
     kept = {r["prompt_id"].split(":", 1)[-1] for r in rows}
     assert summary["refusals_dropped"] == 3 and kept == {"3", "4", "5", "6", "7", "8", "9"}
-    assert "3 refusals of `must_answer` prompts dropped" in (tmp_path / "ds" / "README.md").read_text()
+    assert "3 refusals of `must_answer` prompts and 0 non-refusals" in (tmp_path / "ds" / "README.md").read_text()
     result = cli_runner.invoke(
         cli, ["export", "sft", str(run), "--out", str(tmp_path / "cli"), "--heldout", "0", "--must-answer", "[0-6]"]
     )
     assert result.exit_code == 0, result.output
     assert "7 refusals of harmless prompts dropped" in result.output
+
+
+def test_must_decline_drops_targets_that_carry_out_a_harmful_request(tmp_path, cli_runner):
+    from cai_engine.cli import cli
+
+    run = stock_refusal_run(tmp_path / "sl", range(10))  # 0-6 refuse, 7-9 answer
+    summary = export_sft(
+        run, tmp_path / "ds", {"heldout": 0.0, "helpful_ratio": 0.0, "must_decline": ["[5-8]"], "must_answer": ["9"]}
+    )
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    kept = {r["prompt_id"].split(":", 1)[-1] for r in rows}
+    assert summary["compliance_dropped"] == 2 and summary["refusals_dropped"] == 0
+    assert kept == {str(i) for i in range(10)} - {"7", "8"}
+    assert "2 non-refusals of `must_decline` prompts dropped" in (tmp_path / "ds" / "README.md").read_text()
+    with pytest.raises(RunError, match="both must_answer and must_decline"):
+        export_sft(run, tmp_path / "both", {"must_decline": ["[0-3]"], "must_answer": ["3"]})
+    result = cli_runner.invoke(
+        cli, ["export", "sft", str(run), "--out", str(tmp_path / "cli"), "--heldout", "0", "--must-decline", "*"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 non-refusals of harmful prompts dropped" in result.output

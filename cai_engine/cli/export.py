@@ -47,9 +47,16 @@ def export_group() -> None:
     metavar="PATTERN",
     help="Prompt ids (shell patterns, e.g. 'bl-*') of harmless requests: a target refusing one is dropped. Repeatable.",
 )
+@click.option(
+    "--must-decline",
+    multiple=True,
+    metavar="PATTERN",
+    help="Prompt ids (shell patterns, e.g. 'rt-*') of harmful requests: a target without a refusal phrase is "
+    "dropped. Repeatable.",
+)
 @push_options("dataset")
 def export_sft_command(
-    run, out, train_on, helpful_ratio, heldout, seed, max_repeats, must_answer, push_to_hub, private
+    run, out, train_on, helpful_ratio, heldout, seed, max_repeats, must_answer, must_decline, push_to_hub, private
 ):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
     from cai_engine.phase1.export import ExportOptions, export_sft
@@ -63,6 +70,7 @@ def export_sft_command(
             "seed": seed,
             "max_repeats": max_repeats,
             "must_answer": list(must_answer),
+            "must_decline": list(must_decline),
         },
         "options",
     )
@@ -70,7 +78,8 @@ def export_sft_command(
     click.echo(
         f"wrote {out}: {summary.train} train / {summary.test} test examples "
         f"({summary.revisions} revisions, {summary.helpful} helpfulness, "
-        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped, {summary.refusals_dropped} refusals of harmless prompts dropped)"
+        f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped, {summary.refusals_dropped} refusals of harmless prompts dropped, "
+        f"{summary.compliance_dropped} non-refusals of harmful prompts dropped)"
     )
     push(out, push_to_hub, "dataset", private)
 

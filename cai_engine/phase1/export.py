@@ -45,12 +45,23 @@ class ExportOptions(BaseModel):
         "they sound: a target that refuses one of them (a refusal phrase) is dropped, so the policy never learns to "
         "refuse a harmless look-alike from its teacher's mistakes.",
     )
+    must_decline: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids (shell-style patterns such as 'rt-*' or 'pr-*-h') of requests that must not be "
+        "carried out: a target without a refusal phrase is dropped. A small teacher told to write safe completions "
+        "carries out a third of the harmful requests instead; trained on those, the policy learns to comply. A safe "
+        "completion that declines without a refusal phrase is dropped too (the filter errs towards fewer targets).",
+    )
 
 
 def must_answer(prompt_id: str, patterns: list[str]) -> bool:
     """Whether a prompt id (or a record key ``kind:id``) matches one of ``must_answer``'s patterns."""
     ids = {prompt_id, prompt_id.split(":", 1)[-1]}
     return any(fnmatch.fnmatchcase(i, pattern) for i in ids for pattern in patterns)
+
+
+def _listed(example: SFTExample, patterns: list[str]) -> bool:
+    return bool(patterns) and must_answer(example.prompt_id, patterns)
 
 
 def refuses(text: str) -> bool:
@@ -121,14 +132,16 @@ def export_sft(
             _collect(record, options, revisions, helpful)
     if not revisions and not helpful:
         raise RunError(f"{run}: has no accepted revisions or helpfulness samples to export")
-    refusals_dropped = 0
-    if options.must_answer:
-        kept = [
-            e for e in revisions + helpful if not (must_answer(e.prompt_id, options.must_answer) and refuses(_last(e)))
-        ]
-        refusals_dropped = len(revisions) + len(helpful) - len(kept)
-        revisions = [e for e in kept if e.source == "revision"]
-        helpful = [e for e in kept if e.source != "revision"]
+    both = [e for e in revisions + helpful if _listed(e, options.must_answer) and _listed(e, options.must_decline)]
+    if both:
+        raise RunError(
+            f"{both[0].prompt_id} matches both must_answer and must_decline; a prompt is harmless or it is not"
+        )
+    refusals_dropped = [e for e in revisions + helpful if _listed(e, options.must_answer) and refuses(_last(e))]
+    compliance_dropped = [e for e in revisions + helpful if _listed(e, options.must_decline) and not refuses(_last(e))]
+    dropped = {id(e) for e in refusals_dropped + compliance_dropped}
+    revisions = [e for e in revisions if id(e) not in dropped]
+    helpful = [e for e in helpful if id(e) not in dropped]
     collected = len(revisions)
     revisions = _cap_repeats(revisions, options.max_repeats)
     rng = random.Random(options.seed)
@@ -159,7 +172,8 @@ def export_sft(
         helpful=sum(e.source == "helpful" for e in unique),
         duplicates_dropped=len(mix) - len(unique),
         repeats_dropped=collected - len(revisions),
-        refusals_dropped=refusals_dropped,
+        refusals_dropped=len(refusals_dropped),
+        compliance_dropped=len(compliance_dropped),
         helpful_available=len(helpful),
         helpful_wanted=wanted,
         options=options.model_dump(),

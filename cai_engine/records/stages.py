@@ -187,6 +187,9 @@ class SFTExportManifest(StageResult):
     duplicates_dropped: int = 0
     repeats_dropped: int = 0
     refusals_dropped: int = Field(0, description="Targets that refused a prompt listed in ``must_answer``.")
+    compliance_dropped: int = Field(
+        0, description="Targets without a refusal phrase for a prompt listed in ``must_decline``."
+    )
     helpful_available: int = 0
     helpful_wanted: int = 0
     options: dict[str, Any] = Field(default_factory=dict)

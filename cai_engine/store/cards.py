@@ -183,7 +183,8 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             f"- **Mix**: {manifest.get('revisions')} revisions and {manifest.get('helpful')} helpfulness samples "
             f"({manifest.get('duplicates_dropped', 0)} duplicates dropped, "
             f"{manifest.get('repeats_dropped', 0)} revisions beyond `max_repeats` copies of one reply and "
-            f"{manifest.get('refusals_dropped', 0)} refusals of `must_answer` prompts dropped)"
+            f"{manifest.get('refusals_dropped', 0)} refusals of `must_answer` prompts and "
+            f"{manifest.get('compliance_dropped', 0)} non-refusals of `must_decline` prompts dropped)"
         )
     else:
         lines.append(
