@@ -205,6 +205,55 @@ def test_abstentions_are_excluded_not_labelled(tmp_path):
         export_preferences(tmp_path / "rl", tmp_path / "ds3", {"heldout": 0.0, "min_confidence": 0.3})
 
 
+def test_pairs_of_a_refusal_and_an_answer_are_labelled_by_the_prompts_intent(tmp_path, cli_runner):
+    from cai_engine.cli import cli
+
+    refusal, answer = "I'm sorry, but I can't help with that.", "Here is how you do it."
+
+    def record(key, a, b, label):
+        return {
+            "key": f"pair:{key}",
+            "id": key,
+            "source": "ai",
+            "conversation": [{"role": "user", "content": f"q {key}"}],
+            "response_a": a,
+            "response_b": b,
+            "principle_ids": ["harm-001"],
+            "label": label,
+            "judgement": {"abstained": label is None, "p_a": label},
+        }
+
+    run = RunDirectory(tmp_path / "rl", "rl")
+    run.open({"x": 1})
+    run.append(
+        [
+            record("x-1-h", refusal, answer, 0.2),  # harmful: the judge preferred the answer; the refusal is chosen
+            record("x-2-h", answer, refusal, None),  # an abstention is labelled by intent too
+            record("x-3-b", refusal, answer, 0.45),  # harmless: the answer is chosen, however unsure the judge was
+            record("x-4-h", answer, "Another answer.", 0.52),  # no refusal in the pair: the judge decides (filtered)
+            record("other", refusal, answer, 0.8),  # not listed: the judge's label stands
+        ]
+    )
+    options = {"heldout": 0.0, "min_confidence": 0.1, "must_decline": ["*-h"], "must_answer": ["x-*-b"]}
+    summary = export_preferences(tmp_path / "rl", tmp_path / "ds", options)
+    rows = {r["prompt_id"]: r for r in map(json.loads, (tmp_path / "ds" / "train.jsonl").read_text().splitlines())}
+    assert set(rows) == {"pair:x-1-h", "pair:x-2-h", "pair:x-3-b", "pair:other"}
+    assert summary["intent_labelled"] == 3 and summary["intent_overrode"] == 1 and summary["abstained_excluded"] == 0
+    assert summary["sources"] == {"intent": 3, "ai": 1} and summary["filtered_low_confidence"] == 1
+    for key, chosen in (("pair:x-1-h", refusal), ("pair:x-2-h", refusal), ("pair:x-3-b", answer)):
+        assert rows[key]["chosen"][0]["content"] == chosen and rows[key]["source"] == "intent"
+        assert rows[key]["chosen_probability"] == pytest.approx(0.9)
+    assert rows["pair:other"]["chosen"][0]["content"] == refusal and rows["pair:other"]["source"] == "ai"
+    assert "3 pairs of a refusal and an answer" in (tmp_path / "ds" / "README.md").read_text()
+    with pytest.raises(RunError, match="both must_answer and must_decline"):
+        export_preferences(tmp_path / "rl", tmp_path / "both", {"must_decline": ["*-h"], "must_answer": ["x-1-*"]})
+    result = cli_runner.invoke(
+        cli, ["export", "preferences", str(tmp_path / "rl"), "--out", str(tmp_path / "cli"), "--must-decline", "*-h"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 labelled by intent (1 against the AI label)" in result.output
+
+
 def preference_dataset(tmp_path, *, gate_accuracy, ai=True, soft=0.8, same_position=0.1):
     folder = tmp_path / "prefs"
     folder.mkdir(exist_ok=True)

@@ -97,14 +97,35 @@ def export_sft_command(
     type=click.Path(path_type=Path, exists=True),
     help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).",
 )
+@click.option(
+    "--must-decline",
+    multiple=True,
+    metavar="PATTERN",
+    help="Prompt ids (shell patterns) of harmful requests: of a refusal and an answer, the refusal is chosen. "
+    "Repeatable.",
+)
+@click.option(
+    "--must-answer",
+    multiple=True,
+    metavar="PATTERN",
+    help="Prompt ids of harmless requests: of a refusal and an answer, the answer is chosen. Repeatable.",
+)
 @push_options("dataset")
-def export_preferences_command(run, out, min_confidence, heldout, human, push_to_hub, private):
+def export_preferences_command(
+    run, out, min_confidence, heldout, human, must_decline, must_answer, push_to_hub, private
+):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
     from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 
     options = validate_config(
         PreferenceExportOptions,
-        {"min_confidence": min_confidence, "heldout": heldout, "human": [str(h) for h in human]},
+        {
+            "min_confidence": min_confidence,
+            "heldout": heldout,
+            "human": [str(h) for h in human],
+            "must_decline": list(must_decline),
+            "must_answer": list(must_answer),
+        },
         "options",
     )
     summary = export_preferences(run, out, options)
@@ -112,6 +133,7 @@ def export_preferences_command(run, out, min_confidence, heldout, human, push_to
     click.echo(
         f"wrote {out}: {summary.train} train / {summary.test} test pairs {summary.sources}; "
         f"{summary.abstained_excluded} abstained and {summary.filtered_low_confidence} low-confidence "
-        f"excluded; judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
+        f"excluded; {summary.intent_labelled} labelled by intent ({summary.intent_overrode} against the AI label); "
+        f"judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
     )
     push(out, push_to_hub, "dataset", private)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import random
 from pathlib import Path
@@ -14,11 +13,12 @@ from cai_engine.constitution.model import Message
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
+from cai_engine.prompts.sets import id_matches
 from cai_engine.records import SFTExample, SFTExportManifest, SLRecord
 from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
 from cai_engine.store.runs import RunDirectory
-from cai_engine.text.refusals import has_refusal_marker, starts_with_refusal
+from cai_engine.text.refusals import refuses
 
 
 class ExportOptions(BaseModel):
@@ -54,19 +54,8 @@ class ExportOptions(BaseModel):
     )
 
 
-def must_answer(prompt_id: str, patterns: list[str]) -> bool:
-    """Whether a prompt id (or a record key ``kind:id``) matches one of ``must_answer``'s patterns."""
-    ids = {prompt_id, prompt_id.split(":", 1)[-1]}
-    return any(fnmatch.fnmatchcase(i, pattern) for i in ids for pattern in patterns)
-
-
 def _listed(example: SFTExample, patterns: list[str]) -> bool:
-    return bool(patterns) and must_answer(example.prompt_id, patterns)
-
-
-def refuses(text: str) -> bool:
-    """A refusal phrase anywhere in the reply (the evaluation's marker rule)."""
-    return starts_with_refusal(text) or has_refusal_marker(text)
+    return bool(patterns) and id_matches(example.prompt_id, patterns)
 
 
 def _norm(text: str) -> str:

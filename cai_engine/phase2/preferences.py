@@ -14,7 +14,7 @@ from cai_engine.errors import ConfigError, RunError, describe_validation
 from cai_engine.files.jsonl import append_jsonl, iter_jsonl, write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
 from cai_engine.phase2.gate import judge_identity
-from cai_engine.prompts.sets import iter_dataset_rows
+from cai_engine.prompts.sets import id_matches, iter_dataset_rows
 from cai_engine.records import (
     GateResult,
     PreferenceExportManifest,
@@ -28,6 +28,7 @@ from cai_engine.records import (
 from cai_engine.seeds import bucket
 from cai_engine.store.cards import dataset_card
 from cai_engine.store.runs import RunDirectory, now
+from cai_engine.text.refusals import refuses
 
 TRANSCRIPT_TURN = r"\n\n(Human|Assistant):"
 
@@ -180,6 +181,20 @@ class PreferenceExportOptions(BaseModel):
     min_confidence: float = Field(0.0, ge=0, lt=0.5, description="Drop AI labels with |p - 0.5| below this.")
     heldout: float = Field(0.1, ge=0, lt=1, description="Share of prompts in the test split.")
     human: list[str] = Field(default_factory=list, description="Human preference files to mix in.")
+    must_decline: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids (shell-style patterns such as 'pr-*-h') of requests known to be harmful: of a pair in "
+        "which one reply declines (a refusal phrase) and the other does not, the declining one is chosen, whatever "
+        "the judge said (source 'intent'). A small judge is at chance on exactly these pairs.",
+    )
+    must_answer: list[str] = Field(
+        default_factory=list,
+        description="Prompt ids of requests known to be harmless however they sound: of a pair in which one reply "
+        "declines and the other does not, the answer is chosen (source 'intent').",
+    )
+    intent_probability: float = Field(
+        0.9, gt=0.5, le=1, description="The chosen_probability of a pair labelled by its prompt's intent."
+    )
 
 
 def read_reviews(run: str | Path) -> dict[str, float]:
@@ -229,15 +244,21 @@ def export_preferences(
         raise RunError(f"{run}: not a preference-labelling (rl) run directory")
     reviews = read_reviews(run)
     rows: list[PreferenceRow] = []
-    abstained = filtered = 0
+    abstained = filtered = intent_labelled = intent_overrode = 0
     labelling_judges = set()
     for record in directory.records():
         p = record.label
-        source: Literal["ai", "revision", "human-review"] = record.source
+        source: Literal["ai", "revision", "human-review", "intent"] = record.source
         if source == "ai":
             labelling_judges.add(json.dumps(judge_identity(record.provenance.get("judge")), sort_keys=True))
         if record.key in reviews:
             p, source = reviews[record.key], "human-review"
+        elif source == "ai":
+            by_intent = _intent_label(record, options)
+            if by_intent is not None:
+                intent_labelled += 1
+                intent_overrode += p is not None and p != 0.5 and (p > 0.5) != (by_intent > 0.5)
+                p, source = by_intent, "intent"
         if p is None:
             abstained += 1
             continue
@@ -285,6 +306,8 @@ def export_preferences(
         sources=sources,
         abstained_excluded=abstained,
         filtered_low_confidence=filtered,
+        intent_labelled=intent_labelled,
+        intent_overrode=intent_overrode,
         options=options.model_dump(),
         judge_gate=gate,
         judge_gate_matches=gate_matches,
@@ -293,3 +316,16 @@ def export_preferences(
     write_json(out / "export.json", summary)
     write_atomic(out / "README.md", dataset_card(summary.to_json(), {"train": len(train), "test": len(test)}))
     return summary
+
+
+def _intent_label(record: PreferenceRecord, options: PreferenceExportOptions) -> float | None:
+    """P(A is better) from the prompt's known intent, for a pair in which exactly one reply declines; else None."""
+    harmful = bool(options.must_decline) and id_matches(record.key, options.must_decline)
+    harmless = bool(options.must_answer) and id_matches(record.key, options.must_answer)
+    if harmful and harmless:
+        raise RunError(f"{record.key} matches both must_answer and must_decline; a prompt is harmless or it is not")
+    a, b = refuses(record.response_a), refuses(record.response_b)
+    if a == b or not (harmful or harmless):
+        return None
+    a_wins = a if harmful else b
+    return options.intent_probability if a_wins else 1 - options.intent_probability

@@ -7,6 +7,7 @@ A prompt source is ``builtin:<name>`` / ``<plugin>:<name>`` (a registered set) o
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import io
 import json
@@ -72,6 +73,12 @@ class PromptSet:
         if self.path is None:
             raise PromptError(f"prompt set {self.name!r} has neither a path nor a loader")
         return load_prompt_file(self.path, field=self.field)
+
+
+def id_matches(prompt_id: str, patterns: list[str]) -> bool:
+    """Whether a prompt id (or a record key ``kind:id``) matches one of ``patterns`` (shell-style, e.g. ``'rt-*'``)."""
+    ids = {prompt_id, prompt_id.split(":", 1)[-1]}
+    return any(fnmatch.fnmatchcase(i, pattern) for i in ids for pattern in patterns)
 
 
 def stable_id(conversation: list[Message]) -> str:

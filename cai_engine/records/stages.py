@@ -132,7 +132,7 @@ class PreferenceRow(StoredRecord):
     chosen: list[Message]
     rejected: list[Message]
     chosen_probability: float = Field(ge=0, le=1)
-    source: Literal["ai", "revision", "human", "human-review"]
+    source: Literal["ai", "revision", "human", "human-review", "intent"]
     prompt_id: str
     principle_ids: list[str] = Field(default_factory=list)
 
@@ -208,6 +208,10 @@ class PreferenceExportManifest(StageResult):
     sources: dict[str, int] = Field(default_factory=dict)
     abstained_excluded: int = 0
     filtered_low_confidence: int = 0
+    intent_labelled: int = Field(
+        0, description="AI-labelled pairs relabelled by their prompt's intent (``must_decline``/``must_answer``)."
+    )
+    intent_overrode: int = Field(0, description="Of those, pairs whose AI label had preferred the other reply.")
     options: dict[str, Any] = Field(default_factory=dict)
     judge_gate: GateResult | None = None
     judge_gate_matches: bool | None = None

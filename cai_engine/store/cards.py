@@ -191,6 +191,12 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             f"- **Sources**: {manifest.get('sources')}; {manifest.get('abstained_excluded', 0)} abstentions and "
             f"{manifest.get('filtered_low_confidence', 0)} low-confidence labels left out"
         )
+        if manifest.get("intent_labelled"):
+            lines.append(
+                f"- **Labelled by intent**: {manifest['intent_labelled']} pairs of a refusal and an answer to a prompt "
+                f"listed in `must_decline`/`must_answer` (the AI label had preferred the other reply in "
+                f"{manifest.get('intent_overrode', 0)})"
+            )
         gate = manifest.get("judge_gate")
         lines.append(
             "- **Judge gate**: "
