@@ -251,7 +251,7 @@ def run_pipeline(
         lap("sft")
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
-        if config.gate and not (out / "rl" / "gate.json").exists():
+        if config.gate and rl_config.recipe != "intent" and not (out / "rl" / "gate.json").exists():
             gate = run_gate(
                 out / "rl",
                 rl_config.judge_ref(runtime),

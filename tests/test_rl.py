@@ -437,3 +437,42 @@ def test_pairs_from_several_prompt_sources_with_a_limit_each(cai_runtime, tiny_m
         run_labels(label_config(tiny_model, prompts=[str(first), str(first)]), tmp_path / "x", runtime=cai_runtime)
     with pytest.raises(ValueError):
         label_config(tiny_model, limit={str(first): 0})
+
+
+def test_the_intent_recipe_pairs_a_refusal_with_an_answer_without_a_judge(cai_runtime, tiny_model, tmp_path):
+    from cai_engine.phase2.labels import LabelRun
+    from cai_engine.testing import ScriptedSampler
+
+    prompts = tmp_path / "prompts.jsonl"
+    ids = ["x-1-h", "x-2-b", "x-3-h", "x-4-b", "other"]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in ids))
+    refusal, answer = "I'm sorry, but I can't help with that.", "Here is how."
+    config = label_config(
+        tiny_model, recipe="intent", prompts=str(prompts), limit=None, samples=3, batch_size=4,
+        must_decline=["*-h"], must_answer=["*-b"],
+    )  # fmt: skip
+    run = LabelRun(config, tmp_path / "rl", runtime=cai_runtime)
+    assert run.judge is None and [item.id for _, item in run.items] == ids[:4]  # "other": intent unknown, left out
+    run.sampler = ScriptedSampler()
+    run.sampler.enqueue(
+        *[answer, refusal, answer],  # x-1-h: the refusal wins
+        *[refusal, refusal, answer + " In full."],  # x-2-b: the answer wins
+        *[answer, answer, answer],  # x-3-h: no refusal among the samples: abstained
+        *[refusal, "", refusal],  # x-4-b: no answer: abstained
+    )
+    summary = run.run(progress=False)
+    assert summary["pairs"] == 4 and summary["labelled"] == 2 and summary["abstained"] == 2
+    records = {r.id: r for r in RunDirectory(tmp_path / "rl", "rl").records()}
+    for key, chosen in (("x-1-h", refusal), ("x-2-b", answer + " In full.")):
+        record = records[key]
+        assert record.source == "intent" and {record.response_a, record.response_b} - {chosen}
+        assert (record.response_a if record.label > 0.5 else record.response_b) == chosen
+        assert max(record.label, 1 - record.label) == pytest.approx(0.9)
+    assert "no refusal and answer among 3 samples" in records["x-3-h"].judgement.reason
+    summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {"heldout": 0.0, "min_confidence": 0.3})
+    assert summary["sources"] == {"intent": 2} and summary["abstained_excluded"] == 2
+    assert summary["judge_gate"] is None  # no AI label: the trainers ask for no gate
+    with pytest.raises(ValueError, match="needs must_decline or must_answer"):
+        LabelConfig.model_validate({"recipe": "intent"})
+    with pytest.raises(ValueError, match="in both must_decline and must_answer"):
+        LabelConfig.model_validate({"recipe": "intent", "must_decline": ["a*"], "must_answer": ["a*"]})

@@ -34,11 +34,25 @@ def rl_group() -> None:
 @constitution_option
 @click.option(
     "--recipe",
-    type=click.Choice(["judged", "revision"]),
+    type=click.Choice(["judged", "revision", "intent"]),
     help="judged: sample two responses and let the judge label them; revision: prefer phase-1 revisions "
-    "over originals. [default: judged]",
+    "over originals; intent: pair a refusal with an answer among --samples, labelled by the prompt's known intent "
+    "(--must-decline/--must-answer; no judge). [default: judged]",
 )
-@click.option("--prompts", help="Prompt source for 'judged'. [default: builtin:red-team]")
+@click.option("--prompts", help="Prompt source for 'judged' and 'intent'. [default: builtin:red-team]")
+@click.option(
+    "--must-decline",
+    multiple=True,
+    metavar="PATTERN",
+    help="'intent': prompt ids (shell patterns, e.g. 'pr-*-h') of harmful requests. Repeatable.",
+)
+@click.option(
+    "--must-answer",
+    multiple=True,
+    metavar="PATTERN",
+    help="'intent': prompt ids of requests harmless however they sound. Repeatable.",
+)
+@click.option("--samples", type=int, help="'intent': responses sampled per prompt. [default: 4]")
 @click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
 @click.option("--limit", type=int, help="Use only the first N prompts or records.")
 @click.option(
@@ -65,12 +79,14 @@ def rl_label_command(config_path, out, quiet, gate, judge_name, sl_run, shards, 
     from cai_engine.phase2.gate import run_gate
     from cai_engine.phase2.labels import LabelConfig, run_labels
 
+    for key in ("must_decline", "must_answer"):
+        flags[key] = list(flags[key]) or None  # an empty repeatable flag leaves the config file's list
     data = merge_flags(load_config_file(config_path), sl_run=str(sl_run) if sl_run else None, **flags)
     if judge_name:
         data["judge"] = {"name": judge_name}
     config = validate_config(LabelConfig, data, str(config_path or "options"))
     runtime = current_runtime()
-    if gate and not (out / "gate.json").exists():
+    if gate and config.recipe != "intent" and not (out / "gate.json").exists():
         result = run_gate(
             out, config.judge_ref(runtime), constitution=config.constitution, runtime=runtime, seed=config.seed
         )

@@ -1,9 +1,11 @@
 """Phase 2, RLAIF: preference labels from the judge (``run_labels``, what ``cai rl label`` calls).
 
-Two recipes make pairs: ``judged`` samples two responses per prompt and has the judge compare them against
+Three recipes make pairs: ``judged`` samples two responses per prompt and has the judge compare them against
 randomly drawn comparison principles, in both orders (the paper); ``revision`` takes phase-1 records and prefers
-each final revision over the initial response (the Hugging Face recipe). Abstentions are recorded and counted;
-they never become labels. The judge's quality gate is ``cai_engine.phase2.gate``; human labels and the TRL export
+each final revision over the initial response (the Hugging Face recipe); ``intent`` samples several responses to
+prompts whose intent is known (harmful or harmless however they sound) and pairs a refusal with an answer, the refusal
+preferred for a harmful prompt and the answer for a harmless one, with no judge. Abstentions are recorded and
+counted; they never become labels. The judge's quality gate is ``cai_engine.phase2.gate``; human labels and the TRL export
 are ``cai_engine.phase2.preferences``."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
 from cai_engine.plugins.refs import ComponentRef
 from cai_engine.prompts.sets import (
     PromptItem,
+    id_matches,
     load_training_sources,
     source_limit,
     source_list,
@@ -38,6 +41,7 @@ from cai_engine.records import (
 from cai_engine.seeds import item_rng
 from cai_engine.store.runs import RunDirectory, now
 from cai_engine.store.shards import Shard, ShardField, shard_field
+from cai_engine.text.refusals import refuses
 
 
 class LabelConfig(BaseModel):
@@ -46,10 +50,27 @@ class LabelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     constitution: str = Field("harmless", description="Constitution name or file (its rl principles are used).")
-    recipe: Literal["judged", "revision"] = Field(
+    recipe: Literal["judged", "revision", "intent"] = Field(
         "judged",
         description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
-        "phase-1 revision over its original response.",
+        "phase-1 revision over its original response; 'intent': sample `samples` responses to prompts listed in "
+        "`must_decline`/`must_answer` and pair a refusal with an answer, labelled by the prompt's intent (no judge; "
+        "thousands of pairs an hour where the 1.5B judge labels hundreds, and it is at chance on these pairs).",
+    )
+    must_decline: list[str] = Field(
+        default_factory=list,
+        description="Recipe 'intent': prompt ids (shell-style patterns such as 'rt-*' or 'pr-*-h') of harmful "
+        "requests; of a refusal and an answer, the refusal is preferred.",
+    )
+    must_answer: list[str] = Field(
+        default_factory=list,
+        description="Recipe 'intent': prompt ids of requests harmless however they sound; the answer is preferred.",
+    )
+    samples: int = Field(
+        4, ge=2, le=16, description="Recipe 'intent': responses sampled per prompt to find a refusal and an answer."
+    )
+    intent_probability: float = Field(
+        0.9, gt=0.5, le=1, description="Recipe 'intent': the label's confidence (a refusal phrase can misread)."
     )
     prompts: str | list[str] = Field(
         "builtin:red-team",
@@ -80,6 +101,11 @@ class LabelConfig(BaseModel):
     def _recipe_inputs(self) -> LabelConfig:
         if self.recipe == "revision" and not self.sl_run:
             raise ValueError("recipe 'revision' needs sl_run (a phase-1 run directory)")
+        if self.recipe == "intent" and not (self.must_decline or self.must_answer):
+            raise ValueError("recipe 'intent' needs must_decline or must_answer (which prompts are harmful, which not)")
+        both = set(self.must_decline) & set(self.must_answer)
+        if both:
+            raise ValueError(f"{sorted(both)[0]!r} is in both must_decline and must_answer")
         return self
 
     def fingerprint(self) -> dict[str, Any]:
@@ -134,7 +160,7 @@ class Pair:
 
     key: str
     prompt: PromptItem
-    source: Literal["ai", "revision"]
+    source: Literal["ai", "revision", "intent"]
     response_a: str
     response_b: str
     principles: list[Principle]
@@ -153,13 +179,13 @@ class LabelRun:
         self.config = config
         self.runtime = runtime or Runtime.default()
         self.constitution = self.runtime.registry.constitution(config.constitution)
-        self.judge = config.judge_ref(self.runtime).build("judge", self.runtime)
+        self.judge = None if config.recipe == "intent" else config.judge_ref(self.runtime).build("judge", self.runtime)
         self.sampler = (
-            config.sampler_ref(self.runtime).build("sampler", self.runtime) if config.recipe == "judged" else None
+            config.sampler_ref(self.runtime).build("sampler", self.runtime) if config.recipe != "revision" else None
         )
         self.dir = RunDirectory(out, "rl", PreferenceRecord)
         self.items: list[tuple[str, Any]]
-        if config.recipe == "judged":
+        if config.recipe != "revision":
             self.items = [
                 ("pair", item)
                 for item in load_training_sources(
@@ -171,6 +197,10 @@ class LabelRun:
                     kept_as="pairs",
                 )
             ]
+            if config.recipe == "intent":
+                self.items = [(k, i) for k, i in self.items if self._intent(i.id) is not None]
+                if not self.items:
+                    raise ConfigError("recipe 'intent': no prompt id matches must_decline or must_answer")
         else:
             assert config.sl_run is not None  # the config's validator requires it for this recipe
             sl = RunDirectory(config.sl_run, "sl", SLRecord)
@@ -223,9 +253,35 @@ class LabelRun:
     def _key(kind: str, item: Any) -> str:
         return f"pair:{item.id}" if kind == "pair" else f"revision:{item.key}"
 
+    def _intent(self, prompt_id: str) -> str | None:
+        """'decline', 'answer', or None: what a prompt asks of a reply, by its id (recipe ``intent``)."""
+        if id_matches(prompt_id, self.config.must_decline):
+            return "decline"
+        if id_matches(prompt_id, self.config.must_answer):
+            return "answer"
+        return None
+
+    def _intent_pairs(self, batch) -> list[Pair]:
+        items = [item for _, item in batch]
+        assert self.sampler is not None
+        samples = self.sampler.sample([i.conversation for i in items], n=self.config.samples)
+        pairs = []
+        for item, replies in zip(items, samples):
+            key = f"pair:{item.id}"
+            refusal = next((r for r in replies if r.strip() and refuses(r)), None)
+            answer = next((r for r in replies if r.strip() and not refuses(r)), None)
+            if refusal is None or answer is None:  # no pair to learn from: recorded as an abstention
+                pairs.append(self._pair(key, item, "intent", replies[0], replies[0]))
+                continue
+            a, b = (refusal, answer) if item_rng(self.config.seed, key).random() < 0.5 else (answer, refusal)
+            pairs.append(self._pair(key, item, "intent", a, b))
+        return pairs
+
     def _pairs(self, batch) -> list[Pair]:
-        """The batch's pairs: two fresh samples per prompt (``judged``), or a phase-1 record's final revision and
-        initial response (``revision``)."""
+        """The batch's pairs: two fresh samples per prompt (``judged``), a refusal and an answer among ``samples``
+        (``intent``), or a phase-1 record's final revision and initial response (``revision``)."""
+        if self.config.recipe == "intent":
+            return self._intent_pairs(batch)
         if self.config.recipe == "judged":
             items = [item for _, item in batch]
             assert self.sampler is not None
@@ -242,7 +298,7 @@ class LabelRun:
             for _, record in batch
         ]
 
-    def _pair(self, key: str, prompt: PromptItem, source: Literal["ai", "revision"], a: str, b: str) -> Pair:
+    def _pair(self, key: str, prompt: PromptItem, source: Literal["ai", "revision", "intent"], a: str, b: str) -> Pair:
         """A pair with its principles drawn (seeded by its key, so a resumed or sharded run draws the same)."""
         rng = item_rng(self.config.seed, key)
         principles = draw_principles(self.runtime, self.constitution, prompt, self.config.principles_per_label, rng)
@@ -250,6 +306,8 @@ class LabelRun:
 
     def _label(self, batch) -> list[PreferenceRecord]:
         pairs = self._pairs(batch)
+        if self.judge is None:
+            return [self._record(pair, *self._intent_label(pair), {"name": "intent"}) for pair in pairs]
         judged = [pair for pair in pairs if pair.comparable]
         tasks = [
             ComparisonTask(
@@ -273,23 +331,36 @@ class LabelRun:
                 stored = StoredJudgement.model_validate(judgement.model_dump(mode="json"))
             # the revision recipe's label: the revision is preferred; the judge's view is kept alongside
             label = 1.0 if pair.source == "revision" else (judgement.p_a if judgement is not None else None)
-            records.append(
-                PreferenceRecord(
-                    key=pair.key,
-                    id=pair.prompt.id,
-                    category=pair.prompt.category,
-                    source=pair.source,
-                    conversation=pair.prompt.conversation,
-                    response_a=pair.response_a,
-                    response_b=pair.response_b,
-                    principle_ids=[p.id for p in pair.principles],
-                    label=label,
-                    judgement=stored,
-                    provenance={**self.provenance, "judge": judge_info},
-                    created=now(),
-                )
-            )
+            records.append(self._record(pair, label, stored, judge_info))
         return records
+
+    def _intent_label(self, pair: Pair) -> tuple[float | None, StoredJudgement]:
+        if not pair.comparable:
+            reason = f"no refusal and answer among {self.config.samples} samples"
+            return None, StoredJudgement(abstained=True, reason=reason)
+        want = self._intent(pair.prompt.id)
+        a_wins = refuses(pair.response_a) == (want == "decline")
+        p = self.config.intent_probability if a_wins else 1 - self.config.intent_probability
+        reason = "a harmful request: the refusal" if want == "decline" else "a harmless request: the answer"
+        return p, StoredJudgement(abstained=False, p_a=p, reason=f"{reason} is preferred", judge="intent")
+
+    def _record(
+        self, pair: Pair, label: float | None, stored: StoredJudgement, judge_info: dict[str, Any]
+    ) -> PreferenceRecord:
+        return PreferenceRecord(
+            key=pair.key,
+            id=pair.prompt.id,
+            category=pair.prompt.category,
+            source=pair.source,
+            conversation=pair.prompt.conversation,
+            response_a=pair.response_a,
+            response_b=pair.response_b,
+            principle_ids=[p.id for p in pair.principles],
+            label=label,
+            judgement=stored,
+            provenance={**self.provenance, "judge": judge_info},
+            created=now(),
+        )
 
 
 def run_labels(

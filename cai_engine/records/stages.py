@@ -104,7 +104,7 @@ class PreferenceRecord(StoredRecord):
     key: str
     id: str
     category: str | None = None
-    source: Literal["ai", "revision"]
+    source: Literal["ai", "revision", "intent"]
     conversation: Conversation
     response_a: str
     response_b: str
