@@ -476,3 +476,34 @@ def test_the_intent_recipe_pairs_a_refusal_with_an_answer_without_a_judge(cai_ru
         LabelConfig.model_validate({"recipe": "intent"})
     with pytest.raises(ValueError, match="in both must_decline and must_answer"):
         LabelConfig.model_validate({"recipe": "intent", "must_decline": ["a*"], "must_answer": ["a*"]})
+
+
+def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answer(tmp_path):
+    refusal, answer = "I'm sorry, but I can't help with that.", "Here is how you do it."
+    run = RunDirectory(tmp_path / "rl", "rl")
+    run.open({"x": 1})
+    records = []
+    for i in range(7):  # 5 pairs prefer the refusal, 2 the answer; one more (below) compares two answers
+        a, b = (refusal, answer) if i < 5 else (answer, refusal)
+        records.append(
+            {
+                "key": f"pair:{i}",
+                "id": str(i),
+                "source": "ai",
+                "conversation": [{"role": "user", "content": f"q{i}"}],
+                "response_a": a,
+                "response_b": b,
+                "label": 0.9,
+                "judgement": {"abstained": False, "p_a": 0.9},
+            }
+        )
+    records.append({**records[-1], "key": "pair:7", "id": "7", "response_a": answer, "response_b": "Another."})
+    run.append(records)
+    summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {"heldout": 0.0, "balance": True})
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
+    refusing = [r for r in rows if r["chosen"][0]["content"] == refusal]
+    answering = [r for r in rows if r["chosen"][0]["content"] == answer and r["rejected"][0]["content"] == refusal]
+    assert len(refusing) == len(answering) == 2 and summary["balanced_dropped"] == 3 and summary["train"] == 5
+    again = export_preferences(tmp_path / "rl", tmp_path / "ds2", {"heldout": 0.0, "balance": True})
+    assert (tmp_path / "ds2" / "train.jsonl").read_text() == (tmp_path / "ds" / "train.jsonl").read_text()
+    assert again["balanced_dropped"] == 3

@@ -110,9 +110,14 @@ def export_sft_command(
     metavar="PATTERN",
     help="Prompt ids of harmless requests: of a refusal and an answer, the answer is chosen. Repeatable.",
 )
+@click.option(
+    "--balance",
+    is_flag=True,
+    help="As many pairs preferring a refusal to an answer as preferring an answer to a refusal.",
+)
 @push_options("dataset")
 def export_preferences_command(
-    run, out, min_confidence, heldout, human, must_decline, must_answer, push_to_hub, private
+    run, out, min_confidence, heldout, human, must_decline, must_answer, balance, push_to_hub, private
 ):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
     from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
@@ -125,6 +130,7 @@ def export_preferences_command(
             "human": [str(h) for h in human],
             "must_decline": list(must_decline),
             "must_answer": list(must_answer),
+            "balance": balance,
         },
         "options",
     )

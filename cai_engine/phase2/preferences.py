@@ -195,6 +195,12 @@ class PreferenceExportOptions(BaseModel):
     intent_probability: float = Field(
         0.9, gt=0.5, le=1, description="The chosen_probability of a pair labelled by its prompt's intent."
     )
+    balance: bool = Field(
+        False,
+        description="Keep as many pairs that prefer a refusal to an answer as pairs that prefer an answer to a "
+        "refusal (the surplus side loses pairs chosen by a hash of the prompt id). A small policy trained on more of "
+        "one kind learns to refuse more or less often, not what to refuse.",
+    )
 
 
 def read_reviews(run: str | Path) -> dict[str, float]:
@@ -282,6 +288,11 @@ def export_preferences(
         )
     for human_file in options.human:
         rows += import_human(human_file)
+    balanced_dropped = 0
+    if options.balance:
+        kept = _balance(rows)
+        balanced_dropped = len(rows) - len(kept)
+        rows = kept
     if not rows:
         raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
     test = [r for r in rows if bucket(r.prompt_id) < options.heldout]
@@ -308,6 +319,7 @@ def export_preferences(
         filtered_low_confidence=filtered,
         intent_labelled=intent_labelled,
         intent_overrode=intent_overrode,
+        balanced_dropped=balanced_dropped,
         options=options.model_dump(),
         judge_gate=gate,
         judge_gate_matches=gate_matches,
@@ -329,3 +341,18 @@ def _intent_label(record: PreferenceRecord, options: PreferenceExportOptions) ->
         return None
     a_wins = a if harmful else b
     return options.intent_probability if a_wins else 1 - options.intent_probability
+
+
+def _balance(rows: list[PreferenceRow]) -> list[PreferenceRow]:
+    """As many rows preferring a refusal to an answer as rows preferring an answer to a refusal; the rest as they are."""
+    sides: dict[bool, list[int]] = {True: [], False: []}
+    for i, row in enumerate(rows):
+        chosen, rejected = refuses(row.chosen[-1].content), refuses(row.rejected[-1].content)
+        if chosen != rejected:
+            sides[chosen].append(i)
+    n = min(len(sides[True]), len(sides[False]))
+    dropped = set()
+    for indices in sides.values():
+        ranked = sorted(indices, key=lambda i: (bucket("balance:" + rows[i].prompt_id), i))
+        dropped.update(ranked[n:])
+    return [row for i, row in enumerate(rows) if i not in dropped]
