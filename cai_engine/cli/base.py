@@ -288,6 +288,28 @@ def config_option(help: str = "YAML/JSON file with any of the settings below; fl
 constitution_option = click.option("--constitution", help="Constitution name or file. [default: harmless]")
 
 
+def intent_options(declined: str, answered: str):
+    """``--must-decline PATTERN`` and ``--must-answer PATTERN`` (repeatable): prompt ids, as shell patterns, of requests
+    known to be harmful and of requests harmless however they sound; ``declined`` and ``answered`` say what each
+    does in this command."""
+
+    def decorate(function):
+        function = click.option(
+            "--must-answer",
+            multiple=True,
+            metavar="PATTERN",
+            help=f"Prompt ids (shell patterns, e.g. 'pr-*-b') of harmless requests: {answered}. Repeatable.",
+        )(function)
+        return click.option(
+            "--must-decline",
+            multiple=True,
+            metavar="PATTERN",
+            help=f"Prompt ids (shell patterns, e.g. 'rt-*') of harmful requests: {declined}. Repeatable.",
+        )(function)
+
+    return decorate
+
+
 def push_options(kind: str):
     """``--push-to-hub REPO`` and ``--private``: upload what the command wrote to the Hugging Face Hub."""
 

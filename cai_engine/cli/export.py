@@ -9,6 +9,7 @@ import click
 from cai_engine.cli.base import (
     CaiGroup,
     cli,
+    intent_options,
     push,
     push_options,
     validate_config,
@@ -41,19 +42,7 @@ def export_group() -> None:
     default=None,
     help="Keep at most N revisions with the same reply (e.g. one stock refusal); default: keep all.",
 )
-@click.option(
-    "--must-answer",
-    multiple=True,
-    metavar="PATTERN",
-    help="Prompt ids (shell patterns, e.g. 'bl-*') of harmless requests: a target refusing one is dropped. Repeatable.",
-)
-@click.option(
-    "--must-decline",
-    multiple=True,
-    metavar="PATTERN",
-    help="Prompt ids (shell patterns, e.g. 'rt-*') of harmful requests: a target without a refusal phrase is "
-    "dropped. Repeatable.",
-)
+@intent_options("a target without a refusal phrase is dropped", "a target that refuses one is dropped")
 @push_options("dataset")
 def export_sft_command(
     run, out, train_on, helpful_ratio, heldout, seed, max_repeats, must_answer, must_decline, push_to_hub, private
@@ -97,19 +86,7 @@ def export_sft_command(
     type=click.Path(path_type=Path, exists=True),
     help="Human preference file(s) to mix in (prompt/chosen/rejected, or hh-rlhf style).",
 )
-@click.option(
-    "--must-decline",
-    multiple=True,
-    metavar="PATTERN",
-    help="Prompt ids (shell patterns) of harmful requests: of a refusal and an answer, the refusal is chosen. "
-    "Repeatable.",
-)
-@click.option(
-    "--must-answer",
-    multiple=True,
-    metavar="PATTERN",
-    help="Prompt ids of harmless requests: of a refusal and an answer, the answer is chosen. Repeatable.",
-)
+@intent_options("of a refusal and an answer, the refusal is chosen", "of a refusal and an answer, the answer is chosen")
 @click.option(
     "--balance",
     is_flag=True,

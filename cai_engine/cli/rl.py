@@ -15,6 +15,7 @@ from cai_engine.cli.base import (
     constitution_option,
     current_runtime,
     gate_line,
+    intent_options,
     load_config_file,
     merge_flags,
     parse_settings,
@@ -40,18 +41,7 @@ def rl_group() -> None:
     "(--must-decline/--must-answer; no judge). [default: judged]",
 )
 @click.option("--prompts", help="Prompt source for 'judged' and 'intent'. [default: builtin:red-team]")
-@click.option(
-    "--must-decline",
-    multiple=True,
-    metavar="PATTERN",
-    help="'intent': prompt ids (shell patterns, e.g. 'pr-*-h') of harmful requests. Repeatable.",
-)
-@click.option(
-    "--must-answer",
-    multiple=True,
-    metavar="PATTERN",
-    help="'intent': prompt ids of requests harmless however they sound. Repeatable.",
-)
+@intent_options("'intent' prefers the refusal", "'intent' prefers the answer")
 @click.option("--samples", type=int, help="'intent': responses sampled per prompt. [default: 4]")
 @click.option("--sl-run", type=click.Path(path_type=Path), help="Phase-1 run directory for 'revision'.")
 @click.option("--limit", type=int, help="Use only the first N prompts or records.")
