@@ -696,10 +696,13 @@ def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_r
 
     calls = []
 
-    class Counting(_Blames):
+    class Counting(_Blames):  # also flags an accented letter: a text it flags only as sent, not folded
         def predict(self, prompts, texts):
             calls.append(list(texts))
-            return super().predict(prompts, texts)
+            return [
+                {"violation": 0.9 if "\u00e9" in t else s["violation"]}
+                for t, s in zip(texts, super().predict(prompts, texts))
+            ]
 
     remembering = checks._Remembering(Counting())
     monkeypatch.setattr(checks, "_probe", lambda folder, who: remembering)
@@ -738,7 +741,8 @@ def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_r
     assert type(alone) is Stricter and alone.consult_classifier is False and full.consult_classifier is True
     assert flags(full, "a bad one", "never", "fine") == [True, True, False]
     assert flags(alone, "a bad one", "never", "fine", "forbidden") == [False, True, False, True]
-    assert Rules().rules_only().critique  # a check without a classifier is its own rules
+    plain = Rules()
+    assert plain.rules_only() is plain  # a check without a classifier is its own rules
     # the classifier scored "a bad one" and "fine" once; asking again (the reviser, a retry) scores nothing new
     calls.clear()
     assert flags(full, "fine", "a bad one", "also bad") == [False, True, True]
@@ -763,10 +767,16 @@ def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_r
             "demo-001"
         ]
         assert components.deterministic_violations(conversation, "a bad one", rail=True) == []
-        # a text that folds to another spelling: the rules read both, the classifier only the folded one
+        # a text that folds to another spelling: the rules read both, the classifier both in one call
         calls.clear()
         spelled = "a b\u200bad one, twice b\u200bad"
         assert [v.principle_id for v in components.deterministic_violations(conversation, spelled)] == ["demo-001"]
-        assert calls == [["a bad one, twice bad"]]
+        assert calls == [[spelled, "a bad one, twice bad"]]
+        # what the classifier flags only as sent (folding garbles it) is still flagged
+        calls.clear()
+        assert [v.principle_id for v in components.deterministic_violations(conversation, "a r\u00e9sum\u00e9")] == [
+            "demo-001"
+        ]
+        assert calls == [["a r\u00e9sum\u00e9", "a resume"]]
     finally:
         engine.close()

@@ -472,6 +472,12 @@ def test_the_intent_recipe_pairs_a_refusal_with_an_answer_without_a_judge(cai_ru
     summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {"heldout": 0.0, "min_confidence": 0.3})
     assert summary["sources"] == {"intent": 2} and summary["abstained_excluded"] == 2
     assert summary["judge_gate"] is None  # no AI label: the trainers ask for no gate
+    with pytest.raises(ConfigError, match="matches both must_decline and must_answer"):
+        LabelRun(config.model_copy(update={"must_answer": ["x-*"]}), tmp_path / "rl2", runtime=cai_runtime)
+    # the intent settings count only for the intent recipe: a judged run made before they existed still resumes
+    judged = LabelConfig.model_validate({})
+    assert "samples" not in judged.fingerprint() and "must_decline" not in judged.fingerprint()
+    assert config.fingerprint()["must_decline"] == ["*-h"]
     with pytest.raises(ValueError, match="needs must_decline or must_answer"):
         LabelConfig.model_validate({"recipe": "intent"})
     with pytest.raises(ValueError, match="in both must_decline and must_answer"):
@@ -507,3 +513,9 @@ def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answe
     again = export_preferences(tmp_path / "rl", tmp_path / "ds2", {"heldout": 0.0, "balance": True})
     assert (tmp_path / "ds2" / "train.jsonl").read_text() == (tmp_path / "ds" / "train.jsonl").read_text()
     assert again["balanced_dropped"] == 3
+    # one side empty: balancing would drop every pair of the other, so it says so instead
+    only = RunDirectory(tmp_path / "rl-one", "rl")
+    only.open({"x": 1})
+    only.append(records[:5])
+    with pytest.raises(RunError, match="5 pairs prefer a refusal and none prefers an answer"):
+        export_preferences(tmp_path / "rl-one", tmp_path / "ds3", {"heldout": 0.0, "balance": True})

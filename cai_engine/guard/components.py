@@ -205,13 +205,14 @@ class GuardComponents:
                     continue
                 # the check reads the text as sent; a respelling it would miss is looked for in the folded text too
                 # (its repair then works on the original: a reviser that cannot find what it would remove declines,
-                # fail closed; a caveat reviser adds the caveat the answer lacks). A classifier reads only one of
-                # them, the folded text: the rules alone read the text as sent.
+                # fail closed; a caveat reviser adds the caveat the answer lacks). A classifier reads both in one
+                # call (folding garbles some non-Latin text, so neither alone is enough).
                 first = self.rules_check(name) if folded != text else check
                 critique = first.critique([task])[0]
                 if not critique.violations and not critique.needs_revision and folded != text:
-                    task = CritiqueTask(conversation=context, response=folded, principle=principle)
-                    critique = check.critique([task])[0]
+                    again = CritiqueTask(conversation=context, response=folded, principle=principle)
+                    sent, folded_critique = check.critique([task, again])
+                    critique = sent if sent.violations or sent.needs_revision else folded_critique
                 if critique.violations:
                     violations += critique.violations
                 elif critique.needs_revision:

@@ -54,8 +54,8 @@ class LabelConfig(BaseModel):
         "judged",
         description="'judged': sample two responses and let the judge label them; 'revision': prefer each "
         "phase-1 revision over its original response; 'intent': sample `samples` responses to prompts listed in "
-        "`must_decline`/`must_answer` and pair a refusal with an answer, labelled by the prompt's intent (no judge; "
-        "thousands of pairs an hour where the 1.5B judge labels hundreds, and it is at chance on these pairs).",
+        "`must_decline`/`must_answer` and pair a refusal with an answer, labelled by the prompt's intent (no judge: "
+        "as fast as the policy samples; the 1.5B judge is at chance on these pairs).",
     )
     must_decline: list[str] = Field(
         default_factory=list,
@@ -109,7 +109,11 @@ class LabelConfig(BaseModel):
         return self
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"limit", "batch_size"})
+        # the intent recipe's settings count only for it: a run of another recipe made before they existed resumes
+        intent = {"must_decline", "must_answer", "samples", "intent_probability"}
+        return self.model_dump(
+            mode="json", exclude={"limit", "batch_size"} | (set() if self.recipe == "intent" else intent)
+        )
 
     @property
     def prompt_sources(self) -> list[str]:
@@ -198,6 +202,9 @@ class LabelRun:
                 )
             ]
             if config.recipe == "intent":
+                for _, item in self.items:
+                    if id_matches(item.id, config.must_decline) and id_matches(item.id, config.must_answer):
+                        raise ConfigError(f"prompt {item.id!r} matches both must_decline and must_answer")
                 self.items = [(k, i) for k, i in self.items if self._intent(i.id) is not None]
                 if not self.items:
                     raise ConfigError("recipe 'intent': no prompt id matches must_decline or must_answer")
@@ -271,7 +278,8 @@ class LabelRun:
             refusal = next((r for r in replies if r.strip() and refuses(r)), None)
             answer = next((r for r in replies if r.strip() and not refuses(r)), None)
             if refusal is None or answer is None:  # no pair to learn from: recorded as an abstention
-                pairs.append(self._pair(key, item, "intent", replies[0], replies[0]))
+                only = replies[0] if replies else ""
+                pairs.append(self._pair(key, item, "intent", only, only))
                 continue
             a, b = (refusal, answer) if item_rng(self.config.seed, key).random() < 0.5 else (answer, refusal)
             pairs.append(self._pair(key, item, "intent", a, b))

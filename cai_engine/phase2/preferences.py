@@ -198,8 +198,8 @@ class PreferenceExportOptions(BaseModel):
     balance: bool = Field(
         False,
         description="Keep as many pairs that prefer a refusal to an answer as pairs that prefer an answer to a "
-        "refusal (the surplus side loses pairs chosen by a hash of the prompt id). A small policy trained on more of "
-        "one kind learns to refuse more or less often, not what to refuse.",
+        "refusal (the surplus side loses pairs chosen by a hash of the prompt id; rows from `human` files count too). "
+        "A small policy trained on more of one kind learns to refuse more or less often, not what to refuse.",
     )
 
 
@@ -350,6 +350,12 @@ def _balance(rows: list[PreferenceRow]) -> list[PreferenceRow]:
         chosen, rejected = refuses(row.chosen[-1].content), refuses(row.rejected[-1].content)
         if chosen != rejected:
             sides[chosen].append(i)
+    if bool(sides[True]) != bool(sides[False]):
+        have, lack = ("a refusal", "an answer") if sides[True] else ("an answer", "a refusal")
+        raise RunError(
+            f"balance: {len(sides[True] or sides[False])} pairs prefer {have} and none prefers {lack}; balancing "
+            "would drop them all (sample more prompts of the other intent, or export without balance)"
+        )
     n = min(len(sides[True]), len(sides[False]))
     dropped = set()
     for indices in sides.values():

@@ -7,6 +7,7 @@ in, a list of the same length out, so backends can batch.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,7 +89,7 @@ class Component(ABC):
         (a subclass keeps its overrides) that does not consult it (the guard's rails run checks so)."""
         if not self.consult_classifier:
             return self
-        alone = type(self)(self.options, self._runtime)
+        alone = copy.copy(self)  # no second __init__: whatever the instance holds (and its signature) stays as is
         alone.consult_classifier = False
         return alone
 
