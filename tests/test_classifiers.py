@@ -11,7 +11,8 @@ import pytest
 from cai_engine.classifiers import templates
 from cai_engine.classifiers.data import BuildConfig, Generator, assemble, near_copies, parse_list
 from cai_engine.constitution.model import Message
-from cai_engine.records import CritiqueTask
+from cai_engine.plugins.components import Critic
+from cai_engine.records import Critique, CritiqueTask
 
 
 def test_parse_list_reads_numbered_items_and_list_literals():
@@ -486,7 +487,7 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
 
 @pytest.mark.slow
 def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tmp_path, monkeypatch, cai_registry):
-    from cai_engine import Critic, with_classifier
+    from cai_engine import with_classifier
     from cai_engine.classifiers.train import TrainConfig, train_probe_cv
 
     rng = random.Random(5)
@@ -517,24 +518,6 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     )
     assert metrics["selection"] == "5-fold cross-validation" and metrics["report_split"]["auc"] > 0.9
     assert "labelled cases from made-up" in (folder / "README.md").read_text()
-
-    class Rules(Critic):
-        """Flags the word 'forbidden' only."""
-
-        name = "demo.check"
-
-        def critique(self, tasks):
-            from cai_engine import Critique
-
-            return [
-                Critique(
-                    principle_id=t.principle.id,
-                    text="rules",
-                    needs_revision="forbidden" in t.response,
-                    critic=self.name,
-                )
-                for t in tasks
-            ]
 
     monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "on")  # the suite keeps shipped checks' classifiers off
     backed = with_classifier(Rules, folder)
@@ -631,6 +614,20 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
         engine.close()
 
 
+class Rules(Critic):
+    """A check's rules: flags the word 'forbidden' only."""
+
+    name = "demo.check"
+
+    def critique(self, tasks):
+        return [
+            Critique(
+                principle_id=t.principle.id, text="rules", needs_revision="forbidden" in t.response, critic=self.name
+            )
+            for t in tasks
+        ]
+
+
 class _Blames:
     """A stand-in classifier: flags any text with the word "bad" in it."""
 
@@ -688,7 +685,7 @@ def test_a_repair_located_by_the_classifier_keeps_the_rules_repair_and_declines_
 
 
 def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_remembered(monkeypatch, cai_registry):
-    from cai_engine import Critic, Critique, hookimpl, with_classifier
+    from cai_engine import hookimpl, with_classifier
     from cai_engine.classifiers import checks
     from cai_engine.guard.engine import Engine
     from cai_engine.models.runtime import Runtime
@@ -706,20 +703,6 @@ def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_r
 
     remembering = checks._Remembering(Counting())
     monkeypatch.setattr(checks, "_probe", lambda folder, who: remembering)
-
-    class Rules(Critic):
-        name = "demo.check"
-
-        def critique(self, tasks):
-            return [
-                Critique(
-                    principle_id=t.principle.id,
-                    text="rules",
-                    needs_revision="forbidden" in t.response,
-                    critic=self.name,
-                )
-                for t in tasks
-            ]
 
     class Stricter(with_classifier(Rules, "unused")):  # a plugin's own subclass of the backed check
         def critique(self, tasks):

@@ -211,8 +211,11 @@ class GuardComponents:
                 critique = first.critique([task])[0]
                 if not critique.violations and not critique.needs_revision and folded != text:
                     again = CritiqueTask(conversation=context, response=folded, principle=principle)
-                    sent, folded_critique = check.critique([task, again])
-                    critique = sent if sent.violations or sent.needs_revision else folded_critique
+                    if first is check:  # no classifier: the text as sent was read in full already
+                        critique = check.critique([again])[0]
+                    else:
+                        sent, folded_critique = check.critique([task, again])
+                        critique = sent if sent.violations or sent.needs_revision else folded_critique
                 if critique.violations:
                     violations += critique.violations
                 elif critique.needs_revision:
