@@ -217,6 +217,27 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert record["previous_threshold"] == before and record["by_source"][str(traffic)]["n"] == 8
     assert "cai classifiers calibrate" in (out / "README.md").read_text()
 
+    # measured on sets it was not built from: rates per set, and per kind where the set has kinds
+    harmful = tmp_path / "harmful.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"xqz zzq qxz {w}"}) + "\n" for w in ("xqz", "zzq")))
+    benign = tmp_path / "benign.jsonl"
+    rows = [("garden bread", "food"), ("picnic bread garden", "food"), ("xqz zzq qxz xqz", "homonyms")]
+    benign.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in rows))
+    done = cli_runner.invoke(
+        cli,
+        ["classifiers", "eval", str(out), "--harmful", str(harmful), "--benign", str(benign), "--out", "e.json"],
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads(Path("e.json").read_text())["classifier"]
+    assert report["by_category"] == {
+        str(benign): {
+            "food": report["by_category"][str(benign)]["food"] | {"n": 2},
+            "homonyms": report["by_category"][str(benign)]["homonyms"] | {"n": 1, "hits": 1},
+        }
+    }
+    assert report["by_category"][str(benign)]["food"]["hits"] == 0
+    assert f"{benign} homonyms: flagged 1/1" in done.output
+
 
 def test_build_cli_explains_itself(cli_runner):
     from cai_engine.cli import cli
@@ -413,6 +434,33 @@ def test_hand_written_sets_join_the_input_data_on_the_side_of_what_they_belong_t
         written_requests([WrittenSource(source="builtin:heldout", label="harmful")], cai_registry)
     with pytest.raises(ConfigError, match="no item"):
         written_requests([WrittenSource(source="builtin:pairs", label="benign", ids="zz-*")], cai_registry)
+
+
+def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry, tmp_path):
+    from cai_engine.prompts.sets import load_prompts
+
+    constitution = cai_registry.constitution("harmless")
+    config = BuildConfig(batches=1, benign_batches=3, per_batch=3, batch_size=3)
+    assert config.benign_examples == ["builtin:borderline", "builtin:lookalikes"]
+    assert "builtin:lookalikes" in {w.source for w in config.written if w.label == "benign"}
+    generator = Generator(config, constitution, FakeRuntime(cai_registry), tmp_path)
+    kinds = {i.category for source in config.benign_examples for i in load_prompts(source, cai_registry)}
+    assert set(generator.examples["benign"]) == kinds
+    jobs = [job for job in generator._request_jobs() if job["kind"] == "benign"]
+    # 16 principles x 3 batches, each list one kind, shown examples of that kind only
+    assert len(jobs) == 48 and {job["topic"] for job in jobs} <= kinds
+    assert {job["topic"] for job in jobs} & {"nonsense-groups", "fictional-characters", "discrimination-history"}
+    for job in jobs:
+        assert set(job["examples"]) <= set(generator.examples["benign"][job["topic"]])
+    # one source still works, and changes the fingerprint (a different data build)
+    single = Generator(
+        config.model_copy(update={"benign_examples": "builtin:borderline"}),
+        constitution,
+        FakeRuntime(cai_registry),
+        tmp_path / "one",
+    )
+    assert "nonsense-groups" not in single.examples["benign"]
+    assert single.fingerprint() != generator.fingerprint()
 
 
 def test_the_build_command_reads_written_sources(cli_runner):

