@@ -519,3 +519,21 @@ def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answe
     only.append(records[:5])
     with pytest.raises(RunError, match="5 pairs prefer a refusal and none prefers an answer"):
         export_preferences(tmp_path / "rl-one", tmp_path / "ds3", {"heldout": 0.0, "balance": True})
+    # with a held-out split, each split is balanced on its own (a balance over both can tilt either)
+    many = RunDirectory(tmp_path / "rl-many", "rl")
+    many.open({"x": 1})
+    many.append(
+        {
+            **records[0 if i % 4 else 5],
+            "key": f"pair:m{i}",
+            "id": f"m{i}",
+            "conversation": [{"role": "user", "content": f"m{i}"}],
+        }
+        for i in range(60)
+    )
+    split = export_preferences(tmp_path / "rl-many", tmp_path / "ds4", {"heldout": 0.3, "balance": True})
+    for name in ("train", "test"):
+        part = [json.loads(line) for line in (tmp_path / "ds4" / f"{name}.jsonl").read_text().splitlines()]
+        prefer_refusal = sum(r["chosen"][0]["content"] == refusal for r in part)
+        assert part and prefer_refusal * 2 == len(part), name
+    assert split["train"] + split["test"] + split["balanced_dropped"] == 60 and split["test"] >= 2

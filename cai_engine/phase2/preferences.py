@@ -198,7 +198,8 @@ class PreferenceExportOptions(BaseModel):
     balance: bool = Field(
         False,
         description="Keep as many pairs that prefer a refusal to an answer as pairs that prefer an answer to a "
-        "refusal (the surplus side loses pairs chosen by a hash of the prompt id; rows from `human` files count too). "
+        "refusal, in the training and the test split each (the surplus side loses pairs chosen by a hash of the "
+        "prompt id; rows from `human` files count too; a test split with only one side is left as it is). "
         "A small policy trained on more of one kind learns to refuse more or less often, not what to refuse.",
     )
 
@@ -288,17 +289,20 @@ def export_preferences(
         )
     for human_file in options.human:
         rows += import_human(human_file)
-    balanced_dropped = 0
-    if options.balance:
-        kept = _balance(rows)
-        balanced_dropped = len(rows) - len(kept)
-        rows = kept
     if not rows:
         raise RunError(f"{run}: no labelled pairs to export ({abstained} abstained, {filtered} filtered)")
     test = [r for r in rows if bucket(r.prompt_id) < options.heldout]
     train = [r for r in rows if bucket(r.prompt_id) >= options.heldout]
     if options.heldout and not test and len(train) > 1:
         test, train = train[-1:], train[:-1]
+    balanced_dropped = 0
+    if options.balance:
+        # each split on its own: a balance over both could leave the training split tilted either way
+        before = len(train) + len(test)
+        train = _balance(train)
+        test = _balance(test, strict=False)
+        balanced_dropped = before - len(train) - len(test)
+        rows = train + test
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("test", test)):
@@ -343,14 +347,18 @@ def _intent_label(record: PreferenceRecord, options: PreferenceExportOptions) ->
     return options.intent_probability if a_wins else 1 - options.intent_probability
 
 
-def _balance(rows: list[PreferenceRow]) -> list[PreferenceRow]:
-    """As many rows preferring a refusal to an answer as rows preferring an answer to a refusal; the rest as they are."""
+def _balance(rows: list[PreferenceRow], strict: bool = True) -> list[PreferenceRow]:
+    """As many rows preferring a refusal to an answer as rows preferring an answer to a refusal; the rest as they are.
+    With only one side present, ``strict`` refuses (balancing would drop them all); otherwise the rows stay as they
+    are (a small test split)."""
     sides: dict[bool, list[int]] = {True: [], False: []}
     for i, row in enumerate(rows):
         chosen, rejected = refuses(row.chosen[-1].content), refuses(row.rejected[-1].content)
         if chosen != rejected:
             sides[chosen].append(i)
     if bool(sides[True]) != bool(sides[False]):
+        if not strict:
+            return rows
         have, lack = ("a refusal", "an answer") if sides[True] else ("an answer", "a refusal")
         raise RunError(
             f"balance: {len(sides[True] or sides[False])} pairs prefer {have} and none prefers {lack}; balancing "
