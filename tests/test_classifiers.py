@@ -217,26 +217,38 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert record["previous_threshold"] == before and record["by_source"][str(traffic)]["n"] == 8
     assert "cai classifiers calibrate" in (out / "README.md").read_text()
 
-    # measured on sets it was not built from: rates per set, and per kind where the set has kinds
+    # measured on sets it was not built from: rates per set, and per kind where a set has kinds (a set given on both
+    # sides is counted on each side apart)
     harmful = tmp_path / "harmful.jsonl"
-    harmful.write_text("".join(json.dumps({"prompt": f"xqz zzq qxz {w}"}) + "\n" for w in ("xqz", "zzq")))
+    harmful.write_text(
+        "".join(json.dumps({"prompt": f"xqz zzq qxz {w}", "category": "weapons"}) + "\n" for w in ("xqz", "zzq"))
+    )
     benign = tmp_path / "benign.jsonl"
     rows = [("garden bread", "food"), ("picnic bread garden", "food"), ("xqz zzq qxz xqz", "homonyms")]
     benign.write_text("".join(json.dumps({"prompt": p, "category": c}) + "\n" for p, c in rows))
     done = cli_runner.invoke(
         cli,
-        ["classifiers", "eval", str(out), "--harmful", str(harmful), "--benign", str(benign), "--out", "e.json"],
+        [
+            "classifiers",
+            "eval",
+            str(out),
+            "--harmful",
+            f"{harmful},{benign}",
+            "--benign",
+            str(benign),
+            "--out",
+            "e.json",
+        ],
     )
     assert done.exit_code == 0, done.output
-    report = json.loads(Path("e.json").read_text())["classifier"]
-    assert report["by_category"] == {
-        str(benign): {
-            "food": report["by_category"][str(benign)]["food"] | {"n": 2},
-            "homonyms": report["by_category"][str(benign)]["homonyms"] | {"n": 1, "hits": 1},
-        }
+    kinds = json.loads(Path("e.json").read_text())["classifier"]["by_category"]
+    counts = {name: {k: (f["hits"], f["n"]) for k, f in by_kind.items()} for name, by_kind in kinds.items()}
+    assert counts == {
+        f"{harmful} (should flag)": {"weapons": (2, 2)},
+        f"{benign} (should flag)": {"food": (0, 2), "homonyms": (1, 1)},
+        f"{benign} (should pass)": {"food": (0, 2), "homonyms": (1, 1)},
     }
-    assert report["by_category"][str(benign)]["food"]["hits"] == 0
-    assert f"{benign} homonyms: flagged 1/1" in done.output
+    assert f"{benign} (should pass) homonyms: flagged 1/1" in done.output
 
 
 def test_build_cli_explains_itself(cli_runner):
@@ -244,6 +256,7 @@ def test_build_cli_explains_itself(cli_runner):
 
     result = cli_runner.invoke(cli, ["classifiers", "build", "--help"])
     assert result.exit_code == 0 and "feedback" in result.output and "resumable" in result.output
+    assert "--benign-examples" in result.output
 
 
 @pytest.mark.slow
@@ -461,6 +474,15 @@ def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry
     )
     assert "nonsense-groups" not in single.examples["benign"]
     assert single.fingerprint() != generator.fingerprint()
+    # a list of one source is the same build as the source alone (as builds before lists recorded it), so they resume
+    listed = Generator(
+        config.model_copy(update={"benign_examples": ["builtin:borderline"]}),
+        constitution,
+        FakeRuntime(cai_registry),
+        tmp_path / "one",
+    )
+    assert listed.fingerprint() == single.fingerprint()
+    assert listed.fingerprint()["benign_examples"] == "builtin:borderline"
 
 
 def test_the_build_command_reads_written_sources(cli_runner):

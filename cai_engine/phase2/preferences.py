@@ -361,8 +361,9 @@ def _balance(rows: list[PreferenceRow], strict: bool = True) -> list[PreferenceR
             return rows
         have, lack = ("a refusal", "an answer") if sides[True] else ("an answer", "a refusal")
         raise RunError(
-            f"balance: {len(sides[True] or sides[False])} pairs prefer {have} and none prefers {lack}; balancing "
-            "would drop them all (sample more prompts of the other intent, or export without balance)"
+            f"balance: in the training split {len(sides[True] or sides[False])} pairs prefer {have} and none prefers "
+            f"{lack}; balancing would drop them all (sample more prompts of the other intent, or export without "
+            "balance)"
         )
     n = min(len(sides[True]), len(sides[False]))
     dropped = set()
