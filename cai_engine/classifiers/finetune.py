@@ -144,6 +144,12 @@ def train_finetuned(
 
     folder, _ = resolve_model_folder(config.base_model)
     torch.manual_seed(config.seed)
+    from transformers.utils import logging as hf_logging
+
+    # keeping the first layers leaves the rest of the checkpoint unused and the head new, on purpose: transformers'
+    # load report says so at length, so it is silenced for this one load
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -158,6 +164,8 @@ def train_finetuned(
         )
     except Exception as exc:
         raise ModelError(f"{folder}: cannot load the base model ({type(exc).__name__}: {exc})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for parameter in model.get_input_embeddings().parameters():
