@@ -2,7 +2,9 @@
 
 The depth of the probe and its L2 penalty are chosen by measurement: the base model's activations after each
 candidate layer are pooled once, a head is fitted on the train split for each depth and penalty, and the shallowest
-layer whose AUC is within ``auc_tolerance`` of the best wins (fewer layers, faster scoring). The held-out split is
+layer whose AUC is within ``auc_tolerance`` of the best wins (fewer layers, faster scoring), with the strongest L2
+penalty within the same tolerance at that layer (penalties differ by noise on the synthetic split, and a stronger one
+ranks prompts written by people better). The held-out split is
 cut in two by request: depth, penalty and threshold (at the stated false-alarm rate) are chosen on one half, and the
 metrics are reported on the other, so no reported number was tuned on the examples it is measured on.
 """
@@ -28,14 +30,20 @@ class TrainConfig(BaseModel):
 
     base_model: str = Field(DEFAULT_MODEL, description="Whose activations the probe reads.")
     layers: list[int] = Field([2, 4, 6, 8, 12], min_length=1, description="Candidate depths, measured.")
-    auc_tolerance: float = Field(0.01, ge=0, description="Take the shallowest layer within this of the best AUC.")
+    auc_tolerance: float = Field(
+        0.01,
+        ge=0,
+        description="Take the shallowest layer within this of the best AUC, and at that layer the strongest L2 "
+        "penalty within this of its best (a build; `cai classifiers train` keeps the best cross-validated penalty).",
+    )
     false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="Thresholds are set for this on harmless cases.")
     l2: list[float] = Field(
         [1.0, 10.0, 30.0, 100.0],
         min_length=1,
-        description="Candidate L2 penalties on the head's weights, measured with each depth (the best held-out AUC "
-        "at the chosen depth wins). A weak penalty fits the generator's phrasing and saturates the probabilities; "
-        "measured on HarmBench against the contrast set, 30-100 ranked far better than 0.01.",
+        description="Candidate L2 penalties on the head's weights, measured with each depth (at the chosen depth the "
+        "strongest within auc_tolerance of the best held-out AUC wins). A weak penalty fits the generator's phrasing "
+        "and saturates the probabilities; measured on HarmBench against the contrast set, 30-100 ranked far better "
+        "than 0.01, and 10 better than 1.",
     )
 
     @field_validator("l2", mode="before")
@@ -196,7 +204,10 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         [[float(r["label"])] + [float(r["label"] and r["principle_id"] == p) for p in labels[1:]] for r in train]
     )
     scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
-    l2 = max(scored, key=lambda v: scored[v]) if scored else config.l2[0]
+    # the strongest penalty within the tolerance of the best: on the synthetic split the penalties differ by noise,
+    # and off it a stronger one ranks better (a weak one fits the generator's phrasing)
+    top = max(scored.values()) if scored else None
+    l2 = max(v for v, a in scored.items() if a >= top - config.auc_tolerance) if top is not None else config.l2[0]
     mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_all, l2)
     logits = ((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias
     probs = torch.sigmoid(logits)[:, 0].tolist()
