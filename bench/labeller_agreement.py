@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from cai_engine import ComparisonTask, Message, Runtime
+from cai_engine.errors import RunError
+from cai_engine.files.jsonl import iter_jsonl
 from cai_engine.prompts.sets import id_matches
 from cai_engine.stats import rate
 from cai_engine.text.refusals import refuses
@@ -42,8 +44,8 @@ def main() -> None:
     constitution = runtime.registry.constitution("harmless")
     report: dict = {"classifier": args.classifier, "runs": {}}
     for run in args.runs:
-        records = [json.loads(line) for line in (run / "records.jsonl").read_text(encoding="utf-8").splitlines()]
-        records = [r for r in records if r.get("label") is not None and not r["judgement"].get("abstained")]
+        records = [record for _, record in iter_jsonl(run / "records.jsonl", RunError)]
+        records = [r for r in records if r.get("label") is not None and not (r.get("judgement") or {}).get("abstained")]
         tasks = [
             ComparisonTask(
                 conversation=[Message(**m) for m in r["conversation"]],

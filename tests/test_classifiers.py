@@ -150,7 +150,11 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     # depth and L2 penalty are chosen together by held-out AUC, every pair measured and recorded; at the chosen depth
     # the strongest penalty within the tolerance (0.01) of the best wins
     assert metrics["l2"] in (1.0, 10.0, 30.0, 100.0) and len(metrics["l2_auc"]) == 2 * 4
-    at_depth = {float(k.split(":")[1]): v for k, v in metrics["l2_auc"].items() if k.startswith(f"{metrics['layer']}:")}
+    at_depth = {
+        float(k.split(":")[1]): v
+        for k, v in metrics["l2_auc"].items()
+        if k.startswith(f"{metrics['layer']}:") and v is not None
+    }
     assert metrics["l2"] == max(v for v, a in at_depth.items() if a >= max(at_depth.values()) - 0.01)
     assert {"classifier.json", "head.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     probe = Probe.load(out)

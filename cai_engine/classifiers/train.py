@@ -34,7 +34,8 @@ class TrainConfig(BaseModel):
         0.01,
         ge=0,
         description="Take the shallowest layer within this of the best AUC, and at that layer the strongest L2 "
-        "penalty within this of its best (a build; `cai classifiers train` keeps the best cross-validated penalty).",
+        "penalty within this of its best (a build, or `cai classifiers train --folds 0`; cross-validated training "
+        "keeps the best cross-validated penalty).",
     )
     false_alarm_rate: float = Field(0.05, gt=0, lt=1, description="Thresholds are set for this on harmless cases.")
     l2: list[float] = Field(
@@ -207,7 +208,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     # the strongest penalty within the tolerance of the best: on the synthetic split the penalties differ by noise,
     # and off it a stronger one ranks better (a weak one fits the generator's phrasing)
     top = max(scored.values()) if scored else None
-    l2 = max(v for v, a in scored.items() if a >= top - config.auc_tolerance) if top is not None else config.l2[0]
+    l2 = max(v for v, a in scored.items() if a >= top - config.auc_tolerance) if top is not None else max(config.l2)
     mean, scale, weight, bias = fit_head(x_train[:, layer - 1], y_all, l2)
     logits = ((x_test[:, layer - 1] - mean) / scale) @ weight.T + bias
     probs = torch.sigmoid(logits)[:, 0].tolist()
