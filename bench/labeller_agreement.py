@@ -25,7 +25,7 @@ from cai_engine import ComparisonTask, Message, Runtime
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import iter_jsonl
 from cai_engine.prompts.sets import id_matches
-from cai_engine.stats import rate
+from cai_engine.stats import format_rate, rate
 from cai_engine.text.refusals import refuses
 
 
@@ -51,8 +51,7 @@ def main() -> None:
                 conversation=[Message(**m) for m in r["conversation"]],
                 response_a=r["response_a"],
                 response_b=r["response_b"],
-                principles=[p for p in constitution.principles if p.id in (r.get("principle_ids") or [])][:1]
-                or constitution.principles[:1],
+                principles=constitution.principles[:1],  # required by the task; the classifier judge reads none
             )
             for r in records
         ]
@@ -87,15 +86,14 @@ def main() -> None:
         }
         report["runs"][str(run)] = block
         print(f"{run}: {len(records)} labelled pairs scored in {seconds:.1f} s")
-        for name in ("agrees_with_run_label", "agrees_with_confident_run_label"):
-            r = block[name]
-            print(f"  classifier {name.replace('_', ' ')}: {r['k']:g}/{r['n']} = {r['rate']} (95% CI {r['ci95']})")
-        for side, whom in block["prefers_what_the_intent_calls_for"].items():
-            for who, r in whom.items():
-                print(
-                    f"  {side} prompt, one refusal and one answer: {who} prefers what the intent calls for "
-                    f"{r['k']:g}/{r['n']} = {r['rate']} (95% CI {r['ci95']})"
-                )
+        agreements = ("agrees_with_run_label", "agrees_with_confident_run_label")
+        lines = [(f"classifier {name.replace('_', ' ')}", block[name]) for name in agreements] + [
+            (f"{side} prompt, one refusal and one answer: {who} prefers what the intent calls for", r)
+            for side, whom in block["prefers_what_the_intent_calls_for"].items()
+            for who, r in whom.items()
+        ]
+        for what, r in lines:
+            print(f"  {what}: {r['k']:g}/{r['n']} = {format_rate(r)}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

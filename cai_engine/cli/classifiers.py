@@ -340,7 +340,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
     exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
     from cai_engine.classifiers.load import load_classifier
-    from cai_engine.classifiers.sources import load_eval_categories, load_eval_prompts
+    from cai_engine.classifiers.sources import load_eval_items
     from cai_engine.classifiers.train import auc, rate_entry
 
     probe = load_classifier(classifier, precision=precision)
@@ -355,10 +355,9 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     if kind == "input":
         for label, sources in ((1, harmful), (0, benign)):
             for source in filter(None, sources.split(",")):
-                kinds = load_eval_categories(source, registry)
-                for item_id, prompt in load_eval_prompts(source, registry):
+                for _, prompt, category in load_eval_items(source, registry):
                     items.append((source, label, prompt, None))
-                    categories.append(kinds.get(item_id))
+                    categories.append(category)
     else:
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")

