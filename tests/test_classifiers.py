@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -464,8 +465,8 @@ def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry
     kinds = {i.category for source in config.benign_examples for i in load_prompts(source, cai_registry)}
     assert set(generator.examples["benign"]) == kinds
     jobs = [job for job in generator._request_jobs() if job["kind"] == "benign"]
-    # 16 principles x 3 batches, each list one kind, shown examples of that kind only
-    assert len(jobs) == 48 and {job["topic"] for job in jobs} <= kinds
+    # 17 principles x 3 batches, each list one kind, shown examples of that kind only
+    assert len(jobs) == 51 and {job["topic"] for job in jobs} <= kinds
     assert {job["topic"] for job in jobs} & {"nonsense-groups", "fictional-characters", "discrimination-history"}
     for job in jobs:
         assert set(job["examples"]) <= set(generator.examples["benign"][job["topic"]])
@@ -487,6 +488,51 @@ def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry
     )
     assert listed.fingerprint() == single.fingerprint()
     assert listed.fingerprint()["benign_examples"] == "builtin:borderline"
+
+
+def test_a_principle_with_its_own_red_team_requests_rewrites_them(cai_registry, tmp_path):
+    constitution = cai_registry.constitution("harmless")
+    privacy = constitution.principle("harm-015")
+    assert len(privacy.red_team) >= 10 and privacy.phases == ["runtime"]
+    config = BuildConfig(batches=20, benign_batches=0, per_batch=3, batch_size=3)
+    generator = Generator(config, constitution, FakeRuntime(cai_registry), tmp_path)
+    jobs = [job for job in generator._request_jobs() if job["kind"] == "harmful"]
+    shared = {text for texts in generator.examples["harmful"].values() for text in texts}
+    by_principle: dict[str, list[str]] = {}
+    for job in jobs:
+        by_principle.setdefault(job["principle_id"], []).append(job["examples"][0])
+    for principle in constitution.principles:
+        seeds = by_principle[principle.id]
+        if principle.red_team:
+            # every one of its own requests, each before any repeats, and nothing from the shared set
+            assert set(seeds) == set(principle.red_team) and len(set(seeds[: len(principle.red_team)])) == len(
+                principle.red_team
+            )
+        else:
+            assert set(seeds) <= shared
+    # principles without their own keep dealing the shared set in one order, each request before any repeats
+    dealt = [job["examples"][0] for job in jobs if not constitution.principle(job["principle_id"]).red_team]
+    assert len(set(dealt[: len(shared)])) == min(len(shared), len(dealt))
+    # the principle's own requests join the written harmful data, in the split group of their rewrites
+    written = {r["text"]: r for r in generator.written if r["written"] == "harmless:harm-015"}
+    assert set(written) == set(privacy.red_team)
+    rewrite_groups = {job["examples"][0]: job["group"] for job in jobs if job["principle_id"] == "harm-015"}
+    assert all(r["group"] == rewrite_groups[text] and r["kind"] == "harmful" for text, r in written.items())
+
+
+def test_red_team_requests_are_left_out_of_the_hash_when_unused(cai_registry):
+    harmless = cai_registry.constitution("harmless")
+    without = harmless.model_copy(
+        update={"principles": [p.model_copy(update={"red_team": []}) for p in harmless.principles]}
+    )
+    assert "red_team" not in json.dumps(without.model_dump(mode="json", exclude_defaults=True))
+    # a constitution that uses none hashes as before the field existed; using it changes the hash
+    data = without.model_dump(mode="json", exclude={"schema_"}, by_alias=True)
+    for principle in data["principles"]:
+        del principle["red_team"]
+    blob = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert without.content_hash() == "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    assert harmless.content_hash() != without.content_hash()
 
 
 def test_the_build_command_reads_written_sources(cli_runner):

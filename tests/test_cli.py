@@ -39,7 +39,7 @@ def test_constitutions_list(cli_runner):
     result = cli_runner.invoke(cli, ["constitutions", "list", "--json"])
     assert result.exit_code == 0
     rows = {r["name"]: r for r in json.loads(result.output)}
-    assert rows["harmless"]["status"] == "ok" and rows["harmless"]["principles"] == 16
+    assert rows["harmless"]["status"] == "ok" and rows["harmless"]["principles"] == 17
     table = cli_runner.invoke(cli, ["constitutions", "list"])
     assert "harmless" in table.output and "balanced" in table.output
 

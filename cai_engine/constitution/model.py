@@ -13,7 +13,16 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -209,6 +218,12 @@ class Principle(_Strict):
         default_factory=list, description="Few-shot labelled pairs for judges."
     )
     rules: list[Rule] = Field(default_factory=list, description="Deterministic checks that enforce this principle.")
+    red_team: list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=8)]] = Field(
+        default_factory=list,
+        description="Requests, in the authors' own words, that this principle tells an assistant to decline. "
+        "`cai classifiers build` rewrites these into this principle's harmful training requests (principles without "
+        "any share the build's harmful example set); never put evaluation prompts here.",
+    )
     checks: list[str] = Field(
         default_factory=list,
         description="Registry names of deterministic critics (usually from the plugin shipping this constitution) "
@@ -276,6 +291,10 @@ class Constitution(_Strict):
     def content_hash(self) -> str:
         """A sha256 over the canonical JSON of the constitution (without ``$schema``), for provenance."""
         data = self.model_dump(mode="json", exclude={"schema_"}, by_alias=True)
+        for principle in data["principles"]:
+            # fields added after hashes were recorded count only when used, so unchanged constitutions keep theirs
+            if not principle["red_team"]:
+                del principle["red_team"]
         blob = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
