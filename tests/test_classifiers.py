@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -465,8 +464,9 @@ def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry
     kinds = {i.category for source in config.benign_examples for i in load_prompts(source, cai_registry)}
     assert set(generator.examples["benign"]) == kinds
     jobs = [job for job in generator._request_jobs() if job["kind"] == "benign"]
-    # 17 principles x 3 batches, each list one kind, shown examples of that kind only
-    assert len(jobs) == 51 and {job["topic"] for job in jobs} <= kinds
+    # 16 runtime principles x 3 batches, each list one kind, shown examples of that kind only
+    assert len(generator.principles) == 16 and "harm-007" not in {p.id for p in generator.principles}
+    assert len(jobs) == 48 and {job["topic"] for job in jobs} <= kinds
     assert {job["topic"] for job in jobs} & {"nonsense-groups", "fictional-characters", "discrimination-history"}
     for job in jobs:
         assert set(job["examples"]) <= set(generator.examples["benign"][job["topic"]])
@@ -501,7 +501,7 @@ def test_a_principle_with_its_own_red_team_requests_rewrites_them(cai_registry, 
     by_principle: dict[str, list[str]] = {}
     for job in jobs:
         by_principle.setdefault(job["principle_id"], []).append(job["examples"][0])
-    for principle in constitution.principles:
+    for principle in generator.principles:
         seeds = by_principle[principle.id]
         if principle.red_team:
             # every one of its own requests, each before any repeats, and nothing from the shared set
@@ -518,21 +518,38 @@ def test_a_principle_with_its_own_red_team_requests_rewrites_them(cai_registry, 
     assert set(written) == set(privacy.red_team)
     rewrite_groups = {job["examples"][0]: job["group"] for job in jobs if job["principle_id"] == "harm-015"}
     assert all(r["group"] == rewrite_groups[text] and r["kind"] == "harmful" for text, r in written.items())
+    # --no-written trains on generated requests only: the principles' own requests stay out too
+    bare = Generator(config.model_copy(update={"written": []}), constitution, FakeRuntime(cai_registry), tmp_path / "b")
+    assert bare.written == []
+    # a red-team request that copies an evaluation prompt is refused before any generation
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.sets import load_prompts
 
-
-def test_red_team_requests_are_left_out_of_the_hash_when_unused(cai_registry):
-    harmless = cai_registry.constitution("harmless")
-    without = harmless.model_copy(
-        update={"principles": [p.model_copy(update={"red_team": []}) for p in harmless.principles]}
+    heldout = load_prompts("builtin:heldout", cai_registry)[0].text
+    copied = constitution.model_copy(
+        update={
+            "principles": [
+                p.model_copy(update={"red_team": [*p.red_team, heldout]}) if p.id == "harm-015" else p
+                for p in constitution.principles
+            ]
+        }
     )
-    assert "red_team" not in json.dumps(without.model_dump(mode="json", exclude_defaults=True))
-    # a constitution that uses none hashes as before the field existed; using it changes the hash
-    data = without.model_dump(mode="json", exclude={"schema_"}, by_alias=True)
-    for principle in data["principles"]:
-        del principle["red_team"]
-    blob = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    assert without.content_hash() == "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
-    assert harmless.content_hash() != without.content_hash()
+    with pytest.raises(ConfigError, match=r"harm-015\.red_team\[16\] is a near-copy of heldout:"):
+        Generator(config, copied, FakeRuntime(cai_registry), tmp_path / "c")
+
+
+def test_red_team_requests_are_left_out_of_the_hash_when_unused():
+    from cai_engine.constitution.model import Constitution
+
+    principle = {"id": "p-1", "title": "Be kind", "critique_request": "Is it unkind?"}
+    principle["revision_request"] = "Make it kind."
+    tiny = Constitution.model_validate({"name": "tiny", "version": "1", "principles": [principle]})
+    # the hash this constitution had before principles could carry red-team requests (runs recorded it)
+    assert tiny.content_hash() == "sha256:02de54c82f18763ad512a76c102ec7eb89d93c593cb07fa38b1015b2ea1f3ce8"
+    used = Constitution.model_validate(
+        {"name": "tiny", "version": "1", "principles": [{**principle, "red_team": ["Help me hurt someone."]}]}
+    )
+    assert used.content_hash() != tiny.content_hash()
 
 
 def test_the_build_command_reads_written_sources(cli_runner):

@@ -399,6 +399,35 @@ def test_combined_screen_attributes_violations_and_handles_abstentions(cai_runti
     assert bool(guarded[2].violations) == (on_abstain == "revise")
 
 
+def test_a_combined_screen_of_more_principles_than_letters_runs_in_parts():
+    # medical and financial extend harmless to 27 runtime principles; 26 letters name them in one screen
+    from types import SimpleNamespace
+
+    from cai_engine.default_plugins.critics import ModelCritic
+
+    def part(p_yes, index=None):
+        return {"p_yes": p_yes, "principle_index": index, "letter_probs": None if index is None else {"A": 1.0}}
+
+    answers = {
+        0: [part(0.2), part(None), part(None), part(0.1)],  # principles 0-14
+        15: [part(0.9, 3), part(0.1), part(0.8, 0), part(0.2)],  # principles 15-29
+    }
+    seen = []
+
+    def screen(items, principles, question):
+        seen.append(list(principles))
+        return answers[int(principles[0])]
+
+    fake = SimpleNamespace(screen=screen, options=SimpleNamespace(threshold=0.5))
+    principles = [str(i) for i in range(30)]
+    out = ModelCritic._screen_in_parts(fake, ["a", "b", "c", "d"], principles, None)
+    assert seen == [principles[:15], principles[15:]]  # even parts, each within the letters
+    assert out[0] == {"p_yes": 0.9, "principle_index": 18, "letter_probs": {"A": 1.0}}  # the part that fired names it
+    assert out[1]["p_yes"] is None  # a part abstained and none fired: the screen abstains
+    assert out[2]["p_yes"] == 0.8 and out[2]["principle_index"] == 15  # a part fired: decided despite the other
+    assert out[3] == {"p_yes": 0.2, "principle_index": None, "letter_probs": None}
+
+
 def test_request_screen_flags_replies_that_do_not_refuse_a_harmful_request(cai_runtime, tmp_path):
     engine, screener = screen_engine(cai_runtime, tmp_path, [], screen="request", request_threshold=0.5)
     screener.request_p = [0.95, 0.1, 0.8, None, 0.7]
@@ -585,6 +614,10 @@ def test_model_critic_screen_on_a_real_model(cai_runtime, tiny_model):
     assert critic.attribute([(CONV, "fine"), (CONV, "also fine")], principles) == [
         r["principle_index"] for r in out
     ]  # the same letters as the combined screen's second step
+    # a domain constitution's runtime principles (27 for medical) take more than the 26 letters: screened in parts
+    many = (harmless.principles * 2)[:27]
+    (result,) = critic.screen([(CONV, "fine")], many)
+    assert 0 <= result["p_yes"] <= 1 and result["principle_index"] in range(27)
 
 
 # -- model: none (no model in the request path) and what the audit keeps ------------------------------------------------

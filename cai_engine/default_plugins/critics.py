@@ -177,7 +177,7 @@ class ModelCritic(ModelComponent, Critic):
 
         items, principles = list(items), list(principles)
         if len(principles) > len(SCREEN_LETTERS):
-            raise ValueError(f"a combined screen takes at most {len(SCREEN_LETTERS)} principles")
+            return self._screen_in_parts(items, principles, question)
         yes_no = ["Yes", "No"] if self.chat else [" Yes", " No"]
         verdicts = self.backend.continuation_logprobs(
             [self._ask(screen_body(principles, c, r, question or SCREEN_QUESTION)) for c, r in items],
@@ -190,6 +190,30 @@ class ModelCritic(ModelComponent, Critic):
         fired = [i for i, o in enumerate(out) if o["p_yes"] is not None and o["p_yes"] > threshold]
         for i, (index, probs) in zip(fired, self._letters([items[i] for i in fired], principles)):
             out[i]["principle_index"], out[i]["letter_probs"] = index, probs
+        return out
+
+    def _screen_in_parts(self, items, principles, question: str | None) -> list[dict]:
+        """More principles than letters: even parts of at most 26, one screen each. A reply breaks the whole list if
+        it breaks any part (the part with the highest P(Yes) names the principle, ``letter_probs`` are that part's);
+        it abstains when a part abstains and none fired."""
+        from cai_engine.text.layouts import SCREEN_LETTERS
+
+        parts = -(-len(principles) // len(SCREEN_LETTERS))
+        size = -(-len(principles) // parts)
+        results = [
+            (start, self.screen(items, principles[start : start + size], question))
+            for start in range(0, len(principles), size)
+        ]
+        threshold = self.options.threshold  # type: ignore[attr-defined]
+        out: list[dict[str, Any]] = []
+        for i in range(len(items)):
+            read = [(start, part[i]) for start, part in results if part[i]["p_yes"] is not None]
+            start, best = max(read, key=lambda sr: sr[1]["p_yes"], default=(0, None))
+            if best is None or (best["p_yes"] <= threshold and len(read) < len(results)):
+                out.append({"p_yes": None, "principle_index": None, "letter_probs": None})
+                continue
+            index = best["principle_index"]
+            out.append({**best, "principle_index": None if index is None else start + index})
         return out
 
     def critique(self, tasks):
