@@ -198,7 +198,8 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         else deepest
     )
 
-    # hand-written examples carry no principle: they train the overall label only
+    # hand-written sets carry no principle and train the overall label only; a principle's own red-team requests
+    # carry theirs
     principles = Counter(r["principle_id"] for r in train if r["label"] and r.get("principle_id"))
     labels = ["violation", *sorted(p for p, n in principles.items() if n >= config.min_positives)]
     y_all = torch.tensor(
