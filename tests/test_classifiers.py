@@ -389,6 +389,14 @@ def test_a_confident_disagreement_is_kept_with_the_labellers_label(cai_registry,
     assert by_number["8"]["kind"] == "harmful"
     strict = Generator(config.model_copy(update={"relabel_margin": 0.0}), generator.constitution, runtime, tmp_path)
     assert len(strict.kept_requests()[0]) == 1  # the margin is not part of the data's fingerprint: no regeneration
+    # rewrites of a principle's own red-team requests: a confident "harmless" is dropped, not turned into a look-alike
+    own = Generator(
+        config.model_copy(update={"principles": ["harm-015"]}), generator.constitution, runtime, tmp_path / "o"
+    )
+    own.build()
+    kept, dropped = own.kept_requests()
+    assert [r["text"].split("number ")[1][0] for r in kept] == ["8"] and kept[0]["kind"] == "harmful"
+    assert dropped == {"written harmful for the principle's own red-team, labelled benign": 2}
 
 
 def test_hand_written_sets_join_the_input_data_on_the_side_of_what_they_belong_to(cai_registry, tmp_path):

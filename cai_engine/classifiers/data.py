@@ -10,7 +10,9 @@ skips what is done, and a different config is refused with what changed):
    seeded per batch.
 2. ``labels``: the feedback model reads each request alone and says whether it asks for harm (P(Yes) from
    log-probs). A request whose label disagrees with what it was written to be is dropped, as is one the model could
-   not read, so only requests both the writer and the labeller agree on are kept.
+   not read, so only requests both the writer and the labeller agree on are kept (``relabel_margin``: a confident
+   disagreement keeps the labeller's label, except on rewrites of a principle's own red-team requests, since the
+   labeller asks about harm in general and does not know the principle).
 3. ``replies``: the policy model (which complies with almost anything) and the feedback model (which declines
    clearly harmful requests) answer every kept request.
 
@@ -108,8 +110,9 @@ class BuildConfig(BaseModel):
         ge=0,
         lt=0.5,
         description="A request the labeller confidently puts on the other side (P(Yes) at most this, or at least 1 "
-        "minus it) is kept with the labeller's label (a harmful-sounding request it calls harmless is a look-alike); "
-        "0 drops every disagreement.",
+        "minus it) is kept with the labeller's label (a harmful-sounding request it calls harmless is a look-alike; "
+        "not for rewrites of a principle's own red_team requests, whose disagreements are dropped); 0 drops every "
+        "disagreement.",
     )
     seed: int = Field(0, description="Seeds categories, examples, sampling, augmentation and the split.")
     test_share: float = Field(0.25, gt=0, lt=1, description="Share of generation batches held out for testing.")
@@ -370,6 +373,9 @@ class Generator:
     def kept_requests(self) -> tuple[list[dict[str, Any]], Counter[str]]:
         """The requests whose feedback-model label agrees with the kind they were written as, and why others went."""
         labels = {r.items[0]["id"]: r.items[0]["p_harmful"] for r in self.records("labels")}
+        # the rewrites of a principle's own red-team requests: the labeller asks about harm in general, not about the
+        # principle, so its "harmless" there (a request for a stranger's address) is not evidence of a look-alike
+        own = {p.id for p in self.principles if p.red_team}
         kept, dropped = [], Counter[str]()
         for request in self.requests():
             p = labels.get(request["id"])
@@ -379,6 +385,9 @@ class Generator:
             harmful = p > self.config.label_threshold
             if harmful != (request["kind"] == "harmful"):
                 margin = self.config.relabel_margin
+                if request["kind"] == "harmful" and request["principle_id"] in own:
+                    dropped["written harmful for the principle's own red-team, labelled benign"] += 1
+                    continue
                 if p <= margin or p >= 1 - margin:
                     kept.append(
                         {**request, "kind": "harmful" if harmful else "benign", "p_harmful": p, "relabelled": True}
