@@ -29,7 +29,9 @@ def classifiers_group() -> None:
 @click.option("--feedback-model", default="qwen2.5-coder-1.5b", show_default=True, help="Writes and labels the data.")
 @click.option("--policy-model", default=DEFAULT_MODEL, show_default=True, help="Also answers every request.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (resumable). [runs/classifiers/NAME]")
-@click.option("--principles", help="Comma-separated principle ids (default: every runtime principle, the ones the guard checks).")
+@click.option(
+    "--principles", help="Comma-separated principle ids (default: every runtime principle, the ones the guard checks)."
+)
 @click.option("--batches", type=int, default=4, show_default=True, help="Calls per principle for requests to decline.")
 @click.option("--benign-batches", type=int, default=2, show_default=True, help="Calls per principle for look-alikes.")
 @click.option("--per-batch", type=int, default=10, show_default=True, help="Requests asked for per call.")
