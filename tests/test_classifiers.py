@@ -399,6 +399,38 @@ def test_a_confident_disagreement_is_kept_with_the_labellers_label(cai_registry,
     assert dropped == {"written harmful for the principle's own red-team, labelled benign": 2}
 
 
+def test_the_labeller_can_be_asked_about_the_principle_each_request_was_written_for(cai_registry, tmp_path):
+    asked = []
+
+    class Recording(FakeCritic):
+        def screen_requests(self, conversations, question=None):
+            asked.append((question, len(conversations)))
+            return super().screen_requests(conversations, question)
+
+    runtime = FakeRuntime(cai_registry)
+    runtime.component = lambda kind, name, options: Recording()
+    constitution = cai_registry.constitution("harmless")
+    config = BuildConfig(principles=["harm-014", "harm-015"], batches=1, benign_batches=0, per_batch=3, batch_size=4)
+    plain = Generator(config, constitution, runtime, tmp_path / "harm")
+    assert "label_question" not in plain.fingerprint()  # builds made before the choice resume
+    plain.build()
+    assert {q for q, _ in asked} == {None}  # the request screen's own question about harm
+    asked.clear()
+    Generator(config.model_copy(update={"label_question": "principle"}), constitution, runtime, tmp_path / "p").build()
+    questions = [q for q, _ in asked]
+    assert len(set(questions)) == 2 and sum(n for _, n in asked) == 6  # one question per principle, each asked once
+    for pid in ("harm-014", "harm-015"):
+        principle = constitution.principle(pid)
+        assert any(principle.violation_question.split()[-1] in q and principle.title in q for q in questions)
+    # a labeller asked another question is another build: resuming the first with it is refused
+    from cai_engine.errors import RunError
+
+    with pytest.raises(RunError, match="label_question"):
+        Generator(
+            config.model_copy(update={"label_question": "principle"}), constitution, runtime, tmp_path / "harm"
+        ).build()
+
+
 def test_hand_written_sets_join_the_input_data_on_the_side_of_what_they_belong_to(cai_registry, tmp_path):
     from cai_engine.classifiers.data import WrittenSource, written_requests
     from cai_engine.errors import ConfigError

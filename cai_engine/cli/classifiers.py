@@ -36,6 +36,14 @@ def classifiers_group() -> None:
 @click.option("--benign-batches", type=int, default=2, show_default=True, help="Calls per principle for look-alikes.")
 @click.option("--per-batch", type=int, default=10, show_default=True, help="Requests asked for per call.")
 @click.option("--reply-tokens", type=int, default=32, show_default=True, help="Length of each reply.")
+@click.option(
+    "--label-question",
+    type=click.Choice(["harm", "principle"]),
+    default="harm",
+    show_default=True,
+    help="What the labeller asks of each request: 'harm' (help to hurt, a crime, danger) or 'principle' (should an "
+    "assistant decline it under the rule of the principle it was written for).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--layers", default="2,4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
 @click.option(
@@ -81,6 +89,7 @@ def build_command(
     benign_batches,
     per_batch,
     reply_tokens,
+    label_question,
     seed,
     layers,
     l2,
@@ -116,6 +125,7 @@ def build_command(
         benign_batches=benign_batches,
         per_batch=per_batch,
         reply_tokens=reply_tokens,
+        label_question=label_question,
         seed=seed,
         **({"written": []} if no_written else {"written": [_written(w) for w in written]} if written else {}),
         **(
