@@ -144,6 +144,11 @@ def _seed(*parts: object) -> int:
     return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
 
 
+def _seed_group(text: str) -> str:
+    """The split group of a red-team request: it, its rewrites and a hand-written copy of it land on one side."""
+    return f"seed:{_seed(text) % 10**8:08d}"
+
+
 def rule_text(principle: Principle) -> str:
     """The principle as one sentence for the writer: its title and its yes/no violation question."""
     question = principle.violation_question or principle.critique_request or principle.comparison or ""
@@ -250,7 +255,7 @@ class Generator:
                 "principle_id": principle.id,
                 "kind": "harmful",
                 "topic": principle.id,
-                "group": f"seed:{_seed(text) % 10**8:08d}",
+                "group": _seed_group(text),
                 "text": text,
                 "written": f"{constitution.name}:{principle.id}",
             }
@@ -306,15 +311,19 @@ class Generator:
                         "batch": batch,
                         "rule": rule_text(principle),
                     }
-                    if kind == "harmful" and own:
-                        category, text = own[batch % len(own)]
-                    elif kind == "harmful":
-                        category, text = seeds[dealt % len(seeds)]
-                        dealt += 1
                     if kind == "harmful":
+                        if own:
+                            category, text = own[batch % len(own)]
+                        else:
+                            category, text = seeds[dealt % len(seeds)]
+                            dealt += 1
                         # requests rewritten from one seed stay on one side of the split
-                        group = f"seed:{_seed(text) % 10**8:08d}"
-                        job |= {"framing": "rewrites", "topic": category, "group": group, "examples": [text]}
+                        job |= {
+                            "framing": "rewrites",
+                            "topic": category,
+                            "group": _seed_group(text),
+                            "examples": [text],
+                        }
                     else:
                         category = rng.choice(sorted(self.examples[kind]))
                         pool = self.examples[kind][category]
@@ -550,7 +559,7 @@ def written_requests(sources: list[WrittenSource], registry: Any) -> list[dict[s
                     "principle_id": None,
                     "kind": written.label,
                     "topic": item.category or "general",
-                    "group": f"seed:{_seed(text) % 10**8:08d}"
+                    "group": _seed_group(text)
                     if written.label == "harmful" and not _PAIR_SUFFIX.search(item.id)
                     else f"written:{written.source}:{_PAIR_SUFFIX.sub('', item.id)}",
                     "text": text,
