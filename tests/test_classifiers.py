@@ -624,6 +624,52 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 
 
 @pytest.mark.slow
+def test_an_int8_probe_fits_its_head_on_8bit_activations_and_always_runs_so(tiny_model, tmp_path, cli_runner):
+    import torch
+
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.probe import Encoder, describe
+    from cai_engine.cli import cli
+    from cai_engine.errors import ModelError
+
+    texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
+    full = Encoder(str(tiny_model), 2, "float32").features(texts)
+    eight = Encoder(str(tiny_model), 2, "int8")
+    quantised = eight.features(texts)
+    assert quantised.shape == full.shape and not torch.equal(full, quantised)
+    assert float(torch.nn.functional.cosine_similarity(full.flatten(1), quantised.flatten(1)).min()) > 0.9
+    # the input's scale is taken per call, so each text runs alone: its features do not depend on its neighbours
+    assert torch.equal(eight.features(texts[:1])[0], quantised[0])
+
+    rng = random.Random(5)
+    lines = []
+    for i in range(60):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        reply = " ".join(rng.choice(words) for _ in range(6))
+        lines.append(json.dumps({"prompt": f"question {i}", "response": reply, "violates": bad, "why": "test"}))
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "probe"
+    args = ["classifiers", "train", str(cases), "--out", str(out), "--base-model", str(tiny_model), "--layers", "1,2"]
+    done = cli_runner.invoke(cli, [*args, "--int8"])
+    assert done.exit_code == 0, done.output
+    assert "8-bit weights, one text at a time" in done.output
+    probe = load_classifier(out)
+    assert probe.config.base_weights == "int8" and probe.precision == "int8"
+    scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz", "garden bread picnic"])
+    assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
+    assert "8 bits" in (out / "README.md").read_text() and describe(out)["base_weights"] == "int8"
+    # its threshold was set on 8-bit activations: asking for float32 is refused rather than silently miscalibrated
+    with pytest.raises(ModelError, match="runs in int8 only"):
+        load_classifier(out, precision="float32")
+    # a float probe records as much, and keeps loading in float32 or bfloat16
+    assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "float")]).exit_code == 0
+    assert load_classifier(tmp_path / "float", precision="float32").precision == "float32"
+    assert describe(tmp_path / "float")["base_weights"] == "float"
+
+
+@pytest.mark.slow
 def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner):
     from cai_engine.classifiers.load import load_classifier
     from cai_engine.cli import cli

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cai_engine.classifiers.probe import Encoder, Probe, ProbeConfig, base_model_sha256, render
+from cai_engine.classifiers.probe import BaseWeights, Encoder, Probe, ProbeConfig, base_model_sha256, render
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import iter_jsonl
 from cai_engine.models.runtime import DEFAULT_MODEL
@@ -53,7 +53,20 @@ class TrainConfig(BaseModel):
         return [value] if isinstance(value, (int, float)) else value
 
     max_tokens: int = Field(256, ge=8)
+    base_weights: BaseWeights = Field(
+        "float",
+        description="'int8': fit the head on the activations of the base layers with 8-bit weights, as the probe "
+        "will then always run (about 2.5x faster than float32 on any x86-64 CPU); 'float': on float32 activations.",
+    )
     min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
+
+
+def _encoder_precision(config: TrainConfig) -> str:
+    return "int8" if config.base_weights == "int8" else "float32"
+
+
+def _int8(config: TrainConfig) -> str:
+    return " (8-bit weights, one text at a time)" if config.base_weights == "int8" else ""
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -165,8 +178,10 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         ]
 
     deepest = max(config.layers)
-    encoder = Encoder(config.base_model, deepest)
-    echo(f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}")
+    encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
+    echo(
+        f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
+    )
     x_train = encoder.features(texts(train), max_tokens=config.max_tokens)
     x_test = encoder.features(texts(test), max_tokens=config.max_tokens)
     y_train = torch.tensor([[float(r["label"])] for r in train])
@@ -232,6 +247,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         base_model=config.base_model,
         base_model_sha256=base_model_sha256(config.base_model),
         layer=layer,
+        base_weights=config.base_weights,
         max_tokens=config.max_tokens,
         labels=labels,
         thresholds={"violation": threshold},
@@ -287,8 +303,8 @@ def train_probe_cv(
         for r in rows
     ]
     deepest = max(config.layers)
-    encoder = Encoder(config.base_model, deepest)
-    echo(f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}")
+    encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
+    echo(f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}")
     x_all = encoder.features(texts, max_tokens=config.max_tokens)
     y_all = torch.tensor([[float(v)] for v in labels])
 
@@ -342,6 +358,7 @@ def train_probe_cv(
         base_model=config.base_model,
         base_model_sha256=base_model_sha256(config.base_model),
         layer=layer,
+        base_weights=config.base_weights,
         max_tokens=config.max_tokens,
         labels=["violation"],
         thresholds={"violation": threshold},
@@ -405,7 +422,13 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     )
     from_cases = config.data.get("dataset_report", {}).get("source") == "cases"
     what = (
-        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations), "
+        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations"
+        + (
+            ", with the layers' weights in 8 bits: dynamic quantisation, which it always runs"
+            if config.base_weights == "int8"
+            else ""
+        )
+        + "), "
         if config.method == "probe"
         else f"The first {config.layer} layers of `{config.base_model}` fine-tuned with a classification head, "
     )

