@@ -166,7 +166,10 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert spelled[0]["violation"] == pytest.approx(scores[0]["violation"], abs=1e-5)
 
     critic = cai_runtime.component("critic", "classifier", {"path": str(out)})
-    assert critic.screen_requests([[Message(role="user", content="garden picnic")]])[0] < probe.threshold()
+    assert (
+        critic.screen_requests([[Message(role="user", content="garden picnic bread picnic garden bread")]])[0]
+        < probe.threshold()
+    )  # six words, as it was trained on
     principles = cai_runtime.registry.constitution("harmless").principles[:3]
     tasks = [
         CritiqueTask(conversation=[Message(role="user", content="xqz zzq qxz")], response="ok", principle=p)
@@ -624,11 +627,25 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 
 
 @pytest.mark.slow
+def test_every_depth_is_read_as_a_probe_of_that_depth_is_served(tiny_model):
+    # training reads every candidate depth from one pass of the deepest encoder; serving runs an encoder cut to the
+    # chosen depth, whose last output transformers hands back after the final norm: the two must be the same numbers
+    import torch
+
+    from cai_engine.classifiers.probe import Encoder
+
+    texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
+    deep = Encoder(str(tiny_model), 2, "float32").features(texts)
+    served = Encoder(str(tiny_model), 1, "float32").features(texts)
+    assert torch.allclose(deep[:, 0], served[:, 0], atol=1e-5)
+
+
+@pytest.mark.slow
 def test_an_int8_probe_fits_its_head_on_8bit_activations_and_always_runs_so(tiny_model, tmp_path, cli_runner):
     import torch
 
     from cai_engine.classifiers.load import load_classifier
-    from cai_engine.classifiers.probe import Encoder, describe
+    from cai_engine.classifiers.probe import Encoder, describe, render
     from cai_engine.cli import cli
     from cai_engine.errors import ModelError
 
@@ -657,16 +674,29 @@ def test_an_int8_probe_fits_its_head_on_8bit_activations_and_always_runs_so(tiny
     assert "8-bit weights, one text at a time" in done.output
     probe = load_classifier(out)
     assert probe.config.base_weights == "int8" and probe.precision == "int8"
-    scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz", "garden bread picnic"])
+    scores = probe.predict(
+        ["question 1", "question 2"], ["xqz zzq qxz xqz qxz zzq", "garden bread picnic bread garden picnic"]
+    )
     assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
     assert "8 bits" in (out / "README.md").read_text() and describe(out)["base_weights"] == "int8"
-    # its threshold was set on 8-bit activations: asking for float32 is refused rather than silently miscalibrated
-    with pytest.raises(ModelError, match="runs in int8 only"):
-        load_classifier(out, precision="float32")
-    # a float probe records as much, and keeps loading in float32 or bfloat16
+    # the head was fitted on 8-bit activations (cross-validation fits the final head on every case): its
+    # standardising mean is theirs, not float32's
+    rendered = [render("output", f"question {i}", json.loads(line)["response"]) for i, line in enumerate(lines)]
+    layer = probe.config.layer - 1
+    assert torch.allclose(probe.mean, eight.features(rendered)[:, layer].mean(0), atol=1e-4)
+    assert not torch.allclose(probe.mean, Encoder(str(tiny_model), 2, "float32").features(rendered)[:, layer].mean(0))
+    # its threshold was set on 8-bit activations: a float precision is refused rather than silently miscalibrated
+    for precision in ("float32", "bfloat16"):
+        with pytest.raises(ModelError, match="runs in int8 only.*precision auto"):
+            load_classifier(out, precision=precision)
+    # a float probe keeps loading in float32 or bfloat16, and its classifier.json stays readable by older releases
     assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "float")]).exit_code == 0
     assert load_classifier(tmp_path / "float", precision="float32").precision == "float32"
     assert describe(tmp_path / "float")["base_weights"] == "float"
+    assert "base_weights" not in json.loads((tmp_path / "float" / "classifier.json").read_text())
+    # a build's fine-tuned candidate would run in float: --int8 asks for probes alone
+    refused = cli_runner.invoke(cli, ["classifiers", "build", "--constitution", "harmless", "--int8"])
+    assert refused.exit_code == 2 and "--methods probe" in refused.output
 
 
 @pytest.mark.slow
@@ -815,11 +845,10 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
         assert engine.components.check_classifiers_active()
         # what only the classifier flags is repaired by dropping the sentences it blames, then finished
         mixed = engine.guard(
-            conversation, "garden bread picnic garden. xqz zzq qxz xqz zzq qxz. qxz xqz zzq xqz qxz zzq."
+            conversation, "garden bread picnic garden. xqz zzq qxz xqz zzq. picnic garden bread picnic."
         )
         assert mixed.action == "revised", mixed.rounds
-        kept = ("xqz zzq qxz xqz zzq qxz.", "qxz xqz zzq xqz qxz zzq.")  # dropping either one was enough
-        assert mixed.response in [f"garden bread picnic garden. {k} (checked)" for k in kept]
+        assert mixed.response == "garden bread picnic garden. picnic garden bread picnic. (checked)"
         assert "dropped 1 sentence(s) the classifier blamed" in str(mixed.rounds[0].revisions)
         # with one sentence there is nothing to drop: declined, and with model: none the policy refuses (above)
         # another string of the message (a tool call's arguments): the rules alone

@@ -70,7 +70,7 @@ def calibrate_folder(
         config = classifier.config.model_copy(deep=True)
         config.thresholds["violation"] = threshold
         config.metrics["calibration"] = record
-        write_atomic(folder / CONFIG, config.model_dump_json(indent=2) + "\n", what="classifier")
+        write_atomic(folder / CONFIG, config.to_json(), what="classifier")
         write_card(folder, config)
         classifier.config = config
     return record

@@ -238,6 +238,6 @@ def train_finetuned(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    (out / CONFIG).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (out / CONFIG).write_text(final.to_json(), encoding="utf-8")
     write_card(out, final)
     return metrics

@@ -13,7 +13,8 @@ from cai_engine.errors import ModelError
 def load_classifier(folder: str | Path, *, check_base: bool = True, precision: str = "auto") -> Any:
     """A classifier folder made by ``cai classifiers build``, whichever method made it (a ``Probe`` or a
     ``FinetunedClassifier``: both have ``config``, ``predict`` and ``threshold``). ``precision`` (a probe's base
-    layers: ``auto``, ``float32`` or ``bfloat16``; see :data:`cai_engine.classifiers.probe.Precision`)."""
+    layers: ``auto``, ``float32`` or ``bfloat16``, and ``int8`` for a probe built with ``--int8``, which only
+    ``auto`` or ``int8`` load; see :data:`cai_engine.classifiers.probe.Precision`)."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise ModelError(f"{folder}: not a classifier folder (no {CONFIG})")

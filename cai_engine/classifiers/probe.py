@@ -31,12 +31,13 @@ WEIGHTS = "head.safetensors"
 #: has native bfloat16 (AVX512-BF16 or AMX), with pooled activations that agree to cosine 0.9999 with float32's;
 #: ``auto`` takes bfloat16 where the CPU has it and float32 elsewhere. A probe trained on float32 activations runs in
 #: either; a probe built with ``--int8`` (``base_weights: int8``) always runs its base layers in 8 bits (see
-#: :class:`Encoder`).
+#: :class:`Encoder`; ``auto`` or ``int8`` load it, the others are refused).
 Precision = Literal["auto", "float32", "bfloat16"]
 
 #: How the base model's linear layers ran when a probe's head was fitted: ``float`` (then scoring runs float32 or
 #: bfloat16, see :data:`Precision`) or ``int8`` (weights in 8 bits per output channel, activations quantised as each
-#: text runs: PyTorch's dynamic quantisation, about 2.5x faster than float32 on any x86-64 CPU). 8-bit activations
+#: text runs: PyTorch's dynamic quantisation; about twice as fast as float32 and 1.5x as fast as bfloat16 on one
+#: request, slower than bfloat16 batched, measured on an AVX-512 CPU). 8-bit activations
 #: drift from float32's (cosine 0.98 after 6 layers of SmolLM2-135M), so an int8 probe's head and threshold are
 #: fitted on int8 activations and it always runs so.
 BaseWeights = Literal["float", "int8"]
@@ -83,6 +84,12 @@ class ProbeConfig(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
+    def to_json(self) -> str:
+        """``classifier.json``'s text. ``base_weights`` is written only when it is ``int8``, so a float classifier's
+        folder stays readable by releases before the field (they forbid unknown keys)."""
+        skip = {"base_weights"} if self.base_weights == "float" else None
+        return self.model_dump_json(indent=2, exclude=skip) + "\n"
+
 
 def render(kind: str, prompt: str, reply: str | None = None) -> str:
     """The text a probe reads: the request alone, or the exchange."""
@@ -110,11 +117,17 @@ def quantize_int8(model: Any) -> Any:
     import warnings
 
     import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as exc:
+        raise ModelError(
+            f"this torch ({torch.__version__}) has no dynamic quantisation (torch.ao.quantization: {exc}); an int8 "
+            "probe needs torch 2.13 (the version cai-engine pins) or rebuild it without --int8"
+        ) from None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*quantiz.*", category=DeprecationWarning)
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
@@ -150,6 +163,10 @@ class Encoder:
         elif self.precision == "int8":
             inner = quantize_int8(inner)
         self.model = inner.eval()
+        norm = getattr(inner, "norm", None)
+        if norm is None:
+            raise ModelError(f"{base_model}: no final norm found (model.norm); the probe supports Llama-style models")
+        self._norm = norm
         self.layers = layers
         self.folder = folder
         self._lock = threading.Lock()
@@ -188,13 +205,31 @@ class Encoder:
                     ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[row, : len(encoded[i])] = 1
                 hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                # transformers hands back the last layer's output after the model's final norm and the others before
+                # it; a probe of depth k is served by a k-layer encoder, whose last output is normed, so every layer
+                # is read normed here, as it will be served
+                hidden = [*(self._norm(h) for h in hidden[1:-1]), hidden[-1]]
                 weights = mask.unsqueeze(-1).float()
                 pooled = torch.stack(
-                    [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden[1:]], dim=1
+                    [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
                 )  # [batch, layers, hidden]
                 out.extend(zip(batch, pooled))
         out.sort(key=lambda pair: pair[0])
         return torch.stack([row for _, row in out])
+
+
+def probe_precision(config: ProbeConfig, precision: str, folder: Path | None = None) -> str:
+    """How a probe's base layers run: an int8 probe's always in int8 (asked for ``auto``); a float probe's as
+    :func:`resolve_precision` says."""
+    if config.base_weights != "int8":
+        return resolve_precision(precision)
+    if precision in ("auto", "int8"):
+        return "int8"
+    resolve_precision(precision)  # an unknown value gets the list of choices first
+    raise ModelError(
+        f"{folder or 'this classifier'}: its head was fitted on 8-bit activations (base_weights: int8), so it runs "
+        f"in int8 only, not {precision}; load it with precision auto (the default)"
+    )
 
 
 class Probe:
@@ -204,7 +239,7 @@ class Probe:
         self, config: ProbeConfig, weights: dict[str, Any], folder: Path | None = None, precision: str = "auto"
     ) -> None:
         self.config = config
-        self.precision = precision
+        self.precision = probe_precision(config, precision, folder)
         self.mean, self.scale = weights["mean"], weights["scale"]
         self.weight, self.bias = weights["weight"], weights["bias"]
         self.folder = folder
@@ -227,15 +262,6 @@ class Probe:
             config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
-        if config.base_weights == "int8":
-            if precision not in ("auto", "int8"):
-                raise ModelError(
-                    f"{folder}: its head was fitted on 8-bit activations (base_weights: int8), so it runs in int8 "
-                    f"only, not {precision}"
-                )
-            precision = "int8"
-        else:
-            precision = resolve_precision(precision)
         probe = cls(config, load_file(str(folder / WEIGHTS)), folder, precision)
         if check_base and config.base_model_sha256:
             actual = base_model_sha256(config.base_model)
@@ -253,7 +279,7 @@ class Probe:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS))
-        (folder / CONFIG).write_text(self.config.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (folder / CONFIG).write_text(self.config.to_json(), encoding="utf-8")
 
     def logits_from_features(self, features: Any) -> Any:
         """``features``: ``[n, hidden]`` pooled activations of the probe's layer."""
@@ -293,5 +319,5 @@ def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
     keys = ("kind", "method", "base_model", "layer", "base_weights", "thresholds")
-    defaults = {"method": "probe", "base_weights": "float"}
+    defaults = {"method": "probe", "base_weights": "float" if data.get("method", "probe") == "probe" else None}
     return {"path": str(folder), **{k: data.get(k, defaults.get(k)) for k in keys}}
