@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -627,7 +628,8 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 
 
 @pytest.mark.slow
-def test_every_depth_is_read_as_a_probe_of_that_depth_is_served(tiny_model):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+def test_every_depth_is_read_as_a_probe_of_that_depth_is_served(tiny_model, precision):
     # training reads every candidate depth from one pass of the deepest encoder; serving runs an encoder cut to the
     # chosen depth, whose last output transformers hands back after the final norm: the two must be the same numbers
     import torch
@@ -635,9 +637,32 @@ def test_every_depth_is_read_as_a_probe_of_that_depth_is_served(tiny_model):
     from cai_engine.classifiers.probe import Encoder
 
     texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
-    deep = Encoder(str(tiny_model), 2, "float32").features(texts)
-    served = Encoder(str(tiny_model), 1, "float32").features(texts)
+    deep = Encoder(str(tiny_model), 2, precision).features(texts)
+    served = Encoder(str(tiny_model), 1, precision).features(texts)
     assert torch.allclose(deep[:, 0], served[:, 0], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_shallow_probe_trained_before_depths_were_read_as_served_warns_on_load(tiny_model, tmp_path):
+    from cai_engine.classifiers.probe import Probe
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+
+    out = tmp_path / "input"
+    train_probe(
+        _synthetic_dataset(tmp_path / "dataset"),
+        "input",
+        out,
+        TrainConfig(base_model=str(tiny_model), layers=[1, 2], auc_tolerance=1.0),  # the shallowest depth wins
+        echo=lambda *_: None,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trained now: no warning
+        assert Probe.load(out).config.layer == 1
+    config = json.loads((out / "classifier.json").read_text())
+    del config["metrics"]["features"]
+    (out / "classifier.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="rebuild it"):
+        Probe.load(out)
 
 
 @pytest.mark.slow

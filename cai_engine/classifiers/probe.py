@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -114,8 +115,6 @@ def quantize_int8(model: Any) -> Any:
     """``model`` with every ``nn.Linear`` replaced by a dynamically quantised one (8-bit weights per output channel).
     PyTorch marks its quantised tensor types as deprecated in favour of torchao, whose CPU path is slower than float32
     without ``torch.compile`` (measured: 22 ms against 15 ms for 6 layers); the warning is silenced here only."""
-    import warnings
-
     import torch
 
     try:
@@ -123,7 +122,7 @@ def quantize_int8(model: Any) -> Any:
     except ImportError as exc:
         raise ModelError(
             f"this torch ({torch.__version__}) has no dynamic quantisation (torch.ao.quantization: {exc}); an int8 "
-            "probe needs torch 2.13 (the version cai-engine pins) or rebuild it without --int8"
+            "probe needs torch with it (2.13, the version `make setup` installs, has it) or a rebuild without --int8"
         ) from None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
@@ -187,7 +186,8 @@ class Encoder:
         return ids or [self.tokenizer.eos_token_id or 0]
 
     def features(self, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16) -> Any:
-        """A tensor ``[len(texts), layers, hidden]``: each layer's output averaged over the text's tokens."""
+        """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
+        the text's tokens."""
         import torch
 
         if self.precision == "int8":
@@ -204,11 +204,11 @@ class Encoder:
                 for row, i in enumerate(batch):
                     ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[row, : len(encoded[i])] = 1
-                hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                # transformers hands back the last layer's output after the model's final norm and the others before
-                # it; a probe of depth k is served by a k-layer encoder, whose last output is normed, so every layer
-                # is read normed here, as it will be served
-                hidden = [*(self._norm(h) for h in hidden[1:-1]), hidden[-1]]
+                result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                # transformers hands back each layer's output before the model's final norm, and the last one after
+                # it (last_hidden_state); a probe of depth k is served by a k-layer encoder, whose last output is
+                # normed, so every layer is read normed here, as it will be served
+                hidden = [*(self._norm(h) for h in result.hidden_states[1:-1]), result.last_hidden_state]
                 weights = mask.unsqueeze(-1).float()
                 pooled = torch.stack(
                     [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
@@ -263,6 +263,14 @@ class Probe:
         except ValueError as exc:
             raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
         probe = cls(config, load_file(str(folder / WEIGHTS)), folder, precision)
+        depths = [int(k) for k in config.metrics.get("layer_auc", {})]
+        if depths and config.layer < max(depths) and config.metrics.get("features") != "normed":
+            warnings.warn(
+                f"{folder}: this {config.layer}-layer probe was chosen among depths up to {max(depths)} before "
+                "cai-engine read every depth as it is served (after the model's final norm), so it was fitted on "
+                "other activations than it now reads; rebuild it (cai classifiers build or train)",
+                stacklevel=2,
+            )
         if check_base and config.base_model_sha256:
             actual = base_model_sha256(config.base_model)
             if actual is not None and actual != config.base_model_sha256:

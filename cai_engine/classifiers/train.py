@@ -236,6 +236,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
         "base_weights": config.base_weights,
+        "features": "normed",  # every depth read after the final norm, as served (a probe without it predates that)
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
@@ -345,6 +346,7 @@ def train_probe_cv(
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
         "base_weights": config.base_weights,
+        "features": "normed",  # every depth read after the final norm, as served (a probe without it predates that)
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,

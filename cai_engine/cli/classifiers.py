@@ -500,7 +500,7 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
     """Set a classifier's threshold on harmless traffic it will really see, at a stated false-alarm rate.
 
     `build` calibrates on its own synthetic split, which can sit far from real requests: the same ranking can then
-    flag almost nothing, or too much. This scores harmless requests (input classifiers) or exchanges (output
+    flag too little, or too much. This scores harmless requests (input classifiers) or exchanges (output
     classifiers, `--cases`), sets the threshold so that `--false-alarms` of them are flagged, and records the
     sources, n and the old threshold in classifier.json and the card. Measure what it catches afterwards with
     `cai classifiers eval` on data used for neither. Evaluation-only sets are refused unless --allow-heldout.
