@@ -293,8 +293,8 @@ def test_each_domain_check_ships_a_classifier_and_its_training_cases():
 
 
 def test_the_held_out_domain_cases_copy_no_training_case():
-    """bench/data/domain-heldout was written apart from every file the checks and their classifiers were built
-    from (by another author, who saw neither): no answer is a near-copy of a training answer."""
+    """bench/data/domain-heldout and domain-heldout-2 were written apart from every file the checks and their
+    classifiers were built from (by other authors, who saw neither): no answer is a near-copy of a training answer."""
     from pathlib import Path
 
     from cai_engine.classifiers.data import near_copies
@@ -309,19 +309,29 @@ def test_the_held_out_domain_cases_copy_no_training_case():
         for case in load_cases(path)
     }
     held = {
-        check: load_cases(root / "bench" / "data" / "domain-heldout" / f"{check}.jsonl") for check in CHECK_PACKAGES
+        (folder, check): load_cases(root / "bench" / "data" / folder / f"{check}.jsonl")
+        for folder in ("domain-heldout", "domain-heldout-2")
+        for check in CHECK_PACKAGES
     }
     assert all(len(cases) == 40 and sum(c.violates for c in cases) == 20 for cases in held.values())
-    answers = [case.response for cases in held.values() for case in cases]
-    assert len(training) >= 1080 and near_copies(answers, training) == {}
+    first = {
+        f"{check}:{c.id}": c.response
+        for (folder, check), cases in held.items()
+        if folder == "domain-heldout"
+        for c in cases
+    }
+    second = [c.response for (folder, _), cases in held.items() if folder == "domain-heldout-2" for c in cases]
+    assert len(training) >= 1080 and near_copies(list(first.values()), training) == {}
+    # the second set was written later, by another author who read only the constitutions: it copies neither
+    assert near_copies(second, {**training, **first}) == {}
 
 
 @pytest.mark.model
 def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkeypatch):
     """The real default model: on the held-out answers, the classifier-backed check finds what the rules alone miss
-    (financial.disclosure: recall 0.30 with the rules alone on this set, 0.55 with the shipped classifier, whose
-    depth cross-validation now picks at 8 layers; docs/results, domain classifiers) and `cai checks eval` scores the
-    rules apart."""
+    (financial.disclosure: recall 0.30 with the rules alone on this set, 0.85 with the shipped classifier; 0.55 when
+    cross-validation took the shallowest depth near the best; docs/results, domain classifiers) and `cai checks eval`
+    scores the rules apart."""
     import importlib.metadata
     from pathlib import Path
 
@@ -335,7 +345,7 @@ def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkey
     assert result["backed_by_classifier"].endswith("financial.disclosure")
     assert result["rules"]["recall"]["rate"] <= 0.5
     lifted = result["deterministic"]["recall"]["rate"] - result["rules"]["recall"]["rate"]
-    assert lifted >= 0.2 and result["deterministic"]["recall"]["rate"] >= 0.5
+    assert lifted >= 0.3 and result["deterministic"]["recall"]["rate"] >= 0.7
     assert result["deterministic"]["precision"]["rate"] >= 0.85
     assert "check: rules, then classifier" in "\n".join(summary_table([result]))
 

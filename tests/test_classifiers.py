@@ -750,6 +750,8 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     assert "5-fold cross-validation" in done.output and "cross-validated AUC" in done.output
     probe = load_classifier(out)
     assert probe.config.data["train"] == 80 and probe.config.metrics["report_split"]["auc"] > 0.9
+    by_depth = probe.config.metrics["layer_auc"]  # cross-validation keeps the best depth, not the shallowest near it
+    assert by_depth[str(probe.config.layer)] == max(by_depth.values())
     scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz", "garden bread picnic"])
     assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
     assert "labelled cases from" in (out / "README.md").read_text()
