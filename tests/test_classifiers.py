@@ -137,6 +137,21 @@ def _synthetic_dataset(folder: Path, n: int = 80) -> Path:
     return folder
 
 
+def _cases_file(folder: Path, n: int, seed: int) -> tuple[Path, list[str]]:
+    """``n`` labelled exchanges of six made-up words (violating) or six picnic words (not), half each, as a JSONL
+    file in ``folder``; returns the file and its lines."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        reply = " ".join(rng.choice(words) for _ in range(6))
+        lines.append(json.dumps({"prompt": f"question {i}", "response": reply, "violates": bad, "why": "test"}))
+    cases = folder / "cases.jsonl"
+    cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return cases, lines
+
+
 @pytest.mark.slow
 def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runtime, cli_runner):
     from cai_engine.classifiers.probe import Probe
@@ -683,15 +698,7 @@ def test_an_int8_probe_fits_its_head_on_8bit_activations_and_always_runs_so(tiny
     # the input's scale is taken per call, so each text runs alone: its features do not depend on its neighbours
     assert torch.equal(eight.features(texts[:1])[0], quantised[0])
 
-    rng = random.Random(5)
-    lines = []
-    for i in range(60):
-        bad = i % 2 == 0
-        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
-        reply = " ".join(rng.choice(words) for _ in range(6))
-        lines.append(json.dumps({"prompt": f"question {i}", "response": reply, "violates": bad, "why": "test"}))
-    cases = tmp_path / "cases.jsonl"
-    cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cases, lines = _cases_file(tmp_path, 60, seed=5)
     out = tmp_path / "probe"
     args = ["classifiers", "train", str(cases), "--out", str(out), "--base-model", str(tiny_model), "--layers", "1,2"]
     done = cli_runner.invoke(cli, [*args, "--int8"])
@@ -729,15 +736,7 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     from cai_engine.classifiers.load import load_classifier
     from cai_engine.cli import cli
 
-    rng = random.Random(3)
-    lines = []
-    for i in range(80):
-        bad = i % 2 == 0
-        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
-        reply = " ".join(rng.choice(words) for _ in range(6))
-        lines.append(json.dumps({"prompt": f"question {i}", "response": reply, "violates": bad, "why": "test"}))
-    cases = tmp_path / "cases.jsonl"
-    cases.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cases, lines = _cases_file(tmp_path, 80, seed=3)
     out = tmp_path / "probe"
     args = ["classifiers", "train", str(cases), "--out", str(out), "--base-model", str(tiny_model), "--layers", "1,2"]
     done = cli_runner.invoke(cli, [*args, "--folds", "0"])  # a held-out split

@@ -24,6 +24,15 @@ def classifiers_group() -> None:
     """
 
 
+INT8_OPTION = click.option(
+    "--int8",
+    is_flag=True,
+    help="Probes: run the base layers with 8-bit weights (dynamic quantisation) and fit the head on those "
+    "activations; one request scores about twice as fast as in float32 (no native bfloat16 needed), and the probe "
+    "always runs so. Probes only: use with --methods probe.",
+)
+
+
 @classifiers_group.command("build")
 @click.option("--constitution", default="harmless", show_default=True, help="A registered name or a file.")
 @click.option("--feedback-model", default="qwen2.5-coder-1.5b", show_default=True, help="Writes and labels the data.")
@@ -60,13 +69,7 @@ def classifiers_group() -> None:
     help="Probe L2 penalties to measure with each depth; at the chosen depth the strongest within 0.01 of the best "
     "held-out AUC wins.",
 )
-@click.option(
-    "--int8",
-    is_flag=True,
-    help="Probes: run the base layers with 8-bit weights (dynamic quantisation) and fit the head on those "
-    "activations; one request scores about twice as fast as in float32 (no native bfloat16 needed), and the probe "
-    "always runs so. Probes only: use with --methods probe.",
-)
+@INT8_OPTION
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
@@ -232,13 +235,7 @@ def _written(value: str) -> dict[str, str | None]:
 @click.option(
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
-@click.option(
-    "--int8",
-    is_flag=True,
-    help="Probes: run the base layers with 8-bit weights (dynamic quantisation) and fit the head on those "
-    "activations; one request scores about twice as fast as in float32 (no native bfloat16 needed), and the probe "
-    "always runs so. Probes only: use with --methods probe.",
-)
+@INT8_OPTION
 def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
