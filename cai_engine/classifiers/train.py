@@ -331,7 +331,7 @@ def train_probe_cv(
         echo(f"  layer {layer}: cross-validated AUC " + ", ".join(f"L2 {l2:g} {by_l2[layer, l2]}" for l2 in config.l2))
     by_layer = {k: max(v for (k2, _), v in by_l2.items() if k2 == k and v is not None) for k in config.layers}
     # the best depth and the best penalty: on a few hundred cases, AUCs a tolerance apart are noise, and taking the
-    # shallowest within it (the build's rule, for speed) cost a domain check 3-9 of 20 held-out violations
+    # shallowest within it (the build's rule, for speed) cost a domain check 3-6 of 20 held-out violations
     best = max(by_layer.values())
     layer = min(k for k, v in by_layer.items() if v == best)
     scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
