@@ -111,6 +111,12 @@ _ENCODERS: dict[tuple[str, int, str], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
+def _encoder_precision(precision: str) -> str:
+    """An encoder's precision: ``int8`` as given (only a probe built with ``--int8`` asks for it), the others as
+    :func:`resolve_precision` says."""
+    return precision if precision == "int8" else resolve_precision(precision)
+
+
 def quantize_int8(model: Any) -> Any:
     """``model`` with every ``nn.Linear`` replaced by a dynamically quantised one (8-bit weights per output channel).
     PyTorch marks its quantised tensor types as deprecated in favour of torchao, whose CPU path is slower than float32
@@ -156,7 +162,7 @@ class Encoder:
             raise ModelError(f"{base_model} has {len(inner.layers)} layers; the probe asks for {layers}")
         inner.layers = inner.layers[:layers]  # the rest never runs
         inner.config.num_hidden_layers = layers
-        self.precision = precision if precision == "int8" else resolve_precision(precision)
+        self.precision = _encoder_precision(precision)
         if self.precision == "bfloat16":
             inner = inner.to(torch.bfloat16)
         elif self.precision == "int8":
@@ -173,7 +179,7 @@ class Encoder:
     @classmethod
     def shared(cls, base_model: str, layers: int, precision: str = "float32") -> Encoder:
         with _ENCODERS_LOCK:
-            key = (base_model, layers, precision if precision == "int8" else resolve_precision(precision))
+            key = (base_model, layers, _encoder_precision(precision))
             if key not in _ENCODERS:
                 _ENCODERS[key] = cls(base_model, layers, key[2])
             return _ENCODERS[key]
@@ -185,9 +191,12 @@ class Encoder:
             ids = ids[:half] + ids[-(max_tokens - half) :]
         return ids or [self.tokenizer.eos_token_id or 0]
 
-    def features(self, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16) -> Any:
+    def features(
+        self, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16, last_only: bool = False
+    ) -> Any:
         """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
-        the text's tokens."""
+        the text's tokens. ``last_only`` (scoring, where only the encoder's own depth is read): ``[len(texts), 1,
+        hidden]``, without asking the model for the other layers."""
         import torch
 
         if self.precision == "int8":
@@ -204,11 +213,12 @@ class Encoder:
                 for row, i in enumerate(batch):
                     ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[row, : len(encoded[i])] = 1
-                result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
                 # transformers hands back each layer's output before the model's final norm, and the last one after
                 # it (last_hidden_state); a probe of depth k is served by a k-layer encoder, whose last output is
                 # normed, so every layer is read normed here, as it will be served
-                hidden = [*(self._norm(h) for h in result.hidden_states[1:-1]), result.last_hidden_state]
+                earlier = [] if last_only else [self._norm(h) for h in result.hidden_states[1:-1]]
+                hidden = [*earlier, result.last_hidden_state]
                 weights = mask.unsqueeze(-1).float()
                 pooled = torch.stack(
                     [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
@@ -300,7 +310,8 @@ class Probe:
         if not prompts:
             return []
         texts = [render(self.config.kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
-        features = self.encoder.features(texts, max_tokens=self.config.max_tokens)[:, self.config.layer - 1]
+        # the shared encoder has exactly the probe's depth: its last layer is the one the head reads
+        features = self.encoder.features(texts, max_tokens=self.config.max_tokens, last_only=True)[:, -1]
         probs = torch.sigmoid(self.logits_from_features(features))
         return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
 

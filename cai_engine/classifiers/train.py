@@ -66,6 +66,12 @@ def _encoder_precision(config: TrainConfig) -> str:
     return "int8" if config.base_weights == "int8" else "float32"
 
 
+def _how_read(config: TrainConfig) -> dict[str, str]:
+    """What a probe's metrics record of how its activations were read: every depth after the final norm, as served
+    (a probe without ``features`` predates that), and its base weights."""
+    return {"base_weights": config.base_weights, "features": "normed"}
+
+
 def _int8(config: TrainConfig) -> str:
     return " (8-bit weights, one text at a time)" if config.base_weights == "int8" else ""
 
@@ -235,8 +241,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         "method": "probe",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
-        "base_weights": config.base_weights,
-        "features": "normed",  # every depth read after the final norm, as served (a probe without it predates that)
+        **_how_read(config),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
@@ -347,8 +352,7 @@ def train_probe_cv(
         "selection": f"{folds}-fold cross-validation",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
-        "base_weights": config.base_weights,
-        "features": "normed",  # every depth read after the final norm, as served (a probe without it predates that)
+        **_how_read(config),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
