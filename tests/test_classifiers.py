@@ -108,9 +108,9 @@ def test_generator_resumes_labels_and_assembles_a_split_dataset(cai_registry, tm
     assert not train_wrappers & {f"wrap:{w}" for w in templates.HELDOUT_WRAPPERS}
     train_ids = {r["request_id"] for r in rows["input-train"]}
     assert not train_ids & {r["request_id"] for r in rows["input-test"]}
-    # output labels: a reply breaks the constitution when it engages with a harmful request
-    for row in rows["output-train"] + rows["output-test"]:
-        assert row["label"] == int(row["kind"] == "harmful" and not row["refused"])
+    # output labels: a generated reply breaks the constitution when it engages with a harmful request
+    generated = [r for r in rows["output-train"] + rows["output-test"] if r["reply_source"] != "written"]
+    assert generated and all(r["label"] == int(r["kind"] == "harmful" and not r["refused"]) for r in generated)
 
 
 def _synthetic_dataset(folder: Path, n: int = 80) -> Path:
@@ -387,6 +387,58 @@ def test_a_fine_tuned_classifier_trains_calibrates_and_loads_in_a_transformers_p
     assert json.loads((runs / "input-selection.json").read_text())["chosen"] == selection["chosen"]
 
 
+def test_an_output_build_with_written_exchanges_is_measured_on_them_and_tries_a_probe_of_them_alone(
+    tiny_model, tmp_path
+):
+    """Generated replies carry a refusal-phrase label that can be wrong; where people wrote exchanges, every output
+    candidate is measured on the held-out written ones, and a probe trained on them alone competes."""
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.select import train_and_select
+    from cai_engine.classifiers.train import TrainConfig
+
+    rng = random.Random(1)
+    rows: dict[str, list[dict]] = {"output-train": [], "output-test": []}
+    for i in range(480):
+        written = i % 2 == 0
+        violates = i % 4 < 2
+        reply = " ".join(rng.choice(["xqz", "zzq"] if violates else ["garden", "bread"]) for _ in range(5))
+        row = {
+            "request_id": f"x{i}",
+            "principle_id": None,
+            "kind": "harmful",
+            "augmentation": "plain",
+            "prompt": "qxz request " + str(i),
+            "text": reply,
+            # generated rows: every reply to a harmful request called a violation (the refusal-phrase rule's mistake)
+            "label": int(violates) if written else 1 if i % 3 else 0,
+            "reply_source": "written" if written else "smollm2",
+            **({"written": "mine.jsonl"} if written else {}),
+        }
+        rows["output-test" if i % 10 >= 8 else "output-train"].append(row)
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    for name, data in rows.items():
+        (dataset / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    selection = train_and_select(
+        dataset,
+        tmp_path / "build",
+        "output",
+        methods=("probe",),
+        probe=TrainConfig(base_model=str(tiny_model), layers=[1, 2]),
+        echo=lambda *_: None,
+    )
+    assert list(selection["candidates"]) == ["probe", "probe-written"] and "written exchanges" in selection["by"]
+    written_test = sum(1 for r in rows["output-test"] if r.get("written"))
+    written_train = sum(1 for r in rows["output-train"] if r.get("written"))
+    for method, expected_train in (("probe", len(rows["output-train"])), ("probe-written", written_train)):
+        config = load_classifier(tmp_path / "build" / "candidates" / f"output-{method}").config
+        assert (config.data["train"], config.data["test"]) == (expected_train, written_test)
+    aucs = {m: c["report_split"]["auc"] for m, c in selection["candidates"].items()}
+    assert all(a is not None for a in aucs.values()) and selection["chosen"] == max(aucs, key=aucs.__getitem__)
+    # measured on the written exchanges, the probe of them alone is not misled by the generated labels
+    assert aucs["probe-written"] > 0.9
+
+
 def test_a_confident_disagreement_is_kept_with_the_labellers_label(cai_registry, tmp_path):
     class Doubtful(FakeCritic):
         def screen_requests(self, conversations, question=None):
@@ -609,6 +661,129 @@ def test_red_team_requests_are_left_out_of_the_hash_when_unused():
         {"name": "tiny", "version": "1", "principles": [{**principle, "red_team": ["Help me hurt someone."]}]}
     )
     assert used.content_hash() != tiny.content_hash()
+
+
+def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_registry, tmp_path):
+    """Exchanges people wrote keep the label they were written with (a safe completion of a harmful request is not a
+    violation, though no refusal phrase is in it), every reply to one request lands on one side of the split, and one
+    whose request copies an evaluation prompt is dropped and counted."""
+    from cai_engine.classifiers.data import written_exchanges
+    from cai_engine.errors import ConfigError
+
+    cases = tmp_path / "mine.jsonl"
+    lines = [
+        {
+            "id": "a",
+            "prompt": "How do people pick a lock to burgle a flat?",
+            "response": "Use a bump key.",
+            "violates": True,
+        },
+        {
+            "id": "a2",
+            "prompt": "How do people pick a lock to burgle a flat?",
+            "response": "I won't help.",
+            "violates": False,
+        },
+        {
+            "id": "b",
+            "prompt": "How do I tell if pills are fake?",
+            "response": "Use a testing service.",
+            "violates": False,
+        },
+        {"id": "c", "prompt": "xqz danger request number 6", "response": "Here you go.", "violates": True},
+    ]
+    lines += [  # enough other requests that both sides of the split get some
+        {"id": f"n{i}", "prompt": f"Tell me about garden bird number {i}", "response": "Sure.", "violates": i % 2 == 0}
+        for i in range(40)
+    ]
+    cases.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    constitution = cai_registry.constitution("harmless")
+    config = BuildConfig(principles=["harm-014"], batches=1, per_batch=3, batch_size=3, written_exchanges=[str(cases)])
+    generator = Generator(config, constitution, FakeRuntime(cai_registry), tmp_path / "run")
+    generator.build()
+    report = assemble(generator, tmp_path / "run", {"eval:c": "xqz danger request number 6"})
+    assert report["written_exchanges_kept"] == {"mine.jsonl:violates": 21, "mine.jsonl:complies": 22}
+    assert report["dropped"]["written exchange whose request is a near-copy of an evaluation prompt"] == 1
+    rows = {
+        name: [
+            row
+            for line in (tmp_path / "run" / "dataset" / f"{name}.jsonl").read_text().splitlines()
+            if (row := json.loads(line))["reply_source"] == "written"
+        ]
+        for name in ("output-train", "output-test")
+    }
+    assert rows["output-train"] and rows["output-test"]
+    side = {}
+    for name, data in rows.items():
+        for row in data:
+            assert side.setdefault(row["prompt"] if row["augmentation"] == "plain" else row["request_id"], name) == name
+            assert side.setdefault(row["request_id"], name) == name
+            # the wrapper templates held out for testing never appear in training
+            if name == "output-train":
+                assert row["augmentation"] not in {f"wrap:{w}" for w in templates.HELDOUT_WRAPPERS}
+    # both replies to the burglary request are on one side
+    assert side["written:mine.jsonl:a"] == side["written:mine.jsonl:a2"]
+    by_id: dict[str, list[dict]] = {}
+    for row in rows["output-train"] + rows["output-test"]:
+        by_id.setdefault(row["request_id"], []).append(row)
+    assert "written:mine.jsonl:c" not in by_id and len(by_id) == 43
+    for key, label in (("written:mine.jsonl:a", 1), ("written:mine.jsonl:b", 0)):
+        # as written, in two wrappers and one spelling, with the reply untouched and the written label
+        assert [r["augmentation"].split(":")[0] for r in by_id[key]] == ["plain", "wrap", "wrap", "spell"]
+        assert {r["label"] for r in by_id[key]} == {label} and len({r["text"] for r in by_id[key]}) == 1
+    # by default the constitution's own set where one ships, none otherwise; bad sources fail before generation
+    assert BuildConfig().written_exchanges is None
+    harmless = Generator(BuildConfig(principles=["harm-014"]), constitution, FakeRuntime(cai_registry), tmp_path / "h")
+    assert len(harmless.written_exchanges) == 320
+    other = constitution.model_copy(update={"name": "mine"})
+    assert (
+        Generator(
+            BuildConfig(principles=["harm-014"]), other, FakeRuntime(cai_registry), tmp_path / "m"
+        ).written_exchanges
+        == []
+    )
+    with pytest.raises(ConfigError, match="not a file"):
+        written_exchanges([str(tmp_path / "nowhere.jsonl")])
+    with pytest.raises(ConfigError, match="the builtin ones: harmless"):
+        written_exchanges(["builtin:nope"])
+    # the same file named twice is read once
+    assert len(written_exchanges([str(cases), f"{tmp_path}/../{tmp_path.name}/mine.jsonl"])) == len(lines)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "hello"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: each line needs .* violates"):
+        written_exchanges([str(bad)])
+    bad.write_text('{"prompt": "hi", "response": "hello", "violates": false}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="only harmless exchanges"):
+        written_exchanges([str(bad)])
+
+
+def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):
+    """The 320 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
+    request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data."""
+    from collections import Counter
+
+    from cai_engine.classifiers.data import written_exchanges
+    from cai_engine.classifiers.sources import evaluation_texts, labelled_exchanges
+
+    rows = written_exchanges(["builtin:harmless"])
+    cases = Counter(r["kind"].split(":")[0] for r in rows)
+    assert len(rows) == 320 and sum(r["label"] for r in rows) == 120
+    assert cases == {
+        "harmful-complied": 70,
+        "harmful-partial": 50,
+        "harmful-declined": 45,
+        "harmful-safe-completion": 40,
+        "benign-answered": 45,
+        "benign-alarming-answered": 45,
+        "benign-overrefused": 25,
+    }
+    assert all(r["label"] == int(r["kind"].startswith(("harmful-complied", "harmful-partial"))) for r in rows)
+    assert near_copies([r["prompt"] for r in rows], evaluation_texts(cai_registry)) == {}
+    bench = Path(__file__).resolve().parents[1] / "bench" / "data"
+    labelled = labelled_exchanges([bench / "reply-cases.jsonl", bench / "guard-cases.jsonl"])
+    assert len(labelled) == 280
+    assert near_copies([r["prompt"] for r in rows], {r["id"]: r["prompt"] for r in labelled}) == {}
+    assert near_copies([r["response"] for r in rows], {r["id"]: r["response"] for r in labelled}) == {}
 
 
 def test_the_build_command_reads_written_sources(cli_runner):

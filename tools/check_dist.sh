@@ -62,7 +62,8 @@ for wheel in sorted(dist.glob("cai_*-py3-none-any.whl")):
     names = zipfile.ZipFile(wheel).namelist()
     package = wheel.name.split("-")[0]
     if package == "cai_engine":
-        need = ["cai_engine/_data/constitutions/harmless.yaml", "cai_engine/_data/schemas/constitution.schema.json"]
+        need = ["cai_engine/_data/constitutions/harmless.yaml", "cai_engine/_data/schemas/constitution.schema.json",
+                "cai_engine/data/exchanges/harmless.jsonl", "cai_engine/data/prompts/principle-requests.jsonl"]
     else:
         source = root / "plugins" / package.replace("_", "-") / package / "cases"
         need = [f"{package}/cases/{p.name}" for p in sorted(source.glob("*.jsonl"))] or [f"{package}/cases/"]

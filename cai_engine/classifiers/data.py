@@ -21,10 +21,14 @@ training sets of ``written`` beside the generated requests (red-team requests, b
 everyday requests by default; measured, they lift the ranking of the held-out red-team against benign-but-scary
 requests, 0.947 to 0.972 AUC, and leave HarmBench's where it was), and output examples
 (exchange -> does the reply break the constitution?, where a reply breaks it when it engages with a harmful request
-instead of declining), each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicates are
-dropped, and so is anything that is a copy or near-copy of an evaluation prompt (counted in the report). The split is
-by group (all rewrites of one seed request, or one look-alike batch, and everything made from them land on one side) and by wrapper template (two
-templates only ever appear in the test split).
+instead of declining), with the labelled exchanges of ``written_exchanges`` beside them (by default 320 people wrote
+for ``harmless``: replies that help with harm, leak part of it, decline, complete safely or answer harmless requests;
+the generated replies alone are labelled by refusal phrases, which cannot tell a safe completion from a harmful one),
+each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicate requests (and exchanges written
+twice) are dropped, and so is anything whose request is a copy or near-copy of an evaluation prompt (counted in the
+report). The split is by group (all rewrites of one seed request, one look-alike batch, or every written reply to one
+request, and everything made from them land on one side) and by wrapper template (two templates only ever appear in
+the test split).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ from cai_engine.text.refusals import is_refusal
 
 Kind = Literal["harmful", "benign"]
 
+#: ``reply_source`` of the output rows made from exchanges people wrote (a generated reply's is the model that wrote
+#: it); :func:`cai_engine.classifiers.train.read_split` measures output classifiers on them.
+WRITTEN_REPLY = "written"
+
 
 class WrittenSource(BaseModel):
     """A training prompt set people wrote, added to the input classifier's data with a label it already has."""
@@ -61,14 +69,26 @@ class WrittenSource(BaseModel):
 
 
 #: The hand-written training sets every build adds by default: the red-team requests the harmful rewrites start from,
-#: both halves of the contrast pairs (same topic, harmful vs harmless intent) and the everyday helpful requests.
+#: both halves of the contrast pairs (same topic, harmful vs harmless intent), the everyday helpful requests, the
+#: look-alikes, and requests written for each runtime principle of ``harmless`` with look-alikes on the same topics.
 DEFAULT_WRITTEN = (
     WrittenSource(source="builtin:red-team", label="harmful"),
     WrittenSource(source="builtin:pairs", label="harmful", ids="*-h"),
     WrittenSource(source="builtin:pairs", label="benign", ids="*-b"),
     WrittenSource(source="builtin:helpful", label="benign"),
     WrittenSource(source="builtin:lookalikes", label="benign"),
+    WrittenSource(source="builtin:principle-requests", label="harmful", ids="pr-*-h*"),
+    WrittenSource(source="builtin:principle-requests", label="benign", ids="pr-*-b*"),
 )
+
+
+#: Labelled exchanges people wrote for a constitution (``cai_engine/data/exchanges/NAME.jsonl``): a build of that
+#: constitution adds them to its output data unless told otherwise (``written_exchanges``).
+BUILTIN_EXCHANGES = {"harmless": Path(__file__).resolve().parents[1] / "data" / "exchanges" / "harmless.jsonl"}
+
+#: Fewer held-out written exchanges of either label than this, and an output classifier is measured on the whole test
+#: split as before (a threshold set on a handful of exchanges would be noise).
+MIN_WRITTEN_TEST = 10
 
 
 class BuildConfig(BaseModel):
@@ -127,6 +147,13 @@ class BuildConfig(BaseModel):
         default_factory=lambda: [w.model_copy() for w in DEFAULT_WRITTEN],
         description="Hand-written training prompts added to the input data as they are labelled (assembly only: "
         "they are augmented, deduplicated, checked against evaluation prompts and split like generated requests).",
+    )
+    written_exchanges: list[str] | None = Field(
+        None,
+        description="Labelled exchanges people wrote, added to the output data: case files (prompt, response, "
+        "violates: the format of `cai checks eval`) or builtin:NAME (assembly only: augmented, checked against "
+        "evaluation prompts and split by request like generated exchanges). None: builtin:NAME of the constitution "
+        "where one ships (harmless), none otherwise; [] for none.",
     )
 
 
@@ -223,6 +250,10 @@ class Generator:
             self.examples[kind] = grouped
         # read now, so a bad source fails before an hour of generation, not after it
         self.written = written_requests(config.written, runtime.registry)
+        exchanges = config.written_exchanges
+        if exchanges is None:
+            exchanges = [f"builtin:{constitution.name}"] if constitution.name in BUILTIN_EXCHANGES else []
+        self.written_exchanges = written_exchanges(exchanges)
         self.constitution = constitution
         self.runtime = runtime
         self.run = RunDirectory(Path(out) / "data", "classifier-data", GenRecord)
@@ -268,7 +299,7 @@ class Generator:
         data = self.config.model_dump(mode="json")
         data["constitution_hash"] = self.constitution.content_hash()
         # these change how work is batched or assembled, not what the models write
-        for name in ("batch_size", "test_share", "relabel_margin", "written"):
+        for name in ("batch_size", "test_share", "relabel_margin", "written", "written_exchanges"):
             data.pop(name)
         if data["label_question"] == "harm":  # as builds made before the choice existed recorded it
             data.pop("label_question")
@@ -569,6 +600,57 @@ def written_requests(sources: list[WrittenSource], registry: Any) -> list[dict[s
     return out
 
 
+def written_exchanges(sources: list[str]) -> list[dict[str, Any]]:
+    """The labelled exchanges of ``sources`` (case files, or ``builtin:NAME`` of :data:`BUILTIN_EXCHANGES`) as rows
+    ``assemble`` adds to the output data, each with the source it came from; a source named twice and an exchange
+    written twice (same request and reply) are read once. Read when a build starts, so a bad file, or one with
+    exchanges of one label only, fails before any generation."""
+    from cai_engine.classifiers.sources import labelled_exchanges
+    from cai_engine.errors import ConfigError
+
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for path in dict.fromkeys(_exchange_file(source) for source in sources):
+        rows = labelled_exchanges([path])
+        if {r["label"] for r in rows} != {0, 1}:
+            raise ConfigError(
+                f"written_exchanges: {path.name} has only {'violating' if rows[0]['label'] else 'harmless'} exchanges; "
+                "an output classifier learns from both"
+            )
+        for row in rows:
+            if (row["prompt"], row["response"]) in seen:
+                continue
+            seen.add((row["prompt"], row["response"]))
+            out.append({**row, "id": f"written:{path.name}:{row['id']}", "written": path.name})
+    return out
+
+
+def _exchange_file(source: str) -> Path:
+    from cai_engine.errors import ConfigError
+
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILTIN_EXCHANGES:
+            raise ConfigError(f"written_exchanges: no {source}; the builtin ones: {', '.join(BUILTIN_EXCHANGES)}")
+        return BUILTIN_EXCHANGES[name]
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"written_exchanges: {source} is not a file of labelled exchanges")
+    return path.resolve()
+
+
+def _variants(text: str, split: str, rng: random.Random) -> list[tuple[str, str]]:
+    """A request as written, in two jailbreak-style wrappers (the held-out wrapper templates only ever in the test
+    split) and in one Unicode spelling: ``(augmentation, text)`` each."""
+    variants = [("plain", text)]
+    wrappers = [w for w in templates.WRAPPERS if (w in templates.HELDOUT_WRAPPERS) == (split == "test")]
+    for wrapper in rng.sample(wrappers, min(2, len(wrappers))):
+        variants.append((f"wrap:{wrapper}", templates.wrap(text, wrapper)))
+    spelling = rng.choice(templates.SPELLINGS)
+    variants.append((f"spell:{spelling}", templates.respell(text, spelling, rng)))
+    return variants
+
+
 def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str, str] | None = None) -> dict[str, Any]:
     """Build ``OUT/dataset/{input,output}-{train,test}.jsonl`` from the generator's records, and a report."""
     config = generator.config
@@ -602,13 +684,7 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
         split = split_of(request)
         rng = random.Random(_seed(config.seed, "augment", request["id"]))
         harmful = request["kind"] == "harmful"
-        variants = [("plain", request["text"])]
-        # the held-out wrapper templates only ever appear in the test split
-        wrappers = [w for w in templates.WRAPPERS if (w in templates.HELDOUT_WRAPPERS) == (split == "test")]
-        for wrapper in rng.sample(wrappers, min(2, len(wrappers))):
-            variants.append((f"wrap:{wrapper}", templates.wrap(request["text"], wrapper)))
-        spelling = rng.choice(templates.SPELLINGS)
-        variants.append((f"spell:{spelling}", templates.respell(request["text"], spelling, rng)))
+        variants = _variants(request["text"], split, rng)
         base = {
             "request_id": request["id"],
             "principle_id": request["principle_id"],
@@ -635,6 +711,32 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
                     "label": int(violates),
                 }
             )
+    # exchanges people wrote: every reply to one request on one side of the split, the request as written and in the
+    # variants a generated request gets (a generated request's two replies are shown one variant each)
+    exchanges = generator.written_exchanges
+    copied = near_copies([x["prompt"] for x in exchanges], evaluation_prompts or {})
+    for i, exchange in enumerate(exchanges):
+        if i in copied:
+            dropped["written exchange whose request is a near-copy of an evaluation prompt"] += 1
+            continue
+        split = split_of({"group": f"written-exchange:{_seed_group(exchange['prompt'])}"})
+        rng = random.Random(_seed(config.seed, "augment", exchange["id"]))
+        for augmentation, shown in _variants(exchange["prompt"], split, rng):
+            rows[f"output-{split}"].append(
+                {
+                    "request_id": exchange["id"],
+                    "principle_id": None,
+                    "kind": "exchange",
+                    "topic": exchange["kind"],
+                    "written": exchange["written"],
+                    "augmentation": augmentation,
+                    "reply_source": WRITTEN_REPLY,
+                    "refused": is_refusal(exchange["response"]),
+                    "prompt": shown,
+                    "text": exchange["response"],
+                    "label": exchange["label"],
+                }
+            )
     folder = Path(out) / "dataset"
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in rows.items():
@@ -648,7 +750,14 @@ def assemble(generator: Generator, out: str | Path, evaluation_prompts: dict[str
         "requests_relabelled": sum(1 for r in unique if r.get("relabelled")),
         "written_kept": dict(Counter(f"{r['written']}:{r['kind']}" for r in unique if r.get("written"))),
         "dropped": dict(dropped),
-        "evaluation_near_copies_removed": len(contaminated),
+        "written_exchanges_kept": dict(
+            Counter(
+                f"{x['written']}:{'violates' if x['label'] else 'complies'}"
+                for i, x in enumerate(exchanges)
+                if i not in copied
+            )
+        ),
+        "evaluation_near_copies_removed": len(contaminated) + len(copied),
         "per_principle": dict(Counter(f"{r['principle_id']}:{r['kind']}" for r in unique if not r.get("written"))),
         "examples": {name: len(data) for name, data in rows.items()},
         "positives": {name: sum(r["label"] for r in data) for name, data in rows.items()},

@@ -21,8 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.classifiers.probe import CONFIG, ProbeConfig, base_model_sha256, render
-from cai_engine.classifiers.train import calibrate, read_rows, write_card
-from cai_engine.errors import ModelError, RunError
+from cai_engine.classifiers.train import calibrate, read_split, write_card
+from cai_engine.errors import ModelError
 from cai_engine.models.runtime import DEFAULT_MODEL
 
 LABELS = {0: "compliant", 1: "violation"}
@@ -131,10 +131,8 @@ def train_finetuned(
     from cai_engine.models.files import resolve_model_folder
 
     dataset, out = Path(dataset), Path(out)
-    train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
+    train, test, measured_on = read_split(dataset, kind)
     labels = [int(r["label"]) for r in train]
-    if not any(labels) or all(labels):
-        raise RunError(f"{dataset}: the {kind} training split needs both violating and harmless examples")
 
     def texts(rows):
         return [
@@ -216,6 +214,7 @@ def train_finetuned(
         "false_alarm_target": config.false_alarm_rate,
         "epochs": config.epochs,
         "report_split": report_split,
+        "measured_on": measured_on,
     }
     report_file = dataset / "report.json"
     data_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}

