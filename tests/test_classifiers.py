@@ -731,6 +731,11 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
         # as written, in two wrappers and one spelling, with the reply untouched and the written label
         assert [r["augmentation"].split(":")[0] for r in by_id[key]] == ["plain", "wrap", "wrap", "spell"]
         assert {r["label"] for r in by_id[key]} == {label} and len({r["text"] for r in by_id[key]}) == 1
+    # which exchanges join is decided at assembly: a finished build resumes with other ones (same fingerprint)
+    other_sources = config.model_copy(update={"written_exchanges": []})
+    assert Generator(other_sources, constitution, FakeRuntime(cai_registry), tmp_path / "run").fingerprint() == (
+        generator.fingerprint()
+    )
     # by default the constitution's own set where one ships, none otherwise; bad sources fail before generation
     assert BuildConfig().written_exchanges is None
     harmless = Generator(BuildConfig(principles=["harm-014"]), constitution, FakeRuntime(cai_registry), tmp_path / "h")
@@ -789,7 +794,13 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
 def test_the_build_command_reads_written_sources(cli_runner):
     import click
 
+    from cai_engine.cli import cli
     from cai_engine.cli.classifiers import _written
+
+    # written exchanges given and left out at once is refused before anything runs
+    for off in ("--no-written", "--no-written-exchanges"):
+        both = cli_runner.invoke(cli, ["classifiers", "build", "--written-exchanges", "x.jsonl", off])
+        assert both.exit_code == 2 and "not both" in both.output
 
     assert _written("builtin:pairs=benign:*-b") == {"source": "builtin:pairs", "label": "benign", "ids": "*-b"}
     assert _written("my file.jsonl=harmful") == {"source": "my file.jsonl", "label": "harmful", "ids": None}
