@@ -764,7 +764,8 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
 
 def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):
     """The 320 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
-    request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data."""
+    request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data (nor
+    of the development set of exchanges)."""
     from collections import Counter
 
     from cai_engine.classifiers.data import written_exchanges
@@ -789,6 +790,12 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
     assert len(labelled) == 280
     assert near_copies([r["prompt"] for r in rows], {r["id"]: r["prompt"] for r in labelled}) == {}
     assert near_copies([r["response"] for r in rows], {r["id"]: r["response"] for r in labelled}) == {}
+    # the development set for choices about output probes (bench/output_pooling.py) copies neither
+    dev = labelled_exchanges([bench / "exchanges-dev.jsonl"])
+    assert len(dev) == 155 and sum(r["label"] for r in dev) == 60
+    for key in ("prompt", "response"):
+        others = {r["id"]: r[key] for r in [*rows, *labelled]}
+        assert near_copies([r[key] for r in dev], others) == {}
 
 
 def test_the_build_command_reads_written_sources(cli_runner):
