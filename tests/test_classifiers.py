@@ -760,6 +760,9 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
     bad.write_text('{"prompt": "hi", "response": "hello", "violates": false}\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="only harmless exchanges"):
         written_exchanges([str(bad)])
+    bad.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="has no exchanges"):
+        written_exchanges([str(bad)])
 
 
 def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):

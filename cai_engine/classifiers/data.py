@@ -612,10 +612,11 @@ def written_exchanges(sources: list[str]) -> list[dict[str, Any]]:
     seen: set[tuple[str, str]] = set()
     for path in dict.fromkeys(_exchange_file(source) for source in sources):
         rows = labelled_exchanges([path])
-        if {r["label"] for r in rows} != {0, 1}:
+        labels = {r["label"] for r in rows}
+        if labels != {0, 1}:
+            what = "no" if not labels else "only violating" if labels == {1} else "only harmless"
             raise ConfigError(
-                f"written_exchanges: {path.name} has only {'violating' if rows[0]['label'] else 'harmless'} exchanges; "
-                "an output classifier learns from both"
+                f"written_exchanges: {path.name} has {what} exchanges; an output classifier learns from both"
             )
         for row in rows:
             if (row["prompt"], row["response"]) in seen:

@@ -64,10 +64,6 @@ def train_and_select(
 
 def _written_labels(path: Path) -> set[int]:
     """The labels among the rows made from exchanges people wrote (a ``probe-written`` candidate needs both)."""
-    from cai_engine.classifiers.data import WRITTEN_REPLY
-    from cai_engine.errors import RunError
-    from cai_engine.files.jsonl import iter_jsonl
+    from cai_engine.classifiers.train import read_rows, written_rows
 
-    if not path.is_file():
-        return set()
-    return {int(row["label"]) for _, row in iter_jsonl(path, RunError) if row.get("reply_source") == WRITTEN_REPLY}
+    return {int(row["label"]) for row in written_rows(read_rows(path))} if path.is_file() else set()

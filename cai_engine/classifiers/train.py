@@ -54,7 +54,9 @@ class TrainConfig(BaseModel):
 
     max_tokens: int = Field(256, ge=8)
     train_on: Literal["all", "written"] = Field(
-        "all", description="'written': train on the rows people wrote alone (a build's written exchanges or requests)."
+        "all",
+        description="'written': train an output probe on the exchanges people wrote alone (a build's rows whose "
+        "reply_source is 'written').",
     )
     base_weights: BaseWeights = Field(
         "float",
@@ -93,19 +95,26 @@ def read_split(
     split has at least ``MIN_WRITTEN_TEST`` rows of each label among them: a generated reply is labelled by refusal
     phrases, which call a safe completion of a harmful request a violation. ``train_on="written"`` trains on those
     exchanges alone."""
-    from cai_engine.classifiers.data import MIN_WRITTEN_TEST, WRITTEN_REPLY
+    from cai_engine.classifiers.data import MIN_WRITTEN_TEST
 
     train, test = read_rows(dataset / f"{kind}-train.jsonl"), read_rows(dataset / f"{kind}-test.jsonl")
     measured_on = "all"
-    written_test = [r for r in test if r.get("reply_source") == WRITTEN_REPLY]
+    written_test = written_rows(test)
     if kind == "output" and min(sum(r["label"] == y for r in written_test) for y in (0, 1)) >= MIN_WRITTEN_TEST:
         test, measured_on = written_test, "written exchanges"
     if train_on == "written":
-        train = [r for r in train if r.get("reply_source") == WRITTEN_REPLY]
+        train = written_rows(train)
     if not any(r["label"] for r in train) or all(r["label"] for r in train):
         what = "the exchanges people wrote in " if train_on == "written" else ""
         raise RunError(f"{dataset}: {what}the {kind} training split needs both violating and harmless examples")
     return train, test, measured_on
+
+
+def written_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The output rows made from exchanges people wrote."""
+    from cai_engine.classifiers.data import WRITTEN_REPLY
+
+    return [r for r in rows if r.get("reply_source") == WRITTEN_REPLY]
 
 
 def auc(scores: list[float], labels: list[int]) -> float | None:
