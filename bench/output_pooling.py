@@ -1,6 +1,7 @@
 """Where an output probe should average: over every token of the exchange (what the probe does today) or over the
 reply's tokens only, the request still read as context through attention.
 
+The probe option this measured is `cai classifiers build --output-pooling reply` (and `train --pooling reply`).
 Trains a logistic head on the labelled exchanges people wrote (default `builtin:harmless`'s file), with its threshold
 set at 5% of the harmless ones by 5-fold cross-validation, for each pooling, depth and L2 penalty, and scores labelled
 exchanges written apart (default the reply and guard cases under bench/data): cross-validated AUC on the training
@@ -17,7 +18,7 @@ import random
 from pathlib import Path
 
 from cai_engine.classifiers.data import BUILTIN_EXCHANGES
-from cai_engine.classifiers.probe import Encoder, render
+from cai_engine.classifiers.probe import Encoder, context, render
 from cai_engine.classifiers.sources import labelled_exchanges
 from cai_engine.classifiers.train import auc, fit_head
 from cai_engine.stats import format_rate, rate
@@ -26,24 +27,11 @@ BENCH = Path(__file__).resolve().parent / "data"
 
 
 def pooled(encoder: Encoder, rows: list[dict], reply_only: bool, max_tokens: int = 256):
-    """``[len(rows), layers, hidden]``: each layer's normed output averaged over the exchange, or over the tokens its
-    reply adds (the tail of the ids, which truncation keeps)."""
-    import torch
-
-    out = []
-    with torch.inference_mode():
-        for row in rows:
-            text = render("output", row["prompt"], row["response"])
-            ids = encoder._ids(text, max_tokens)
-            head = text[: text.rindex("\nAssistant: ") + len("\nAssistant:")]
-            full = len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
-            reply = max(1, full - len(encoder.tokenizer(head, add_special_tokens=False)["input_ids"]))
-            x = torch.tensor([ids])
-            result = encoder.model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
-            hidden = [encoder._norm(h) for h in result.hidden_states[1:-1]] + [result.last_hidden_state]
-            k = min(reply, len(ids)) if reply_only else len(ids)
-            out.append(torch.stack([h[0, -k:].float().mean(0) for h in hidden]))
-    return torch.stack(out)
+    """``[len(rows), layers, hidden]``: each layer's normed output averaged over the exchange, or over its reply's
+    tokens (what ``pooling: reply`` does in a probe)."""
+    texts = [render("output", row["prompt"], row["response"]) for row in rows]
+    skip = [context(row["prompt"]) for row in rows] if reply_only else None
+    return encoder.features(texts, max_tokens=max_tokens, skip=skip)
 
 
 def main() -> None:

@@ -293,7 +293,7 @@ def test_each_domain_check_ships_a_classifier_and_its_training_cases():
 
 
 def test_the_held_out_domain_cases_copy_no_training_case():
-    """bench/data/domain-heldout, -2 and -3 were written apart from every file the checks and their classifiers were
+    """bench/data/domain-heldout, -2, -3 and -4 were written apart from every file the checks and their classifiers were
     built from (by other authors, who saw neither): no answer is a near-copy of a training answer, and each later set
     copies none of the sets before it."""
     from pathlib import Path
@@ -309,7 +309,7 @@ def test_the_held_out_domain_cases_copy_no_training_case():
         ]
         for case in load_cases(path)
     }
-    folders = ("domain-heldout", "domain-heldout-2", "domain-heldout-3")
+    folders = ("domain-heldout", "domain-heldout-2", "domain-heldout-3", "domain-heldout-4")
     held = {
         (folder, check): load_cases(root / "bench" / "data" / folder / f"{check}.jsonl")
         for folder in folders

@@ -766,7 +766,7 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
 
 
 def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):
-    """The 320 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
+    """The 560 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
     request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data (nor
     of the development set of exchanges)."""
     from collections import Counter
@@ -776,15 +776,15 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
 
     rows = written_exchanges(["builtin:harmless"])
     cases = Counter(r["kind"].split(":")[0] for r in rows)
-    assert len(rows) == 320 and sum(r["label"] for r in rows) == 120
+    assert len(rows) == 560 and sum(r["label"] for r in rows) == 220
     assert cases == {
-        "harmful-complied": 70,
-        "harmful-partial": 50,
-        "harmful-declined": 45,
-        "harmful-safe-completion": 40,
-        "benign-answered": 45,
-        "benign-alarming-answered": 45,
-        "benign-overrefused": 25,
+        "harmful-complied": 130,
+        "harmful-partial": 90,
+        "harmful-declined": 80,
+        "harmful-safe-completion": 80,
+        "benign-answered": 60,
+        "benign-alarming-answered": 85,
+        "benign-overrefused": 35,
     }
     assert all(r["label"] == int(r["kind"].startswith(("harmful-complied", "harmful-partial"))) for r in rows)
     assert near_copies([r["prompt"] for r in rows], evaluation_texts(cai_registry)) == {}
@@ -1237,3 +1237,65 @@ def test_a_backed_check_without_its_classifier_keeps_a_subclass_and_scores_are_r
         assert calls == [["a r\u00e9sum\u00e9", "a resume"]]
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_context(tiny_model, tmp_path, cli_runner):
+    import torch
+
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.probe import Encoder, ProbeConfig, context, describe, render
+    from cai_engine.cli import cli
+
+    encoder = Encoder(str(tiny_model), 2, "float32")
+    prompts = ["How do I keep slugs off my lettuce?", "What is a picnic?"]
+    replies = ["Copper tape around the bed works, and beer traps too.", "A meal eaten outdoors."]
+    texts = [render("output", p, r) for p, r in zip(prompts, replies)]
+    skip = [context(p) for p in prompts]
+    pooled = encoder.features(texts, skip=skip)
+    # by hand: one pass over the whole exchange, its last layer averaged over the tokens after the request
+    for i, text in enumerate(texts):
+        ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        start = len(encoder.tokenizer(skip[i], add_special_tokens=False)["input_ids"])
+        assert ids[:start] == encoder.tokenizer(skip[i], add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            hidden = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        assert torch.allclose(pooled[i, -1], hidden[start:].mean(0), atol=1e-5)
+        # batched with a longer neighbour (padding) or alone: the same numbers
+        assert torch.allclose(encoder.features(texts[i : i + 1], skip=skip[i : i + 1])[0], pooled[i], atol=1e-5)
+    # the request is read as context, not ignored; and pooling everything is another reading
+    other = encoder.features([render("output", "Tell me a joke.", replies[0])], skip=[context("Tell me a joke.")])
+    assert not torch.allclose(other[0], pooled[0], atol=1e-4)
+    assert not torch.allclose(encoder.features(texts)[0], pooled[0], atol=1e-4)
+    # a long exchange keeps its first and last tokens; only the reply's among them are averaged
+    long_reply = " ".join(["bread"] * 300)
+    ids, averaged = encoder._ids(render("output", prompts[0], long_reply), 16, context(prompts[0]))
+    assert len(ids) == 16 and averaged[:3] == [0, 0, 0] and averaged[-8:] == [1] * 8
+    # an empty reply (a stream's first chunk) still averages one token
+    assert sum(encoder._ids(render("output", prompts[0], ""), 256, context(prompts[0]))[1]) >= 1
+
+    cases, _ = _cases_file(tmp_path, 60, seed=7)
+    out = tmp_path / "reply"
+    args = ["classifiers", "train", str(cases), "--base-model", str(tiny_model), "--layers", "1,2"]
+    done = cli_runner.invoke(cli, [*args, "--out", str(out), "--pooling", "reply"])
+    assert done.exit_code == 0, done.output
+    assert "averaging over the replies' tokens" in done.output
+    probe = load_classifier(out)
+    assert probe.config.pooling == "reply" and json.loads((out / "classifier.json").read_text())["pooling"] == "reply"
+    scores = probe.predict(["question 1", "question 2"], ["xqz zzq qxz xqz qxz zzq", "garden bread picnic bread"])
+    assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
+    assert "averaged over the reply's tokens" in (out / "README.md").read_text()
+    # the head was fitted on reply-pooled activations
+    rows = [json.loads(line) for line in cases.read_text().splitlines()]
+    fitted = encoder.features(
+        [render("output", r["prompt"], r["response"]) for r in rows], skip=[context(r["prompt"]) for r in rows]
+    )
+    assert torch.allclose(probe.mean, fitted[:, probe.config.layer - 1].mean(0), atol=1e-4)
+    # a mean-pooled folder stays readable by releases before the field; a request has no reply to average
+    assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "mean")]).exit_code == 0
+    assert "pooling" not in json.loads((tmp_path / "mean" / "classifier.json").read_text())
+    assert describe(tmp_path / "mean")["pooling"] == "mean" and describe(out)["pooling"] == "reply"
+    refused = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "x"), "--kind", "input", "--pooling", "reply"])
+    assert refused.exit_code == 2 and "no reply to average" in refused.output
+    with pytest.raises(ValueError, match="for output classifiers"):
+        ProbeConfig(kind="input", layer=1, labels=["violation"], pooling="reply")

@@ -1,7 +1,8 @@
 """A linear probe on a frozen small model's activations: the compiled classifier's runtime.
 
 The text is read by the first ``layer`` transformer layers of the base model (the embedded default, SmolLM2-135M,
-unless told otherwise); the hidden states are averaged over the tokens and a logistic-regression head turns them
+unless told otherwise); the hidden states are averaged over the tokens (an output probe built with ``pooling: reply``
+averages over the reply's tokens only, the request still read as context) and a logistic-regression head turns them
 into a probability. Only the head is trained, so training is seconds on a CPU, and only the first layers run, so
 scoring is milliseconds. The base model is referenced (name and the SHA-256 of its weights file), not copied.
 
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai_engine.classifiers.templates import normalise
 from cai_engine.errors import ModelError
@@ -42,6 +43,12 @@ Precision = Literal["auto", "float32", "bfloat16"]
 #: drift from float32's (cosine 0.98 after 6 layers of SmolLM2-135M), so an int8 probe's head and threshold are
 #: fitted on int8 activations and it always runs so.
 BaseWeights = Literal["float", "int8"]
+
+#: Which tokens' activations a probe averages: ``mean``, every token it reads; ``reply`` (output probes), the reply's
+#: tokens only, the request still read as context through attention. Averaged over the whole exchange, a request's
+#: topic outweighs what a short reply does with it; reply pooling ranked a development set of 155 exchanges written
+#: for the choice better (AUC 0.940 against 0.912 at 8 layers; ``bench/output_pooling.py``).
+Pooling = Literal["mean", "reply"]
 
 
 def resolve_precision(precision: str) -> str:
@@ -78,6 +85,11 @@ class ProbeConfig(BaseModel):
         description="'float': the head was fitted on float32 activations (scoring runs float32 or bfloat16); 'int8': "
         "on those of the base layers with 8-bit weights, which it always runs (`cai classifiers build --int8`).",
     )
+    pooling: Pooling = Field(
+        "mean",
+        description="'mean': activations averaged over every token read; 'reply' (output probes): over the reply's "
+        "tokens only, the request read as context.",
+    )
     max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
     labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
     thresholds: dict[str, float] = Field(default_factory=dict, description="Calibrated decision thresholds.")
@@ -85,18 +97,31 @@ class ProbeConfig(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _reply_pooling_needs_a_reply(self) -> ProbeConfig:
+        if self.pooling == "reply" and self.kind != "output":
+            raise ValueError("pooling 'reply' is for output classifiers (an input classifier reads no reply)")
+        return self
+
     def to_json(self) -> str:
-        """``classifier.json``'s text. ``base_weights`` is written only when it is ``int8``, so a float classifier's
-        folder stays readable by releases before the field (they forbid unknown keys)."""
-        skip = {"base_weights"} if self.base_weights == "float" else None
-        return self.model_dump_json(indent=2, exclude=skip) + "\n"
+        """``classifier.json``'s text. ``base_weights`` and ``pooling`` are written only when they differ from their
+        defaults, so such a classifier's folder stays readable by releases before the fields (they forbid unknown
+        keys)."""
+        skip = {k for k, default in (("base_weights", "float"), ("pooling", "mean")) if getattr(self, k) == default}
+        return self.model_dump_json(indent=2, exclude=skip or None) + "\n"
 
 
 def render(kind: str, prompt: str, reply: str | None = None) -> str:
     """The text a probe reads: the request alone, or the exchange."""
     if kind == "input" or reply is None:
         return f"User: {normalise(prompt)}"
-    return f"User: {normalise(prompt)}\nAssistant: {normalise(reply)}"
+    return f"{context(prompt)} {normalise(reply)}"
+
+
+def context(prompt: str) -> str:
+    """The start of an exchange's text (:func:`render`) up to its reply: what a reply-pooled probe reads without
+    averaging."""
+    return f"User: {normalise(prompt)}\nAssistant:"
 
 
 def file_sha256(path: Path) -> str:
@@ -184,48 +209,77 @@ class Encoder:
                 _ENCODERS[key] = cls(base_model, layers, key[2])
             return _ENCODERS[key]
 
-    def _ids(self, text: str, max_tokens: int) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _ids(self, text: str, max_tokens: int, skip: str | None = None) -> tuple[list[int], list[int]]:
+        """The token ids read (a longer text keeps its first and last ``max_tokens // 2``) and, for each, 1 where it
+        is averaged: every token, or those after ``skip``, a start of ``text`` read as context only (at least the last
+        token is averaged; where ``skip``'s last token merges with the next, the merged token counts as averaged)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
+        start = 0
+        if skip:
+            head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
+            while start < min(len(head), len(ids) - 1) and head[start] == ids[start]:
+                start += 1
+        kept = list(range(len(ids)))
         if len(ids) > max_tokens:
             half = max_tokens // 2
-            ids = ids[:half] + ids[-(max_tokens - half) :]
-        return ids or [self.tokenizer.eos_token_id or 0]
+            kept = kept[:half] + kept[-(max_tokens - half) :]
+        return [ids[i] for i in kept], [int(i >= start) for i in kept]
 
     def features(
-        self, texts: Sequence[str], *, max_tokens: int = 256, batch_size: int = 16, last_only: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        max_tokens: int = 256,
+        batch_size: int = 16,
+        last_only: bool = False,
+        skip: Sequence[str | None] | None = None,
     ) -> Any:
         """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
-        the text's tokens. ``last_only`` (scoring, where only the encoder's own depth is read): ``[len(texts), 1,
-        hidden]``, without asking the model for the other layers."""
+        the text's tokens (``skip``: per text, a start of it read as context and left out of the average, or None).
+        ``last_only`` (scoring, where only the encoder's own depth is read): ``[len(texts), 1, hidden]``, without
+        asking the model for the other layers."""
         import torch
 
         if self.precision == "int8":
             batch_size = 1
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-        encoded = {i: self._ids(texts[i], max_tokens) for i in order}
+        encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i]) for i in order}
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
+                width = max(len(encoded[i][0]) for i in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
+                pool = torch.zeros((len(batch), width), dtype=torch.float32)
                 for row, i in enumerate(batch):
-                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[row, : len(encoded[i])] = 1
+                    tokens, averaged = encoded[i]
+                    ids[row, : len(tokens)] = torch.tensor(tokens)
+                    mask[row, : len(tokens)] = 1
+                    pool[row, : len(tokens)] = torch.tensor(averaged, dtype=torch.float32)
                 result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
                 # transformers hands back each layer's output before the model's final norm, and the last one after
                 # it (last_hidden_state); a probe of depth k is served by a k-layer encoder, whose last output is
                 # normed, so every layer is read normed here, as it will be served
                 earlier = [] if last_only else [self._norm(h) for h in result.hidden_states[1:-1]]
                 hidden = [*earlier, result.last_hidden_state]
-                weights = mask.unsqueeze(-1).float()
+                weights = pool.unsqueeze(-1)
                 pooled = torch.stack(
                     [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
                 )  # [batch, layers, hidden]
                 out.extend(zip(batch, pooled))
         out.sort(key=lambda pair: pair[0])
         return torch.stack([row for _, row in out])
+
+
+def pooling_skip(
+    pooling: str, kind: str, prompts: Sequence[str], replies: Sequence[str | None] | None
+) -> list[str | None] | None:
+    """What :meth:`Encoder.features` leaves out of the average for each exchange: its request (``reply`` pooling of
+    an output probe), or nothing."""
+    if pooling != "reply" or kind != "output" or replies is None:
+        return None
+    return [context(p) if r is not None else None for p, r in zip(prompts, replies)]
 
 
 def probe_precision(config: ProbeConfig, precision: str, folder: Path | None = None) -> str:
@@ -310,8 +364,9 @@ class Probe:
         if not prompts:
             return []
         texts = [render(self.config.kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
+        skip = pooling_skip(self.config.pooling, self.config.kind, prompts, replies)
         # the shared encoder has exactly the probe's depth: its last layer is the one the head reads
-        features = self.encoder.features(texts, max_tokens=self.config.max_tokens, last_only=True)[:, -1]
+        features = self.encoder.features(texts, max_tokens=self.config.max_tokens, last_only=True, skip=skip)[:, -1]
         probs = torch.sigmoid(self.logits_from_features(features))
         return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
 
@@ -337,6 +392,7 @@ def base_model_sha256(base_model: str) -> str | None:
 def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
-    keys = ("kind", "method", "base_model", "layer", "base_weights", "thresholds")
-    defaults = {"method": "probe", "base_weights": "float" if data.get("method", "probe") == "probe" else None}
+    keys = ("kind", "method", "base_model", "layer", "base_weights", "pooling", "thresholds")
+    probe = data.get("method", "probe") == "probe"
+    defaults = {"method": "probe", "base_weights": "float" if probe else None, "pooling": "mean" if probe else None}
     return {"path": str(folder), **{k: data.get(k, defaults.get(k)) for k in keys}}

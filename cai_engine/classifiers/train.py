@@ -18,7 +18,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cai_engine.classifiers.probe import BaseWeights, Encoder, Probe, ProbeConfig, base_model_sha256, render
+from cai_engine.classifiers.probe import (
+    BaseWeights,
+    Encoder,
+    Pooling,
+    Probe,
+    ProbeConfig,
+    base_model_sha256,
+    pooling_skip,
+    render,
+)
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import iter_jsonl
 from cai_engine.models.runtime import DEFAULT_MODEL
@@ -53,6 +62,11 @@ class TrainConfig(BaseModel):
         return [value] if isinstance(value, (int, float)) else value
 
     max_tokens: int = Field(256, ge=8)
+    output_pooling: Pooling = Field(
+        "mean",
+        description="Which tokens an output probe averages: 'mean', the whole exchange; 'reply', the reply's tokens "
+        "only, the request read as context (input probes always average the request).",
+    )
     train_on: Literal["all", "written"] = Field(
         "all",
         description="'written': train an output probe on the exchanges people wrote alone (a build's rows whose "
@@ -75,6 +89,23 @@ def _how_read(config: TrainConfig) -> dict[str, str]:
     """What a probe's metrics record of how its activations were read: every depth after the final norm, as served
     (a probe without ``features`` predates that), and its base weights."""
     return {"base_weights": config.base_weights, "features": "normed"}
+
+
+def _pooling(config: TrainConfig, kind: str) -> str:
+    return config.output_pooling if kind == "output" else "mean"
+
+
+def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[list[str], list[str | None] | None]:
+    """The texts a ``kind`` probe reads for ``rows`` (a build's rows or labelled cases made into them), and what of
+    each it reads as context only (:func:`~cai_engine.classifiers.probe.pooling_skip`)."""
+    prompts = [r["prompt"] if kind == "output" else r["text"] for r in rows]
+    replies = [r["text"] for r in rows] if kind == "output" else None
+    texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
+    return texts, pooling_skip(pooling, kind, prompts, replies)
+
+
+def _pooled(pooling: str) -> str:
+    return ", averaging over the replies' tokens" if pooling == "reply" else ""
 
 
 def _int8(config: TrainConfig) -> str:
@@ -210,20 +241,20 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
 
     dataset = Path(dataset)
     train, test, measured_on = read_split(dataset, kind, config.train_on)
+    pooling = _pooling(config, kind)
 
-    def texts(rows):
-        return [
-            render(kind, r["prompt"] if kind == "output" else r["text"], r["text"] if kind == "output" else None)
-            for r in rows
-        ]
+    def features(rows):
+        texts, skip = probe_inputs(rows, kind, pooling)
+        return encoder.features(texts, max_tokens=config.max_tokens, skip=skip)
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
     echo(
         f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
+        + _pooled(pooling)
     )
-    x_train = encoder.features(texts(train), max_tokens=config.max_tokens)
-    x_test = encoder.features(texts(test), max_tokens=config.max_tokens)
+    x_train = features(train)
+    x_test = features(test)
     y_train = torch.tensor([[float(r["label"])] for r in train])
     y_test = [int(r["label"]) for r in test]
 
@@ -291,6 +322,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         base_model_sha256=base_model_sha256(config.base_model),
         layer=layer,
         base_weights=config.base_weights,
+        pooling=pooling,
         max_tokens=config.max_tokens,
         labels=labels,
         thresholds={"violation": threshold},
@@ -341,14 +373,15 @@ def train_probe_cv(
     for label in (0, 1):  # stratified: each fold gets its share of both labels
         for n, i in enumerate(j for j in order if labels[j] == label):
             fold_of[i] = n % folds
-    texts = [
-        render(kind, r["prompt"] if kind == "output" else r["text"], r["text"] if kind == "output" else None)
-        for r in rows
-    ]
+    pooling = _pooling(config, kind)
+    texts, skip = probe_inputs(rows, kind, pooling)
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
-    echo(f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}")
-    x_all = encoder.features(texts, max_tokens=config.max_tokens)
+    echo(
+        f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
+        + _pooled(pooling)
+    )
+    x_all = encoder.features(texts, max_tokens=config.max_tokens, skip=skip)
     y_all = torch.tensor([[float(v)] for v in labels])
 
     def cv_scores(layer: int, l2: float) -> list[float]:
@@ -405,6 +438,7 @@ def train_probe_cv(
         base_model_sha256=base_model_sha256(config.base_model),
         layer=layer,
         base_weights=config.base_weights,
+        pooling=pooling,
         max_tokens=config.max_tokens,
         labels=["violation"],
         thresholds={"violation": threshold},
@@ -469,7 +503,8 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     )
     from_cases = config.data.get("dataset_report", {}).get("source") == "cases"
     what = (
-        f"A linear probe on the first {config.layer} layers of `{config.base_model}` (mean-pooled activations"
+        f"A linear probe on the first {config.layer} layers of `{config.base_model}` ("
+        + ("activations averaged over the reply's tokens" if config.pooling == "reply" else "mean-pooled activations")
         + (
             ", with the layers' weights in 8 bits: dynamic quantisation, which it always runs"
             if config.base_weights == "int8"

@@ -33,6 +33,18 @@ INT8_OPTION = click.option(
 )
 
 
+def pooling_option(name: str, what: str):
+    return click.option(
+        name,
+        "pooling",
+        type=click.Choice(["mean", "reply"]),
+        default="mean",
+        show_default=True,
+        help=f"Which tokens {what} averages: mean, the whole exchange; reply, the reply's tokens only, the request "
+        "read as context (it ranks what a reply does above the request's topic).",
+    )
+
+
 @classifiers_group.command("build")
 @click.option("--constitution", default="harmless", show_default=True, help="A registered name or a file.")
 @click.option("--feedback-model", default="qwen2.5-coder-1.5b", show_default=True, help="Writes and labels the data.")
@@ -70,6 +82,7 @@ INT8_OPTION = click.option(
     "held-out AUC wins.",
 )
 @INT8_OPTION
+@pooling_option("--output-pooling", "the output probe")
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
@@ -117,6 +130,7 @@ def build_command(
     l2,
     methods,
     int8,
+    pooling,
     finetune_layers,
     epochs,
     false_alarms,
@@ -200,6 +214,7 @@ def build_command(
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
+        output_pooling=pooling,
     )
     finetune_config = FinetuneConfig(layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed)
     for kind in ("input", "output"):
@@ -260,7 +275,10 @@ def _written(value: str) -> dict[str, str | None]:
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
 @INT8_OPTION
-def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8) -> None:
+@pooling_option("--pooling", "an output probe")
+def train_command(
+    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling
+) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
@@ -282,6 +300,10 @@ def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms,
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
     if folds == 1 or folds < 0:
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
+    if pooling == "reply" and kind == "input":
+        raise click.BadParameter(
+            "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
+        )
     rows = _labelled_exchanges(cases)
     config = TrainConfig(
         base_model=base_model,
@@ -289,6 +311,7 @@ def train_command(cases, out, kind, layers, l2, folds, test_share, false_alarms,
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
+        output_pooling=pooling,
     )
     if folds:
         every = [
