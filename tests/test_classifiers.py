@@ -739,7 +739,7 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
     # by default the constitution's own set where one ships, none otherwise; bad sources fail before generation
     assert BuildConfig().written_exchanges is None
     harmless = Generator(BuildConfig(principles=["harm-014"]), constitution, FakeRuntime(cai_registry), tmp_path / "h")
-    assert len(harmless.written_exchanges) == 320
+    assert len(harmless.written_exchanges) == 560
     other = constitution.model_copy(update={"name": "mine"})
     assert (
         Generator(
@@ -1271,6 +1271,10 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
     long_reply = " ".join(["bread"] * 300)
     ids, averaged = encoder._ids(render("output", prompts[0], long_reply), 16, context(prompts[0]))
     assert len(ids) == 16 and averaged[:3] == [0, 0, 0] and averaged[-8:] == [1] * 8
+    # where the context's tokens stop matching the text's (a merged boundary token), averaging starts there
+    text = render("output", prompts[0], replies[0])
+    _, averaged = encoder._ids(text, 256, "User: How do I keep snails")
+    assert averaged.index(1) == len(encoder.tokenizer("User: How do I keep s", add_special_tokens=False)["input_ids"])
     # an empty reply (a stream's first chunk) still averages one token
     assert sum(encoder._ids(render("output", prompts[0], ""), 256, context(prompts[0]))[1]) >= 1
 
@@ -1299,3 +1303,8 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
     assert refused.exit_code == 2 and "no reply to average" in refused.output
     with pytest.raises(ValueError, match="for output classifiers"):
         ProbeConfig(kind="input", layer=1, labels=["violation"], pooling="reply")
+    # a build's fine-tuned candidate reads the last token: reply pooling asks for probes alone
+    refused = cli_runner.invoke(
+        cli, ["classifiers", "build", "--constitution", "harmless", "--output-pooling", "reply"]
+    )
+    assert refused.exit_code == 2 and "--methods probe" in refused.output

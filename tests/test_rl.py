@@ -562,3 +562,62 @@ def test_balance_keeps_as_many_pairs_preferring_a_refusal_as_preferring_an_answe
     )
     with pytest.raises(RunError, match="in the training split 3 pairs prefer an answer"):
         export_preferences(tmp_path / "rl-one-train", tmp_path / "ds6", {"heldout": 0.3, "balance": True})
+
+
+def test_borrow_refusals_pairs_an_answer_to_a_harmless_prompt_with_the_nearest_harmful_prompts_refusal(
+    tmp_path, cli_runner
+):
+    def record(key, prompt, a, b, label):
+        return {
+            "key": f"pair:{key}",
+            "id": key,
+            "source": "intent",
+            "conversation": [{"role": "user", "content": prompt}],
+            "response_a": a,
+            "response_b": b,
+            "label": label,
+            "judgement": {"abstained": label is None, "p_a": label},
+        }
+
+    knife_no = "I'm sorry, but I can't help you hurt anyone with a knife."
+    cat_no = "I can't help with harming a cat. Please talk to a vet if it is unwell."
+    knife_yes = "Hold the blade at twenty degrees to the stone and draw it towards you, then hone it."
+    cat_yes = "Put double-sided tape on the sofa arms and give the cat a scratching post of its own."
+    run = RunDirectory(tmp_path / "rl", "rl")
+    run.open({"x": 1})
+    run.append(
+        [
+            # harmful prompts: a pair (refusal chosen), and one whose samples all refused (no pair)
+            record("pr-knife-h", "How do I hurt my neighbour with a kitchen knife?", knife_no, "Aim low.", 0.9),
+            record("pr-cat-h", "How do I poison the cat that sits on my sofa?", cat_no, cat_no, None),
+            # one whose samples all answered: there is no refusal of its own to lend
+            record("rt-1", "Write me a phishing email for my bank's customers.", "Dear customer...", "Dear...", None),
+            # harmless prompts whose samples all answered, and one whose samples all refused
+            record("pr-knife-b", "How do I sharpen a kitchen knife safely?", knife_yes, knife_yes, None),
+            record("pr-cat-b", "How do I keep the cat off my sofa?", cat_yes, cat_yes, None),
+            record("bl-1", "How do I kill a zombie process?", "I can't help with killing.", "I can't.", None),
+        ]
+    )
+    intent = {"heldout": 0.0, "must_decline": ["pr-*-h", "rt-*"], "must_answer": ["pr-*-b", "bl-*"]}
+    plain = export_preferences(tmp_path / "rl", tmp_path / "plain", intent)
+    assert (plain["train"], plain["abstained_excluded"], plain["refusals_borrowed"]) == (1, 5, 0)
+    summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {**intent, "borrow_refusals": True})
+    assert (summary["train"], summary["abstained_excluded"], summary["refusals_borrowed"]) == (3, 3, 2)
+    rows = {r["prompt"][0]["content"]: r for r in map(json.loads, (tmp_path / "ds" / "train.jsonl").open())}
+    # each harmless answer is chosen over the refusal written for the harmful prompt most like it
+    sharpen, sofa = rows["How do I sharpen a kitchen knife safely?"], rows["How do I keep the cat off my sofa?"]
+    assert (sharpen["chosen"][0]["content"], sharpen["rejected"][0]["content"]) == (knife_yes, knife_no)
+    assert (sofa["chosen"][0]["content"], sofa["rejected"][0]["content"]) == (cat_yes, cat_no)
+    assert sharpen["source"] == "intent" and sharpen["chosen_probability"] == 0.9
+    assert "How do I kill a zombie process?" not in rows  # nothing to choose: every sample refused
+    # the same run borrows the same; the pattern lists are needed to know whose refusal to lend
+    again = export_preferences(tmp_path / "rl", tmp_path / "ds2", {**intent, "borrow_refusals": True})
+    assert (tmp_path / "ds2" / "train.jsonl").read_text() == (tmp_path / "ds" / "train.jsonl").read_text()
+    assert again["refusals_borrowed"] == 2
+    with pytest.raises(ConfigError, match="borrow_refusals needs must_answer"):
+        export_preferences(tmp_path / "rl", tmp_path / "ds3", {"must_answer": ["pr-*-b"], "borrow_refusals": True})
+    args = ["export", "preferences", str(tmp_path / "rl"), "--out", str(tmp_path / "ds4"), "--heldout", "0"]
+    args += ["--must-decline", "pr-*-h", "--must-answer", "pr-*-b", "--borrow-refusals"]
+    done = cli_runner.invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert "2 refusals borrowed" in done.output

@@ -41,7 +41,7 @@ def pooling_option(name: str, what: str):
         default="mean",
         show_default=True,
         help=f"Which tokens {what} averages: mean, the whole exchange; reply, the reply's tokens only, the request "
-        "read as context (it ranks what a reply does above the request's topic).",
+        "read as context (so a long request's topic weighs less against what the reply does). Probes only.",
     )
 
 
@@ -103,7 +103,7 @@ def pooling_option(name: str, what: str):
     metavar="FILE|builtin:NAME",
     help="Labelled exchanges people wrote (JSONL: prompt, response, violates; the format of `cai checks eval` cases) "
     "to add to the output classifier's data; repeatable; replaces the default (builtin:NAME of the constitution where "
-    "one ships: builtin:harmless, 320 exchanges from replies that help with harm or leak part of it to safe "
+    "one ships: builtin:harmless, 560 exchanges from replies that help with harm or leak part of it to safe "
     "completions and plain answers). Where there are enough, the output classifier is measured on the held-out ones.",
 )
 @click.option("--no-written-exchanges", is_flag=True, help="Add no written exchanges (the output data is generated).")
@@ -157,6 +157,12 @@ def build_command(
             "8-bit base layers apply to probes only; add --methods probe (a fine-tuned candidate would be trained in "
             "float and could be the one kept)",
             param_hint="--int8",
+        )
+    if pooling == "reply" and "finetuned" in chosen_methods:
+        raise click.BadParameter(
+            "reply pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
+            "and could be the one kept)",
+            param_hint="--output-pooling",
         )
     if written_exchanges and (no_written or no_written_exchanges):
         raise click.BadParameter("give written exchanges or leave them out, not both", param_hint="--written-exchanges")

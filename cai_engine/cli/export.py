@@ -92,9 +92,15 @@ def export_sft_command(
     is_flag=True,
     help="As many pairs preferring a refusal to an answer as preferring an answer to a refusal.",
 )
+@click.option(
+    "--borrow-refusals",
+    is_flag=True,
+    help="Pair the answer to a --must-answer prompt that got no refusal among its samples with a refusal the policy "
+    "wrote for the --must-decline prompt most like it.",
+)
 @push_options("dataset")
 def export_preferences_command(
-    run, out, min_confidence, heldout, human, must_decline, must_answer, balance, push_to_hub, private
+    run, out, min_confidence, heldout, human, must_decline, must_answer, balance, borrow_refusals, push_to_hub, private
 ):
     """A preference dataset (TRL conversational prompt/chosen/rejected + chosen_probability) from a labelling run."""
     from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
@@ -108,6 +114,7 @@ def export_preferences_command(
             "must_decline": list(must_decline),
             "must_answer": list(must_answer),
             "balance": balance,
+            "borrow_refusals": borrow_refusals,
         },
         "options",
     )
@@ -117,6 +124,7 @@ def export_preferences_command(
         f"wrote {out}: {summary.train} train / {summary.test} test pairs {summary.sources}; "
         f"{summary.abstained_excluded} abstained and {summary.filtered_low_confidence} low-confidence "
         f"excluded; {summary.intent_labelled} labelled by intent ({summary.intent_overrode} against the AI label); "
+        f"{summary.refusals_borrowed} refusals borrowed; "
         f"judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
     )
     push(out, push_to_hub, "dataset", private)

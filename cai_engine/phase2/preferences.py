@@ -195,6 +195,14 @@ class PreferenceExportOptions(BaseModel):
     intent_probability: float = Field(
         0.9, gt=0.5, le=1, description="The chosen_probability of a pair labelled by its prompt's intent."
     )
+    borrow_refusals: bool = Field(
+        False,
+        description="A prompt listed in `must_answer` that got no pair because every reply the policy sampled "
+        "answered it (an abstention of the `intent` recipe) is paired anyway: its answer is chosen over a refusal "
+        "the same policy wrote for the `must_decline` prompt most like it in wording (the harmful twin of a contrast "
+        "pair, where there is one; source 'intent'). A policy that seldom refuses harmless prompts otherwise gives "
+        "few pairs that prefer an answer, and `balance` then keeps few of either side.",
+    )
     balance: bool = Field(
         False,
         description="Keep as many pairs that prefer a refusal to an answer as pairs that prefer an answer to a "
@@ -249,7 +257,12 @@ def export_preferences(
     manifest = directory.manifest()
     if manifest.get("kind") != "rl":
         raise RunError(f"{run}: not a preference-labelling (rl) run directory")
+    if options.borrow_refusals and not (options.must_answer and options.must_decline):
+        raise ConfigError(
+            "borrow_refusals needs must_answer (the prompts to pair) and must_decline (whose refusals are borrowed)"
+        )
     reviews = read_reviews(run)
+    borrowed = _borrowed_refusals(directory.records(), options) if options.borrow_refusals else {}
     rows: list[PreferenceRow] = []
     abstained = filtered = intent_labelled = intent_overrode = 0
     labelling_judges = set()
@@ -266,6 +279,19 @@ def export_preferences(
                 intent_labelled += 1
                 intent_overrode += p is not None and p != 0.5 and (p > 0.5) != (by_intent > 0.5)
                 p, source = by_intent, "intent"
+        if p is None and record.key in borrowed:
+            rows.append(
+                PreferenceRow(
+                    prompt=record.conversation,
+                    chosen=[Message(role="assistant", content=record.response_a)],
+                    rejected=[Message(role="assistant", content=borrowed[record.key])],
+                    chosen_probability=options.intent_probability,
+                    source="intent",
+                    prompt_id=record.key,
+                    principle_ids=record.principle_ids,
+                )
+            )
+            continue
         if p is None:
             abstained += 1
             continue
@@ -323,6 +349,7 @@ def export_preferences(
         filtered_low_confidence=filtered,
         intent_labelled=intent_labelled,
         intent_overrode=intent_overrode,
+        refusals_borrowed=len(borrowed),
         balanced_dropped=balanced_dropped,
         options=options.model_dump(),
         judge_gate=gate,
@@ -345,6 +372,41 @@ def _intent_label(record: PreferenceRecord, options: PreferenceExportOptions) ->
         return None
     a_wins = a if harmful else b
     return options.intent_probability if a_wins else 1 - options.intent_probability
+
+
+def _words(record: PreferenceRecord) -> set[str]:
+    text = " ".join(m.content for m in record.conversation if m.role == "user").lower()
+    return {w.strip(".,!?;:'\"()") for w in text.split()} - {""}
+
+
+def _borrowed_refusals(records: Any, options: PreferenceExportOptions) -> dict[str, str]:
+    """For each ``must_answer`` prompt whose sampled replies all answered (an abstention with an answer), a refusal
+    the policy wrote for a ``must_decline`` prompt: the one whose request shares the most words with it (Jaccard),
+    ties broken by a hash of the two keys, so the same run always borrows the same."""
+    refusals: list[tuple[str, set[str], str]] = []
+    wanting: list[PreferenceRecord] = []
+    for record in records:
+        if id_matches(record.key, options.must_decline):
+            reply = next((r for r in (record.response_a, record.response_b) if r.strip() and refuses(r)), None)
+            if reply is not None:
+                refusals.append((record.key, _words(record), reply))
+        elif (
+            record.label is None
+            and id_matches(record.key, options.must_answer)
+            and record.response_a.strip()
+            and not refuses(record.response_a)
+        ):
+            wanting.append(record)
+    if not refusals:
+        return {}
+    borrowed = {}
+    for record in wanting:
+        words = _words(record)
+        borrowed[record.key] = min(
+            refusals,
+            key=lambda c, w=words, k=record.key: (-len(w & c[1]) / max(1, len(w | c[1])), bucket(f"borrow:{k}:{c[0]}")),
+        )[2]
+    return borrowed
 
 
 def _balance(rows: list[PreferenceRow], strict: bool = True) -> list[PreferenceRow]:

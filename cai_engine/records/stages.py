@@ -212,6 +212,9 @@ class PreferenceExportManifest(StageResult):
         0, description="AI-labelled pairs relabelled by their prompt's intent (``must_decline``/``must_answer``)."
     )
     intent_overrode: int = Field(0, description="Of those, pairs whose AI label had preferred the other reply.")
+    refusals_borrowed: int = Field(
+        0, description="Answers to harmless prompts paired with a refusal written for a harmful one (borrow_refusals)."
+    )
     balanced_dropped: int = Field(0, description="Pairs dropped to balance refusal-preferring and answer-preferring.")
     options: dict[str, Any] = Field(default_factory=dict)
     judge_gate: GateResult | None = None
