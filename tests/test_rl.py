@@ -614,8 +614,10 @@ def test_borrow_refusals_pairs_an_answer_to_a_harmless_prompt_with_the_nearest_h
     again = export_preferences(tmp_path / "rl", tmp_path / "ds2", {**intent, "borrow_refusals": True})
     assert (tmp_path / "ds2" / "train.jsonl").read_text() == (tmp_path / "ds" / "train.jsonl").read_text()
     assert again["refusals_borrowed"] == 2
-    with pytest.raises(ConfigError, match="borrow_refusals needs must_answer"):
+    with pytest.raises(ValueError, match="borrow_refusals needs must_answer"):
         export_preferences(tmp_path / "rl", tmp_path / "ds3", {"must_answer": ["pr-*-b"], "borrow_refusals": True})
+    refused = cli_runner.invoke(cli, ["export", "preferences", str(tmp_path / "rl"), "--out", "x", "--borrow-refusals"])
+    assert refused.exit_code != 0 and "borrow_refusals needs must_answer" in refused.output
     args = ["export", "preferences", str(tmp_path / "rl"), "--out", str(tmp_path / "ds4"), "--heldout", "0"]
     args += ["--must-decline", "pr-*-h", "--must-answer", "pr-*-b", "--borrow-refusals"]
     done = cli_runner.invoke(cli, args)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cai_engine.constitution.model import Message
 from cai_engine.errors import ConfigError, RunError, describe_validation
@@ -211,6 +211,14 @@ class PreferenceExportOptions(BaseModel):
         "A small policy trained on more of one kind learns to refuse more or less often, not what to refuse.",
     )
 
+    @model_validator(mode="after")
+    def _borrowing_needs_both_intents(self) -> PreferenceExportOptions:
+        if self.borrow_refusals and not (self.must_answer and self.must_decline):
+            raise ValueError(
+                "borrow_refusals needs must_answer (the prompts to pair) and must_decline (whose refusals are borrowed)"
+            )
+        return self
+
 
 def read_reviews(run: str | Path) -> dict[str, float]:
     """The reviewed labels of a run (``reviews.jsonl``): P(A is better) by pair key, the latest review winning."""
@@ -257,10 +265,6 @@ def export_preferences(
     manifest = directory.manifest()
     if manifest.get("kind") != "rl":
         raise RunError(f"{run}: not a preference-labelling (rl) run directory")
-    if options.borrow_refusals and not (options.must_answer and options.must_decline):
-        raise ConfigError(
-            "borrow_refusals needs must_answer (the prompts to pair) and must_decline (whose refusals are borrowed)"
-        )
     reviews = read_reviews(run)
     borrowed = _borrowed_refusals(directory.records(), options) if options.borrow_refusals else {}
     rows: list[PreferenceRow] = []
