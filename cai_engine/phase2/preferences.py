@@ -199,9 +199,9 @@ class PreferenceExportOptions(BaseModel):
         False,
         description="A prompt listed in `must_answer` that got no pair because every reply the policy sampled "
         "answered it (an abstention of the `intent` recipe) is paired anyway: its answer is chosen over a refusal "
-        "the same policy wrote for the `must_decline` prompt most like it in wording (the harmful twin of a contrast "
-        "pair, where there is one; source 'intent'). A policy that seldom refuses harmless prompts otherwise gives "
-        "few pairs that prefer an answer, and `balance` then keeps few of either side.",
+        "the same policy wrote for the `must_decline` prompt whose request shares the most words with it (source "
+        "'intent'). A policy that seldom refuses harmless prompts otherwise gives few pairs that prefer an answer, "
+        "and `balance` then keeps few of either side.",
     )
     balance: bool = Field(
         False,
