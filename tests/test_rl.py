@@ -596,13 +596,15 @@ def test_borrow_refusals_pairs_an_answer_to_a_harmless_prompt_with_the_nearest_h
             record("pr-knife-b", "How do I sharpen a kitchen knife safely?", knife_yes, knife_yes, None),
             record("pr-cat-b", "How do I keep the cat off my sofa?", cat_yes, cat_yes, None),
             record("bl-1", "How do I kill a zombie process?", "I can't help with killing.", "I can't.", None),
+            # a judge's abstention (another recipe) is not the intent recipe's "every sample answered"
+            {**record("pr-dog-b", "How do I keep the dog off my sofa?", cat_yes, cat_yes, None), "source": "ai"},
         ]
     )
     intent = {"heldout": 0.0, "must_decline": ["pr-*-h", "rt-*"], "must_answer": ["pr-*-b", "bl-*"]}
     plain = export_preferences(tmp_path / "rl", tmp_path / "plain", intent)
-    assert (plain["train"], plain["abstained_excluded"], plain["refusals_borrowed"]) == (1, 5, 0)
+    assert (plain["train"], plain["abstained_excluded"], plain["refusals_borrowed"]) == (1, 6, 0)
     summary = export_preferences(tmp_path / "rl", tmp_path / "ds", {**intent, "borrow_refusals": True})
-    assert (summary["train"], summary["abstained_excluded"], summary["refusals_borrowed"]) == (3, 3, 2)
+    assert (summary["train"], summary["abstained_excluded"], summary["refusals_borrowed"]) == (3, 4, 2)
     rows = {r["prompt"][0]["content"]: r for r in map(json.loads, (tmp_path / "ds" / "train.jsonl").open())}
     # each harmless answer is chosen over the refusal written for the harmful prompt most like it
     sharpen, sofa = rows["How do I sharpen a kitchen knife safely?"], rows["How do I keep the cat off my sofa?"]
@@ -614,6 +616,20 @@ def test_borrow_refusals_pairs_an_answer_to_a_harmless_prompt_with_the_nearest_h
     again = export_preferences(tmp_path / "rl", tmp_path / "ds2", {**intent, "borrow_refusals": True})
     assert (tmp_path / "ds2" / "train.jsonl").read_text() == (tmp_path / "ds" / "train.jsonl").read_text()
     assert again["refusals_borrowed"] == 2
+    # with a held-out split, a prompt borrows only from harmful prompts on its own side
+    from cai_engine.seeds import bucket
+
+    split = export_preferences(tmp_path / "rl", tmp_path / "ds5", {**intent, "heldout": 0.5, "borrow_refusals": True})
+    lender = {knife_no: "pair:pr-knife-h", cat_no: "pair:pr-cat-h"}
+    for name in ("train", "test"):
+        for row in map(json.loads, (tmp_path / "ds5" / f"{name}.jsonl").open()):
+            if row["rejected"][0]["content"] in lender and row["chosen"][0]["content"] in (knife_yes, cat_yes):
+                key = lender[row["rejected"][0]["content"]]
+                assert (bucket(key) < 0.5) == (name == "test") == (bucket(row["prompt_id"]) < 0.5)
+    assert split["refusals_borrowed"] == sum(
+        (bucket(f"pair:{b}") < 0.5) in {bucket(f"pair:{h}") < 0.5 for h in ("pr-knife-h", "pr-cat-h")}
+        for b in ("pr-knife-b", "pr-cat-b")
+    )
     with pytest.raises(ValueError, match="borrow_refusals needs must_answer"):
         export_preferences(tmp_path / "rl", tmp_path / "ds3", {"must_answer": ["pr-*-b"], "borrow_refusals": True})
     refused = cli_runner.invoke(cli, ["export", "preferences", str(tmp_path / "rl"), "--out", "x", "--borrow-refusals"])

@@ -47,8 +47,8 @@ BaseWeights = Literal["float", "int8"]
 #: Which tokens' activations a probe averages: ``mean``, every token it reads; ``reply`` (output probes), the reply's
 #: tokens only, the request still read as context through attention. Averaged over the whole exchange, a long
 #: request's topic can outweigh what a short reply does with it. Measured (docs/results, classifiers): reply pooling
-#: ranks the labelled guard cases better, but the development set written to decide does not prefer it in built probes
-#: (AUC 0.921 against 0.918), so ``mean`` stays the default.
+#: ranks the labelled guard cases better, but on the development set written to decide, built probes show no
+#: meaningful difference (AUC 0.921 against 0.918), so ``mean`` stays the default.
 Pooling = Literal["mean", "reply"]
 
 

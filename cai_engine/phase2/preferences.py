@@ -199,9 +199,9 @@ class PreferenceExportOptions(BaseModel):
         False,
         description="A prompt listed in `must_answer` that got no pair because every reply the policy sampled "
         "answered it (an abstention of the `intent` recipe) is paired anyway: its answer is chosen over a refusal "
-        "the same policy wrote for the `must_decline` prompt whose request shares the most words with it (source "
-        "'intent'). A policy that seldom refuses harmless prompts otherwise gives few pairs that prefer an answer, "
-        "and `balance` then keeps few of either side.",
+        "the same policy wrote for the `must_decline` prompt (in the same split) whose request shares the most words "
+        "with it (source 'intent'; one refusal may be lent to several prompts). A policy that seldom refuses harmless "
+        "prompts otherwise gives few pairs that prefer an answer, and `balance` then keeps few of either side.",
     )
     balance: bool = Field(
         False,
@@ -215,7 +215,8 @@ class PreferenceExportOptions(BaseModel):
     def _borrowing_needs_both_intents(self) -> PreferenceExportOptions:
         if self.borrow_refusals and not (self.must_answer and self.must_decline):
             raise ValueError(
-                "borrow_refusals needs must_answer (the prompts to pair) and must_decline (whose refusals are borrowed)"
+                "borrow_refusals needs must_answer (--must-answer: the prompts to pair) and must_decline "
+                "(--must-decline: whose refusals are borrowed)"
             )
         return self
 
@@ -268,7 +269,7 @@ def export_preferences(
     reviews = read_reviews(run)
     borrowed = _borrowed_refusals(directory.records(), options) if options.borrow_refusals else {}
     rows: list[PreferenceRow] = []
-    abstained = filtered = intent_labelled = intent_overrode = 0
+    abstained = filtered = intent_labelled = intent_overrode = lent = 0
     labelling_judges = set()
     for record in directory.records():
         p = record.label
@@ -284,6 +285,7 @@ def export_preferences(
                 intent_overrode += p is not None and p != 0.5 and (p > 0.5) != (by_intent > 0.5)
                 p, source = by_intent, "intent"
         if p is None and record.key in borrowed:
+            lent += 1
             rows.append(
                 PreferenceRow(
                     prompt=record.conversation,
@@ -353,7 +355,7 @@ def export_preferences(
         filtered_low_confidence=filtered,
         intent_labelled=intent_labelled,
         intent_overrode=intent_overrode,
-        refusals_borrowed=len(borrowed),
+        refusals_borrowed=lent,
         balanced_dropped=balanced_dropped,
         options=options.model_dump(),
         judge_gate=gate,
@@ -384,32 +386,36 @@ def _words(record: PreferenceRecord) -> set[str]:
 
 
 def _borrowed_refusals(records: Any, options: PreferenceExportOptions) -> dict[str, str]:
-    """For each ``must_answer`` prompt whose sampled replies all answered (an abstention with an answer), a refusal
-    the policy wrote for a ``must_decline`` prompt: the one whose request shares the most words with it (Jaccard),
-    ties broken by a hash of the two keys, so the same run always borrows the same."""
-    refusals: list[tuple[str, set[str], str]] = []
+    """For each ``must_answer`` prompt of the ``intent`` recipe whose sampled replies all answered (an abstention
+    with an answer), a refusal the policy wrote for a ``must_decline`` prompt on the same side of the held-out split:
+    the one whose request shares the most words with it (Jaccard), ties broken by a hash of the two keys, so the same
+    run always borrows the same."""
+    refusals: dict[bool, list[tuple[str, set[str], str]]] = {True: [], False: []}
     wanting: list[PreferenceRecord] = []
     for record in records:
         if id_matches(record.key, options.must_decline):
             reply = next((r for r in (record.response_a, record.response_b) if r.strip() and refuses(r)), None)
             if reply is not None:
-                refusals.append((record.key, _words(record), reply))
+                refusals[bucket(record.key) < options.heldout].append((record.key, _words(record), reply))
         elif (
-            record.label is None
+            record.source == "intent"
+            and record.label is None
             and id_matches(record.key, options.must_answer)
             and record.response_a.strip()
             and not refuses(record.response_a)
         ):
             wanting.append(record)
-    if not refusals:
-        return {}
     borrowed = {}
     for record in wanting:
+        pool = refusals[bucket(record.key) < options.heldout]  # a test row never rejects a training row's refusal
+        if not pool:
+            continue
         words = _words(record)
-        borrowed[record.key] = min(
-            refusals,
-            key=lambda c, w=words, k=record.key: (-len(w & c[1]) / max(1, len(w | c[1])), bucket(f"borrow:{k}:{c[0]}")),
-        )[2]
+        ranked = sorted(
+            (-len(words & other) / max(1, len(words | other)), bucket(f"borrow:{record.key}:{key}"), reply)
+            for key, other, reply in pool
+        )
+        borrowed[record.key] = ranked[0][2]
     return borrowed
 
 

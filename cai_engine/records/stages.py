@@ -213,7 +213,9 @@ class PreferenceExportManifest(StageResult):
     )
     intent_overrode: int = Field(0, description="Of those, pairs whose AI label had preferred the other reply.")
     refusals_borrowed: int = Field(
-        0, description="Answers to harmless prompts paired with a refusal written for a harmful one (borrow_refusals)."
+        0,
+        description="Answers to harmless prompts paired with a refusal written for a harmful one (borrow_refusals), "
+        "before any balance.",
     )
     balanced_dropped: int = Field(0, description="Pairs dropped to balance refusal-preferring and answer-preferring.")
     options: dict[str, Any] = Field(default_factory=dict)
