@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from cai_engine.classifiers.data import BUILTIN_EXCHANGES
-from cai_engine.classifiers.probe import Encoder, context, render
+from cai_engine.classifiers.probe import Encoder, probe_texts
 from cai_engine.classifiers.sources import labelled_exchanges
 from cai_engine.classifiers.train import auc, fit_head
 from cai_engine.stats import format_rate, rate
@@ -29,8 +29,8 @@ BENCH = Path(__file__).resolve().parent / "data"
 def pooled(encoder: Encoder, rows: list[dict], reply_only: bool, max_tokens: int = 256):
     """``[len(rows), layers, hidden]``: each layer's normed output averaged over the exchange, or over its reply's
     tokens (what ``pooling: reply`` does in a probe)."""
-    texts = [render("output", row["prompt"], row["response"]) for row in rows]
-    skip = [context(row["prompt"]) for row in rows] if reply_only else None
+    prompts, replies = [row["prompt"] for row in rows], [row["response"] for row in rows]
+    texts, skip = probe_texts("output", "reply" if reply_only else "mean", prompts, replies)
     return encoder.features(texts, max_tokens=max_tokens, skip=skip)
 
 

@@ -1260,13 +1260,14 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
         assert ids[:start] == encoder.tokenizer(skip[i], add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
             hidden = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-        assert torch.allclose(pooled[i, -1], hidden[start:].mean(0), atol=1e-5)
+        # float32 kernels differ by CPU (AVX-512 or not) and by batch shape: equal to well within 1e-4
+        assert torch.allclose(pooled[i, -1], hidden[start:].mean(0), atol=1e-4)
         # batched with a longer neighbour (padding) or alone: the same numbers
-        assert torch.allclose(encoder.features(texts[i : i + 1], skip=skip[i : i + 1])[0], pooled[i], atol=1e-5)
+        assert torch.allclose(encoder.features(texts[i : i + 1], skip=skip[i : i + 1])[0], pooled[i], atol=1e-4)
     # the request is read as context, not ignored; and pooling everything is another reading
     other = encoder.features([render("output", "Tell me a joke.", replies[0])], skip=[context("Tell me a joke.")])
-    assert not torch.allclose(other[0], pooled[0], atol=1e-4)
-    assert not torch.allclose(encoder.features(texts)[0], pooled[0], atol=1e-4)
+    assert not torch.allclose(other[0], pooled[0], atol=1e-2)
+    assert not torch.allclose(encoder.features(texts)[0], pooled[0], atol=1e-2)
     # a long exchange keeps its first and last tokens; only the reply's among them are averaged
     long_reply = " ".join(["bread"] * 300)
     ids, averaged = encoder._ids(render("output", prompts[0], long_reply), 16, context(prompts[0]))

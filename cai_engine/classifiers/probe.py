@@ -273,14 +273,16 @@ class Encoder:
         return torch.stack([row for _, row in out])
 
 
-def pooling_skip(
-    pooling: str, kind: str, prompts: Sequence[str], replies: Sequence[str | None] | None
-) -> list[str | None] | None:
-    """What :meth:`Encoder.features` leaves out of the average for each exchange: its request (``reply`` pooling of
-    an output probe), or nothing."""
+def probe_texts(
+    kind: str, pooling: str, prompts: Sequence[str], replies: Sequence[str | None] | None
+) -> tuple[list[str], list[str | None] | None]:
+    """The texts a ``kind`` probe reads (:func:`render`), and what :meth:`Encoder.features` leaves out of the average
+    for each: its request (``reply`` pooling of an output probe), or nothing (None). Training and scoring both read
+    their texts through here."""
+    texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
     if pooling != "reply" or kind != "output" or replies is None:
-        return None
-    return [context(p) if r is not None else None for p, r in zip(prompts, replies)]
+        return texts, None
+    return texts, [context(p) if r is not None else None for p, r in zip(prompts, replies)]
 
 
 def probe_precision(config: ProbeConfig, precision: str, folder: Path | None = None) -> str:
@@ -364,8 +366,7 @@ class Probe:
 
         if not prompts:
             return []
-        texts = [render(self.config.kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
-        skip = pooling_skip(self.config.pooling, self.config.kind, prompts, replies)
+        texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies)
         # the shared encoder has exactly the probe's depth: its last layer is the one the head reads
         features = self.encoder.features(texts, max_tokens=self.config.max_tokens, last_only=True, skip=skip)[:, -1]
         probs = torch.sigmoid(self.logits_from_features(features))

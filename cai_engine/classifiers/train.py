@@ -25,8 +25,7 @@ from cai_engine.classifiers.probe import (
     Probe,
     ProbeConfig,
     base_model_sha256,
-    pooling_skip,
-    render,
+    probe_texts,
 )
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import iter_jsonl
@@ -97,11 +96,10 @@ def _pooling(config: TrainConfig, kind: str) -> str:
 
 def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[list[str], list[str | None] | None]:
     """The texts a ``kind`` probe reads for ``rows`` (a build's rows or labelled cases made into them), and what of
-    each it reads as context only (:func:`~cai_engine.classifiers.probe.pooling_skip`)."""
+    each it reads as context only (:func:`~cai_engine.classifiers.probe.probe_texts`)."""
     prompts = [r["prompt"] if kind == "output" else r["text"] for r in rows]
     replies = [r["text"] for r in rows] if kind == "output" else None
-    texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
-    return texts, pooling_skip(pooling, kind, prompts, replies)
+    return probe_texts(kind, pooling, prompts, replies)
 
 
 def _pooled(pooling: str) -> str:
