@@ -400,3 +400,30 @@ def test_bad_files_are_clear_errors(runtime, tmp_path):
         runtime.backend(str(bad))
     with pytest.raises(ModelError, match="no such GGUF file"):
         runtime.backend({"backend": "llamacpp", "model": str(tmp_path / "missing.gguf")})
+
+
+def test_weight_repacking_is_off_where_the_cpu_has_amx(runtime, backend):
+    # llama.cpp's AMX matrix product crashes the whole process on some Intel CPUs (ggml-org/llama.cpp#20824, seen
+    # here on a 2-core Xeon): 'auto' leaves llama.cpp's extra buffer types, where it repacks weights, off there
+    import llama_cpp.llama_cpp as low
+
+    from cai_engine.default_plugins.backends.llama_cpp import cpu_has_amx, model_params, repack_enabled
+
+    amx = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    assert cpu_has_amx(amx) and not cpu_has_amx(plain) and not cpu_has_amx("")
+    assert not repack_enabled("auto", amx) and repack_enabled("auto", plain)
+    assert repack_enabled("on", amx) and not repack_enabled("off", plain)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        repack_enabled("maybe", plain)
+    # the parameters llama-cpp-python opens a model with change inside the block only
+    assert low.llama_model_default_params().use_extra_bufts
+    with model_params(repack=False):
+        assert not low.llama_model_default_params().use_extra_bufts
+    assert low.llama_model_default_params().use_extra_bufts
+    # the backend chose for this CPU and says so; with repacking off it still answers
+    assert backend.repack is not cpu_has_amx()
+    assert ("no weight repacking" in backend.path_summary) is cpu_has_amx()
+    off = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 512, "repack": "off"})
+    assert not off.repack and "no weight repacking" in off.path_summary
+    assert any(c.isdigit() for c in off.generate(["1, 2, 3, 4, 5, 6,"], GenerationSettings(max_new_tokens=8))[0])

@@ -27,6 +27,15 @@ PROMPTS = [
 ]
 
 
+LAUNCH_SERVER = """
+import runpy, sys
+from cai_engine.default_plugins.backends.llama_cpp import model_params, repack_enabled
+sys.argv[0] = "llama_cpp.server"
+with model_params(repack=repack_enabled("auto")):
+    runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 class LlamaServer:
     def __init__(self, port: int | None = None, api_key: str | None = None) -> None:
         pytest.importorskip("llama_cpp", reason="needs the llamacpp-server extra: pip install -e '.[llamacpp-server]'")
@@ -39,10 +48,12 @@ class LlamaServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90) -> LlamaServer:
+        # llama-cpp-python's server, with llama.cpp's weight repacking chosen as the in-process backend chooses it
+        # (off on CPUs with AMX, whose matrix product crashes llama.cpp on some machines)
         cmd = [
             sys.executable,
-            "-m",
-            "llama_cpp.server",
+            "-c",
+            LAUNCH_SERVER,
             "--model",
             self.gguf,
             "--host",

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,54 @@ def llama_cpp_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def cpu_has_amx(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has Intel AMX (the ``amx_int8`` flag in ``/proc/cpuinfo``; False where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    return "amx_int8" in flags.partition(":")[2].split()
+
+
+def repack_enabled(repack: str, cpuinfo: str | None = None) -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types: ``on``, ``off``, or ``auto`` (off on CPUs with
+    AMX, where llama.cpp's AMX matrix product crashes the process on some machines: ggml-org/llama.cpp#20824)."""
+    if repack not in ("auto", "on", "off"):
+        raise ValueError(f"repack must be auto, on or off, not {repack!r}")
+    return repack == "on" or (repack == "auto" and not cpu_has_amx(cpuinfo))
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+@contextmanager
+def model_params(*, repack: bool):
+    """Open llama-cpp-python models inside this block with llama.cpp's extra buffer types on or off.
+
+    ``llama_cpp.Llama`` has no option for ``use_extra_bufts``: while the block runs, the default model parameters it
+    starts from are swapped for ones with the field set (one opening at a time)."""
+    import llama_cpp.llama_cpp as low
+
+    if repack:
+        yield
+        return
+    original = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    with _OPEN_LOCK:
+        low.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
 
 
 def resolve_gguf(ref: str) -> tuple[Path, str]:
@@ -128,6 +177,12 @@ class LlamaCppBackend(BatchedDecoding, Backend):
             "is copied once to F16 (llama.cpp has tiled batch kernels for F16, not for those types; the copy is "
             "exact up to f16 rounding); 'original': the file as it is; 'f16'/'q8_0': always that copy.",
         )
+        repack: Literal["auto", "on", "off"] = Field(
+            "auto",
+            description="llama.cpp's extra buffer types, into which it repacks weights for faster kernels. 'auto': off "
+            "on CPUs with Intel AMX, where llama.cpp's AMX matrix product crashes the process on some machines "
+            "(ggml-org/llama.cpp#20824), on elsewhere; 'on' or 'off' to choose.",
+        )
 
     @classmethod
     def claims(cls, ref, registry):
@@ -167,13 +222,14 @@ class LlamaCppBackend(BatchedDecoding, Backend):
 
         path, self._model_id = resolve_gguf(self.options.model)
         threads = self.options.threads or os.cpu_count() or 1
-        self._llm = self._open(path, threads)
+        repack = self.repack = repack_enabled(self.options.repack)
+        self._llm = self._open(path, threads, repack)
         layout = self._layout()
         if layout is not None:
             from cai_engine import relayout_gguf
 
             self._llm.close()
-            self._llm = self._open(relayout_gguf(path, layout), threads)
+            self._llm = self._open(relayout_gguf(path, layout), threads, repack)
             self._model_id += f", run as {layout}"
         self.layout = layout or "original"
         params = llama_cpp.llama_context_default_params()
@@ -228,14 +284,20 @@ class LlamaCppBackend(BatchedDecoding, Backend):
         self.path = path
 
     @staticmethod
-    def _open(path: Path, threads: int):
+    def _open(path: Path, threads: int, repack: bool = True):
         import llama_cpp
 
         try:
             # The Llama object gives us the model, the tokenizer and the metadata; its own context stays tiny.
-            return llama_cpp.Llama(
-                model_path=str(path), n_ctx=64, n_batch=64, n_threads=threads, n_threads_batch=threads, verbose=False
-            )
+            with model_params(repack=repack):
+                return llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=64,
+                    n_batch=64,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(
                 f"{path}: cannot read this GGUF file (llama.cpp: {exc}); check that it is a complete GGUF model file"
@@ -265,7 +327,11 @@ class LlamaCppBackend(BatchedDecoding, Backend):
         weights = "the file's own weights" if self.layout == "original" else f"an {self.layout.upper()} copy"
         attention = "flash attention" if self.options.flash_attention else "unfused attention"
         cache = "one KV stream per sequence" if self.options.kv_cache == "per_sequence" else "a unified KV cache"
-        return f"llama.cpp in-process, {self.options.parallel} sequences per decode, {weights}, {attention}, {cache}"
+        repacked = "" if self.repack else ", no weight repacking"
+        return (
+            f"llama.cpp in-process, {self.options.parallel} sequences per decode, {weights}{repacked}, {attention}, "
+            f"{cache}"
+        )
 
     @property
     def context_length(self) -> int | None:
