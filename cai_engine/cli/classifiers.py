@@ -83,6 +83,14 @@ def pooling_option(name: str, what: str):
 )
 @INT8_OPTION
 @pooling_option("--output-pooling", "the output probe")
+@click.option(
+    "--base-model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Whose activations the probes read (and whose first layers a fine-tuned candidate trains): the embedded "
+    "default, or a larger installed model such as the feedback model, qwen2.5-coder-1.5b (better recall on mild "
+    "requests, several times slower a request).",
+)
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
@@ -131,6 +139,7 @@ def build_command(
     methods,
     int8,
     pooling,
+    base_model,
     finetune_layers,
     epochs,
     false_alarms,
@@ -216,13 +225,16 @@ def build_command(
         f"examples {report['examples']}; evaluation near-copies removed: {report['evaluation_near_copies_removed']}"
     )
     probe_config = TrainConfig(
+        base_model=base_model,
         layers=[int(x) for x in layers.split(",")],
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
         output_pooling=pooling,
     )
-    finetune_config = FinetuneConfig(layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed)
+    finetune_config = FinetuneConfig(
+        base_model=base_model, layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed
+    )
     for kind in ("input", "output"):
         selection = train_and_select(
             Path(out) / "dataset",
@@ -253,7 +265,7 @@ def _written(value: str) -> dict[str, str | None]:
 
 
 @classifiers_group.command("train")
-@click.argument("cases", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("cases", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The classifier folder to write.")
 @click.option(
     "--kind",
@@ -282,13 +294,25 @@ def _written(value: str) -> dict[str, str | None]:
 )
 @INT8_OPTION
 @pooling_option("--pooling", "an output probe")
+@click.option(
+    "--written",
+    "written",
+    multiple=True,
+    metavar="SOURCE=harmful|benign[:GLOB]",
+    help="--kind input: hand-written training prompts with this label (only ids matching GLOB), beside any CASES; "
+    "repeatable. With neither CASES nor --written, an input probe trains on the requests a build adds by default "
+    "(see `cai classifiers build --help`).",
+)
 def train_command(
-    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling
+    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling, written
 ) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
-    files and of `cai classifiers eval --cases`. With --folds K (default 5) every case is scored once by a head that
+    files and of `cai classifiers eval --cases`; for --kind input a line needs no response (a labelled request:
+    prompt and harmful), and prompt sets can be given with --written instead, as for a build (with neither, the
+    hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests). With --folds K
+    (default 5) every case is scored once by a head that
     did not see it; those scores choose the depth and L2 penalty and set the threshold at --false-alarms, and the
     head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
     out instead. Measure it afterwards on cases written after it: `cai classifiers eval OUT --cases FILE`, or
@@ -296,6 +320,7 @@ def train_command(
 
     \b
       cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
+      cai classifiers train --kind input --base-model qwen2.5-coder-1.5b --out runs/requests-1.5b
     """
     import hashlib
 
@@ -310,7 +335,19 @@ def train_command(
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
         )
-    rows = _labelled_exchanges(cases)
+    if written and kind == "output":
+        raise click.BadParameter(
+            "prompt sets label requests: an output classifier trains on labelled exchanges (CASES)",
+            param_hint="--written",
+        )
+    if not cases and kind == "output":
+        raise click.UsageError("give CASES: JSONL files of labelled exchanges (prompt, response, violates)")
+    rows = _labelled_exchanges(cases, require_response=kind == "output") if cases else []
+    files = [str(p) for p in cases]
+    if kind == "input" and (written or not cases):
+        found = _written_requests([_written(w) for w in written] if written else None)
+        rows += found
+        files += list(dict.fromkeys(source for source, *_ in found))
     config = TrainConfig(
         base_model=base_model,
         layers=[int(x) for x in layers.split(",") if x.strip()],
@@ -326,9 +363,7 @@ def train_command(
             for n, (source, label, prompt, reply) in enumerate(rows)
         ]
         click.echo(f"{len(rows)} cases, {folds}-fold cross-validation")
-        metrics = train_probe_cv(
-            every, kind, out, config, folds=folds, seed=seed, echo=click.echo, files=[str(p) for p in cases]
-        )
+        metrics = train_probe_cv(every, kind, out, config, folds=folds, seed=seed, echo=click.echo, files=files)
         report = metrics["report_split"]
         click.echo(
             f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; "
@@ -360,7 +395,7 @@ def train_command(
         dataset / "report.json",
         {
             "source": "cases",
-            "files": [str(p) for p in cases],
+            "files": files,
             "cases": len(rows),
             "test_share": test_share,
             "seed": seed,
@@ -405,7 +440,9 @@ def list_command(folders) -> None:
     "cases",
     multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Output classifiers: JSONL of labelled exchanges (prompt, response, and violates or harmful); repeatable.",
+    help="JSONL of labelled exchanges (prompt, response, and violates or harmful); repeatable. Required for an "
+    "output classifier; for an input classifier, labelled requests (prompt and harmful) measured instead of --harmful "
+    "and --benign.",
 )
 @click.option("--threshold", type=float, help="Override the calibrated threshold.")
 @click.option(
@@ -438,7 +475,13 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     # each item's kind where its source has one (Do-Not-Answer's harm area, a prompt set's category), reported apart:
     # the kinds differ a lot
     categories: list[str | None] = []
-    if kind == "input":
+    if kind == "input" and cases:  # labelled requests instead of the --harmful and --benign sources
+        items += [
+            (source, label, prompt, None)
+            for source, label, prompt, _ in _labelled_exchanges(cases, require_response=False)
+        ]
+        categories += [None] * len(items)
+    elif kind == "input":
         for label, sources in ((1, harmful), (0, benign)):
             for source in filter(None, sources.split(",")):
                 for _, prompt, category in load_eval_items(source, registry):
@@ -591,12 +634,24 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
         click.echo(f"  {source}: {entry['hits']}/{entry['n']} flagged")
 
 
-def _labelled_exchanges(cases, *, require_label: bool = True) -> list[tuple[str, int, str, str]]:
+def _written_requests(sources: list[dict] | None) -> list[tuple[str, int, str, str]]:
+    """(source, label, prompt, "") for the hand-written prompt sets ``sources`` (``_written`` dicts; None: the sets a
+    build adds by default), read as a build reads them."""
+    from cai_engine.classifiers.data import DEFAULT_WRITTEN, WrittenSource, written_requests
+
+    chosen = [WrittenSource(**w) for w in sources] if sources is not None else list(DEFAULT_WRITTEN)
+    found = written_requests(chosen, state().registry)
+    return [(row["written"], int(row["kind"] == "harmful"), row["text"], "") for row in found]
+
+
+def _labelled_exchanges(
+    cases, *, require_label: bool = True, require_response: bool = True
+) -> list[tuple[str, int, str, str]]:
     """(file name, label, prompt, response) for each line of the JSONL ``cases`` (:func:`labelled_exchanges`; a bad
     line is a ConfigError, which the command line reports)."""
     from cai_engine.classifiers.sources import labelled_exchanges
 
-    rows = labelled_exchanges(cases, require_label=require_label)
+    rows = labelled_exchanges(cases, require_label=require_label, require_response=require_response)
     return [(r["source"], r["label"], r["prompt"], r["response"]) for r in rows]
 
 
