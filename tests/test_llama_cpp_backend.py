@@ -426,4 +426,5 @@ def test_weight_repacking_is_off_where_the_cpu_has_amx(runtime, backend):
     assert ("no weight repacking" in backend.path_summary) is cpu_has_amx()
     off = runtime.backend({"backend": "llamacpp", "model": "smollm2", "parallel": 2, "n_ctx": 512, "repack": "off"})
     assert not off.repack and "no weight repacking" in off.path_summary
+    assert not off._llm.model_params.use_extra_bufts and backend._llm.model_params.use_extra_bufts is backend.repack
     assert any(c.isdigit() for c in off.generate(["1, 2, 3, 4, 5, 6,"], GenerationSettings(max_new_tokens=8))[0])

@@ -377,13 +377,22 @@ class Probe:
 
 
 def base_model_sha256(base_model: str) -> str | None:
-    """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF)."""
+    """The SHA-256 of the base model's weights file, when it is a file this machine has (the default's GGUF, an
+    installed catalogue model's GGUF, or a file given by path)."""
     from cai_engine.models.files import default_model_file
 
     if base_model == DEFAULT_MODEL:
         try:
             return file_sha256(default_model_file())
         except ModelError:
+            return None
+    from cai_engine.models.catalog import registered_catalog
+
+    catalog = registered_catalog()
+    if base_model in catalog:  # an installed catalogue model: its GGUF file
+        try:
+            return file_sha256(catalog.path(base_model))
+        except (ModelError, OSError):
             return None
     path = Path(base_model)
     if path.is_file():

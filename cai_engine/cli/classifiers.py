@@ -88,8 +88,9 @@ def pooling_option(name: str, what: str):
     default=DEFAULT_MODEL,
     show_default=True,
     help="Whose activations the probes read (and whose first layers a fine-tuned candidate trains): the embedded "
-    "default, or a larger installed model such as the feedback model, qwen2.5-coder-1.5b (better recall on mild "
-    "requests, several times slower a request).",
+    "default, or an installed larger model such as the feedback model, qwen2.5-coder-1.5b (its probes, trained with "
+    "`cai classifiers train`, ranked requests and replies far better at several times the cost; give --layers up to "
+    "its middle, e.g. 8,12,16,20, and --methods probe unless you mean to fine-tune it).",
 )
 @click.option("--finetune-layers", type=int, default=8, show_default=True, help="Layers kept and fine-tuned.")
 @click.option("--epochs", type=int, default=2, show_default=True, help="Fine-tuning epochs.")
@@ -310,8 +311,9 @@ def train_command(
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
     files and of `cai classifiers eval --cases`; for --kind input a line needs no response (a labelled request:
-    prompt and harmful), and prompt sets can be given with --written instead, as for a build (with neither, the
-    hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests). With --folds K
+    prompt and harmful), and labelled prompt sets can be given with --written in the build's syntax (with neither,
+    the hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used
+    as written, without the build's wrappers, spellings or near-copy removal. With --folds K
     (default 5) every case is scored once by a head that
     did not see it; those scores choose the depth and L2 penalty and set the threshold at --false-alarms, and the
     head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
@@ -320,7 +322,7 @@ def train_command(
 
     \b
       cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
-      cai classifiers train --kind input --base-model qwen2.5-coder-1.5b --out runs/requests-1.5b
+      cai classifiers train --kind input --base-model qwen2.5-coder-1.5b --layers 8,12,16,20 --out runs/requests-1.5b
     """
     import hashlib
 
@@ -460,8 +462,9 @@ def list_command(folders) -> None:
 )
 def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out, precision) -> None:
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
-    harmful requests and false alarms on harmless ones; an output classifier's catch and false flags on labelled
-    exchanges (`--cases`). With `--compare-model` the feedback model's prompted screen is measured beside it."""
+    harmful requests and false alarms on harmless ones (--harmful and --benign sources, or labelled requests given
+    with --cases); an output classifier's catch and false flags on labelled exchanges (`--cases`). With
+    `--compare-model` the feedback model's prompted screen is measured beside it."""
     from cai_engine.classifiers.load import load_classifier
     from cai_engine.classifiers.sources import load_eval_items
     from cai_engine.classifiers.train import auc, rate_entry
@@ -476,6 +479,10 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     # the kinds differ a lot
     categories: list[str | None] = []
     if kind == "input" and cases:  # labelled requests instead of the --harmful and --benign sources
+        context = click.get_current_context()
+        for name in ("harmful", "benign"):
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"give labelled requests (--cases) or --{name} sources, not both")
         items += [
             (source, label, prompt, None)
             for source, label, prompt, _ in _labelled_exchanges(cases, require_response=False)
@@ -636,7 +643,7 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
 
 def _written_requests(sources: list[dict] | None) -> list[tuple[str, int, str, str]]:
     """(source, label, prompt, "") for the hand-written prompt sets ``sources`` (``_written`` dicts; None: the sets a
-    build adds by default), read as a build reads them."""
+    build adds by default), selected as a build selects them (held-out sets refused), without its augmentations."""
     from cai_engine.classifiers.data import DEFAULT_WRITTEN, WrittenSource, written_requests
 
     chosen = [WrittenSource(**w) for w in sources] if sources is not None else list(DEFAULT_WRITTEN)

@@ -74,7 +74,7 @@ def repack_enabled(repack: str, cpuinfo: str | None = None) -> bool:
     return repack == "on" or (repack == "auto" and not cpu_has_amx(cpuinfo))
 
 
-_OPEN_LOCK = threading.Lock()
+_OPEN_LOCK = threading.RLock()
 
 
 @contextmanager
@@ -82,20 +82,22 @@ def model_params(*, repack: bool):
     """Open llama-cpp-python models inside this block with llama.cpp's extra buffer types on or off.
 
     ``llama_cpp.Llama`` has no option for ``use_extra_bufts``: while the block runs, the default model parameters it
-    starts from are swapped for ones with the field set (one opening at a time)."""
+    starts from (``llama_cpp.llama_cpp.llama_model_default_params``, read by ``Llama.__init__`` at call time) are
+    swapped for ones with the field set. Every opening through this block holds one lock, so an opening with
+    repacking on never sees another thread's swap."""
     import llama_cpp.llama_cpp as low
 
-    if repack:
-        yield
-        return
-    original = low.llama_model_default_params
-
-    def without_extra_buffers():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
     with _OPEN_LOCK:
+        if repack:
+            yield
+            return
+        original = low.llama_model_default_params
+
+        def without_extra_buffers():
+            params = original()
+            params.use_extra_bufts = False
+            return params
+
         low.llama_model_default_params = without_extra_buffers
         try:
             yield
