@@ -1391,3 +1391,31 @@ def test_the_build_command_gives_its_base_model_to_every_candidate(cli_runner, m
     assert done.exit_code == 0, done.output
     assert seen == [(kind, "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b") for kind in ("input", "output")]
     assert "--base-model" in cli_runner.invoke(cli, ["classifiers", "build", "--help"]).output
+
+
+def test_a_probe_pins_the_weights_of_a_catalogue_reader(tmp_path, monkeypatch):
+    # a probe records the SHA-256 of its reader's weights file, so a reader that changed is caught on load: the
+    # default's GGUF, a file given by path, and (since probes read the feedback model too) an installed catalogue
+    # model's GGUF; an unknown or uninstalled name records nothing
+    import hashlib
+
+    from cai_engine.classifiers.probe import base_model_sha256
+    from cai_engine.errors import ModelError
+    from cai_engine.models import catalog as catalog_module
+
+    gguf = tmp_path / "reader.gguf"
+    gguf.write_bytes(b"GGUF and some weights")
+
+    class Installed:
+        def __contains__(self, name):
+            return name in ("reader-1b", "not-installed")
+
+        def path(self, name):
+            if name == "not-installed":
+                raise ModelError("not installed")
+            return gguf
+
+    monkeypatch.setattr(catalog_module, "registered_catalog", lambda: Installed())
+    expected = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert base_model_sha256("reader-1b") == expected == base_model_sha256(str(gguf))
+    assert base_model_sha256("not-installed") is None and base_model_sha256("no-such-model") is None
