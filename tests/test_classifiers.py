@@ -1328,11 +1328,20 @@ def test_an_input_probe_trains_and_is_measured_on_labelled_requests(tiny_model, 
         )
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # a training case that copies an evaluation prompt is dropped before training, named, and counted
+    from cai_engine.context import default_runtime
+    from cai_engine.prompts.sets import load_prompts
+
+    held_out = load_prompts("builtin:contrast", default_runtime().registry)[0].conversation[-1].content
+    copying = tmp_path / "copying.jsonl"
+    copying.write_text(json.dumps({"prompt": held_out.upper(), "harmful": False}) + "\n", encoding="utf-8")
     out = tmp_path / "input"
     args = ["classifiers", "train", str(requests), "--kind", "input", "--out", str(out)]
-    done = cli_runner.invoke(cli, [*args, "--base-model", str(tiny_model), "--layers", "1,2"])
+    done = cli_runner.invoke(cli, [*args, str(copying), "--base-model", str(tiny_model), "--layers", "1,2"])
     assert done.exit_code == 0, done.output
-    assert "input probe: layer" in done.output
+    assert "input probe: layer" in done.output and "dropped a near-copy of evaluation prompt contrast:" in done.output
+    trained = load_classifier(out).config.data
+    assert trained["train"] == 60 and trained["dataset_report"]["evaluation_near_copies_removed"] == 1
     measured = cli_runner.invoke(
         cli, ["classifiers", "eval", str(out), "--cases", str(requests), "--out", str(tmp_path / "e.json")]
     )

@@ -352,12 +352,14 @@ def train_probe_cv(
     seed: int = 0,
     echo=print,
     files: list[str] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the ``kind`` probe on every row of a small labelled set, choosing depth, L2 penalty and threshold by
     ``folds``-fold cross-validation (each row is scored once by a head that never saw it), then fitting the head on
     all rows. For a few hundred cases, where a held-out split would leave a dozen harmless ones to set a threshold
     on. The reported recall and false alarms are the cross-validated ones at that threshold: the threshold was chosen
-    on the same scores, so they lean optimistic; measure on cases written later with ``cai classifiers eval``."""
+    on the same scores, so they lean optimistic; measure on cases written later with ``cai classifiers eval``.
+    ``report`` is added to the dataset report the card records (e.g. how many cases were dropped before)."""
     import random
 
     import torch
@@ -444,7 +446,7 @@ def train_probe_cv(
             "train": len(rows),
             "test": 0,
             "train_positives": labels.count(1),
-            "dataset_report": {"source": "cases", "files": files or [], "folds": folds, "seed": seed},
+            "dataset_report": {"source": "cases", "files": files or [], "folds": folds, "seed": seed, **(report or {})},
         },
         metrics=metrics,
     )

