@@ -269,33 +269,44 @@ CHECK_PACKAGES = {
 }
 
 
+#: The answers the shipped domain heads train on besides the plugin's own files: the first three sets written as held-out
+#: cases (folded into training once the fourth and fifth were written; Makefile, domain-classifiers).
+DOMAIN_TRAINING_SETS = ("domain-heldout", "domain-heldout-2", "domain-heldout-3")
+#: Written after the heads they test, and never trained on.
+DOMAIN_HELDOUT_SETS = ("domain-heldout-4", "domain-heldout-5")
+
+
 def test_each_domain_check_ships_a_classifier_and_its_training_cases():
-    """plugins/*/cai_*/classifiers/CHECK: the probe `make domain-classifiers` trains on the check's labelled cases and
-    more-cases.jsonl, with a card naming both files; its threshold was set by cross-validation."""
+    """plugins/*/cai_*/classifiers/CHECK: the probe `make domain-classifiers` trains on the check's labelled cases,
+    more-cases.jsonl, more-cases-2.jsonl and the first three domain sets, with a card naming every file and the
+    cases dropped as near-copies of evaluation prompts; its threshold was set by cross-validation."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "plugins"
     for check, package in CHECK_PACKAGES.items():
         folder = root / package / "classifiers" / check
-        assert {"classifier.json", "head.safetensors", "README.md", "more-cases.jsonl"} <= {
+        assert {"classifier.json", "head.safetensors", "README.md", "more-cases.jsonl", "more-cases-2.jsonl"} <= {
             p.name for p in folder.iterdir()
         }
         config = json.loads((folder / "classifier.json").read_text())
         assert config["kind"] == "output" and config["metrics"]["selection"] == "5-fold cross-validation"
-        files = config["data"]["dataset_report"]["files"]
-        assert files == [
+        report = config["data"]["dataset_report"]
+        assert report["files"] == [
             f"plugins/{package}/cases/{check}.jsonl",
             f"plugins/{package}/classifiers/{check}/more-cases.jsonl",
+            f"plugins/{package}/classifiers/{check}/more-cases-2.jsonl",
+            *(f"bench/data/{name}/{check}.jsonl" for name in DOMAIN_TRAINING_SETS),
         ]
-        assert config["data"]["train"] == len(load_cases(root.parent / files[0])) + len(
-            load_cases(root.parent / files[1])
-        )
+        written = sum(len(load_cases(root.parent / f)) for f in report["files"])
+        assert written == 480
+        assert config["data"]["train"] == written - report["evaluation_near_copies_removed"]
 
 
 def test_the_held_out_domain_cases_copy_no_training_case():
-    """bench/data/domain-heldout, -2, -3 and -4 were written apart from every file the checks and their classifiers were
-    built from (by other authors, who saw neither): no answer is a near-copy of a training answer, and each later set
-    copies none of the sets before it."""
+    """bench/data/domain-heldout-4 and -5 were written apart from every file the checks and their classifiers were
+    built from (by other authors, who saw none of them), each after the heads it tests: no answer is a near-copy of
+    a training answer, and the fifth copies none of the fourth. The first three sets, written the same way, were
+    checked the same way before they became training data."""
     from pathlib import Path
 
     from cai_engine.classifiers.data import near_copies
@@ -305,20 +316,24 @@ def test_the_held_out_domain_cases_copy_no_training_case():
         f"{path.name}:{case.id}": case.response
         for path in [
             *root.glob("plugins/*/cai_*/cases/*.jsonl"),
-            *root.glob("plugins/*/cai_*/classifiers/*/more-cases.jsonl"),
+            *root.glob("plugins/*/cai_*/classifiers/*/more-cases*.jsonl"),
+            *(
+                root / "bench" / "data" / name / f"{check}.jsonl"
+                for name in DOMAIN_TRAINING_SETS
+                for check in CHECK_PACKAGES
+            ),
         ]
         for case in load_cases(path)
     }
-    folders = ("domain-heldout", "domain-heldout-2", "domain-heldout-3", "domain-heldout-4")
     held = {
         (folder, check): load_cases(root / "bench" / "data" / folder / f"{check}.jsonl")
-        for folder in folders
+        for folder in DOMAIN_HELDOUT_SETS
         for check in CHECK_PACKAGES
     }
     assert all(len(cases) == 40 and sum(c.violates for c in cases) == 20 for cases in held.values())
-    assert len(training) >= 1440
+    assert len(training) == 480 * len(CHECK_PACKAGES)
     earlier = dict(training)
-    for folder in folders:
+    for folder in DOMAIN_HELDOUT_SETS:
         answers = {f"{folder}:{check}:{c.id}": c.response for (f, check), cs in held.items() if f == folder for c in cs}
         assert near_copies(list(answers.values()), earlier) == {}, folder
         earlier.update(answers)
