@@ -6,7 +6,8 @@ A domain plugin ships, beside a check, a probe folder trained on labelled answer
 an answer it passes is scored by the classifier and flagged when P(violation) is above the classifier's calibrated
 threshold. The classifier reads the default model's first layers, so it needs that model installed
 (``cai models install smollm2``); without it, or with ``CAI_CHECK_CLASSIFIERS=off``, the check runs alone (a warning
-says so once). The classifier reads whole answers: the guard's rails (a request, a stream's window, tool-call
+says so once). ``CAI_CHECK_CLASSIFIER_DIR`` names a folder of classifier folders by check name whose heads replace the
+shipped ones (e.g. heads on the feedback model's activations). The classifier reads whole answers: the guard's rails (a request, a stream's window, tool-call
 arguments) run the check's rules alone (``rules_critic``; see ``GuardComponents.rail_check``).
 """
 
@@ -27,8 +28,31 @@ from cai_engine.records import Critique, Revision
 ENV = "CAI_CHECK_CLASSIFIERS"
 
 
+#: A folder of classifier folders named by check (``DIR/medical.phi/classifier.json``): a check named there loads that
+#: classifier instead of the one its plugin ships (e.g. a head trained on the feedback model's activations).
+DIR_ENV = "CAI_CHECK_CLASSIFIER_DIR"
+
+
 def classifiers_enabled() -> bool:
     return os.environ.get(ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def classifier_folder(shipped: str | Path) -> Path:
+    """The folder a check's classifier loads from: ``$CAI_CHECK_CLASSIFIER_DIR/<check name>`` where that folder holds
+    a ``classifier.json``, else ``shipped`` (the one the plugin ships; a check missing from the folder keeps its own).
+    A variable naming no folder warns and leaves every check on its shipped classifier."""
+    shipped = Path(str(shipped))
+    root = os.environ.get(DIR_ENV, "").strip()
+    if not root:
+        return shipped
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        warnings.warn(
+            f"{DIR_ENV}={root} is not a folder: the checks use the classifiers their plugins ship", stacklevel=2
+        )
+        return shipped
+    mine = base / shipped.name
+    return mine if (mine / "classifier.json").is_file() else shipped
 
 
 _PROBES: dict[str, dict[str, Any]] = {}
@@ -80,7 +104,7 @@ def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
             try:
                 from cai_engine.classifiers.load import load_classifier
 
-                loaded = load_classifier(folder)
+                loaded = load_classifier(classifier_folder(folder))
                 getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
                 state["probe"] = _Remembering(loaded)
             except Exception as exc:
