@@ -739,7 +739,7 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
     # by default the constitution's own set where one ships, none otherwise; bad sources fail before generation
     assert BuildConfig().written_exchanges is None
     harmless = Generator(BuildConfig(principles=["harm-014"]), constitution, FakeRuntime(cai_registry), tmp_path / "h")
-    assert len(harmless.written_exchanges) == 560
+    assert len(harmless.written_exchanges) == 800
     other = constitution.model_copy(update={"name": "mine"})
     assert (
         Generator(
@@ -766,7 +766,7 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
 
 
 def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):
-    """The 560 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
+    """The 800 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
     request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data (nor
     of the development set of exchanges)."""
     from collections import Counter
@@ -776,14 +776,14 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
 
     rows = written_exchanges(["builtin:harmless"])
     cases = Counter(r["kind"].split(":")[0] for r in rows)
-    assert len(rows) == 560 and sum(r["label"] for r in rows) == 220
+    assert len(rows) == 800 and sum(r["label"] for r in rows) == 310
     assert cases == {
-        "harmful-complied": 130,
-        "harmful-partial": 90,
-        "harmful-declined": 80,
-        "harmful-safe-completion": 80,
+        "harmful-complied": 194,
+        "harmful-partial": 116,
+        "harmful-declined": 132,
+        "harmful-safe-completion": 124,
         "benign-answered": 60,
-        "benign-alarming-answered": 85,
+        "benign-alarming-answered": 139,
         "benign-overrefused": 35,
     }
     assert all(r["label"] == int(r["kind"].startswith(("harmful-complied", "harmful-partial"))) for r in rows)
@@ -1009,6 +1009,25 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")
     assert [c.needs_revision for c in backed().critique(tasks)] == [True, False, False]
     monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "on")
+    # CAI_CHECK_CLASSIFIER_DIR: a head of the user's own, by check name, replaces the shipped one (which here is an
+    # empty folder that could not load); a check it does not name keeps its own; a variable naming no folder warns
+    import shutil
+
+    from cai_engine.classifiers.checks import classifier_folder
+
+    shutil.copytree(folder, tmp_path / "mine" / "demo.check")
+    shipped = tmp_path / "plugin" / "demo.check"
+    shipped.mkdir(parents=True)
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "mine"))
+    assert classifier_folder(shipped) == tmp_path / "mine" / "demo.check"
+    assert classifier_folder(tmp_path / "plugin" / "other.check") == tmp_path / "plugin" / "other.check"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it loads: no "rules alone" warning
+        assert [c.needs_revision for c in with_classifier(Rules, shipped)().critique(tasks)] == [True, True, False]
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="nowhere is not a folder"):
+        assert classifier_folder(shipped) == shipped
+    monkeypatch.delenv("CAI_CHECK_CLASSIFIER_DIR")
     # a classifier that cannot load (its base model is not here): a warning, then the rules alone
     broken = tmp_path / "broken"
     broken.mkdir()
