@@ -1020,6 +1020,7 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     shipped.mkdir(parents=True)
     monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "mine"))
     assert classifier_folder(shipped) == tmp_path / "mine" / "demo.check"
+    assert with_classifier(Rules, shipped).loaded_folder() == tmp_path / "mine" / "demo.check"  # as eval reports it
     assert classifier_folder(tmp_path / "plugin" / "other.check") == tmp_path / "plugin" / "other.check"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # it loads: no "rules alone" warning

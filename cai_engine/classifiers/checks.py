@@ -137,6 +137,12 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
             """Whether the classifier is consulted here (loaded, and not switched off)."""
             return probe() is not None
 
+        @staticmethod
+        def loaded_folder() -> Path:
+            """The folder its classifier loads from: the shipped one, or its replacement under
+            ``CAI_CHECK_CLASSIFIER_DIR``."""
+            return classifier_folder(folder)
+
         def critique(self, tasks):
             out = list(super().critique(tasks))
             model = probe() if self.consult_classifier else None

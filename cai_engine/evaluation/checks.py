@@ -171,9 +171,7 @@ def evaluate_check(
         # a check backed by the classifier its plugin ships: its rules are also scored alone, so a regression in
         # them shows even where the classifier (trained on the shipped cases) would cover it
         rules = critic.rules_only().critique(tasks)
-        from cai_engine.classifiers.checks import classifier_folder
-
-        result["backed_by_classifier"] = str(classifier_folder(critic.classifier_folder))
+        result["backed_by_classifier"] = str(critic.loaded_folder())
         result["rules"] = _metrics(labels, [c.needs_revision for c in rules])
     if classifier is not None:
         began = time.perf_counter()
