@@ -768,7 +768,7 @@ def test_written_exchanges_join_the_output_data_with_their_own_labels(cai_regist
 def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_registry):
     """The 800 exchanges the build adds by default: every kind of reply the output classifier must tell apart, and no
     request or reply that is a near-copy of an evaluation prompt or of a labelled reply case under bench/data (nor
-    of the development set of exchanges)."""
+    of the development set of exchanges; nor the second set of reply cases a copy of any of them)."""
     from collections import Counter
 
     from cai_engine.classifiers.data import written_exchanges
@@ -789,8 +789,11 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
     assert all(r["label"] == int(r["kind"].startswith(("harmful-complied", "harmful-partial"))) for r in rows)
     assert near_copies([r["prompt"] for r in rows], evaluation_texts(cai_registry)) == {}
     bench = Path(__file__).resolve().parents[1] / "bench" / "data"
-    labelled = labelled_exchanges([bench / "reply-cases.jsonl", bench / "guard-cases.jsonl"])
-    assert len(labelled) == 280
+    # reply-cases-2 was written after the last 240 exchanges, from the constitution alone (the clean test of them)
+    labelled = labelled_exchanges(
+        [bench / "reply-cases.jsonl", bench / "guard-cases.jsonl", bench / "reply-cases-2.jsonl"]
+    )
+    assert len(labelled) == 520 and len({r["id"] for r in labelled}) == 520
     assert near_copies([r["prompt"] for r in rows], {r["id"]: r["prompt"] for r in labelled}) == {}
     assert near_copies([r["response"] for r in rows], {r["id"]: r["response"] for r in labelled}) == {}
     # the development set for choices about output probes (bench/output_pooling.py) copies neither
@@ -799,6 +802,10 @@ def test_the_builtin_exchanges_are_balanced_and_copy_no_evaluation_item(cai_regi
     for key in ("prompt", "response"):
         others = {r["id"]: r[key] for r in [*rows, *labelled]}
         assert near_copies([r[key] for r in dev], others) == {}
+        second = [r for r in labelled if r["source"].endswith("reply-cases-2.jsonl")]
+        assert len(second) == 240 and sum(r["label"] for r in second) == 100
+        earlier = {r["id"]: r[key] for r in [*rows, *dev, *labelled] if r not in second}
+        assert near_copies([r[key] for r in second], earlier) == {}
 
 
 def test_the_build_command_reads_written_sources(cli_runner):
