@@ -46,6 +46,7 @@ def _hermetic(request, tmp_path, monkeypatch):
     cache, so its one-time conversion (~30 s) is paid once per run; every other test gets a cache of its own, and
     the classifiers the domain plugins ship beside their checks (which read the real default model) stay off."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAI_CHECK_CLASSIFIER_DIR", raising=False)  # a developer's own heads never reach a test
     if request.node.get_closest_marker("model") is None:
         monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))
         monkeypatch.setenv("CAI_CHECK_CLASSIFIERS", "off")

@@ -270,9 +270,9 @@ CHECK_PACKAGES = {
 
 
 #: The answers the shipped domain heads train on besides the plugin's own files: the first three sets written as held-out
-#: cases (folded into training once the fourth and fifth were written; Makefile, domain-classifiers).
+#: cases (folded into training once the fourth was written; Makefile, domain-classifiers).
 DOMAIN_TRAINING_SETS = ("domain-heldout", "domain-heldout-2", "domain-heldout-3")
-#: Written after the heads they test, and never trained on.
+#: Never trained on: the fourth written after the heads before the current ones, the fifth after the current ones.
 DOMAIN_HELDOUT_SETS = ("domain-heldout-4", "domain-heldout-5")
 
 
@@ -304,8 +304,8 @@ def test_each_domain_check_ships_a_classifier_and_its_training_cases():
 
 def test_the_held_out_domain_cases_copy_no_training_case():
     """bench/data/domain-heldout-4 and -5 were written apart from every file the checks and their classifiers were
-    built from (by other authors, who saw none of them), each after the heads it tests: no answer is a near-copy of
-    a training answer, and the fifth copies none of the fourth. The first three sets, written the same way, were
+    built from (by other authors, who saw none of them; the fifth after the current heads): no answer is a near-copy
+    of a training answer, and the fifth copies none of the fourth. The first three sets, written the same way, were
     checked the same way before they became training data."""
     from pathlib import Path
 

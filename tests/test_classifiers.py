@@ -1032,9 +1032,24 @@ def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # it loads: no "rules alone" warning
         assert [c.needs_revision for c in with_classifier(Rules, shipped)().critique(tasks)] == [True, True, False]
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "elsewhere"))  # once loaded, it stays, and says so
+    assert with_classifier(Rules, shipped).loaded_folder() == tmp_path / "mine" / "demo.check"
     monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "nowhere"))
     with pytest.warns(UserWarning, match="nowhere is not a folder"):
         assert classifier_folder(shipped) == shipped
+    (tmp_path / "half" / "demo.check").mkdir(parents=True)  # a folder named for the check, with no classifier in it
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "half"))
+    with pytest.warns(UserWarning, match="has no classifier.json"):
+        assert classifier_folder(shipped) == shipped
+    # a head of the wrong kind: named in the warning, and the check runs on its rules
+    wrong = tmp_path / "wrong" / "demo.check"
+    shutil.copytree(folder, wrong)
+    config = json.loads((wrong / "classifier.json").read_text())
+    (wrong / "classifier.json").write_text(json.dumps(config | {"kind": "input"}))
+    monkeypatch.setenv("CAI_CHECK_CLASSIFIER_DIR", str(tmp_path / "wrong"))
+    other = tmp_path / "plugin2" / "demo.check"
+    with pytest.warns(UserWarning, match=r"wrong/demo.check \(from CAI_CHECK_CLASSIFIER_DIR\) is not used.*output"):
+        assert [c.needs_revision for c in with_classifier(Rules, other)().critique(tasks)] == [True, False, False]
     monkeypatch.delenv("CAI_CHECK_CLASSIFIER_DIR")
     # a classifier that cannot load (its base model is not here): a warning, then the rules alone
     broken = tmp_path / "broken"

@@ -6,9 +6,10 @@ A domain plugin ships, beside a check, a probe folder trained on labelled answer
 an answer it passes is scored by the classifier and flagged when P(violation) is above the classifier's calibrated
 threshold. The classifier reads the default model's first layers, so it needs that model installed
 (``cai models install smollm2``); without it, or with ``CAI_CHECK_CLASSIFIERS=off``, the check runs alone (a warning
-says so once). ``CAI_CHECK_CLASSIFIER_DIR`` names a folder of classifier folders by check name whose heads replace the
-shipped ones (e.g. heads on the feedback model's activations). The classifier reads whole answers: the guard's rails (a request, a stream's window, tool-call
-arguments) run the check's rules alone (``rules_critic``; see ``GuardComponents.rail_check``).
+says so once). ``CAI_CHECK_CLASSIFIER_DIR`` names a folder of classifier folders by check name whose heads replace
+the shipped ones (e.g. heads on the feedback model's activations). The classifier reads whole answers: the guard's
+rails (a request, a stream's window, tool-call arguments) run the check's rules alone (``rules_critic``; see
+``GuardComponents.rail_check``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def classifier_folder(shipped: str | Path) -> Path:
         )
         return shipped
     mine = base / shipped.name
-    return mine if (mine / "classifier.json").is_file() else shipped
+    if (mine / "classifier.json").is_file():
+        return mine
+    if mine.exists():
+        warnings.warn(
+            f"{DIR_ENV}: {mine} has no classifier.json: {shipped.name} uses the classifier its plugin ships",
+            stacklevel=2,
+        )
+    return shipped
 
 
 _PROBES: dict[str, dict[str, Any]] = {}
@@ -98,24 +106,37 @@ def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
     if not classifiers_enabled():
         return None
     with _PROBES_LOCK:
-        state = _PROBES.setdefault(str(folder), {"probe": None, "tried": False})
+        state = _PROBES.setdefault(str(folder), {"probe": None, "tried": False, "folder": folder})
         if not state["tried"]:
             state["tried"] = True
+            source = state["folder"] = classifier_folder(folder)
             try:
                 from cai_engine.classifiers.load import load_classifier
 
-                loaded = load_classifier(classifier_folder(folder))
+                loaded = load_classifier(source)
+                config = getattr(loaded, "config", None)
+                if config is not None and (config.kind != "output" or "violation" not in config.labels):
+                    raise ValueError(f"a check needs an output classifier with a 'violation' label, not {config.kind}")
                 getattr(loaded, "encoder", None)  # a probe's base model loads now: a missing one is known here
                 state["probe"] = _Remembering(loaded)
             except Exception as exc:
                 # any reason: a missing base model or torch (a core or serve install), an unreadable or corrupt
                 # folder; the check must still work on its rules
+                mine = f" (from {DIR_ENV})" if source != folder else ""
                 warnings.warn(
-                    f"{who}: its classifier is not used, the check runs on its rules alone "
+                    f"{who}: its classifier {source}{mine} is not used, the check runs on its rules alone "
                     f"({type(exc).__name__}: {exc})",
                     stacklevel=stacklevel,
                 )
     return state["probe"]
+
+
+def _loaded_from(folder: Path) -> Path:
+    """The folder the classifier of the check shipped with ``folder`` was loaded from in this process (as resolved
+    when it first loaded), or where it would load from now."""
+    with _PROBES_LOCK:
+        state = _PROBES.get(str(folder))
+    return state["folder"] if state and state["tried"] else classifier_folder(folder)
 
 
 def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
@@ -140,8 +161,8 @@ def with_classifier(critic: type[Critic], folder: str | Path) -> type[Critic]:
         @staticmethod
         def loaded_folder() -> Path:
             """The folder its classifier loads from: the shipped one, or its replacement under
-            ``CAI_CHECK_CLASSIFIER_DIR``."""
-            return classifier_folder(folder)
+            ``CAI_CHECK_CLASSIFIER_DIR`` (once loaded, the one it was loaded from)."""
+            return _loaded_from(folder)
 
         def critique(self, tasks):
             out = list(super().critique(tasks))

@@ -21,7 +21,7 @@ training sets of ``written`` beside the generated requests (red-team requests, b
 everyday requests by default; measured, they lift the ranking of the held-out red-team against benign-but-scary
 requests, 0.947 to 0.972 AUC, and leave HarmBench's where it was), and output examples
 (exchange -> does the reply break the constitution?, where a reply breaks it when it engages with a harmful request
-instead of declining), with the labelled exchanges of ``written_exchanges`` beside them (by default 560 people wrote
+instead of declining), with the labelled exchanges of ``written_exchanges`` beside them (by default 800 people wrote
 for ``harmless``: replies that help with harm, leak part of it, decline, complete safely or answer harmless requests;
 the generated replies alone are labelled by refusal phrases, which cannot tell a safe completion from a harmful one),
 each also in jailbreak-style wrappers and Unicode spellings; exact and near duplicate requests (and exchanges written

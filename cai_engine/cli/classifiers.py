@@ -112,7 +112,7 @@ def pooling_option(name: str, what: str):
     metavar="FILE|builtin:NAME",
     help="Labelled exchanges people wrote (JSONL: prompt, response, violates; the format of `cai checks eval` cases) "
     "to add to the output classifier's data; repeatable; replaces the default (builtin:NAME of the constitution where "
-    "one ships: builtin:harmless, 560 exchanges from replies that help with harm or leak part of it to safe "
+    "one ships: builtin:harmless, 800 exchanges from replies that help with harm or leak part of it to safe "
     "completions and plain answers). Where there are enough, the output classifier is measured on the held-out ones.",
 )
 @click.option("--no-written-exchanges", is_flag=True, help="Add no written exchanges (the output data is generated).")
