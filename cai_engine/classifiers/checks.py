@@ -131,7 +131,7 @@ def _probe(folder: Path, who: str, stacklevel: int = 4) -> Any:
     return state["probe"]
 
 
-def _loaded_from(folder: Path) -> Path:
+def _loaded_from(folder: str | Path) -> Path:
     """The folder the classifier of the check shipped with ``folder`` was loaded from in this process (as resolved
     when it first loaded), or where it would load from now."""
     with _PROBES_LOCK:
