@@ -361,6 +361,13 @@ def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkey
     assert lifted >= 0.3 and result["deterministic"]["recall"]["rate"] >= 0.7
     assert result["deterministic"]["precision"]["rate"] >= 0.85
     assert "check: rules, then classifier" in "\n".join(summary_table([result]))
+    # the command names the classifier the check loaded (the shipped one here; CAI_CHECK_CLASSIFIER_DIR may replace it)
+    from click.testing import CliRunner
+
+    cases_file = Path(__file__).resolve().parents[1] / "bench/data/domain-heldout-4/financial.disclosure.jsonl"
+    shown = CliRunner().invoke(cli, ["checks", "eval", "--check", "financial.disclosure", "--cases", str(cases_file)])
+    assert shown.exit_code == 0, shown.output
+    assert f"; classifier {result['backed_by_classifier']}" in shown.output
 
 
 def test_the_summary_puts_the_repair_on_the_check_as_registered():

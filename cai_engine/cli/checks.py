@@ -135,6 +135,7 @@ def checks_eval(check_names, case_files, model, classifiers, no_repair, show_err
         click.echo(
             f"{result['check']}: {result['cases']} cases ({result['violating']} violating), confusion "
             f"{det['confusion']}, {det['ms_per_case']} ms per case"
+            + (f"; classifier {result['backed_by_classifier']}" if "backed_by_classifier" in result else "")
             + (
                 f"; repair handed to the model {result['repair']['handed_over']} time(s)"
                 if result.get("repair", {}).get("available")
