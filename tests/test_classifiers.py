@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -216,6 +217,20 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert len(near) == 2 and sorted(Slow.asked) == sorted(near)
     assert [g for t, g in zip(texts, got) if t in near] == [0.5, 0.5]
     assert cascade.stats == {"scored": 3, "escalated": 2}
+    # escalate_flags: the band has no top, so only items scored below threshold - band are decided here
+    Slow.asked = []
+    low = min(probabilities)
+    filtering = cai_runtime.component(
+        "critic",
+        "classifier",
+        {"path": str(out), "escalate": {"name": "model"}, "band": cut - low - 1e-6, "escalate_flags": True},
+    )
+    filtering._escalate = Slow()
+    got = filtering.screen_requests([[Message(role="user", content=t)] for t in texts])
+    cleared = [t for t, p in zip(texts, probabilities) if p == low]
+    assert sorted(Slow.asked) == sorted(t for t in texts if t not in cleared) and len(Slow.asked) == 2
+    assert [g for t, g in zip(texts, got) if t not in cleared] == [0.5, 0.5]
+    assert filtering.stats == {"scored": 3, "escalated": 2}
 
     # re-calibration on harmless traffic of one's own: the threshold moves so that the stated share is flagged
     traffic = tmp_path / "traffic.txt"
@@ -843,6 +858,60 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 
     similarity = torch.nn.functional.cosine_similarity(full.flatten(1), half.flatten(1))
     assert float(similarity.min()) > 0.99 and not torch.equal(full, half)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="torch.compile needs a C++ compiler")
+def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_runtime):
+    import torch
+
+    from cai_engine.classifiers.probe import Encoder
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+
+    texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
+    eager = Encoder(str(tiny_model), 2, "float32")
+    compiled = Encoder(str(tiny_model), 2, "float32", compile=True)
+    assert compiled.compiled and not eager.compiled
+    for batch in (texts, texts[:1], texts[1:]):  # a batch of one, of two, and a length it has not seen
+        assert torch.allclose(compiled.features(batch), eager.features(batch), atol=1e-4)
+    assert compiled.compiled  # still compiled: nothing failed and fell back
+
+    # the critic's option reaches the probe's encoder
+    out = tmp_path / "input"
+    train_probe(
+        _synthetic_dataset(tmp_path / "dataset"),
+        "input",
+        out,
+        TrainConfig(base_model=str(tiny_model), layers=[1]),
+        echo=lambda *_: None,
+    )
+    critic = cai_runtime.component("critic", "classifier", {"path": str(out), "compile": True, "precision": "float32"})
+    plain = cai_runtime.component("critic", "classifier", {"path": str(out), "precision": "float32"})
+    asked = [[Message(role="user", content=t)] for t in texts]
+    assert critic.screen_requests(asked) == pytest.approx(plain.screen_requests(asked), abs=1e-4)
+    assert critic.probe.encoder.compiled and not plain.probe.encoder.compiled
+
+
+@pytest.mark.slow
+def test_an_encoder_that_cannot_compile_warns_and_runs_uncompiled(tiny_model, monkeypatch):
+    import torch
+
+    from cai_engine.classifiers.probe import Encoder
+
+    def broken(model, **_):
+        def run(**__):
+            raise RuntimeError("no C++ compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    texts = ["How do I keep slugs off my lettuce?", "a second request"]
+    with pytest.warns(UserWarning, match="no C.. compiler here.*uncompiled"):
+        encoder = Encoder(str(tiny_model), 2, "float32", compile=True)
+    assert not encoder.compiled
+    assert torch.equal(encoder.features(texts), Encoder(str(tiny_model), 2, "float32").features(texts))
+    with pytest.warns(UserWarning, match="8-bit"):
+        assert not Encoder(str(tiny_model), 2, "int8", compile=True).compiled
 
 
 @pytest.mark.slow

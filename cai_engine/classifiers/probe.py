@@ -133,7 +133,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_ENCODERS: dict[tuple[str, int, str], Encoder] = {}
+_ENCODERS: dict[tuple[str, int, str, bool], Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -162,14 +162,21 @@ def quantize_int8(model: Any) -> Any:
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
+_WARM_UP = "A short text to compile the layers with."
+
+
 class Encoder:
     """The first ``layers`` layers of a causal LM, returning mean-pooled hidden states after each of them.
 
     ``precision``: ``float32``, ``bfloat16``, or ``int8``: every linear layer's weights quantised to 8 bits per output
     channel and its input per call (dynamic quantisation). An int8 encoder runs one text a call, because the input's
-    scale is taken over the whole batch: batched, a text's features would depend on its neighbours and on padding."""
+    scale is taken over the whole batch: batched, a text's features would depend on its neighbours and on padding.
 
-    def __init__(self, base_model: str, layers: int, precision: str = "float32") -> None:
+    ``compile``: run the layers through ``torch.compile`` (float32 and bfloat16 only), which fuses the small
+    element-wise operations between the matrix products: about a quarter faster one text at a time, after a warm-up of
+    some seconds here (needs a C++ compiler; where compiling fails, a warning and the layers run as they are)."""
+
+    def __init__(self, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,6 +201,8 @@ class Encoder:
         elif self.precision == "int8":
             inner = quantize_int8(inner)
         self.model = inner.eval()
+        self._eager = self.model
+        self.compiled = False
         norm = getattr(inner, "norm", None)
         if norm is None:
             raise ModelError(f"{base_model}: no final norm found (model.norm); the probe supports Llama-style models")
@@ -201,13 +210,45 @@ class Encoder:
         self.layers = layers
         self.folder = folder
         self._lock = threading.Lock()
+        if compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the layers and warm them up on one text and on two (a batch of one is compiled apart); on any
+        failure, warn and keep the layers as they are."""
+        import torch
+
+        if self.precision == "int8":
+            warnings.warn(
+                "compile: an 8-bit probe's layers run as they are (compiling applies to float layers)", stacklevel=3
+            )
+            return
+        self.model = torch.compile(self._eager, dynamic=True)
+        self.compiled = True
+        for batch in ([_WARM_UP], [_WARM_UP, _WARM_UP + " " + _WARM_UP]):
+            self.features(batch, last_only=True)
+            if not self.compiled:
+                return
+
+    def _forward(self, **inputs: Any) -> Any:
+        if self.compiled:
+            try:
+                return self.model(**inputs)
+            except Exception as exc:  # no C++ compiler, an unsupported operation: the eager layers give the same
+                warnings.warn(
+                    f"compile: torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); the probe's layers run "
+                    "uncompiled",
+                    stacklevel=3,
+                )
+                self.model, self.compiled = self._eager, False
+        return self.model(**inputs)
 
     @classmethod
-    def shared(cls, base_model: str, layers: int, precision: str = "float32") -> Encoder:
+    def shared(cls, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> Encoder:
         with _ENCODERS_LOCK:
-            key = (base_model, layers, _encoder_precision(precision))
+            key = (base_model, layers, _encoder_precision(precision), compile)
             if key not in _ENCODERS:
-                _ENCODERS[key] = cls(base_model, layers, key[2])
+                _ENCODERS[key] = cls(base_model, layers, key[2], compile)
             return _ENCODERS[key]
 
     def _ids(self, text: str, max_tokens: int, skip: str | None = None) -> tuple[list[int], list[int]]:
@@ -258,7 +299,7 @@ class Encoder:
                     ids[row, : len(tokens)] = torch.tensor(tokens)
                     mask[row, : len(tokens)] = 1
                     pool[row, : len(tokens)] = torch.tensor(averaged, dtype=torch.float32)
-                result = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
+                result = self._forward(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
                 # transformers hands back each layer's output before the model's final norm, and the last one after
                 # it (last_hidden_state); a probe of depth k is served by a k-layer encoder, whose last output is
                 # normed, so every layer is read normed here, as it will be served
@@ -303,10 +344,16 @@ class Probe:
     """A trained probe loaded from its folder; ``predict`` gives per-label probabilities."""
 
     def __init__(
-        self, config: ProbeConfig, weights: dict[str, Any], folder: Path | None = None, precision: str = "auto"
+        self,
+        config: ProbeConfig,
+        weights: dict[str, Any],
+        folder: Path | None = None,
+        precision: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.config = config
         self.precision = probe_precision(config, precision, folder)
+        self.compile = compile
         self.mean, self.scale = weights["mean"], weights["scale"]
         self.weight, self.bias = weights["weight"], weights["bias"]
         self.folder = folder
@@ -315,11 +362,13 @@ class Probe:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.shared(self.config.base_model, self.config.layer, self.precision)
+            self._encoder = Encoder.shared(self.config.base_model, self.config.layer, self.precision, self.compile)
         return self._encoder
 
     @classmethod
-    def load(cls, folder: str | Path, *, check_base: bool = True, precision: str = "auto") -> Probe:
+    def load(
+        cls, folder: str | Path, *, check_base: bool = True, precision: str = "auto", compile: bool = False
+    ) -> Probe:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -329,7 +378,7 @@ class Probe:
             config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
-        probe = cls(config, load_file(str(folder / WEIGHTS)), folder, precision)
+        probe = cls(config, load_file(str(folder / WEIGHTS)), folder, precision, compile)
         depths = [int(k) for k in config.metrics.get("layer_auc", {})]
         if depths and config.layer < max(depths) and config.metrics.get("features") != "normed":
             warnings.warn(

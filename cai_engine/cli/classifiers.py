@@ -473,7 +473,14 @@ def list_command(folders) -> None:
     help="How a probe's base layers run (auto: bfloat16 where the CPU has it natively, as the guard runs it; a probe "
     "built with --int8 always runs in 8 bits).",
 )
-def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out, precision) -> None:
+@click.option(
+    "--compile",
+    "compile_layers",
+    is_flag=True,
+    help="Run a probe's float base layers through torch.compile, as the classifier critic's `compile: true` does "
+    "(a warm-up of some seconds first; needs a C++ compiler): measures the time a guard with it takes.",
+)
+def eval_command(classifier, harmful, benign, cases, threshold, compare_model, out, precision, compile_layers) -> None:
     """Measure a classifier on data it was not built from, with 95% intervals: an input classifier's recall on
     harmful requests and false alarms on harmless ones (--harmful and --benign sources, or labelled requests given
     with --cases); an output classifier's catch and false flags on labelled exchanges (`--cases`). With
@@ -482,7 +489,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
     from cai_engine.classifiers.sources import load_eval_items
     from cai_engine.classifiers.train import auc, rate_entry
 
-    probe = load_classifier(classifier, precision=precision)
+    probe = load_classifier(classifier, precision=precision, compile=compile_layers)
     kind = probe.config.kind
     cut = threshold if threshold is not None else probe.threshold()
     registry = state().registry
@@ -561,6 +568,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         "p50_one_at_a_time": round(timings[len(timings) // 2], 2),
         "n": len(timings),
         "batched_per_item": round(batched_ms, 2),
+        "compiled": bool(getattr(getattr(probe, "encoder", None), "compiled", False)),
     }
     for name in judges:
         click.echo(f"{name}:")

@@ -7,7 +7,10 @@ Either way the principle it names is the one whose own head gives the highest pr
 
 With ``escalate`` it is the middle stage of a cascade (rules, then this classifier, then a slower critic): an item
 whose probability falls in the uncertain band around the threshold is decided by the ``escalate`` critic instead, and
-``stats`` counts how many were scored and how many escalated.
+``stats`` counts how many were scored and how many escalated. With ``escalate_flags`` the band has no top: the
+classifier only clears what it scores below ``threshold - band``, and every item it would flag is decided by the
+slower critic (the cheap-first filter: the classifier's confident false flags cost an escalation instead of a false
+flag, and the escalated share is about the share of the stream that looks violating).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ class ClassifierCritic(Critic):
         threshold: float | None = Field(
             None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
         )
+        compile: bool = Field(
+            False,
+            description="Run a probe's float base layers through torch.compile: about a quarter faster one reply at a "
+            "time, after a warm-up of some seconds when the critic loads (needs a C++ compiler; without one, a "
+            "warning and the layers run uncompiled). Scores can move in the last digits, as with bfloat16.",
+        )
         escalate: ComponentRef | None = Field(
             None,
             description="A slower critic (e.g. {name: model, options: {model: qwen2.5-coder-1.5b}}) that decides the "
@@ -48,6 +57,12 @@ class ClassifierCritic(Critic):
             description="Half-width of the uncertain band: probabilities within this distance of the threshold are "
             "escalated (when `escalate` is set).",
         )
+        escalate_flags: bool = Field(
+            False,
+            description="Escalate every probability above the band too (when `escalate` is set): the classifier only "
+            "clears items, the slower critic makes every flag. Fewer false flags than the band alone, more escalated on "
+            "a stream with many violations.",
+        )
 
     def __init__(self, options=None, runtime=None) -> None:
         super().__init__(options, runtime)
@@ -59,7 +74,9 @@ class ClassifierCritic(Critic):
     @property
     def probe(self) -> Any:
         if self._probe is None:
-            self._probe = load_classifier(self.options.path, precision=self.options.precision)
+            self._probe = load_classifier(
+                self.options.path, precision=self.options.precision, compile=self.options.compile
+            )
         return self._probe
 
     @property
@@ -74,7 +91,11 @@ class ClassifierCritic(Critic):
         return self._escalate
 
     def uncertain(self, p: float) -> bool:
-        return self.options.escalate is not None and abs(p - self.threshold) <= self.options.band
+        if self.options.escalate is None:
+            return False
+        if self.options.escalate_flags:
+            return p >= self.threshold - self.options.band
+        return abs(p - self.threshold) <= self.options.band
 
     def _route(self, probabilities: Sequence[float]) -> list[int]:
         """The indices to escalate, counted in ``stats``."""
