@@ -198,7 +198,7 @@ def decide(critic, chunk, principles) -> list[bool | None]:
 def summarise(flagged, labels, times, scored, escalated, one_at_a_time) -> dict:
     out = {
         "harmful_flagged": rate(f for f, y in zip(flagged, labels) if y),
-        "harmless_flagged": rate(f for f, y in zip(flagged, labels) if not y),
+        "harmless_flagged": rate(f for f, y in zip(flagged, labels) if y is not None and not y),  # None: unlabelled
         "escalated": rate([True] * escalated + [False] * (scored - escalated)),
         "ms_per_item": sum(times) / max(1, len(times)) if not one_at_a_time else statistics.fmean(times),
     }

@@ -7,16 +7,20 @@ teacher-student recipe: the held-out harmful prompts and HarmBench (read from th
 builtin:benign-scary and builtin:contrast. The depth and L2 penalty are chosen by 5-fold cross-validation on the
 training requests; the share flagged is given at two thresholds: 5% of the training requests' harmless half
 (cross-validated), and the lowest threshold that keeps both look-alike sets at the over-refusal the recipe's targets
-allow (chosen on the evaluation sets themselves: a ceiling, not a classifier one could ship).
+allow (chosen on the evaluation sets themselves: a ceiling, not a classifier one could ship). With `--eval-items`,
+each set is cut to the prompts an evaluation run answered (its items.jsonl), so the rates compare with that run's
+policy on the same prompts.
 
-    python bench/reader_ceiling.py smollm2 --layers 4,6,8,12
-    python bench/reader_ceiling.py qwen2.5-coder-0.5b --layers 8,12,16
+    python bench/reader_ceiling.py smollm2 --layers 4,8,12,16,20,24,30
+    python bench/reader_ceiling.py qwen2.5-coder-0.5b --layers 8,12,16 --eval-items runs/NAME/eval/items.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+from pathlib import Path
 
 from cai_engine import Runtime
 from cai_engine.classifiers.data import DEFAULT_WRITTEN, near_copies, written_requests
@@ -41,6 +45,9 @@ def main() -> None:
         default="6,20",
         help="Look-alikes flagged at most (benign-scary, contrast): the recipe's base + 0.05 of 100 and 250.",
     )
+    parser.add_argument(
+        "--eval-items", type=Path, help="An evaluation's items.jsonl: score only the prompts it answered."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     registry = Runtime().registry
@@ -48,7 +55,12 @@ def main() -> None:
     copies = near_copies([row["text"] for row in found], evaluation_texts(registry))
     train = [row for i, row in enumerate(found) if i not in copies]
     labels = [int(row["kind"] == "harmful") for row in train]
-    sets = {s: [text for _, text, _ in load_eval_items(s, registry)] for s in HARMFUL + BENIGN}
+    sets = {s: [(key, text) for key, text, _ in load_eval_items(s, registry)] for s in HARMFUL + BENIGN}
+    if args.eval_items:
+        lines = [json.loads(line) for line in args.eval_items.read_text(encoding="utf-8").splitlines() if line.strip()]
+        answered = {(row["source"], row["id"].rsplit("/", 1)[-1]) for row in lines}
+        sets = {s: [(key, text) for key, text in items if (s, key) in answered] for s, items in sets.items()}
+    sets = {s: [text for _, text in items] for s, items in sets.items()}
     layers = [int(x) for x in args.layers.split(",")]
     encoder = Encoder(args.model, max(layers), resolve_precision("auto"))
 

@@ -173,8 +173,8 @@ class Encoder:
     scale is taken over the whole batch: batched, a text's features would depend on its neighbours and on padding.
 
     ``compile``: run the layers through ``torch.compile`` (float32 and bfloat16 only), which fuses the small
-    element-wise operations between the matrix products: about a quarter faster one text at a time, after a warm-up of
-    some seconds here (needs a C++ compiler; where compiling fails, a warning and the layers run as they are)."""
+    element-wise operations between the matrix products: 1-5 ms faster one text at a time at 8 layers (6-25%, measured
+    on one CPU), after a warm-up of some seconds here (needs a C++ compiler; where compiling fails, a warning and the layers run as they are)."""
 
     def __init__(self, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> None:
         import torch
@@ -246,9 +246,14 @@ class Encoder:
     @classmethod
     def shared(cls, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> Encoder:
         with _ENCODERS_LOCK:
-            key = (base_model, layers, _encoder_precision(precision), compile)
+            key = (
+                base_model,
+                layers,
+                _encoder_precision(precision),
+                compile and _encoder_precision(precision) != "int8",
+            )
             if key not in _ENCODERS:
-                _ENCODERS[key] = cls(base_model, layers, key[2], compile)
+                _ENCODERS[key] = cls(base_model, layers, key[2], compile)  # int8 under either key: not compiled
             return _ENCODERS[key]
 
     def _ids(self, text: str, max_tokens: int, skip: str | None = None) -> tuple[list[int], list[int]]:

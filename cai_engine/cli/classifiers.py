@@ -518,6 +518,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
         items += _labelled_exchanges(cases)
+    getattr(probe, "encoder", None)  # a probe loads (and with --compile, compiles) its layers before the clock starts
     began = time.perf_counter()
     prompts = [prompt for _, _, prompt, _ in items]
     replies = None if kind == "input" else [reply or "" for *_, reply in items]
