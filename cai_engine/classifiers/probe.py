@@ -174,7 +174,8 @@ class Encoder:
 
     ``compile``: run the layers through ``torch.compile`` (float32 and bfloat16 only), which fuses the small
     element-wise operations between the matrix products: 1-5 ms faster one text at a time at 8 layers (6-25%, measured
-    on one CPU), after a warm-up of some seconds here (needs a C++ compiler; where compiling fails, a warning and the layers run as they are)."""
+    on one CPU), after a warm-up of some seconds here (needs a C++ compiler; where compiling fails, a warning, and the
+    layers run as they are)."""
 
     def __init__(self, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> None:
         import torch
