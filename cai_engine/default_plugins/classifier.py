@@ -42,8 +42,10 @@ class ClassifierCritic(Critic):
         compile: bool = Field(
             False,
             description="Run a probe's float base layers through torch.compile: 1-5 ms faster one reply at a time at "
-            "8 layers (6-25%, measured on one CPU), after a warm-up of some seconds when the critic loads (needs a C++ compiler; without one, a "
-            "warning and the layers run uncompiled). Scores can move in the last digits, as with bfloat16.",
+            "8 layers (6-25%, measured on one CPU), after a warm-up of some seconds when the critic loads (needs a C++ "
+            "compiler; without one, a warning and the layers run uncompiled). Scores can move in the last digits, as "
+            "with bfloat16. Loading another transformers model later in the process (a slower probe on the first "
+            "escalation) costs one more compile.",
         )
         escalate: ComponentRef | None = Field(
             None,
@@ -60,9 +62,10 @@ class ClassifierCritic(Critic):
         escalate_flags: bool = Field(
             False,
             description="Escalate every probability above the band too (when `escalate` is set): the classifier only "
-            "clears items, the slower critic makes every flag. Fewer false flags than the band alone, more escalated on "
-            "a stream with many violations. (With the guard's `screen: request`, the guard compares request scores with "
-            "its own `request_threshold`: set it at or above threshold - band, or it can flag what was cleared here.)",
+            "clears items, the slower critic makes every flag. Fewer false flags than the band alone, more escalated "
+            "on a stream with many violations. (With the guard's `screen: request`, the guard compares request scores "
+            "with its own `request_threshold`: set it at or above threshold - band, or it can flag what was cleared "
+            "here.)",
         )
 
         @model_validator(mode="after")
