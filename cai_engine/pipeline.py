@@ -24,6 +24,7 @@ from cai_engine.phase2.gate import run_gate
 from cai_engine.phase2.labels import LabelConfig, run_labels
 from cai_engine.phase2.preferences import PreferenceExportOptions, export_preferences
 from cai_engine.plugins.refs import ComponentRef
+from cai_engine.prompts.overlap import evaluation_texts
 from cai_engine.records import EvalSummary, PipelineSummary, TrainingResult
 from cai_engine.store.machine import machine_record
 from cai_engine.store.runs import now
@@ -239,7 +240,10 @@ def run_pipeline(
     if "sl" in config.stages:
         echo("== phase 1: SL-CAI")
         summary.sl = run_sl(sl_config, out / "sl", runtime=runtime, progress=progress)
-        summary.sft_dataset = export_sft(out / "sl", out / "sft-dataset", config.sft_export)
+        evaluation = evaluation_texts(runtime.registry) if config.sft_export.written else None
+        summary.sft_dataset = export_sft(
+            out / "sl", out / "sft-dataset", config.sft_export, evaluation_prompts=evaluation
+        )
         lap("sl")
     if "sft" in config.stages:
         runtime.close()  # free the generation models (a 1.5B feedback model is GBs) before training

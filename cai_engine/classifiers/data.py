@@ -48,6 +48,8 @@ from cai_engine.constitution.model import Constitution, Message, Principle
 from cai_engine.files.jsonl import write_json, write_jsonl
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.components import GenerationSettings
+from cai_engine.prompts.exchanges import BUILTIN_EXCHANGES, exchange_file, labelled_exchanges
+from cai_engine.prompts.overlap import NearCopyIndex, near_copies
 from cai_engine.store.runs import RunDirectory
 from cai_engine.text.refusals import is_refusal
 
@@ -81,10 +83,6 @@ DEFAULT_WRITTEN = (
     WrittenSource(source="builtin:principle-requests", label="benign", ids="pr-*-b*"),
 )
 
-
-#: Labelled exchanges people wrote for a constitution (``cai_engine/data/exchanges/NAME.jsonl``): a build of that
-#: constitution adds them to its output data unless told otherwise (``written_exchanges``).
-BUILTIN_EXCHANGES = {"harmless": Path(__file__).resolve().parents[1] / "data" / "exchanges" / "harmless.jsonl"}
 
 #: Fewer held-out written exchanges of either label than this, and an output classifier is measured on the whole test
 #: split as before (a threshold set on a handful of exchanges would be noise).
@@ -502,56 +500,6 @@ class Generator:
 # -- assembling the dataset ---------------------------------------------------------------------------------------
 
 
-def _shingles(text: str) -> set[str]:
-    from cai_engine.prompts.sets import normalise_prompt
-
-    words = normalise_prompt(text).split()
-    return {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
-
-
-class NearCopyIndex:
-    """Texts indexed by word 3-gram, to find near-copies (Jaccard >= threshold, or the same text once case, spacing
-    and punctuation are folded away) without comparing every pair."""
-
-    def __init__(self, texts: dict[str, str] | None = None, threshold: float = 0.6) -> None:
-        self.threshold = threshold
-        self.exact: dict[str, str] = {}
-        self.grams: dict[str, list[tuple[str, set[str]]]] = {}
-        for key, text in (texts or {}).items():
-            self.add(key, text)
-
-    def add(self, key: str, text: str) -> None:
-        from cai_engine.prompts.sets import normalise_prompt
-
-        self.exact.setdefault(normalise_prompt(text), key)
-        grams = _shingles(text)
-        for gram in grams:
-            self.grams.setdefault(gram, []).append((key, grams))
-
-    def find(self, text: str) -> str | None:
-        """The key of a text this one is a near-copy of, or None."""
-        from cai_engine.prompts.sets import normalise_prompt
-
-        if normalise_prompt(text) in self.exact:
-            return self.exact[normalise_prompt(text)]
-        grams = _shingles(text)
-        seen: set[str] = set()
-        for gram in grams:
-            for key, other in self.grams.get(gram, ()):
-                if key not in seen:
-                    seen.add(key)
-                    if len(grams & other) / len(grams | other) >= self.threshold:
-                        return key
-        return None
-
-
-def near_copies(texts: list[str], others: dict[str, str], threshold: float = 0.6) -> dict[int, str]:
-    """Index of each text -> the id of an ``others`` text it is a near-copy of."""
-    index = NearCopyIndex(others, threshold)
-    found = {i: index.find(text) for i, text in enumerate(texts)}
-    return {i: key for i, key in found.items() if key is not None}
-
-
 _PAIR_SUFFIX = re.compile(r"-(?:h|b|harmful|benign)$")
 
 
@@ -605,12 +553,11 @@ def written_exchanges(sources: list[str]) -> list[dict[str, Any]]:
     ``assemble`` adds to the output data, each with the source it came from; a source named twice and an exchange
     written twice (same request and reply) are read once. Read when a build starts, so a bad file, or one with
     exchanges of one label only, fails before any generation."""
-    from cai_engine.classifiers.sources import labelled_exchanges
     from cai_engine.errors import ConfigError
 
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    for path in dict.fromkeys(_exchange_file(source) for source in sources):
+    for path in dict.fromkeys(exchange_file(source, "written_exchanges") for source in sources):
         rows = labelled_exchanges([path])
         labels = {r["label"] for r in rows}
         if labels != {0, 1}:
@@ -624,20 +571,6 @@ def written_exchanges(sources: list[str]) -> list[dict[str, Any]]:
             seen.add((row["prompt"], row["response"]))
             out.append({**row, "id": f"written:{path.name}:{row['id']}", "written": path.name})
     return out
-
-
-def _exchange_file(source: str) -> Path:
-    from cai_engine.errors import ConfigError
-
-    if source.startswith("builtin:"):
-        name = source.split(":", 1)[1]
-        if name not in BUILTIN_EXCHANGES:
-            raise ConfigError(f"written_exchanges: no {source}; the builtin ones: {', '.join(BUILTIN_EXCHANGES)}")
-        return BUILTIN_EXCHANGES[name]
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"written_exchanges: {source} is not a file of labelled exchanges")
-    return path.resolve()
 
 
 def _variants(text: str, split: str, rng: random.Random) -> list[tuple[str, str]]:

@@ -43,12 +43,40 @@ def export_group() -> None:
     help="Keep at most N revisions with the same reply (e.g. one stock refusal); default: keep all.",
 )
 @intent_options("a target without a refusal phrase is dropped", "a target that refuses one is dropped")
+@click.option(
+    "--written",
+    "written",
+    multiple=True,
+    metavar="SOURCE",
+    help="Labelled exchanges people wrote (builtin:harmless or a JSONL file of prompt, response, violates, kind) whose "
+    "compliant replies join the targets; repeatable. Exchanges whose request copies an evaluation prompt are dropped.",
+)
+@click.option(
+    "--written-any-decline",
+    is_flag=True,
+    help="Keep written replies to harmful requests that decline without a refusal phrase (safe completions); by "
+    "default they are dropped, since the evaluation counts refusals by those phrases.",
+)
 @push_options("dataset")
 def export_sft_command(
-    run, out, train_on, helpful_ratio, heldout, seed, max_repeats, must_answer, must_decline, push_to_hub, private
+    run,
+    out,
+    train_on,
+    helpful_ratio,
+    heldout,
+    seed,
+    max_repeats,
+    must_answer,
+    must_decline,
+    written,
+    written_any_decline,
+    push_to_hub,
+    private,
 ):
     """An SFT dataset (TRL conversational `messages`) from an SL-CAI run: train.jsonl and test.jsonl."""
+    from cai_engine.cli.base import state
     from cai_engine.phase1.export import ExportOptions, export_sft
+    from cai_engine.prompts.overlap import evaluation_texts
 
     options = validate_config(
         ExportOptions,
@@ -60,16 +88,23 @@ def export_sft_command(
             "max_repeats": max_repeats,
             "must_answer": list(must_answer),
             "must_decline": list(must_decline),
+            "written": list(written),
+            "written_refusal_phrase": not written_any_decline,
         },
         "options",
     )
-    summary = export_sft(run, out, options)
+    evaluation = evaluation_texts(state().registry) if options.written else None
+    summary = export_sft(run, out, options, evaluation_prompts=evaluation)
     click.echo(
         f"wrote {out}: {summary.train} train / {summary.test} test examples "
         f"({summary.revisions} revisions, {summary.helpful} helpfulness, "
         f"{summary.duplicates_dropped} duplicates dropped, {summary.repeats_dropped} repeated replies dropped, {summary.refusals_dropped} refusals of harmless prompts dropped, "
-        f"{summary.compliance_dropped} non-refusals of harmful prompts dropped)"
+        f"{summary.compliance_dropped} non-refusals of harmful prompts dropped"
+        + (f", {summary.written} written targets" if options.written else "")
+        + ")"
     )
+    for reason, count in summary.written_dropped.items():
+        click.echo(f"   written exchanges left out: {count} ({reason})")
     push(out, push_to_hub, "dataset", private)
 
 

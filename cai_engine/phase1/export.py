@@ -13,6 +13,8 @@ from cai_engine.constitution.model import Message
 from cai_engine.errors import RunError
 from cai_engine.files.jsonl import write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
+from cai_engine.prompts.exchanges import exchange_file, labelled_exchanges
+from cai_engine.prompts.overlap import near_copies
 from cai_engine.prompts.sets import id_matches
 from cai_engine.records import SFTExample, SFTExportManifest, SLRecord
 from cai_engine.seeds import bucket
@@ -51,6 +53,21 @@ class ExportOptions(BaseModel):
         "carried out: a target without a refusal phrase is dropped. A small teacher told to write safe completions "
         "carries out a third of the harmful requests instead; trained on those, the policy learns to comply. A safe "
         "completion that declines without a refusal phrase is dropped too (the filter errs towards fewer targets).",
+    )
+    written: list[str] = Field(
+        default_factory=list,
+        description="Labelled exchanges people wrote (`builtin:harmless`, or JSONL files in the format of `cai checks "
+        "eval` cases: prompt, response, violates, and optionally kind) whose compliant replies join the targets, beside "
+        "the teacher's revisions and outside the helpfulness ratio. A reply labelled as breaking the constitution is "
+        "never a target; nor is a refusal of a request whose kind begins with 'benign', nor any exchange whose request "
+        "is a copy or near-copy of an evaluation prompt. Each written request is one prompt of the split.",
+    )
+    written_refusal_phrase: bool = Field(
+        True,
+        description="Keep a written reply to a request whose kind begins with 'harmful' only when it has a refusal "
+        "phrase (the same rule as `must_decline`): the evaluation counts refusals of harmful prompts by those phrases, "
+        "so a policy taught to decline in its own words would be scored as complying. Turn off where a judge scores "
+        "safe completions.",
     )
 
 
@@ -98,18 +115,61 @@ def _collect(record: SLRecord, options: ExportOptions, revisions: list[SFTExampl
         revisions.append(_example(record, entry.revision, "revision", entry.round, entry.principle_id))
 
 
+def _written(
+    options: ExportOptions, evaluation_prompts: dict[str, str] | None
+) -> tuple[list[SFTExample], dict[str, int]]:
+    """The targets of ``options.written`` and how many exchanges were left out, by reason."""
+    dropped: dict[str, int] = {}
+
+    def drop(reason: str) -> None:
+        dropped[reason] = dropped.get(reason, 0) + 1
+
+    files = list(dict.fromkeys(exchange_file(source) for source in options.written))
+    rows = labelled_exchanges(files)
+    copied = near_copies([r["prompt"] for r in rows], evaluation_prompts or {})
+    examples = []
+    for i, row in enumerate(rows):
+        kind = row["kind"].lower()
+        if i in copied:
+            drop("request is a near-copy of an evaluation prompt")
+        elif row["label"]:
+            drop("reply breaks the constitution")
+        elif kind.startswith("benign") and refuses(row["response"]):
+            drop("refuses a harmless request")
+        elif kind.startswith("harmful") and options.written_refusal_phrase and not refuses(row["response"]):
+            drop("declines a harmful request without a refusal phrase")
+        else:
+            examples.append(
+                SFTExample(
+                    messages=[
+                        Message(role="user", content=row["prompt"]),
+                        Message(role="assistant", content=row["response"]),
+                    ],
+                    prompt_id=f"written:{row['source']}:{row['id']}",
+                    source="written",
+                )
+            )
+    return examples, dropped
+
+
 def export_sft(
-    run: str | Path, out: str | Path, options: ExportOptions | dict[str, Any] | None = None
+    run: str | Path,
+    out: str | Path,
+    options: ExportOptions | dict[str, Any] | None = None,
+    *,
+    evaluation_prompts: dict[str, str] | None = None,
 ) -> SFTExportManifest:
     """Write ``train.jsonl``/``test.jsonl`` in TRL's conversational format (a ``messages`` column); returns the
-    export's manifest (also written as ``export.json``).
+    export's manifest (also written as ``export.json``). ``evaluation_prompts`` (id -> text, e.g.
+    :func:`~cai_engine.prompts.overlap.evaluation_texts`) are the prompts a written exchange must not copy.
 
     Revisions beyond ``max_repeats`` copies of one reply are dropped first; revisions and helpfulness samples are
-    then mixed at ``helpful_ratio``, duplicates are dropped, and the split is by
+    then mixed at ``helpful_ratio``, the written exchanges' targets are added, duplicates are dropped, and the split is by
     prompt (every example of a prompt lands on the same side). Loads with
     ``datasets.load_dataset("json", data_files={"train": ".../train.jsonl", "test": ".../test.jsonl"})``.
     """
     options = options if isinstance(options, ExportOptions) else ExportOptions.model_validate(options or {})
+    written, written_dropped = _written(options, evaluation_prompts) if options.written else ([], {})
     directory = RunDirectory(run, "sl", SLRecord)
     manifest = directory.manifest()
     if manifest.get("kind") != "sl":
@@ -136,7 +196,7 @@ def export_sft(
     rng = random.Random(options.seed)
     rng.shuffle(helpful)
     wanted = round(options.helpful_ratio / (1 - options.helpful_ratio) * len(revisions)) if revisions else len(helpful)
-    mix = revisions + helpful[:wanted]
+    mix = revisions + written + helpful[:wanted]
     seen, unique = set(), []
     for example in mix:
         key = json.dumps([(m.role, _norm(m.content)) for m in example.messages])
@@ -165,6 +225,8 @@ def export_sft(
         compliance_dropped=len(compliance_dropped),
         helpful_available=len(helpful),
         helpful_wanted=wanted,
+        written=sum(e.source == "written" for e in unique),
+        written_dropped=written_dropped,
         options=options.model_dump(),
         constitution=manifest.get("provenance", {}).get("constitution"),
     )

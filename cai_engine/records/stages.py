@@ -120,7 +120,7 @@ class SFTExample(StoredRecord):
 
     messages: list[Message]
     prompt_id: str
-    source: Literal["revision", "helpful"]
+    source: Literal["revision", "helpful", "written"]
     round: int | None = None
     principle_id: str | None = None
 
@@ -192,6 +192,10 @@ class SFTExportManifest(StageResult):
     )
     helpful_available: int = 0
     helpful_wanted: int = 0
+    written: int = Field(0, description="Targets from labelled exchanges people wrote (``written``), after the drops.")
+    written_dropped: dict[str, int] = Field(
+        default_factory=dict, description="Written exchanges not used as targets, by reason."
+    )
     options: dict[str, Any] = Field(default_factory=dict)
     constitution: dict[str, Any] | None = None
 

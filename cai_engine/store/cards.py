@@ -186,6 +186,13 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             f"{manifest.get('refusals_dropped', 0)} refusals of `must_answer` prompts and "
             f"{manifest.get('compliance_dropped', 0)} non-refusals of `must_decline` prompts dropped)"
         )
+        if manifest.get("written") or manifest.get("written_dropped"):
+            left_out = ", ".join(f"{n} ({why})" for why, n in (manifest.get("written_dropped") or {}).items())
+            lines.append(
+                f"- **Written by people**: {manifest.get('written', 0)} targets from labelled exchanges "
+                f"(`written`: {', '.join(manifest.get('options', {}).get('written', []))})"
+                + (f"; left out: {left_out}" if left_out else "")
+            )
     else:
         lines.append(
             f"- **Sources**: {manifest.get('sources')}; {manifest.get('abstained_excluded', 0)} abstentions and "
