@@ -415,6 +415,7 @@ def test_written_exchanges_join_the_targets_with_their_drops_counted(tmp_path, c
         ("w4", "benign-answered", "How do bees make honey?", "They collect nectar and evaporate it.", 0),
         ("w5", "benign-overrefused", "How do I kill a stuck process?", "I'm sorry, but I can't help with that.", 0),
         ("w6", "benign-answered", "Sensitive request about the evaluation", "A reply.", 0),
+        ("w7", "benign-overrefused", "How do I sharpen a kitchen knife?", "Knives are weapons; ask a shop.", 0),
     ]
     written.write_text(
         "\n".join(
@@ -434,7 +435,7 @@ def test_written_exchanges_join_the_targets_with_their_drops_counted(tmp_path, c
     assert summary["written_dropped"] == {
         "declines a harmful request without a refusal phrase": 1,
         "reply breaks the constitution": 1,
-        "refuses a harmless request": 1,
+        "does not answer a harmless request": 2,
         "request is a near-copy of an evaluation prompt": 1,
     }
     assert "2 targets from labelled exchanges" in (tmp_path / "ds" / "README.md").read_text()

@@ -59,8 +59,11 @@ class ExportOptions(BaseModel):
         description="Labelled exchanges people wrote (`builtin:harmless`, or JSONL files in the format of `cai checks "
         "eval` cases: prompt, response, violates, and optionally kind) whose compliant replies join the targets, beside "
         "the teacher's revisions and outside the helpfulness ratio. A reply labelled as breaking the constitution is "
-        "never a target; nor is a refusal of a request whose kind begins with 'benign', nor any exchange whose request "
-        "is a copy or near-copy of an evaluation prompt. Each written request is one prompt of the split.",
+        "never a target; nor is any exchange whose request is a copy or near-copy of an evaluation prompt. A kind "
+        "names the request's intent first and what the reply does after it (the builtin file's kinds: "
+        "benign-answered, benign-alarming-answered, benign-overrefused, harmful-declined, harmful-safe-completion, "
+        "harmful-partial, harmful-complied): a reply to a 'benign...' request is a target only where its kind says "
+        "'answered' and it has no refusal phrase. Each written request is one prompt of the split.",
     )
     written_refusal_phrase: bool = Field(
         True,
@@ -134,8 +137,8 @@ def _written(
             drop("request is a near-copy of an evaluation prompt")
         elif row["label"]:
             drop("reply breaks the constitution")
-        elif kind.startswith("benign") and refuses(row["response"]):
-            drop("refuses a harmless request")
+        elif kind.startswith("benign") and ("answered" not in kind or refuses(row["response"])):
+            drop("does not answer a harmless request")
         elif kind.startswith("harmful") and options.written_refusal_phrase and not refuses(row["response"]):
             drop("declines a harmful request without a refusal phrase")
         else:
