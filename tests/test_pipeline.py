@@ -68,9 +68,17 @@ def test_pipeline_config_is_validated_before_anything_runs(cai_runtime, tiny_mod
         PipelineConfig.model_validate({"stages": ["sl", "ppo"]})
 
 
-def test_cli_run(cli_runner, tiny_model, tmp_path):
+def test_cli_run(cli_runner, tiny_model, tmp_path, cai_registry):
     config = small(tiny_model, tmp_path / "cli")
     config["stages"] = ["sl", "sft"]
+    # people's targets join the teacher's, and the pipeline hands the export the evaluation prompts not to copy
+    from cai_engine.prompts.sets import load_prompts
+
+    heldout = load_prompts("builtin:benign-scary", cai_registry)[0].conversation[-1].content
+    written = tmp_path / "written.jsonl"
+    rows = [(heldout, "A plain answer."), ("How do I store flour so weevils stay out?", "Use an airtight tin.")]
+    written.write_text("".join(json.dumps({"prompt": p, "response": r, "violates": False}) + "\n" for p, r in rows))
+    config["sft_export"] = {"written": [str(written)]}
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     result = cli_runner.invoke(cli, ["run", str(path), "--quiet", "--seed", "3"])
@@ -81,6 +89,10 @@ def test_cli_run(cli_runner, tiny_model, tmp_path):
     assert summary["seed"] == 3 and summary["machine"]["cpu"]["cores"] >= 1
     assert isinstance(summary["machine"]["cpu"]["features"], list) and summary["machine"]["packages"]["torch"]
     assert json.loads((tmp_path / "cli" / "sl" / "run.json").read_text())["config"]["seed"] == 3
+    exported = json.loads((tmp_path / "cli" / "sft-dataset" / "export.json").read_text())
+    assert exported["written"] == 1 and exported["written_dropped"] == {
+        "request is a near-copy of an evaluation prompt": 1
+    }
     trained = json.loads((tmp_path / "cli" / "sft-model" / "cai_stage.json").read_text())
     assert trained["options"]["trl"]["seed"] == 3 and trained["options"]["trl"]["max_steps"] == 1
 
