@@ -1060,6 +1060,17 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     refused = cli_runner.invoke(cli, ["classifiers", "train", str(one), "--out", str(tmp_path / "x"), "--folds", "0"])
     assert refused.exit_code == 1 and "only violating" in refused.output
     assert not (tmp_path / "x" / "classifier.json").exists()
+    # the exchanges people wrote, by name, beside a deployed model's own labelled replies
+    both = cli_runner.invoke(cli, ["classifiers", "train", "builtin:harmless", *args[2:], "--folds", "0"])
+    assert both.exit_code == 0, both.output
+    report = load_classifier(out).config.data["dataset_report"]
+    assert report["files"][0].endswith("harmless.jsonl") and report["cases"] == 800 + 80
+    missing = cli_runner.invoke(
+        cli, ["classifiers", "train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "y")]
+    )
+    assert (
+        missing.exit_code != 0 and "CASES: " in missing.output and "not a file of labelled exchanges" in missing.output
+    )
 
 
 @pytest.mark.slow

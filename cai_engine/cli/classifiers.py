@@ -266,7 +266,7 @@ def _written(value: str) -> dict[str, str | None]:
 
 
 @classifiers_group.command("train")
-@click.argument("cases", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("cases", nargs=-1, metavar="[CASES]...")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The classifier folder to write.")
 @click.option(
     "--kind",
@@ -310,7 +310,9 @@ def train_command(
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
-    files and of `cai classifiers eval --cases`; for --kind input a line needs no response (a labelled request:
+    files and of `cai classifiers eval --cases`, or `builtin:harmless` (the 800 exchanges people wrote, which a build
+    of `harmless` adds): your own model's replies, labelled, beside them teach a reply probe what that model's
+    violations look like; for --kind input a line needs no response (a labelled request:
     prompt and harmful), and labelled prompt sets can be given with --written in the build's syntax (with neither,
     the hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used
     as written, without the build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation
@@ -324,11 +326,14 @@ def train_command(
     \b
       cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
       cai classifiers train --kind input --base-model qwen2.5-coder-1.5b --layers 8,12,16,20 --out runs/requests-1.5b
+      cai classifiers train builtin:harmless my-policy-replies.jsonl --pooling reply --base-model qwen2.5-coder-1.5b \
+        --layers 16 --out runs/replies-1.5b
     """
     import hashlib
 
     from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
+    from cai_engine.prompts.exchanges import exchange_file
 
     if not 0 < test_share < 1:
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
@@ -345,6 +350,7 @@ def train_command(
         )
     if not cases and kind == "output":
         raise click.UsageError("give CASES: JSONL files of labelled exchanges (prompt, response, violates)")
+    cases = [exchange_file(source, "CASES") for source in cases]
     rows = _labelled_exchanges(cases, require_response=kind == "output") if cases else []
     files = [str(p) for p in cases]
     if kind == "input" and (written or not cases):
