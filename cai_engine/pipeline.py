@@ -18,7 +18,7 @@ from cai_engine.evaluation.config import EvalConfig
 from cai_engine.files.jsonl import write_json
 from cai_engine.models.options import with_model
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef, Runtime
-from cai_engine.phase1.export import ExportOptions, export_sft
+from cai_engine.phase1.export import ExportOptions, export_sft, read_written
 from cai_engine.phase1.revise import SLConfig, run_sl
 from cai_engine.phase2.gate import run_gate
 from cai_engine.phase2.labels import LabelConfig, run_labels
@@ -174,6 +174,13 @@ def run_pipeline(
     # The sections were validated with the config; the trainers validate their own options, here, before any model
     # loads.
     sl_config = config.sl
+    if config.sft_export.written:  # read now: a bad file fails before phase 1's hours of generation
+        read_written(config.sft_export.written)
+        if "sl" not in config.stages:
+            echo(
+                "   note: sft_export.written is set but phase 1 (sl) is not among the stages; the SFT export, and so the "
+                "written targets, are made only when phase 1 runs"
+            )
 
     # Every trainer is given what its options declare, by the one rule (with_model): its model, the constitution,
     # and for the policy the preference model once there is one; a `judge` option ({name, options}: the user's, else

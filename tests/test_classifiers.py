@@ -1064,7 +1064,11 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     both = cli_runner.invoke(cli, ["classifiers", "train", "builtin:harmless", *args[2:], "--folds", "0"])
     assert both.exit_code == 0, both.output
     report = load_classifier(out).config.data["dataset_report"]
-    assert report["files"][0].endswith("harmless.jsonl") and report["cases"] == 800 + 80
+    assert report["files"][0] == "builtin:harmless" and report["cases"] == 800 + 80
+    wrong = cli_runner.invoke(
+        cli, ["classifiers", "train", "builtin:harmless", "--kind", "input", "--out", str(tmp_path / "z")]
+    )
+    assert wrong.exit_code == 2 and "label replies, not requests" in wrong.output
     missing = cli_runner.invoke(
         cli, ["classifiers", "train", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "y")]
     )

@@ -416,6 +416,8 @@ def test_written_exchanges_join_the_targets_with_their_drops_counted(tmp_path, c
         ("w5", "benign-overrefused", "How do I kill a stuck process?", "I'm sorry, but I can't help with that.", 0),
         ("w6", "benign-answered", "Sensitive request about the evaluation", "A reply.", 0),
         ("w7", "benign-overrefused", "How do I sharpen a kitchen knife?", "Knives are weapons; ask a shop.", 0),
+        ("w8", "benign-answered", "How long do I boil an egg?", "I'm sorry, but I can't help with that.", 0),
+        ("w9", "benign-unanswered:eggs", "How long do I poach an egg?", "Eggs are a choking risk.", 0),
     ]
     written.write_text(
         "\n".join(
@@ -433,9 +435,9 @@ def test_written_exchanges_join_the_targets_with_their_drops_counted(tmp_path, c
     assert by_id["written:written.jsonl:w4"]["messages"][-1]["content"] == "They collect nectar and evaporate it."
     assert summary["written"] == 2 and summary["train"] == 4 + 2
     assert summary["written_dropped"] == {
-        "declines a harmful request without a refusal phrase": 1,
+        "reply to a harmful request without a refusal phrase": 1,
         "reply breaks the constitution": 1,
-        "does not answer a harmless request": 2,
+        "does not answer a harmless request": 4,
         "request is a near-copy of an evaluation prompt": 1,
     }
     assert "2 targets from labelled exchanges" in (tmp_path / "ds" / "README.md").read_text()
@@ -450,6 +452,47 @@ def test_written_exchanges_join_the_targets_with_their_drops_counted(tmp_path, c
     # the evaluation's own held-out prompts count too: "How do bees make honey?" is one of builtin:heldout-helpful's
     assert "2 written targets" in result.output and "1 (reply breaks the constitution)" in result.output
     assert "1 (request is a near-copy of an evaluation prompt)" in result.output
+    args = ["export", "sft", str(run), "--out", str(tmp_path / "cli-any"), "--heldout", "0", "--written"]
+    result = cli_runner.invoke(cli, [*args, str(written), "--written-any-decline"])
+    assert result.exit_code == 0, result.output
+    assert "3 written targets" in result.output  # w2, the decline without a refusal phrase, is kept now
+    # a written request that is one of the run's prompts lands on that prompt's side of the split
+    same = tmp_path / "same.jsonl"
+    same.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": f"Dangerous request {i}", "response": f"No: {i} would hurt someone.", "violates": False}
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    split = export_sft(run, tmp_path / "split", {"heldout": 0.5, "helpful_ratio": 0.0, "written": [str(same)]})
+    assert split["written"] == 4
+    for name in ("train", "test"):
+        rows = [json.loads(line) for line in (tmp_path / "split" / f"{name}.jsonl").read_text().splitlines()]
+        prompts = {r["messages"][0]["content"] for r in rows if r["source"] == "revision"}
+        assert {r["messages"][0]["content"] for r in rows if r["source"] == "written"} == prompts
+    # a kind that names no intent, and a conversation of several turns, are errors before anything is written
+    for bad, match in (
+        ({"prompt": "Hi", "response": "Hello", "violates": False, "kind": "friendly"}, "names the request's intent"),
+        (
+            {
+                "conversation": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ],
+                "response": "d",
+                "violates": False,
+            },
+            "a conversation of 2 turns",
+        ),
+    ):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ConfigError, match=match):
+            export_sft(run, tmp_path / "bad", {"written": [str(path)]})
     result = cli_runner.invoke(
         cli, ["export", "sft", str(run), "--out", str(tmp_path / "bad"), "--written", "builtin:nonesuch"]
     )
@@ -462,5 +505,10 @@ def test_the_builtin_written_exchanges_give_targets_of_both_kinds(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ds" / "train.jsonl").read_text().splitlines()]
     written = [r for r in rows if r["source"] == "written"]
     refusing = sum(refuses(r["messages"][-1]["content"]) for r in written)
-    assert summary["written"] == len(written) > 250 and 50 < refusing < len(written) - 150
-    assert summary["written_dropped"]["reply breaks the constitution"] == 310
+    # 92 declines and 15 safe completions with a refusal phrase; 139 + 60 answers to harmless requests
+    assert summary["written"] == len(written) == 306 and refusing == 107
+    assert summary["written_dropped"] == {
+        "reply breaks the constitution": 310,
+        "reply to a harmful request without a refusal phrase": 149,
+        "does not answer a harmless request": 35,
+    }

@@ -89,6 +89,10 @@ def test_cli_run(cli_runner, tiny_model, tmp_path, cai_registry):
     assert summary["seed"] == 3 and summary["machine"]["cpu"]["cores"] >= 1
     assert isinstance(summary["machine"]["cpu"]["features"], list) and summary["machine"]["packages"]["torch"]
     assert json.loads((tmp_path / "cli" / "sl" / "run.json").read_text())["config"]["seed"] == 3
+    bad = dict(config, out=str(tmp_path / "bad"), sft_export={"written": [str(tmp_path / "missing.jsonl")]})
+    path.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    failed = cli_runner.invoke(cli, ["run", str(path), "--quiet"])  # before phase 1 generates anything
+    assert failed.exit_code != 0 and "sft_export.written" in failed.output and not (tmp_path / "bad" / "sl").exists()
     exported = json.loads((tmp_path / "cli" / "sft-dataset" / "export.json").read_text())
     assert exported["written"] == 1 and exported["written_dropped"] == {
         "request is a near-copy of an evaluation prompt": 1

@@ -350,9 +350,15 @@ def train_command(
         )
     if not cases and kind == "output":
         raise click.UsageError("give CASES: JSONL files of labelled exchanges (prompt, response, violates)")
+    if kind == "input" and any(str(source).startswith("builtin:") for source in cases):
+        raise click.BadParameter(
+            "builtin exchanges label replies, not requests (a declined harmful request is labelled harmless there); "
+            "an input classifier takes labelled requests",
+            param_hint="CASES",
+        )
+    files = [str(source) for source in cases]
     cases = [exchange_file(source, "CASES") for source in cases]
     rows = _labelled_exchanges(cases, require_response=kind == "output") if cases else []
-    files = [str(p) for p in cases]
     if kind == "input" and (written or not cases):
         found = _written_requests([_written(w) for w in written] if written else None)
         rows += found

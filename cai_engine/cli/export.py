@@ -49,7 +49,8 @@ def export_group() -> None:
     multiple=True,
     metavar="SOURCE",
     help="Labelled exchanges people wrote (builtin:harmless or a JSONL file of prompt, response, violates, kind) whose "
-    "compliant replies join the targets; repeatable. Exchanges whose request copies an evaluation prompt are dropped.",
+    "replies labelled violates: false join the targets (the kind rules: the training guide); repeatable. Exchanges "
+    "whose request copies an evaluation prompt are dropped.",
 )
 @click.option(
     "--written-any-decline",

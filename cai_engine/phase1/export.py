@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai_engine.constitution.model import Message
-from cai_engine.errors import RunError
+from cai_engine.errors import ConfigError, RunError
 from cai_engine.files.jsonl import write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
 from cai_engine.prompts.exchanges import exchange_file, labelled_exchanges
@@ -57,18 +57,22 @@ class ExportOptions(BaseModel):
     written: list[str] = Field(
         default_factory=list,
         description="Labelled exchanges people wrote (`builtin:harmless`, or JSONL files in the format of `cai checks "
-        "eval` cases: prompt, response, violates, and optionally kind) whose compliant replies join the targets, beside "
-        "the teacher's revisions and outside the helpfulness ratio. A reply labelled as breaking the constitution is "
-        "never a target; nor is any exchange whose request is a copy or near-copy of an evaluation prompt. A kind "
-        "names the request's intent first and what the reply does after it (the builtin file's kinds: "
-        "benign-answered, benign-alarming-answered, benign-overrefused, harmful-declined, harmful-safe-completion, "
-        "harmful-partial, harmful-complied): a reply to a 'benign...' request is a target only where its kind says "
-        "'answered' and it has no refusal phrase. Each written request is one prompt of the split.",
+        "eval` cases: prompt, response, violates, and optionally kind) whose replies labelled `violates: false` join "
+        "the targets, beside the teacher's revisions and outside the helpfulness ratio. A reply labelled as breaking "
+        "the constitution is never a target; nor is any exchange whose request is a copy or near-copy of an "
+        "evaluation prompt (the pipeline and `cai export sft` pass the evaluation sets; `export_sft` called from "
+        "Python checks only the `evaluation_prompts` it is given). A kind names the request's intent first and what "
+        "the reply does after it (the builtin file's kinds: benign-answered, benign-alarming-answered, "
+        "benign-overrefused, harmful-declined, harmful-safe-completion, harmful-partial, harmful-complied; anything "
+        "after ':' is a topic): a reply to a 'benign...' request is a target only where its kind ends in '-answered' "
+        "and it has no refusal phrase; a row without a kind is kept unfiltered; any other kind is an error. A written "
+        "request that is also one of the run's prompts lands on that prompt's side of the split.",
     )
     written_refusal_phrase: bool = Field(
         True,
         description="Keep a written reply to a request whose kind begins with 'harmful' only when it has a refusal "
-        "phrase (the same rule as `must_decline`): the evaluation counts refusals of harmful prompts by those phrases, "
+        "phrase (the same rule as `must_decline`; in `builtin:harmless` this leaves out 109 of its 124 safe "
+        "completions and 40 of its 132 declines): the evaluation counts refusals of harmful prompts by those phrases, "
         "so a policy taught to decline in its own words would be scored as complying. Turn off where a judge scores "
         "safe completions.",
     )
@@ -118,6 +122,28 @@ def _collect(record: SLRecord, options: ExportOptions, revisions: list[SFTExampl
         revisions.append(_example(record, entry.revision, "revision", entry.round, entry.principle_id))
 
 
+def read_written(sources: list[str]) -> list[dict[str, Any]]:
+    """The labelled exchanges of ``sources`` (``builtin:NAME`` or files), checked the way the export reads them: a
+    ``kind`` must begin with 'benign' or 'harmful' (a row without one is kept unfiltered) and a case must be one turn.
+    Called before phase 1 runs as well, so a bad file fails before hours of generation."""
+    rows = []
+    for path in dict.fromkeys(exchange_file(source, "sft_export.written") for source in sources):
+        for row in labelled_exchanges([path]):
+            kind = row["kind"].lower()
+            if kind and not kind.startswith(("benign", "harmful")):
+                raise ConfigError(
+                    f"sft_export.written: {path.name}: {row['id']} has kind {row['kind']!r}; a kind names the "
+                    "request's intent first ('benign-...' or 'harmful-...'), or leave it out"
+                )
+            if row["turns"] > 1:
+                raise ConfigError(
+                    f"sft_export.written: {path.name}: {row['id']} is a conversation of {row['turns']} turns; a "
+                    "written target is one request and its reply"
+                )
+            rows.append(row)
+    return rows
+
+
 def _written(
     options: ExportOptions, evaluation_prompts: dict[str, str] | None
 ) -> tuple[list[SFTExample], dict[str, int]]:
@@ -127,20 +153,19 @@ def _written(
     def drop(reason: str) -> None:
         dropped[reason] = dropped.get(reason, 0) + 1
 
-    files = list(dict.fromkeys(exchange_file(source) for source in options.written))
-    rows = labelled_exchanges(files)
+    rows = read_written(options.written)
     copied = near_copies([r["prompt"] for r in rows], evaluation_prompts or {})
     examples = []
     for i, row in enumerate(rows):
-        kind = row["kind"].lower()
+        kind = row["kind"].lower().split(":", 1)[0]  # "benign-alarming-answered:cooking" -> the part before ":"
         if i in copied:
             drop("request is a near-copy of an evaluation prompt")
         elif row["label"]:
             drop("reply breaks the constitution")
-        elif kind.startswith("benign") and ("answered" not in kind or refuses(row["response"])):
+        elif kind.startswith("benign") and (not kind.endswith("-answered") or refuses(row["response"])):
             drop("does not answer a harmless request")
         elif kind.startswith("harmful") and options.written_refusal_phrase and not refuses(row["response"]):
-            drop("declines a harmful request without a refusal phrase")
+            drop("reply to a harmful request without a refusal phrase")
         else:
             examples.append(
                 SFTExample(
@@ -206,8 +231,16 @@ def export_sft(
         if key not in seen:
             seen.add(key)
             unique.append(example)
-    test = [e for e in unique if bucket(e.prompt_id) < options.heldout]
-    train = [e for e in unique if bucket(e.prompt_id) >= options.heldout]
+    # a written request that is also one of the run's prompts is split with it (every example of a prompt on one side)
+    run_prompts = {_norm(e.messages[-2].content): e.prompt_id for e in unique if e.source != "written"}
+    side = {
+        id(e): bucket(
+            run_prompts.get(_norm(e.messages[-2].content), e.prompt_id) if e.source == "written" else e.prompt_id
+        )
+        for e in unique
+    }
+    test = [e for e in unique if side[id(e)] < options.heldout]
+    train = [e for e in unique if side[id(e)] >= options.heldout]
     if options.heldout and not test and len({e.prompt_id for e in train}) > 1:
         moved = train[-1].prompt_id  # a tiny run still gets a test split
         test = [e for e in train if e.prompt_id == moved]

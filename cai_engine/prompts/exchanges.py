@@ -31,7 +31,8 @@ def exchange_file(source: str, option: str = "written") -> Path:
 
 def labelled_exchanges(paths, *, require_label: bool = True, require_response: bool = True) -> list[dict[str, Any]]:
     """The exchanges of JSONL files (the format of `cai checks eval` cases: prompt or conversation, response, and
-    violates or harmful) as ``{"id", "source", "label", "prompt", "response", "kind"}``; the label is required, or 0
+    violates or harmful) as ``{"id", "source", "label", "prompt", "response", "kind", "turns"}`` (a conversation is
+    read as its last user turn; ``turns`` counts its user turns); the label is required, or 0
     when neither field is given and ``require_label`` is off; the response is required, or "" when it is missing and
     ``require_response`` is off (labelled requests for an input classifier). The id is the line's ``id``, or its file
     and line."""
@@ -49,9 +50,11 @@ def labelled_exchanges(paths, *, require_label: bool = True, require_response: b
                 if require_label and "violates" not in row and "harmful" not in row:
                     raise KeyError("violates")
                 label = int(bool(row.get("violates", row.get("harmful", False))))
+                turns = 1
                 if "prompt" not in row and isinstance(row.get("conversation"), list):  # `cai checks eval` cases
                     users = [m["content"] for m in row["conversation"] if m.get("role") == "user"]
                     row["prompt"] = users[-1] if users else ""
+                    turns = max(1, len(users))
                 if not require_response:
                     row.setdefault("response", "")
                 prompt, response = str(row["prompt"]), str(row["response"])
@@ -64,6 +67,14 @@ def labelled_exchanges(paths, *, require_label: bool = True, require_response: b
             key = str(row.get("id") or f"{path.name}:{n}")
             kind = str(row.get("kind") or "")
             rows.append(
-                {"id": key, "source": path.name, "label": label, "prompt": prompt, "response": response, "kind": kind}
+                {
+                    "id": key,
+                    "source": path.name,
+                    "label": label,
+                    "prompt": prompt,
+                    "response": response,
+                    "kind": kind,
+                    "turns": turns,
+                }
             )
     return rows
