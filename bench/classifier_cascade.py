@@ -182,17 +182,14 @@ def agreement(flagged: list[bool | None], reference: list[bool | None]) -> dict:
 
 def decide(critic, chunk, principles) -> list[bool | None]:
     """Flagged or not, per item: an exchange (``principles`` given) by the critic's combined screen (a principle named
-    is a violation, by whichever critic decided it), a request by its request screen (the classifier's own threshold
-    where it decided, the deciding critic's where it escalated: the model's 0.5 or the slower classifier's)."""
+    is a violation, by whichever critic decided it), a request by its request screen above 0.5, as the guard's default
+    ``request_threshold`` reads it (a classifier re-centres its scores on its own threshold; a model critic's P(Yes)
+    has its decision point at 0.5)."""
     if principles is not None:
         verdicts = critic.screen(chunk, principles)
         return [None if v["p_yes"] is None else v["principle_index"] is not None for v in verdicts]
     scores = critic.screen_requests([conversation for conversation, _ in chunk])
-    escalated = set(getattr(critic, "last_escalated", []))
-    slower = getattr(critic, "escalation", None) if escalated else None
-    cut = getattr(slower, "threshold", 0.5)
-    own = getattr(critic, "threshold", 0.5)
-    return [None if s is None else s > (cut if i in escalated else own) for i, s in enumerate(scores)]
+    return [None if s is None else s > 0.5 for s in scores]
 
 
 def summarise(flagged, labels, times, scored, escalated, one_at_a_time) -> dict:

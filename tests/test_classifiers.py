@@ -13,6 +13,7 @@ import pytest
 from cai_engine.classifiers import templates
 from cai_engine.classifiers.data import BuildConfig, Generator, assemble, near_copies, parse_list
 from cai_engine.constitution.model import Message
+from cai_engine.default_plugins.classifier import recentre
 from cai_engine.plugins.components import Critic
 from cai_engine.records import Critique, CritiqueTask
 
@@ -183,10 +184,11 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     assert spelled[0]["violation"] == pytest.approx(scores[0]["violation"], abs=1e-5)
 
     critic = cai_runtime.component("critic", "classifier", {"path": str(out)})
-    assert (
-        critic.screen_requests([[Message(role="user", content="garden picnic bread picnic garden bread")]])[0]
-        < probe.threshold()
-    )  # six words, as it was trained on
+    # six words, as it was trained on; the score reaches the guard re-centred on the probe's threshold
+    harmless_request = "garden picnic bread picnic garden bread"
+    screened = critic.screen_requests([[Message(role="user", content=harmless_request)]])[0]
+    raw = critic.probe.predict([harmless_request])[0]["violation"]
+    assert screened < 0.5 and screened == pytest.approx(recentre(raw, probe.threshold()))
     principles = cai_runtime.registry.constitution("harmless").principles[:3]
     tasks = [
         CritiqueTask(conversation=[Message(role="user", content="xqz zzq qxz")], response="ok", principle=p)
@@ -916,6 +918,56 @@ def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_ru
     asked = [[Message(role="user", content=t)] for t in texts]
     assert critic.screen_requests(asked) == pytest.approx(plain.screen_requests(asked), abs=1e-4)
     assert critic.probe.encoder.compiled and not plain.probe.encoder.compiled
+
+
+def test_recentring_maps_the_threshold_to_one_half_and_keeps_the_order():
+    assert recentre(0.3, 0.3) == pytest.approx(0.5)
+    assert recentre(0.31, 0.3) > 0.5 > recentre(0.29, 0.3)
+    assert recentre(0.5, 0.5) == pytest.approx(0.5) and recentre(0.9, 0.5) == pytest.approx(0.9)
+    scores = [0.0, 0.01, 0.2, 0.7, 0.99, 1.0]
+    shifted = [recentre(p, 0.8) for p in scores]
+    assert shifted == sorted(shifted) and all(0 <= x <= 1 for x in shifted)
+    assert [x > 0.5 for x in shifted] == [p > 0.8 for p in scores]
+
+
+@pytest.mark.slow
+def test_the_guards_request_screen_applies_an_input_classifiers_calibrated_threshold(tiny_model, tmp_path, cai_runtime):
+    from cai_engine import Engine
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+
+    out = tmp_path / "input"
+    train_probe(
+        _synthetic_dataset(tmp_path / "dataset"),
+        "input",
+        out,
+        TrainConfig(base_model=str(tiny_model), layers=[1]),
+        echo=lambda *_: None,
+    )
+    request = "xqz garden zzq bread"
+    raw = load_classifier(out, precision="float32").predict([request])[0]["violation"]
+    assert 0.02 < raw < 0.98
+    conversation = [Message(role="user", content=request)]
+    # the same raw score, either side of the classifier's threshold: the guard's default request_threshold (0.5)
+    # follows the threshold, whichever side of 0.5 the raw score is on
+    for cut, harmful in ((raw - 0.01, True), (raw + 0.01, False)):
+        data = {
+            "name": "requests",
+            "constitutions": ["harmless"],
+            "model": str(tiny_model),
+            "critic": {"name": "classifier", "options": {"path": str(out), "threshold": cut, "precision": "float32"}},
+            "guard": {"action": "flag", "screen": "request"},
+        }
+        engine = Engine.from_policy(data, runtime=cai_runtime)
+        try:
+            engaged, declined = engine.guard_batch(
+                [(conversation, "Sure, here it is: xqz zzq qxz."), (conversation, "I can't help with that.")]
+            )
+            assert engaged.rounds[0].request_p == pytest.approx(recentre(raw, cut), abs=1e-4)
+            assert (engaged.action == "flagged") is harmful, engaged.rounds
+            assert declined.action == "none"  # a refusal of a harmful request breaks nothing
+        finally:
+            engine.close()
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 With an output classifier it scores each exchange (``critique``, and ``screen`` for the guard's ``screen: combined``,
 one verdict per reply against all the principles at once); with an input classifier it scores the request alone
 (``screen_requests``, for ``screen: request``, where a reply that does not refuse a harmful request is a violation).
-Either way the principle it names is the one whose own head gives the highest probability among those asked about.
+Its request scores are re-centred on its calibrated threshold (a shift of the log-odds that maps the threshold to 0.5),
+so the guard's ``request_threshold`` (0.5 by default, the model critic's decision point) means the classifier's own
+threshold, and a cascade's classifier and slower critic are compared with the guard's one cut. Either way the principle it names is the one whose own head gives the highest probability among those asked about.
 
 With ``escalate`` it is the middle stage of a cascade (rules, then this classifier, then a slower critic): an item
 whose probability falls in the uncertain band around the threshold is decided by the ``escalate`` critic instead, and
@@ -63,9 +65,7 @@ class ClassifierCritic(Critic):
             False,
             description="Escalate every probability above the band too (when `escalate` is set): the classifier only "
             "clears items, the slower critic makes every flag. Fewer false flags than the band alone, more escalated "
-            "on a stream with many violations. (With the guard's `screen: request`, the guard compares request scores "
-            "with its own `request_threshold`: set it at or above threshold - band, or it can flag what was cleared "
-            "here.)",
+            "on a stream with many violations.",
         )
 
         @model_validator(mode="after")
@@ -184,9 +184,14 @@ class ClassifierCritic(Critic):
         return out
 
     def screen_requests(self, conversations, question: str | None = None) -> list[float | None]:
+        """P(the request asks for harm), re-centred on this classifier's threshold (:func:`recentre`): above 0.5
+        exactly where the probe's own probability is above its threshold, so the guard's default
+        ``request_threshold`` of 0.5 applies the calibrated threshold. An escalated request gets the slower critic's
+        value (a model critic's P(Yes), whose decision point is 0.5; a classifier's, re-centred on its own)."""
         conversations = list(conversations)
         scores = [s["violation"] for s in self._scores([(c, None) for c in conversations])]
-        out: list[float | None] = list(scores)
+        cut = self.threshold
+        out: list[float | None] = [recentre(p, cut) for p in scores]
         escalated = self._route(scores)
         if escalated:
             asked = [conversations[i] for i in escalated]
@@ -196,6 +201,17 @@ class ClassifierCritic(Critic):
 
     def attribute(self, items, principles) -> list[int | None]:
         return [self._pick(s, list(principles)) for s in self._scores(list(items))]
+
+
+def recentre(p: float, threshold: float) -> float:
+    """``p`` with its log-odds shifted by the threshold's: ``threshold`` maps to 0.5, the order of scores is kept, and
+    ``p > threshold`` exactly when the result is above 0.5 (up to rounding at the threshold itself)."""
+
+    def logit(x: float) -> float:
+        x = min(max(x, 1e-9), 1 - 1e-9)
+        return math.log(x / (1 - x))
+
+    return 1 / (1 + math.exp(-(logit(p) - logit(threshold))))
 
 
 def _last_user(conversation) -> str:

@@ -84,7 +84,12 @@ class GuardSettings(_Strict):
         "None: the built-in question.",
     )
     request_threshold: float = Field(
-        0.5, gt=0, lt=1, description="For screen 'request': P(Yes) above which a request counts as asking for harm."
+        0.5,
+        gt=0,
+        lt=1,
+        description="For screen 'request': P(Yes) above which a request counts as asking for harm. The classifier "
+        "critic hands over its scores re-centred on its calibrated threshold, so 0.5 is that threshold there (and "
+        "in a cascade, each deciding critic's own); move it to trade recall for false alarms.",
     )
     request_refusal: bool = Field(
         False,
