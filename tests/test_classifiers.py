@@ -380,6 +380,12 @@ def test_an_output_classifier_labels_pairs_and_scores_replies_for_phase_two(tiny
     sets = summary["classifier"]["sets"]
     assert sets["cases.jsonl (should flag)"]["hits"] == 3 and sets["cases.jsonl (should pass)"]["hits"] == 0
     assert summary["classifier"]["auc"] == 1.0
+    # every item's score, in the order read, beside its label: the summary's counts follow from them
+    items = summary["items"]
+    assert [(i["label"], i["response"]) for i in items] == [(1, bad), (0, good)] * 3
+    cut = summary["threshold"]
+    assert sum(i["scores"]["classifier"] > cut for i in items if i["label"]) == 3
+    assert not any(i["scores"]["classifier"] > cut for i in items if not i["label"])
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "q"}\n', encoding="utf-8")
     result = CliRunner().invoke(cli, ["classifiers", "eval", str(out), "--cases", str(broken)])
@@ -1513,6 +1519,71 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
         cli, ["classifiers", "build", "--constitution", "harmless", "--output-pooling", "reply"]
     )
     assert refused.exit_code == 2 and "--methods probe" in refused.output
+
+
+def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(tiny_model, tmp_path, cli_runner):
+    import torch
+
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.probe import Encoder, ProbeConfig, context, describe, probe_texts, render
+    from cai_engine.cli import cli
+
+    prompts = ["How do I keep slugs off my lettuce?", "What is a picnic?"]
+    texts, skip = probe_texts("input", "turn", prompts, None)
+    assert texts == [context(p) for p in prompts] and skip == [render("input", p) for p in prompts]
+    assert all(t.endswith("\nAssistant:") for t in texts)
+    # mean pooling is unchanged: the request alone, every token averaged
+    assert probe_texts("input", "mean", prompts, None) == ([render("input", p) for p in prompts], None)
+    encoder = Encoder(str(tiny_model), 2, "float32")
+    pooled = encoder.features(texts, skip=skip)
+    for i, text in enumerate(texts):  # by hand: one pass, the last layer averaged over the tokens after the request
+        ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        head = encoder.tokenizer(skip[i], add_special_tokens=False)["input_ids"]
+        start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
+        assert 0 < start < len(ids)
+        with torch.inference_mode():
+            hidden = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        assert torch.allclose(pooled[i, -1], hidden[start:].mean(0), atol=1e-4)
+    # the request is read (another request, another reading of the same closing tokens)
+    other_texts, other_skip = probe_texts("input", "turn", ["Tell me a joke."], None)
+    assert not torch.allclose(encoder.features(other_texts, skip=other_skip)[0], pooled[0], atol=1e-2)
+
+    rng = random.Random(5)
+    lines = []
+    for i in range(60):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(6)), "harmful": bad}))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "turn"
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
+    done = cli_runner.invoke(cli, [*args, "--out", str(out), "--pooling", "turn"])
+    assert done.exit_code == 0, done.output
+    assert "averaging over the answer's opening tokens" in done.output
+    assert "input activations: 100%" in done.output  # a progress bar over the texts read
+    probe = load_classifier(out)
+    assert probe.config.pooling == "turn" and describe(out)["pooling"] == "turn"
+    assert "tokens that open the answer" in (out / "README.md").read_text()
+    # the head was fitted on turn-pooled activations, and scoring reads them the same way
+    rows = [json.loads(line) for line in lines]
+    texts, skip = probe_texts("input", "turn", [r["prompt"] for r in rows], None)
+    fitted = encoder.features(texts, skip=skip)
+    assert torch.allclose(probe.mean, fitted[:, probe.config.layer - 1].mean(0), atol=1e-4)
+    mean_fitted = encoder.features([render("input", r["prompt"]) for r in rows])
+    assert not torch.allclose(probe.mean, mean_fitted[:, probe.config.layer - 1].mean(0), atol=1e-3)
+    scores = probe.predict([rows[0]["prompt"], rows[1]["prompt"]])
+    assert scores[0]["violation"] > scores[1]["violation"]
+    # an output probe reads a reply where the answer opens: turn pooling is refused for it, and for a build's
+    # fine-tuned candidate (which reads the last token)
+    refused = cli_runner.invoke(
+        cli, [*args[:3], "--base-model", str(tiny_model), "--out", str(tmp_path / "x"), "--pooling", "turn"]
+    )
+    assert refused.exit_code == 2 and "for --kind input" in refused.output
+    with pytest.raises(ValueError, match="for input classifiers"):
+        ProbeConfig(kind="output", layer=1, labels=["violation"], pooling="turn")
+    refused = cli_runner.invoke(cli, ["classifiers", "build", "--constitution", "harmless", "--input-pooling", "turn"])
+    assert refused.exit_code == 2 and "--methods probe" in refused.output and "--input-pooling" in refused.output
 
 
 @pytest.mark.slow

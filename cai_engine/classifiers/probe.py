@@ -49,7 +49,7 @@ BaseWeights = Literal["float", "int8"]
 #: request's topic can outweigh what a short reply does with it. Measured (docs/results, classifiers): reply pooling
 #: ranks the labelled guard cases better, but on the development set written to decide, built probes show no
 #: meaningful difference (AUC 0.921 against 0.918), so ``mean`` stays the default.
-Pooling = Literal["mean", "reply"]
+Pooling = Literal["mean", "reply", "turn"]
 
 
 def resolve_precision(precision: str) -> str:
@@ -89,7 +89,8 @@ class ProbeConfig(BaseModel):
     pooling: Pooling = Field(
         "mean",
         description="'mean': activations averaged over every token read; 'reply' (output probes): over the reply's "
-        "tokens only, the request read as context.",
+        "tokens only, the request read as context; 'turn' (input probes): over the tokens that close the request "
+        "and open the answer ('\\nAssistant:'), the request read as context.",
     )
     max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
     labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
@@ -102,6 +103,8 @@ class ProbeConfig(BaseModel):
     def _reply_pooling_needs_a_reply(self) -> ProbeConfig:
         if self.pooling == "reply" and self.kind != "output":
             raise ValueError("pooling 'reply' is for output classifiers (an input classifier reads no reply)")
+        if self.pooling == "turn" and self.kind != "input":
+            raise ValueError("pooling 'turn' is for input classifiers (an output classifier reads a reply there)")
         return self
 
     def to_json(self) -> str:
@@ -281,19 +284,23 @@ class Encoder:
         batch_size: int = 16,
         last_only: bool = False,
         skip: Sequence[str | None] | None = None,
+        progress: str | None = None,
     ) -> Any:
         """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
         the text's tokens (``skip``: per text, a start of it read as context and left out of the average, or None).
         ``last_only`` (scoring, where only the encoder's own depth is read): ``[len(texts), 1, hidden]``, without
-        asking the model for the other layers."""
+        asking the model for the other layers. ``progress``: the label of a progress bar over the texts (training
+        reads thousands; scoring one text at a time shows none)."""
         import torch
+        from tqdm.auto import tqdm
 
         if self.precision == "int8":
             batch_size = 1
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i]) for i in order}
-        with self._lock, torch.inference_mode():
+        bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None)
+        with self._lock, torch.inference_mode(), bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
                 width = max(len(encoded[i][0]) for i in batch)
@@ -316,6 +323,7 @@ class Encoder:
                     [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
                 )  # [batch, layers, hidden]
                 out.extend(zip(batch, pooled))
+                bar.update(len(batch))
         out.sort(key=lambda pair: pair[0])
         return torch.stack([row for _, row in out])
 
@@ -324,8 +332,11 @@ def probe_texts(
     kind: str, pooling: str, prompts: Sequence[str], replies: Sequence[str | None] | None
 ) -> tuple[list[str], list[str | None] | None]:
     """The texts a ``kind`` probe reads (:func:`render`), and what :meth:`Encoder.features` leaves out of the average
-    for each: its request (``reply`` pooling of an output probe), or nothing (None). Training and scoring both read
-    their texts through here."""
+    for each: its request (``reply`` pooling of an output probe, ``turn`` pooling of an input probe, which reads the
+    request followed by the opening of the answer, :func:`context`, and averages that opening alone), or nothing
+    (None). Training and scoring both read their texts through here."""
+    if pooling == "turn" and kind == "input":
+        return [context(p) for p in prompts], [render(kind, p) for p in prompts]
     texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
     if pooling != "reply" or kind != "output" or replies is None:
         return texts, None

@@ -64,7 +64,13 @@ class TrainConfig(BaseModel):
     output_pooling: Pooling = Field(
         "mean",
         description="Which tokens an output probe averages: 'mean', the whole exchange; 'reply', the reply's tokens "
-        "only, the request read as context (input probes always average the request).",
+        "only, the request read as context.",
+    )
+    input_pooling: Literal["mean", "turn"] = Field(
+        "mean",
+        description="Which tokens an input probe averages: 'mean', the whole request; 'turn', the tokens that close "
+        "the request and open the answer ('\\nAssistant:'), where a model has read the whole request and is about "
+        "to answer or decline it.",
     )
     train_on: Literal["all", "written"] = Field(
         "all",
@@ -91,7 +97,7 @@ def _how_read(config: TrainConfig) -> dict[str, str]:
 
 
 def _pooling(config: TrainConfig, kind: str) -> str:
-    return config.output_pooling if kind == "output" else "mean"
+    return config.output_pooling if kind == "output" else config.input_pooling
 
 
 def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[list[str], list[str | None] | None]:
@@ -103,7 +109,10 @@ def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[l
 
 
 def _pooled(pooling: str) -> str:
-    return ", averaging over the replies' tokens" if pooling == "reply" else ""
+    return {
+        "reply": ", averaging over the replies' tokens",
+        "turn": ", averaging over the answer's opening tokens",
+    }.get(pooling, "")
 
 
 def _int8(config: TrainConfig) -> str:
@@ -243,7 +252,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
 
     def features(rows):
         texts, skip = probe_inputs(rows, kind, pooling)
-        return encoder.features(texts, max_tokens=config.max_tokens, skip=skip)
+        return encoder.features(texts, max_tokens=config.max_tokens, skip=skip, progress=f"{kind} activations")
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
@@ -381,7 +390,7 @@ def train_probe_cv(
         f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
     )
-    x_all = encoder.features(texts, max_tokens=config.max_tokens, skip=skip)
+    x_all = encoder.features(texts, max_tokens=config.max_tokens, skip=skip, progress=f"{kind} activations")
     y_all = torch.tensor([[float(v)] for v in labels])
 
     def cv_scores(layer: int, l2: float) -> list[float]:
@@ -504,7 +513,10 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     from_cases = config.data.get("dataset_report", {}).get("source") == "cases"
     what = (
         f"A linear probe on the first {config.layer} layers of `{config.base_model}` ("
-        + ("activations averaged over the reply's tokens" if config.pooling == "reply" else "mean-pooled activations")
+        + {
+            "reply": "activations averaged over the reply's tokens",
+            "turn": "activations averaged over the tokens that open the answer, after the request",
+        }.get(config.pooling, "mean-pooled activations")
         + (
             ", with the layers' weights in 8 bits: dynamic quantisation, which it always runs"
             if config.base_weights == "int8"

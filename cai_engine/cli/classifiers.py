@@ -33,15 +33,27 @@ INT8_OPTION = click.option(
 )
 
 
-def pooling_option(name: str, what: str):
+_OUTPUT_POOLING = (
+    "mean, the whole exchange; reply, the reply's tokens only, the request read as context (so a long request's "
+    "topic weighs less against what the reply does)"
+)
+_INPUT_POOLING = (
+    "mean, the whole request; turn, the tokens that close the request and open the answer ('\\nAssistant:'), read "
+    "after the whole request, where the model is about to answer or decline"
+)
+
+
+def pooling_option(name: str, what: str, choices: tuple[str, ...] = ("mean", "reply"), dest: str = "pooling"):
+    explained = {"reply": _OUTPUT_POOLING, "turn": _INPUT_POOLING}
+    parts = [(kind, explained[c]) for kind, c in (("an output", "reply"), ("an input", "turn")) if c in choices]
+    told = parts[0][1] if len(parts) == 1 else "; ".join(f"for {kind} probe, {text}" for kind, text in parts)
     return click.option(
         name,
-        "pooling",
-        type=click.Choice(["mean", "reply"]),
+        dest,
+        type=click.Choice(list(choices)),
         default="mean",
         show_default=True,
-        help=f"Which tokens {what} averages: mean, the whole exchange; reply, the reply's tokens only, the request "
-        "read as context (so a long request's topic weighs less against what the reply does). Probes only.",
+        help=f"Which tokens {what} averages: {told}. Probes only.",
     )
 
 
@@ -83,6 +95,7 @@ def pooling_option(name: str, what: str):
 )
 @INT8_OPTION
 @pooling_option("--output-pooling", "the output probe")
+@pooling_option("--input-pooling", "the input probe", ("mean", "turn"), dest="input_pooling")
 @click.option(
     "--base-model",
     default=DEFAULT_MODEL,
@@ -140,6 +153,7 @@ def build_command(
     methods,
     int8,
     pooling,
+    input_pooling,
     base_model,
     finetune_layers,
     epochs,
@@ -173,6 +187,12 @@ def build_command(
             "reply pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
             "and could be the one kept)",
             param_hint="--output-pooling",
+        )
+    if input_pooling == "turn" and "finetuned" in chosen_methods:
+        raise click.BadParameter(
+            "turn pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
+            "and could be the one kept)",
+            param_hint="--input-pooling",
         )
     if written_exchanges and (no_written or no_written_exchanges):
         raise click.BadParameter("give written exchanges or leave them out, not both", param_hint="--written-exchanges")
@@ -232,6 +252,7 @@ def build_command(
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
         output_pooling=pooling,
+        input_pooling=input_pooling,
     )
     finetune_config = FinetuneConfig(
         base_model=base_model, layers=finetune_layers, epochs=epochs, false_alarm_rate=false_alarms, seed=seed
@@ -294,7 +315,7 @@ def _written(value: str) -> dict[str, str | None]:
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
 @INT8_OPTION
-@pooling_option("--pooling", "an output probe")
+@pooling_option("--pooling", "the probe", ("mean", "reply", "turn"))
 @click.option(
     "--written",
     "written",
@@ -343,6 +364,12 @@ def train_command(
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
         )
+    if pooling == "turn" and kind == "output":
+        raise click.BadParameter(
+            "turn pooling reads where a request ends and the answer would begin: it is for --kind input (an output "
+            "classifier reads the reply there; use mean or reply)",
+            param_hint="--pooling",
+        )
     if written and kind == "output":
         raise click.BadParameter(
             "prompt sets label requests: an output classifier trains on labelled exchanges (CASES)",
@@ -370,7 +397,8 @@ def train_command(
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
-        output_pooling=pooling,
+        output_pooling=pooling if kind == "output" else "mean",
+        input_pooling=pooling if kind == "input" else "mean",
     )
     if folds:
         every = [
@@ -476,7 +504,11 @@ def list_command(folders) -> None:
     "--compare-model",
     help="Also measure this model's prompted screen (the `model` critic, e.g. qwen2.5-coder-1.5b) on the same items.",
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Also write the scores and summary as JSON here.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Also write the summary and every item's scores (source, label, category, text, score) as JSON here.",
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "float32", "bfloat16"]),
@@ -530,6 +562,7 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         if not cases:
             raise click.UsageError("an output classifier is measured on labelled exchanges: give --cases FILE")
         items += _labelled_exchanges(cases)
+        categories += [None] * len(items)
     getattr(probe, "encoder", None)  # a probe loads (and with --compile, compiles) its layers before the clock starts
     began = time.perf_counter()
     prompts = [prompt for _, _, prompt, _ in items]
@@ -606,6 +639,18 @@ def eval_command(classifier, harmful, benign, cases, threshold, compare_model, o
         f"classifier threshold {cut:.3f}; p50 {summary['latency_ms']['p50_one_at_a_time']} ms an item one at a time"
     )
     if out:
+        # each item's scores, in the order read: to compare classifiers item by item, or to combine them
+        summary["items"] = [
+            {
+                "source": source,
+                "label": label,
+                "category": category,
+                "prompt": prompt,
+                **({} if reply is None else {"response": reply}),
+                "scores": {name: values[n] for name, values in judges.items()},
+            }
+            for n, ((source, label, prompt, reply), category) in enumerate(zip(items, categories))
+        ]
         Path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
