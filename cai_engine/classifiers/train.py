@@ -19,9 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai_engine.classifiers.probe import (
+    TURN_POOLINGS,
     BaseWeights,
     Encoder,
-    Pooling,
     Probe,
     ProbeConfig,
     base_model_sha256,
@@ -61,16 +61,16 @@ class TrainConfig(BaseModel):
         return [value] if isinstance(value, (int, float)) else value
 
     max_tokens: int = Field(256, ge=8)
-    output_pooling: Pooling = Field(
+    output_pooling: Literal["mean", "reply"] = Field(
         "mean",
         description="Which tokens an output probe averages: 'mean', the whole exchange; 'reply', the reply's tokens "
         "only, the request read as context.",
     )
-    input_pooling: Literal["mean", "turn"] = Field(
+    input_pooling: Literal["mean", "turn", "mean+turn"] = Field(
         "mean",
         description="Which tokens an input probe averages: 'mean', the whole request; 'turn', the tokens that close "
         "the request and open the answer ('\\nAssistant:'), where a model has read the whole request and is about "
-        "to answer or decline it.",
+        "to answer or decline it; 'mean+turn', both from one pass, side by side.",
     )
     train_on: Literal["all", "written"] = Field(
         "all",
@@ -112,6 +112,7 @@ def _pooled(pooling: str) -> str:
     return {
         "reply": ", averaging over the replies' tokens",
         "turn": ", averaging over the answer's opening tokens",
+        "mean+turn": ", averaging over the request's tokens and, apart, the answer's opening tokens",
     }.get(pooling, "")
 
 
@@ -250,9 +251,16 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     train, test, measured_on = read_split(dataset, kind, config.train_on)
     pooling = _pooling(config, kind)
 
-    def features(rows):
+    def features(rows, label):
         texts, skip = probe_inputs(rows, kind, pooling)
-        return encoder.features(texts, max_tokens=config.max_tokens, skip=skip, progress=f"{kind} activations")
+        return encoder.features(
+            texts,
+            max_tokens=config.max_tokens,
+            skip=skip,
+            progress=f"{kind} activations ({label})",
+            both=pooling == "mean+turn",
+            split=pooling in TURN_POOLINGS,
+        )
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
@@ -260,8 +268,8 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
     )
-    x_train = features(train)
-    x_test = features(test)
+    x_train = features(train, "train")
+    x_test = features(test, "held out")
     y_train = torch.tensor([[float(r["label"])] for r in train])
     y_test = [int(r["label"]) for r in test]
 
@@ -390,7 +398,14 @@ def train_probe_cv(
         f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
     )
-    x_all = encoder.features(texts, max_tokens=config.max_tokens, skip=skip, progress=f"{kind} activations")
+    x_all = encoder.features(
+        texts,
+        max_tokens=config.max_tokens,
+        skip=skip,
+        progress=f"{kind} activations",
+        both=pooling == "mean+turn",
+        split=pooling in TURN_POOLINGS,
+    )
     y_all = torch.tensor([[float(v)] for v in labels])
 
     def cv_scores(layer: int, l2: float) -> list[float]:
@@ -516,6 +531,8 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         + {
             "reply": "activations averaged over the reply's tokens",
             "turn": "activations averaged over the tokens that open the answer, after the request",
+            "mean+turn": "activations averaged over the request's tokens beside those averaged over the tokens that "
+            "open the answer",
         }.get(config.pooling, "mean-pooled activations")
         + (
             ", with the layers' weights in 8 bits: dynamic quantisation, which it always runs"
@@ -538,7 +555,13 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         ),
         "",
         "It reads "
-        + ("a request alone" if config.kind == "input" else "an exchange (the request and the reply")
+        + (
+            "an exchange (the request and the reply"
+            if config.kind == "output"
+            else "a request, then the opening of an answer to it (no reply)"
+            if config.pooling in TURN_POOLINGS
+            else "a request alone"
+        )
         + (")." if config.kind == "output" else ".")
         + " It outputs P(violation) and a probability per principle with enough training data.",
         "",

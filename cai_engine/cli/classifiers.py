@@ -39,7 +39,8 @@ _OUTPUT_POOLING = (
 )
 _INPUT_POOLING = (
     "mean, the whole request; turn, the tokens that close the request and open the answer ('\\nAssistant:'), read "
-    "after the whole request, where the model is about to answer or decline"
+    "after the whole request, where the model is about to answer or decline; mean+turn, both from one pass, side by "
+    "side"
 )
 
 
@@ -95,7 +96,7 @@ def pooling_option(name: str, what: str, choices: tuple[str, ...] = ("mean", "re
 )
 @INT8_OPTION
 @pooling_option("--output-pooling", "the output probe")
-@pooling_option("--input-pooling", "the input probe", ("mean", "turn"), dest="input_pooling")
+@pooling_option("--input-pooling", "the input probe", ("mean", "turn", "mean+turn"), dest="input_pooling")
 @click.option(
     "--base-model",
     default=DEFAULT_MODEL,
@@ -188,9 +189,9 @@ def build_command(
             "and could be the one kept)",
             param_hint="--output-pooling",
         )
-    if input_pooling == "turn" and "finetuned" in chosen_methods:
+    if input_pooling != "mean" and "finetuned" in chosen_methods:
         raise click.BadParameter(
-            "turn pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
+            f"{input_pooling} pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
             "and could be the one kept)",
             param_hint="--input-pooling",
         )
@@ -315,7 +316,7 @@ def _written(value: str) -> dict[str, str | None]:
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
 @INT8_OPTION
-@pooling_option("--pooling", "the probe", ("mean", "reply", "turn"))
+@pooling_option("--pooling", "the probe", ("mean", "reply", "turn", "mean+turn"))
 @click.option(
     "--written",
     "written",
@@ -364,9 +365,9 @@ def train_command(
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
         )
-    if pooling == "turn" and kind == "output":
+    if pooling in ("turn", "mean+turn") and kind == "output":
         raise click.BadParameter(
-            "turn pooling reads where a request ends and the answer would begin: it is for --kind input (an output "
+            f"{pooling} pooling reads where a request ends and the answer would begin: it is for --kind input (an output "
             "classifier reads the reply there; use mean or reply)",
             param_hint="--pooling",
         )
@@ -507,7 +508,8 @@ def list_command(folders) -> None:
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    help="Also write the summary and every item's scores (source, label, category, text, score) as JSON here.",
+    help="Also write the summary and every item (source, label, category, prompt, response where there is one, "
+    "and each judge's score under scores) as JSON here.",
 )
 @click.option(
     "--precision",

@@ -3,9 +3,11 @@
 With an output classifier it scores each exchange (``critique``, and ``screen`` for the guard's ``screen: combined``,
 one verdict per reply against all the principles at once); with an input classifier it scores the request alone
 (``screen_requests``, for ``screen: request``, where a reply that does not refuse a harmful request is a violation).
-Its request scores are re-centred on its calibrated threshold (a shift of the log-odds that maps the threshold to 0.5),
-so the guard's ``request_threshold`` (0.5 by default, the model critic's decision point) means the classifier's own
-threshold, and a cascade's classifier and slower critic are compared with the guard's one cut. Either way the principle it names is the one whose own head gives the highest probability among those asked about.
+Its request scores are re-centred on its calibrated threshold (a shift of the log-odds that maps the threshold to
+0.5), so the guard's ``request_threshold`` (0.5 by default, the model critic's decision point) means the classifier's
+own threshold, and a cascade's classifier and slower critic are compared with the guard's one cut: to move the cut,
+set this critic's ``threshold`` (the band moves with it) and leave ``request_threshold`` at 0.5. Either way the
+principle it names is the one whose own head gives the highest probability among those asked about.
 
 With ``escalate`` it is the middle stage of a cascade (rules, then this classifier, then a slower critic): an item
 whose probability falls in the uncertain band around the threshold is decided by the ``escalate`` critic instead, and
@@ -39,7 +41,12 @@ class ClassifierCritic(Critic):
             "with --int8 always runs its 8-bit layers (auto) and refuses the others.",
         )
         threshold: float | None = Field(
-            None, gt=0, lt=1, description="P(violation) above which a reply is flagged; None: the calibrated one."
+            None,
+            gt=0,
+            lt=1,
+            description="P(violation) above which a reply (or, with an input classifier, a request) is flagged, and "
+            "the centre of the uncertain band; None: the calibrated one. Request scores reach the guard re-centred on "
+            "it, so move the cut here, not with the guard's request_threshold.",
         )
         compile: bool = Field(
             False,

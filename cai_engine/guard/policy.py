@@ -89,7 +89,8 @@ class GuardSettings(_Strict):
         lt=1,
         description="For screen 'request': P(Yes) above which a request counts as asking for harm. The classifier "
         "critic hands over its scores re-centred on its calibrated threshold, so 0.5 is that threshold there (and "
-        "in a cascade, each deciding critic's own); move it to trade recall for false alarms.",
+        "in a cascade, each deciding critic's own); with it, leave this at 0.5 and move the classifier's own "
+        "`threshold` option, which moves its uncertain band too.",
     )
     request_refusal: bool = Field(
         False,

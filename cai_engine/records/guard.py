@@ -23,7 +23,7 @@ class GuardRound(BaseModel):
     request_p: float | None = Field(
         None,
         description="screen 'request': P(the request asks for harm), if asked (with request_refusal, the combined "
-        "value).",
+        "value; from a classifier critic, its probability re-centred on its threshold, which maps to 0.5).",
     )
     request_refusal_p: float | None = Field(
         None, description="request_refusal: P(the critic model would itself decline the request), if read."
