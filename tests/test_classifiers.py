@@ -1524,7 +1524,42 @@ def test_a_reply_pooled_probe_averages_the_replys_tokens_with_the_request_as_con
     assert refused.exit_code == 2 and "--methods probe" in refused.output
 
 
-def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(tiny_model, tmp_path, cli_runner):
+def test_turn_pooling_tokenises_the_answers_opening_apart_from_the_request():
+    import re
+
+    from cai_engine.classifiers.probe import Encoder, probe_texts
+
+    class Merging:
+        """Words and signs, where (as Qwen's tokenizer does) a question mark and a newline after it are one token."""
+
+        eos_token_id = 0
+
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def __call__(self, text, add_special_tokens=False):
+            pieces = re.findall(r"\?\n|\w+|[^\w\s]|\n", text)
+            return {"input_ids": [self.vocab.setdefault(p, len(self.vocab) + 1) for p in pieces]}
+
+    encoder = Encoder.__new__(Encoder)  # the tokenisation alone: no model
+    encoder.tokenizer = tok = Merging()
+    (text,), (request,) = probe_texts("input", "turn", ["Is it safe?"], None)
+    opening = tok("\nAssistant:")["input_ids"]
+    merged, merged_averaged = encoder._ids(text, 256, request)
+    assert tok("?\n")["input_ids"][0] in [i for i, a in zip(merged, merged_averaged) if a]  # the "?" leaks in
+    ids, averaged = encoder._ids(text, 256, request, split=True)
+    assert ids == tok(request)["input_ids"] + opening and averaged == [0] * (len(ids) - len(opening)) + [1] * 3
+    assert tok("?")["input_ids"][0] in ids[: -len(opening)] and tok("?\n")["input_ids"][0] not in ids
+    # a long request is cut to fit (its first and last tokens kept), never the opening read after it
+    (text,), (request,) = probe_texts("input", "turn", ["Is it safe " + "very " * 40 + "to swim?"], None)
+    ids, averaged = encoder._ids(text, 8, request, split=True)
+    assert len(ids) == 8 and ids[-3:] == opening and averaged == [0] * 5 + [1] * 3
+    assert ids[:2] == tok("User:")["input_ids"] and ids[2:5] == tok("to swim?")["input_ids"]
+
+
+def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(
+    tiny_model, tmp_path, cli_runner, monkeypatch
+):
     import torch
 
     from cai_engine.classifiers.load import load_classifier
@@ -1562,12 +1597,18 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
     requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "turn"
     args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
+    trained_with: list = []
+    reads = Encoder.features
+    monkeypatch.setattr(Encoder, "features", lambda self, *a, **k: trained_with.append(k) or reads(self, *a, **k))
     done = cli_runner.invoke(cli, [*args, "--out", str(out), "--pooling", "turn"])
+    monkeypatch.undo()
     assert done.exit_code == 0, done.output
+    assert trained_with and all(k["split"] is True for k in trained_with)  # training tokenised apart too
     assert "averaging over the answer's opening tokens" in done.output
     assert "input activations: 100%" in done.output  # a progress bar over the texts read
     probe = load_classifier(out)
     assert probe.config.pooling == "turn" and describe(out)["pooling"] == "turn"
+    assert probe.config.metrics["turn_tokens"] == "split"
     assert "tokens that open the answer" in (out / "README.md").read_text()
     # the head was fitted on turn-pooled activations, and scoring reads them the same way
     rows = [json.loads(line) for line in lines]
@@ -1576,8 +1617,24 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
     assert torch.allclose(probe.mean, fitted[:, probe.config.layer - 1].mean(0), atol=1e-4)
     mean_fitted = encoder.features([render("input", r["prompt"]) for r in rows])
     assert not torch.allclose(probe.mean, mean_fitted[:, probe.config.layer - 1].mean(0), atol=1e-3)
+    # scoring reads the request and the opening tokenised apart, as training did
+    asked: dict = {}
+    read = probe.encoder.features
+    monkeypatch.setattr(probe.encoder, "features", lambda *a, **k: asked.update(k) or read(*a, **k))
     scores = probe.predict([rows[0]["prompt"], rows[1]["prompt"]])
     assert scores[0]["violation"] > scores[1]["violation"]
+    assert asked["split"] is True and asked["both"] is False
+    monkeypatch.undo()
+    # a turn probe trained before the opening was tokenised apart would read other activations: refused
+    stale = tmp_path / "stale"
+    shutil.copytree(out, stale)
+    config = json.loads((stale / "classifier.json").read_text())
+    del config["metrics"]["turn_tokens"]
+    (stale / "classifier.json").write_text(json.dumps(config), encoding="utf-8")
+    from cai_engine.errors import ModelError
+
+    with pytest.raises(ModelError, match="tokenised the answer's opening apart"):
+        load_classifier(stale)
     # mean+turn: from one pass over the request and the answer's opening, the request's own average (what a mean
     # probe reads: a causal model's request tokens do not see what follows) beside the opening's
     texts, skip = probe_texts("input", "mean+turn", prompts, None)
@@ -1595,6 +1652,9 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(t
     assert torch.allclose(paired.mean, fitted[:, paired.config.layer - 1].mean(0), atol=1e-4)
     scores = paired.predict([rows[0]["prompt"], rows[1]["prompt"]])
     assert scores[0]["violation"] > scores[1]["violation"]
+    assert paired.config.metrics["turn_tokens"] == "split"
+    assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0  # mean: no marker
+    assert "turn_tokens" not in load_classifier(tmp_path / "plain").config.metrics
     # an output probe reads a reply where the answer opens: turn pooling is refused for it, and for a build's
     # fine-tuned candidate (which reads the last token)
     refused = cli_runner.invoke(

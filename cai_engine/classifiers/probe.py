@@ -108,7 +108,7 @@ class ProbeConfig(BaseModel):
     def _reply_pooling_needs_a_reply(self) -> ProbeConfig:
         if self.pooling == "reply" and self.kind != "output":
             raise ValueError("pooling 'reply' is for output classifiers (an input classifier reads no reply)")
-        if self.pooling in ("turn", "mean+turn") and self.kind != "input":
+        if self.pooling in TURN_POOLINGS and self.kind != "input":
             raise ValueError(
                 f"pooling {self.pooling!r} is for input classifiers (an output classifier reads a reply there)"
             )
@@ -278,12 +278,11 @@ class Encoder:
         if split and skip and text.startswith(skip) and len(text) > len(skip):
             head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
             tail = self.tokenizer(text[len(skip) :], add_special_tokens=False)["input_ids"]
-            ids, start = head + tail, len(head)
-            kept = list(range(len(ids)))
-            if len(ids) > max_tokens:
-                half = max_tokens // 2
-                kept = kept[:half] + kept[-(max_tokens - half) :]
-            return [ids[i] for i in kept], [int(i >= start) for i in kept]
+            room = max(1, max_tokens - len(tail))  # a long request is cut, never the opening read after it
+            if len(head) > room:
+                half = room // 2
+                head = head[:half] + head[len(head) - (room - half) :]
+            return head + tail, [0] * len(head) + [1] * len(tail)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
         start = 0
         if skip:
@@ -368,7 +367,7 @@ def probe_texts(
     for each: its request (``reply`` pooling of an output probe, ``turn`` pooling of an input probe, which reads the
     request followed by the opening of the answer, :func:`context`, and averages that opening alone), or nothing
     (None). Training and scoring both read their texts through here."""
-    if pooling in ("turn", "mean+turn") and kind == "input":
+    if pooling in TURN_POOLINGS and kind == "input":
         return [context(p) for p in prompts], [render(kind, p) for p in prompts]
     texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
     if pooling != "reply" or kind != "output" or replies is None:
@@ -436,6 +435,12 @@ class Probe:
                 "cai-engine read every depth as it is served (after the model's final norm), so it was fitted on "
                 "other activations than it now reads; rebuild it (cai classifiers build or train)",
                 stacklevel=2,
+            )
+        if config.pooling in TURN_POOLINGS and config.metrics.get("turn_tokens") != "split":
+            raise ModelError(
+                f"{folder}: this {config.pooling}-pooled probe was trained before cai-engine tokenised the answer's "
+                "opening apart from the request, so it would now read other activations than it was fitted on; "
+                "retrain it (cai classifiers train --kind input --pooling ...)"
             )
         if check_base and config.base_model_sha256:
             actual = base_model_sha256(config.base_model)

@@ -90,10 +90,12 @@ def _encoder_precision(config: TrainConfig) -> str:
     return "int8" if config.base_weights == "int8" else "float32"
 
 
-def _how_read(config: TrainConfig) -> dict[str, str]:
+def _how_read(config: TrainConfig, kind: str) -> dict[str, str]:
     """What a probe's metrics record of how its activations were read: every depth after the final norm, as served
-    (a probe without ``features`` predates that), and its base weights."""
-    return {"base_weights": config.base_weights, "features": "normed"}
+    (a probe without ``features`` predates that), its base weights, and for a turn-pooled input probe that the
+    answer's opening was tokenised apart from the request (``turn_tokens``; a turn probe without it predates that)."""
+    turn = kind == "input" and config.input_pooling in TURN_POOLINGS
+    return {"base_weights": config.base_weights, "features": "normed"} | ({"turn_tokens": "split"} if turn else {})
 
 
 def _pooling(config: TrainConfig, kind: str) -> str:
@@ -320,7 +322,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         "method": "probe",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
-        **_how_read(config),
+        **_how_read(config, kind),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
@@ -444,7 +446,7 @@ def train_probe_cv(
         "selection": f"{folds}-fold cross-validation",
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
-        **_how_read(config),
+        **_how_read(config, kind),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,

@@ -191,8 +191,8 @@ def build_command(
         )
     if input_pooling != "mean" and "finetuned" in chosen_methods:
         raise click.BadParameter(
-            f"{input_pooling} pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the last token "
-            "and could be the one kept)",
+            f"{input_pooling} pooling applies to probes only; add --methods probe (a fine-tuned candidate reads the "
+            "last token and could be the one kept)",
             param_hint="--input-pooling",
         )
     if written_exchanges and (no_written or no_written_exchanges):
@@ -353,6 +353,7 @@ def train_command(
     """
     import hashlib
 
+    from cai_engine.classifiers.probe import TURN_POOLINGS
     from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
     from cai_engine.prompts.exchanges import exchange_file
@@ -365,10 +366,10 @@ def train_command(
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
         )
-    if pooling in ("turn", "mean+turn") and kind == "output":
+    if pooling in TURN_POOLINGS and kind == "output":
         raise click.BadParameter(
-            f"{pooling} pooling reads where a request ends and the answer would begin: it is for --kind input (an output "
-            "classifier reads the reply there; use mean or reply)",
+            f"{pooling} pooling reads where a request ends and the answer would begin: it is for --kind input (an "
+            "output classifier reads the reply there; use mean or reply)",
             param_hint="--pooling",
         )
     if written and kind == "output":

@@ -23,7 +23,8 @@ class GuardRound(BaseModel):
     request_p: float | None = Field(
         None,
         description="screen 'request': P(the request asks for harm), if asked (with request_refusal, the combined "
-        "value; from a classifier critic, its probability re-centred on its threshold, which maps to 0.5).",
+        "value; from a classifier critic, its probability re-centred on its threshold, which maps to 0.5, or where "
+        "it escalated the request, the slower critic's value).",
     )
     request_refusal_p: float | None = Field(
         None, description="request_refusal: P(the critic model would itself decline the request), if read."
