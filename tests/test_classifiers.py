@@ -139,6 +139,16 @@ def _synthetic_dataset(folder: Path, n: int = 80) -> Path:
     return folder
 
 
+def _one_layer_input_probe(tiny_model, tmp_path: Path) -> Path:
+    """A one-layer input probe trained on :func:`_synthetic_dataset`'s requests, in ``tmp_path / "input"``."""
+    from cai_engine.classifiers.train import TrainConfig, train_probe
+
+    out = tmp_path / "input"
+    config = TrainConfig(base_model=str(tiny_model), layers=[1])
+    train_probe(_synthetic_dataset(tmp_path / "dataset"), "input", out, config, echo=lambda *_: None)
+    return out
+
+
 def _cases_file(folder: Path, n: int, seed: int) -> tuple[Path, list[str]]:
     """``n`` labelled exchanges of six made-up words (violating) or six picnic words (not), half each, as a JSONL
     file in ``folder``; returns the file and its lines."""
@@ -903,7 +913,6 @@ def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_ru
     import torch
 
     from cai_engine.classifiers.probe import Encoder
-    from cai_engine.classifiers.train import TrainConfig, train_probe
 
     texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
     eager = Encoder(str(tiny_model), 2, "float32")
@@ -914,14 +923,7 @@ def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_ru
     assert compiled.compiled  # still compiled: nothing failed and fell back
 
     # the critic's option reaches the probe's encoder
-    out = tmp_path / "input"
-    train_probe(
-        _synthetic_dataset(tmp_path / "dataset"),
-        "input",
-        out,
-        TrainConfig(base_model=str(tiny_model), layers=[1]),
-        echo=lambda *_: None,
-    )
+    out = _one_layer_input_probe(tiny_model, tmp_path)
     critic = cai_runtime.component("critic", "classifier", {"path": str(out), "compile": True, "precision": "float32"})
     plain = cai_runtime.component("critic", "classifier", {"path": str(out), "precision": "float32"})
     asked = [[Message(role="user", content=t)] for t in texts]
@@ -943,16 +945,8 @@ def test_recentring_maps_the_threshold_to_one_half_and_keeps_the_order():
 def test_the_guards_request_screen_applies_an_input_classifiers_calibrated_threshold(tiny_model, tmp_path, cai_runtime):
     from cai_engine import Engine
     from cai_engine.classifiers.load import load_classifier
-    from cai_engine.classifiers.train import TrainConfig, train_probe
 
-    out = tmp_path / "input"
-    train_probe(
-        _synthetic_dataset(tmp_path / "dataset"),
-        "input",
-        out,
-        TrainConfig(base_model=str(tiny_model), layers=[1]),
-        echo=lambda *_: None,
-    )
+    out = _one_layer_input_probe(tiny_model, tmp_path)
     request = "xqz garden zzq bread"
     raw = load_classifier(out, precision="float32").predict([request])[0]["violation"]
     assert 0.02 < raw < 0.98

@@ -110,6 +110,18 @@ def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[l
     return probe_texts(kind, pooling, prompts, replies)
 
 
+def _read(encoder: Encoder, texts: list[str], skip: Any, config: TrainConfig, pooling: str, progress: str) -> Any:
+    """Every depth's pooled activations of ``texts``, read as :meth:`Probe.predict` will read them for ``pooling``."""
+    return encoder.features(
+        texts,
+        max_tokens=config.max_tokens,
+        skip=skip,
+        progress=progress,
+        both=pooling == "mean+turn",
+        split=pooling in TURN_POOLINGS,
+    )
+
+
 def _pooled(pooling: str) -> str:
     return {
         "reply": ", averaging over the replies' tokens",
@@ -255,14 +267,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
 
     def features(rows, label):
         texts, skip = probe_inputs(rows, kind, pooling)
-        return encoder.features(
-            texts,
-            max_tokens=config.max_tokens,
-            skip=skip,
-            progress=f"{kind} activations ({label})",
-            both=pooling == "mean+turn",
-            split=pooling in TURN_POOLINGS,
-        )
+        return _read(encoder, texts, skip, config, pooling, f"{kind} activations ({label})")
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
@@ -400,14 +405,7 @@ def train_probe_cv(
         f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
     )
-    x_all = encoder.features(
-        texts,
-        max_tokens=config.max_tokens,
-        skip=skip,
-        progress=f"{kind} activations",
-        both=pooling == "mean+turn",
-        split=pooling in TURN_POOLINGS,
-    )
+    x_all = _read(encoder, texts, skip, config, pooling, f"{kind} activations")
     y_all = torch.tensor([[float(v)] for v in labels])
 
     def cv_scores(layer: int, l2: float) -> list[float]:
