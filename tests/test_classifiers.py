@@ -949,11 +949,11 @@ def test_the_guards_request_screen_applies_an_input_classifiers_calibrated_thres
     out = _one_layer_input_probe(tiny_model, tmp_path)
     request = "xqz garden zzq bread"
     raw = load_classifier(out, precision="float32").predict([request])[0]["violation"]
-    assert 0.02 < raw < 0.98
     conversation = [Message(role="user", content=request)]
-    # the same raw score, either side of the classifier's threshold: the guard's default request_threshold (0.5)
-    # follows the threshold, whichever side of 0.5 the raw score is on
-    for cut, harmful in ((raw - 0.01, True), (raw + 0.01, False)):
+    # the same raw score, either side of the classifier's threshold (cuts a fifth of the way towards 0 and towards 1,
+    # inside (0, 1) whatever the score is on this CPU): the guard's default request_threshold (0.5) follows the
+    # threshold, whichever side of 0.5 the raw score is on
+    for cut, harmful in ((raw * 0.8, True), (raw + (1 - raw) * 0.2, False)):
         data = {
             "name": "requests",
             "constitutions": ["harmless"],
