@@ -175,6 +175,14 @@ def quantize_int8(model: Any) -> Any:
 _WARM_UP = "A short text to compile the layers with."
 
 
+def _keep_ends(items: list[int], most: int) -> list[int]:
+    """``items``, or where there are more than ``most``, their first ``most // 2`` and the rest from the end."""
+    if len(items) <= most:
+        return items
+    half = most // 2
+    return items[:half] + items[len(items) - (most - half) :]
+
+
 class Encoder:
     """The first ``layers`` layers of a causal LM, returning mean-pooled hidden states after each of them.
 
@@ -278,10 +286,7 @@ class Encoder:
         if split and skip and text.startswith(skip) and len(text) > len(skip):
             head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
             tail = self.tokenizer(text[len(skip) :], add_special_tokens=False)["input_ids"]
-            room = max(1, max_tokens - len(tail))  # a long request is cut, never the opening read after it
-            if len(head) > room:
-                half = room // 2
-                head = head[:half] + head[len(head) - (room - half) :]
+            head = _keep_ends(head, max(1, max_tokens - len(tail)))  # a long request is cut, never the opening
             return head + tail, [0] * len(head) + [1] * len(tail)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id or 0]
         start = 0
@@ -289,10 +294,7 @@ class Encoder:
             head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
             while start < min(len(head), len(ids) - 1) and head[start] == ids[start]:
                 start += 1
-        kept = list(range(len(ids)))
-        if len(ids) > max_tokens:
-            half = max_tokens // 2
-            kept = kept[:half] + kept[-(max_tokens - half) :]
+        kept = _keep_ends(list(range(len(ids))), max_tokens)
         return [ids[i] for i in kept], [int(i >= start) for i in kept]
 
     def features(
@@ -315,15 +317,20 @@ class Encoder:
         average over the context's tokens beside the average over the rest, from the same pass (a causal model's
         context tokens do not see what follows them, so the first half is what the context alone gives). ``split``:
         each ``skip`` is tokenised apart from the rest of its text (:meth:`_ids`), as ``turn`` pooling reads."""
+        import contextlib
+
         import torch
-        from tqdm.auto import tqdm
 
         if self.precision == "int8":
             batch_size = 1
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i], split) for i in order}
-        bar = tqdm(total=len(texts), desc=progress, unit="text", disable=progress is None)
+        bar: Any = contextlib.nullcontext()
+        if progress is not None:  # training; a guard scoring one text at a time makes no bar
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc=progress, unit="text")
         with self._lock, torch.inference_mode(), bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
@@ -355,7 +362,8 @@ class Encoder:
                     dim=1,
                 )  # [batch, layers, hidden] (or 2 * hidden with both)
                 out.extend(zip(batch, pooled))
-                bar.update(len(batch))
+                if progress is not None:
+                    bar.update(len(batch))
         out.sort(key=lambda pair: pair[0])
         return torch.stack([row for _, row in out])
 

@@ -210,15 +210,15 @@ class ClassifierCritic(Critic):
         return [self._pick(s, list(principles)) for s in self._scores(list(items))]
 
 
+def _logit(x: float) -> float:
+    x = min(max(x, 1e-9), 1 - 1e-9)
+    return math.log(x / (1 - x))
+
+
 def recentre(p: float, threshold: float) -> float:
     """``p`` with its log-odds shifted by the threshold's: ``threshold`` maps to 0.5, the order of scores is kept, and
     ``p > threshold`` exactly when the result is above 0.5 (up to rounding at the threshold itself)."""
-
-    def logit(x: float) -> float:
-        x = min(max(x, 1e-9), 1 - 1e-9)
-        return math.log(x / (1 - x))
-
-    return 1 / (1 + math.exp(-(logit(p) - logit(threshold))))
+    return 1 / (1 + math.exp(-(_logit(p) - _logit(threshold))))
 
 
 def _last_user(conversation) -> str:
@@ -272,7 +272,7 @@ class ClassifierJudge(Judge):
         out = []
         for k, task in enumerate(tasks):
             a, b = p[2 * k], p[2 * k + 1]
-            margin = (math.log(b / (1 - b)) - math.log(a / (1 - a))) / self.options.sharpness
+            margin = (_logit(b) - _logit(a)) / self.options.sharpness
             out.append(
                 Judgement(
                     principle_ids=[x.id for x in task.principles],

@@ -233,14 +233,12 @@ def export_sft(
             unique.append(example)
     # a written request that is also one of the run's prompts is split with it (every example of a prompt on one side)
     run_prompts = {_norm(e.messages[-2].content): e.prompt_id for e in unique if e.source != "written"}
-    side = {
-        id(e): bucket(
-            run_prompts.get(_norm(e.messages[-2].content), e.prompt_id) if e.source == "written" else e.prompt_id
-        )
-        for e in unique
-    }
-    test = [e for e in unique if side[id(e)] < options.heldout]
-    train = [e for e in unique if side[id(e)] >= options.heldout]
+
+    def split_id(e: SFTExample) -> str:
+        return run_prompts.get(_norm(e.messages[-2].content), e.prompt_id) if e.source == "written" else e.prompt_id
+
+    test = [e for e in unique if bucket(split_id(e)) < options.heldout]
+    train = [e for e in unique if bucket(split_id(e)) >= options.heldout]
     if options.heldout and not test and len({e.prompt_id for e in train}) > 1:
         moved = train[-1].prompt_id  # a tiny run still gets a test split
         test = [e for e in train if e.prompt_id == moved]
