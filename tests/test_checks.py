@@ -340,7 +340,7 @@ def test_the_held_out_domain_cases_copy_no_training_case():
 
 
 @pytest.mark.model
-def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkeypatch):
+def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkeypatch, cli_runner):
     """The real default model: on held-out answers (the fourth set, never trained on), the classifier-backed check
     finds what the rules alone miss (financial.disclosure: recall 0.25 with the rules alone on this set, 0.90 with
     the shipped classifier trained on 480 answers, and 0.90 with the one trained on 240 before it; docs/results,
@@ -362,10 +362,8 @@ def test_the_shipped_classifiers_lift_the_checks_on_answers_written_apart(monkey
     assert result["deterministic"]["precision"]["rate"] >= 0.85
     assert "check: rules, then classifier" in "\n".join(summary_table([result]))
     # the command names the classifier the check loaded (the shipped one here; CAI_CHECK_CLASSIFIER_DIR may replace it)
-    from click.testing import CliRunner
-
     cases_file = Path(__file__).resolve().parents[1] / "bench/data/domain-heldout-4/financial.disclosure.jsonl"
-    shown = CliRunner().invoke(cli, ["checks", "eval", "--check", "financial.disclosure", "--cases", str(cases_file)])
+    shown = cli_runner.invoke(cli, ["checks", "eval", "--check", "financial.disclosure", "--cases", str(cases_file)])
     assert shown.exit_code == 0, shown.output
     assert f"; classifier {result['backed_by_classifier']}" in shown.output
 

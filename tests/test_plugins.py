@@ -82,6 +82,26 @@ def test_plugins_can_be_blocked_by_environment(tmp_path, monkeypatch):
     assert "rules" in registry.names("reviser")  # an essential built-in, in its own module
 
 
+def test_the_cli_loads_plugins_again_when_the_plugin_settings_change(tmp_path, monkeypatch):
+    """A command run after the settings change sees the plugins they allow, not a manager cached under the old ones
+    (a test that turned autoload off must not hide an installed plugin from a later command in the same process)."""
+    from cai_engine.cli import cli
+    from cai_engine.cli.base import reset_state, state
+    from click.testing import CliRunner
+
+    install_fake_distribution(tmp_path, monkeypatch, PLUGIN_SOURCE)
+    reset_state()
+    monkeypatch.setenv("CAI_DISABLE_PLUGIN_AUTOLOAD", "1")
+    assert "fake.shout" not in state().registry.names("critic")
+    monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD")
+    assert "fake.shout" in state().registry.names("critic")
+    shown = CliRunner().invoke(cli, ["plugins"])
+    assert shown.exit_code == 0 and "fake" in shown.output, shown.output
+    monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "fake")
+    assert "fake.shout" not in state().registry.names("critic")
+    reset_state()
+
+
 def test_essential_plugins_cannot_be_blocked(monkeypatch):
     monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "cai_engine.default_plugins.rules")
     pm = make_plugin_manager(autoload=False)

@@ -86,10 +86,14 @@ def install_hint(module: str) -> str | None:
 
 
 class _State:
-    """The plugin manager and registry, built once per process and only when a command needs them."""
+    """The plugin manager and registry, built once per process and only when a command needs them (again when the
+    plugin settings in the environment change, as ``Runtime.default`` does)."""
 
     def __init__(self, plugins: tuple[object, ...] = ()) -> None:
+        from cai_engine.plugins.manager import plugin_settings
+
         self.plugins = plugins
+        self.settings = plugin_settings()
 
     @functools.cached_property
     def pm(self):
@@ -117,9 +121,11 @@ _STATE: _State | None = None
 
 
 def state() -> _State:
+    from cai_engine.plugins.manager import plugin_settings
+
     global _STATE
-    if _STATE is None:
-        _STATE = _State()
+    if _STATE is None or _STATE.settings != plugin_settings():
+        _STATE = _State(_STATE.plugins if _STATE is not None else ())
     return _STATE
 
 

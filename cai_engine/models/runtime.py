@@ -17,7 +17,6 @@ names the backend outright.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +58,9 @@ class Runtime:
         """The process's shared runtime (installed plugins, one model pool), for entry points and for library calls
         made without a runtime: every such call shares it instead of loading plugins and models again. It is built
         again when the plugin settings (CAI_DISABLE_PLUGIN_AUTOLOAD, CAI_BLOCKED_PLUGINS) change."""
-        env = tuple(os.environ.get(k, "") for k in ("CAI_DISABLE_PLUGIN_AUTOLOAD", "CAI_BLOCKED_PLUGINS"))
+        from cai_engine.plugins.manager import plugin_settings
+
+        env = plugin_settings()
         if cls._default is None or cls._default_env != env:
             cls._default, cls._default_env = cls(), env
         return cls._default

@@ -57,6 +57,12 @@ def _env_list(name: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
 
 
+def plugin_settings() -> tuple[str, ...]:
+    """The environment variables that decide which plugins a new plugin manager loads; a cached manager built under
+    other values is stale (``Runtime.default`` and the CLI rebuild theirs when this changes)."""
+    return tuple(os.environ.get(name, "") for name in ("CAI_DISABLE_PLUGIN_AUTOLOAD", "CAI_BLOCKED_PLUGINS"))
+
+
 def make_plugin_manager(
     *, autoload: bool = True, plugins: Iterable[object] = (), skip_broken: bool = False
 ) -> pluggy.PluginManager:
