@@ -85,9 +85,10 @@ def test_plugins_can_be_blocked_by_environment(tmp_path, monkeypatch):
 def test_the_cli_loads_plugins_again_when_the_plugin_settings_change(tmp_path, monkeypatch):
     """A command run after the settings change sees the plugins they allow, not a manager cached under the old ones
     (a test that turned autoload off must not hide an installed plugin from a later command in the same process)."""
+    from click.testing import CliRunner
+
     from cai_engine.cli import cli
     from cai_engine.cli.base import reset_state, state
-    from click.testing import CliRunner
 
     install_fake_distribution(tmp_path, monkeypatch, PLUGIN_SOURCE)
     reset_state()
