@@ -6,6 +6,7 @@ import json
 import random
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -1132,6 +1133,30 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     )
 
 
+def test_cross_validation_keeps_a_request_and_its_rewrites_in_one_fold():
+    from cai_engine.classifiers.train import cv_folds
+    from cai_engine.errors import RunError
+
+    labels = [n % 3 == 0 for n in range(60) for _ in range(3)]  # 60 requests, each read three ways
+    groups = [n for n in range(60) for _ in range(3)]
+    folds = cv_folds([int(v) for v in labels], groups, 5, seed=0)
+    assert all(len({folds[3 * n], folds[3 * n + 1], folds[3 * n + 2]}) == 1 for n in range(60))
+    for label in (0, 1):  # stratified over requests: each fold holds its share of both labels
+        per_fold = Counter(f for f, v in zip(folds, labels) if v == label)
+        assert len(per_fold) == 5 and max(per_fold.values()) - min(per_fold.values()) <= 3
+    # without groups, every row is its own group: the folds rows always got (a seeded shuffle, then round robin)
+    plain = cv_folds([0, 1] * 10, list(range(20)), 5, seed=0)
+    order = list(range(20))
+    random.Random(0).shuffle(order)
+    expected = {}
+    for label in (0, 1):
+        for n, i in enumerate(j for j in order if j % 2 == label):
+            expected[i] = n % 5
+    assert plain == [expected[i] for i in range(20)]
+    with pytest.raises(RunError, match="both labels"):
+        cv_folds([0, 1, 0, 1], [0, 0, 1, 1], 2, seed=0)
+
+
 @pytest.mark.slow
 def test_a_check_backed_by_a_classifier_flags_what_its_rules_miss(tiny_model, tmp_path, monkeypatch, cai_registry):
     from cai_engine import with_classifier
@@ -1647,6 +1672,26 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(
     scores = paired.predict([rows[0]["prompt"], rows[1]["prompt"]])
     assert scores[0]["violation"] > scores[1]["violation"]
     assert paired.config.metrics["turn_tokens"] == "split"
+    # a head of the wrong width (a mean head's weights under a mean+turn config, a head cut short) is refused on load,
+    # and one that fits itself but not the base model is refused at its first request, each naming what is wrong
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(tmp_path / "both" / "head.safetensors"))
+    for name, changed, match in [
+        ("short", {**head, "scale": head["scale"][:-1]}, "wide"),
+        ("odd", {k: v[..., :-1] if k in ("mean", "scale", "weight") else v for k, v in head.items()}, "two halves"),
+        ("outputs", {**head, "bias": torch.zeros(2)}, "1 weight rows and 2 biases for 1 labels"),
+        ("half", {k: v[..., :hidden] if k in ("mean", "scale", "weight") else v for k, v in head.items()}, None),
+    ]:
+        broken = tmp_path / name
+        shutil.copytree(tmp_path / "both", broken)
+        save_file({k: v.contiguous() for k, v in changed.items()}, str(broken / "head.safetensors"))
+        if match:
+            with pytest.raises(ModelError, match=match):
+                load_classifier(broken)
+        else:
+            with pytest.raises(ModelError, match=f"reads {hidden} features.*gives {2 * hidden}"):
+                load_classifier(broken).predict(["hello"])
     assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0  # mean: no marker
     assert "turn_tokens" not in load_classifier(tmp_path / "plain").config.metrics
     # an output probe reads a reply where the answer opens: turn pooling is refused for it, and for a build's

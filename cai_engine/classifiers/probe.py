@@ -435,7 +435,9 @@ class Probe:
             config = ProbeConfig.model_validate_json((folder / CONFIG).read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ModelError(f"{folder / CONFIG}: invalid ({exc})") from None
-        probe = cls(config, load_file(str(folder / WEIGHTS)), folder, precision, compile)
+        weights = load_file(str(folder / WEIGHTS))
+        _check_head(folder, config, weights)
+        probe = cls(config, weights, folder, precision, compile)
         depths = [int(k) for k in config.metrics.get("layer_auc", {})]
         if depths and config.layer < max(depths) and config.metrics.get("features") != "normed":
             warnings.warn(
@@ -488,11 +490,40 @@ class Probe:
             both=self.config.pooling == "mean+turn",
             split=self.config.pooling in TURN_POOLINGS,
         )[:, -1]
+        if features.shape[-1] != self.mean.shape[-1]:
+            raise ModelError(
+                f"{self.folder or 'this classifier'}: its head reads {self.mean.shape[-1]} features, but "
+                f"{self.config.base_model} gives {features.shape[-1]} with {self.config.pooling} pooling; it was "
+                "trained on another base model: retrain it"
+            )
         probs = torch.sigmoid(self.logits_from_features(features))
         return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
 
     def threshold(self, label: str = "violation") -> float:
         return self.config.thresholds.get(label, 0.5)
+
+
+def _check_head(folder: Path, config: ProbeConfig, weights: dict[str, Any]) -> None:
+    """A head whose tensors disagree with each other or with the config (a hand-edited or mixed-up folder) is refused
+    on load, naming what is wrong, instead of failing inside a matrix product at the first request."""
+    missing = [k for k in ("mean", "scale", "weight", "bias") if k not in weights]
+    if missing:
+        raise ModelError(f"{folder / WEIGHTS}: lacks {', '.join(missing)}; rebuild the classifier")
+    width = weights["mean"].shape[-1]
+    problems = []
+    if weights["scale"].shape[-1] != width or weights["weight"].shape[-1] != width:
+        problems.append(
+            f"mean, scale and weight are {width}, {weights['scale'].shape[-1]} and {weights['weight'].shape[-1]} wide"
+        )
+    if weights["weight"].shape[0] != len(config.labels) or weights["bias"].shape[-1] != len(config.labels):
+        problems.append(
+            f"the head has {weights['weight'].shape[0]} weight rows and {weights['bias'].shape[-1]} biases for "
+            f"{len(config.labels)} labels"
+        )
+    if config.pooling == "mean+turn" and width % 2:
+        problems.append(f"a mean+turn head reads two halves, but it is {width} wide")
+    if problems:
+        raise ModelError(f"{folder / WEIGHTS}: {'; '.join(problems)}; rebuild the classifier")
 
 
 def base_model_sha256(base_model: str) -> str | None:

@@ -367,6 +367,27 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     return metrics
 
 
+def cv_folds(labels: list[int], groups: list[Any], folds: int, seed: int) -> list[int]:
+    """Each row's fold for ``folds``-fold cross-validation, stratified (each fold gets its share of both labels).
+    Rows that share a group (a request and its rewrites) fall in one fold, so no head is scored on a copy of what it
+    was fitted on; a group holding both labels is an error. Rows without rewrites (each its own group) get the
+    folds they always got."""
+    import random
+
+    first: dict[Any, int] = {}
+    for n, group in enumerate(groups):
+        first.setdefault(group, n)
+        if labels[first[group]] != labels[n]:
+            raise RunError(f"group {group!r} holds rows of both labels; rewrites of a request keep its label")
+    order = sorted(first.values())
+    random.Random(seed).shuffle(order)
+    fold_of_group = {}
+    for label in (0, 1):
+        for n, i in enumerate(j for j in order if labels[j] == label):
+            fold_of_group[groups[i]] = n % folds
+    return [fold_of_group[group] for group in groups]
+
+
 def train_probe_cv(
     rows: list[dict[str, Any]],
     kind: str,
@@ -383,20 +404,14 @@ def train_probe_cv(
     all rows. For a few hundred cases, where a held-out split would leave a dozen harmless ones to set a threshold
     on. The reported recall and false alarms are the cross-validated ones at that threshold: the threshold was chosen
     on the same scores, so they lean optimistic; measure on cases written later with ``cai classifiers eval``.
-    ``report`` is added to the dataset report the card records (e.g. how many cases were dropped before)."""
-    import random
-
+    ``report`` is added to the dataset report the card records (e.g. how many cases were dropped before). Rows that
+    share a ``group`` (a request and its rewrites) are scored in one fold (``cv_folds``)."""
     import torch
 
     labels = [int(r["label"]) for r in rows]
     if len(set(labels)) < 2 or min(labels.count(0), labels.count(1)) < folds:
         raise RunError(f"{folds}-fold cross-validation needs at least {folds} cases of each label")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    fold_of = {}
-    for label in (0, 1):  # stratified: each fold gets its share of both labels
-        for n, i in enumerate(j for j in order if labels[j] == label):
-            fold_of[i] = n % folds
+    fold_of = cv_folds(labels, [r.get("group", n) for n, r in enumerate(rows)], folds, seed)
     pooling = _pooling(config, kind)
     texts, skip = probe_inputs(rows, kind, pooling)
     deepest = max(config.layers)
