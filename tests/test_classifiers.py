@@ -1829,3 +1829,73 @@ def test_a_probe_pins_the_weights_of_a_catalogue_reader(tmp_path, monkeypatch):
     expected = hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert base_model_sha256("reader-1b") == expected == base_model_sha256(str(gguf))
     assert base_model_sha256("not-installed") is None and base_model_sha256("no-such-model") is None
+
+
+def test_with_endings_reads_a_request_with_each_ending():
+    from cai_engine.classifiers.templates import with_endings
+
+    expected = [("end:?", "Tell me a joke?"), ("end:.", "Tell me a joke."), ("end:none", "Tell me a joke")]
+    for written in ("Tell me a joke", "Tell me a joke.", "Tell me a joke?! ", "Tell me a joke ?"):
+        assert with_endings(written) == expected
+    assert [text for _, text in with_endings("?")] == ["??", "?.", "?"]  # nothing but punctuation: kept as written
+
+
+def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_runner, monkeypatch):
+    """--endings balance: every request read ending in '?', '.' and nothing; the copies of a request share its fold,
+    so the label cannot be read off the final punctuation and no head is scored on a copy of its training data."""
+    from cai_engine.classifiers import train as train_module
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.cli import cli
+
+    rng = random.Random(7)
+    lines = []
+    for i in range(40):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        ending = "." if bad else "?"  # the label is also in the ending, as in hand-written requests
+        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(6)) + ending, "harmful": bad}))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
+    seen: dict = {}
+    folds = train_module.cv_folds
+
+    def spy(labels, groups, k, seed):
+        seen["groups"], seen["folds"] = groups, folds(labels, groups, k, seed)
+        return seen["folds"]
+
+    monkeypatch.setattr(train_module, "cv_folds", spy)
+    done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "bal"), "--endings", "balance"])
+    assert done.exit_code == 0, done.output
+    assert "40 cases (each read with 3 endings: 120 texts), 5-fold" in done.output
+    assert len(seen["groups"]) == 120 and len(set(seen["groups"])) == 40
+    for group in set(seen["groups"]):  # a request's three readings fall in one fold
+        assert len({f for g, f in zip(seen["groups"], seen["folds"]) if g == group}) == 1
+    probe = load_classifier(tmp_path / "bal")
+    assert probe.config.data["train"] == 120 and probe.config.data["dataset_report"]["endings"] == "balance"
+    assert "ending in '?', in '.' and in nothing" in (tmp_path / "bal" / "README.md").read_text()
+    # the content decides, whatever the ending
+    for ending in ("?", ".", ""):
+        scores = probe.predict(["xqz zzq qxz xqz zzq qxz" + ending, "garden picnic bread garden picnic" + ending])
+        assert scores[0]["violation"] > probe.threshold() > scores[1]["violation"]
+    # the held-out split keeps a request's readings on one side
+    done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "split"), "--endings", "balance", "--folds", "0"])
+    assert done.exit_code == 0, done.output
+    sides = {}
+    for side in ("train", "test"):
+        for line in (tmp_path / "split" / "dataset" / f"input-{side}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            sides.setdefault(row["request_id"], set()).add(side)
+            assert row["augmentation"].startswith("end:")
+    assert len(sides) == 40 and all(len(s) == 1 for s in sides.values())
+    assert json.loads((tmp_path / "split" / "dataset" / "report.json").read_text())["endings"] == "balance"
+    # an output classifier reads replies: refused; the default reads requests as written
+    refused = cli_runner.invoke(
+        cli, [*args[:3], "--base-model", str(tiny_model), "--out", str(tmp_path / "x"), "--endings", "balance"]
+    )
+    assert refused.exit_code == 2 and "for --kind input" in refused.output
+    done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "keep")])
+    assert (
+        "40 cases, 5-fold" in done.output
+        and "endings" not in load_classifier(tmp_path / "keep").config.data["dataset_report"]
+    )

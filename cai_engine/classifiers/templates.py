@@ -101,6 +101,18 @@ def respell(text: str, spelling: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+#: The endings a request is read with when its training data balances endings (``cai classifiers train --endings
+#: balance``): written requests end in "?" far more often when harmless, benchmarks' imperatives in none.
+ENDINGS = {"?": "?", ".": ".", "none": ""}
+
+
+def with_endings(text: str) -> list[tuple[str, str]]:
+    """``text`` once with each ending of ``ENDINGS`` (its own final ``?``, ``.`` or ``!`` taken off first):
+    ``(augmentation, text)`` each, so that no label owns an ending."""
+    core = text.rstrip().rstrip("?.!").rstrip() or text.strip()
+    return [(f"end:{name}", core + mark) for name, mark in ENDINGS.items()]
+
+
 def normalise(text: str) -> str:
     """What the classifiers read: the same folding the rules match on (``cai_engine.text.textnorm``: compatibility forms,
     format characters, combining marks and look-alike letters undone)."""

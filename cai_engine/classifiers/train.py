@@ -591,6 +591,12 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
                 if (report_folds := config.data["dataset_report"].get("folds"))
                 else ", split by a seeded hash of each case."
             )
+            + (
+                " Each request was read three times, ending in '?', in '.' and in nothing (`--endings balance`), "
+                "its copies on its side of every split."
+                if config.data["dataset_report"].get("endings") == "balance"
+                else ""
+            )
             if from_cases
             else (
                 "exchanges people wrote alone"

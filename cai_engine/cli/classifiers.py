@@ -326,8 +326,17 @@ def _written(value: str) -> dict[str, str | None]:
     "repeatable. With neither CASES nor --written, an input probe trains on the requests a build adds by default "
     "(see `cai classifiers build --help`).",
 )
+@click.option(
+    "--endings",
+    type=click.Choice(["keep", "balance"]),
+    default="keep",
+    show_default=True,
+    help="--kind input: balance reads every training request three times, ending in '?', in '.' and in nothing (a "
+    "request and its copies share a fold or a split side), so that the final punctuation, which hand-written "
+    "requests tie to the label, cannot stand in for the content; three times the reading time.",
+)
 def train_command(
-    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling, written
+    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling, written, endings
 ) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
@@ -354,6 +363,7 @@ def train_command(
     import hashlib
 
     from cai_engine.classifiers.probe import TURN_POOLINGS
+    from cai_engine.classifiers.templates import with_endings
     from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
     from cai_engine.prompts.exchanges import exchange_file
@@ -371,6 +381,11 @@ def train_command(
             f"{pooling} pooling reads where a request ends and the answer would begin: it is for --kind input (an "
             "output classifier reads the reply there; use mean or reply)",
             param_hint="--pooling",
+        )
+    if endings == "balance" and kind == "output":
+        raise click.BadParameter(
+            "balance rewrites requests: it is for --kind input (an output classifier reads replies)",
+            param_hint="--endings",
         )
     if written and kind == "output":
         raise click.BadParameter(
@@ -402,13 +417,20 @@ def train_command(
         output_pooling=pooling if kind == "output" else "mean",
         input_pooling=pooling if kind == "input" else "mean",
     )
+
+    def forms(prompt: str) -> list[tuple[str, str]]:  # how a request is read: as written, or with each ending
+        return with_endings(prompt) if endings == "balance" and kind == "input" else [("plain", prompt)]
+
+    report = {"evaluation_near_copies_removed": removed, **({"endings": endings} if endings != "keep" else {})}
     if folds:
         every = [
-            {"request_id": f"{source}:{n}", "principle_id": None, "augmentation": "plain", "label": label}
-            | ({"prompt": prompt, "text": reply} if kind == "output" else {"text": prompt})
+            {"request_id": f"{source}:{n}", "group": n, "principle_id": None, "augmentation": how, "label": label}
+            | ({"prompt": prompt, "text": reply} if kind == "output" else {"text": text})
             for n, (source, label, prompt, reply) in enumerate(rows)
+            for how, text in forms(prompt)
         ]
-        click.echo(f"{len(rows)} cases, {folds}-fold cross-validation")
+        read = f" (each read with 3 endings: {len(every)} texts)" if endings == "balance" and kind == "input" else ""
+        click.echo(f"{len(rows)} cases{read}, {folds}-fold cross-validation")
         metrics = train_probe_cv(
             every,
             kind,
@@ -418,13 +440,13 @@ def train_command(
             seed=seed,
             echo=click.echo,
             files=files,
-            report={"evaluation_near_copies_removed": removed},
+            report=report,
         )
-        report = metrics["report_split"]
+        scored = metrics["report_split"]
         click.echo(
             f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; "
-            f"cross-validated AUC {report['auc']}, recall {report['recall']['rate']} (n={report['recall']['n']}), "
-            f"false alarms {report['false_alarms']['rate']} (n={report['false_alarms']['n']}) -> {out}"
+            f"cross-validated AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
+            f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
         )
         return
     split: dict[str, list[dict]] = {"train": [], "test": []}
@@ -435,7 +457,7 @@ def train_command(
         if kind == "output":
             split[side].append({**base, "prompt": prompt, "text": reply})
         else:
-            split[side].append({**base, "text": prompt})
+            split[side] += [{**base, "augmentation": how, "text": text} for how, text in forms(prompt)]
     for side, data in split.items():
         labels = {r["label"] for r in data}
         if labels != {0, 1}:
@@ -456,16 +478,17 @@ def train_command(
             "evaluation_near_copies_removed": removed,
             "test_share": test_share,
             "seed": seed,
+            **{k: v for k, v in report.items() if k != "evaluation_near_copies_removed"},
         },
         what="dataset report",
     )
     click.echo(f"{len(rows)} cases: {len(split['train'])} to train, {len(split['test'])} held out")
     metrics = train_probe(dataset, kind, out, config, echo=click.echo)
-    report = metrics["report_split"]
+    scored = metrics["report_split"]
     click.echo(
         f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; held-out "
-        f"AUC {report['auc']}, recall {report['recall']['rate']} (n={report['recall']['n']}), "
-        f"false alarms {report['false_alarms']['rate']} (n={report['false_alarms']['n']}) -> {out}"
+        f"AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
+        f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
     )
 
 
