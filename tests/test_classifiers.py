@@ -1681,6 +1681,7 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(
         ("short", {**head, "scale": head["scale"][:-1]}, "wide"),
         ("odd", {k: v[..., :-1] if k in ("mean", "scale", "weight") else v for k, v in head.items()}, "two halves"),
         ("outputs", {**head, "bias": torch.zeros(2)}, "1 weight rows and 2 biases for 1 labels"),
+        ("flat", {**head, "weight": head["weight"][0]}, "weight has 1 dimensions, not 2"),
         ("half", {k: v[..., :hidden] if k in ("mean", "scale", "weight") else v for k, v in head.items()}, None),
     ]:
         broken = tmp_path / name
@@ -1835,9 +1836,11 @@ def test_with_endings_reads_a_request_with_each_ending():
     from cai_engine.classifiers.templates import with_endings
 
     expected = [("end:?", "Tell me a joke?"), ("end:.", "Tell me a joke."), ("end:none", "Tell me a joke")]
-    for written in ("Tell me a joke", "Tell me a joke.", "Tell me a joke?! ", "Tell me a joke ?"):
+    for written in ("Tell me a joke", "Tell me a joke.", "Tell me a joke?! ", "Tell me a joke ?", "Tell me a joke…"):
         assert with_endings(written) == expected
-    assert [text for _, text in with_endings("?")] == ["??", "?.", "?"]  # nothing but punctuation: kept as written
+    # no words, or an ending that is not a final mark after a word (a closing quote or bracket): read once, as written
+    for written in ("", "???", 'He asked: "is it safe?"', "Explain it (briefly)."):
+        assert with_endings(written) == [("plain", written)]
 
 
 def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_runner, monkeypatch):
@@ -1867,12 +1870,14 @@ def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_
     monkeypatch.setattr(train_module, "cv_folds", spy)
     done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "bal"), "--endings", "balance"])
     assert done.exit_code == 0, done.output
-    assert "40 cases (each read with 3 endings: 120 texts), 5-fold" in done.output
+    assert "40 cases (read with 3 endings where they end in a word: 120 texts), 5-fold" in done.output
     assert len(seen["groups"]) == 120 and len(set(seen["groups"])) == 40
     for group in set(seen["groups"]):  # a request's three readings fall in one fold
         assert len({f for g, f in zip(seen["groups"], seen["folds"]) if g == group}) == 1
     probe = load_classifier(tmp_path / "bal")
     assert probe.config.data["train"] == 120 and probe.config.data["dataset_report"]["endings"] == "balance"
+    scored = probe.config.metrics["report_split"]  # the report counts requests, not readings
+    assert scored["recall"]["n"] == 20 and scored["false_alarms"]["n"] == 20 and "readings averaged" in scored["note"]
     assert "ending in '?', in '.' and in nothing" in (tmp_path / "bal" / "README.md").read_text()
     # the content decides, whatever the ending
     for ending in ("?", ".", ""):
@@ -1889,6 +1894,21 @@ def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_
             assert row["augmentation"].startswith("end:")
     assert len(sides) == 40 and all(len(s) == 1 for s in sides.values())
     assert json.loads((tmp_path / "split" / "dataset" / "report.json").read_text())["endings"] == "balance"
+    # the same request in another file, with another ending, is the same request: its readings join the first's
+    twin = tmp_path / "twin.jsonl"
+    first = json.loads(lines[0])
+    twin.write_text(json.dumps({**first, "prompt": first["prompt"].rstrip(".") + "?"}) + "\n", encoding="utf-8")
+    seen.clear()
+    done = cli_runner.invoke(cli, [*args, str(twin), "--out", str(tmp_path / "twin"), "--endings", "balance"])
+    assert done.exit_code == 0, done.output
+    assert len(seen["groups"]) == 123 and len(set(seen["groups"])) == 40
+    # too few requests of a label for the folds, however many readings: refused
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(lines[1:20:2] + lines[0:8:2]) + "\n", encoding="utf-8")  # 10 harmless, 4 harmful
+    done = cli_runner.invoke(
+        cli, [*args[:2], str(few), *args[3:], "--out", str(tmp_path / "few"), "--endings", "balance"]
+    )
+    assert done.exit_code != 0 and "at least 5 cases of each label" in done.output
     # an output classifier reads replies: refused; the default reads requests as written
     refused = cli_runner.invoke(
         cli, [*args[:3], "--base-model", str(tiny_model), "--out", str(tmp_path / "x"), "--endings", "balance"]

@@ -84,23 +84,52 @@ def test_plugins_can_be_blocked_by_environment(tmp_path, monkeypatch):
 
 def test_the_cli_loads_plugins_again_when_the_plugin_settings_change(tmp_path, monkeypatch):
     """A command run after the settings change sees the plugins they allow, not a manager cached under the old ones
-    (a test that turned autoload off must not hide an installed plugin from a later command in the same process)."""
+    (a test that turned autoload off must not hide an installed plugin from a later command in the same process), and
+    the commands a plugin adds come and go with it."""
+    import importlib
+
     from click.testing import CliRunner
 
     from cai_engine.cli import cli
     from cai_engine.cli.base import reset_state, state
 
-    install_fake_distribution(tmp_path, monkeypatch, PLUGIN_SOURCE)
-    reset_state()
-    monkeypatch.setenv("CAI_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert "fake.shout" not in state().registry.names("critic")
-    monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD")
-    assert "fake.shout" in state().registry.names("critic")
-    shown = CliRunner().invoke(cli, ["plugins"])
-    assert shown.exit_code == 0 and "fake" in shown.output, shown.output
-    monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "fake")
-    assert "fake.shout" not in state().registry.names("critic")
-    reset_state()
+    source = textwrap.dedent(PLUGIN_SOURCE) + textwrap.dedent(
+        """
+        import click
+
+        @hookimpl
+        def cai_register_commands(cli):
+            @cli.command("fake-hello")
+            def hello():
+                click.echo("hello from fake")
+        """
+    )
+    name = install_fake_distribution(tmp_path, monkeypatch, source)
+    try:
+        monkeypatch.setenv("CAI_DISABLE_PLUGIN_AUTOLOAD", "1")
+        # a test passes the plugin's module itself while autoload is off (as a plugin's own tests do)
+        reset_state(plugins=[importlib.import_module(name)])
+        assert "fake.shout" in state().registry.names("critic")
+        reset_state()
+        assert "fake.shout" not in state().registry.names("critic")
+        assert CliRunner().invoke(cli, ["fake-hello"]).exit_code == 2  # no such command
+        monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD")
+        assert "fake.shout" in state().registry.names("critic")
+        shown = CliRunner().invoke(cli, ["plugins"])
+        assert shown.exit_code == 0 and "fake" in shown.output, shown.output
+        said = CliRunner().invoke(cli, ["fake-hello"])
+        assert said.exit_code == 0 and "hello from fake" in said.output, said.output
+        monkeypatch.setenv("CAI_BLOCKED_PLUGINS", "fake")
+        assert "fake.shout" not in state().registry.names("critic")
+        assert CliRunner().invoke(cli, ["fake-hello"]).exit_code == 2  # the blocked plugin's command went with it
+        # the module given to reset_state and also found by its entry point is registered once
+        monkeypatch.delenv("CAI_BLOCKED_PLUGINS")
+        monkeypatch.setenv("CAI_DISABLE_PLUGIN_AUTOLOAD", "1")
+        reset_state(plugins=[importlib.import_module(name)])
+        monkeypatch.delenv("CAI_DISABLE_PLUGIN_AUTOLOAD")
+        assert "fake.shout" in state().registry.names("critic")
+    finally:
+        reset_state()
 
 
 def test_essential_plugins_cannot_be_blocked(monkeypatch):

@@ -494,7 +494,7 @@ class Probe:
             raise ModelError(
                 f"{self.folder or 'this classifier'}: its head reads {self.mean.shape[-1]} features, but "
                 f"{self.config.base_model} gives {features.shape[-1]} with {self.config.pooling} pooling; it was "
-                "trained on another base model: retrain it"
+                "trained on another base model or pooling: retrain it"
             )
         probs = torch.sigmoid(self.logits_from_features(features))
         return [{label: float(row[j]) for j, label in enumerate(self.config.labels)} for row in probs]
@@ -509,6 +509,11 @@ def _check_head(folder: Path, config: ProbeConfig, weights: dict[str, Any]) -> N
     missing = [k for k in ("mean", "scale", "weight", "bias") if k not in weights]
     if missing:
         raise ModelError(f"{folder / WEIGHTS}: lacks {', '.join(missing)}; rebuild the classifier")
+    shapes = {k: tuple(weights[k].shape) for k in ("mean", "scale", "weight", "bias")}
+    wanted = {"mean": 1, "scale": 1, "weight": 2, "bias": 1}
+    wrong = [f"{k} has {len(shapes[k])} dimensions, not {n}" for k, n in wanted.items() if len(shapes[k]) != n]
+    if wrong:
+        raise ModelError(f"{folder / WEIGHTS}: {'; '.join(wrong)}; rebuild the classifier")
     width = weights["mean"].shape[-1]
     problems = []
     if weights["scale"].shape[-1] != width or weights["weight"].shape[-1] != width:

@@ -106,10 +106,16 @@ def respell(text: str, spelling: str, rng: random.Random) -> str:
 ENDINGS = {"?": "?", ".": ".", "none": ""}
 
 
+FINAL_MARKS = "?.!\u2026\uff1f\uff0e\uff01\u3002"  # ? . ! and the ellipsis, full-width and ideographic forms
+
+
 def with_endings(text: str) -> list[tuple[str, str]]:
-    """``text`` once with each ending of ``ENDINGS`` (its own final ``?``, ``.`` or ``!`` taken off first):
-    ``(augmentation, text)`` each, so that no label owns an ending."""
-    core = text.rstrip().rstrip("?.!").rstrip() or text.strip()
+    """``text`` once with each ending of ``ENDINGS`` (its own final ``?``, ``.``, ``!`` or ``…`` taken off first):
+    ``(augmentation, text)`` each, so that no label owns an ending. A request that ends in something else (a closing
+    quote or bracket, an emoji) or has no words is read as written, once (``plain``)."""
+    core = text.rstrip().rstrip(FINAL_MARKS).rstrip()
+    if not core or not core[-1].isalnum():
+        return [("plain", text)]
     return [(f"end:{name}", core + mark) for name, mark in ENDINGS.items()]
 
 

@@ -243,7 +243,8 @@ def calibrate(probs: list[float], test: list[dict[str, Any]], false_alarm_rate: 
     negatives = sum(1 for _, y, _ in report if not y)
     by_augmentation: dict[str, dict[str, int]] = {}
     for p, y, r in report:
-        entry = by_augmentation.setdefault(r["augmentation"].split(":")[0], {"n": 0, "correct": 0})
+        how = r["augmentation"]
+        entry = by_augmentation.setdefault(how if how.startswith("end:") else how.split(":")[0], {"n": 0, "correct": 0})
         entry["n"] += 1
         entry["correct"] += int((p > threshold) == bool(y))
     return threshold, {
@@ -409,9 +410,11 @@ def train_probe_cv(
     import torch
 
     labels = [int(r["label"]) for r in rows]
-    if len(set(labels)) < 2 or min(labels.count(0), labels.count(1)) < folds:
+    groups = [r.get("group", ("row", n)) for n, r in enumerate(rows)]
+    per_label = [len({g for g, y in zip(groups, labels) if y == label}) for label in (0, 1)]
+    if min(per_label) < folds:
         raise RunError(f"{folds}-fold cross-validation needs at least {folds} cases of each label")
-    fold_of = cv_folds(labels, [r.get("group", n) for n, r in enumerate(rows)], folds, seed)
+    fold_of = cv_folds(labels, groups, folds, seed)
     pooling = _pooling(config, kind)
     texts, skip = probe_inputs(rows, kind, pooling)
     deepest = max(config.layers)
@@ -451,8 +454,15 @@ def train_probe_cv(
     scores = cached[layer, l2]
     harmless = sorted(v for v, y in zip(scores, labels) if not y)
     threshold = harmless[min(len(harmless) - 1, int((1 - config.false_alarm_rate) * len(harmless)))]
-    caught = sum(1 for v, y in zip(scores, labels) if y and v > threshold)
-    alarms = sum(1 for v, y in zip(scores, labels) if not y and v > threshold)
+    # the report counts requests, not readings: a request whose rewrites share its group is scored by the mean of
+    # their scores (three readings of one request are not three samples)
+    by_group: dict[Any, list[float]] = {}
+    for group, value in zip(groups, scores):
+        by_group.setdefault(group, []).append(value)
+    label_of = dict(zip(groups, labels))
+    pooled = [(sum(v) / len(v), label_of[g]) for g, v in by_group.items()]
+    caught = sum(1 for v, y in pooled if y and v > threshold)
+    alarms = sum(1 for v, y in pooled if not y and v > threshold)
     mean, scale, weight, bias = fit_head(x_all[:, layer - 1], y_all, l2)
     metrics = {
         "method": "probe",
@@ -466,9 +476,10 @@ def train_probe_cv(
         "false_alarm_target": config.false_alarm_rate,
         "report_split": {
             "auc": by_l2[layer, l2],
-            "recall": rate_entry(caught, labels.count(1)),
-            "false_alarms": rate_entry(alarms, labels.count(0)),
-            "note": "cross-validated scores; the threshold was set on them",
+            "recall": rate_entry(caught, per_label[1]),
+            "false_alarms": rate_entry(alarms, per_label[0]),
+            "note": "cross-validated scores; the threshold was set on them"
+            + ("; a request's readings averaged" if len(by_group) < len(rows) else ""),
         },
     }
     probe_config = ProbeConfig(
@@ -592,8 +603,9 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
                 else ", split by a seeded hash of each case."
             )
             + (
-                " Each request was read three times, ending in '?', in '.' and in nothing (`--endings balance`), "
-                "its copies on its side of every split."
+                " Each request was read three times, ending in '?', in '.' and in nothing (`--endings balance`); a "
+                "request's readings share its fold (or its side of the split), and the metrics count "
+                + ("requests." if config.data["dataset_report"].get("folds") else "readings.")
                 if config.data["dataset_report"].get("endings") == "balance"
                 else ""
             )

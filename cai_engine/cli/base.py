@@ -25,14 +25,27 @@ class CaiGroup(click.Group):
     """A group that turns input errors into one clear line and loads plugin commands on first use."""
 
     _plugin_commands_loaded = False
+    _plugin_commands: set[str] = set()  # the commands plugins added, taken away again when the plugins change
 
     def _load_plugin_commands(self) -> None:
         from cai_engine.plugins.manager import Hooks
 
-        if self._plugin_commands_loaded or self is not cli:
+        if self is not cli:
+            return
+        manager = state().pm  # first: a change of plugin settings forgets the commands the old plugins added
+        if self._plugin_commands_loaded:
             return
         CaiGroup._plugin_commands_loaded = True
-        Hooks(state().pm).register_commands(self)
+        before = set(self.commands)
+        Hooks(manager).register_commands(self)
+        CaiGroup._plugin_commands = set(self.commands) - before
+
+    @classmethod
+    def forget_plugin_commands(cls) -> None:
+        for name in cls._plugin_commands:
+            cli.commands.pop(name, None)
+        cls._plugin_commands = set()
+        cls._plugin_commands_loaded = False
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands()
@@ -125,6 +138,8 @@ def state() -> _State:
 
     global _STATE
     if _STATE is None or _STATE.settings != plugin_settings():
+        if _STATE is not None:
+            CaiGroup.forget_plugin_commands()
         _STATE = _State(_STATE.plugins if _STATE is not None else ())
     return _STATE
 
@@ -137,7 +152,7 @@ def reset_state(plugins: Iterable[object] = ()) -> None:
     """
     global _STATE
     _STATE = _State(tuple(plugins)) if plugins else None
-    CaiGroup._plugin_commands_loaded = False
+    CaiGroup.forget_plugin_commands()
 
 
 def training_line(result: Any, extra: str = "") -> str:

@@ -363,7 +363,7 @@ def train_command(
     import hashlib
 
     from cai_engine.classifiers.probe import TURN_POOLINGS
-    from cai_engine.classifiers.templates import with_endings
+    from cai_engine.classifiers.templates import ENDINGS, with_endings
     from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
     from cai_engine.prompts.exchanges import exchange_file
@@ -418,18 +418,25 @@ def train_command(
         input_pooling=pooling if kind == "input" else "mean",
     )
 
+    balance = endings == "balance" and kind == "input"
+
     def forms(prompt: str) -> list[tuple[str, str]]:  # how a request is read: as written, or with each ending
-        return with_endings(prompt) if endings == "balance" and kind == "input" else [("plain", prompt)]
+        return with_endings(prompt) if balance else [("plain", prompt)]
+
+    def group(n: int, prompt: str) -> int | str:
+        # balanced, requests that differ only in their ending are one request: one fold, one side of the split
+        return " ".join(with_endings(prompt)[-1][1].lower().split()) if balance else n
 
     report = {"evaluation_near_copies_removed": removed, **({"endings": endings} if endings != "keep" else {})}
     if folds:
         every = [
-            {"request_id": f"{source}:{n}", "group": n, "principle_id": None, "augmentation": how, "label": label}
+            {"request_id": f"{source}:{n}", "group": group(n, prompt), "principle_id": None}
+            | {"augmentation": how, "label": label}
             | ({"prompt": prompt, "text": reply} if kind == "output" else {"text": text})
             for n, (source, label, prompt, reply) in enumerate(rows)
             for how, text in forms(prompt)
         ]
-        read = f" (each read with 3 endings: {len(every)} texts)" if endings == "balance" and kind == "input" else ""
+        read = f" (read with {len(ENDINGS)} endings where they end in a word: {len(every)} texts)" if balance else ""
         click.echo(f"{len(rows)} cases{read}, {folds}-fold cross-validation")
         metrics = train_probe_cv(
             every,
@@ -451,7 +458,8 @@ def train_command(
         return
     split: dict[str, list[dict]] = {"train": [], "test": []}
     for n, (source, label, prompt, reply) in enumerate(rows):
-        key = hashlib.sha256(f"{seed}|{source}|{n}|{prompt}|{reply}".encode()).digest()
+        which = f"{seed}|{group(n, prompt)}" if balance else f"{seed}|{source}|{n}|{prompt}|{reply}"
+        key = hashlib.sha256(which.encode()).digest()
         side = "test" if int.from_bytes(key[:4], "big") / 2**32 < test_share else "train"
         base = {"request_id": f"{source}:{n}", "principle_id": None, "augmentation": "plain", "label": label}
         if kind == "output":
@@ -482,7 +490,8 @@ def train_command(
         },
         what="dataset report",
     )
-    click.echo(f"{len(rows)} cases: {len(split['train'])} to train, {len(split['test'])} held out")
+    texts = " texts" if balance else ""
+    click.echo(f"{len(rows)} cases: {len(split['train'])}{texts} to train, {len(split['test'])}{texts} held out")
     metrics = train_probe(dataset, kind, out, config, echo=click.echo)
     scored = metrics["report_split"]
     click.echo(

@@ -104,6 +104,8 @@ def make_plugin_manager(
         if not pm.is_blocked(modname):
             pm.register(importlib.import_module(modname), modname)
     for plugin in plugins:
+        if pm.is_registered(plugin):  # already loaded by its entry point (a test or embedder passed it too)
+            continue
         pm.register(plugin)
         problem = unknown_hooks(pm, plugin, f"plugin {getattr(plugin, '__name__', type(plugin).__name__)!r}")
         if problem:  # a misspelled hookimpl (cai_register_critic) fails here, at start-up
