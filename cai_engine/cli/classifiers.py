@@ -331,9 +331,10 @@ def _written(value: str) -> dict[str, str | None]:
     type=click.Choice(["keep", "balance"]),
     default="keep",
     show_default=True,
-    help="--kind input: balance reads every training request three times, ending in '?', in '.' and in nothing (a "
-    "request and its copies share a fold or a split side), so that the final punctuation, which hand-written "
-    "requests tie to the label, cannot stand in for the content; three times the reading time.",
+    help="--kind input: balance reads every training request three times, ending in '?', in '.' and in nothing (its "
+    "readings share a fold or a split side, and the metrics count requests), so that the final punctuation, which "
+    "hand-written requests tie to the label, cannot stand in for the content; a request that does not end in a word "
+    "and a final mark (a closing quote or bracket) is read once, as written. Three times the reading time.",
 )
 def train_command(
     cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling, written, endings
