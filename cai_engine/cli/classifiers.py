@@ -368,6 +368,7 @@ def train_command(
     from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
     from cai_engine.files.jsonl import write_json, write_jsonl
     from cai_engine.prompts.exchanges import exchange_file
+    from cai_engine.prompts.sets import normalise_prompt
 
     if not 0 < test_share < 1:
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
@@ -425,8 +426,8 @@ def train_command(
         return with_endings(prompt) if balance else [("plain", prompt)]
 
     def group(n: int, prompt: str) -> int | str:
-        # balanced, requests that differ only in their ending are one request: one fold, one side of the split
-        return " ".join(with_endings(prompt)[-1][1].lower().split()) if balance else n
+        # balanced, requests that differ only in their punctuation are one request: one fold, one side of the split
+        return normalise_prompt(prompt) if balance else n
 
     report = {"evaluation_near_copies_removed": removed, **({"endings": endings} if endings != "keep" else {})}
     if folds:
@@ -484,10 +485,9 @@ def train_command(
             "source": "cases",
             "files": files,
             "cases": len(rows),
-            "evaluation_near_copies_removed": removed,
             "test_share": test_share,
             "seed": seed,
-            **{k: v for k, v in report.items() if k != "evaluation_near_copies_removed"},
+            **report,
         },
         what="dataset report",
     )
