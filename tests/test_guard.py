@@ -819,7 +819,8 @@ def test_the_audit_never_keeps_what_the_guard_removed(leaky_runtime, tmp_path):
     clean = engine.guard(CONV, CLEAN + "\n\n— Acme Support")
     assert revised.action == "revised" and refused.action == "refused" and clean.action == "none"
     text = (tmp_path / "audit.jsonl").read_text()
-    for removed in ("4111", "tickets.acme.internal", "SECRET-42"):
+    # The card's digits with their spacing, or run together: a bare "4111" can turn up in a record's random id.
+    for removed in ("4111 1111", "4111111111111111", "tickets.acme.internal", "SECRET-42"):
         assert removed not in text
     records = {r["id"]: r for r in map(json.loads, text.splitlines())}
     record = records[revised.id]
