@@ -1843,6 +1843,67 @@ def test_with_endings_reads_a_request_with_each_ending():
         assert with_endings(written) == [("plain", written)]
 
 
+def test_repeated_cross_validation_chooses_on_every_repeat(tiny_model, tmp_path, cli_runner, monkeypatch):
+    """--repeats R: the folds are drawn R times (seeds --seed to --seed + R - 1), each depth and penalty is judged by
+    its mean AUC over the repeats, and the threshold is the quantile of every repeat's harmless scores together, so
+    it lies between the thresholds the single runs would set."""
+    from cai_engine.classifiers import train as train_module
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.train import TrainConfig, train_probe_cv
+    from cai_engine.cli import cli
+
+    rng = random.Random(11)
+    rows, lines = [], []
+    for i in range(40):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz", "garden"] if bad else ["garden", "picnic", "bread", "zzq"]  # overlapping
+        text = " ".join(rng.choice(words) for _ in range(5))
+        rows.append(
+            {"request_id": str(i), "principle_id": None, "augmentation": "plain", "label": int(bad), "text": text}
+        )
+        lines.append(json.dumps({"prompt": text, "harmful": bad}))
+    grid = TrainConfig(base_model=str(tiny_model), layers=[1, 2], l2=[0.1, 10], input_pooling="mean")
+    one = grid.model_copy(update={"layers": [2], "l2": [10.0]})  # one head: the repeats' thresholds compare
+    seeds: list[int] = []
+    folds = train_module.cv_folds
+
+    def spy(labels, groups, k, seed):
+        seeds.append(seed)
+        return folds(labels, groups, k, seed)
+
+    monkeypatch.setattr(train_module, "cv_folds", spy)
+    quiet = {"folds": 5, "echo": lambda *_: None}
+    for config in (grid, one):
+        single = [train_probe_cv(rows, "input", tmp_path / f"s{n}", config, seed=n, **quiet) for n in (3, 4, 5)]
+        seeds.clear()
+        repeated = train_probe_cv(rows, "input", tmp_path / "r", config, seed=3, repeats=3, **quiet)
+        assert seeds == [3, 4, 5]
+        assert len(repeated["l2_auc"]) == len(config.layers) * len(config.l2)
+        for key, value in repeated["l2_auc"].items():
+            assert value == pytest.approx(sum(m["l2_auc"][key] for m in single) / 3)
+        best = max(repeated["l2_auc"].values())
+        assert repeated["l2_auc"][f"{repeated['layer']}:{repeated['l2']:g}"] == best
+    thresholds = [m["threshold"] for m in single]
+    assert repeated["threshold_by_repeat"] == thresholds  # each repeat alone sets what a single run sets
+    assert len(set(thresholds)) > 1  # the folds matter here, so the bound below says something
+    assert min(thresholds) <= repeated["threshold"] <= max(thresholds)
+    assert repeated["selection"] == "5-fold cross-validation, repeated 3 times (fold seeds 3-5)"
+    assert "averaged over 3 repeats" in repeated["report_split"]["note"]
+    assert repeated["report_split"]["recall"]["n"] == 20  # cases, not case-repeats
+    # through the command: recorded in the dataset report and on the card; refused without folds or below 1
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
+    done = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "cli"), "--repeats", "2"])
+    assert done.exit_code == 0, done.output
+    assert "40 cases, 5-fold cross-validation, repeated 2 times" in done.output and "each repeat alone: " in done.output
+    assert load_classifier(tmp_path / "cli").config.data["dataset_report"]["repeats"] == 2
+    assert "repeated 2 times with other folds" in (tmp_path / "cli" / "README.md").read_text()
+    for bad, why in ((["--repeats", "2", "--folds", "0"], "give --folds K"), (["--repeats", "0"], "at least 1")):
+        refused = cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "x"), *bad])
+        assert refused.exit_code == 2 and why in refused.output
+
+
 def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_runner, monkeypatch):
     """--endings balance: every request read ending in '?', '.' and nothing; the copies of a request share its fold,
     so the label cannot be read off the final punctuation and no head is scored on a copy of its training data."""

@@ -399,6 +399,7 @@ def train_probe_cv(
     echo=print,
     files: list[str] | None = None,
     report: dict[str, Any] | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Train the ``kind`` probe on every row of a small labelled set, choosing depth, L2 penalty and threshold by
     ``folds``-fold cross-validation (each row is scored once by a head that never saw it), then fitting the head on
@@ -406,15 +407,23 @@ def train_probe_cv(
     on. The reported recall and false alarms are the cross-validated ones at that threshold: the threshold was chosen
     on the same scores, so they lean optimistic; measure on cases written later with ``cai classifiers eval``.
     ``report`` is added to the dataset report the card records (e.g. how many cases were dropped before). Rows that
-    share a ``group`` (a request and its rewrites) are scored in one fold (``cv_folds``)."""
+    share a ``group`` (a request and its rewrites) are scored in one fold (``cv_folds``).
+
+    ``repeats`` > 1 repeats the cross-validation with other fold assignments (seeds ``seed`` to ``seed + repeats -
+    1``): each depth and penalty is judged by its mean AUC over the repeats, the threshold is the quantile of every
+    repeat's harmless scores together, and a case's reported score is its mean over the repeats, so that the choice
+    depends less on which cases happened to share a fold. The activations are read once; only the heads are fitted
+    ``repeats`` times as often."""
     import torch
 
+    if repeats < 1:
+        raise RunError(f"repeats must be at least 1, not {repeats}")
     labels = [int(r["label"]) for r in rows]
     groups = [r.get("group", ("row", n)) for n, r in enumerate(rows)]
     per_label = [len({g for g, y in zip(groups, labels) if y == label}) for label in (0, 1)]
     if min(per_label) < folds:
         raise RunError(f"{folds}-fold cross-validation needs at least {folds} cases of each label")
-    fold_of = cv_folds(labels, groups, folds, seed)
+    assignments = [cv_folds(labels, groups, folds, seed + r) for r in range(repeats)]
     pooling = _pooling(config, kind)
     texts, skip = probe_inputs(rows, kind, pooling)
     deepest = max(config.layers)
@@ -426,7 +435,7 @@ def train_probe_cv(
     x_all = _read(encoder, texts, skip, config, pooling, f"{kind} activations")
     y_all = torch.tensor([[float(v)] for v in labels])
 
-    def cv_scores(layer: int, l2: float) -> list[float]:
+    def cv_scores(layer: int, l2: float, fold_of: list[int]) -> list[float]:
         scores = [0.0] * len(rows)
         for fold in range(folds):
             train = [i for i in range(len(rows)) if fold_of[i] != fold]
@@ -437,12 +446,16 @@ def train_probe_cv(
                 scores[i] = value
         return scores
 
+    def mean_auc(runs: list[list[float]]) -> float | None:
+        found = [a for a in (auc(scores, labels) for scores in runs) if a is not None]
+        return sum(found) / len(found) if found else None
+
     by_l2: dict[tuple[int, float], float | None] = {}
-    cached: dict[tuple[int, float], list[float]] = {}
+    cached: dict[tuple[int, float], list[list[float]]] = {}
     for layer in sorted(config.layers):
         for l2 in config.l2:
-            cached[layer, l2] = cv_scores(layer, l2)
-            by_l2[layer, l2] = auc(cached[layer, l2], labels)
+            cached[layer, l2] = [cv_scores(layer, l2, fold_of) for fold_of in assignments]
+            by_l2[layer, l2] = mean_auc(cached[layer, l2])
         echo(f"  layer {layer}: cross-validated AUC " + ", ".join(f"L2 {l2:g} {by_l2[layer, l2]}" for l2 in config.l2))
     by_layer = {k: max(v for (k2, _), v in by_l2.items() if k2 == k and v is not None) for k in config.layers}
     # the best depth and the best penalty: on a few hundred cases, AUCs a tolerance apart are noise, and taking the
@@ -451,14 +464,19 @@ def train_probe_cv(
     layer = min(k for k, v in by_layer.items() if v == best)
     scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
     l2 = max(scored, key=lambda v: scored[v])
-    scores = cached[layer, l2]
-    harmless = sorted(v for v, y in zip(scores, labels) if not y)
-    threshold = harmless[min(len(harmless) - 1, int((1 - config.false_alarm_rate) * len(harmless)))]
+    runs = cached[layer, l2]
+
+    def quantile(of: list[list[float]]) -> float:  # over the harmless scores of the runs ``of``, pooled
+        harmless = sorted(v for scores in of for v, y in zip(scores, labels) if not y)
+        return harmless[min(len(harmless) - 1, int((1 - config.false_alarm_rate) * len(harmless)))]
+
+    threshold = quantile(runs)
     # the report counts requests, not readings: a request whose rewrites share its group is scored by the mean of
-    # their scores (three readings of one request are not three samples)
+    # their scores (three readings of one request are not three samples), and of its scores in every repeat
     by_group: dict[Any, list[float]] = {}
-    for group, value in zip(groups, scores):
-        by_group.setdefault(group, []).append(value)
+    for scores in runs:
+        for group, value in zip(groups, scores):
+            by_group.setdefault(group, []).append(value)
     label_of = dict(zip(groups, labels))
     pooled = [(sum(v) / len(v), label_of[g]) for g, v in by_group.items()]
     caught = sum(1 for v, y in pooled if y and v > threshold)
@@ -466,20 +484,23 @@ def train_probe_cv(
     mean, scale, weight, bias = fit_head(x_all[:, layer - 1], y_all, l2)
     metrics = {
         "method": "probe",
-        "selection": f"{folds}-fold cross-validation",
+        "selection": f"{folds}-fold cross-validation"
+        + (f", repeated {repeats} times (fold seeds {seed}-{seed + repeats - 1})" if repeats > 1 else ""),
         "layer_auc": {str(k): v for k, v in by_layer.items()},
         "layer": layer,
         **_how_read(config, kind),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
         "threshold": threshold,
+        **({"threshold_by_repeat": [quantile([scores]) for scores in runs]} if repeats > 1 else {}),
         "false_alarm_target": config.false_alarm_rate,
         "report_split": {
             "auc": by_l2[layer, l2],
             "recall": rate_entry(caught, per_label[1]),
             "false_alarms": rate_entry(alarms, per_label[0]),
             "note": "cross-validated scores; the threshold was set on them"
-            + ("; a request's readings averaged" if len(by_group) < len(rows) else ""),
+            + ("; a request's readings averaged" if len(by_group) < len(rows) else "")
+            + (f"; a case's scores averaged over {repeats} repeats" if repeats > 1 else ""),
         },
     }
     probe_config = ProbeConfig(
@@ -496,7 +517,9 @@ def train_probe_cv(
             "train": len(rows),
             "test": 0,
             "train_positives": labels.count(1),
-            "dataset_report": {"source": "cases", "files": files or [], "folds": folds, "seed": seed, **(report or {})},
+            "dataset_report": {"source": "cases", "files": files or [], "folds": folds, "seed": seed}
+            | ({"repeats": repeats} if repeats > 1 else {})
+            | (report or {}),
         },
         metrics=metrics,
     )
@@ -597,8 +620,14 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         + (
             f"labelled cases from {', '.join(config.data['dataset_report'].get('files', []))}"
             + (
-                f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded) and then "
-                "all of them training the head."
+                f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded"
+                + (
+                    f"; repeated {repeated} times with other folds, depth, penalty and threshold chosen on all the "
+                    "repeats"
+                    if (repeated := config.data["dataset_report"].get("repeats", 1)) > 1
+                    else ""
+                )
+                + ") and then all of them training the head."
                 if (report_folds := config.data["dataset_report"].get("folds"))
                 else ", split by a seeded hash of each case."
             )

@@ -309,9 +309,18 @@ def _written(value: str) -> dict[str, str | None]:
     help="Choose depth, penalty and threshold by K-fold cross-validation, then train on every case; 0: hold out "
     "--test-share instead (for thousands of cases).",
 )
+@click.option(
+    "--repeats",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Repeat the cross-validation this many times with other folds (seeds --seed, --seed + 1, ...) and choose "
+    "depth, penalty and threshold on all the repeats together, so that they depend less on which cases shared a "
+    "fold; the activations are read once, the heads fitted this many times as often. With --folds K only.",
+)
 @click.option("--test-share", type=float, default=0.25, show_default=True, help="Share held out when --folds is 0.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split (the first fold assignment).")
 @click.option(
     "--base-model", default=DEFAULT_MODEL, show_default=True, help="The model whose activations the probe reads."
 )
@@ -337,7 +346,21 @@ def _written(value: str) -> dict[str, str | None]:
     "and a final mark (a closing quote or bracket) is read once, as written. Three times the reading time.",
 )
 def train_command(
-    cases, out, kind, layers, l2, folds, test_share, false_alarms, seed, base_model, int8, pooling, written, endings
+    cases,
+    out,
+    kind,
+    layers,
+    l2,
+    folds,
+    repeats,
+    test_share,
+    false_alarms,
+    seed,
+    base_model,
+    int8,
+    pooling,
+    written,
+    endings,
 ) -> None:
     """Train a probe classifier on labelled cases you already have, without generating any data.
 
@@ -350,8 +373,8 @@ def train_command(
     as written, without the build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation
     prompt (the held-out sets, HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K
     (default 5) every case is scored once by a head that
-    did not see it; those scores choose the depth and L2 penalty and set the threshold at --false-alarms, and the
-    head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
+    did not see it (with --repeats R, once in each of R fold assignments); those scores choose the depth and L2
+    penalty and set the threshold at --false-alarms, and the head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
     out instead. Measure it afterwards on cases written after it: `cai classifiers eval OUT --cases FILE`, or
     beside a domain check, `cai checks eval --check NAME --cases FILE --classifier OUT`.
 
@@ -374,6 +397,12 @@ def train_command(
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
     if folds == 1 or folds < 0:
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
+    if repeats < 1:
+        raise click.BadParameter("at least 1", param_hint="--repeats")
+    if repeats > 1 and not folds:
+        raise click.BadParameter(
+            "repeats the cross-validation: give --folds K (a held-out split is made once)", param_hint="--repeats"
+        )
     if pooling == "reply" and kind == "input":
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
@@ -439,21 +468,25 @@ def train_command(
             for how, text in forms(prompt)
         ]
         read = f" (read with {len(ENDINGS)} endings where they end in a word: {len(every)} texts)" if balance else ""
-        click.echo(f"{len(rows)} cases{read}, {folds}-fold cross-validation")
+        again = f", repeated {repeats} times" if repeats > 1 else ""
+        click.echo(f"{len(rows)} cases{read}, {folds}-fold cross-validation{again}")
         metrics = train_probe_cv(
             every,
             kind,
             out,
             config,
             folds=folds,
+            repeats=repeats,
             seed=seed,
             echo=click.echo,
             files=files,
             report=report,
         )
         scored = metrics["report_split"]
+        spread = metrics.get("threshold_by_repeat")
+        alone = f" (each repeat alone: {min(spread):.3f}-{max(spread):.3f})" if spread else ""
         click.echo(
-            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}; "
+            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}{alone}; "
             f"cross-validated AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
             f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
         )
