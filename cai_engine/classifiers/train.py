@@ -409,11 +409,11 @@ def train_probe_cv(
     ``report`` is added to the dataset report the card records (e.g. how many cases were dropped before). Rows that
     share a ``group`` (a request and its rewrites) are scored in one fold (``cv_folds``).
 
-    ``repeats`` > 1 repeats the cross-validation with other fold assignments (seeds ``seed`` to ``seed + repeats -
-    1``): each depth and penalty is judged by its mean AUC over the repeats, the threshold is the quantile of every
-    repeat's harmless scores together, and a case's reported score is its mean over the repeats, so that the choice
-    depends less on which cases happened to share a fold. The activations are read once; only the heads are fitted
-    ``repeats`` times as often."""
+    ``repeats`` > 1 draws the folds that many times (seeds ``seed`` to ``seed + repeats - 1``): each depth and
+    penalty is judged by its mean AUC over the draws, the threshold is the quantile of every draw's harmless scores
+    together (each draw's own is recorded as ``threshold_by_repeat``), and a case's reported score is its mean over
+    the draws, so that the choice depends less on which cases happened to share a fold. The activations are read
+    once; only the heads are fitted ``repeats`` times as often."""
     import torch
 
     if repeats < 1:
@@ -500,7 +500,12 @@ def train_probe_cv(
             "false_alarms": rate_entry(alarms, per_label[0]),
             "note": "cross-validated scores; the threshold was set on them"
             + ("; a request's readings averaged" if len(by_group) < len(rows) else "")
-            + (f"; a case's scores averaged over {repeats} repeats" if repeats > 1 else ""),
+            + (
+                f"; a case's scores averaged over {repeats} draws of the folds (the threshold was set on each draw's "
+                "scores apart, so these false alarms sit below those of a single draw; the AUC is the draws' mean)"
+                if repeats > 1
+                else ""
+            ),
         },
     }
     probe_config = ProbeConfig(
@@ -620,14 +625,14 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         + (
             f"labelled cases from {', '.join(config.data['dataset_report'].get('files', []))}"
             + (
-                f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded"
-                + (
-                    f"; repeated {repeated} times with other folds, depth, penalty and threshold chosen on all the "
-                    "repeats"
+                (
+                    f", every case scored once in each of {repeated} draws of {report_folds}-fold cross-validation "
+                    "(stratified, seeded; depth, penalty and threshold chosen on every draw together, the reported "
+                    "recall and false alarms averaging a case over the draws)"
                     if (repeated := config.data["dataset_report"].get("repeats", 1)) > 1
-                    else ""
+                    else f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded)"
                 )
-                + ") and then all of them training the head."
+                + " and then all of them training the head."
                 if (report_folds := config.data["dataset_report"].get("folds"))
                 else ", split by a seeded hash of each case."
             )

@@ -311,12 +311,13 @@ def _written(value: str) -> dict[str, str | None]:
 )
 @click.option(
     "--repeats",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Repeat the cross-validation this many times with other folds (seeds --seed, --seed + 1, ...) and choose "
-    "depth, penalty and threshold on all the repeats together, so that they depend less on which cases shared a "
-    "fold; the activations are read once, the heads fitted this many times as often. With --folds K only.",
+    help="Draw the K folds this many times in all (seeds --seed to --seed + R - 1; 1 draws them once) and choose "
+    "depth, penalty and threshold on every draw together, so that they depend less on which cases shared a fold; "
+    "the reported recall and false alarms average each case over the draws. The activations are read once, the "
+    "heads fitted R times as often. With --folds K only.",
 )
 @click.option("--test-share", type=float, default=0.25, show_default=True, help="Share held out when --folds is 0.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
@@ -367,16 +368,16 @@ def train_command(
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
     files and of `cai classifiers eval --cases`, or `builtin:harmless` (the 800 exchanges people wrote, which a build
     of `harmless` adds): your own model's replies, labelled, beside them teach a reply probe what that model's
-    violations look like; for --kind input a line needs no response (a labelled request:
-    prompt and harmful), and labelled prompt sets can be given with --written in the build's syntax (with neither,
-    the hand-written requests a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used
-    as written, without the build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation
-    prompt (the held-out sets, HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K
-    (default 5) every case is scored once by a head that
-    did not see it (with --repeats R, once in each of R fold assignments); those scores choose the depth and L2
-    penalty and set the threshold at --false-alarms, and the head is then fitted on all cases. With --folds 0 a share of the cases (--test-share, by a seeded hash) is held
-    out instead. Measure it afterwards on cases written after it: `cai classifiers eval OUT --cases FILE`, or
-    beside a domain check, `cai checks eval --check NAME --cases FILE --classifier OUT`.
+    violations look like; for --kind input a line needs no response (a labelled request: prompt and harmful), and
+    labelled prompt sets can be given with --written in the build's syntax (with neither, the hand-written requests
+    a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used as written, without the
+    build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation prompt (the held-out sets,
+    HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K (default 5) every case is scored
+    once by a head that did not see it (with --repeats R, once in each of R fold draws); those scores choose the
+    depth and L2 penalty and set the threshold at --false-alarms, and the head is then fitted on all cases. With
+    --folds 0 a share of the cases (--test-share, by a seeded hash) is held out instead. Measure it afterwards on
+    cases written after it: `cai classifiers eval OUT --cases FILE`, or beside a domain check, `cai checks eval
+    --check NAME --cases FILE --classifier OUT`.
 
     \b
       cai classifiers train plugins/cai-financial/cai_financial/cases/financial.guarantee.jsonl --out runs/fin-guarantee
@@ -397,12 +398,8 @@ def train_command(
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
     if folds == 1 or folds < 0:
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
-    if repeats < 1:
-        raise click.BadParameter("at least 1", param_hint="--repeats")
     if repeats > 1 and not folds:
-        raise click.BadParameter(
-            "repeats the cross-validation: give --folds K (a held-out split is made once)", param_hint="--repeats"
-        )
+        raise click.BadParameter("needs --folds K: a held-out split is drawn once", param_hint="--repeats")
     if pooling == "reply" and kind == "input":
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
@@ -484,9 +481,10 @@ def train_command(
         )
         scored = metrics["report_split"]
         spread = metrics.get("threshold_by_repeat")
-        alone = f" (each repeat alone: {min(spread):.3f}-{max(spread):.3f})" if spread else ""
+        alone = f" (each draw alone: {min(spread):.3f}-{max(spread):.3f})" if spread else ""
         click.echo(
-            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}{alone}; "
+            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}"
+            f"{alone}; "
             f"cross-validated AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
             f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
         )
