@@ -225,17 +225,20 @@ def rate_entry(hits: int, n: int) -> dict[str, Any]:
     return {"rate": round(hits / n, 4) if n else None, "n": n, "hits": hits, "ci95": interval}
 
 
+def false_alarm_cut(harmless: list[float], false_alarm_rate: float) -> float:
+    """The threshold with ``false_alarm_rate`` of the ``harmless`` scores above it (the cut training and calibration
+    share)."""
+    ranked = sorted(harmless)
+    return ranked[min(len(ranked) - 1, int((1 - false_alarm_rate) * len(ranked)))]
+
+
 def calibrate(probs: list[float], test: list[dict[str, Any]], false_alarm_rate: float) -> tuple[float, dict[str, Any]]:
     """Set the threshold on the calibration half of the held-out split (``false_alarm_rate`` of its harmless
     examples above it) and measure on the report half: the threshold and the report half's metrics."""
     y_test = [int(r["label"]) for r in test]
     halves = [_half(r) for r in test]
-    calibrate = sorted(p for p, y, h in zip(probs, y_test, halves) if h == "calibrate" and not y)
-    if calibrate:
-        cut = min(len(calibrate) - 1, int((1 - false_alarm_rate) * len(calibrate)))
-        threshold = calibrate[cut]
-    else:
-        threshold = 0.5
+    calibrate = [p for p, y, h in zip(probs, y_test, halves) if h == "calibrate" and not y]
+    threshold = false_alarm_cut(calibrate, false_alarm_rate) if calibrate else 0.5
     report = [(p, y, r) for p, y, r, h in zip(probs, y_test, test, halves) if h == "report"]
     caught = sum(1 for p, y, _ in report if y and p > threshold)
     positives = sum(1 for _, y, _ in report if y)
@@ -467,8 +470,7 @@ def train_probe_cv(
     runs = cached[layer, l2]
 
     def quantile(of: list[list[float]]) -> float:  # over the harmless scores of the runs ``of``, pooled
-        harmless = sorted(v for scores in of for v, y in zip(scores, labels) if not y)
-        return harmless[min(len(harmless) - 1, int((1 - config.false_alarm_rate) * len(harmless)))]
+        return false_alarm_cut([v for scores in of for v, y in zip(scores, labels) if not y], config.false_alarm_rate)
 
     threshold = quantile(runs)
     # the report counts requests, not readings: a request whose rewrites share its group is scored by the mean of
