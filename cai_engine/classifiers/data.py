@@ -79,6 +79,7 @@ DEFAULT_WRITTEN = (
     WrittenSource(source="builtin:pairs", label="benign", ids="*-b"),
     WrittenSource(source="builtin:helpful", label="benign"),
     WrittenSource(source="builtin:lookalikes", label="benign"),
+    WrittenSource(source="builtin:lookalikes-2", label="benign"),
     WrittenSource(source="builtin:principle-requests", label="harmful", ids="pr-*-h*"),
     WrittenSource(source="builtin:principle-requests", label="benign", ids="pr-*-b*"),
 )

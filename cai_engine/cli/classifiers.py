@@ -116,7 +116,8 @@ def pooling_option(name: str, what: str, choices: tuple[str, ...] = ("mean", "re
     metavar="SOURCE=harmful|benign[:GLOB]",
     help="Hand-written training prompts to add to the input data with this label (only ids matching GLOB); "
     "repeatable; replaces the default (builtin:red-team=harmful, builtin:pairs=harmful:*-h, builtin:pairs=benign:*-b, "
-    "builtin:helpful=benign, builtin:lookalikes=benign, builtin:principle-requests=harmful:pr-*-h*, "
+    "builtin:helpful=benign, builtin:lookalikes=benign, builtin:lookalikes-2=benign, "
+    "builtin:principle-requests=harmful:pr-*-h*, "
     "builtin:principle-requests=benign:pr-*-b*). Held-out sets are refused.",
 )
 @click.option(
@@ -370,7 +371,7 @@ def train_command(
     of `harmless` adds): your own model's replies, labelled, beside them teach a reply probe what that model's
     violations look like; for --kind input a line needs no response (a labelled request: prompt and harmful), and
     labelled prompt sets can be given with --written in the build's syntax (with neither, the hand-written requests
-    a build adds: red-team, pairs, helpful, lookalikes, principle-requests); they are used as written, without the
+    a build adds: red-team, pairs, helpful, lookalikes, lookalikes-2, principle-requests); they are used as written, without the
     build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation prompt (the held-out sets,
     HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K (default 5) every case is scored
     once by a head that did not see it (with --repeats R, once in each of R fold draws); those scores choose the
