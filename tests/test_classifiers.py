@@ -625,6 +625,17 @@ def test_hand_written_sets_join_the_input_data_on_the_side_of_what_they_belong_t
         written_requests([WrittenSource(source="builtin:pairs", label="benign", ids="zz-*")], cai_registry)
 
 
+def test_the_default_hand_written_requests(cai_registry):
+    # what `cai classifiers train --kind input` and a build add by default; a change to a prompt set shows here
+    from cai_engine.classifiers.data import DEFAULT_WRITTEN, written_requests
+
+    rows = written_requests(list(DEFAULT_WRITTEN), cai_registry)
+    by_source = Counter((row["written"], row["kind"]) for row in rows)
+    assert len(rows) == 1722 and sum(row["kind"] == "harmful" for row in rows) == 790
+    assert by_source[("builtin:lookalikes", "benign")] == 165
+    assert by_source[("builtin:lookalikes-2", "benign")] == 184
+
+
 def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry, tmp_path):
     from cai_engine.prompts.sets import load_prompts
 

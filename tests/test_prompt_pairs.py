@@ -129,17 +129,18 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
     assert not prompt_set.heldout
     items = load_prompts("builtin:lookalikes", registry)
     kinds = Counter(i.category for i in items)
+    # 180 written; 15 that restated a held-out question were removed (the test below)
     assert kinds == {
         "discrimination-history": 15,
         "nonsense-groups": 15,
         "public-figures": 15,
         "fictional-characters": 15,
-        "homonyms": 20,
-        "figurative": 20,
-        "safe-targets": 20,
-        "safe-contexts": 20,
-        "definitions": 20,
-        "historical-events": 20,
+        "homonyms": 18,
+        "figurative": 16,
+        "safe-targets": 17,
+        "safe-contexts": 18,
+        "definitions": 17,
+        "historical-events": 19,
     }
     # the first four kinds were written for what builtin:borderline lacks (it has five public-figure questions and none
     # of the other three); the six later kinds add weight where the request probe's false alarms were, and five of
@@ -159,7 +160,7 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
         "safe-contexts",
         "definitions",
     }
-    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 180
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 165
     others = {
         i.id: i.text
         for name in TRAINING_SETS
@@ -212,12 +213,12 @@ def test_the_second_lookalikes_add_two_everyday_kinds_without_repeating_a_traini
     prompt_set = registry.prompt_set("builtin:lookalikes-2")
     assert not prompt_set.heldout
     items = load_prompts("builtin:lookalikes-2", registry)
-    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 214
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 184
     kinds = Counter(i.category for i in items)
     first = {i.category for i in load_prompts("builtin:lookalikes", registry)}
     # the first set's ten kinds again, and two everyday ones: careful health questions and defensive security
     assert set(kinds) == first | {"health-safety", "security-defence"}
-    assert min(kinds.values()) >= 7 and kinds["health-safety"] == 25 and kinds["security-defence"] == 24
+    assert min(kinds.values()) >= 6 and kinds["health-safety"] == 22 and kinds["security-defence"] == 23
     assert all(i.id == f"la2-{i.category}-{n:02d}" for n, i in _numbered(items))
     others = {
         i.id: i.text
@@ -271,11 +272,17 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry,
         # first names shared by different people: Prince Harry and Harry Potter, Charles de Gaulle and King Charles
         "Harry",
         "Charles",
+        # software, not a person or an event
+        "SQL",
+        "PostgreSQL",
     }
     question = {"What", "Which", "Why", "How", "Where", "Who", "When", "Is", "Are", "Does", "Did", "Should", "Can"}
 
     def names(text: str) -> set[str]:
-        return set(re.findall(r"\b[A-Z][a-z\u00e0-\u00ff]{2,}\b", text)) - broad - question - {"The", "Explain", "Give"}
+        # a name written in camel case (SpongeBob) is one word
+        return (
+            set(re.findall(r"\b[A-Z][A-Za-z\u00e0-\u00ff]{2,}\b", text)) - broad - question - {"The", "Explain", "Give"}
+        )
 
     heldout = {
         f"{set_name}/{i.id}": names(i.text)
@@ -290,6 +297,87 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry,
         if names(item.text) & other
     }
     assert shared == {}
+
+
+# words that carry no topic, for comparing what two requests ask about
+_FILLER = {
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "on",
+    "and",
+    "or",
+    "is",
+    "it",
+    "i",
+    "my",
+    "how",
+    "what",
+    "whats",
+    "why",
+    "do",
+    "does",
+    "did",
+    "for",
+    "with",
+    "at",
+    "be",
+    "can",
+    "you",
+    "your",
+    "was",
+    "were",
+    "that",
+    "this",
+    "me",
+    "from",
+    "by",
+    "as",
+    "are",
+    "so",
+    "when",
+    "who",
+    "which",
+    "there",
+    "difference",
+    "between",
+    "way",
+    "best",
+    "most",
+    "explain",
+    "word",
+    "mean",
+    "means",
+    "term",
+}
+
+
+def _topic(text: str) -> set[str]:
+    return set(normalise_prompt(text).split()) - _FILLER
+
+
+@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2", "principle-requests"])
+def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
+    # a look-alike that asks a held-out question again in other words ("humanely dispatch a lobster" for "humanely kill
+    # a lobster", the Somme's death toll, the signs of carbon monoxide poisoning) teaches the classifier that held-out
+    # prompt's answer, though it is no near-copy by word 3-grams: the two may share at most 0.42 of their topic words
+    heldout = {
+        f"{set_name}/{i.id}": _topic(i.text)
+        for set_name in ("contrast", "benign-scary")
+        for i in load_prompts(f"builtin:{set_name}", registry)
+    }
+    items = [i for i in load_prompts(f"builtin:{name}", registry) if name != "principle-requests" or "-b" in i.id]
+    assert len(items) > 150
+    restated = {
+        item.id: key
+        for item in items
+        for key, other in heldout.items()
+        if len(_topic(item.text) & other) >= 0.42 * len(_topic(item.text) | other)
+    }
+    assert restated == {}
 
 
 def test_the_development_requests_copy_no_training_or_evaluation_prompt(registry):
