@@ -161,13 +161,7 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
         "definitions",
     }
     assert len({normalise_prompt(i.text) for i in items}) == len(items) == 165
-    others = {
-        i.id: i.text
-        for name in TRAINING_SETS
-        if name != "lookalikes"
-        for i in load_prompts(f"builtin:{name}", registry)
-    }
-    assert near_copies([i.text for i in items], others, threshold=0.6) == {}
+    assert _copies_of_other_training_sets(registry, "lookalikes", items) == {}
 
 
 def _red_team_requests(registry) -> dict[str, str]:
@@ -220,13 +214,14 @@ def test_the_second_lookalikes_add_two_everyday_kinds_without_repeating_a_traini
     assert set(kinds) == first | {"health-safety", "security-defence"}
     assert min(kinds.values()) >= 6 and kinds["health-safety"] == 22 and kinds["security-defence"] == 23
     assert all(i.id == f"la2-{i.category}-{n:02d}" for n, i in _numbered(items))
+    assert _copies_of_other_training_sets(registry, "lookalikes-2", items) == {}
+
+
+def _copies_of_other_training_sets(registry, name, items):
     others = {
-        i.id: i.text
-        for name in TRAINING_SETS
-        if name != "lookalikes-2"
-        for i in load_prompts(f"builtin:{name}", registry)
+        i.id: i.text for other in TRAINING_SETS if other != name for i in load_prompts(f"builtin:{other}", registry)
     }
-    assert near_copies([i.text for i in items], others, threshold=0.6) == {}
+    return near_copies([i.text for i in items], others, threshold=0.6)
 
 
 def _numbered(items):
