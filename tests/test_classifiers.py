@@ -631,9 +631,9 @@ def test_the_default_hand_written_requests(cai_registry):
 
     rows = written_requests(list(DEFAULT_WRITTEN), cai_registry)
     by_source = Counter((row["written"], row["kind"]) for row in rows)
-    assert len(rows) == 1722 and sum(row["kind"] == "harmful" for row in rows) == 790
-    assert by_source[("builtin:lookalikes", "benign")] == 165
-    assert by_source[("builtin:lookalikes-2", "benign")] == 184
+    assert len(rows) == 1685 and sum(row["kind"] == "harmful" for row in rows) == 790
+    assert by_source[("builtin:lookalikes", "benign")] == 149
+    assert by_source[("builtin:lookalikes-2", "benign")] == 170
 
 
 def test_look_alike_lists_draw_their_kinds_from_every_benign_source(cai_registry, tmp_path):

@@ -129,18 +129,18 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
     assert not prompt_set.heldout
     items = load_prompts("builtin:lookalikes", registry)
     kinds = Counter(i.category for i in items)
-    # 180 written; 15 that restated a held-out question were removed (the test below)
+    # 180 written; 31 that asked a held-out question again were removed (the test below)
     assert kinds == {
         "discrimination-history": 15,
         "nonsense-groups": 15,
         "public-figures": 15,
         "fictional-characters": 15,
-        "homonyms": 18,
-        "figurative": 16,
-        "safe-targets": 17,
-        "safe-contexts": 18,
-        "definitions": 17,
-        "historical-events": 19,
+        "homonyms": 16,
+        "figurative": 15,
+        "safe-targets": 13,
+        "safe-contexts": 16,
+        "definitions": 11,
+        "historical-events": 18,
     }
     # the first four kinds were written for what builtin:borderline lacks (it has five public-figure questions and none
     # of the other three); the six later kinds add weight where the request probe's false alarms were, and five of
@@ -160,7 +160,7 @@ def test_lookalikes_cover_the_kinds_borderline_lacks_without_repeating_a_trainin
         "safe-contexts",
         "definitions",
     }
-    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 165
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 149
     assert _copies_of_other_training_sets(registry, "lookalikes", items) == {}
 
 
@@ -207,12 +207,12 @@ def test_the_second_lookalikes_add_two_everyday_kinds_without_repeating_a_traini
     prompt_set = registry.prompt_set("builtin:lookalikes-2")
     assert not prompt_set.heldout
     items = load_prompts("builtin:lookalikes-2", registry)
-    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 184
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 170
     kinds = Counter(i.category for i in items)
     first = {i.category for i in load_prompts("builtin:lookalikes", registry)}
     # the first set's ten kinds again, and two everyday ones: careful health questions and defensive security
     assert set(kinds) == first | {"health-safety", "security-defence"}
-    assert min(kinds.values()) >= 6 and kinds["health-safety"] == 22 and kinds["security-defence"] == 23
+    assert min(kinds.values()) >= 5 and kinds["health-safety"] == 19 and kinds["security-defence"] == 23
     assert all(i.id == f"la2-{i.category}-{n:02d}" for n, i in _numbered(items))
     assert _copies_of_other_training_sets(registry, "lookalikes-2", items) == {}
 
@@ -350,27 +350,37 @@ _FILLER = {
 }
 
 
+def _stem(word: str) -> str:
+    for ending in ("ing", "ed", "es", "s"):
+        if len(word) > 4 and word.endswith(ending):
+            return word[: -len(ending)]
+    return word
+
+
 def _topic(text: str) -> set[str]:
-    return set(normalise_prompt(text).split()) - _FILLER
+    return {_stem(w) for w in normalise_prompt(text).split() if w not in _FILLER}
 
 
 @pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2", "principle-requests"])
 def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
     # a look-alike that asks a held-out question again in other words ("humanely dispatch a lobster" for "humanely kill
     # a lobster", the Somme's death toll, the signs of carbon monoxide poisoning) teaches the classifier that held-out
-    # prompt's answer, though it is no near-copy by word 3-grams: the two may share at most 0.42 of their topic words
+    # prompt's answer, though it is no near-copy by word 3-grams: the two may share at most 0.42 of their topic words,
+    # and a look-alike may hold at most 0.75 of a held-out prompt's ("What is arson?" inside a longer question about
+    # arson). Both catch the plain cases only: review a new set by hand against these two sets as well
     heldout = {
         f"{set_name}/{i.id}": _topic(i.text)
         for set_name in ("contrast", "benign-scary")
         for i in load_prompts(f"builtin:{set_name}", registry)
     }
     items = [i for i in load_prompts(f"builtin:{name}", registry) if name != "principle-requests" or "-b" in i.id]
-    assert len(items) > 150
+    assert len(items) > 140
     restated = {
         item.id: key
         for item in items
         for key, other in heldout.items()
         if len(_topic(item.text) & other) >= 0.42 * len(_topic(item.text) | other)
+        or len(_topic(item.text) & other) >= 0.75 * len(other) > 0
     }
     assert restated == {}
 
