@@ -2016,3 +2016,96 @@ def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_
         "40 cases, 5-fold" in done.output
         and "endings" not in load_classifier(tmp_path / "keep").config.data["dataset_report"]
     )
+
+
+def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_runner, monkeypatch):
+    """--ensemble: a head on every depth of --layers, each at its own cross-validated penalty; the probe's score is
+    the mean of their logits, read from one pass of the deepest, and its threshold is set on the averaged
+    cross-validated scores."""
+    import torch
+
+    from cai_engine.classifiers import train as train_module
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.probe import ProbeConfig, describe, probe_texts
+    from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
+    from cai_engine.cli import cli
+    from cai_engine.errors import ModelError, RunError
+
+    rng = random.Random(21)
+    rows, lines = [], []
+    for i in range(40):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz", "garden"] if bad else ["garden", "picnic", "bread", "zzq"]
+        text = " ".join(rng.choice(words) for _ in range(5))
+        rows.append(
+            {"request_id": str(i), "principle_id": None, "augmentation": "plain", "label": int(bad), "text": text}
+        )
+        lines.append(json.dumps({"prompt": text, "harmful": bad}))
+    config = TrainConfig(base_model=str(tiny_model), layers=[2, 1], l2=[0.1, 10], input_pooling="mean+turn")
+    scored: list[list[float]] = []
+    auc = train_module.auc
+    monkeypatch.setattr(train_module, "auc", lambda s, y: scored.append(list(s)) or auc(s, y))
+    quiet = {"folds": 4, "echo": lambda *_: None}
+    alone = train_probe_cv(rows, "input", tmp_path / "alone", config, **quiet)
+    scored.clear()
+    metrics = train_probe_cv(rows, "input", tmp_path / "both", config.model_copy(update={"ensemble": True}), **quiet)
+    monkeypatch.undo()
+    # the grid is the same; each depth keeps its own best penalty, and the ensemble's AUC is that of the averaged logits
+    assert metrics["l2_auc"] == alone["l2_auc"]
+    penalty = metrics["ensemble"]["l2"]
+    for depth in ("1", "2"):
+        best = max(v for k, v in alone["l2_auc"].items() if k.startswith(f"{depth}:"))
+        assert alone["l2_auc"][f"{depth}:{penalty[depth]:g}"] == best
+    by_depth = {k: scored[[0.1, 10].index(penalty[str(k)]) + 2 * (k - 1)] for k in (1, 2)}
+    logit = lambda v: torch.logit(torch.tensor(v), eps=1e-7)  # noqa: E731
+    averaged = torch.sigmoid((logit(by_depth[1]) + logit(by_depth[2])) / 2).tolist()
+    labels = [r["label"] for r in rows]
+    assert metrics["ensemble"]["auc"] == pytest.approx(auc(averaged, labels))
+    assert metrics["report_split"]["auc"] == metrics["ensemble"]["auc"]
+    harmless = sorted(v for v, y in zip(averaged, labels) if not y)
+    assert metrics["threshold"] == pytest.approx(harmless[min(len(harmless) - 1, int(0.95 * len(harmless)))])
+    # the folder: one head per depth, stacked; scoring averages the depths' logits from the deepest's one pass
+    probe = load_classifier(tmp_path / "both")
+    assert (
+        probe.config.layer == 2
+        and probe.config.ensemble == [1, 2]
+        and describe(tmp_path / "both")["ensemble"] == [1, 2]
+    )
+    assert probe.weight.shape[0] == 2 and probe.mean.shape[0] == 2
+    prompts = [rows[0]["text"], rows[1]["text"]]
+    texts, skip = probe_texts("input", "mean+turn", prompts, None)
+    read = probe.encoder.features(texts, skip=skip, both=True, split=True)  # every depth, the probe's precision
+    expected = (
+        sum(((read[:, d] - probe.mean[d]) / probe.scale[d]) @ probe.weight[d].T + probe.bias[d] for d in (0, 1)) / 2
+    )
+    got = probe.predict(prompts)
+    assert [g["violation"] for g in got] == pytest.approx(torch.sigmoid(expected)[:, 0].tolist(), abs=1e-4)
+    single = load_classifier(tmp_path / "alone")
+    assert "ensemble" not in (tmp_path / "alone" / "classifier.json").read_text() and single.config.ensemble == []
+    assert [g["violation"] for g in got] != pytest.approx([s["violation"] for s in single.predict(prompts)], abs=1e-4)
+    assert "Linear probes on layers 1, 2" in (tmp_path / "both" / "README.md").read_text()
+    # a folder whose heads disagree with its ensemble is refused on load; so is an ensemble that is not one
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "both", broken)
+    from safetensors.torch import load_file, save_file
+
+    head = load_file(str(broken / "head.safetensors"))
+    save_file({k: v[:1].contiguous() for k, v in head.items()}, str(broken / "head.safetensors"))
+    with pytest.raises(ModelError, match="ensemble of 2 depths needs that many heads"):
+        load_classifier(broken)
+    for bad in ([2], [2, 1], [1, 3]):
+        with pytest.raises(ValueError, match="ascending, the deepest being layer"):
+            ProbeConfig(kind="input", layer=2, labels=["violation"], ensemble=bad)
+    with pytest.raises(RunError, match="cross-validation"):
+        train_probe(tmp_path, "input", tmp_path / "x", config.model_copy(update={"ensemble": True}))
+    # through the command: one depth, or no folds, is refused
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--ensemble"]
+    done = cli_runner.invoke(cli, [*args, "--layers", "1,2", "--folds", "4", "--out", str(tmp_path / "cli")])
+    assert done.exit_code == 0, done.output
+    assert "ensemble of layers 1, 2: cross-validated AUC" in done.output
+    assert load_classifier(tmp_path / "cli").config.ensemble == [1, 2]
+    for bad, why in ((["--layers", "2"], "two or more depths"), (["--layers", "1,2", "--folds", "0"], "needs --folds")):
+        refused = cli_runner.invoke(cli, [*args, *bad, "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and why in refused.output

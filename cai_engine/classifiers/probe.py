@@ -97,6 +97,11 @@ class ProbeConfig(BaseModel):
         "and open the answer ('\\nAssistant:'), the request read as context; 'mean+turn' (input probes): both "
         "averages from one pass, the request's tokens and the answer's opening, side by side (twice the features).",
     )
+    ensemble: list[int] = Field(
+        default_factory=list,
+        description="Depths whose heads are averaged (the mean of their logits), the deepest being ``layer``; empty: "
+        "one head, on ``layer``'s output. The head's tensors then carry one row per depth.",
+    )
     max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
     labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
     thresholds: dict[str, float] = Field(default_factory=dict, description="Calibrated decision thresholds.")
@@ -112,13 +117,25 @@ class ProbeConfig(BaseModel):
             raise ValueError(
                 f"pooling {self.pooling!r} is for input classifiers (an output classifier reads a reply there)"
             )
+        if self.ensemble and (
+            len(self.ensemble) < 2
+            or sorted(set(self.ensemble)) != self.ensemble
+            or min(self.ensemble) < 1
+            or self.ensemble[-1] != self.layer
+            or self.method != "probe"
+        ):
+            raise ValueError(
+                f"ensemble {self.ensemble}: two or more depths, ascending, the deepest being layer ({self.layer}), "
+                "for a probe"
+            )
         return self
 
     def to_json(self) -> str:
-        """``classifier.json``'s text. ``base_weights`` and ``pooling`` are written only when they differ from their
-        defaults, so such a classifier's folder stays readable by releases before the fields (they forbid unknown
-        keys)."""
+        """``classifier.json``'s text. ``base_weights``, ``pooling`` and ``ensemble`` are written only when they differ
+        from their defaults, so such a classifier's folder stays readable by releases before the fields (they forbid
+        unknown keys)."""
         skip = {k for k, default in (("base_weights", "float"), ("pooling", "mean")) if getattr(self, k) == default}
+        skip |= set() if self.ensemble else {"ensemble"}
         return self.model_dump_json(indent=2, exclude=skip or None) + "\n"
 
 
@@ -471,7 +488,13 @@ class Probe:
         (folder / CONFIG).write_text(self.config.to_json(), encoding="utf-8")
 
     def logits_from_features(self, features: Any) -> Any:
-        """``features``: ``[n, hidden]`` pooled activations of the probe's layer."""
+        """``features``: ``[n, hidden]`` pooled activations of the probe's layer, or for an ensemble ``[n, depths,
+        hidden]``, those of each depth it averages (each depth's head scores its own, and the logits are averaged)."""
+        import torch
+
+        if self.config.ensemble:
+            by_depth = torch.einsum("ndh,dlh->ndl", (features - self.mean) / self.scale, self.weight) + self.bias
+            return by_depth.mean(1)
         return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
 
     def predict(self, prompts: Sequence[str], replies: Sequence[str] | None = None) -> list[dict[str, float]]:
@@ -481,15 +504,18 @@ class Probe:
         if not prompts:
             return []
         texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies)
-        # the shared encoder has exactly the probe's depth: its last layer is the one the head reads
+        # the shared encoder has exactly the probe's depth: its last layer is the one the head reads (an ensemble
+        # reads the shallower depths it averages from the same pass)
+        depths = self.config.ensemble
         features = self.encoder.features(
             texts,
             max_tokens=self.config.max_tokens,
-            last_only=True,
+            last_only=not depths,
             skip=skip,
             both=self.config.pooling == "mean+turn",
             split=self.config.pooling in TURN_POOLINGS,
-        )[:, -1]
+        )
+        features = features[:, [d - 1 for d in depths]] if depths else features[:, -1]
         if features.shape[-1] != self.mean.shape[-1]:
             raise ModelError(
                 f"{self.folder or 'this classifier'}: its head reads {self.mean.shape[-1]} features, but "
@@ -510,19 +536,25 @@ def _check_head(folder: Path, config: ProbeConfig, weights: dict[str, Any]) -> N
     if missing:
         raise ModelError(f"{folder / WEIGHTS}: lacks {', '.join(missing)}; rebuild the classifier")
     shapes = {k: tuple(weights[k].shape) for k in ("mean", "scale", "weight", "bias")}
-    wanted = {"mean": 1, "scale": 1, "weight": 2, "bias": 1}
+    stacked = 1 if config.ensemble else 0  # an ensemble's tensors carry one row per depth first
+    wanted = {"mean": 1 + stacked, "scale": 1 + stacked, "weight": 2 + stacked, "bias": 1 + stacked}
     wrong = [f"{k} has {len(shapes[k])} dimensions, not {n}" for k, n in wanted.items() if len(shapes[k]) != n]
     if wrong:
         raise ModelError(f"{folder / WEIGHTS}: {'; '.join(wrong)}; rebuild the classifier")
     width = weights["mean"].shape[-1]
     problems = []
+    if stacked and any(shape[0] != len(config.ensemble) for shape in shapes.values()):
+        problems.append(
+            f"an ensemble of {len(config.ensemble)} depths needs that many heads, but the tensors hold "
+            f"{sorted({shape[0] for shape in shapes.values()})}"
+        )
     if weights["scale"].shape[-1] != width or weights["weight"].shape[-1] != width:
         problems.append(
             f"mean, scale and weight are {width}, {weights['scale'].shape[-1]} and {weights['weight'].shape[-1]} wide"
         )
-    if weights["weight"].shape[0] != len(config.labels) or weights["bias"].shape[-1] != len(config.labels):
+    if weights["weight"].shape[-2] != len(config.labels) or weights["bias"].shape[-1] != len(config.labels):
         problems.append(
-            f"the head has {weights['weight'].shape[0]} weight rows and {weights['bias'].shape[-1]} biases for "
+            f"the head has {weights['weight'].shape[-2]} weight rows and {weights['bias'].shape[-1]} biases for "
             f"{len(config.labels)} labels"
         )
     if config.pooling == "mean+turn" and width % 2:
@@ -558,7 +590,12 @@ def base_model_sha256(base_model: str) -> str | None:
 def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
-    keys = ("kind", "method", "base_model", "layer", "base_weights", "pooling", "thresholds")
+    keys = ("kind", "method", "base_model", "layer", "ensemble", "base_weights", "pooling", "thresholds")
     probe = data.get("method", "probe") == "probe"
-    defaults = {"method": "probe", "base_weights": "float" if probe else None, "pooling": "mean" if probe else None}
+    defaults = {
+        "method": "probe",
+        "base_weights": "float" if probe else None,
+        "pooling": "mean" if probe else None,
+        "ensemble": [] if probe else None,
+    }
     return {"path": str(folder), **{k: data.get(k, defaults.get(k)) for k in keys}}

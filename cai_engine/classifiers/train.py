@@ -84,6 +84,12 @@ class TrainConfig(BaseModel):
         "on float32 activations.",
     )
     min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
+    ensemble: bool = Field(
+        False,
+        description="Keep a head on every depth of ``layers``, each at its own best penalty, and average their logits, "
+        "instead of keeping the best depth (cross-validated training only). The deepest sets how many layers run; the "
+        "shallower ones are read from the same pass.",
+    )
 
 
 def _encoder_precision(config: TrainConfig) -> str:
@@ -265,6 +271,10 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
 
     import torch
 
+    if config.ensemble:
+        raise RunError(
+            "an ensemble of depths is chosen by cross-validation: train it with cai classifiers train --folds K"
+        )
     dataset = Path(dataset)
     train, test, measured_on = read_split(dataset, kind, config.train_on)
     pooling = _pooling(config, kind)
@@ -468,6 +478,20 @@ def train_probe_cv(
     scored = {v: a for (k, v), a in by_l2.items() if k == layer and a is not None}
     l2 = max(scored, key=lambda v: scored[v])
     runs = cached[layer, l2]
+    depths = sorted(set(config.layers)) if config.ensemble else []
+    if depths:  # every depth at its own best penalty, their logits averaged
+        if len(depths) < 2:
+            raise RunError(f"an ensemble averages two or more depths; layers gives {depths}")
+        penalty = {k: max((v for k2, v in by_l2 if k2 == k), key=lambda v: by_l2[k, v] or 0.0) for k in depths}
+        runs = [
+            torch.sigmoid(
+                torch.stack([torch.logit(torch.tensor(cached[k, penalty[k]][r]), eps=1e-7) for k in depths]).mean(0)
+            ).tolist()
+            for r in range(repeats)
+        ]
+        layer, l2 = depths[-1], penalty[depths[-1]]
+        ensemble_auc = mean_auc(runs)
+        echo(f"  ensemble of layers {', '.join(map(str, depths))}: cross-validated AUC {ensemble_auc}")
 
     def quantile(of: list[list[float]]) -> float:  # over the harmless scores of the runs ``of``, pooled
         return false_alarm_cut([v for scores in of for v, y in zip(scores, labels) if not y], config.false_alarm_rate)
@@ -483,7 +507,11 @@ def train_probe_cv(
     pooled = [(sum(v) / len(v), label_of[g]) for g, v in by_group.items()]
     caught = sum(1 for v, y in pooled if y and v > threshold)
     alarms = sum(1 for v, y in pooled if not y and v > threshold)
-    mean, scale, weight, bias = fit_head(x_all[:, layer - 1], y_all, l2)
+    if depths:
+        heads = [fit_head(x_all[:, k - 1], y_all, penalty[k]) for k in depths]
+        mean, scale, weight, bias = (torch.stack([head[i] for head in heads]) for i in range(4))
+    else:
+        mean, scale, weight, bias = fit_head(x_all[:, layer - 1], y_all, l2)
     metrics = {
         "method": "probe",
         "selection": f"{folds}-fold cross-validation"
@@ -493,11 +521,16 @@ def train_probe_cv(
         **_how_read(config, kind),
         "l2": l2,
         "l2_auc": {f"{k}:{v:g}": a for (k, v), a in by_l2.items()},
+        **(
+            {"ensemble": {"layers": depths, "l2": {str(k): penalty[k] for k in depths}, "auc": ensemble_auc}}
+            if depths
+            else {}
+        ),
         "threshold": threshold,
         **({"threshold_by_repeat": [quantile([scores]) for scores in runs]} if repeats > 1 else {}),
         "false_alarm_target": config.false_alarm_rate,
         "report_split": {
-            "auc": by_l2[layer, l2],
+            "auc": ensemble_auc if depths else by_l2[layer, l2],
             "recall": rate_entry(caught, per_label[1]),
             "false_alarms": rate_entry(alarms, per_label[0]),
             "note": "cross-validated scores; the threshold was set on them"
@@ -515,6 +548,7 @@ def train_probe_cv(
         base_model=config.base_model,
         base_model_sha256=base_model_sha256(config.base_model),
         layer=layer,
+        ensemble=depths,
         base_weights=config.base_weights,
         pooling=pooling,
         max_tokens=config.max_tokens,
@@ -583,7 +617,12 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     )
     from_cases = config.data.get("dataset_report", {}).get("source") == "cases"
     what = (
-        f"A linear probe on the first {config.layer} layers of `{config.base_model}` ("
+        (
+            f"Linear probes on layers {', '.join(map(str, config.ensemble))} of `{config.base_model}`, their logits "
+            "averaged ("
+            if config.ensemble
+            else f"A linear probe on the first {config.layer} layers of `{config.base_model}` ("
+        )
         + {
             "reply": "activations averaged over the reply's tokens",
             "turn": "activations averaged over the tokens that open the answer, after the request",

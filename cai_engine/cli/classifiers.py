@@ -320,6 +320,13 @@ def _written(value: str) -> dict[str, str | None]:
     "the reported recall and false alarms average each case over the draws. The activations are read once, the "
     "heads fitted R times as often. With --folds K only.",
 )
+@click.option(
+    "--ensemble",
+    is_flag=True,
+    help="Keep a head on every depth of --layers (each at its own cross-validated penalty) and average their logits, "
+    "instead of keeping the best depth; the threshold is set on the averaged scores. The deepest depth sets the cost: "
+    "the shallower ones are read from the same pass. With --folds K only.",
+)
 @click.option("--test-share", type=float, default=0.25, show_default=True, help="Share held out when --folds is 0.")
 @click.option("--false-alarms", type=float, default=0.05, show_default=True, help="Threshold calibration target.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split (the first fold assignment).")
@@ -355,6 +362,7 @@ def train_command(
     l2,
     folds,
     repeats,
+    ensemble,
     test_share,
     false_alarms,
     seed,
@@ -401,6 +409,17 @@ def train_command(
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
     if repeats > 1 and not folds:
         raise click.BadParameter("needs --folds K: a held-out split is drawn once", param_hint="--repeats")
+    depths = (
+        sorted({int(x) for x in layers.split(",") if x.strip()}) if layers.replace(",", "").strip().isdigit() else []
+    )
+    if ensemble and not folds:
+        raise click.BadParameter(
+            "needs --folds K: the depths' heads are chosen by cross-validation", param_hint="--ensemble"
+        )
+    if ensemble and len(depths) < 2:
+        raise click.BadParameter(
+            "averages two or more depths: give them with --layers (e.g. 16,20)", param_hint="--ensemble"
+        )
     if pooling == "reply" and kind == "input":
         raise click.BadParameter(
             "an input classifier reads a request alone: no reply to average", param_hint="--pooling"
@@ -445,6 +464,7 @@ def train_command(
         base_weights="int8" if int8 else "float",
         output_pooling=pooling if kind == "output" else "mean",
         input_pooling=pooling if kind == "input" else "mean",
+        ensemble=ensemble,
     )
 
     balance = endings == "balance" and kind == "input"
