@@ -2104,7 +2104,9 @@ def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_ru
     args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--ensemble"]
     done = cli_runner.invoke(cli, [*args, "--layers", "1,2", "--folds", "4", "--out", str(tmp_path / "cli")])
     assert done.exit_code == 0, done.output
-    assert "ensemble of layers 1, 2: cross-validated AUC" in done.output
+    assert (
+        "ensemble of layers 1, 2: cross-validated AUC" in done.output and ", logits averaged, threshold" in done.output
+    )
     assert load_classifier(tmp_path / "cli").config.ensemble == [1, 2]
     for bad, why in ((["--layers", "2"], "two or more depths"), (["--layers", "1,2", "--folds", "0"], "needs --folds")):
         refused = cli_runner.invoke(cli, [*args, *bad, "--out", str(tmp_path / "x")])

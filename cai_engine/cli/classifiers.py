@@ -503,8 +503,14 @@ def train_command(
         scored = metrics["report_split"]
         spread = metrics.get("threshold_by_repeat")
         alone = f" (each draw alone: {min(spread):.3f}-{max(spread):.3f})" if spread else ""
+        heads = metrics.get("ensemble")
+        chosen = (
+            "layers " + ", ".join(f"{k} (L2 {v:g})" for k, v in heads["l2"].items()) + ", logits averaged"
+            if heads
+            else f"layer {metrics['layer']}, L2 {metrics['l2']:g}"
+        )
         click.echo(
-            f"{kind} probe: layer {metrics['layer']}, L2 {metrics['l2']:g}, threshold {metrics['threshold']:.3f}"
+            f"{kind} probe: {chosen}, threshold {metrics['threshold']:.3f}"
             f"{alone}; "
             f"cross-validated AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
             f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
