@@ -58,7 +58,7 @@ def main() -> None:
     ceiling = min(t for t in candidates if all(sum(v > t for v in scored[s]) <= allowed[s] for s in BENIGN))
     config = probe.config
     print(
-        f"{args.classifier}: {config.base_model}, depth {config.layer}, cross-validated AUC "
+        f"{args.classifier}: {config.base_model}, depth {config.ensemble or config.layer}, cross-validated AUC "
         f"{config.metrics.get('report_split', {}).get('auc')}"
     )
     for name, cut in (

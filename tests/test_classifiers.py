@@ -2021,13 +2021,21 @@ def test_an_input_probe_can_train_on_balanced_endings(tiny_model, tmp_path, cli_
 def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_runner, monkeypatch):
     """--ensemble: a head on every depth of --layers, each at its own cross-validated penalty; the probe's score is
     the mean of their logits, read from one pass of the deepest, and its threshold is set on the averaged
-    cross-validated scores."""
+    cross-validated scores (the heads' raw logits averaged, as scoring averages them, in every draw of the folds)."""
     import torch
 
-    from cai_engine.classifiers import train as train_module
     from cai_engine.classifiers.load import load_classifier
     from cai_engine.classifiers.probe import ProbeConfig, describe, probe_texts
-    from cai_engine.classifiers.train import TrainConfig, train_probe, train_probe_cv
+    from cai_engine.classifiers.train import (
+        TrainConfig,
+        auc,
+        cv_folds,
+        false_alarm_cut,
+        fit_head,
+        probe_inputs,
+        train_probe,
+        train_probe_cv,
+    )
     from cai_engine.cli import cli
     from cai_engine.errors import ModelError, RunError
 
@@ -2041,29 +2049,53 @@ def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_ru
             {"request_id": str(i), "principle_id": None, "augmentation": "plain", "label": int(bad), "text": text}
         )
         lines.append(json.dumps({"prompt": text, "harmful": bad}))
-    config = TrainConfig(base_model=str(tiny_model), layers=[2, 1], l2=[0.1, 10], input_pooling="mean+turn")
-    scored: list[list[float]] = []
-    auc = train_module.auc
-    monkeypatch.setattr(train_module, "auc", lambda s, y: scored.append(list(s)) or auc(s, y))
+    # a penalty weak enough that some heads' logits pass 16, where float32 probabilities round to 0 or 1
+    config = TrainConfig(base_model=str(tiny_model), layers=[2, 1], l2=[1e-4, 10], input_pooling="mean+turn")
     quiet = {"folds": 4, "echo": lambda *_: None}
     alone = train_probe_cv(rows, "input", tmp_path / "alone", config, **quiet)
-    scored.clear()
-    metrics = train_probe_cv(rows, "input", tmp_path / "both", config.model_copy(update={"ensemble": True}), **quiet)
+    both = config.model_copy(update={"ensemble": True})
+    from cai_engine.classifiers import train as train_module
+
+    cut, cuts = train_module.false_alarm_cut, []
+    monkeypatch.setattr(train_module, "false_alarm_cut", lambda h, rate: cuts.append(list(h)) or cut(h, rate))
+    metrics = train_probe_cv(rows, "input", tmp_path / "both", both, repeats=2, **quiet)
     monkeypatch.undo()
-    # the grid is the same; each depth keeps its own best penalty, and the ensemble's AUC is that of the averaged logits
-    assert metrics["l2_auc"] == alone["l2_auc"]
+    # the grid is the one a single depth is chosen on; each depth keeps its own best penalty (the first best, in the
+    # order of --l2), and the probe's layer is the deepest
+    assert metrics["l2_auc"].keys() == alone["l2_auc"].keys() and metrics["layer"] == 2
     penalty = metrics["ensemble"]["l2"]
+    assert metrics["l2"] == penalty["2"] and metrics["ensemble"]["layers"] == [1, 2]
     for depth in ("1", "2"):
-        best = max(v for k, v in alone["l2_auc"].items() if k.startswith(f"{depth}:"))
-        assert alone["l2_auc"][f"{depth}:{penalty[depth]:g}"] == best
-    by_depth = {k: scored[[0.1, 10].index(penalty[str(k)]) + 2 * (k - 1)] for k in (1, 2)}
-    logit = lambda v: torch.logit(torch.tensor(v), eps=1e-7)  # noqa: E731
-    averaged = torch.sigmoid((logit(by_depth[1]) + logit(by_depth[2])) / 2).tolist()
+        grid = {float(k.split(":")[1]): v for k, v in metrics["l2_auc"].items() if k.startswith(f"{depth}:")}
+        assert penalty[depth] == max(grid, key=grid.get)
+    # recomputed apart: each draw's fold heads, their raw logits averaged per case
     labels = [r["label"] for r in rows]
-    assert metrics["ensemble"]["auc"] == pytest.approx(auc(averaged, labels))
+    texts, skip = probe_inputs(rows, "input", "mean+turn")
+    from cai_engine.classifiers.probe import Encoder
+
+    x = Encoder(str(tiny_model), 2, "float32").features(texts, skip=skip, both=True, split=True)
+    y = torch.tensor([[float(v)] for v in labels])
+    runs, largest = [], 0.0
+    for seed in (0, 1):
+        fold_of = cv_folds(labels, [("row", n) for n in range(len(rows))], 4, seed)
+        logits = torch.zeros((2, len(rows)), dtype=torch.float64)
+        for d in (1, 2):
+            for fold in range(4):
+                train = [i for i in range(len(rows)) if fold_of[i] != fold]
+                test = [i for i in range(len(rows)) if fold_of[i] == fold]
+                mean, scale, weight, bias = fit_head(x[train, d - 1], y[train], penalty[str(d)])
+                logits[d - 1, test] = ((((x[test, d - 1] - mean) / scale) @ weight.T + bias)[:, 0]).double()
+        largest = max(largest, float(logits.abs().max()))
+        runs.append(torch.sigmoid(logits.mean(0)).tolist())
+    assert largest > 17  # past float32's probabilities: logits recovered from them would differ
+    assert metrics["ensemble"]["auc"] == pytest.approx(sum(auc(run, labels) for run in runs) / 2)
     assert metrics["report_split"]["auc"] == metrics["ensemble"]["auc"]
-    harmless = sorted(v for v, y in zip(averaged, labels) if not y)
-    assert metrics["threshold"] == pytest.approx(harmless[min(len(harmless) - 1, int(0.95 * len(harmless)))])
+    harmless = [v for run in runs for v, label in zip(run, labels) if not label]
+    assert cuts[0] == pytest.approx(harmless, rel=1e-5, abs=1e-9)  # the threshold's scores, case by case
+    assert metrics["threshold"] == pytest.approx(false_alarm_cut(harmless, 0.05))
+    assert metrics["threshold_by_repeat"] == pytest.approx(
+        [false_alarm_cut([v for v, label in zip(run, labels) if not label], 0.05) for run in runs]
+    )
     # the folder: one head per depth, stacked; scoring averages the depths' logits from the deepest's one pass
     probe = load_classifier(tmp_path / "both")
     assert (
@@ -2093,21 +2125,28 @@ def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_ru
     save_file({k: v[:1].contiguous() for k, v in head.items()}, str(broken / "head.safetensors"))
     with pytest.raises(ModelError, match="ensemble of 2 depths needs that many heads"):
         load_classifier(broken)
-    for bad in ([2], [2, 1], [1, 3]):
-        with pytest.raises(ValueError, match="ascending, the deepest being layer"):
+    for bad, why in (([2], "two or more"), ([2, 1], "ascending"), ([1, 1, 2], "ascending"), ([1, 3], "be layer")):
+        with pytest.raises(ValueError, match=why):
             ProbeConfig(kind="input", layer=2, labels=["violation"], ensemble=bad)
     with pytest.raises(RunError, match="cross-validation"):
         train_probe(tmp_path, "input", tmp_path / "x", config.model_copy(update={"ensemble": True}))
-    # through the command: one depth, or no folds, is refused
+    with pytest.raises(RunError, match="two or more depths"):
+        train_probe_cv(rows, "input", tmp_path / "x", both.model_copy(update={"layers": [2, 2]}), **quiet)
+    # through the command (depths written with spaces too): one depth, or no folds, is refused
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--ensemble"]
-    done = cli_runner.invoke(cli, [*args, "--layers", "1,2", "--folds", "4", "--out", str(tmp_path / "cli")])
+    done = cli_runner.invoke(cli, [*args, "--layers", "1, 2", "--folds", "4", "--out", str(tmp_path / "cli")])
     assert done.exit_code == 0, done.output
     assert (
         "ensemble of layers 1, 2: cross-validated AUC" in done.output and ", logits averaged, threshold" in done.output
     )
     assert load_classifier(tmp_path / "cli").config.ensemble == [1, 2]
-    for bad, why in ((["--layers", "2"], "two or more depths"), (["--layers", "1,2", "--folds", "0"], "needs --folds")):
+    for bad, why in (
+        (["--layers", "2"], "two or more depths"),
+        (["--layers", "2,2"], "two or more depths"),
+        (["--layers", "1,2", "--folds", "0"], "needs --folds"),
+        (["--layers", "one,two"], "give depths as numbers"),
+    ):
         refused = cli_runner.invoke(cli, [*args, *bad, "--out", str(tmp_path / "x")])
         assert refused.exit_code == 2 and why in refused.output

@@ -100,7 +100,7 @@ class ProbeConfig(BaseModel):
     ensemble: list[int] = Field(
         default_factory=list,
         description="Depths whose heads are averaged (the mean of their logits), the deepest being ``layer``; empty: "
-        "one head, on ``layer``'s output. The head's tensors then carry one row per depth.",
+        "one head, on ``layer``'s output. When set, the head's tensors carry one row per depth.",
     )
     max_tokens: int = Field(256, ge=8, description="Longer texts keep their first and last tokens.")
     labels: list[str] = Field(description="Label names; the first, 'violation', is the overall one.")
@@ -117,17 +117,22 @@ class ProbeConfig(BaseModel):
             raise ValueError(
                 f"pooling {self.pooling!r} is for input classifiers (an output classifier reads a reply there)"
             )
-        if self.ensemble and (
-            len(self.ensemble) < 2
-            or sorted(set(self.ensemble)) != self.ensemble
-            or min(self.ensemble) < 1
-            or self.ensemble[-1] != self.layer
-            or self.method != "probe"
-        ):
-            raise ValueError(
-                f"ensemble {self.ensemble}: two or more depths, ascending, the deepest being layer ({self.layer}), "
-                "for a probe"
+        if self.ensemble:
+            problem = (
+                "averages two or more depths"
+                if len(self.ensemble) < 2
+                else "depths must be ascending, without repeats"
+                if sorted(set(self.ensemble)) != self.ensemble
+                else "depths start at 1"
+                if min(self.ensemble) < 1
+                else f"its deepest must be layer ({self.layer})"
+                if self.ensemble[-1] != self.layer
+                else "is for a probe (method probe)"
+                if self.method != "probe"
+                else None
             )
+            if problem:
+                raise ValueError(f"ensemble {self.ensemble}: {problem}")
         return self
 
     def to_json(self) -> str:
@@ -437,6 +442,9 @@ class Probe:
     def encoder(self) -> Encoder:
         if self._encoder is None:
             self._encoder = Encoder.shared(self.config.base_model, self.config.layer, self.precision, self.compile)
+            if self.config.ensemble and self._encoder.compiled:  # compiled for one layer's output: warm the rest up
+                for batch in ([_WARM_UP], [_WARM_UP, _WARM_UP + " " + _WARM_UP]):
+                    self._encoder.features(batch)
         return self._encoder
 
     @classmethod

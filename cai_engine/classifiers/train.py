@@ -431,6 +431,8 @@ def train_probe_cv(
 
     if repeats < 1:
         raise RunError(f"repeats must be at least 1, not {repeats}")
+    if config.ensemble and len(set(config.layers)) < 2:
+        raise RunError(f"an ensemble averages two or more depths; layers gives {sorted(set(config.layers))}")
     labels = [int(r["label"]) for r in rows]
     groups = [r.get("group", ("row", n)) for n, r in enumerate(rows)]
     per_label = [len({g for g, y in zip(groups, labels) if y == label}) for label in (0, 1)]
@@ -448,15 +450,18 @@ def train_probe_cv(
     x_all = _read(encoder, texts, skip, config, pooling, f"{kind} activations")
     y_all = torch.tensor([[float(v)] for v in labels])
 
+    raw: dict[tuple[int, float], list[list[float]]] = {}  # the heads' logits, which an ensemble averages
+
     def cv_scores(layer: int, l2: float, fold_of: list[int]) -> list[float]:
-        scores = [0.0] * len(rows)
+        scores, logits = [0.0] * len(rows), [0.0] * len(rows)
         for fold in range(folds):
             train = [i for i in range(len(rows)) if fold_of[i] != fold]
             test = [i for i in range(len(rows)) if fold_of[i] == fold]
             mean, scale, weight, bias = fit_head(x_all[train, layer - 1], y_all[train], l2)
-            fold_scores = torch.sigmoid(((x_all[test, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0].tolist()
-            for i, value in zip(test, fold_scores):
-                scores[i] = value
+            fold_logits = (((x_all[test, layer - 1] - mean) / scale) @ weight.T + bias)[:, 0]
+            for i, value, logit in zip(test, torch.sigmoid(fold_logits).tolist(), fold_logits.tolist()):
+                scores[i], logits[i] = value, logit
+        raw.setdefault((layer, l2), []).append(logits)
         return scores
 
     def mean_auc(runs: list[list[float]]) -> float | None:
@@ -479,14 +484,12 @@ def train_probe_cv(
     l2 = max(scored, key=lambda v: scored[v])
     runs = cached[layer, l2]
     depths = sorted(set(config.layers)) if config.ensemble else []
-    if depths:  # every depth at its own best penalty, their logits averaged
-        if len(depths) < 2:
-            raise RunError(f"an ensemble averages two or more depths; layers gives {depths}")
-        penalty = {k: max((v for k2, v in by_l2 if k2 == k), key=lambda v: by_l2[k, v] or 0.0) for k in depths}
+    if depths:  # every depth at its own best penalty (the first best in the order of l2, as for one depth)
+        penalty = {k: max((v for v in config.l2 if by_l2[k, v] is not None), key=lambda v: by_l2[k, v]) for k in depths}
+        # the heads' raw logits averaged, as Probe.predict averages them (not logits recovered from probabilities,
+        # which float32 rounds to 0 or 1 past about 16)
         runs = [
-            torch.sigmoid(
-                torch.stack([torch.logit(torch.tensor(cached[k, penalty[k]][r]), eps=1e-7) for k in depths]).mean(0)
-            ).tolist()
+            torch.sigmoid(torch.tensor([raw[k, penalty[k]][r] for k in depths], dtype=torch.float64).mean(0)).tolist()
             for r in range(repeats)
         ]
         layer, l2 = depths[-1], penalty[depths[-1]]
@@ -668,7 +671,8 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
             + (
                 (
                     f", every case scored once in each of {repeated} draws of {report_folds}-fold cross-validation "
-                    "(stratified, seeded; depth, penalty and threshold chosen on every draw together, the reported "
+                    "(stratified, seeded; depth (or each averaged depth's penalty), penalty and threshold chosen on "
+                    "every draw together, the reported "
                     "recall and false alarms averaging a case over the draws)"
                     if (repeated := config.data["dataset_report"].get("repeats", 1)) > 1
                     else f", every case scored once by {report_folds}-fold cross-validation (stratified, seeded)"
@@ -710,6 +714,15 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         f"- recall: {_fmt(report.get('recall', {}))}",
         f"- false alarms: {_fmt(report.get('false_alarms', {}))}",
         *([f"- held-out AUC by layer: {m.get('layer_auc')}"] if "layer_auc" in m else []),
+        *(
+            [
+                f"- heads averaged: layers {', '.join(m['ensemble']['l2'])} at L2 "
+                f"{', '.join(f'{v:g}' for v in m['ensemble']['l2'].values())}, cross-validated AUC of their mean "
+                f"{m['ensemble']['auc']}"
+            ]
+            if "ensemble" in m
+            else []
+        ),
         "",
         "These are measured on held-out data from the same source; see `cai classifiers eval` for data",
         "nobody here wrote.",

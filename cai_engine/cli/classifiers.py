@@ -298,7 +298,12 @@ def _written(value: str) -> dict[str, str | None]:
     show_default=True,
     help="output: an exchange (prompt and response) -> violates; input: a request alone -> harmful.",
 )
-@click.option("--layers", default="4,6,8,12", show_default=True, help="Probe depths to measure; the best is kept.")
+@click.option(
+    "--layers",
+    default="4,6,8,12",
+    show_default=True,
+    help="Probe depths to measure; the best is kept (with --ensemble, every one, their heads averaged).",
+)
 @click.option(
     "--l2", default="0.1,0.3,1,3,10,30,100", show_default=True, help="L2 penalties to measure with each depth."
 )
@@ -307,7 +312,8 @@ def _written(value: str) -> dict[str, str | None]:
     type=int,
     default=5,
     show_default=True,
-    help="Choose depth, penalty and threshold by K-fold cross-validation, then train on every case; 0: hold out "
+    help="Choose depth (with --ensemble, each depth's penalty), penalty and threshold by K-fold cross-validation, then "
+    "train on every case; 0: hold out "
     "--test-share instead (for thousands of cases).",
 )
 @click.option(
@@ -383,7 +389,8 @@ def train_command(
     build's wrappers and spellings. A case whose prompt is a near-copy of an evaluation prompt (the held-out sets,
     HarmBench, Do-Not-Answer) is dropped, as in a build, and named. With --folds K (default 5) every case is scored
     once by a head that did not see it (with --repeats R, once in each of R fold draws); those scores choose the
-    depth and L2 penalty and set the threshold at --false-alarms, and the head is then fitted on all cases. With
+    depth and L2 penalty (with --ensemble, each depth's penalty; their heads' logits are averaged) and set the
+    threshold at --false-alarms, and the head is then fitted on all cases. With
     --folds 0 a share of the cases (--test-share, by a seeded hash) is held out instead. Measure it afterwards on
     cases written after it: `cai classifiers eval OUT --cases FILE`, or beside a domain check, `cai checks eval
     --check NAME --cases FILE --classifier OUT`.
@@ -409,14 +416,15 @@ def train_command(
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
     if repeats > 1 and not folds:
         raise click.BadParameter("needs --folds K: a held-out split is drawn once", param_hint="--repeats")
-    depths = (
-        sorted({int(x) for x in layers.split(",") if x.strip()}) if layers.replace(",", "").strip().isdigit() else []
-    )
+    try:
+        depths = [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{layers!r}: give depths as numbers, e.g. 16,20", param_hint="--layers") from None
     if ensemble and not folds:
         raise click.BadParameter(
             "needs --folds K: the depths' heads are chosen by cross-validation", param_hint="--ensemble"
         )
-    if ensemble and len(depths) < 2:
+    if ensemble and len(set(depths)) < 2:
         raise click.BadParameter(
             "averages two or more depths: give them with --layers (e.g. 16,20)", param_hint="--ensemble"
         )
@@ -458,7 +466,7 @@ def train_command(
     removed = _drop_evaluation_copies(rows)
     config = TrainConfig(
         base_model=base_model,
-        layers=[int(x) for x in layers.split(",") if x.strip()],
+        layers=depths,
         l2=[float(x) for x in l2.split(",") if x.strip()],
         false_alarm_rate=false_alarms,
         base_weights="int8" if int8 else "float",
@@ -563,7 +571,8 @@ def train_command(
 @classifiers_group.command("list")
 @click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
 def list_command(folders) -> None:
-    """Classifier folders (under runs/classifiers by default) with their kind, base model, layer and thresholds."""
+    """Classifier folders (under runs/classifiers by default) with their kind, base model, layer (and the depths an
+    ensemble averages) and thresholds."""
     from cai_engine.classifiers.probe import CONFIG, describe
 
     roots = folders or (Path("runs") / "classifiers",)
