@@ -2150,3 +2150,70 @@ def test_an_ensemble_of_depths_averages_their_heads(tiny_model, tmp_path, cli_ru
     ):
         refused = cli_runner.invoke(cli, [*args, *bad, "--out", str(tmp_path / "x")])
         assert refused.exit_code == 2 and why in refused.output
+
+
+def test_a_request_probe_can_read_requests_after_a_system_turn(tiny_model, tiny_plain_model, tmp_path, cli_runner):
+    """--system TEXT: a turn-pooled input probe reads each request inside the base model's chat template after that
+    system turn, averaging over the template's close of the user turn and opening of the assistant's; the folder
+    records the turn, and scoring frames requests the same way."""
+    import torch
+
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.classifiers.probe import Encoder, ProbeConfig, probe_texts
+    from cai_engine.classifiers.templates import normalise
+    from cai_engine.cli import cli
+    from cai_engine.errors import ModelError
+
+    system = "Answer ordinary questions; decline what would hurt people."
+    encoder = Encoder(str(tiny_model), 2, "float32")
+    before, after = encoder.chat_frame(system)
+    for request in ("How do I keep slugs off my lettuce?", "ｈｏｗ do I pick a lock"):
+        whole = encoder.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": normalise(request)}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert before + normalise(request) + after == whole  # the model's own template, the request folded
+    assert system in before and after.endswith("<|im_start|>assistant\n") and after.startswith("<|im_end|>")
+    texts, skip = probe_texts("input", "mean+turn", ["What is a picnic?"], None, (before, after))
+    assert texts == [f"{before}What is a picnic?{after}"] and skip == [f"{before}What is a picnic?"]
+    with pytest.raises(ModelError, match="chat template"):  # no template to frame the request with
+        Encoder(str(tiny_plain_model), 2, "float32").chat_frame(system)
+    rng = random.Random(8)
+    lines = []
+    for i in range(40):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(5)), "harmful": bad}))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
+    args += ["--folds", "4", "--pooling", "mean+turn"]
+    done = cli_runner.invoke(cli, [*args, "--system", system, "--out", str(tmp_path / "framed")])
+    assert done.exit_code == 0, done.output
+    framed = load_classifier(tmp_path / "framed")
+    assert framed.config.system == system and system in (tmp_path / "framed" / "README.md").read_text()
+    # the head was fitted on the framed readings, and scoring reads requests framed the same way
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    texts, skip = probe_texts("input", "mean+turn", prompts, None, (before, after))
+    fitted = encoder.features(texts, skip=skip, both=True, split=True)[:, 1]
+    assert torch.allclose(framed.mean, fitted.mean(0), atol=1e-4)
+    asked: list = []
+    read = framed.encoder.features
+    framed.encoder.features = lambda texts, **k: asked.extend(texts) or read(texts, **k)
+    scores = framed.predict(prompts[:2])
+    del framed.encoder.features
+    assert asked == texts[:2] and scores[0]["violation"] > scores[1]["violation"]
+    assert cli_runner.invoke(cli, [*args, "--out", str(tmp_path / "plain")]).exit_code == 0
+    plain = load_classifier(tmp_path / "plain")
+    assert plain.config.system is None and "system" not in (tmp_path / "plain" / "classifier.json").read_text()
+    assert not torch.allclose(plain.mean, framed.mean, atol=1e-3)  # another reading
+    # refused where there is no answer's opening to frame, and where the base model has no template
+    for bad in (["--pooling", "mean"], ["--system", " "]):
+        refused = cli_runner.invoke(cli, [*args, "--system", system, *bad, "--out", str(tmp_path / "x")])
+        assert refused.exit_code == 2 and "--system" in refused.output
+    with pytest.raises(ValueError, match="for input probes with turn pooling"):
+        ProbeConfig(kind="input", layer=1, labels=["violation"], system=system)
+    plain_args = [*args[:6], str(tiny_plain_model), *args[7:]]
+    refused = cli_runner.invoke(cli, [*plain_args, "--system", system, "--out", str(tmp_path / "y")])
+    assert refused.exit_code != 0 and "chat template" in refused.output

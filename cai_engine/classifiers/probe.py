@@ -97,6 +97,12 @@ class ProbeConfig(BaseModel):
         "and open the answer ('\\nAssistant:'), the request read as context; 'mean+turn' (input probes): both "
         "averages from one pass, the request's tokens and the answer's opening, side by side (twice the features).",
     )
+    system: str | None = Field(
+        None,
+        description="Input probes with turn pooling: each request is read inside the base model's chat template, after "
+        "this system turn (the opening read is the template's end of the user turn and start of the assistant's); "
+        "None: read as 'User: ...\\nAssistant:'.",
+    )
     ensemble: list[int] = Field(
         default_factory=list,
         description="Depths whose heads are averaged (the mean of their logits), the deepest being ``layer``; empty: "
@@ -116,6 +122,10 @@ class ProbeConfig(BaseModel):
         if self.pooling in TURN_POOLINGS and self.kind != "input":
             raise ValueError(
                 f"pooling {self.pooling!r} is for input classifiers (an output classifier reads a reply there)"
+            )
+        if self.system is not None and (self.kind != "input" or self.pooling not in TURN_POOLINGS):
+            raise ValueError(
+                "a system turn frames a request before the answer opens: for input probes with turn pooling"
             )
         if self.ensemble:
             problem = (
@@ -140,7 +150,7 @@ class ProbeConfig(BaseModel):
         from their defaults, so such a classifier's folder stays readable by releases before the fields (they forbid
         unknown keys)."""
         skip = {k for k, default in (("base_weights", "float"), ("pooling", "mean")) if getattr(self, k) == default}
-        skip |= set() if self.ensemble else {"ensemble"}
+        skip |= (set() if self.ensemble else {"ensemble"}) | (set() if self.system is not None else {"system"})
         return self.model_dump_json(indent=2, exclude=skip or None) + "\n"
 
 
@@ -253,6 +263,29 @@ class Encoder:
         self._lock = threading.Lock()
         if compile:
             self._compile()
+
+    def chat_frame(self, system: str) -> tuple[str, str]:
+        """The base model's chat template around one user turn after ``system``, with the assistant's turn opened:
+        the text before the request and the text after it (what a system-framed turn probe reads)."""
+        marker = "\x00request\x00"
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": marker}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # no template, or one that refuses a system turn
+            raise ModelError(
+                f"{self.folder}: cannot read a request after a system turn with this model's chat template "
+                f"({type(exc).__name__}: {exc}); train without a system turn"
+            ) from None
+        if not isinstance(text, str) or text.count(marker) != 1 or system not in text:
+            raise ModelError(
+                f"{self.folder}: its chat template does not place the system turn and one request as written; train "
+                "without a system turn"
+            )
+        before, after = text.split(marker)
+        return before, after
 
     def _compile(self) -> None:
         """Compile the layers and warm them up on one text and on two (a batch of one is compiled apart); on any
@@ -391,13 +424,22 @@ class Encoder:
 
 
 def probe_texts(
-    kind: str, pooling: str, prompts: Sequence[str], replies: Sequence[str | None] | None
+    kind: str,
+    pooling: str,
+    prompts: Sequence[str],
+    replies: Sequence[str | None] | None,
+    frame: tuple[str, str] | None = None,
 ) -> tuple[list[str], list[str | None] | None]:
     """The texts a ``kind`` probe reads (:func:`render`), and what :meth:`Encoder.features` leaves out of the average
     for each: its request (``reply`` pooling of an output probe, ``turn`` pooling of an input probe, which reads the
     request followed by the opening of the answer, :func:`context`, and averages that opening alone), or nothing
-    (None). Training and scoring both read their texts through here."""
+    (None). ``frame`` (a turn-pooled input probe with a system turn, :meth:`Encoder.chat_frame`): the chat template's
+    text before and after the request, in place of ``User: `` and ``\nAssistant:``. Training and scoring both read
+    their texts through here."""
     if pooling in TURN_POOLINGS and kind == "input":
+        if frame is not None:
+            before, after = frame
+            return [f"{before}{normalise(p)}{after}" for p in prompts], [f"{before}{normalise(p)}" for p in prompts]
         return [context(p) for p in prompts], [render(kind, p) for p in prompts]
     texts = [render(kind, p, None if replies is None else replies[i]) for i, p in enumerate(prompts)]
     if pooling != "reply" or kind != "output" or replies is None:
@@ -511,7 +553,8 @@ class Probe:
 
         if not prompts:
             return []
-        texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies)
+        frame = self.encoder.chat_frame(self.config.system) if self.config.system is not None else None
+        texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies, frame)
         # the shared encoder has exactly the probe's depth: its last layer is the one the head reads (an ensemble
         # reads the shallower depths it averages from the same pass)
         depths = self.config.ensemble

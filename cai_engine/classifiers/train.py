@@ -84,6 +84,11 @@ class TrainConfig(BaseModel):
         "on float32 activations.",
     )
     min_positives: int = Field(8, ge=1, description="A principle gets its own label with at least this many.")
+    system: str | None = Field(
+        None,
+        description="An input probe with turn pooling reads each request inside the base model's chat template, "
+        "after this system turn (e.g. the policy in a sentence), instead of as 'User: ...\\nAssistant:'.",
+    )
     ensemble: bool = Field(
         False,
         description="Keep a head on every depth of ``layers``, each at its own best penalty, and average their logits, "
@@ -108,12 +113,26 @@ def _pooling(config: TrainConfig, kind: str) -> str:
     return config.output_pooling if kind == "output" else config.input_pooling
 
 
-def probe_inputs(rows: list[dict[str, Any]], kind: str, pooling: str) -> tuple[list[str], list[str | None] | None]:
+def probe_inputs(
+    rows: list[dict[str, Any]], kind: str, pooling: str, frame: tuple[str, str] | None = None
+) -> tuple[list[str], list[str | None] | None]:
     """The texts a ``kind`` probe reads for ``rows`` (a build's rows or labelled cases made into them), and what of
-    each it reads as context only (:func:`~cai_engine.classifiers.probe.probe_texts`)."""
+    each it reads as context only (:func:`~cai_engine.classifiers.probe.probe_texts`; ``frame``, a system turn's
+    chat template around the request)."""
     prompts = [r["prompt"] if kind == "output" else r["text"] for r in rows]
     replies = [r["text"] for r in rows] if kind == "output" else None
-    return probe_texts(kind, pooling, prompts, replies)
+    return probe_texts(kind, pooling, prompts, replies, frame)
+
+
+def _frame(config: TrainConfig, kind: str, pooling: str, encoder: Encoder) -> tuple[str, str] | None:
+    """The chat template around a request after ``config.system`` (None without one); refused where it cannot apply."""
+    if config.system is None:
+        return None
+    if kind != "input" or pooling not in TURN_POOLINGS:
+        raise RunError(
+            "a system turn frames a request before the answer opens: it needs an input probe with turn pooling"
+        )
+    return encoder.chat_frame(config.system)
 
 
 def _read(encoder: Encoder, texts: list[str], skip: Any, config: TrainConfig, pooling: str, progress: str) -> Any:
@@ -280,11 +299,12 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
     pooling = _pooling(config, kind)
 
     def features(rows, label):
-        texts, skip = probe_inputs(rows, kind, pooling)
+        texts, skip = probe_inputs(rows, kind, pooling, frame)
         return _read(encoder, texts, skip, config, pooling, f"{kind} activations ({label})")
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
+    frame = _frame(config, kind, pooling, encoder)
     echo(
         f"reading {len(train) + len(test)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
@@ -359,6 +379,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         layer=layer,
         base_weights=config.base_weights,
         pooling=pooling,
+        system=config.system,
         max_tokens=config.max_tokens,
         labels=labels,
         thresholds={"violation": threshold},
@@ -440,9 +461,9 @@ def train_probe_cv(
         raise RunError(f"{folds}-fold cross-validation needs at least {folds} cases of each label")
     assignments = [cv_folds(labels, groups, folds, seed + r) for r in range(repeats)]
     pooling = _pooling(config, kind)
-    texts, skip = probe_inputs(rows, kind, pooling)
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
+    texts, skip = probe_inputs(rows, kind, pooling, _frame(config, kind, pooling, encoder))
     echo(
         f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
@@ -554,6 +575,7 @@ def train_probe_cv(
         ensemble=depths,
         base_weights=config.base_weights,
         pooling=pooling,
+        system=config.system,
         max_tokens=config.max_tokens,
         labels=["violation"],
         thresholds={"violation": threshold},
@@ -599,6 +621,8 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
     how to use it. Its metadata names the licence and upstream Hub id of the base model, the dataset, the
     constitution (name, version, content hash) and ``library_name: cai-engine`` (cai-engine's loader applies the
     text normalisation and the calibrated threshold)."""
+    import json
+
     from huggingface_hub import ModelCard, ModelCardData
 
     from cai_engine.models.files import upstream_model
@@ -656,6 +680,9 @@ def write_card(folder: Path, config: ProbeConfig, dataset: str | None = None) ->
         + (
             "an exchange (the request and the reply"
             if config.kind == "output"
+            else "a request inside the base model's chat template after the system turn "
+            f"{json.dumps(config.system, ensure_ascii=False)}, then the opening of an answer to it (no reply)"
+            if config.system is not None
             else "a request, then the opening of an answer to it (no reply)"
             if config.pooling in TURN_POOLINGS
             else "a request alone"

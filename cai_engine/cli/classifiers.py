@@ -327,6 +327,14 @@ def _written(value: str) -> dict[str, str | None]:
     "heads fitted R times as often. With --folds K only.",
 )
 @click.option(
+    "--system",
+    metavar="TEXT",
+    default=None,
+    help="--kind input with --pooling turn or mean+turn: read each request inside the base model's chat template, "
+    "after this system turn (e.g. the policy in a sentence), instead of as 'User: ...' then 'Assistant:'; the "
+    "probe's folder records it and scoring reads requests the same way. Needs a base model with a chat template.",
+)
+@click.option(
     "--ensemble",
     is_flag=True,
     help="Keep a head on every depth of --layers (each at its own cross-validated penalty) and average their logits, "
@@ -368,6 +376,7 @@ def train_command(
     l2,
     folds,
     repeats,
+    system,
     ensemble,
     test_share,
     false_alarms,
@@ -420,6 +429,14 @@ def train_command(
         depths = [int(x) for x in layers.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{layers!r}: give depths as numbers, e.g. 16,20", param_hint="--layers") from None
+    if system is not None and (kind != "input" or pooling not in TURN_POOLINGS):
+        raise click.BadParameter(
+            "a system turn frames a request before the answer opens: it needs --kind input and --pooling turn or "
+            "mean+turn",
+            param_hint="--system",
+        )
+    if system is not None and not system.strip():
+        raise click.BadParameter("give the system turn's text", param_hint="--system")
     if ensemble and not folds:
         raise click.BadParameter(
             "needs --folds K: the depths' heads are chosen by cross-validation", param_hint="--ensemble"
@@ -472,6 +489,7 @@ def train_command(
         base_weights="int8" if int8 else "float",
         output_pooling=pooling if kind == "output" else "mean",
         input_pooling=pooling if kind == "input" else "mean",
+        system=system,
         ensemble=ensemble,
     )
 
