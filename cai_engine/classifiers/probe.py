@@ -100,8 +100,14 @@ class ProbeConfig(BaseModel):
     system: str | None = Field(
         None,
         description="Input probes with turn pooling: each request is read inside the base model's chat template, after "
-        "this system turn (the opening read is the template's end of the user turn and start of the assistant's); "
+        "this system turn (the opening read is the template's end of the user turn and start of the assistant's; "
+        "with mean+turn the first half averages the frame's tokens before the request with the request's); "
         "None: read as 'User: ...\\nAssistant:'.",
+    )
+    frame: list[str] | None = Field(
+        None,
+        description="With ``system``: the chat template's text before the request and after it, as training read them "
+        "(scoring reads the same text, whatever the template renders later).",
     )
     ensemble: list[int] = Field(
         default_factory=list,
@@ -127,6 +133,10 @@ class ProbeConfig(BaseModel):
             raise ValueError(
                 "a system turn frames a request before the answer opens: for input probes with turn pooling"
             )
+        if self.system is not None and not self.system.strip():
+            raise ValueError("system: an empty system turn; give its text, or none")
+        if (self.system is None) != (self.frame is None) or (self.frame is not None and len(self.frame) != 2):
+            raise ValueError("system and frame go together: the system turn, and the text before and after the request")
         if self.ensemble:
             problem = (
                 "averages two or more depths"
@@ -150,7 +160,7 @@ class ProbeConfig(BaseModel):
         from their defaults, so such a classifier's folder stays readable by releases before the fields (they forbid
         unknown keys)."""
         skip = {k for k, default in (("base_weights", "float"), ("pooling", "mean")) if getattr(self, k) == default}
-        skip |= (set() if self.ensemble else {"ensemble"}) | (set() if self.system is not None else {"system"})
+        skip |= (set() if self.ensemble else {"ensemble"}) | (set() if self.system is not None else {"system", "frame"})
         return self.model_dump_json(indent=2, exclude=skip or None) + "\n"
 
 
@@ -279,10 +289,10 @@ class Encoder:
                 f"{self.folder}: cannot read a request after a system turn with this model's chat template "
                 f"({type(exc).__name__}: {exc}); train without a system turn"
             ) from None
-        if not isinstance(text, str) or text.count(marker) != 1 or system not in text:
+        if not isinstance(text, str) or text.count(marker) != 1 or system not in text.split(marker)[0]:
             raise ModelError(
-                f"{self.folder}: its chat template does not place the system turn and one request as written; train "
-                "without a system turn"
+                f"{self.folder}: its chat template changes the system turn or the request (trims, escapes or moves "
+                "them), so the request cannot be framed after it as written; train without a system turn"
             )
         before, after = text.split(marker)
         return before, after
@@ -331,13 +341,26 @@ class Encoder:
             return _ENCODERS[key]
 
     def _ids(
-        self, text: str, max_tokens: int, skip: str | None = None, split: bool = False
+        self,
+        text: str,
+        max_tokens: int,
+        skip: str | None = None,
+        split: bool = False,
+        frame: tuple[str, str] | None = None,
     ) -> tuple[list[int], list[int]]:
         """The token ids read (a longer text keeps its first and last ``max_tokens // 2``) and, for each, 1 where it
         is averaged: every token, or those after ``skip``, a start of ``text`` read as context only (at least the last
         token is averaged; where ``skip``'s last token merges with the next, the merged token counts as averaged).
         ``split``: ``skip`` and the rest of ``text`` are tokenised apart, so no token straddles them (a tokenizer that
         merges "?" with a following newline would otherwise put the request's last character into the average)."""
+        if frame is not None and skip and text.startswith(skip) and skip.startswith(frame[0]):
+            # a system-framed request: the template's text before and after it whole, its own tokens read with any
+            # special-token spelling split (a request cannot close its turn or open another), and cut if long
+            before = self.tokenizer(frame[0], add_special_tokens=False)["input_ids"]
+            after = self.tokenizer(text[len(skip) :], add_special_tokens=False)["input_ids"]
+            request = self.tokenizer(skip[len(frame[0]) :], add_special_tokens=False, split_special_tokens=True)
+            request = _keep_ends(request["input_ids"], max(1, max_tokens - len(before) - len(after)))
+            return before + request + after, [0] * (len(before) + len(request)) + [1] * len(after)
         if split and skip and text.startswith(skip) and len(text) > len(skip):
             head = self.tokenizer(skip, add_special_tokens=False)["input_ids"]
             tail = self.tokenizer(text[len(skip) :], add_special_tokens=False)["input_ids"]
@@ -363,6 +386,7 @@ class Encoder:
         progress: str | None = None,
         both: bool = False,
         split: bool = False,
+        frame: tuple[str, str] | None = None,
     ) -> Any:
         """A tensor ``[len(texts), layers, hidden]``: each layer's output after the model's final norm, averaged over
         the text's tokens (``skip``: per text, a start of it read as context and left out of the average, or None).
@@ -371,7 +395,10 @@ class Encoder:
         reads thousands; scoring one text at a time shows none). ``both`` (with ``skip``): ``[..., 2 * hidden]``, the
         average over the context's tokens beside the average over the rest, from the same pass (a causal model's
         context tokens do not see what follows them, so the first half is what the context alone gives). ``split``:
-        each ``skip`` is tokenised apart from the rest of its text (:meth:`_ids`), as ``turn`` pooling reads."""
+        each ``skip`` is tokenised apart from the rest of its text (:meth:`_ids`), as ``turn`` pooling reads.
+        ``frame`` (texts framed by a system turn's chat template, :meth:`chat_frame`): the template's text before the
+        request and the request are tokenised apart too, the request with special-token spellings split, and only
+        the request is cut to ``max_tokens``."""
         import contextlib
 
         import torch
@@ -380,7 +407,7 @@ class Encoder:
             batch_size = 1
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-        encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i], split) for i in order}
+        encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i], split, frame) for i in order}
         bar: Any = contextlib.nullcontext()
         if progress is not None:  # training; a guard scoring one text at a time makes no bar
             from tqdm.auto import tqdm
@@ -553,7 +580,7 @@ class Probe:
 
         if not prompts:
             return []
-        frame = self.encoder.chat_frame(self.config.system) if self.config.system is not None else None
+        frame = (self.config.frame[0], self.config.frame[1]) if self.config.frame is not None else None  # as trained
         texts, skip = probe_texts(self.config.kind, self.config.pooling, prompts, replies, frame)
         # the shared encoder has exactly the probe's depth: its last layer is the one the head reads (an ensemble
         # reads the shallower depths it averages from the same pass)
@@ -565,6 +592,7 @@ class Probe:
             skip=skip,
             both=self.config.pooling == "mean+turn",
             split=self.config.pooling in TURN_POOLINGS,
+            frame=frame,
         )
         features = features[:, [d - 1 for d in depths]] if depths else features[:, -1]
         if features.shape[-1] != self.mean.shape[-1]:
@@ -641,7 +669,7 @@ def base_model_sha256(base_model: str) -> str | None:
 def describe(folder: str | Path) -> dict[str, Any]:
     """A classifier folder's config as JSON data (for ``cai classifiers list``)."""
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
-    keys = ("kind", "method", "base_model", "layer", "ensemble", "base_weights", "pooling", "thresholds")
+    keys = ("kind", "method", "base_model", "layer", "ensemble", "base_weights", "pooling", "system", "thresholds")
     probe = data.get("method", "probe") == "probe"
     defaults = {
         "method": "probe",

@@ -132,10 +132,25 @@ def _frame(config: TrainConfig, kind: str, pooling: str, encoder: Encoder) -> tu
         raise RunError(
             "a system turn frames a request before the answer opens: it needs an input probe with turn pooling"
         )
-    return encoder.chat_frame(config.system)
+    frame = encoder.chat_frame(config.system)
+    sizes = [len(encoder.tokenizer(part, add_special_tokens=False)["input_ids"]) for part in frame]
+    if sum(sizes) > config.max_tokens // 2:
+        raise RunError(
+            f"the system turn's frame takes {sizes[0]} tokens before the request and {sizes[1]} after it, more than half "
+            f"of the {config.max_tokens} a probe reads: shorten the system turn"
+        )
+    return frame
 
 
-def _read(encoder: Encoder, texts: list[str], skip: Any, config: TrainConfig, pooling: str, progress: str) -> Any:
+def _read(
+    encoder: Encoder,
+    texts: list[str],
+    skip: Any,
+    config: TrainConfig,
+    pooling: str,
+    progress: str,
+    frame: tuple[str, str] | None = None,
+) -> Any:
     """Every depth's pooled activations of ``texts``, read as :meth:`Probe.predict` will read them for ``pooling``."""
     return encoder.features(
         texts,
@@ -144,6 +159,7 @@ def _read(encoder: Encoder, texts: list[str], skip: Any, config: TrainConfig, po
         progress=progress,
         both=pooling == "mean+turn",
         split=pooling in TURN_POOLINGS,
+        frame=frame,
     )
 
 
@@ -300,7 +316,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
 
     def features(rows, label):
         texts, skip = probe_inputs(rows, kind, pooling, frame)
-        return _read(encoder, texts, skip, config, pooling, f"{kind} activations ({label})")
+        return _read(encoder, texts, skip, config, pooling, f"{kind} activations ({label})", frame)
 
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
@@ -380,6 +396,7 @@ def train_probe(dataset: str | Path, kind: str, out: str | Path, config: TrainCo
         base_weights=config.base_weights,
         pooling=pooling,
         system=config.system,
+        frame=list(frame) if frame is not None else None,
         max_tokens=config.max_tokens,
         labels=labels,
         thresholds={"violation": threshold},
@@ -463,12 +480,13 @@ def train_probe_cv(
     pooling = _pooling(config, kind)
     deepest = max(config.layers)
     encoder = Encoder(config.base_model, deepest, _encoder_precision(config))
-    texts, skip = probe_inputs(rows, kind, pooling, _frame(config, kind, pooling, encoder))
+    frame = _frame(config, kind, pooling, encoder)
+    texts, skip = probe_inputs(rows, kind, pooling, frame)
     echo(
         f"reading {len(rows)} {kind} examples with {deepest} layers of {config.base_model}{_int8(config)}"
         + _pooled(pooling)
     )
-    x_all = _read(encoder, texts, skip, config, pooling, f"{kind} activations")
+    x_all = _read(encoder, texts, skip, config, pooling, f"{kind} activations", frame)
     y_all = torch.tensor([[float(v)] for v in labels])
 
     raw: dict[tuple[int, float], list[list[float]]] = {}  # the heads' logits, which an ensemble averages
@@ -576,6 +594,7 @@ def train_probe_cv(
         base_weights=config.base_weights,
         pooling=pooling,
         system=config.system,
+        frame=list(frame) if frame is not None else None,
         max_tokens=config.max_tokens,
         labels=["violation"],
         thresholds={"violation": threshold},

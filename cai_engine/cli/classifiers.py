@@ -437,6 +437,7 @@ def train_command(
         )
     if system is not None and not system.strip():
         raise click.BadParameter("give the system turn's text", param_hint="--system")
+    system = system.strip() if system is not None else None  # templates that trim would not place it as written
     if ensemble and not folds:
         raise click.BadParameter(
             "needs --folds K: the depths' heads are chosen by cross-validation", param_hint="--ensemble"
