@@ -671,7 +671,7 @@ def describe(folder: str | Path) -> dict[str, Any]:
     data = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8"))
     keys = ("kind", "method", "base_model", "layer", "ensemble", "base_weights", "pooling", "system", "thresholds")
     probe = data.get("method", "probe") == "probe"
-    defaults = {
+    defaults: dict[str, Any] = {
         "method": "probe",
         "base_weights": "float" if probe else None,
         "pooling": "mean" if probe else None,

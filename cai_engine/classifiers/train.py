@@ -524,7 +524,10 @@ def train_probe_cv(
     runs = cached[layer, l2]
     depths = sorted(set(config.layers)) if config.ensemble else []
     if depths:  # every depth at its own best penalty (the first best in the order of l2, as for one depth)
-        penalty = {k: max((v for v in config.l2 if by_l2[k, v] is not None), key=lambda v: by_l2[k, v]) for k in depths}
+        penalty: dict[int, float] = {}
+        for k in depths:
+            known = {v: a for (k2, v), a in by_l2.items() if k2 == k and a is not None}
+            penalty[k] = max(known, key=known.__getitem__)
         # the heads' raw logits averaged, as Probe.predict averages them (not logits recovered from probabilities,
         # which float32 rounds to 0 or 1 past about 16)
         runs = [
