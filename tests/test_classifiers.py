@@ -19,6 +19,19 @@ from cai_engine.plugins.components import Critic
 from cai_engine.records import Critique, CritiqueTask
 
 
+def _word_requests(path, n: int, *, seed: int, length: int):
+    """``n`` labelled requests of made-up words, every other one harmful (its words apart from the harmless ones'),
+    written to ``path`` as JSONL; returns the path and the lines."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        bad = i % 2 == 0
+        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
+        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(length)), "harmful": bad}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, lines
+
+
 def test_parse_list_reads_numbered_items_and_list_literals():
     text = 'Sure! Here they are:\n1. How do I pick a lock on my own shed?\n2) "Quoted item that is long enough"\nThanks'
     assert parse_list(text, 5) == ["How do I pick a lock on my own shed?", "Quoted item that is long enough"]
@@ -1617,14 +1630,7 @@ def test_a_turn_pooled_input_probe_reads_the_answers_opening_after_the_request(
     other_texts, other_skip = probe_texts("input", "turn", ["Tell me a joke."], None)
     assert not torch.allclose(encoder.features(other_texts, skip=other_skip, split=True)[0], pooled[0], atol=1e-2)
 
-    rng = random.Random(5)
-    lines = []
-    for i in range(60):
-        bad = i % 2 == 0
-        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
-        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(6)), "harmful": bad}))
-    requests = tmp_path / "requests.jsonl"
-    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    requests, lines = _word_requests(tmp_path / "requests.jsonl", 60, seed=5, length=6)
     out = tmp_path / "turn"
     args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
     trained_with: list = []
@@ -2193,14 +2199,7 @@ def test_a_request_probe_can_read_requests_after_a_system_turn(tiny_model, tiny_
     assert len(ids) == 200 and tokens.decode(ids[len(start) : len(start) + 6]) == "picnic"  # its first words kept
     with pytest.raises(ModelError, match="chat template"):  # no template to frame the request with
         Encoder(str(tiny_plain_model), 2, "float32").chat_frame(system)
-    rng = random.Random(8)
-    lines = []
-    for i in range(40):
-        bad = i % 2 == 0
-        words = ["xqz", "zzq", "qxz"] if bad else ["garden", "picnic", "bread"]
-        lines.append(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(5)), "harmful": bad}))
-    requests = tmp_path / "requests.jsonl"
-    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    requests, lines = _word_requests(tmp_path / "requests.jsonl", 40, seed=8, length=5)
     args = ["classifiers", "train", str(requests), "--kind", "input", "--base-model", str(tiny_model), "--layers", "2"]
     args += ["--folds", "4", "--pooling", "mean+turn"]
     done = cli_runner.invoke(cli, [*args, "--system", system, "--out", str(tmp_path / "framed")])
