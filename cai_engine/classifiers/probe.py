@@ -309,10 +309,15 @@ class Encoder:
             return
         self.model = torch.compile(self._eager, dynamic=True)
         self.compiled = True
+        self.warm_up(last_only=True)
+
+    def warm_up(self, last_only: bool) -> None:
+        """Run the compiled layers on one text and on two (a batch of one is compiled apart), reading the last layer
+        only or every layer, so that the first request pays no compiling; stops where compiling failed."""
         for batch in ([_WARM_UP], [_WARM_UP, _WARM_UP + " " + _WARM_UP]):
-            self.features(batch, last_only=True)
             if not self.compiled:
                 return
+            self.features(batch, last_only=last_only)
 
     def _forward(self, **inputs: Any) -> Any:
         if self.compiled:
@@ -511,9 +516,8 @@ class Probe:
     def encoder(self) -> Encoder:
         if self._encoder is None:
             self._encoder = Encoder.shared(self.config.base_model, self.config.layer, self.precision, self.compile)
-            if self.config.ensemble and self._encoder.compiled:  # compiled for one layer's output: warm the rest up
-                for batch in ([_WARM_UP], [_WARM_UP, _WARM_UP + " " + _WARM_UP]):
-                    self._encoder.features(batch)
+            if self.config.ensemble:  # compiled for one layer's output: every layer's too
+                self._encoder.warm_up(last_only=False)
         return self._encoder
 
     @classmethod
