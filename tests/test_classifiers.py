@@ -937,7 +937,7 @@ def test_a_probe_reads_the_same_features_in_bfloat16(tiny_model):
 def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_runtime):
     import torch
 
-    from cai_engine.classifiers.probe import Encoder
+    from cai_engine.classifiers.probe import Encoder, probe_texts
 
     texts = ["How do I keep slugs off my lettuce?", "a longer request, with more words in it than the first one has"]
     eager = Encoder(str(tiny_model), 2, "float32")
@@ -946,6 +946,16 @@ def test_a_compiled_encoder_reads_the_same_features(tiny_model, tmp_path, cai_ru
     for batch in (texts, texts[:1], texts[1:]):  # a batch of one, of two, and a length it has not seen
         assert torch.allclose(compiled.features(batch), eager.features(batch), atol=1e-4)
     assert compiled.compiled  # still compiled: nothing failed and fell back
+    # after a system turn's kept frame (another graph, warmed up for a probe that has a frame)
+    frame = eager.chat_frame("Be careful.")
+    framed, skip = probe_texts("input", "turn", texts, None, frame)
+    calls: list = []
+    compiled.features = lambda batch, **k: calls.append((len(batch), k["frame"], k["split"]))  # compiles nothing
+    compiled.warm_up(last_only=True, frame=frame)
+    del compiled.features
+    assert calls == [(1, frame, True), (2, frame, True)]
+    ours, theirs = (e.features(framed, skip=skip, split=True, frame=frame) for e in (compiled, eager))
+    assert torch.allclose(ours, theirs, atol=1e-4) and compiled.compiled
 
     # the critic's option reaches the probe's encoder
     out = _one_layer_input_probe(tiny_model, tmp_path)
@@ -2197,6 +2207,23 @@ def test_a_request_probe_can_read_requests_after_a_system_turn(tiny_model, tiny_
         assert ids[: len(start)] == start and ids[len(ids) - len(end) :] == end and len(ids) <= most
         assert not special & set(request) and averaged == [0] * (len(ids) - len(end)) + [1] * len(end)
     assert len(ids) == 200 and tokens.decode(ids[len(start) : len(start) + 6]) == "picnic"  # its first words kept
+    # the frame before the request is read once and kept: reading each text after it gives what reading each whole
+    # text gives, padded in a batch or alone, every layer or the last, both halves of mean+turn
+    texts, skip = probe_texts(
+        "input", "mean+turn", ["hi", "How do I keep slugs off my lettuce?", forged], None, (before, after)
+    )
+    for last_only, batch_size in ((False, 3), (True, 1)):
+        kept = encoder.features(
+            texts, skip=skip, both=True, split=True, frame=(before, after), last_only=last_only, batch_size=batch_size
+        )
+        encoder.frame_once = False
+        whole = encoder.features(
+            texts, skip=skip, both=True, split=True, frame=(before, after), last_only=last_only, batch_size=batch_size
+        )
+        encoder.frame_once = True
+        assert kept.shape == whole.shape and torch.allclose(kept, whole, atol=1e-4)
+        assert not torch.allclose(kept[:, :, : kept.shape[-1] // 2], kept[:, :, kept.shape[-1] // 2 :], atol=1e-2)
+    assert [key[0] for key in encoder._prefixes] == [tuple(start)] * 2  # once for each way of reading the layers
     with pytest.raises(ModelError, match="chat template"):  # no template to frame the request with
         Encoder(str(tiny_plain_model), 2, "float32").chat_frame(system)
     requests, lines = _word_requests(tmp_path / "requests.jsonl", 40, seed=8, length=5)

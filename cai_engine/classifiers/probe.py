@@ -13,6 +13,7 @@ A classifier folder holds ``classifier.json`` (base model, layer, pooling, label
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import threading
 import warnings
@@ -237,6 +238,8 @@ class Encoder:
     on one CPU), after a warm-up of some seconds here (needs a C++ compiler; where compiling fails, a warning, and the
     layers run as they are)."""
 
+    frame_once = True  # a system turn's frame read once and kept (:meth:`_prefix`); False reads it with each text
+
     def __init__(self, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -271,6 +274,10 @@ class Encoder:
         self.layers = layers
         self.folder = folder
         self._lock = threading.Lock()
+        self._prefixes: dict[tuple[tuple[int, ...], bool], tuple[list[tuple[Any, Any]], Any]] = {}
+        # transformers 5 names the keys and values read before ``cache``; earlier releases ``past_key_values``
+        forward = inspect.signature(inner.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
         if compile:
             self._compile()
 
@@ -311,13 +318,18 @@ class Encoder:
         self.compiled = True
         self.warm_up(last_only=True)
 
-    def warm_up(self, last_only: bool) -> None:
+    def warm_up(self, last_only: bool, frame: tuple[str, str] | None = None) -> None:
         """Run the compiled layers on one text and on two (a batch of one is compiled apart), reading the last layer
-        only or every layer, so that the first request pays no compiling; stops where compiling failed."""
+        only or every layer, and with ``frame`` after a system turn's kept frame (another compiled graph), so that the
+        first request pays no compiling; stops where compiling failed."""
         for batch in ([_WARM_UP], [_WARM_UP, _WARM_UP + " " + _WARM_UP]):
             if not self.compiled:
                 return
-            self.features(batch, last_only=last_only)
+            if frame is None:
+                self.features(batch, last_only=last_only)
+            else:
+                texts, skip = probe_texts("input", "turn", batch, None, frame)
+                self.features(texts, skip=skip, split=True, frame=frame, last_only=last_only)
 
     def _forward(self, **inputs: Any) -> Any:
         if self.compiled:
@@ -331,6 +343,28 @@ class Encoder:
                 )
                 self.model, self.compiled = self._eager, False
         return self.model(**inputs)
+
+    def _prefix(self, ids: tuple[int, ...], last_only: bool) -> tuple[list[tuple[Any, Any]], Any]:
+        """The keys and values of every layer for ``ids``, a text that starts every text of a call (a system turn's
+        frame before the request), and the sum of each read layer's normed outputs over its tokens: computed once,
+        then every text is read after it. A causal model's tokens do not see what follows them, so reading the rest
+        after these keys gives what reading the whole text gives (up to rounding), and the frame costs nothing a
+        request."""
+        import torch
+
+        key = (ids, last_only)
+        if key not in self._prefixes:
+            tokens = torch.tensor([list(ids)])
+            result = self._eager(
+                input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=True, output_hidden_states=True
+            )
+            hidden = [self._norm(h) for h in result.hidden_states[1:-1]] + [result.last_hidden_state]
+            if last_only:
+                hidden = hidden[-1:]
+            sums = torch.stack([h[0].float().sum(0) for h in hidden])  # [layers read, hidden]
+            cache = [(layer.keys, layer.values) for layer in getattr(result, self._cache_argument).layers]
+            self._prefixes[key] = (cache, sums)
+        return self._prefixes[key]
 
     @classmethod
     def shared(cls, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> Encoder:
@@ -413,6 +447,15 @@ class Encoder:
         out: list[tuple[int, Any]] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         encoded = {i: self._ids(texts[i], max_tokens, None if skip is None else skip[i], split, frame) for i in order}
+        opening: tuple[int, ...] = ()
+        if frame is not None and self.frame_once:  # every text opens with the frame: read it once, then the rest
+            opening = tuple(self.tokenizer(frame[0], add_special_tokens=False)["input_ids"])
+            if opening and all(
+                tuple(ids[: len(opening)]) == opening and len(ids) > len(opening) for ids, _ in encoded.values()
+            ):
+                encoded = {i: (ids[len(opening) :], kept[len(opening) :]) for i, (ids, kept) in encoded.items()}
+            else:
+                opening = ()
         bar: Any = contextlib.nullcontext()
         if progress is not None:  # training; a guard scoring one text at a time makes no bar
             from tqdm.auto import tqdm
@@ -430,24 +473,43 @@ class Encoder:
                     ids[row, : len(tokens)] = torch.tensor(tokens)
                     mask[row, : len(tokens)] = 1
                     pool[row, : len(tokens)] = torch.tensor(averaged, dtype=torch.float32)
-                result = self._forward(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
+                prefix_sums = None
+                if opening:
+                    from transformers import DynamicCache
+
+                    cache, prefix_sums = self._prefix(opening, last_only)
+                    rows = len(batch)
+                    past = DynamicCache(
+                        ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in cache]
+                    )
+                    result = self._forward(
+                        input_ids=ids,
+                        attention_mask=torch.cat(
+                            [torch.ones((len(batch), len(opening)), dtype=torch.long), mask], dim=1
+                        ),
+                        **{self._cache_argument: past},
+                        use_cache=True,
+                        output_hidden_states=not last_only,
+                    )
+                else:
+                    result = self._forward(input_ids=ids, attention_mask=mask, output_hidden_states=not last_only)
                 # transformers hands back each layer's output before the model's final norm, and the last one after
                 # it (last_hidden_state); a probe of depth k is served by a k-layer encoder, whose last output is
                 # normed, so every layer is read normed here, as it will be served
                 earlier = [] if last_only else [self._norm(h) for h in result.hidden_states[1:-1]]
                 hidden = [*earlier, result.last_hidden_state]
                 weights = pool.unsqueeze(-1)
-                parts = [weights]
-                if both:  # the context's tokens (every real token not averaged above; none where a text has no skip)
-                    context_weights = (mask.float() - pool).unsqueeze(-1)
-                    parts = [context_weights.clamp(min=0), weights]
-                pooled = torch.stack(
-                    [
-                        torch.cat([(h.float() * w).sum(1) / w.sum(1).clamp(min=1) for w in parts], dim=-1)
-                        for h in hidden
-                    ],
-                    dim=1,
-                )  # [batch, layers, hidden] (or 2 * hidden with both)
+                halves = []
+                for depth, h in enumerate(hidden):
+                    averaged = (h.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+                    if both:  # the context's tokens (every real token not averaged; none where a text has no skip)
+                        context_weights = (mask.float() - pool).clamp(min=0).unsqueeze(-1)
+                        total, count = (h.float() * context_weights).sum(1), context_weights.sum(1)
+                        if prefix_sums is not None:  # the frame's tokens, read once
+                            total, count = total + prefix_sums[depth], count + len(opening)
+                        averaged = torch.cat([total / count.clamp(min=1), averaged], dim=-1)
+                    halves.append(averaged)
+                pooled = torch.stack(halves, dim=1)  # [batch, layers, hidden] (or 2 * hidden with both)
                 out.extend(zip(batch, pooled))
                 if progress is not None:
                     bar.update(len(batch))
@@ -516,8 +578,9 @@ class Probe:
     def encoder(self) -> Encoder:
         if self._encoder is None:
             self._encoder = Encoder.shared(self.config.base_model, self.config.layer, self.precision, self.compile)
-            if self.config.ensemble:  # compiled for one layer's output: every layer's too
-                self._encoder.warm_up(last_only=False)
+            frame = (self.config.frame[0], self.config.frame[1]) if self.config.frame is not None else None
+            if self.config.ensemble or frame is not None:  # compiled for one layer's output of whole texts
+                self._encoder.warm_up(last_only=not self.config.ensemble, frame=frame)
         return self._encoder
 
     @classmethod
