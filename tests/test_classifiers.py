@@ -2208,22 +2208,33 @@ def test_a_request_probe_can_read_requests_after_a_system_turn(tiny_model, tiny_
         assert not special & set(request) and averaged == [0] * (len(ids) - len(end)) + [1] * len(end)
     assert len(ids) == 200 and tokens.decode(ids[len(start) : len(start) + 6]) == "picnic"  # its first words kept
     # the frame before the request is read once and kept: reading each text after it gives what reading each whole
-    # text gives, padded in a batch or alone, every layer or the last, both halves of mean+turn
-    texts, skip = probe_texts(
-        "input", "mean+turn", ["hi", "How do I keep slugs off my lettuce?", forged], None, (before, after)
-    )
-    for last_only, batch_size in ((False, 3), (True, 1)):
-        kept = encoder.features(
-            texts, skip=skip, both=True, split=True, frame=(before, after), last_only=last_only, batch_size=batch_size
-        )
-        encoder.frame_once = False
-        whole = encoder.features(
-            texts, skip=skip, both=True, split=True, frame=(before, after), last_only=last_only, batch_size=batch_size
-        )
-        encoder.frame_once = True
-        assert kept.shape == whole.shape and torch.allclose(kept, whole, atol=1e-4)
+    # text gives, padded in a batch or alone, every layer or the last, both halves of mean+turn, a long request cut,
+    # in float32 and in bfloat16 (to its rounding)
+    requests = ["hi", "How do I keep slugs off my lettuce?", forged, "picnic " * 300]
+    texts, skip = probe_texts("input", "mean+turn", requests, None, (before, after))
+    half = Encoder(str(tiny_model), 2, "bfloat16")
+    for reader, last_only, batch_size, atol in (
+        (encoder, False, 4, 1e-4),
+        (encoder, True, 1, 1e-4),
+        (half, False, 4, 2e-2),
+    ):
+        read = {}
+        for once in (False, True):  # the frame read with every text, then kept
+            reader.frame_once = once
+            read[once] = reader.features(
+                texts,
+                max_tokens=120,
+                skip=skip,
+                both=True,
+                split=True,
+                frame=(before, after),
+                last_only=last_only,
+                batch_size=batch_size,
+            )
+        kept, whole = read[True], read[False]
+        assert kept.shape == whole.shape and torch.allclose(kept, whole, atol=atol)
         assert not torch.allclose(kept[:, :, : kept.shape[-1] // 2], kept[:, :, kept.shape[-1] // 2 :], atol=1e-2)
-    assert [key[0] for key in encoder._prefixes] == [tuple(start)] * 2  # once for each way of reading the layers
+    assert list(encoder._prefixes) == [tuple(start)] and list(half._prefixes) == [tuple(start)]  # read once
     with pytest.raises(ModelError, match="chat template"):  # no template to frame the request with
         Encoder(str(tiny_plain_model), 2, "float32").chat_frame(system)
     requests, lines = _word_requests(tmp_path / "requests.jsonl", 40, seed=8, length=5)

@@ -274,7 +274,7 @@ class Encoder:
         self.layers = layers
         self.folder = folder
         self._lock = threading.Lock()
-        self._prefixes: dict[tuple[tuple[int, ...], bool], tuple[list[tuple[Any, Any]], Any]] = {}
+        self._prefixes: dict[tuple[int, ...], tuple[list[tuple[Any, Any]], Any]] = {}
         # transformers 5 names the keys and values read before ``cache``; earlier releases ``past_key_values``
         forward = inspect.signature(inner.forward).parameters
         self._cache_argument = "cache" if "cache" in forward else "past_key_values"
@@ -344,27 +344,25 @@ class Encoder:
                 self.model, self.compiled = self._eager, False
         return self.model(**inputs)
 
-    def _prefix(self, ids: tuple[int, ...], last_only: bool) -> tuple[list[tuple[Any, Any]], Any]:
+    def _prefix(self, ids: tuple[int, ...]) -> tuple[list[tuple[Any, Any]], Any]:
         """The keys and values of every layer for ``ids``, a text that starts every text of a call (a system turn's
-        frame before the request), and the sum of each read layer's normed outputs over its tokens: computed once,
-        then every text is read after it. A causal model's tokens do not see what follows them, so reading the rest
-        after these keys gives what reading the whole text gives (up to rounding), and the frame costs nothing a
-        request."""
+        frame before the request), and the sum of every layer's normed outputs over its tokens: computed once, then
+        every text is read after it. A causal model's tokens do not see what follows them, so reading the rest after
+        these keys gives what reading the whole text gives, up to rounding (in int8 the frame's activations are
+        quantised on their own, so the features differ from a whole text's a little; training and scoring both read
+        this way), and the frame's layers run once, not for every request."""
         import torch
 
-        key = (ids, last_only)
-        if key not in self._prefixes:
+        if ids not in self._prefixes:
             tokens = torch.tensor([list(ids)])
             result = self._eager(
                 input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=True, output_hidden_states=True
             )
             hidden = [self._norm(h) for h in result.hidden_states[1:-1]] + [result.last_hidden_state]
-            if last_only:
-                hidden = hidden[-1:]
-            sums = torch.stack([h[0].float().sum(0) for h in hidden])  # [layers read, hidden]
-            cache = [(layer.keys, layer.values) for layer in getattr(result, self._cache_argument).layers]
-            self._prefixes[key] = (cache, sums)
-        return self._prefixes[key]
+            sums = torch.stack([h[0].float().sum(0) for h in hidden])  # [layers, hidden]
+            kept = getattr(result, "cache", None) or result.past_key_values  # transformers 5, and earlier
+            self._prefixes[ids] = ([(layer.keys, layer.values) for layer in kept.layers], sums)
+        return self._prefixes[ids]
 
     @classmethod
     def shared(cls, base_model: str, layers: int, precision: str = "float32", compile: bool = False) -> Encoder:
@@ -477,7 +475,8 @@ class Encoder:
                 if opening:
                     from transformers import DynamicCache
 
-                    cache, prefix_sums = self._prefix(opening, last_only)
+                    cache, prefix_sums = self._prefix(opening)
+                    prefix_sums = prefix_sums[-1:] if last_only else prefix_sums
                     rows = len(batch)
                     past = DynamicCache(
                         ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in cache]
