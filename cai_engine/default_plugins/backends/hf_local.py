@@ -5,6 +5,7 @@ torch and transformers are imported when a model loads, never at import time, so
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -106,6 +107,10 @@ class TransformersBackend(Backend):
         except Exception as exc:
             raise ModelError(f"{folder}: cannot load the model ({type(exc).__name__}: {exc})") from None
         self.model.to(device).eval()
+        # the keys and values of a shared prefix go in as ``cache`` on transformers 5, ``past_key_values`` before
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        )
         self.device = device
         self.packed_layers = self._pack_weights() if self.options.packed_weights else 0
         self.tokenizer.padding_side = "left"
@@ -231,7 +236,7 @@ class TransformersBackend(Backend):
                     prefix = torch.tensor([seqs[0][:prefix_len]] * len(seqs), device=self.device)
                     input_ids = torch.cat([prefix, input_ids], dim=1)
                     mask = torch.cat([torch.ones_like(prefix), mask], dim=1)
-                    kwargs_cache = {"cache": cache}
+                    kwargs_cache = {self._cache_argument: cache}
                 else:
                     kwargs_cache = {}
                 room = (self.context_length or 10**9) - input_ids.shape[1]
@@ -359,7 +364,11 @@ class TransformersBackend(Backend):
         )
         began = time.perf_counter()
         logits = self.model(
-            input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache, logits_to_keep=keep
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            logits_to_keep=keep,
+            **{self._cache_argument: cache},
         ).logits
         self.seconds += time.perf_counter() - began
         self.prompt_tokens += int(mask.sum())
