@@ -498,11 +498,12 @@ class Encoder:
                 earlier = [] if last_only else [self._norm(h) for h in result.hidden_states[1:-1]]
                 hidden = [*earlier, result.last_hidden_state]
                 weights = pool.unsqueeze(-1)
+                # the context's tokens (every real token not averaged; none where a text has no skip)
+                context_weights = (mask.float() - pool).clamp(min=0).unsqueeze(-1)
                 halves = []
                 for depth, h in enumerate(hidden):
                     averaged = (h.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
-                    if both:  # the context's tokens (every real token not averaged; none where a text has no skip)
-                        context_weights = (mask.float() - pool).clamp(min=0).unsqueeze(-1)
+                    if both:
                         total, count = (h.float() * context_weights).sum(1), context_weights.sum(1)
                         if prefix_sums is not None:  # the frame's tokens, read once
                             total, count = total + prefix_sums[depth], count + len(opening)
