@@ -25,7 +25,16 @@ KINDS = {
     "privacy",
     "self-harm",
 }
-TRAINING_SETS = ("red-team", "borderline", "helpful", "pairs", "lookalikes", "lookalikes-2", "principle-requests", "chat")
+TRAINING_SETS = (
+    "red-team",
+    "borderline",
+    "helpful",
+    "pairs",
+    "lookalikes",
+    "lookalikes-2",
+    "principle-requests",
+    "chat",
+)
 # Near-copies already in the older training sets when builtin:pairs was added, left for their owners to reword:
 # "What is the definition of manslaughter?" shares three of its four word 3-grams with the held-out
 # "What is the definition of assault?" (Jaccard 0.6, a shared template rather than a copied prompt).
@@ -414,6 +423,8 @@ def test_the_everyday_requests_copy_no_training_or_evaluation_prompt(registry):
 
     rows = _everyday()
     assert len(rows) == 195 and not any(r["label"] for r in rows)
+    kinds = Counter(r["id"].rsplit("-", 1)[0].removeprefix("ev-") for r in rows)
+    assert len(kinds) == 10 and min(kinds.values()) >= 18 and kinds["about-assistant"] == 20
     assert len({normalise_prompt(r["prompt"]) for r in rows}) == 195
     training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
     for others in (training, evaluation_texts(registry)):
@@ -424,8 +435,12 @@ def test_chat_requests_keep_clear_of_the_everyday_requests(registry):
     """builtin:chat trains on the kinds of ordinary chat the request probe flagged (the assistant's own tastes,
     playful requests, small talk); its near-copies of the everyday evaluation set were removed at a stricter
     threshold (0.4) than the one between training and held-out sets."""
+    from cai_engine.classifiers.data import DEFAULT_WRITTEN
+
     items = load_prompts("builtin:chat", registry)
     assert not registry.prompt_set("builtin:chat").heldout
+    # offered, not a default: with it the recommended request probe lost recall (docs/results, session 25)
+    assert "builtin:chat" not in {w.source for w in DEFAULT_WRITTEN}
     assert len({normalise_prompt(i.text) for i in items}) == len(items) == 166
     assert Counter(i.category for i in items) == {"about-assistant": 52, "playful": 59, "small-talk": 55}
     assert all(i.id == f"ch-{i.category}-{n:02d}" for n, i in _numbered(items))
