@@ -1167,6 +1167,51 @@ def test_a_probe_trains_on_labelled_cases_alone(tiny_model, tmp_path, cli_runner
     )
 
 
+@pytest.mark.slow
+def test_train_fine_tunes_a_request_classifier_on_labelled_requests(tiny_model, tmp_path, cli_runner):
+    from cai_engine.classifiers.finetune import FinetunedClassifier
+    from cai_engine.classifiers.load import load_classifier
+    from cai_engine.cli import cli
+
+    requests, _ = _word_requests(tmp_path / "requests.jsonl", 120, seed=7, length=5)
+    out = tmp_path / "tuned"
+    args = [
+        "classifiers",
+        "train",
+        str(requests),
+        "--kind",
+        "input",
+        "--base-model",
+        str(tiny_model),
+        "--out",
+        str(out),
+    ]
+    tuned = ["--method", "finetuned", "--layers", "2", "--epochs", "8", "--learning-rate", "3e-3"]
+    done = cli_runner.invoke(cli, [*args, *tuned])
+    assert done.exit_code == 0, done.output
+    assert "held out" in done.output and "input classifier: 2 layers fine-tuned" in done.output
+    classifier = load_classifier(out)
+    assert isinstance(classifier, FinetunedClassifier) and classifier.config.layer == 2
+    assert classifier.config.metrics["report_split"]["auc"] > 0.9
+    assert classifier.config.data["dataset_report"]["files"] == [str(requests)]
+    scores = classifier.predict(["xqz zzq qxz xqz zzq", "garden bread picnic garden"])
+    assert scores[0]["violation"] > classifier.threshold() > scores[1]["violation"]
+    # what only a probe has is refused before anything is read, with the option to change
+    for extra, hint in (
+        (["--folds", "5"], "--folds"),
+        (["--layers", "1,2"], "--layers"),
+        (["--int8"], "--int8"),
+        (["--ensemble"], "--ensemble"),
+        (["--pooling", "turn"], "--pooling"),
+        (["--l2", "1"], "--l2"),
+    ):
+        refused = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "no"), *tuned, *extra])
+        assert refused.exit_code == 2 and hint in refused.output, (extra, refused.output)
+    refused = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "no"), "--epochs", "3"])  # a probe has no epochs
+    assert refused.exit_code == 2 and "--method finetuned" in refused.output
+    assert not (tmp_path / "no").exists()
+
+
 def test_cross_validation_keeps_a_request_and_its_rewrites_in_one_fold():
     from cai_engine.classifiers.train import cv_folds
     from cai_engine.errors import RunError

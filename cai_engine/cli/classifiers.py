@@ -302,7 +302,8 @@ def _written(value: str) -> dict[str, str | None]:
     "--layers",
     default="4,6,8,12",
     show_default=True,
-    help="Probe depths to measure; the best is kept (with --ensemble, every one, their heads averaged).",
+    help="Probe depths to measure; the best is kept (with --ensemble, every one, their heads averaged). With "
+    "--method finetuned: how many layers to keep and train, one number (8 when not given).",
 )
 @click.option(
     "--l2", default="0.1,0.3,1,3,10,30,100", show_default=True, help="L2 penalties to measure with each depth."
@@ -368,7 +369,28 @@ def _written(value: str) -> dict[str, str | None]:
     "hand-written requests tie to the label, cannot stand in for the content; a request that does not end in a word "
     "and a final mark (a closing quote or bracket) is read once, as written. Three times the reading time.",
 )
+@click.option(
+    "--method",
+    type=click.Choice(["probe", "finetuned"]),
+    default="probe",
+    show_default=True,
+    help="probe: a logistic head on the frozen activations of --layers (depths to choose from); finetuned: the first "
+    "--layers transformer layers (one number) trained with a sequence-classification head on the last token, the "
+    "token embeddings frozen, on a held-out split (--folds 0, the default for this method): slower to train, and "
+    "it can learn what a linear head on frozen activations cannot. The folder loads with transformers' "
+    "pipeline('text-classification').",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--method finetuned: epochs.")
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5e-5,
+    show_default=True,
+    help="--method finetuned: AdamW's learning rate (decayed linearly to 0).",
+)
+@click.pass_context
 def train_command(
+    context,
     cases,
     out,
     kind,
@@ -386,8 +408,12 @@ def train_command(
     pooling,
     written,
     endings,
+    method,
+    epochs,
+    learning_rate,
 ) -> None:
-    """Train a probe classifier on labelled cases you already have, without generating any data.
+    """Train a probe (or, with --method finetuned, fine-tune a model's first layers) on labelled cases you already
+    have, without generating any data.
 
     CASES are JSONL files with prompt, response and violates (or harmful), the format of `cai checks eval` case
     files and of `cai classifiers eval --cases`, or `builtin:harmless` (the 800 exchanges people wrote, which a build
@@ -409,6 +435,7 @@ def train_command(
       cai classifiers train --kind input --base-model qwen2.5-coder-1.5b --layers 8,12,16,20 --out runs/requests-1.5b
       cai classifiers train builtin:harmless my-policy-replies.jsonl --pooling reply --base-model qwen2.5-coder-1.5b \
         --layers 16 --out runs/replies-1.5b
+      cai classifiers train --kind input --method finetuned --layers 30 --epochs 3 --out runs/requests-finetuned
     """
     import hashlib
 
@@ -421,6 +448,38 @@ def train_command(
 
     if not 0 < test_share < 1:
         raise click.BadParameter("must be between 0 and 1", param_hint="--test-share")
+    finetune = method == "finetuned"
+    if finetune:
+        default = click.core.ParameterSource.DEFAULT
+        if folds and context.get_parameter_source("folds") is not default:
+            raise click.BadParameter(
+                "a fine-tuned classifier is one model trained on one split: use --folds 0 (the default for it)",
+                param_hint="--folds",
+            )
+        folds = 0
+        refused = [
+            (name, why)
+            for name, why in (
+                ("int8", "8-bit base layers"),
+                ("ensemble", "an ensemble of depths"),
+                ("system", "a system turn"),
+                ("repeats", "repeated fold draws"),
+                ("pooling", "pooling other than the last token"),
+                ("l2", "an L2 penalty"),
+            )
+            if (pooling != "mean" if name == "pooling" else context.get_parameter_source(name) is not default)
+        ]
+        if refused:
+            name, why = refused[0]
+            raise click.BadParameter(
+                f"{why} applies to probes only (a fine-tuned classifier reads the last token through its own head); "
+                "leave it out or use --method probe",
+                param_hint=f"--{name}",
+            )
+    else:
+        for name in ("epochs", "learning_rate"):
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.BadParameter("applies to --method finetuned", param_hint=f"--{name.replace('_', '-')}")
     if folds == 1 or folds < 0:
         raise click.BadParameter("0 (a held-out split) or at least 2", param_hint="--folds")
     if repeats > 1 and not folds:
@@ -429,6 +488,14 @@ def train_command(
         depths = [int(x) for x in layers.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"{layers!r}: give depths as numbers, e.g. 16,20", param_hint="--layers") from None
+    if finetune and context.get_parameter_source("layers") is click.core.ParameterSource.DEFAULT:
+        depths = [8]  # the probes' depths to choose from mean nothing here: the fine-tune's own default
+    if finetune and len(depths) != 1:
+        raise click.BadParameter(
+            f"{layers!r}: a fine-tuned classifier keeps one number of layers (e.g. 30); depths to choose from are "
+            "for probes",
+            param_hint="--layers",
+        )
     if system is not None and (kind != "input" or pooling not in TURN_POOLINGS):
         raise click.BadParameter(
             "a system turn frames a request before the answer opens: it needs --kind input and --pooling turn or "
@@ -578,6 +645,25 @@ def train_command(
     )
     texts = " texts" if balance else ""
     click.echo(f"{len(rows)} cases: {len(split['train'])}{texts} to train, {len(split['test'])}{texts} held out")
+    if finetune:
+        from cai_engine.classifiers.finetune import FinetuneConfig, train_finetuned
+
+        tuned = FinetuneConfig(
+            base_model=base_model,
+            layers=depths[0],
+            epochs=epochs,
+            learning_rate=learning_rate,
+            false_alarm_rate=false_alarms,
+            seed=seed,
+        )
+        metrics = train_finetuned(dataset, kind, out, tuned, echo=click.echo)
+        scored = metrics["report_split"]
+        click.echo(
+            f"{kind} classifier: {depths[0]} layers fine-tuned, threshold {metrics['threshold']:.3f}; held-out "
+            f"AUC {scored['auc']}, recall {scored['recall']['rate']} (n={scored['recall']['n']}), "
+            f"false alarms {scored['false_alarms']['rate']} (n={scored['false_alarms']['n']}) -> {out}"
+        )
+        return
     metrics = train_probe(dataset, kind, out, config, echo=click.echo)
     scored = metrics["report_split"]
     click.echo(
