@@ -1193,23 +1193,44 @@ def test_train_fine_tunes_a_request_classifier_on_labelled_requests(tiny_model, 
     classifier = load_classifier(out)
     assert isinstance(classifier, FinetunedClassifier) and classifier.config.layer == 2
     assert classifier.config.metrics["report_split"]["auc"] > 0.9
+    assert classifier.config.metrics["epochs"] == 8  # the options reach the training
     assert classifier.config.data["dataset_report"]["files"] == [str(requests)]
     scores = classifier.predict(["xqz zzq qxz xqz zzq", "garden bread picnic garden"])
     assert scores[0]["violation"] > classifier.threshold() > scores[1]["violation"]
     # what only a probe has is refused before anything is read, with the option to change
     for extra, hint in (
-        (["--folds", "5"], "--folds"),
-        (["--layers", "1,2"], "--layers"),
-        (["--int8"], "--int8"),
-        (["--ensemble"], "--ensemble"),
-        (["--pooling", "turn"], "--pooling"),
-        (["--l2", "1"], "--l2"),
+        (["--folds", "5"], "one model trained on one split"),
+        (["--layers", "1,2"], "one number of layers"),
+        (["--layers", "0"], "one number of layers"),
+        (["--int8"], "8-bit base layers applies to probes only"),
+        (["--ensemble"], "an ensemble of depths applies to probes only"),
+        (["--system", "Be careful."], "a system turn applies to probes only"),
+        (["--repeats", "2"], "repeated fold draws applies to probes only"),
+        (["--pooling", "turn"], "pooling other than the last token applies to probes only"),
+        (["--l2", "1"], "an L2 penalty applies to probes only"),
     ):
         refused = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "no"), *tuned, *extra])
-        assert refused.exit_code == 2 and hint in refused.output, (extra, refused.output)
-    refused = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "no"), "--epochs", "3"])  # a probe has no epochs
-    assert refused.exit_code == 2 and "--method finetuned" in refused.output
+        assert refused.exit_code == 2 and hint in " ".join(refused.output.split()), (extra, refused.output)
+    for extra in (["--epochs", "3"], ["--learning-rate", "1e-3"]):  # a probe has no epochs or learning rate
+        refused = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "no"), *extra])
+        assert refused.exit_code == 2 and "applies to --method finetuned" in refused.output, refused.output
     assert not (tmp_path / "no").exists()
+    # more layers than the model has would be new, untrained ones: refused before any training (the default, 8,
+    # is more than the tiny model's 2)
+    deeper = cli_runner.invoke(cli, [*args[:-1], str(tmp_path / "deep"), "--method", "finetuned"])
+    assert deeper.exit_code != 0 and "has 2 layers; the fine-tune asks for 8" in deeper.output, deeper.output
+    assert not (tmp_path / "deep" / "model.safetensors").exists()
+
+
+def test_calibration_reads_rows_without_an_augmentation_as_plain():
+    from cai_engine.classifiers.train import calibrate
+
+    rows = [{"text": f"request {i}", "label": i % 2} for i in range(40)]  # no augmentation: a dataset made by hand
+    probs = [0.9 if r["label"] else 0.1 for r in rows]
+    threshold, report = calibrate(probs, rows, 0.05)
+    assert 0.1 <= threshold < 0.9
+    assert report["accuracy_by_augmentation"]["plain"]["n"] == report["recall"]["n"] + report["false_alarms"]["n"]
+    assert report["accuracy_by_augmentation"]["plain"]["correct"] == report["accuracy_by_augmentation"]["plain"]["n"]
 
 
 def test_cross_validation_keeps_a_request_and_its_rewrites_in_one_fold():

@@ -141,6 +141,14 @@ def train_finetuned(
         ]
 
     folder, _ = resolve_model_folder(config.base_model)
+    from transformers import AutoConfig
+
+    try:
+        depth = AutoConfig.from_pretrained(str(folder), local_files_only=True).num_hidden_layers
+    except Exception as exc:
+        raise ModelError(f"{folder}: cannot read the base model's config ({type(exc).__name__}: {exc})") from None
+    if config.layers > depth:  # transformers would add new, untrained layers, and say so only in a muted warning
+        raise ModelError(f"{config.base_model} has {depth} layers; the fine-tune asks for {config.layers}")
     torch.manual_seed(config.seed)
     from transformers.utils import logging as hf_logging
 

@@ -287,7 +287,7 @@ def calibrate(probs: list[float], test: list[dict[str, Any]], false_alarm_rate: 
     negatives = sum(1 for _, y, _ in report if not y)
     by_augmentation: dict[str, dict[str, int]] = {}
     for p, y, r in report:
-        how = r["augmentation"]
+        how = r.get("augmentation", "plain")  # a dataset written by hand may leave it out: the text as written
         entry = by_augmentation.setdefault(how if how.startswith("end:") else how.split(":")[0], {"n": 0, "correct": 0})
         entry["n"] += 1
         entry["correct"] += int((p > threshold) == bool(y))

@@ -376,9 +376,9 @@ def _written(value: str) -> dict[str, str | None]:
     show_default=True,
     help="probe: a logistic head on the frozen activations of --layers (depths to choose from); finetuned: the first "
     "--layers transformer layers (one number) trained with a sequence-classification head on the last token, the "
-    "token embeddings frozen, on a held-out split (--folds 0, the default for this method): slower to train, and "
-    "it can learn what a linear head on frozen activations cannot. The folder loads with transformers' "
-    "pipeline('text-classification').",
+    "token embeddings frozen, on a held-out split (--folds 0, the default for this method): slower to train; "
+    "measured, it separated some requests a linear head on the same frozen activations did not. The folder loads "
+    "with transformers' pipeline('text-classification').",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--method finetuned: epochs.")
 @click.option(
@@ -467,7 +467,13 @@ def train_command(
                 ("pooling", "pooling other than the last token"),
                 ("l2", "an L2 penalty"),
             )
-            if (pooling != "mean" if name == "pooling" else context.get_parameter_source(name) is not default)
+            if (
+                pooling != "mean"
+                if name == "pooling"
+                else repeats != 1
+                if name == "repeats"
+                else context.get_parameter_source(name) is not default
+            )
         ]
         if refused:
             name, why = refused[0]
@@ -490,7 +496,7 @@ def train_command(
         raise click.BadParameter(f"{layers!r}: give depths as numbers, e.g. 16,20", param_hint="--layers") from None
     if finetune and context.get_parameter_source("layers") is click.core.ParameterSource.DEFAULT:
         depths = [8]  # the probes' depths to choose from mean nothing here: the fine-tune's own default
-    if finetune and len(depths) != 1:
+    if finetune and (len(depths) != 1 or depths[0] < 1):
         raise click.BadParameter(
             f"{layers!r}: a fine-tuned classifier keeps one number of layers (e.g. 30); depths to choose from are "
             "for probes",
