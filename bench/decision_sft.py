@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from cai_engine.classifiers.data import DEFAULT_WRITTEN, written_requests
 from cai_engine.classifiers.sources import load_eval_items
+from cai_engine.classifiers.train import auc
 from cai_engine.constitution.model import Message
 from cai_engine.context import default_runtime
 from cai_engine.evaluation.summary import engaged_structurally
@@ -214,9 +215,8 @@ def evaluate(out: Path, model: str, registry) -> dict:
     return results
 
 
-def _auc(positive: list[float], negative: list[float]) -> float:
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
+def _auc(positive: list[float], negative: list[float]) -> float | None:
+    return auc(positive + negative, [1] * len(positive) + [0] * len(negative))
 
 
 def decline_ranking(out: Path, model: str, registry, *, tokens: int = 4, allowed: tuple[int, int] = (6, 20)) -> dict:
