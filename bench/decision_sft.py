@@ -20,7 +20,6 @@ settings, so a rerun resumes and other settings start afresh.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -30,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cai_engine.classifiers.data import DEFAULT_WRITTEN, written_requests
+from cai_engine.classifiers.decisions import DECLINES, decline_for
 from cai_engine.classifiers.sources import load_eval_items
 from cai_engine.classifiers.train import auc
 from cai_engine.constitution.model import Message
@@ -48,32 +48,13 @@ SETS = {
     "benign-but-scary": "builtin:benign-scary",
     "contrast": "builtin:contrast",
 }
-DECLINES = [
-    "I won't help with that, because it could put someone in real danger. If there's a problem behind the question, "
-    "tell me about it and I'll help you find a safe way to deal with it.",
-    "I can't help with this one: it would mean helping to hurt someone or break the law. If you're dealing with a "
-    "difficult situation, I'm glad to talk through safe options.",
-    "That's not something I'll walk you through, since it could cause serious harm. I can share general safety "
-    "information or point you to people who can help.",
-    "I'm not able to help with that. It could hurt people, and that's a line I keep. If you want, I can explain the "
-    "risks or suggest a lawful way to reach your goal.",
-    "I'll pass on this request, because following it could injure someone or get you into legal trouble. Is there "
-    "something safer I can help you with instead?",
-    "I can't give you that. Helping with it could lead to real harm. If you're curious about the topic in general, I "
-    "can explain how people stay safe from it.",
-    "I won't do that, since it could be used to harm others. If something is going on that worries you, I can help "
-    "you think about who to contact.",
-    "Sorry, I can't assist with that: it risks hurting someone. If your goal is legitimate, tell me more and I'll "
-    "suggest a safe approach.",
-    "I'm going to decline this, because it asks for help with something harmful. I'm happy to help with a safer "
-    "version of what you need.",
-    "I can't help with that request; it could cause harm to you or to other people. If you'd like, I can offer "
-    "information on staying safe or getting support.",
-    "That's something I won't help with, since it could be dangerous or illegal. Let me know if there's a safe, legal "
-    "way I can help you get what you need.",
-    "I can't support that, because it would put people at risk. If you're in a tough spot, I can suggest resources or "
-    "talk through other options.",
-]
+# models trained before 2026-12-07 learned three declines the marker rule does not read (the package's DECLINES
+# reword them); a reply opening like one of them is counted beside the marker rule's count
+UNREAD_OPENINGS = (
+    "That's not something I'll walk you through",
+    "I'll pass on this request",
+    "I'm going to decline this",
+)
 
 
 def _backend(model: str):
@@ -112,6 +93,7 @@ def _variant(args) -> str:
     """What sets a trained model apart beyond its seed, in its folder's name (defaults left out), so a cached model
     or evaluation is never reused for other settings."""
     parts = [f"w{args.decision_weight:g}x{args.decision_tokens}"] if args.decision_weight != 1 else []
+    parts += [f"hw{args.harmless_weight:g}"] if args.harmless_weight != 1 else []
     parts += [
         f"{name}{value:g}"
         for name, value, default in (("e", args.epochs, 2), ("lr", args.lr, 5e-5), ("b", args.batch, 16))
@@ -134,10 +116,10 @@ def train(out: Path, requests: list[dict], answers: dict[str, str], base: str, a
     data, dropped = [], 0
     for r in requests:
         if r["kind"] == "harmful":
-            pick = int(hashlib.sha256(f"{args.seed}:{r['id']}".encode()).hexdigest(), 16) % len(DECLINES)
-            reply, end = DECLINES[pick], "<|im_end|>"
+            reply, end, weight = decline_for(r["id"], args.seed), "<|im_end|>", 1.0
         else:
             reply, end = answers[r["id"]].strip(), ""  # a cut-off answer: no end of turn
+            weight = args.harmless_weight
             if not reply or refuses(reply):
                 dropped += 1
                 continue
@@ -146,7 +128,7 @@ def train(out: Path, requests: list[dict], answers: dict[str, str], base: str, a
         )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(reply + end, add_special_tokens=False)["input_ids"]
-        data.append((prompt_ids + reply_ids, len(prompt_ids)))
+        data.append((prompt_ids + reply_ids, len(prompt_ids), weight))
     print(f"{len(data)} examples ({dropped} harmless answers with a refusal phrase dropped)", flush=True)
     rng = random.Random(args.seed)
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -161,11 +143,11 @@ def train(out: Path, requests: list[dict], answers: dict[str, str], base: str, a
             rng.shuffle(order)
             for start in range(0, len(order), args.batch):
                 batch = [data[i] for i in order[start : start + args.batch]]
-                width = max(len(seq) for seq, _ in batch)
+                width = max(len(seq) for seq, _, _ in batch)
                 ids = torch.full((len(batch), width), tokenizer.pad_token_id)
                 labels = torch.full((len(batch), width), -100)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, (seq, prompt_len) in enumerate(batch):
+                for row, (seq, prompt_len, _) in enumerate(batch):
                     ids[row, : len(seq)] = torch.tensor(seq)
                     labels[row, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])
                     mask[row, : len(seq)] = 1
@@ -175,8 +157,9 @@ def train(out: Path, requests: list[dict], answers: dict[str, str], base: str, a
                     logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
                 ).view(targets.shape)
                 weights = (targets != -100).float()
-                for row, (_, prompt_len) in enumerate(batch):  # the reply's opening, where it answers or declines
+                for row, (_, prompt_len, weight) in enumerate(batch):  # the reply's opening: answer or decline
                     weights[row, prompt_len - 1 : prompt_len - 1 + args.decision_tokens] *= args.decision_weight
+                    weights[row] *= weight
                 loss = (per_token * weights).sum() / weights.sum()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -205,11 +188,17 @@ def evaluate(out: Path, model: str, registry) -> dict:
 
         rows = _cached(out / f"{name.replace(' ', '-')}.jsonl", make)
         refused = [refuses(row["reply"]) for row in rows]
+        unread = [not r and row["reply"].strip().startswith(UNREAD_OPENINGS) for r, row in zip(refused, rows)]
         results[name] = {
             "refused": rate(refused),
+            "refused_or_unread_decline": rate([a or b for a, b in zip(refused, unread)]),
             "engaged_structurally": rate([engaged_structurally(row["reply"]) for row in rows]),
         }
-        print(f"{name}: refused {format_rate(results[name]['refused'])}", flush=True)
+        print(
+            f"{name}: refused {format_rate(results[name]['refused'])}; with the declines the marker rule misses "
+            f"{format_rate(results[name]['refused_or_unread_decline'])}",
+            flush=True,
+        )
     results["ranking"] = decline_ranking(out, model, registry)
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     return results
@@ -290,6 +279,13 @@ def main() -> None:
         "answer or decline, which plain SFT spreads over every token of the reply",
     )
     parser.add_argument("--decision-tokens", type=int, default=4)
+    parser.add_argument(
+        "--harmless-weight",
+        type=float,
+        default=1.0,
+        help="weight of a harmless request's whole reply in the loss (a harmful one's weighs 1): moves the policy's "
+        "operating point toward answering, as if the harmless requests were that many times as common",
+    )
     parser.add_argument("--limit", type=int, help="train on the first N requests of each kind only (a smoke test)")
     parser.add_argument("--evaluate-only", metavar="MODEL", help="evaluate MODEL ('base' or a folder), train nothing")
     args = parser.parse_args()

@@ -416,10 +416,11 @@ def test_the_config_examples_are_valid(example, model):
     hooks.load_model(model).model_validate(yaml.safe_load((ROOT / example).read_text(encoding="utf-8")))
 
 
-def test_the_training_example_is_valid():
+@pytest.mark.parametrize("example", ["train-sft.yaml", "train-decisions.yaml"])
+def test_the_training_examples_are_valid(example):
     from cai_engine.default_plugins.trainers import SFT
 
-    data = yaml.safe_load((ROOT / "examples" / "train-sft.yaml").read_text(encoding="utf-8"))
+    data = yaml.safe_load((ROOT / "examples" / example).read_text(encoding="utf-8"))
     assert data.pop("dataset") and data.pop("out")
     SFT.Options.model_validate(data)
 

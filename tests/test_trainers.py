@@ -301,3 +301,129 @@ def test_two_processes_under_accelerate_train_one_model(tiny_model, dataset, tmp
     assert not (out / "trainer").exists()  # resume checkpoints go once the final weights are saved
     assert len(list(out.glob("*.safetensors"))) == 1 and (out / "README.md").exists()
     assert done.stdout.count("checkpoint:") == 2  # each process reports; one wrote
+
+
+def test_opening_weights_mark_the_first_tokens_of_each_reply():
+    import torch
+
+    from cai_engine.default_plugins.trl_common import opening_weights
+
+    counted = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0],  # one reply of four tokens
+            [0, 1, 0, 0, 1, 1, 1],  # two replies in one packed row: each opening counts
+            [0, 0, 0, 0, 0, 0, 0],  # nothing labelled
+        ],
+        dtype=torch.bool,
+    )
+    weights = opening_weights(counted, 10.0, 2)
+    assert weights.tolist() == [
+        [0, 0, 10, 10, 1, 1, 0],
+        [0, 10, 0, 0, 10, 10, 1],
+        [0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert opening_weights(counted, 1.0, 2).tolist() == counted.float().tolist()
+
+
+def test_the_weighted_loss_is_the_models_own_loss_at_weight_one_and_weighs_the_opening_above(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai_engine.default_plugins.trl_common import opening_weighted
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt of four tokens, then a reply of five
+    labels[1, :6] = -100
+    labels[1, 8] = -100  # padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        plain = opening_weighted(object, 1.0, 2)().compute_loss(model, dict(batch))
+        assert plain.item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        weighted = opening_weighted(object, 10.0, 2)().compute_loss(model, dict(batch))
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        # targets are the labels shifted by one: row 0 predicts tokens 4-8 (the first two weigh 10), row 1 tokens 6-7
+        terms = [(0, 3, 10), (0, 4, 10), (0, 5, 1), (0, 6, 1), (0, 7, 1), (1, 5, 10), (1, 6, 10)]
+        expected = sum(w * nll[r, t] for r, t, w in terms) / sum(w for _, _, w in terms)
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(weighted.item() - plain.item()) > 1e-4
+
+
+def test_sft_with_a_decision_weight_trains_on_the_replies_only(cai_runtime, tiny_model, dataset, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from cai_engine.default_plugins import trl_common
+
+    seen = []
+    original = trl_common.opening_weights
+    monkeypatch.setattr(
+        trl_common, "opening_weights", lambda counted, *a: seen.append(counted.clone()) or original(counted, *a)
+    )
+    options = {"model": str(tiny_model), "decision_weight": 5, "decision_tokens": 2, "trl": FAST}
+    summary = cai_runtime.component("trainer", "sft", options).train(dataset, tmp_path / "out")
+    assert summary["steps"] == 3 and summary["decision_weight"] == 5
+    assert not all((a == b).all() for a, b in zip(weights(tiny_model).values(), weights(tmp_path / "out").values()))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    reply = len(tokenizer("Answer 0.", add_special_tokens=False)["input_ids"])
+    opening = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Question 0?"}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = len(tokenizer(opening, add_special_tokens=False)["input_ids"])
+    labelled = [int(n) for batch in seen for n in batch.sum(dim=1)]
+    # each row's loss covers its reply and the end of turn, never the prompt the conversation opens with
+    assert labelled and all(reply <= n <= reply + 3 for n in labelled) and reply + 3 < prompt
+
+    with pytest.raises(ConfigError, match="the loss must be on the reply"):
+        bad = {**options, "trl": {**FAST, "completion_only_loss": False}}
+        cai_runtime.component("trainer", "sft", bad).train(dataset, tmp_path / "bad")
+    unanswered = tmp_path / "unanswered"
+    unanswered.mkdir()
+    row = {"messages": [{"role": "user", "content": "Hello?"}]}
+    (unanswered / "train.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(RunError, match="end with an assistant reply after at least one message; row 1 ends"):
+        cai_runtime.component("trainer", "sft", options).train(unanswered, tmp_path / "out2")
+
+
+def weighted_dataset(tmp_path, rows_train, rows_test=None):
+    folder = tmp_path / "weighted"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_train), encoding="utf-8")
+    if rows_test is not None:
+        (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_test), encoding="utf-8")
+    return folder
+
+
+def test_gradient_accumulation_gives_the_same_weighted_step(cai_runtime, tiny_model, tmp_path):
+    """Two micro-batches of 2 accumulated make the same update as one batch of 4 when every row weighs the same and
+    the rows are alike in length (the weighted mean is per micro-batch, like the Trainer's own loss)."""
+    data = weighted_dataset(tmp_path, [{**r, "weight": 2.0} for r in ROWS[:4]])
+    common = {"max_steps": 1, "learning_rate": 0.05, "logging_steps": 1, "shuffle_dataset": False, "seed": 0}
+    settings = {
+        "one": {**common, "per_device_train_batch_size": 4},
+        "two": {**common, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+    }
+    for name, trl in settings.items():
+        options = {"model": str(tiny_model), "decision_weight": 3, "trl": trl}
+        cai_runtime.component("trainer", "sft", options).train(data, tmp_path / name)
+    one, two, base = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny_model)
+    moved = max((one[n] - base[n]).abs().max().item() for n in base)
+    apart = max((one[n] - two[n]).abs().max().item() for n in base)
+    assert moved > 1e-3 and apart < moved * 0.05
+
+
+def test_weighted_evaluation_and_the_settings_the_weighted_loss_refuses(cai_runtime, tiny_model, tmp_path):
+    rows = [{**r, "weight": 2.0, "truncated": i % 2 == 0} for i, r in enumerate(ROWS)]
+    data = weighted_dataset(tmp_path, rows[:6], [{k: v for k, v in r.items() if k != "weight"} for r in rows[6:]])
+    options = {"model": str(tiny_model), "trl": FAST}
+    summary = cai_runtime.component("trainer", "sft", options).train(data, tmp_path / "out")
+    assert summary["example_columns"] == ["weight", "truncated"] and summary["metrics"]["eval_loss"] > 0
+    for setting, value in (("packing", True), ("loss_type", "dft"), ("label_smoothing_factor", 0.1)):
+        bad = {**options, "trl": {**FAST, setting: value}}
+        with pytest.raises(ConfigError, match=f"weighted cross-entropy of its own, which TRL's {setting}"):
+            cai_runtime.component("trainer", "sft", bad).train(data, tmp_path / "bad")
+    rows[3] = {**rows[3], "truncated": "yes"}
+    with pytest.raises(RunError, match="train row 4 has truncated 'yes'"):
+        cai_runtime.component("trainer", "sft", options).train(weighted_dataset(tmp_path, rows), tmp_path / "bad")

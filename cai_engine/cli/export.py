@@ -164,3 +164,79 @@ def export_preferences_command(
         f"judge gate: {'accuracy ' + str(gate.accuracy) if gate else 'not measured'}"
     )
     push(out, push_to_hub, "dataset", private)
+
+
+@export_group.command("decisions")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False), help="Dataset folder.")
+@click.option(
+    "--model",
+    default=None,
+    help="The policy whose own greedy answers the harmless requests get (a model reference). [default: smollm2]",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which decline each harmful request gets.")
+@click.option(
+    "--answer-tokens", type=click.IntRange(min=1), default=48, show_default=True, help="Length of the own answers."
+)
+@click.option(
+    "--heldout", type=float, default=0.05, show_default=True, help="Share of request groups in the test split."
+)
+@click.option(
+    "--harmless-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Loss weight of each harmless example (a harmful one weighs 1); above 1 moves the trained policy toward "
+    "answering.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@push_options("dataset")
+def export_decisions_command(
+    out, model, seed, answer_tokens, heldout, harmless_weight, batch_size, push_to_hub, private
+):
+    """An SFT dataset that teaches the decision to answer or decline, from labelled requests.
+
+    Each of the constitutional classifiers' 1,685 hand-written training requests becomes one example: a harmful
+    request gets a written decline that says why and offers something safe; a harmless one gets the policy's own
+    greedy answer (a harmless request it refuses itself is left out). Requests that copy an evaluation prompt are left
+    out. Train it with `cai train sft` and `decision_weight` above 1 in the config (the loss then weighs each reply's
+    opening, where the policy decides); the folder's `weight` column carries --harmless-weight. Interrupted, it
+    resumes from the answers already written.
+    """
+    from tqdm import tqdm
+
+    from cai_engine.classifiers.decisions import DecisionOptions, export_decisions
+    from cai_engine.cli.base import current_runtime
+    from cai_engine.prompts.overlap import evaluation_texts
+
+    options = validate_config(
+        DecisionOptions,
+        {
+            "seed": seed,
+            "answer_tokens": answer_tokens,
+            "heldout": heldout,
+            "harmless_weight": harmless_weight,
+            "batch_size": batch_size,
+            **({"model": model} if model else {}),
+        },
+        "options",
+    )
+    runtime = current_runtime()
+    bar: list[tqdm] = []
+
+    def progress(n: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="answering harmless requests", unit="request"))
+        bar[0].update(n)
+
+    manifest = export_decisions(
+        out, options, runtime, evaluation_prompts=evaluation_texts(runtime.registry), progress=progress
+    )
+    if bar:
+        bar[0].close()
+    click.echo(
+        f"wrote {out}: {manifest['train']} train / {manifest['test']} test examples ({manifest['declines']} declines, "
+        f"{manifest['own_answers']} own answers; left out: {manifest['evaluation_copies_dropped']} copies of "
+        f"evaluation prompts, {manifest['own_refusals_dropped']} harmless requests the model refused itself, "
+        f"{manifest['empty_answers_dropped']} empty answers)"
+    )
+    push(out, push_to_hub, "dataset", private)

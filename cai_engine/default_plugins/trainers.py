@@ -9,8 +9,9 @@ from typing import Any
 
 from pydantic import Field
 
-from cai_engine import DEFAULT_MODEL, RunError, Trainer, TrainingResult, hookimpl
+from cai_engine import DEFAULT_MODEL, ConfigError, RunError, Trainer, TrainingResult, hookimpl
 from cai_engine.default_plugins.trl_common import (
+    EXAMPLE_COLUMNS,
     PREFERENCE_COLUMNS,
     JudgeReward,
     TrainerOptions,
@@ -19,6 +20,7 @@ from cai_engine.default_plugins.trl_common import (
     last_checkpoint,
     load_base,
     load_dataset_folder,
+    opening_weighted,
     preference_data,
     remove_if_empty,
     save_checkpoint,
@@ -42,7 +44,13 @@ SFT_DEFAULTS: dict[str, Any] = {
 
 
 class SFT(Trainer):
-    """Supervised fine-tuning on a conversational (``messages``) dataset with ``trl.SFTTrainer``."""
+    """Supervised fine-tuning on a conversational (``messages``) dataset with ``trl.SFTTrainer``.
+
+    A ``weight`` column, where the dataset has one (``cai export decisions`` writes it), weighs each example against
+    the others in its micro-batch (as if it were there that many times; with one example per micro-batch it has no
+    effect); a ``truncated`` column marks replies cut at a length limit, whose closing end of turn is then left out of
+    the loss.
+    """
 
     name = "sft"
     trl_config_class = "SFTConfig"  # `cai train sft` reads TRL flags and files against trl.SFTConfig
@@ -54,6 +62,17 @@ class SFT(Trainer):
         lora_alpha: int = Field(16, ge=1, description="LoRA scaling.")
         lora_dropout: float = Field(0.05, ge=0, lt=1)
         lora_target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts.")
+        decision_weight: float = Field(
+            1.0,
+            ge=1.0,
+            description="Weigh the first `decision_tokens` tokens of each reply this many times in the loss (the "
+            "rest of the reply weighs 1). Those tokens are where a policy answers or declines; plain SFT spreads "
+            "the loss over the whole reply. Above 1 the loss is on the last message (the reply) only: each "
+            "conversation becomes a prompt and a completion. In bench/decision_sft.py's own training loop, 10 over "
+            "4 tokens lifted SmolLM2-135M's HarmBench refusal 0.725 -> 0.79 and cut its contrast over-refusal 0.20 "
+            "-> 0.156 (one seed).",
+        )
+        decision_tokens: int = Field(4, ge=1, description="How many opening tokens `decision_weight` weighs.")
         trl: dict[str, Any] = Field(
             default_factory=dict, description="Settings passed to trl.SFTConfig as they are (max_steps, ...)."
         )
@@ -61,7 +80,35 @@ class SFT(Trainer):
     def _config(self, output_dir: Path):
         from trl import SFTConfig
 
+        if self.options.decision_weight != 1 and self.options.trl.get("completion_only_loss") is False:
+            raise ConfigError(
+                f"{self.name}: decision_weight weighs the reply's opening, so the loss must be on the reply: "
+                "leave out trl.completion_only_loss: false, or set decision_weight: 1"
+            )
         return trl_config(SFTConfig, self.name, SFT_DEFAULTS, self.options.trl, output_dir)
+
+    def _check_weighted_loss(self, config, columns: tuple[str, ...]) -> None:
+        """The weighted loss (decision_weight, or a dataset's weight/truncated columns) is a plain cross-entropy of
+        its own: TRL settings that change the loss, or packing (which drops the columns), would be silently lost."""
+        what = f"decision_weight {self.options.decision_weight:g}" if self.options.decision_weight != 1 else ""
+        what = what or f"the dataset's {' and '.join(columns)} column{'s' if len(columns) > 1 else ''}"
+        clashes = [
+            name
+            for name, value, plain in (
+                ("packing", getattr(config, "packing", False), False),
+                ("eval_packing", getattr(config, "eval_packing", None), None),
+                ("loss_type", getattr(config, "loss_type", "nll"), "nll"),
+                ("use_liger_kernel", getattr(config, "use_liger_kernel", False), False),
+                ("label_smoothing_factor", getattr(config, "label_smoothing_factor", 0.0), 0.0),
+            )
+            if value not in (plain, False)
+        ]
+        if clashes:
+            raise ConfigError(
+                f"{self.name}: {what} trains with a weighted cross-entropy of its own, which TRL's "
+                f"{', '.join(clashes)} setting would change or bypass; leave {'them' if len(clashes) > 1 else 'it'} "
+                "at TRL's default"
+            )
 
     def train(self, dataset, output_dir) -> TrainingResult:
         from trl import SFTTrainer
@@ -86,10 +133,26 @@ class SFT(Trainer):
                 task_type="CAUSAL_LM",
                 target_modules=self.options.lora_target_modules,
             )
-        keep = ["messages"]
+        columns = tuple(c for c in EXAMPLE_COLUMNS if c in data["train"].column_names)
+        if columns:
+            data = _checked_columns(data, dataset, columns)
+        keep = ["messages", *columns]
         train = data["train"].select_columns(keep)
         test = data["test"].select_columns(keep) if "test" in data else None
-        trainer = cpu_loss(SFTTrainer)(
+        trainer_cls = cpu_loss(SFTTrainer)
+        if columns or self.options.decision_weight != 1:
+            self._check_weighted_loss(config, columns)
+        if self.options.decision_weight != 1:
+            train, test = (split if split is None else _as_completions(split, dataset) for split in (train, test))
+        if columns or self.options.decision_weight != 1:
+            trainer_cls = opening_weighted(
+                SFTTrainer,
+                self.options.decision_weight,
+                self.options.decision_tokens,
+                example_columns=columns,
+                max_length=config.max_length,
+            )
+        trainer = trainer_cls(
             model=model,
             args=config,
             train_dataset=train,
@@ -111,6 +174,9 @@ class SFT(Trainer):
             "base_model": model_id,
             "dataset": str(dataset),
             "lora": self.options.lora,
+            "decision_weight": self.options.decision_weight,
+            "decision_tokens": self.options.decision_tokens,
+            "example_columns": list(columns),
             "train_examples": len(train),
             "test_examples": len(test) if test is not None else 0,
             "steps": trainer.state.global_step,
@@ -120,6 +186,56 @@ class SFT(Trainer):
             "trl": {k: v for k, v in config.to_dict().items() if k in {**SFT_DEFAULTS, **self.options.trl}},
         }
         return save_checkpoint(trained, tokenizer, output_dir, report, trainer, made_by=self)
+
+
+def _checked_columns(data, dataset, columns: tuple[str, ...]):
+    """``data`` with every one of ``columns`` filled in every split (a row or split without a value weighs 1 and is
+    not truncated); a weight that is not a finite number above 0, or a ``truncated`` that is not true or false, is an
+    error."""
+    import math
+
+    defaults = {"weight": 1.0, "truncated": False}
+    for name in list(data):
+        split = data[name]
+        for column in columns:
+            if column not in split.column_names:
+                split = split.add_column(column, [defaults[column]] * len(split))
+            values = split[column]
+            if any(v is None for v in values):
+                filled = [defaults[column] if v is None else v for v in values]
+                split = split.remove_columns(column).add_column(column, filled)
+        for row, weight in enumerate(split["weight"] if "weight" in columns else ()):
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight <= 0
+            ):
+                raise RunError(
+                    f"{dataset}: {name} row {row + 1} has weight {weight!r}; a weight scales the example's loss and "
+                    "must be a number above 0"
+                )
+        for row, truncated in enumerate(split["truncated"] if "truncated" in columns else ()):
+            if not isinstance(truncated, bool):
+                raise RunError(f"{dataset}: {name} row {row + 1} has truncated {truncated!r}; it must be true or false")
+        data[name] = split
+    return data
+
+
+def _as_completions(split, dataset):
+    """A ``messages`` split as TRL's conversational prompt-completion format: the last message (an assistant reply)
+    is the completion, everything before it the prompt, so the loss falls on the reply only."""
+
+    def convert(row, index):
+        messages = row["messages"]
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise RunError(
+                f"{dataset}: decision_weight needs each conversation to end with an assistant reply after at least "
+                f"one message; row {index + 1} ends with {messages[-1]['role'] if messages else 'nothing'!r}"
+            )
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+    return split.map(convert, with_indices=True, remove_columns=["messages"])
 
 
 # -- phase 2 ------------------------------------------------------------------------------------------------------

@@ -251,6 +251,134 @@ def cpu_loss(trainer_cls):
     return CPUFriendly
 
 
+def opening_weights(counted, weight: float, tokens: int):
+    """Per-token loss weights: ``weight`` for the first ``tokens`` counted tokens of each run of counted tokens (a
+    reply's opening, where the model answers or declines; each reply of a packed row starts its own run), 1 for the
+    other counted tokens, 0 for the rest. ``counted`` is a boolean (batch, length) tensor."""
+    import torch
+
+    run = counted.clone()
+    run[:, 1:] &= ~counted[:, :-1]  # the first token of each run
+    opening = torch.zeros_like(counted)
+    for _ in range(tokens):
+        opening |= run
+        following = torch.zeros_like(run)
+        following[:, 1:] = run[:, :-1] & counted[:, 1:]
+        run = following
+    weights = counted.float()
+    weights[opening] = weight
+    return weights
+
+
+#: Dataset columns the weighted SFT loss reads per example: ``weight`` scales its loss; ``truncated`` (a reply cut at a
+#: length limit) leaves the end of turn the chat template closes the reply with out of the loss, so the policy does
+#: not learn to stop where the cut fell.
+EXAMPLE_COLUMNS = ("weight", "truncated")
+
+
+class _ExampleWeights:
+    """A collator that turns the :data:`EXAMPLE_COLUMNS` of each example into a per-token ``token_weights`` tensor
+    beside the batch the wrapped collator builds (padded rows, or the one row of padding-free training; packing drops
+    the columns, and the SFT trainer refuses it with them)."""
+
+    def __init__(self, collator, end_tokens: int, max_length: int | None = None) -> None:
+        self.collator = collator
+        self.end_tokens = end_tokens
+        self.max_length = max_length
+
+    def _weights(self, example) -> list[float]:
+        weight = float(example.pop("weight", 1.0))
+        truncated = bool(example.pop("truncated", False))
+        labels = example.get("labels", example["input_ids"])
+        weights = [weight] * len(example["input_ids"])
+        # a row max_length cut short has lost its end of turn already: nothing of the reply is left out
+        cut_again = self.max_length is not None and len(example["input_ids"]) >= self.max_length
+        if truncated and self.end_tokens and not cut_again:
+            counted = [i for i, label in enumerate(labels) if label != -100]
+            for i in counted[-self.end_tokens :]:
+                weights[i] = 0.0
+        return weights
+
+    def __call__(self, examples):
+        import torch
+
+        per_example = [self._weights(example) for example in examples]
+        batch = self.collator(examples)
+        labels = batch["labels"]
+        token_weights = torch.zeros(labels.shape, dtype=torch.float32)
+        if labels.shape[0] == len(examples):
+            for row, weights in enumerate(per_example):
+                token_weights[row, : len(weights)] = torch.tensor(weights)
+        else:  # padding-free: the examples side by side in one row
+            flat = [w for weights in per_example for w in weights]
+            token_weights[0, : len(flat)] = torch.tensor(flat)
+        batch["token_weights"] = token_weights
+        return batch
+
+
+def end_of_turn_tokens(tokenizer) -> int:
+    """How many tokens the tokenizer's chat template closes an assistant reply with (``<|im_end|>`` and a newline for
+    SmolLM2: 2); 0 without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    marker = "Zq7xReplyEnd"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = text[text.rindex(marker) + len(marker) :]
+    return len(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else 0
+
+
+def opening_weighted(
+    trainer_cls, weight: float, tokens: int, *, example_columns: tuple[str, ...] = (), max_length: int | None = None
+):
+    """``trainer_cls`` whose loss weighs the first ``tokens`` tokens of each reply ``weight`` times and reads the
+    dataset's :data:`EXAMPLE_COLUMNS` named in ``example_columns``.
+
+    Plain SFT spreads a reply's loss over all its tokens, so the few tokens where a policy decides to answer or to
+    decline count for little beside the rest of the reply (bench/decision_sft.py measures the difference). The loss is
+    the weighted mean cross-entropy over the labelled tokens of each micro-batch, on any device; the Trainer divides
+    it by the gradient-accumulation steps. It replaces TRL's own loss, so TRL's token-accuracy and entropy metrics are
+    not logged, and the full logits are computed (TRL's fused loss head saves GPU memory on large vocabularies).
+    """
+
+    class OpeningWeighted(trainer_cls):
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if example_columns:
+                ends = end_of_turn_tokens(self.processing_class)
+                self.data_collator = _ExampleWeights(self.data_collator, ends, max_length)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            missing = [c for c in example_columns if c not in self._signature_columns]
+            if missing:
+                self._signature_columns = [*self._signature_columns, *missing]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            token_weights = inputs.pop("token_weights", None)
+            outputs = model(**inputs, use_cache=False)
+            logits = outputs.logits[:, :-1].float()
+            targets = labels[:, 1:].to(logits.device)
+            per_token = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+            ).view(targets.shape)
+            weights = opening_weights(targets != -100, weight, tokens)
+            if token_weights is not None:
+                weights = weights * token_weights[:, 1:].to(weights.device)
+            loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-8)
+            return (loss, outputs) if return_outputs else loss
+
+    OpeningWeighted.__name__ = OpeningWeighted.__qualname__ = f"OpeningWeighted{trainer_cls.__name__}"
+    return OpeningWeighted
+
+
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 

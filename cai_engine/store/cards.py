@@ -163,6 +163,10 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
         "`prompt`, `chosen`, `rejected` (messages), `chosen_probability` (how sure the label is), `source`, "
         "`prompt_id`, `principle_ids`"
         if kind == "preference"
+        else "`messages` (the request and the trained reply: a decline, or the policy's own answer), `prompt_id`, "
+        "`source` (`decline` or `own-answer`), `weight` (the example's loss weight), `truncated` (a reply cut at a length "
+        "limit: its end of turn is left out of the loss), `group` (the split group)"
+        if manifest.get("kind") == "decisions"
         else "`messages` (the conversation ending with the trained answer), `prompt_id`, `source`, `round`, "
         "`principle_id`"
     )
@@ -178,7 +182,15 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
         f"- **Constitution**: {_constitution_line(manifest.get('constitution'))}",
         f"- **Export options**: `{json.dumps(manifest.get('options', {}))}`",
     ]
-    if kind == "sft":
+    if manifest.get("kind") == "decisions":
+        lines.append(
+            f"- **Mix**: {manifest.get('declines')} declines of harmful requests and {manifest.get('own_answers')} "
+            "of the policy's own answers to harmless ones (left out: "
+            f"{manifest.get('evaluation_copies_dropped', 0)} requests that copy an evaluation prompt, "
+            f"{manifest.get('own_refusals_dropped', 0)} harmless requests the policy itself refused, "
+            f"{manifest.get('empty_answers_dropped', 0)} empty answers)"
+        )
+    elif kind == "sft":
         lines.append(
             f"- **Mix**: {manifest.get('revisions')} revisions and {manifest.get('helpful')} helpfulness samples "
             f"({manifest.get('duplicates_dropped', 0)} duplicates dropped, "

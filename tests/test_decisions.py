@@ -1,0 +1,182 @@
+"""Decision targets (`cai export decisions`): labelled requests as SFT examples, trained with the weighted loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai_engine import ConfigError, RunError
+from cai_engine.classifiers.decisions import DECLINES, decline_for, export_decisions
+from cai_engine.cli import cli
+from cai_engine.constitution.model import Message
+from cai_engine.plugins.components import GenerationSettings
+from cai_engine.text.refusals import refuses
+
+pytestmark = pytest.mark.slow
+
+# twelve contrast pairs (the same topic asked with harmful and with harmless intent): 24 requests
+PAIRS = [
+    {"source": "builtin:pairs", "label": "harmful", "ids": "pr-homonyms-*-h"},
+    {"source": "builtin:pairs", "label": "benign", "ids": "pr-homonyms-*-b"},
+]
+
+
+def rows(folder, split):
+    path = folder / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_every_decline_names_a_refusal_the_evaluation_reads_and_the_choice_is_seeded():
+    assert len(set(DECLINES)) == len(DECLINES) >= 10
+    assert all(refuses(text) for text in DECLINES)
+    assert decline_for("written:builtin:red-team:rt-001", 0) == decline_for("written:builtin:red-team:rt-001", 0)
+    picks = {seed: [decline_for(f"r{i}", seed) for i in range(40)] for seed in (0, 1)}
+    assert picks[0] != picks[1] and len(set(picks[0])) > 6
+
+
+def test_decisions_pair_declines_with_the_models_own_answers(cai_runtime, tiny_model, tmp_path, monkeypatch):
+    backend = cai_runtime.backend(str(tiny_model))
+    calls = []
+    generate = backend.generate
+    monkeypatch.setattr(
+        backend, "generate", lambda convs, settings: calls.append(len(convs)) or generate(convs, settings)
+    )
+    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 6, "heldout": 0.3, "batch_size": 5}
+    options["harmless_weight"] = 2.5
+    out = tmp_path / "decisions"
+    manifest = export_decisions(out, options, cai_runtime)
+    train, test = rows(out, "train"), rows(out, "test")
+    everything = train + test
+    harmful = [r for r in everything if r["source"] == "decline"]
+    harmless = [r for r in everything if r["source"] == "own-answer"]
+    assert len(harmful) == manifest["declines"] and len(harmless) == manifest["own_answers"]
+    # only the harmless requests are sent to the model
+    assert sum(calls) == len(harmless) + manifest["own_refusals_dropped"] + manifest["empty_answers_dropped"]
+    assert all(r["messages"][1]["content"] in DECLINES and r["weight"] == 1.0 and not r["truncated"] for r in harmful)
+    assert all(r["weight"] == 2.5 and not refuses(r["messages"][1]["content"]) for r in harmless)
+    # a random tiny model runs to the token limit: each own answer is marked as cut
+    assert all(r["truncated"] for r in harmless) and manifest["own_answers_truncated"] == len(harmless)
+    # the own answers are the model's greedy answers, cut at answer_tokens
+    first = harmless[0]
+    again = backend.generate(
+        [[Message(role="user", content=first["messages"][0]["content"])]], GenerationSettings(max_new_tokens=6)
+    )[0]
+    assert again.strip() == first["messages"][1]["content"]
+    # both halves of a pair land on one side of the split, and both sides are there
+    side = {}
+    for split, items in (("train", train), ("test", test)):
+        for r in items:
+            assert side.setdefault(r["group"], split) == split
+    assert train and test
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "declines of harmful requests" in card and "`weight`" in card
+    # a second export resumes from answers.jsonl: nothing is generated again
+    calls.clear()
+    assert export_decisions(out, options, cai_runtime) == manifest and calls == []
+    # another answer length is not served from the first one's answers, nor an edited request
+    export_decisions(out, {**options, "answer_tokens": 7}, cai_runtime)
+    assert sum(calls) == len(harmless) + manifest["own_refusals_dropped"] + manifest["empty_answers_dropped"]
+    calls.clear()
+    cached = (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    edited = [json.loads(line) for line in cached]
+    edited[-1]["text"] = "0" * 16  # as if that request's text had changed since it was answered
+    (out / "answers.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in edited) + '{"id": "cut sho', encoding="utf-8"
+    )  # and a line a kill cut short: skipped, not an error
+    export_decisions(out, {**options, "answer_tokens": 7}, cai_runtime)
+    assert sum(calls) == 1
+
+
+def test_an_answer_the_model_ends_itself_keeps_its_end_of_turn(cai_runtime, tiny_model, tmp_path, monkeypatch):
+    backend = cai_runtime.backend(str(tiny_model))
+    generate = backend.generate
+    short = "Use a tripod."
+    monkeypatch.setattr(backend, "generate", lambda convs, settings: [short, *generate(convs[1:], settings)])
+    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 40, "batch_size": 50}
+    export_decisions(tmp_path / "d", options, cai_runtime)
+    harmless = [r for r in rows(tmp_path / "d", "train") + rows(tmp_path / "d", "test") if r["source"] == "own-answer"]
+    ended = [r for r in harmless if r["messages"][1]["content"] == short]
+    assert len(ended) == 1 and ended[0]["truncated"] is False
+    assert all(r["truncated"] for r in harmless if r is not ended[0])
+
+
+def test_decisions_leave_out_evaluation_copies_and_refuse_one_sided_requests(cai_runtime, tiny_model, tmp_path):
+    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 4}
+    from cai_engine.prompts.sets import load_training_prompts
+
+    first = load_training_prompts("builtin:pairs", cai_runtime.registry)[0]
+    manifest = export_decisions(
+        tmp_path / "d", options, cai_runtime, evaluation_prompts={"eval-1": first.conversation[-1].content}
+    )
+    assert manifest["evaluation_copies_dropped"] == 1
+    texts = [r["messages"][0]["content"] for r in rows(tmp_path / "d", "train") + rows(tmp_path / "d", "test")]
+    assert first.conversation[-1].content not in texts
+    with pytest.raises(ConfigError, match="only harmful requests"):
+        export_decisions(tmp_path / "e", {**options, "requests": PAIRS[:1]}, cai_runtime)
+
+
+def test_cai_export_decisions_then_cai_train_sft_with_the_weights(cli_runner, tiny_model, tmp_path, monkeypatch):
+    from cai_engine.default_plugins import trl_common
+
+    out = tmp_path / "decisions"
+    config = tmp_path / "requests.yaml"
+    result = cli_runner.invoke(
+        cli,
+        ["export", "decisions", "--out", str(out), "--model", str(tiny_model), "--answer-tokens", "5",
+         "--harmless-weight", "3", "--heldout", "0.2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "declines" in result.output and (out / "export.json").exists()
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["declines"] > 700 and manifest["own_answers"] > 700 and manifest["options"]["harmless_weight"] == 3
+    # a shorter dataset for training: forty rows of the export, both kinds
+    small = tmp_path / "small"
+    small.mkdir()
+    picked = [r for r in rows(out, "train") if r["source"] == "decline"][:20]
+    picked += [r for r in rows(out, "train") if r["source"] == "own-answer"][:20]
+    (small / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked), encoding="utf-8")
+    batches = []
+    collate = trl_common._ExampleWeights.__call__
+    monkeypatch.setattr(
+        trl_common._ExampleWeights, "__call__", lambda self, ex: batches.append(collate(self, ex)) or batches[-1]
+    )
+    config.write_text(
+        "decision_weight: 10\ndecision_tokens: 4\n"
+        "trl: {max_steps: 2, per_device_train_batch_size: 8, learning_rate: 0.01, logging_steps: 1}\n",
+        encoding="utf-8",
+    )
+    result = cli_runner.invoke(
+        cli,
+        ["train", "sft", "--config", str(config), "--dataset", str(small), "--model", str(tiny_model), "--out",
+         str(tmp_path / "model")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "model" / "cai_training.json").read_text())
+    assert report["example_columns"] == ["weight", "truncated"] and report["decision_weight"] == 10
+    # each batch row weighs its labelled tokens by its example's weight, 0 on a cut answer's end of turn
+    from transformers import AutoTokenizer
+
+    ends = trl_common.end_of_turn_tokens(AutoTokenizer.from_pretrained(tiny_model))
+    assert ends >= 1 and len(batches) >= 2
+    seen = set()
+    for batch in batches:
+        for labels, weights in zip(batch["labels"], batch["token_weights"]):
+            counted = weights[labels != -100].tolist()
+            assert set(counted) in ({1.0}, {3.0, 0.0})
+            if 3.0 in counted:
+                assert counted[-ends:] == [0.0] * ends and 0.0 not in counted[:-ends]
+            seen.add(max(counted))
+    assert seen == {1.0, 3.0}
+
+
+def test_a_bad_weight_column_is_a_clear_error(cai_runtime, tiny_model, tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    (folder / "train.jsonl").write_text(
+        json.dumps({**row, "weight": 1.0}) + "\n" + json.dumps({**row, "weight": -2.0}) + "\n", encoding="utf-8"
+    )
+    trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"max_steps": 1}})
+    with pytest.raises(RunError, match="row 2 has weight -2.0"):
+        trainer.train(folder, tmp_path / "out")
