@@ -42,7 +42,7 @@ def test_decisions_pair_declines_with_the_models_own_answers(cai_runtime, tiny_m
     monkeypatch.setattr(
         backend, "generate", lambda convs, settings: calls.append(len(convs)) or generate(convs, settings)
     )
-    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 6, "heldout": 0.3, "batch_size": 5}
+    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 6, "heldout": 0.3, "batch_size": 1}
     options["harmless_weight"] = 2.5
     out = tmp_path / "decisions"
     manifest = export_decisions(out, options, cai_runtime)
@@ -55,9 +55,11 @@ def test_decisions_pair_declines_with_the_models_own_answers(cai_runtime, tiny_m
     assert sum(calls) == len(harmless) + manifest["own_refusals_dropped"] + manifest["empty_answers_dropped"]
     assert all(r["messages"][1]["content"] in DECLINES and r["weight"] == 1.0 and not r["truncated"] for r in harmful)
     assert all(r["weight"] == 2.5 and not refuses(r["messages"][1]["content"]) for r in harmless)
-    # a random tiny model runs to the token limit: each own answer is marked as cut
-    assert all(r["truncated"] for r in harmless) and manifest["own_answers_truncated"] == len(harmless)
-    # the own answers are the model's greedy answers, cut at answer_tokens
+    # an own answer is marked as cut exactly when it reached the token limit (within two tokens)
+    cut = [backend.count_tokens(r["messages"][1]["content"]) >= 6 - 2 for r in harmless]
+    assert [r["truncated"] for r in harmless] == cut and manifest["own_answers_truncated"] == sum(cut)
+    # the own answers are the model's greedy answers, cut at answer_tokens (batch_size 1: generated alone both times,
+    # so padding never enters the arithmetic and the comparison holds on any CPU)
     first = harmless[0]
     again = backend.generate(
         [[Message(role="user", content=first["messages"][0]["content"])]], GenerationSettings(max_new_tokens=6)
@@ -98,7 +100,8 @@ def test_an_answer_the_model_ends_itself_keeps_its_end_of_turn(cai_runtime, tiny
     harmless = [r for r in rows(tmp_path / "d", "train") + rows(tmp_path / "d", "test") if r["source"] == "own-answer"]
     ended = [r for r in harmless if r["messages"][1]["content"] == short]
     assert len(ended) == 1 and ended[0]["truncated"] is False
-    assert all(r["truncated"] for r in harmless if r is not ended[0])
+    others = [r for r in harmless if r is not ended[0]]
+    assert all(r["truncated"] == (backend.count_tokens(r["messages"][1]["content"]) >= 38) for r in others)
 
 
 def test_decisions_leave_out_evaluation_copies_and_refuse_one_sided_requests(cai_runtime, tiny_model, tmp_path):

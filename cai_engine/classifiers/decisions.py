@@ -141,7 +141,7 @@ def _answers(
         replies = backend.generate([[Message(role="user", content=r["text"])] for r in batch], settings)
         rows = []
         for request, reply in zip(batch, replies):
-            cut = backend.count_tokens(reply) >= options.answer_tokens - 2
+            cut = backend.count_tokens(reply.strip()) >= options.answer_tokens - 2
             done[keys[request["id"]]] = (reply, cut)
             rows.append({"id": request["id"], "text": text_hash(request["text"]), "reply": reply, "cut": cut, **key})
         append_jsonl(path, rows)
