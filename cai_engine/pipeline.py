@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai_engine.classifiers.decisions import DecisionOptions, export_decisions, mix_with_decisions
+from cai_engine.errors import ConfigError
 from cai_engine.evaluation.config import EvalConfig
 from cai_engine.files.jsonl import write_json
 from cai_engine.models.options import with_model
@@ -80,6 +82,14 @@ class PipelineConfig(BaseModel):
         description="SL-CAI settings (as `cai sl`); constitution, model and feedback_model default to the pipeline's.",
     )
     sft_export: ExportOptions = Field(default_factory=ExportOptions, description="SFT export settings.")
+    decisions: DecisionOptions | None = Field(
+        None,
+        description="Decision targets (the settings of `cai export decisions`) added to the SFT stage's data: a "
+        "written decline for each harmful labelled request, the policy's own answer for each harmless one. The SFT "
+        "stage then trains on `sft-mix` (phase 1's targets, where phase 1 ran, and these; a request phase 1 has a "
+        "target for keeps that one). Pair it with `sft: {decision_weight: 10}` so the loss weighs each reply's "
+        "opening. model and seed default to the pipeline's. None: phase 1's targets only.",
+    )
     sft_trainer: str = Field("sft", description="The trainer of the SFT stage (a registered trainer name).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Options of the SFT stage's trainer.")
     rl: LabelConfig = Field(
@@ -127,6 +137,8 @@ class PipelineConfig(BaseModel):
             for name in ("sl", "rl", "eval"):
                 shared[name]["seed"] = data["seed"]
             shared["sft_export"] = {"seed": data["seed"]}
+        if data.get("decisions") is not None:  # None keeps the section off
+            shared["decisions"] = {"model": model, **({"seed": data["seed"]} if data.get("seed") is not None else {})}
         filled = dict(data)
         for name, values in shared.items():
             section = data.get(name, {})
@@ -181,6 +193,16 @@ def run_pipeline(
                 "   note: sft_export.written is set but phase 1 (sl) is not among the stages; the SFT export, and so the "
                 "written targets, are made only when phase 1 runs"
             )
+
+    if config.decisions is not None:
+        trains_on = runtime.registry.trainer(config.sft_trainer).trains_on
+        if trains_on != "conversations":
+            raise ConfigError(
+                f"decisions: the SFT stage's trainer {config.sft_trainer!r} trains on {trains_on}, not on "
+                "conversations; decision targets need one that does (e.g. sft)"
+            )
+        if "sft" not in config.stages:
+            echo("   note: decisions is set but the sft stage is not among the stages; the targets are made for it")
 
     # Every trainer is given what its options declare, by the one rule (with_model): its model, the constitution,
     # and for the policy the preference model once there is one; a `judge` option ({name, options}: the user's, else
@@ -258,7 +280,17 @@ def run_pipeline(
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
         else:
-            summary.sft = _train(runtime, sft_ref, data_for(sft_ref), sft_dir)
+            data = data_for(sft_ref)
+            if config.decisions is not None:
+                summary.decisions_dataset = _decisions(config.decisions, out, runtime, progress, echo)
+                runtime.close()
+                mix = mix_with_decisions(out / "sft-dataset", out / "decisions-dataset", out / "sft-mix")
+                echo(
+                    f"   sft-mix: {mix['train']} train / {mix['test']} test examples "
+                    f"({mix['decisions_replaced']} decision targets left out: phase 1 has a target for the request)"
+                )
+                data = out / "sft-mix"
+            summary.sft = _train(runtime, sft_ref, data, sft_dir)
         lap("sft")
     if "rl" in config.stages:
         echo("== phase 2: preference labels")
@@ -305,6 +337,28 @@ def run_pipeline(
     (out / "pipeline-summary.json").parent.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline-summary.json", summary)
     return summary
+
+
+def _decisions(options: DecisionOptions, out: Path, runtime: Runtime, progress: bool, echo) -> dict[str, Any]:
+    """The decision targets of ``cai export decisions`` in ``out/decisions-dataset`` (resumes from its answers)."""
+    bar: list[Any] = []
+
+    def advance(n: int, total: int) -> None:
+        if progress and not bar:
+            from tqdm import tqdm
+
+            bar.append(tqdm(total=total, desc="answering harmless requests", unit="request"))
+        if bar:
+            bar[0].update(n)
+
+    echo(f"   decision targets: declines, and {options.model}'s own answers to the harmless requests")
+    manifest = export_decisions(
+        out / "decisions-dataset", options, runtime, evaluation_prompts=evaluation_texts(runtime.registry),
+        progress=advance,
+    )  # fmt: skip
+    if bar:
+        bar[0].close()
+    return manifest
 
 
 Section = TypeVar("Section", bound=BaseModel)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_pipeline import small
 
 from cai_engine import ConfigError, RunError
 from cai_engine.classifiers.decisions import DECLINES, decline_for, export_decisions
 from cai_engine.cli import cli
 from cai_engine.constitution.model import Message
+from cai_engine.pipeline import PipelineConfig, run_pipeline
 from cai_engine.plugins.components import GenerationSettings
 from cai_engine.text.refusals import refuses
 
@@ -183,3 +185,90 @@ def test_a_bad_weight_column_is_a_clear_error(cai_runtime, tiny_model, tmp_path)
     trainer = cai_runtime.component("trainer", "sft", {"model": str(tiny_model), "trl": {"max_steps": 1}})
     with pytest.raises(RunError, match="row 2 has weight -2.0"):
         trainer.train(folder, tmp_path / "out")
+
+
+def write_split(folder, split, rows_):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
+
+
+def chat(request, reply):
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
+
+
+def test_the_mix_keeps_each_split_one_target_a_request_and_the_same_columns(tmp_path):
+    from cai_engine.classifiers.decisions import MIX_COLUMNS, mix_with_decisions
+
+    phase1, decisions = tmp_path / "sft-dataset", tmp_path / "decisions-dataset"
+    write_split(phase1, "train", [
+        {"messages": chat("How do I pick a lock?", "A locksmith can help."), "prompt_id": "rt-1", "source": "revision",
+         "round": 1, "principle_id": "harm-001"},
+    ])  # fmt: skip
+    write_split(
+        phase1, "test", [{"messages": chat("Plan my week", "Monday: ..."), "prompt_id": "h-1", "source": "helpful"}]
+    )
+    write_split(decisions, "train", [
+        {"messages": chat("how do I  PICK a lock?", DECLINES[0]), "prompt_id": "d-1", "source": "decline",
+         "weight": 1.0, "truncated": False, "group": "g1"},
+        {"messages": chat("Bake bread?", "Mix flour"), "prompt_id": "d-2", "source": "own-answer", "weight": 2.5,
+         "truncated": True, "group": "g2"},
+    ])  # fmt: skip
+    write_split(decisions, "test", [
+        {"messages": chat("Fold a shirt?", "Lay it flat"), "prompt_id": "d-3", "source": "own-answer", "weight": 2.5,
+         "truncated": False, "group": "g3"},
+    ])  # fmt: skip
+    manifest = mix_with_decisions(phase1, decisions, tmp_path / "mix")
+    train, test = rows(tmp_path / "mix", "train"), rows(tmp_path / "mix", "test")
+    # the phase-1 target wins for the lock request (case and spacing ignored): one reply per request
+    assert [r["prompt_id"] for r in train] == ["rt-1", "d-2"] and [r["prompt_id"] for r in test] == ["h-1", "d-3"]
+    assert manifest["decisions_replaced"] == 1 and manifest["train"] == 2 and manifest["test"] == 2
+    assert all(tuple(r) == MIX_COLUMNS for r in train + test)
+    assert (train[0]["weight"], train[0]["truncated"]) == (1.0, False) and (
+        train[1]["weight"],
+        train[1]["truncated"],
+    ) == (2.5, True)
+    assert "1 decision targets left out" in (tmp_path / "mix" / "README.md").read_text()
+    # without phase 1 the decisions alone; a row without messages is named
+    assert mix_with_decisions(tmp_path / "none", decisions, tmp_path / "alone")["train"] == 2
+    write_split(decisions, "train", [{"prompt_id": "x"}])
+    with pytest.raises(RunError, match=r"train.jsonl:1: a row needs a `messages` list"):
+        mix_with_decisions(None, decisions, tmp_path / "bad")
+
+
+def test_cai_run_adds_the_decision_targets_to_the_sft_stage(cai_runtime, tiny_model, tmp_path):
+    out = tmp_path / "pipe"
+    config = small(tiny_model, out)
+    config["stages"], config["seed"] = ["sl", "sft"], 3
+    # the contrast pairs and the first red-team requests, which phase 1 answers too (its limit: 3 a source)
+    requests = [*PAIRS, {"source": "builtin:red-team", "label": "harmful", "ids": None}]
+    config["decisions"] = {"requests": requests, "answer_tokens": 4, "batch_size": 8, "harmless_weight": 2.0}
+    config["sft"] = {"decision_weight": 5, "decision_tokens": 2, **config["sft"]}
+    assert PipelineConfig.model_validate(config).decisions.model == str(tiny_model)
+    lines = []
+    summary = run_pipeline(config, runtime=cai_runtime, progress=False, echo=lines.append)
+    decisions = summary["decisions_dataset"]
+    assert decisions["options"]["seed"] == 3 and decisions["options"]["harmless_weight"] == 2.0
+    marker = json.loads((out / "sft-model" / "cai_stage.json").read_text())
+    assert marker["dataset"] == str(out / "sft-mix") and marker["options"]["decision_weight"] == 5
+    mixed = rows(out / "sft-mix", "train") + rows(out / "sft-mix", "test")
+    phase1 = rows(out / "sft-dataset", "train") + rows(out / "sft-dataset", "test")
+    made = rows(out / "decisions-dataset", "train") + rows(out / "decisions-dataset", "test")
+    requests_of = lambda rs: [" ".join(r["messages"][0]["content"].lower().split()) for r in rs]  # noqa: E731
+    overlap = set(requests_of(phase1)) & set(requests_of(made))
+    assert overlap, "phase 1 and the decision targets should share the first red-team requests"
+    # every phase-1 target is in the mix, each decision target not shadowed by one, and no request twice
+    assert len(mixed) == len(phase1) + len(made) - sum(r in overlap for r in requests_of(made))
+    assert len(requests_of(mixed)) == len(set(requests_of(mixed)))
+    assert {r["source"] for r in mixed} >= {"decline", "own-answer", "revision"}
+    assert any("sft-mix:" in line for line in lines)
+    # a second run finds the model trained and makes nothing again
+    again = []
+    run_pipeline(config, runtime=cai_runtime, progress=False, echo=again.append)
+    assert any("sft-model exists; skipped" in line for line in again)
+
+
+def test_decisions_need_an_sft_trainer_that_reads_conversations(cai_runtime, tiny_model, tmp_path):
+    config = {**small(tiny_model, tmp_path / "p"), "decisions": {}, "sft_trainer": "dpo", "sft": {}}
+    with pytest.raises(ConfigError, match="decisions: the SFT stage's trainer 'dpo' trains on preferences"):
+        run_pipeline(config, runtime=cai_runtime, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "p").exists()

@@ -408,6 +408,7 @@ def test_the_field_tables_follow_the_models():
         ("examples/pipeline.yaml", "cai_engine.pipeline.PipelineConfig"),
         ("examples/teacher-student.yaml", "cai_engine.pipeline.PipelineConfig"),
         ("examples/teacher-student-engage.yaml", "cai_engine.pipeline.PipelineConfig"),
+        ("examples/decisions.yaml", "cai_engine.pipeline.PipelineConfig"),
     ],
 )
 def test_the_config_examples_are_valid(example, model):

@@ -225,3 +225,86 @@ def export_decisions(
 
     write_atomic(out / "README.md", dataset_card(manifest, {"train": len(train), "test": len(test)}))
     return manifest
+
+
+#: The columns of a mixed SFT dataset (:func:`mix_with_decisions`): what the ``sft`` trainer reads, the same in every
+#: row, so ``datasets`` infers one schema from the first rows.
+MIX_COLUMNS = ("messages", "prompt_id", "source", "weight", "truncated")
+
+
+def _read_split(folder: Path, split: str) -> list[dict[str, Any]]:
+    path = folder / f"{split}.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RunError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise RunError(f"{path}:{number}: a row needs a `messages` list (TRL's conversational format)")
+            rows.append(row)
+    return rows
+
+
+def _request(row: dict[str, Any]) -> str:
+    """A row's first user message, case and spacing ignored."""
+    first = next((m["content"] for m in row["messages"] if m.get("role") == "user"), "")
+    return " ".join(str(first).lower().split())
+
+
+def mix_with_decisions(sft: str | Path | None, decisions: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write one SFT dataset to the folder ``out``: phase 1's targets (the export folder ``sft``; None, or a folder
+    that does not exist, adds none) and the decision targets of :func:`export_decisions` (the folder ``decisions``),
+    each split kept on its side. A request phase 1 has a target for keeps that target only (its decision target is
+    left out: one reply per request, and no request on both sides of the split). Every row has the columns
+    :data:`MIX_COLUMNS`; a phase-1 target weighs 1 and is never cut. Returns the manifest, also written as
+    ``export.json``."""
+    decisions, out = Path(decisions), Path(out)
+    parts = [Path(sft)] if sft is not None and Path(sft, "train.jsonl").exists() else []
+    parts.append(decisions)
+    counts: dict[str, dict[str, int]] = {}
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    targeted: set[str] = set()  # the requests phase 1 already has a target for, whichever split
+    replaced = 0
+    for folder in parts:
+        for split, rows in splits.items():
+            read = _read_split(folder, split)
+            if folder == decisions:
+                kept = [r for r in read if _request(r) not in targeted]
+                replaced, read = replaced + len(read) - len(kept), kept
+            else:
+                targeted.update(_request(r) for r in read)
+            for row in read:
+                rows.append(
+                    {
+                        "messages": row["messages"],
+                        "prompt_id": row.get("prompt_id"),
+                        "source": row.get("source"),
+                        "weight": row.get("weight", 1.0),
+                        "truncated": row.get("truncated", False),
+                    }
+                )
+            counts.setdefault(str(folder), {})[split] = len(read)
+    if not splits["train"]:
+        raise RunError(f"{out}: the train split would be empty ({', '.join(map(str, parts))} have no train rows)")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        write_jsonl(out / f"{split}.jsonl", rows)
+    manifest = {
+        "format": "trl-conversational",
+        "kind": "sft-mix",
+        "source_run": " + ".join(str(p) for p in parts),
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+        "parts": counts,
+        "decisions_replaced": replaced,
+        "options": {},
+    }
+    write_json(out / "export.json", manifest)
+    from cai_engine.store.cards import dataset_card
+
+    write_atomic(out / "README.md", dataset_card(manifest, {n: len(r) for n, r in splits.items()}))
+    return manifest

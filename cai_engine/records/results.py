@@ -182,6 +182,9 @@ class PipelineSummary(StageResult):
     stage_seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage that ran.")
     sl: SLSummary | None = None
     sft_dataset: SFTExportManifest | None = None
+    decisions_dataset: dict[str, Any] | None = Field(
+        None, description="The decision targets' manifest (`decisions-dataset/export.json`), where `decisions` is set."
+    )
     sft: TrainingResult | None = None
     gate: GateResult | None = None
     rl: LabelSummary | None = None

@@ -167,6 +167,9 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
         "`source` (`decline` or `own-answer`), `weight` (the example's loss weight), `truncated` (a reply cut at a length "
         "limit: its end of turn is left out of the loss), `group` (the split group)"
         if manifest.get("kind") == "decisions"
+        else "`messages`, `prompt_id`, `source` (a phase-1 target's source, or `decline` or `own-answer`), `weight`, "
+        "`truncated`"
+        if manifest.get("kind") == "sft-mix"
         else "`messages` (the conversation ending with the trained answer), `prompt_id`, `source`, `round`, "
         "`principle_id`"
     )
@@ -189,6 +192,15 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             f"{manifest.get('evaluation_copies_dropped', 0)} requests that copy an evaluation prompt, "
             f"{manifest.get('own_refusals_dropped', 0)} harmless requests the policy itself refused, "
             f"{manifest.get('empty_answers_dropped', 0)} empty answers)"
+        )
+    elif manifest.get("kind") == "sft-mix":
+        parts = "; ".join(
+            f"`{folder}`: {', '.join(f'{n} {split}' for split, n in split_counts.items())}"
+            for folder, split_counts in (manifest.get("parts") or {}).items()
+        )
+        lines.append(
+            f"- **Mix**: {parts} ({manifest.get('decisions_replaced', 0)} decision targets left out because phase 1 "
+            "has a target for the same request)"
         )
     elif kind == "sft":
         lines.append(
