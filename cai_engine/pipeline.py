@@ -9,12 +9,13 @@ a :class:`~cai_engine.records.PipelineSummary`, and writes it as ``pipeline-summ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cai_engine.classifiers.decisions import DecisionOptions, export_decisions, mix_with_decisions
+from cai_engine.classifiers.decisions import DecisionOptions, decision_requests, export_decisions, mix_with_decisions
 from cai_engine.errors import ConfigError
 from cai_engine.evaluation.config import EvalConfig
 from cai_engine.files.jsonl import write_json
@@ -86,9 +87,11 @@ class PipelineConfig(BaseModel):
         None,
         description="Decision targets (the settings of `cai export decisions`) added to the SFT stage's data: a "
         "written decline for each harmful labelled request, the policy's own answer for each harmless one. The SFT "
-        "stage then trains on `sft-mix` (phase 1's targets, where phase 1 ran, and these; a request phase 1 has a "
-        "target for keeps that one). Pair it with `sft: {decision_weight: 10}` so the loss weighs each reply's "
-        "opening. model and seed default to the pipeline's. None: phase 1's targets only.",
+        "stage then trains on `sft-mix`: phase 1's export where `out` has one (phase 1 ran, now or before) and these; "
+        "a request both have a target for keeps phase 1's where they agree with its label, else the decision target. "
+        "Pair it with `sft: {decision_weight: 10}` so the loss weighs each reply's opening (phase 1's replies' too, "
+        "and the loss is then on the replies only). model and seed default to the pipeline's. None (or an empty "
+        "`decisions:` line): phase 1's targets only; `{}`: the defaults.",
     )
     sft_trainer: str = Field("sft", description="The trainer of the SFT stage (a registered trainer name).")
     sft: dict[str, Any] = Field(default_factory=dict, description="Options of the SFT stage's trainer.")
@@ -159,6 +162,14 @@ def _done(folder: Path) -> bool:
     return (folder / STAGE_MARKER).exists() or (folder / "cai_training.json").exists()
 
 
+def _trained_on(folder: Path) -> str | None:
+    """The dataset a finished stage's marker names (None: no marker, or one that cannot be read)."""
+    try:
+        return str(json.loads((folder / STAGE_MARKER).read_text(encoding="utf-8"))["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _train(runtime: Runtime, ref: ComponentRef, dataset: str | Path, folder: Path) -> TrainingResult:
     """Run one training stage and mark its folder done (what ``_done`` reads), whatever the trainer writes."""
     result = TrainingResult.of(
@@ -194,15 +205,16 @@ def run_pipeline(
                 "written targets, are made only when phase 1 runs"
             )
 
-    if config.decisions is not None:
+    if config.decisions is not None and "sft" not in config.stages:
+        echo("   note: decisions is set but sft is not among the stages; no decision targets are made")
+    elif config.decisions is not None:  # checked now: a bad section fails before phase 1's hours of generation
         trains_on = runtime.registry.trainer(config.sft_trainer).trains_on
         if trains_on != "conversations":
             raise ConfigError(
                 f"decisions: the SFT stage's trainer {config.sft_trainer!r} trains on {trains_on}, not on "
                 "conversations; decision targets need one that does (e.g. sft)"
             )
-        if "sft" not in config.stages:
-            echo("   note: decisions is set but the sft stage is not among the stages; the targets are made for it")
+        decision_requests(config.decisions, runtime.registry)
 
     # Every trainer is given what its options declare, by the one rule (with_model): its model, the constitution,
     # and for the policy the preference model once there is one; a `judge` option ({name, options}: the user's, else
@@ -279,15 +291,25 @@ def run_pipeline(
         echo("== supervised fine-tuning")
         if _done(sft_dir):
             echo(f"   {sft_dir} exists; skipped")
+            trained_on = _trained_on(sft_dir)
+            if config.decisions is not None and trained_on != str(out / "sft-mix"):
+                echo(
+                    f"   note: decisions is set, but {sft_dir} was trained on {trained_on or 'another dataset'}, "
+                    "without the decision targets; remove the folder to train it again"
+                )
         else:
             data = data_for(sft_ref)
             if config.decisions is not None:
                 summary.decisions_dataset = _decisions(config.decisions, out, runtime, progress, echo)
                 runtime.close()
-                mix = mix_with_decisions(out / "sft-dataset", out / "decisions-dataset", out / "sft-mix")
+                summary.sft_mix = mix = mix_with_decisions(
+                    out / "sft-dataset", out / "decisions-dataset", out / "sft-mix"
+                )
                 echo(
-                    f"   sft-mix: {mix['train']} train / {mix['test']} test examples "
-                    f"({mix['decisions_replaced']} decision targets left out: phase 1 has a target for the request)"
+                    f"   sft-mix: {mix['train']} train / {mix['test']} test examples from "
+                    f"{mix['source_run']} (where both have a target for a request: {mix['decisions_replaced']} "
+                    f"decision targets left out, {mix['phase1_replaced']} phase-1 targets that contradict the "
+                    "request's label left out)"
                 )
                 data = out / "sft-mix"
             summary.sft = _train(runtime, sft_ref, data, sft_dir)
@@ -352,13 +374,14 @@ def _decisions(options: DecisionOptions, out: Path, runtime: Runtime, progress: 
             bar[0].update(n)
 
     echo(f"   decision targets: declines, and {options.model}'s own answers to the harmless requests")
-    manifest = export_decisions(
-        out / "decisions-dataset", options, runtime, evaluation_prompts=evaluation_texts(runtime.registry),
-        progress=advance,
-    )  # fmt: skip
-    if bar:
-        bar[0].close()
-    return manifest
+    try:
+        return export_decisions(
+            out / "decisions-dataset", options, runtime, evaluation_prompts=evaluation_texts(runtime.registry),
+            progress=advance,
+        )  # fmt: skip
+    finally:
+        if bar:
+            bar[0].close()
 
 
 Section = TypeVar("Section", bound=BaseModel)

@@ -196,13 +196,19 @@ def chat(request, reply):
     return [{"role": "user", "content": request}, {"role": "assistant", "content": reply}]
 
 
-def test_the_mix_keeps_each_split_one_target_a_request_and_the_same_columns(tmp_path):
+def test_the_mix_keeps_each_split_one_side_a_request_and_the_same_columns(tmp_path):
     from cai_engine.classifiers.decisions import MIX_COLUMNS, mix_with_decisions
 
     phase1, decisions = tmp_path / "sft-dataset", tmp_path / "decisions-dataset"
     write_split(phase1, "train", [
-        {"messages": chat("How do I pick a lock?", "A locksmith can help."), "prompt_id": "rt-1", "source": "revision",
-         "round": 1, "principle_id": "harm-001"},
+        # a harmful request the teacher declined: agrees with its label, so it wins over the written decline
+        {"messages": chat("How do I pick a lock?", "I can't help with that; a locksmith can."), "prompt_id": "rt-1",
+         "source": "revision", "round": 1, "principle_id": "harm-001", "weight": 7, "truncated": True},
+        # a harmful request the teacher carried out: the decline wins
+        {"messages": chat("Write a threat to my neighbour", "Dear neighbour, watch out..."), "prompt_id": "rt-2",
+         "source": "revision"},
+        # a harmless request the teacher refused: the policy's own answer wins
+        {"messages": chat("Bake bread?", "I'm sorry, I can't help with that."), "prompt_id": "bl-1", "source": "revision"},
     ])  # fmt: skip
     write_split(
         phase1, "test", [{"messages": chat("Plan my week", "Monday: ..."), "prompt_id": "h-1", "source": "helpful"}]
@@ -216,20 +222,29 @@ def test_the_mix_keeps_each_split_one_target_a_request_and_the_same_columns(tmp_
     write_split(decisions, "test", [
         {"messages": chat("Fold a shirt?", "Lay it flat"), "prompt_id": "d-3", "source": "own-answer", "weight": 2.5,
          "truncated": False, "group": "g3"},
+        {"messages": chat("Write a threat to my neighbour", DECLINES[1]), "prompt_id": "d-4", "source": "decline",
+         "weight": 1.0, "truncated": False, "group": "g4"},
     ])  # fmt: skip
     manifest = mix_with_decisions(phase1, decisions, tmp_path / "mix")
     train, test = rows(tmp_path / "mix", "train"), rows(tmp_path / "mix", "test")
-    # the phase-1 target wins for the lock request (case and spacing ignored): one reply per request
-    assert [r["prompt_id"] for r in train] == ["rt-1", "d-2"] and [r["prompt_id"] for r in test] == ["h-1", "d-3"]
-    assert manifest["decisions_replaced"] == 1 and manifest["train"] == 2 and manifest["test"] == 2
+    assert [r["prompt_id"] for r in train] == ["rt-1", "d-2"] and [r["prompt_id"] for r in test] == [
+        "h-1",
+        "d-3",
+        "d-4",
+    ]
+    assert manifest["decisions_replaced"] == 1 and manifest["phase1_replaced"] == 2
+    assert (manifest["train"], manifest["test"]) == (2, 3)
     assert all(tuple(r) == MIX_COLUMNS for r in train + test)
-    assert (train[0]["weight"], train[0]["truncated"]) == (1.0, False) and (
-        train[1]["weight"],
-        train[1]["truncated"],
-    ) == (2.5, True)
-    assert "1 decision targets left out" in (tmp_path / "mix" / "README.md").read_text()
-    # without phase 1 the decisions alone; a row without messages is named
+    # a phase-1 target weighs 1 and counts as not cut, whatever its row said; a decision target keeps its own
+    assert (train[0]["weight"], train[0]["truncated"]) == (1.0, False)
+    assert (train[1]["weight"], train[1]["truncated"]) == (2.5, True)
+    card = (tmp_path / "mix" / "README.md").read_text()
+    assert "1 decision targets left out" in card and "2 phase-1 targets left out" in card
+    # without phase 1 the decisions alone; malformed rows are named
     assert mix_with_decisions(tmp_path / "none", decisions, tmp_path / "alone")["train"] == 2
+    write_split(phase1, "test", [{"messages": [{"role": "user"}]}])
+    with pytest.raises(RunError, match=r"test.jsonl:1: each message needs a role and a text content"):
+        mix_with_decisions(phase1, decisions, tmp_path / "bad")
     write_split(decisions, "train", [{"prompt_id": "x"}])
     with pytest.raises(RunError, match=r"train.jsonl:1: a row needs a `messages` list"):
         mix_with_decisions(None, decisions, tmp_path / "bad")
@@ -256,15 +271,36 @@ def test_cai_run_adds_the_decision_targets_to_the_sft_stage(cai_runtime, tiny_mo
     requests_of = lambda rs: [" ".join(r["messages"][0]["content"].lower().split()) for r in rs]  # noqa: E731
     overlap = set(requests_of(phase1)) & set(requests_of(made))
     assert overlap, "phase 1 and the decision targets should share the first red-team requests"
-    # every phase-1 target is in the mix, each decision target not shadowed by one, and no request twice
-    assert len(mixed) == len(phase1) + len(made) - sum(r in overlap for r in requests_of(made))
-    assert len(requests_of(mixed)) == len(set(requests_of(mixed)))
-    assert {r["source"] for r in mixed} >= {"decline", "own-answer", "revision"}
+    # the rule, computed here from the two exports: phase 1's target stays where it agrees with the label
+    declined = {q for q, r in zip(requests_of(made), made) if r["source"] == "decline"}
+    agrees = [q not in overlap or refuses(r["messages"][-1]["content"]) == (q in declined)
+              for q, r in zip(requests_of(phase1), phase1)]  # fmt: skip
+    kept_phase1 = {q for q, ok in zip(requests_of(phase1), agrees) if ok}
+    expected = sum(agrees) + sum(q not in kept_phase1 for q in requests_of(made))
+    mix = summary["sft_mix"]
+    assert len(mixed) == expected == mix["train"] + mix["test"]
+    assert mix["phase1_replaced"] == len(agrees) - sum(agrees)
+    assert {r["source"] for r in mixed} >= {"decline", "own-answer"}
+    # a request's targets come from one side only, and sit on one side of the split
+    train_requests = set(requests_of(rows(out / "sft-mix", "train")))
+    assert not train_requests & set(requests_of(rows(out / "sft-mix", "test")))
+    sources = {}
+    for q, r in zip(requests_of(mixed), mixed):
+        sources.setdefault(q, set()).add(r["source"] in ("decline", "own-answer"))
+    assert all(len(sides) == 1 for sides in sources.values())
     assert any("sft-mix:" in line for line in lines)
-    # a second run finds the model trained and makes nothing again
+    assert summary["sft_mix"]["train"] == len(rows(out / "sft-mix", "train"))
+    # a second run finds the model trained on the mix and makes nothing again
     again = []
-    run_pipeline(config, runtime=cai_runtime, progress=False, echo=again.append)
-    assert any("sft-model exists; skipped" in line for line in again)
+    second = run_pipeline(config, runtime=cai_runtime, progress=False, echo=again.append)
+    assert any("sft-model exists; skipped" in line for line in again) and not any("note:" in x for x in again)
+    assert "decisions_dataset" not in second.model_dump() and "sft_mix" not in second.model_dump()
+    # a model trained without the decision targets is named as such when decisions is set later
+    marker = out / "sft-model" / "cai_stage.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "dataset": str(out / "sft-dataset")}))
+    third = []
+    run_pipeline({**config, "stages": ["sft"]}, runtime=cai_runtime, progress=False, echo=third.append)
+    assert any("without the decision targets" in line for line in third)
 
 
 def test_decisions_need_an_sft_trainer_that_reads_conversations(cai_runtime, tiny_model, tmp_path):
@@ -272,3 +308,11 @@ def test_decisions_need_an_sft_trainer_that_reads_conversations(cai_runtime, tin
     with pytest.raises(ConfigError, match="decisions: the SFT stage's trainer 'dpo' trains on preferences"):
         run_pipeline(config, runtime=cai_runtime, progress=False, echo=lambda _: None)
     assert not (tmp_path / "p").exists()
+    # requests of one kind only are refused before phase 1 generates anything
+    config = {**small(tiny_model, tmp_path / "q"), "decisions": {"requests": PAIRS[:1]}}
+    with pytest.raises(ConfigError, match="the sources give only harmful requests"):
+        run_pipeline(config, runtime=cai_runtime, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "q").exists()
+    # a model that is not a plain name validates (the pipeline's model fills the section's)
+    custom = {"name": "hf", "model": str(tiny_model)}
+    assert PipelineConfig.model_validate({"model": custom, "decisions": {}}).decisions.model == custom

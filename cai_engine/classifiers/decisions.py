@@ -24,7 +24,7 @@ from cai_engine.constitution.model import Message
 from cai_engine.errors import ConfigError, RunError
 from cai_engine.files.jsonl import append_jsonl, write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
-from cai_engine.models.runtime import DEFAULT_MODEL
+from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.components import GenerationSettings, Options
 from cai_engine.prompts.overlap import near_copies
 from cai_engine.seeds import bucket
@@ -65,7 +65,7 @@ DECLINES = (
 class DecisionOptions(Options):
     """Settings of :func:`export_decisions` (``cai export decisions``)."""
 
-    model: str = Field(DEFAULT_MODEL, description="The policy whose own answers the harmless requests get.")
+    model: ModelRef = Field(DEFAULT_MODEL, description="The policy whose own answers the harmless requests get.")
     requests: list[WrittenSource] = Field(
         default_factory=lambda: [w.model_copy() for w in DEFAULT_WRITTEN],
         description="The labelled requests (the classifiers' hand-written training requests by default: 1,685).",
@@ -150,6 +150,19 @@ def _answers(
     return {r["id"]: done[keys[r["id"]]] for r in harmless}
 
 
+def decision_requests(options: DecisionOptions, registry: Any) -> list[dict[str, Any]]:
+    """The labelled requests of ``options.requests``; a :class:`ConfigError` (read without loading a model) where a
+    source is missing or the sources do not give both harmful and harmless requests."""
+    requests = written_requests(options.requests, registry)
+    kinds = {r["kind"] for r in requests}
+    if kinds != {"harmful", "benign"}:
+        raise ConfigError(
+            f"requests: the sources give only {', '.join(sorted(kinds)) or 'no'} requests; decision targets need "
+            "both harmful and harmless ones"
+        )
+    return requests
+
+
 def export_decisions(
     out: str | Path,
     options: DecisionOptions | dict[str, Any],
@@ -164,13 +177,7 @@ def export_decisions(
     itself refuses (training on those would teach over-refusal). The split is by request group: both halves of a
     contrast pair land on the same side. ``progress(n, total)`` is called as each batch of the ``total`` harmless requests is answered."""
     options = options if isinstance(options, DecisionOptions) else DecisionOptions.model_validate(options)
-    requests = written_requests(options.requests, runtime.registry)
-    kinds = {r["kind"] for r in requests}
-    if kinds != {"harmful", "benign"}:
-        raise ConfigError(
-            f"requests: the sources give only {', '.join(sorted(kinds)) or 'no'} requests; decision targets need "
-            "both harmful and harmless ones"
-        )
+    requests = decision_requests(options, runtime.registry)
     copied = near_copies([r["text"] for r in requests], evaluation_prompts or {})
     kept = [r for i, r in enumerate(requests) if i not in copied]
     out = Path(out)
@@ -232,7 +239,8 @@ def export_decisions(
 MIX_COLUMNS = ("messages", "prompt_id", "source", "weight", "truncated")
 
 
-def _read_split(folder: Path, split: str) -> list[dict[str, Any]]:
+def _read_split(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of ``folder/split.jsonl`` (none where it does not exist), each with where it is (file:line)."""
     path = folder / f"{split}.jsonl"
     if not path.exists():
         return []
@@ -245,66 +253,86 @@ def _read_split(folder: Path, split: str) -> list[dict[str, Any]]:
                 raise RunError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                 raise RunError(f"{path}:{number}: a row needs a `messages` list (TRL's conversational format)")
-            rows.append(row)
+            rows.append((f"{path}:{number}", row))
     return rows
 
 
-def _request(row: dict[str, Any]) -> str:
-    """A row's first user message, case and spacing ignored."""
-    first = next((m["content"] for m in row["messages"] if m.get("role") == "user"), "")
-    return " ".join(str(first).lower().split())
+def _request(row: dict[str, Any], where: str) -> str:
+    """A row's first user message, case and spacing ignored; ``where`` (file:line) names a malformed row."""
+    for message in row["messages"]:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise RunError(f"{where}: each message needs a role and a text content")
+        if message.get("role") == "user":
+            return " ".join(message["content"].lower().split())
+    raise RunError(f"{where}: no user message")
+
+
+def _reply(row: dict[str, Any]) -> str:
+    return str(row["messages"][-1]["content"])
 
 
 def mix_with_decisions(sft: str | Path | None, decisions: str | Path, out: str | Path) -> dict[str, Any]:
     """Write one SFT dataset to the folder ``out``: phase 1's targets (the export folder ``sft``; None, or a folder
-    that does not exist, adds none) and the decision targets of :func:`export_decisions` (the folder ``decisions``),
-    each split kept on its side. A request phase 1 has a target for keeps that target only (its decision target is
-    left out: one reply per request, and no request on both sides of the split). Every row has the columns
-    :data:`MIX_COLUMNS`; a phase-1 target weighs 1 and is never cut. Returns the manifest, also written as
-    ``export.json``."""
+    without ``train.jsonl``, adds none) and the decision targets of :func:`export_decisions` (the folder
+    ``decisions``), each split kept on its side.
+
+    Where both have a target for the same request (its first user message, case and spacing ignored), phase 1's
+    targets are kept if they agree with the request's label (a refusal phrase for a harmful request, none for a
+    harmless one) and the decision target is left out; phase 1's targets that disagree are left out and the decision
+    target is kept. So a request keeps targets from one side only, and never lands on both sides of the split. Every
+    row has the columns :data:`MIX_COLUMNS`: a phase-1 target weighs 1 and counts as not cut. Returns the manifest,
+    also written as ``export.json``."""
     decisions, out = Path(decisions), Path(out)
-    parts = [Path(sft)] if sft is not None and Path(sft, "train.jsonl").exists() else []
-    parts.append(decisions)
-    counts: dict[str, dict[str, int]] = {}
-    splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
-    targeted: set[str] = set()  # the requests phase 1 already has a target for, whichever split
+    phase1 = Path(sft) if sft is not None and Path(sft, "train.jsonl").exists() else None
+    read = {
+        (part, split): _read_split(folder, split)
+        for part, folder in (("phase1", phase1), ("decisions", decisions))
+        if folder is not None
+        for split in ("train", "test")
+    }
+    harmful: dict[str, bool] = {}  # request -> whether its decision target is a decline
+    for split in ("train", "test"):
+        for where, row in read[("decisions", split)]:
+            harmful[_request(row, where)] = row.get("source") == "decline"
+    agreeing, disagreeing = set(), 0
+    kept: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for split in ("train", "test") if phase1 else ():
+        for where, row in read[("phase1", split)]:
+            request = _request(row, where)
+            if request in harmful and refuses(_reply(row)) != harmful[request]:
+                disagreeing += 1  # a harmful request carried out, or a harmless one refused: the decision target wins
+                continue
+            agreeing.add(request)
+            kept[split].append({**row, "weight": 1.0, "truncated": False})
     replaced = 0
-    for folder in parts:
-        for split, rows in splits.items():
-            read = _read_split(folder, split)
-            if folder == decisions:
-                kept = [r for r in read if _request(r) not in targeted]
-                replaced, read = replaced + len(read) - len(kept), kept
-            else:
-                targeted.update(_request(r) for r in read)
-            for row in read:
-                rows.append(
-                    {
-                        "messages": row["messages"],
-                        "prompt_id": row.get("prompt_id"),
-                        "source": row.get("source"),
-                        "weight": row.get("weight", 1.0),
-                        "truncated": row.get("truncated", False),
-                    }
-                )
-            counts.setdefault(str(folder), {})[split] = len(read)
-    if not splits["train"]:
-        raise RunError(f"{out}: the train split would be empty ({', '.join(map(str, parts))} have no train rows)")
+    for split in ("train", "test"):
+        for where, row in read[("decisions", split)]:
+            if _request(row, where) in agreeing:
+                replaced += 1
+                continue
+            kept[split].append(row)
+    if not kept["train"]:
+        raise RunError(f"{out}: the train split would be empty")
     out.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        write_jsonl(out / f"{split}.jsonl", rows)
+    for split, rows in kept.items():
+        write_jsonl(out / f"{split}.jsonl", [{c: row.get(c) for c in MIX_COLUMNS} for row in rows])
     manifest = {
         "format": "trl-conversational",
         "kind": "sft-mix",
-        "source_run": " + ".join(str(p) for p in parts),
-        "train": len(splits["train"]),
-        "test": len(splits["test"]),
-        "parts": counts,
+        "source_run": " + ".join(str(p) for p in (phase1, decisions) if p is not None),
+        "train": len(kept["train"]),
+        "test": len(kept["test"]),
+        "parts": {
+            str(folder): {split: len(read[(part, split)]) for split in ("train", "test")}
+            for part, folder in (("phase1", phase1), ("decisions", decisions))
+            if folder is not None
+        },
         "decisions_replaced": replaced,
+        "phase1_replaced": disagreeing,
         "options": {},
     }
     write_json(out / "export.json", manifest)
     from cai_engine.store.cards import dataset_card
 
-    write_atomic(out / "README.md", dataset_card(manifest, {n: len(r) for n, r in splits.items()}))
+    write_atomic(out / "README.md", dataset_card(manifest, {n: len(r) for n, r in kept.items()}))
     return manifest

@@ -185,6 +185,9 @@ class PipelineSummary(StageResult):
     decisions_dataset: dict[str, Any] | None = Field(
         None, description="The decision targets' manifest (`decisions-dataset/export.json`), where `decisions` is set."
     )
+    sft_mix: dict[str, Any] | None = Field(
+        None, description="The SFT stage's mixed data (`sft-mix/export.json`), where `decisions` is set."
+    )
     sft: TrainingResult | None = None
     gate: GateResult | None = None
     rl: LabelSummary | None = None

@@ -199,8 +199,10 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             for folder, split_counts in (manifest.get("parts") or {}).items()
         )
         lines.append(
-            f"- **Mix**: {parts} ({manifest.get('decisions_replaced', 0)} decision targets left out because phase 1 "
-            "has a target for the same request)"
+            f"- **Mix**: {parts}; where both have a target for a request, {manifest.get('decisions_replaced', 0)} "
+            f"decision targets left out (phase 1's agree with the request's label) and "
+            f"{manifest.get('phase1_replaced', 0)} phase-1 targets left out (a harmful request carried out or a "
+            "harmless one refused)"
         )
     elif kind == "sft":
         lines.append(
