@@ -426,6 +426,21 @@ def test_the_training_examples_are_valid(example):
     SFT.Options.model_validate(data)
 
 
+def test_the_decisions_pipeline_trains_as_the_training_example_does():
+    """examples/decisions.yaml is the run of `cai export decisions` + examples/train-decisions.yaml, through cai run."""
+    from cai_engine.default_plugins.trainers import SFT
+    from cai_engine.pipeline import PipelineConfig
+
+    pipeline = yaml.safe_load((ROOT / "examples" / "decisions.yaml").read_text(encoding="utf-8"))
+    training = yaml.safe_load((ROOT / "examples" / "train-decisions.yaml").read_text(encoding="utf-8"))
+    sft = SFT.Options.model_validate(pipeline["sft"])
+    alone = SFT.Options.model_validate({k: v for k, v in training.items() if k not in ("dataset", "out")})
+    assert (sft.decision_weight, sft.decision_tokens) == (alone.decision_weight, alone.decision_tokens)
+    assert {k: v for k, v in sft.trl.items() if k != "seed"} == {k: v for k, v in alone.trl.items() if k != "seed"}
+    decisions = PipelineConfig.model_validate(pipeline).decisions
+    assert decisions is not None and decisions.harmless_weight == 2.5 and "sft" in pipeline["stages"]
+
+
 def test_the_trl_style_training_example_reads_as_the_same_run():
     """examples/train-sft-trl.yaml (TRL's flat names) resolves to the same settings as examples/train-sft.yaml."""
     from cai_engine.cli.train import resolve_train_settings
