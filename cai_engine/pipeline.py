@@ -363,25 +363,11 @@ def run_pipeline(
 
 def _decisions(options: DecisionOptions, out: Path, runtime: Runtime, progress: bool, echo) -> dict[str, Any]:
     """The decision targets of ``cai export decisions`` in ``out/decisions-dataset`` (resumes from its answers)."""
-    bar: list[Any] = []
-
-    def advance(n: int, total: int) -> None:
-        if progress and not bar:
-            from tqdm import tqdm
-
-            bar.append(tqdm(total=total, desc="answering harmless requests", unit="request"))
-        if bar:
-            bar[0].update(n)
-
     echo(f"   decision targets: declines, and {options.model}'s own answers to the harmless requests")
-    try:
-        return export_decisions(
-            out / "decisions-dataset", options, runtime, evaluation_prompts=evaluation_texts(runtime.registry),
-            progress=advance,
-        )  # fmt: skip
-    finally:
-        if bar:
-            bar[0].close()
+    return export_decisions(
+        out / "decisions-dataset", options, runtime, evaluation_prompts=evaluation_texts(runtime.registry),
+        progress=progress,
+    )  # fmt: skip
 
 
 Section = TypeVar("Section", bound=BaseModel)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from pydantic import Field
 from cai_engine.classifiers.data import DEFAULT_WRITTEN, WrittenSource, written_requests
 from cai_engine.constitution.model import Message
 from cai_engine.errors import ConfigError, RunError
-from cai_engine.files.jsonl import append_jsonl, write_json, write_jsonl
+from cai_engine.files.jsonl import append_jsonl, iter_jsonl, write_json, write_jsonl
 from cai_engine.files.outputs import write_atomic
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.components import GenerationSettings, Options
@@ -110,7 +109,7 @@ def _answers(
     backend: Any,
     harmless: list[dict[str, Any]],
     options: DecisionOptions,
-    progress: Callable[[int, int], None] | None,
+    progress: bool,
 ) -> dict[str, tuple[str, bool]]:
     """The model's answer to each harmless request, and whether it reached ``answer_tokens`` (within two tokens, as
     the answer is tokenized again), kept in ``answers.jsonl`` batch by batch: a killed export resumes where it
@@ -133,8 +132,12 @@ def _answers(
                 done[f"{row.get('id')}:{row.get('text')}"] = (row["reply"], bool(row.get("cut")))
     keys = {r["id"]: f"{r['id']}:{text_hash(r['text'])}" for r in harmless}
     todo = [r for r in harmless if keys[r["id"]] not in done]
-    if progress:
-        progress(len(harmless) - len(todo), len(harmless))
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(harmless), initial=len(harmless) - len(todo), desc="answering harmless requests", unit="request",
+        disable=not progress,
+    )  # fmt: skip
     settings = GenerationSettings(max_new_tokens=options.answer_tokens, temperature=0.0)
     for start in range(0, len(todo), options.batch_size):
         batch = todo[start : start + options.batch_size]
@@ -145,8 +148,8 @@ def _answers(
             done[keys[request["id"]]] = (reply, cut)
             rows.append({"id": request["id"], "text": text_hash(request["text"]), "reply": reply, "cut": cut, **key})
         append_jsonl(path, rows)
-        if progress:
-            progress(len(batch), len(harmless))
+        bar.update(len(batch))
+    bar.close()
     return {r["id"]: done[keys[r["id"]]] for r in harmless}
 
 
@@ -169,13 +172,13 @@ def export_decisions(
     runtime: Any,
     *,
     evaluation_prompts: dict[str, str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write the decision targets to the folder ``out``; returns its manifest (also written as ``export.json``).
 
     Requests that copy or nearly copy an ``evaluation_prompts`` text are left out, as are harmless requests the model
     itself refuses (training on those would teach over-refusal). The split is by request group: both halves of a
-    contrast pair land on the same side. ``progress(n, total)`` is called as each batch of the ``total`` harmless requests is answered."""
+    contrast pair land on the same side. ``progress`` shows a bar as the harmless requests are answered."""
     options = options if isinstance(options, DecisionOptions) else DecisionOptions.model_validate(options)
     requests = decision_requests(options, runtime.registry)
     copied = near_copies([r["text"] for r in requests], evaluation_prompts or {})
@@ -244,16 +247,10 @@ def _read_split(folder: Path, split: str) -> list[tuple[str, dict[str, Any]]]:
     path = folder / f"{split}.jsonl"
     if not path.exists():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RunError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise RunError(f"{path}:{number}: a row needs a `messages` list (TRL's conversational format)")
-            rows.append((f"{path}:{number}", row))
+    rows = list(iter_jsonl(path, RunError))
+    for where, row in rows:
+        if not isinstance(row.get("messages"), list):
+            raise RunError(f"{where}: a row needs a `messages` list (TRL's conversational format)")
     return rows
 
 

@@ -202,8 +202,6 @@ def export_decisions_command(
     opening, where the policy decides); the folder's `weight` column carries --harmless-weight. Interrupted, it
     resumes from the answers already written.
     """
-    from tqdm import tqdm
-
     from cai_engine.classifiers.decisions import DecisionOptions, export_decisions
     from cai_engine.cli.base import current_runtime
     from cai_engine.prompts.overlap import evaluation_texts
@@ -221,18 +219,9 @@ def export_decisions_command(
         "options",
     )
     runtime = current_runtime()
-    bar: list[tqdm] = []
-
-    def progress(n: int, total: int) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc="answering harmless requests", unit="request"))
-        bar[0].update(n)
-
     manifest = export_decisions(
-        out, options, runtime, evaluation_prompts=evaluation_texts(runtime.registry), progress=progress
+        out, options, runtime, evaluation_prompts=evaluation_texts(runtime.registry), progress=True
     )
-    if bar:
-        bar[0].close()
     click.echo(
         f"wrote {out}: {manifest['train']} train / {manifest['test']} test examples ({manifest['declines']} declines, "
         f"{manifest['own_answers']} own answers; left out: {manifest['evaluation_copies_dropped']} copies of "
