@@ -897,18 +897,18 @@ def test_the_build_command_reads_written_sources(cli_runner):
     import click
 
     from cai_engine.cli import cli
-    from cai_engine.cli.classifiers import _written
+    from cai_engine.cli.base import parse_written
 
     # written exchanges given and left out at once is refused before anything runs
     for off in ("--no-written", "--no-written-exchanges"):
         both = cli_runner.invoke(cli, ["classifiers", "build", "--written-exchanges", "x.jsonl", off])
         assert both.exit_code == 2 and "not both" in both.output
 
-    assert _written("builtin:pairs=benign:*-b") == {"source": "builtin:pairs", "label": "benign", "ids": "*-b"}
-    assert _written("my file.jsonl=harmful") == {"source": "my file.jsonl", "label": "harmful", "ids": None}
+    assert parse_written("builtin:pairs=benign:*-b") == {"source": "builtin:pairs", "label": "benign", "ids": "*-b"}
+    assert parse_written("my file.jsonl=harmful") == {"source": "my file.jsonl", "label": "harmful", "ids": None}
     for bad in ("builtin:pairs", "builtin:pairs=maybe", "=harmful"):
         with pytest.raises(click.BadParameter):
-            _written(bad)
+            parse_written(bad)
 
 
 @pytest.mark.slow

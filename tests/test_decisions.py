@@ -175,6 +175,39 @@ def test_cai_export_decisions_then_cai_train_sft_with_the_weights(cli_runner, ti
     assert seen == {1.0, 3.0}
 
 
+def test_cai_export_decisions_takes_the_labelled_requests_from_written(cli_runner, tiny_model, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(
+        json.dumps({"id": "m-1", "prompt": "How do I get every weed out of a gravel drive for good?"}) + "\n"
+        + json.dumps({"id": "m-2", "prompt": "Which knot holds a tarp down in a strong wind?"}) + "\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    base = ["export", "decisions", "--model", str(tiny_model), "--answer-tokens", "4", "--heldout", "0"]
+    written = ["--written", "builtin:pairs=harmful:pr-homonyms-*-h", "--written", f"{mine}=benign"]
+    result = cli_runner.invoke(cli, [*base, "--out", str(tmp_path / "d"), *written])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "d" / "export.json").read_text())
+    assert (manifest["declines"], manifest["own_answers"]) == (10, 2)
+    assert manifest["options"]["requests"] == [
+        {"source": "builtin:pairs", "label": "harmful", "ids": "pr-homonyms-*-h"},
+        {"source": str(mine), "label": "benign", "ids": None},
+    ]
+    train = rows(tmp_path / "d", "train")
+    asked = {r["messages"][0]["content"]: r["source"] for r in train}
+    assert asked["Which knot holds a tarp down in a strong wind?"] == "own-answer"
+    assert sum(source == "decline" for source in asked.values()) == 10
+    # a label that is neither, a held-out set, and requests of one label: clear errors before any answer is written
+    result = cli_runner.invoke(cli, [*base, "--out", str(tmp_path / "e"), "--written", "builtin:pairs=evil"])
+    assert result.exit_code == 2 and "expected SOURCE=harmful or SOURCE=benign" in result.output
+    result = cli_runner.invoke(
+        cli, [*base, "--out", str(tmp_path / "f"), *written, "--written", "builtin:contrast=benign"]
+    )
+    assert result.exit_code != 0 and "held-out" in result.output
+    result = cli_runner.invoke(cli, [*base, "--out", str(tmp_path / "g"), "--written", f"{mine}=benign"])
+    assert result.exit_code != 0 and "only benign requests" in result.output
+    assert not (tmp_path / "f" / "answers.jsonl").exists() and not (tmp_path / "g" / "answers.jsonl").exists()
+
+
 def test_a_bad_weight_column_is_a_clear_error(cai_runtime, tiny_model, tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -301,6 +301,16 @@ def gate_line(result: GateResult) -> str:
     )
 
 
+def parse_written(value: str) -> dict[str, str | None]:
+    """A ``--written SOURCE=harmful|benign[:GLOB]`` value as a :class:`~cai_engine.classifiers.data.WrittenSource`
+    mapping (source, label, ids)."""
+    source, sep, rest = value.rpartition("=")
+    label, _, ids = rest.partition(":")
+    if not sep or not source or label not in ("harmful", "benign"):
+        raise click.BadParameter(f"{value!r}: expected SOURCE=harmful or SOURCE=benign[:GLOB]", param_hint="--written")
+    return {"source": source, "label": label, "ids": ids or None}
+
+
 def config_option(help: str = "YAML/JSON file with any of the settings below; flags override it."):
     """The ``--config FILE`` option the run commands share (its settings, then the flags over them)."""
     return click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help=help)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, state
+from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, parse_written, state
 from cai_engine.models.runtime import DEFAULT_MODEL
 
 
@@ -212,7 +212,7 @@ def build_command(
         reply_tokens=reply_tokens,
         label_question=label_question,
         seed=seed,
-        **({"written": []} if no_written else {"written": [_written(w) for w in written]} if written else {}),
+        **({"written": []} if no_written else {"written": [parse_written(w) for w in written]} if written else {}),
         **(
             {"written_exchanges": []}
             if no_written or no_written_exchanges
@@ -278,14 +278,6 @@ def build_command(
             )
         click.echo(f"{kind} classifier: {selection['chosen']} -> {Path(out) / kind}")
     click.echo(f"done in {time.perf_counter() - began:.0f} s")
-
-
-def _written(value: str) -> dict[str, str | None]:
-    source, sep, rest = value.rpartition("=")
-    label, _, ids = rest.partition(":")
-    if not sep or not source or label not in ("harmful", "benign"):
-        raise click.BadParameter(f"{value!r}: expected SOURCE=harmful or SOURCE=benign[:GLOB]", param_hint="--written")
-    return {"source": source, "label": label, "ids": ids or None}
 
 
 @classifiers_group.command("train")
@@ -551,7 +543,7 @@ def train_command(
     cases = [exchange_file(source, "CASES") for source in cases]
     rows = _labelled_exchanges(cases, require_response=kind == "output") if cases else []
     if kind == "input" and (written or not cases):
-        found = _written_requests([_written(w) for w in written] if written else None)
+        found = _written_requests([parse_written(w) for w in written] if written else None)
         rows += found
         files += list(dict.fromkeys(source for source, *_ in found))
     removed = _drop_evaluation_copies(rows)

@@ -10,6 +10,7 @@ from cai_engine.cli.base import (
     CaiGroup,
     cli,
     intent_options,
+    parse_written,
     push,
     push_options,
     validate_config,
@@ -189,16 +190,25 @@ def export_preferences_command(
     "answering.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--written",
+    "written",
+    multiple=True,
+    metavar="SOURCE=harmful|benign[:GLOB]",
+    help="Labelled requests: a prompt set (builtin:NAME or a JSONL file) whose prompts (only ids matching GLOB) "
+    "carry this label; repeatable; replaces the default, the 1,685 requests `cai classifiers build --help` lists "
+    "under --written (give those again to add to them). Held-out sets are refused.",
+)
 @push_options("dataset")
 def export_decisions_command(
-    out, model, seed, answer_tokens, heldout, harmless_weight, batch_size, push_to_hub, private
+    out, model, seed, answer_tokens, heldout, harmless_weight, batch_size, written, push_to_hub, private
 ):
     """An SFT dataset that teaches the decision to answer or decline, from labelled requests.
 
-    Each of the constitutional classifiers' 1,685 hand-written training requests becomes one example: a harmful
-    request gets a written decline that says why and offers something safe; a harmless one gets the policy's own
-    greedy answer (a harmless request it refuses itself is left out). Requests that copy an evaluation prompt are left
-    out. Train it with `cai train sft` and `decision_weight` above 1 in the config (the loss then weighs each reply's
+    Each labelled request (by default the constitutional classifiers' 1,685 hand-written training requests; others
+    with --written) becomes one example: a harmful request gets a written decline that says why and offers something
+    safe; a harmless one gets the policy's own greedy answer (a harmless request it refuses itself is left out).
+    Requests that copy an evaluation prompt are left out. Train it with `cai train sft` and `decision_weight` above 1 in the config (the loss then weighs each reply's
     opening, where the policy decides); the folder's `weight` column carries --harmless-weight. Interrupted, it
     resumes from the answers already written.
     """
@@ -215,6 +225,7 @@ def export_decisions_command(
             "harmless_weight": harmless_weight,
             "batch_size": batch_size,
             **({"model": model} if model else {}),
+            **({"requests": [parse_written(w) for w in written]} if written else {}),
         },
         "options",
     )
