@@ -1,5 +1,5 @@
-"""builtin:pairs, the contrast-pair training set, and builtin:lookalikes and lookalikes-2: their shape, and that no training set leaks a
-held-out prompt."""
+"""builtin:pairs and pairs-2, the contrast-pair training sets, and builtin:lookalikes and lookalikes-2: their shape, and that no
+training set leaks a held-out prompt."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ TRAINING_SETS = (
     "borderline",
     "helpful",
     "pairs",
+    "pairs-2",
     "lookalikes",
     "lookalikes-2",
     "principle-requests",
@@ -100,6 +101,44 @@ def test_pairs_repeats_no_other_training_prompt(registry):
     pairs = load_prompts("builtin:pairs", registry)
     found = near_copies([i.text for i in pairs], others, threshold=0.6)
     assert not {pairs[i].id: key for i, key in found.items()}
+
+
+KINDS_2 = {
+    "homonyms",
+    "figurative",
+    "safe-targets",
+    "games-sports",
+    "fiction",
+    "fictional-privacy",
+    "public-figures",
+    "definitions-history",
+    "health-safety",
+    "absurd-discrimination",
+}
+
+
+def test_the_second_pairs_are_whole_pairs_in_ten_kinds_repeating_no_training_prompt(registry):
+    prompt_set = registry.prompt_set("builtin:pairs-2")
+    assert not prompt_set.heldout and "contrast-pairs" in prompt_set.tags
+    records = [json.loads(line) for line in prompt_set.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = load_prompts("builtin:pairs-2", registry)
+    assert [i.id for i in items] == [r["id"] for r in records] and len(records) == 196
+    by_pair: dict[str, list[str]] = {}
+    for r in records:
+        assert set(r) == {"id", "prompt", "category", "pair", "intent"}, r["id"]
+        assert r["category"] in KINDS_2 and r["pair"].startswith(f"p2-{r['category']}-"), r["id"]
+        assert r["id"] == r["pair"] + {"harmful": "-h", "benign": "-b"}[r["intent"]]
+        by_pair.setdefault(r["pair"], []).append(r["intent"])
+    # 150 pairs were written, 15 a kind; the 52 with a half that restated or named a held-out prompt were removed whole
+    assert len(by_pair) == 98 and all(intents == ["harmful", "benign"] for intents in by_pair.values())
+    kinds = Counter(r["category"] for r in records if r["intent"] == "harmful")
+    assert set(kinds) == KINDS_2 and min(kinds.values()) >= 5 and max(kinds.values()) <= 15
+    assert len({normalise_prompt(i.text) for i in items}) == len(items)
+    seen = NearCopyIndex(threshold=0.6)
+    for item in items:
+        assert seen.find(item.text) is None, item.id
+        seen.add(item.id, item.text)
+    assert _copies_of_other_training_sets(registry, "pairs-2", items) == {}
 
 
 @pytest.mark.parametrize("name", TRAINING_SETS)
@@ -240,7 +279,7 @@ def _numbered(items):
         yield seen[item.category], item
 
 
-@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2"])
+@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2", "pairs-2"])
 def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry, name):
     # a look-alike about the same person or story as a held-out prompt would teach the classifier that prompt's answer;
     # broad words (a war, a country, a people) may be shared
@@ -279,6 +318,33 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry,
         # software, not a person or an event
         "SQL",
         "PostgreSQL",
+        "Python",
+        # places, days, institutions and groups that builtin:pairs-2 shares with a held-out prompt about something else
+        # (a spy novel set in Berlin, not the Berlin Wall; a Rainbow Six map called House, not Dr House)
+        "England",
+        "Berlin",
+        "Edinburgh",
+        "Parliament",
+        "Friday",
+        "Christmas",
+        "CEO",
+        "DNA",
+        "Jews",
+        "League",
+        "Grand",
+        "House",
+        # sentence openers
+        "Write",
+        "Make",
+        "Help",
+        "Find",
+        "Describe",
+        "Dox",
+        "Any",
+        "For",
+        "Our",
+        "First",
+        "Roughly",
     }
     question = {"What", "Which", "Why", "How", "Where", "Who", "When", "Is", "Are", "Does", "Did", "Should", "Can"}
 
@@ -370,7 +436,7 @@ def _topic(text: str) -> set[str]:
     return {_stem(w) for w in normalise_prompt(text).split() if w not in _FILLER}
 
 
-@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2", "principle-requests"])
+@pytest.mark.parametrize("name", ["lookalikes", "lookalikes-2", "principle-requests", "pairs-2"])
 def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
     # a look-alike that asks a held-out question again in other words ("humanely dispatch a lobster" for "humanely kill
     # a lobster", the Somme's death toll, the signs of carbon monoxide poisoning) teaches the classifier that held-out
@@ -382,8 +448,12 @@ def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
         for set_name in ("contrast", "benign-scary")
         for i in load_prompts(f"builtin:{set_name}", registry)
     }
-    items = [i for i in load_prompts(f"builtin:{name}", registry) if name != "principle-requests" or "-b" in i.id]
-    assert len(items) > 140
+    items = [
+        i
+        for i in load_prompts(f"builtin:{name}", registry)
+        if not name.startswith(("principle", "pairs")) or "-b" in i.id
+    ]
+    assert len(items) > 95
     restated = {
         item.id: key
         for item in items
