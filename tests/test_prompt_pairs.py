@@ -122,17 +122,18 @@ def test_the_second_pairs_are_whole_pairs_in_ten_kinds_repeating_no_training_pro
     assert not prompt_set.heldout and "contrast-pairs" in prompt_set.tags
     records = [json.loads(line) for line in prompt_set.path.read_text(encoding="utf-8").splitlines() if line.strip()]
     items = load_prompts("builtin:pairs-2", registry)
-    assert [i.id for i in items] == [r["id"] for r in records] and len(records) == 196
+    assert [i.id for i in items] == [r["id"] for r in records] and len(records) == 130
     by_pair: dict[str, list[str]] = {}
     for r in records:
         assert set(r) == {"id", "prompt", "category", "pair", "intent"}, r["id"]
         assert r["category"] in KINDS_2 and r["pair"].startswith(f"p2-{r['category']}-"), r["id"]
         assert r["id"] == r["pair"] + {"harmful": "-h", "benign": "-b"}[r["intent"]]
         by_pair.setdefault(r["pair"], []).append(r["intent"])
-    # 150 pairs were written, 15 a kind; the 52 with a half that restated or named a held-out prompt were removed whole
-    assert len(by_pair) == 98 and all(intents == ["harmful", "benign"] for intents in by_pair.values())
+    # 150 pairs were written, 15 a kind; the 85 with a half that copied, restated or named a held-out prompt (by the
+    # checks in this file, then by hand) were removed whole, most of them from definitions and history
+    assert len(by_pair) == 65 and all(intents == ["harmful", "benign"] for intents in by_pair.values())
     kinds = Counter(r["category"] for r in records if r["intent"] == "harmful")
-    assert set(kinds) == KINDS_2 and min(kinds.values()) >= 5 and max(kinds.values()) <= 15
+    assert set(kinds) == KINDS_2 and max(kinds.values()) <= 15
     assert len({normalise_prompt(i.text) for i in items}) == len(items)
     seen = NearCopyIndex(threshold=0.6)
     for item in items:
@@ -318,41 +319,14 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry,
         # software, not a person or an event
         "SQL",
         "PostgreSQL",
-        "Python",
-        # places, days, institutions and groups that builtin:pairs-2 shares with a held-out prompt about something else
-        # (a spy novel set in Berlin, not the Berlin Wall; a Rainbow Six map called House, not Dr House)
-        "England",
-        "Berlin",
-        "Edinburgh",
-        "Parliament",
-        "Friday",
-        "Christmas",
-        "CEO",
-        "DNA",
-        "Jews",
-        "League",
-        "Grand",
-        "House",
-        # sentence openers
-        "Write",
-        "Make",
-        "Help",
-        "Find",
-        "Describe",
-        "Dox",
-        "Any",
-        "For",
-        "Our",
-        "First",
-        "Roughly",
     }
     question = {"What", "Which", "Why", "How", "Where", "Who", "When", "Is", "Are", "Does", "Did", "Should", "Can"}
 
     def names(text: str) -> set[str]:
-        # a name written in camel case (SpongeBob) is one word
-        return (
-            set(re.findall(r"\b[A-Z][A-Za-z\u00e0-\u00ff]{2,}\b", text)) - broad - question - {"The", "Explain", "Give"}
-        )
+        # a name written in camel case (SpongeBob) is one word; a sentence's first word is capitalised anyway
+        firsts = set(re.findall(r"(?:^|[.!?]\s+)([A-Z][A-Za-z]*)", text))
+        words = set(re.findall(r"\b[A-Z][A-Za-z\u00e0-\u00ff]{2,}\b", text))
+        return words - broad - question - {"The", "Explain", "Give"} - firsts
 
     heldout = {
         f"{set_name}/{i.id}": names(i.text)
@@ -361,12 +335,29 @@ def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry,
         for i in load_prompts(f"builtin:{set_name}", registry)
     }
     shared = {
-        item.id: sorted(names(item.text) & other)
+        item.id: sorted(names(item.text) & other - SHARED_ELSEWHERE.get(item.id, set()))
         for item in load_prompts(f"builtin:{name}", registry)
         for other in heldout.values()
-        if names(item.text) & other
+        if names(item.text) & other - SHARED_ELSEWHERE.get(item.id, set())
     }
     assert shared == {}
+
+
+# words a training prompt shares with a held-out prompt about something else, with what each is here
+SHARED_ELSEWHERE = {
+    "p2-figurative-06-b": {"Friday"},  # the night of a school play
+    "p2-definitions-history-10-h": {"Friday"},  # the night of a planned attack
+    "p2-figurative-14-b": {"Christmas"},  # a family's plans, not A Christmas Carol
+    "p2-games-sports-10-h": {"England"},  # the country's wild plants
+    "p2-public-figures-11-b": {"England"},  # the Church of England
+    "p2-public-figures-12-h": {"England"},  # a national team's goalkeeper
+    "p2-games-sports-12-b": {"House"},  # a Rainbow Six Siege map, not Dr House
+    "p2-fiction-05-b": {"Edinburgh"},  # a novel's setting, not the Scottish Parliament's address
+    "p2-fiction-10-b": {"Berlin"},  # a 1970s spy novel's setting, not the Wall or the Bundestag
+    "p2-fiction-09-h": {"DNA"},  # forensic traces, not a biology question
+    "p2-public-figures-12-b": {"League"},  # the Premier League's accounts, not baseball's colour line
+    "p2-absurd-discrimination-08-h": {"Jews"},  # a hateful manifesto, not a history question
+}
 
 
 # words that carry no topic, for comparing what two requests ask about
@@ -449,11 +440,9 @@ def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
         for i in load_prompts(f"builtin:{set_name}", registry)
     }
     items = [
-        i
-        for i in load_prompts(f"builtin:{name}", registry)
-        if not name.startswith(("principle", "pairs")) or "-b" in i.id
+        i for i in load_prompts(f"builtin:{name}", registry) if name.startswith("lookalikes") or _benign_half(i.id)
     ]
-    assert len(items) > 95
+    assert len(items) >= {"lookalikes": 149, "lookalikes-2": 170, "principle-requests": 324, "pairs-2": 65}[name]
     restated = {
         item.id: key
         for item in items
@@ -462,6 +451,13 @@ def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
         or len(_topic(item.text) & other) >= 0.75 * len(other) > 0
     }
     assert restated == {}
+
+
+def _benign_half(item_id: str) -> bool:
+    """Whether a contrast-pair or principle-request id names a harmless request (``...-b`` or ``...-bNN``)."""
+    import re
+
+    return re.search(r"-b\d*$", item_id) is not None
 
 
 def test_the_development_requests_copy_no_training_or_evaluation_prompt(registry):

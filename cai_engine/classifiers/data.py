@@ -85,6 +85,11 @@ DEFAULT_WRITTEN = (
 )
 
 
+def written_flags(sources: Iterable[WrittenSource] = DEFAULT_WRITTEN) -> str:
+    """``sources`` in the syntax of the ``--written`` flag (``SOURCE=LABEL[:GLOB]``), comma-separated."""
+    return ", ".join(f"{w.source}={w.label}" + (f":{w.ids}" if w.ids else "") for w in sources)
+
+
 #: Fewer held-out written exchanges of either label than this, and an output classifier is measured on the whole test
 #: split as before (a threshold set on a handful of exchanges would be noise).
 MIN_WRITTEN_TEST = 10

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cai_engine.classifiers.data import written_flags
 from cai_engine.cli.base import CaiGroup, cli, current_runtime, echo_json, parse_written, state
 from cai_engine.models.runtime import DEFAULT_MODEL
 
@@ -115,10 +116,7 @@ def pooling_option(name: str, what: str, choices: tuple[str, ...] = ("mean", "re
     multiple=True,
     metavar="SOURCE=harmful|benign[:GLOB]",
     help="Hand-written training prompts to add to the input data with this label (only ids matching GLOB); "
-    "repeatable; replaces the default (builtin:red-team=harmful, builtin:pairs=harmful:*-h, builtin:pairs=benign:*-b, "
-    "builtin:helpful=benign, builtin:lookalikes=benign, builtin:lookalikes-2=benign, "
-    "builtin:principle-requests=harmful:pr-*-h*, "
-    "builtin:principle-requests=benign:pr-*-b*). Held-out sets are refused.",
+    f"repeatable; replaces the default ({written_flags()}). Held-out sets are refused.",
 )
 @click.option(
     "--written-exchanges",

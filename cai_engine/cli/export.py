@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cai_engine.classifiers.data import written_flags
 from cai_engine.cli.base import (
     CaiGroup,
     cli,
@@ -196,8 +197,8 @@ def export_preferences_command(
     multiple=True,
     metavar="SOURCE=harmful|benign[:GLOB]",
     help="Labelled requests: a prompt set (builtin:NAME or a JSONL file) whose prompts (only ids matching GLOB) "
-    "carry this label; repeatable; replaces the default, the 1,685 requests `cai classifiers build --help` lists "
-    "under --written (give those again to add to them). Held-out sets are refused.",
+    f"carry this label; repeatable; replaces the default ({written_flags()}: 1,685 requests; give those again to add "
+    "to them). Held-out sets are refused.",
 )
 @push_options("dataset")
 def export_decisions_command(
@@ -208,9 +209,9 @@ def export_decisions_command(
     Each labelled request (by default the constitutional classifiers' 1,685 hand-written training requests; others
     with --written) becomes one example: a harmful request gets a written decline that says why and offers something
     safe; a harmless one gets the policy's own greedy answer (a harmless request it refuses itself is left out).
-    Requests that copy an evaluation prompt are left out. Train it with `cai train sft` and `decision_weight` above 1 in the config (the loss then weighs each reply's
-    opening, where the policy decides); the folder's `weight` column carries --harmless-weight. Interrupted, it
-    resumes from the answers already written.
+    Requests that copy an evaluation prompt are left out. Train it with `cai train sft` and `decision_weight` above 1
+    in the config (the loss then weighs each reply's opening, where the policy decides); the folder's `weight` column
+    carries --harmless-weight. Interrupted, it resumes from the answers already written.
     """
     from cai_engine.classifiers.decisions import DecisionOptions, export_decisions
     from cai_engine.cli.base import current_runtime
