@@ -130,7 +130,7 @@ def test_the_second_pairs_are_whole_pairs_in_ten_kinds_repeating_no_training_pro
         assert r["id"] == r["pair"] + {"harmful": "-h", "benign": "-b"}[r["intent"]]
         by_pair.setdefault(r["pair"], []).append(r["intent"])
     # 150 pairs were written, 15 a kind; the 85 with a half that copied, restated or named a held-out prompt (by the
-    # checks in this file, then by hand) were removed whole, most of them from definitions and history
+    # checks in this file, then by hand) were removed whole, 14 of them from definitions and history
     assert len(by_pair) == 65 and all(intents == ["harmful", "benign"] for intents in by_pair.values())
     kinds = Counter(r["category"] for r in records if r["intent"] == "harmful")
     assert set(kinds) == KINDS_2 and max(kinds.values()) <= 15
