@@ -4,6 +4,7 @@ training set leaks a held-out prompt."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -284,8 +285,6 @@ def _numbered(items):
 def test_lookalikes_name_no_person_character_or_event_of_a_heldout_set(registry, name):
     # a look-alike about the same person or story as a held-out prompt would teach the classifier that prompt's answer;
     # broad words (a war, a country, a people) may be shared
-    import re
-
     broad = {
         "Second",
         "World",
@@ -455,8 +454,6 @@ def test_no_lookalike_restates_a_heldout_lookalike(registry, name):
 
 def _benign_half(item_id: str) -> bool:
     """Whether a contrast-pair or principle-request id names a harmless request (``...-b`` or ``...-bNN``)."""
-    import re
-
     return re.search(r"-b\d*$", item_id) is not None
 
 

@@ -134,22 +134,23 @@ def _answers(
     todo = [r for r in harmless if keys[r["id"]] not in done]
     from tqdm import tqdm
 
-    bar = tqdm(
+    settings = GenerationSettings(max_new_tokens=options.answer_tokens, temperature=0.0)
+    with tqdm(
         total=len(harmless), initial=len(harmless) - len(todo), desc="answering harmless requests", unit="request",
         disable=not progress,
-    )  # fmt: skip
-    settings = GenerationSettings(max_new_tokens=options.answer_tokens, temperature=0.0)
-    for start in range(0, len(todo), options.batch_size):
-        batch = todo[start : start + options.batch_size]
-        replies = backend.generate([[Message(role="user", content=r["text"])] for r in batch], settings)
-        rows = []
-        for request, reply in zip(batch, replies):
-            cut = backend.count_tokens(reply.strip()) >= options.answer_tokens - 2
-            done[keys[request["id"]]] = (reply, cut)
-            rows.append({"id": request["id"], "text": text_hash(request["text"]), "reply": reply, "cut": cut, **key})
-        append_jsonl(path, rows)
-        bar.update(len(batch))
-    bar.close()
+    ) as bar:  # fmt: skip
+        for start in range(0, len(todo), options.batch_size):
+            batch = todo[start : start + options.batch_size]
+            replies = backend.generate([[Message(role="user", content=r["text"])] for r in batch], settings)
+            rows = []
+            for request, reply in zip(batch, replies):
+                cut = backend.count_tokens(reply.strip()) >= options.answer_tokens - 2
+                done[keys[request["id"]]] = (reply, cut)
+                rows.append(
+                    {"id": request["id"], "text": text_hash(request["text"]), "reply": reply, "cut": cut, **key}
+                )
+            append_jsonl(path, rows)
+            bar.update(len(batch))
     return {r["id"]: done[keys[r["id"]]] for r in harmless}
 
 
