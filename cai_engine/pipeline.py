@@ -208,6 +208,11 @@ def run_pipeline(
     if config.decisions is not None and "sft" not in config.stages:
         echo("   note: decisions is set but sft is not among the stages; no decision targets are made")
     elif config.decisions is not None:  # checked now: a bad section fails before phase 1's hours of generation
+        if config.decisions.preferences:
+            raise ConfigError(
+                "decisions.preferences: cai run trains nothing on decision preference pairs; make them with "
+                "`cai export decisions --preferences` and train with `cai train dpo`"
+            )
         trains_on = runtime.registry.trainer(config.sft_trainer).trains_on
         if trains_on != "conversations":
             raise ConfigError(

@@ -17,7 +17,7 @@ from cai_engine.text.refusals import refuses
 
 pytestmark = pytest.mark.slow
 
-# twelve contrast pairs (the same topic asked with harmful and with harmless intent): 24 requests
+# the homonym contrast pairs (the same topic asked with harmful and with harmless intent): 10 pairs, 20 requests
 PAIRS = [
     {"source": "builtin:pairs", "label": "harmful", "ids": "pr-homonyms-*-h"},
     {"source": "builtin:pairs", "label": "benign", "ids": "pr-homonyms-*-b"},
@@ -90,6 +90,75 @@ def test_decisions_pair_declines_with_the_models_own_answers(cai_runtime, tiny_m
     )  # and a line a kill cut short: skipped, not an error
     export_decisions(out, {**options, "answer_tokens": 7}, cai_runtime)
     assert sum(calls) == 1
+
+
+def test_decision_preferences_put_each_target_against_the_other_sides_reply(
+    cai_runtime, cli_runner, tiny_model, tmp_path, monkeypatch
+):
+    from cai_engine.classifiers.data import WrittenSource, written_requests
+
+    requests = written_requests([WrittenSource.model_validate(w) for w in PAIRS], cai_runtime.registry)
+    declined = next(r["text"] for r in requests if r["kind"] == "harmful")
+    backend = cai_runtime.backend(str(tiny_model))
+    asked = []
+
+    def answer(text):
+        return "I can't help with that." if text == declined else f"Sure: {text[:12]}".strip()
+
+    def generate(convs, settings):
+        asked.extend(c[-1].content for c in convs)
+        return [answer(c[-1].content) for c in convs]
+
+    monkeypatch.setattr(backend, "generate", generate)
+    options = {"model": str(tiny_model), "requests": PAIRS, "answer_tokens": 6, "heldout": 0.3, "seed": 3}
+    out = tmp_path / "decisions"
+    export_decisions(out, options, cai_runtime)
+    assert sorted(asked) == sorted(r["text"] for r in requests if r["kind"] == "benign")
+    # with --preferences into the same folder, only the harmful requests are answered: the rest come from the cache
+    asked.clear()
+    manifest = export_decisions(out, {**options, "preferences": True}, cai_runtime)
+    assert sorted(asked) == sorted(r["text"] for r in requests if r["kind"] == "harmful")
+    targets = {r["prompt_id"]: (split, r) for split in ("train", "test") for r in rows(out, split)}
+    pairs = {split: rows(out / "preferences", split) for split in ("train", "test")}
+    counts = manifest["preferences"]
+    assert counts["harmful_not_answered"] == 1
+    assert counts["train"] == len(pairs["train"]) and counts["test"] == len(pairs["test"]) and pairs["test"]
+    seen, cut = set(), 0
+    for split, items in pairs.items():
+        for pair in items:
+            target_split, target = targets[pair["prompt_id"]]
+            assert target_split == split and pair["prompt"] == target["messages"][:1]  # the targets' split
+            assert pair["chosen"] == target["messages"][1:]
+            assert pair["source"] == "intent" and pair["chosen_probability"] == 1.0
+            (rejected,) = pair["rejected"]
+            request = target["messages"][0]["content"]
+            if target["source"] == "decline":
+                assert rejected["content"] == answer(request)  # the model's own answer to that request
+                own = rejected["content"]
+            else:
+                assert rejected["content"] == decline_for(pair["prompt_id"], 3)
+                own = pair["chosen"][0]["content"]
+            cut += backend.count_tokens(own) >= 6 - 2
+            seen.add(pair["prompt_id"])
+    # one pair a target, but for the harmful request the model declined itself
+    assert set(targets) - seen == {r["id"] for r in requests if r["text"] == declined}
+    assert counts["decline_over_answer"] == manifest["declines"] - 1 and counts["answers_cut"] == cut
+    assert counts["answer_over_decline"] == manifest["own_answers"] == sum(r["kind"] == "benign" for r in requests)
+    assert json.loads((out / "preferences" / "export.json").read_text())["sources"] == {"intent": len(seen)}
+    assert "preference" in (out / "preferences" / "README.md").read_text(encoding="utf-8")
+    assert "Preference pairs" in (out / "README.md").read_text(encoding="utf-8")
+    # the pairs are what `cai train dpo` reads
+    result = cli_runner.invoke(
+        cli,
+        ["train", "dpo", "--dataset", str(out / "preferences"), "--model", str(tiny_model), "--out",
+         str(tmp_path / "dpo"), "--max_steps", "1", "--per_device_train_batch_size", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "dpo" / "cai_training.json").read_text())
+    assert report["train_examples"] == counts["train"] and report["steps"] == 1
+    # exported again without --preferences, the folder holds no stale pairs
+    assert "preferences" not in export_decisions(out, options, cai_runtime)
+    assert not (out / "preferences").exists()
 
 
 def test_an_answer_the_model_ends_itself_keeps_its_end_of_turn(cai_runtime, tiny_model, tmp_path, monkeypatch):
@@ -346,6 +415,11 @@ def test_decisions_need_an_sft_trainer_that_reads_conversations(cai_runtime, tin
     with pytest.raises(ConfigError, match="the sources give only harmful requests"):
         run_pipeline(config, runtime=cai_runtime, progress=False, echo=lambda _: None)
     assert not (tmp_path / "q").exists()
+    # preference pairs would be answered for nothing: cai run trains no DPO on them
+    config = {**small(tiny_model, tmp_path / "r"), "decisions": {"preferences": True}}
+    with pytest.raises(ConfigError, match="cai export decisions --preferences"):
+        run_pipeline(config, runtime=cai_runtime, progress=False, echo=lambda _: None)
+    assert not (tmp_path / "r").exists()
     # a model that is not a plain name validates (the pipeline's model fills the section's)
     custom = {"name": "hf", "model": str(tiny_model)}
     assert PipelineConfig.model_validate({"model": custom, "decisions": {}}).decisions.model == custom

@@ -417,13 +417,22 @@ def test_the_config_examples_are_valid(example, model):
     hooks.load_model(model).model_validate(yaml.safe_load((ROOT / example).read_text(encoding="utf-8")))
 
 
-@pytest.mark.parametrize("example", ["train-sft.yaml", "train-decisions.yaml"])
-def test_the_training_examples_are_valid(example):
-    from cai_engine.default_plugins.trainers import SFT
+@pytest.mark.parametrize(
+    ("example", "trainer"),
+    [("train-sft.yaml", "SFT"), ("train-decisions.yaml", "SFT"), ("train-decisions-dpo.yaml", "DPO")],
+)
+def test_the_training_examples_are_valid(example, trainer):
+    import dataclasses
+
+    import trl
+
+    from cai_engine.default_plugins import trainers
 
     data = yaml.safe_load((ROOT / "examples" / example).read_text(encoding="utf-8"))
     assert data.pop("dataset") and data.pop("out")
-    SFT.Options.model_validate(data)
+    options = getattr(trainers, trainer).Options.model_validate(data)
+    config = getattr(trl, getattr(trainers, trainer).trl_config_class)
+    assert set(options.trl) <= {f.name for f in dataclasses.fields(config)}  # every TRL setting is one TRL knows
 
 
 def test_the_decisions_pipeline_trains_as_the_training_example_does():

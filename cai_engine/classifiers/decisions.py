@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cai_engine.files.outputs import write_atomic
 from cai_engine.models.runtime import DEFAULT_MODEL, ModelRef
 from cai_engine.plugins.components import GenerationSettings, Options
 from cai_engine.prompts.overlap import near_copies
+from cai_engine.records.stages import PreferenceExportManifest, PreferenceRow
 from cai_engine.seeds import bucket
 from cai_engine.text.refusals import refuses
 
@@ -82,6 +84,12 @@ class DecisionOptions(Options):
         "policy's operating point toward answering.",
     )
     batch_size: int = Field(32, ge=1, description="Requests answered per generation batch.")
+    preferences: bool = Field(
+        False,
+        description="Also write preference pairs for `cai train dpo` to `preferences/`: a harmful request's decline "
+        "chosen over the model's own answer to it (one it refuses itself gives no pair), a harmless request's own "
+        "answer chosen over a decline. The harmful requests are then answered too.",
+    )
 
 
 def decline_for(request_id: str, seed: int) -> str:
@@ -107,11 +115,11 @@ def _fingerprint(backend: Any) -> str:
 def _answers(
     out: Path,
     backend: Any,
-    harmless: list[dict[str, Any]],
+    requests: list[dict[str, Any]],
     options: DecisionOptions,
     progress: bool,
 ) -> dict[str, tuple[str, bool]]:
-    """The model's answer to each harmless request, and whether it reached ``answer_tokens`` (within two tokens, as
+    """The model's answer to each request, and whether it reached ``answer_tokens`` (within two tokens, as
     the answer is tokenized again), kept in ``answers.jsonl`` batch by batch: a killed export resumes where it
     stopped. An answer is reused only for the same request text, model weights and length; a line a kill cut short is
     skipped."""
@@ -130,13 +138,13 @@ def _answers(
                 continue
             if isinstance(row, dict) and {k: row.get(k) for k in key} == key:
                 done[f"{row.get('id')}:{row.get('text')}"] = (row["reply"], bool(row.get("cut")))
-    keys = {r["id"]: f"{r['id']}:{text_hash(r['text'])}" for r in harmless}
-    todo = [r for r in harmless if keys[r["id"]] not in done]
+    keys = {r["id"]: f"{r['id']}:{text_hash(r['text'])}" for r in requests}
+    todo = [r for r in requests if keys[r["id"]] not in done]
     from tqdm import tqdm
 
     settings = GenerationSettings(max_new_tokens=options.answer_tokens, temperature=0.0)
     with tqdm(
-        total=len(harmless), initial=len(harmless) - len(todo), desc="answering harmless requests", unit="request",
+        total=len(requests), initial=len(requests) - len(todo), desc="answering requests", unit="request",
         disable=not progress,
     ) as bar:  # fmt: skip
         for start in range(0, len(todo), options.batch_size):
@@ -151,7 +159,7 @@ def _answers(
                 )
             append_jsonl(path, rows)
             bar.update(len(batch))
-    return {r["id"]: done[keys[r["id"]]] for r in harmless}
+    return {r["id"]: done[keys[r["id"]]] for r in requests}
 
 
 def decision_requests(options: DecisionOptions, registry: Any) -> list[dict[str, Any]]:
@@ -186,8 +194,8 @@ def export_decisions(
     kept = [r for i, r in enumerate(requests) if i not in copied]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    harmless = [r for r in kept if r["kind"] == "benign"]
-    answers = _answers(out, runtime.backend(options.model), harmless, options, progress)
+    answered = kept if options.preferences else [r for r in kept if r["kind"] == "benign"]
+    answers = _answers(out, runtime.backend(options.model), answered, options, progress)
     rows, refused, empty = [], 0, 0
     for request in kept:
         if request["kind"] == "harmful":
@@ -213,8 +221,10 @@ def export_decisions(
         )
     if not rows:
         raise RunError(f"{out}: no decision targets to write")
-    test = [r for r in rows if bucket(r["group"]) < options.heldout]
-    train = [r for r in rows if bucket(r["group"]) >= options.heldout]
+    pairs = _preference_pairs(rows, kept, answers, options) if options.preferences else None
+    if pairs is not None and not pairs[0]:
+        raise RunError(f"{out}: no preference pairs to write")
+    train, test = _split(rows, options.heldout)
     for name, split in (("train", train), ("test", test)):
         write_jsonl(out / f"{name}.jsonl", split)
     manifest = {
@@ -231,11 +241,82 @@ def export_decisions(
         "empty_answers_dropped": empty,
         "options": options.model_dump(mode="json"),
     }
+    if pairs is not None:
+        manifest["preferences"] = _write_preferences(out / "preferences", *pairs, options)
+    elif (out / "preferences").exists():
+        shutil.rmtree(out / "preferences")  # an earlier export's pairs: no longer what this folder holds
     write_json(out / "export.json", manifest)
     from cai_engine.store.cards import dataset_card
 
     write_atomic(out / "README.md", dataset_card(manifest, {"train": len(train), "test": len(test)}))
     return manifest
+
+
+def _split(rows: list[dict[str, Any]], heldout: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``rows`` split by the hash of their request group: ``(train, test)``, a contrast pair's halves on one side."""
+    test = [r for r in rows if bucket(r["group"]) < heldout]
+    return [r for r in rows if bucket(r["group"]) >= heldout], test
+
+
+def _preference_pairs(
+    rows: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    answers: dict[str, tuple[str, bool]],
+    options: DecisionOptions,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Each decision target of ``rows`` chosen over the other side's reply: a harmful request's decline over the
+    model's own answer to it (none where the model declines it itself or answers nothing), a harmless request's own
+    answer over its decline. Returns the pairs (with their request group) and their counts."""
+    by_id = {r["id"]: r for r in kept}
+    pairs: list[dict[str, Any]] = []
+    counts = {"decline_over_answer": 0, "answer_over_decline": 0, "harmful_not_answered": 0, "answers_cut": 0}
+    for row in rows:
+        request = by_id[row["prompt_id"]]
+        target = row["messages"][1]["content"]
+        if row["source"] == "decline":
+            own, cut = answers[request["id"]]
+            own = own.strip()
+            if not own or refuses(own):
+                counts["harmful_not_answered"] += 1  # nothing to push down
+                continue
+            rejected, kind = own, "decline_over_answer"
+        else:
+            rejected, cut, kind = decline_for(request["id"], options.seed), row["truncated"], "answer_over_decline"
+        counts[kind] += 1
+        counts["answers_cut"] += bool(cut)
+        pair = PreferenceRow(
+            prompt=[Message(role="user", content=request["text"])],
+            chosen=[Message(role="assistant", content=target)],
+            rejected=[Message(role="assistant", content=rejected)],
+            chosen_probability=1.0,
+            source="intent",  # labelled by the request's label, not by a judge
+            prompt_id=request["id"],
+        )
+        pairs.append({**pair.model_dump(mode="json"), "group": request["group"]})
+    return pairs, counts
+
+
+def _write_preferences(
+    out: Path, pairs: list[dict[str, Any]], counts: dict[str, int], options: DecisionOptions
+) -> dict[str, int]:
+    """The pairs of :func:`_preference_pairs` in the folder ``out`` (``train.jsonl``/``test.jsonl`` split as the
+    decision targets are, ``export.json``, a dataset card), in the format ``cai train dpo`` reads. Returns the counts."""
+    from cai_engine.store.cards import dataset_card
+
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = _split(pairs, options.heldout)
+    for name, split in (("train", train), ("test", test)):
+        write_jsonl(out / f"{name}.jsonl", [{k: v for k, v in p.items() if k != "group"} for p in split])
+    manifest = PreferenceExportManifest(
+        source_run="labelled requests (cai export decisions)",
+        train=len(train),
+        test=len(test),
+        sources={"intent": len(pairs)},
+        options=options.model_dump(mode="json"),
+    ).model_dump(mode="json")
+    write_json(out / "export.json", manifest)
+    write_atomic(out / "README.md", dataset_card(manifest, {"train": len(train), "test": len(test)}))
+    return {"train": len(train), "test": len(test), **counts}
 
 
 #: The columns of a mixed SFT dataset (:func:`mix_with_decisions`): what the ``sft`` trainer reads, the same in every

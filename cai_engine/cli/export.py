@@ -192,6 +192,12 @@ def export_preferences_command(
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
+    "--preferences",
+    is_flag=True,
+    help="Also write preference pairs for `cai train dpo` to OUT/preferences: each decline chosen over the model's "
+    "own answer to the harmful request, each own answer over a decline (the harmful requests are answered too).",
+)
+@click.option(
     "--written",
     "written",
     multiple=True,
@@ -202,7 +208,7 @@ def export_preferences_command(
 )
 @push_options("dataset")
 def export_decisions_command(
-    out, model, seed, answer_tokens, heldout, harmless_weight, batch_size, written, push_to_hub, private
+    out, model, seed, answer_tokens, heldout, harmless_weight, batch_size, preferences, written, push_to_hub, private
 ):
     """An SFT dataset that teaches the decision to answer or decline, from labelled requests.
 
@@ -225,6 +231,7 @@ def export_decisions_command(
             "heldout": heldout,
             "harmless_weight": harmless_weight,
             "batch_size": batch_size,
+            "preferences": preferences,
             **({"model": model} if model else {}),
             **({"requests": [parse_written(w) for w in written]} if written else {}),
         },
@@ -240,4 +247,12 @@ def export_decisions_command(
         f"evaluation prompts, {manifest['own_refusals_dropped']} harmless requests the model refused itself, "
         f"{manifest['empty_answers_dropped']} empty answers)"
     )
+    if preferences:
+        pairs = manifest["preferences"]
+        click.echo(
+            f"wrote {Path(out) / 'preferences'}: {pairs['train']} train / {pairs['test']} test pairs "
+            f"({pairs['decline_over_answer']} declines over answers, {pairs['answer_over_decline']} answers over "
+            f"declines; {pairs['harmful_not_answered']} harmful requests the model declined itself or left "
+            f"unanswered give none; {pairs['answers_cut']} answers cut at --answer-tokens)"
+        )
     push(out, push_to_hub, "dataset", private)

@@ -193,6 +193,12 @@ def dataset_card(manifest: dict[str, Any], splits: dict[str, int]) -> str:
             f"{manifest.get('own_refusals_dropped', 0)} harmless requests the policy itself refused, "
             f"{manifest.get('empty_answers_dropped', 0)} empty answers)"
         )
+        if manifest.get("preferences"):
+            pairs = manifest["preferences"]
+            lines.append(
+                f"- **Preference pairs** (`preferences/`, for DPO): {pairs['decline_over_answer']} declines chosen "
+                f"over the policy's own answer, {pairs['answer_over_decline']} own answers chosen over a decline"
+            )
     elif manifest.get("kind") == "sft-mix":
         parts = "; ".join(
             f"`{folder}`: {', '.join(f'{n} {split}' for split, n in split_counts.items())}"
