@@ -6,7 +6,8 @@ policy's own greedy answer, so training moves the decision and leaves the answer
 dataset folder (``train.jsonl``/``test.jsonl`` in TRL's conversational format) that ``cai train sft`` reads, with a
 ``weight`` column (``harmless_weight``) and a ``truncated`` one (an own answer that reached ``answer_tokens``: its end
 of turn stays out of the loss, so the policy keeps its answers' length); train it with ``decision_weight`` above 1 so the loss weighs the reply's opening, where
-the policy decides.
+the policy decides. With ``preferences`` each target is also paired against the other side's reply, for DPO
+(``preferences/``: a decline over the model's own answer, an own answer over a decline).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ DECLINES = (
 class DecisionOptions(Options):
     """Settings of :func:`export_decisions` (``cai export decisions``)."""
 
-    model: ModelRef = Field(DEFAULT_MODEL, description="The policy whose own answers the harmless requests get.")
+    model: ModelRef = Field(
+        DEFAULT_MODEL,
+        description="The policy whose own answers the harmless requests get (with `preferences`, the harmful ones "
+        "too: the replies their declines are chosen over).",
+    )
     requests: list[WrittenSource] = Field(
         default_factory=lambda: [w.model_copy() for w in DEFAULT_WRITTEN],
         description="The labelled requests (the classifiers' hand-written training requests by default: 1,685).",

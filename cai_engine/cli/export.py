@@ -173,7 +173,8 @@ def export_preferences_command(
 @click.option(
     "--model",
     default=None,
-    help="The policy whose own greedy answers the harmless requests get (a model reference). [default: smollm2]",
+    help="The policy whose own greedy answers the harmless requests get (with --preferences, the harmful ones too; "
+    "a model reference). [default: smollm2]",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Which decline each harmful request gets.")
 @click.option(
