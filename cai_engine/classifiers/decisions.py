@@ -226,7 +226,7 @@ def export_decisions(
         )
     if not rows:
         raise RunError(f"{out}: no decision targets to write")
-    pairs = _preference_pairs(rows, kept, answers, options) if options.preferences else None
+    pairs = _preference_pairs(rows, answers, options) if options.preferences else None
     if pairs is not None and not pairs[0]:
         raise RunError(f"{out}: no preference pairs to write")
     train, test = _split(rows, options.heldout)
@@ -264,40 +264,35 @@ def _split(rows: list[dict[str, Any]], heldout: float) -> tuple[list[dict[str, A
 
 
 def _preference_pairs(
-    rows: list[dict[str, Any]],
-    kept: list[dict[str, Any]],
-    answers: dict[str, tuple[str, bool]],
-    options: DecisionOptions,
+    rows: list[dict[str, Any]], answers: dict[str, tuple[str, bool]], options: DecisionOptions
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Each decision target of ``rows`` chosen over the other side's reply: a harmful request's decline over the
     model's own answer to it (none where the model declines it itself or answers nothing), a harmless request's own
     answer over its decline. Returns the pairs (with their request group) and their counts."""
-    by_id = {r["id"]: r for r in kept}
     pairs: list[dict[str, Any]] = []
     counts = {"decline_over_answer": 0, "answer_over_decline": 0, "harmful_not_answered": 0, "answers_cut": 0}
     for row in rows:
-        request = by_id[row["prompt_id"]]
-        target = row["messages"][1]["content"]
+        (request, target), request_id = (m["content"] for m in row["messages"]), row["prompt_id"]
         if row["source"] == "decline":
-            own, cut = answers[request["id"]]
+            own, cut = answers[request_id]
             own = own.strip()
             if not own or refuses(own):
                 counts["harmful_not_answered"] += 1  # nothing to push down
                 continue
             rejected, kind = own, "decline_over_answer"
         else:
-            rejected, cut, kind = decline_for(request["id"], options.seed), row["truncated"], "answer_over_decline"
+            rejected, cut, kind = decline_for(request_id, options.seed), row["truncated"], "answer_over_decline"
         counts[kind] += 1
         counts["answers_cut"] += bool(cut)
         pair = PreferenceRow(
-            prompt=[Message(role="user", content=request["text"])],
+            prompt=[Message(role="user", content=request)],
             chosen=[Message(role="assistant", content=target)],
             rejected=[Message(role="assistant", content=rejected)],
             chosen_probability=1.0,
             source="intent",  # labelled by the request's label, not by a judge
-            prompt_id=request["id"],
+            prompt_id=request_id,
         )
-        pairs.append({**pair.model_dump(mode="json"), "group": request["group"]})
+        pairs.append({**pair.model_dump(mode="json"), "group": row["group"]})
     return pairs, counts
 
 
