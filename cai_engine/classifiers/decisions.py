@@ -272,7 +272,8 @@ def _preference_pairs(
     pairs: list[dict[str, Any]] = []
     counts = {"decline_over_answer": 0, "answer_over_decline": 0, "harmful_not_answered": 0, "answers_cut": 0}
     for row in rows:
-        (request, target), request_id = (m["content"] for m in row["messages"]), row["prompt_id"]
+        request, target = (m["content"] for m in row["messages"])
+        request_id = row["prompt_id"]
         if row["source"] == "decline":
             own, cut = answers[request_id]
             own = own.strip()
